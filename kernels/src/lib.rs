@@ -1,0 +1,106 @@
+//! Kestrel model execution.
+//!
+//! One trait, [`Backend`], runs a model on an input tensor into a caller-owned output buffer.
+//! [`spec`] describes what a model expects (shapes, preprocessing) so that the runtime can prepare
+//! inputs without knowing which backend runs them. The core is `no_std` without `alloc`; the
+//! tract float backend is behind the `tract` feature.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+
+pub mod spec;
+#[cfg(feature = "tract")]
+pub mod tract;
+
+pub use spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
+
+/// Why one inference failed. Small and `Copy` so it can be counted and reported in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BackendError {
+    /// The input buffer does not hold `expected` values.
+    InputLength {
+        /// Values the model takes.
+        expected: usize,
+        /// Values supplied.
+        got: usize,
+    },
+    /// The output buffer does not hold `expected` values.
+    OutputLength {
+        /// Values the model produces.
+        expected: usize,
+        /// Room supplied.
+        got: usize,
+    },
+    /// The backend itself failed while running (details were logged by the backend).
+    Execution,
+    /// This backend cannot run on this machine (feature off, no driver, no device).
+    NotAvailable,
+}
+
+impl core::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::InputLength { expected, got } => {
+                write!(f, "input has {got} values, the model takes {expected}")
+            }
+            Self::OutputLength { expected, got } => {
+                write!(
+                    f,
+                    "output buffer has room for {got} values, the model produces {expected}"
+                )
+            }
+            Self::Execution => f.write_str("the backend failed while running the model"),
+            Self::NotAvailable => f.write_str("this backend is not available on this machine"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for BackendError {}
+
+/// Runs one model: a float input tensor in, a float output tensor out.
+///
+/// Implementations check buffer lengths and never panic on bad input.
+pub trait Backend {
+    /// Short name for reports, e.g. `"tract"`.
+    fn name(&self) -> &'static str;
+    /// Number of f32 values in one input tensor (the product of the input shape).
+    fn input_len(&self) -> usize;
+    /// Number of f32 values in one output tensor.
+    fn output_len(&self) -> usize;
+    /// Run the model on `input` and write the result into `output`.
+    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError>;
+
+    /// Check that the buffers fit this model; for use at the top of [`Backend::run`].
+    fn check_lengths(&self, input: &[f32], output: &[f32]) -> Result<(), BackendError> {
+        if input.len() != self.input_len() {
+            return Err(BackendError::InputLength {
+                expected: self.input_len(),
+                got: input.len(),
+            });
+        }
+        if output.len() != self.output_len() {
+            return Err(BackendError::OutputLength {
+                expected: self.output_len(),
+                got: output.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "std")]
+impl<B: Backend + ?Sized> Backend for std::boxed::Box<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn input_len(&self) -> usize {
+        (**self).input_len()
+    }
+    fn output_len(&self) -> usize {
+        (**self).output_len()
+    }
+    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
+        (**self).run(input, output)
+    }
+}

@@ -1,0 +1,183 @@
+//! The tract float backend: runs an ONNX model on the CPU through tract-onnx.
+//!
+//! It is the fallback that runs any model the zoo ships, and the float reference that int8 plans
+//! are checked against.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use crate::{Backend, BackendError};
+
+type Runnable = Arc<TypedRunnableModel>;
+
+/// Why a model could not be loaded. The message names the model file and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No file at that path.
+    #[error("{origin}: model file not found")]
+    Missing {
+        /// The path that was tried.
+        origin: String,
+    },
+    /// The file exists but could not be read.
+    #[error("{origin}: cannot read model file: {source}")]
+    Unreadable {
+        /// The path that was tried.
+        origin: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The bytes are not an ONNX model tract can load and optimise.
+    #[error("{origin}: not a usable ONNX model: {reason}")]
+    Malformed {
+        /// The path or name of the model.
+        origin: String,
+        /// tract's explanation, on one line.
+        reason: String,
+    },
+    /// The model's declared input shape differs from the one its manifest promises.
+    #[error("{origin}: model input shape {found:?} does not match the manifest's {expected:?}")]
+    InputShape {
+        /// The path or name of the model.
+        origin: String,
+        /// Shape from the manifest.
+        expected: Vec<usize>,
+        /// Shape declared by the ONNX graph.
+        found: Vec<usize>,
+    },
+}
+
+/// An ONNX model optimised by tract for one fixed input shape.
+pub struct TractBackend {
+    model: Runnable,
+    input_shape: Vec<usize>,
+    output_len: usize,
+    last_error: Option<String>,
+}
+
+impl std::fmt::Debug for TractBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TractBackend")
+            .field("input_shape", &self.input_shape)
+            .field("output_len", &self.output_len)
+            .finish()
+    }
+}
+
+impl TractBackend {
+    /// Load the ONNX file at `path`, expecting an input of `input_shape` (e.g. `[1, 3, 64, 64]`).
+    pub fn from_file(path: &Path, input_shape: &[usize]) -> Result<Self, LoadError> {
+        let origin = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => LoadError::Missing {
+                origin: origin.clone(),
+            },
+            _ => LoadError::Unreadable {
+                origin: origin.clone(),
+                source,
+            },
+        })?;
+        Self::from_bytes(&origin, &bytes, input_shape)
+    }
+
+    /// Load an ONNX model from memory; `origin` names it in errors.
+    pub fn from_bytes(
+        origin: &str,
+        bytes: &[u8],
+        input_shape: &[usize],
+    ) -> Result<Self, LoadError> {
+        let malformed = |e: TractError| LoadError::Malformed {
+            origin: origin.to_string(),
+            reason: one_line(&e),
+        };
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])
+            .map_err(malformed)?;
+        if let Some(found) = declared_input_shape(&model) {
+            if found != input_shape {
+                return Err(LoadError::InputShape {
+                    origin: origin.to_string(),
+                    expected: input_shape.to_vec(),
+                    found,
+                });
+            }
+        }
+        model
+            .set_input_fact(0, f32::fact(input_shape).into())
+            .map_err(malformed)?;
+        let typed = model.into_optimized().map_err(malformed)?;
+        let output_len = typed
+            .output_fact(0)
+            .ok()
+            .and_then(|fact| fact.shape.as_concrete().map(|dims| dims.iter().product()))
+            .ok_or_else(|| LoadError::Malformed {
+                origin: origin.to_string(),
+                reason: "output shape is not fixed".to_string(),
+            })?;
+        let model = typed.into_runnable().map_err(malformed)?;
+        Ok(Self {
+            model,
+            input_shape: input_shape.to_vec(),
+            output_len,
+            last_error: None,
+        })
+    }
+
+    /// tract's message for the last failed [`Backend::run`], if any.
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+}
+
+/// The input shape the ONNX graph declares, when every dimension is a fixed number.
+fn declared_input_shape(model: &InferenceModel) -> Option<Vec<usize>> {
+    let fact = model.input_fact(0).ok()?;
+    let dims = fact.shape.concretize()?;
+    dims.iter().map(|d| d.to_usize().ok()).collect()
+}
+
+fn one_line(e: &TractError) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+impl Backend for TractBackend {
+    fn name(&self) -> &'static str {
+        "tract"
+    }
+
+    fn input_len(&self) -> usize {
+        self.input_shape.iter().product()
+    }
+
+    fn output_len(&self) -> usize {
+        self.output_len
+    }
+
+    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
+        self.check_lengths(input, output)?;
+        let result = Tensor::from_shape(&self.input_shape, input)
+            .and_then(|tensor| self.model.run(tvec!(tensor.into())))
+            .and_then(|outputs| {
+                let values = outputs[0].to_plain_array_view::<f32>()?;
+                if values.len() != output.len() {
+                    return Err(TractError::msg(format!(
+                        "model produced {} values",
+                        values.len()
+                    )));
+                }
+                output
+                    .iter_mut()
+                    .zip(values.iter())
+                    .for_each(|(o, v)| *o = *v);
+                Ok(())
+            });
+        result.map_err(|e| {
+            self.last_error = Some(one_line(&e));
+            BackendError::Execution
+        })
+    }
+}

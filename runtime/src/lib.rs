@@ -1,0 +1,22 @@
+//! Kestrel's flight pipeline: frames, preprocessing, tiling, classification and health counters.
+//!
+//! The core is `no_std` without `alloc`: every buffer is supplied by the caller or sized by a
+//! const generic, so a frame's trip through [`step::ClassifierStep`] allocates nothing. With the
+//! `std` feature, [`threaded`] runs ingest, inference and output on their own threads over
+//! bounded channels with an explicit drop policy.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod classify;
+pub mod frame;
+pub mod health;
+pub mod pool;
+pub mod preprocess;
+pub mod step;
+#[cfg(feature = "std")]
+pub mod threaded;
+pub mod tile;
+
+pub use kestrel_hal::{FrameGeometry, FrameSource, MonotonicClock};
+pub use kestrel_kernels::{Backend, BackendError, PreprocessSpec, ResizeRule};

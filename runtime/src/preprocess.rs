@@ -1,0 +1,311 @@
+//! Turn a region of a frame into a model input: crop, resize, normalise per band, lay out NCHW.
+
+use kestrel_kernels::{PreprocessSpec, ResizeRule};
+
+use crate::frame::{FrameView, Sample};
+
+/// A rectangle in frame pixels. It may extend past the right and bottom edges of the frame;
+/// pixels outside the frame are padded with the band mean, which normalises to zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Region {
+    /// Left column.
+    pub x: u32,
+    /// Top row.
+    pub y: u32,
+    /// Columns.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+}
+
+impl Region {
+    /// The whole of a `width` x `height` frame.
+    pub fn whole(width: u32, height: u32) -> Self {
+        Self {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        }
+    }
+}
+
+/// Why a frame region could not be turned into a model input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PreprocessError {
+    /// The frame has a different number of bands than the model takes.
+    BandCount {
+        /// Bands in the frame.
+        frame: u16,
+        /// Bands the model takes.
+        model: usize,
+    },
+    /// The region is empty or lies wholly outside the frame.
+    Region,
+    /// The input buffer is not the model's input size.
+    InputLength {
+        /// Values the model takes.
+        expected: usize,
+        /// Values in the buffer.
+        got: usize,
+    },
+}
+
+impl core::fmt::Display for PreprocessError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::BandCount { frame, model } => {
+                write!(f, "image has {frame} band(s), the model takes {model}")
+            }
+            Self::Region => f.write_str("region is empty or outside the frame"),
+            Self::InputLength { expected, got } => {
+                write!(
+                    f,
+                    "input buffer holds {got} values, the model takes {expected}"
+                )
+            }
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for PreprocessError {}
+
+/// Fill `input` (NCHW, `spec.input_len()` values) from `region` of `frame`, scaled to the model's
+/// input size by `spec.resize()` and normalised per band.
+pub fn prepare_input<S: Sample>(
+    frame: FrameView<'_, S>,
+    region: Region,
+    spec: &PreprocessSpec,
+    input: &mut [f32],
+) -> Result<(), PreprocessError> {
+    let g = frame.geometry();
+    if usize::from(g.bands) != spec.bands() {
+        return Err(PreprocessError::BandCount {
+            frame: g.bands,
+            model: spec.bands(),
+        });
+    }
+    if region.width == 0 || region.height == 0 || region.x >= g.width || region.y >= g.height {
+        return Err(PreprocessError::Region);
+    }
+    if input.len() != spec.input_len() {
+        return Err(PreprocessError::InputLength {
+            expected: spec.input_len(),
+            got: input.len(),
+        });
+    }
+    let (out_w, out_h) = (spec.width(), spec.height());
+    let plane = out_w * out_h;
+    let x_axis = Axis::new(region.x, region.width, out_w);
+    let y_axis = Axis::new(region.y, region.height, out_h);
+    // Raw sample at absolute frame coordinates; the band mean (normalised zero) outside the frame.
+    let raw = |x: usize, y: usize, band: usize| {
+        frame
+            .get(x, y, band)
+            .map_or(spec.mean(band), Sample::to_f32)
+    };
+    for band in 0..spec.bands() {
+        let out = &mut input[band * plane..(band + 1) * plane];
+        for oy in 0..out_h {
+            let (y0, y1, wy) = y_axis.source(oy, spec.resize());
+            for ox in 0..out_w {
+                let (x0, x1, wx) = x_axis.source(ox, spec.resize());
+                let top = raw(x0, y0, band) * (1.0 - wx) + raw(x1, y0, band) * wx;
+                let bottom = raw(x0, y1, band) * (1.0 - wx) + raw(x1, y1, band) * wx;
+                let value = top * (1.0 - wy) + bottom * wy;
+                out[oy * out_w + ox] = spec.normalise(band, value);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Maps output pixel positions along one axis to source positions inside a region.
+struct Axis {
+    start: usize,
+    len: usize,
+    scale: f32,
+    identity: bool,
+}
+
+impl Axis {
+    fn new(start: u32, len: u32, out_len: usize) -> Self {
+        let len = len as usize;
+        Self {
+            start: start as usize,
+            len,
+            scale: len as f32 / out_len as f32,
+            identity: len == out_len,
+        }
+    }
+
+    /// The two source positions to blend for output position `o`, and the weight of the second.
+    #[inline]
+    fn source(&self, o: usize, rule: ResizeRule) -> (usize, usize, f32) {
+        if self.identity {
+            return (self.start + o, self.start + o, 0.0);
+        }
+        let last = self.len - 1;
+        match rule {
+            ResizeRule::Nearest => {
+                let s = (((o as f32 + 0.5) * self.scale) as usize).min(last);
+                (self.start + s, self.start + s, 0.0)
+            }
+            ResizeRule::Bilinear => {
+                let s = ((o as f32 + 0.5) * self.scale - 0.5).clamp(0.0, last as f32);
+                let s0 = s as usize;
+                let s1 = (s0 + 1).min(last);
+                (self.start + s0, self.start + s1, s - s0 as f32)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::FrameGeometry;
+
+    fn spec(size: usize, bands: usize, resize: ResizeRule) -> PreprocessSpec {
+        PreprocessSpec::new(
+            size,
+            size,
+            &[10.0; 16][..bands],
+            &[2.0; 16][..bands],
+            resize,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn identity_crop_normalises_into_nchw() {
+        // 3x2 frame, 2 bands: band 0 = x + 10 * y, band 1 = 100.
+        let mut samples = [0u8; 12];
+        for y in 0..2 {
+            for x in 0..3 {
+                samples[(y * 3 + x) * 2] = (x + 10 * y) as u8;
+                samples[(y * 3 + x) * 2 + 1] = 100;
+            }
+        }
+        let frame = FrameView::new(
+            FrameGeometry {
+                width: 3,
+                height: 2,
+                bands: 2,
+            },
+            &samples,
+        )
+        .unwrap();
+        let spec = spec(2, 2, ResizeRule::Bilinear);
+        let mut input = [0.0; 8];
+        prepare_input(
+            frame,
+            Region {
+                x: 1,
+                y: 0,
+                width: 2,
+                height: 2,
+            },
+            &spec,
+            &mut input,
+        )
+        .unwrap();
+        // band 0 raw values 1, 2, 11, 12 -> (v - 10) / 2; band 1 all (100 - 10) / 2.
+        assert_eq!(input, [-4.5, -4.0, 0.5, 1.0, 45.0, 45.0, 45.0, 45.0]);
+    }
+
+    #[test]
+    fn pads_outside_the_frame_with_zero() {
+        let samples = [30u8; 4];
+        let frame = FrameView::new(
+            FrameGeometry {
+                width: 2,
+                height: 2,
+                bands: 1,
+            },
+            &samples,
+        )
+        .unwrap();
+        let mut input = [1.0; 9];
+        prepare_input(
+            frame,
+            Region::whole(3, 3),
+            &spec(3, 1, ResizeRule::Nearest),
+            &mut input,
+        )
+        .unwrap();
+        assert_eq!(input, [10.0, 10.0, 0.0, 10.0, 10.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn bilinear_downscale_averages_pixel_pairs() {
+        // 4x1 -> 2x1 halves: half-pixel centres land between source pixels 0,1 and 2,3.
+        let samples = [10u16, 20, 30, 50];
+        let frame = FrameView::new(
+            FrameGeometry {
+                width: 4,
+                height: 1,
+                bands: 1,
+            },
+            &samples,
+        )
+        .unwrap();
+        let spec = PreprocessSpec::new(2, 1, &[0.0], &[1.0], ResizeRule::Bilinear).unwrap();
+        let mut input = [0.0; 2];
+        prepare_input(frame, Region::whole(4, 1), &spec, &mut input).unwrap();
+        assert_eq!(input, [15.0, 40.0]);
+        let nearest = PreprocessSpec::new(2, 1, &[0.0], &[1.0], ResizeRule::Nearest).unwrap();
+        prepare_input(frame, Region::whole(4, 1), &nearest, &mut input).unwrap();
+        assert_eq!(input, [20.0, 50.0]);
+    }
+
+    #[test]
+    fn rejects_band_mismatch_bad_region_and_buffer() {
+        let samples = [0u8; 16];
+        let frame = FrameView::new(
+            FrameGeometry {
+                width: 2,
+                height: 2,
+                bands: 4,
+            },
+            &samples,
+        )
+        .unwrap();
+        let spec = spec(2, 3, ResizeRule::Bilinear);
+        let mut input = [0.0; 12];
+        let whole = Region::whole(2, 2);
+        assert_eq!(
+            prepare_input(frame, whole, &spec, &mut input),
+            Err(PreprocessError::BandCount { frame: 4, model: 3 })
+        );
+        let frame = FrameView::new(
+            FrameGeometry {
+                width: 2,
+                height: 2,
+                bands: 3,
+            },
+            &samples,
+        )
+        .unwrap();
+        let outside = Region {
+            x: 2,
+            y: 0,
+            width: 2,
+            height: 2,
+        };
+        assert_eq!(
+            prepare_input(frame, outside, &spec, &mut input),
+            Err(PreprocessError::Region)
+        );
+        assert_eq!(
+            prepare_input(frame, whole, &spec, &mut input[..5]),
+            Err(PreprocessError::InputLength {
+                expected: 12,
+                got: 5
+            })
+        );
+    }
+}

@@ -1,0 +1,262 @@
+//! The threaded pipeline: ingest, inference and output on their own threads, joined by bounded
+//! crossbeam channels.
+//!
+//! Frame buffers are allocated once at start-up and recycled, so the steady state allocates
+//! nothing in the runtime. When the inference queue is full the [`DropPolicy`] decides which
+//! frame is lost; every dropped frame is counted and reported as an [`Outcome`], so each frame
+//! that entered is accounted for.
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use kestrel_kernels::Backend;
+
+use crate::classify::Classification;
+use crate::frame::{FrameError, FrameView, Sample};
+use crate::health::{ErrorKind, Health};
+use crate::step::{ClassifierStep, StepError};
+use crate::{FrameGeometry, FrameSource, MonotonicClock};
+
+/// What the ingest thread does with a new frame when the inference queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropPolicy {
+    /// Wait for room: nothing is dropped and the source is slowed down (offline replay).
+    Block,
+    /// Drop the new frame and keep the queued ones.
+    DropNewest,
+    /// Drop the oldest queued frame to make room: the freshest data wins (live sensors).
+    DropOldest,
+}
+
+/// Sizes and policy of a threaded pipeline.
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineConfig {
+    /// Frames that may wait for inference (at least 1).
+    pub queue_depth: usize,
+    /// What happens when that queue is full.
+    pub drop_policy: DropPolicy,
+    /// Samples in the largest frame the source may deliver.
+    pub max_frame_samples: usize,
+}
+
+/// Why a frame produced no classification.
+#[derive(Debug)]
+pub enum FrameFailure<E> {
+    /// The source could not deliver it.
+    Source(E),
+    /// The source reported a geometry its samples do not fill.
+    Frame(FrameError),
+    /// Preprocessing, the backend or postprocessing failed.
+    Step(StepError),
+    /// The drop policy discarded it.
+    Dropped,
+}
+
+impl<E: core::fmt::Display> core::fmt::Display for FrameFailure<E> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Source(e) => write!(f, "{e}"),
+            Self::Frame(e) => write!(f, "{e}"),
+            Self::Step(e) => write!(f, "{e}"),
+            Self::Dropped => f.write_str("dropped: the inference queue was full"),
+        }
+    }
+}
+
+/// What became of one frame; frames are numbered from 0 in the order the source delivered them.
+#[derive(Debug)]
+pub struct Outcome<E> {
+    /// Position of the frame in the source's stream.
+    pub sequence: u64,
+    /// Processing time of a completed frame (preprocess, model, postprocess), else 0.
+    pub latency_us: u64,
+    /// The classification, or why there is none.
+    pub result: Result<Classification, FrameFailure<E>>,
+}
+
+struct Job<S> {
+    sequence: u64,
+    geometry: FrameGeometry,
+    samples: Vec<S>,
+}
+
+/// Run every frame of `source` through `step`, calling `on_outcome` (on the calling thread)
+/// once per frame, and return the merged health counters when the source is exhausted.
+pub fn run_pipeline<S, Src, B, C, F>(
+    mut source: Src,
+    mut step: ClassifierStep<'_, B>,
+    clock: &C,
+    config: PipelineConfig,
+    mut on_outcome: F,
+) -> Health
+where
+    S: Sample,
+    Src: FrameSource<S> + Send,
+    Src::Error: Send,
+    B: Backend + Send,
+    C: MonotonicClock + Sync,
+    F: FnMut(Outcome<Src::Error>),
+{
+    let depth = config.queue_depth.max(1);
+    // One buffer per queue slot, one being filled, one being classified: never short.
+    let buffers = depth + 2;
+    let (free_tx, free_rx) = bounded::<Vec<S>>(buffers);
+    for _ in 0..buffers {
+        // Cannot fail: the channel has room for exactly this many.
+        let _ = free_tx.send(vec![S::ZERO; config.max_frame_samples]);
+    }
+    let (work_tx, work_rx) = bounded::<Job<S>>(depth);
+    let (outcome_tx, outcome_rx) = bounded::<Outcome<Src::Error>>(2 * depth + 4);
+
+    std::thread::scope(|scope| {
+        let ingest = {
+            let (free_tx, outcome_tx, oldest) =
+                (free_tx.clone(), outcome_tx.clone(), work_rx.clone());
+            scope.spawn(move || {
+                let queue = Queue {
+                    work: work_tx,
+                    oldest,
+                    free: free_tx,
+                    outcomes: outcome_tx,
+                };
+                ingest(&mut source, &free_rx, &queue, config.drop_policy)
+            })
+        };
+        let inference = scope.spawn(move || {
+            let mut health = Health::default();
+            for job in work_rx {
+                let started = clock.now_us();
+                // Ingest validated the geometry; checked again rather than trusted.
+                let result = match FrameView::new(job.geometry, &job.samples) {
+                    Ok(view) => step
+                        .process(view, clock, &mut health)
+                        .map_err(FrameFailure::Step),
+                    Err(e) => {
+                        health.record_error(ErrorKind::Frame);
+                        Err(FrameFailure::Frame(e))
+                    }
+                };
+                let latency_us = if result.is_ok() {
+                    clock.now_us().saturating_sub(started)
+                } else {
+                    0
+                };
+                let _ = free_tx.send(job.samples);
+                if outcome_tx
+                    .send(Outcome {
+                        sequence: job.sequence,
+                        latency_us,
+                        result,
+                    })
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            health
+        });
+        for outcome in outcome_rx {
+            on_outcome(outcome);
+        }
+        // A worker panic is a bug in a backend or source: surface it rather than lose counts.
+        let mut health = ingest
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        health.merge(
+            &inference
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+        );
+        health
+    })
+}
+
+/// The ingest thread's ends of the channels.
+struct Queue<S, E> {
+    work: Sender<Job<S>>,
+    /// A receiver on the work queue, for evicting the oldest frame.
+    oldest: Receiver<Job<S>>,
+    free: Sender<Vec<S>>,
+    outcomes: Sender<Outcome<E>>,
+}
+
+impl<S, E> Queue<S, E> {
+    fn report(&self, sequence: u64, failure: FrameFailure<E>) {
+        let _ = self.outcomes.send(Outcome {
+            sequence,
+            latency_us: 0,
+            result: Err(failure),
+        });
+    }
+
+    /// Queue `job` under `policy`; returns false once inference has stopped.
+    fn enqueue(&self, mut job: Job<S>, policy: DropPolicy, health: &mut Health) -> bool {
+        if policy == DropPolicy::Block {
+            return self.work.send(job).is_ok();
+        }
+        loop {
+            match self.work.try_send(job) {
+                Ok(()) => return true,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(rejected)) => {
+                    if policy == DropPolicy::DropNewest {
+                        self.drop_frame(rejected, health);
+                        return true;
+                    }
+                    // Evict the head of the queue, unless inference has just taken it; retry.
+                    if let Ok(oldest) = self.oldest.try_recv() {
+                        self.drop_frame(oldest, health);
+                    }
+                    job = rejected;
+                }
+            }
+        }
+    }
+
+    fn drop_frame(&self, job: Job<S>, health: &mut Health) {
+        health.frames_dropped += 1;
+        self.report(job.sequence, FrameFailure::Dropped);
+        let _ = self.free.send(job.samples);
+    }
+}
+
+fn ingest<S: Sample, Src: FrameSource<S>>(
+    source: &mut Src,
+    free: &Receiver<Vec<S>>,
+    queue: &Queue<S, Src::Error>,
+    policy: DropPolicy,
+) -> Health {
+    let mut health = Health::default();
+    let mut sequence = 0;
+    // Buffers always come back: inference returns each one after use.
+    while let Ok(mut samples) = free.recv() {
+        let geometry = match source.next_frame(&mut samples) {
+            Ok(Some(geometry)) => geometry,
+            Ok(None) => break,
+            Err(e) => {
+                health.frames_in += 1;
+                health.record_error(ErrorKind::Source);
+                queue.report(sequence, FrameFailure::Source(e));
+                sequence += 1;
+                let _ = queue.free.send(samples);
+                continue;
+            }
+        };
+        health.frames_in += 1;
+        if let Err(e) = FrameView::new(geometry, &samples) {
+            health.record_error(ErrorKind::Frame);
+            queue.report(sequence, FrameFailure::Frame(e));
+            sequence += 1;
+            let _ = queue.free.send(samples);
+            continue;
+        }
+        let job = Job {
+            sequence,
+            geometry,
+            samples,
+        };
+        sequence += 1;
+        if !queue.enqueue(job, policy, &mut health) {
+            break;
+        }
+    }
+    health
+}
