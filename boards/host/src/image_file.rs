@@ -1,0 +1,136 @@
+//! Decoding image files into frames.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use image::{DynamicImage, ImageReader};
+use kestrel_hal::{FrameGeometry, FrameSource};
+
+/// Why an image file could not become a frame: `"<path>: <reason>"`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct ImageError {
+    /// The file.
+    pub path: PathBuf,
+    /// What went wrong, on one line.
+    pub reason: String,
+}
+
+impl ImageError {
+    fn new(path: &Path, reason: impl Into<String>) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A decoded 8-bit image, samples band-interleaved by pixel.
+#[derive(Clone, Debug)]
+pub struct DecodedImage {
+    /// Size and band count (1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
+    pub geometry: FrameGeometry,
+    /// `width * height * bands` samples.
+    pub samples: Vec<u8>,
+}
+
+/// Decode a JPEG or PNG file. 16-bit and float images are rejected: this board delivers 8-bit
+/// camera frames.
+pub fn decode_image(path: &Path) -> Result<DecodedImage, ImageError> {
+    let reader = ImageReader::open(path)
+        .map_err(|e| ImageError::new(path, format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| ImageError::new(path, format!("cannot read: {e}")))?;
+    let image = reader
+        .decode()
+        .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
+    let (width, height) = (image.width(), image.height());
+    let (bands, samples) = match image {
+        DynamicImage::ImageLuma8(i) => (1, i.into_raw()),
+        DynamicImage::ImageLumaA8(i) => (2, i.into_raw()),
+        DynamicImage::ImageRgb8(i) => (3, i.into_raw()),
+        DynamicImage::ImageRgba8(i) => (4, i.into_raw()),
+        other => {
+            return Err(ImageError::new(
+                path,
+                format!(
+                    "{:?} samples are not supported, only 8-bit images",
+                    other.color()
+                ),
+            ))
+        }
+    };
+    Ok(DecodedImage {
+        geometry: FrameGeometry {
+            width,
+            height,
+            bands,
+        },
+        samples,
+    })
+}
+
+/// Delivers a list of image files as frames, in order, optionally paced like a sensor.
+///
+/// A file that cannot be decoded, or is larger than the caller's buffer, is reported as an
+/// [`ImageError`] and skipped; the next call moves on to the next file.
+#[derive(Debug)]
+pub struct FolderSource {
+    files: Vec<PathBuf>,
+    next: usize,
+    interval: Option<Duration>,
+    last_frame: Option<Instant>,
+}
+
+impl FolderSource {
+    /// Frames from `files`, as fast as they decode.
+    pub fn new(files: Vec<PathBuf>) -> Self {
+        Self {
+            files,
+            next: 0,
+            interval: None,
+            last_frame: None,
+        }
+    }
+
+    /// Deliver at most one frame per `interval`, like a camera at `1 / interval` frames per second.
+    pub fn paced(mut self, interval: Duration) -> Self {
+        self.interval = Some(interval);
+        self
+    }
+
+    fn wait_for_next_slot(&mut self) {
+        if let (Some(interval), Some(last)) = (self.interval, self.last_frame) {
+            if let Some(remaining) = interval.checked_sub(last.elapsed()) {
+                std::thread::sleep(remaining);
+            }
+        }
+        self.last_frame = Some(Instant::now());
+    }
+}
+
+impl FrameSource<u8> for FolderSource {
+    type Error = ImageError;
+
+    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<FrameGeometry>, ImageError> {
+        let Some(path) = self.files.get(self.next).cloned() else {
+            return Ok(None);
+        };
+        self.next += 1;
+        self.wait_for_next_slot();
+        let image = decode_image(&path)?;
+        let capacity = buffer.len();
+        let target = buffer.get_mut(..image.samples.len()).ok_or_else(|| {
+            let g = image.geometry;
+            ImageError::new(
+                &path,
+                format!(
+                    "{}x{}x{} image exceeds the frame buffer ({capacity} samples)",
+                    g.width, g.height, g.bands
+                ),
+            )
+        })?;
+        target.copy_from_slice(&image.samples);
+        Ok(Some(image.geometry))
+    }
+}

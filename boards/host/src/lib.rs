@@ -1,0 +1,36 @@
+//! Board support for desktops and hardware-in-the-loop hosts.
+//!
+//! Image files (JPEG, PNG) and labelled chip folders become frame sources; the host clock is
+//! `std::time::Instant`. Every failure names the file and the reason on one line.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod dataset;
+pub mod image_file;
+
+pub use dataset::{DatasetError, LabelledImage, Split};
+pub use image_file::{decode_image, DecodedImage, FolderSource, ImageError};
+
+use std::time::Instant;
+
+use kestrel_hal::MonotonicClock;
+
+/// Microseconds since the clock was made, from the OS monotonic clock.
+#[derive(Clone, Copy, Debug)]
+pub struct HostClock {
+    origin: Instant,
+}
+
+impl Default for HostClock {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl MonotonicClock for HostClock {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}

@@ -1,0 +1,248 @@
+//! Kestrel's model zoo.
+//!
+//! Each model lives in `models/zoo/<name>/` as `model.onnx` plus `manifest.json` (labels, input
+//! shape, preprocessing, dataset, split, validation accuracy, sha256 of the ONNX). The zoo's
+//! models are compiled into this crate, so a binary needs no files to run them; a model on disk
+//! is loaded from its folder, its `model.onnx` or its `manifest.json`.
+#![deny(missing_docs)]
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use kestrel_kernels::tract::{LoadError, TractBackend};
+use kestrel_kernels::{PreprocessSpec, ResizeRule, SpecError};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// The model `sim` uses when none is named.
+pub const DEFAULT_MODEL: &str = "eurosat-rgb";
+
+struct Builtin {
+    name: &'static str,
+    manifest: &'static str,
+    onnx: &'static [u8],
+}
+
+const BUILTINS: [Builtin; 1] = [Builtin {
+    name: "eurosat-rgb",
+    manifest: include_str!("../zoo/eurosat-rgb/manifest.json"),
+    onnx: include_bytes!("../zoo/eurosat-rgb/model.onnx"),
+}];
+
+/// Names of the models built into this crate.
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILTINS.iter().map(|b| b.name)
+}
+
+/// A model's manifest (`manifest.json`); fields the runtime does not use are kept for reports.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Manifest {
+    /// Zoo name, e.g. `eurosat-rgb`.
+    pub name: String,
+    /// `classify` (detectors come later).
+    pub task: String,
+    /// Class names in output order.
+    pub labels: Vec<String>,
+    /// Input tensor.
+    pub input: TensorInfo,
+    /// Preprocessing the model was trained with.
+    pub preprocess: PreprocessInfo,
+    /// Dataset and licence.
+    #[serde(default)]
+    pub dataset: String,
+    /// Rule for the train/validation split.
+    #[serde(default)]
+    pub split: String,
+    /// Top-1 on the validation split, 0..1, measured by the training script.
+    #[serde(default)]
+    pub validation_top1: f64,
+    /// Hex sha256 of `model.onnx`.
+    pub onnx_sha256: String,
+}
+
+/// Shape and layout of the input tensor.
+#[derive(Clone, Debug, Deserialize)]
+pub struct TensorInfo {
+    /// Dimensions, e.g. `[1, 3, 64, 64]`.
+    pub shape: Vec<usize>,
+    /// Only `NCHW` is supported.
+    pub layout: String,
+}
+
+/// Per-band normalisation and resize rule.
+#[derive(Clone, Debug, Deserialize)]
+pub struct PreprocessInfo {
+    /// `bilinear` or `nearest`.
+    pub resize: String,
+    /// Per-band mean in raw sample units.
+    pub mean: Vec<f32>,
+    /// Per-band standard deviation in raw sample units.
+    pub std: Vec<f32>,
+}
+
+/// Why a model could not be found, read or used. Messages name the file and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Not a zoo name and no such file or folder.
+    #[error(
+        "{origin}: no such model (not a file, a folder, or one of the built-in models: {builtins})"
+    )]
+    NotFound {
+        /// What was asked for.
+        origin: String,
+        /// The built-in names.
+        builtins: String,
+    },
+    /// A file of the model could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON of the expected form, or describes an unusable input.
+    #[error("{origin}: invalid manifest: {reason}")]
+    Manifest {
+        /// The manifest file.
+        origin: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The ONNX bytes do not match the manifest's sha256: corrupt or replaced.
+    #[error("{origin}: sha256 {actual} does not match the manifest's {expected} (corrupt or replaced model file)")]
+    Checksum {
+        /// The ONNX file.
+        origin: String,
+        /// From the manifest.
+        expected: String,
+        /// Of the bytes read.
+        actual: String,
+    },
+    /// tract could not load the model.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// A model ready to be handed to a backend.
+#[derive(Debug)]
+pub struct ZooModel {
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// Where it came from: `builtin:<name>` or the ONNX path.
+    pub origin: String,
+    onnx: Cow<'static, [u8]>,
+}
+
+impl ZooModel {
+    /// Load a built-in model by name, or a model from a folder, an ONNX file (with
+    /// `manifest.json` beside it) or a manifest file (with `model.onnx` beside it).
+    pub fn load(name_or_path: &str) -> Result<Self, ModelError> {
+        if let Some(b) = BUILTINS.iter().find(|b| b.name == name_or_path) {
+            let origin = format!("builtin:{}", b.name);
+            return Self::from_parts(b.manifest, &origin, Cow::Borrowed(b.onnx), &origin);
+        }
+        let path = Path::new(name_or_path);
+        let (manifest_path, onnx_path) = if path.is_dir() {
+            (path.join("manifest.json"), path.join("model.onnx"))
+        } else if path.is_file() && path.extension().is_some_and(|e| e == "json") {
+            (path.to_path_buf(), path.with_file_name("model.onnx"))
+        } else if path.is_file() {
+            (path.with_file_name("manifest.json"), path.to_path_buf())
+        } else {
+            return Err(ModelError::NotFound {
+                origin: name_or_path.to_string(),
+                builtins: builtin_names().collect::<Vec<_>>().join(", "),
+            });
+        };
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| ModelError::Unreadable {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        let manifest_bytes = read(&manifest_path)?;
+        let manifest_text = String::from_utf8_lossy(&manifest_bytes);
+        let onnx = read(&onnx_path)?;
+        Self::from_parts(
+            &manifest_text,
+            &manifest_path.display().to_string(),
+            Cow::Owned(onnx),
+            &onnx_path.display().to_string(),
+        )
+    }
+
+    fn from_parts(
+        manifest_json: &str,
+        manifest_origin: &str,
+        onnx: Cow<'static, [u8]>,
+        origin: &str,
+    ) -> Result<Self, ModelError> {
+        let invalid = |reason: String| ModelError::Manifest {
+            origin: manifest_origin.to_string(),
+            reason,
+        };
+        let manifest: Manifest =
+            serde_json::from_str(manifest_json).map_err(|e| invalid(e.to_string()))?;
+        if manifest.input.layout != "NCHW"
+            || manifest.input.shape.len() != 4
+            || manifest.input.shape[0] != 1
+        {
+            return Err(invalid(format!(
+                "input must be NCHW with batch 1, found {} {:?}",
+                manifest.input.layout, manifest.input.shape
+            )));
+        }
+        if manifest.labels.is_empty() {
+            return Err(invalid("no labels".to_string()));
+        }
+        let actual = hex(&Sha256::digest(&onnx));
+        if !actual.eq_ignore_ascii_case(&manifest.onnx_sha256) {
+            return Err(ModelError::Checksum {
+                origin: origin.to_string(),
+                expected: manifest.onnx_sha256.clone(),
+                actual,
+            });
+        }
+        let model = Self {
+            manifest,
+            origin: origin.to_string(),
+            onnx,
+        };
+        model
+            .preprocess_spec()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(model)
+    }
+
+    /// The runtime's preprocessing contract for this model.
+    pub fn preprocess_spec(&self) -> Result<PreprocessSpec, SpecError> {
+        let shape = &self.manifest.input.shape;
+        let p = &self.manifest.preprocess;
+        let resize = if p.resize == "nearest" {
+            ResizeRule::Nearest
+        } else {
+            ResizeRule::Bilinear
+        };
+        if p.mean.len() != shape[1] {
+            return Err(SpecError::BandCountMismatch {
+                mean: p.mean.len(),
+                std: shape[1],
+            });
+        }
+        PreprocessSpec::new(shape[3], shape[2], &p.mean, &p.std, resize)
+    }
+
+    /// The model on the tract float backend.
+    pub fn tract_backend(&self) -> Result<TractBackend, ModelError> {
+        Ok(TractBackend::from_bytes(
+            &self.origin,
+            &self.onnx,
+            &self.manifest.input.shape,
+        )?)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
