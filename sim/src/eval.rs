@@ -1,0 +1,293 @@
+//! Scoring a labelled chip folder through the threaded pipeline: `sim`, `sim run`, `sim eval`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kestrel_host::{dataset::scan_labelled, FolderSource, HostClock, Split};
+use kestrel_runtime::health::ErrorKind;
+use kestrel_runtime::step::ClassifierStep;
+use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};
+use serde::Serialize;
+
+use crate::{load_model, BackendChoice, DropArg, ModelArgs, PipelineArgs};
+
+/// Largest frame the chip pipeline accepts (samples): 1024 x 1024 RGBA. Larger images are
+/// counted as frame errors; `sim replay` tiles big scenes instead.
+const MAX_FRAME_SAMPLES: usize = 1024 * 1024 * 4;
+
+pub struct Options {
+    pub model: ModelArgs,
+    pub dataset: PathBuf,
+    pub split: Split,
+    pub pipeline: PipelineArgs,
+    pub report: Option<PathBuf>,
+}
+
+impl Options {
+    /// The default run: the committed sample, built-in model, best backend.
+    pub fn sample(dataset: PathBuf) -> Self {
+        Self {
+            model: ModelArgs {
+                model: models::DEFAULT_MODEL.to_string(),
+                backend: BackendChoice::Auto,
+            },
+            dataset,
+            split: Split::All,
+            pipeline: PipelineArgs {
+                queue_depth: 4,
+                drop_policy: DropArg::Block,
+                frame_rate: 0.0,
+            },
+            report: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Latency {
+    p50: u64,
+    p99: u64,
+    mean: f64,
+}
+
+#[derive(Serialize)]
+struct Failure {
+    file: String,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    model_origin: String,
+    backend: String,
+    dataset: String,
+    split: String,
+    labels: Vec<String>,
+    /// Images offered to the pipeline.
+    images: usize,
+    /// Images that produced a classification.
+    classified: u64,
+    /// Correct / images: a failed or dropped image counts as wrong.
+    top1: f64,
+    /// Recall per class (correct / images of that class).
+    per_class: serde_json::Map<String, serde_json::Value>,
+    /// Rows are the true class, columns the predicted class, in label order.
+    confusion: Vec<Vec<u64>>,
+    latency_us: Latency,
+    throughput_fps: f64,
+    elapsed_s: f64,
+    dropped: u64,
+    errors: serde_json::Map<String, serde_json::Value>,
+    failures: Vec<Failure>,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[u64], percent: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((percent / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+struct Progress {
+    total: usize,
+    terminal: bool,
+    last: Instant,
+    next_line: usize,
+}
+
+impl Progress {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            terminal: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+            next_line: 0,
+        }
+    }
+
+    fn update(&mut self, done: usize, correct: usize) {
+        let pct = 100.0 * correct as f64 / done.max(1) as f64;
+        if self.terminal {
+            if self.last.elapsed() > Duration::from_millis(200) || done == self.total {
+                eprint!("\r[{done:>6}/{}] top-1 so far {pct:5.1}%", self.total);
+                self.last = Instant::now();
+            }
+            if done == self.total {
+                eprintln!();
+            }
+        } else if done >= self.next_line {
+            eprintln!("[{done:>6}/{}] top-1 so far {pct:5.1}%", self.total);
+            self.next_line += (self.total / 4).max(1);
+        }
+    }
+}
+
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let (model, backend) = load_model(&opts.model)?;
+    let labels = model.manifest.labels.clone();
+    let spec = model.preprocess_spec().context("model preprocessing")?;
+    let images = scan_labelled(&opts.dataset, &labels, opts.split)?;
+    let backend_name = backend.name();
+    eprintln!(
+        "sim: {} images from {} ({:?} split), model {} ({}), backend {}",
+        images.len(),
+        opts.dataset.display(),
+        opts.split,
+        model.manifest.name,
+        model.origin,
+        backend_name
+    );
+
+    let mut source = FolderSource::new(images.iter().map(|i| i.path.clone()).collect());
+    if opts.pipeline.frame_rate > 0.0 {
+        source = source.paced(Duration::from_secs_f64(1.0 / opts.pipeline.frame_rate));
+    }
+    let mut input = vec![0.0; spec.input_len()];
+    let mut output = vec![0.0; backend.output_len()];
+    let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
+    let config = PipelineConfig {
+        queue_depth: opts.pipeline.queue_depth,
+        drop_policy: DropPolicy::from(opts.pipeline.drop_policy),
+        max_frame_samples: MAX_FRAME_SAMPLES,
+    };
+
+    let classes = labels.len();
+    let mut confusion = vec![vec![0u64; classes]; classes];
+    let mut latencies = Vec::with_capacity(images.len());
+    let mut failures = Vec::new();
+    let (mut done, mut correct) = (0, 0);
+    let mut progress = Progress::new(images.len());
+    let clock = HostClock::default();
+    let started = Instant::now();
+    let health = run_pipeline(source, step, &clock, config, |outcome| {
+        done += 1;
+        let Some(image) = images.get(outcome.sequence as usize) else {
+            return;
+        };
+        let reason = match outcome.result {
+            Ok(c) => {
+                let predicted = usize::from(c.class()).min(classes - 1);
+                confusion[image.label][predicted] += 1;
+                correct += usize::from(predicted == image.label);
+                latencies.push(outcome.latency_us);
+                None
+            }
+            Err(FrameFailure::Dropped) => None,
+            Err(FrameFailure::Source(e)) => Some(e.reason),
+            Err(failure) => Some(failure.to_string()),
+        };
+        if let Some(reason) = reason {
+            eprintln!(
+                "{}warning: {}: {reason}",
+                if progress.terminal { "\r" } else { "" },
+                image.path.display()
+            );
+            failures.push(Failure {
+                file: image.path.display().to_string(),
+                reason,
+            });
+        }
+        progress.update(done, correct);
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+
+    latencies.sort_unstable();
+    let mut per_class = serde_json::Map::new();
+    for (i, label) in labels.iter().enumerate() {
+        let total: usize = images.iter().filter(|im| im.label == i).count();
+        if total > 0 {
+            per_class.insert(
+                label.clone(),
+                (confusion[i][i] as f64 / total as f64).into(),
+            );
+        }
+    }
+    let mut errors = serde_json::Map::new();
+    for kind in ErrorKind::ALL {
+        errors.insert(kind.name().to_string(), health.errors(kind).into());
+    }
+    let report = Report {
+        model: model.manifest.name.clone(),
+        model_origin: model.origin.clone(),
+        backend: backend_name.to_string(),
+        dataset: opts.dataset.display().to_string(),
+        split: format!("{:?}", opts.split).to_lowercase(),
+        labels,
+        images: images.len(),
+        classified: health.frames_done,
+        top1: correct as f64 / images.len() as f64,
+        per_class,
+        confusion,
+        latency_us: Latency {
+            p50: percentile(&latencies, 50.0),
+            p99: percentile(&latencies, 99.0),
+            mean: latencies.iter().sum::<u64>() as f64 / latencies.len().max(1) as f64,
+        },
+        throughput_fps: health.frames_done as f64 / elapsed.max(1e-9),
+        elapsed_s: elapsed,
+        dropped: health.frames_dropped,
+        errors,
+        failures,
+    };
+    print_summary(&report, model.manifest.validation_top1);
+    if let Some(path) = &opts.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("{}: cannot write report", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_summary(r: &Report, validation_top1: f64) {
+    let errors: u64 = r.errors.values().filter_map(|v| v.as_u64()).sum();
+    println!(
+        "frames      {} ({} classified, {} dropped, {} errors)",
+        r.images, r.classified, r.dropped, errors
+    );
+    println!(
+        "top-1       {:.2}% ({} split of {}; the model's validation top-1 is {:.2}%)",
+        100.0 * r.top1,
+        r.split,
+        r.dataset,
+        100.0 * validation_top1
+    );
+    println!(
+        "latency     p50 {:.2} ms, p99 {:.2} ms per frame ({} backend: preprocess + model + postprocess)",
+        r.latency_us.p50 as f64 / 1000.0,
+        r.latency_us.p99 as f64 / 1000.0,
+        r.backend
+    );
+    println!(
+        "throughput  {:.1} frames/s over {:.2} s",
+        r.throughput_fps, r.elapsed_s
+    );
+    if errors > 0 {
+        let by_kind: Vec<String> = r
+            .errors
+            .iter()
+            .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("errors      {}", by_kind.join(", "));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&v, 50.0), 50);
+        assert_eq!(percentile(&v, 99.0), 99);
+        assert_eq!(percentile(&[7], 99.0), 7);
+        assert_eq!(percentile(&[], 50.0), 0);
+    }
+}

@@ -1,0 +1,206 @@
+//! `sim`: replay real imagery through Kestrel on a desktop and score it.
+//!
+//! With no arguments it classifies the committed EuroSAT sample with the built-in model and
+//! prints a summary. `sim eval` scores a labelled dataset and writes a JSON report; `sim replay`
+//! runs a user's own images, tiling large ones, and writes per-tile class maps.
+
+mod eval;
+mod replay;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kestrel_host::Split;
+use kestrel_kernels::Backend;
+use kestrel_runtime::threaded::DropPolicy;
+use models::ZooModel;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Kestrel simulator: replay real imagery through the onboard runtime and score it",
+    long_about = "Kestrel simulator: replay real imagery through the onboard runtime and score it.\n\n\
+        With no subcommand it runs `sim run`: the committed EuroSAT sample (300 held-out chips) \
+        through the host board, the threaded runtime and the best available backend, with the \
+        built-in eurosat-rgb model, and prints top-1, latency, throughput, drops and errors."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a labelled chip folder through the threaded pipeline and print a summary
+    /// (the default: the committed sample).
+    Run(RunArgs),
+    /// Score a model on a labelled dataset (one sub-folder per class) and write a JSON report.
+    Eval(EvalArgs),
+    /// Classify your own images; images larger than the model input are tiled and a per-tile
+    /// class map is written as a PNG.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// Zoo model name (built in: eurosat-rgb), or a model folder, model.onnx or manifest.json.
+    #[arg(long, default_value = models::DEFAULT_MODEL)]
+    model: String,
+    /// Backend: `auto` picks the best available one (today: tract).
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendChoice {
+    /// The best backend available for this model.
+    Auto,
+    /// tract, float32 on the CPU.
+    Tract,
+}
+
+#[derive(clap::Args, Clone)]
+struct PipelineArgs {
+    /// Frames that may wait for inference before the drop policy applies.
+    #[arg(long, default_value_t = 4)]
+    queue_depth: usize,
+    /// What to do with a frame when the queue is full.
+    #[arg(long, value_enum, default_value_t = DropArg::Block)]
+    drop_policy: DropArg,
+    /// Deliver frames at this rate, like a camera (frames per second); 0 = as fast as they decode.
+    #[arg(long, default_value_t = 0.0)]
+    frame_rate: f64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DropArg {
+    /// Wait for room (offline replay: nothing is dropped).
+    Block,
+    /// Drop the incoming frame.
+    DropNewest,
+    /// Drop the oldest queued frame (freshest data wins).
+    DropOldest,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Labelled chip folder, one sub-folder per class [default: the committed sample].
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Which part of the dataset to replay.
+    #[arg(long, value_enum, default_value_t = SplitArg::All)]
+    split: SplitArg,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Labelled dataset: one sub-folder of images per class, named as the model's labels.
+    #[arg(long)]
+    dataset: PathBuf,
+    /// Which part to score: `val` is the held-out split the training script never saw.
+    #[arg(long, value_enum, default_value_t = SplitArg::All)]
+    split: SplitArg,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: PathBuf,
+    #[command(flatten)]
+    pipeline: PipelineArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    /// Every image.
+    All,
+    /// The training split (about 80%).
+    Train,
+    /// The validation split (about 20%, file-name hash divisible by 5).
+    Val,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An image file (JPEG or PNG) or a folder of them.
+    #[arg(long)]
+    images: PathBuf,
+    /// Tile size in pixels [default: the model's input size]; tiles are resized to the input.
+    #[arg(long)]
+    tile: Option<u32>,
+    /// Pixels shared by neighbouring tiles.
+    #[arg(long, default_value_t = 0)]
+    overlap: u32,
+    /// Folder for the class maps (<image>.classmap.png) and per-tile results (<image>.tiles.json).
+    #[arg(long, default_value = "sim-replay")]
+    out: PathBuf,
+}
+
+impl From<SplitArg> for Split {
+    fn from(s: SplitArg) -> Self {
+        match s {
+            SplitArg::All => Split::All,
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Validation,
+        }
+    }
+}
+
+impl From<DropArg> for DropPolicy {
+    fn from(d: DropArg) -> Self {
+        match d {
+            DropArg::Block => DropPolicy::Block,
+            DropArg::DropNewest => DropPolicy::DropNewest,
+            DropArg::DropOldest => DropPolicy::DropOldest,
+        }
+    }
+}
+
+/// The committed sample, found beside this crate's sources.
+fn sample_dataset() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb")
+}
+
+/// Load a model and put it on the chosen backend.
+fn load_model(args: &ModelArgs) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>)> {
+    let model = ZooModel::load(&args.model)?;
+    let backend: Box<dyn Backend + Send> = match args.backend {
+        BackendChoice::Auto | BackendChoice::Tract => Box::new(model.tract_backend()?),
+    };
+    Ok((model, backend))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => eval::run(eval::Options::sample(sample_dataset())),
+        Some(Command::Run(a)) => eval::run(eval::Options {
+            model: a.model,
+            dataset: a.dataset.unwrap_or_else(sample_dataset),
+            split: a.split.into(),
+            pipeline: a.pipeline,
+            report: None,
+        }),
+        Some(Command::Eval(a)) => eval::run(eval::Options {
+            model: a.model,
+            dataset: a.dataset,
+            split: a.split.into(),
+            pipeline: a.pipeline,
+            report: Some(a.report),
+        }),
+        Some(Command::Replay(a)) => replay::run(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

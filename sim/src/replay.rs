@@ -1,0 +1,252 @@
+//! `sim replay`: a user's own images; large ones tiled, with a per-tile class map PNG.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use image::{Rgb, RgbImage};
+use kestrel_host::{dataset::list_images, decode_image};
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::step::ClassifierStep;
+use kestrel_runtime::tile::TileGrid;
+use serde::Serialize;
+
+use crate::{load_model, ReplayArgs};
+
+/// Distinct colours for class maps, by class index (cycled past 12 classes).
+const PALETTE: [[u8; 3]; 12] = [
+    [230, 200, 40],  // yellow
+    [20, 110, 40],   // dark green
+    [140, 210, 90],  // light green
+    [128, 128, 128], // grey
+    [150, 60, 170],  // purple
+    [200, 240, 60],  // lime
+    [240, 140, 30],  // orange
+    [220, 40, 40],   // red
+    [40, 120, 230],  // blue
+    [20, 40, 120],   // navy
+    [40, 220, 220],  // cyan
+    [240, 120, 200], // pink
+];
+
+fn colour(class: u16) -> [u8; 3] {
+    PALETTE[usize::from(class) % PALETTE.len()]
+}
+
+/// One classified tile, as written to `<image>.tiles.json`.
+#[derive(Serialize)]
+struct TileResult {
+    #[serde(flatten)]
+    region: RegionJson,
+    class: u16,
+    label: String,
+    confidence: f32,
+}
+
+#[derive(Serialize)]
+struct RegionJson {
+    x: u32,
+    y: u32,
+    width: u32,
+    height: u32,
+}
+
+#[derive(Serialize)]
+struct TilesReport<'a> {
+    image: String,
+    width: u32,
+    height: u32,
+    tile: u32,
+    overlap: u32,
+    tiles: &'a [TileResult],
+}
+
+pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
+    let (model, backend) = load_model(&args.model)?;
+    let labels = &model.manifest.labels;
+    let spec = model.preprocess_spec()?;
+    let files = list_images(&args.images)?;
+    let tile = args.tile.unwrap_or(spec.width() as u32);
+    let mut input = vec![0.0; spec.input_len()];
+    let mut output = vec![0.0; backend.output_len()];
+    let mut step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("{}: cannot create folder", args.out.display()))?;
+    println!("legend: {}", legend(labels));
+
+    let mut failed = 0;
+    for path in &files {
+        if let Err(e) = replay_image(path, &mut step, tile, args.overlap, labels, &args.out) {
+            eprintln!("warning: {e:#}");
+            failed += 1;
+        }
+    }
+    println!(
+        "{} image(s) replayed, {failed} failed",
+        files.len() - failed
+    );
+    if failed == files.len() {
+        bail!("{}: no image could be replayed", args.images.display());
+    }
+    Ok(())
+}
+
+fn legend(labels: &[String]) -> String {
+    labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let [r, g, b] = colour(i as u16);
+            format!("{l}=#{r:02x}{g:02x}{b:02x}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn replay_image<B: kestrel_kernels::Backend>(
+    path: &Path,
+    step: &mut ClassifierStep<'_, B>,
+    tile: u32,
+    overlap: u32,
+    labels: &[String],
+    out: &Path,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let image = decode_image(path)?;
+    let g = image.geometry;
+    let view = FrameView::new(g, &image.samples).with_context(|| path.display().to_string())?;
+    let grid = TileGrid::new(g.width, g.height, tile, tile, overlap)
+        .with_context(|| path.display().to_string())?;
+    let mut tiles = Vec::with_capacity(grid.len());
+    for region in grid.iter() {
+        let c = step
+            .classify(view, region)
+            .with_context(|| format!("{}: tile at ({}, {})", path.display(), region.x, region.y))?;
+        let label = labels
+            .get(usize::from(c.class()))
+            .cloned()
+            .unwrap_or_default();
+        let region = RegionJson {
+            x: region.x,
+            y: region.y,
+            width: region.width,
+            height: region.height,
+        };
+        tiles.push(TileResult {
+            region,
+            class: c.class(),
+            label,
+            confidence: c.confidence(),
+        });
+    }
+    let mut counts = vec![0usize; labels.len()];
+    for t in &tiles {
+        if let Some(n) = counts.get_mut(usize::from(t.class)) {
+            *n += 1;
+        }
+    }
+    let mut ranked: Vec<(usize, usize)> = counts
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    ranked.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let mix: Vec<String> = ranked
+        .iter()
+        .take(4)
+        .map(|(class, n)| {
+            format!(
+                "{} {:.0}%",
+                labels[*class],
+                100.0 * *n as f64 / tiles.len() as f64
+            )
+        })
+        .collect();
+    let map_path = output_path(out, path, "classmap.png");
+    write_class_map(
+        &image.samples,
+        g.width,
+        g.height,
+        g.bands,
+        &tiles,
+        &map_path,
+    )?;
+    let json_path = output_path(out, path, "tiles.json");
+    let report = TilesReport {
+        image: path.display().to_string(),
+        width: g.width,
+        height: g.height,
+        tile,
+        overlap,
+        tiles: &tiles,
+    };
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("{}: cannot write", json_path.display()))?;
+    println!(
+        "{}: {}x{}, {} tile(s) ({}x{}, {} px, overlap {}): {} [{:.0} ms] -> {}",
+        path.display(),
+        g.width,
+        g.height,
+        tiles.len(),
+        grid.columns(),
+        grid.rows(),
+        tile,
+        overlap,
+        mix.join(", "),
+        started.elapsed().as_secs_f64() * 1000.0,
+        map_path.display()
+    );
+    Ok(())
+}
+
+/// `<out>/<image stem>.<suffix>`.
+fn output_path(out: &Path, image: &Path, suffix: &str) -> PathBuf {
+    let stem = image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    out.join(format!("{stem}.{suffix}"))
+}
+
+/// The image blended half and half with the class colour of the tile covering each pixel
+/// (where tiles overlap, the later tile in row-major order wins).
+fn write_class_map(
+    samples: &[u8],
+    width: u32,
+    height: u32,
+    bands: u16,
+    tiles: &[TileResult],
+    path: &Path,
+) -> anyhow::Result<()> {
+    let (w, bands) = (width as usize, usize::from(bands));
+    let mut owner = vec![None; w * height as usize];
+    for t in tiles {
+        let x_end = (t.region.x + t.region.width).min(width) as usize;
+        let y_end = (t.region.y + t.region.height).min(height) as usize;
+        for y in t.region.y as usize..y_end {
+            owner[y * w + t.region.x as usize..y * w + x_end].fill(Some(t.class));
+        }
+    }
+    let map = RgbImage::from_fn(width, height, |x, y| {
+        let i = y as usize * w + x as usize;
+        let sample = |b: usize| {
+            samples
+                .get(i * bands + b.min(bands - 1))
+                .copied()
+                .unwrap_or(0)
+        };
+        let pixel = [sample(0), sample(1), sample(2)];
+        match owner[i] {
+            Some(class) => {
+                let tint = colour(class);
+                Rgb(core::array::from_fn(|c| {
+                    ((u16::from(pixel[c]) + u16::from(tint[c])) / 2) as u8
+                }))
+            }
+            None => Rgb(pixel),
+        }
+    });
+    map.save(path)
+        .with_context(|| format!("{}: cannot write class map", path.display()))
+}

@@ -1,0 +1,359 @@
+//! The `sim` binary end to end, on the committed sample and on broken inputs: each bad input
+//! gets a one-line error naming the file and the reason, and either stops the job (non-zero
+//! exit) or is counted while the run goes on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb")
+}
+
+fn zoo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/eurosat-rgb")
+}
+
+fn sim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(args)
+        .output()
+        .expect("sim runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A dataset with `per_class` real sample chips of Forest and SeaLake.
+fn small_dataset(per_class: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for class in ["Forest", "SeaLake"] {
+        std::fs::create_dir(dir.path().join(class)).unwrap();
+        let mut chips: Vec<_> = std::fs::read_dir(sample().join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        chips.sort();
+        for chip in chips.iter().take(per_class) {
+            std::fs::copy(chip, dir.path().join(class).join(chip.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
+fn eval(dataset: &Path, model: &str, report_path: &Path) -> Output {
+    let dataset = dataset.to_str().unwrap();
+    sim(&[
+        "eval",
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--report",
+        report_path.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn default_run_replays_the_sample_accurately() {
+    let out = sim(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("top-1"))
+        .expect("summary has a top-1 line");
+    let top1: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('%')
+        .parse()
+        .unwrap();
+    assert!(
+        top1 >= 93.0,
+        "top-1 on the 300 held-out sample chips fell to {top1}%"
+    );
+    assert!(
+        stdout.contains("frames      300 (300 classified, 0 dropped, 0 errors)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("latency     p50"), "{stdout}");
+}
+
+#[test]
+fn eval_report_has_the_promised_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.json");
+    let out = eval(&sample(), "eurosat-rgb", &path);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = report(&path);
+    assert_eq!(r["images"], 300);
+    assert_eq!(r["backend"], "tract");
+    assert_eq!(r["model"], "eurosat-rgb");
+    let top1 = r["top1"].as_f64().unwrap();
+    assert!(top1 >= 0.93, "top-1 {top1}");
+    let confusion = r["confusion"].as_array().unwrap();
+    assert_eq!(confusion.len(), 10);
+    let total: u64 = confusion
+        .iter()
+        .flat_map(|row| row.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 300);
+    let diagonal: u64 = (0..10).map(|i| confusion[i][i].as_u64().unwrap()).sum();
+    assert!(
+        (diagonal as f64 / 300.0 - top1).abs() < 1e-9,
+        "top-1 agrees with the confusion matrix"
+    );
+    for (class, recall) in r["per_class"].as_object().unwrap() {
+        assert!(recall.as_f64().unwrap() >= 0.7, "{class} recall {recall}");
+    }
+    let (p50, p99) = (
+        r["latency_us"]["p50"].as_u64().unwrap(),
+        r["latency_us"]["p99"].as_u64().unwrap(),
+    );
+    assert!(p50 > 0 && p99 >= p50, "{p50} {p99}");
+}
+
+#[test]
+fn missing_model_stops_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = eval(
+        &sample(),
+        "/nonexistent/model.onnx",
+        &dir.path().join("r.json"),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/model.onnx: no such model"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn corrupt_model_file_stops_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        zoo().join("manifest.json"),
+        dir.path().join("manifest.json"),
+    )
+    .unwrap();
+    let mut onnx = std::fs::read(zoo().join("model.onnx")).unwrap();
+    onnx.truncate(onnx.len() / 2);
+    std::fs::write(dir.path().join("model.onnx"), &onnx).unwrap();
+    let model = dir.path().to_str().unwrap().to_string();
+    let out = eval(&sample(), &model, &dir.path().join("r.json"));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("model.onnx: sha256") && err.contains("corrupt or replaced"),
+        "{err}"
+    );
+
+    // Same truncated bytes with a manifest that vouches for them: tract must refuse them cleanly.
+    let manifest = std::fs::read_to_string(dir.path().join("manifest.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let old = v["onnx_sha256"].as_str().unwrap();
+    let new: String = Sha256::digest(&onnx)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        manifest.replace(old, &new),
+    )
+    .unwrap();
+    let out = eval(&sample(), &model, &dir.path().join("r.json"));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("model.onnx: not a usable ONNX model"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        stderr(&out).trim().lines().count(),
+        1,
+        "one line: {}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn corrupt_images_and_wrong_band_counts_are_counted_and_the_run_goes_on() {
+    let data = small_dataset(3);
+    let forest = data.path().join("Forest");
+    let jpeg = std::fs::read(forest.read_dir().unwrap().next().unwrap().unwrap().path()).unwrap();
+    // Cut inside the headers: decoders fill a truncated scan with grey, but not missing tables.
+    std::fs::write(forest.join("truncated.jpg"), &jpeg[..100]).unwrap();
+    std::fs::write(
+        data.path().join("SeaLake/garbage.png"),
+        b"\x89PNG\r\n\x1a\nnot really a png",
+    )
+    .unwrap();
+    image::GrayImage::from_pixel(64, 64, image::Luma([90]))
+        .save(data.path().join("SeaLake/grey.png"))
+        .unwrap();
+    image::RgbaImage::from_pixel(64, 64, image::Rgba([9, 9, 9, 255]))
+        .save(forest.join("rgba.png"))
+        .unwrap();
+
+    let path = data.path().join("report.json");
+    let out = eval(data.path(), "eurosat-rgb", &path);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = report(&path);
+    assert_eq!(r["images"], 10);
+    assert_eq!(r["classified"], 6);
+    assert_eq!(r["errors"]["source"], 2);
+    assert_eq!(r["errors"]["frame"], 2);
+    let err = stderr(&out);
+    for expected in [
+        "truncated.jpg: cannot decode image",
+        "garbage.png: cannot decode image",
+        "grey.png: image has 1 band(s), the model takes 3",
+        "rgba.png: image has 4 band(s), the model takes 3",
+    ] {
+        assert!(err.contains(expected), "missing '{expected}' in:\n{err}");
+    }
+    let failures = r["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 4);
+}
+
+#[test]
+fn unusable_datasets_stop_the_job_with_a_reason() {
+    let empty = tempfile::tempdir().unwrap();
+    let r = empty.path().join("r.json");
+    let out = eval(empty.path(), "eurosat-rgb", &r);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(": no images found"),
+        "{}",
+        stderr(&out)
+    );
+
+    let unknown = small_dataset(1);
+    std::fs::create_dir(unknown.path().join("Desert")).unwrap();
+    let out = eval(unknown.path(), "eurosat-rgb", &r);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("class folder 'Desert' is not a label of this model"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = eval(Path::new("/nonexistent/dataset"), "eurosat-rgb", &r);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/dataset: cannot read"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !r.exists(),
+        "no report is written for a job that could not run"
+    );
+}
+
+#[test]
+fn replay_tiles_a_large_scene_into_a_class_map() {
+    // A 2000 x 2000 scene: real Forest chips on the left, SeaLake chips on the right.
+    let chips = |class: &str| -> Vec<image::RgbImage> {
+        let mut paths: Vec<_> = std::fs::read_dir(sample().join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .map(|p| image::open(p).unwrap().to_rgb8())
+            .collect()
+    };
+    let (forest, sea) = (chips("Forest"), chips("SeaLake"));
+    let mut scene = image::RgbImage::new(2000, 2000);
+    for (i, (cx, cy)) in (0..32u32)
+        .flat_map(|y| (0..32u32).map(move |x| (x, y)))
+        .enumerate()
+    {
+        let chip = if cx < 16 {
+            &forest[i % forest.len()]
+        } else {
+            &sea[i % sea.len()]
+        };
+        image::imageops::replace(&mut scene, chip, i64::from(cx * 64), i64::from(cy * 64));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let scene_path = dir.path().join("scene.png");
+    scene.save(&scene_path).unwrap();
+    let out_dir = dir.path().join("out");
+    let out = sim(&[
+        "replay",
+        "--images",
+        scene_path.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("scene.png: 2000x2000, 1024 tile(s) (32x32, 64 px, overlap 0)"),
+        "{stdout}"
+    );
+    let map = image::open(out_dir.join("scene.classmap.png")).unwrap();
+    assert_eq!((map.width(), map.height()), (2000, 2000));
+
+    let tiles: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("scene.tiles.json")).unwrap())
+            .unwrap();
+    let tiles = tiles["tiles"].as_array().unwrap();
+    assert_eq!(tiles.len(), 1024);
+    // Tiles that sit exactly on one chip (all but the last, shifted column and row).
+    let (mut right, mut total) = (0, 0);
+    for t in tiles {
+        let (x, y) = (t["x"].as_u64().unwrap(), t["y"].as_u64().unwrap());
+        if x + 64 > 1984 || y + 64 > 1984 {
+            continue;
+        }
+        let expected = if x < 1024 { "Forest" } else { "SeaLake" };
+        total += 1;
+        right += usize::from(t["label"] == expected);
+    }
+    assert_eq!(total, 31 * 31);
+    assert!(
+        right as f64 / total as f64 >= 0.9,
+        "{right}/{total} tiles right"
+    );
+}
+
+#[test]
+fn replay_of_an_unreadable_or_grey_image_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sim(&["replay", "--images", "/nonexistent/scene.png"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/scene.png: cannot read"),
+        "{}",
+        stderr(&out)
+    );
+    let grey = dir.path().join("grey.png");
+    image::GrayImage::new(300, 200).save(&grey).unwrap();
+    let out = sim(&[
+        "replay",
+        "--images",
+        grey.to_str().unwrap(),
+        "--out",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("grey.png: tile at (0, 0): image has 1 band(s), the model takes 3"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,184 @@
+//! The threaded pipeline under overload: each drop policy drops what it says, every frame is
+//! accounted for exactly once, and failures are counted by kind without stopping the run.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use kestrel_hal::{FrameGeometry, FrameSource};
+use kestrel_host::HostClock;
+use kestrel_kernels::{Backend, BackendError, PreprocessSpec, ResizeRule};
+use kestrel_runtime::health::{ErrorKind, Health};
+use kestrel_runtime::step::ClassifierStep;
+use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};
+
+/// A model that takes `delay` per frame and "classifies" a 2x2 single-band frame by its first
+/// sample: class = sample % 4.
+struct SlowBackend {
+    delay: Duration,
+}
+
+impl Backend for SlowBackend {
+    fn name(&self) -> &'static str {
+        "slow-test"
+    }
+    fn input_len(&self) -> usize {
+        4
+    }
+    fn output_len(&self) -> usize {
+        4
+    }
+    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
+        self.check_lengths(input, output)?;
+        std::thread::sleep(self.delay);
+        if input[0] < 0.0 {
+            return Err(BackendError::Execution);
+        }
+        output.fill(0.0);
+        output[input[0] as usize % 4] = 10.0;
+        Ok(())
+    }
+}
+
+/// `count` frames as fast as the pipeline takes them. Frame `i` carries sample `i`; frames
+/// listed in `corrupt` fail at the source, frames in `wrong_bands` have 3 bands instead of 1.
+struct BurstSource {
+    next: u64,
+    count: u64,
+    corrupt: Vec<u64>,
+    wrong_bands: Vec<u64>,
+}
+
+impl FrameSource<u8> for BurstSource {
+    type Error = String;
+    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<FrameGeometry>, String> {
+        if self.next == self.count {
+            return Ok(None);
+        }
+        let i = self.next;
+        self.next += 1;
+        if self.corrupt.contains(&i) {
+            return Err(format!("frame {i}: corrupt"));
+        }
+        let bands = if self.wrong_bands.contains(&i) { 3 } else { 1 };
+        buffer[..4 * bands as usize].fill(i as u8);
+        Ok(Some(FrameGeometry {
+            width: 2,
+            height: 2,
+            bands,
+        }))
+    }
+}
+
+fn run(
+    policy: DropPolicy,
+    count: u64,
+    delay_ms: u64,
+    corrupt: Vec<u64>,
+    wrong_bands: Vec<u64>,
+) -> (Health, Vec<Outcome<String>>) {
+    let spec = PreprocessSpec::new(2, 2, &[0.0], &[1.0], ResizeRule::Bilinear).unwrap();
+    let (mut input, mut output) = (vec![0.0; 4], vec![0.0; 4]);
+    let backend = SlowBackend {
+        delay: Duration::from_millis(delay_ms),
+    };
+    let step = ClassifierStep::new(backend, spec, &mut input, &mut output).unwrap();
+    let source = BurstSource {
+        next: 0,
+        count,
+        corrupt,
+        wrong_bands,
+    };
+    let config = PipelineConfig {
+        queue_depth: 2,
+        drop_policy: policy,
+        max_frame_samples: 12,
+    };
+    let mut outcomes = Vec::new();
+    let health = run_pipeline(source, step, &HostClock::default(), config, |o| {
+        outcomes.push(o)
+    });
+    (health, outcomes)
+}
+
+/// Every frame has exactly one outcome and the counters agree with the outcomes.
+fn check_accounting(health: &Health, outcomes: &[Outcome<String>], count: u64, model_ms: u64) {
+    let sequences: BTreeSet<u64> = outcomes.iter().map(|o| o.sequence).collect();
+    assert_eq!(sequences.len() as u64, count, "one outcome per frame");
+    assert_eq!(outcomes.len() as u64, count, "no frame reported twice");
+    assert_eq!(health.frames_in, count);
+    assert_eq!(health.unaccounted(), 0, "{health:?}");
+    let dropped = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(FrameFailure::Dropped)))
+        .count();
+    let done = outcomes.iter().filter(|o| o.result.is_ok()).count();
+    assert_eq!(health.frames_dropped, dropped as u64);
+    assert_eq!(health.frames_done, done as u64);
+    for o in outcomes.iter().filter(|o| o.result.is_ok()) {
+        let class = o.result.as_ref().unwrap().class();
+        assert_eq!(
+            u64::from(class),
+            o.sequence % 4,
+            "frame {} classified from its own samples",
+            o.sequence
+        );
+        assert!(
+            o.latency_us >= model_ms * 1000,
+            "a {model_ms} ms model finished in {} us",
+            o.latency_us
+        );
+    }
+}
+
+#[test]
+fn drop_newest_keeps_the_queue_and_drops_arrivals() {
+    let (health, outcomes) = run(DropPolicy::DropNewest, 40, 2, vec![], vec![]);
+    check_accounting(&health, &outcomes, 40, 2);
+    assert!(
+        health.frames_dropped >= 20,
+        "a burst of 40 into a 2-deep queue must drop: {health:?}"
+    );
+    // The first frames reach the model; it is the late arrivals that are lost.
+    let first = outcomes.iter().find(|o| o.sequence == 0).unwrap();
+    assert!(first.result.is_ok());
+    let last = outcomes.iter().find(|o| o.sequence == 39).unwrap();
+    assert!(
+        matches!(last.result, Err(FrameFailure::Dropped)),
+        "the newest frame is dropped under DropNewest"
+    );
+}
+
+#[test]
+fn drop_oldest_always_delivers_the_freshest_frame() {
+    let (health, outcomes) = run(DropPolicy::DropOldest, 40, 2, vec![], vec![]);
+    check_accounting(&health, &outcomes, 40, 2);
+    assert!(health.frames_dropped >= 20, "{health:?}");
+    let last = outcomes.iter().find(|o| o.sequence == 39).unwrap();
+    assert!(
+        last.result.is_ok(),
+        "the freshest frame survives DropOldest"
+    );
+}
+
+#[test]
+fn block_loses_nothing() {
+    let (health, outcomes) = run(DropPolicy::Block, 20, 1, vec![], vec![]);
+    check_accounting(&health, &outcomes, 20, 1);
+    assert_eq!((health.frames_dropped, health.frames_done), (0, 20));
+}
+
+#[test]
+fn failed_frames_are_counted_and_the_run_goes_on() {
+    let (health, outcomes) = run(DropPolicy::Block, 12, 0, vec![3, 7], vec![5]);
+    check_accounting(&health, &outcomes, 12, 0);
+    assert_eq!(health.errors(ErrorKind::Source), 2);
+    assert_eq!(health.errors(ErrorKind::Frame), 1);
+    assert_eq!(health.frames_done, 9);
+    let o = outcomes.iter().find(|o| o.sequence == 7).unwrap();
+    assert!(matches!(&o.result, Err(FrameFailure::Source(m)) if m == "frame 7: corrupt"));
+    let o = outcomes.iter().find(|o| o.sequence == 5).unwrap();
+    assert_eq!(
+        o.result.as_ref().unwrap_err().to_string(),
+        "image has 3 band(s), the model takes 1"
+    );
+}
