@@ -181,3 +181,60 @@ impl Backend for TractBackend {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zoo_model() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/eurosat-rgb/model.onnx")
+    }
+
+    #[test]
+    fn loads_and_runs_the_zoo_classifier() {
+        let mut backend = TractBackend::from_file(&zoo_model(), &[1, 3, 64, 64]).unwrap();
+        assert_eq!(
+            (backend.input_len(), backend.output_len()),
+            (3 * 64 * 64, 10)
+        );
+        let mut output = [f32::NAN; 10];
+        backend.run(&[0.0; 3 * 64 * 64], &mut output).unwrap();
+        assert!(output.iter().all(|v| v.is_finite()));
+        assert_eq!(
+            backend.run(&[0.0; 5], &mut output),
+            Err(BackendError::InputLength {
+                expected: 12288,
+                got: 5
+            })
+        );
+        assert_eq!(
+            backend.run(&[0.0; 12288], &mut output[..3]),
+            Err(BackendError::OutputLength {
+                expected: 10,
+                got: 3
+            })
+        );
+    }
+
+    #[test]
+    fn typed_errors_for_missing_malformed_and_mismatched_models() {
+        let missing = TractBackend::from_file(Path::new("/nonexistent/m.onnx"), &[1, 3, 64, 64]);
+        assert!(matches!(missing, Err(LoadError::Missing { .. })));
+        let dir = TractBackend::from_file(Path::new(env!("CARGO_MANIFEST_DIR")), &[1, 3, 64, 64]);
+        assert!(matches!(dir, Err(LoadError::Unreadable { .. })), "{dir:?}");
+        let garbage =
+            TractBackend::from_bytes("garbage", b"definitely not protobuf", &[1, 3, 64, 64]);
+        assert!(
+            matches!(garbage, Err(LoadError::Malformed { .. })),
+            "{garbage:?}"
+        );
+        let shape = TractBackend::from_file(&zoo_model(), &[1, 3, 32, 32]).unwrap_err();
+        assert_eq!(
+            shape.to_string(),
+            format!(
+                "{}: model input shape [1, 3, 64, 64] does not match the manifest's [1, 3, 32, 32]",
+                zoo_model().display()
+            )
+        );
+    }
+}

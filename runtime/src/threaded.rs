@@ -6,8 +6,10 @@
 //! frame is lost; every dropped frame is counted and reported as an [`Outcome`], so each frame
 //! that entered is accounted for.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use kestrel_kernels::Backend;
+use kestrel_kernels::{Backend, BackendError};
 
 use crate::classify::Classification;
 use crate::frame::{FrameError, FrameView, Sample};
@@ -126,9 +128,16 @@ where
                 let started = clock.now_us();
                 // Ingest validated the geometry; checked again rather than trusted.
                 let result = match FrameView::new(job.geometry, &job.samples) {
-                    Ok(view) => step
-                        .process(view, clock, &mut health)
-                        .map_err(FrameFailure::Step),
+                    // A panicking backend (a driver bug, a dead device) costs one frame, not
+                    // the pipeline: it is counted as a backend error and the next frame runs.
+                    Ok(view) => {
+                        catch_unwind(AssertUnwindSafe(|| step.process(view, clock, &mut health)))
+                            .unwrap_or_else(|_| {
+                                health.record_error(ErrorKind::Backend);
+                                Err(StepError::Backend(BackendError::Execution))
+                            })
+                            .map_err(FrameFailure::Step)
+                    }
                     Err(e) => {
                         health.record_error(ErrorKind::Frame);
                         Err(FrameFailure::Frame(e))
@@ -156,7 +165,7 @@ where
         for outcome in outcome_rx {
             on_outcome(outcome);
         }
-        // A worker panic is a bug in a backend or source: surface it rather than lose counts.
+        // A panic in the source is a bug in the board: surface it rather than lose counts.
         let mut health = ingest
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));

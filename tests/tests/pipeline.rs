@@ -8,13 +8,23 @@ use kestrel_hal::{FrameGeometry, FrameSource};
 use kestrel_host::HostClock;
 use kestrel_kernels::{Backend, BackendError, PreprocessSpec, ResizeRule};
 use kestrel_runtime::health::{ErrorKind, Health};
-use kestrel_runtime::step::ClassifierStep;
+use kestrel_runtime::step::{ClassifierStep, StepError};
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};
 
 /// A model that takes `delay` per frame and "classifies" a 2x2 single-band frame by its first
-/// sample: class = sample % 4.
+/// sample: class = sample % 4. It fails on frame `fail_on` and panics on frame `panic_on`.
 struct SlowBackend {
     delay: Duration,
+    fail_on: Option<u64>,
+    panic_on: Option<u64>,
+}
+
+fn slow(delay_ms: u64) -> SlowBackend {
+    SlowBackend {
+        delay: Duration::from_millis(delay_ms),
+        fail_on: None,
+        panic_on: None,
+    }
 }
 
 impl Backend for SlowBackend {
@@ -30,8 +40,12 @@ impl Backend for SlowBackend {
     fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
         self.check_lengths(input, output)?;
         std::thread::sleep(self.delay);
-        if input[0] < 0.0 {
+        let frame = input[0] as u64;
+        if self.fail_on == Some(frame) {
             return Err(BackendError::Execution);
+        }
+        if self.panic_on == Some(frame) {
+            panic!("simulated driver crash on frame {frame}");
         }
         output.fill(0.0);
         output[input[0] as usize % 4] = 10.0;
@@ -72,15 +86,12 @@ impl FrameSource<u8> for BurstSource {
 fn run(
     policy: DropPolicy,
     count: u64,
-    delay_ms: u64,
+    backend: SlowBackend,
     corrupt: Vec<u64>,
     wrong_bands: Vec<u64>,
 ) -> (Health, Vec<Outcome<String>>) {
     let spec = PreprocessSpec::new(2, 2, &[0.0], &[1.0], ResizeRule::Bilinear).unwrap();
     let (mut input, mut output) = (vec![0.0; 4], vec![0.0; 4]);
-    let backend = SlowBackend {
-        delay: Duration::from_millis(delay_ms),
-    };
     let step = ClassifierStep::new(backend, spec, &mut input, &mut output).unwrap();
     let source = BurstSource {
         next: 0,
@@ -132,7 +143,7 @@ fn check_accounting(health: &Health, outcomes: &[Outcome<String>], count: u64, m
 
 #[test]
 fn drop_newest_keeps_the_queue_and_drops_arrivals() {
-    let (health, outcomes) = run(DropPolicy::DropNewest, 40, 2, vec![], vec![]);
+    let (health, outcomes) = run(DropPolicy::DropNewest, 40, slow(2), vec![], vec![]);
     check_accounting(&health, &outcomes, 40, 2);
     assert!(
         health.frames_dropped >= 20,
@@ -150,7 +161,7 @@ fn drop_newest_keeps_the_queue_and_drops_arrivals() {
 
 #[test]
 fn drop_oldest_always_delivers_the_freshest_frame() {
-    let (health, outcomes) = run(DropPolicy::DropOldest, 40, 2, vec![], vec![]);
+    let (health, outcomes) = run(DropPolicy::DropOldest, 40, slow(2), vec![], vec![]);
     check_accounting(&health, &outcomes, 40, 2);
     assert!(health.frames_dropped >= 20, "{health:?}");
     let last = outcomes.iter().find(|o| o.sequence == 39).unwrap();
@@ -162,18 +173,40 @@ fn drop_oldest_always_delivers_the_freshest_frame() {
 
 #[test]
 fn block_loses_nothing() {
-    let (health, outcomes) = run(DropPolicy::Block, 20, 1, vec![], vec![]);
+    let (health, outcomes) = run(DropPolicy::Block, 20, slow(1), vec![], vec![]);
     check_accounting(&health, &outcomes, 20, 1);
     assert_eq!((health.frames_dropped, health.frames_done), (0, 20));
 }
 
 #[test]
 fn failed_frames_are_counted_and_the_run_goes_on() {
-    let (health, outcomes) = run(DropPolicy::Block, 12, 0, vec![3, 7], vec![5]);
-    check_accounting(&health, &outcomes, 12, 0);
+    // Frame 13 makes the backend fail and frame 17 makes it panic.
+    let backend = SlowBackend {
+        fail_on: Some(13),
+        panic_on: Some(17),
+        ..slow(0)
+    };
+    let (health, outcomes) = run(DropPolicy::Block, 20, backend, vec![3, 7], vec![5]);
+    check_accounting(&health, &outcomes, 20, 0);
     assert_eq!(health.errors(ErrorKind::Source), 2);
     assert_eq!(health.errors(ErrorKind::Frame), 1);
-    assert_eq!(health.frames_done, 9);
+    assert_eq!(health.errors(ErrorKind::Backend), 2);
+    assert_eq!(health.frames_done, 15);
+    for sequence in [13, 17] {
+        let o = outcomes.iter().find(|o| o.sequence == sequence).unwrap();
+        let backend_failed = matches!(
+            o.result,
+            Err(FrameFailure::Step(StepError::Backend(
+                BackendError::Execution
+            )))
+        );
+        assert!(backend_failed, "frame {sequence}: {:?}", o.result);
+    }
+    let after = outcomes.iter().find(|o| o.sequence == 18).unwrap();
+    assert!(
+        after.result.is_ok(),
+        "the pipeline outlives a backend panic"
+    );
     let o = outcomes.iter().find(|o| o.sequence == 7).unwrap();
     assert!(matches!(&o.result, Err(FrameFailure::Source(m)) if m == "frame 7: corrupt"));
     let o = outcomes.iter().find(|o| o.sequence == 5).unwrap();
