@@ -1,0 +1,51 @@
+//! Batch-1 model latency of Kestrel's backends on one real EuroSAT chip, one thread.
+//!
+//! `cargo bench -p sim --bench latency -- [runs]` prints one JSON line with the median, p10 and
+//! p90 in microseconds per backend. `bench/compare.sh` runs it beside ONNX Runtime on the same
+//! model and chip, in one run, and prints the ratios recorded in BENCHMARKS.md.
+
+use std::path::Path;
+use std::time::Instant;
+
+use kestrel_host::decode_image;
+use kestrel_kernels::Backend;
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::preprocess::{prepare_input, Region};
+use models::ZooModel;
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(500);
+    let chip =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb/Forest/Forest_10.jpg");
+    let model = ZooModel::load(models::DEFAULT_MODEL).expect("built-in model");
+    let spec = model.preprocess_spec().expect("spec");
+    let image = decode_image(&chip).expect("sample chip");
+    let view = FrameView::new(image.geometry, &image.samples).expect("frame");
+    let mut input = vec![0.0; spec.input_len()];
+    let g = image.geometry;
+    prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input).expect("preprocess");
+
+    let mut backend = model.tract_backend().expect("tract");
+    let mut output = vec![0.0; backend.output_len()];
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..runs + runs / 10 {
+        let started = Instant::now();
+        backend.run(&input, &mut output).expect("inference");
+        // The first tenth warms caches and is not counted.
+        if i >= runs / 10 {
+            times.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "{{\"backend\": \"tract-f32\", \"runs\": {runs}, \"median_us\": {:.1}, \"p10_us\": {:.1}, \"p90_us\": {:.1}, \"chip\": \"{}\"}}",
+        at(0.5),
+        at(0.1),
+        at(0.9),
+        chip.display()
+    );
+}

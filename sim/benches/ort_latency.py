@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Batch-1 latency of ONNX Runtime on the same model and chip as `cargo bench -p sim --bench latency`.
+
+Runs the zoo model in f32 and as an int8 QDQ model (static quantisation, per-channel weights,
+calibrated on 200 training-split chips when --data is given, else on 50 committed sample chips:
+latency does not depend on the calibration, and the QDQ model's accuracy is not measured here),
+one intra-op thread, and prints one JSON line per variant with the median, p10 and p90 in
+microseconds.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "models", "train"))
+from eurosat_train import LABELS, is_validation  # noqa: E402
+
+
+def chip_tensor(path, mean, std):
+    x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return x.transpose(2, 0, 1)[None].copy()
+
+
+def calibration_chips(data, limit=200):
+    paths = []
+    for label in LABELS:
+        folder = os.path.join(data, label)
+        names = sorted(n for n in os.listdir(folder) if not is_validation(n))
+        paths += [os.path.join(folder, n) for n in names[: limit // len(LABELS)]]
+    return paths
+
+
+def time_session(session, x, runs):
+    name = session.get_inputs()[0].name
+    for _ in range(runs // 10):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        session.run(None, {name: x})
+        times.append((time.perf_counter_ns() - t0) / 1000)
+    times.sort()
+    at = lambda q: times[round((len(times) - 1) * q)]  # noqa: E731
+    return {"median_us": round(at(0.5), 1), "p10_us": round(at(0.1), 1), "p90_us": round(at(0.9), 1)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--zoo", default=os.path.join(ROOT, "models/zoo/eurosat-rgb"))
+    p.add_argument("--chip", default=os.path.join(ROOT, "sim/sample/eurosat-rgb/Forest/Forest_10.jpg"))
+    p.add_argument("--data", help="EuroSAT RGB folder for calibration (training split only)")
+    p.add_argument("--runs", type=int, default=500)
+    args = p.parse_args()
+
+    manifest = json.load(open(os.path.join(args.zoo, "manifest.json")))
+    mean, std = manifest["preprocess"]["mean"], manifest["preprocess"]["std"]
+    x = chip_tensor(args.chip, mean, std)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    f32_path = os.path.join(args.zoo, "model.onnx")
+    f32 = ort.InferenceSession(f32_path, options, providers=["CPUExecutionProvider"])
+    print(json.dumps({"backend": "onnxruntime-f32", "runs": args.runs, **time_session(f32, x, args.runs)}))
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    calib_root = args.data or os.path.join(ROOT, "sim/sample/eurosat-rgb")
+    chips = calibration_chips(calib_root) if args.data else [
+        os.path.join(calib_root, label, n) for label in LABELS for n in sorted(os.listdir(os.path.join(calib_root, label)))[:5]]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": chip_tensor(c, mean, std)} for c in chips])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, qdq = os.path.join(tmp, "prep.onnx"), os.path.join(tmp, "qdq.onnx")
+        quant_pre_process(f32_path, prepared)
+        quantize_static(prepared, qdq, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        int8 = ort.InferenceSession(qdq, options, providers=["CPUExecutionProvider"])
+        print(json.dumps({"backend": "onnxruntime-int8-qdq", "runs": args.runs,
+                          "calibration_chips": len(chips), **time_session(int8, x, args.runs)}))
+
+
+if __name__ == "__main__":
+    main()
