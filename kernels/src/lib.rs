@@ -7,6 +7,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
+pub mod plan;
 pub mod spec;
 #[cfg(feature = "tract")]
 pub mod tract;

@@ -1,0 +1,434 @@
+//! The plan container: a versioned file of CRC-protected sections, parsed without copying.
+//!
+//! Layout (integers little-endian):
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 0..8 | magic `KSTRLPLN` |
+//! | 8..10 | format version |
+//! | 10..12 | section count `n` |
+//! | 12..16 | CRC32 of bytes 0..12 followed by the section table |
+//! | 16..16+16n | section table: `kind: u16`, `reserved: u16` (zero), `offset: u32`, `len: u32`, `crc32: u32` |
+//! | ... | section payloads, each starting on a 16-byte boundary |
+//!
+//! The [`SectionKind::Header`] section is a postcard-encoded [`PlanHeader`] (model name, input
+//! and output specs, preprocessing, labels). The op list and arena layout sections are written
+//! by the model compiler; this module only guarantees that what it hands out is intact.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
+
+/// First bytes of every plan.
+pub const MAGIC: [u8; 8] = *b"KSTRLPLN";
+/// The format version this build reads and writes.
+pub const FORMAT_VERSION: u16 = 1;
+/// Payloads start on this boundary so weights can be read as aligned words.
+pub const SECTION_ALIGN: usize = 16;
+
+const PREAMBLE: usize = 16;
+const TABLE_ENTRY: usize = 16;
+
+/// What a section holds. The numbers are part of the format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u16)]
+pub enum SectionKind {
+    /// postcard-encoded [`PlanHeader`]; required.
+    Header = 1,
+    /// The op list with integer-only parameters.
+    Ops = 2,
+    /// Quantised weights and biases.
+    Weights = 3,
+    /// Tensor placement in the arena.
+    Arena = 4,
+}
+
+impl SectionKind {
+    const ALL: [SectionKind; 4] = [Self::Header, Self::Ops, Self::Weights, Self::Arena];
+
+    fn from_u16(value: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u16 == value)
+    }
+
+    fn index(self) -> usize {
+        self as usize - 1
+    }
+}
+
+/// Why bytes are not a usable plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum PlanError {
+    /// Shorter than its own preamble or section table.
+    Truncated,
+    /// Not a Kestrel plan.
+    BadMagic,
+    /// Written by another format version.
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u16,
+        /// Version this build reads.
+        supported: u16,
+    },
+    /// The preamble or section table fails its CRC.
+    TableCorrupt,
+    /// A section kind this version does not know, or a non-zero reserved field.
+    UnknownSection(u16),
+    /// The same section appears twice.
+    DuplicateSection(SectionKind),
+    /// A section is misaligned or reaches past the end of the file.
+    SectionBounds(SectionKind),
+    /// A section's payload fails its CRC.
+    SectionCorrupt(SectionKind),
+    /// A required section is absent.
+    MissingSection(SectionKind),
+    /// The header section does not decode.
+    Header,
+    /// The header describes an unusable input.
+    Spec(SpecError),
+}
+
+impl core::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("plan is truncated"),
+            Self::BadMagic => f.write_str("not a Kestrel plan (bad magic)"),
+            Self::UnsupportedVersion { found, supported } => {
+                write!(
+                    f,
+                    "plan format version {found}, this build reads version {supported}"
+                )
+            }
+            Self::TableCorrupt => f.write_str("plan section table is corrupt (CRC mismatch)"),
+            Self::UnknownSection(kind) => write!(f, "unknown plan section kind {kind}"),
+            Self::DuplicateSection(kind) => write!(f, "plan section {kind:?} appears twice"),
+            Self::SectionBounds(kind) => write!(f, "plan section {kind:?} is out of bounds"),
+            Self::SectionCorrupt(kind) => {
+                write!(f, "plan section {kind:?} is corrupt (CRC mismatch)")
+            }
+            Self::MissingSection(kind) => write!(f, "plan has no {kind:?} section"),
+            Self::Header => f.write_str("plan header does not decode"),
+            Self::Spec(e) => write!(f, "plan header: {e}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for PlanError {}
+
+/// What a plan says about itself: borrowed from the plan bytes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanHeader<'a> {
+    /// Zoo name of the model.
+    pub name: &'a str,
+    /// Input shape, NCHW.
+    pub input_shape: [u32; 4],
+    /// Values in the output tensor.
+    pub output_len: u32,
+    /// Bands used in `mean` and `std`.
+    pub bands: u8,
+    /// Per-band mean in raw sample units.
+    pub mean: [f32; MAX_BANDS],
+    /// Per-band standard deviation in raw sample units.
+    pub std: [f32; MAX_BANDS],
+    /// 0 = nearest, 1 = bilinear.
+    pub resize: u8,
+    /// Class labels, one per line.
+    pub labels: &'a str,
+    /// Bytes of arena the executor needs.
+    pub arena_size: u32,
+}
+
+impl PlanHeader<'_> {
+    /// The preprocessing contract the plan was compiled for.
+    pub fn preprocess_spec(&self) -> Result<PreprocessSpec, SpecError> {
+        let bands = usize::from(self.bands);
+        let (mean, std) = match (self.mean.get(..bands), self.std.get(..bands)) {
+            (Some(mean), Some(std)) => (mean, std),
+            _ => return Err(SpecError::TooManyBands(bands)),
+        };
+        let resize = if self.resize == 0 {
+            ResizeRule::Nearest
+        } else {
+            ResizeRule::Bilinear
+        };
+        let [_, _, height, width] = self.input_shape;
+        PreprocessSpec::new(width as usize, height as usize, mean, std, resize)
+    }
+
+    /// The labels, in output order.
+    pub fn labels(&self) -> impl Iterator<Item = &str> {
+        self.labels.lines()
+    }
+}
+
+/// A parsed, verified plan borrowing its bytes.
+#[derive(Clone, Debug)]
+pub struct Plan<'a> {
+    header: PlanHeader<'a>,
+    sections: [Option<&'a [u8]>; SectionKind::ALL.len()],
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(bytes.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+impl<'a> Plan<'a> {
+    /// Check magic, version and every CRC, and decode the header. Never panics.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, PlanError> {
+        if bytes.get(..MAGIC.len()) != Some(&MAGIC[..]) {
+            return Err(if bytes.len() < MAGIC.len() {
+                PlanError::Truncated
+            } else {
+                PlanError::BadMagic
+            });
+        }
+        let version = u16_at(bytes, 8).ok_or(PlanError::Truncated)?;
+        if version != FORMAT_VERSION {
+            return Err(PlanError::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+        let count = usize::from(u16_at(bytes, 10).ok_or(PlanError::Truncated)?);
+        let stored_crc = u32_at(bytes, 12).ok_or(PlanError::Truncated)?;
+        let table = bytes
+            .get(PREAMBLE..PREAMBLE + count * TABLE_ENTRY)
+            .ok_or(PlanError::Truncated)?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&bytes[..12]);
+        crc.update(table);
+        if crc.finalize() != stored_crc {
+            return Err(PlanError::TableCorrupt);
+        }
+
+        let mut sections = [None; SectionKind::ALL.len()];
+        for entry in table.chunks_exact(TABLE_ENTRY) {
+            let field = |at| u32_at(entry, at).unwrap_or(u32::MAX) as usize;
+            let raw_kind = u16_at(entry, 0).unwrap_or(0);
+            let kind =
+                SectionKind::from_u16(raw_kind).ok_or(PlanError::UnknownSection(raw_kind))?;
+            if u16_at(entry, 2) != Some(0) {
+                return Err(PlanError::UnknownSection(raw_kind));
+            }
+            let (offset, len, crc) = (field(4), field(8), field(12) as u32);
+            let payload = offset
+                .checked_add(len)
+                .filter(|_| offset.is_multiple_of(SECTION_ALIGN))
+                .and_then(|end| bytes.get(offset..end))
+                .ok_or(PlanError::SectionBounds(kind))?;
+            if crc32fast::hash(payload) != crc {
+                return Err(PlanError::SectionCorrupt(kind));
+            }
+            let slot = &mut sections[kind.index()];
+            if slot.is_some() {
+                return Err(PlanError::DuplicateSection(kind));
+            }
+            *slot = Some(payload);
+        }
+
+        let header_bytes = sections[SectionKind::Header.index()]
+            .ok_or(PlanError::MissingSection(SectionKind::Header))?;
+        let header: PlanHeader<'a> =
+            postcard::from_bytes(header_bytes).map_err(|_| PlanError::Header)?;
+        header.preprocess_spec().map_err(PlanError::Spec)?;
+        Ok(Self { header, sections })
+    }
+
+    /// The decoded header.
+    pub fn header(&self) -> &PlanHeader<'a> {
+        &self.header
+    }
+
+    /// A section's verified payload, if the plan has one.
+    pub fn section(&self, kind: SectionKind) -> Option<&'a [u8]> {
+        self.sections[kind.index()]
+    }
+}
+
+/// Assemble a plan file from a header and section payloads (the compiler's side).
+#[cfg(feature = "std")]
+pub fn write_plan(
+    header: &PlanHeader<'_>,
+    sections: &[(SectionKind, &[u8])],
+) -> Result<std::vec::Vec<u8>, postcard::Error> {
+    let header_bytes = postcard::to_allocvec(header)?;
+    let mut payloads = std::vec![(SectionKind::Header, header_bytes.as_slice())];
+    payloads.extend(sections.iter().copied());
+
+    let table_end = PREAMBLE + payloads.len() * TABLE_ENTRY;
+    let mut out = std::vec![0u8; table_end];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[10..12].copy_from_slice(&(payloads.len() as u16).to_le_bytes());
+    for (i, (kind, payload)) in payloads.iter().enumerate() {
+        out.resize(out.len().next_multiple_of(SECTION_ALIGN), 0);
+        let entry = PREAMBLE + i * TABLE_ENTRY;
+        out[entry..entry + 2].copy_from_slice(&(*kind as u16).to_le_bytes());
+        let offset = out.len() as u32;
+        out[entry + 4..entry + 8].copy_from_slice(&offset.to_le_bytes());
+        out[entry + 8..entry + 12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        out[entry + 12..entry + 16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out[..12]);
+    crc.update(&out[PREAMBLE..table_end]);
+    let table_crc = crc.finalize();
+    out[12..16].copy_from_slice(&table_crc.to_le_bytes());
+    Ok(out)
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    fn header() -> PlanHeader<'static> {
+        let mut mean = [0.0; MAX_BANDS];
+        let mut std = [1.0; MAX_BANDS];
+        mean[..3].copy_from_slice(&[87.4, 96.7, 103.8]);
+        std[..3].copy_from_slice(&[51.3, 34.7, 29.3]);
+        PlanHeader {
+            name: "eurosat-rgb",
+            input_shape: [1, 3, 64, 64],
+            output_len: 10,
+            bands: 3,
+            mean,
+            std,
+            resize: 1,
+            labels: "AnnualCrop\nForest\nSeaLake",
+            arena_size: 4096,
+        }
+    }
+
+    fn sample_plan() -> Vec<u8> {
+        let weights: Vec<u8> = (0..=255).collect();
+        write_plan(
+            &header(),
+            &[(SectionKind::Weights, &weights), (SectionKind::Ops, b"ops")],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trips_header_and_sections() {
+        let bytes = sample_plan();
+        let plan = Plan::parse(&bytes).unwrap();
+        assert_eq!(plan.header(), &header());
+        assert_eq!(
+            plan.header().labels().collect::<Vec<_>>(),
+            ["AnnualCrop", "Forest", "SeaLake"]
+        );
+        assert_eq!(
+            plan.header().preprocess_spec().unwrap().input_len(),
+            3 * 64 * 64
+        );
+        assert_eq!(plan.section(SectionKind::Ops), Some(&b"ops"[..]));
+        assert_eq!(plan.section(SectionKind::Weights).unwrap().len(), 256);
+        assert_eq!(plan.section(SectionKind::Arena), None);
+        let weights = plan.section(SectionKind::Weights).unwrap();
+        let offset = weights.as_ptr() as usize - bytes.as_ptr() as usize;
+        assert!(
+            offset < bytes.len(),
+            "zero-copy: the section points into the plan bytes"
+        );
+        assert!(
+            offset.is_multiple_of(SECTION_ALIGN),
+            "weights start aligned, at {offset}"
+        );
+    }
+
+    #[test]
+    fn rejects_wrong_magic_version_and_short_input() {
+        let mut bytes = sample_plan();
+        bytes[0] = b'X';
+        assert_eq!(Plan::parse(&bytes).unwrap_err(), PlanError::BadMagic);
+        let mut bytes = sample_plan();
+        bytes[8] = 2;
+        assert_eq!(
+            Plan::parse(&bytes).unwrap_err(),
+            PlanError::UnsupportedVersion {
+                found: 2,
+                supported: FORMAT_VERSION
+            }
+        );
+        assert_eq!(Plan::parse(b"KSTRL").unwrap_err(), PlanError::Truncated);
+        assert_eq!(Plan::parse(&[]).unwrap_err(), PlanError::Truncated);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample_plan();
+        for len in 0..bytes.len() {
+            assert!(
+                Plan::parse(&bytes[..len]).is_err(),
+                "truncated to {len} bytes parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let bytes = sample_plan();
+        // The padding between sections is covered by no CRC and carries no meaning.
+        let plan = Plan::parse(&bytes).unwrap();
+        let covered = |i: usize| {
+            i < PREAMBLE + 3 * TABLE_ENTRY
+                || SectionKind::ALL
+                    .iter()
+                    .filter_map(|k| plan.section(*k))
+                    .any(|s| {
+                        let start = s.as_ptr() as usize - bytes.as_ptr() as usize;
+                        (start..start + s.len()).contains(&i)
+                    })
+        };
+        for i in (0..bytes.len()).filter(|i| covered(*i)) {
+            for bit in 0..8 {
+                let mut flipped = bytes.clone();
+                flipped[i] ^= 1 << bit;
+                assert!(
+                    Plan::parse(&flipped).is_err(),
+                    "flip of byte {i} bit {bit} went unnoticed"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A property test over pseudo-random inputs (xorshift, fixed seed): raw noise, noise
+        // behind a valid preamble, and valid plans with random bytes overwritten.
+        let valid = sample_plan();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20_000 {
+            let len = (next() % 400) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            match round % 3 {
+                0 => {}
+                1 => {
+                    let n = bytes.len().min(16);
+                    bytes[..n].copy_from_slice(&valid[..n]);
+                }
+                _ => {
+                    bytes = valid.clone();
+                    for _ in 0..1 + next() % 4 {
+                        let at = (next() as usize) % bytes.len();
+                        bytes[at] = next() as u8;
+                    }
+                }
+            }
+            let _ = Plan::parse(&bytes);
+        }
+    }
+}
