@@ -6,6 +6,8 @@
 //! is loaded from its folder, its `model.onnx` or its `manifest.json`.
 #![deny(missing_docs)]
 
+pub mod graph;
+
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
@@ -231,6 +233,11 @@ impl ZooModel {
             });
         }
         PreprocessSpec::new(shape[3], shape[2], &p.mean, &p.std, resize)
+    }
+
+    /// The ONNX bytes, verified against the manifest.
+    pub fn onnx(&self) -> &[u8] {
+        &self.onnx
     }
 
     /// The model on the tract float backend.

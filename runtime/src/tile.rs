@@ -114,9 +114,9 @@ impl TileGrid {
         self.rows.count
     }
 
-    /// Number of tiles.
+    /// Number of tiles (saturating where `usize` is 32 bits and the frame absurdly large).
     pub fn len(&self) -> usize {
-        self.columns.count as usize * self.rows.count as usize
+        (self.columns.count as usize).saturating_mul(self.rows.count as usize)
     }
 
     /// Always false: a grid has at least one tile.

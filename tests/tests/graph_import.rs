@@ -1,0 +1,68 @@
+//! The compiler's ONNX import and float interpreter, checked against tract on the zoo model.
+
+use std::path::Path;
+
+use kestrel_host::decode_image;
+use kestrel_kernels::Backend;
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::preprocess::{prepare_input, Region};
+use models::graph::{Graph, ImportError, Op};
+use models::ZooModel;
+
+#[test]
+fn float_interpreter_matches_tract_on_real_chips() {
+    let model = ZooModel::load(models::DEFAULT_MODEL).unwrap();
+    let graph = Graph::from_onnx(model.onnx()).unwrap();
+    let count = |f: fn(&Op) -> bool| graph.nodes.iter().filter(|n| f(&n.op)).count();
+    assert_eq!(count(|op| matches!(op, Op::Conv { .. })), 12);
+    assert_eq!(count(|op| matches!(op, Op::Add)), 4);
+    assert_eq!(graph.shapes[0], vec![1, 3, 64, 64]);
+    assert_eq!(graph.shapes[graph.output], vec![1, 10]);
+
+    let spec = model.preprocess_spec().unwrap();
+    let mut tract = model.tract_backend().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/eurosat-rgb");
+    for class in ["Forest", "Industrial", "River"] {
+        let chip = std::fs::read_dir(sample.join(class))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let image = decode_image(&chip).unwrap();
+        let view = FrameView::new(image.geometry, &image.samples).unwrap();
+        let mut input = vec![0.0; spec.input_len()];
+        prepare_input(view, Region::whole(64, 64), &spec, &mut input).unwrap();
+        let mut expected = vec![0.0; 10];
+        tract.run(&input, &mut expected).unwrap();
+        let values = graph.run_f32(&input);
+        let got = &values[graph.output];
+        let worst = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst < 1e-3,
+            "{}: logits differ from tract by {worst}: {got:?} vs {expected:?}",
+            chip.display()
+        );
+    }
+}
+
+#[test]
+fn unsupported_ops_and_garbage_are_named_errors() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/unsupported_op.onnx");
+    let err = Graph::from_onnx(&std::fs::read(fixture).unwrap()).unwrap_err();
+    assert!(
+        matches!(&err, ImportError::Unsupported { node, op } if node == "odd_activation" && op == "Softplus")
+    );
+    assert_eq!(
+        err.to_string(),
+        "node 'odd_activation': operator Softplus is not supported by the Kestrel compiler"
+    );
+    assert!(matches!(
+        Graph::from_onnx(b"\xff\xff\xff garbage"),
+        Err(ImportError::Decode(_))
+    ));
+}
