@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod plan;
+pub mod quant;
 pub mod spec;
 #[cfg(feature = "tract")]
 pub mod tract;
