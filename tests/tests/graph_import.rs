@@ -66,3 +66,54 @@ fn unsupported_ops_and_garbage_are_named_errors() {
         Err(ImportError::Decode(_))
     ));
 }
+
+#[test]
+fn calibration_on_real_chips_gives_usable_int8_ranges() {
+    use models::calibrate::{Calibrator, Method};
+
+    let model = ZooModel::load(models::DEFAULT_MODEL).unwrap();
+    let graph = Graph::from_onnx(model.onnx()).unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/eurosat-rgb");
+    let inputs: Vec<Vec<f32>> = ["AnnualCrop", "Highway", "SeaLake", "Residential"]
+        .iter()
+        .flat_map(|class| std::fs::read_dir(sample.join(class)).unwrap().take(2))
+        .map(|entry| {
+            let image = decode_image(&entry.unwrap().path()).unwrap();
+            let view = FrameView::new(image.geometry, &image.samples).unwrap();
+            let mut input = vec![0.0; spec.input_len()];
+            prepare_input(view, Region::whole(64, 64), &spec, &mut input).unwrap();
+            input
+        })
+        .collect();
+    let runs: Vec<Vec<Vec<f32>>> = inputs.iter().map(|i| graph.run_f32(i)).collect();
+    let mut calibrator = Calibrator::new(graph.shapes.len());
+    runs.iter()
+        .for_each(|values| calibrator.observe_range(values));
+    runs.iter()
+        .for_each(|values| calibrator.observe_histogram(values));
+    for method in [Method::MinMax, Method::Percentile(0.01), Method::Entropy] {
+        let params = calibrator.finish(method);
+        assert_eq!(params.len(), graph.shapes.len());
+        for (id, q) in params.iter().enumerate() {
+            assert!(
+                q.scale.is_finite() && q.scale > 0.0,
+                "{method:?} tensor {id}: {q:?}"
+            );
+        }
+        // ReLU outputs are non-negative: their whole int8 range lies above zero.
+        for node in graph.nodes.iter().filter(|n| matches!(n.op, Op::Relu)) {
+            assert_eq!(
+                params[node.output].zero_point, -128,
+                "{method:?} {}",
+                node.name
+            );
+        }
+        // The normalised input spans both signs, so its zero point is inside the range.
+        assert!(
+            params[0].zero_point > -128 && params[0].zero_point < 127,
+            "{:?}",
+            params[0]
+        );
+    }
+}

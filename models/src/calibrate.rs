@@ -1,0 +1,282 @@
+//! Activation calibration: choose each tensor's int8 range from the float values the graph
+//! produces on calibration images.
+//!
+//! Two passes over the images: the first finds every tensor's min and max, the second fills a
+//! fixed-range histogram per tensor, from which min-max, percentile or entropy (KL divergence,
+//! as TensorRT does) picks the range. Ranges always include zero, so zero is exact in int8.
+
+/// Bins per tensor histogram.
+pub const BINS: usize = 2048;
+
+/// How a tensor's range is chosen.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Method {
+    /// The observed minimum and maximum.
+    MinMax,
+    /// Clip the given percentage of values at each end, e.g. `0.01` keeps 99.98% inside.
+    Percentile(f64),
+    /// The range whose int8 rendering of the histogram loses least information (KL divergence).
+    Entropy,
+}
+
+/// Asymmetric int8 parameters of one tensor: `real = scale * (q - zero_point)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ActivationQuant {
+    /// Real value of one int8 step.
+    pub scale: f32,
+    /// The int8 code of real zero.
+    pub zero_point: i8,
+}
+
+impl ActivationQuant {
+    /// Parameters covering `[lo, hi]` (widened to include zero) with 256 levels.
+    pub fn from_range(lo: f32, hi: f32) -> Self {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        if hi - lo <= f32::EPSILON {
+            return Self {
+                scale: 1.0,
+                zero_point: 0,
+            };
+        }
+        let scale = (hi - lo) / 255.0;
+        let zero_point = (-128.0 - lo / scale).round().clamp(-128.0, 127.0) as i8;
+        Self { scale, zero_point }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Tensor {
+    min: f32,
+    max: f32,
+    bins: Vec<u64>,
+}
+
+/// Collects statistics of every tensor of a graph over calibration images.
+#[derive(Clone, Debug)]
+pub struct Calibrator {
+    tensors: Vec<Tensor>,
+    histograms_started: bool,
+}
+
+impl Calibrator {
+    /// Statistics for `tensors` tensors (a graph's value count).
+    pub fn new(tensors: usize) -> Self {
+        let empty = Tensor {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            bins: Vec::new(),
+        };
+        Self {
+            tensors: vec![empty; tensors],
+            histograms_started: false,
+        }
+    }
+
+    /// First pass: widen each tensor's min and max with one image's values (by tensor id).
+    pub fn observe_range(&mut self, values: &[Vec<f32>]) {
+        for (t, v) in self.tensors.iter_mut().zip(values) {
+            for &x in v.iter().filter(|x| x.is_finite()) {
+                t.min = t.min.min(x);
+                t.max = t.max.max(x);
+            }
+        }
+    }
+
+    /// Second pass: count one image's values into each tensor's histogram over the range
+    /// found in the first pass (widened to include zero).
+    pub fn observe_histogram(&mut self, values: &[Vec<f32>]) {
+        if !self.histograms_started {
+            for t in &mut self.tensors {
+                t.bins = vec![0; BINS];
+            }
+            self.histograms_started = true;
+        }
+        for (t, v) in self.tensors.iter_mut().zip(values) {
+            let (lo, hi) = (t.min.min(0.0), t.max.max(0.0));
+            if hi <= lo {
+                continue;
+            }
+            let width = (hi - lo) / BINS as f32;
+            for &x in v.iter().filter(|x| x.is_finite()) {
+                let bin = (((x - lo) / width) as usize).min(BINS - 1);
+                t.bins[bin] += 1;
+            }
+        }
+    }
+
+    /// The chosen int8 parameters of every tensor, by id.
+    pub fn finish(&self, method: Method) -> Vec<ActivationQuant> {
+        self.tensors
+            .iter()
+            .map(|t| {
+                // No finite value was ever observed (min and max still at their start).
+                if t.min > t.max {
+                    return ActivationQuant::from_range(0.0, 0.0);
+                }
+                let (lo, hi) = (t.min.min(0.0), t.max.max(0.0));
+                let (lo, hi) = match method {
+                    Method::MinMax => (lo, hi),
+                    _ if t.bins.iter().all(|&c| c == 0) => (lo, hi),
+                    Method::Percentile(p) => percentile_range(&t.bins, lo, hi, p),
+                    Method::Entropy => entropy_range(&t.bins, lo, hi),
+                };
+                ActivationQuant::from_range(lo, hi)
+            })
+            .collect()
+    }
+}
+
+fn edge(lo: f32, hi: f32, bin: usize) -> f32 {
+    lo + (hi - lo) * bin as f32 / BINS as f32
+}
+
+fn percentile_range(bins: &[u64], lo: f32, hi: f32, clip_percent: f64) -> (f32, f32) {
+    let total: u64 = bins.iter().sum();
+    let clip = (total as f64 * clip_percent / 100.0) as u64;
+    let mut seen = 0;
+    let low_bin = bins.iter().position(|&c| {
+        seen += c;
+        seen > clip
+    });
+    seen = 0;
+    let high_bin = bins.iter().rposition(|&c| {
+        seen += c;
+        seen > clip
+    });
+    match (low_bin, high_bin) {
+        (Some(l), Some(h)) if l <= h => (edge(lo, hi, l), edge(lo, hi, h + 1)),
+        _ => (lo, hi),
+    }
+}
+
+/// KL divergence between the histogram clipped to its first `end` bins (outliers folded into
+/// the last one) and the same rendered with `levels` quantisation levels.
+fn kl_divergence(bins: &[u64], end: usize, levels: usize) -> f64 {
+    let mut reference: Vec<f64> = bins[..end].iter().map(|&c| c as f64).collect();
+    reference[end - 1] += bins[end..].iter().map(|&c| c as f64).sum::<f64>();
+    let mut rendered = vec![0.0; end];
+    for level in 0..levels {
+        let (start, stop) = (
+            level * end / levels,
+            ((level + 1) * end / levels).max(level * end / levels + 1),
+        );
+        let stop = stop.min(end);
+        let slice = &bins[start..stop];
+        let nonzero = slice.iter().filter(|&&c| c > 0).count();
+        if nonzero == 0 {
+            continue;
+        }
+        let share = slice.iter().sum::<u64>() as f64 / nonzero as f64;
+        for (q, &c) in rendered[start..stop].iter_mut().zip(slice) {
+            if c > 0 {
+                *q = share;
+            }
+        }
+    }
+    let (p_total, q_total) = (reference.iter().sum::<f64>(), rendered.iter().sum::<f64>());
+    reference
+        .iter()
+        .zip(&rendered)
+        .filter(|(p, _)| **p > 0.0)
+        .map(|(p, q)| {
+            let (p, q) = (p / p_total, (q / q_total).max(1e-12));
+            p * (p / q).ln()
+        })
+        .sum()
+}
+
+/// Entropy calibration on the side of zero that holds the bulk of the range: the clip point
+/// with the least KL divergence between the values and their int8 rendering.
+fn entropy_range(bins: &[u64], lo: f32, hi: f32) -> (f32, f32) {
+    let zero_bin = (((0.0 - lo) / (hi - lo)) * BINS as f32).round() as usize;
+    if zero_bin != 0 {
+        // Values on both sides of zero: keep the range found by min-max rather than guess how
+        // to split the levels; percentile is the method for such tensors.
+        return (lo, hi);
+    }
+    let levels = 255;
+    let best = (levels..=BINS)
+        .step_by(16)
+        .chain(std::iter::once(BINS))
+        .map(|end| (end, kl_divergence(bins, end, levels)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map_or(BINS, |(end, _)| end);
+    (lo, edge(lo, hi, best))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calibrated(values: Vec<f32>, method: Method) -> (f32, f32) {
+        let mut c = Calibrator::new(1);
+        let images = vec![values];
+        c.observe_range(&images);
+        c.observe_histogram(&images);
+        let q = c.finish(method)[0];
+        (
+            q.scale * (-128.0 - f32::from(q.zero_point)),
+            q.scale * (127.0 - f32::from(q.zero_point)),
+        )
+    }
+
+    /// Non-negative, heavy-tailed values like a ReLU output: most below 1, a few near 100.
+    fn relu_like() -> Vec<f32> {
+        let mut state = 12345u64;
+        let mut values: Vec<f32> = (0..200_000)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                -u.max(1e-7).ln() * 0.3
+            })
+            .collect();
+        values.extend([100.0, 95.0, 90.0]);
+        values
+    }
+
+    #[test]
+    fn zero_is_exact_and_ranges_cover_the_data() {
+        let q = ActivationQuant::from_range(-1.0, 3.0);
+        let real = |code: f32| q.scale * (code - f32::from(q.zero_point));
+        assert!(
+            (real(-128.0) + 1.0).abs() <= q.scale && (real(127.0) - 3.0).abs() <= q.scale,
+            "{q:?}"
+        );
+        assert_eq!(
+            ActivationQuant::from_range(0.0, 0.0),
+            ActivationQuant {
+                scale: 1.0,
+                zero_point: 0
+            }
+        );
+        assert_eq!(
+            ActivationQuant::from_range(0.0, 2.55).zero_point,
+            -128,
+            "non-negative: all codes above zero"
+        );
+    }
+
+    #[test]
+    fn min_max_keeps_outliers_and_the_others_clip_them() {
+        let (lo, hi) = calibrated(relu_like(), Method::MinMax);
+        assert!(lo.abs() < 1e-6 && (hi - 100.0).abs() < 0.5, "{lo} {hi}");
+        let (_, hi) = calibrated(relu_like(), Method::Percentile(0.01));
+        assert!(
+            hi > 2.0 && hi < 10.0,
+            "percentile clips the three outliers: {hi}"
+        );
+        let (_, hi) = calibrated(relu_like(), Method::Entropy);
+        assert!(hi > 1.0 && hi < 50.0, "entropy clips the outliers: {hi}");
+    }
+
+    #[test]
+    fn uniform_data_keeps_its_full_range_under_every_method() {
+        let values: Vec<f32> = (0..100_000).map(|i| i as f32 / 1000.0).collect();
+        for method in [Method::MinMax, Method::Percentile(0.01), Method::Entropy] {
+            let (_, hi) = calibrated(values.clone(), method);
+            assert!(hi > 95.0, "{method:?} clipped uniform data to {hi}");
+        }
+    }
+}
