@@ -280,3 +280,70 @@ mod tests {
         }
     }
 }
+
+/// Symmetric int8 weights of one layer, one scale per output channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedWeights {
+    /// Row-major like the float weights, in `[-127, 127]` (-128 unused, so negation is exact).
+    pub values: Vec<i8>,
+    /// Real value of one step, per output channel.
+    pub scales: Vec<f32>,
+}
+
+/// Quantise `weights` whose leading dimension is `channels` output channels, each to its own
+/// symmetric scale `max |w| / 127`. An all-zero channel gets scale 1 and zero weights.
+pub fn quantize_weights_per_channel(weights: &[f32], channels: usize) -> QuantizedWeights {
+    let per_channel = weights.len() / channels.max(1);
+    let mut values = Vec::with_capacity(weights.len());
+    let mut scales = Vec::with_capacity(channels);
+    for channel in weights.chunks(per_channel.max(1)).take(channels) {
+        let max = channel.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        values.extend(
+            channel
+                .iter()
+                .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8),
+        );
+        scales.push(scale);
+    }
+    QuantizedWeights { values, scales }
+}
+
+/// Quantise biases to int32 in the accumulator's scale, `input_scale * weight_scale` per channel.
+pub fn quantize_bias(bias: &[f32], input_scale: f32, weight_scales: &[f32]) -> Vec<i32> {
+    bias.iter()
+        .zip(weight_scales)
+        .map(|(b, w)| {
+            let q = (f64::from(*b) / (f64::from(input_scale) * f64::from(*w))).round();
+            q.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod weight_tests {
+    use super::*;
+
+    #[test]
+    fn per_channel_weights_use_the_full_range_of_each_channel() {
+        let weights = [0.6, -1.0, 0.25, 0.012, -0.02, 0.005, 0.0, 0.0, 0.0];
+        let q = quantize_weights_per_channel(&weights, 3);
+        assert_eq!(q.values, vec![76, -127, 32, 76, -127, 32, 0, 0, 0]);
+        assert_eq!(q.scales[2], 1.0);
+        for (i, (&w, &v)) in weights.iter().zip(&q.values).enumerate() {
+            let scale = q.scales[i / 3];
+            assert!(
+                (w - scale * f32::from(v)).abs() <= scale / 2.0 + 1e-9,
+                "weight {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn biases_land_in_the_accumulator_scale() {
+        assert_eq!(
+            quantize_bias(&[0.5, -0.25, 1e12], 0.01, &[0.1, 0.05, 1e-3]),
+            vec![500, -500, i32::MAX]
+        );
+    }
+}
