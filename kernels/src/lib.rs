@@ -7,6 +7,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
+pub mod int8;
 pub mod plan;
 pub mod quant;
 pub mod spec;
