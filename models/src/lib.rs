@@ -8,6 +8,7 @@
 
 pub mod calibrate;
 pub mod graph;
+pub mod quantize;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};

@@ -117,3 +117,70 @@ fn calibration_on_real_chips_gives_usable_int8_ranges() {
         );
     }
 }
+
+#[test]
+fn int8_program_agrees_with_the_float_model_on_real_chips() {
+    use models::calibrate::{Calibrator, Method};
+    use models::quantize::QuantizedGraph;
+
+    let model = ZooModel::load(models::DEFAULT_MODEL).unwrap();
+    let graph = Graph::from_onnx(model.onnx()).unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/eurosat-rgb");
+    let mut chips = Vec::new();
+    for (label, class) in model.manifest.labels.iter().enumerate() {
+        let mut paths: Vec<_> = std::fs::read_dir(sample.join(class))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        for path in paths.into_iter().take(6) {
+            let image = decode_image(&path).unwrap();
+            let view = FrameView::new(image.geometry, &image.samples).unwrap();
+            let mut input = vec![0.0; spec.input_len()];
+            prepare_input(view, Region::whole(64, 64), &spec, &mut input).unwrap();
+            chips.push((label, input));
+        }
+    }
+    // Calibrate on the first two chips of each class, evaluate on the other four.
+    let (calibration, evaluation): (Vec<_>, Vec<_>) =
+        chips.iter().enumerate().partition(|(i, _)| i % 6 < 2);
+    let runs: Vec<_> = calibration
+        .iter()
+        .map(|(_, (_, input))| graph.run_f32(input))
+        .collect();
+    let mut calibrator = Calibrator::new(graph.shapes.len());
+    runs.iter().for_each(|v| calibrator.observe_range(v));
+    runs.iter().for_each(|v| calibrator.observe_histogram(v));
+    let program =
+        QuantizedGraph::build(&graph, &calibrator.finish(Method::Percentile(0.01))).unwrap();
+    assert_eq!(
+        program.steps.len(),
+        12 + 4 + 1 + 1 + 1,
+        "every ReLU fused: convs, adds, pool, flatten, gemm"
+    );
+
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    let (mut agree, mut int8_right, mut float_right) = (0, 0, 0);
+    for (_, (label, input)) in &evaluation {
+        let float = argmax(&graph.run_f32(input)[graph.output]);
+        let codes = program.run(&program.quantize_input(input)).unwrap();
+        let int8 = argmax(&program.dequantize_output(&codes));
+        agree += usize::from(float == int8);
+        int8_right += usize::from(int8 == *label);
+        float_right += usize::from(float == *label);
+    }
+    let n = evaluation.len();
+    assert_eq!(n, 40);
+    assert!(agree >= 36, "int8 agrees with float on {agree}/{n} chips");
+    assert!(
+        int8_right + 2 >= float_right,
+        "int8 {int8_right}/{n} vs float {float_right}/{n}"
+    );
+}
