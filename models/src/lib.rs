@@ -6,6 +6,7 @@
 //! is loaded from its folder, its `model.onnx` or its `manifest.json`.
 #![deny(missing_docs)]
 
+pub mod arena;
 pub mod calibrate;
 pub mod graph;
 pub mod quantize;

@@ -58,6 +58,12 @@ fn main() -> anyhow::Result<()> {
     runs.iter().for_each(|v| calibrator.observe_range(v));
     runs.iter().for_each(|v| calibrator.observe_histogram(v));
     let program = QuantizedGraph::build(&graph, &calibrator.finish(method))?;
+    let arena = models::arena::plan(&models::arena::lifetimes(&program));
+    println!(
+        "int8 program: {} steps, activation arena {} bytes",
+        program.steps.len(),
+        arena.size
+    );
 
     let argmax = |v: &[f32]| {
         v.iter()
