@@ -131,6 +131,23 @@ impl QuantizedGraph {
             let input = node.inputs[0];
             let input_scale = f64::from(params[input].scale);
             let input_zero_point = i32::from(params[input].zero_point);
+            // Weights per output channel, biases in the accumulator scale, and the
+            // accumulator-to-output requantisation of each channel.
+            let quantize_layer = |weight: &[f32], channels: usize, bias: &[f32]| {
+                let q = quantize_weights_per_channel(weight, channels);
+                let bias = quantize_bias(bias, params[input].scale, &q.scales);
+                let requant = q
+                    .scales
+                    .iter()
+                    .map(|s| {
+                        requant(
+                            input_scale * f64::from(*s) / f64::from(out.scale),
+                            &node.name,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, ImportError>((q.values, bias, requant))
+            };
             let layer = match &node.op {
                 Op::Conv {
                     weight,
@@ -141,18 +158,7 @@ impl QuantizedGraph {
                     dilation,
                     group,
                 } => {
-                    let q = quantize_weights_per_channel(weight, weight_shape[0]);
-                    let bias = quantize_bias(bias, params[input].scale, &q.scales);
-                    let requant = q
-                        .scales
-                        .iter()
-                        .map(|s| {
-                            requant(
-                                input_scale * f64::from(*s) / f64::from(out.scale),
-                                &node.name,
-                            )
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let (weights, bias, requant) = quantize_layer(weight, weight_shape[0], bias)?;
                     let shape = |id: usize| -> [usize; 3] {
                         let s = &graph.shapes[id];
                         [s[1], s[2], s[3]]
@@ -165,7 +171,7 @@ impl QuantizedGraph {
                         pad: [pads[0], pads[1]],
                         dilation: *dilation,
                         group: *group,
-                        weights: q.values,
+                        weights,
                         bias,
                         requant,
                         input_zero_point,
@@ -177,20 +183,9 @@ impl QuantizedGraph {
                     out_features,
                     bias,
                 } => {
-                    let q = quantize_weights_per_channel(weight, *out_features);
-                    let bias = quantize_bias(bias, params[input].scale, &q.scales);
-                    let requant = q
-                        .scales
-                        .iter()
-                        .map(|s| {
-                            requant(
-                                input_scale * f64::from(*s) / f64::from(out.scale),
-                                &node.name,
-                            )
-                        })
-                        .collect::<Result<_, _>>()?;
+                    let (weights, bias, requant) = quantize_layer(weight, *out_features, bias)?;
                     Layer::Gemm {
-                        weights: q.values,
+                        weights,
                         bias,
                         requant,
                         input_zero_point,
