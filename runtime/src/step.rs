@@ -138,21 +138,27 @@ impl<'buf, B: Backend> ClassifierStep<'buf, B> {
         classify(self.output).map_err(StepError::Postprocess)
     }
 
-    /// Classify a whole frame, counting the result in `health` (done with its latency from
-    /// `clock`, or an error by kind). The caller counts `frames_in` when it accepts the frame.
+    /// Classify a whole frame and return it with its latency in microseconds from `clock`,
+    /// counting the result in `health` (done with that latency, or an error by kind). The
+    /// caller counts `frames_in` when it accepts the frame.
     pub fn process<S: Sample>(
         &mut self,
         frame: FrameView<'_, S>,
         clock: &impl MonotonicClock,
         health: &mut Health,
-    ) -> Result<Classification, StepError> {
+    ) -> Result<(Classification, u64), StepError> {
         let started = clock.now_us();
         let g = frame.geometry();
-        let result = self.classify(frame, Region::whole(g.width, g.height));
-        match &result {
-            Ok(_) => health.record_done(clock.now_us().saturating_sub(started)),
-            Err(e) => health.record_error(e.kind()),
+        match self.classify(frame, Region::whole(g.width, g.height)) {
+            Ok(c) => {
+                let latency_us = clock.now_us().saturating_sub(started);
+                health.record_done(latency_us);
+                Ok((c, latency_us))
+            }
+            Err(e) => {
+                health.record_error(e.kind());
+                Err(e)
+            }
         }
-        result
     }
 }

@@ -125,9 +125,8 @@ where
         let inference = scope.spawn(move || {
             let mut health = Health::default();
             for job in work_rx {
-                let started = clock.now_us();
                 // Ingest validated the geometry; checked again rather than trusted.
-                let result = match FrameView::new(job.geometry, &job.samples) {
+                let processed = match FrameView::new(job.geometry, &job.samples) {
                     // A panicking backend (a driver bug, a dead device) costs one frame, not
                     // the pipeline: it is counted as a backend error and the next frame runs.
                     Ok(view) => {
@@ -143,10 +142,9 @@ where
                         Err(FrameFailure::Frame(e))
                     }
                 };
-                let latency_us = if result.is_ok() {
-                    clock.now_us().saturating_sub(started)
-                } else {
-                    0
+                let (latency_us, result) = match processed {
+                    Ok((classification, latency_us)) => (latency_us, Ok(classification)),
+                    Err(failure) => (0, Err(failure)),
                 };
                 let _ = free_tx.send(job.samples);
                 if outcome_tx

@@ -92,7 +92,7 @@ fn step_loop_over_a_frame_pool_classifies_real_chips() {
             break;
         };
         health.frames_in += 1;
-        let c = step
+        let (c, _latency_us) = step
             .process(pool.view(slot).unwrap(), &clock, &mut health)
             .unwrap();
         forest_votes += usize::from(c.class() == forest_class);
