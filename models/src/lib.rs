@@ -198,6 +198,13 @@ impl ZooModel {
                 manifest.input.layout, manifest.input.shape
             )));
         }
+        let channels = manifest.input.shape[1];
+        if manifest.preprocess.mean.len() != channels {
+            return Err(invalid(format!(
+                "{} per-band means for an input of {channels} channels",
+                manifest.preprocess.mean.len()
+            )));
+        }
         if manifest.labels.is_empty() {
             return Err(invalid("no labels".to_string()));
         }
@@ -229,12 +236,6 @@ impl ZooModel {
         } else {
             ResizeRule::Bilinear
         };
-        if p.mean.len() != shape[1] {
-            return Err(SpecError::BandCountMismatch {
-                mean: p.mean.len(),
-                std: shape[1],
-            });
-        }
         PreprocessSpec::new(shape[3], shape[2], &p.mean, &p.std, resize)
     }
 
