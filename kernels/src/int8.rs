@@ -46,9 +46,9 @@ pub struct OutputQuant {
     pub max: i8,
 }
 
-/// A 2-D convolution layer (grouped, depthwise, strided, padded, dilated).
-#[derive(Clone, Copy, Debug)]
-pub struct Conv<'a> {
+/// Shapes and window of a 2-D convolution (grouped, depthwise, strided, padded, dilated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
     /// Input channels, height, width.
     pub input: [usize; 3],
     /// Output channels, height, width.
@@ -63,6 +63,13 @@ pub struct Conv<'a> {
     pub dilation: [usize; 2],
     /// Channel groups.
     pub group: usize,
+}
+
+/// A 2-D convolution layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv<'a> {
+    /// Shapes and window.
+    pub geometry: ConvGeometry,
     /// `[out, in / group, kh, kw]`.
     pub weights: &'a [i8],
     /// One per output channel.
@@ -78,16 +85,17 @@ pub struct Conv<'a> {
 impl Conv<'_> {
     /// Run the layer on `input` (`C*H*W` codes) into `output`.
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        let [c, h, w] = self.input;
-        let [oc_total, oh, ow] = self.output;
-        let [kh, kw] = self.kernel;
-        let group = self.group.max(1);
+        let g = self.geometry;
+        let [c, h, w] = g.input;
+        let [oc_total, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let group = g.group.max(1);
         check(
             c.is_multiple_of(group) && oc_total.is_multiple_of(group) && kh > 0 && kw > 0,
             "geometry",
         )?;
         check(
-            self.stride.iter().chain(&self.dilation).all(|&s| s > 0),
+            g.stride.iter().chain(&g.dilation).all(|&s| s > 0),
             "geometry",
         )?;
         let (icg, ocg) = (c / group, oc_total / group);
@@ -107,8 +115,8 @@ impl Conv<'_> {
                         let plane =
                             &input[(first_channel + ic) * h * w..(first_channel + ic + 1) * h * w];
                         for ky in 0..kh {
-                            let Some(iy) = (oy * self.stride[0] + ky * self.dilation[0])
-                                .checked_sub(self.pad[0])
+                            let Some(iy) =
+                                (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.pad[0])
                             else {
                                 continue;
                             };
@@ -116,8 +124,8 @@ impl Conv<'_> {
                                 continue;
                             }
                             for kx in 0..kw {
-                                let Some(ix) = (ox * self.stride[1] + kx * self.dilation[1])
-                                    .checked_sub(self.pad[1])
+                                let Some(ix) =
+                                    (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])
                                 else {
                                     continue;
                                 };
@@ -319,13 +327,15 @@ mod tests {
                 .map(|s| Requant::from_real(sx * s / sy).unwrap())
                 .collect();
             let conv = Conv {
-                input: [c, h, w],
-                output: [oc, oh, ow],
-                kernel: [kh, kw],
-                stride,
-                pad,
-                dilation,
-                group,
+                geometry: ConvGeometry {
+                    input: [c, h, w],
+                    output: [oc, oh, ow],
+                    kernel: [kh, kw],
+                    stride,
+                    pad,
+                    dilation,
+                    group,
+                },
                 weights: &weights,
                 bias: &bias,
                 requant: &requant,
@@ -451,7 +461,7 @@ mod tests {
     #[test]
     fn wrong_buffers_are_errors_not_panics() {
         let requant = [Requant::from_real(0.5).unwrap()];
-        let conv = Conv {
+        let geometry = ConvGeometry {
             input: [1, 3, 3],
             output: [1, 3, 3],
             kernel: [3, 3],
@@ -459,6 +469,9 @@ mod tests {
             pad: [1, 1],
             dilation: [1, 1],
             group: 1,
+        };
+        let conv = Conv {
+            geometry,
             weights: &[1; 9],
             bias: &[0],
             requant: &requant,
@@ -474,12 +487,22 @@ mod tests {
             Err(ShapeError { buffer: "output" })
         );
         assert_eq!(
-            Conv { group: 2, ..conv }.run(&[0; 9], &mut [0; 9]),
+            Conv {
+                geometry: ConvGeometry {
+                    group: 2,
+                    ..geometry
+                },
+                ..conv
+            }
+            .run(&[0; 9], &mut [0; 9]),
             Err(ShapeError { buffer: "geometry" })
         );
         assert_eq!(
             Conv {
-                stride: [0, 1],
+                geometry: ConvGeometry {
+                    stride: [0, 1],
+                    ..geometry
+                },
                 ..conv
             }
             .run(&[0; 9], &mut [0; 9]),

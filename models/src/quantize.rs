@@ -2,7 +2,7 @@
 //! kernels: per-channel weights, int32 biases, fixed-point requantisation, ReLU fused into the
 //! layer before it. This is the integer program a plan will carry.
 
-use kestrel_kernels::int8::{self, OutputQuant};
+use kestrel_kernels::int8::{self, ConvGeometry, OutputQuant};
 use kestrel_kernels::quant::Requant;
 
 use crate::calibrate::{quantize_bias, quantize_weights_per_channel, ActivationQuant};
@@ -13,20 +13,8 @@ use crate::graph::{Graph, ImportError, Op};
 pub enum Layer {
     /// Convolution.
     Conv {
-        /// Geometry and zero points (slices filled in at run time).
-        input: [usize; 3],
-        /// Output channels, height, width.
-        output: [usize; 3],
-        /// Kernel height, width.
-        kernel: [usize; 2],
-        /// Vertical, horizontal.
-        stride: [usize; 2],
-        /// Top, left.
-        pad: [usize; 2],
-        /// Vertical, horizontal.
-        dilation: [usize; 2],
-        /// Channel groups.
-        group: usize,
+        /// Shapes and window.
+        geometry: ConvGeometry,
         /// `[out, in / group, kh, kw]`.
         weights: Vec<i8>,
         /// Per output channel.
@@ -164,13 +152,15 @@ impl QuantizedGraph {
                         [s[1], s[2], s[3]]
                     };
                     Layer::Conv {
-                        input: shape(input),
-                        output: shape(node.output),
-                        kernel: [weight_shape[2], weight_shape[3]],
-                        stride: *stride,
-                        pad: [pads[0], pads[1]],
-                        dilation: *dilation,
-                        group: *group,
+                        geometry: ConvGeometry {
+                            input: shape(input),
+                            output: shape(node.output),
+                            kernel: [weight_shape[2], weight_shape[3]],
+                            stride: *stride,
+                            pad: [pads[0], pads[1]],
+                            dilation: *dilation,
+                            group: *group,
+                        },
                         weights,
                         bias,
                         requant,
@@ -263,26 +253,14 @@ impl QuantizedGraph {
             let x = &values[step.inputs[0]];
             match &step.layer {
                 Layer::Conv {
-                    input,
-                    output,
-                    kernel,
-                    stride,
-                    pad,
-                    dilation,
-                    group,
+                    geometry,
                     weights,
                     bias,
                     requant,
                     input_zero_point,
                     output_quant,
                 } => int8::Conv {
-                    input: *input,
-                    output: *output,
-                    kernel: *kernel,
-                    stride: *stride,
-                    pad: *pad,
-                    dilation: *dilation,
-                    group: *group,
+                    geometry: *geometry,
                     weights,
                     bias,
                     requant,
