@@ -10,7 +10,8 @@ use crate::quant::{requantize_i8, Requant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ShapeError {
-    /// Which buffer: `"input"`, `"weights"`, `"bias"`, `"requant"`, `"output"` or `"geometry"`.
+    /// Which buffer: `"input"`, `"weights"`, `"bias"`, `"requant"`, `"table"`, `"output"` or
+    /// `"geometry"`.
     pub buffer: &'static str,
 }
 
@@ -36,7 +37,7 @@ fn check(ok: bool, buffer: &'static str) -> Result<(), ShapeError> {
 }
 
 /// Output activation: zero point and the clamp range (a fused ReLU or ReLU6 narrows it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OutputQuant {
     /// Zero point of the output tensor.
     pub zero_point: i32,
@@ -47,7 +48,7 @@ pub struct OutputQuant {
 }
 
 /// Shapes and window of a 2-D convolution (grouped, depthwise, strided, padded, dilated).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConvGeometry {
     /// Input channels, height, width.
     pub input: [usize; 3],
@@ -65,6 +66,35 @@ pub struct ConvGeometry {
     pub group: usize,
 }
 
+/// Per-output-channel bias and requantisation, borrowed from a plan's weights in place.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelQuant<'a> {
+    /// Bias in the accumulator's scale.
+    pub bias: &'a [i32],
+    /// [`Requant::multiplier`] of each channel.
+    pub multiplier: &'a [i32],
+    /// [`Requant::shift`] of each channel.
+    pub shift: &'a [i8],
+}
+
+impl ChannelQuant<'_> {
+    /// Whether there are exactly `channels` of each.
+    pub fn fits(&self, channels: usize) -> bool {
+        self.bias.len() == channels
+            && self.multiplier.len() == channels
+            && self.shift.len() == channels
+    }
+
+    /// Bias and requantisation of channel `c`; callers check [`ChannelQuant::fits`] first.
+    #[inline]
+    pub fn get(&self, c: usize) -> (i32, Requant) {
+        let bias = self.bias.get(c).copied().unwrap_or(0);
+        let multiplier = self.multiplier.get(c).copied().unwrap_or(0);
+        let shift = self.shift.get(c).copied().unwrap_or(0);
+        (bias, Requant { multiplier, shift })
+    }
+}
+
 /// A 2-D convolution layer.
 #[derive(Clone, Copy, Debug)]
 pub struct Conv<'a> {
@@ -72,10 +102,8 @@ pub struct Conv<'a> {
     pub geometry: ConvGeometry,
     /// `[out, in / group, kh, kw]`.
     pub weights: &'a [i8],
-    /// One per output channel.
-    pub bias: &'a [i32],
-    /// Accumulator to output scale, one per output channel.
-    pub requant: &'a [Requant],
+    /// Bias and requantisation of each output channel.
+    pub channels: ChannelQuant<'a>,
     /// Zero point of the input tensor.
     pub input_zero_point: i32,
     /// Output zero point and clamp.
@@ -101,16 +129,16 @@ impl Conv<'_> {
         let (icg, ocg) = (c / group, oc_total / group);
         check(input.len() == c * h * w, "input")?;
         check(self.weights.len() == oc_total * icg * kh * kw, "weights")?;
-        check(self.bias.len() == oc_total, "bias")?;
-        check(self.requant.len() == oc_total, "requant")?;
+        check(self.channels.fits(oc_total), "bias")?;
         check(output.len() == oc_total * oh * ow, "output")?;
         let q = self.output_quant;
         for oc in 0..oc_total {
+            let (bias, requant) = self.channels.get(oc);
             let first_channel = (oc / ocg) * icg;
             let filter = &self.weights[oc * icg * kh * kw..(oc + 1) * icg * kh * kw];
             for oy in 0..oh {
                 for ox in 0..ow {
-                    let mut acc = self.bias[oc];
+                    let mut acc = bias;
                     for ic in 0..icg {
                         let plane =
                             &input[(first_channel + ic) * h * w..(first_channel + ic + 1) * h * w];
@@ -139,7 +167,7 @@ impl Conv<'_> {
                         }
                     }
                     output[(oc * oh + oy) * ow + ox] =
-                        requantize_i8(acc, self.requant[oc], q.zero_point, q.min, q.max);
+                        requantize_i8(acc, requant, q.zero_point, q.min, q.max);
                 }
             }
         }
@@ -152,10 +180,8 @@ impl Conv<'_> {
 pub struct Gemm<'a> {
     /// `[out, in]`.
     pub weights: &'a [i8],
-    /// One per output.
-    pub bias: &'a [i32],
-    /// One per output.
-    pub requant: &'a [Requant],
+    /// Bias and requantisation of each output.
+    pub channels: ChannelQuant<'a>,
     /// Zero point of the input.
     pub input_zero_point: i32,
     /// Output zero point and clamp.
@@ -166,18 +192,18 @@ impl Gemm<'_> {
     /// Run the layer on `input` into `output`.
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         check(self.weights.len() == input.len() * output.len(), "weights")?;
-        check(self.bias.len() == output.len(), "bias")?;
-        check(self.requant.len() == output.len(), "requant")?;
+        check(self.channels.fits(output.len()), "bias")?;
         let q = self.output_quant;
         for (o, (out, row)) in output
             .iter_mut()
             .zip(self.weights.chunks_exact(input.len().max(1)))
             .enumerate()
         {
-            let acc = input.iter().zip(row).fold(self.bias[o], |acc, (&x, &w)| {
+            let (bias, requant) = self.channels.get(o);
+            let acc = input.iter().zip(row).fold(bias, |acc, (&x, &w)| {
                 acc.wrapping_add((i32::from(x) - self.input_zero_point) * i32::from(w))
             });
-            *out = requantize_i8(acc, self.requant[o], q.zero_point, q.min, q.max);
+            *out = requantize_i8(acc, requant, q.zero_point, q.min, q.max);
         }
         Ok(())
     }
@@ -188,7 +214,7 @@ pub const ADD_FRACTION_BITS: u32 = 16;
 
 /// Element-wise sum of two tensors with their own scales: each addend is rescaled to the output
 /// scale with [`ADD_FRACTION_BITS`] extra bits, summed, then rounded (ties toward +inf).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Add {
     /// Zero points of the two inputs.
     pub input_zero_points: [i32; 2],
@@ -219,7 +245,7 @@ impl Add {
 }
 
 /// Mean over each channel's plane: `requant` is `input scale / (output scale * H * W)`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GlobalAveragePool {
     /// Channels.
     pub channels: usize,
@@ -253,6 +279,395 @@ impl GlobalAveragePool {
     }
 }
 
+/// Shapes and window of a 2-D pooling layer (max or average), one window per channel plane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolGeometry {
+    /// Channels (the same in and out).
+    pub channels: usize,
+    /// Input height, width.
+    pub input: [usize; 2],
+    /// Output height, width.
+    pub output: [usize; 2],
+    /// Kernel height, width.
+    pub kernel: [usize; 2],
+    /// Vertical, horizontal.
+    pub stride: [usize; 2],
+    /// Top and left padding (bottom and right follow from the output size).
+    pub pad: [usize; 2],
+}
+
+impl PoolGeometry {
+    /// Check the geometry and both buffers; the input and output plane sizes.
+    ///
+    /// Every window must hold at least one input position: the first one reaches past the top
+    /// (left) padding because `pad < kernel`, and the last one starts before the input ends.
+    /// Windows in between start between those two, so they overlap the input too. The checks
+    /// also bound `o * stride + kernel` and `size + pad`, so [`pool_window`] cannot overflow.
+    fn check(&self, input: &[i8], output: &[i8]) -> Result<(usize, usize), ShapeError> {
+        let sizes = [self.input, self.output, self.kernel, self.stride];
+        check(
+            self.channels > 0 && sizes.as_flattened().iter().all(|&v| v > 0),
+            "geometry",
+        )?;
+        for axis in 0..2 {
+            let last_start = (self.output[axis] - 1).checked_mul(self.stride[axis]);
+            let last_end = last_start.and_then(|s| s.checked_add(self.kernel[axis]));
+            let padded_end = self.input[axis].checked_add(self.pad[axis]);
+            let ok = match (last_start, last_end, padded_end) {
+                (Some(start), Some(_), Some(end)) => {
+                    self.pad[axis] < self.kernel[axis] && start < end
+                }
+                _ => false,
+            };
+            check(ok, "geometry")?;
+        }
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        let in_plane = h.checked_mul(w);
+        let out_plane = oh.checked_mul(ow);
+        let (Some(in_plane), Some(out_plane)) = (in_plane, out_plane) else {
+            return Err(ShapeError { buffer: "geometry" });
+        };
+        let in_len = in_plane.checked_mul(self.channels);
+        let out_len = out_plane.checked_mul(self.channels);
+        check(in_len == Some(input.len()), "input")?;
+        check(out_len == Some(output.len()), "output")?;
+        Ok((in_plane, out_plane))
+    }
+}
+
+/// Input positions `[lo, hi)` covered by window `o` along one axis; never empty once
+/// [`PoolGeometry::check`] has passed, which also rules out overflow here.
+fn pool_window(o: usize, stride: usize, pad: usize, kernel: usize, size: usize) -> (usize, usize) {
+    let start = o * stride;
+    (start.max(pad) - pad, (start + kernel).min(size + pad) - pad)
+}
+
+/// The codes of one pooling window of `plane` (`w` wide), rows `ys` and columns `xs`.
+fn window_codes(
+    plane: &[i8],
+    w: usize,
+    (y0, y1): (usize, usize),
+    (x0, x1): (usize, usize),
+) -> impl Iterator<Item = i8> + '_ {
+    plane
+        .chunks_exact(w)
+        .take(y1)
+        .skip(y0)
+        .flat_map(move |row| row.get(x0..x1).unwrap_or(&[]))
+        .copied()
+}
+
+/// Max pooling. Input and output share their quantisation: the scale is positive, so the largest
+/// code is the code of the largest value. Padded positions are ignored (ONNX semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MaxPool {
+    /// Shapes and window.
+    pub geometry: PoolGeometry,
+}
+
+impl MaxPool {
+    /// Run the layer on `input` (`C*H*W` codes) into `output` (`C*OH*OW` codes).
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let g = self.geometry;
+        let (in_plane, out_plane) = g.check(input, output)?;
+        let ([h, w], [_, ow]) = (g.input, g.output);
+        for (src, dst) in input
+            .chunks_exact(in_plane)
+            .zip(output.chunks_exact_mut(out_plane))
+        {
+            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                let ys = pool_window(oy, g.stride[0], g.pad[0], g.kernel[0], h);
+                for (ox, out) in row.iter_mut().enumerate() {
+                    let xs = pool_window(ox, g.stride[1], g.pad[1], g.kernel[1], w);
+                    *out = window_codes(src, w, ys, xs).fold(i8::MIN, i8::max);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Largest pooling window [`AveragePool`] takes: `255 * 4096 << 8` still fits an `i32`.
+pub const MAX_AVERAGE_POOL_AREA: usize = 4096;
+
+/// Average pooling, exact in integers: the window sum is scaled with 8 extra fraction bits, then
+/// divided by the window count rounding half up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AveragePool {
+    /// Shapes and window; the kernel area is at most [`MAX_AVERAGE_POOL_AREA`].
+    pub geometry: PoolGeometry,
+    /// Divide by the whole kernel area, padded positions counting as real zero; otherwise divide
+    /// by the number of input positions in the window.
+    pub count_include_pad: bool,
+    /// Zero point of the input.
+    pub input_zero_point: i32,
+    /// `input scale / output scale`.
+    pub requant: Requant,
+    /// Output zero point and clamp.
+    pub output_quant: OutputQuant,
+}
+
+impl AveragePool {
+    /// Run the layer on `input` (`C*H*W` codes) into `output` (`C*OH*OW` codes).
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let g = self.geometry;
+        let area = g.kernel[0].checked_mul(g.kernel[1]);
+        check(area.is_some_and(|a| a <= MAX_AVERAGE_POOL_AREA), "geometry")?;
+        let (in_plane, out_plane) = g.check(input, output)?;
+        let ([h, w], [_, ow]) = (g.input, g.output);
+        let area = (g.kernel[0] * g.kernel[1]) as i64;
+        let q = self.output_quant;
+        for (src, dst) in input
+            .chunks_exact(in_plane)
+            .zip(output.chunks_exact_mut(out_plane))
+        {
+            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                let ys = pool_window(oy, g.stride[0], g.pad[0], g.kernel[0], h);
+                for (ox, out) in row.iter_mut().enumerate() {
+                    let xs = pool_window(ox, g.stride[1], g.pad[1], g.kernel[1], w);
+                    // Wrapping only matters for a zero point outside the int8 range.
+                    let (sum, valid) =
+                        window_codes(src, w, ys, xs).fold((0i32, 0i64), |(s, n), x| {
+                            (
+                                s.wrapping_add(i32::from(x).wrapping_sub(self.input_zero_point)),
+                                n + 1,
+                            )
+                        });
+                    let count = if self.count_include_pad { area } else { valid };
+                    // 8 extra bits keep the division's rounding from compounding apply's.
+                    let scaled = i64::from(self.requant.apply(sum.wrapping_shl(8)));
+                    let divisor = count.max(1) * 256;
+                    let mean = (scaled + divisor / 2).div_euclid(divisor);
+                    *out = (mean + i64::from(q.zero_point))
+                        .clamp(i64::from(q.min), i64::from(q.max)) as i8;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Element-wise requantisation from one scale and zero point to another: a Concat part copied
+/// into its slice of the output, or a plain change of quantisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rescale {
+    /// Zero point of the input.
+    pub input_zero_point: i32,
+    /// `input scale / output scale`.
+    pub requant: Requant,
+    /// Output zero point and clamp.
+    pub output_quant: OutputQuant,
+}
+
+impl Rescale {
+    /// `output = input` in real terms; both buffers have the same length.
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        check(output.len() == input.len(), "output")?;
+        let q = self.output_quant;
+        for (out, &x) in output.iter_mut().zip(input) {
+            let centred = i32::from(x).wrapping_sub(self.input_zero_point);
+            *out = requantize_i8(centred, self.requant, q.zero_point, q.min, q.max);
+        }
+        Ok(())
+    }
+}
+
+/// Element-wise product of two tensors, `b` optionally broadcast: one value for all of `a`, or
+/// one per channel over each channel's plane (squeeze-excitation: `[C,H,W] * [C,1,1]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mul {
+    /// Zero points of the two inputs.
+    pub input_zero_points: [i32; 2],
+    /// `a scale * b scale / output scale`.
+    pub requant: Requant,
+    /// Output zero point and clamp.
+    pub output_quant: OutputQuant,
+}
+
+impl Mul {
+    /// `output = a * b` in real terms. `b` has `a`'s length, length 1, or one value per
+    /// channel (`a.len()` a multiple of `b.len()`: `a[c*plane..(c+1)*plane]` times `b[c]`).
+    pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        // All three forms are the per-channel one, with a plane of 1 or of all of `a`.
+        check(
+            !b.is_empty() && b.len() <= a.len() && a.len().is_multiple_of(b.len()),
+            "input",
+        )?;
+        check(output.len() == a.len(), "output")?;
+        let plane = a.len() / b.len();
+        let [za, zb] = self.input_zero_points;
+        let q = self.output_quant;
+        for ((outs, xs), &y) in output
+            .chunks_exact_mut(plane)
+            .zip(a.chunks_exact(plane))
+            .zip(b)
+        {
+            let y = i32::from(y).wrapping_sub(zb);
+            for (out, &x) in outs.iter_mut().zip(xs) {
+                let product = i32::from(x).wrapping_sub(za).wrapping_mul(y);
+                *out = requantize_i8(product, self.requant, q.zero_point, q.min, q.max);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A 256-entry lookup table from input code to output code: any element-wise function (Sigmoid,
+/// SiLU, Clip, ReLU6, ReLU) between fixed quantisations. Build it with [`build_lut`].
+#[derive(Clone, Copy, Debug)]
+pub struct Lut<'a> {
+    /// Output code for each input code, indexed by the code's bits (`q as u8`).
+    pub table: &'a [i8],
+}
+
+impl Lut<'_> {
+    /// `output[i] = table[input[i] as u8]`; both buffers have the same length.
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let Ok(table) = <&[i8; 256]>::try_from(self.table) else {
+            return Err(ShapeError { buffer: "table" });
+        };
+        check(output.len() == input.len(), "output")?;
+        for (out, &x) in output.iter_mut().zip(input) {
+            *out = table[usize::from(x as u8)];
+        }
+        Ok(())
+    }
+}
+
+/// The [`Lut`] table of `f` from one quantisation to another: entry `q as u8` holds
+/// `round(f(in_scale * (q - in_zp)) / out_scale) + out_zp` (half away from zero), clamped to int8.
+/// Float, for the compiler and tests; a NaN from `f` maps to the output zero point.
+pub fn build_lut(
+    input_scale: f32,
+    input_zero_point: i32,
+    output_scale: f32,
+    output_zero_point: i32,
+    f: impl Fn(f32) -> f32,
+) -> [i8; 256] {
+    let mut table = [0i8; 256];
+    for q in i8::MIN..=i8::MAX {
+        let x = input_scale * (i64::from(q) - i64::from(input_zero_point)) as f32;
+        let steps = f64::from(f(x)) / f64::from(output_scale);
+        // By hand because core has no f64::round; `as` truncates and saturates (NaN to 0).
+        let rounded = if steps >= 0.0 {
+            (steps + 0.5) as i64
+        } else {
+            (steps - 0.5) as i64
+        };
+        let code = rounded.saturating_add(i64::from(output_zero_point));
+        table[usize::from(q as u8)] = code.clamp(i64::from(i8::MIN), i64::from(i8::MAX)) as i8;
+    }
+    table
+}
+
+/// How [`Resize`] picks its source positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ResizeMode {
+    /// ONNX `asymmetric` with `nearest_mode=floor` (PyTorch `Upsample(mode="nearest")`):
+    /// `src = floor(dst * in / out)`.
+    Nearest,
+    /// ONNX `half_pixel` (PyTorch `align_corners=False`): `src = (dst + 0.5) * in / out - 0.5`,
+    /// clamped at 0, interpolating between `floor(src)` and the next position (or the last).
+    Bilinear,
+}
+
+/// Fractional bits of [`Resize`]'s bilinear source positions and weights.
+pub const RESIZE_FRACTION_BITS: u32 = 10;
+
+/// Spatial resize of each channel plane; the same quantisation in and out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resize {
+    /// Channels.
+    pub channels: usize,
+    /// Input height, width.
+    pub input: [usize; 2],
+    /// Output height, width.
+    pub output: [usize; 2],
+    /// Nearest or bilinear.
+    pub mode: ResizeMode,
+}
+
+/// Source positions `i0`, `i1` and the weight of `i1` (of `2^F`) for output position `dst`
+/// along one axis; `Resize::run` has checked that `2 * out * in << F` fits a `u64`.
+fn resize_source(
+    mode: ResizeMode,
+    dst: usize,
+    size_in: usize,
+    size_out: usize,
+) -> (usize, usize, i64) {
+    const F: u32 = RESIZE_FRACTION_BITS;
+    let (dst, n_in, n_out) = (dst as u64, size_in as u64, size_out as u64);
+    match mode {
+        ResizeMode::Nearest => {
+            let i0 = (dst * n_in / n_out) as usize;
+            (i0, i0, 0)
+        }
+        ResizeMode::Bilinear => {
+            // (dst + 1/2) * in / out - 1/2 with F fraction bits, clamped at 0.
+            let src = (((2 * dst + 1) * n_in) << F) / (2 * n_out);
+            let src = src.saturating_sub(1 << (F - 1));
+            let i0 = ((src >> F) as usize).min(size_in - 1);
+            let i1 = (i0 + 1).min(size_in - 1);
+            (i0, i1, (src & ((1 << F) - 1)) as i64)
+        }
+    }
+}
+
+impl Resize {
+    /// Run the layer on `input` (`C*H*W` codes) into `output` (`C*OH*OW` codes).
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        const F: u32 = RESIZE_FRACTION_BITS;
+        let sizes = [self.input, self.output];
+        check(
+            self.channels > 0 && sizes.as_flattened().iter().all(|&v| v > 0),
+            "geometry",
+        )?;
+        // Bounds the fixed-point source positions in `resize_source`.
+        for axis in 0..2 {
+            let span = (self.input[axis] as u64)
+                .checked_mul(self.output[axis] as u64)
+                .and_then(|v| v.checked_mul(2 << F));
+            check(span.is_some(), "geometry")?;
+        }
+        let [h, w] = self.input;
+        let [oh, ow] = self.output;
+        let in_plane = h.checked_mul(w);
+        let out_plane = oh.checked_mul(ow);
+        let (Some(in_plane), Some(out_plane)) = (in_plane, out_plane) else {
+            return Err(ShapeError { buffer: "geometry" });
+        };
+        check(
+            in_plane.checked_mul(self.channels) == Some(input.len()),
+            "input",
+        )?;
+        check(
+            out_plane.checked_mul(self.channels) == Some(output.len()),
+            "output",
+        )?;
+        let one = 1i64 << F;
+        let half = 1i64 << (2 * F - 1);
+        for (src, dst) in input
+            .chunks_exact(in_plane)
+            .zip(output.chunks_exact_mut(out_plane))
+        {
+            let at = |y: usize, x: usize| src.get(y * w + x).map_or(0, |&v| i64::from(v));
+            for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                let (y0, y1, fy) = resize_source(self.mode, oy, h, oh);
+                for (ox, out) in row.iter_mut().enumerate() {
+                    let (x0, x1, fx) = resize_source(self.mode, ox, w, ow);
+                    // Nearest has zero fractions, so this returns its one source code exactly.
+                    let top = at(y0, x0) * (one - fx) + at(y0, x1) * fx;
+                    let bottom = at(y1, x0) * (one - fx) + at(y1, x1) * fx;
+                    let acc = top * (one - fy) + bottom * fy;
+                    *out = ((acc + half) >> (2 * F)).clamp(-128, 127) as i8;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
@@ -270,6 +685,31 @@ mod tests {
         }
         fn code(&mut self) -> i8 {
             self.next() as i8
+        }
+    }
+
+    /// Per-channel constants in the split form a plan stores them in.
+    pub(crate) struct OwnedChannels {
+        bias: Vec<i32>,
+        multiplier: Vec<i32>,
+        shift: Vec<i8>,
+    }
+
+    impl OwnedChannels {
+        pub(crate) fn view(&self) -> ChannelQuant<'_> {
+            ChannelQuant {
+                bias: &self.bias,
+                multiplier: &self.multiplier,
+                shift: &self.shift,
+            }
+        }
+    }
+
+    pub(crate) fn channels(bias: &[i32], requant: &[Requant]) -> OwnedChannels {
+        OwnedChannels {
+            bias: bias.to_vec(),
+            multiplier: requant.iter().map(|r| r.multiplier).collect(),
+            shift: requant.iter().map(|r| r.shift).collect(),
         }
     }
 
@@ -326,6 +766,7 @@ mod tests {
                 .iter()
                 .map(|s| Requant::from_real(sx * s / sy).unwrap())
                 .collect();
+            let owned = channels(&bias, &requant);
             let conv = Conv {
                 geometry: ConvGeometry {
                     input: [c, h, w],
@@ -337,8 +778,7 @@ mod tests {
                     group,
                 },
                 weights: &weights,
-                bias: &bias,
-                requant: &requant,
+                channels: owned.view(),
                 input_zero_point: zx,
                 output_quant: FULL,
             };
@@ -435,10 +875,10 @@ mod tests {
         let weights: Vec<i8> = (0..50 * 10).map(|_| rng.code().max(-127)).collect();
         let bias: Vec<i32> = (0..10).map(|i| i * 100 - 500).collect();
         let requant = vec![Requant::from_real(sa * 0.01 / so).unwrap(); 10];
+        let owned = channels(&bias, &requant);
         let gemm = Gemm {
             weights: &weights,
-            bias: &bias,
-            requant: &requant,
+            channels: owned.view(),
             input_zero_point: za,
             output_quant: FULL,
         };
@@ -470,11 +910,11 @@ mod tests {
             dilation: [1, 1],
             group: 1,
         };
+        let owned = channels(&[0], &requant);
         let conv = Conv {
             geometry,
             weights: &[1; 9],
-            bias: &[0],
-            requant: &requant,
+            channels: owned.view(),
             input_zero_point: 0,
             output_quant: FULL,
         };
@@ -531,5 +971,577 @@ mod tests {
             add.run(&[0; 3], &[0; 2], &mut [0; 3]),
             Err(ShapeError { buffer: "input" })
         );
+    }
+
+    /// A random pool geometry over small planes: some with bottom/right overhang (ceil mode),
+    /// some with a window entirely in the padding, which the kernels must refuse.
+    fn random_pool_geometry(rng: &mut Rng) -> PoolGeometry {
+        let kernel = [1 + rng.below(3), 1 + rng.below(3)];
+        let stride = [1 + rng.below(2), 1 + rng.below(3)];
+        let pad = [rng.below(kernel[0]), rng.below(kernel[1])];
+        let input = [1 + rng.below(6), 1 + rng.below(6)];
+        let output = [0, 1].map(|a| {
+            let floor = (input[a] + 2 * pad[a]).saturating_sub(kernel[a]) / stride[a] + 1;
+            floor + usize::from(rng.below(4) == 0)
+        });
+        PoolGeometry {
+            channels: 1 + rng.below(3),
+            input,
+            output,
+            kernel,
+            stride,
+            pad,
+        }
+    }
+
+    /// Input positions of window `(oy, ox)`, clipped to the input (the float references' view).
+    fn window_positions(g: &PoolGeometry, oy: usize, ox: usize) -> Vec<(usize, usize)> {
+        let mut positions = Vec::new();
+        for ky in 0..g.kernel[0] {
+            for kx in 0..g.kernel[1] {
+                let iy = (oy * g.stride[0] + ky) as isize - g.pad[0] as isize;
+                let ix = (ox * g.stride[1] + kx) as isize - g.pad[1] as isize;
+                if iy >= 0 && ix >= 0 && (iy as usize) < g.input[0] && (ix as usize) < g.input[1] {
+                    positions.push((iy as usize, ix as usize));
+                }
+            }
+        }
+        positions
+    }
+
+    fn has_empty_window(g: &PoolGeometry) -> bool {
+        (0..g.output[0]).any(|oy| (0..g.output[1]).any(|ox| window_positions(g, oy, ox).is_empty()))
+    }
+
+    #[test]
+    fn max_pool_matches_float_exactly_over_random_shapes() {
+        let mut rng = Rng(0x0bad_cafe_f00d_0001);
+        let (mut checked, mut rejected) = (0, 0);
+        for case in 0..400 {
+            let g = random_pool_geometry(&mut rng);
+            let [h, w] = g.input;
+            let [oh, ow] = g.output;
+            let input: Vec<i8> = (0..g.channels * h * w).map(|_| rng.code()).collect();
+            let mut output = vec![0i8; g.channels * oh * ow];
+            let result = MaxPool { geometry: g }.run(&input, &mut output);
+            if has_empty_window(&g) {
+                assert_eq!(
+                    result,
+                    Err(ShapeError { buffer: "geometry" }),
+                    "case {case}"
+                );
+                rejected += 1;
+                continue;
+            }
+            assert_eq!(result, Ok(()), "case {case}: {g:?}");
+            checked += 1;
+            for c in 0..g.channels {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let want = window_positions(&g, oy, ox)
+                            .iter()
+                            .map(|&(iy, ix)| input[(c * h + iy) * w + ix])
+                            .max()
+                            .unwrap();
+                        assert_eq!(output[(c * oh + oy) * ow + ox], want, "case {case}");
+                    }
+                }
+            }
+        }
+        assert!(
+            checked > 200 && rejected > 10,
+            "{checked} valid, {rejected} refused geometries"
+        );
+    }
+
+    #[test]
+    fn average_pool_matches_float_within_one_step_with_and_without_pad_counting() {
+        let mut rng = Rng(0x5eed_0000_0000_a7e1);
+        let mut padded = [0usize; 2];
+        for case in 0..400 {
+            let g = random_pool_geometry(&mut rng);
+            if has_empty_window(&g) {
+                continue;
+            }
+            let [h, w] = g.input;
+            let [oh, ow] = g.output;
+            let input: Vec<i8> = (0..g.channels * h * w).map(|_| rng.code()).collect();
+            let (sx, zx) = (0.01 + rng.below(100) as f64 * 1e-3, rng.code() as i32);
+            let so = sx * (0.3 + rng.below(100) as f64 * 0.01);
+            let q = if case % 3 == 0 {
+                OutputQuant {
+                    zero_point: -100,
+                    min: -100,
+                    max: 127,
+                }
+            } else {
+                FULL
+            };
+            for count_include_pad in [false, true] {
+                let pool = AveragePool {
+                    geometry: g,
+                    count_include_pad,
+                    input_zero_point: zx,
+                    requant: Requant::from_real(sx / so).unwrap(),
+                    output_quant: q,
+                };
+                let mut output = vec![0i8; g.channels * oh * ow];
+                pool.run(&input, &mut output).unwrap();
+                for c in 0..g.channels {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let positions = window_positions(&g, oy, ox);
+                            let sum: f64 = positions
+                                .iter()
+                                .map(|&(iy, ix)| {
+                                    sx * f64::from(i32::from(input[(c * h + iy) * w + ix]) - zx)
+                                })
+                                .sum();
+                            let area = g.kernel[0] * g.kernel[1];
+                            if positions.len() < area {
+                                padded[usize::from(count_include_pad)] += 1;
+                            }
+                            let count = if count_include_pad {
+                                area
+                            } else {
+                                positions.len()
+                            };
+                            let got = i32::from(output[(c * oh + oy) * ow + ox]);
+                            let want = expected_code(sum / count as f64, so, q);
+                            assert!(
+                                (got - want).abs() <= 1,
+                                "case {case} ({count_include_pad}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            padded.iter().all(|&n| n > 100),
+            "padding exercised: {padded:?}"
+        );
+    }
+
+    #[test]
+    fn average_pool_rounds_the_mean_half_up() {
+        // Scale 1: the mean of 1 and 2 is 1.5, of -1 and -2 is -1.5; half up gives 2 and -1.
+        let pool = AveragePool {
+            geometry: PoolGeometry {
+                channels: 2,
+                input: [1, 2],
+                output: [1, 1],
+                kernel: [1, 2],
+                stride: [1, 1],
+                pad: [0, 0],
+            },
+            count_include_pad: false,
+            input_zero_point: 0,
+            requant: Requant::from_real(1.0).unwrap(),
+            output_quant: OutputQuant {
+                zero_point: 0,
+                min: -128,
+                max: 127,
+            },
+        };
+        let mut out = [0i8; 2];
+        pool.run(&[1, 2, -1, -2], &mut out).unwrap();
+        assert_eq!(out, [2, -1]);
+    }
+
+    #[test]
+    fn rescale_matches_float_within_one_step() {
+        let mut rng = Rng(0x7e5c_a1e0_0000_0003);
+        for case in 0..300 {
+            let input: Vec<i8> = (0..1 + rng.below(64)).map(|_| rng.code()).collect();
+            let (sx, zx) = (0.001 + rng.below(1000) as f64 * 1e-4, rng.code() as i32);
+            let so = 0.001 + rng.below(1000) as f64 * 1e-4;
+            let q = OutputQuant {
+                zero_point: rng.code() as i32,
+                min: -128,
+                max: 127,
+            };
+            let rescale = Rescale {
+                input_zero_point: zx,
+                requant: Requant::from_real(sx / so).unwrap(),
+                output_quant: q,
+            };
+            let mut output = vec![0i8; input.len()];
+            rescale.run(&input, &mut output).unwrap();
+            for (i, (&x, &y)) in input.iter().zip(&output).enumerate() {
+                let want = expected_code(sx * f64::from(i32::from(x) - zx), so, q);
+                assert!((i32::from(y) - want).abs() <= 1, "case {case}: {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn mul_matches_float_within_one_step_in_every_broadcast_form() {
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        let mut forms = [0usize; 3];
+        for case in 0..300 {
+            let (c, plane) = (1 + rng.below(5), 1 + rng.below(20));
+            let a: Vec<i8> = (0..c * plane).map(|_| rng.code()).collect();
+            let form = case % 3;
+            let b_len = [c * plane, 1, c][form];
+            forms[form] += 1;
+            let b: Vec<i8> = (0..b_len).map(|_| rng.code()).collect();
+            let (sa, za) = (0.01 + rng.below(100) as f64 * 1e-3, rng.code() as i32);
+            let (sb, zb) = (0.001 + rng.below(100) as f64 * 1e-4, rng.code() as i32);
+            let so = sa * sb * (10.0 + rng.below(200) as f64);
+            let mul = Mul {
+                input_zero_points: [za, zb],
+                requant: Requant::from_real(sa * sb / so).unwrap(),
+                output_quant: FULL,
+            };
+            let mut output = vec![0i8; a.len()];
+            mul.run(&a, &b, &mut output).unwrap();
+            for i in 0..a.len() {
+                let y = match form {
+                    0 => b[i],
+                    1 => b[0],
+                    _ => b[i / plane],
+                };
+                let real = sa * f64::from(i32::from(a[i]) - za) * sb * f64::from(i32::from(y) - zb);
+                let want = expected_code(real, so, FULL);
+                assert!(
+                    (i32::from(output[i]) - want).abs() <= 1,
+                    "case {case} form {form}: {i}"
+                );
+            }
+        }
+        // Squeeze-excitation shape by hand: [2, 1, 3] * [2, 1, 1], every scale 1.
+        let mul = Mul {
+            input_zero_points: [0, 0],
+            requant: Requant::from_real(1.0).unwrap(),
+            output_quant: OutputQuant {
+                zero_point: 0,
+                min: -128,
+                max: 127,
+            },
+        };
+        let mut out = [0i8; 6];
+        mul.run(&[1, 2, 3, 4, 5, 6], &[2, -3], &mut out).unwrap();
+        assert_eq!(out, [2, 4, 6, -12, -15, -18]);
+    }
+
+    #[test]
+    fn lut_matches_build_lut_and_float_functions() {
+        let (sx, zx, sy, zy) = (0.05f32, -10, 1.0f32 / 256.0, -128);
+        let sigmoid = build_lut(sx, zx, sy, zy, |x| 1.0 / (1.0 + (-x).exp()));
+        for q in i8::MIN..=i8::MAX {
+            let x = f64::from(sx) * f64::from(i32::from(q) - zx);
+            let want = expected_code(
+                1.0 / (1.0 + (-x).exp()),
+                f64::from(sy),
+                OutputQuant {
+                    zero_point: zy,
+                    min: -128,
+                    max: 127,
+                },
+            );
+            let got = i32::from(sigmoid[usize::from(q as u8)]);
+            assert!((got - want).abs() <= 1, "sigmoid({x}): {got} vs {want}");
+        }
+
+        // ReLU6 in one shared quantisation is exact: clamp the code to [zp, zp + 6 / scale].
+        let (s, z) = (0.05f32, -20);
+        let relu6 = build_lut(s, z, s, z, |x| x.clamp(0.0, 6.0));
+        for q in i8::MIN..=i8::MAX {
+            let want = i32::from(q).clamp(z, z + 120).clamp(-128, 127);
+            assert_eq!(i32::from(relu6[usize::from(q as u8)]), want, "relu6({q})");
+        }
+
+        let mut rng = Rng(0x1007_0000_0000_0005);
+        for (i, table) in [sigmoid, relu6].iter().enumerate() {
+            let input: Vec<i8> = (0..1000).map(|_| rng.code()).collect();
+            let mut output = vec![0i8; input.len()];
+            Lut { table }.run(&input, &mut output).unwrap();
+            for (&x, &y) in input.iter().zip(&output) {
+                let f: fn(f32) -> f32 = if i == 0 {
+                    |x| 1.0 / (1.0 + (-x).exp())
+                } else {
+                    |x| x.clamp(0.0, 6.0)
+                };
+                let (out_scale, out_zp) = if i == 0 { (sy, zy) } else { (s, z) };
+                let (in_scale, in_zp) = if i == 0 { (sx, zx) } else { (s, z) };
+                let one = build_lut(in_scale, in_zp, out_scale, out_zp, f);
+                assert_eq!(y, one[usize::from(x as u8)], "lut {i} at {x}");
+            }
+        }
+
+        // Hand-made ends: NaN goes to the zero point, infinities saturate.
+        let odd = build_lut(1.0, 0, 1.0, 5, |x| match x as i32 {
+            0 => f32::NAN,
+            1 => f32::INFINITY,
+            2 => f32::NEG_INFINITY,
+            _ => x,
+        });
+        assert_eq!(&odd[..3], &[5, 127, -128]);
+    }
+
+    /// Resize with floats: the positions and weights ONNX (and PyTorch) define.
+    fn resize_reference(
+        mode: ResizeMode,
+        plane: &[i8],
+        [h, w]: [usize; 2],
+        [oh, ow]: [usize; 2],
+        oy: usize,
+        ox: usize,
+    ) -> f64 {
+        let source = |dst: usize, n_in: usize, n_out: usize| -> (usize, usize, f64) {
+            match mode {
+                ResizeMode::Nearest => {
+                    let i = (dst as f64 * n_in as f64 / n_out as f64).floor() as usize;
+                    (i, i, 0.0)
+                }
+                ResizeMode::Bilinear => {
+                    let src = ((dst as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
+                    let i0 = src.floor() as usize;
+                    (i0, (i0 + 1).min(n_in - 1), src - i0 as f64)
+                }
+            }
+        };
+        let (y0, y1, fy) = source(oy, h, oh);
+        let (x0, x1, fx) = source(ox, w, ow);
+        let at = |y: usize, x: usize| f64::from(plane[y * w + x]);
+        let top = at(y0, x0) * (1.0 - fx) + at(y0, x1) * fx;
+        let bottom = at(y1, x0) * (1.0 - fx) + at(y1, x1) * fx;
+        top * (1.0 - fy) + bottom * fy
+    }
+
+    #[test]
+    fn resize_matches_float_nearest_exactly_and_bilinear_within_one_step() {
+        let mut rng = Rng(0x4e51_2e00_0000_0007);
+        for case in 0..400 {
+            let mode = if case % 2 == 0 {
+                ResizeMode::Nearest
+            } else {
+                ResizeMode::Bilinear
+            };
+            let input_size = [1 + rng.below(7), 1 + rng.below(7)];
+            // Integer upsampling, downsampling and odd ratios.
+            let output_size = [0, 1].map(|a| match rng.below(3) {
+                0 => input_size[a] * (1 + rng.below(3)),
+                _ => 1 + rng.below(15),
+            });
+            let resize = Resize {
+                channels: 1 + rng.below(3),
+                input: input_size,
+                output: output_size,
+                mode,
+            };
+            let [h, w] = input_size;
+            let [oh, ow] = output_size;
+            let input: Vec<i8> = (0..resize.channels * h * w).map(|_| rng.code()).collect();
+            let mut output = vec![0i8; resize.channels * oh * ow];
+            resize.run(&input, &mut output).unwrap();
+            for c in 0..resize.channels {
+                let plane = &input[c * h * w..(c + 1) * h * w];
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let real = resize_reference(mode, plane, [h, w], [oh, ow], oy, ox);
+                        let got = f64::from(output[(c * oh + oy) * ow + ox]);
+                        match mode {
+                            ResizeMode::Nearest => assert_eq!(got, real, "case {case}"),
+                            ResizeMode::Bilinear => assert!(
+                                (got - real.round()).abs() <= 1.0,
+                                "case {case}: {got} vs {real}"
+                            ),
+                        }
+                    }
+                }
+            }
+        }
+        // PyTorch's 2x upsampling of [0, 100] along one axis.
+        let mut out = [0i8; 4];
+        let row = |mode| Resize {
+            channels: 1,
+            input: [1, 2],
+            output: [1, 4],
+            mode,
+        };
+        row(ResizeMode::Bilinear).run(&[0, 100], &mut out).unwrap();
+        assert_eq!(out, [0, 25, 75, 100]);
+        row(ResizeMode::Nearest).run(&[0, 100], &mut out).unwrap();
+        assert_eq!(out, [0, 0, 100, 100]);
+    }
+
+    #[test]
+    fn pools_refuse_wrong_buffers_and_bad_geometry() {
+        let geometry = PoolGeometry {
+            channels: 2,
+            input: [4, 4],
+            output: [2, 2],
+            kernel: [2, 2],
+            stride: [2, 2],
+            pad: [0, 0],
+        };
+        let max = MaxPool { geometry };
+        let avg = AveragePool {
+            geometry,
+            count_include_pad: false,
+            input_zero_point: 0,
+            requant: Requant::from_real(1.0).unwrap(),
+            output_quant: FULL,
+        };
+        let err = |buffer| Err(ShapeError { buffer });
+        let run_both = |g: PoolGeometry, input: &[i8], output: &mut [i8]| {
+            let a = MaxPool { geometry: g }.run(input, output);
+            let b = AveragePool { geometry: g, ..avg }.run(input, output);
+            assert_eq!(a, b, "{g:?}");
+            a
+        };
+        assert_eq!(max.run(&[0; 32], &mut [0; 8]), Ok(()));
+        assert_eq!(avg.run(&[0; 32], &mut [0; 8]), Ok(()));
+        assert_eq!(run_both(geometry, &[0; 31], &mut [0; 8]), err("input"));
+        assert_eq!(run_both(geometry, &[0; 32], &mut [0; 9]), err("output"));
+        let bad = [
+            PoolGeometry {
+                pad: [2, 0],
+                ..geometry
+            },
+            PoolGeometry {
+                output: [3, 2],
+                ..geometry
+            },
+            PoolGeometry {
+                stride: [0, 2],
+                ..geometry
+            },
+            PoolGeometry {
+                kernel: [2, 0],
+                ..geometry
+            },
+            PoolGeometry {
+                channels: 0,
+                ..geometry
+            },
+            PoolGeometry {
+                input: [0, 4],
+                ..geometry
+            },
+            PoolGeometry {
+                output: [2, 0],
+                ..geometry
+            },
+            PoolGeometry {
+                output: [usize::MAX, 2],
+                ..geometry
+            },
+            PoolGeometry {
+                input: [usize::MAX, 4],
+                ..geometry
+            },
+            PoolGeometry {
+                kernel: [usize::MAX, 2],
+                pad: [usize::MAX - 1, 0],
+                ..geometry
+            },
+        ];
+        for g in bad {
+            assert_eq!(run_both(g, &[0; 32], &mut [0; 8]), err("geometry"), "{g:?}");
+        }
+        // Only average pooling limits the kernel area.
+        let wide = PoolGeometry {
+            input: [65, 65],
+            output: [1, 1],
+            kernel: [65, 65],
+            stride: [1, 1],
+            channels: 1,
+            pad: [0, 0],
+        };
+        let input = vec![0i8; 65 * 65];
+        assert_eq!(MaxPool { geometry: wide }.run(&input, &mut [0]), Ok(()));
+        assert_eq!(
+            AveragePool {
+                geometry: wide,
+                ..avg
+            }
+            .run(&input, &mut [0]),
+            err("geometry")
+        );
+    }
+
+    #[test]
+    fn element_wise_kernels_refuse_wrong_buffers() {
+        let err = |buffer| Err(ShapeError { buffer });
+        let requant = Requant::from_real(0.5).unwrap();
+        let rescale = Rescale {
+            input_zero_point: 0,
+            requant,
+            output_quant: FULL,
+        };
+        assert_eq!(rescale.run(&[0; 3], &mut [0; 2]), err("output"));
+        assert_eq!(rescale.run(&[], &mut []), Ok(()));
+
+        let mul = Mul {
+            input_zero_points: [i32::MIN, i32::MAX],
+            requant,
+            output_quant: FULL,
+        };
+        assert_eq!(mul.run(&[0; 6], &[0; 4], &mut [0; 6]), err("input"));
+        assert_eq!(mul.run(&[0; 6], &[], &mut [0; 6]), err("input"));
+        assert_eq!(mul.run(&[0; 2], &[0; 4], &mut [0; 2]), err("input"));
+        assert_eq!(mul.run(&[], &[0; 1], &mut []), err("input"));
+        assert_eq!(mul.run(&[0; 6], &[0; 3], &mut [0; 5]), err("output"));
+        assert_eq!(
+            mul.run(&[0; 6], &[0; 3], &mut [0; 6]),
+            Ok(()),
+            "extreme zero points"
+        );
+
+        let table = [0i8; 256];
+        assert_eq!(
+            Lut {
+                table: &table[..255]
+            }
+            .run(&[0], &mut [0]),
+            err("table")
+        );
+        assert_eq!(Lut { table: &[0; 257] }.run(&[0], &mut [0]), err("table"));
+        assert_eq!(Lut { table: &table }.run(&[0; 2], &mut [0]), err("output"));
+    }
+
+    #[test]
+    fn resize_refuses_wrong_buffers_and_bad_geometry() {
+        let err = |buffer| Err(ShapeError { buffer });
+        let resize = Resize {
+            channels: 2,
+            input: [2, 3],
+            output: [4, 6],
+            mode: ResizeMode::Bilinear,
+        };
+        assert_eq!(resize.run(&[0; 12], &mut [0; 48]), Ok(()));
+        assert_eq!(resize.run(&[0; 11], &mut [0; 48]), err("input"));
+        assert_eq!(resize.run(&[0; 12], &mut [0; 47]), err("output"));
+        let bad = [
+            Resize {
+                channels: 0,
+                ..resize
+            },
+            Resize {
+                input: [0, 3],
+                ..resize
+            },
+            Resize {
+                output: [4, 0],
+                ..resize
+            },
+            Resize {
+                input: [1, usize::MAX],
+                ..resize
+            },
+            Resize {
+                output: [usize::MAX / 2, 6],
+                ..resize
+            },
+        ];
+        for r in bad {
+            for mode in [ResizeMode::Nearest, ResizeMode::Bilinear] {
+                let r = Resize { mode, ..r };
+                assert_eq!(r.run(&[0; 12], &mut [0; 48]), err("geometry"), "{r:?}");
+            }
+        }
     }
 }

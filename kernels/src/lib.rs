@@ -7,8 +7,11 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
+#[cfg(feature = "std")]
+pub mod cpu;
 pub mod int8;
 pub mod plan;
+pub mod program;
 pub mod quant;
 pub mod spec;
 #[cfg(feature = "tract")]

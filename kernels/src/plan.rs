@@ -12,8 +12,8 @@
 //! | ... | section payloads, each starting on a 16-byte boundary |
 //!
 //! The [`SectionKind::Header`] section is a postcard-encoded [`PlanHeader`] (model name, input
-//! and output specs, preprocessing, labels). The op list and arena layout sections are written
-//! by the model compiler; this module only guarantees that what it hands out is intact.
+//! and output specs, preprocessing, labels). The op list, weights and arena layout are described
+//! in [`crate::program`]; this module only guarantees that what it hands out is intact.
 
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +122,8 @@ impl std::error::Error for PlanError {}
 pub struct PlanHeader<'a> {
     /// Zoo name of the model.
     pub name: &'a str,
+    /// sha256 (hex) of the ONNX model the plan was compiled from, so a stale plan is caught.
+    pub onnx_sha256: &'a str,
     /// Input shape, NCHW.
     pub input_shape: [u32; 4],
     /// Values in the output tensor.
@@ -138,6 +140,18 @@ pub struct PlanHeader<'a> {
     pub labels: &'a str,
     /// Bytes of arena the executor needs.
     pub arena_size: u32,
+    /// Tensor id of the program's output (the input is tensor 0).
+    pub output_tensor: u16,
+    /// Scale of the int8 input: `real = scale * (code - zero_point)`.
+    pub input_scale: f32,
+    /// Zero point of the int8 input.
+    pub input_zero_point: i32,
+    /// Scale of the int8 output.
+    pub output_scale: f32,
+    /// Zero point of the int8 output.
+    pub output_zero_point: i32,
+    /// The model ends in a Softmax, applied to the dequantised output.
+    pub output_softmax: bool,
 }
 
 impl PlanHeader<'_> {
@@ -295,6 +309,7 @@ mod tests {
         std[..3].copy_from_slice(&[51.3, 34.7, 29.3]);
         PlanHeader {
             name: "eurosat-rgb",
+            onnx_sha256: "00ff",
             input_shape: [1, 3, 64, 64],
             output_len: 10,
             bands: 3,
@@ -303,6 +318,12 @@ mod tests {
             resize: 1,
             labels: "AnnualCrop\nForest\nSeaLake",
             arena_size: 4096,
+            output_tensor: 7,
+            input_scale: 0.02,
+            input_zero_point: -3,
+            output_scale: 0.1,
+            output_zero_point: 5,
+            output_softmax: false,
         }
     }
 

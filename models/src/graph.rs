@@ -63,12 +63,52 @@ pub enum Op {
     },
     /// max(x, 0).
     Relu,
+    /// Clamp to `[min, max]` (ReLU6 is `[0, 6]`).
+    Clip {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+    /// Logistic function.
+    Sigmoid,
     /// Element-wise sum of two tensors of the same shape.
     Add,
+    /// Product of two tensors: same shape, one value per channel (`[N, C, 1, 1]`) or a scalar.
+    Mul,
+    /// Join tensors along the channel axis.
+    Concat,
+    /// Window maximum; padded positions are ignored.
+    MaxPool {
+        /// Window height, width.
+        kernel: [usize; 2],
+        /// Vertical, horizontal.
+        stride: [usize; 2],
+        /// Top, left, bottom, right.
+        pads: [usize; 4],
+    },
+    /// Window mean.
+    AveragePool {
+        /// Window height, width.
+        kernel: [usize; 2],
+        /// Vertical, horizontal.
+        stride: [usize; 2],
+        /// Top, left, bottom, right.
+        pads: [usize; 4],
+        /// Padded positions count as zeros in the mean.
+        count_include_pad: bool,
+    },
     /// Mean over H and W, keeping `[N, C, 1, 1]`.
     GlobalAveragePool,
-    /// Reshape to `[N, rest]`.
-    Flatten,
+    /// Resample H and W to the output shape.
+    Resize {
+        /// Bilinear (`half_pixel`) rather than nearest (`asymmetric`, `floor`).
+        bilinear: bool,
+    },
+    /// Softmax over the last axis.
+    Softmax,
+    /// Same values in a new shape (Flatten, Reshape).
+    Reshape,
 }
 
 /// One node: an op reading value ids and writing one value id.
@@ -110,16 +150,27 @@ fn tensor_f32(t: &TensorProto) -> Result<(Vec<usize>, Vec<f32>), String> {
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| "negative dimension".to_string()))
         .collect::<Result<_, _>>()?;
-    if t.data_type != DataType::Float as i32 {
-        return Err(format!("initializer {} is not float32", t.name));
-    }
-    let values: Vec<f32> = if !t.raw_data.is_empty() {
-        t.raw_data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+    // int64 constants (shapes, sizes) are small integers: exact as f32.
+    let values: Vec<f32> = if t.data_type == DataType::Float as i32 {
+        if t.raw_data.is_empty() {
+            t.float_data.clone()
+        } else {
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+    } else if t.data_type == DataType::Int64 as i32 {
+        if t.raw_data.is_empty() {
+            t.int64_data.iter().map(|&v| v as f32).collect()
+        } else {
+            t.raw_data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default()) as f32)
+                .collect()
+        }
     } else {
-        t.float_data.clone()
+        return Err(format!("constant {} is neither float32 nor int64", t.name));
     };
     if values.len() != dims.iter().product::<usize>() {
         return Err(format!(
@@ -154,7 +205,8 @@ fn pair(node: &NodeProto, name: &str, default: usize) -> Result<[usize; 2], Impo
 }
 
 impl Graph {
-    /// Import an ONNX model with one input of fixed shape and one output.
+    /// Import an ONNX model with one input of fixed shape and one output. BatchNormalization
+    /// after a Conv is folded into it; Identity and Dropout vanish.
     pub fn from_onnx(bytes: &[u8]) -> Result<Self, ImportError> {
         let model = tract_onnx::onnx()
             .proto_model_for_read(&mut &bytes[..])
@@ -162,15 +214,15 @@ impl Graph {
         let graph: pb::GraphProto = model
             .graph
             .ok_or_else(|| ImportError::Decode("no graph".into()))?;
-        let mut constants: HashMap<&str, (Vec<usize>, Vec<f32>)> = HashMap::new();
+        let mut constants: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
         for t in &graph.initializer {
             let parsed = tensor_f32(t).map_err(|reason| malformed(&t.name, reason))?;
-            constants.insert(t.name.as_str(), parsed);
+            constants.insert(t.name.clone(), parsed);
         }
         let input = graph
             .input
             .iter()
-            .find(|i| !constants.contains_key(i.name.as_str()))
+            .find(|i| !constants.contains_key(&i.name))
             .ok_or_else(|| malformed("graph", "no input"))?;
         let input_shape =
             value_shape(input).ok_or_else(|| malformed(&input.name, "input shape is not fixed"))?;
@@ -181,19 +233,58 @@ impl Graph {
             output: 0,
         };
         let mut ids: HashMap<String, usize> = HashMap::from([(input.name.clone(), 0)]);
+        let readers = |name: &str| {
+            graph
+                .node
+                .iter()
+                .flat_map(|n| &n.input)
+                .filter(|i| *i == name)
+                .count()
+                + graph.output.iter().filter(|o| o.name == name).count()
+        };
 
         for node in &graph.node {
+            let output_name = node
+                .output
+                .first()
+                .ok_or_else(|| malformed(&node.name, "no output"))?;
+            if node.op_type == "Constant" {
+                let value = node
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref())
+                    .ok_or_else(|| malformed(&node.name, "Constant without a tensor value"))?;
+                let parsed = tensor_f32(value).map_err(|reason| malformed(&node.name, reason))?;
+                constants.insert(output_name.clone(), parsed);
+                continue;
+            }
             let activations: Vec<usize> = node
                 .input
                 .iter()
                 .filter_map(|name| ids.get(name).copied())
                 .collect();
             let constant = |i: usize| node.input.get(i).and_then(|n| constants.get(n.as_str()));
-            let shape_in = activations
+            let first = *activations
                 .first()
-                .map(|&id| g.shapes[id].clone())
                 .ok_or_else(|| malformed(&node.name, "reads no activation"))?;
+            let shape_in = g.shapes[first].clone();
+            let nchw = || -> Result<[usize; 4], ImportError> {
+                shape_in
+                    .clone()
+                    .try_into()
+                    .map_err(|_| malformed(&node.name, "input is not NCHW"))
+            };
             let (op, shape_out) = match node.op_type.as_str() {
+                "Identity" | "Dropout" => {
+                    ids.insert(output_name.clone(), first);
+                    continue;
+                }
+                "BatchNormalization" => {
+                    fold_batch_norm(&mut g, node, first, &constants, readers(&node.input[0]))?;
+                    ids.insert(output_name.clone(), first);
+                    continue;
+                }
                 "Conv" => {
                     let (w_shape, weight) = constant(1)
                         .cloned()
@@ -205,48 +296,22 @@ impl Graph {
                     let bias = constant(2)
                         .map(|(_, b)| b.clone())
                         .unwrap_or_else(|| vec![0.0; weight_shape[0]]);
-                    let pads = match ints(node, "pads").as_deref() {
-                        None => [0; 4],
-                        Some(&[t, l, b, r]) if t >= 0 && l >= 0 && b >= 0 && r >= 0 => {
-                            [t as usize, l as usize, b as usize, r as usize]
-                        }
-                        Some(other) => {
-                            return Err(malformed(&node.name, format!("pads {other:?}")))
-                        }
-                    };
+                    let pads = pads(node)?;
                     let group = int(node, "group").unwrap_or(1).max(1) as usize;
                     let stride = pair(node, "strides", 1)?;
                     let dilation = pair(node, "dilations", 1)?;
-                    let [n, c, h, w]: [usize; 4] = shape_in
-                        .clone()
-                        .try_into()
-                        .map_err(|_| malformed(&node.name, "input is not NCHW"))?;
+                    let [n, c, h, w] = nchw()?;
                     if c != weight_shape[1] * group
                         || bias.len() != weight_shape[0]
                         || !weight_shape[0].is_multiple_of(group)
                     {
                         return Err(malformed(&node.name, format!("weights {weight_shape:?} and group {group} do not fit input {shape_in:?}")));
                     }
-                    let out_dim = |size: usize, pad: usize, k: usize, s: usize, d: usize| {
-                        (size + pad).checked_sub(d * (k - 1) + 1).map(|v| v / s + 1)
-                    };
-                    let oh = out_dim(
-                        h,
-                        pads[0] + pads[2],
-                        weight_shape[2],
-                        stride[0],
-                        dilation[0],
-                    );
-                    let ow = out_dim(
-                        w,
-                        pads[1] + pads[3],
-                        weight_shape[3],
-                        stride[1],
-                        dilation[1],
-                    );
-                    let (Some(oh), Some(ow)) = (oh, ow) else {
-                        return Err(malformed(&node.name, "kernel larger than the padded input"));
-                    };
+                    let window = [
+                        dilation[0] * (weight_shape[2] - 1) + 1,
+                        dilation[1] * (weight_shape[3] - 1) + 1,
+                    ];
+                    let [oh, ow] = window_output(&node.name, [h, w], window, stride, pads)?;
                     (
                         Op::Conv {
                             weight,
@@ -260,7 +325,7 @@ impl Graph {
                         vec![n, weight_shape[0], oh, ow],
                     )
                 }
-                "Gemm" => {
+                "Gemm" | "MatMul" => {
                     let (w_shape, w) = constant(1)
                         .cloned()
                         .ok_or_else(|| malformed(&node.name, "weights are not a constant"))?;
@@ -275,7 +340,7 @@ impl Graph {
                     {
                         return Err(malformed(
                             &node.name,
-                            "only Gemm with transA = 0, alpha = beta = 1 and 2-D weights",
+                            "only Gemm with transA = 0, alpha = beta = 1 and 2-D constant weights",
                         ));
                     }
                     let (out_features, in_features) = if trans_b {
@@ -291,8 +356,9 @@ impl Graph {
                             .map(|(o, i)| w[i * out_features + o])
                             .collect()
                     };
-                    let bias = constant(2)
-                        .map(|(_, b)| b.clone())
+                    let bias = (node.op_type == "Gemm")
+                        .then(|| constant(2).map(|(_, b)| b.clone()))
+                        .flatten()
                         .unwrap_or_else(|| vec![0.0; out_features]);
                     if shape_in.len() != 2
                         || shape_in[1] != in_features
@@ -313,6 +379,24 @@ impl Graph {
                     )
                 }
                 "Relu" => (Op::Relu, shape_in),
+                "Sigmoid" => (Op::Sigmoid, shape_in),
+                "Clip" => {
+                    // Bounds are attributes before opset 11 and constant inputs after.
+                    let bound = |index: usize, attr: &str, default: f32| {
+                        constant(index)
+                            .and_then(|(_, v)| v.first().copied())
+                            .or_else(|| node.attribute.iter().find(|a| a.name == attr).map(|a| a.f))
+                            .unwrap_or(default)
+                    };
+                    let (min, max) = (bound(1, "min", f32::MIN), bound(2, "max", f32::MAX));
+                    if min >= max {
+                        return Err(malformed(
+                            &node.name,
+                            format!("Clip [{min}, {max}] is empty"),
+                        ));
+                    }
+                    (Op::Clip { min, max }, shape_in)
+                }
                 "Add" => {
                     if activations.len() != 2 || g.shapes[activations[1]] != shape_in {
                         return Err(malformed(
@@ -322,13 +406,169 @@ impl Graph {
                     }
                     (Op::Add, shape_in)
                 }
-                "GlobalAveragePool" if shape_in.len() == 4 => {
-                    (Op::GlobalAveragePool, vec![shape_in[0], shape_in[1], 1, 1])
+                "Mul" => {
+                    let other = activations.get(1).map(|&id| &g.shapes[id]);
+                    let per_channel =
+                        shape_in.len() == 4 && other == Some(&vec![shape_in[0], shape_in[1], 1, 1]);
+                    let scalar = other.is_some_and(|s| s.iter().product::<usize>() == 1);
+                    if !(other == Some(&shape_in) || per_channel || scalar) {
+                        return Err(malformed(
+                            &node.name,
+                            "Mul needs two activations: the same shape, [N, C, 1, 1] or a scalar",
+                        ));
+                    }
+                    (Op::Mul, shape_in)
+                }
+                "Concat" => {
+                    let axis = int(node, "axis").unwrap_or(1);
+                    let rank = shape_in.len() as i64;
+                    let same_but_channels = activations.iter().all(|&id| {
+                        let s = &g.shapes[id];
+                        s.len() == shape_in.len()
+                            && s.iter()
+                                .zip(&shape_in)
+                                .enumerate()
+                                .all(|(i, (a, b))| i == 1 || a == b)
+                    });
+                    if shape_in.first() != Some(&1)
+                        || !(axis == 1 || axis == 1 - rank)
+                        || activations.len() != node.input.len()
+                        || !same_but_channels
+                    {
+                        return Err(malformed(
+                            &node.name,
+                            "only Concat of activations along the channel axis, batch 1",
+                        ));
+                    }
+                    let mut shape = shape_in.clone();
+                    shape[1] = activations.iter().map(|&id| g.shapes[id][1]).sum();
+                    (Op::Concat, shape)
+                }
+                "MaxPool" | "AveragePool" => {
+                    let [n, c, h, w] = nchw()?;
+                    let kernel = pair(node, "kernel_shape", 0)?;
+                    let stride = pair(node, "strides", 1)?;
+                    let pads = pads(node)?;
+                    let plain = int(node, "ceil_mode").unwrap_or(0) == 0
+                        && pair(node, "dilations", 1)? == [1, 1]
+                        && node
+                            .attribute
+                            .iter()
+                            .all(|a| a.name != "auto_pad" || a.s == b"NOTSET");
+                    if !plain || pads[0] >= kernel[0] || pads[1] >= kernel[1] {
+                        return Err(malformed(
+                            &node.name,
+                            "pooling needs ceil_mode 0, dilation 1, explicit pads smaller than the window",
+                        ));
+                    }
+                    let [oh, ow] = window_output(&node.name, [h, w], kernel, stride, pads)?;
+                    let op = if node.op_type == "MaxPool" {
+                        Op::MaxPool {
+                            kernel,
+                            stride,
+                            pads,
+                        }
+                    } else {
+                        Op::AveragePool {
+                            kernel,
+                            stride,
+                            pads,
+                            count_include_pad: int(node, "count_include_pad").unwrap_or(0) == 1,
+                        }
+                    };
+                    (op, vec![n, c, oh, ow])
+                }
+                "GlobalAveragePool" => {
+                    let [n, c, _, _] = nchw()?;
+                    (Op::GlobalAveragePool, vec![n, c, 1, 1])
+                }
+                "Resize" | "Upsample" => {
+                    let [n, c, h, w] = nchw()?;
+                    let text = |name: &str, default: &str| {
+                        node.attribute
+                            .iter()
+                            .find(|a| a.name == name)
+                            .map(|a| String::from_utf8_lossy(&a.s).into_owned())
+                            .unwrap_or_else(|| default.to_string())
+                    };
+                    let mode = text("mode", "nearest");
+                    let transform = text("coordinate_transformation_mode", "half_pixel");
+                    let bilinear = match (mode.as_str(), transform.as_str()) {
+                        ("nearest", "asymmetric") if text("nearest_mode", "round_prefer_floor") == "floor" => false,
+                        ("linear" | "bilinear", "half_pixel" | "pytorch_half_pixel") => true,
+                        _ => {
+                            return Err(malformed(
+                                &node.name,
+                                format!("Resize mode {mode} with {transform} coordinates is not supported (nearest/asymmetric/floor or linear/half_pixel)"),
+                            ))
+                        }
+                    };
+                    // Output size from `sizes` (input 3) if given, else from `scales` (input 2,
+                    // or 1 before opset 11).
+                    let four = |i: usize| constant(i).map(|(_, v)| v).filter(|v| v.len() == 4);
+                    let scales_input = if node.input.len() == 2 { 1 } else { 2 };
+                    let [oh, ow] = match (four(3), four(scales_input)) {
+                        (Some(sizes), _) if sizes[..2] == [n as f32, c as f32] => {
+                            [sizes[2] as usize, sizes[3] as usize]
+                        }
+                        (None, Some(scales)) if scales[..2] == [1.0, 1.0] => [
+                            (h as f32 * scales[2]).floor() as usize,
+                            (w as f32 * scales[3]).floor() as usize,
+                        ],
+                        _ => {
+                            return Err(malformed(
+                                &node.name,
+                                "Resize needs constant scales or sizes that keep N and C",
+                            ))
+                        }
+                    };
+                    if oh == 0 || ow == 0 {
+                        return Err(malformed(&node.name, "Resize to an empty image"));
+                    }
+                    (Op::Resize { bilinear }, vec![n, c, oh, ow])
+                }
+                "Softmax" => {
+                    let axis = int(node, "axis").unwrap_or(-1);
+                    if shape_in.len() != 2 || !(axis == -1 || axis == 1) {
+                        return Err(malformed(
+                            &node.name,
+                            "only Softmax over the last axis of a 2-D tensor",
+                        ));
+                    }
+                    (Op::Softmax, shape_in)
                 }
                 "Flatten" if int(node, "axis").unwrap_or(1) == 1 => (
-                    Op::Flatten,
+                    Op::Reshape,
                     vec![shape_in[0], shape_in[1..].iter().product()],
                 ),
+                "Reshape" => {
+                    let (_, target) = constant(1)
+                        .ok_or_else(|| malformed(&node.name, "Reshape needs a constant shape"))?;
+                    let total: usize = shape_in.iter().product();
+                    let mut shape: Vec<usize> = target
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &d)| {
+                            if d == 0.0 {
+                                shape_in.get(i).copied().unwrap_or(0)
+                            } else {
+                                d.max(0.0) as usize
+                            }
+                        })
+                        .collect();
+                    if let Some(free) = target.iter().position(|&d| d == -1.0) {
+                        shape[free] = 1;
+                        let known: usize = shape.iter().product();
+                        shape[free] = total / known.max(1);
+                    }
+                    if shape.iter().product::<usize>() != total {
+                        return Err(malformed(
+                            &node.name,
+                            format!("cannot reshape {shape_in:?} to {target:?}"),
+                        ));
+                    }
+                    (Op::Reshape, shape)
+                }
                 op => {
                     return Err(ImportError::Unsupported {
                         node: node.name.clone(),
@@ -336,10 +576,6 @@ impl Graph {
                     })
                 }
             };
-            let output_name = node
-                .output
-                .first()
-                .ok_or_else(|| malformed(&node.name, "no output"))?;
             let id = g.shapes.len();
             g.shapes.push(shape_out);
             g.names.push(output_name.clone());
@@ -411,23 +647,241 @@ impl Graph {
                         .collect()
                 }
                 Op::Relu => x.iter().map(|v| v.max(0.0)).collect(),
+                Op::Clip { min, max } => x.iter().map(|v| v.clamp(*min, *max)).collect(),
+                Op::Sigmoid => x.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
                 Op::Add => x
                     .iter()
                     .zip(&values[node.inputs[1]])
                     .map(|(a, b)| a + b)
                     .collect(),
+                Op::Mul => {
+                    let other = &values[node.inputs[1]];
+                    let plane = x.len() / other.len().max(1);
+                    x.iter()
+                        .enumerate()
+                        .map(|(i, a)| a * other[i / plane])
+                        .collect()
+                }
+                Op::Concat => node
+                    .inputs
+                    .iter()
+                    .flat_map(|&id| values[id].iter().copied())
+                    .collect(),
+                Op::MaxPool {
+                    kernel,
+                    stride,
+                    pads,
+                } => pool_f32(x, shape, out_shape, *kernel, *stride, *pads, |window, _| {
+                    window.iter().copied().fold(f32::MIN, f32::max)
+                }),
+                Op::AveragePool {
+                    kernel,
+                    stride,
+                    pads,
+                    count_include_pad,
+                } => pool_f32(
+                    x,
+                    shape,
+                    out_shape,
+                    *kernel,
+                    *stride,
+                    *pads,
+                    |window, area| {
+                        let count = if *count_include_pad {
+                            area
+                        } else {
+                            window.len()
+                        };
+                        window.iter().sum::<f32>() / count as f32
+                    },
+                ),
                 Op::GlobalAveragePool => {
                     let plane = shape[2] * shape[3];
                     x.chunks_exact(plane)
                         .map(|c| c.iter().sum::<f32>() / plane as f32)
                         .collect()
                 }
-                Op::Flatten => x.clone(),
+                Op::Resize { bilinear } => resize_f32(x, shape, out_shape, *bilinear),
+                Op::Softmax => x
+                    .chunks_exact(shape[1])
+                    .flat_map(|row| {
+                        let max = row.iter().copied().fold(f32::MIN, f32::max);
+                        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+                        row.iter().map(move |v| (v - max).exp() / sum)
+                    })
+                    .collect(),
+                Op::Reshape => x.clone(),
             };
             values[node.output] = y;
         }
         values
     }
+}
+
+fn pads(node: &NodeProto) -> Result<[usize; 4], ImportError> {
+    match ints(node, "pads").as_deref() {
+        None => Ok([0; 4]),
+        Some(&[t, l, b, r]) if t >= 0 && l >= 0 && b >= 0 && r >= 0 => {
+            Ok([t as usize, l as usize, b as usize, r as usize])
+        }
+        Some(other) => Err(malformed(&node.name, format!("pads {other:?}"))),
+    }
+}
+
+/// Output height and width of a sliding window (ONNX floor rounding).
+fn window_output(
+    node: &str,
+    input: [usize; 2],
+    window: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+) -> Result<[usize; 2], ImportError> {
+    let out = |axis: usize| {
+        (input[axis] + pads[axis] + pads[axis + 2])
+            .checked_sub(window[axis])
+            .map(|v| v / stride[axis] + 1)
+    };
+    match (out(0), out(1)) {
+        (Some(h), Some(w)) if window[0] > 0 && window[1] > 0 => Ok([h, w]),
+        _ => Err(malformed(node, "window larger than the padded input")),
+    }
+}
+
+/// Fold `BatchNormalization(x)` into the Conv that wrote `x`, which nothing else may read.
+fn fold_batch_norm(
+    g: &mut Graph,
+    node: &NodeProto,
+    input: usize,
+    constants: &HashMap<String, (Vec<usize>, Vec<f32>)>,
+    readers: usize,
+) -> Result<(), ImportError> {
+    let param = |i: usize| {
+        node.input
+            .get(i)
+            .and_then(|n| constants.get(n.as_str()))
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                malformed(
+                    &node.name,
+                    "BatchNormalization parameters are not constants",
+                )
+            })
+    };
+    let (scale, shift, mean, var) = (param(1)?, param(2)?, param(3)?, param(4)?);
+    let epsilon = node
+        .attribute
+        .iter()
+        .find(|a| a.name == "epsilon")
+        .map_or(1e-5, |a| a.f);
+    let conv = g
+        .nodes
+        .iter_mut()
+        .find(|n| n.output == input)
+        .filter(|_| readers == 1);
+    let Some(Node {
+        op:
+            Op::Conv {
+                weight,
+                weight_shape,
+                bias,
+                ..
+            },
+        ..
+    }) = conv
+    else {
+        return Err(ImportError::Unsupported {
+            node: node.name.clone(),
+            op: "BatchNormalization (only directly after a Conv that nothing else reads)".into(),
+        });
+    };
+    let channels = weight_shape[0];
+    if [&scale, &shift, &mean, &var]
+        .iter()
+        .any(|p| p.len() != channels)
+    {
+        return Err(malformed(
+            &node.name,
+            "BatchNormalization parameters do not match the Conv's channels",
+        ));
+    }
+    let per_channel = weight.len() / channels;
+    for c in 0..channels {
+        let factor = scale[c] / (var[c] + epsilon).sqrt();
+        weight[c * per_channel..(c + 1) * per_channel]
+            .iter_mut()
+            .for_each(|w| *w *= factor);
+        bias[c] = (bias[c] - mean[c]) * factor + shift[c];
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pool_f32(
+    x: &[f32],
+    shape: &[usize],
+    out_shape: &[usize],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+    reduce: impl Fn(&[f32], usize) -> f32,
+) -> Vec<f32> {
+    let (c, h, w) = (shape[1], shape[2], shape[3]);
+    let (oh, ow) = (out_shape[2], out_shape[3]);
+    let mut y = Vec::with_capacity(c * oh * ow);
+    let mut window = Vec::new();
+    for ch in 0..c {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                window.clear();
+                for ky in 0..kernel[0] {
+                    for kx in 0..kernel[1] {
+                        let iy = (oy * stride[0] + ky).checked_sub(pads[0]);
+                        let ix = (ox * stride[1] + kx).checked_sub(pads[1]);
+                        if let (Some(iy), Some(ix)) = (iy, ix) {
+                            if iy < h && ix < w {
+                                window.push(x[(ch * h + iy) * w + ix]);
+                            }
+                        }
+                    }
+                }
+                y.push(reduce(&window, kernel[0] * kernel[1]));
+            }
+        }
+    }
+    y
+}
+
+fn resize_f32(x: &[f32], shape: &[usize], out_shape: &[usize], bilinear: bool) -> Vec<f32> {
+    let (c, h, w) = (shape[1], shape[2], shape[3]);
+    let (oh, ow) = (out_shape[2], out_shape[3]);
+    // Source index pairs and the weight of the second, per output row or column.
+    let axis = |input: usize, output: usize| -> Vec<(usize, usize, f32)> {
+        (0..output)
+            .map(|d| {
+                if bilinear {
+                    let src = ((d as f32 + 0.5) * input as f32 / output as f32 - 0.5).max(0.0);
+                    let i0 = (src.floor() as usize).min(input - 1);
+                    ((i0), (i0 + 1).min(input - 1), src - i0 as f32)
+                } else {
+                    let i = (d * input / output).min(input - 1);
+                    (i, i, 0.0)
+                }
+            })
+            .collect()
+    };
+    let (rows, cols) = (axis(h, oh), axis(w, ow));
+    let mut y = Vec::with_capacity(c * oh * ow);
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for &(y0, y1, fy) in &rows {
+            for &(x0, x1, fx) in &cols {
+                let top = plane[y0 * w + x0] * (1.0 - fx) + plane[y0 * w + x1] * fx;
+                let bottom = plane[y1 * w + x0] * (1.0 - fx) + plane[y1 * w + x1] * fx;
+                y.push(top * (1.0 - fy) + bottom * fy);
+            }
+        }
+    }
+    y
 }
 
 fn value_shape(v: &pb::ValueInfoProto) -> Option<Vec<usize>> {

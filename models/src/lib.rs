@@ -8,12 +8,15 @@
 
 pub mod arena;
 pub mod calibrate;
+pub mod compile;
 pub mod graph;
 pub mod quantize;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
+use kestrel_kernels::cpu::Int8Cpu;
+use kestrel_kernels::program::ProgramError;
 use kestrel_kernels::tract::{LoadError, TractBackend};
 use kestrel_kernels::{PreprocessSpec, ResizeRule, SpecError};
 use serde::Deserialize;
@@ -26,12 +29,14 @@ struct Builtin {
     name: &'static str,
     manifest: &'static str,
     onnx: &'static [u8],
+    plan: Option<&'static [u8]>,
 }
 
 const BUILTINS: [Builtin; 1] = [Builtin {
     name: "eurosat-rgb",
     manifest: include_str!("../zoo/eurosat-rgb/manifest.json"),
     onnx: include_bytes!("../zoo/eurosat-rgb/model.onnx"),
+    plan: Some(include_bytes!("../zoo/eurosat-rgb/model.plan")),
 }];
 
 /// Names of the models built into this crate.
@@ -127,6 +132,24 @@ pub enum ModelError {
     /// tract could not load the model.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The int8 plan does not load.
+    #[error("{origin}: {source}")]
+    Plan {
+        /// The plan file.
+        origin: String,
+        /// Why.
+        source: ProgramError,
+    },
+    /// The plan was compiled from another ONNX file than the manifest names.
+    #[error("{origin}: plan was compiled from ONNX sha256 {plan}, the manifest's model is {manifest}; recompile it with `cargo run -p models -- compile`")]
+    StalePlan {
+        /// The plan file.
+        origin: String,
+        /// sha256 in the plan.
+        plan: String,
+        /// sha256 in the manifest.
+        manifest: String,
+    },
 }
 
 /// A model ready to be handed to a backend.
@@ -137,6 +160,7 @@ pub struct ZooModel {
     /// Where it came from: `builtin:<name>` or the ONNX path.
     pub origin: String,
     onnx: Cow<'static, [u8]>,
+    plan: Option<(String, Cow<'static, [u8]>)>,
 }
 
 impl ZooModel {
@@ -145,7 +169,11 @@ impl ZooModel {
     pub fn load(name_or_path: &str) -> Result<Self, ModelError> {
         if let Some(b) = BUILTINS.iter().find(|b| b.name == name_or_path) {
             let origin = format!("builtin:{}", b.name);
-            return Self::from_parts(b.manifest, &origin, Cow::Borrowed(b.onnx), &origin);
+            let mut model = Self::from_parts(b.manifest, &origin, Cow::Borrowed(b.onnx), &origin)?;
+            model.plan = b
+                .plan
+                .map(|p| (format!("{origin}/model.plan"), Cow::Borrowed(p)));
+            return Ok(model);
         }
         let path = Path::new(name_or_path);
         let (manifest_path, onnx_path) = if path.is_dir() {
@@ -169,12 +197,20 @@ impl ZooModel {
         let manifest_bytes = read(&manifest_path)?;
         let manifest_text = String::from_utf8_lossy(&manifest_bytes);
         let onnx = read(&onnx_path)?;
-        Self::from_parts(
+        let mut model = Self::from_parts(
             &manifest_text,
             &manifest_path.display().to_string(),
             Cow::Owned(onnx),
             &onnx_path.display().to_string(),
-        )
+        )?;
+        let plan_path = onnx_path.with_file_name("model.plan");
+        if plan_path.exists() {
+            model.plan = Some((
+                plan_path.display().to_string(),
+                Cow::Owned(read(&plan_path)?),
+            ));
+        }
+        Ok(model)
     }
 
     fn from_parts(
@@ -220,6 +256,7 @@ impl ZooModel {
             manifest,
             origin: origin.to_string(),
             onnx,
+            plan: None,
         };
         model
             .preprocess_spec()
@@ -251,6 +288,34 @@ impl ZooModel {
             &self.onnx,
             &self.manifest.input.shape,
         )?)
+    }
+}
+
+impl ZooModel {
+    /// Whether the model has a compiled int8 plan (`model.plan` beside the ONNX).
+    pub fn has_plan(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// The model's plan on the int8 CPU backend, or `None` when it has no plan. The plan must
+    /// have been compiled from this model's ONNX.
+    pub fn int8_backend(&self) -> Result<Option<Int8Cpu>, ModelError> {
+        let Some((origin, bytes)) = &self.plan else {
+            return Ok(None);
+        };
+        let backend = Int8Cpu::from_bytes(bytes).map_err(|source| ModelError::Plan {
+            origin: origin.clone(),
+            source,
+        })?;
+        let compiled_from = backend.program().header().onnx_sha256;
+        if !compiled_from.eq_ignore_ascii_case(&self.manifest.onnx_sha256) {
+            return Err(ModelError::StalePlan {
+                origin: origin.clone(),
+                plan: compiled_from.to_string(),
+                manifest: self.manifest.onnx_sha256.clone(),
+            });
+        }
+        Ok(Some(backend))
     }
 }
 

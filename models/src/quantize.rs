@@ -1,12 +1,15 @@
-//! From a float graph and calibrated activation ranges to int8 layers run by the generic
-//! kernels: per-channel weights, int32 biases, fixed-point requantisation, ReLU fused into the
-//! layer before it. This is the integer program a plan will carry.
+//! From a float graph and calibrated activation ranges to the int8 program a plan carries:
+//! per-channel weights, int32 biases, fixed-point requantisation, activations fused into the
+//! layer before them, element-wise functions as lookup tables.
 
-use kestrel_kernels::int8::{self, ConvGeometry, OutputQuant};
+use kestrel_kernels::int8::{self, build_lut, ConvGeometry, OutputQuant, PoolGeometry, ResizeMode};
+use kestrel_kernels::plan::PlanHeader;
+use kestrel_kernels::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, TensorId};
 use kestrel_kernels::quant::Requant;
 
+use crate::arena::{lifetimes, plan, ArenaLayout};
 use crate::calibrate::{quantize_bias, quantize_weights_per_channel, ActivationQuant};
-use crate::graph::{Graph, ImportError, Op};
+use crate::graph::{Graph, ImportError, Node, Op};
 
 /// One int8 layer with owned parameters.
 #[derive(Clone, Debug)]
@@ -41,10 +44,20 @@ pub enum Layer {
     },
     /// Residual sum.
     Add(int8::Add),
+    /// Product.
+    Mul(int8::Mul),
     /// Channel means.
     GlobalAveragePool(int8::GlobalAveragePool),
-    /// Same codes, new shape.
-    Flatten,
+    /// Window maxima.
+    MaxPool(int8::MaxPool),
+    /// Window means.
+    AveragePool(int8::AveragePool),
+    /// Resampling.
+    Resize(int8::Resize),
+    /// Element-wise function as a table.
+    Lut(Vec<i8>),
+    /// Channel concatenation: each input rescaled into its part of the output.
+    Concat(Vec<int8::Rescale>),
 }
 
 /// An int8 layer reading and writing tensors by value id.
@@ -69,8 +82,10 @@ pub struct QuantizedGraph {
     pub params: Vec<ActivationQuant>,
     /// Elements of every value by id.
     pub sizes: Vec<usize>,
-    /// Id of the output value.
+    /// Id of the output value (before a final Softmax).
     pub output: usize,
+    /// The model ends in a Softmax, applied to the dequantised output.
+    pub output_softmax: bool,
 }
 
 fn requant(real: f64, node: &str) -> Result<Requant, ImportError> {
@@ -80,9 +95,30 @@ fn requant(real: f64, node: &str) -> Result<Requant, ImportError> {
     })
 }
 
+fn unsupported(node: &Node, what: &str) -> ImportError {
+    ImportError::Unsupported {
+        node: node.name.clone(),
+        op: what.to_string(),
+    }
+}
+
+/// The code of `real` on a tensor's grid, clamped to int8.
+fn code(q: ActivationQuant, real: f32) -> i8 {
+    ((real / q.scale).round() + f32::from(q.zero_point)).clamp(-128.0, 127.0) as i8
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 impl QuantizedGraph {
-    /// Quantise `graph` with calibrated `params` (one per value id). A ReLU that directly
-    /// follows a Conv, Gemm or Add whose result nothing else reads is fused into it.
+    /// Quantise `graph` with calibrated `params` (one per value id).
+    ///
+    /// - A Relu or Clip that is the only reader of a Conv, Gemm or Add becomes that layer's
+    ///   output clamp.
+    /// - `x * Sigmoid(x)` becomes one SiLU table; other Sigmoid, Relu and Clip nodes are tables.
+    /// - Reshape and Flatten share their input's bytes; MaxPool and Resize keep its quantisation.
+    /// - A Softmax must be the last node; it is applied to the dequantised output.
     pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
         let mut params = params.to_vec();
         let readers = |id: usize| {
@@ -92,33 +128,62 @@ impl QuantizedGraph {
                 .filter(|n| n.inputs.contains(&id))
                 .count()
         };
+        let reader = |id: usize| {
+            graph
+                .nodes
+                .iter()
+                .enumerate()
+                .find(|(_, n)| n.inputs.contains(&id))
+        };
+        // Values that are views of another (Reshape): resolved to the value holding the bytes.
+        let mut alias: Vec<usize> = (0..graph.shapes.len()).collect();
+        let mut skip = vec![false; graph.nodes.len()];
         let mut steps = Vec::new();
-        let mut fused_relus = Vec::new();
+        let mut output = graph.output;
+        let mut output_softmax = false;
         for (index, node) in graph.nodes.iter().enumerate() {
-            if fused_relus.contains(&index) {
+            if skip[index] {
                 continue;
             }
-            // Fuse a following ReLU: its output (and range) becomes this layer's output.
-            let relu = graph.nodes.iter().enumerate().find(|(_, n)| {
-                matches!(n.op, Op::Relu) && n.inputs == [node.output] && readers(node.output) == 1
+            let inputs: Vec<usize> = node.inputs.iter().map(|&i| alias[i]).collect();
+            let input = inputs[0];
+            // An activation that nothing else reads is folded into this layer's clamp.
+            let fused = reader(node.output).filter(|(_, next)| {
+                readers(node.output) == 1
+                    && node.output != graph.output
+                    && matches!(next.op, Op::Relu | Op::Clip { .. })
+                    && matches!(node.op, Op::Conv { .. } | Op::Gemm { .. } | Op::Add)
             });
-            let fusable = matches!(node.op, Op::Conv { .. } | Op::Gemm { .. } | Op::Add);
-            let (output, relu_fused) = match relu {
-                Some((relu_index, relu)) if fusable => {
-                    fused_relus.push(relu_index);
-                    (relu.output, true)
+            let out_id = match fused {
+                Some((i, next)) => {
+                    skip[i] = true;
+                    next.output
                 }
-                _ => (node.output, false),
+                None => node.output,
             };
-            let out = params[output];
+            let out = params[out_id];
+            let (min, max) = match fused.map(|(_, n)| &n.op) {
+                Some(Op::Relu) => (out.zero_point, 127),
+                Some(Op::Clip { min, max }) => (code(out, *min), code(out, *max)),
+                _ => (-128, 127),
+            };
             let output_quant = OutputQuant {
                 zero_point: i32::from(out.zero_point),
-                min: if relu_fused { out.zero_point } else { -128 },
-                max: 127,
+                min,
+                max,
             };
-            let input = node.inputs[0];
             let input_scale = f64::from(params[input].scale);
             let input_zero_point = i32::from(params[input].zero_point);
+            let rescale = |from: usize| -> Result<int8::Rescale, ImportError> {
+                Ok(int8::Rescale {
+                    input_zero_point: i32::from(params[from].zero_point),
+                    requant: requant(
+                        f64::from(params[from].scale) / f64::from(out.scale),
+                        &node.name,
+                    )?,
+                    output_quant,
+                })
+            };
             // Weights per output channel, biases in the accumulator scale, and the
             // accumulator-to-output requantisation of each channel.
             let quantize_layer = |weight: &[f32], channels: usize, bias: &[f32]| {
@@ -136,6 +201,30 @@ impl QuantizedGraph {
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok::<_, ImportError>((q.values, bias, requant))
             };
+            let shape = &graph.shapes[node.inputs[0]];
+            let out_shape = &graph.shapes[node.output];
+            let pool_geometry =
+                |kernel: [usize; 2], stride: [usize; 2], pads: [usize; 4]| PoolGeometry {
+                    channels: shape[1],
+                    input: [shape[2], shape[3]],
+                    output: [out_shape[2], out_shape[3]],
+                    kernel,
+                    stride,
+                    pad: [pads[0], pads[1]],
+                };
+            let table = |f: &dyn Fn(f32) -> f32| {
+                let q = params[input];
+                Layer::Lut(
+                    build_lut(
+                        q.scale,
+                        i32::from(q.zero_point),
+                        out.scale,
+                        i32::from(out.zero_point),
+                        f,
+                    )
+                    .to_vec(),
+                )
+            };
             let layer = match &node.op {
                 Op::Conv {
                     weight,
@@ -147,14 +236,10 @@ impl QuantizedGraph {
                     group,
                 } => {
                     let (weights, bias, requant) = quantize_layer(weight, weight_shape[0], bias)?;
-                    let shape = |id: usize| -> [usize; 3] {
-                        let s = &graph.shapes[id];
-                        [s[1], s[2], s[3]]
-                    };
                     Layer::Conv {
                         geometry: ConvGeometry {
-                            input: shape(input),
-                            output: shape(node.output),
+                            input: [shape[1], shape[2], shape[3]],
+                            output: [out_shape[1], out_shape[2], out_shape[3]],
                             kernel: [weight_shape[2], weight_shape[3]],
                             stride: *stride,
                             pad: [pads[0], pads[1]],
@@ -183,75 +268,171 @@ impl QuantizedGraph {
                     }
                 }
                 Op::Add => {
-                    let other = node.inputs[1];
+                    let [a, b] = [rescale(inputs[0])?, rescale(inputs[1])?];
                     Layer::Add(int8::Add {
-                        input_zero_points: [input_zero_point, i32::from(params[other].zero_point)],
-                        requant: [
-                            requant(input_scale / f64::from(out.scale), &node.name)?,
-                            requant(
-                                f64::from(params[other].scale) / f64::from(out.scale),
-                                &node.name,
-                            )?,
-                        ],
+                        input_zero_points: [a.input_zero_point, b.input_zero_point],
+                        requant: [a.requant, b.requant],
                         output_quant,
                     })
                 }
+                Op::Mul => {
+                    // x * Sigmoid(x) where the Sigmoid feeds only this Mul: SiLU, done below.
+                    let other = params[inputs[1]];
+                    Layer::Mul(int8::Mul {
+                        input_zero_points: [input_zero_point, i32::from(other.zero_point)],
+                        requant: requant(
+                            input_scale * f64::from(other.scale) / f64::from(out.scale),
+                            &node.name,
+                        )?,
+                        output_quant,
+                    })
+                }
+                Op::Sigmoid => {
+                    let silu = reader(node.output).filter(|(_, next)| {
+                        readers(node.output) == 1
+                            && matches!(next.op, Op::Mul)
+                            && next.inputs.contains(&node.inputs[0])
+                            && next.inputs.contains(&node.output)
+                    });
+                    match silu {
+                        Some((i, mul)) => {
+                            skip[i] = true;
+                            let out = params[mul.output];
+                            let q = params[input];
+                            steps.push(Step {
+                                name: node.name.clone(),
+                                layer: Layer::Lut(
+                                    build_lut(
+                                        q.scale,
+                                        i32::from(q.zero_point),
+                                        out.scale,
+                                        i32::from(out.zero_point),
+                                        |x| x * sigmoid(x),
+                                    )
+                                    .to_vec(),
+                                ),
+                                inputs: vec![input],
+                                output: mul.output,
+                            });
+                            continue;
+                        }
+                        None => table(&sigmoid),
+                    }
+                }
+                Op::Relu => table(&|x: f32| x.max(0.0)),
+                Op::Clip { min, max } => table(&|x: f32| x.clamp(*min, *max)),
+                Op::Concat => Layer::Concat(
+                    inputs
+                        .iter()
+                        .map(|&i| rescale(i))
+                        .collect::<Result<_, _>>()?,
+                ),
                 Op::GlobalAveragePool => {
-                    let s = &graph.shapes[input];
-                    let plane = (s[2] * s[3]) as f64;
+                    let plane = (shape[2] * shape[3]) as f64;
                     Layer::GlobalAveragePool(int8::GlobalAveragePool {
-                        channels: s[1],
+                        channels: shape[1],
                         input_zero_point,
                         requant: requant(input_scale / (f64::from(out.scale) * plane), &node.name)?,
                         output_quant,
                     })
                 }
-                Op::Flatten => {
-                    // Same codes: the output must share the input's quantisation.
-                    params[output] = params[input];
-                    Layer::Flatten
+                Op::MaxPool {
+                    kernel,
+                    stride,
+                    pads,
+                } => {
+                    // Max commutes with quantisation: same codes, same grid.
+                    params[out_id] = params[input];
+                    Layer::MaxPool(int8::MaxPool {
+                        geometry: pool_geometry(*kernel, *stride, *pads),
+                    })
                 }
-                Op::Relu => return Err(ImportError::Malformed {
-                    node: node.name.clone(),
-                    reason:
-                        "a ReLU that cannot be fused into the layer before it is not supported yet"
-                            .into(),
+                Op::AveragePool {
+                    kernel,
+                    stride,
+                    pads,
+                    count_include_pad,
+                } => Layer::AveragePool(int8::AveragePool {
+                    geometry: pool_geometry(*kernel, *stride, *pads),
+                    count_include_pad: *count_include_pad,
+                    input_zero_point,
+                    requant: requant(input_scale / f64::from(out.scale), &node.name)?,
+                    output_quant,
                 }),
+                Op::Resize { bilinear } => {
+                    params[out_id] = params[input];
+                    Layer::Resize(int8::Resize {
+                        channels: shape[1],
+                        input: [shape[2], shape[3]],
+                        output: [out_shape[2], out_shape[3]],
+                        mode: if *bilinear {
+                            ResizeMode::Bilinear
+                        } else {
+                            ResizeMode::Nearest
+                        },
+                    })
+                }
+                Op::Softmax => {
+                    if node.output != graph.output {
+                        return Err(unsupported(node, "Softmax anywhere but at the output"));
+                    }
+                    output = input;
+                    output_softmax = true;
+                    continue;
+                }
+                Op::Reshape => {
+                    alias[node.output] = input;
+                    params[node.output] = params[input];
+                    if node.output == graph.output {
+                        output = input;
+                    }
+                    continue;
+                }
             };
             steps.push(Step {
                 name: node.name.clone(),
                 layer,
-                inputs: node.inputs.clone(),
-                output,
+                inputs,
+                output: out_id,
             });
         }
         let sizes = graph.shapes.iter().map(|s| s.iter().product()).collect();
-        let output = graph.output;
         Ok(Self {
             steps,
             params,
             sizes,
-            output,
+            output: alias[output],
+            output_softmax,
         })
     }
 
-    /// Quantise a float input tensor with the input's parameters.
-    pub fn quantize_input(&self, input: &[f32]) -> Vec<i8> {
-        let q = self.params[0];
-        input
-            .iter()
-            .map(|x| ((x / q.scale).round() + f32::from(q.zero_point)).clamp(-128.0, 127.0) as i8)
-            .collect()
+    /// Place every tensor in one arena.
+    pub fn arena(&self) -> ArenaLayout {
+        plan(&lifetimes(self))
     }
 
-    /// Run the integer program and return the output codes.
-    pub fn run(&self, input: &[i8]) -> Result<Vec<i8>, int8::ShapeError> {
-        let mut values: Vec<Vec<i8>> = self.sizes.iter().map(|&n| vec![0; n]).collect();
-        values[0] = input.to_vec();
+    /// Encode the program as a plan file. `header` supplies the name, preprocessing and labels;
+    /// shapes, quantisation and the arena come from the program.
+    pub fn to_plan(&self, header: &PlanHeader<'_>) -> Result<Vec<u8>, ImportError> {
+        let too_big = |what: &str| ImportError::Malformed {
+            node: "plan".into(),
+            reason: format!("{what} does not fit the plan format"),
+        };
+        let layout = self.arena();
+        let mut builder = ProgramBuilder::default();
+        // Tensor ids are value ids; values the program never touches get an empty slot.
+        for (id, offset) in layout.offsets.iter().enumerate() {
+            match offset {
+                Some(offset) => builder.tensor(*offset, self.sizes[id]),
+                None => builder.tensor(0, 0),
+            };
+        }
+        let id = |value: usize| TensorId::try_from(value).map_err(|_| too_big("tensor count"));
         for step in &self.steps {
-            let mut out = std::mem::take(&mut values[step.output]);
-            let x = &values[step.inputs[0]];
-            match &step.layer {
+            let output = id(step.output)?;
+            let first = id(step.inputs[0])?;
+            let second = id(*step.inputs.get(1).unwrap_or(&step.inputs[0]))?;
+            let op = match &step.layer {
                 Layer::Conv {
                     geometry,
                     weights,
@@ -259,44 +440,72 @@ impl QuantizedGraph {
                     requant,
                     input_zero_point,
                     output_quant,
-                } => int8::Conv {
+                } => PlanOp::Conv {
                     geometry: *geometry,
-                    weights,
-                    bias,
-                    requant,
+                    weights: builder.i8_blob(weights),
+                    channels: builder.channels(bias, requant),
                     input_zero_point: *input_zero_point,
                     output_quant: *output_quant,
-                }
-                .run(x, &mut out)?,
+                },
                 Layer::Gemm {
                     weights,
                     bias,
                     requant,
                     input_zero_point,
                     output_quant,
-                } => int8::Gemm {
-                    weights,
-                    bias,
-                    requant,
+                } => PlanOp::Gemm {
+                    weights: builder.i8_blob(weights),
+                    channels: builder.channels(bias, requant),
                     input_zero_point: *input_zero_point,
                     output_quant: *output_quant,
+                },
+                Layer::Add(add) => PlanOp::Add(*add),
+                Layer::Mul(mul) => PlanOp::Mul(*mul),
+                Layer::GlobalAveragePool(pool) => PlanOp::GlobalAveragePool(*pool),
+                Layer::MaxPool(pool) => PlanOp::MaxPool(*pool),
+                Layer::AveragePool(pool) => PlanOp::AveragePool(*pool),
+                Layer::Resize(resize) => PlanOp::Resize(*resize),
+                Layer::Lut(table) => PlanOp::Lut {
+                    table: builder.i8_blob(table),
+                },
+                Layer::Concat(parts) => {
+                    let mut offset = 0usize;
+                    for (&input, rescale) in step.inputs.iter().zip(parts) {
+                        let op = PlanOp::Rescale {
+                            rescale: *rescale,
+                            offset: u32::try_from(offset).map_err(|_| too_big("concat"))?,
+                        };
+                        let inputs = [id(input)?, id(input)?];
+                        builder
+                            .push(PlanStep { op, inputs, output })
+                            .map_err(|e| too_big(&format!("step {} ({e})", step.name)))?;
+                        offset += self.sizes[input];
+                    }
+                    continue;
                 }
-                .run(x, &mut out)?,
-                Layer::Add(add) => add.run(x, &values[step.inputs[1]], &mut out)?,
-                Layer::GlobalAveragePool(pool) => pool.run(x, &mut out)?,
-                Layer::Flatten => out.copy_from_slice(x),
-            }
-            values[step.output] = out;
+            };
+            builder
+                .push(PlanStep {
+                    op,
+                    inputs: [first, second],
+                    output,
+                })
+                .map_err(|e| too_big(&format!("step {} ({e})", step.name)))?;
         }
-        Ok(std::mem::take(&mut values[self.output]))
-    }
-
-    /// Real values of the output codes.
-    pub fn dequantize_output(&self, codes: &[i8]) -> Vec<f32> {
-        let q = self.params[self.output];
-        codes
-            .iter()
-            .map(|&c| q.scale * (f32::from(c) - f32::from(q.zero_point)))
-            .collect()
+        let (input, output) = (self.params[0], self.params[self.output]);
+        let header = PlanHeader {
+            arena_size: u32::try_from(layout.size).map_err(|_| too_big("arena"))?,
+            output_tensor: id(self.output)?,
+            output_len: u32::try_from(self.sizes[self.output]).map_err(|_| too_big("output"))?,
+            input_scale: input.scale,
+            input_zero_point: i32::from(input.zero_point),
+            output_scale: output.scale,
+            output_zero_point: i32::from(output.zero_point),
+            output_softmax: self.output_softmax,
+            ..header.clone()
+        };
+        builder
+            .finish(&header)
+            .map_err(|e| too_big(&format!("header ({e})")))
     }
 }

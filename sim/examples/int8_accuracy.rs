@@ -58,12 +58,15 @@ fn main() -> anyhow::Result<()> {
     runs.iter().for_each(|v| calibrator.observe_range(v));
     runs.iter().for_each(|v| calibrator.observe_histogram(v));
     let program = QuantizedGraph::build(&graph, &calibrator.finish(method))?;
-    let arena = models::arena::plan(&models::arena::lifetimes(&program));
+    let plan = models::compile::encode(&model, &program)?;
+    let mut int8_backend = kestrel_kernels::cpu::Int8Cpu::from_bytes(&plan)?;
     println!(
-        "int8 program: {} steps, activation arena {} bytes",
+        "int8 program: {} steps, activation arena {} bytes, plan {} bytes",
         program.steps.len(),
-        arena.size
+        int8_backend.program().arena_size(),
+        plan.len()
     );
+    let mut logits = vec![0.0; int8_backend.program().output_len()];
 
     let argmax = |v: &[f32]| {
         v.iter()
@@ -76,8 +79,8 @@ fn main() -> anyhow::Result<()> {
     for (n, image) in validation.iter().enumerate() {
         let input = tensor(&image.path)?;
         let float = argmax(&graph.run_f32(&input)[graph.output]);
-        let int8 =
-            argmax(&program.dequantize_output(&program.run(&program.quantize_input(&input))?));
+        int8_backend.infer(&input, &mut logits)?;
+        let int8 = argmax(&logits);
         float_right += usize::from(float == image.label);
         int8_right += usize::from(int8 == image.label);
         agree += usize::from(float == int8);

@@ -11,7 +11,7 @@ use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};
 use serde::Serialize;
 
-use crate::{load_model, BackendChoice, DropArg, ModelArgs, PipelineArgs};
+use crate::{load_model, BackendChoice, DropArg, LoadedModel, ModelArgs, PipelineArgs};
 
 /// Largest frame the chip pipeline accepts (samples): 1024 x 1024 RGBA. Larger images are
 /// counted as frame errors; `sim replay` tiles big scenes instead.
@@ -63,6 +63,8 @@ struct Report {
     model: String,
     model_origin: String,
     backend: String,
+    /// Milliseconds to parse, verify and prepare the int8 plan (null on tract).
+    plan_load_ms: Option<f64>,
     dataset: String,
     split: String,
     labels: Vec<String>,
@@ -128,7 +130,11 @@ impl Progress {
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
-    let (model, backend) = load_model(&opts.model)?;
+    let LoadedModel {
+        model,
+        backend,
+        plan_load_ms,
+    } = load_model(&opts.model)?;
     let labels = model.manifest.labels.clone();
     let spec = model.preprocess_spec().context("model preprocessing")?;
     let images = scan_labelled(&opts.dataset, &labels, opts.split)?;
@@ -215,6 +221,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         model: model.manifest.name.clone(),
         model_origin: model.origin.clone(),
         backend: backend_name.to_string(),
+        plan_load_ms,
         dataset: opts.dataset.display().to_string(),
         split: format!("{:?}", opts.split).to_lowercase(),
         labels,
@@ -263,6 +270,9 @@ fn print_summary(r: &Report, validation_top1: f64) {
         r.latency_us.p99 as f64 / 1000.0,
         r.backend
     );
+    if let Some(ms) = r.plan_load_ms {
+        println!("plan load   {ms:.2} ms (parse, CRC check, verify, arena)");
+    }
     println!(
         "throughput  {:.1} frames/s over {:.2} s",
         r.throughput_fps, r.elapsed_s

@@ -47,7 +47,7 @@ struct ModelArgs {
     /// Zoo model name (built in: eurosat-rgb), or a model folder, model.onnx or manifest.json.
     #[arg(long, default_value = models::DEFAULT_MODEL)]
     model: String,
-    /// Backend: `auto` picks the best available one (today: tract).
+    /// Backend: `auto` runs the model's int8 plan when it has one, tract otherwise.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
 }
@@ -56,6 +56,8 @@ struct ModelArgs {
 enum BackendChoice {
     /// The best backend available for this model.
     Auto,
+    /// Kestrel's int8 executor on the CPU (needs the model's compiled plan).
+    Int8Cpu,
     /// tract, float32 on the CPU.
     Tract,
 }
@@ -167,13 +169,43 @@ fn sample_dataset() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb")
 }
 
+/// A model on its backend.
+struct LoadedModel {
+    model: ZooModel,
+    backend: Box<dyn Backend + Send>,
+    /// Time to parse, check and prepare the int8 plan; `None` on tract.
+    plan_load_ms: Option<f64>,
+}
+
 /// Load a model and put it on the chosen backend.
-fn load_model(args: &ModelArgs) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>)> {
+fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     let model = ZooModel::load(&args.model)?;
-    let backend: Box<dyn Backend + Send> = match args.backend {
-        BackendChoice::Auto | BackendChoice::Tract => Box::new(model.tract_backend()?),
+    let use_plan = match args.backend {
+        BackendChoice::Auto => model.has_plan(),
+        BackendChoice::Int8Cpu => true,
+        BackendChoice::Tract => false,
     };
-    Ok((model, backend))
+    if !use_plan {
+        let backend = Box::new(model.tract_backend()?);
+        return Ok(LoadedModel {
+            model,
+            backend,
+            plan_load_ms: None,
+        });
+    }
+    let started = std::time::Instant::now();
+    let int8 = model.int8_backend()?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "model {} has no compiled plan (model.plan); compile one with `cargo run -p models -- compile`, or use --backend tract",
+            model.origin
+        )
+    })?;
+    let plan_load_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(LoadedModel {
+        model,
+        backend: Box::new(int8),
+        plan_load_ms: Some(plan_load_ms),
+    })
 }
 
 fn main() -> ExitCode {

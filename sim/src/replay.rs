@@ -62,7 +62,7 @@ struct TilesReport<'a> {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
-    let (model, backend) = load_model(&args.model)?;
+    let crate::LoadedModel { model, backend, .. } = load_model(&args.model)?;
     let labels = &model.manifest.labels;
     let spec = model.preprocess_spec()?;
     let files = list_images(&args.images)?;

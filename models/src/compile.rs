@@ -1,0 +1,322 @@
+//! The plan compiler: ONNX and a folder of calibration images in, a verified int8 plan out.
+//!
+//! 1. Import the ONNX graph (BatchNorm folded) and read its manifest.
+//! 2. Decode and preprocess the calibration images exactly as the runtime does.
+//! 3. Calibrate every activation (two passes), quantise, fuse, plan the arena, encode the plan.
+//! 4. Load the plan back and run it next to tract's float model on the same images: top-1
+//!    agreement, and accuracy of both when the images sit in class folders named as labels.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kestrel_host::{decode_image, Split};
+use kestrel_kernels::cpu::Int8Cpu;
+use kestrel_kernels::plan::PlanHeader;
+use kestrel_kernels::program::ProgramError;
+use kestrel_kernels::{Backend, MAX_BANDS};
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::preprocess::{prepare_input, Region};
+use serde::Serialize;
+
+use crate::calibrate::{Calibrator, Method};
+use crate::graph::{Graph, ImportError};
+use crate::quantize::QuantizedGraph;
+use crate::{ModelError, ZooModel};
+
+/// Why a plan could not be compiled.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    /// The model or its manifest.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The ONNX graph.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    /// The calibration folder cannot be read.
+    #[error("calibration folder {}: cannot read: {source}", path.display())]
+    CalibrationUnreadable {
+        /// The folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The calibration folder holds no images (in the chosen split).
+    #[error("calibration folder {} has no PNG or JPEG images{detail}", path.display())]
+    CalibrationEmpty {
+        /// The folder.
+        path: PathBuf,
+        /// The split, when one was chosen.
+        detail: String,
+    },
+    /// Not one calibration image could be used.
+    #[error("none of the {tried} calibration images could be used; first: {first}")]
+    NoUsableImages {
+        /// Images tried.
+        tried: usize,
+        /// The first failure.
+        first: String,
+    },
+    /// The plan written does not load (a compiler bug, reported rather than shipped).
+    #[error("the compiled plan does not load: {0}")]
+    Plan(#[from] ProgramError),
+    /// The float reference failed.
+    #[error("tract reference: {0}")]
+    Reference(String),
+}
+
+/// Compiler settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How activation ranges are chosen.
+    pub method: Method,
+    /// At most this many calibration images, spread evenly over the folder.
+    pub max_images: usize,
+    /// Which split of the calibration folder to use.
+    pub split: Split,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            method: Method::Percentile(0.01),
+            max_images: 200,
+            split: Split::All,
+        }
+    }
+}
+
+/// What the compiler did and measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Model name.
+    pub model: String,
+    /// Calibration method.
+    pub method: String,
+    /// Images calibrated and verified on.
+    pub calibration_images: usize,
+    /// Images that could not be used, with the reason.
+    pub skipped: Vec<String>,
+    /// Int8 program steps.
+    pub steps: usize,
+    /// Bytes of the plan file.
+    pub plan_bytes: usize,
+    /// Bytes of activation arena the plan needs.
+    pub arena_bytes: usize,
+    /// Fraction of images where the plan's top-1 equals tract's.
+    pub top1_agreement: f64,
+    /// tract's top-1 accuracy, when the images are labelled.
+    pub float_top1: Option<f64>,
+    /// The plan's top-1 accuracy, when the images are labelled.
+    pub int8_top1: Option<f64>,
+    /// `int8_top1 - float_top1` in percentage points.
+    pub delta_points: Option<f64>,
+    /// Wall time of the whole compile.
+    pub seconds: f64,
+}
+
+struct CalibrationImage {
+    path: PathBuf,
+    label: Option<usize>,
+}
+
+/// Images directly in `dir` and in its sub-folders (one level: class folders); a sub-folder
+/// named as a label labels its images.
+fn calibration_images(
+    dir: &Path,
+    labels: &[String],
+    split: Split,
+) -> Result<Vec<CalibrationImage>, CompileError> {
+    let unreadable = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CompileError::CalibrationUnreadable { path, source }
+    };
+    let list = |dir: &Path| -> Result<Vec<PathBuf>, CompileError> {
+        let mut paths = std::fs::read_dir(dir)
+            .map_err(unreadable(dir))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unreadable(dir))?;
+        paths.sort();
+        Ok(paths)
+    };
+    let is_image = |p: &Path| {
+        p.is_file()
+            && p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| split.contains(n))
+    };
+    let mut images = Vec::new();
+    for path in list(dir)? {
+        if path.is_dir() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let label = labels.iter().position(|l| Some(l) == name.as_ref());
+            for file in list(&path)?.into_iter().filter(|p| is_image(p)) {
+                images.push(CalibrationImage { path: file, label });
+            }
+        } else if is_image(&path) {
+            images.push(CalibrationImage { path, label: None });
+        }
+    }
+    if images.is_empty() {
+        return Err(CompileError::CalibrationEmpty {
+            path: dir.to_path_buf(),
+            detail: match split {
+                Split::All => String::new(),
+                other => format!(" in the {other:?} split"),
+            },
+        });
+    }
+    Ok(images)
+}
+
+fn method_name(method: Method) -> String {
+    match method {
+        Method::MinMax => "minmax".into(),
+        Method::Percentile(p) => format!("percentile {p}%"),
+        Method::Entropy => "entropy".into(),
+    }
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |m| m.0)
+}
+
+/// Encode `program` as a plan for `model`: its name, ONNX hash, preprocessing and labels.
+pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, ImportError> {
+    let p = &model.manifest.preprocess;
+    let mut mean = [0.0; MAX_BANDS];
+    let mut std = [1.0; MAX_BANDS];
+    mean[..p.mean.len()].copy_from_slice(&p.mean);
+    std[..p.std.len()].copy_from_slice(&p.std);
+    let labels = model.manifest.labels.join("\n");
+    let shape = &model.manifest.input.shape;
+    // Shapes, quantisation and the arena are filled in from the program by `to_plan`.
+    let header = PlanHeader {
+        name: &model.manifest.name,
+        onnx_sha256: &model.manifest.onnx_sha256,
+        input_shape: [shape[0], shape[1], shape[2], shape[3]].map(|d| d as u32),
+        output_len: 0,
+        bands: p.mean.len() as u8,
+        mean,
+        std,
+        resize: u8::from(p.resize != "nearest"),
+        labels: &labels,
+        arena_size: 0,
+        output_tensor: 0,
+        input_scale: 1.0,
+        input_zero_point: 0,
+        output_scale: 1.0,
+        output_zero_point: 0,
+        output_softmax: false,
+    };
+    program.to_plan(&header)
+}
+
+/// Compile `model` into plan bytes, calibrating and verifying on the images in `calibration`.
+/// `progress` is told about each phase.
+pub fn compile(
+    model: &ZooModel,
+    calibration: &Path,
+    options: &Options,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(Vec<u8>, Report), CompileError> {
+    let started = Instant::now();
+    let graph = Graph::from_onnx(model.onnx())?;
+    let spec = model.preprocess_spec().map_err(|e| ModelError::Manifest {
+        origin: model.origin.clone(),
+        reason: e.to_string(),
+    })?;
+    let all = calibration_images(calibration, &model.manifest.labels, options.split)?;
+    let stride = (all.len() / options.max_images.max(1)).max(1);
+    let chosen: Vec<&CalibrationImage> = all
+        .iter()
+        .step_by(stride)
+        .take(options.max_images)
+        .collect();
+
+    progress(&format!("decoding {} calibration images", chosen.len()));
+    let mut skipped = Vec::new();
+    let mut inputs = Vec::new();
+    for image in &chosen {
+        let tensor = decode_image(&image.path)
+            .map_err(|e| e.to_string())
+            .and_then(|decoded| {
+                let g = decoded.geometry;
+                let view = FrameView::new(g, &decoded.samples).map_err(|e| e.to_string())?;
+                let mut input = vec![0.0; spec.input_len()];
+                prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input)
+                    .map_err(|e| e.to_string())?;
+                Ok(input)
+            });
+        match tensor {
+            Ok(tensor) => inputs.push((tensor, image.label)),
+            Err(reason) => skipped.push(format!("{}: {reason}", image.path.display())),
+        }
+    }
+    if inputs.is_empty() {
+        return Err(CompileError::NoUsableImages {
+            tried: chosen.len(),
+            first: skipped.first().cloned().unwrap_or_default(),
+        });
+    }
+
+    progress("calibrating activations (two passes over the float graph)");
+    let mut calibrator = Calibrator::new(graph.shapes.len());
+    for (input, _) in &inputs {
+        calibrator.observe_range(&graph.run_f32(input));
+    }
+    for (input, _) in &inputs {
+        calibrator.observe_histogram(&graph.run_f32(input));
+    }
+    let program = QuantizedGraph::build(&graph, &calibrator.finish(options.method))?;
+
+    let plan = encode(model, &program)?;
+
+    progress("verifying the plan against tract on the calibration images");
+    let mut int8 = Int8Cpu::from_bytes(&plan)?;
+    let mut float = model
+        .tract_backend()
+        .map_err(|e| CompileError::Reference(e.to_string()))?;
+    let mut float_out = vec![0.0; float.output_len()];
+    let mut int8_out = vec![0.0; int8.output_len()];
+    let (mut agree, mut float_right, mut int8_right, mut labelled) = (0, 0, 0, 0);
+    for (input, label) in &inputs {
+        float
+            .run(input, &mut float_out)
+            .map_err(|e| CompileError::Reference(e.to_string()))?;
+        int8.run(input, &mut int8_out)
+            .map_err(|e| CompileError::Reference(format!("plan: {e}")))?;
+        let (f, q) = (argmax(&float_out), argmax(&int8_out));
+        agree += usize::from(f == q);
+        if let Some(label) = label {
+            labelled += 1;
+            float_right += usize::from(f == *label);
+            int8_right += usize::from(q == *label);
+        }
+    }
+    let n = inputs.len() as f64;
+    let accuracy = |right: usize| (labelled > 0).then(|| right as f64 / labelled as f64);
+    let (float_top1, int8_top1) = (accuracy(float_right), accuracy(int8_right));
+    let report = Report {
+        model: model.manifest.name.clone(),
+        method: method_name(options.method),
+        calibration_images: inputs.len(),
+        skipped,
+        steps: program.steps.len(),
+        plan_bytes: plan.len(),
+        arena_bytes: int8.program().arena_size(),
+        top1_agreement: agree as f64 / n,
+        float_top1,
+        int8_top1,
+        delta_points: float_top1.zip(int8_top1).map(|(f, q)| 100.0 * (q - f)),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok((plan, report))
+}

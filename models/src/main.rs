@@ -1,0 +1,143 @@
+//! `cargo run -p models -- compile <model.onnx> --calib <dir> --out <model.plan>`: the plan
+//! compiler's command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kestrel_host::Split;
+use models::calibrate::Method;
+use models::compile::{compile, Options};
+use models::ZooModel;
+
+#[derive(Parser)]
+#[command(about = "Kestrel's model tools: compile an ONNX model into an int8 plan")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CalibrationMethod {
+    /// Observed minimum and maximum.
+    Minmax,
+    /// Clip 0.01% of values at each end (the default).
+    Percentile,
+    /// Minimise the KL divergence of the int8 histogram (TensorRT's entropy calibration).
+    Entropy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SplitArg {
+    All,
+    Train,
+    Val,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Calibrate, quantise and plan a model, verify the plan against tract, write it.
+    Compile {
+        /// The ONNX model (with its manifest.json beside it), a zoo folder, or a built-in name.
+        model: String,
+        /// Folder of calibration images (PNG or JPEG), directly or in class folders; class
+        /// folders named as the model's labels also give accuracy numbers.
+        #[arg(long)]
+        calib: PathBuf,
+        /// Where to write the plan.
+        #[arg(long)]
+        out: PathBuf,
+        /// Write the compile report (JSON) here as well.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// How activation ranges are chosen.
+        #[arg(long, value_enum, default_value = "percentile")]
+        method: CalibrationMethod,
+        /// Calibrate on at most this many images, spread evenly over the folder.
+        #[arg(long, default_value_t = 200)]
+        max_images: usize,
+        /// Which part of the calibration folder to use (the file-name hash split of the
+        /// training scripts): calibrate on `train` so validation stays unseen.
+        #[arg(long, value_enum, default_value = "all")]
+        split: SplitArg,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Compile {
+        model,
+        calib,
+        out,
+        report,
+        method,
+        max_images,
+        split,
+    } = cli.command;
+    let model = ZooModel::load(&model)?;
+    let options = Options {
+        method: match method {
+            CalibrationMethod::Minmax => Method::MinMax,
+            CalibrationMethod::Percentile => Method::Percentile(0.01),
+            CalibrationMethod::Entropy => Method::Entropy,
+        },
+        max_images,
+        split: match split {
+            SplitArg::All => Split::All,
+            SplitArg::Train => Split::Train,
+            SplitArg::Val => Split::Validation,
+        },
+    };
+    let (plan, summary) = compile(&model, &calib, &options, &mut |phase| {
+        eprintln!("{phase}...")
+    })?;
+    // Write beside, then rename: a failed write never leaves a half plan under the final name.
+    let partial = out.with_extension("plan.partial");
+    std::fs::write(&partial, &plan)
+        .and_then(|()| std::fs::rename(&partial, &out))
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    let percent = |v: Option<f64>| {
+        v.map_or("n/a (unlabelled)".to_string(), |v| {
+            format!("{:.2}%", 100.0 * v)
+        })
+    };
+    println!(
+        "plan        {} ({} bytes, {} steps)",
+        out.display(),
+        summary.plan_bytes,
+        summary.steps
+    );
+    println!("arena       {} bytes", summary.arena_bytes);
+    println!(
+        "calibration {} images, {} ({} skipped)",
+        summary.calibration_images,
+        summary.method,
+        summary.skipped.len()
+    );
+    for skipped in &summary.skipped {
+        println!("  skipped   {skipped}");
+    }
+    println!(
+        "agreement   {:.2}% top-1 with tract",
+        100.0 * summary.top1_agreement
+    );
+    println!("float top-1 {}", percent(summary.float_top1));
+    println!("int8 top-1  {}", percent(summary.int8_top1));
+    if let Some(delta) = summary.delta_points {
+        println!("delta       {delta:+.2} points");
+    }
+    if let Some(path) = report {
+        std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
