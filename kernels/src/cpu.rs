@@ -1,8 +1,54 @@
 //! The int8 CPU backend: a plan's program, its arena and the fastest convolution kernels this CPU
 //! has, all allocated once at load so that an inference allocates nothing.
 
-use crate::program::{AlignedBytes, Program, ProgramError, Reference};
+use crate::int8::{Conv, ShapeError};
+use crate::program::{AlignedBytes, ConvKernels, Program, ProgramError, Reference};
 use crate::{Backend, BackendError};
+
+/// The convolution kernels chosen for this CPU at load.
+enum Kernels {
+    Generic(Reference),
+    #[cfg(target_arch = "x86_64")]
+    Avx2(crate::avx2::Avx2Conv),
+}
+
+impl Kernels {
+    /// The fastest kernels this CPU runs, unless `generic` is asked for.
+    fn detect(program: &Program<'_>, generic: bool) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if !generic {
+            if let Some(avx2) = crate::avx2::Avx2Conv::new(program) {
+                return Self::Avx2(avx2);
+            }
+        }
+        let _ = (program, generic);
+        Self::Generic(Reference)
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Generic(_) => "generic",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(_) => "avx2",
+        }
+    }
+}
+
+impl ConvKernels for Kernels {
+    fn conv(
+        &mut self,
+        step: usize,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        match self {
+            Self::Generic(k) => k.conv(step, conv, input, output),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(k) => k.conv(step, conv, input, output),
+        }
+    }
+}
 
 /// Runs a plan on the CPU.
 pub struct Int8Cpu {
@@ -10,13 +56,24 @@ pub struct Int8Cpu {
     // first so it is dropped first.
     program: Program<'static>,
     arena: std::vec::Vec<i8>,
-    kernels: Reference,
+    kernels: Kernels,
     _bytes: AlignedBytes,
 }
 
 impl Int8Cpu {
-    /// Copy, parse and verify a plan, and allocate its arena.
+    /// Copy, parse and verify a plan, allocate its arena and prepare the fastest kernels this
+    /// CPU has.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, ProgramError> {
+        Self::load(bytes, false)
+    }
+
+    /// As [`Int8Cpu::from_bytes`], with the generic kernels only: the reference to check
+    /// faster ones against.
+    pub fn generic(bytes: &[u8]) -> Result<Self, ProgramError> {
+        Self::load(bytes, true)
+    }
+
+    fn load(bytes: &[u8], generic: bool) -> Result<Self, ProgramError> {
         let bytes = AlignedBytes::new(bytes);
         // SAFETY: the slice points into `bytes`' heap allocation, which is owned by the returned
         // value, never mutated, never reallocated, and outlives `program` (field order).
@@ -26,7 +83,7 @@ impl Int8Cpu {
         let program = Program::new(stable)?;
         Ok(Self {
             arena: std::vec![0; program.arena_size()],
-            kernels: Reference,
+            kernels: Kernels::detect(&program, generic),
             program,
             _bytes: bytes,
         })
@@ -46,7 +103,7 @@ impl Int8Cpu {
 
     /// Which convolution kernels run: `"generic"`, `"avx2"`, ...
     pub fn kernel_name(&self) -> &'static str {
-        "generic"
+        self.kernels.name()
     }
 }
 

@@ -7,6 +7,8 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub mod avx2;
 #[cfg(feature = "std")]
 pub mod cpu;
 pub mod int8;

@@ -349,6 +349,26 @@ impl<'a> Program<'a> {
         })
     }
 
+    /// The convolution `op` describes, constants borrowed from the plan; `None` for other ops.
+    pub fn conv(&self, op: &Op) -> Option<Conv<'a>> {
+        match *op {
+            Op::Conv {
+                geometry,
+                weights,
+                channels,
+                input_zero_point,
+                output_quant,
+            } => Some(Conv {
+                geometry,
+                weights: self.bytes_as_i8(weights)?,
+                channels: self.channels(channels)?,
+                input_zero_point,
+                output_quant,
+            }),
+            _ => None,
+        }
+    }
+
     fn validate(&self) -> Result<(), ProgramError> {
         if self.tensor(0).is_none() {
             return Err(ProgramError::Tensor { step: 0, id: 0 });
@@ -437,20 +457,8 @@ impl<'a> Program<'a> {
         let [x, y] = inputs;
         let blob_error = ProgramError::Blob { step: index };
         let result = match step.op {
-            Op::Conv {
-                geometry,
-                weights,
-                channels,
-                input_zero_point,
-                output_quant,
-            } => {
-                let conv = Conv {
-                    geometry,
-                    weights: self.bytes_as_i8(weights).ok_or(blob_error)?,
-                    channels: self.channels(channels).ok_or(blob_error)?,
-                    input_zero_point,
-                    output_quant,
-                };
+            Op::Conv { .. } => {
+                let conv = self.conv(&step.op).ok_or(blob_error)?;
                 kernels.conv(index, &conv, x, output)
             }
             Op::Gemm {

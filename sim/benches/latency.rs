@@ -28,12 +28,31 @@ fn main() {
     let g = image.geometry;
     prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input).expect("preprocess");
 
-    let mut backend = model.tract_backend().expect("tract");
+    let plan = model.int8_backend().expect("plan").expect("built-in plan");
+    let kernels = plan.kernel_name();
+    measure(
+        &format!("kestrel-int8-{kernels}"),
+        plan,
+        &input,
+        runs,
+        &chip,
+    );
+    measure(
+        "tract-f32",
+        model.tract_backend().expect("tract"),
+        &input,
+        runs,
+        &chip,
+    );
+}
+
+/// Time `runs` inferences after `runs / 10` warm-up ones and print one JSON line.
+fn measure(name: &str, mut backend: impl Backend, input: &[f32], runs: usize, chip: &Path) {
     let mut output = vec![0.0; backend.output_len()];
     let mut times = Vec::with_capacity(runs);
     for i in 0..runs + runs / 10 {
         let started = Instant::now();
-        backend.run(&input, &mut output).expect("inference");
+        backend.run(input, &mut output).expect("inference");
         // The first tenth warms caches and is not counted.
         if i >= runs / 10 {
             times.push(started.elapsed().as_secs_f64() * 1e6);
@@ -42,7 +61,7 @@ fn main() {
     times.sort_by(f64::total_cmp);
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
     println!(
-        "{{\"backend\": \"tract-f32\", \"runs\": {runs}, \"median_us\": {:.1}, \"p10_us\": {:.1}, \"p90_us\": {:.1}, \"chip\": \"{}\"}}",
+        "{{\"backend\": \"{name}\", \"runs\": {runs}, \"median_us\": {:.1}, \"p10_us\": {:.1}, \"p90_us\": {:.1}, \"chip\": \"{}\"}}",
         at(0.5),
         at(0.1),
         at(0.9),
