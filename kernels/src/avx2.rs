@@ -11,8 +11,10 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
-use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError};
-use crate::program::{ConvKernels, Program};
+use crate::int8::{
+    Add, ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError, ADD_FRACTION_BITS,
+};
+use crate::program::{Kernels, Program};
 use crate::quant::{requantize_i8, Requant};
 
 /// Output channels per micro-tile.
@@ -69,30 +71,25 @@ impl Packed {
         })
     }
 
-    /// i16 values of the column matrix of one group.
-    fn columns_len(&self) -> usize {
-        2 * self.row_pairs * self.row_len()
-    }
-
-    /// Output pixels rounded up to whole tiles.
-    fn row_len(&self) -> usize {
-        let [_, oh, ow] = self.geometry.output;
-        (oh * ow).next_multiple_of(NR)
+    /// Scratch this layer needs: the padded input of a group, one strip.
+    fn scratch_len(&self) -> [usize; 2] {
+        let [hp, wp] = Layer::padded_dims(&self.geometry);
+        let group = self.geometry.group.max(1);
+        [
+            self.geometry.input[0] / group * hp * wp,
+            2 * self.row_pairs * NR,
+        ]
     }
 }
 
 /// AVX2 convolutions for one program: packed weights per step and an im2col scratch, allocated
 /// at setup.
-pub struct Avx2Conv {
+pub struct Avx2 {
     layers: Vec<Option<Packed>>,
-    /// The column matrix in tiles: `[pixel tile][row][NR]`, so the micro-kernel reads it
-    /// sequentially (row-major, rows a power-of-two apart alias in the L1 cache).
-    columns: Vec<i16>,
-    /// One row of the column matrix, built contiguously before it is spread over the tiles.
-    row: Vec<i16>,
+    scratch: Scratch,
 }
 
-impl Avx2Conv {
+impl Avx2 {
     /// Pack every convolution of `program`; `None` when this CPU lacks AVX2.
     pub fn new(program: &Program<'_>) -> Option<Self> {
         if !std::arch::is_x86_feature_detected!("avx2") {
@@ -106,13 +103,8 @@ impl Avx2Conv {
                     .and_then(|c| Packed::new(&c))
             })
             .collect();
-        let columns = layers.iter().flatten().map(Packed::columns_len).max();
-        let row = layers.iter().flatten().map(Packed::row_len).max();
-        Some(Self {
-            columns: std::vec![0; columns.unwrap_or(0)],
-            row: std::vec![0; row.unwrap_or(0)],
-            layers,
-        })
+        let scratch = Scratch::for_layers(layers.iter().flatten());
+        Some(Self { layers, scratch })
     }
 
     /// Pack one convolution (for tests and benchmarks of a single layer).
@@ -122,14 +114,29 @@ impl Avx2Conv {
         }
         let packed = Packed::new(conv)?;
         Some(Self {
-            columns: std::vec![0; packed.columns_len()],
-            row: std::vec![0; packed.row_len()],
+            scratch: Scratch::for_layers([&packed]),
             layers: std::vec![Some(packed)],
         })
     }
 }
 
-impl ConvKernels for Avx2Conv {
+impl Kernels for Avx2 {
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        // Terms stay below 2^30 when each scale is below 2^6 and the zero points are int8
+        // codes: then 32-bit lanes hold them and their sum exactly.
+        let exact = add.requant.iter().all(|r| r.shift <= 6)
+            && add
+                .input_zero_points
+                .iter()
+                .all(|z| (-128..=127).contains(z));
+        if !exact || a.len() != b.len() || output.len() != a.len() {
+            return add.run(a, b, output);
+        }
+        // SAFETY: AVX2 was detected when these kernels were made.
+        unsafe { add8(add, a, b, output) };
+        Ok(())
+    }
+
     fn conv(
         &mut self,
         step: usize,
@@ -149,8 +156,8 @@ impl ConvKernels for Avx2Conv {
             && input.len() == c * h * w
             && output.len() == oc * oh * ow
             && conv.channels.fits(oc)
-            && self.columns.len() >= packed.columns_len()
-            && self.row.len() >= packed.row_len()
+            && self.scratch.padded.len() >= packed.scratch_len()[0]
+            && self.scratch.strip.len() >= packed.scratch_len()[1]
             && g.stride.iter().chain(&g.dilation).all(|&s| s > 0);
         if !fits {
             // The generic kernel reports what is wrong, or runs what this one cannot.
@@ -158,40 +165,31 @@ impl ConvKernels for Avx2Conv {
         }
         let group = g.group.max(1);
         let (icg, ocg) = (c / group, oc / group);
+        let layer = Layer {
+            geometry: &g,
+            icg,
+            zero_point: conv.input_zero_point as i16,
+            row_pairs: packed.row_pairs,
+            blocks: packed.blocks,
+            q: conv.output_quant,
+        };
         let pixels = oh * ow;
-        let padded = pixels.next_multiple_of(NR);
-        let rows = 2 * packed.row_pairs;
-        let columns = &mut self.columns[..rows * padded];
         for gi in 0..group {
-            im2col(
-                &g,
-                &input[gi * icg * h * w..(gi + 1) * icg * h * w],
-                icg,
-                conv.input_zero_point as i16,
-                &mut self.row[..padded],
-                columns,
-            );
             let weights = &packed.weights[gi * packed.blocks * packed.row_pairs * MR..]
                 [..packed.blocks * packed.row_pairs * MR];
-            let out = &mut output[gi * ocg * pixels..(gi + 1) * ocg * pixels];
             let channels = ChannelQuant {
                 bias: &conv.channels.bias[gi * ocg..(gi + 1) * ocg],
                 multiplier: &conv.channels.multiplier[gi * ocg..(gi + 1) * ocg],
                 shift: &conv.channels.shift[gi * ocg..(gi + 1) * ocg],
             };
-            // SAFETY: AVX2 was detected in `new`; `columns` holds `rows * padded` values,
-            // `weights` `blocks * row_pairs * MR`, `out` `ocg * pixels`, as checked above.
+            // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe {
-                gemm(
+                layer.run(
+                    &input[gi * icg * h * w..(gi + 1) * icg * h * w],
                     weights,
-                    packed.row_pairs,
-                    packed.blocks,
-                    columns,
-                    padded,
-                    pixels,
                     &channels,
-                    conv.output_quant,
-                    out,
+                    &mut self.scratch,
+                    &mut output[gi * ocg * pixels..(gi + 1) * ocg * pixels],
                 );
             }
         }
@@ -199,113 +197,239 @@ impl ConvKernels for Avx2Conv {
     }
 }
 
-/// The column matrix, in tiles of [`NR`] pixels: row `(ic, ky, kx)` holds the input under that
-/// kernel tap for every output pixel, minus the zero point, 0 where the tap is in the padding.
-fn im2col(
-    g: &ConvGeometry,
-    input: &[i8],
+/// Element-wise sums eight at a time, exactly as [`Add::run`]: each addend rescaled with
+/// [`ADD_FRACTION_BITS`] extra bits, summed, rounded half up.
+#[target_feature(enable = "avx2")]
+fn add8(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
+    let lanes = |i: usize| {
+        let r = add.requant[i];
+        let right = 31 - i64::from(r.shift.max(Requant::MIN_SHIFT));
+        (
+            _mm256_set1_epi32(add.input_zero_points[i]),
+            Lanes {
+                multiplier: _mm256_set1_epi32(r.multiplier),
+                round: _mm256_set1_epi64x(1 << (right - 1)),
+                right: _mm_cvtsi64_si128(right),
+                // Unused: terms are summed before the clamp.
+                low: _mm256_setzero_si256(),
+                high: _mm256_setzero_si256(),
+                zero_point: _mm256_setzero_si256(),
+            },
+        )
+    };
+    let (zero_a, term_a) = lanes(0);
+    let (zero_b, term_b) = lanes(1);
+    let q = add.output_quant;
+    let half = _mm256_set1_epi32(1 << (ADD_FRACTION_BITS - 1));
+    let zero_point = _mm256_set1_epi32(q.zero_point);
+    let (low, high) = (
+        _mm256_set1_epi32(q.min.into()),
+        _mm256_set1_epi32(q.max.into()),
+    );
+    let term = |codes: &[i8], zero: __m256i, l: &Lanes| {
+        let mut eight = [0i8; 8];
+        eight.copy_from_slice(codes);
+        let wide = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(
+            eight.map(|v| v as u8),
+        )));
+        let centred =
+            _mm256_slli_epi32::<{ ADD_FRACTION_BITS as i32 }>(_mm256_sub_epi32(wide, zero));
+        let even = round_shift(_mm256_mul_epi32(centred, l.multiplier), l);
+        let odd = round_shift(
+            _mm256_mul_epi32(_mm256_srli_epi64::<32>(centred), l.multiplier),
+            l,
+        );
+        _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
+    };
+    let whole = a.len() / 8 * 8;
+    for ((x, y), out) in a[..whole]
+        .chunks_exact(8)
+        .zip(b[..whole].chunks_exact(8))
+        .zip(output[..whole].chunks_exact_mut(8))
+    {
+        let sum = _mm256_add_epi32(
+            _mm256_add_epi32(term(x, zero_a, &term_a), term(y, zero_b, &term_b)),
+            half,
+        );
+        let code = _mm256_add_epi32(
+            _mm256_srai_epi32::<{ ADD_FRACTION_BITS as i32 }>(sum),
+            zero_point,
+        );
+        let clamped = _mm256_min_epi32(_mm256_max_epi32(code, low), high);
+        let words = _mm256_packs_epi32(clamped, clamped);
+        let bytes = _mm256_packs_epi16(words, words);
+        // Lane 0 holds codes 0-3 and lane 1 codes 4-7, each repeated: gather dwords 0 and 4.
+        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+        let packed = _mm_cvtsi128_si64(_mm256_castsi256_si128(ordered)).to_le_bytes();
+        for (o, p) in out.iter_mut().zip(packed) {
+            *o = p as i8;
+        }
+    }
+    // The tail, and the generic kernel's exact arithmetic for it.
+    let _ = add.run(&a[whole..], &b[whole..], &mut output[whole..]);
+}
+
+/// One group of a convolution, as the tile loop sees it.
+struct Layer<'g> {
+    geometry: &'g ConvGeometry,
+    /// Input channels per group.
     icg: usize,
     zero_point: i16,
-    row: &mut [i16],
-    columns: &mut [i16],
-) {
-    let [_, h, w] = g.input;
-    let [_, oh, ow] = g.output;
-    let [kh, kw] = g.kernel;
-    let [sy, sx] = g.stride;
-    let [dy, dx] = g.dilation;
-    let [pad_top, pad_left] = g.pad;
-    let rows = columns.len() / row.len().max(1);
-    let mut index = 0;
-    for plane in input.chunks_exact(h * w).take(icg) {
-        for ky in 0..kh {
-            for kx in 0..kw {
-                // Output columns whose tap lands inside the row: ix = ox*sx + kx*dx - pad_left.
-                let offset = kx * dx;
-                let first = pad_left.saturating_sub(offset).div_ceil(sx).min(ow);
-                let last = (w + pad_left)
-                    .checked_sub(offset + 1)
-                    .map_or(0, |v| (v / sx + 1).min(ow))
-                    .max(first);
-                row[oh * ow..].fill(0);
-                for (oy, dst) in row[..oh * ow].chunks_exact_mut(ow).enumerate() {
-                    let iy = (oy * sy + ky * dy)
-                        .checked_sub(pad_top)
-                        .filter(|&iy| iy < h);
-                    let Some(iy) = iy else {
-                        dst.fill(0);
-                        continue;
-                    };
-                    let src = &plane[iy * w..(iy + 1) * w];
-                    dst[..first].fill(0);
-                    dst[last..].fill(0);
-                    let start = first * sx + offset - pad_left;
-                    if sx == 1 {
-                        for (d, &s) in dst[first..last].iter_mut().zip(&src[start..]) {
-                            *d = i16::from(s) - zero_point;
-                        }
-                    } else {
-                        let taps = src[start..].iter().step_by(sx);
-                        for (d, &s) in dst[first..last].iter_mut().zip(taps) {
-                            *d = i16::from(s) - zero_point;
-                        }
-                    }
-                }
-                spread(row, index, rows, columns);
-                index += 1;
-            }
-        }
-    }
-    // The odd row that pads the last pair.
-    if index < rows {
-        row.fill(0);
-        spread(row, index, rows, columns);
-    }
-}
-
-/// Copy a contiguous row into its place in every tile.
-fn spread(row: &[i16], index: usize, rows: usize, columns: &mut [i16]) {
-    for (tile, chunk) in columns
-        .chunks_exact_mut(rows * NR)
-        .zip(row.chunks_exact(NR))
-    {
-        tile[index * NR..(index + 1) * NR].copy_from_slice(chunk);
-    }
-}
-
-/// Output = requant(bias + weights x columns) for one group, tile by tile.
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2")]
-unsafe fn gemm(
-    weights: &[i32],
     row_pairs: usize,
     blocks: usize,
-    columns: &[i16],
-    padded: usize,
-    pixels: usize,
-    channels: &ChannelQuant<'_>,
     q: OutputQuant,
-    out: &mut [i8],
-) {
-    let ocg = channels.bias.len();
-    let tiles = columns.chunks_exact(2 * row_pairs * NR).take(padded / NR);
-    for (p0, strip) in (0..pixels).step_by(NR).zip(tiles) {
-        for block in 0..blocks {
-            let tile = &weights[block * row_pairs * MR..(block + 1) * row_pairs * MR];
-            // SAFETY: `strip` holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
-            let acc = unsafe { micro_kernel(tile, strip, row_pairs) };
-            for (r, [lo, hi]) in acc.into_iter().enumerate() {
-                let o = block * MR + r;
-                if o >= ocg {
-                    break;
+}
+
+impl Layer<'_> {
+    /// Height and width of the input once padded on every side the kernel reaches.
+    fn padded_dims(g: &ConvGeometry) -> [usize; 2] {
+        let [_, h, w] = g.input;
+        let [_, oh, ow] = g.output;
+        let reach = |out: usize, s: usize, k: usize, d: usize| {
+            (out.max(1) - 1) * s + (k.max(1) - 1) * d + 1
+        };
+        [
+            (h + g.pad[0]).max(reach(oh, g.stride[0], g.kernel[0], g.dilation[0])),
+            (w + g.pad[1]).max(reach(ow, g.stride[1], g.kernel[1], g.dilation[1])),
+        ]
+    }
+
+    /// For each tile of [`NR`] output pixels: fill its strip of the column matrix, then run
+    /// every block of output channels over it while it is in L1.
+    #[target_feature(enable = "avx2")]
+    fn run(
+        &self,
+        input: &[i8],
+        weights: &[i32],
+        channels: &ChannelQuant<'_>,
+        scratch: &mut Scratch,
+        out: &mut [i8],
+    ) {
+        let [_, oh, ow] = self.geometry.output;
+        let pixels = oh * ow;
+        let ocg = channels.bias.len();
+        let padded = self.pad_input(input, &mut scratch.padded);
+        for p0 in (0..pixels).step_by(NR) {
+            self.fill_strip(padded, p0, &mut scratch.strip);
+            for block in 0..self.blocks {
+                let span = block * self.row_pairs * MR..(block + 1) * self.row_pairs * MR;
+                let Some(tile) = weights.get(span) else {
+                    return;
+                };
+                // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
+                let acc = unsafe { micro_kernel(tile, &scratch.strip, self.row_pairs) };
+                for (r, [lo, hi]) in acc.into_iter().enumerate() {
+                    let o = block * MR + r;
+                    if o >= ocg {
+                        break;
+                    }
+                    let (bias, requant) = channels.get(o);
+                    let codes = requantize_tile(lo, hi, bias, requant, self.q);
+                    let n = NR.min(pixels - p0);
+                    out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&codes[..n]);
                 }
-                let (bias, requant) = channels.get(o);
-                let codes = requantize_tile(lo, hi, bias, requant, q);
-                let n = NR.min(pixels - p0);
-                out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&codes[..n]);
             }
         }
     }
+
+    /// The group's input as 16-bit values minus the zero point, inside a border of zeros
+    /// wide enough for every tap, so that filling a strip needs no bounds logic.
+    #[target_feature(enable = "avx2")]
+    fn pad_input<'s>(&self, input: &[i8], scratch: &'s mut [i16]) -> &'s [i16] {
+        let g = self.geometry;
+        let [_, h, w] = g.input;
+        let [hp, wp] = Self::padded_dims(g);
+        let padded = &mut scratch[..self.icg * hp * wp];
+        let [top, left] = g.pad;
+        for (plane, dst) in input
+            .chunks_exact(h * w)
+            .zip(padded.chunks_exact_mut(hp * wp))
+        {
+            // Only the border is zeroed: the rest is overwritten below.
+            dst[..top * wp].fill(0);
+            dst[(top + h) * wp..].fill(0);
+            for (row, src) in dst[top * wp..(top + h) * wp]
+                .chunks_exact_mut(wp)
+                .zip(plane.chunks_exact(w))
+            {
+                row[..left].fill(0);
+                row[left + w..].fill(0);
+                for (d, &s) in row[left..left + w].iter_mut().zip(src) {
+                    *d = i16::from(s) - self.zero_point;
+                }
+            }
+        }
+        padded
+    }
+
+    /// Rows `(ic, ky, kx)` of the column matrix for output pixels `p0..p0 + NR`, copied from
+    /// the padded input; 0 past the last pixel and in the odd row that completes the last pair.
+    #[target_feature(enable = "avx2")]
+    fn fill_strip(&self, padded: &[i16], p0: usize, strip: &mut [i16]) {
+        let g = self.geometry;
+        let [_, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let [sy, sx] = g.stride;
+        let [dy, dx] = g.dilation;
+        let [hp, wp] = Self::padded_dims(g);
+        // The tile as runs within output rows: (first pixel in the tile, offset of its first
+        // tap in the padded plane, length).
+        let mut runs = [(0usize, 0usize, 0usize); NR];
+        let mut count = 0;
+        let (mut oy, mut ox, mut i) = (p0 / ow.max(1), p0 % ow.max(1), 0);
+        while i < NR && oy < oh {
+            let n = (ow - ox).min(NR - i);
+            runs[count] = (i, oy * sy * wp + ox * sx, n);
+            count += 1;
+            i += n;
+            (oy, ox) = (oy + 1, 0);
+        }
+        let covered = i;
+        let mut rows = strip.chunks_exact_mut(NR);
+        for plane in padded.chunks_exact(hp * wp).take(self.icg) {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let Some(dst) = rows.next() else { return };
+                    let tap = &plane[ky * dy * wp + kx * dx..];
+                    for &(at, offset, n) in &runs[..count] {
+                        let src = &tap[offset..];
+                        if sx == 1 && n == NR {
+                            dst.copy_from_slice(&src[..NR]);
+                        } else {
+                            for (d, s) in dst[at..at + n].iter_mut().zip(src.iter().step_by(sx)) {
+                                *d = *s;
+                            }
+                        }
+                    }
+                    dst[covered..].fill(0);
+                }
+            }
+        }
+        for dst in rows {
+            dst.fill(0);
+        }
+    }
+}
+
+impl Scratch {
+    fn for_layers<'p>(layers: impl IntoIterator<Item = &'p Packed>) -> Self {
+        let [padded, strip] = layers
+            .into_iter()
+            .map(Packed::scratch_len)
+            .fold([0, 0], |[a, b], [x, y]| [a.max(x), b.max(y)]);
+        Self {
+            padded: std::vec![0; padded],
+            strip: std::vec![0; strip],
+        }
+    }
+}
+
+/// Per-call buffers, sized at setup for the largest layer.
+struct Scratch {
+    /// The padded 16-bit input of one group.
+    padded: Vec<i16>,
+    /// One strip of the column matrix, `[row][NR]`, read sequentially by the micro-kernel.
+    strip: Vec<i16>,
 }
 
 /// Sums of 4 channels by 16 pixels: `[channel][lo, hi]`, where `lo` holds pixels
@@ -507,13 +631,56 @@ mod tests {
             };
             let mut expected = vec![0i8; oc * oh * ow];
             conv.run(&input, &mut expected).unwrap();
-            let mut fast = Avx2Conv::for_conv(&conv).unwrap();
+            let mut fast = Avx2::for_conv(&conv).unwrap();
             let mut got = vec![0i8; oc * oh * ow];
             fast.conv(0, &conv, &input, &mut got).unwrap();
             assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
             checked += 1;
         }
         assert!(checked > 300, "only {checked} shapes were valid");
+    }
+
+    #[test]
+    fn add_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = Rng(0xadd5_2026_1126);
+        for case in 0..500 {
+            let len = rng.below(100);
+            let a: Vec<i8> = (0..len).map(|_| rng.next() as i8).collect();
+            let b: Vec<i8> = (0..len).map(|_| rng.next() as i8).collect();
+            let mut scale = || {
+                let real = 2f64.powf(rng.below(1600) as f64 / 100.0 - 8.0);
+                Requant::from_real(real).unwrap()
+            };
+            let requant = [scale(), scale()];
+            let zero_point = rng.below(256) as i32 - 128;
+            let add = Add {
+                input_zero_points: [rng.below(256) as i32 - 128, rng.below(256) as i32 - 128],
+                requant,
+                output_quant: OutputQuant {
+                    zero_point,
+                    min: if case % 2 == 0 {
+                        zero_point as i8
+                    } else {
+                        -128
+                    },
+                    max: 127,
+                },
+            };
+            let mut expected = vec![0i8; len];
+            add.run(&a, &b, &mut expected).unwrap();
+            let mut got = vec![0i8; len];
+            let conv_free = Avx2 {
+                layers: Vec::new(),
+                scratch: Scratch::for_layers([]),
+            };
+            let mut kernels = conv_free;
+            kernels.add(&add, &a, &b, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}: {add:?}");
+        }
     }
 
     #[test]
@@ -544,7 +711,7 @@ mod tests {
                 max: 127,
             },
         };
-        let mut fast = Avx2Conv::for_conv(&conv).unwrap();
+        let mut fast = Avx2::for_conv(&conv).unwrap();
         assert_eq!(
             fast.conv(0, &conv, &[0; 8], &mut [0; 9]),
             Err(ShapeError { buffer: "input" })

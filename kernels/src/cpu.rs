@@ -1,23 +1,23 @@
 //! The int8 CPU backend: a plan's program, its arena and the fastest convolution kernels this CPU
 //! has, all allocated once at load so that an inference allocates nothing.
 
-use crate::int8::{Conv, ShapeError};
-use crate::program::{AlignedBytes, ConvKernels, Program, ProgramError, Reference};
+use crate::int8::{Add, Conv, ShapeError};
+use crate::program::{AlignedBytes, Kernels, Program, ProgramError, Reference};
 use crate::{Backend, BackendError};
 
 /// The convolution kernels chosen for this CPU at load.
-enum Kernels {
+enum Chosen {
     Generic(Reference),
     #[cfg(target_arch = "x86_64")]
-    Avx2(crate::avx2::Avx2Conv),
+    Avx2(crate::avx2::Avx2),
 }
 
-impl Kernels {
+impl Chosen {
     /// The fastest kernels this CPU runs, unless `generic` is asked for.
     fn detect(program: &Program<'_>, generic: bool) -> Self {
         #[cfg(target_arch = "x86_64")]
         if !generic {
-            if let Some(avx2) = crate::avx2::Avx2Conv::new(program) {
+            if let Some(avx2) = crate::avx2::Avx2::new(program) {
                 return Self::Avx2(avx2);
             }
         }
@@ -34,7 +34,7 @@ impl Kernels {
     }
 }
 
-impl ConvKernels for Kernels {
+impl Kernels for Chosen {
     fn conv(
         &mut self,
         step: usize,
@@ -48,6 +48,14 @@ impl ConvKernels for Kernels {
             Self::Avx2(k) => k.conv(step, conv, input, output),
         }
     }
+
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        match self {
+            Self::Generic(k) => k.add(add, a, b, output),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(k) => k.add(add, a, b, output),
+        }
+    }
 }
 
 /// Runs a plan on the CPU.
@@ -56,7 +64,7 @@ pub struct Int8Cpu {
     // first so it is dropped first.
     program: Program<'static>,
     arena: std::vec::Vec<i8>,
-    kernels: Kernels,
+    kernels: Chosen,
     _bytes: AlignedBytes,
 }
 
@@ -83,7 +91,7 @@ impl Int8Cpu {
         let program = Program::new(stable)?;
         Ok(Self {
             arena: std::vec![0; program.arena_size()],
-            kernels: Kernels::detect(&program, generic),
+            kernels: Chosen::detect(&program, generic),
             program,
             _bytes: bytes,
         })

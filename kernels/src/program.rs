@@ -209,9 +209,9 @@ impl From<PlanError> for ProgramError {
     }
 }
 
-/// Convolution implementations: the generic kernel, or a faster one that must give the same
-/// bits. The executor hands every Conv to one of these.
-pub trait ConvKernels {
+/// Kernels for the ops that dominate run time: the generic ones, or faster ones that must give
+/// the same bits. The executor hands every Conv and Add to one of these.
+pub trait Kernels {
     /// Run `conv`, the layer of step `step`, on `input` into `output`.
     fn conv(
         &mut self,
@@ -220,13 +220,18 @@ pub trait ConvKernels {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError>;
+
+    /// Run `add` on `a` and `b` into `output`.
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        add.run(a, b, output)
+    }
 }
 
 /// The generic kernels: the oracle, and the only choice without `std`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;
 
-impl ConvKernels for Reference {
+impl Kernels for Reference {
     fn conv(
         &mut self,
         _step: usize,
@@ -416,11 +421,7 @@ impl<'a> Program<'a> {
 
     /// Run every step over `arena`, whose input tensor the caller has filled
     /// ([`Program::quantize_input`]). Allocates nothing.
-    pub fn run(
-        &self,
-        arena: &mut [i8],
-        kernels: &mut impl ConvKernels,
-    ) -> Result<(), ProgramError> {
+    pub fn run(&self, arena: &mut [i8], kernels: &mut impl Kernels) -> Result<(), ProgramError> {
         if arena.len() < self.arena_size() {
             return Err(ProgramError::Arena {
                 needed: self.arena_size(),
@@ -438,7 +439,7 @@ impl<'a> Program<'a> {
         index: usize,
         step: Step,
         arena: &mut [i8],
-        kernels: &mut impl ConvKernels,
+        kernels: &mut impl Kernels,
     ) -> Result<(), ProgramError> {
         let tensor_error = |id| ProgramError::Tensor { step: index, id };
         let out = self.tensor(step.output).ok_or(tensor_error(step.output))?;
@@ -473,7 +474,7 @@ impl<'a> Program<'a> {
                 output_quant,
             }
             .run(x, output),
-            Op::Add(add) => add.run(x, y, output),
+            Op::Add(add) => kernels.add(&add, x, y, output),
             Op::Mul(mul) => mul.run(x, y, output),
             Op::GlobalAveragePool(pool) => pool.run(x, output),
             Op::MaxPool(pool) => pool.run(x, output),
