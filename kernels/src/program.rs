@@ -692,3 +692,289 @@ impl AlignedBytes {
         &bytemuck::cast_slice::<u128, u8>(&self.words)[..self.len]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::int8::{ConvGeometry, GlobalAveragePool};
+    use crate::plan::write_plan;
+    use crate::quant::Requant;
+    use crate::MAX_BANDS;
+
+    fn header(arena_size: u32, output_tensor: u16) -> PlanHeader<'static> {
+        PlanHeader {
+            name: "tiny",
+            onnx_sha256: "00",
+            input_shape: [1, 2, 4, 4],
+            output_len: 3,
+            bands: 2,
+            mean: [0.0; MAX_BANDS],
+            std: [1.0; MAX_BANDS],
+            resize: 1,
+            labels: "a\nb\nc",
+            arena_size,
+            output_tensor,
+            input_scale: 0.05,
+            input_zero_point: -3,
+            output_scale: 0.1,
+            output_zero_point: 2,
+            output_softmax: false,
+        }
+    }
+
+    const FULL: OutputQuant = OutputQuant {
+        zero_point: 1,
+        min: -128,
+        max: 127,
+    };
+
+    /// Conv (t0 -> t1), residual Add (t0 + t1 -> t2), GlobalAveragePool (t2 -> t3), Gemm
+    /// (t3 -> t4), placed by hand in a 128-byte arena.
+    fn tiny_plan() -> Vec<u8> {
+        let mut b = ProgramBuilder::default();
+        for (offset, len) in [(0, 32), (32, 32), (64, 32), (96, 2), (112, 3)] {
+            b.tensor(offset, len);
+        }
+        let half = Requant::from_real(0.5).unwrap();
+        let conv_weights: Vec<i8> = (0..2 * 2 * 9).map(|i| (i * 7 % 23) as i8 - 11).collect();
+        let step = |op, inputs, output| Step { op, inputs, output };
+        let conv = Op::Conv {
+            geometry: ConvGeometry {
+                input: [2, 4, 4],
+                output: [2, 4, 4],
+                kernel: [3, 3],
+                stride: [1, 1],
+                pad: [1, 1],
+                dilation: [1, 1],
+                group: 1,
+            },
+            weights: b.i8_blob(&conv_weights),
+            channels: b.channels(&[10, -10], &[Requant::from_real(0.01).unwrap(); 2]),
+            input_zero_point: -3,
+            output_quant: FULL,
+        };
+        b.push(step(conv, [0, 0], 1)).unwrap();
+        let add = Op::Add(Add {
+            input_zero_points: [-3, 1],
+            requant: [half, half],
+            output_quant: FULL,
+        });
+        b.push(step(add, [0, 1], 2)).unwrap();
+        let pool = Op::GlobalAveragePool(GlobalAveragePool {
+            channels: 2,
+            input_zero_point: 1,
+            requant: Requant::from_real(1.0 / 16.0).unwrap(),
+            output_quant: FULL,
+        });
+        b.push(step(pool, [2, 2], 3)).unwrap();
+        let gemm = Op::Gemm {
+            weights: b.i8_blob(&[5, -3, 2, 7, -1, 4]),
+            channels: b.channels(&[0, 5, -5], &[Requant::from_real(0.3).unwrap(); 3]),
+            input_zero_point: 1,
+            output_quant: FULL,
+        };
+        b.push(step(gemm, [3, 3], 4)).unwrap();
+        b.finish(&header(128, 4)).unwrap()
+    }
+
+    fn input() -> Vec<f32> {
+        (0..32).map(|i| (i as f32 - 12.0) * 0.13).collect()
+    }
+
+    #[test]
+    fn runs_the_steps_in_order_through_the_arena() {
+        let bytes = AlignedBytes::new(&tiny_plan());
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        assert_eq!((program.input_len(), program.output_len()), (32, 3));
+        let mut arena = vec![0i8; program.arena_size()];
+        program.quantize_input(&input(), &mut arena).unwrap();
+        program.run(&mut arena, &mut Reference).unwrap();
+        let mut out = [0.0f32; 3];
+        program.dequantize_output(&arena, &mut out).unwrap();
+
+        // The same layers by hand, each kernel on its own buffers.
+        let x: Vec<i8> = arena[..32].to_vec();
+        let mut steps = program.steps().map(Result::unwrap);
+        let conv = program.conv(&steps.next().unwrap().op).unwrap();
+        let mut y = vec![0i8; 32];
+        conv.run(&x, &mut y).unwrap();
+        let Op::Add(add) = steps.next().unwrap().op else {
+            panic!("step 1 is the Add")
+        };
+        let mut sum = vec![0i8; 32];
+        add.run(&x, &y, &mut sum).unwrap();
+        assert_eq!(
+            &arena[64..96],
+            &sum[..],
+            "the Add's output sits at its arena offset"
+        );
+        assert!(out.iter().any(|v| *v != 0.0), "{out:?}");
+    }
+
+    #[test]
+    fn bad_calls_are_typed_errors() {
+        let bytes = AlignedBytes::new(&tiny_plan());
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        let mut small = vec![0i8; 100];
+        assert_eq!(
+            program.run(&mut small, &mut Reference),
+            Err(ProgramError::Arena {
+                needed: 128,
+                got: 100
+            })
+        );
+        let mut arena = vec![0i8; 128];
+        assert_eq!(
+            program.quantize_input(&[0.0; 31], &mut arena),
+            Err(ProgramError::Length {
+                expected: 32,
+                got: 31
+            })
+        );
+        assert_eq!(
+            program.dequantize_output(&arena, &mut [0.0; 4]),
+            Err(ProgramError::Length {
+                expected: 3,
+                got: 4
+            })
+        );
+        // A NaN pixel becomes the zero point instead of poisoning the tensor.
+        let mut nan = input();
+        nan[5] = f32::NAN;
+        program.quantize_input(&nan, &mut arena).unwrap();
+        assert_eq!(arena[5], -3);
+
+        let plan = tiny_plan();
+        let mut shifted = vec![0u8; plan.len() + 1];
+        shifted[1..].copy_from_slice(&plan);
+        let unaligned = AlignedBytes::new(&shifted);
+        assert_eq!(
+            Program::new(&unaligned.as_bytes()[1..]).unwrap_err(),
+            ProgramError::Misaligned
+        );
+    }
+
+    #[test]
+    fn references_outside_the_arena_or_weights_are_rejected() {
+        let rebuild = |edit: &dyn Fn(&mut ProgramBuilder)| {
+            let mut b = ProgramBuilder::default();
+            b.tensor(0, 32);
+            b.tensor(32, 32);
+            edit(&mut b);
+            AlignedBytes::new(&b.finish(&header(64, 1)).unwrap())
+        };
+        let table = |b: &mut ProgramBuilder| b.blob(&[0; 256]);
+        // Output overlapping the input.
+        let bytes = rebuild(&|b| {
+            let table = table(b);
+            b.push(Step {
+                op: Op::Lut { table },
+                inputs: [0, 0],
+                output: 0,
+            })
+            .unwrap();
+        });
+        assert_eq!(
+            Program::new(bytes.as_bytes()).unwrap_err(),
+            ProgramError::Aliasing { step: 0 }
+        );
+        // A tensor id the table lacks.
+        let bytes = rebuild(&|b| {
+            let table = table(b);
+            b.push(Step {
+                op: Op::Lut { table },
+                inputs: [7, 0],
+                output: 1,
+            })
+            .unwrap();
+        });
+        assert_eq!(
+            Program::new(bytes.as_bytes()).unwrap_err(),
+            ProgramError::Tensor { step: 0, id: 7 }
+        );
+        // A table that is not 256 entries, and one past the weights.
+        for table in [
+            Blob {
+                offset: 0,
+                len: 255,
+            },
+            Blob {
+                offset: 4096,
+                len: 256,
+            },
+        ] {
+            let bytes = rebuild(&|b| {
+                b.blob(&[0; 256]);
+                b.push(Step {
+                    op: Op::Lut { table },
+                    inputs: [0, 0],
+                    output: 1,
+                })
+                .unwrap();
+            });
+            assert_eq!(
+                Program::new(bytes.as_bytes()).unwrap_err(),
+                ProgramError::Blob { step: 0 }
+            );
+        }
+    }
+
+    /// A short fuzz run kept in the suite: valid containers (CRCs recomputed) around mutated op,
+    /// arena and weight sections, and raw noise. Loading never panics, and whatever loads runs
+    /// without panicking.
+    #[test]
+    fn mutated_programs_never_panic() {
+        let bytes = AlignedBytes::new(&tiny_plan());
+        let original = Program::new(bytes.as_bytes()).unwrap();
+        let sections = [SectionKind::Ops, SectionKind::Arena, SectionKind::Weights]
+            .map(|k| original.plan.section(k).unwrap().to_vec());
+        let header = original.header().clone();
+        let mut state = 0x0ddc_0ffe_e15b_ad5eu64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut loaded, mut ran) = (0, 0);
+        for _ in 0..5_000 {
+            let mut mutated = sections.clone();
+            let section = &mut mutated[(next() % 3) as usize];
+            for _ in 0..1 + next() % 3 {
+                if !section.is_empty() {
+                    let at = (next() as usize) % section.len();
+                    section[at] = next() as u8;
+                }
+            }
+            if next() % 8 == 0 {
+                let keep = (next() as usize) % (section.len() + 1);
+                section.truncate(keep);
+            }
+            let mut header = header.clone();
+            header.arena_size = [128, 64, 0, u32::MAX][(next() % 4) as usize];
+            let plan = write_plan(
+                &header,
+                &[
+                    (SectionKind::Ops, &mutated[0]),
+                    (SectionKind::Arena, &mutated[1]),
+                    (SectionKind::Weights, &mutated[2]),
+                ],
+            )
+            .unwrap();
+            let aligned = AlignedBytes::new(&plan);
+            let Ok(program) = Program::new(aligned.as_bytes()) else {
+                continue;
+            };
+            loaded += 1;
+            if program.arena_size() > 1 << 20 {
+                continue;
+            }
+            let mut arena = vec![0i8; program.arena_size()];
+            let _ = program.quantize_input(&input(), &mut arena);
+            if program.run(&mut arena, &mut Reference).is_ok() {
+                ran += 1;
+            }
+        }
+        assert!(loaded > 100 && ran > 50, "loaded {loaded}, ran {ran}");
+    }
+}

@@ -1,0 +1,127 @@
+//! Zero heap allocations per inference after setup, proven with a counting global allocator:
+//! for the plan executor over a caller's arena, for the int8 CPU backend, and for the runtime's
+//! pipeline step (preprocess, model, postprocess) on a real chip.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::Path;
+
+use kestrel_host::{decode_image, HostClock};
+use kestrel_kernels::cpu::Int8Cpu;
+use kestrel_kernels::program::{AlignedBytes, Program, Reference};
+use kestrel_kernels::Backend;
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::health::Health;
+use kestrel_runtime::preprocess::{prepare_input, Region};
+use kestrel_runtime::step::ClassifierStep;
+use models::ZooModel;
+
+/// Counts the allocations made by the current thread (tests run on several threads).
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations_during(f: impl FnOnce()) -> u64 {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+fn chip() -> kestrel_host::DecodedImage {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/eurosat-rgb/River/River_105.jpg");
+    decode_image(&path).unwrap()
+}
+
+fn model_input(model: &ZooModel) -> Vec<f32> {
+    let spec = model.preprocess_spec().unwrap();
+    let image = chip();
+    let view = FrameView::new(image.geometry, &image.samples).unwrap();
+    let mut input = vec![0.0; spec.input_len()];
+    prepare_input(view, Region::whole(64, 64), &spec, &mut input).unwrap();
+    input
+}
+
+#[test]
+fn the_counter_sees_allocations() {
+    assert!(allocations_during(|| drop(std::hint::black_box(vec![1u8; 64]))) >= 1);
+}
+
+#[test]
+fn the_executor_allocates_nothing_per_inference() {
+    let model = ZooModel::load(models::DEFAULT_MODEL).unwrap();
+    let input = model_input(&model);
+    let bytes = AlignedBytes::new(include_bytes!("../../models/zoo/eurosat-rgb/model.plan"));
+    let program = Program::new(bytes.as_bytes()).unwrap();
+    let mut arena = vec![0i8; program.arena_size()];
+    let mut logits = [0.0f32; 10];
+    let count = allocations_during(|| {
+        for _ in 0..3 {
+            program.quantize_input(&input, &mut arena).unwrap();
+            program.run(&mut arena, &mut Reference).unwrap();
+            program.dequantize_output(&arena, &mut logits).unwrap();
+        }
+    });
+    assert_eq!(count, 0, "generic executor");
+
+    let mut backend = Int8Cpu::from_bytes(bytes.as_bytes()).unwrap();
+    let mut output = vec![0.0; backend.output_len()];
+    let count = allocations_during(|| {
+        for _ in 0..10 {
+            backend.run(&input, &mut output).unwrap();
+        }
+    });
+    assert_eq!(
+        count,
+        0,
+        "int8 CPU backend ({} kernels)",
+        backend.kernel_name()
+    );
+    assert_eq!(output, logits, "fast and generic kernels agree");
+}
+
+#[test]
+fn the_pipeline_step_allocates_nothing_per_frame() {
+    let model = ZooModel::load(models::DEFAULT_MODEL).unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let backend = model.int8_backend().unwrap().unwrap();
+    let (mut input, mut output) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
+    let mut step = ClassifierStep::new(backend, spec, &mut input, &mut output).unwrap();
+    let image = chip();
+    let clock = HostClock::default();
+    let mut health = Health::default();
+    let river = model
+        .manifest
+        .labels
+        .iter()
+        .position(|l| l == "River")
+        .unwrap();
+    let count = allocations_during(|| {
+        for _ in 0..10 {
+            let frame = FrameView::new(image.geometry, &image.samples).unwrap();
+            let (classification, _) = step.process(frame, &clock, &mut health).unwrap();
+            assert_eq!(usize::from(classification.class()), river);
+        }
+    });
+    assert_eq!(count, 0);
+    assert_eq!(health.frames_done, 10);
+}
