@@ -50,18 +50,18 @@ impl Packed {
         }
         let (row_pairs, blocks) = (rows.div_ceil(2), ocg.div_ceil(MR));
         let mut weights = std::vec![0i32; group * blocks * row_pairs * MR];
-        for (i, packed) in weights.iter_mut().enumerate() {
-            let r = i % MR;
-            let pair = (i / MR) % row_pairs;
-            let block = (i / MR / row_pairs) % blocks;
-            let gi = i / MR / row_pairs / blocks;
-            let o = block * MR + r;
-            if o >= ocg {
-                continue;
+        let tiles = weights.chunks_exact_mut(row_pairs * MR);
+        for (tile, (gi, block)) in
+            tiles.zip((0..group).flat_map(|gi| (0..blocks).map(move |b| (gi, b))))
+        {
+            for r in 0..MR.min(ocg - block * MR) {
+                let o = gi * ocg + block * MR + r;
+                let filter = &conv.weights[o * rows..(o + 1) * rows];
+                for (pair, taps) in filter.chunks(2).enumerate() {
+                    let w = |k: usize| taps.get(k).map_or(0, |&v| i16::from(v) as u16 as u32);
+                    tile[pair * MR + r] = (w(0) | (w(1) << 16)) as i32;
+                }
             }
-            let filter = &conv.weights[(gi * ocg + o) * rows..(gi * ocg + o + 1) * rows];
-            let w = |k: usize| filter.get(k).map_or(0, |&v| i16::from(v) as u16 as u32);
-            *packed = (w(2 * pair) | (w(2 * pair + 1) << 16)) as i32;
         }
         Some(Self {
             geometry: g,

@@ -15,8 +15,13 @@ data=()
 "$python" sim/benches/ort_latency.py --runs "$runs" "${data[@]}" 2>/dev/null | tee -a "$out"
 "$python" - "$out" <<'PY'
 import json, sys
-rows = {r["backend"]: r["median_us"] for r in map(json.loads, open(sys.argv[1]))}
+records = list(map(json.loads, open(sys.argv[1])))
+rows = {r["backend"]: r["median_us"] for r in records if "median_us" in r}
 base = rows["onnxruntime-f32"]
 for name, us in rows.items():
     print(f"{name:24s} median {us:8.1f} us   {us / base:5.2f}x ONNX Runtime f32")
+fps = {(r["backend"], r["threads"]): r["frames_per_s"] for r in records if "threads" in r}
+for (name, threads), value in fps.items():
+    if threads == 2 and (name, 1) in fps:
+        print(f"{name:24s} 2 threads {value:7.1f} frames/s = {value / fps[(name, 1)]:4.2f}x its 1 thread")
 PY

@@ -54,6 +54,26 @@ def time_session(session, x, runs):
     return {"median_us": round(at(0.5), 1), "p10_us": round(at(0.1), 1), "p90_us": round(at(0.9), 1)}
 
 
+def throughput(path, options, x, threads, runs):
+    """Frames per second of `threads` sessions (one intra-op thread each) run side by side."""
+    import threading
+
+    sessions = [ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]) for _ in range(threads)]
+    name = sessions[0].get_inputs()[0].name
+
+    def work(session):
+        for _ in range(runs):
+            session.run(None, {name: x})
+
+    workers = [threading.Thread(target=work, args=(s,)) for s in sessions]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return round(threads * runs / (time.perf_counter() - t0), 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--zoo", default=os.path.join(ROOT, "models/zoo/eurosat-rgb"))
@@ -73,6 +93,9 @@ def main():
     f32_path = os.path.join(args.zoo, "model.onnx")
     f32 = ort.InferenceSession(f32_path, options, providers=["CPUExecutionProvider"])
     print(json.dumps({"backend": "onnxruntime-f32", "runs": args.runs, **time_session(f32, x, args.runs)}))
+    for threads in (1, 2):
+        print(json.dumps({"backend": "onnxruntime-f32", "threads": threads,
+                          "frames_per_s": throughput(f32_path, options, x, threads, args.runs)}))
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
