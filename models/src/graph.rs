@@ -259,6 +259,14 @@ impl Graph {
                 constants.insert(output_name.clone(), parsed);
                 continue;
             }
+            // PyTorch passes shared constants (equal BatchNorm statistics) through Identity.
+            if matches!(node.op_type.as_str(), "Identity" | "Dropout") {
+                let value = node.input.first().and_then(|n| constants.get(n)).cloned();
+                if let Some(value) = value {
+                    constants.insert(output_name.clone(), value);
+                    continue;
+                }
+            }
             let activations: Vec<usize> = node
                 .input
                 .iter()

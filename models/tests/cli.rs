@@ -27,13 +27,23 @@ fn compiles_verifies_and_writes_a_loadable_plan() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("agreement"), "{stdout}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(summary["calibration_images"], 20);
-    assert!(summary["top1_agreement"].as_f64().unwrap() >= 0.9, "{summary}");
-    assert!(summary["delta_points"].as_f64().is_some(), "class folders give accuracy");
+    assert!(
+        summary["top1_agreement"].as_f64().unwrap() >= 0.9,
+        "{summary}"
+    );
+    assert!(
+        summary["delta_points"].as_f64().is_some(),
+        "class folders give accuracy"
+    );
     let bytes = std::fs::read(&plan).unwrap();
     assert_eq!(summary["plan_bytes"], bytes.len());
     let backend = kestrel_kernels::cpu::Int8Cpu::from_bytes(&bytes).unwrap();
@@ -76,7 +86,10 @@ fn an_unsupported_operator_names_the_node() {
     let onnx = std::fs::read(&fixture).unwrap();
     let digest: String = {
         use sha2::Digest;
-        sha2::Sha256::digest(&onnx).iter().map(|b| format!("{b:02x}")).collect()
+        sha2::Sha256::digest(&onnx)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     };
     let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/eurosat-rgb/manifest.json");
     let mut manifest: serde_json::Value =
@@ -95,5 +108,8 @@ fn an_unsupported_operator_names_the_node() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("is not supported by the Kestrel compiler"), "{stderr}");
+    assert!(
+        stderr.contains("is not supported by the Kestrel compiler"),
+        "{stderr}"
+    );
 }

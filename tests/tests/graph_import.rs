@@ -68,6 +68,16 @@ fn unsupported_ops_and_garbage_are_named_errors() {
 }
 
 #[test]
+fn constants_passed_through_identity_stay_constants() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/identity_weights.onnx");
+    let graph = Graph::from_onnx(&std::fs::read(fixture).unwrap()).unwrap();
+    assert_eq!(graph.nodes.len(), 1);
+    assert!(matches!(&graph.nodes[0].op, Op::Conv { weight, .. } if weight == &[1.0, 1.0]));
+    let y = &graph.run_f32(&[1.0, 2.0, 3.0, 4.0])[graph.output];
+    assert_eq!(y, &[1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]);
+}
+
+#[test]
 fn calibration_on_real_chips_gives_usable_int8_ranges() {
     use models::calibrate::{Calibrator, Method};
 
