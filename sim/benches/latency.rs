@@ -37,6 +37,25 @@ fn main() {
         runs,
         &chip,
     );
+    // Two-thread scaling: one backend per thread, each running `runs` frames.
+    for threads in [1, 2] {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    let mut backend = model.int8_backend().expect("plan").expect("plan");
+                    let mut output = vec![0.0; backend.output_len()];
+                    for _ in 0..runs {
+                        backend.run(&input, &mut output).expect("inference");
+                    }
+                });
+            }
+        });
+        let fps = (threads * runs) as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "{{\"backend\": \"kestrel-int8-{kernels}\", \"threads\": {threads}, \"frames_per_s\": {fps:.1}}}"
+        );
+    }
     measure(
         "tract-f32",
         model.tract_backend().expect("tract"),
