@@ -95,7 +95,9 @@ fn eval_report_has_the_promised_fields() {
     assert!(out.status.success(), "{}", stderr(&out));
     let r = report(&path);
     assert_eq!(r["images"], 300);
-    assert_eq!(r["backend"], "tract");
+    assert_eq!(r["backend"], "int8-cpu", "the built-in model has a plan");
+    let load_ms = r["plan_load_ms"].as_f64().unwrap();
+    assert!(load_ms > 0.0, "plan_load_ms {load_ms}");
     assert_eq!(r["model"], "eurosat-rgb");
     let top1 = r["top1"].as_f64().unwrap();
     assert!(top1 >= 0.93, "top-1 {top1}");
@@ -353,6 +355,41 @@ fn replay_of_an_unreadable_or_grey_image_fails_clearly() {
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("grey.png: tile at (0, 0): image has 1 band(s), the model takes 3"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn tract_is_chosen_on_request_and_a_missing_plan_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.json");
+    let dataset = sample();
+    let out = sim(&[
+        "eval",
+        "--backend",
+        "tract",
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--report",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = report(&path);
+    assert_eq!(r["backend"], "tract");
+    assert!(r["plan_load_ms"].is_null());
+
+    let no_plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/ops");
+    let out = sim(&[
+        "run",
+        "--model",
+        no_plan.to_str().unwrap(),
+        "--backend",
+        "int8-cpu",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("has no compiled plan"),
         "{}",
         stderr(&out)
     );
