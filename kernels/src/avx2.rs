@@ -11,6 +11,9 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
+mod winograd;
+use winograd::Winograd;
+
 use crate::int8::{
     Add, ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError, ADD_FRACTION_BITS,
 };
@@ -31,6 +34,8 @@ struct Packed {
     row_pairs: usize,
     /// Blocks of [`MR`] output channels per group.
     blocks: usize,
+    /// The Winograd form, for the dense stride-1 3x3 layers it suits.
+    winograd: Option<Winograd>,
 }
 
 impl Packed {
@@ -68,16 +73,21 @@ impl Packed {
             weights,
             row_pairs,
             blocks,
+            winograd: Winograd::new(conv),
         })
     }
 
-    /// Scratch this layer needs: the padded input of a group, one strip.
-    fn scratch_len(&self) -> [usize; 2] {
+    /// Scratch this layer needs: the padded input of a group, one strip, and for Winograd the
+    /// transformed input and the products.
+    fn scratch_len(&self) -> [usize; 4] {
         let [hp, wp] = Layer::padded_dims(&self.geometry);
         let group = self.geometry.group.max(1);
+        let [transformed, products] = self.winograd.as_ref().map_or([0, 0], Winograd::scratch_len);
         [
             self.geometry.input[0] / group * hp * wp,
             2 * self.row_pairs * NR,
+            transformed,
+            products,
         ]
     }
 }
@@ -156,8 +166,7 @@ impl Kernels for Avx2 {
             && input.len() == c * h * w
             && output.len() == oc * oh * ow
             && conv.channels.fits(oc)
-            && self.scratch.padded.len() >= packed.scratch_len()[0]
-            && self.scratch.strip.len() >= packed.scratch_len()[1]
+            && self.scratch.fits(packed.scratch_len())
             && g.stride.iter().chain(&g.dilation).all(|&s| s > 0);
         if !fits {
             // The generic kernel reports what is wrong, or runs what this one cannot.
@@ -173,6 +182,20 @@ impl Kernels for Avx2 {
             blocks: packed.blocks,
             q: conv.output_quant,
         };
+        if let Some(winograd) = &packed.winograd {
+            // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
+            unsafe {
+                winograd.run(
+                    &layer,
+                    input,
+                    &conv.channels,
+                    conv.output_quant,
+                    &mut self.scratch,
+                    output,
+                )
+            };
+            return Ok(());
+        }
         let pixels = oh * ow;
         for gi in 0..group {
             let weights = &packed.weights[gi * packed.blocks * packed.row_pairs * MR..]
@@ -288,9 +311,15 @@ impl Layer<'_> {
         let reach = |out: usize, s: usize, k: usize, d: usize| {
             (out.max(1) - 1) * s + (k.max(1) - 1) * d + 1
         };
+        // Winograd reads 4x4 tiles every 2 pixels: up to 2 * ceil(out / 2) + 2.
+        let tiles = |out: usize| 2 * out.div_ceil(2) + 2;
         [
-            (h + g.pad[0]).max(reach(oh, g.stride[0], g.kernel[0], g.dilation[0])),
-            (w + g.pad[1]).max(reach(ow, g.stride[1], g.kernel[1], g.dilation[1])),
+            (h + g.pad[0])
+                .max(reach(oh, g.stride[0], g.kernel[0], g.dilation[0]))
+                .max(tiles(oh)),
+            (w + g.pad[1])
+                .max(reach(ow, g.stride[1], g.kernel[1], g.dilation[1]))
+                .max(tiles(ow)),
         ]
     }
 
@@ -413,14 +442,25 @@ impl Layer<'_> {
 
 impl Scratch {
     fn for_layers<'p>(layers: impl IntoIterator<Item = &'p Packed>) -> Self {
-        let [padded, strip] = layers
+        let [padded, strip, transformed, products] = layers
             .into_iter()
             .map(Packed::scratch_len)
-            .fold([0, 0], |[a, b], [x, y]| [a.max(x), b.max(y)]);
+            .fold([0; 4], |most, need| {
+                [0, 1, 2, 3].map(|i| most[i].max(need[i]))
+            });
         Self {
             padded: std::vec![0; padded],
             strip: std::vec![0; strip],
+            transformed: std::vec![0; transformed],
+            products: std::vec![0; products],
         }
+    }
+
+    fn fits(&self, [padded, strip, transformed, products]: [usize; 4]) -> bool {
+        self.padded.len() >= padded
+            && self.strip.len() >= strip
+            && self.transformed.len() >= transformed
+            && self.products.len() >= products
     }
 }
 
@@ -430,6 +470,10 @@ struct Scratch {
     padded: Vec<i16>,
     /// One strip of the column matrix, `[row][NR]`, read sequentially by the micro-kernel.
     strip: Vec<i16>,
+    /// Winograd-transformed input, `[point][strip][channel][NR]`.
+    transformed: Vec<i16>,
+    /// Winograd products, `[point][channel][tile]`.
+    products: Vec<i32>,
 }
 
 /// Sums of 4 channels by 16 pixels: `[channel][lo, hi]`, where `lo` holds pixels
@@ -486,15 +530,7 @@ fn requantize_tile(
         }
         return codes;
     }
-    let right = 31 - i64::from(requant.shift.max(Requant::MIN_SHIFT));
-    let lanes = Lanes {
-        multiplier: _mm256_set1_epi32(requant.multiplier),
-        round: _mm256_set1_epi64x(1 << (right - 1)),
-        right: _mm_cvtsi64_si128(right),
-        low: _mm256_set1_epi32(i32::from(q.min).saturating_sub(q.zero_point)),
-        high: _mm256_set1_epi32(i32::from(q.max).saturating_sub(q.zero_point)),
-        zero_point: _mm256_set1_epi32(q.zero_point),
-    };
+    let lanes = Lanes::new(requant, q);
     let (lo, hi) = (requantize8(lo, &lanes), requantize8(hi, &lanes));
     // lo/hi interleave pixels in 4s; packing them back to back restores the order.
     let words = _mm256_packs_epi32(lo, hi);
@@ -513,6 +549,22 @@ struct Lanes {
     low: __m256i,
     high: __m256i,
     zero_point: __m256i,
+}
+
+impl Lanes {
+    /// Broadcast `requant` and the output's zero point and clamp (valid for shifts <= 0).
+    #[target_feature(enable = "avx2")]
+    fn new(requant: Requant, q: OutputQuant) -> Self {
+        let right = 31 - i64::from(requant.shift.clamp(Requant::MIN_SHIFT, 0));
+        Self {
+            multiplier: _mm256_set1_epi32(requant.multiplier),
+            round: _mm256_set1_epi64x(1 << (right - 1)),
+            right: _mm_cvtsi64_si128(right),
+            low: _mm256_set1_epi32(i32::from(q.min).saturating_sub(q.zero_point)),
+            high: _mm256_set1_epi32(i32::from(q.max).saturating_sub(q.zero_point)),
+            zero_point: _mm256_set1_epi32(q.zero_point),
+        }
+    }
 }
 
 /// Add half and shift four 64-bit products right, rounding toward negative infinity: an
@@ -638,6 +690,75 @@ mod tests {
             checked += 1;
         }
         assert!(checked > 300, "only {checked} shapes were valid");
+    }
+
+    /// The dense stride-1 3x3 layers take the Winograd path: random ones of every size that
+    /// has a full strip of tiles, odd sizes and channel counts included.
+    #[test]
+    fn winograd_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = Rng(0x3a3a_2026_f233);
+        let mut winograd = 0;
+        for case in 0..150 {
+            let (c, oc) = (1 + rng.below(40), 1 + rng.below(20));
+            let pad = [rng.below(2), rng.below(2)];
+            let (h, w) = (5 + rng.below(30), 5 + rng.below(30));
+            let (oh, ow) = (h + 2 * pad[0] - 2, w + 2 * pad[1] - 2);
+            let input: Vec<i8> = (0..c * h * w).map(|_| rng.next() as i8).collect();
+            let weights: Vec<i8> = (0..oc * c * 9).map(|_| rng.next() as i8).collect();
+            let bias: Vec<i32> = (0..oc)
+                .map(|_| (rng.next() % 200_001) as i32 - 100_000)
+                .collect();
+            let requant: Vec<Requant> = (0..oc)
+                .map(|_| {
+                    Requant::from_real(2f64.powf(-(rng.below(1800) as f64) / 100.0 + 1.0)).unwrap()
+                })
+                .collect();
+            let multiplier: Vec<i32> = requant.iter().map(|r| r.multiplier).collect();
+            let shift: Vec<i8> = requant.iter().map(|r| r.shift).collect();
+            let zero_point = rng.below(256) as i32 - 128;
+            let conv = Conv {
+                geometry: ConvGeometry {
+                    input: [c, h, w],
+                    output: [oc, oh, ow],
+                    kernel: [3, 3],
+                    stride: [1, 1],
+                    pad,
+                    dilation: [1, 1],
+                    group: 1,
+                },
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_zero_point: rng.below(256) as i32 - 128,
+                output_quant: OutputQuant {
+                    zero_point,
+                    min: if case % 3 == 0 {
+                        zero_point as i8
+                    } else {
+                        -128
+                    },
+                    max: 127,
+                },
+            };
+            let mut expected = vec![0i8; oc * oh * ow];
+            conv.run(&input, &mut expected).unwrap();
+            let mut fast = Avx2::for_conv(&conv).unwrap();
+            winograd += usize::from(fast.layers[0].as_ref().unwrap().winograd.is_some());
+            let mut got = vec![0i8; oc * oh * ow];
+            fast.conv(0, &conv, &input, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
+        }
+        assert!(
+            winograd > 100,
+            "only {winograd} layers took the Winograd path"
+        );
     }
 
     #[test]
