@@ -424,6 +424,11 @@ impl Layer<'_> {
                         let src = &tap[offset..];
                         if sx == 1 && n == NR {
                             dst.copy_from_slice(&src[..NR]);
+                        } else if let (2, NR, Some(samples)) = (sx, n, src.get(..2 * NR - 1)) {
+                            // A fixed stride and count let the compiler use shuffles.
+                            for (k, d) in dst.iter_mut().enumerate() {
+                                *d = samples[2 * k];
+                            }
                         } else {
                             for (d, s) in dst[at..at + n].iter_mut().zip(src.iter().step_by(sx)) {
                                 *d = *s;
@@ -627,7 +632,8 @@ mod tests {
                 group * (1 + rng.below(10))
             };
             let (kh, kw) = (1 + rng.below(3), 1 + rng.below(3));
-            let (h, w) = (kh + rng.below(20), kw + rng.below(20));
+            // Wide enough rows that strided runs fill whole tiles of 16.
+            let (h, w) = (kh + rng.below(20), kw + rng.below(44));
             let stride = [1 + rng.below(2), 1 + rng.below(2)];
             let dilation = [1 + rng.below(2), 1 + rng.below(2)];
             let pad = [rng.below(kh), rng.below(kw)];
