@@ -45,7 +45,7 @@ impl Packed {
         let [c, _, _] = g.input;
         let [oc, _, _] = g.output;
         let [kh, kw] = g.kernel;
-        if !c.is_multiple_of(group) || !oc.is_multiple_of(group) {
+        if !c.is_multiple_of(group) || !oc.is_multiple_of(group) || !Self::sane(&g) {
             return None;
         }
         let (icg, ocg) = (c / group, oc / group);
@@ -75,6 +75,26 @@ impl Packed {
             blocks,
             winograd: Winograd::new(conv),
         })
+    }
+
+    /// Geometry a plan may claim but no real layer has (zero or huge sizes, padding wider than
+    /// the kernel) runs on the generic kernel: sizes here stay far from overflow and the
+    /// scratch below a few MiB per layer.
+    fn sane(g: &ConvGeometry) -> bool {
+        const LIMIT: usize = 1 << 12;
+        let sizes = g
+            .input
+            .iter()
+            .chain(&g.output)
+            .chain(&g.kernel)
+            .chain(&g.stride);
+        let in_range = sizes.chain(&g.dilation).all(|&v| (1..=LIMIT).contains(&v));
+        let padding = || (0..2).all(|i| g.pad[i] < g.kernel[i] * g.dilation[i]);
+        let small = || {
+            let [hp, wp] = Layer::padded_dims(g);
+            g.input[0] * hp * wp <= 1 << 22
+        };
+        in_range && padding() && small()
     }
 
     /// Scratch this layer needs: the padded input of a group, one strip, and for Winograd the
@@ -808,6 +828,82 @@ mod tests {
             kernels.add(&add, &a, &b, &mut got).unwrap();
             assert_eq!(got, expected, "case {case}: {add:?}");
         }
+    }
+
+    /// Geometry no real layer has, with buffers that match it: the fast path either declines
+    /// (and the generic kernel answers) or gives the generic bytes; it never panics.
+    #[test]
+    fn odd_geometry_never_panics() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut rng = Rng(0x00ba_d6e0_2026);
+        let mut compared = 0;
+        for case in 0..20_000 {
+            // Mostly small sizes, one draw in ten from the extremes as well.
+            let extremes = if case % 10 == 0 { 2 } else { 0 };
+            let mut pick =
+                |n: usize| [1, 2, 3, 7, 0, 5000, usize::MAX / 3][rng.below(n + extremes)];
+            let geometry = ConvGeometry {
+                input: [pick(4), pick(4), pick(4)],
+                output: [pick(4), pick(4), pick(4)],
+                kernel: [pick(4), pick(4)],
+                stride: [pick(4), pick(4)],
+                pad: [pick(5), pick(5)],
+                dilation: [pick(4), pick(4)],
+                group: pick(5),
+            };
+            let len = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+            let (Some(input_len), Some(output_len)) = (len(&geometry.input), len(&geometry.output))
+            else {
+                continue;
+            };
+            let icg = geometry.input[0] / geometry.group.max(1);
+            let weights_len = len(&[
+                geometry.output[0],
+                icg,
+                geometry.kernel[0],
+                geometry.kernel[1],
+            ]);
+            if input_len > 1 << 16
+                || output_len > 1 << 16
+                || weights_len.is_none_or(|n| n > 1 << 16)
+            {
+                continue;
+            }
+            let oc = geometry.output[0];
+            let (bias, multiplier, shift) = (vec![0; oc], vec![1 << 30; oc], vec![0; oc]);
+            let weights = vec![1i8; weights_len.unwrap_or(0)];
+            let conv = Conv {
+                geometry,
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_zero_point: 0,
+                output_quant: OutputQuant {
+                    zero_point: 0,
+                    min: -128,
+                    max: 127,
+                },
+            };
+            let input = vec![1i8; input_len];
+            let (mut expected, mut got) = (vec![0i8; output_len], vec![0i8; output_len]);
+            let reference = conv.run(&input, &mut expected);
+            let Some(mut fast) = Avx2::for_conv(&conv) else {
+                continue;
+            };
+            let result = fast.conv(0, &conv, &input, &mut got);
+            assert_eq!(result, reference, "{geometry:?}");
+            assert_eq!(got, expected, "{geometry:?}");
+            compared += 1;
+        }
+        assert!(
+            compared > 50,
+            "only {compared} geometries reached the fast path"
+        );
     }
 
     #[test]

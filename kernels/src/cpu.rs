@@ -89,8 +89,15 @@ impl Int8Cpu {
             core::slice::from_raw_parts(bytes.as_bytes().as_ptr(), bytes.as_bytes().len())
         };
         let program = Program::new(stable)?;
+        // A corrupt or hostile plan may ask for gigabytes: a typed error, not an abort.
+        let needed = program.arena_size();
+        let mut arena = std::vec::Vec::new();
+        arena
+            .try_reserve_exact(needed)
+            .map_err(|_| ProgramError::Arena { needed, got: 0 })?;
+        arena.resize(needed, 0);
         Ok(Self {
-            arena: std::vec![0; program.arena_size()],
+            arena,
             kernels: Chosen::detect(&program, generic),
             program,
             _bytes: bytes,
