@@ -14,108 +14,39 @@ use std::vec::Vec;
 mod winograd;
 use winograd::Winograd;
 
-use crate::int8::{
-    Add, ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError, ADD_FRACTION_BITS,
-};
+use crate::strips::{Layer, Packed, Scratch, MR, NR};
+
+use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, ShapeError, ADD_FRACTION_BITS};
 use crate::program::{Kernels, Program};
 use crate::quant::{requantize_i8, Requant};
 
-/// Output channels per micro-tile.
-const MR: usize = 4;
-/// Pixels per micro-tile.
-const NR: usize = 16;
-
-/// One convolution's weights in the micro-kernel's order.
-struct Packed {
-    geometry: ConvGeometry,
-    /// `[group][channel block][row pair][MR]`: two i16 weights (rows `2k`, `2k+1`) per i32.
-    weights: Vec<i32>,
-    /// Column-matrix rows (`in / group * kh * kw`), rounded up to even, halved.
-    row_pairs: usize,
-    /// Blocks of [`MR`] output channels per group.
-    blocks: usize,
+/// One convolution ready for the AVX2 kernels.
+struct Prepared {
+    packed: Packed,
     /// The Winograd form, for the dense stride-1 3x3 layers it suits.
     winograd: Option<Winograd>,
 }
 
-impl Packed {
+impl Prepared {
     fn new(conv: &Conv<'_>) -> Option<Self> {
-        let g = conv.geometry;
-        let group = g.group.max(1);
-        let [c, _, _] = g.input;
-        let [oc, _, _] = g.output;
-        let [kh, kw] = g.kernel;
-        if !c.is_multiple_of(group) || !oc.is_multiple_of(group) || !Self::sane(&g) {
-            return None;
-        }
-        let (icg, ocg) = (c / group, oc / group);
-        let rows = icg * kh * kw;
-        if conv.weights.len() != oc * rows {
-            return None;
-        }
-        let (row_pairs, blocks) = (rows.div_ceil(2), ocg.div_ceil(MR));
-        let mut weights = std::vec![0i32; group * blocks * row_pairs * MR];
-        let tiles = weights.chunks_exact_mut(row_pairs * MR);
-        for (tile, (gi, block)) in
-            tiles.zip((0..group).flat_map(|gi| (0..blocks).map(move |b| (gi, b))))
-        {
-            for r in 0..MR.min(ocg - block * MR) {
-                let o = gi * ocg + block * MR + r;
-                let filter = &conv.weights[o * rows..(o + 1) * rows];
-                for (pair, taps) in filter.chunks(2).enumerate() {
-                    let w = |k: usize| taps.get(k).map_or(0, |&v| i16::from(v) as u16 as u32);
-                    tile[pair * MR + r] = (w(0) | (w(1) << 16)) as i32;
-                }
-            }
-        }
         Some(Self {
-            geometry: g,
-            weights,
-            row_pairs,
-            blocks,
+            packed: Packed::new(conv)?,
             winograd: Winograd::new(conv),
         })
     }
 
-    /// Geometry a plan may claim but no real layer has (zero or huge sizes, padding wider than
-    /// the kernel) runs on the generic kernel: sizes here stay far from overflow and the
-    /// scratch below a few MiB per layer.
-    fn sane(g: &ConvGeometry) -> bool {
-        const LIMIT: usize = 1 << 12;
-        let sizes = g
-            .input
-            .iter()
-            .chain(&g.output)
-            .chain(&g.kernel)
-            .chain(&g.stride);
-        let in_range = sizes.chain(&g.dilation).all(|&v| (1..=LIMIT).contains(&v));
-        let padding = || (0..2).all(|i| g.pad[i] < g.kernel[i] * g.dilation[i]);
-        let small = || {
-            let [hp, wp] = Layer::padded_dims(g);
-            g.input[0] * hp * wp <= 1 << 22
-        };
-        in_range && padding() && small()
-    }
-
-    /// Scratch this layer needs: the padded input of a group, one strip, and for Winograd the
-    /// transformed input and the products.
+    /// Scratch needs: padded input, strip, and for Winograd the transformed input and products.
     fn scratch_len(&self) -> [usize; 4] {
-        let [hp, wp] = Layer::padded_dims(&self.geometry);
-        let group = self.geometry.group.max(1);
+        let [padded, strip] = self.packed.scratch_len();
         let [transformed, products] = self.winograd.as_ref().map_or([0, 0], Winograd::scratch_len);
-        [
-            self.geometry.input[0] / group * hp * wp,
-            2 * self.row_pairs * NR,
-            transformed,
-            products,
-        ]
+        [padded, strip, transformed, products]
     }
 }
 
-/// AVX2 convolutions for one program: packed weights per step and an im2col scratch, allocated
+/// AVX2 convolutions for one program: packed weights per step and scratch buffers, allocated
 /// at setup.
 pub struct Avx2 {
-    layers: Vec<Option<Packed>>,
+    layers: Vec<Option<Prepared>>,
     scratch: Scratch,
 }
 
@@ -125,15 +56,15 @@ impl Avx2 {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
-        let layers: Vec<Option<Packed>> = program
+        let layers: Vec<Option<Prepared>> = program
             .steps()
             .map(|step| {
                 step.ok()
                     .and_then(|s| program.conv(&s.op))
-                    .and_then(|c| Packed::new(&c))
+                    .and_then(|c| Prepared::new(&c))
             })
             .collect();
-        let scratch = Scratch::for_layers(layers.iter().flatten());
+        let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
         Some(Self { layers, scratch })
     }
 
@@ -142,10 +73,10 @@ impl Avx2 {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
-        let packed = Packed::new(conv)?;
+        let prepared = Prepared::new(conv)?;
         Some(Self {
-            scratch: Scratch::for_layers([&packed]),
-            layers: std::vec![Some(packed)],
+            scratch: Scratch::for_needs([prepared.scratch_len()]),
+            layers: std::vec![Some(prepared)],
         })
     }
 }
@@ -174,35 +105,21 @@ impl Kernels for Avx2 {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        let Some(Some(packed)) = self.layers.get(step) else {
+        let Self { layers, scratch } = self;
+        let Some(Some(prepared)) = layers.get(step) else {
             return conv.run(input, output);
         };
-        let g = conv.geometry;
-        let [c, h, w] = g.input;
-        let [oc, oh, ow] = g.output;
-        let zero_point_fits = (-128..=127).contains(&conv.input_zero_point);
-        let fits = packed.geometry == g
-            && zero_point_fits
-            && input.len() == c * h * w
-            && output.len() == oc * oh * ow
-            && conv.channels.fits(oc)
-            && self.scratch.fits(packed.scratch_len())
-            && g.stride.iter().chain(&g.dilation).all(|&s| s > 0);
-        if !fits {
+        let packed = &prepared.packed;
+        let strided = conv.geometry.stride.iter().chain(&conv.geometry.dilation);
+        if !packed.accepts(conv, input, output)
+            || !scratch.fits(prepared.scratch_len())
+            || !strided.into_iter().all(|&s| s > 0)
+        {
             // The generic kernel reports what is wrong, or runs what this one cannot.
             return conv.run(input, output);
         }
-        let group = g.group.max(1);
-        let (icg, ocg) = (c / group, oc / group);
-        let layer = Layer {
-            geometry: &g,
-            icg,
-            zero_point: conv.input_zero_point as i16,
-            row_pairs: packed.row_pairs,
-            blocks: packed.blocks,
-            q: conv.output_quant,
-        };
-        if let Some(winograd) = &packed.winograd {
+        let layer = packed.layer(conv);
+        if let Some(winograd) = &prepared.winograd {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe {
                 winograd.run(
@@ -210,33 +127,55 @@ impl Kernels for Avx2 {
                     input,
                     &conv.channels,
                     conv.output_quant,
-                    &mut self.scratch,
+                    scratch,
                     output,
                 )
             };
             return Ok(());
         }
-        let pixels = oh * ow;
-        for gi in 0..group {
-            let weights = &packed.weights[gi * packed.blocks * packed.row_pairs * MR..]
-                [..packed.blocks * packed.row_pairs * MR];
-            let channels = ChannelQuant {
-                bias: &conv.channels.bias[gi * ocg..(gi + 1) * ocg],
-                multiplier: &conv.channels.multiplier[gi * ocg..(gi + 1) * ocg],
-                shift: &conv.channels.shift[gi * ocg..(gi + 1) * ocg],
-            };
+        packed.for_each_group(conv, input, output, |input, weights, channels, output| {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
-            unsafe {
-                layer.run(
-                    &input[gi * icg * h * w..(gi + 1) * icg * h * w],
-                    weights,
-                    &channels,
-                    &mut self.scratch,
-                    &mut output[gi * ocg * pixels..(gi + 1) * ocg * pixels],
-                );
+            unsafe { run_layer(&layer, input, weights, channels, scratch, output) }
+        });
+        Ok(())
+    }
+}
+
+/// For each tile of [`NR`] output pixels: fill its strip of the column matrix, then run
+/// every block of output channels over it while it is in L1.
+#[target_feature(enable = "avx2")]
+fn run_layer(
+    layer: &Layer<'_>,
+    input: &[i8],
+    weights: &[i32],
+    channels: &ChannelQuant<'_>,
+    scratch: &mut Scratch,
+    out: &mut [i8],
+) {
+    let [_, oh, ow] = layer.geometry.output;
+    let pixels = oh * ow;
+    let ocg = channels.bias.len();
+    let padded = layer.pad_input(input, &mut scratch.padded);
+    for p0 in (0..pixels).step_by(NR) {
+        layer.fill_strip(padded, p0, &mut scratch.strip);
+        for block in 0..layer.blocks {
+            let span = block * layer.row_pairs * MR..(block + 1) * layer.row_pairs * MR;
+            let Some(tile) = weights.get(span) else {
+                return;
+            };
+            // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
+            let acc = unsafe { micro_kernel(tile, &scratch.strip, layer.row_pairs) };
+            for (r, [lo, hi]) in acc.into_iter().enumerate() {
+                let o = block * MR + r;
+                if o >= ocg {
+                    break;
+                }
+                let (bias, requant) = channels.get(o);
+                let codes = requantize_tile(lo, hi, bias, requant, layer.q);
+                let n = NR.min(pixels - p0);
+                out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&codes[..n]);
             }
         }
-        Ok(())
     }
 }
 
@@ -310,195 +249,6 @@ fn add8(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
     }
     // The tail, and the generic kernel's exact arithmetic for it.
     let _ = add.run(&a[whole..], &b[whole..], &mut output[whole..]);
-}
-
-/// One group of a convolution, as the tile loop sees it.
-struct Layer<'g> {
-    geometry: &'g ConvGeometry,
-    /// Input channels per group.
-    icg: usize,
-    zero_point: i16,
-    row_pairs: usize,
-    blocks: usize,
-    q: OutputQuant,
-}
-
-impl Layer<'_> {
-    /// Height and width of the input once padded on every side the kernel reaches.
-    fn padded_dims(g: &ConvGeometry) -> [usize; 2] {
-        let [_, h, w] = g.input;
-        let [_, oh, ow] = g.output;
-        let reach = |out: usize, s: usize, k: usize, d: usize| {
-            (out.max(1) - 1) * s + (k.max(1) - 1) * d + 1
-        };
-        // Winograd reads 4x4 tiles every 2 pixels: up to 2 * ceil(out / 2) + 2.
-        let tiles = |out: usize| 2 * out.div_ceil(2) + 2;
-        [
-            (h + g.pad[0])
-                .max(reach(oh, g.stride[0], g.kernel[0], g.dilation[0]))
-                .max(tiles(oh)),
-            (w + g.pad[1])
-                .max(reach(ow, g.stride[1], g.kernel[1], g.dilation[1]))
-                .max(tiles(ow)),
-        ]
-    }
-
-    /// For each tile of [`NR`] output pixels: fill its strip of the column matrix, then run
-    /// every block of output channels over it while it is in L1.
-    #[target_feature(enable = "avx2")]
-    fn run(
-        &self,
-        input: &[i8],
-        weights: &[i32],
-        channels: &ChannelQuant<'_>,
-        scratch: &mut Scratch,
-        out: &mut [i8],
-    ) {
-        let [_, oh, ow] = self.geometry.output;
-        let pixels = oh * ow;
-        let ocg = channels.bias.len();
-        let padded = self.pad_input(input, &mut scratch.padded);
-        for p0 in (0..pixels).step_by(NR) {
-            self.fill_strip(padded, p0, &mut scratch.strip);
-            for block in 0..self.blocks {
-                let span = block * self.row_pairs * MR..(block + 1) * self.row_pairs * MR;
-                let Some(tile) = weights.get(span) else {
-                    return;
-                };
-                // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
-                let acc = unsafe { micro_kernel(tile, &scratch.strip, self.row_pairs) };
-                for (r, [lo, hi]) in acc.into_iter().enumerate() {
-                    let o = block * MR + r;
-                    if o >= ocg {
-                        break;
-                    }
-                    let (bias, requant) = channels.get(o);
-                    let codes = requantize_tile(lo, hi, bias, requant, self.q);
-                    let n = NR.min(pixels - p0);
-                    out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&codes[..n]);
-                }
-            }
-        }
-    }
-
-    /// The group's input as 16-bit values minus the zero point, inside a border of zeros
-    /// wide enough for every tap, so that filling a strip needs no bounds logic.
-    #[target_feature(enable = "avx2")]
-    fn pad_input<'s>(&self, input: &[i8], scratch: &'s mut [i16]) -> &'s [i16] {
-        let g = self.geometry;
-        let [_, h, w] = g.input;
-        let [hp, wp] = Self::padded_dims(g);
-        let padded = &mut scratch[..self.icg * hp * wp];
-        let [top, left] = g.pad;
-        for (plane, dst) in input
-            .chunks_exact(h * w)
-            .zip(padded.chunks_exact_mut(hp * wp))
-        {
-            // Only the border is zeroed: the rest is overwritten below.
-            dst[..top * wp].fill(0);
-            dst[(top + h) * wp..].fill(0);
-            for (row, src) in dst[top * wp..(top + h) * wp]
-                .chunks_exact_mut(wp)
-                .zip(plane.chunks_exact(w))
-            {
-                row[..left].fill(0);
-                row[left + w..].fill(0);
-                for (d, &s) in row[left..left + w].iter_mut().zip(src) {
-                    *d = i16::from(s) - self.zero_point;
-                }
-            }
-        }
-        padded
-    }
-
-    /// Rows `(ic, ky, kx)` of the column matrix for output pixels `p0..p0 + NR`, copied from
-    /// the padded input; 0 past the last pixel and in the odd row that completes the last pair.
-    #[target_feature(enable = "avx2")]
-    fn fill_strip(&self, padded: &[i16], p0: usize, strip: &mut [i16]) {
-        let g = self.geometry;
-        let [_, oh, ow] = g.output;
-        let [kh, kw] = g.kernel;
-        let [sy, sx] = g.stride;
-        let [dy, dx] = g.dilation;
-        let [hp, wp] = Self::padded_dims(g);
-        // The tile as runs within output rows: (first pixel in the tile, offset of its first
-        // tap in the padded plane, length).
-        let mut runs = [(0usize, 0usize, 0usize); NR];
-        let mut count = 0;
-        let (mut oy, mut ox, mut i) = (p0 / ow.max(1), p0 % ow.max(1), 0);
-        while i < NR && oy < oh {
-            let n = (ow - ox).min(NR - i);
-            runs[count] = (i, oy * sy * wp + ox * sx, n);
-            count += 1;
-            i += n;
-            (oy, ox) = (oy + 1, 0);
-        }
-        let covered = i;
-        let mut rows = strip.chunks_exact_mut(NR);
-        for plane in padded.chunks_exact(hp * wp).take(self.icg) {
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let Some(dst) = rows.next() else { return };
-                    let tap = &plane[ky * dy * wp + kx * dx..];
-                    for &(at, offset, n) in &runs[..count] {
-                        let src = &tap[offset..];
-                        if sx == 1 && n == NR {
-                            dst.copy_from_slice(&src[..NR]);
-                        } else if let (2, NR, Some(samples)) = (sx, n, src.get(..2 * NR - 1)) {
-                            // A fixed stride and count let the compiler use shuffles.
-                            for (k, d) in dst.iter_mut().enumerate() {
-                                *d = samples[2 * k];
-                            }
-                        } else {
-                            for (d, s) in dst[at..at + n].iter_mut().zip(src.iter().step_by(sx)) {
-                                *d = *s;
-                            }
-                        }
-                    }
-                    dst[covered..].fill(0);
-                }
-            }
-        }
-        for dst in rows {
-            dst.fill(0);
-        }
-    }
-}
-
-impl Scratch {
-    fn for_layers<'p>(layers: impl IntoIterator<Item = &'p Packed>) -> Self {
-        let [padded, strip, transformed, products] = layers
-            .into_iter()
-            .map(Packed::scratch_len)
-            .fold([0; 4], |most, need| {
-                [0, 1, 2, 3].map(|i| most[i].max(need[i]))
-            });
-        Self {
-            padded: std::vec![0; padded],
-            strip: std::vec![0; strip],
-            transformed: std::vec![0; transformed],
-            products: std::vec![0; products],
-        }
-    }
-
-    fn fits(&self, [padded, strip, transformed, products]: [usize; 4]) -> bool {
-        self.padded.len() >= padded
-            && self.strip.len() >= strip
-            && self.transformed.len() >= transformed
-            && self.products.len() >= products
-    }
-}
-
-/// Per-call buffers, sized at setup for the largest layer.
-struct Scratch {
-    /// The padded 16-bit input of one group.
-    padded: Vec<i16>,
-    /// One strip of the column matrix, `[row][NR]`, read sequentially by the micro-kernel.
-    strip: Vec<i16>,
-    /// Winograd-transformed input, `[point][strip][channel][NR]`.
-    transformed: Vec<i16>,
-    /// Winograd products, `[point][channel][tile]`.
-    products: Vec<i32>,
 }
 
 /// Sums of 4 channels by 16 pixels: `[channel][lo, hi]`, where `lo` holds pixels
@@ -618,6 +368,7 @@ fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::int8::ConvGeometry;
 
     struct Rng(u64);
     impl Rng {
@@ -822,7 +573,7 @@ mod tests {
             let mut got = vec![0i8; len];
             let conv_free = Avx2 {
                 layers: Vec::new(),
-                scratch: Scratch::for_layers([]),
+                scratch: Scratch::for_needs([]),
             };
             let mut kernels = conv_free;
             kernels.add(&add, &a, &b, &mut got).unwrap();

@@ -16,6 +16,8 @@ pub mod plan;
 pub mod program;
 pub mod quant;
 pub mod spec;
+#[cfg(feature = "std")]
+mod strips;
 #[cfg(feature = "tract")]
 pub mod tract;
 

@@ -10,9 +10,10 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
-use super::{micro_kernel, requantize8, Lanes, Layer, Scratch, MR, NR};
+use super::{micro_kernel, requantize8, Lanes};
 use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
 use crate::quant::requantize_i8;
+use crate::strips::{Layer, Scratch, MR, NR};
 
 /// Points of a transformed 4x4 tile.
 const POINTS: usize = 16;

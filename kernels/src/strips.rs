@@ -1,0 +1,300 @@
+//! The portable half of the fast convolutions (AVX2, NEON): weights packed in pairs of
+//! column-matrix rows, the input widened to 16 bits inside a zero border, and strips of the
+//! column matrix for 16 output pixels at a time. Each architecture brings its micro-kernel and
+//! requantisation, and must give the generic kernel's bytes.
+
+use std::vec::Vec;
+
+use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
+
+/// Output channels per micro-tile.
+pub(crate) const MR: usize = 4;
+/// Pixels per micro-tile.
+pub(crate) const NR: usize = 16;
+
+/// One convolution's weights in the micro-kernel's order.
+pub(crate) struct Packed {
+    pub(crate) geometry: ConvGeometry,
+    /// `[group][channel block][row pair][MR]`: two i16 weights (rows `2k`, `2k+1`) per i32,
+    /// the first in the low half (so read as i16 they are in row order).
+    pub(crate) weights: Vec<i32>,
+    /// Column-matrix rows (`in / group * kh * kw`), rounded up to even, halved.
+    pub(crate) row_pairs: usize,
+    /// Blocks of [`MR`] output channels per group.
+    pub(crate) blocks: usize,
+}
+
+impl Packed {
+    pub(crate) fn new(conv: &Conv<'_>) -> Option<Self> {
+        let g = conv.geometry;
+        let group = g.group.max(1);
+        let [c, _, _] = g.input;
+        let [oc, _, _] = g.output;
+        let [kh, kw] = g.kernel;
+        if !c.is_multiple_of(group) || !oc.is_multiple_of(group) || !Self::sane(&g) {
+            return None;
+        }
+        let (icg, ocg) = (c / group, oc / group);
+        let rows = icg * kh * kw;
+        if conv.weights.len() != oc * rows {
+            return None;
+        }
+        let (row_pairs, blocks) = (rows.div_ceil(2), ocg.div_ceil(MR));
+        let mut weights = std::vec![0i32; group * blocks * row_pairs * MR];
+        let tiles = weights.chunks_exact_mut(row_pairs * MR);
+        for (tile, (gi, block)) in
+            tiles.zip((0..group).flat_map(|gi| (0..blocks).map(move |b| (gi, b))))
+        {
+            for r in 0..MR.min(ocg - block * MR) {
+                let o = gi * ocg + block * MR + r;
+                let filter = &conv.weights[o * rows..(o + 1) * rows];
+                for (pair, taps) in filter.chunks(2).enumerate() {
+                    let w = |k: usize| taps.get(k).map_or(0, |&v| i16::from(v) as u16 as u32);
+                    tile[pair * MR + r] = (w(0) | (w(1) << 16)) as i32;
+                }
+            }
+        }
+        Some(Self {
+            geometry: g,
+            weights,
+            row_pairs,
+            blocks,
+        })
+    }
+
+    /// Geometry a plan may claim but no real layer has (zero or huge sizes, padding wider than
+    /// the kernel) runs on the generic kernel: sizes here stay far from overflow and the
+    /// scratch below a few MiB per layer.
+    fn sane(g: &ConvGeometry) -> bool {
+        const LIMIT: usize = 1 << 12;
+        let sizes = g
+            .input
+            .iter()
+            .chain(&g.output)
+            .chain(&g.kernel)
+            .chain(&g.stride);
+        let in_range = sizes.chain(&g.dilation).all(|&v| (1..=LIMIT).contains(&v));
+        let padding = || (0..2).all(|i| g.pad[i] < g.kernel[i] * g.dilation[i]);
+        let small = || {
+            let [hp, wp] = Layer::padded_dims(g);
+            g.input[0] * hp * wp <= 1 << 22
+        };
+        in_range && padding() && small()
+    }
+
+    /// Scratch this layer needs: the padded input of a group and one strip.
+    pub(crate) fn scratch_len(&self) -> [usize; 2] {
+        let [hp, wp] = Layer::padded_dims(&self.geometry);
+        let group = self.geometry.group.max(1);
+        [
+            self.geometry.input[0] / group * hp * wp,
+            2 * self.row_pairs * NR,
+        ]
+    }
+
+    /// Whether `conv` is the layer this was packed from and its buffers fit; otherwise the
+    /// generic kernel runs it (and reports what is wrong).
+    pub(crate) fn accepts(&self, conv: &Conv<'_>, input: &[i8], output: &[i8]) -> bool {
+        let g = conv.geometry;
+        let [c, h, w] = g.input;
+        let [oc, oh, ow] = g.output;
+        self.geometry == g
+            && (-128..=127).contains(&conv.input_zero_point)
+            && input.len() == c * h * w
+            && output.len() == oc * oh * ow
+            && conv.channels.fits(oc)
+    }
+
+    /// The tile loop's view of `conv` (one group).
+    pub(crate) fn layer<'g>(&self, conv: &'g Conv<'_>) -> Layer<'g> {
+        let g = &conv.geometry;
+        Layer {
+            geometry: g,
+            icg: g.input[0] / g.group.max(1),
+            zero_point: conv.input_zero_point as i16,
+            row_pairs: self.row_pairs,
+            blocks: self.blocks,
+            q: conv.output_quant,
+        }
+    }
+
+    /// Hand each group of an accepted call to `run` with its input, packed weights, channel
+    /// constants and output.
+    pub(crate) fn for_each_group(
+        &self,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+        mut run: impl FnMut(&[i8], &[i32], &ChannelQuant<'_>, &mut [i8]),
+    ) {
+        let g = conv.geometry;
+        let group = g.group.max(1);
+        let [c, h, w] = g.input;
+        let [oc, oh, ow] = g.output;
+        let (icg, ocg) = (c / group, oc / group);
+        let span = self.blocks * self.row_pairs * MR;
+        let parts = input
+            .chunks_exact((icg * h * w).max(1))
+            .zip(output.chunks_exact_mut((ocg * oh * ow).max(1)))
+            .zip(self.weights.chunks_exact(span.max(1)));
+        for (gi, ((input, output), weights)) in parts.enumerate().take(group) {
+            let channels = ChannelQuant {
+                bias: &conv.channels.bias[gi * ocg..(gi + 1) * ocg],
+                multiplier: &conv.channels.multiplier[gi * ocg..(gi + 1) * ocg],
+                shift: &conv.channels.shift[gi * ocg..(gi + 1) * ocg],
+            };
+            run(input, weights, &channels, output);
+        }
+    }
+}
+
+/// One group of a convolution, as the tile loop sees it.
+pub(crate) struct Layer<'g> {
+    pub(crate) geometry: &'g ConvGeometry,
+    /// Input channels per group.
+    pub(crate) icg: usize,
+    pub(crate) zero_point: i16,
+    pub(crate) row_pairs: usize,
+    pub(crate) blocks: usize,
+    pub(crate) q: OutputQuant,
+}
+
+impl Layer<'_> {
+    /// Height and width of the input once padded on every side the kernel reaches.
+    pub(crate) fn padded_dims(g: &ConvGeometry) -> [usize; 2] {
+        let [_, h, w] = g.input;
+        let [_, oh, ow] = g.output;
+        let reach = |out: usize, s: usize, k: usize, d: usize| {
+            (out.max(1) - 1) * s + (k.max(1) - 1) * d + 1
+        };
+        // Winograd reads 4x4 tiles every 2 pixels: up to 2 * ceil(out / 2) + 2.
+        let tiles = |out: usize| 2 * out.div_ceil(2) + 2;
+        [
+            (h + g.pad[0])
+                .max(reach(oh, g.stride[0], g.kernel[0], g.dilation[0]))
+                .max(tiles(oh)),
+            (w + g.pad[1])
+                .max(reach(ow, g.stride[1], g.kernel[1], g.dilation[1]))
+                .max(tiles(ow)),
+        ]
+    }
+
+    /// The group's input as 16-bit values minus the zero point, inside a border of zeros
+    /// wide enough for every tap, so that filling a strip needs no bounds logic.
+    #[inline]
+    pub(crate) fn pad_input<'s>(&self, input: &[i8], scratch: &'s mut [i16]) -> &'s [i16] {
+        let g = self.geometry;
+        let [_, h, w] = g.input;
+        let [hp, wp] = Self::padded_dims(g);
+        let padded = &mut scratch[..self.icg * hp * wp];
+        let [top, left] = g.pad;
+        for (plane, dst) in input
+            .chunks_exact(h * w)
+            .zip(padded.chunks_exact_mut(hp * wp))
+        {
+            // Only the border is zeroed: the rest is overwritten below.
+            dst[..top * wp].fill(0);
+            dst[(top + h) * wp..].fill(0);
+            for (row, src) in dst[top * wp..(top + h) * wp]
+                .chunks_exact_mut(wp)
+                .zip(plane.chunks_exact(w))
+            {
+                row[..left].fill(0);
+                row[left + w..].fill(0);
+                for (d, &s) in row[left..left + w].iter_mut().zip(src) {
+                    *d = i16::from(s) - self.zero_point;
+                }
+            }
+        }
+        padded
+    }
+
+    /// Rows `(ic, ky, kx)` of the column matrix for output pixels `p0..p0 + NR`, copied from
+    /// the padded input; 0 past the last pixel and in the odd row that completes the last pair.
+    #[inline]
+    pub(crate) fn fill_strip(&self, padded: &[i16], p0: usize, strip: &mut [i16]) {
+        let g = self.geometry;
+        let [_, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let [sy, sx] = g.stride;
+        let [dy, dx] = g.dilation;
+        let [hp, wp] = Self::padded_dims(g);
+        // The tile as runs within output rows: (first pixel in the tile, offset of its first
+        // tap in the padded plane, length).
+        let mut runs = [(0usize, 0usize, 0usize); NR];
+        let mut count = 0;
+        let (mut oy, mut ox, mut i) = (p0 / ow.max(1), p0 % ow.max(1), 0);
+        while i < NR && oy < oh {
+            let n = (ow - ox).min(NR - i);
+            runs[count] = (i, oy * sy * wp + ox * sx, n);
+            count += 1;
+            i += n;
+            (oy, ox) = (oy + 1, 0);
+        }
+        let covered = i;
+        let mut rows = strip.chunks_exact_mut(NR);
+        for plane in padded.chunks_exact(hp * wp).take(self.icg) {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let Some(dst) = rows.next() else { return };
+                    let tap = &plane[ky * dy * wp + kx * dx..];
+                    for &(at, offset, n) in &runs[..count] {
+                        let src = &tap[offset..];
+                        if sx == 1 && n == NR {
+                            dst.copy_from_slice(&src[..NR]);
+                        } else if let (2, NR, Some(samples)) = (sx, n, src.get(..2 * NR - 1)) {
+                            // A fixed stride and count let the compiler use shuffles.
+                            for (k, d) in dst.iter_mut().enumerate() {
+                                *d = samples[2 * k];
+                            }
+                        } else {
+                            for (d, s) in dst[at..at + n].iter_mut().zip(src.iter().step_by(sx)) {
+                                *d = *s;
+                            }
+                        }
+                    }
+                    dst[covered..].fill(0);
+                }
+            }
+        }
+        for dst in rows {
+            dst.fill(0);
+        }
+    }
+}
+
+impl Scratch {
+    /// Buffers for the largest need of each kind: padded input, strip, transformed input,
+    /// products.
+    pub(crate) fn for_needs(needs: impl IntoIterator<Item = [usize; 4]>) -> Self {
+        let [padded, strip, transformed, products] =
+            needs.into_iter().fold([0; 4], |most, need| {
+                [0, 1, 2, 3].map(|i| most[i].max(need[i]))
+            });
+        Self {
+            padded: std::vec![0; padded],
+            strip: std::vec![0; strip],
+            transformed: std::vec![0; transformed],
+            products: std::vec![0; products],
+        }
+    }
+
+    pub(crate) fn fits(&self, [padded, strip, transformed, products]: [usize; 4]) -> bool {
+        self.padded.len() >= padded
+            && self.strip.len() >= strip
+            && self.transformed.len() >= transformed
+            && self.products.len() >= products
+    }
+}
+
+/// Per-call buffers, sized at setup for the largest layer.
+pub(crate) struct Scratch {
+    /// The padded 16-bit input of one group.
+    pub(crate) padded: Vec<i16>,
+    /// One strip of the column matrix, `[row][NR]`, read sequentially by the micro-kernel.
+    pub(crate) strip: Vec<i16>,
+    /// Winograd-transformed input, `[point][strip][channel][NR]`.
+    pub(crate) transformed: Vec<i16>,
+    /// Winograd products, `[point][channel][tile]`.
+    pub(crate) products: Vec<i32>,
+}
