@@ -14,7 +14,7 @@ use std::vec::Vec;
 mod winograd;
 use winograd::Winograd;
 
-use crate::strips::{Layer, Packed, Scratch, MR, NR};
+use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
 
 use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, ShapeError, ADD_FRACTION_BITS};
 use crate::program::{Kernels, Program};
@@ -56,14 +56,7 @@ impl Avx2 {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
-        let layers: Vec<Option<Prepared>> = program
-            .steps()
-            .map(|step| {
-                step.ok()
-                    .and_then(|s| program.conv(&s.op))
-                    .and_then(|c| Prepared::new(&c))
-            })
-            .collect();
+        let layers = prepare_convs(program, Prepared::new);
         let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
         Some(Self { layers, scratch })
     }
@@ -369,19 +362,8 @@ fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
 mod tests {
     use super::*;
     use crate::int8::ConvGeometry;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
+    use crate::strips::check;
+    use crate::testing::Rng;
 
     /// A property test over shapes: every random convolution gives the generic kernel's bytes.
     #[test]
@@ -390,83 +372,9 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        let mut rng = Rng(0x5eed_0fa5_2026);
-        let mut checked = 0;
-        for case in 0..400 {
-            let group = if case % 7 == 0 { 1 + rng.below(4) } else { 1 };
-            let depthwise = case % 11 == 0;
-            let icg = if depthwise { 1 } else { 1 + rng.below(9) };
-            let c = icg * group;
-            let oc = if depthwise {
-                c
-            } else {
-                group * (1 + rng.below(10))
-            };
-            let (kh, kw) = (1 + rng.below(3), 1 + rng.below(3));
-            // Wide enough rows that strided runs fill whole tiles of 16.
-            let (h, w) = (kh + rng.below(20), kw + rng.below(44));
-            let stride = [1 + rng.below(2), 1 + rng.below(2)];
-            let dilation = [1 + rng.below(2), 1 + rng.below(2)];
-            let pad = [rng.below(kh), rng.below(kw)];
-            let span = |size: usize, k: usize, s: usize, d: usize, p: usize| {
-                (size + 2 * p)
-                    .checked_sub(d * (k - 1) + 1)
-                    .map(|v| v / s + 1)
-            };
-            let (Some(oh), Some(ow)) = (
-                span(h, kh, stride[0], dilation[0], pad[0]),
-                span(w, kw, stride[1], dilation[1], pad[1]),
-            ) else {
-                continue;
-            };
-            let input: Vec<i8> = (0..c * h * w).map(|_| rng.next() as i8).collect();
-            let weights: Vec<i8> = (0..oc * icg * kh * kw).map(|_| rng.next() as i8).collect();
-            let bias: Vec<i32> = (0..oc)
-                .map(|_| (rng.next() % 20001) as i32 - 10000)
-                .collect();
-            // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path).
-            let requant: Vec<Requant> = (0..oc)
-                .map(|_| {
-                    let real = 2f64.powf(-(rng.below(1400) as f64) / 100.0 + 1.5);
-                    Requant::from_real(real).unwrap()
-                })
-                .collect();
-            let multiplier: Vec<i32> = requant.iter().map(|r| r.multiplier).collect();
-            let shift: Vec<i8> = requant.iter().map(|r| r.shift).collect();
-            let zero_point = rng.below(256) as i32 - 128;
-            let relu = rng.below(2) == 0;
-            let conv = Conv {
-                geometry: ConvGeometry {
-                    input: [c, h, w],
-                    output: [oc, oh, ow],
-                    kernel: [kh, kw],
-                    stride,
-                    pad,
-                    dilation,
-                    group,
-                },
-                weights: &weights,
-                channels: ChannelQuant {
-                    bias: &bias,
-                    multiplier: &multiplier,
-                    shift: &shift,
-                },
-                input_zero_point: rng.below(256) as i32 - 128,
-                output_quant: OutputQuant {
-                    zero_point,
-                    min: if relu { zero_point as i8 } else { -128 },
-                    max: 127,
-                },
-            };
-            let mut expected = vec![0i8; oc * oh * ow];
-            conv.run(&input, &mut expected).unwrap();
-            let mut fast = Avx2::for_conv(&conv).unwrap();
-            let mut got = vec![0i8; oc * oh * ow];
-            fast.conv(0, &conv, &input, &mut got).unwrap();
-            assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
-            checked += 1;
-        }
-        assert!(checked > 300, "only {checked} shapes were valid");
+        check::random_layers(0x5eed_0fa5_2026, &mut |conv, input, output| {
+            Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
+        });
     }
 
     /// The dense stride-1 3x3 layers take the Winograd path: random ones of every size that
@@ -588,73 +496,9 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut rng = Rng(0x00ba_d6e0_2026);
-        let mut compared = 0;
-        for case in 0..20_000 {
-            // Mostly small sizes, one draw in ten from the extremes as well.
-            let extremes = if case % 10 == 0 { 2 } else { 0 };
-            let mut pick =
-                |n: usize| [1, 2, 3, 7, 0, 5000, usize::MAX / 3][rng.below(n + extremes)];
-            let geometry = ConvGeometry {
-                input: [pick(4), pick(4), pick(4)],
-                output: [pick(4), pick(4), pick(4)],
-                kernel: [pick(4), pick(4)],
-                stride: [pick(4), pick(4)],
-                pad: [pick(5), pick(5)],
-                dilation: [pick(4), pick(4)],
-                group: pick(5),
-            };
-            let len = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-            let (Some(input_len), Some(output_len)) = (len(&geometry.input), len(&geometry.output))
-            else {
-                continue;
-            };
-            let icg = geometry.input[0] / geometry.group.max(1);
-            let weights_len = len(&[
-                geometry.output[0],
-                icg,
-                geometry.kernel[0],
-                geometry.kernel[1],
-            ]);
-            if input_len > 1 << 16
-                || output_len > 1 << 16
-                || weights_len.is_none_or(|n| n > 1 << 16)
-            {
-                continue;
-            }
-            let oc = geometry.output[0];
-            let (bias, multiplier, shift) = (vec![0; oc], vec![1 << 30; oc], vec![0; oc]);
-            let weights = vec![1i8; weights_len.unwrap_or(0)];
-            let conv = Conv {
-                geometry,
-                weights: &weights,
-                channels: ChannelQuant {
-                    bias: &bias,
-                    multiplier: &multiplier,
-                    shift: &shift,
-                },
-                input_zero_point: 0,
-                output_quant: OutputQuant {
-                    zero_point: 0,
-                    min: -128,
-                    max: 127,
-                },
-            };
-            let input = vec![1i8; input_len];
-            let (mut expected, mut got) = (vec![0i8; output_len], vec![0i8; output_len]);
-            let reference = conv.run(&input, &mut expected);
-            let Some(mut fast) = Avx2::for_conv(&conv) else {
-                continue;
-            };
-            let result = fast.conv(0, &conv, &input, &mut got);
-            assert_eq!(result, reference, "{geometry:?}");
-            assert_eq!(got, expected, "{geometry:?}");
-            compared += 1;
-        }
-        assert!(
-            compared > 50,
-            "only {compared} geometries reached the fast path"
-        );
+        check::odd_geometry(0x00ba_d6e0_2026, &mut |conv, input, output| {
+            Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
+        });
     }
 
     #[test]

@@ -10,6 +10,8 @@ enum Chosen {
     Generic(Reference),
     #[cfg(target_arch = "x86_64")]
     Avx2(crate::avx2::Avx2),
+    #[cfg(target_arch = "aarch64")]
+    Neon(crate::neon::Neon),
 }
 
 impl Chosen {
@@ -21,6 +23,12 @@ impl Chosen {
                 return Self::Avx2(avx2);
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if !generic {
+            if let Some(neon) = crate::neon::Neon::new(program) {
+                return Self::Neon(neon);
+            }
+        }
         let _ = (program, generic);
         Self::Generic(Reference)
     }
@@ -30,6 +38,8 @@ impl Chosen {
             Self::Generic(_) => "generic",
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(_) => "avx2",
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(_) => "neon",
         }
     }
 }
@@ -46,6 +56,8 @@ impl Kernels for Chosen {
             Self::Generic(k) => k.conv(step, conv, input, output),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(k) => k.conv(step, conv, input, output),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(k) => k.conv(step, conv, input, output),
         }
     }
 
@@ -54,6 +66,8 @@ impl Kernels for Chosen {
             Self::Generic(k) => k.add(add, a, b, output),
             #[cfg(target_arch = "x86_64")]
             Self::Avx2(k) => k.add(add, a, b, output),
+            #[cfg(target_arch = "aarch64")]
+            Self::Neon(k) => k.add(add, a, b, output),
         }
     }
 }

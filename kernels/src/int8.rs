@@ -671,22 +671,7 @@ impl Resize {
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-        fn code(&mut self) -> i8 {
-            self.next() as i8
-        }
-    }
+    use crate::testing::Rng;
 
     /// Per-channel constants in the split form a plan stores them in.
     pub(crate) struct OwnedChannels {

@@ -12,12 +12,16 @@ pub mod avx2;
 #[cfg(feature = "std")]
 pub mod cpu;
 pub mod int8;
+#[cfg(all(feature = "std", target_arch = "aarch64"))]
+pub mod neon;
 pub mod plan;
 pub mod program;
 pub mod quant;
 pub mod spec;
 #[cfg(feature = "std")]
 mod strips;
+#[cfg(all(test, feature = "std"))]
+mod testing;
 #[cfg(feature = "tract")]
 pub mod tract;
 

@@ -7,6 +7,22 @@ use std::vec::Vec;
 
 use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
 
+/// Prepare every convolution of `program` with `prepare` (by step index; `None` for other
+/// ops and for layers it declines).
+pub(crate) fn prepare_convs<T>(
+    program: &crate::program::Program<'_>,
+    prepare: impl Fn(&Conv<'_>) -> Option<T>,
+) -> Vec<Option<T>> {
+    program
+        .steps()
+        .map(|step| {
+            step.ok()
+                .and_then(|s| program.conv(&s.op))
+                .and_then(|c| prepare(&c))
+        })
+        .collect()
+}
+
 /// Output channels per micro-tile.
 pub(crate) const MR: usize = 4;
 /// Pixels per micro-tile.
@@ -297,4 +313,173 @@ pub(crate) struct Scratch {
     pub(crate) transformed: Vec<i16>,
     /// Winograd products, `[point][channel][tile]`.
     pub(crate) products: Vec<i32>,
+}
+
+/// Property tests every fast kernel must pass: the same bytes as the generic kernel.
+#[cfg(test)]
+pub(crate) mod check {
+    use std::vec;
+    use std::vec::Vec;
+
+    use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError};
+    use crate::quant::Requant;
+    use crate::testing::Rng;
+
+    /// A fast kernel under test: run `conv` on the buffers, or `None` when it declines.
+    pub(crate) type Fast<'f> =
+        dyn FnMut(&Conv<'_>, &[i8], &mut [i8]) -> Option<Result<(), ShapeError>> + 'f;
+
+    /// Random real layers (grouped, depthwise, strided, dilated, padded; scales above and
+    /// below 1; with and without a fused ReLU): every output byte equals the generic kernel's.
+    pub(crate) fn random_layers(seed: u64, fast: &mut Fast<'_>) {
+        let mut rng = Rng(seed);
+        let mut checked = 0;
+        for case in 0..400 {
+            let group = if case % 7 == 0 { 1 + rng.below(4) } else { 1 };
+            let depthwise = case % 11 == 0;
+            let icg = if depthwise { 1 } else { 1 + rng.below(9) };
+            let c = icg * group;
+            let oc = if depthwise {
+                c
+            } else {
+                group * (1 + rng.below(10))
+            };
+            let (kh, kw) = (1 + rng.below(3), 1 + rng.below(3));
+            // Wide enough rows that strided runs fill whole tiles of 16.
+            let (h, w) = (kh + rng.below(20), kw + rng.below(44));
+            let stride = [1 + rng.below(2), 1 + rng.below(2)];
+            let dilation = [1 + rng.below(2), 1 + rng.below(2)];
+            let pad = [rng.below(kh), rng.below(kw)];
+            let span = |size: usize, k: usize, s: usize, d: usize, p: usize| {
+                (size + 2 * p)
+                    .checked_sub(d * (k - 1) + 1)
+                    .map(|v| v / s + 1)
+            };
+            let (Some(oh), Some(ow)) = (
+                span(h, kh, stride[0], dilation[0], pad[0]),
+                span(w, kw, stride[1], dilation[1], pad[1]),
+            ) else {
+                continue;
+            };
+            let input: Vec<i8> = (0..c * h * w).map(|_| rng.next() as i8).collect();
+            let weights: Vec<i8> = (0..oc * icg * kh * kw).map(|_| rng.next() as i8).collect();
+            let bias: Vec<i32> = (0..oc)
+                .map(|_| (rng.next() % 20001) as i32 - 10000)
+                .collect();
+            // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path).
+            let requant: Vec<Requant> = (0..oc)
+                .map(|_| {
+                    let real = 2f64.powf(-(rng.below(1400) as f64) / 100.0 + 1.5);
+                    Requant::from_real(real).unwrap()
+                })
+                .collect();
+            let multiplier: Vec<i32> = requant.iter().map(|r| r.multiplier).collect();
+            let shift: Vec<i8> = requant.iter().map(|r| r.shift).collect();
+            let zero_point = rng.below(256) as i32 - 128;
+            let relu = rng.below(2) == 0;
+            let conv = Conv {
+                geometry: ConvGeometry {
+                    input: [c, h, w],
+                    output: [oc, oh, ow],
+                    kernel: [kh, kw],
+                    stride,
+                    pad,
+                    dilation,
+                    group,
+                },
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_zero_point: rng.below(256) as i32 - 128,
+                output_quant: OutputQuant {
+                    zero_point,
+                    min: if relu { zero_point as i8 } else { -128 },
+                    max: 127,
+                },
+            };
+            let mut expected = vec![0i8; oc * oh * ow];
+            conv.run(&input, &mut expected).unwrap();
+            let mut got = vec![0i8; oc * oh * ow];
+            fast(&conv, &input, &mut got)
+                .expect("the fast kernels take every real layer")
+                .unwrap();
+            assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
+            checked += 1;
+        }
+        assert!(checked > 300, "only {checked} shapes were valid");
+    }
+
+    /// Geometry no real layer has, with buffers that match it: the fast path either declines
+    /// or answers exactly as the generic kernel does (result and bytes), and never panics.
+    pub(crate) fn odd_geometry(seed: u64, fast: &mut Fast<'_>) {
+        let mut rng = Rng(seed);
+        let mut compared = 0;
+        for case in 0..20_000 {
+            // Mostly small sizes, one draw in ten from the extremes as well.
+            let extremes = if case % 10 == 0 { 2 } else { 0 };
+            let mut pick =
+                |n: usize| [1, 2, 3, 7, 0, 5000, usize::MAX / 3][rng.below(n + extremes)];
+            let geometry = ConvGeometry {
+                input: [pick(4), pick(4), pick(4)],
+                output: [pick(4), pick(4), pick(4)],
+                kernel: [pick(4), pick(4)],
+                stride: [pick(4), pick(4)],
+                pad: [pick(5), pick(5)],
+                dilation: [pick(4), pick(4)],
+                group: pick(5),
+            };
+            let len = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+            let (Some(input_len), Some(output_len)) = (len(&geometry.input), len(&geometry.output))
+            else {
+                continue;
+            };
+            let icg = geometry.input[0] / geometry.group.max(1);
+            let weights_len = len(&[
+                geometry.output[0],
+                icg,
+                geometry.kernel[0],
+                geometry.kernel[1],
+            ]);
+            if input_len > 1 << 16
+                || output_len > 1 << 16
+                || weights_len.is_none_or(|n| n > 1 << 16)
+            {
+                continue;
+            }
+            let oc = geometry.output[0];
+            let (bias, multiplier, shift) = (vec![0; oc], vec![1 << 30; oc], vec![0; oc]);
+            let weights = vec![1i8; weights_len.unwrap_or(0)];
+            let conv = Conv {
+                geometry,
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_zero_point: 0,
+                output_quant: OutputQuant {
+                    zero_point: 0,
+                    min: -128,
+                    max: 127,
+                },
+            };
+            let input = vec![1i8; input_len];
+            let (mut expected, mut got) = (vec![0i8; output_len], vec![0i8; output_len]);
+            let reference = conv.run(&input, &mut expected);
+            let Some(result) = fast(&conv, &input, &mut got) else {
+                continue;
+            };
+            assert_eq!(result, reference, "{geometry:?}");
+            assert_eq!(got, expected, "{geometry:?}");
+            compared += 1;
+        }
+        assert!(
+            compared > 50,
+            "only {compared} geometries reached the fast path"
+        );
+    }
 }
