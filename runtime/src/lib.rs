@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod classify;
+pub mod detect;
 pub mod frame;
 pub mod health;
 pub mod pool;

@@ -125,3 +125,29 @@ fn the_pipeline_step_allocates_nothing_per_frame() {
     assert_eq!(count, 0);
     assert_eq!(health.frames_done, 10);
 }
+
+#[test]
+fn detector_postprocessing_allocates_nothing() {
+    use kestrel_runtime::detect::{decode, Detections, HeadLayout};
+    let layout = HeadLayout {
+        classes: 10,
+        height: 32,
+        width: 32,
+        stride: 4.0,
+        wh_scale: 128.0,
+    };
+    // A busy head: a peak every few cells in every class.
+    let head: Vec<f32> = (0..layout.len())
+        .map(|i| if i % 7 == 0 { 0.2 + (i % 13) as f32 / 20.0 } else { 0.05 })
+        .collect();
+    let mut found = Detections::<64>::new();
+    let count = allocations_during(|| {
+        for _ in 0..3 {
+            decode(&head, &layout, 0.3, &mut found).unwrap();
+            found.suppress(0.5);
+        }
+    });
+    assert_eq!(count, 0);
+    assert!(found.overflow() > 0, "the busy head overflowed the 64 slots");
+    assert!(!found.as_slice().is_empty());
+}

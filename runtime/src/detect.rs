@@ -1,0 +1,344 @@
+//! Detector postprocessing, `no_std` with fixed capacity: decode a CenterNet-style head into
+//! boxes, keep those above a score threshold, suppress overlaps class by class, and cap the list
+//! at its capacity while counting what did not fit.
+//!
+//! The head is one tensor `[classes + 4, H, W]` of values in `0..1` (the model ends in a
+//! sigmoid): class heatmaps, then box width and height as a fraction of `wh_scale` cells, then
+//! the centre's offset inside its cell. A cell reports a box when its class score is a local
+//! maximum of its 3x3 neighbourhood.
+
+use heapless::Vec;
+
+/// One detected object, in the pixel coordinates of the image the caller maps it to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Detection {
+    /// Left edge.
+    pub x: f32,
+    /// Top edge.
+    pub y: f32,
+    /// Width.
+    pub w: f32,
+    /// Height.
+    pub h: f32,
+    /// Confidence, 0..1.
+    pub score: f32,
+    /// Index into the model's labels.
+    pub class: u16,
+}
+
+impl Detection {
+    /// Intersection over union with `other` (0 when either is empty).
+    pub fn iou(&self, other: &Detection) -> f32 {
+        let x1 = self.x.max(other.x);
+        let y1 = self.y.max(other.y);
+        let x2 = (self.x + self.w).min(other.x + other.w);
+        let y2 = (self.y + self.h).min(other.y + other.h);
+        let inter = (x2 - x1).max(0.0) * (y2 - y1).max(0.0);
+        let union = self.w * self.h + other.w * other.h - inter;
+        if union > 0.0 {
+            inter / union
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The shape and meaning of a detector head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct HeadLayout {
+    /// Class heatmaps at the start of the tensor.
+    pub classes: usize,
+    /// Rows of the head.
+    pub height: usize,
+    /// Columns of the head.
+    pub width: usize,
+    /// Input pixels per head cell.
+    pub stride: f32,
+    /// Cells that a box size of 1.0 stands for.
+    pub wh_scale: f32,
+}
+
+impl HeadLayout {
+    /// Values in the head tensor.
+    pub fn len(&self) -> usize {
+        (self.classes + 4) * self.height * self.width
+    }
+
+    /// Whether the head has no cells.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a head could not be decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DetectError {
+    /// The tensor does not hold `expected` values.
+    HeadLength {
+        /// Values the layout needs.
+        expected: usize,
+        /// Values supplied.
+        got: usize,
+    },
+    /// A value is not finite: the model produced garbage for this frame.
+    NonFinite,
+}
+
+impl core::fmt::Display for DetectError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::HeadLength { expected, got } => {
+                write!(
+                    f,
+                    "detector head has {got} values, its layout needs {expected}"
+                )
+            }
+            Self::NonFinite => f.write_str("detector head holds a non-finite value"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for DetectError {}
+
+/// At most `N` detections, best first after [`Detections::suppress`], and how many were
+/// dropped because the list was full.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Detections<const N: usize> {
+    items: Vec<Detection, N>,
+    overflow: u32,
+}
+
+impl<const N: usize> Detections<N> {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self {
+            items: Vec::new(),
+            overflow: 0,
+        }
+    }
+
+    /// Forget every detection and the overflow count (no allocation: the storage is inline).
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.overflow = 0;
+    }
+
+    /// The detections held.
+    pub fn as_slice(&self) -> &[Detection] {
+        &self.items
+    }
+
+    /// Detections that did not fit (the lowest scores are the ones dropped).
+    pub fn overflow(&self) -> u32 {
+        self.overflow
+    }
+
+    /// Add `d`; when full, it replaces the lowest-scoring detection if it scores higher, and
+    /// either way one detection is counted as overflow.
+    pub fn push(&mut self, d: Detection) {
+        if let Err(d) = self.items.push(d) {
+            self.overflow = self.overflow.saturating_add(1);
+            let lowest = self
+                .items
+                .iter_mut()
+                .min_by(|a, b| a.score.total_cmp(&b.score));
+            if let Some(lowest) = lowest {
+                if d.score > lowest.score {
+                    *lowest = d;
+                }
+            }
+        }
+    }
+
+    /// Class-wise greedy non-maximum suppression: highest score first, drop any box of the
+    /// same class overlapping a kept one by more than `iou`. Leaves the list best first.
+    pub fn suppress(&mut self, iou: f32) {
+        self.items
+            .sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
+        let mut kept = 0;
+        for i in 0..self.items.len() {
+            let candidate = self.items[i];
+            let overlaps = self.items[..kept]
+                .iter()
+                .any(|k| k.class == candidate.class && k.iou(&candidate) > iou);
+            if !overlaps {
+                self.items[kept] = candidate;
+                kept += 1;
+            }
+        }
+        self.items.truncate(kept);
+    }
+}
+
+/// Decode `head` into `out` (cleared first): every local maximum of a class heatmap scoring at
+/// least `threshold`, as a box in input pixels. Call [`Detections::suppress`] afterwards.
+pub fn decode<const N: usize>(
+    head: &[f32],
+    layout: &HeadLayout,
+    threshold: f32,
+    out: &mut Detections<N>,
+) -> Result<(), DetectError> {
+    out.clear();
+    if head.len() != layout.len() {
+        return Err(DetectError::HeadLength {
+            expected: layout.len(),
+            got: head.len(),
+        });
+    }
+    if head.iter().any(|v| !v.is_finite()) {
+        return Err(DetectError::NonFinite);
+    }
+    let (h, w) = (layout.height, layout.width);
+    let plane = h * w;
+    let at = |channel: usize, y: usize, x: usize| head[channel * plane + y * w + x];
+    for class in 0..layout.classes {
+        for y in 0..h {
+            for x in 0..w {
+                let score = at(class, y, x);
+                if score < threshold {
+                    continue;
+                }
+                // A peak: nothing in the 3x3 neighbourhood scores higher.
+                let peak = (y.saturating_sub(1)..(y + 2).min(h)).all(|ny| {
+                    (x.saturating_sub(1)..(x + 2).min(w)).all(|nx| at(class, ny, nx) <= score)
+                });
+                if !peak {
+                    continue;
+                }
+                let c = layout.classes;
+                let bw = at(c, y, x) * layout.wh_scale * layout.stride;
+                let bh = at(c + 1, y, x) * layout.wh_scale * layout.stride;
+                let cx = (x as f32 + at(c + 2, y, x)) * layout.stride;
+                let cy = (y as f32 + at(c + 3, y, x)) * layout.stride;
+                out.push(Detection {
+                    x: cx - bw / 2.0,
+                    y: cy - bh / 2.0,
+                    w: bw,
+                    h: bh,
+                    score,
+                    class: class as u16,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAYOUT: HeadLayout = HeadLayout {
+        classes: 2,
+        height: 8,
+        width: 8,
+        stride: 4.0,
+        wh_scale: 8.0,
+    };
+
+    /// A head with one object: class `class` peaking at cell (y, x), size (w, h) in cells.
+    fn head_with(objects: &[(usize, usize, usize, f32, f32, f32)]) -> [f32; 6 * 64] {
+        let mut head = [0.0f32; 6 * 64];
+        for &(class, y, x, score, w, h) in objects {
+            head[class * 64 + y * 8 + x] = score;
+            // A weaker neighbour that must not become a second detection.
+            if x + 1 < 8 {
+                head[class * 64 + y * 8 + x + 1] = score * 0.5;
+            }
+            head[2 * 64 + y * 8 + x] = w / 8.0;
+            head[3 * 64 + y * 8 + x] = h / 8.0;
+            head[4 * 64 + y * 8 + x] = 0.5;
+            head[5 * 64 + y * 8 + x] = 0.25;
+        }
+        head
+    }
+
+    fn box_at(x: f32, y: f32, w: f32, h: f32, score: f32, class: u16) -> Detection {
+        Detection {
+            x,
+            y,
+            w,
+            h,
+            score,
+            class,
+        }
+    }
+
+    #[test]
+    fn decodes_peaks_into_pixel_boxes() {
+        let head = head_with(&[(1, 2, 3, 0.9, 4.0, 2.0)]);
+        let mut found = Detections::<8>::new();
+        decode(&head, &LAYOUT, 0.3, &mut found).unwrap();
+        assert_eq!(found.as_slice().len(), 1, "{found:?}");
+        let d = found.as_slice()[0];
+        // Centre (3.5, 2.25) cells = (14, 9) px; size 16 x 8 px.
+        assert_eq!((d.x, d.y, d.w, d.h, d.class), (6.0, 5.0, 16.0, 8.0, 1));
+        assert_eq!(d.score, 0.9);
+        decode(&head, &LAYOUT, 0.95, &mut found).unwrap();
+        assert!(found.as_slice().is_empty(), "below the threshold");
+    }
+
+    #[test]
+    fn suppression_is_per_class_and_best_first() {
+        let mut list = Detections::<8>::new();
+        list.push(box_at(0.0, 0.0, 10.0, 10.0, 0.6, 0));
+        list.push(box_at(1.0, 1.0, 10.0, 10.0, 0.9, 0));
+        list.push(box_at(1.0, 1.0, 10.0, 10.0, 0.8, 1));
+        list.push(box_at(50.0, 50.0, 10.0, 10.0, 0.7, 0));
+        list.suppress(0.5);
+        let scores: std::vec::Vec<f32> = list.as_slice().iter().map(|d| d.score).collect();
+        assert_eq!(
+            scores,
+            [0.9, 0.8, 0.7],
+            "the 0.6 box overlaps the 0.9 one of its class"
+        );
+    }
+
+    #[test]
+    fn a_full_list_keeps_the_best_and_counts_the_rest() {
+        let mut list = Detections::<2>::new();
+        for (i, score) in [0.5, 0.2, 0.9, 0.1].into_iter().enumerate() {
+            list.push(box_at(i as f32 * 100.0, 0.0, 5.0, 5.0, score, 0));
+        }
+        let mut scores: std::vec::Vec<f32> = list.as_slice().iter().map(|d| d.score).collect();
+        scores.sort_by(f32::total_cmp);
+        assert_eq!(scores, [0.5, 0.9]);
+        assert_eq!(list.overflow(), 2);
+        list.clear();
+        assert_eq!((list.as_slice().len(), list.overflow()), (0, 0));
+    }
+
+    #[test]
+    fn bad_heads_are_typed_errors() {
+        let mut found = Detections::<4>::new();
+        assert_eq!(
+            decode(&[0.0; 10], &LAYOUT, 0.3, &mut found),
+            Err(DetectError::HeadLength {
+                expected: 384,
+                got: 10
+            })
+        );
+        let mut head = head_with(&[]);
+        head[17] = f32::NAN;
+        assert_eq!(
+            decode(&head, &LAYOUT, 0.3, &mut found),
+            Err(DetectError::NonFinite)
+        );
+    }
+
+    #[test]
+    fn iou_of_disjoint_nested_and_empty_boxes() {
+        let a = box_at(0.0, 0.0, 10.0, 10.0, 1.0, 0);
+        assert_eq!(a.iou(&box_at(20.0, 0.0, 10.0, 10.0, 1.0, 0)), 0.0);
+        assert_eq!(a.iou(&a), 1.0);
+        assert_eq!(a.iou(&box_at(0.0, 0.0, 5.0, 10.0, 1.0, 0)), 0.5);
+        assert_eq!(
+            box_at(0.0, 0.0, 0.0, 0.0, 1.0, 0).iou(&box_at(0.0, 0.0, 0.0, 0.0, 1.0, 0)),
+            0.0
+        );
+    }
+}
