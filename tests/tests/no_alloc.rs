@@ -138,7 +138,13 @@ fn detector_postprocessing_allocates_nothing() {
     };
     // A busy head: a peak every few cells in every class.
     let head: Vec<f32> = (0..layout.len())
-        .map(|i| if i % 7 == 0 { 0.2 + (i % 13) as f32 / 20.0 } else { 0.05 })
+        .map(|i| {
+            if i % 7 == 0 {
+                0.2 + (i % 13) as f32 / 20.0
+            } else {
+                0.05
+            }
+        })
         .collect();
     let mut found = Detections::<64>::new();
     let count = allocations_during(|| {
@@ -148,6 +154,9 @@ fn detector_postprocessing_allocates_nothing() {
         }
     });
     assert_eq!(count, 0);
-    assert!(found.overflow() > 0, "the busy head overflowed the 64 slots");
+    assert!(
+        found.overflow() > 0,
+        "the busy head overflowed the 64 slots"
+    );
     assert!(!found.as_slice().is_empty());
 }

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod coco;
 pub mod dataset;
 pub mod image_file;
 
