@@ -28,16 +28,31 @@ pub struct Detection {
 }
 
 impl Detection {
-    /// Intersection over union with `other` (0 when either is empty).
-    pub fn iou(&self, other: &Detection) -> f32 {
+    fn intersection(&self, other: &Detection) -> f32 {
         let x1 = self.x.max(other.x);
         let y1 = self.y.max(other.y);
         let x2 = (self.x + self.w).min(other.x + other.w);
         let y2 = (self.y + self.h).min(other.y + other.h);
-        let inter = (x2 - x1).max(0.0) * (y2 - y1).max(0.0);
+        (x2 - x1).max(0.0) * (y2 - y1).max(0.0)
+    }
+
+    /// Intersection over union with `other` (0 when either is empty).
+    pub fn iou(&self, other: &Detection) -> f32 {
+        let inter = self.intersection(other);
         let union = self.w * self.h + other.w * other.h - inter;
         if union > 0.0 {
             inter / union
+        } else {
+            0.0
+        }
+    }
+
+    /// Intersection over the smaller box's area: near 1 when one box lies inside the other,
+    /// as the part of an object a tile cut off lies inside the whole seen by its neighbour.
+    pub fn overlap_of_smaller(&self, other: &Detection) -> f32 {
+        let smaller = (self.w * self.h).min(other.w * other.h);
+        if smaller > 0.0 {
+            self.intersection(other) / smaller
         } else {
             0.0
         }
@@ -157,6 +172,41 @@ impl<const N: usize> Detections<N> {
     /// Class-wise greedy non-maximum suppression: highest score first, drop any box of the
     /// same class overlapping a kept one by more than `iou`. Leaves the list best first.
     pub fn suppress(&mut self, iou: f32) {
+        self.suppress_where(|kept, candidate| kept.iou(candidate) > iou);
+    }
+
+    /// Merge detections gathered from overlapping tiles ([`Detections::add_from_tile`]): as
+    /// [`Detections::suppress`], and also drop a box of the same class mostly inside a
+    /// better one (`overlap_of_smaller` above `contained`), the piece of an object that
+    /// a tile edge cut off.
+    pub fn merge_tiles(&mut self, iou: f32, contained: f32) {
+        self.suppress_where(|kept, candidate| {
+            kept.iou(candidate) > iou || kept.overlap_of_smaller(candidate) > contained
+        });
+    }
+
+    /// Add the detections of a tile whose top-left corner is at `(x, y)` in the frame and
+    /// whose pixels are `scale` frame pixels each.
+    pub fn add_from_tile<const M: usize>(
+        &mut self,
+        tile: &Detections<M>,
+        x: f32,
+        y: f32,
+        scale: f32,
+    ) {
+        for d in tile.as_slice() {
+            self.push(Detection {
+                x: x + d.x * scale,
+                y: y + d.y * scale,
+                w: d.w * scale,
+                h: d.h * scale,
+                ..*d
+            });
+        }
+        self.overflow = self.overflow.saturating_add(tile.overflow);
+    }
+
+    fn suppress_where(&mut self, overlapping: impl Fn(&Detection, &Detection) -> bool) {
         self.items
             .sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
         let mut kept = 0;
@@ -164,7 +214,7 @@ impl<const N: usize> Detections<N> {
             let candidate = self.items[i];
             let overlaps = self.items[..kept]
                 .iter()
-                .any(|k| k.class == candidate.class && k.iou(&candidate) > iou);
+                .any(|k| k.class == candidate.class && overlapping(k, &candidate));
             if !overlaps {
                 self.items[kept] = candidate;
                 kept += 1;
@@ -310,6 +360,32 @@ mod tests {
         assert_eq!(list.overflow(), 2);
         list.clear();
         assert_eq!((list.as_slice().len(), list.overflow()), (0, 0));
+    }
+
+    /// An object on the seam between two overlapping tiles: the left tile sees it cut by its
+    /// edge, the right one whole. After merging, the frame reports it once, where it is.
+    #[test]
+    fn an_object_on_a_seam_is_reported_once() {
+        use crate::tile::TileGrid;
+        // Two 32-pixel tiles over a 48-pixel-wide frame, overlapping by 16.
+        let grid = TileGrid::new(48, 32, 32, 32, 16).unwrap();
+        assert_eq!(grid.len(), 2);
+        // The object spans frame x 20..44. The left tile (0..32) sees 20..32; the right tile
+        // (16..48) sees all of it at tile x 4..28.
+        let mut left = Detections::<4>::new();
+        left.push(box_at(20.0, 8.0, 12.0, 10.0, 0.6, 1));
+        let mut right = Detections::<4>::new();
+        right.push(box_at(4.0, 8.0, 24.0, 10.0, 0.9, 1));
+        let mut frame = Detections::<8>::new();
+        for (tile, found) in grid.iter().zip([&left, &right]) {
+            frame.add_from_tile(found, tile.x as f32, tile.y as f32, 1.0);
+        }
+        // IoU of the cut piece and the whole is 0.5: plain NMS at 0.5 keeps both.
+        let mut plain = frame.clone();
+        plain.suppress(0.5);
+        assert_eq!(plain.as_slice().len(), 2);
+        frame.merge_tiles(0.5, 0.8);
+        assert_eq!(frame.as_slice(), &[box_at(20.0, 8.0, 24.0, 10.0, 0.9, 1)]);
     }
 
     #[test]
