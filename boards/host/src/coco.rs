@@ -8,6 +8,7 @@
 //! and for `map50_95` the ten IoU thresholds 0.50, 0.55, ..., 0.95 as well.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 /// A ground-truth box.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -214,6 +215,171 @@ pub fn evaluate(truths: &[Truth], detections: &[Scored], categories: &[u64]) -> 
     }
 }
 
+/// An image of a COCO dataset.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    /// Image id.
+    pub id: u64,
+    /// The file.
+    pub path: PathBuf,
+    /// Width in pixels, from the annotations.
+    pub width: u32,
+    /// Height in pixels, from the annotations.
+    pub height: u32,
+}
+
+/// A COCO detection dataset: `images/` and `annotations_coco.json` in one folder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    /// Images whose file exists, by id.
+    pub images: Vec<Image>,
+    /// Category ids and names, by id.
+    pub categories: Vec<(u64, String)>,
+    /// Usable ground truth, clipped to its image.
+    pub truths: Vec<Truth>,
+    /// What was left out or changed, one line each, naming the image and the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Why a COCO dataset cannot be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum CocoError {
+    /// The annotation file cannot be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The annotation file is not COCO instances JSON.
+    #[error("{}: not COCO instances JSON: {reason}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No image of the annotations exists on disk.
+    #[error("{}: none of the {listed} annotated images exist under images/", path.display())]
+    NoImages {
+        /// The dataset folder.
+        path: PathBuf,
+        /// Images the annotations list.
+        listed: usize,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct CocoFile {
+    images: Vec<CocoImage>,
+    annotations: Vec<CocoAnnotation>,
+    categories: Vec<CocoCategory>,
+}
+
+#[derive(serde::Deserialize)]
+struct CocoImage {
+    id: u64,
+    file_name: String,
+    width: u32,
+    height: u32,
+}
+
+#[derive(serde::Deserialize)]
+struct CocoAnnotation {
+    image_id: u64,
+    category_id: u64,
+    bbox: [f64; 4],
+}
+
+#[derive(serde::Deserialize)]
+struct CocoCategory {
+    id: u64,
+    name: String,
+}
+
+/// Read `dir/annotations_coco.json` and check it against `dir/images/`. Annotations for
+/// missing images or unknown categories, boxes with no area and boxes wholly outside their
+/// image are skipped; boxes crossing the image edge are clipped. Each is named in `skipped`.
+pub fn load(dir: &Path) -> Result<Dataset, CocoError> {
+    let path = dir.join("annotations_coco.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| CocoError::Unreadable {
+        path: path.clone(),
+        source,
+    })?;
+    let file: CocoFile = serde_json::from_str(&text).map_err(|e| CocoError::Malformed {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut skipped = Vec::new();
+    let mut images = Vec::new();
+    for image in &file.images {
+        let image_path = dir.join("images").join(&image.file_name);
+        if image_path.is_file() {
+            images.push(Image {
+                id: image.id,
+                path: image_path,
+                width: image.width,
+                height: image.height,
+            });
+        } else {
+            skipped.push(format!("{}: image file missing", image_path.display()));
+        }
+    }
+    if images.is_empty() {
+        return Err(CocoError::NoImages {
+            path: dir.to_path_buf(),
+            listed: file.images.len(),
+        });
+    }
+    images.sort_by_key(|i| i.id);
+    let categories: Vec<(u64, String)> = file
+        .categories
+        .iter()
+        .map(|c| (c.id, c.name.clone()))
+        .collect();
+    let mut truths = Vec::new();
+    for (n, a) in file.annotations.iter().enumerate() {
+        let what = |reason: &str| format!("annotation {n} (image {}): {reason}", a.image_id);
+        let Some(image) = images.iter().find(|i| i.id == a.image_id) else {
+            skipped.push(what("its image is missing"));
+            continue;
+        };
+        if !categories.iter().any(|(id, _)| *id == a.category_id) {
+            skipped.push(what(&format!("unknown category {}", a.category_id)));
+            continue;
+        }
+        let [x, y, w, h] = a.bbox;
+        let (x1, y1) = (x.max(0.0), y.max(0.0));
+        let (x2, y2) = (
+            (x + w).min(f64::from(image.width)),
+            (y + h).min(f64::from(image.height)),
+        );
+        if !(w > 0.0 && h > 0.0) {
+            skipped.push(what("box has no area"));
+            continue;
+        }
+        if x2 <= x1 || y2 <= y1 {
+            skipped.push(what("box lies outside its image"));
+            continue;
+        }
+        if (x1, y1, x2, y2) != (x, y, x + w, y + h) {
+            skipped.push(what("box crosses the image edge: clipped"));
+        }
+        truths.push(Truth {
+            image: a.image_id,
+            category: a.category_id,
+            bbox: [x1, y1, x2 - x1, y2 - y1],
+        });
+    }
+    Ok(Dataset {
+        images,
+        categories,
+        truths,
+        skipped,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +444,52 @@ mod tests {
                 None => assert_eq!(want, -1.0, "category {category} has no ground truth"),
             }
         }
+    }
+
+    #[test]
+    fn the_loader_names_every_bad_annotation() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("images")).unwrap();
+        std::fs::write(dir.path().join("images/a.jpg"), b"not decoded here").unwrap();
+        let annotations = r#"{
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
+                       {"id": 2, "file_name": "gone.jpg", "width": 100, "height": 50}],
+            "categories": [{"id": 1, "name": "ship"}],
+            "annotations": [
+                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+                {"image_id": 1, "category_id": 7, "bbox": [10, 10, 20, 20]},
+                {"image_id": 1, "category_id": 1, "bbox": [10, 10, 0, 20]},
+                {"image_id": 1, "category_id": 1, "bbox": [200, 10, 20, 20]},
+                {"image_id": 1, "category_id": 1, "bbox": [90, 40, 20, 20]},
+                {"image_id": 2, "category_id": 1, "bbox": [10, 10, 20, 20]}
+            ]}"#;
+        std::fs::write(dir.path().join("annotations_coco.json"), annotations).unwrap();
+        let data = load(dir.path()).unwrap();
+        assert_eq!(data.images.len(), 1);
+        assert_eq!(data.truths.len(), 2);
+        assert_eq!(
+            data.truths[1].bbox,
+            [90.0, 40.0, 10.0, 10.0],
+            "clipped to the image"
+        );
+        let reasons = data.skipped.join("\n");
+        for expected in [
+            "gone.jpg: image file missing",
+            "unknown category 7",
+            "box has no area",
+            "box lies outside its image",
+            "box crosses the image edge: clipped",
+            "annotation 5 (image 2): its image is missing",
+        ] {
+            assert!(reasons.contains(expected), "{expected} not in:\n{reasons}");
+        }
+
+        std::fs::write(dir.path().join("annotations_coco.json"), "{").unwrap();
+        assert!(matches!(load(dir.path()), Err(CocoError::Malformed { .. })));
+        assert!(matches!(
+            load(&dir.path().join("nowhere")),
+            Err(CocoError::Unreadable { .. })
+        ));
     }
 
     #[test]
