@@ -134,8 +134,7 @@ impl Kernels for Avx2 {
     }
 }
 
-/// For each tile of [`NR`] output pixels: fill its strip of the column matrix, then run
-/// every block of output channels over it while it is in L1.
+/// The shared tile loop with the AVX2 micro-kernel and vector requantisation.
 #[target_feature(enable = "avx2")]
 fn run_layer(
     layer: &Layer<'_>,
@@ -145,31 +144,17 @@ fn run_layer(
     scratch: &mut Scratch,
     out: &mut [i8],
 ) {
-    let [_, oh, ow] = layer.geometry.output;
-    let pixels = oh * ow;
-    let ocg = channels.bias.len();
-    let padded = layer.pad_input(input, &mut scratch.padded);
-    for p0 in (0..pixels).step_by(NR) {
-        layer.fill_strip(padded, p0, &mut scratch.strip);
-        for block in 0..layer.blocks {
-            let span = block * layer.row_pairs * MR..(block + 1) * layer.row_pairs * MR;
-            let Some(tile) = weights.get(span) else {
-                return;
-            };
-            // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
-            let acc = unsafe { micro_kernel(tile, &scratch.strip, layer.row_pairs) };
-            for (r, [lo, hi]) in acc.into_iter().enumerate() {
-                let o = block * MR + r;
-                if o >= ocg {
-                    break;
-                }
-                let (bias, requant) = channels.get(o);
-                let codes = requantize_tile(lo, hi, bias, requant, layer.q);
-                let n = NR.min(pixels - p0);
-                out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&codes[..n]);
-            }
+    let count = channels.bias.len();
+    layer.run_tiles(input, weights, count, scratch, out, |tile, strip, first| {
+        // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
+        let acc = unsafe { micro_kernel(tile, strip, layer.row_pairs) };
+        let mut codes = [[0i8; NR]; MR];
+        for ((o, [lo, hi]), row) in (first..count).zip(acc).zip(&mut codes) {
+            let (bias, requant) = channels.get(o);
+            *row = requantize_tile(lo, hi, bias, requant, layer.q);
         }
-    }
+        codes
+    });
 }
 
 /// Element-wise sums eight at a time, exactly as [`Add::run`]: each addend rescaled with

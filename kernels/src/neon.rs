@@ -76,8 +76,7 @@ impl Kernels for Neon {
     }
 }
 
-/// For each tile of [`NR`] output pixels: fill its strip, run every block of output channels
-/// over it, add the bias and requantise.
+/// The shared tile loop with the NEON micro-kernel and the generic requantisation.
 #[target_feature(enable = "neon")]
 fn run_layer(
     layer: &Layer<'_>,
@@ -87,34 +86,19 @@ fn run_layer(
     scratch: &mut Scratch,
     out: &mut [i8],
 ) {
-    let [_, oh, ow] = layer.geometry.output;
-    let pixels = oh * ow;
-    let ocg = channels.bias.len();
+    let count = channels.bias.len();
     let q = layer.q;
-    let padded = layer.pad_input(input, &mut scratch.padded);
-    for p0 in (0..pixels).step_by(NR) {
-        layer.fill_strip(padded, p0, &mut scratch.strip);
-        for block in 0..layer.blocks {
-            let span = block * layer.row_pairs * MR..(block + 1) * layer.row_pairs * MR;
-            let Some(tile) = weights.get(span) else {
-                return;
-            };
-            let sums = micro_kernel(tile, &scratch.strip, layer.row_pairs);
-            for (r, row) in sums.iter().enumerate() {
-                let o = block * MR + r;
-                if o >= ocg {
-                    break;
-                }
-                let (bias, requant) = channels.get(o);
-                let n = NR.min(pixels - p0);
-                let dst = &mut out[o * pixels + p0..o * pixels + p0 + n];
-                for (code, &sum) in dst.iter_mut().zip(row) {
-                    let acc = sum.wrapping_add(bias);
-                    *code = requantize_i8(acc, requant, q.zero_point, q.min, q.max);
-                }
+    layer.run_tiles(input, weights, count, scratch, out, |tile, strip, first| {
+        let sums = micro_kernel(tile, strip, layer.row_pairs);
+        let mut codes = [[0i8; NR]; MR];
+        for ((o, sums), row) in (first..count).zip(&sums).zip(&mut codes) {
+            let (bias, requant) = channels.get(o);
+            for (code, &sum) in row.iter_mut().zip(sums) {
+                *code = requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
             }
         }
-    }
+        codes
+    });
 }
 
 /// Sums of 4 output channels by 16 pixels over the strip's rows. The packed weights hold the

@@ -195,6 +195,40 @@ impl Layer<'_> {
         ]
     }
 
+    /// The tile loop every fast kernel shares: for each tile of [`NR`] output pixels fill its
+    /// strip of the column matrix, then for each block of [`MR`] output channels let `block`
+    /// turn the block's packed weights, the strip and the block's first channel into codes,
+    /// `[channel][pixel]`, while the strip is in L1. Codes of channels past the group's last
+    /// (`channels`) and of pixels past the last are not written.
+    #[inline]
+    pub(crate) fn run_tiles(
+        &self,
+        input: &[i8],
+        weights: &[i32],
+        channels: usize,
+        scratch: &mut Scratch,
+        out: &mut [i8],
+        mut block: impl FnMut(&[i32], &[i16], usize) -> [[i8; NR]; MR],
+    ) {
+        let [_, oh, ow] = self.geometry.output;
+        let pixels = oh * ow;
+        let padded = self.pad_input(input, &mut scratch.padded);
+        for p0 in (0..pixels).step_by(NR) {
+            self.fill_strip(padded, p0, &mut scratch.strip);
+            for b in 0..self.blocks {
+                let span = b * self.row_pairs * MR..(b + 1) * self.row_pairs * MR;
+                let Some(tile) = weights.get(span) else {
+                    return;
+                };
+                let codes = block(tile, &scratch.strip, b * MR);
+                let n = NR.min(pixels - p0);
+                for (o, row) in (b * MR..channels).zip(&codes) {
+                    out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&row[..n]);
+                }
+            }
+        }
+    }
+
     /// The group's input as 16-bit values minus the zero point, inside a border of zeros
     /// wide enough for every tap, so that filling a strip needs no bounds logic.
     #[inline]
