@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from eurosat_train import is_validation  # noqa: E402
+from eurosat_train import Block, is_validation  # noqa: E402
 
 CLASSES = [
     "airplane", "ship", "storage_tank", "baseball_diamond", "tennis_court",
@@ -63,25 +63,6 @@ def load_images(data):
             "val": is_validation(info["file_name"]),
         })
     return items
-
-
-class Block(nn.Module):
-    """Residual basic block; a 1x1 projection when the shape changes."""
-
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.project = None
-        if stride != 1 or cin != cout:
-            self.project = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + (x if self.project is None else self.project(x)))
 
 
 def conv_bn_relu(cin, cout, k=3, stride=1):
