@@ -118,3 +118,19 @@ impl<B: Backend + ?Sized> Backend for std::boxed::Box<B> {
         (**self).run(input, output)
     }
 }
+
+/// A borrowed backend, so a step can run a backend its caller keeps.
+impl<B: Backend + ?Sized> Backend for &mut B {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn input_len(&self) -> usize {
+        (**self).input_len()
+    }
+    fn output_len(&self) -> usize {
+        (**self).output_len()
+    }
+    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
+        (**self).run(input, output)
+    }
+}

@@ -13,9 +13,10 @@ use kestrel_host::{decode_image, Split};
 use kestrel_kernels::cpu::Int8Cpu;
 use kestrel_kernels::plan::PlanHeader;
 use kestrel_kernels::program::ProgramError;
-use kestrel_kernels::{Backend, MAX_BANDS};
+use kestrel_kernels::{Backend, PreprocessSpec, MAX_BANDS};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
+use kestrel_runtime::FrameGeometry;
 use serde::Serialize;
 
 use crate::calibrate::{Calibrator, Method};
@@ -102,8 +103,11 @@ pub struct Report {
     pub plan_bytes: usize,
     /// Bytes of activation arena the plan needs.
     pub arena_bytes: usize,
-    /// Fraction of images where the plan's top-1 equals tract's.
+    /// Fraction of images where the plan's top-1 equals tract's (classifiers).
     pub top1_agreement: f64,
+    /// RMS of (plan output - tract output) over the RMS of tract's output, over all images:
+    /// how far the int8 plan's raw output is from float (what a detector's head is judged by).
+    pub output_rel_rms: f64,
     /// tract's top-1 accuracy, when the images are labelled.
     pub float_top1: Option<f64>,
     /// The plan's top-1 accuracy, when the images are labelled.
@@ -188,6 +192,21 @@ fn argmax(values: &[f32]) -> usize {
         .map_or(0, |m| m.0)
 }
 
+/// What of a calibration image the model sees: a classifier the whole image resized to its
+/// input; a detector, which runs on tiles at the image's own scale, the centre tile.
+fn calibration_region(model: &ZooModel, spec: &PreprocessSpec, image: FrameGeometry) -> Region {
+    if model.manifest.task != "detect" {
+        return Region::whole(image.width, image.height);
+    }
+    let (width, height) = (spec.width() as u32, spec.height() as u32);
+    Region {
+        x: image.width.saturating_sub(width) / 2,
+        y: image.height.saturating_sub(height) / 2,
+        width,
+        height,
+    }
+}
+
 /// Encode `program` as a plan for `model`: its name, ONNX hash, preprocessing and labels.
 pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, ImportError> {
     let p = &model.manifest.preprocess;
@@ -251,7 +270,7 @@ pub fn compile(
                 let g = decoded.geometry;
                 let view = FrameView::new(g, &decoded.samples).map_err(|e| e.to_string())?;
                 let mut input = vec![0.0; spec.input_len()];
-                prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input)
+                prepare_input(view, calibration_region(model, &spec, g), &spec, &mut input)
                     .map_err(|e| e.to_string())?;
                 Ok(input)
             });
@@ -287,12 +306,17 @@ pub fn compile(
     let mut float_out = vec![0.0; float.output_len()];
     let mut int8_out = vec![0.0; int8.output_len()];
     let (mut agree, mut float_right, mut int8_right, mut labelled) = (0, 0, 0, 0);
+    let (mut error_squares, mut float_squares) = (0.0f64, 0.0f64);
     for (input, label) in &inputs {
         float
             .run(input, &mut float_out)
             .map_err(|e| CompileError::Reference(e.to_string()))?;
         int8.run(input, &mut int8_out)
             .map_err(|e| CompileError::Reference(format!("plan: {e}")))?;
+        for (f, q) in float_out.iter().zip(&int8_out) {
+            error_squares += f64::from(q - f).powi(2);
+            float_squares += f64::from(*f).powi(2);
+        }
         let (f, q) = (argmax(&float_out), argmax(&int8_out));
         agree += usize::from(f == q);
         if let Some(label) = label {
@@ -313,6 +337,7 @@ pub fn compile(
         plan_bytes: plan.len(),
         arena_bytes: int8.program().arena_size(),
         top1_agreement: agree as f64 / n,
+        output_rel_rms: (error_squares / float_squares.max(f64::MIN_POSITIVE)).sqrt(),
         float_top1,
         int8_top1,
         delta_points: float_top1.zip(int8_top1).map(|(f, q)| 100.0 * (q - f)),

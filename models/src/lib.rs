@@ -19,11 +19,15 @@ use kestrel_kernels::cpu::Int8Cpu;
 use kestrel_kernels::program::ProgramError;
 use kestrel_kernels::tract::{LoadError, TractBackend};
 use kestrel_kernels::{PreprocessSpec, ResizeRule, SpecError};
+use kestrel_runtime::detect::HeadLayout;
+use kestrel_runtime::step::DetectorConfig;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 /// The model `sim` uses when none is named.
 pub const DEFAULT_MODEL: &str = "eurosat-rgb";
+/// The detector of `sim`'s default detection pass.
+pub const DEFAULT_DETECTOR: &str = "nwpu-vhr10";
 
 struct Builtin {
     name: &'static str,
@@ -49,7 +53,7 @@ pub fn builtin_names() -> impl Iterator<Item = &'static str> {
 pub struct Manifest {
     /// Zoo name, e.g. `eurosat-rgb`.
     pub name: String,
-    /// `classify` (detectors come later).
+    /// `classify` or `detect`.
     pub task: String,
     /// Class names in output order.
     pub labels: Vec<String>,
@@ -68,6 +72,30 @@ pub struct Manifest {
     pub validation_top1: f64,
     /// Hex sha256 of `model.onnx`.
     pub onnx_sha256: String,
+    /// How a detector's head is read and its tiles merged (task `detect` only).
+    #[serde(default)]
+    pub detector: Option<DetectorInfo>,
+}
+
+/// A detector's head and postprocessing, from the training script.
+#[derive(Clone, Debug, Deserialize)]
+pub struct DetectorInfo {
+    /// Input pixels per head cell.
+    pub stride: usize,
+    /// Head cells that a predicted box size of 1.0 stands for.
+    pub wh_scale: f32,
+    /// Lowest score reported in telemetry and drawn by `sim replay`.
+    pub score_threshold: f32,
+    /// Same-class IoU above which the weaker box is suppressed.
+    pub nms_iou: f32,
+    /// Pixels shared by neighbouring tiles of a large frame.
+    pub tile_overlap: u32,
+    /// Intersection over its own area above which a same-class box inside a better one is
+    /// taken for a piece cut off by a tile edge.
+    pub seam_containment: f32,
+    /// mAP@0.5 of the float model on the validation split, measured by the training script.
+    #[serde(default)]
+    pub validation_map50: f64,
 }
 
 /// Shape and layout of the input tensor.
@@ -244,6 +272,32 @@ impl ZooModel {
         if manifest.labels.is_empty() {
             return Err(invalid("no labels".to_string()));
         }
+        match (manifest.task.as_str(), &manifest.detector) {
+            ("classify", _) => {}
+            ("detect", None) => {
+                return Err(invalid("task detect without a detector section".into()))
+            }
+            ("detect", Some(d)) => {
+                let [h, w] = [manifest.input.shape[2], manifest.input.shape[3]];
+                if d.stride == 0 || h % d.stride != 0 || w % d.stride != 0 {
+                    return Err(invalid(format!(
+                        "detector stride {} does not divide the {w}x{h} input",
+                        d.stride
+                    )));
+                }
+                if d.tile_overlap as usize >= h.min(w) {
+                    return Err(invalid(format!(
+                        "tile overlap {} is not smaller than the {w}x{h} input",
+                        d.tile_overlap
+                    )));
+                }
+            }
+            (other, _) => {
+                return Err(invalid(format!(
+                    "unknown task {other:?} (classify or detect)"
+                )))
+            }
+        }
         let actual = hex(&Sha256::digest(&onnx));
         if !actual.eq_ignore_ascii_case(&manifest.onnx_sha256) {
             return Err(ModelError::Checksum {
@@ -274,6 +328,25 @@ impl ZooModel {
             ResizeRule::Bilinear
         };
         PreprocessSpec::new(shape[3], shape[2], &p.mean, &p.std, resize)
+    }
+
+    /// The detector's head layout and postprocessing, or `None` for a classifier.
+    pub fn detector_config(&self) -> Option<DetectorConfig> {
+        let d = self.manifest.detector.as_ref()?;
+        let shape = &self.manifest.input.shape;
+        Some(DetectorConfig {
+            layout: HeadLayout {
+                classes: self.manifest.labels.len(),
+                height: shape[2] / d.stride,
+                width: shape[3] / d.stride,
+                stride: d.stride as f32,
+                wh_scale: d.wh_scale,
+            },
+            score_threshold: d.score_threshold,
+            nms_iou: d.nms_iou,
+            tile_overlap: d.tile_overlap,
+            seam_containment: d.seam_containment,
+        })
     }
 
     /// The ONNX bytes, verified against the manifest.

@@ -127,8 +127,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("  skipped   {skipped}");
     }
     println!(
-        "agreement   {:.2}% top-1 with tract",
-        100.0 * summary.top1_agreement
+        "agreement   {:.2}% top-1 with tract, output relative RMS error {:.4}",
+        100.0 * summary.top1_agreement,
+        summary.output_rel_rms
     );
     println!("float top-1 {}", percent(summary.float_top1));
     println!("int8 top-1  {}", percent(summary.int8_top1));

@@ -19,6 +19,7 @@ but the final ONNX and manifest.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -271,6 +272,66 @@ def evaluate(model, items, scale, mean, std):
     return ap50(detections, truths)
 
 
+TILE = 512
+
+
+def export(model, path, best, args, n_train, n_val, seconds):
+    """ONNX (opset 13, one 512x512 tile in, sigmoid head out) and the manifest into `path`."""
+    os.makedirs(path, exist_ok=True)
+    onnx_path = os.path.join(path, "model.onnx")
+    model.eval()
+    torch.onnx.export(Exported(model), torch.zeros(1, 3, TILE, TILE), onnx_path, dynamo=False, opset_version=13,
+                      input_names=["input"], output_names=["head"], do_constant_folding=True)
+    with open(onnx_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    params = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "name": "nwpu-vhr10",
+        "task": "detect",
+        "labels": CLASSES,
+        "input": {"name": "input", "shape": [1, 3, TILE, TILE], "layout": "NCHW", "dtype": "f32"},
+        "output": {"name": "head", "shape": [1, len(CLASSES) + 4, TILE // STRIDE, TILE // STRIDE],
+                   "kind": "centernet: class heatmaps, w/h over wh_scale cells, centre offset; all sigmoid"},
+        "preprocess": {
+            "bands": ["red", "green", "blue"],
+            "resize": "bilinear",
+            "mean": [round(float(v), 4) for v in best["mean"]],
+            "std": [round(float(v), 4) for v in best["std"]],
+            "note": "input = (sample - mean) / std per band, samples in 0..255; frames are cut into "
+                    "512x512 tiles at their own scale, padded with the mean",
+        },
+        "detector": {
+            "stride": STRIDE,
+            "wh_scale": WH_SCALE,
+            "score_threshold": 0.3,
+            "nms_iou": 0.5,
+            "tile_overlap": 128,
+            "seam_containment": 0.8,
+            "validation_map50": round(best["map50"], 4),
+        },
+        "dataset": "NWPU VHR-10 (Cheng et al. 2014, research use only), COCO re-annotation, "
+                   "../shared/data/nwpu-vhr10 training portion",
+        "split": "validation = fnv1a64(file name) % 5 == 0",
+        "train_images": n_train,
+        "validation_images": n_val,
+        "validation_note": "validation_map50: COCO AP@0.5 (101 points) on whole validation images at "
+                           "scale 1 with the float model, by the training script",
+        "parameters": params,
+        "epochs": best["epoch"],
+        "seed": args.seed,
+        "training_seconds": round(seconds),
+        "training_machine": f"CPU, {args.threads} threads",
+        "onnx_sha256": digest,
+        "onnx_opset": 13,
+        "command": "python models/train/nwpu_train.py --data ../shared/data/nwpu-vhr10 " + " ".join(
+            f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("size", "min_scale", "epochs", "lr")),
+    }
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    print(f"exported {onnx_path}: val mAP50 {best['map50']:.4f} (epoch {best['epoch']}), sha256 {digest}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder with images/ and annotations_coco.json")
@@ -285,6 +346,9 @@ def main():
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=20261126)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--zoo", default="models/zoo/nwpu-vhr10", help="where the ONNX and manifest are written")
+    p.add_argument("--export-only", action="store_true",
+                   help="export <work>/best.pt (or the latest checkpoint, scored now) without training")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -308,6 +372,19 @@ def main():
         f"mean {mean.round(2).tolist()} std {std.round(2).tolist()}, loaded in {time.time() - t0:.0f} s")
 
     model = Detector()
+    if args.export_only:
+        best_path = os.path.join(args.work, "best.pt")
+        if os.path.exists(best_path):
+            best = torch.load(best_path, weights_only=False)
+            model.load_state_dict(best["model"])
+        else:
+            ck = torch.load(os.path.join(args.work, "checkpoint.pt"), weights_only=False)
+            model.load_state_dict(ck["model"])
+            best = {"mean": mean, "std": std, "epoch": ck["epoch"],
+                    "map50": evaluate(model, val, args.eval_scale, mean, std)}
+        seconds = torch.load(os.path.join(args.work, "checkpoint.pt"), weights_only=False)["seconds"]
+        export(model, args.zoo, best, args, len(train), len(val), seconds)
+        return
     total_steps = args.epochs * args.steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=total_steps, pct_start=0.05)
@@ -364,6 +441,9 @@ def main():
                     "seconds": seconds}, checkpoint + ".tmp")
         os.replace(checkpoint + ".tmp", checkpoint)
     say(f"done: best val mAP50 {best:.4f} after {seconds:.0f} s of training")
+    best_state = torch.load(os.path.join(args.work, "best.pt"), weights_only=False)
+    model.load_state_dict(best_state["model"])
+    export(model, args.zoo, best_state, args, len(train), len(val), seconds)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,19 @@ impl<const N: usize> Detections<N> {
         self.overflow = self.overflow.saturating_add(tile.overflow);
     }
 
+    /// Clip every box to a `width` x `height` frame (padding beyond the frame edge holds
+    /// nothing), dropping any left with no area.
+    pub fn clip_to(&mut self, width: f32, height: f32) {
+        self.items.retain_mut(|d| {
+            let (x2, y2) = ((d.x + d.w).min(width), (d.y + d.h).min(height));
+            d.x = d.x.max(0.0);
+            d.y = d.y.max(0.0);
+            d.w = x2 - d.x;
+            d.h = y2 - d.y;
+            d.w > 0.0 && d.h > 0.0
+        });
+    }
+
     fn suppress_where(&mut self, overlapping: impl Fn(&Detection, &Detection) -> bool) {
         self.items
             .sort_unstable_by(|a, b| b.score.total_cmp(&a.score));

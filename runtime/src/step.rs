@@ -3,12 +3,14 @@
 use kestrel_kernels::{Backend, BackendError, PreprocessSpec};
 
 use crate::classify::{classify, Classification, PostprocessError};
+use crate::detect::{decode, DetectError, Detections, HeadLayout};
 use crate::frame::{FrameView, Sample};
 use crate::health::{ErrorKind, Health};
 use crate::preprocess::{prepare_input, PreprocessError, Region};
+use crate::tile::{TileError, TileGrid};
 use crate::MonotonicClock;
 
-/// Why a frame could not be classified.
+/// Why a frame could not be classified or searched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum StepError {
@@ -18,6 +20,10 @@ pub enum StepError {
     Backend(BackendError),
     /// The model output is unusable.
     Postprocess(PostprocessError),
+    /// The frame cannot be tiled (empty, or the overlap does not fit the tile).
+    Tiles(TileError),
+    /// The detector head is unusable.
+    Detect(DetectError),
 }
 
 impl StepError {
@@ -26,7 +32,8 @@ impl StepError {
         match self {
             Self::Preprocess(_) => ErrorKind::Frame,
             Self::Backend(_) => ErrorKind::Backend,
-            Self::Postprocess(_) => ErrorKind::Output,
+            Self::Postprocess(_) | Self::Detect(_) => ErrorKind::Output,
+            Self::Tiles(_) => ErrorKind::Frame,
         }
     }
 }
@@ -37,6 +44,8 @@ impl core::fmt::Display for StepError {
             Self::Preprocess(e) => write!(f, "{e}"),
             Self::Backend(e) => write!(f, "{e}"),
             Self::Postprocess(e) => write!(f, "{e}"),
+            Self::Tiles(e) => write!(f, "{e}"),
+            Self::Detect(e) => write!(f, "{e}"),
         }
     }
 }
@@ -44,7 +53,7 @@ impl core::fmt::Display for StepError {
 #[cfg(feature = "std")]
 impl std::error::Error for StepError {}
 
-/// Why a [`ClassifierStep`] could not be set up: the buffers or spec do not fit the backend.
+/// Why a [`ClassifierStep`] or [`DetectorStep`] could not be set up: the buffers or spec do not fit the backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct SetupError {
@@ -154,6 +163,137 @@ impl<'buf, B: Backend> ClassifierStep<'buf, B> {
                 let latency_us = clock.now_us().saturating_sub(started);
                 health.record_done(latency_us);
                 Ok((c, latency_us))
+            }
+            Err(e) => {
+                health.record_error(e.kind());
+                Err(e)
+            }
+        }
+    }
+}
+
+/// How a detector's head is read and its tiles merged.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DetectorConfig {
+    /// The head's shape and meaning.
+    pub layout: HeadLayout,
+    /// Lowest class score reported.
+    pub score_threshold: f32,
+    /// Same-class boxes overlapping a better one by more than this IoU are suppressed.
+    pub nms_iou: f32,
+    /// Pixels shared by neighbouring tiles; objects up to this size lie whole in some tile.
+    pub tile_overlap: u32,
+    /// A same-class box this much inside a better one (intersection over its own area) is a
+    /// piece of it cut off by a tile edge, and is dropped.
+    pub seam_containment: f32,
+}
+
+/// Finds objects in frames of any size with one detector backend: the frame is cut into
+/// model-sized tiles that overlap by [`DetectorConfig::tile_overlap`] (a frame smaller than a
+/// tile is padded with the band mean), each tile is decoded and suppressed, and the boxes are
+/// mapped back to frame pixels and merged across seams. Allocates nothing per frame.
+pub struct DetectorStep<'buf, B, const TILE_CAP: usize> {
+    backend: B,
+    spec: PreprocessSpec,
+    config: DetectorConfig,
+    input: &'buf mut [f32],
+    output: &'buf mut [f32],
+    tile: Detections<TILE_CAP>,
+}
+
+impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
+    /// Check that `spec`, the head layout and the buffers fit `backend`, and build the step.
+    pub fn new(
+        backend: B,
+        spec: PreprocessSpec,
+        config: DetectorConfig,
+        input: &'buf mut [f32],
+        output: &'buf mut [f32],
+    ) -> Result<Self, SetupError> {
+        let fits = backend.input_len() == spec.input_len()
+            && input.len() == spec.input_len()
+            && output.len() == backend.output_len()
+            && config.layout.len() == backend.output_len()
+            && !output.is_empty();
+        if !fits {
+            return Err(SetupError {
+                backend_input: backend.input_len(),
+                spec_input: spec.input_len(),
+                input_buffer: input.len(),
+                backend_output: backend.output_len(),
+                output_buffer: output.len(),
+            });
+        }
+        Ok(Self {
+            backend,
+            spec,
+            config,
+            input,
+            output,
+            tile: Detections::new(),
+        })
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The tiles this step would cut a `width` x `height` frame into.
+    pub fn tiles(&self, width: u32, height: u32) -> Result<TileGrid, StepError> {
+        TileGrid::new(
+            width,
+            height,
+            self.spec.width() as u32,
+            self.spec.height() as u32,
+            self.config.tile_overlap,
+        )
+        .map_err(StepError::Tiles)
+    }
+
+    /// Every object in `frame`, in frame pixels, best first, into `found` (cleared first).
+    /// Detections that did not fit a tile's or the frame's list are counted in
+    /// [`Detections::overflow`].
+    pub fn detect<S: Sample, const N: usize>(
+        &mut self,
+        frame: FrameView<'_, S>,
+        found: &mut Detections<N>,
+    ) -> Result<(), StepError> {
+        found.clear();
+        let g = frame.geometry();
+        let grid = self.tiles(g.width, g.height)?;
+        let c = self.config;
+        for region in grid.iter() {
+            prepare_input(frame, region, &self.spec, self.input).map_err(StepError::Preprocess)?;
+            self.backend
+                .run(self.input, self.output)
+                .map_err(StepError::Backend)?;
+            decode(self.output, &c.layout, c.score_threshold, &mut self.tile)
+                .map_err(StepError::Detect)?;
+            self.tile.suppress(c.nms_iou);
+            found.add_from_tile(&self.tile, region.x as f32, region.y as f32, 1.0);
+        }
+        found.merge_tiles(c.nms_iou, c.seam_containment);
+        found.clip_to(g.width as f32, g.height as f32);
+        Ok(())
+    }
+
+    /// [`DetectorStep::detect`], returning the latency in microseconds from `clock` and
+    /// counting the frame in `health` (done, or an error by kind).
+    pub fn process<S: Sample, const N: usize>(
+        &mut self,
+        frame: FrameView<'_, S>,
+        clock: &impl MonotonicClock,
+        health: &mut Health,
+        found: &mut Detections<N>,
+    ) -> Result<u64, StepError> {
+        let started = clock.now_us();
+        match self.detect(frame, found) {
+            Ok(()) => {
+                let latency_us = clock.now_us().saturating_sub(started);
+                health.record_done(latency_us);
+                Ok(latency_us)
             }
             Err(e) => {
                 health.record_error(e.kind());

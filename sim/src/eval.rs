@@ -45,11 +45,23 @@ impl Options {
     }
 }
 
+/// Per-frame latency in microseconds.
 #[derive(Serialize)]
-struct Latency {
-    p50: u64,
-    p99: u64,
-    mean: f64,
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+    pub mean: f64,
+}
+
+impl Latency {
+    /// Of latencies sorted ascending.
+    pub fn of_sorted(sorted: &[u64]) -> Self {
+        Self {
+            p50: percentile(sorted, 50.0),
+            p99: percentile(sorted, 99.0),
+            mean: sorted.iter().sum::<u64>() as f64 / sorted.len().max(1) as f64,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -87,7 +99,7 @@ struct Report {
 }
 
 /// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], percent: f64) -> u64 {
+pub fn percentile(sorted: &[u64], percent: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -95,15 +107,16 @@ fn percentile(sorted: &[u64], percent: f64) -> u64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-struct Progress {
+/// Progress on stderr: a rewritten line on a terminal, four lines otherwise.
+pub struct Progress {
     total: usize,
-    terminal: bool,
+    pub terminal: bool,
     last: Instant,
     next_line: usize,
 }
 
 impl Progress {
-    fn new(total: usize) -> Self {
+    pub fn new(total: usize) -> Self {
         Self {
             total,
             terminal: std::io::stderr().is_terminal(),
@@ -112,18 +125,17 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, done: usize, correct: usize) {
-        let pct = 100.0 * correct as f64 / done.max(1) as f64;
+    pub fn update(&mut self, done: usize, status: &str) {
         if self.terminal {
             if self.last.elapsed() > Duration::from_millis(200) || done == self.total {
-                eprint!("\r[{done:>6}/{}] top-1 so far {pct:5.1}%", self.total);
+                eprint!("\r[{done:>6}/{}] {status}", self.total);
                 self.last = Instant::now();
             }
             if done == self.total {
                 eprintln!();
             }
         } else if done >= self.next_line {
-            eprintln!("[{done:>6}/{}] top-1 so far {pct:5.1}%", self.total);
+            eprintln!("[{done:>6}/{}] {status}", self.total);
             self.next_line += (self.total / 4).max(1);
         }
     }
@@ -198,7 +210,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 reason,
             });
         }
-        progress.update(done, correct);
+        let pct = 100.0 * correct as f64 / done.max(1) as f64;
+        progress.update(done, &format!("top-1 so far {pct:5.1}%"));
     });
     let elapsed = started.elapsed().as_secs_f64();
 
@@ -230,11 +243,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         top1: correct as f64 / images.len() as f64,
         per_class,
         confusion,
-        latency_us: Latency {
-            p50: percentile(&latencies, 50.0),
-            p99: percentile(&latencies, 99.0),
-            mean: latencies.iter().sum::<u64>() as f64 / latencies.len().max(1) as f64,
-        },
+        latency_us: Latency::of_sorted(&latencies),
         throughput_fps: health.frames_done as f64 / elapsed.max(1e-9),
         elapsed_s: elapsed,
         dropped: health.frames_dropped,

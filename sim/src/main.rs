@@ -4,6 +4,8 @@
 //! prints a summary. `sim eval` scores a labelled dataset and writes a JSON report; `sim replay`
 //! runs a user's own images, tiling large ones, and writes per-tile class maps.
 
+mod detect;
+mod draw;
 mod eval;
 mod replay;
 
@@ -23,7 +25,9 @@ use models::ZooModel;
     long_about = "Kestrel simulator: replay real imagery through the onboard runtime and score it.\n\n\
         With no subcommand it runs `sim run`: the committed EuroSAT sample (300 held-out chips) \
         through the host board, the threaded runtime and the best available backend, with the \
-        built-in eurosat-rgb model, and prints top-1, latency, throughput, drops and errors."
+        built-in eurosat-rgb model, and prints top-1, latency, throughput, drops and errors. \
+        Then a detection pass: the committed NWPU VHR-10 sample scenes through the built-in \
+        nwpu-vhr10 detector, tiled, scored against their boxes (mAP) with latency per frame."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,10 +39,11 @@ enum Command {
     /// Replay a labelled chip folder through the threaded pipeline and print a summary
     /// (the default: the committed sample).
     Run(RunArgs),
-    /// Score a model on a labelled dataset (one sub-folder per class) and write a JSON report.
+    /// Score a model and write a JSON report: a classifier on a labelled folder (one
+    /// sub-folder per class), a detector on a COCO folder (images/ and annotations_coco.json).
     Eval(EvalArgs),
-    /// Classify your own images; images larger than the model input are tiled and a per-tile
-    /// class map is written as a PNG.
+    /// Run a model on your own images. A classifier tiles images larger than its input and
+    /// writes a per-tile class map PNG; a detector writes the image with its boxes drawn.
     Replay(ReplayArgs),
 }
 
@@ -103,9 +108,17 @@ struct RunArgs {
 struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Labelled dataset: one sub-folder of images per class, named as the model's labels.
+    /// What to score; it must be the model's task [default: the model's task].
+    #[arg(long, value_enum)]
+    task: Option<TaskArg>,
+    /// classify: one sub-folder of images per class, named as the model's labels.
+    /// detect: a COCO folder, `images/` and `annotations_coco.json`.
     #[arg(long)]
     dataset: PathBuf,
+    /// detect: lowest score kept. mAP needs the whole ranking, so this is lower than the
+    /// model's reporting threshold.
+    #[arg(long, default_value_t = 0.05)]
+    score_threshold: f32,
     /// Which part to score: `val` is the held-out split the training script never saw.
     #[arg(long, value_enum, default_value_t = SplitArg::All)]
     split: SplitArg,
@@ -114,6 +127,14 @@ struct EvalArgs {
     report: PathBuf,
     #[command(flatten)]
     pipeline: PipelineArgs,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TaskArg {
+    /// Top-1 and per-class recall over class folders.
+    Classify,
+    /// COCO mAP over tiled frames.
+    Detect,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,9 +185,63 @@ impl From<DropArg> for DropPolicy {
     }
 }
 
-/// The committed sample, found beside this crate's sources.
-fn sample_dataset() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb")
+/// A committed sample (`eurosat-rgb`, `nwpu-vhr10`), found beside this crate's sources.
+fn sample_dataset(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("sample")
+        .join(name)
+}
+
+/// The default run: the classification sample, then the detection sample scenes.
+fn default_run() -> anyhow::Result<()> {
+    eval::run(eval::Options::sample(sample_dataset("eurosat-rgb")))?;
+    if !models::builtin_names().any(|n| n == models::DEFAULT_DETECTOR) {
+        return Ok(()); // until the trained detector is committed
+    }
+    println!();
+    println!("detection pass: committed NWPU VHR-10 sample scenes, built-in nwpu-vhr10 detector");
+    let model = ModelArgs {
+        model: models::DEFAULT_DETECTOR.to_string(),
+        backend: BackendChoice::Auto,
+    };
+    detect::evaluate(&detect::EvalOptions {
+        model,
+        dataset: sample_dataset("nwpu-vhr10"),
+        split: Split::All,
+        report: None,
+        score_threshold: 0.05,
+    })?;
+    Ok(())
+}
+
+/// `sim eval`: the task named, or the model's own.
+fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
+    let model_task = ZooModel::load(&a.model.model)?.manifest.task;
+    let task = match (a.task, model_task.as_str()) {
+        (None | Some(TaskArg::Detect), "detect") => TaskArg::Detect,
+        (None | Some(TaskArg::Classify), "classify") => TaskArg::Classify,
+        (Some(_), other) => anyhow::bail!(
+            "model {} is a {other} model; --task must match it",
+            a.model.model
+        ),
+        (None, other) => anyhow::bail!("model {}: unknown task {other}", a.model.model),
+    };
+    match task {
+        TaskArg::Detect => detect::evaluate(&detect::EvalOptions {
+            model: a.model,
+            dataset: a.dataset,
+            split: a.split.into(),
+            report: Some(a.report),
+            score_threshold: a.score_threshold,
+        }),
+        TaskArg::Classify => eval::run(eval::Options {
+            model: a.model,
+            dataset: a.dataset,
+            split: a.split.into(),
+            pipeline: a.pipeline,
+            report: Some(a.report),
+        }),
+    }
 }
 
 /// A model on its backend.
@@ -211,21 +286,15 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        None => eval::run(eval::Options::sample(sample_dataset())),
+        None => default_run(),
         Some(Command::Run(a)) => eval::run(eval::Options {
             model: a.model,
-            dataset: a.dataset.unwrap_or_else(sample_dataset),
+            dataset: a.dataset.unwrap_or_else(|| sample_dataset("eurosat-rgb")),
             split: a.split.into(),
             pipeline: a.pipeline,
             report: None,
         }),
-        Some(Command::Eval(a)) => eval::run(eval::Options {
-            model: a.model,
-            dataset: a.dataset,
-            split: a.split.into(),
-            pipeline: a.pipeline,
-            report: Some(a.report),
-        }),
+        Some(Command::Eval(a)) => eval_command(a),
         Some(Command::Replay(a)) => replay::run(&a),
     };
     match result {

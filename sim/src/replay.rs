@@ -11,27 +11,9 @@ use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::tile::TileGrid;
 use serde::Serialize;
 
+use crate::draw::{colour, legend};
 use crate::{load_model, ReplayArgs};
-
-/// Distinct colours for class maps, by class index (cycled past 12 classes).
-const PALETTE: [[u8; 3]; 12] = [
-    [230, 200, 40],  // yellow
-    [20, 110, 40],   // dark green
-    [140, 210, 90],  // light green
-    [128, 128, 128], // grey
-    [150, 60, 170],  // purple
-    [200, 240, 60],  // lime
-    [240, 140, 30],  // orange
-    [220, 40, 40],   // red
-    [40, 120, 230],  // blue
-    [20, 40, 120],   // navy
-    [40, 220, 220],  // cyan
-    [240, 120, 200], // pink
-];
-
-fn colour(class: u16) -> [u8; 3] {
-    PALETTE[usize::from(class) % PALETTE.len()]
-}
+use models::ZooModel;
 
 /// One classified tile, as written to `<image>.tiles.json`.
 #[derive(Serialize)]
@@ -62,25 +44,14 @@ struct TilesReport<'a> {
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
-    let crate::LoadedModel { model, backend, .. } = load_model(&args.model)?;
-    let labels = &model.manifest.labels;
-    let spec = model.preprocess_spec()?;
     let files = list_images(&args.images)?;
-    let tile = args.tile.unwrap_or(spec.width() as u32);
-    let mut input = vec![0.0; spec.input_len()];
-    let mut output = vec![0.0; backend.output_len()];
-    let mut step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create folder", args.out.display()))?;
-    println!("legend: {}", legend(labels));
-
-    let mut failed = 0;
-    for path in &files {
-        if let Err(e) = replay_image(path, &mut step, tile, args.overlap, labels, &args.out) {
-            eprintln!("warning: {e:#}");
-            failed += 1;
-        }
-    }
+    let failed = if ZooModel::load(&args.model.model)?.manifest.task == "detect" {
+        crate::detect::replay(&args.model, &files, &args.out)?
+    } else {
+        classify_images(args, &files)?
+    };
     println!(
         "{} image(s) replayed, {failed} failed",
         files.len() - failed
@@ -91,16 +62,25 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn legend(labels: &[String]) -> String {
-    labels
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let [r, g, b] = colour(i as u16);
-            format!("{l}=#{r:02x}{g:02x}{b:02x}")
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Classify each image's tiles; returns how many images failed.
+fn classify_images(args: &ReplayArgs, files: &[PathBuf]) -> anyhow::Result<usize> {
+    let crate::LoadedModel { model, backend, .. } = load_model(&args.model)?;
+    let labels = &model.manifest.labels;
+    let spec = model.preprocess_spec()?;
+    let tile = args.tile.unwrap_or(spec.width() as u32);
+    let mut input = vec![0.0; spec.input_len()];
+    let mut output = vec![0.0; backend.output_len()];
+    let mut step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
+    println!("legend: {}", legend(labels));
+
+    let mut failed = 0;
+    for path in files {
+        if let Err(e) = replay_image(path, &mut step, tile, args.overlap, labels, &args.out) {
+            eprintln!("warning: {e:#}");
+            failed += 1;
+        }
+    }
+    Ok(failed)
 }
 
 fn replay_image<B: kestrel_kernels::Backend>(
@@ -201,7 +181,7 @@ fn replay_image<B: kestrel_kernels::Backend>(
 }
 
 /// `<out>/<image stem>.<suffix>`.
-fn output_path(out: &Path, image: &Path, suffix: &str) -> PathBuf {
+pub fn output_path(out: &Path, image: &Path, suffix: &str) -> PathBuf {
     let stem = image
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

@@ -1,0 +1,444 @@
+//! Detection in `sim`: scoring a COCO folder (`sim eval --task detect`), the default run's
+//! detection pass over the committed sample scenes, and drawing boxes (`sim replay`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use kestrel_host::coco::{self, Scored, Truth};
+use kestrel_host::{decode_image, HostClock, Split};
+use kestrel_kernels::Backend;
+use kestrel_runtime::detect::Detections;
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::health::{ErrorKind, Health};
+use kestrel_runtime::step::{DetectorConfig, DetectorStep};
+use serde::Serialize;
+
+use crate::eval::{Latency, Progress};
+use crate::{load_model, LoadedModel, ModelArgs};
+
+/// Detections kept per tile before merging (a 512-pixel tile of NWPU VHR-10 holds at most
+/// about 70 objects).
+pub const TILE_CAP: usize = 128;
+/// Detections kept per frame after merging; more are counted as overflow.
+pub const FRAME_CAP: usize = 1024;
+
+pub type FrameDetections = Detections<FRAME_CAP>;
+
+/// A detector model on its backend, with the buffers its step borrows.
+pub struct Detector {
+    pub loaded: LoadedModel,
+    pub config: DetectorConfig,
+    input: Vec<f32>,
+    output: Vec<f32>,
+}
+
+impl Detector {
+    /// Load `args.model` and check it is a detector.
+    pub fn load(args: &ModelArgs) -> anyhow::Result<Self> {
+        let loaded = load_model(args)?;
+        let Some(config) = loaded.model.detector_config() else {
+            bail!(
+                "model {} is a {} model, not a detector",
+                loaded.model.origin,
+                loaded.model.manifest.task
+            );
+        };
+        let spec = loaded.model.preprocess_spec()?;
+        let (input, output) = (
+            vec![0.0; spec.input_len()],
+            vec![0.0; loaded.backend.output_len()],
+        );
+        Ok(Self {
+            loaded,
+            config,
+            input,
+            output,
+        })
+    }
+
+    /// The step over this detector's backend, reporting boxes from `score_threshold` up.
+    pub fn step(
+        &mut self,
+        score_threshold: f32,
+    ) -> anyhow::Result<DetectorStep<'_, &mut (dyn Backend + Send + 'static), TILE_CAP>> {
+        let config = DetectorConfig {
+            score_threshold,
+            ..self.config
+        };
+        let spec = self.loaded.model.preprocess_spec()?;
+        Ok(DetectorStep::new(
+            self.loaded.backend.as_mut(),
+            spec,
+            config,
+            &mut self.input,
+            &mut self.output,
+        )?)
+    }
+}
+
+pub struct EvalOptions {
+    pub model: ModelArgs,
+    /// A folder with `images/` and `annotations_coco.json`.
+    pub dataset: PathBuf,
+    pub split: Split,
+    pub report: Option<PathBuf>,
+    /// Lowest score kept for the precision-recall curve.
+    pub score_threshold: f32,
+}
+
+#[derive(Serialize)]
+struct Failure {
+    file: String,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    model_origin: String,
+    backend: String,
+    plan_load_ms: Option<f64>,
+    dataset: String,
+    split: String,
+    /// Images scored (a failed image keeps its ground truth: its objects count as missed).
+    images: usize,
+    /// Ground-truth objects in those images.
+    objects: usize,
+    /// COCO mAP at IoU 0.5, 0..1.
+    map50: f64,
+    /// COCO mAP over IoU 0.50:0.05:0.95, 0..1.
+    map50_95: f64,
+    /// AP at IoU 0.5 per class (null: no ground truth of that class in these images).
+    per_class_ap50: serde_json::Map<String, serde_json::Value>,
+    /// The model's float mAP@0.5 on its validation split, from its manifest.
+    model_validation_map50: f64,
+    score_threshold: f32,
+    nms_iou: f32,
+    tile: [usize; 2],
+    tile_overlap: u32,
+    /// Tiles run, over all frames.
+    tiles: usize,
+    /// Detections reported, over all frames.
+    detections: usize,
+    /// Detections dropped because a tile's or frame's list was full.
+    overflow: u64,
+    /// Per frame: preprocessing, every tile through the model, decoding and merging.
+    latency_us: Latency,
+    elapsed_s: f64,
+    errors: serde_json::Map<String, serde_json::Value>,
+    /// Images that could not be decoded or run.
+    failures: Vec<Failure>,
+    /// Annotations left out or clipped, and images missing on disk, each with the reason.
+    skipped: Vec<String>,
+}
+
+/// Score a detector on a COCO folder: every image of the split through the tiled detector,
+/// COCO mAP against its boxes, a summary on stdout and, if asked, a JSON report.
+pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
+    let dataset = coco::load(&opts.dataset)?;
+    let images: Vec<&coco::Image> = dataset
+        .images
+        .iter()
+        .filter(|i| {
+            let name = i.path.file_name().map(|n| n.to_string_lossy());
+            name.is_some_and(|n| opts.split.contains(&n))
+        })
+        .collect();
+    if images.is_empty() {
+        bail!(
+            "{}: no images in the {:?} split",
+            opts.dataset.display(),
+            opts.split
+        );
+    }
+    let mut detector = Detector::load(&opts.model)?;
+    let labels = detector.loaded.model.manifest.labels.clone();
+    // The dataset's category id for each of the model's labels, matched by name.
+    let category_of: Vec<Option<u64>> = labels
+        .iter()
+        .map(|l| {
+            dataset
+                .categories
+                .iter()
+                .find(|(_, name)| name == l)
+                .map(|c| c.0)
+        })
+        .collect();
+    if category_of.iter().all(Option::is_none) {
+        bail!(
+            "{}: none of the dataset's categories ({}) is one of the model's labels ({})",
+            opts.dataset.display(),
+            dataset
+                .categories
+                .iter()
+                .map(|c| c.1.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            labels.join(", ")
+        );
+    }
+    let backend_name = detector.loaded.backend.name();
+    let plan_load_ms = detector.loaded.plan_load_ms;
+    let model_name = detector.loaded.model.manifest.name.clone();
+    let model_origin = detector.loaded.model.origin.clone();
+    let model_map50 = detector
+        .loaded
+        .model
+        .manifest
+        .detector
+        .as_ref()
+        .map_or(0.0, |d| d.validation_map50);
+    let config = DetectorConfig {
+        score_threshold: opts.score_threshold,
+        ..detector.config
+    };
+    let spec = detector.loaded.model.preprocess_spec()?;
+    eprintln!(
+        "sim: detecting in {} images of {} ({:?} split), model {} ({}), backend {}, {}x{} tiles overlapping by {} px",
+        images.len(),
+        opts.dataset.display(),
+        opts.split,
+        model_name,
+        model_origin,
+        backend_name,
+        spec.width(),
+        spec.height(),
+        config.tile_overlap
+    );
+
+    let mut step = detector.step(opts.score_threshold)?;
+    let mut found = FrameDetections::new();
+    let clock = HostClock::default();
+    let mut health = Health::default();
+    let mut latencies = Vec::with_capacity(images.len());
+    let mut scored: Vec<Scored> = Vec::new();
+    let mut failures = Vec::new();
+    let (mut tiles, mut overflow) = (0, 0u64);
+    let mut progress = Progress::new(images.len());
+    let started = Instant::now();
+    for (done, image) in images.iter().enumerate() {
+        let result = decode_image(&image.path)
+            .map_err(|e| {
+                health.record_error(ErrorKind::Source);
+                e.to_string()
+            })
+            .and_then(|decoded| {
+                let view = FrameView::new(decoded.geometry, &decoded.samples).map_err(|e| {
+                    health.record_error(ErrorKind::Frame);
+                    e.to_string()
+                })?;
+                let g = decoded.geometry;
+                tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
+                step.process(view, &clock, &mut health, &mut found)
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(latency) => {
+                latencies.push(latency);
+                overflow += u64::from(found.overflow());
+                for d in found.as_slice() {
+                    if let Some(Some(category)) = category_of.get(usize::from(d.class)) {
+                        scored.push(Scored {
+                            image: image.id,
+                            category: *category,
+                            bbox: [d.x, d.y, d.w, d.h].map(f64::from),
+                            score: f64::from(d.score),
+                        });
+                    }
+                }
+            }
+            Err(reason) => {
+                eprintln!("warning: {}: {reason}", image.path.display());
+                failures.push(Failure {
+                    file: image.path.display().to_string(),
+                    reason,
+                });
+            }
+        }
+        progress.update(done + 1, &format!("{} detections so far", scored.len()));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
+    let truths: Vec<Truth> = dataset
+        .truths
+        .iter()
+        .filter(|t| ids.contains(&t.image))
+        .copied()
+        .collect();
+    let categories: Vec<u64> = dataset.categories.iter().map(|c| c.0).collect();
+    let summary = coco::evaluate(&truths, &scored, &categories);
+    let mut per_class = serde_json::Map::new();
+    for (id, name) in &dataset.categories {
+        let ap = summary.per_category_ap50.get(id).copied().flatten();
+        per_class.insert(name.clone(), ap.into());
+    }
+    let mut errors = serde_json::Map::new();
+    for kind in ErrorKind::ALL {
+        errors.insert(kind.name().to_string(), health.errors(kind).into());
+    }
+    latencies.sort_unstable();
+    let report = Report {
+        model: model_name,
+        model_origin,
+        backend: backend_name.to_string(),
+        plan_load_ms,
+        dataset: opts.dataset.display().to_string(),
+        split: format!("{:?}", opts.split).to_lowercase(),
+        images: images.len(),
+        objects: truths.len(),
+        map50: summary.map50,
+        map50_95: summary.map50_95,
+        per_class_ap50: per_class,
+        model_validation_map50: model_map50,
+        score_threshold: config.score_threshold,
+        nms_iou: config.nms_iou,
+        tile: [spec.width(), spec.height()],
+        tile_overlap: config.tile_overlap,
+        tiles,
+        detections: scored.len(),
+        overflow,
+        latency_us: Latency::of_sorted(&latencies),
+        elapsed_s: elapsed,
+        errors,
+        failures,
+        skipped: dataset.skipped,
+    };
+    print_summary(&report);
+    if let Some(path) = &opts.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("{}: cannot write report", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    Ok(())
+}
+
+fn print_summary(r: &Report) {
+    println!(
+        "frames      {} ({} tiles of {}x{}, {} failed), {} objects in the annotations",
+        r.images,
+        r.tiles,
+        r.tile[0],
+        r.tile[1],
+        r.failures.len(),
+        r.objects
+    );
+    println!(
+        "mAP         {:.3} at IoU 0.5, {:.3} at 0.50:0.95 ({} split of {}; the model's float validation mAP@0.5 is {:.3})",
+        r.map50, r.map50_95, r.split, r.dataset, r.model_validation_map50
+    );
+    let per_class: Vec<String> = r
+        .per_class_ap50
+        .iter()
+        .filter_map(|(k, v)| v.as_f64().map(|v| format!("{k} {v:.2}")))
+        .collect();
+    println!("AP50        {}", per_class.join(", "));
+    println!(
+        "latency     p50 {:.1} ms, p99 {:.1} ms per frame ({} backend: tiles, model, decoding, merging)",
+        r.latency_us.p50 as f64 / 1000.0,
+        r.latency_us.p99 as f64 / 1000.0,
+        r.backend
+    );
+    println!(
+        "detections  {} at score >= {} ({} over capacity)",
+        r.detections, r.score_threshold, r.overflow
+    );
+    if !r.skipped.is_empty() {
+        println!(
+            "skipped     {} annotation problem(s), listed in the report",
+            r.skipped.len()
+        );
+    }
+}
+
+/// `sim replay` with a detector: each image's boxes drawn into `<out>/<stem>.boxes.png` and
+/// listed in `<out>/<stem>.detections.json`.
+pub fn replay(model: &ModelArgs, files: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
+    let mut detector = Detector::load(model)?;
+    let labels = detector.loaded.model.manifest.labels.clone();
+    let threshold = detector.config.score_threshold;
+    let mut step = detector.step(threshold)?;
+    println!("legend: {}", crate::draw::legend(&labels));
+    let mut found = FrameDetections::new();
+    let mut failed = 0;
+    for path in files {
+        if let Err(e) = replay_image(path, &mut step, &labels, out, &mut found) {
+            eprintln!("warning: {e:#}");
+            failed += 1;
+        }
+    }
+    Ok(failed)
+}
+
+#[derive(Serialize)]
+struct DetectionJson<'a> {
+    label: &'a str,
+    class: u16,
+    score: f32,
+    /// `[x, y, width, height]` in image pixels.
+    bbox: [f32; 4],
+}
+
+fn replay_image<B: Backend>(
+    path: &Path,
+    step: &mut DetectorStep<'_, B, TILE_CAP>,
+    labels: &[String],
+    out: &Path,
+    found: &mut FrameDetections,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let image = decode_image(path)?;
+    let g = image.geometry;
+    let view = FrameView::new(g, &image.samples).with_context(|| path.display().to_string())?;
+    let tiles = step.tiles(g.width, g.height)?.len();
+    step.detect(view, found)
+        .with_context(|| path.display().to_string())?;
+    let mut picture = crate::draw::to_rgb(&image.samples, g.width, g.height, g.bands);
+    crate::draw::detections(&mut picture, found.as_slice(), labels);
+    let png = crate::replay::output_path(out, path, "boxes.png");
+    picture
+        .save(&png)
+        .with_context(|| format!("{}: cannot write", png.display()))?;
+    let list: Vec<DetectionJson> = found
+        .as_slice()
+        .iter()
+        .map(|d| DetectionJson {
+            label: labels.get(usize::from(d.class)).map_or("?", String::as_str),
+            class: d.class,
+            score: d.score,
+            bbox: [d.x, d.y, d.w, d.h],
+        })
+        .collect();
+    let json = crate::replay::output_path(out, path, "detections.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&list)? + "\n")
+        .with_context(|| format!("{}: cannot write", json.display()))?;
+    let mut counts = vec![0usize; labels.len()];
+    for d in found.as_slice() {
+        if let Some(n) = counts.get_mut(usize::from(d.class)) {
+            *n += 1;
+        }
+    }
+    let mix: Vec<String> = counts
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(c, n)| format!("{} {n}", labels[c]))
+        .collect();
+    println!(
+        "{}: {}x{}, {tiles} tile(s): {} object(s) ({}) [{:.0} ms] -> {}",
+        path.display(),
+        g.width,
+        g.height,
+        found.as_slice().len(),
+        if mix.is_empty() {
+            "none".to_string()
+        } else {
+            mix.join(", ")
+        },
+        started.elapsed().as_secs_f64() * 1000.0,
+        png.display()
+    );
+    Ok(())
+}
