@@ -926,32 +926,48 @@ fn conv_f32(
     let (oh, ow) = (out_shape[2], out_shape[3]);
     let ocg = oc_total / group;
     let mut y = vec![0.0; n_total * oc_total * oh * ow];
+    // One weight at a time over whole output rows: the inner loop runs along a row of the
+    // input (contiguous at stride 1), which the compiler vectorises.
     for n in 0..n_total {
         for oc in 0..oc_total {
             let g = oc / ocg;
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = bias[oc];
-                    for ic in 0..icg {
-                        let channel = g * icg + ic;
-                        for ky in 0..kh {
+            let out = &mut y[(n * oc_total + oc) * oh * ow..][..oh * ow];
+            out.fill(bias[oc]);
+            for ic in 0..icg {
+                let plane = &x[(n * c + g * icg + ic) * h * w..][..h * w];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let wv = weight[((oc * icg + ic) * kh + ky) * kw + kx];
+                        let shift = (kx * dilation[1]) as isize - pads[1] as isize;
+                        // Output columns whose input column ox * stride + shift is inside.
+                        let first = (0..ow)
+                            .find(|&ox| (ox * stride[1]) as isize + shift >= 0)
+                            .unwrap_or(ow);
+                        let end = (first..ow)
+                            .find(|&ox| (ox * stride[1]) as isize + shift >= w as isize)
+                            .unwrap_or(ow);
+                        for oy in 0..oh {
                             let iy =
                                 (oy * stride[0] + ky * dilation[0]) as isize - pads[0] as isize;
                             if iy < 0 || iy >= h as isize {
                                 continue;
                             }
-                            for kx in 0..kw {
-                                let ix =
-                                    (ox * stride[1] + kx * dilation[1]) as isize - pads[1] as isize;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
+                            let row = &plane[iy as usize * w..][..w];
+                            let out_row = &mut out[oy * ow..][..ow];
+                            if stride[1] == 1 {
+                                let start = (first as isize + shift) as usize;
+                                let inputs = &row[start..start + (end - first)];
+                                for (o, v) in out_row[first..end].iter_mut().zip(inputs) {
+                                    *o += wv * v;
                                 }
-                                let xv = x[((n * c + channel) * h + iy as usize) * w + ix as usize];
-                                acc += xv * weight[((oc * icg + ic) * kh + ky) * kw + kx];
+                            } else {
+                                for (ox, o) in out_row.iter_mut().enumerate().take(end).skip(first)
+                                {
+                                    *o += wv * row[((ox * stride[1]) as isize + shift) as usize];
+                                }
                             }
                         }
                     }
-                    y[((n * oc_total + oc) * oh + oy) * ow + ox] = acc;
                 }
             }
         }

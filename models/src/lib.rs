@@ -36,12 +36,20 @@ struct Builtin {
     plan: Option<&'static [u8]>,
 }
 
-const BUILTINS: [Builtin; 1] = [Builtin {
-    name: "eurosat-rgb",
-    manifest: include_str!("../zoo/eurosat-rgb/manifest.json"),
-    onnx: include_bytes!("../zoo/eurosat-rgb/model.onnx"),
-    plan: Some(include_bytes!("../zoo/eurosat-rgb/model.plan")),
-}];
+const BUILTINS: [Builtin; 2] = [
+    Builtin {
+        name: "eurosat-rgb",
+        manifest: include_str!("../zoo/eurosat-rgb/manifest.json"),
+        onnx: include_bytes!("../zoo/eurosat-rgb/model.onnx"),
+        plan: Some(include_bytes!("../zoo/eurosat-rgb/model.plan")),
+    },
+    Builtin {
+        name: "nwpu-vhr10",
+        manifest: include_str!("../zoo/nwpu-vhr10/manifest.json"),
+        onnx: include_bytes!("../zoo/nwpu-vhr10/model.onnx"),
+        plan: Some(include_bytes!("../zoo/nwpu-vhr10/model.plan")),
+    },
+];
 
 /// Names of the models built into this crate.
 pub fn builtin_names() -> impl Iterator<Item = &'static str> {
@@ -394,4 +402,54 @@ impl ZooModel {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The built-in detector's manifest with `edit` applied, loaded without its ONNX.
+    fn detector_manifest(edit: impl FnOnce(&mut serde_json::Value)) -> ModelError {
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(include_str!("../zoo/nwpu-vhr10/manifest.json")).unwrap();
+        edit(&mut manifest);
+        let text = manifest.to_string();
+        ZooModel::from_parts(&text, "manifest.json", Cow::Borrowed(&[]), "model.onnx").unwrap_err()
+    }
+
+    #[test]
+    fn detector_manifests_are_checked() {
+        let reason = |e: ModelError| match e {
+            ModelError::Manifest { reason, .. } => reason,
+            other => panic!("{other}"),
+        };
+        let missing = detector_manifest(|m| {
+            m.as_object_mut().unwrap().remove("detector");
+        });
+        assert_eq!(reason(missing), "task detect without a detector section");
+        let stride = detector_manifest(|m| m["detector"]["stride"] = 3.into());
+        assert!(reason(stride).contains("stride 3 does not divide"));
+        let overlap = detector_manifest(|m| m["detector"]["tile_overlap"] = 512.into());
+        assert!(reason(overlap).contains("tile overlap 512"));
+        let task = detector_manifest(|m| m["task"] = "segment".into());
+        assert!(reason(task).contains("unknown task"));
+        // Untouched, the manifest passes every check and only the (absent) ONNX is refused.
+        assert!(matches!(
+            detector_manifest(|_| {}),
+            ModelError::Checksum { .. }
+        ));
+    }
+
+    #[test]
+    fn the_built_in_detector_reads_its_head_layout() {
+        let model = ZooModel::load(DEFAULT_DETECTOR).unwrap();
+        let config = model.detector_config().unwrap();
+        assert_eq!(config.layout.classes, 10);
+        assert_eq!((config.layout.height, config.layout.width), (128, 128));
+        assert_eq!(config.layout.len(), 14 * 128 * 128);
+        assert!(ZooModel::load(DEFAULT_MODEL)
+            .unwrap()
+            .detector_config()
+            .is_none());
+    }
 }

@@ -113,3 +113,37 @@ fn an_unsupported_operator_names_the_node() {
         "{stderr}"
     );
 }
+
+/// The detector compiles on native-scale tiles of real scenes, and its int8 head stays close
+/// to float (the compiler measures the relative RMS error of the whole output against tract).
+#[test]
+fn compiles_the_detector_on_scene_tiles() {
+    use kestrel_kernels::Backend;
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("nwpu.plan");
+    let report = dir.path().join("report.json");
+    let scenes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/nwpu-vhr10/images");
+    let out = models()
+        .args(["compile", "nwpu-vhr10", "--max-images", "3", "--calib"])
+        .arg(scenes)
+        .arg("--out")
+        .arg(&plan)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(summary["calibration_images"], 3);
+    let error = summary["output_rel_rms"].as_f64().unwrap();
+    assert!(error > 0.0 && error < 0.1, "relative RMS error {error}");
+    let backend =
+        kestrel_kernels::cpu::Int8Cpu::from_bytes(&std::fs::read(&plan).unwrap()).unwrap();
+    assert_eq!(backend.program().header().name, "nwpu-vhr10");
+    assert_eq!(backend.output_len(), 14 * 128 * 128);
+}

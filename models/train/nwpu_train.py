@@ -394,8 +394,15 @@ def main():
         ck = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
-        schedule.load_state_dict(ck["schedule"])
         start_epoch, best, seconds = ck["epoch"], ck["best"], ck["seconds"]
+        if ck["schedule"]["total_steps"] == total_steps:
+            schedule.load_state_dict(ck["schedule"])
+        else:
+            # --epochs changed: the same one-cycle shape over the new length, from this step on.
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, args.lr, total_steps=total_steps, pct_start=0.05,
+                last_epoch=start_epoch * args.steps_per_epoch - 1)
+            say(f"schedule stretched to {args.epochs} epochs")
         say(f"resumed after epoch {start_epoch} (best mAP50 {best:.4f}, {seconds:.0f} s trained)")
     rng = np.random.default_rng(args.seed + start_epoch)
     for epoch in range(start_epoch, args.epochs):

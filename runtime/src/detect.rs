@@ -265,9 +265,13 @@ pub fn decode<const N: usize>(
                 if score < threshold {
                     continue;
                 }
-                // A peak: nothing in the 3x3 neighbourhood scores higher.
+                // A peak: nothing in the 3x3 neighbourhood scores higher, and on a plateau of
+                // equal scores (common in int8 heads) only its first cell in raster order.
                 let peak = (y.saturating_sub(1)..(y + 2).min(h)).all(|ny| {
-                    (x.saturating_sub(1)..(x + 2).min(w)).all(|nx| at(class, ny, nx) <= score)
+                    (x.saturating_sub(1)..(x + 2).min(w)).all(|nx| {
+                        let other = at(class, ny, nx);
+                        other < score || (other == score && (ny, nx) >= (y, x))
+                    })
                 });
                 if !peak {
                     continue;
@@ -343,6 +347,23 @@ mod tests {
         assert_eq!(d.score, 0.9);
         decode(&head, &LAYOUT, 0.95, &mut found).unwrap();
         assert!(found.as_slice().is_empty(), "below the threshold");
+    }
+
+    #[test]
+    fn a_plateau_of_equal_scores_is_one_peak() {
+        let mut head = head_with(&[(0, 4, 4, 0.7, 2.0, 2.0)]);
+        // Three more cells around (4, 4) with exactly its score, as int8 rounding leaves them.
+        for (y, x) in [(4, 5), (5, 4), (5, 5)] {
+            head[y * 8 + x] = 0.7;
+        }
+        let mut found = Detections::<8>::new();
+        decode(&head, &LAYOUT, 0.3, &mut found).unwrap();
+        assert_eq!(found.as_slice().len(), 1, "{found:?}");
+        assert_eq!(
+            (found.as_slice()[0].x, found.as_slice()[0].y),
+            (14.0, 13.0),
+            "the first cell"
+        );
     }
 
     #[test]

@@ -195,9 +195,6 @@ fn sample_dataset(name: &str) -> PathBuf {
 /// The default run: the classification sample, then the detection sample scenes.
 fn default_run() -> anyhow::Result<()> {
     eval::run(eval::Options::sample(sample_dataset("eurosat-rgb")))?;
-    if !models::builtin_names().any(|n| n == models::DEFAULT_DETECTOR) {
-        return Ok(()); // until the trained detector is committed
-    }
     println!();
     println!("detection pass: committed NWPU VHR-10 sample scenes, built-in nwpu-vhr10 detector");
     let model = ModelArgs {

@@ -85,6 +85,17 @@ fn default_run_replays_the_sample_accurately() {
         "{stdout}"
     );
     assert!(stdout.contains("latency     p50"), "{stdout}");
+    // Then the detection pass over the committed scenes.
+    assert!(
+        stdout.contains("frames      7 (38 tiles of 512x512, 0 failed), 61 objects"),
+        "{stdout}"
+    );
+    let map = stdout
+        .lines()
+        .find(|l| l.starts_with("mAP"))
+        .expect("detection summary has an mAP line");
+    let map50: f64 = map.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(map50 >= 0.3, "{map}");
 }
 
 #[test]

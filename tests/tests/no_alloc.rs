@@ -160,3 +160,38 @@ fn detector_postprocessing_allocates_nothing() {
     );
     assert!(!found.as_slice().is_empty());
 }
+
+/// The whole detector step on a real scene, through the built-in int8 detector: tiling,
+/// preprocessing, the plan, decoding, suppression and seam merging allocate nothing per frame.
+#[test]
+fn the_detector_step_allocates_nothing_per_frame() {
+    use kestrel_runtime::detect::Detections;
+    use kestrel_runtime::step::DetectorStep;
+    let model = ZooModel::load(models::DEFAULT_DETECTOR).unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let config = model.detector_config().unwrap();
+    let backend = model.int8_backend().unwrap().unwrap();
+    let (mut input, mut output) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
+    let mut step =
+        DetectorStep::<_, 128>::new(backend, spec, config, &mut input, &mut output).unwrap();
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/nwpu-vhr10/images/017.jpg");
+    let image = decode_image(&path).unwrap();
+    let clock = HostClock::default();
+    let mut health = Health::default();
+    let mut found = Detections::<1024>::new();
+    let count = allocations_during(|| {
+        for _ in 0..2 {
+            let frame = FrameView::new(image.geometry, &image.samples).unwrap();
+            step.process(frame, &clock, &mut health, &mut found)
+                .unwrap();
+        }
+    });
+    assert_eq!(count, 0);
+    assert_eq!(health.frames_done, 2);
+    assert!(
+        found.as_slice().len() >= 5,
+        "the airport scene has 21 objects: {:?}",
+        found.as_slice()
+    );
+}
