@@ -69,6 +69,33 @@ pub struct SetupError {
     pub output_buffer: usize,
 }
 
+impl SetupError {
+    /// Whether `spec`, `input` and `output` fit `backend` (and `also` holds).
+    fn check(
+        backend: &impl Backend,
+        spec: &PreprocessSpec,
+        input: &[f32],
+        output: &[f32],
+        also: bool,
+    ) -> Result<(), Self> {
+        let fits = backend.input_len() == spec.input_len()
+            && input.len() == spec.input_len()
+            && output.len() == backend.output_len()
+            && !output.is_empty()
+            && also;
+        if fits {
+            return Ok(());
+        }
+        Err(SetupError {
+            backend_input: backend.input_len(),
+            spec_input: spec.input_len(),
+            input_buffer: input.len(),
+            backend_output: backend.output_len(),
+            output_buffer: output.len(),
+        })
+    }
+}
+
 impl core::fmt::Display for SetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(
@@ -103,19 +130,7 @@ impl<'buf, B: Backend> ClassifierStep<'buf, B> {
         input: &'buf mut [f32],
         output: &'buf mut [f32],
     ) -> Result<Self, SetupError> {
-        let fits = backend.input_len() == spec.input_len()
-            && input.len() == spec.input_len()
-            && output.len() == backend.output_len()
-            && !output.is_empty();
-        if !fits {
-            return Err(SetupError {
-                backend_input: backend.input_len(),
-                spec_input: spec.input_len(),
-                input_buffer: input.len(),
-                backend_output: backend.output_len(),
-                output_buffer: output.len(),
-            });
-        }
+        SetupError::check(&backend, &spec, input, output, true)?;
         Ok(Self {
             backend,
             spec,
@@ -211,20 +226,8 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
         input: &'buf mut [f32],
         output: &'buf mut [f32],
     ) -> Result<Self, SetupError> {
-        let fits = backend.input_len() == spec.input_len()
-            && input.len() == spec.input_len()
-            && output.len() == backend.output_len()
-            && config.layout.len() == backend.output_len()
-            && !output.is_empty();
-        if !fits {
-            return Err(SetupError {
-                backend_input: backend.input_len(),
-                spec_input: spec.input_len(),
-                input_buffer: input.len(),
-                backend_output: backend.output_len(),
-                output_buffer: output.len(),
-            });
-        }
+        let head_fits = config.layout.len() == backend.output_len();
+        SetupError::check(&backend, &spec, input, output, head_fits)?;
         Ok(Self {
             backend,
             spec,

@@ -14,7 +14,7 @@ use kestrel_runtime::health::{ErrorKind, Health};
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};
 use serde::Serialize;
 
-use crate::eval::{Latency, Progress};
+use crate::eval::{Failure, Latency, Progress};
 use crate::{load_model, LoadedModel, ModelArgs};
 
 /// Detections kept per tile before merging (a 512-pixel tile of NWPU VHR-10 holds at most
@@ -85,12 +85,6 @@ pub struct EvalOptions {
     pub report: Option<PathBuf>,
     /// Lowest score kept for the precision-recall curve.
     pub score_threshold: f32,
-}
-
-#[derive(Serialize)]
-struct Failure {
-    file: String,
-    reason: String,
 }
 
 #[derive(Serialize)]

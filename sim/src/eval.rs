@@ -64,10 +64,11 @@ impl Latency {
     }
 }
 
+/// A file that could not be used, and why.
 #[derive(Serialize)]
-struct Failure {
-    file: String,
-    reason: String,
+pub struct Failure {
+    pub file: String,
+    pub reason: String,
 }
 
 #[derive(Serialize)]
