@@ -95,7 +95,8 @@ fn default_run_replays_the_sample_accurately() {
         .find(|l| l.starts_with("mAP"))
         .expect("detection summary has an mAP line");
     let map50: f64 = map.split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!(map50 >= 0.5, "{map}");
+    // Measured 0.78 with the committed detector.
+    assert!(map50 >= 0.6, "{map}");
 }
 
 #[test]

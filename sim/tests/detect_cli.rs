@@ -51,9 +51,9 @@ fn eval_scores_the_sample_scenes_with_int8_close_to_float() {
         int8["map50"].as_f64().unwrap(),
         int8["map50_95"].as_f64().unwrap(),
     );
-    // Measured 0.67 (int8) with the committed model; the floor catches a broken pipeline.
+    // Measured 0.78 (int8) with the committed model; the floor catches a broken pipeline.
     assert!(
-        map50 >= 0.5,
+        map50 >= 0.6,
         "mAP@0.5 on the held-out sample scenes: {map50}"
     );
     assert!(map50_95 > 0.0 && map50_95 < map50, "{map50_95} vs {map50}");
