@@ -2,7 +2,7 @@
 //! has, all allocated once at load so that an inference allocates nothing.
 
 use crate::int8::{Add, Conv, ShapeError};
-use crate::program::{AlignedBytes, Kernels, Program, ProgramError, Reference};
+use crate::program::{Kernels, OwnedProgram, Program, ProgramError, Reference};
 use crate::{Backend, BackendError};
 
 /// The convolution kernels chosen for this CPU at load.
@@ -74,12 +74,9 @@ impl Kernels for Chosen {
 
 /// Runs a plan on the CPU.
 pub struct Int8Cpu {
-    // Borrows `bytes`' heap buffer, which never moves or changes while `self` lives; declared
-    // first so it is dropped first.
-    program: Program<'static>,
+    owned: OwnedProgram,
     arena: std::vec::Vec<i8>,
     kernels: Chosen,
-    _bytes: AlignedBytes,
 }
 
 impl Int8Cpu {
@@ -96,13 +93,8 @@ impl Int8Cpu {
     }
 
     fn load(bytes: &[u8], generic: bool) -> Result<Self, ProgramError> {
-        let bytes = AlignedBytes::new(bytes);
-        // SAFETY: the slice points into `bytes`' heap allocation, which is owned by the returned
-        // value, never mutated, never reallocated, and outlives `program` (field order).
-        let stable: &'static [u8] = unsafe {
-            core::slice::from_raw_parts(bytes.as_bytes().as_ptr(), bytes.as_bytes().len())
-        };
-        let program = Program::new(stable)?;
+        let owned = OwnedProgram::new(bytes)?;
+        let program = owned.program();
         // A corrupt or hostile plan may ask for gigabytes: a typed error, not an abort.
         let needed = program.arena_size();
         let mut arena = std::vec::Vec::new();
@@ -112,22 +104,22 @@ impl Int8Cpu {
         arena.resize(needed, 0);
         Ok(Self {
             arena,
-            kernels: Chosen::detect(&program, generic),
-            program,
-            _bytes: bytes,
+            kernels: Chosen::detect(program, generic),
+            owned,
         })
     }
 
     /// The verified program.
     pub fn program(&self) -> &Program<'static> {
-        &self.program
+        self.owned.program()
     }
 
     /// Quantise `input`, run the program, dequantise into `output`.
     pub fn infer(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), ProgramError> {
-        self.program.quantize_input(input, &mut self.arena)?;
-        self.program.run(&mut self.arena, &mut self.kernels)?;
-        self.program.dequantize_output(&self.arena, output)
+        let program = self.owned.program();
+        program.quantize_input(input, &mut self.arena)?;
+        program.run(&mut self.arena, &mut self.kernels)?;
+        program.dequantize_output(&self.arena, output)
     }
 
     /// Which convolution kernels run: `"generic"`, `"avx2"`, ...
@@ -142,11 +134,11 @@ impl Backend for Int8Cpu {
     }
 
     fn input_len(&self) -> usize {
-        self.program.input_len()
+        self.program().input_len()
     }
 
     fn output_len(&self) -> usize {
-        self.program.output_len()
+        self.program().output_len()
     }
 
     fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {

@@ -111,8 +111,9 @@ pub struct Conv<'a> {
 }
 
 impl Conv<'_> {
-    /// Run the layer on `input` (`C*H*W` codes) into `output`.
-    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    /// Check the geometry, the constants and buffers of `input_len` and `output_len` codes:
+    /// everything [`Conv::run`] checks, for executors that cannot check as they go.
+    pub fn check(&self, input_len: usize, output_len: usize) -> Result<(), ShapeError> {
         let g = self.geometry;
         let [c, h, w] = g.input;
         let [oc_total, oh, ow] = g.output;
@@ -126,11 +127,25 @@ impl Conv<'_> {
             g.stride.iter().chain(&g.dilation).all(|&s| s > 0),
             "geometry",
         )?;
-        let (icg, ocg) = (c / group, oc_total / group);
-        check(input.len() == c * h * w, "input")?;
-        check(self.weights.len() == oc_total * icg * kh * kw, "weights")?;
+        let product = |values: &[usize]| values.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
+        check(product(&[c, h, w]) == Some(input_len), "input")?;
+        check(
+            product(&[oc_total, c / group, kh, kw]) == Some(self.weights.len()),
+            "weights",
+        )?;
         check(self.channels.fits(oc_total), "bias")?;
-        check(output.len() == oc_total * oh * ow, "output")?;
+        check(product(&[oc_total, oh, ow]) == Some(output_len), "output")
+    }
+
+    /// Run the layer on `input` (`C*H*W` codes) into `output`.
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        self.check(input.len(), output.len())?;
+        let g = self.geometry;
+        let [c, h, w] = g.input;
+        let [oc_total, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let group = g.group.max(1);
+        let (icg, ocg) = (c / group, oc_total / group);
         let q = self.output_quant;
         for oc in 0..oc_total {
             let (bias, requant) = self.channels.get(oc);
@@ -225,10 +240,15 @@ pub struct Add {
 }
 
 impl Add {
+    /// Check buffers of `a_len`, `b_len` and `output_len` codes, as [`Add::run`] does.
+    pub fn check(&self, a_len: usize, b_len: usize, output_len: usize) -> Result<(), ShapeError> {
+        check(a_len == b_len, "input")?;
+        check(output_len == a_len, "output")
+    }
+
     /// `output = a + b` in real terms.
     pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        check(a.len() == b.len(), "input")?;
-        check(output.len() == a.len(), "output")?;
+        self.check(a.len(), b.len(), output.len())?;
         let q = self.output_quant;
         let half = 1i64 << (ADD_FRACTION_BITS - 1);
         for ((out, &x), &y) in output.iter_mut().zip(a).zip(b) {

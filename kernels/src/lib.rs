@@ -11,6 +11,8 @@
 pub mod avx2;
 #[cfg(feature = "std")]
 pub mod cpu;
+#[cfg(feature = "std")]
+pub mod cuda;
 pub mod int8;
 #[cfg(all(feature = "std", target_arch = "aarch64"))]
 pub mod neon;
@@ -20,7 +22,7 @@ pub mod quant;
 pub mod spec;
 #[cfg(feature = "std")]
 mod strips;
-#[cfg(all(test, feature = "std"))]
+#[cfg(feature = "std")]
 mod testing;
 #[cfg(feature = "tract")]
 pub mod tract;

@@ -281,6 +281,11 @@ impl<'a> Program<'a> {
         self.plan.header()
     }
 
+    /// The weights section: every constant a step's [`Blob`] points into.
+    pub fn weights(&self) -> &'a [u8] {
+        self.weights
+    }
+
     /// Bytes of arena [`Program::run`] needs.
     pub fn arena_size(&self) -> usize {
         self.header().arena_size as usize
@@ -510,15 +515,27 @@ impl<'a> Program<'a> {
         let range = self
             .tensor(0)
             .ok_or(ProgramError::Tensor { step: 0, id: 0 })?;
-        let (got, arena_len) = (input.len(), arena.len());
+        let arena_len = arena.len();
         let codes = arena.get_mut(range.clone()).ok_or(ProgramError::Arena {
             needed: range.end,
             got: arena_len,
         })?;
-        if got != codes.len() {
+        self.quantize_codes(input, codes)
+    }
+
+    /// Quantise a float input tensor into `codes` (staging for a GPU's arena), as
+    /// [`Program::quantize_input`] does.
+    pub fn quantize_codes(&self, input: &[f32], codes: &mut [i8]) -> Result<(), ProgramError> {
+        if codes.len() != self.input_len() {
+            return Err(ProgramError::Length {
+                expected: self.input_len(),
+                got: codes.len(),
+            });
+        }
+        if input.len() != codes.len() {
             return Err(ProgramError::Length {
                 expected: codes.len(),
-                got,
+                got: input.len(),
             });
         }
         let h = self.header();
@@ -543,6 +560,18 @@ impl<'a> Program<'a> {
             needed: range.end,
             got: arena.len(),
         })?;
+        self.dequantize_codes(codes, output)
+    }
+
+    /// Dequantise output codes fetched from elsewhere (a GPU's arena) into `output`, as
+    /// [`Program::dequantize_output`] does.
+    pub fn dequantize_codes(&self, codes: &[i8], output: &mut [f32]) -> Result<(), ProgramError> {
+        if codes.len() != self.output_len() {
+            return Err(ProgramError::Length {
+                expected: self.output_len(),
+                got: codes.len(),
+            });
+        }
         if output.len() != codes.len() {
             return Err(ProgramError::Length {
                 expected: codes.len(),
@@ -664,6 +693,37 @@ impl ProgramBuilder {
                 (SectionKind::Arena, &self.tensors),
             ],
         )
+    }
+}
+
+/// A verified program that owns an aligned copy of its plan bytes: what a backend keeps.
+#[cfg(feature = "std")]
+pub struct OwnedProgram {
+    // Borrows `bytes`' heap buffer, which never moves or changes while `self` lives; declared
+    // first so it is dropped first.
+    program: Program<'static>,
+    _bytes: AlignedBytes,
+}
+
+#[cfg(feature = "std")]
+impl OwnedProgram {
+    /// Copy, parse and verify a plan.
+    pub fn new(bytes: &[u8]) -> Result<Self, ProgramError> {
+        let bytes = AlignedBytes::new(bytes);
+        // SAFETY: the slice points into `bytes`' heap allocation, which is owned by the returned
+        // value, never mutated, never reallocated, and outlives `program` (field order).
+        let stable: &'static [u8] = unsafe {
+            core::slice::from_raw_parts(bytes.as_bytes().as_ptr(), bytes.as_bytes().len())
+        };
+        Ok(Self {
+            program: Program::new(stable)?,
+            _bytes: bytes,
+        })
+    }
+
+    /// The verified program.
+    pub fn program(&self) -> &Program<'static> {
+        &self.program
     }
 }
 

@@ -135,6 +135,11 @@ impl PreprocessSpec {
     pub fn mean(&self, band: usize) -> f32 {
         self.mean.get(band).copied().unwrap_or(0.0)
     }
+    /// `1 / std` of `band` (0 for a band the model does not have).
+    #[inline]
+    pub fn inv_std(&self, band: usize) -> f32 {
+        self.inv_std.get(band).copied().unwrap_or(0.0)
+    }
     /// Normalise one raw sample of `band` (0 for a band the model does not have).
     #[inline]
     pub fn normalise(&self, band: usize, sample: f32) -> f32 {

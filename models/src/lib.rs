@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use kestrel_kernels::cpu::Int8Cpu;
-use kestrel_kernels::program::ProgramError;
+use kestrel_kernels::program::{OwnedProgram, ProgramError};
 use kestrel_kernels::tract::{LoadError, TractBackend};
 use kestrel_kernels::{PreprocessSpec, ResizeRule, SpecError};
 use kestrel_runtime::detect::HeadLayout;
@@ -378,17 +378,17 @@ impl ZooModel {
         self.plan.is_some()
     }
 
-    /// The model's plan on the int8 CPU backend, or `None` when it has no plan. The plan must
-    /// have been compiled from this model's ONNX.
-    pub fn int8_backend(&self) -> Result<Option<Int8Cpu>, ModelError> {
+    /// The model's plan file, or `None` when it has none. It must parse and must have been
+    /// compiled from this model's ONNX.
+    pub fn plan_bytes(&self) -> Result<Option<&[u8]>, ModelError> {
         let Some((origin, bytes)) = &self.plan else {
             return Ok(None);
         };
-        let backend = Int8Cpu::from_bytes(bytes).map_err(|source| ModelError::Plan {
+        let owned = OwnedProgram::new(bytes).map_err(|source| ModelError::Plan {
             origin: origin.clone(),
             source,
         })?;
-        let compiled_from = backend.program().header().onnx_sha256;
+        let compiled_from = owned.program().header().onnx_sha256;
         if !compiled_from.eq_ignore_ascii_case(&self.manifest.onnx_sha256) {
             return Err(ModelError::StalePlan {
                 origin: origin.clone(),
@@ -396,6 +396,23 @@ impl ZooModel {
                 manifest: self.manifest.onnx_sha256.clone(),
             });
         }
+        Ok(Some(bytes))
+    }
+
+    /// The model's plan on the int8 CPU backend, or `None` when it has no plan (checked as
+    /// [`ZooModel::plan_bytes`] does).
+    pub fn int8_backend(&self) -> Result<Option<Int8Cpu>, ModelError> {
+        let Some(bytes) = self.plan_bytes()? else {
+            return Ok(None);
+        };
+        let backend = Int8Cpu::from_bytes(bytes).map_err(|source| ModelError::Plan {
+            origin: self
+                .plan
+                .as_ref()
+                .map(|(o, _)| o.clone())
+                .unwrap_or_default(),
+            source,
+        })?;
         Ok(Some(backend))
     }
 }

@@ -6,13 +6,10 @@
 //! tiles. With a second argument it writes the nine preprocessed tiles there (raw f32, NCHW),
 //! so `detect_compare.sh` can time ONNX Runtime on exactly the same inputs.
 //!
-//! The frame is a mosaic of two committed sample scenes (`017.jpg` above, `201.jpg` below),
-//! cropped to 1024 x 1024: real airport, storage tanks and sports fields.
+//! The frame is [`common::mosaic`]: real airport, storage tanks and sports fields.
 
-use std::path::Path;
 use std::time::Instant;
 
-use kestrel_host::{decode_image, DecodedImage};
 use kestrel_kernels::Backend;
 use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
@@ -21,25 +18,9 @@ use kestrel_runtime::step::DetectorStep;
 use kestrel_runtime::FrameGeometry;
 use models::ZooModel;
 
-const SIZE: usize = 1024;
+mod common;
 
-fn mosaic() -> Vec<u8> {
-    let scenes = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/nwpu-vhr10/images");
-    let top = decode_image(&scenes.join("017.jpg")).expect("sample scene");
-    let bottom = decode_image(&scenes.join("201.jpg")).expect("sample scene");
-    let mut frame = vec![0u8; SIZE * SIZE * 3];
-    let mut y = 0;
-    for scene in [&top, &bottom] {
-        let DecodedImage { geometry, samples } = scene;
-        let (w, h) = (geometry.width as usize, geometry.height as usize);
-        for row in 0..h.min(SIZE - y) {
-            let n = w.min(SIZE) * 3;
-            frame[(y + row) * SIZE * 3..][..n].copy_from_slice(&samples[row * w * 3..][..n]);
-        }
-        y += h.min(SIZE - y);
-    }
-    frame
-}
+use common::{mosaic, SIZE};
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");

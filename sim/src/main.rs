@@ -14,6 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kestrel_host::Split;
+use kestrel_kernels::cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_kernels::Backend;
 use kestrel_runtime::threaded::DropPolicy;
 use models::ZooModel;
@@ -65,6 +66,9 @@ enum BackendChoice {
     Int8Cpu,
     /// tract, float32 on the CPU.
     Tract,
+    /// Kestrel's int8 plan on an NVIDIA GPU (a build with `--features cuda-13000` or
+    /// `cuda-12060`); without a usable GPU it says why and runs int8-cpu.
+    Cuda,
 }
 
 #[derive(clap::Args, Clone)]
@@ -254,7 +258,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     let model = ZooModel::load(&args.model)?;
     let use_plan = match args.backend {
         BackendChoice::Auto => model.has_plan(),
-        BackendChoice::Int8Cpu => true,
+        BackendChoice::Int8Cpu | BackendChoice::Cuda => true,
         BackendChoice::Tract => false,
     };
     if !use_plan {
@@ -266,6 +270,15 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         });
     }
     let started = std::time::Instant::now();
+    if matches!(args.backend, BackendChoice::Cuda) {
+        if let Some(cuda) = cuda_backend(&model)? {
+            return Ok(LoadedModel {
+                model,
+                backend: Box::new(cuda),
+                plan_load_ms: Some(started.elapsed().as_secs_f64() * 1e3),
+            });
+        }
+    }
     let int8 = model.int8_backend()?.ok_or_else(|| {
         anyhow::anyhow!(
             "model {} has no compiled plan (model.plan); compile one with `cargo run -p models -- compile`, or use --backend tract",
@@ -278,6 +291,22 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         backend: Box::new(int8),
         plan_load_ms: Some(plan_load_ms),
     })
+}
+
+/// The model's plan on the GPU, or `None` (after a warning naming the reason) when this build
+/// or machine has no usable CUDA, so that the caller runs the CPU instead.
+fn cuda_backend(model: &ZooModel) -> anyhow::Result<Option<CudaBackend>> {
+    let Some(plan) = model.plan_bytes()? else {
+        return Ok(None);
+    };
+    match CudaBackend::new(plan, &CudaOptions::default()) {
+        Ok(cuda) => Ok(Some(cuda)),
+        Err(CudaError::NotAvailable(why)) => {
+            eprintln!("warning: CUDA is not available ({why}); running int8-cpu instead");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn main() -> ExitCode {

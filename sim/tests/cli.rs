@@ -406,3 +406,32 @@ fn tract_is_chosen_on_request_and_a_missing_plan_is_named() {
         stderr(&out)
     );
 }
+
+/// `--backend cuda` where there is no usable GPU (CI, this test): a warning naming the reason,
+/// then the same evaluation on the CPU executor, reported as such.
+#[test]
+fn cuda_backend_without_a_gpu_falls_back_to_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report.json");
+    let out = sim(&[
+        "eval",
+        "--model",
+        "eurosat-rgb",
+        "--backend",
+        "cuda",
+        "--dataset",
+        sample().to_str().unwrap(),
+        "--report",
+        path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    if err.contains("CUDA is not available") {
+        assert!(err.contains("running int8-cpu instead"), "{err}");
+        assert_eq!(report(&path)["backend"], "int8-cpu");
+    } else {
+        // A machine with a GPU and a CUDA build.
+        assert_eq!(report(&path)["backend"], "cuda");
+    }
+    assert_eq!(report(&path)["images"], 300);
+}

@@ -1,0 +1,305 @@
+//! Conformance cases for the CUDA executor, shared by the tests that run them on the CPU
+//! emulator and on a GPU: random one-step plans of every op the kernels implement, over random
+//! arenas, to compare with the generic CPU executor byte for byte.
+
+use crate::int8::{
+    Add, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, OutputQuant, PoolGeometry,
+    Rescale, Resize, ResizeMode,
+};
+use crate::plan::PlanHeader;
+use crate::program::{AlignedBytes, Op, Program, ProgramBuilder, ProgramError, Reference, Step};
+use crate::quant::Requant;
+use crate::testing::Rng;
+use crate::MAX_BANDS;
+
+/// One random plan and a random arena to run it on (its inputs and every other byte).
+pub struct Case {
+    /// What the case is, for failure messages.
+    pub name: String,
+    /// The plan file.
+    pub plan: AlignedBytes,
+    /// A whole arena of random codes.
+    pub arena: std::vec::Vec<i8>,
+}
+
+impl Case {
+    /// The plan's program.
+    pub fn program(&self) -> Result<Program<'_>, ProgramError> {
+        Program::new(self.plan.as_bytes())
+    }
+
+    /// The arena after the generic executor ran every step on it.
+    pub fn expected(&self) -> Result<std::vec::Vec<i8>, ProgramError> {
+        let mut arena = self.arena.clone();
+        self.program()?.run(&mut arena, &mut Reference)?;
+        Ok(arena)
+    }
+}
+
+/// `count` random one-step plans, cycling through every op, reproducible from `seed`.
+pub fn random_cases(seed: u64, count: usize) -> Result<std::vec::Vec<Case>, postcard::Error> {
+    let mut rng = Rng(seed | 1);
+    (0..count).map(|i| random_case(&mut rng, i % 11)).collect()
+}
+
+fn requant(rng: &mut Rng) -> Requant {
+    // 2^-20 .. 2^4: small layer scales and the large ones of Add and Rescale.
+    let real = 2f64.powf(rng.below(2400) as f64 / 100.0 - 20.0);
+    Requant::from_real(real).unwrap_or(Requant {
+        multiplier: 1 << 30,
+        shift: 0,
+    })
+}
+
+fn output_quant(rng: &mut Rng) -> OutputQuant {
+    let zero_point = rng.below(256) as i32 - 128;
+    // A third are a fused ReLU: clamped at the zero point.
+    let min = if rng.below(3) == 0 {
+        zero_point as i8
+    } else {
+        -128
+    };
+    OutputQuant {
+        zero_point,
+        min,
+        max: 127,
+    }
+}
+
+fn zero_point(rng: &mut Rng) -> i32 {
+    rng.below(256) as i32 - 128
+}
+
+fn codes(rng: &mut Rng, n: usize) -> std::vec::Vec<i8> {
+    (0..n).map(|_| rng.code()).collect()
+}
+
+fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
+    let mut b = ProgramBuilder::default();
+    let (name, op, lens) = match kind {
+        0 | 1 => {
+            // Convolutions: dense, grouped and depthwise; strided, padded, dilated.
+            let group = [1, 2, 3][rng.below(3)];
+            let depthwise = kind == 1;
+            let icg = if depthwise { 1 } else { 1 + rng.below(4) };
+            let c = icg * group;
+            let oc = if depthwise {
+                c
+            } else {
+                group * (1 + rng.below(5))
+            };
+            let kernel = [1 + rng.below(3), [1, 2, 3, 5][rng.below(4)]];
+            let stride = [1 + rng.below(2), 1 + rng.below(2)];
+            let dilation = [1 + rng.below(2), 1 + rng.below(2)];
+            let pad = [rng.below(3), rng.below(3)];
+            let mut size = |k: usize, d: usize| d * (k - 1) + 1 + rng.below(9);
+            let (h, w) = (size(kernel[0], dilation[0]), size(kernel[1], dilation[1]));
+            let out = |n: usize, k: usize, s: usize, d: usize, p: usize| {
+                (n + 2 * p - d * (k - 1) - 1) / s + 1
+            };
+            let geometry = ConvGeometry {
+                input: [c, h, w],
+                output: [
+                    oc,
+                    out(h, kernel[0], stride[0], dilation[0], pad[0]),
+                    out(w, kernel[1], stride[1], dilation[1], pad[1]),
+                ],
+                kernel,
+                stride,
+                pad,
+                dilation,
+                group,
+            };
+            let weights = codes(rng, oc * icg * kernel[0] * kernel[1]);
+            let bias: std::vec::Vec<i32> = (0..oc)
+                .map(|_| (rng.next() % 40_001) as i32 - 20_000)
+                .collect();
+            let requants: std::vec::Vec<Requant> = (0..oc).map(|_| requant(rng)).collect();
+            let op = Op::Conv {
+                geometry,
+                weights: b.i8_blob(&weights),
+                channels: b.channels(&bias, &requants),
+                input_zero_point: zero_point(rng),
+                output_quant: output_quant(rng),
+            };
+            let out_len = geometry.output.iter().product();
+            (format!("conv {geometry:?}"), op, [c * h * w, 1, out_len])
+        }
+        2 => {
+            let (n_in, n_out) = (1 + rng.below(80), 1 + rng.below(20));
+            let weights = codes(rng, n_in * n_out);
+            let bias: std::vec::Vec<i32> = (0..n_out)
+                .map(|_| (rng.next() % 40_001) as i32 - 20_000)
+                .collect();
+            let requants: std::vec::Vec<Requant> = (0..n_out).map(|_| requant(rng)).collect();
+            let op = Op::Gemm {
+                weights: b.i8_blob(&weights),
+                channels: b.channels(&bias, &requants),
+                input_zero_point: zero_point(rng),
+                output_quant: output_quant(rng),
+            };
+            (format!("gemm {n_in} to {n_out}"), op, [n_in, 1, n_out])
+        }
+        3 => {
+            let len = 1 + rng.below(700);
+            let op = Op::Add(Add {
+                input_zero_points: [zero_point(rng), zero_point(rng)],
+                requant: [requant(rng), requant(rng)],
+                output_quant: output_quant(rng),
+            });
+            (format!("add of {len}"), op, [len, len, len])
+        }
+        4 => {
+            // b the same length as a, one value, or one per channel.
+            let (channels, plane) = (1 + rng.below(8), 1 + rng.below(40));
+            let b_len = [channels * plane, 1, channels][rng.below(3)];
+            let op = Op::Mul(Mul {
+                input_zero_points: [zero_point(rng), zero_point(rng)],
+                requant: requant(rng),
+                output_quant: output_quant(rng),
+            });
+            let len = channels * plane;
+            (format!("mul of {len} by {b_len}"), op, [len, b_len, len])
+        }
+        5 => {
+            let (channels, plane) = (1 + rng.below(16), 1 + rng.below(300));
+            let op = Op::GlobalAveragePool(GlobalAveragePool {
+                channels,
+                input_zero_point: zero_point(rng),
+                requant: requant(rng),
+                output_quant: output_quant(rng),
+            });
+            (
+                format!("global average pool {channels}x{plane}"),
+                op,
+                [channels * plane, 1, channels],
+            )
+        }
+        6 | 7 => {
+            let geometry = pool_geometry(rng);
+            let op = if kind == 6 {
+                Op::MaxPool(MaxPool { geometry })
+            } else {
+                Op::AveragePool(AveragePool {
+                    geometry,
+                    count_include_pad: rng.below(2) == 0,
+                    input_zero_point: zero_point(rng),
+                    requant: requant(rng),
+                    output_quant: output_quant(rng),
+                })
+            };
+            let g = geometry;
+            let lens = [
+                g.channels * g.input[0] * g.input[1],
+                1,
+                g.channels * g.output[0] * g.output[1],
+            ];
+            (
+                format!("{} {g:?}", ["max pool", "average pool"][kind - 6]),
+                op,
+                lens,
+            )
+        }
+        8 => {
+            let channels = 1 + rng.below(4);
+            let mut side = || 1 + rng.below(20);
+            let (input, output) = ([side(), side()], [side(), side()]);
+            let mode = [ResizeMode::Nearest, ResizeMode::Bilinear][rng.below(2)];
+            let op = Op::Resize(Resize {
+                channels,
+                input,
+                output,
+                mode,
+            });
+            (
+                format!("resize {mode:?} {input:?} to {output:?}"),
+                op,
+                [
+                    channels * input[0] * input[1],
+                    1,
+                    channels * output[0] * output[1],
+                ],
+            )
+        }
+        9 => {
+            let len = 1 + rng.below(600);
+            let table = codes(rng, 256);
+            let op = Op::Lut {
+                table: b.i8_blob(&table),
+            };
+            (format!("lut of {len}"), op, [len, 1, len])
+        }
+        _ => {
+            // One part of a Concat: written into a longer output from an offset.
+            let len = 1 + rng.below(300);
+            let offset = rng.below(200);
+            let op = Op::Rescale {
+                rescale: Rescale {
+                    input_zero_point: zero_point(rng),
+                    requant: requant(rng),
+                    output_quant: output_quant(rng),
+                },
+                offset: offset as u32,
+            };
+            (
+                format!("rescale of {len} at {offset}"),
+                op,
+                [len, 1, offset + len + rng.below(50)],
+            )
+        }
+    };
+    // Tensors 0 and 1 are the inputs, 2 the output, back to back with odd gaps.
+    let mut at = 0;
+    for len in lens {
+        b.tensor(at, len);
+        at += len + rng.below(5);
+    }
+    let step = Step {
+        op,
+        inputs: [0, 1],
+        output: 2,
+    };
+    b.push(step)?;
+    let header = PlanHeader {
+        name: "conformance",
+        onnx_sha256: "00",
+        input_shape: [1, 1, 1, lens[0] as u32],
+        output_len: lens[2] as u32,
+        bands: 1,
+        mean: [0.0; MAX_BANDS],
+        std: [1.0; MAX_BANDS],
+        resize: 1,
+        labels: "",
+        arena_size: at as u32,
+        output_tensor: 2,
+        input_scale: 0.05,
+        input_zero_point: 0,
+        output_scale: 0.1,
+        output_zero_point: 0,
+        output_softmax: false,
+    };
+    let plan = b.finish(&header)?;
+    Ok(Case {
+        name,
+        plan: AlignedBytes::new(&plan),
+        arena: codes(rng, at),
+    })
+}
+
+/// A pooling window that fits the generic kernels' checks: padding below the kernel, every
+/// window overlapping the input.
+fn pool_geometry(rng: &mut Rng) -> PoolGeometry {
+    let kernel = [1 + rng.below(4), 1 + rng.below(4)];
+    let stride = [1 + rng.below(3), 1 + rng.below(3)];
+    let pad = [rng.below(kernel[0]), rng.below(kernel[1])];
+    let input = [kernel[0] + rng.below(12), kernel[1] + rng.below(12)];
+    let out = |axis: usize| (input[axis] + 2 * pad[axis] - kernel[axis]) / stride[axis] + 1;
+    PoolGeometry {
+        channels: 1 + rng.below(5),
+        input,
+        output: [out(0), out(1)],
+        kernel,
+        stride,
+        pad,
+    }
+}

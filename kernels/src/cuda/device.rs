@@ -1,0 +1,551 @@
+//! The GPU session (feature `cuda`): a cudarc context and stream, the kernels compiled by NVRTC
+//! (or read from the disk cache), the weights and `max_batch` arenas in device memory, pinned
+//! host staging, and batch-1 inference captured as one CUDA graph.
+//!
+//! The driver and NVRTC are loaded at run time, so every call that could find them missing is
+//! preceded by a presence check: cudarc panics where a library is absent.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    result as driver, sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr,
+    DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+use cudarc::nvrtc;
+
+use super::launch::{
+    Args, Bases, ConvArgs, DeviceProgram, ElementwiseArgs, Kernel, Launch, PoolArgs,
+    PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
+};
+use super::{cache_key, CudaError, CudaOptions, DeviceInfo, NVRTC_OPTIONS, SOURCE};
+use crate::program::{OwnedProgram, Program};
+
+// SAFETY: plain `#[repr(C)]` structs of integers, floats and device addresses, laid out as the
+// kernels' parameters (checked against the C++ compiler's layout by the emulator's tests).
+unsafe impl DeviceRepr for ConvArgs {}
+unsafe impl DeviceRepr for ElementwiseArgs {}
+unsafe impl DeviceRepr for PoolArgs {}
+unsafe impl DeviceRepr for ResizeArgs {}
+unsafe impl DeviceRepr for PreprocessArgs {}
+
+fn driver_error(e: impl core::fmt::Debug) -> CudaError {
+    CudaError::Driver(format!("{e:?}"))
+}
+
+/// One plan on one GPU.
+pub(super) struct Session {
+    owned: OwnedProgram,
+    device: DeviceProgram,
+    info: DeviceInfo,
+    max_batch: u32,
+    stream: Arc<CudaStream>,
+    functions: Vec<CudaFunction>,
+    _weights: CudaSlice<u8>,
+    arenas: CudaSlice<i8>,
+    bases: Bases,
+    input_staging: PinnedHostSlice<i8>,
+    output_staging: PinnedHostSlice<i8>,
+    origins_staging: PinnedHostSlice<i32>,
+    origins: CudaSlice<i32>,
+    frame: Option<CudaSlice<u8>>,
+    graph: Option<Graph>,
+}
+
+/// A captured graph that may move to another thread with its session.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph exec is a driver handle valid in its context from any thread; cudarc binds the
+// context to the calling thread before each launch, and the session (`&mut self`) is used by one
+// thread at a time.
+unsafe impl Send for Graph {}
+
+/// Whether the driver is there and has GPU `ordinal`; the reason when not.
+fn check_available(ordinal: usize) -> Result<(), CudaError> {
+    let missing = |what: &str| CudaError::NotAvailable(format!("{what} not found"));
+    // SAFETY: only tries to load the library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(missing("the CUDA driver library (libcuda)"));
+    }
+    // SAFETY: as above.
+    if !unsafe { nvrtc::sys::is_culib_present() } {
+        return Err(missing(
+            "NVRTC (libnvrtc; its folder must be on LD_LIBRARY_PATH)",
+        ));
+    }
+    driver::init().map_err(|e| CudaError::NotAvailable(format!("cuInit failed: {e:?}")))?;
+    let count = driver::device::get_count().map_err(driver_error)?;
+    if ordinal >= count.max(0) as usize {
+        return Err(CudaError::NotAvailable(format!(
+            "GPU {ordinal} asked for, {count} present"
+        )));
+    }
+    Ok(())
+}
+
+impl Session {
+    pub(super) fn new(plan: &[u8], options: &CudaOptions) -> Result<Self, CudaError> {
+        let owned = OwnedProgram::new(plan)?;
+        let device = DeviceProgram::new(owned.program())?;
+        let max_batch = options.max_batch.clamp(1, MAX_BATCH);
+        check_available(options.device)?;
+
+        let ctx = CudaContext::new(options.device).map_err(driver_error)?;
+        // One stream and raw addresses in the kernel arguments: cudarc's per-buffer events
+        // would only add work (and do not mix with graph capture).
+        // SAFETY: every buffer is used on `stream` alone.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver_error)?;
+        let (functions, info) = kernels(&ctx, options)?;
+
+        let program = owned.program();
+        // A zero-length allocation is an error in CUDA: keep every buffer at least 16 bytes.
+        let mut weights_host = program.weights().to_vec();
+        weights_host.resize(weights_host.len().max(16), 0);
+        let weights = stream.clone_htod(&weights_host).map_err(driver_error)?;
+        let batch = max_batch as usize;
+        let arenas = stream
+            .alloc_zeros::<i8>((device.arena_size * batch).max(16))
+            .map_err(driver_error)?;
+        let origins = stream.alloc_zeros::<i32>(2 * batch).map_err(driver_error)?;
+        // SAFETY: the staging buffers are written before they are read. Flags 0, not
+        // write-combined: the host reads outputs back from them.
+        let pinned = |len: usize| unsafe { ctx.alloc_pinned_with_flags::<i8>(len.max(16), 0) };
+        let input_staging = pinned(program.input_len() * batch).map_err(driver_error)?;
+        let output_staging = pinned(program.output_len() * batch).map_err(driver_error)?;
+        // SAFETY: as above.
+        let origins_staging =
+            unsafe { ctx.alloc_pinned_with_flags::<i32>(2 * batch, 0) }.map_err(driver_error)?;
+        let bases = Bases {
+            arena: arenas.device_ptr(&stream).0,
+            weights: weights.device_ptr(&stream).0,
+            arena_stride: device.arena_size as u64,
+        };
+        let mut session = Self {
+            owned,
+            device,
+            info,
+            max_batch,
+            stream,
+            functions,
+            _weights: weights,
+            arenas,
+            bases,
+            input_staging,
+            output_staging,
+            origins_staging,
+            origins,
+            frame: None,
+            graph: None,
+        };
+        if options.graphs {
+            session.graph = session.capture()?;
+        }
+        Ok(session)
+    }
+
+    pub(super) fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub(super) fn program(&self) -> &Program<'static> {
+        self.owned.program()
+    }
+
+    /// The batch-1 steps, recorded once into a graph that replays them with one launch.
+    fn capture(&self) -> Result<Option<Graph>, CudaError> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_error)?;
+        let recorded = self.run_steps(1);
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(driver_error)?;
+        recorded?;
+        Ok(graph.map(Graph))
+    }
+
+    fn launch(&self, launch: &Launch, args: Args, batch: u32) -> Result<(), CudaError> {
+        if launch.threads == 0 {
+            return Ok(());
+        }
+        let kernel = args.kernel();
+        let position = Kernel::ALL.iter().position(|&k| k == kernel).unwrap_or(0);
+        let Some(function) = self.functions.get(position) else {
+            return Err(CudaError::Driver(format!("{} not loaded", kernel.name())));
+        };
+        let config = LaunchConfig {
+            grid_dim: launch.grid(batch),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.stream.launch_builder(function);
+        match &args {
+            Args::Conv(a) => builder.arg(a),
+            Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) => builder.arg(a),
+            Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => builder.arg(a),
+            Args::Resize(a) => builder.arg(a),
+            Args::Preprocess(a) => builder.arg(a),
+        };
+        // SAFETY: the planner proved every address the arguments hold, for `batch` arenas of
+        // the session (at most `max_batch`, checked by the callers), lies in its buffers.
+        unsafe { builder.launch(config) }.map_err(driver_error)?;
+        Ok(())
+    }
+
+    fn run_steps(&self, batch: u32) -> Result<(), CudaError> {
+        for launch in &self.device.launches {
+            self.launch(launch, launch.bind(self.bases), batch)?;
+        }
+        Ok(())
+    }
+
+    fn batch_of(&self, len: usize, per_item: usize) -> Result<u32, CudaError> {
+        let batch = len / per_item.max(1);
+        if batch == 0 || len != batch * per_item {
+            return Err(CudaError::Length {
+                expected: per_item,
+                got: len,
+            });
+        }
+        if batch > self.max_batch as usize {
+            return Err(CudaError::Batch {
+                max: self.max_batch,
+                got: batch,
+            });
+        }
+        Ok(batch as u32)
+    }
+
+    /// Copy `rows` runs of `width` bytes between host and device, `pitch` bytes apart on the
+    /// device side (one tensor of each arena) and packed on the host side.
+    fn copy_rows(
+        &self,
+        host: *mut core::ffi::c_void,
+        device: u64,
+        to_device: bool,
+        width: usize,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        if width == 0 || rows == 0 {
+            return Ok(());
+        }
+        let pitch = self.device.arena_size;
+        // SAFETY: an all-zero CUDA_MEMCPY2D is a valid starting point (null pointers, zero sizes).
+        let mut copy: sys::CUDA_MEMCPY2D = unsafe { core::mem::zeroed() };
+        copy.WidthInBytes = width;
+        copy.Height = rows;
+        if to_device {
+            copy.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            copy.srcHost = host;
+            copy.srcPitch = width;
+            copy.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            copy.dstDevice = device;
+            copy.dstPitch = pitch;
+        } else {
+            copy.srcMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+            copy.srcDevice = device;
+            copy.srcPitch = pitch;
+            copy.dstMemoryType = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+            copy.dstHost = host;
+            copy.dstPitch = width;
+        }
+        // SAFETY: the callers pass pinned staging of `width * rows` bytes and a tensor of the
+        // session's arenas, of which there are at least `rows`.
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()).result() }
+            .map_err(driver_error)
+    }
+
+    fn input_address(&self) -> u64 {
+        self.bases.arena + self.device.input.start as u64
+    }
+
+    fn output_address(&self) -> u64 {
+        self.bases.arena + self.device.output.start as u64
+    }
+
+    /// Fetch `batch` output tensors into `outputs`, through the pinned staging.
+    fn fetch_outputs(&mut self, batch: u32, outputs: &mut [i8]) -> Result<(), CudaError> {
+        let width = self.device.output.len();
+        let host = self
+            .output_staging
+            .as_mut_ptr()
+            .map_err(driver_error)?
+            .cast();
+        self.copy_rows(host, self.output_address(), false, width, batch as usize)?;
+        self.stream.synchronize().map_err(driver_error)?;
+        let staged = self.output_staging.as_slice().map_err(driver_error)?;
+        let n = width * batch as usize;
+        match (staged.get(..n), outputs.get_mut(..n)) {
+            (Some(from), Some(to)) => to.copy_from_slice(from),
+            _ => {
+                return Err(CudaError::Length {
+                    expected: n,
+                    got: outputs.len(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn run_arenas(&mut self, arenas: &mut [i8]) -> Result<(), CudaError> {
+        let batch = self.batch_of(arenas.len(), self.device.arena_size)?;
+        let mut view = self.arenas.slice_mut(..arenas.len());
+        self.stream
+            .memcpy_htod(&*arenas, &mut view)
+            .map_err(driver_error)?;
+        self.run_steps(batch)?;
+        let view = self.arenas.slice(..arenas.len());
+        self.stream
+            .memcpy_dtoh(&view, arenas)
+            .map_err(driver_error)?;
+        self.stream.synchronize().map_err(driver_error)
+    }
+
+    pub(super) fn run_codes(&mut self, inputs: &[i8], outputs: &mut [i8]) -> Result<(), CudaError> {
+        let batch = self.batch_of(inputs.len(), self.device.input.len())?;
+        let expected = batch as usize * self.device.output.len();
+        if outputs.len() != expected {
+            return Err(CudaError::Length {
+                expected,
+                got: outputs.len(),
+            });
+        }
+        let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
+        staged[..inputs.len()].copy_from_slice(inputs);
+        let host = self
+            .input_staging
+            .as_mut_ptr()
+            .map_err(driver_error)?
+            .cast();
+        self.copy_rows(
+            host,
+            self.input_address(),
+            true,
+            self.device.input.len(),
+            batch as usize,
+        )?;
+        self.run_program(batch)?;
+        self.fetch_outputs(batch, outputs)
+    }
+
+    /// The steps for `batch` items: the captured graph for one, launches otherwise.
+    fn run_program(&self, batch: u32) -> Result<(), CudaError> {
+        match (&self.graph, batch) {
+            (Some(graph), 1) => graph.0.launch().map_err(driver_error),
+            _ => self.run_steps(batch),
+        }
+    }
+
+    pub(super) fn infer(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CudaError> {
+        let program = self.owned.program().clone();
+        let input_len = program.input_len();
+        // Quantised on the host by the CPU executor's own code, so the codes are its codes.
+        let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
+        program.quantize_codes(input, staged.get_mut(..input_len).unwrap_or(&mut []))?;
+        let host = self
+            .input_staging
+            .as_mut_ptr()
+            .map_err(driver_error)?
+            .cast();
+        self.copy_rows(host, self.input_address(), true, input_len, 1)?;
+        self.run_program(1)?;
+        let width = self.device.output.len();
+        let host = self
+            .output_staging
+            .as_mut_ptr()
+            .map_err(driver_error)?
+            .cast();
+        self.copy_rows(host, self.output_address(), false, width, 1)?;
+        self.stream.synchronize().map_err(driver_error)?;
+        let staged = self.output_staging.as_slice().map_err(driver_error)?;
+        let codes = staged.get(..width).unwrap_or(&[]);
+        program.dequantize_codes(codes, output)?;
+        Ok(())
+    }
+
+    pub(super) fn run_tiles(
+        &mut self,
+        frame: &[u8],
+        width: u32,
+        height: u32,
+        origins: &[(u32, u32)],
+        outputs: &mut [i8],
+    ) -> Result<(), CudaError> {
+        let program = self.owned.program();
+        let header = program.header();
+        let spec = header
+            .preprocess_spec()
+            .map_err(|e| CudaError::Driver(format!("the plan's preprocessing: {e}")))?;
+        let expected = width as usize * height as usize * spec.bands();
+        if frame.len() != expected {
+            return Err(CudaError::Length {
+                expected,
+                got: frame.len(),
+            });
+        }
+        let batch = self.batch_of(origins.len(), 1)?;
+        let wanted = batch as usize * self.device.output.len();
+        if outputs.len() != wanted {
+            return Err(CudaError::Length {
+                expected: wanted,
+                got: outputs.len(),
+            });
+        }
+        let Some(preprocess) = self.device.preprocess(
+            &spec,
+            header.input_scale,
+            header.input_zero_point,
+            width,
+            height,
+        ) else {
+            return Err(CudaError::Length {
+                expected: i32::MAX as usize,
+                got: frame.len(),
+            });
+        };
+        // The frame buffer grows to the largest frame seen and is then reused.
+        if self.frame.as_ref().is_none_or(|f| f.len() < frame.len()) {
+            self.frame = Some(
+                self.stream
+                    .alloc_zeros::<u8>(frame.len())
+                    .map_err(driver_error)?,
+            );
+        }
+        let Some(device_frame) = self.frame.as_mut() else {
+            return Err(CudaError::Driver("no frame buffer".into()));
+        };
+        let mut view = device_frame.slice_mut(..frame.len());
+        self.stream
+            .memcpy_htod(frame, &mut view)
+            .map_err(driver_error)?;
+        let frame_address = device_frame.device_ptr(&self.stream).0;
+        let staged = self.origins_staging.as_mut_slice().map_err(driver_error)?;
+        for (pair, &(x, y)) in staged.chunks_exact_mut(2).zip(origins) {
+            pair[0] = i32::try_from(x).unwrap_or(i32::MAX);
+            pair[1] = i32::try_from(y).unwrap_or(i32::MAX);
+        }
+        let mut view = self.origins.slice_mut(..2 * origins.len());
+        self.stream
+            .memcpy_htod(&staged[..2 * origins.len()], &mut view)
+            .map_err(driver_error)?;
+        let args = match preprocess.bind(self.bases) {
+            Args::Preprocess(a) => Args::Preprocess(PreprocessArgs {
+                frame: frame_address,
+                origins: self.origins.device_ptr(&self.stream).0,
+                ..a
+            }),
+            other => other,
+        };
+        self.launch(&preprocess, args, batch)?;
+        self.run_program(batch)?;
+        self.fetch_outputs(batch, outputs)
+    }
+}
+
+/// The kernels loaded on one GPU, shared by every session on it in this process: compiling and
+/// loading them once is what makes a second plan load in milliseconds.
+type LoadedKernels = (usize, Vec<CudaFunction>, DeviceInfo);
+static LOADED: std::sync::Mutex<Vec<LoadedKernels>> = std::sync::Mutex::new(Vec::new());
+
+fn kernels(
+    ctx: &Arc<CudaContext>,
+    options: &CudaOptions,
+) -> Result<(Vec<CudaFunction>, DeviceInfo), CudaError> {
+    let mut loaded = LOADED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((_, functions, info)) = loaded.iter().find(|(d, ..)| *d == options.device) {
+        return Ok((functions.clone(), info.clone()));
+    }
+    let (ptx, info) = compile(ctx, options)?;
+    let module = ctx.load_module(ptx).map_err(driver_error)?;
+    let functions = Kernel::ALL
+        .iter()
+        .map(|k| module.load_function(k.name()).map_err(driver_error))
+        .collect::<Result<Vec<_>, _>>()?;
+    loaded.push((options.device, functions.clone(), info.clone()));
+    Ok((functions, info))
+}
+
+/// The kernels compiled by NVRTC to PTX for `arch` (e.g. `"sm_87"`, Jetson Orin; `"sm_90"`,
+/// H100). Needs NVRTC only, no driver or GPU.
+pub fn compile_ptx(arch: &str) -> Result<String, CudaError> {
+    // SAFETY: only tries to load the library.
+    if !unsafe { nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::NotAvailable(
+            "NVRTC (libnvrtc) not found; its folder must be on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    let mut options: Vec<String> = NVRTC_OPTIONS.iter().map(|s| s.to_string()).collect();
+    options.push(format!("--gpu-architecture={arch}"));
+    let compile_options = nvrtc::CompileOptions {
+        options,
+        ..Default::default()
+    };
+    let ptx = nvrtc::compile_ptx_with_opts(SOURCE, compile_options).map_err(|e| match e {
+        nvrtc::CompileError::CompileError { log, .. } => {
+            CudaError::Compile(log.to_string_lossy().into_owned())
+        }
+        other => CudaError::Compile(format!("{other:?}")),
+    })?;
+    Ok(ptx.to_src())
+}
+
+/// The PTX for this GPU: from the cache when a valid entry is there, else from NVRTC (then
+/// cached). A cache that cannot be read or written only costs a compile.
+fn compile(
+    ctx: &Arc<CudaContext>,
+    options: &CudaOptions,
+) -> Result<(nvrtc::Ptx, DeviceInfo), CudaError> {
+    let (major, minor) = ctx.compute_capability().map_err(driver_error)?;
+    let name = ctx.name().map_err(driver_error)?;
+    let mut driver_version = 0;
+    // SAFETY: the driver library is loaded (checked) and the pointer is valid.
+    unsafe { sys::cuDriverGetVersion(&mut driver_version).result() }.map_err(driver_error)?;
+    let (mut nvrtc_major, mut nvrtc_minor) = (0, 0);
+    // SAFETY: NVRTC is loaded (checked) and the pointers are valid.
+    unsafe { nvrtc::sys::nvrtcVersion(&mut nvrtc_major, &mut nvrtc_minor).result() }
+        .map_err(driver_error)?;
+    let key = cache_key(&[
+        SOURCE.as_bytes(),
+        NVRTC_OPTIONS.join(" ").as_bytes(),
+        format!("sm_{major}{minor}").as_bytes(),
+        driver_version.to_string().as_bytes(),
+        format!("{nvrtc_major}.{nvrtc_minor}").as_bytes(),
+    ]);
+    let cache_file = options
+        .resolved_cache_dir()
+        .map(|dir| dir.join(format!("kestrel-{key:016x}.ptx")));
+    let mut info = DeviceInfo {
+        name,
+        compute_capability: (major, minor),
+        driver_version,
+        nvrtc_version: (nvrtc_major, nvrtc_minor),
+        cache_file: None,
+        cache_hit: false,
+    };
+    if let Some(path) = &cache_file {
+        if let Ok(ptx) = std::fs::read_to_string(path) {
+            if ptx.contains(".entry kestrel_conv") {
+                info.cache_file = Some(path.clone());
+                info.cache_hit = true;
+                return Ok((nvrtc::Ptx::from_src(ptx), info));
+            }
+        }
+    }
+    let ptx = compile_ptx(&format!("sm_{major}{minor}"))?;
+    if let Some(path) = &cache_file {
+        // Written aside, then renamed: a crash never leaves half a file under the key.
+        let partial = path.with_extension(format!("ptx.{}", std::process::id()));
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&partial, &ptx))
+            .and_then(|()| std::fs::rename(&partial, path));
+        if written.is_ok() {
+            info.cache_file = Some(path.clone());
+        }
+    }
+    Ok((nvrtc::Ptx::from_src(ptx), info))
+}

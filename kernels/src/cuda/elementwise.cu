@@ -1,0 +1,42 @@
+// Element-wise ops of int8.rs: Add, Mul (with b broadcast per plane), Rescale and Lut.
+
+// Add::run: both addends rescaled with 16 fraction bits, summed, rounded half up.
+extern "C" __global__ void kestrel_add(ElementwiseArgs a) {
+    int i = kestrel_index(a.count);
+    if (i < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    int x = (int)((unsigned)kestrel_wrapping_sub(a.a[item + i], a.zero_a) << 16);
+    int y = (int)((unsigned)kestrel_wrapping_sub(a.b[item + i], a.zero_b) << 16);
+    long long sum = kestrel_apply(x, a.multiplier_a, a.shift_a) +
+                    kestrel_apply(y, a.multiplier_b, a.shift_b) + (1LL << 15);
+    a.output[item + i] = (signed char)kestrel_clamp((sum >> 16) + a.output_zero_point, a.min, a.max);
+}
+
+// Mul::run: a[i] * b[i / plane], one requantisation.
+extern "C" __global__ void kestrel_mul(ElementwiseArgs a) {
+    int i = kestrel_index(a.count);
+    if (i < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    unsigned x = (unsigned)kestrel_wrapping_sub(a.a[item + i], a.zero_a);
+    unsigned y = (unsigned)kestrel_wrapping_sub(a.b[item + i / a.plane], a.zero_b);
+    a.output[item + i] = kestrel_requantize((int)(x * y), a.multiplier_a, a.shift_a,
+                                            a.output_zero_point, a.min, a.max);
+}
+
+// Rescale::run: one value from one scale and zero point to another (a Concat part).
+extern "C" __global__ void kestrel_rescale(ElementwiseArgs a) {
+    int i = kestrel_index(a.count);
+    if (i < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    int x = kestrel_wrapping_sub(a.a[item + i], a.zero_a);
+    a.output[item + i] = kestrel_requantize(x, a.multiplier_a, a.shift_a, a.output_zero_point,
+                                            a.min, a.max);
+}
+
+// Lut::run: the table entry of the input code's bits.
+extern "C" __global__ void kestrel_lut(ElementwiseArgs a) {
+    int i = kestrel_index(a.count);
+    if (i < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    a.output[item + i] = a.table[(unsigned char)a.a[item + i]];
+}

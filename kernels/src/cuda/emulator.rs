@@ -1,0 +1,218 @@
+//! The CUDA kernels compiled as C++ (`emulator.cpp`) and run one thread after another on the
+//! CPU, over the very launches [`DeviceProgram`] plans for the GPU. Tests use it to check the
+//! kernels and their planning bit for bit against the generic executor on machines without a
+//! GPU. It says nothing about speed, data races or the driver.
+
+use super::launch::{Args, Bases, DeviceProgram, Launch, BLOCK};
+use super::CudaError;
+use crate::program::{AlignedBytes, Program};
+
+use super::launch::{ConvArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
+
+extern "C" {
+    fn kestrel_conv_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ConvArgs);
+    fn kestrel_add_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_mul_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_rescale_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_lut_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_max_pool_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const PoolArgs);
+    fn kestrel_average_pool_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const PoolArgs);
+    fn kestrel_global_average_pool_emulated(
+        grid_x: u32,
+        grid_y: u32,
+        block: u32,
+        args: *const PoolArgs,
+    );
+    fn kestrel_resize_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ResizeArgs);
+    fn kestrel_preprocess_emulated(
+        grid_x: u32,
+        grid_y: u32,
+        block: u32,
+        args: *const PreprocessArgs,
+    );
+    fn kestrel_args_sizes(which: u32) -> core::ffi::c_ulong;
+}
+
+/// Sizes of `ConvArgs`, `ElementwiseArgs`, `PoolArgs`, `ResizeArgs` and `PreprocessArgs` as
+/// the C++ compiler lays them out, to check against the Rust mirrors.
+pub fn c_struct_sizes() -> [usize; 5] {
+    // SAFETY: a pure function of its argument.
+    core::array::from_fn(|i| unsafe { kestrel_args_sizes(i as u32) } as usize)
+}
+
+/// A plan's launches and a copy of its weights, run on the CPU.
+pub struct Emulator {
+    program: DeviceProgram,
+    weights: AlignedBytes,
+}
+
+impl Emulator {
+    /// Plan `program`'s launches, as the GPU session does.
+    pub fn new(program: &Program<'_>) -> Result<Self, CudaError> {
+        Ok(Self {
+            program: DeviceProgram::new(program)?,
+            weights: AlignedBytes::new(program.weights()),
+        })
+    }
+
+    /// The planned launches.
+    pub fn device_program(&self) -> &DeviceProgram {
+        &self.program
+    }
+
+    /// Every step on each of the arenas `arenas` holds back to back (inputs filled in).
+    pub fn run_arenas(&self, arenas: &mut [i8]) -> Result<(), CudaError> {
+        let batch = self.batch(arenas)?;
+        for launch in &self.program.launches {
+            self.launch(launch, arenas, batch);
+        }
+        Ok(())
+    }
+
+    /// Fill each arena's input tensor from `frame` (u8 HWC) at `origins` with `preprocess`
+    /// (from [`DeviceProgram::preprocess`]); one origin per arena.
+    pub fn preprocess(
+        &self,
+        preprocess: &Launch,
+        frame: &[u8],
+        origins: &[(u32, u32)],
+        arenas: &mut [i8],
+    ) -> Result<(), CudaError> {
+        let batch = self.batch(arenas)?;
+        let Args::Preprocess(args) = preprocess.args else {
+            return Err(CudaError::Driver("not a preprocessing launch".into()));
+        };
+        let expected = usize::try_from(args.frame_width).unwrap_or(0)
+            * usize::try_from(args.frame_height).unwrap_or(0)
+            * usize::try_from(args.bands).unwrap_or(0);
+        if frame.len() != expected {
+            return Err(CudaError::Length {
+                expected,
+                got: frame.len(),
+            });
+        }
+        if origins.len() != batch as usize {
+            return Err(CudaError::Length {
+                expected: batch as usize,
+                got: origins.len(),
+            });
+        }
+        let flat: Vec<i32> = origins
+            .iter()
+            .flat_map(|&(x, y)| [x as i32, y as i32])
+            .collect();
+        let mut launch = *preprocess;
+        launch.args = Args::Preprocess(PreprocessArgs {
+            frame: frame.as_ptr() as u64,
+            origins: flat.as_ptr() as u64,
+            ..args
+        });
+        self.launch(&launch, arenas, batch);
+        Ok(())
+    }
+
+    fn batch(&self, arenas: &[i8]) -> Result<u32, CudaError> {
+        let size = self.program.arena_size.max(1);
+        let batch = arenas.len() / size;
+        if batch == 0
+            || !arenas.len().is_multiple_of(size)
+            || batch > super::launch::MAX_BATCH as usize
+        {
+            return Err(CudaError::Length {
+                expected: size,
+                got: arenas.len(),
+            });
+        }
+        Ok(batch as u32)
+    }
+
+    fn launch(&self, launch: &Launch, arenas: &mut [i8], batch: u32) {
+        let bases = Bases {
+            arena: arenas.as_mut_ptr() as u64,
+            weights: self.weights.as_bytes().as_ptr() as u64,
+            arena_stride: self.program.arena_size as u64,
+        };
+        let (grid_x, grid_y, _) = launch.grid(batch);
+        // SAFETY: the planner's dry run proved every step's tensors and constants lie inside
+        // one arena and the weights, and `batch` arenas are there; the kernels' indices stay
+        // within the shapes it checked.
+        unsafe {
+            match launch.bind(bases) {
+                Args::Conv(a) => kestrel_conv_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Add(a) => kestrel_add_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Mul(a) => kestrel_mul_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Rescale(a) => kestrel_rescale_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Lut(a) => kestrel_lut_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::MaxPool(a) => kestrel_max_pool_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::AveragePool(a) => kestrel_average_pool_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::GlobalAveragePool(a) => {
+                    kestrel_global_average_pool_emulated(grid_x, grid_y, BLOCK, &a)
+                }
+                Args::Resize(a) => kestrel_resize_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Preprocess(a) => kestrel_preprocess_emulated(grid_x, grid_y, BLOCK, &a),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::conformance::random_cases;
+    use crate::cuda::launch::{ConvArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
+    use core::mem::size_of;
+
+    #[test]
+    fn the_rust_argument_structs_match_the_cuda_header() {
+        assert_eq!(
+            c_struct_sizes(),
+            [
+                size_of::<ConvArgs>(),
+                size_of::<ElementwiseArgs>(),
+                size_of::<PoolArgs>(),
+                size_of::<ResizeArgs>(),
+                size_of::<PreprocessArgs>(),
+            ]
+        );
+    }
+
+    /// Every op, 1,100 random shapes and quantisations: the emulated kernels leave the arena
+    /// byte for byte as the generic executor does (outputs, and every byte they must not touch).
+    #[test]
+    fn random_plans_match_the_generic_executor_bit_for_bit() {
+        for case in random_cases(0xc0da_2026_1127, 1_100).unwrap() {
+            let expected = case.expected().unwrap();
+            let emulator = Emulator::new(&case.program().unwrap()).unwrap();
+            let mut arena = case.arena.clone();
+            emulator.run_arenas(&mut arena).unwrap();
+            assert_eq!(arena, expected, "{}", case.name);
+        }
+    }
+
+    /// Three arenas in one batch each get their own result.
+    #[test]
+    fn batch_items_are_independent() {
+        for case in random_cases(0xba7c_0004, 44).unwrap() {
+            let program = case.program().unwrap();
+            let emulator = Emulator::new(&program).unwrap();
+            let mut arenas = Vec::new();
+            let mut expected = Vec::new();
+            for item in 0..3i8 {
+                let arena: Vec<i8> = case
+                    .arena
+                    .iter()
+                    .map(|v| v.wrapping_mul(item + 1))
+                    .collect();
+                let mut done = arena.clone();
+                program
+                    .run(&mut done, &mut crate::program::Reference)
+                    .unwrap();
+                arenas.extend(arena);
+                expected.extend(done);
+            }
+            emulator.run_arenas(&mut arenas).unwrap();
+            assert_eq!(arenas, expected, "{}", case.name);
+            assert!(emulator.run_arenas(&mut arenas[1..]).is_err());
+        }
+    }
+}

@@ -1,0 +1,115 @@
+// Shared by every Kestrel CUDA kernel: the argument structs (mirrored field for field by the
+// `#[repr(C)]` structs in launch.rs) and the fixed-point arithmetic of quant.rs and int8.rs.
+//
+// Every kernel runs one thread per output value of one batch item: `blockIdx.y` is the batch
+// item, whose arena starts `batch_stride` bytes after the previous one. Integer arithmetic that
+// Rust does with wrapping goes through `unsigned`, so it wraps the same way here (signed overflow
+// is undefined in C++). No standard headers: NVRTC has none.
+
+struct ConvArgs {
+    const signed char* input;
+    signed char* output;
+    const signed char* weights;
+    const int* bias;
+    const int* multiplier;
+    const signed char* shift;
+    long long batch_stride;
+    int count;
+    int channels, height, width;
+    int out_channels, out_height, out_width;
+    int kernel_h, kernel_w, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x, group;
+    int input_zero_point, output_zero_point, min, max;
+};
+
+// Add, Mul, Rescale and Lut: one output value from one value of `a` (and of `b`).
+struct ElementwiseArgs {
+    const signed char* a;
+    const signed char* b;
+    signed char* output;
+    const signed char* table;
+    long long batch_stride;
+    int count;
+    int plane;  // Mul: values of `a` that share one value of `b`
+    int zero_a, zero_b;
+    int multiplier_a, shift_a, multiplier_b, shift_b;
+    int output_zero_point, min, max;
+};
+
+// MaxPool, AveragePool and GlobalAveragePool (a window the size of the plane).
+struct PoolArgs {
+    const signed char* input;
+    signed char* output;
+    long long batch_stride;
+    int count;
+    int channels, height, width, out_height, out_width;
+    int kernel_h, kernel_w, stride_y, stride_x, pad_y, pad_x;
+    int count_include_pad;
+    int input_zero_point, multiplier, shift, output_zero_point, min, max;
+};
+
+struct ResizeArgs {
+    const signed char* input;
+    signed char* output;
+    long long batch_stride;
+    int count;
+    int channels, height, width, out_height, out_width;
+    int bilinear;
+};
+
+// A u8 HWC frame to int8 NCHW model inputs, one per batch item, each cut at its own origin.
+struct PreprocessArgs {
+    const unsigned char* frame;
+    const int* origins;  // (x, y) per batch item
+    signed char* output;
+    long long batch_stride;
+    int count;
+    int frame_width, frame_height, bands;
+    int width, height;  // the model input
+    float mean[16];
+    float inv_std[16];
+    float inverse_scale;
+    int zero_point;
+};
+
+__device__ __forceinline__ int kestrel_clamp(long long v, int lo, int hi) {
+    return v < lo ? lo : (v > hi ? hi : (int)v);
+}
+
+// Requant::apply: round(acc * multiplier * 2^(shift - 31)), ties up, saturated to int32.
+__device__ __forceinline__ long long kestrel_apply(int acc, int multiplier, int shift) {
+    int s = shift < -31 ? -31 : (shift > 30 ? 30 : shift);
+    int right = 31 - s;
+    long long product = (long long)acc * (long long)multiplier;
+    long long rounded = (product + (1LL << (right - 1))) >> right;
+    return rounded < -2147483648LL ? -2147483648LL
+                                   : (rounded > 2147483647LL ? 2147483647LL : rounded);
+}
+
+// requantize_i8: apply, add the zero point, clamp to the activation range.
+__device__ __forceinline__ signed char kestrel_requantize(int acc, int multiplier, int shift,
+                                                          int zero_point, int min, int max) {
+    return (signed char)kestrel_clamp(kestrel_apply(acc, multiplier, shift) + zero_point, min, max);
+}
+
+__device__ __forceinline__ int kestrel_wrapping_sub(int a, int b) {
+    return (int)((unsigned)a - (unsigned)b);
+}
+
+// Channel, row and column of value `i` of a CHW tensor `width` wide and `height` high.
+struct KestrelPosition {
+    int c, y, x;
+};
+
+__device__ __forceinline__ KestrelPosition kestrel_position(int i, int width, int height) {
+    KestrelPosition p;
+    p.x = i % width;
+    p.y = (i / width) % height;
+    p.c = i / (width * height);
+    return p;
+}
+
+// The thread's output index within its batch item, or -1 past the end.
+__device__ __forceinline__ int kestrel_index(int count) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    return i < count ? (int)i : -1;
+}

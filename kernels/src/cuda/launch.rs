@@ -1,0 +1,734 @@
+//! The host side of the CUDA executor, with no driver involved: which kernel each step of a plan
+//! launches, with which arguments, on how many threads. The GPU and the CPU emulator of the
+//! kernels run the same list, so the emulator's bit-exactness tests cover this planning too.
+//!
+//! Pointers in the argument structs start as byte offsets: arena offsets for activations,
+//! weights-section offsets for constants. [`Launch::bind`] adds the base addresses of one
+//! session's buffers. Each struct mirrors, field for field, the one of the same name in
+//! `kestrel.cuh`.
+
+use crate::int8::{Add, Conv, ShapeError};
+use crate::program::{Blob, ChannelBlobs, Kernels, Op, Program, ProgramError, Step};
+use crate::{PreprocessSpec, MAX_BANDS};
+
+/// Threads per block of every kernel.
+pub const BLOCK: u32 = 256;
+
+/// Largest batch one launch runs: the grid's second dimension.
+pub const MAX_BATCH: u32 = 65_535;
+
+/// The kernels of the `.cu` sources.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `kestrel_conv`: Conv and Gemm.
+    Conv,
+    /// `kestrel_add`.
+    Add,
+    /// `kestrel_mul`.
+    Mul,
+    /// `kestrel_rescale`.
+    Rescale,
+    /// `kestrel_lut`.
+    Lut,
+    /// `kestrel_max_pool`.
+    MaxPool,
+    /// `kestrel_average_pool`.
+    AveragePool,
+    /// `kestrel_global_average_pool`.
+    GlobalAveragePool,
+    /// `kestrel_resize`.
+    Resize,
+    /// `kestrel_preprocess`.
+    Preprocess,
+}
+
+impl Kernel {
+    /// Every kernel, for loading them all from a module.
+    pub const ALL: [Kernel; 10] = [
+        Self::Conv,
+        Self::Add,
+        Self::Mul,
+        Self::Rescale,
+        Self::Lut,
+        Self::MaxPool,
+        Self::AveragePool,
+        Self::GlobalAveragePool,
+        Self::Resize,
+        Self::Preprocess,
+    ];
+
+    /// The entry point's name in the module.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Conv => "kestrel_conv",
+            Self::Add => "kestrel_add",
+            Self::Mul => "kestrel_mul",
+            Self::Rescale => "kestrel_rescale",
+            Self::Lut => "kestrel_lut",
+            Self::MaxPool => "kestrel_max_pool",
+            Self::AveragePool => "kestrel_average_pool",
+            Self::GlobalAveragePool => "kestrel_global_average_pool",
+            Self::Resize => "kestrel_resize",
+            Self::Preprocess => "kestrel_preprocess",
+        }
+    }
+}
+
+/// `ConvArgs` of `kestrel.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct ConvArgs {
+    pub input: u64,
+    pub output: u64,
+    pub weights: u64,
+    pub bias: u64,
+    pub multiplier: u64,
+    pub shift: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub channels: i32,
+    pub height: i32,
+    pub width: i32,
+    pub out_channels: i32,
+    pub out_height: i32,
+    pub out_width: i32,
+    pub kernel_h: i32,
+    pub kernel_w: i32,
+    pub stride_y: i32,
+    pub stride_x: i32,
+    pub pad_y: i32,
+    pub pad_x: i32,
+    pub dilation_y: i32,
+    pub dilation_x: i32,
+    pub group: i32,
+    pub input_zero_point: i32,
+    pub output_zero_point: i32,
+    pub min: i32,
+    pub max: i32,
+}
+
+/// `ElementwiseArgs` of `kestrel.cuh`: Add, Mul, Rescale, Lut.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct ElementwiseArgs {
+    pub a: u64,
+    pub b: u64,
+    pub output: u64,
+    pub table: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub plane: i32,
+    pub zero_a: i32,
+    pub zero_b: i32,
+    pub multiplier_a: i32,
+    pub shift_a: i32,
+    pub multiplier_b: i32,
+    pub shift_b: i32,
+    pub output_zero_point: i32,
+    pub min: i32,
+    pub max: i32,
+}
+
+/// `PoolArgs` of `kestrel.cuh`: MaxPool, AveragePool, GlobalAveragePool.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct PoolArgs {
+    pub input: u64,
+    pub output: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub channels: i32,
+    pub height: i32,
+    pub width: i32,
+    pub out_height: i32,
+    pub out_width: i32,
+    pub kernel_h: i32,
+    pub kernel_w: i32,
+    pub stride_y: i32,
+    pub stride_x: i32,
+    pub pad_y: i32,
+    pub pad_x: i32,
+    pub count_include_pad: i32,
+    pub input_zero_point: i32,
+    pub multiplier: i32,
+    pub shift: i32,
+    pub output_zero_point: i32,
+    pub min: i32,
+    pub max: i32,
+}
+
+/// `ResizeArgs` of `kestrel.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct ResizeArgs {
+    pub input: u64,
+    pub output: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub channels: i32,
+    pub height: i32,
+    pub width: i32,
+    pub out_height: i32,
+    pub out_width: i32,
+    pub bilinear: i32,
+}
+
+/// `PreprocessArgs` of `kestrel.cuh`: a u8 frame to a batch of int8 model inputs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[allow(missing_docs)]
+pub struct PreprocessArgs {
+    pub frame: u64,
+    pub origins: u64,
+    pub output: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub frame_width: i32,
+    pub frame_height: i32,
+    pub bands: i32,
+    pub width: i32,
+    pub height: i32,
+    pub mean: [f32; MAX_BANDS],
+    pub inv_std: [f32; MAX_BANDS],
+    pub inverse_scale: f32,
+    pub zero_point: i32,
+}
+
+/// One kernel and its arguments.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[allow(missing_docs)]
+pub enum Args {
+    Conv(ConvArgs),
+    Add(ElementwiseArgs),
+    Mul(ElementwiseArgs),
+    Rescale(ElementwiseArgs),
+    Lut(ElementwiseArgs),
+    MaxPool(PoolArgs),
+    AveragePool(PoolArgs),
+    GlobalAveragePool(PoolArgs),
+    Resize(ResizeArgs),
+    Preprocess(PreprocessArgs),
+}
+
+impl Args {
+    /// The kernel these arguments are for.
+    pub fn kernel(&self) -> Kernel {
+        match self {
+            Self::Conv(_) => Kernel::Conv,
+            Self::Add(_) => Kernel::Add,
+            Self::Mul(_) => Kernel::Mul,
+            Self::Rescale(_) => Kernel::Rescale,
+            Self::Lut(_) => Kernel::Lut,
+            Self::MaxPool(_) => Kernel::MaxPool,
+            Self::AveragePool(_) => Kernel::AveragePool,
+            Self::GlobalAveragePool(_) => Kernel::GlobalAveragePool,
+            Self::Resize(_) => Kernel::Resize,
+            Self::Preprocess(_) => Kernel::Preprocess,
+        }
+    }
+}
+
+/// One kernel launch: `threads` per batch item, in blocks of [`BLOCK`], one grid row per item.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Launch {
+    /// Threads (output values) per batch item.
+    pub threads: u32,
+    /// The kernel and its arguments, pointers as offsets until [`Launch::bind`].
+    pub args: Args,
+}
+
+/// Base addresses of one session's device (or emulated) buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bases {
+    /// First byte of batch item 0's arena.
+    pub arena: u64,
+    /// First byte of the plan's weights section.
+    pub weights: u64,
+    /// Bytes from one batch item's arena to the next.
+    pub arena_stride: u64,
+}
+
+impl ConvArgs {
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            input: b.arena + self.input,
+            output: b.arena + self.output,
+            weights: b.weights + self.weights,
+            bias: b.weights + self.bias,
+            multiplier: b.weights + self.multiplier,
+            shift: b.weights + self.shift,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
+impl ElementwiseArgs {
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            a: b.arena + self.a,
+            b: b.arena + self.b,
+            output: b.arena + self.output,
+            table: b.weights + self.table,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
+impl PoolArgs {
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            input: b.arena + self.input,
+            output: b.arena + self.output,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
+impl ResizeArgs {
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            input: b.arena + self.input,
+            output: b.arena + self.output,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
+impl PreprocessArgs {
+    /// Its frame and origins are not in the plan's buffers: the session sets them.
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            output: b.arena + self.output,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
+impl Launch {
+    /// Grid dimensions for `batch` items.
+    pub fn grid(&self, batch: u32) -> (u32, u32, u32) {
+        (self.threads.div_ceil(BLOCK), batch, 1)
+    }
+
+    /// The arguments with every offset turned into an address in `bases`' buffers.
+    pub fn bind(&self, bases: Bases) -> Args {
+        match self.args {
+            Args::Conv(a) => Args::Conv(a.bind(bases)),
+            Args::Add(a) => Args::Add(a.bind(bases)),
+            Args::Mul(a) => Args::Mul(a.bind(bases)),
+            Args::Rescale(a) => Args::Rescale(a.bind(bases)),
+            Args::Lut(a) => Args::Lut(a.bind(bases)),
+            Args::MaxPool(a) => Args::MaxPool(a.bind(bases)),
+            Args::AveragePool(a) => Args::AveragePool(a.bind(bases)),
+            Args::GlobalAveragePool(a) => Args::GlobalAveragePool(a.bind(bases)),
+            Args::Resize(a) => Args::Resize(a.bind(bases)),
+            Args::Preprocess(a) => Args::Preprocess(a.bind(bases)),
+        }
+    }
+}
+
+/// Why a plan cannot run on the CUDA executor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlanningError {
+    /// The plan fails the CPU executor's own checks.
+    Program(ProgramError),
+    /// A size does not fit the kernels' 32-bit indices.
+    TooLarge {
+        /// Step index.
+        step: usize,
+    },
+}
+
+impl core::fmt::Display for PlanningError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Program(e) => write!(f, "{e}"),
+            Self::TooLarge { step } => {
+                write!(f, "plan step {step} is too large for 32-bit GPU indices")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PlanningError {}
+
+impl From<ProgramError> for PlanningError {
+    fn from(e: ProgramError) -> Self {
+        Self::Program(e)
+    }
+}
+
+/// Checks every Conv's and Add's buffers without computing anything, so that a dry run of the
+/// program proves every step's shapes at the cost of its cheap steps only.
+struct ShapesOnly;
+
+impl Kernels for ShapesOnly {
+    fn conv(
+        &mut self,
+        _step: usize,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        conv.check(input.len(), output.len())
+    }
+
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        add.check(a.len(), b.len(), output.len())
+    }
+}
+
+/// The launches that run a plan, in order: the plan's steps, after the input is in the arena.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceProgram {
+    /// One per step.
+    pub launches: std::vec::Vec<Launch>,
+    /// Bytes of one batch item's arena.
+    pub arena_size: usize,
+    /// The input tensor's place in the arena.
+    pub input: core::ops::Range<usize>,
+    /// The output tensor's place in the arena.
+    pub output: core::ops::Range<usize>,
+}
+
+impl DeviceProgram {
+    /// Plan every step of `program`. Its shapes are first checked by a dry run of the CPU
+    /// executor, so the kernels, which cannot check their buffers, never leave them.
+    pub fn new(program: &Program<'_>) -> Result<Self, PlanningError> {
+        let mut arena = std::vec::Vec::new();
+        arena
+            .try_reserve_exact(program.arena_size())
+            .map_err(|_| ProgramError::Arena {
+                needed: program.arena_size(),
+                got: 0,
+            })?;
+        arena.resize(program.arena_size(), 0);
+        program.run(&mut arena, &mut ShapesOnly)?;
+
+        let mut launches = std::vec::Vec::new();
+        for (index, step) in program.steps().enumerate() {
+            launches.push(plan_step(program, index, step?)?);
+        }
+        let tensor = |id| {
+            program
+                .tensor(id)
+                .ok_or(ProgramError::Tensor { step: 0, id })
+        };
+        Ok(Self {
+            launches,
+            arena_size: program.arena_size(),
+            input: tensor(0)?,
+            output: tensor(program.header().output_tensor)?,
+        })
+    }
+
+    /// The preprocessing launch that fills the input tensor of each batch item from a u8 HWC
+    /// frame of `frame_width` x `frame_height` x `spec.bands()`, at origins the session supplies.
+    /// `None` when a size does not fit the kernel's 32-bit indices.
+    pub fn preprocess(
+        &self,
+        spec: &PreprocessSpec,
+        input_scale: f32,
+        input_zero_point: i32,
+        frame_width: u32,
+        frame_height: u32,
+    ) -> Option<Launch> {
+        let threads = u32::try_from(spec.input_len()).ok()?;
+        let mut args = PreprocessArgs {
+            output: self.input.start as u64,
+            count: i32::try_from(threads).ok()?,
+            frame_width: i32::try_from(frame_width).ok()?,
+            frame_height: i32::try_from(frame_height).ok()?,
+            bands: i32::try_from(spec.bands()).ok()?,
+            width: i32::try_from(spec.width()).ok()?,
+            height: i32::try_from(spec.height()).ok()?,
+            inverse_scale: 1.0 / input_scale,
+            zero_point: input_zero_point,
+            ..PreprocessArgs::default()
+        };
+        for band in 0..spec.bands() {
+            args.mean[band] = spec.mean(band);
+            args.inv_std[band] = spec.inv_std(band);
+        }
+        Some(Launch {
+            threads,
+            args: Args::Preprocess(args),
+        })
+    }
+}
+
+/// Largest window size, stride, padding, dilation or plane side the kernels take: small enough
+/// that `o * stride + k * dilation` cannot overflow their 32-bit arithmetic.
+const MAX_AXIS: usize = 1 << 14;
+
+fn plan_step(program: &Program<'_>, index: usize, step: Step) -> Result<Launch, PlanningError> {
+    let too_large = PlanningError::TooLarge { step: index };
+    let int = |v: usize| i32::try_from(v).map_err(|_| too_large);
+    let axis = |v: usize| {
+        if v <= MAX_AXIS {
+            int(v)
+        } else {
+            Err(too_large)
+        }
+    };
+    let tensor = |id| {
+        program
+            .tensor(id)
+            .ok_or(ProgramError::Tensor { step: index, id })
+    };
+    let out = tensor(step.output)?;
+    let a = tensor(step.inputs[0])?;
+    let b = if step.op.arity() == 2 {
+        tensor(step.inputs[1])?
+    } else {
+        a.clone()
+    };
+    let (a_at, b_at, out_at) = (a.start as u64, b.start as u64, out.start as u64);
+    let count = int(out.len())?;
+    let blob = |blob: Blob| u64::from(blob.offset);
+    let channels = |c: ChannelBlobs| (blob(c.bias), blob(c.multiplier), blob(c.shift));
+    let elementwise = ElementwiseArgs {
+        a: a_at,
+        b: b_at,
+        output: out_at,
+        count,
+        plane: 1,
+        ..ElementwiseArgs::default()
+    };
+    let args = match step.op {
+        Op::Conv {
+            geometry: g,
+            weights,
+            channels: c,
+            input_zero_point,
+            output_quant: q,
+        } => {
+            let (bias, multiplier, shift) = channels(c);
+            let conv = ConvArgs {
+                input: a_at,
+                output: out_at,
+                weights: blob(weights),
+                bias,
+                multiplier,
+                shift,
+                count,
+                channels: int(g.input[0])?,
+                height: axis(g.input[1])?,
+                width: axis(g.input[2])?,
+                out_channels: int(g.output[0])?,
+                out_height: axis(g.output[1])?,
+                out_width: axis(g.output[2])?,
+                kernel_h: axis(g.kernel[0])?,
+                kernel_w: axis(g.kernel[1])?,
+                stride_y: axis(g.stride[0])?,
+                stride_x: axis(g.stride[1])?,
+                pad_y: axis(g.pad[0])?,
+                pad_x: axis(g.pad[1])?,
+                dilation_y: axis(g.dilation[0])?,
+                dilation_x: axis(g.dilation[1])?,
+                group: int(g.group.max(1))?,
+                input_zero_point,
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                batch_stride: 0,
+            };
+            // Index arithmetic in the kernel multiplies these: keep every product in range.
+            let input_len = g.input.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
+            let weights_len = [g.output[0], g.kernel[0], g.kernel[1]]
+                .iter()
+                .try_fold(g.input[0], |p, &v| p.checked_mul(v));
+            int(input_len.ok_or(too_large)?)?;
+            int(weights_len.ok_or(too_large)?)?;
+            Args::Conv(conv)
+        }
+        Op::Gemm {
+            weights,
+            channels: c,
+            input_zero_point,
+            output_quant: q,
+        } => {
+            let (bias, multiplier, shift) = channels(c);
+            let one = 1;
+            let conv = ConvArgs {
+                input: a_at,
+                output: out_at,
+                weights: blob(weights),
+                bias,
+                multiplier,
+                shift,
+                count,
+                channels: int(a.len())?,
+                height: one,
+                width: one,
+                out_channels: count,
+                out_height: one,
+                out_width: one,
+                kernel_h: one,
+                kernel_w: one,
+                stride_y: one,
+                stride_x: one,
+                pad_y: 0,
+                pad_x: 0,
+                dilation_y: one,
+                dilation_x: one,
+                group: one,
+                input_zero_point,
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                batch_stride: 0,
+            };
+            int(a.len().checked_mul(out.len()).ok_or(too_large)?)?;
+            Args::Conv(conv)
+        }
+        Op::Add(add) => {
+            let q = add.output_quant;
+            let args = ElementwiseArgs {
+                zero_a: add.input_zero_points[0],
+                zero_b: add.input_zero_points[1],
+                multiplier_a: add.requant[0].multiplier,
+                shift_a: add.requant[0].shift.into(),
+                multiplier_b: add.requant[1].multiplier,
+                shift_b: add.requant[1].shift.into(),
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                ..elementwise
+            };
+            Args::Add(args)
+        }
+        Op::Mul(mul) => {
+            let q = mul.output_quant;
+            let args = ElementwiseArgs {
+                plane: int(a.len() / b.len().max(1))?,
+                zero_a: mul.input_zero_points[0],
+                zero_b: mul.input_zero_points[1],
+                multiplier_a: mul.requant.multiplier,
+                shift_a: mul.requant.shift.into(),
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                ..elementwise
+            };
+            Args::Mul(args)
+        }
+        Op::Rescale { rescale, offset } => {
+            let q = rescale.output_quant;
+            let args = ElementwiseArgs {
+                // A Concat part: its own length, written from `offset` on.
+                count: int(a.len())?,
+                output: out_at + u64::from(offset),
+                zero_a: rescale.input_zero_point,
+                multiplier_a: rescale.requant.multiplier,
+                shift_a: rescale.requant.shift.into(),
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                ..elementwise
+            };
+            Args::Rescale(args)
+        }
+        Op::Lut { table } => Args::Lut(ElementwiseArgs {
+            table: blob(table),
+            ..elementwise
+        }),
+        Op::MaxPool(pool) => Args::MaxPool(pool_args(&pool.geometry, a_at, out_at, count, axis)?),
+        Op::AveragePool(pool) => {
+            let q = pool.output_quant;
+            let args = PoolArgs {
+                count_include_pad: pool.count_include_pad.into(),
+                input_zero_point: pool.input_zero_point,
+                multiplier: pool.requant.multiplier,
+                shift: pool.requant.shift.into(),
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                ..pool_args(&pool.geometry, a_at, out_at, count, axis)?
+            };
+            Args::AveragePool(args)
+        }
+        Op::GlobalAveragePool(pool) => {
+            let q = pool.output_quant;
+            let args = PoolArgs {
+                input: a_at,
+                output: out_at,
+                count,
+                channels: count,
+                // The whole plane is one window, summed by one thread.
+                height: int(a.len() / pool.channels.max(1))?,
+                input_zero_point: pool.input_zero_point,
+                multiplier: pool.requant.multiplier,
+                shift: pool.requant.shift.into(),
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                ..PoolArgs::default()
+            };
+            Args::GlobalAveragePool(args)
+        }
+        Op::Resize(resize) => {
+            let args = ResizeArgs {
+                input: a_at,
+                output: out_at,
+                count,
+                channels: int(resize.channels)?,
+                height: axis(resize.input[0])?,
+                width: axis(resize.input[1])?,
+                out_height: axis(resize.output[0])?,
+                out_width: axis(resize.output[1])?,
+                bilinear: (resize.mode == crate::int8::ResizeMode::Bilinear).into(),
+                batch_stride: 0,
+            };
+            Args::Resize(args)
+        }
+    };
+    let threads = match args {
+        Args::Conv(a) => a.count,
+        Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) => a.count,
+        Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => a.count,
+        Args::Resize(a) => a.count,
+        Args::Preprocess(a) => a.count,
+    };
+    // Every count came from an i32 that fits a tensor length: never negative.
+    Ok(Launch {
+        threads: threads.unsigned_abs(),
+        args,
+    })
+}
+
+fn pool_args(
+    g: &crate::int8::PoolGeometry,
+    input: u64,
+    output: u64,
+    count: i32,
+    axis: impl Fn(usize) -> Result<i32, PlanningError>,
+) -> Result<PoolArgs, PlanningError> {
+    Ok(PoolArgs {
+        input,
+        output,
+        count,
+        // At most the output's length, which fits an i32.
+        channels: i32::try_from(g.channels).unwrap_or(i32::MAX),
+        height: axis(g.input[0])?,
+        width: axis(g.input[1])?,
+        out_height: axis(g.output[0])?,
+        out_width: axis(g.output[1])?,
+        kernel_h: axis(g.kernel[0])?,
+        kernel_w: axis(g.kernel[1])?,
+        stride_y: axis(g.stride[0])?,
+        stride_x: axis(g.stride[1])?,
+        pad_y: axis(g.pad[0])?,
+        pad_x: axis(g.pad[1])?,
+        ..PoolArgs::default()
+    })
+}

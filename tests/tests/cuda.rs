@@ -1,0 +1,355 @@
+//! The CUDA executor against the generic CPU executor, byte for byte, on every zoo model (real
+//! imagery) and on random plans of every op.
+//!
+//! Each test body runs on every executor there is: always on the CPU emulator of the CUDA
+//! kernels (the `.cu` sources compiled as C++, the same launch list), and on a GPU when this
+//! crate is built with `cuda-13000` or `cuda-12060` on a machine with a driver and a GPU
+//! (`tests/gpu/check.sh`). Without one, the GPU half prints why it was skipped.
+
+use std::path::{Path, PathBuf};
+
+use kestrel_host::decode_image;
+use kestrel_kernels::cuda::conformance::random_cases;
+use kestrel_kernels::cuda::emulator::Emulator;
+use kestrel_kernels::cuda::launch::DeviceProgram;
+use kestrel_kernels::cuda::{CudaBackend, CudaError, CudaOptions};
+use kestrel_kernels::program::{OwnedProgram, Program, Reference};
+use kestrel_kernels::Backend;
+use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::preprocess::{prepare_input, Region};
+use kestrel_runtime::tile::TileGrid;
+use models::ZooModel;
+
+/// An executor under test.
+enum Executor {
+    Emulator(Emulator),
+    Gpu(Box<CudaBackend>),
+}
+
+impl Executor {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Emulator(_) => "emulator",
+            Self::Gpu(_) => "gpu",
+        }
+    }
+
+    fn run_arenas(&mut self, arenas: &mut [i8]) -> Result<(), CudaError> {
+        match self {
+            Self::Emulator(e) => e.run_arenas(arenas),
+            Self::Gpu(g) => g.run_arenas(arenas),
+        }
+    }
+}
+
+/// The emulator, and the GPU when there is one (else a line saying why not).
+fn executors(program: &Program<'_>, plan: &[u8], max_batch: u32) -> Vec<Executor> {
+    let mut all = vec![Executor::Emulator(Emulator::new(program).unwrap())];
+    if let Some(gpu) = gpu(plan, max_batch) {
+        all.push(Executor::Gpu(Box::new(gpu)));
+    }
+    all
+}
+
+/// The GPU backend, or `None` after saying (once) why there is none. With
+/// `KESTREL_REQUIRE_GPU=1` (the device check) a missing GPU fails the test instead.
+fn gpu(plan: &[u8], max_batch: u32) -> Option<CudaBackend> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    let options = CudaOptions {
+        max_batch,
+        ..CudaOptions::default()
+    };
+    match CudaBackend::new(plan, &options) {
+        Ok(gpu) => Some(gpu),
+        Err(CudaError::NotAvailable(why)) => {
+            if std::env::var_os("KESTREL_REQUIRE_GPU").is_some_and(|v| v == "1") {
+                panic!("KESTREL_REQUIRE_GPU=1 but {why}");
+            }
+            SAID.call_once(|| eprintln!("GPU half of the CUDA tests skipped: {why}"));
+            None
+        }
+        Err(e) => panic!("the CUDA backend failed to start: {e}"),
+    }
+}
+
+fn sample(dir: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../sim/sample")
+        .join(dir)
+}
+
+fn sorted_files(dir: &Path) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    paths.sort();
+    paths
+}
+
+/// Arenas for `inputs`, each input quantised into its arena by the CPU executor's code.
+fn arenas_for(program: &Program<'_>, inputs: &[Vec<f32>]) -> Vec<i8> {
+    let mut arenas = vec![0i8; program.arena_size() * inputs.len()];
+    for (arena, input) in arenas.chunks_exact_mut(program.arena_size()).zip(inputs) {
+        program.quantize_input(input, arena).unwrap();
+    }
+    arenas
+}
+
+/// Every byte of every arena, intermediate tensors included, as the generic executor leaves it.
+fn check_model(name: &str, inputs: &[Vec<f32>]) {
+    let model = ZooModel::load(name).unwrap();
+    let plan = model.plan_bytes().unwrap().expect("zoo models have plans");
+    let owned = OwnedProgram::new(plan).unwrap();
+    let program = owned.program();
+    let start = arenas_for(program, inputs);
+    let mut expected = start.clone();
+    for arena in expected.chunks_exact_mut(program.arena_size()) {
+        program.run(arena, &mut Reference).unwrap();
+    }
+    for mut executor in executors(program, plan, inputs.len() as u32) {
+        let mut arenas = start.clone();
+        executor.run_arenas(&mut arenas).unwrap();
+        let size = program.arena_size();
+        for (item, (got, want)) in arenas
+            .chunks_exact(size)
+            .zip(expected.chunks_exact(size))
+            .enumerate()
+        {
+            let differing = got.iter().zip(want).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                differing,
+                0,
+                "{name} on the {}, batch item {item}: {differing} of {size} arena bytes differ",
+                executor.name()
+            );
+        }
+    }
+}
+
+/// The first `n` committed EuroSAT chips, one per class, preprocessed by the runtime.
+fn eurosat_inputs(n: usize) -> Vec<Vec<f32>> {
+    let spec = ZooModel::load("eurosat-rgb")
+        .unwrap()
+        .preprocess_spec()
+        .unwrap();
+    sorted_files(&sample("eurosat-rgb"))
+        .iter()
+        .take(n)
+        .map(|class| {
+            let path = &sorted_files(class)[0];
+            let image = decode_image(path).unwrap();
+            let g = image.geometry;
+            let view = FrameView::new(g, &image.samples).unwrap();
+            let mut input = vec![0.0; spec.input_len()];
+            prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input).unwrap();
+            input
+        })
+        .collect()
+}
+
+/// The land-cover classifier on 8 real chips, as one batch.
+#[test]
+fn eurosat_classifier_is_bit_exact() {
+    check_model("eurosat-rgb", &eurosat_inputs(8));
+}
+
+/// The detector on one real 512x512 tile of a committed NWPU VHR-10 scene.
+#[test]
+fn nwpu_detector_is_bit_exact() {
+    let model = ZooModel::load("nwpu-vhr10").unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let scene = &sorted_files(&sample("nwpu-vhr10/images"))[0];
+    let image = decode_image(scene).unwrap();
+    let view = FrameView::new(image.geometry, &image.samples).unwrap();
+    let region = Region {
+        x: 0,
+        y: 0,
+        width: spec.width() as u32,
+        height: spec.height() as u32,
+    };
+    let mut input = vec![0.0; spec.input_len()];
+    prepare_input(view, region, &spec, &mut input).unwrap();
+    check_model("nwpu-vhr10", &[input]);
+}
+
+/// Every op over 550 random shapes, quantisations and arenas, three arenas to a batch.
+#[test]
+fn random_plans_are_bit_exact() {
+    for case in random_cases(0x6a11_2026_1127, 550).unwrap() {
+        let program = case.program().unwrap();
+        let expected = case.expected().unwrap();
+        let mut executors = executors(&program, case.plan.as_bytes(), 3);
+        for executor in &mut executors {
+            let mut arenas = [&case.arena[..]; 3].concat();
+            executor.run_arenas(&mut arenas).unwrap();
+            for got in arenas.chunks_exact(case.arena.len()) {
+                assert_eq!(
+                    got,
+                    &expected[..],
+                    "{} on the {}",
+                    case.name,
+                    executor.name()
+                );
+            }
+        }
+    }
+}
+
+/// The preprocessing kernel cuts, normalises and quantises tiles of a real scene, the last ones
+/// reaching past its edges, into the codes the runtime's preprocessing and the CPU executor's
+/// quantisation give.
+#[test]
+fn preprocessing_kernel_matches_the_runtime() {
+    let model = ZooModel::load("nwpu-vhr10").unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let plan = model.plan_bytes().unwrap().unwrap();
+    let owned = OwnedProgram::new(plan).unwrap();
+    let program = owned.program();
+    let scene = &sorted_files(&sample("nwpu-vhr10/images"))[0];
+    let image = decode_image(scene).unwrap();
+    let g = image.geometry;
+    let view = FrameView::new(g, &image.samples).unwrap();
+    let (tile_w, tile_h) = (spec.width() as u32, spec.height() as u32);
+    let grid = TileGrid::new(g.width, g.height, tile_w, tile_h, 128).unwrap();
+    // The grid's tiles, and one hanging over the bottom-right corner (padded with the mean).
+    let mut origins: Vec<(u32, u32)> = grid.iter().map(|r| (r.x, r.y)).collect();
+    origins.push((g.width - 100, g.height - 60));
+
+    let size = program.arena_size();
+    let input = DeviceProgram::new(program).unwrap().input;
+    let mut expected = vec![0i8; size * origins.len()];
+    for (arena, &(x, y)) in expected.chunks_exact_mut(size).zip(&origins) {
+        let region = Region {
+            x,
+            y,
+            width: tile_w,
+            height: tile_h,
+        };
+        let mut floats = vec![0.0; spec.input_len()];
+        prepare_input(view, region, &spec, &mut floats).unwrap();
+        program.quantize_input(&floats, arena).unwrap();
+    }
+
+    let emulator = Emulator::new(program).unwrap();
+    let h = program.header();
+    let launch = emulator
+        .device_program()
+        .preprocess(&spec, h.input_scale, h.input_zero_point, g.width, g.height)
+        .unwrap();
+    let mut arenas = vec![0i8; size * origins.len()];
+    emulator
+        .preprocess(&launch, &image.samples, &origins, &mut arenas)
+        .unwrap();
+    for (i, (got, want)) in arenas
+        .chunks_exact(size)
+        .zip(expected.chunks_exact(size))
+        .enumerate()
+    {
+        assert_eq!(
+            &got[input.clone()],
+            &want[input.clone()],
+            "emulator, tile {i} at {:?}",
+            origins[i]
+        );
+    }
+
+    // On a GPU: the whole path from frame to output codes, against the CPU executor.
+    if let Some(mut gpu) = gpu(plan, origins.len() as u32) {
+        let out = program.output_len();
+        let mut codes = vec![0i8; out * origins.len()];
+        gpu.run_tiles(&image.samples, g.width, g.height, &origins, &mut codes)
+            .unwrap();
+        let range = program.tensor(h.output_tensor).unwrap();
+        for (i, (arena, got)) in expected
+            .chunks_exact_mut(size)
+            .zip(codes.chunks_exact(out))
+            .enumerate()
+        {
+            program.run(arena, &mut Reference).unwrap();
+            assert_eq!(got, &arena[range.clone()], "gpu, tile {i}");
+        }
+    }
+}
+
+/// Through the `Backend` trait (float in, float out) the GPU gives the CPU executor's floats.
+#[test]
+fn float_path_matches_the_cpu_executor() {
+    let inputs = eurosat_inputs(4);
+    let model = ZooModel::load("eurosat-rgb").unwrap();
+    let plan = model.plan_bytes().unwrap().unwrap();
+    let Some(mut gpu) = gpu(plan, 1) else {
+        return;
+    };
+    let mut cpu = model.int8_backend().unwrap().unwrap();
+    for input in &inputs {
+        let (mut a, mut b) = (vec![0.0; 10], vec![0.0; 10]);
+        cpu.run(input, &mut a).unwrap();
+        gpu.run(input, &mut b).unwrap();
+        assert_eq!(a, b);
+    }
+    let info = gpu.info();
+    eprintln!(
+        "ran on {} (sm_{}{}, driver {}, NVRTC {}.{}), kernels {}",
+        info.name,
+        info.compute_capability.0,
+        info.compute_capability.1,
+        info.driver_version,
+        info.nvrtc_version.0,
+        info.nvrtc_version.1,
+        if info.cache_hit {
+            "from the cache"
+        } else {
+            "compiled by NVRTC"
+        }
+    );
+}
+
+/// Without CUDA (no feature, no driver, no GPU) the backend is a typed `NotAvailable` with a
+/// reason, never a panic; with a GPU it starts.
+#[test]
+fn missing_cuda_is_a_typed_error() {
+    let model = ZooModel::load("eurosat-rgb").unwrap();
+    let plan = model.plan_bytes().unwrap().unwrap();
+    match CudaBackend::new(plan, &CudaOptions::default()) {
+        Ok(gpu) => assert_eq!(gpu.name(), "cuda"),
+        Err(CudaError::NotAvailable(why)) => assert!(!why.is_empty()),
+        Err(e) => panic!("expected NotAvailable or a session, got: {e}"),
+    }
+    // A corrupt plan is refused before any device is touched.
+    let error = CudaBackend::new(&plan[..plan.len() / 2], &CudaOptions::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(error, CudaError::Plan(_) | CudaError::NotAvailable(_)),
+        "{error}"
+    );
+}
+
+/// The `.cu` sources compile to PTX through NVRTC for Jetson Orin (sm_87) and H100 (sm_90), with
+/// every kernel's entry point, wherever NVRTC can be loaded (no GPU needed).
+#[cfg(any(feature = "cuda-13000", feature = "cuda-12060"))]
+#[test]
+fn kernels_compile_to_ptx_with_nvrtc() {
+    use kestrel_kernels::cuda::launch::Kernel;
+    for arch in ["sm_87", "sm_90"] {
+        match kestrel_kernels::cuda::compile_ptx(arch) {
+            Ok(ptx) => {
+                assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
+                for kernel in Kernel::ALL {
+                    assert!(
+                        ptx.contains(&format!(".entry {}(", kernel.name())),
+                        "{arch}: {} missing",
+                        kernel.name()
+                    );
+                }
+                eprintln!("{arch}: {} bytes of PTX", ptx.len());
+            }
+            Err(CudaError::NotAvailable(why)) => {
+                eprintln!("NVRTC compile check skipped: {why}");
+                return;
+            }
+            Err(e) => panic!("{arch}: {e}"),
+        }
+    }
+}
