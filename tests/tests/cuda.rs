@@ -18,6 +18,7 @@ use kestrel_kernels::Backend;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::tile::TileGrid;
+use kestrel_tests::{sorted_files, whole_image_input};
 use models::ZooModel;
 
 /// An executor under test.
@@ -78,15 +79,6 @@ fn sample(dir: &str) -> PathBuf {
         .join(dir)
 }
 
-fn sorted_files(dir: &Path) -> Vec<PathBuf> {
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
-    paths
-}
-
 /// Arenas for `inputs`, each input quantised into its arena by the CPU executor's code.
 fn arenas_for(program: &Program<'_>, inputs: &[Vec<f32>]) -> Vec<i8> {
     let mut arenas = vec![0i8; program.arena_size() * inputs.len()];
@@ -136,15 +128,7 @@ fn eurosat_inputs(n: usize) -> Vec<Vec<f32>> {
     sorted_files(&sample("eurosat-rgb"))
         .iter()
         .take(n)
-        .map(|class| {
-            let path = &sorted_files(class)[0];
-            let image = decode_image(path).unwrap();
-            let g = image.geometry;
-            let view = FrameView::new(g, &image.samples).unwrap();
-            let mut input = vec![0.0; spec.input_len()];
-            prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input).unwrap();
-            input
-        })
+        .map(|class| whole_image_input(&sorted_files(class)[0], &spec))
         .collect()
 }
 

@@ -10,12 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use kestrel_host::decode_image;
 use kestrel_kernels::cpu::Int8Cpu;
 use kestrel_kernels::program::Op as PlanOp;
 use kestrel_kernels::Backend;
-use kestrel_runtime::frame::FrameView;
-use kestrel_runtime::preprocess::{prepare_input, Region};
+use kestrel_tests::{sorted_files, whole_image_input};
 use models::compile::{compile, Options, Report};
 use models::graph::{Graph, Op};
 use models::ZooModel;
@@ -37,22 +35,10 @@ fn chips() -> &'static [(PathBuf, Vec<f32>)] {
     static CHIPS: OnceLock<Vec<(PathBuf, Vec<f32>)>> = OnceLock::new();
     CHIPS.get_or_init(|| {
         let spec = load_model().preprocess_spec().unwrap();
-        let sorted = |dir: &Path| {
-            let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            paths.sort();
-            paths
-        };
         let mut chips = Vec::new();
-        for class in sorted(&sample_dir()) {
-            for path in sorted(&class) {
-                let image = decode_image(&path).unwrap();
-                let g = image.geometry;
-                let view = FrameView::new(g, &image.samples).unwrap();
-                let mut input = vec![0.0; spec.input_len()];
-                prepare_input(view, Region::whole(g.width, g.height), &spec, &mut input).unwrap();
+        for class in sorted_files(&sample_dir()) {
+            for path in sorted_files(&class) {
+                let input = whole_image_input(&path, &spec);
                 chips.push((path, input));
             }
         }

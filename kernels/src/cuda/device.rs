@@ -17,7 +17,7 @@ use super::launch::{
     Args, Bases, ConvArgs, DeviceProgram, ElementwiseArgs, Kernel, Launch, PoolArgs,
     PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
 };
-use super::{cache_key, CudaError, CudaOptions, DeviceInfo, NVRTC_OPTIONS, SOURCE};
+use super::{batch_of, cache_key, CudaError, CudaOptions, DeviceInfo, NVRTC_OPTIONS, SOURCE};
 use crate::program::{OwnedProgram, Program};
 
 // SAFETY: plain `#[repr(C)]` structs of integers, floats and device addresses, laid out as the
@@ -200,23 +200,6 @@ impl Session {
         Ok(())
     }
 
-    fn batch_of(&self, len: usize, per_item: usize) -> Result<u32, CudaError> {
-        let batch = len / per_item.max(1);
-        if batch == 0 || len != batch * per_item {
-            return Err(CudaError::Length {
-                expected: per_item,
-                got: len,
-            });
-        }
-        if batch > self.max_batch as usize {
-            return Err(CudaError::Batch {
-                max: self.max_batch,
-                got: batch,
-            });
-        }
-        Ok(batch as u32)
-    }
-
     /// Copy `rows` runs of `width` bytes between host and device, `pitch` bytes apart on the
     /// device side (one tensor of each arena) and packed on the host side.
     fn copy_rows(
@@ -264,8 +247,20 @@ impl Session {
         self.bases.arena + self.device.output.start as u64
     }
 
-    /// Fetch `batch` output tensors into `outputs`, through the pinned staging.
-    fn fetch_outputs(&mut self, batch: u32, outputs: &mut [i8]) -> Result<(), CudaError> {
+    /// Send the first `batch` inputs of the pinned input staging to the arenas' input tensors.
+    fn upload_staged(&mut self, batch: u32) -> Result<(), CudaError> {
+        let host = self
+            .input_staging
+            .as_mut_ptr()
+            .map_err(driver_error)?
+            .cast();
+        let width = self.device.input.len();
+        self.copy_rows(host, self.input_address(), true, width, batch as usize)
+    }
+
+    /// Wait for the stream with `batch` output tensors fetched into the pinned output staging;
+    /// those codes.
+    fn fetch_staged(&mut self, batch: u32) -> Result<&[i8], CudaError> {
         let width = self.device.output.len();
         let host = self
             .output_staging
@@ -276,11 +271,20 @@ impl Session {
         self.stream.synchronize().map_err(driver_error)?;
         let staged = self.output_staging.as_slice().map_err(driver_error)?;
         let n = width * batch as usize;
-        match (staged.get(..n), outputs.get_mut(..n)) {
-            (Some(from), Some(to)) => to.copy_from_slice(from),
+        staged.get(..n).ok_or(CudaError::Length {
+            expected: n,
+            got: staged.len(),
+        })
+    }
+
+    /// Fetch `batch` output tensors into `outputs`, through the pinned staging.
+    fn fetch_outputs(&mut self, batch: u32, outputs: &mut [i8]) -> Result<(), CudaError> {
+        let staged = self.fetch_staged(batch)?;
+        match outputs.get_mut(..staged.len()) {
+            Some(to) => to.copy_from_slice(staged),
             _ => {
                 return Err(CudaError::Length {
-                    expected: n,
+                    expected: staged.len(),
                     got: outputs.len(),
                 })
             }
@@ -289,7 +293,7 @@ impl Session {
     }
 
     pub(super) fn run_arenas(&mut self, arenas: &mut [i8]) -> Result<(), CudaError> {
-        let batch = self.batch_of(arenas.len(), self.device.arena_size)?;
+        let batch = batch_of(arenas.len(), self.device.arena_size, self.max_batch)?;
         let mut view = self.arenas.slice_mut(..arenas.len());
         self.stream
             .memcpy_htod(&*arenas, &mut view)
@@ -303,7 +307,7 @@ impl Session {
     }
 
     pub(super) fn run_codes(&mut self, inputs: &[i8], outputs: &mut [i8]) -> Result<(), CudaError> {
-        let batch = self.batch_of(inputs.len(), self.device.input.len())?;
+        let batch = batch_of(inputs.len(), self.device.input.len(), self.max_batch)?;
         let expected = batch as usize * self.device.output.len();
         if outputs.len() != expected {
             return Err(CudaError::Length {
@@ -313,18 +317,7 @@ impl Session {
         }
         let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
         staged[..inputs.len()].copy_from_slice(inputs);
-        let host = self
-            .input_staging
-            .as_mut_ptr()
-            .map_err(driver_error)?
-            .cast();
-        self.copy_rows(
-            host,
-            self.input_address(),
-            true,
-            self.device.input.len(),
-            batch as usize,
-        )?;
+        self.upload_staged(batch)?;
         self.run_program(batch)?;
         self.fetch_outputs(batch, outputs)
     }
@@ -343,24 +336,9 @@ impl Session {
         // Quantised on the host by the CPU executor's own code, so the codes are its codes.
         let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
         program.quantize_codes(input, staged.get_mut(..input_len).unwrap_or(&mut []))?;
-        let host = self
-            .input_staging
-            .as_mut_ptr()
-            .map_err(driver_error)?
-            .cast();
-        self.copy_rows(host, self.input_address(), true, input_len, 1)?;
+        self.upload_staged(1)?;
         self.run_program(1)?;
-        let width = self.device.output.len();
-        let host = self
-            .output_staging
-            .as_mut_ptr()
-            .map_err(driver_error)?
-            .cast();
-        self.copy_rows(host, self.output_address(), false, width, 1)?;
-        self.stream.synchronize().map_err(driver_error)?;
-        let staged = self.output_staging.as_slice().map_err(driver_error)?;
-        let codes = staged.get(..width).unwrap_or(&[]);
-        program.dequantize_codes(codes, output)?;
+        program.dequantize_codes(self.fetch_staged(1)?, output)?;
         Ok(())
     }
 
@@ -384,7 +362,7 @@ impl Session {
                 got: frame.len(),
             });
         }
-        let batch = self.batch_of(origins.len(), 1)?;
+        let batch = batch_of(origins.len(), 1, self.max_batch)?;
         let wanted = batch as usize * self.device.output.len();
         if outputs.len() != wanted {
             return Err(CudaError::Length {

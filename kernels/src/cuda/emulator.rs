@@ -112,18 +112,11 @@ impl Emulator {
     }
 
     fn batch(&self, arenas: &[i8]) -> Result<u32, CudaError> {
-        let size = self.program.arena_size.max(1);
-        let batch = arenas.len() / size;
-        if batch == 0
-            || !arenas.len().is_multiple_of(size)
-            || batch > super::launch::MAX_BATCH as usize
-        {
-            return Err(CudaError::Length {
-                expected: size,
-                got: arenas.len(),
-            });
-        }
-        Ok(batch as u32)
+        super::batch_of(
+            arenas.len(),
+            self.program.arena_size,
+            super::launch::MAX_BATCH,
+        )
     }
 
     fn launch(&self, launch: &Launch, arenas: &mut [i8], batch: u32) {

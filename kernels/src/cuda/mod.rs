@@ -152,6 +152,21 @@ pub struct DeviceInfo {
     pub cache_hit: bool,
 }
 
+/// How many items of `per_item` values `len` values hold: a whole number from 1 to `max`.
+pub(crate) fn batch_of(len: usize, per_item: usize, max: u32) -> Result<u32, CudaError> {
+    let batch = len / per_item.max(1);
+    if batch == 0 || len != batch * per_item {
+        return Err(CudaError::Length {
+            expected: per_item,
+            got: len,
+        });
+    }
+    if batch > max as usize {
+        return Err(CudaError::Batch { max, got: batch });
+    }
+    Ok(batch as u32)
+}
+
 /// FNV-1a over the parts that decide the compiled kernels: the cache key.
 pub fn cache_key(parts: &[&[u8]]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
