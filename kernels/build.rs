@@ -11,6 +11,7 @@ fn main() {
             "pool.cu",
             "resize.cu",
             "preprocess.cu",
+            "decode.cu",
         ] {
             println!("cargo:rerun-if-changed={dir}/{file}");
         }

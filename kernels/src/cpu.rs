@@ -122,6 +122,12 @@ impl Int8Cpu {
         program.dequantize_output(&self.arena, output)
     }
 
+    /// The arena as the last [`Int8Cpu::infer`] left it: every tensor's codes, the output's
+    /// among them (at `program().tensor(program().header().output_tensor)`).
+    pub fn arena(&self) -> &[i8] {
+        &self.arena
+    }
+
     /// Which convolution kernels run: `"generic"`, `"avx2"`, ...
     pub fn kernel_name(&self) -> &'static str {
         self.kernels.name()

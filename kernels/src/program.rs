@@ -359,6 +359,20 @@ impl<'a> Program<'a> {
         })
     }
 
+    /// The filter (`[out, in / group, kh, kw]`, or `[out, in]`) and biases of a Conv or Gemm,
+    /// borrowed from the plan; `None` for other ops or blobs outside the weights section.
+    pub fn filter_and_bias(&self, op: &Op) -> Option<(&'a [i8], &'a [i32])> {
+        match *op {
+            Op::Conv {
+                weights, channels, ..
+            }
+            | Op::Gemm {
+                weights, channels, ..
+            } => Some((self.bytes_as_i8(weights)?, self.channels(channels)?.bias)),
+            _ => None,
+        }
+    }
+
     /// The convolution `op` describes, constants borrowed from the plan; `None` for other ops.
     pub fn conv(&self, op: &Op) -> Option<Conv<'a>> {
         match *op {
@@ -563,6 +577,12 @@ impl<'a> Program<'a> {
         self.dequantize_codes(codes, output)
     }
 
+    /// The value of one output code, before any softmax.
+    pub fn dequantize_code(&self, code: i8) -> f32 {
+        let h = self.header();
+        h.output_scale * (f32::from(code) - h.output_zero_point as f32)
+    }
+
     /// Dequantise output codes fetched from elsewhere (a GPU's arena) into `output`, as
     /// [`Program::dequantize_output`] does.
     pub fn dequantize_codes(&self, codes: &[i8], output: &mut [f32]) -> Result<(), ProgramError> {
@@ -578,10 +598,10 @@ impl<'a> Program<'a> {
                 got: output.len(),
             });
         }
-        let h = self.header();
         for (value, &code) in output.iter_mut().zip(codes) {
-            *value = h.output_scale * (f32::from(code) - h.output_zero_point as f32);
+            *value = self.dequantize_code(code);
         }
+        let h = self.header();
         if h.output_softmax {
             let max = output.iter().copied().fold(f32::MIN, f32::max);
             let mut sum = 0.0;

@@ -100,6 +100,13 @@ pub enum DetectError {
     },
     /// A value is not finite: the model produced garbage for this frame.
     NonFinite,
+    /// A peak found elsewhere names a cell past the class heatmaps' `cells`.
+    PeakIndex {
+        /// The peak's index.
+        index: usize,
+        /// Cells in the class heatmaps.
+        cells: usize,
+    },
 }
 
 impl core::fmt::Display for DetectError {
@@ -112,6 +119,9 @@ impl core::fmt::Display for DetectError {
                 )
             }
             Self::NonFinite => f.write_str("detector head holds a non-finite value"),
+            Self::PeakIndex { index, cells } => {
+                write!(f, "peak at cell {index}, the heatmaps have {cells}")
+            }
         }
     }
 }
@@ -273,26 +283,67 @@ pub fn decode<const N: usize>(
                         other < score || (other == score && (ny, nx) >= (y, x))
                     })
                 });
-                if !peak {
-                    continue;
+                if peak {
+                    let c = layout.classes;
+                    let size = [at(c, y, x), at(c + 1, y, x)];
+                    let offset = [at(c + 2, y, x), at(c + 3, y, x)];
+                    out.push(peak_box(layout, class, y, x, score, size, offset));
                 }
-                let c = layout.classes;
-                let bw = at(c, y, x) * layout.wh_scale * layout.stride;
-                let bh = at(c + 1, y, x) * layout.wh_scale * layout.stride;
-                let cx = (x as f32 + at(c + 2, y, x)) * layout.stride;
-                let cy = (y as f32 + at(c + 3, y, x)) * layout.stride;
-                out.push(Detection {
-                    x: cx - bw / 2.0,
-                    y: cy - bh / 2.0,
-                    w: bw,
-                    h: bh,
-                    score,
-                    class: class as u16,
-                });
             }
         }
     }
     Ok(())
+}
+
+/// Finish decoding peaks found elsewhere (a GPU's decoding kernel) into `out` (cleared first).
+/// Each peak is `(index, score, [width, height, dx, dy])`: its index into the class heatmaps
+/// (`class * height * width + y * width + x`), in increasing order as [`decode`] scans, and
+/// the head's values at that cell. The boxes are those [`decode`] makes of the same head.
+pub fn decode_peaks<const N: usize>(
+    peaks: impl IntoIterator<Item = (usize, f32, [f32; 4])>,
+    layout: &HeadLayout,
+    out: &mut Detections<N>,
+) -> Result<(), DetectError> {
+    out.clear();
+    let plane = layout.height * layout.width;
+    for (index, score, [bw, bh, dx, dy]) in peaks {
+        let cells = layout.classes * plane;
+        if index >= cells {
+            return Err(DetectError::PeakIndex { index, cells });
+        }
+        if ![score, bw, bh, dx, dy].iter().all(|v| v.is_finite()) {
+            return Err(DetectError::NonFinite);
+        }
+        let (class, cell) = (index / plane, index % plane);
+        let (y, x) = (cell / layout.width, cell % layout.width);
+        out.push(peak_box(layout, class, y, x, score, [bw, bh], [dx, dy]));
+    }
+    Ok(())
+}
+
+/// The box of a peak of `class` at cell (y, x): `size` in units of `wh_scale` cells, the
+/// centre `offset` inside the cell, both as the head holds them.
+fn peak_box(
+    layout: &HeadLayout,
+    class: usize,
+    y: usize,
+    x: usize,
+    score: f32,
+    size: [f32; 2],
+    offset: [f32; 2],
+) -> Detection {
+    let bw = size[0] * layout.wh_scale * layout.stride;
+    let bh = size[1] * layout.wh_scale * layout.stride;
+    let cx = (x as f32 + offset[0]) * layout.stride;
+    let cy = (y as f32 + offset[1]) * layout.stride;
+    Detection {
+        x: cx - bw / 2.0,
+        y: cy - bh / 2.0,
+        w: bw,
+        h: bh,
+        score,
+        class: class as u16,
+    }
 }
 
 #[cfg(test)]
@@ -438,6 +489,38 @@ mod tests {
             decode(&head, &LAYOUT, 0.3, &mut found),
             Err(DetectError::NonFinite)
         );
+        // Peaks found elsewhere: one past the heatmaps, one not finite.
+        assert_eq!(
+            decode_peaks([(128, 0.5, [0.1; 4])], &LAYOUT, &mut found),
+            Err(DetectError::PeakIndex {
+                index: 128,
+                cells: 128
+            })
+        );
+        assert_eq!(
+            decode_peaks(
+                [(3, 0.5, [0.1, f32::INFINITY, 0.0, 0.0])],
+                &LAYOUT,
+                &mut found
+            ),
+            Err(DetectError::NonFinite)
+        );
+    }
+
+    #[test]
+    fn peaks_found_elsewhere_make_the_boxes_decode_makes() {
+        let head = head_with(&[(1, 2, 3, 0.9, 4.0, 2.0), (0, 6, 1, 0.6, 2.0, 6.0)]);
+        let mut want = Detections::<8>::new();
+        decode(&head, &LAYOUT, 0.3, &mut want).unwrap();
+        let at = |c: usize, y: usize, x: usize| head[c * 64 + y * 8 + x];
+        let peak = |class: usize, y: usize, x: usize| {
+            let boxes = [2, 3, 4, 5].map(|c| at(c, y, x));
+            (class * 64 + y * 8 + x, at(class, y, x), boxes)
+        };
+        let mut got = Detections::<8>::new();
+        decode_peaks([peak(0, 6, 1), peak(1, 2, 3)], &LAYOUT, &mut got).unwrap();
+        assert_eq!(got, want);
+        assert_eq!(got.as_slice().len(), 2);
     }
 
     #[test]

@@ -9,7 +9,11 @@
 //!   without the graph;
 //! - `classify_batch256`: 256 quantised chips in one batch, host to host, as tiles per second;
 //! - `detect_frame`: the u8 frame in, nine 512-pixel tiles cut, normalised and quantised on the
-//!   GPU, the detector, head codes back on the host.
+//!   GPU, the detector, head codes back on the host;
+//! - `detect_frame_boxes`: the same, with the heads decoded on the GPU (peaks back, not heads),
+//!   then on the host each tile's boxes, NMS and the merge across seams, as `DetectorStep`
+//!   does; `boxes_match_cpu` says whether the boxes equal `DetectorStep` on the int8 CPU
+//!   executor.
 //!
 //! Times are medians (and p90) of `runs` repetitions after warm-up. Without a GPU it exits with
 //! the reason.
@@ -21,11 +25,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kestrel_host::decode_image;
-use kestrel_kernels::cuda::{CudaBackend, CudaError, CudaOptions};
+use kestrel_kernels::cuda::launch::HeadShape;
+use kestrel_kernels::cuda::{
+    CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch,
+};
 use kestrel_kernels::Backend;
+use kestrel_runtime::detect::{decode, decode_peaks, Detections};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
+use kestrel_runtime::step::{DetectorConfig, DetectorStep};
 use kestrel_runtime::tile::TileGrid;
+use kestrel_runtime::FrameGeometry;
 use models::ZooModel;
 
 use common::{mosaic, SIZE};
@@ -91,6 +101,44 @@ fn chips(model: &ZooModel) -> Vec<Vec<f32>> {
             input
         })
         .collect()
+}
+
+/// The frame's boxes from its tiles decoded on the GPU: `DetectorStep::detect`'s steps after
+/// the backend, per tile from its peaks (or its head, when its list overflowed).
+fn frame_boxes(
+    tiles: &[DecodedTile],
+    origins: &[(u32, u32)],
+    config: &DetectorConfig,
+    codes: &HeadCodes,
+    program: &kestrel_kernels::program::Program<'_>,
+    found: &mut Detections<1024>,
+) {
+    found.clear();
+    let mut tile_boxes = Detections::<128>::new();
+    let mut head = vec![0.0; config.layout.len()];
+    for (tile, &(x, y)) in tiles.iter().zip(origins) {
+        match tile {
+            DecodedTile::Peaks(peaks) => decode_peaks(
+                peaks.iter().map(|p| p.values(&codes.values)),
+                &config.layout,
+                &mut tile_boxes,
+            ),
+            DecodedTile::Codes(codes) => {
+                program.dequantize_codes(codes, &mut head).expect("head");
+                decode(
+                    &head,
+                    &config.layout,
+                    config.score_threshold,
+                    &mut tile_boxes,
+                )
+            }
+        }
+        .expect("decode");
+        tile_boxes.suppress(config.nms_iou);
+        found.add_from_tile(&tile_boxes, x as f32, y as f32, 1.0);
+    }
+    found.merge_tiles(config.nms_iou, config.seam_containment);
+    found.clip_to(SIZE as f32, SIZE as f32);
 }
 
 fn main() {
@@ -188,8 +236,63 @@ fn main() {
     });
     let _ = write!(
         json,
-        "\"detect_frame\": {{\"tiles\": {}, \"median_us\": {median:.1}, \"p90_us\": {p90:.1}}}, \"runs\": {runs}}}",
+        "\"detect_frame\": {{\"tiles\": {}, \"median_us\": {median:.1}, \"p90_us\": {p90:.1}}}, ",
         origins.len()
+    );
+
+    let owned = kestrel_kernels::program::OwnedProgram::new(plan).expect("plan");
+    let codes = HeadCodes::new(owned.program()).expect("a detector head");
+    let mut found = Detections::<1024>::new();
+    let mut boxes = || {
+        let tiles = cuda
+            .detect_tiles(
+                &frame,
+                side,
+                side,
+                &origins,
+                PeakSearch {
+                    shape: HeadShape {
+                        classes: config.layout.classes,
+                        height: config.layout.height,
+                        width: config.layout.width,
+                    },
+                    threshold: config.score_threshold,
+                    capacity: 1024,
+                },
+            )
+            .expect("tiles");
+        frame_boxes(
+            &tiles,
+            &origins,
+            &config,
+            &codes,
+            owned.program(),
+            &mut found,
+        );
+    };
+    let (median, p90) = time(runs / 4 + 5, &mut boxes);
+    boxes();
+    let geometry = FrameGeometry {
+        width: side,
+        height: side,
+        bands: 3,
+    };
+    let view = FrameView::new(geometry, &frame).expect("frame");
+    let mut backend = detector
+        .int8_backend()
+        .expect("plan")
+        .expect("built-in plan");
+    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.layout.len()]);
+    let mut step = DetectorStep::<_, 128>::new(&mut backend, spec, config, &mut input, &mut head)
+        .expect("step");
+    let mut on_cpu = Detections::<1024>::new();
+    step.detect(view, &mut on_cpu).expect("detect");
+    let _ = write!(
+        json,
+        "\"detect_frame_boxes\": {{\"tiles\": {}, \"boxes\": {}, \"boxes_match_cpu\": {}, \"median_us\": {median:.1}, \"p90_us\": {p90:.1}}}, \"runs\": {runs}}}",
+        origins.len(),
+        found.as_slice().len(),
+        found == on_cpu
     );
     std::fs::write(dir.join("kestrel.json"), &json).expect("write results");
     println!("{json}");

@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use kestrel_host::decode_image;
 use kestrel_kernels::cuda::conformance::random_cases;
 use kestrel_kernels::cuda::emulator::Emulator;
-use kestrel_kernels::cuda::launch::DeviceProgram;
-use kestrel_kernels::cuda::{CudaBackend, CudaError, CudaOptions};
+use kestrel_kernels::cuda::launch::{DeviceProgram, HeadShape};
+use kestrel_kernels::cuda::{
+    CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch,
+};
 use kestrel_kernels::program::{OwnedProgram, Program, Reference};
 use kestrel_kernels::Backend;
+use kestrel_runtime::detect::{decode, decode_peaks, Detections, HeadLayout};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::tile::TileGrid;
@@ -23,7 +26,7 @@ use models::ZooModel;
 
 /// An executor under test.
 enum Executor {
-    Emulator(Emulator),
+    Emulator(Box<Emulator>),
     Gpu(Box<CudaBackend>),
 }
 
@@ -45,7 +48,9 @@ impl Executor {
 
 /// The emulator, and the GPU when there is one (else a line saying why not).
 fn executors(program: &Program<'_>, plan: &[u8], max_batch: u32) -> Vec<Executor> {
-    let mut all = vec![Executor::Emulator(Emulator::new(program).unwrap())];
+    let mut all = vec![Executor::Emulator(Box::new(
+        Emulator::new(program).unwrap(),
+    ))];
     if let Some(gpu) = gpu(plan, max_batch) {
         all.push(Executor::Gpu(Box::new(gpu)));
     }
@@ -58,6 +63,8 @@ fn gpu(plan: &[u8], max_batch: u32) -> Option<CudaBackend> {
     static SAID: std::sync::Once = std::sync::Once::new();
     let options = CudaOptions {
         max_batch,
+        // Small chunks, so every batch of three or more runs on both streams.
+        chunk: 2,
         ..CudaOptions::default()
     };
     match CudaBackend::new(plan, &options) {
@@ -253,7 +260,162 @@ fn preprocessing_kernel_matches_the_runtime() {
             program.run(arena, &mut Reference).unwrap();
             assert_eq!(got, &arena[range.clone()], "gpu, tile {i}");
         }
+        // And decoded on the GPU: the boxes the runtime decodes from the CPU's heads.
+        let layout = model.detector_config().unwrap().layout;
+        let codes = HeadCodes::new(program).unwrap();
+        for threshold in [0.05, 0.3] {
+            let tiles = gpu
+                .detect_tiles(
+                    &image.samples,
+                    g.width,
+                    g.height,
+                    &origins,
+                    search(&layout, threshold, 512),
+                )
+                .unwrap();
+            for (i, (arena, tile)) in expected.chunks_exact(size).zip(&tiles).enumerate() {
+                assert_eq!(
+                    boxes_from_tile(tile, program, &codes, &layout, threshold),
+                    boxes_from_head(&arena[range.clone()], program, &layout, threshold),
+                    "gpu decoding, tile {i}, threshold {threshold}"
+                );
+            }
+        }
     }
+}
+
+type Boxes = Detections<4096>;
+
+fn search(layout: &HeadLayout, threshold: f32, capacity: u32) -> PeakSearch {
+    PeakSearch {
+        shape: HeadShape {
+            classes: layout.classes,
+            height: layout.height,
+            width: layout.width,
+        },
+        threshold,
+        capacity,
+    }
+}
+
+/// The runtime's decoding of head codes, dequantised by the CPU executor.
+fn boxes_from_head(
+    codes: &[i8],
+    program: &Program<'_>,
+    layout: &HeadLayout,
+    threshold: f32,
+) -> Boxes {
+    let mut head = vec![0.0; codes.len()];
+    program.dequantize_codes(codes, &mut head).unwrap();
+    let mut boxes = Boxes::new();
+    decode(&head, layout, threshold, &mut boxes).unwrap();
+    boxes
+}
+
+/// The boxes of a tile decoded on the GPU (or the emulator); its head when the list was full.
+fn boxes_from_tile(
+    tile: &DecodedTile,
+    program: &Program<'_>,
+    codes: &HeadCodes,
+    layout: &HeadLayout,
+    threshold: f32,
+) -> Boxes {
+    match tile {
+        DecodedTile::Peaks(peaks) => {
+            let mut boxes = Boxes::new();
+            decode_peaks(
+                peaks.iter().map(|p| p.values(&codes.values)),
+                layout,
+                &mut boxes,
+            )
+            .unwrap();
+            boxes
+        }
+        DecodedTile::Codes(head) => boxes_from_head(head, program, layout, threshold),
+    }
+}
+
+/// The decoding kernel finds exactly the peaks `runtime::detect::decode` finds: on the heads
+/// of real scene tiles, and on random heads of a few codes around the threshold, full of
+/// plateaus and ties (three to a batch). A list too small for a tile's peaks hands back the
+/// head, which decodes the same.
+#[test]
+fn decoding_kernel_matches_the_runtime() {
+    let model = ZooModel::load("nwpu-vhr10").unwrap();
+    let layout = model.detector_config().unwrap().layout;
+    let plan = model.plan_bytes().unwrap().unwrap();
+    let owned = OwnedProgram::new(plan).unwrap();
+    let program = owned.program();
+    let emulator = Emulator::new(program).unwrap();
+    let codes = HeadCodes::new(program).unwrap();
+    let size = program.arena_size();
+    let head = DeviceProgram::new(program).unwrap().output;
+
+    // Real heads: two tiles of a committed scene, run by the CPU executor (its fastest
+    // kernels, which the plan tests hold bit-identical to the generic ones).
+    let mut cpu = model.int8_backend().unwrap().unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let scene = &sorted_files(&sample("nwpu-vhr10/images"))[1];
+    let image = decode_image(scene).unwrap();
+    let view = FrameView::new(image.geometry, &image.samples).unwrap();
+    let mut arenas = vec![0i8; 2 * size];
+    for (arena, x) in arenas
+        .chunks_exact_mut(size)
+        .zip([0, image.geometry.width - 300])
+    {
+        let region = Region {
+            x,
+            y: 0,
+            width: spec.width() as u32,
+            height: spec.height() as u32,
+        };
+        let mut input = vec![0.0; spec.input_len()];
+        prepare_input(view, region, &spec, &mut input).unwrap();
+        let mut output = vec![0.0; program.output_len()];
+        cpu.infer(&input, &mut output).unwrap();
+        arena.copy_from_slice(cpu.arena());
+    }
+    // Random heads, three arenas: codes within two of the threshold's code in the top 12 rows
+    // of every plane (some thousands of peaks per head), the lowest code below.
+    let threshold = 0.3;
+    let at = codes.threshold_code(threshold);
+    let mut random = vec![0i8; 3 * size];
+    for (i, arena) in random.chunks_exact_mut(size).enumerate() {
+        for (j, code) in arena[head.clone()].iter_mut().enumerate() {
+            let mixed = ((i * head.len() + j) as u64 ^ 0x5eed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let row = j % (layout.height * layout.width) / layout.width;
+            *code = if row < 12 {
+                (at - 2 + (mixed >> 61) as i32 % 5).clamp(-128, 127) as i8
+            } else {
+                -128
+            };
+        }
+    }
+
+    let mut peaks_seen = 0;
+    for (arenas, thresholds) in [(&arenas, [0.05, threshold]), (&random, [threshold, 0.0])] {
+        for threshold in thresholds {
+            for capacity in [1 << 16, 3] {
+                let tiles = emulator
+                    .decode(arenas, search(&layout, threshold, capacity))
+                    .unwrap();
+                for (i, (arena, tile)) in arenas.chunks_exact(size).zip(&tiles).enumerate() {
+                    let want = boxes_from_head(&arena[head.clone()], program, &layout, threshold);
+                    let got = boxes_from_tile(tile, program, &codes, &layout, threshold);
+                    assert_eq!(
+                        got, want,
+                        "tile {i}, threshold {threshold}, list of {capacity}"
+                    );
+                    match tile {
+                        DecodedTile::Peaks(p) => peaks_seen += p.len(),
+                        DecodedTile::Codes(_) => assert!(want.as_slice().len() > 3),
+                    }
+                }
+            }
+        }
+    }
+    // The comparisons above must have had peaks to compare.
+    assert!(peaks_seen > 100, "only {peaks_seen} peaks");
 }
 
 /// Through the `Backend` trait (float in, float out) the GPU gives the CPU executor's floats.
@@ -327,6 +489,8 @@ fn kernels_compile_to_ptx_with_nvrtc() {
                         kernel.name()
                     );
                 }
+                // The dense convolution's inner product is the DP4A instruction.
+                assert!(ptx.contains("dp4a.s32.s32"), "{arch}: no dp4a");
                 eprintln!("{arch}: {} bytes of PTX", ptx.len());
             }
             Err(CudaError::NotAvailable(why)) => {

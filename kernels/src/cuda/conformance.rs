@@ -81,12 +81,14 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
             // Convolutions: dense, grouped and depthwise; strided, padded, dilated.
             let group = [1, 2, 3][rng.below(3)];
             let depthwise = kind == 1;
-            let icg = if depthwise { 1 } else { 1 + rng.below(4) };
+            // Up to 11 input channels per group, so dense convolutions span several quads
+            // of `kestrel_conv_dp4a`, and up to 20 outputs per group, several of its tiles.
+            let icg = if depthwise { 1 } else { 1 + rng.below(11) };
             let c = icg * group;
             let oc = if depthwise {
                 c
             } else {
-                group * (1 + rng.below(5))
+                group * (1 + rng.below(20))
             };
             let kernel = [1 + rng.below(3), [1, 2, 3, 5][rng.below(4)]];
             let stride = [1 + rng.below(2), 1 + rng.below(2)];

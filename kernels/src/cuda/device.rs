@@ -14,10 +14,13 @@ use cudarc::driver::{
 use cudarc::nvrtc;
 
 use super::launch::{
-    Args, Bases, ConvArgs, DeviceProgram, ElementwiseArgs, Kernel, Launch, PoolArgs,
-    PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
+    chunks, Args, Bases, ConvArgs, DecodeArgs, DeviceProgram, ElementwiseArgs, Kernel, Launch,
+    PlanningError, PoolArgs, PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
 };
-use super::{batch_of, cache_key, CudaError, CudaOptions, DeviceInfo, NVRTC_OPTIONS, SOURCE};
+use super::{
+    batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceInfo, HeadCodes,
+    PeakSearch, NVRTC_OPTIONS, SOURCE,
+};
 use crate::program::{OwnedProgram, Program};
 
 // SAFETY: plain `#[repr(C)]` structs of integers, floats and device addresses, laid out as the
@@ -27,6 +30,7 @@ unsafe impl DeviceRepr for ElementwiseArgs {}
 unsafe impl DeviceRepr for PoolArgs {}
 unsafe impl DeviceRepr for ResizeArgs {}
 unsafe impl DeviceRepr for PreprocessArgs {}
+unsafe impl DeviceRepr for DecodeArgs {}
 
 fn driver_error(e: impl core::fmt::Debug) -> CudaError {
     CudaError::Driver(format!("{e:?}"))
@@ -38,9 +42,14 @@ pub(super) struct Session {
     device: DeviceProgram,
     info: DeviceInfo,
     max_batch: u32,
+    chunk: u32,
+    /// Runs everything but the odd chunks of a batch; graphs are captured on it.
     stream: Arc<CudaStream>,
+    /// Runs the odd chunks, so that their copies overlap the even chunks' kernels.
+    second: Arc<CudaStream>,
     functions: Vec<CudaFunction>,
     _weights: CudaSlice<u8>,
+    _packed: CudaSlice<i32>,
     arenas: CudaSlice<i8>,
     bases: Bases,
     input_staging: PinnedHostSlice<i8>,
@@ -48,7 +57,17 @@ pub(super) struct Session {
     origins_staging: PinnedHostSlice<i32>,
     origins: CudaSlice<i32>,
     frame: Option<CudaSlice<u8>>,
+    /// Peak lists and counts for `kestrel_decode`, made on first use.
+    peaks: Option<PeakLists>,
+    codes: Option<HeadCodes>,
     graph: Option<Graph>,
+}
+
+/// `max_batch` lists of `capacity` peaks (three words each) and their counts, on the device.
+struct PeakLists {
+    capacity: u32,
+    words: CudaSlice<i32>,
+    counts: CudaSlice<i32>,
 }
 
 /// A captured graph that may move to another thread with its session.
@@ -86,6 +105,7 @@ impl Session {
     pub(super) fn new(plan: &[u8], options: &CudaOptions) -> Result<Self, CudaError> {
         let owned = OwnedProgram::new(plan)?;
         let device = DeviceProgram::new(owned.program())?;
+        let codes = HeadCodes::new(owned.program()).ok();
         let max_batch = options.max_batch.clamp(1, MAX_BATCH);
         check_available(options.device)?;
 
@@ -95,6 +115,7 @@ impl Session {
         // SAFETY: every buffer is used on `stream` alone.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver_error)?;
+        let second = ctx.new_stream().map_err(driver_error)?;
         let (functions, info) = kernels(&ctx, options)?;
 
         let program = owned.program();
@@ -102,6 +123,9 @@ impl Session {
         let mut weights_host = program.weights().to_vec();
         weights_host.resize(weights_host.len().max(16), 0);
         let weights = stream.clone_htod(&weights_host).map_err(driver_error)?;
+        let mut packed_host = device.packed.clone();
+        packed_host.resize(packed_host.len().max(4), 0);
+        let packed = stream.clone_htod(&packed_host).map_err(driver_error)?;
         let batch = max_batch as usize;
         let arenas = stream
             .alloc_zeros::<i8>((device.arena_size * batch).max(16))
@@ -118,6 +142,7 @@ impl Session {
         let bases = Bases {
             arena: arenas.device_ptr(&stream).0,
             weights: weights.device_ptr(&stream).0,
+            packed: packed.device_ptr(&stream).0,
             arena_stride: device.arena_size as u64,
         };
         let mut session = Self {
@@ -125,9 +150,12 @@ impl Session {
             device,
             info,
             max_batch,
+            chunk: options.chunk.max(1),
             stream,
+            second,
             functions,
             _weights: weights,
+            _packed: packed,
             arenas,
             bases,
             input_staging,
@@ -135,8 +163,12 @@ impl Session {
             origins_staging,
             origins,
             frame: None,
+            peaks: None,
+            codes,
             graph: None,
         };
+        // The uploads above are on the first stream; the second must not run before them.
+        session.stream.synchronize().map_err(driver_error)?;
         if options.graphs {
             session.graph = session.capture()?;
         }
@@ -156,7 +188,7 @@ impl Session {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver_error)?;
-        let recorded = self.run_steps(1);
+        let recorded = self.run_steps(&self.stream, 0..1);
         let graph = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
@@ -165,7 +197,14 @@ impl Session {
         Ok(graph.map(Graph))
     }
 
-    fn launch(&self, launch: &Launch, args: Args, batch: u32) -> Result<(), CudaError> {
+    /// Launch `launch` with `args` (bound) for `batch` items on `stream`.
+    fn launch(
+        &self,
+        stream: &Arc<CudaStream>,
+        launch: &Launch,
+        args: Args,
+        batch: u32,
+    ) -> Result<(), CudaError> {
         if launch.threads == 0 {
             return Ok(());
         }
@@ -179,13 +218,14 @@ impl Session {
             block_dim: (BLOCK, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut builder = self.stream.launch_builder(function);
+        let mut builder = stream.launch_builder(function);
         match &args {
-            Args::Conv(a) => builder.arg(a),
+            Args::Conv(a) | Args::ConvDp4a(a) => builder.arg(a),
             Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) => builder.arg(a),
             Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => builder.arg(a),
             Args::Resize(a) => builder.arg(a),
             Args::Preprocess(a) => builder.arg(a),
+            Args::Decode(a) => builder.arg(a),
         };
         // SAFETY: the planner proved every address the arguments hold, for `batch` arenas of
         // the session (at most `max_batch`, checked by the callers), lies in its buffers.
@@ -193,17 +233,33 @@ impl Session {
         Ok(())
     }
 
-    fn run_steps(&self, batch: u32) -> Result<(), CudaError> {
+    /// Every step for batch items `items`, on `stream`.
+    fn run_steps(
+        &self,
+        stream: &Arc<CudaStream>,
+        items: core::ops::Range<u32>,
+    ) -> Result<(), CudaError> {
+        let bases = self.bases.from_item(items.start);
         for launch in &self.device.launches {
-            self.launch(launch, launch.bind(self.bases), batch)?;
+            self.launch(stream, launch, launch.bind(bases), items.len() as u32)?;
         }
         Ok(())
     }
 
-    /// Copy `rows` runs of `width` bytes between host and device, `pitch` bytes apart on the
-    /// device side (one tensor of each arena) and packed on the host side.
+    /// The stream chunk `k` of a batch runs on.
+    fn stream_for(&self, k: usize) -> &Arc<CudaStream> {
+        if k.is_multiple_of(2) {
+            &self.stream
+        } else {
+            &self.second
+        }
+    }
+
+    /// Copy `rows` runs of `width` bytes between host and device on `stream`, `pitch` bytes
+    /// apart on the device side (one tensor of each arena) and packed on the host side.
     fn copy_rows(
         &self,
+        stream: &CudaStream,
         host: *mut core::ffi::c_void,
         device: u64,
         to_device: bool,
@@ -235,60 +291,61 @@ impl Session {
         }
         // SAFETY: the callers pass pinned staging of `width * rows` bytes and a tensor of the
         // session's arenas, of which there are at least `rows`.
-        unsafe { sys::cuMemcpy2DAsync_v2(&copy, self.stream.cu_stream()).result() }
-            .map_err(driver_error)
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()).result() }.map_err(driver_error)
     }
 
-    fn input_address(&self) -> u64 {
-        self.bases.arena + self.device.input.start as u64
-    }
-
-    fn output_address(&self) -> u64 {
-        self.bases.arena + self.device.output.start as u64
-    }
-
-    /// Send the first `batch` inputs of the pinned input staging to the arenas' input tensors.
-    fn upload_staged(&mut self, batch: u32) -> Result<(), CudaError> {
-        let host = self
-            .input_staging
-            .as_mut_ptr()
-            .map_err(driver_error)?
-            .cast();
+    /// Send staged inputs `items` to their arenas' input tensors, on `stream`.
+    fn upload_staged(
+        &mut self,
+        stream: &CudaStream,
+        items: core::ops::Range<u32>,
+    ) -> Result<(), CudaError> {
         let width = self.device.input.len();
-        self.copy_rows(host, self.input_address(), true, width, batch as usize)
+        let first = items.start as usize;
+        let host = self.input_staging.as_mut_ptr().map_err(driver_error)?;
+        // SAFETY: the staging holds `max_batch` inputs and `items` lies within the batch.
+        let host = unsafe { host.add(first * width) }.cast();
+        let device = self.bases.from_item(items.start).arena + self.device.input.start as u64;
+        self.copy_rows(stream, host, device, true, width, items.len())
     }
 
-    /// Wait for the stream with `batch` output tensors fetched into the pinned output staging;
-    /// those codes.
-    fn fetch_staged(&mut self, batch: u32) -> Result<&[i8], CudaError> {
+    /// Fetch outputs `items` from their arenas into the output staging, on `stream`.
+    fn download_staged(
+        &mut self,
+        stream: &CudaStream,
+        items: core::ops::Range<u32>,
+    ) -> Result<(), CudaError> {
         let width = self.device.output.len();
-        let host = self
-            .output_staging
-            .as_mut_ptr()
-            .map_err(driver_error)?
-            .cast();
-        self.copy_rows(host, self.output_address(), false, width, batch as usize)?;
+        let first = items.start as usize;
+        let host = self.output_staging.as_mut_ptr().map_err(driver_error)?;
+        // SAFETY: as in `upload_staged`.
+        let host = unsafe { host.add(first * width) }.cast();
+        let device = self.bases.from_item(items.start).arena + self.device.output.start as u64;
+        self.copy_rows(stream, host, device, false, width, items.len())
+    }
+
+    /// Wait for both streams; the first `batch` outputs in the output staging.
+    fn staged_outputs(&self, batch: u32) -> Result<&[i8], CudaError> {
         self.stream.synchronize().map_err(driver_error)?;
+        self.second.synchronize().map_err(driver_error)?;
         let staged = self.output_staging.as_slice().map_err(driver_error)?;
-        let n = width * batch as usize;
+        let n = self.device.output.len() * batch as usize;
         staged.get(..n).ok_or(CudaError::Length {
             expected: n,
             got: staged.len(),
         })
     }
 
-    /// Fetch `batch` output tensors into `outputs`, through the pinned staging.
+    /// Copy the first `batch` staged outputs into `outputs` (after the streams finish).
     fn fetch_outputs(&mut self, batch: u32, outputs: &mut [i8]) -> Result<(), CudaError> {
-        let staged = self.fetch_staged(batch)?;
-        match outputs.get_mut(..staged.len()) {
-            Some(to) => to.copy_from_slice(staged),
-            _ => {
-                return Err(CudaError::Length {
-                    expected: staged.len(),
-                    got: outputs.len(),
-                })
-            }
+        let staged = self.staged_outputs(batch)?;
+        if outputs.len() != staged.len() {
+            return Err(CudaError::Length {
+                expected: staged.len(),
+                got: outputs.len(),
+            });
         }
+        outputs.copy_from_slice(staged);
         Ok(())
     }
 
@@ -298,7 +355,7 @@ impl Session {
         self.stream
             .memcpy_htod(&*arenas, &mut view)
             .map_err(driver_error)?;
-        self.run_steps(batch)?;
+        self.run_steps(&self.stream, 0..batch)?;
         let view = self.arenas.slice(..arenas.len());
         self.stream
             .memcpy_dtoh(&view, arenas)
@@ -317,16 +374,27 @@ impl Session {
         }
         let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
         staged[..inputs.len()].copy_from_slice(inputs);
-        self.upload_staged(batch)?;
-        self.run_program(batch)?;
+        if batch == 1 {
+            self.upload_staged(&self.stream.clone(), 0..1)?;
+            self.run_program()?;
+            self.download_staged(&self.stream.clone(), 0..1)?;
+        } else {
+            // Chunks alternate between the streams: one's copies overlap the other's kernels.
+            for (k, items) in chunks(batch, self.chunk).enumerate() {
+                let stream = self.stream_for(k).clone();
+                self.upload_staged(&stream, items.clone())?;
+                self.run_steps(&stream, items.clone())?;
+                self.download_staged(&stream, items)?;
+            }
+        }
         self.fetch_outputs(batch, outputs)
     }
 
-    /// The steps for `batch` items: the captured graph for one, launches otherwise.
-    fn run_program(&self, batch: u32) -> Result<(), CudaError> {
-        match (&self.graph, batch) {
-            (Some(graph), 1) => graph.0.launch().map_err(driver_error),
-            _ => self.run_steps(batch),
+    /// One item's steps on the first stream: the captured graph, or launches.
+    fn run_program(&self) -> Result<(), CudaError> {
+        match &self.graph {
+            Some(graph) => graph.0.launch().map_err(driver_error),
+            None => self.run_steps(&self.stream, 0..1),
         }
     }
 
@@ -336,9 +404,11 @@ impl Session {
         // Quantised on the host by the CPU executor's own code, so the codes are its codes.
         let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
         program.quantize_codes(input, staged.get_mut(..input_len).unwrap_or(&mut []))?;
-        self.upload_staged(1)?;
-        self.run_program(1)?;
-        program.dequantize_codes(self.fetch_staged(1)?, output)?;
+        let stream = self.stream.clone();
+        self.upload_staged(&stream, 0..1)?;
+        self.run_program()?;
+        self.download_staged(&stream, 0..1)?;
+        program.dequantize_codes(self.staged_outputs(1)?, output)?;
         Ok(())
     }
 
@@ -350,6 +420,117 @@ impl Session {
         origins: &[(u32, u32)],
         outputs: &mut [i8],
     ) -> Result<(), CudaError> {
+        let batch = batch_of(origins.len(), 1, self.max_batch)?;
+        let wanted = batch as usize * self.device.output.len();
+        if outputs.len() != wanted {
+            return Err(CudaError::Length {
+                expected: wanted,
+                got: outputs.len(),
+            });
+        }
+        let preprocess = self.stage_frame(frame, width, height, origins)?;
+        for (k, items) in chunks(batch, self.chunk).enumerate() {
+            let stream = self.stream_for(k).clone();
+            self.run_tiles_chunk(&stream, &preprocess, items.clone())?;
+            self.download_staged(&stream, items)?;
+        }
+        self.fetch_outputs(batch, outputs)
+    }
+
+    /// As `run_tiles`, then each tile's head decoded on the GPU as `search` says.
+    pub(super) fn detect_tiles(
+        &mut self,
+        frame: &[u8],
+        width: u32,
+        height: u32,
+        origins: &[(u32, u32)],
+        search: PeakSearch,
+    ) -> Result<Vec<DecodedTile>, CudaError> {
+        let PeakSearch {
+            shape,
+            threshold,
+            capacity,
+        } = search;
+        let batch = batch_of(origins.len(), 1, self.max_batch)?;
+        let codes = self
+            .codes
+            .as_ref()
+            .ok_or(CudaError::Plan(PlanningError::UnorderedCodes))?;
+        let decode = self
+            .device
+            .decode(shape, codes.threshold_code(threshold), capacity)?;
+        let capacity = capacity.max(1);
+        if self.peaks.as_ref().is_none_or(|p| p.capacity != capacity) {
+            let items = self.max_batch as usize;
+            let words = self
+                .stream
+                .alloc_zeros::<i32>(items * capacity as usize * 3);
+            let counts = self.stream.alloc_zeros::<i32>(items);
+            self.peaks = Some(PeakLists {
+                capacity,
+                words: words.map_err(driver_error)?,
+                counts: counts.map_err(driver_error)?,
+            });
+        }
+        let Some(peaks) = self.peaks.as_mut() else {
+            return Err(CudaError::Driver("no peak lists".into()));
+        };
+        self.stream
+            .memset_zeros(&mut peaks.counts)
+            .map_err(driver_error)?;
+        let (words, counts) = (
+            peaks.words.device_ptr(&self.stream).0,
+            peaks.counts.device_ptr(&self.stream).0,
+        );
+        let preprocess = self.stage_frame(frame, width, height, origins)?;
+        for (k, items) in chunks(batch, self.chunk).enumerate() {
+            let stream = self.stream_for(k).clone();
+            self.run_tiles_chunk(&stream, &preprocess, items.clone())?;
+            let first = u64::from(items.start);
+            let args = match decode.bind(self.bases.from_item(items.start)) {
+                Args::Decode(a) => Args::Decode(DecodeArgs {
+                    candidates: words + first * u64::from(capacity) * 12,
+                    counts: counts + first * 4,
+                    ..a
+                }),
+                other => other,
+            };
+            self.launch(&stream, &decode, args, items.len() as u32)?;
+        }
+        self.second.synchronize().map_err(driver_error)?;
+        let n = batch as usize;
+        let Some(peaks) = self.peaks.as_ref() else {
+            return Err(CudaError::Driver("no peak lists".into()));
+        };
+        let mut found = vec![0i32; n];
+        let mut lists = vec![0i32; n * capacity as usize * 3];
+        self.stream
+            .memcpy_dtoh(&peaks.counts.slice(..n), &mut found)
+            .map_err(driver_error)?;
+        self.stream
+            .memcpy_dtoh(&peaks.words.slice(..lists.len()), &mut lists)
+            .map_err(driver_error)?;
+        self.stream.synchronize().map_err(driver_error)?;
+        // A tile with more peaks than its list holds is decoded on the host from its head.
+        let heads = if found.iter().any(|&c| c > capacity as i32) {
+            let stream = self.stream.clone();
+            self.download_staged(&stream, 0..batch)?;
+            Some(self.staged_outputs(batch)?.to_vec())
+        } else {
+            None
+        };
+        decoded_tiles(&found, &lists, capacity as usize, heads.as_deref())
+    }
+
+    /// Copy `frame` and the tiles' `origins` to the device (on the first stream, which the
+    /// second then waits for); the preprocessing launch for them.
+    fn stage_frame(
+        &mut self,
+        frame: &[u8],
+        width: u32,
+        height: u32,
+        origins: &[(u32, u32)],
+    ) -> Result<Launch, CudaError> {
         let program = self.owned.program();
         let header = program.header();
         let spec = header
@@ -362,14 +543,7 @@ impl Session {
                 got: frame.len(),
             });
         }
-        let batch = batch_of(origins.len(), 1, self.max_batch)?;
-        let wanted = batch as usize * self.device.output.len();
-        if outputs.len() != wanted {
-            return Err(CudaError::Length {
-                expected: wanted,
-                got: outputs.len(),
-            });
-        }
+        batch_of(origins.len(), 1, self.max_batch)?;
         let Some(preprocess) = self.device.preprocess(
             &spec,
             header.input_scale,
@@ -407,17 +581,37 @@ impl Session {
         self.stream
             .memcpy_htod(&staged[..2 * origins.len()], &mut view)
             .map_err(driver_error)?;
-        let args = match preprocess.bind(self.bases) {
+        self.second.join(&self.stream).map_err(driver_error)?;
+        Ok(match preprocess.args {
+            Args::Preprocess(a) => Launch {
+                args: Args::Preprocess(PreprocessArgs {
+                    frame: frame_address,
+                    origins: self.origins.device_ptr(&self.stream).0,
+                    ..a
+                }),
+                ..preprocess
+            },
+            _ => preprocess,
+        })
+    }
+
+    /// Preprocess and run tiles `items` of the staged frame, on `stream`.
+    fn run_tiles_chunk(
+        &self,
+        stream: &Arc<CudaStream>,
+        preprocess: &Launch,
+        items: core::ops::Range<u32>,
+    ) -> Result<(), CudaError> {
+        let args = match preprocess.bind(self.bases.from_item(items.start)) {
             Args::Preprocess(a) => Args::Preprocess(PreprocessArgs {
-                frame: frame_address,
-                origins: self.origins.device_ptr(&self.stream).0,
+                // Each item reads its own (x, y) pair: start at the chunk's first.
+                origins: a.origins + u64::from(items.start) * 8,
                 ..a
             }),
             other => other,
         };
-        self.launch(&preprocess, args, batch)?;
-        self.run_program(batch)?;
-        self.fetch_outputs(batch, outputs)
+        self.launch(stream, preprocess, args, items.len() as u32)?;
+        self.run_steps(stream, items)
     }
 }
 

@@ -1,7 +1,8 @@
 // The Kestrel CUDA kernels compiled as plain C++ and run one thread at a time on the CPU, so that
 // their arithmetic and indexing are tested bit for bit without a GPU (feature `cuda-emulator`).
-// The kernels use no shared memory, warp functions or barriers, so running threads in sequence
-// computes what the GPU computes. This proves nothing about speed, races or the driver.
+// The kernels use no shared memory, warp functions or barriers (atomics only to append to a
+// list), so running threads in sequence computes what the GPU computes, up to the order of
+// such a list. This proves nothing about speed, races or the driver.
 #include <math.h>
 
 struct Dim3 {
@@ -13,12 +14,28 @@ static Dim3 blockIdx, threadIdx, blockDim;
 #define __device__
 #define __forceinline__ inline
 
+// The two device intrinsics the kernels use, as PTX defines them: dp4a.s32.s32 (four signed
+// byte products added to c, modulo 2^32) and a 32-bit atomic add returning the old value.
+static int __dp4a(int a, int b, int c) {
+    unsigned sum = (unsigned)c;
+    for (int k = 0; k < 4; ++k)
+        sum += (unsigned)((int)(signed char)(a >> (8 * k)) * (int)(signed char)(b >> (8 * k)));
+    return (int)sum;
+}
+
+static int atomicAdd(int* address, int value) {
+    int old = *address;
+    *address = (int)((unsigned)old + (unsigned)value);
+    return old;
+}
+
 #include "kestrel.cuh"
 #include "conv.cu"
 #include "elementwise.cu"
 #include "pool.cu"
 #include "resize.cu"
 #include "preprocess.cu"
+#include "decode.cu"
 
 template <typename Args>
 static void run_grid(void (*kernel)(Args), unsigned grid_x, unsigned grid_y, unsigned block,
@@ -40,6 +57,7 @@ static void run_grid(void (*kernel)(Args), unsigned grid_x, unsigned grid_y, uns
     }
 
 EMULATE(kestrel_conv, ConvArgs)
+EMULATE(kestrel_conv_dp4a, ConvArgs)
 EMULATE(kestrel_add, ElementwiseArgs)
 EMULATE(kestrel_mul, ElementwiseArgs)
 EMULATE(kestrel_rescale, ElementwiseArgs)
@@ -49,6 +67,7 @@ EMULATE(kestrel_average_pool, PoolArgs)
 EMULATE(kestrel_global_average_pool, PoolArgs)
 EMULATE(kestrel_resize, ResizeArgs)
 EMULATE(kestrel_preprocess, PreprocessArgs)
+EMULATE(kestrel_decode, DecodeArgs)
 
 // Sizes of the argument structs, checked against the Rust mirrors.
 extern "C" unsigned long kestrel_args_sizes(unsigned which) {
@@ -58,6 +77,7 @@ extern "C" unsigned long kestrel_args_sizes(unsigned which) {
         case 2: return sizeof(PoolArgs);
         case 3: return sizeof(ResizeArgs);
         case 4: return sizeof(PreprocessArgs);
+        case 5: return sizeof(DecodeArgs);
         default: return 0;
     }
 }

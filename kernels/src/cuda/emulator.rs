@@ -3,14 +3,16 @@
 //! kernels and their planning bit for bit against the generic executor on machines without a
 //! GPU. It says nothing about speed, data races or the driver.
 
-use super::launch::{Args, Bases, DeviceProgram, Launch, BLOCK};
-use super::CudaError;
+use super::launch::{chunks, Args, Bases, DeviceProgram, Launch, BLOCK, MAX_BATCH};
+use super::{decoded_tiles, CudaError, DecodedTile, HeadCodes, PeakSearch};
 use crate::program::{AlignedBytes, Program};
 
-use super::launch::{ConvArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
+use super::launch::{ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
 
 extern "C" {
     fn kestrel_conv_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ConvArgs);
+    fn kestrel_conv_dp4a_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ConvArgs);
+    fn kestrel_decode_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const DecodeArgs);
     fn kestrel_add_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_mul_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_rescale_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
@@ -33,9 +35,9 @@ extern "C" {
     fn kestrel_args_sizes(which: u32) -> core::ffi::c_ulong;
 }
 
-/// Sizes of `ConvArgs`, `ElementwiseArgs`, `PoolArgs`, `ResizeArgs` and `PreprocessArgs` as
-/// the C++ compiler lays them out, to check against the Rust mirrors.
-pub fn c_struct_sizes() -> [usize; 5] {
+/// Sizes of `ConvArgs`, `ElementwiseArgs`, `PoolArgs`, `ResizeArgs`, `PreprocessArgs` and
+/// `DecodeArgs` as the C++ compiler lays them out, to check against the Rust mirrors.
+pub fn c_struct_sizes() -> [usize; 6] {
     // SAFETY: a pure function of its argument.
     core::array::from_fn(|i| unsafe { kestrel_args_sizes(i as u32) } as usize)
 }
@@ -44,6 +46,7 @@ pub fn c_struct_sizes() -> [usize; 5] {
 pub struct Emulator {
     program: DeviceProgram,
     weights: AlignedBytes,
+    codes: Option<HeadCodes>,
 }
 
 impl Emulator {
@@ -52,6 +55,7 @@ impl Emulator {
         Ok(Self {
             program: DeviceProgram::new(program)?,
             weights: AlignedBytes::new(program.weights()),
+            codes: HeadCodes::new(program).ok(),
         })
     }
 
@@ -62,9 +66,17 @@ impl Emulator {
 
     /// Every step on each of the arenas `arenas` holds back to back (inputs filled in).
     pub fn run_arenas(&self, arenas: &mut [i8]) -> Result<(), CudaError> {
+        self.run_chunks(arenas, MAX_BATCH)
+    }
+
+    /// As [`Emulator::run_arenas`], in chunks of `chunk` arenas as the GPU session runs a
+    /// larger batch.
+    pub fn run_chunks(&self, arenas: &mut [i8], chunk: u32) -> Result<(), CudaError> {
         let batch = self.batch(arenas)?;
-        for launch in &self.program.launches {
-            self.launch(launch, arenas, batch);
+        for items in chunks(batch, chunk) {
+            for launch in &self.program.launches {
+                self.launch_items(launch, arenas, items.clone());
+            }
         }
         Ok(())
     }
@@ -111,27 +123,66 @@ impl Emulator {
         Ok(())
     }
 
+    /// Decode each arena's output, a detector head, as `search` says and the GPU session does.
+    pub fn decode(&self, arenas: &[i8], search: PeakSearch) -> Result<Vec<DecodedTile>, CudaError> {
+        let PeakSearch {
+            shape,
+            threshold,
+            capacity,
+        } = search;
+        let batch = self.batch(arenas)? as usize;
+        let codes = self.codes.as_ref().ok_or(CudaError::Plan(
+            super::launch::PlanningError::UnorderedCodes,
+        ))?;
+        let launch = self
+            .program
+            .decode(shape, codes.threshold_code(threshold), capacity)?;
+        let Args::Decode(args) = launch.args else {
+            return Err(CudaError::Driver("not a decoding launch".into()));
+        };
+        let mut counts = vec![0i32; batch];
+        let mut words = vec![0i32; batch * capacity as usize * 3];
+        let mut launch = launch;
+        launch.args = Args::Decode(DecodeArgs {
+            candidates: words.as_mut_ptr() as u64,
+            counts: counts.as_mut_ptr() as u64,
+            ..args
+        });
+        // The kernel only reads the arenas; `launch` takes them mutably for the other kernels.
+        let mut arenas = arenas.to_vec();
+        self.launch(&launch, &mut arenas, batch as u32);
+        let heads: Vec<i8> = arenas
+            .chunks_exact(self.program.arena_size)
+            .flat_map(|arena| arena[self.program.output.clone()].iter().copied())
+            .collect();
+        decoded_tiles(&counts, &words, capacity as usize, Some(&heads))
+    }
+
     fn batch(&self, arenas: &[i8]) -> Result<u32, CudaError> {
-        super::batch_of(
-            arenas.len(),
-            self.program.arena_size,
-            super::launch::MAX_BATCH,
-        )
+        super::batch_of(arenas.len(), self.program.arena_size, MAX_BATCH)
     }
 
     fn launch(&self, launch: &Launch, arenas: &mut [i8], batch: u32) {
+        self.launch_items(launch, arenas, 0..batch);
+    }
+
+    /// `launch` on arenas `items` only.
+    fn launch_items(&self, launch: &Launch, arenas: &mut [i8], items: core::ops::Range<u32>) {
         let bases = Bases {
             arena: arenas.as_mut_ptr() as u64,
             weights: self.weights.as_bytes().as_ptr() as u64,
+            packed: self.program.packed.as_ptr() as u64,
             arena_stride: self.program.arena_size as u64,
-        };
-        let (grid_x, grid_y, _) = launch.grid(batch);
+        }
+        .from_item(items.start);
+        let (grid_x, grid_y, _) = launch.grid(items.len() as u32);
         // SAFETY: the planner's dry run proved every step's tensors and constants lie inside
         // one arena and the weights, and `batch` arenas are there; the kernels' indices stay
         // within the shapes it checked.
         unsafe {
             match launch.bind(bases) {
                 Args::Conv(a) => kestrel_conv_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::ConvDp4a(a) => kestrel_conv_dp4a_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Add(a) => kestrel_add_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Mul(a) => kestrel_mul_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Rescale(a) => kestrel_rescale_emulated(grid_x, grid_y, BLOCK, &a),
@@ -143,6 +194,7 @@ impl Emulator {
                 }
                 Args::Resize(a) => kestrel_resize_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Preprocess(a) => kestrel_preprocess_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Decode(a) => kestrel_decode_emulated(grid_x, grid_y, BLOCK, &a),
             }
         }
     }
@@ -152,7 +204,9 @@ impl Emulator {
 mod tests {
     use super::*;
     use crate::cuda::conformance::random_cases;
-    use crate::cuda::launch::{ConvArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
+    use crate::cuda::launch::{
+        ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs,
+    };
     use core::mem::size_of;
 
     #[test]
@@ -165,6 +219,7 @@ mod tests {
                 size_of::<PoolArgs>(),
                 size_of::<ResizeArgs>(),
                 size_of::<PreprocessArgs>(),
+                size_of::<DecodeArgs>(),
             ]
         );
     }
@@ -203,9 +258,14 @@ mod tests {
                 arenas.extend(arena);
                 expected.extend(done);
             }
+            let start = arenas.clone();
             emulator.run_arenas(&mut arenas).unwrap();
             assert_eq!(arenas, expected, "{}", case.name);
             assert!(emulator.run_arenas(&mut arenas[1..]).is_err());
+            // In chunks of two, as the GPU session splits a batch between its streams.
+            let mut chunked = start;
+            emulator.run_chunks(&mut chunked, 2).unwrap();
+            assert_eq!(chunked, expected, "{} in chunks", case.name);
         }
     }
 }

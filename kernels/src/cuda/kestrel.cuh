@@ -13,6 +13,8 @@ struct ConvArgs {
     const int* bias;
     const int* multiplier;
     const signed char* shift;
+    const int* packed;       // kestrel_conv_dp4a: filters packed by launch.rs's `pack_dp4a`
+    const int* packed_bias;  // kestrel_conv_dp4a: bias - input zero point * sum of the filter
     long long batch_stride;
     int count;
     int channels, height, width;
@@ -54,6 +56,18 @@ struct ResizeArgs {
     int count;
     int channels, height, width, out_height, out_width;
     int bilinear;
+};
+
+// A detector head's peaks, found on its int8 codes: one thread per heatmap cell.
+struct DecodeArgs {
+    const signed char* head;
+    int* candidates;  // per batch item, `capacity` triples (index, score code, box codes)
+    int* counts;      // per batch item: peaks found, which may exceed `capacity`
+    long long batch_stride;
+    int count;        // heatmap cells: classes * height * width
+    int classes, height, width;
+    int threshold;    // the smallest code whose value reaches the score threshold (128: none)
+    int capacity;
 };
 
 // A u8 HWC frame to int8 NCHW model inputs, one per batch item, each cut at its own origin.

@@ -20,8 +20,10 @@ pub const MAX_BATCH: u32 = 65_535;
 /// The kernels of the `.cu` sources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// `kestrel_conv`: Conv and Gemm.
+    /// `kestrel_conv`: grouped and depthwise Conv.
     Conv,
+    /// `kestrel_conv_dp4a`: dense Conv and Gemm, four input channels per instruction.
+    ConvDp4a,
     /// `kestrel_add`.
     Add,
     /// `kestrel_mul`.
@@ -40,12 +42,15 @@ pub enum Kernel {
     Resize,
     /// `kestrel_preprocess`.
     Preprocess,
+    /// `kestrel_decode`: a detector head's peaks.
+    Decode,
 }
 
 impl Kernel {
     /// Every kernel, for loading them all from a module.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 12] = [
         Self::Conv,
+        Self::ConvDp4a,
         Self::Add,
         Self::Mul,
         Self::Rescale,
@@ -55,12 +60,14 @@ impl Kernel {
         Self::GlobalAveragePool,
         Self::Resize,
         Self::Preprocess,
+        Self::Decode,
     ];
 
     /// The entry point's name in the module.
     pub fn name(self) -> &'static str {
         match self {
             Self::Conv => "kestrel_conv",
+            Self::ConvDp4a => "kestrel_conv_dp4a",
             Self::Add => "kestrel_add",
             Self::Mul => "kestrel_mul",
             Self::Rescale => "kestrel_rescale",
@@ -70,6 +77,7 @@ impl Kernel {
             Self::GlobalAveragePool => "kestrel_global_average_pool",
             Self::Resize => "kestrel_resize",
             Self::Preprocess => "kestrel_preprocess",
+            Self::Decode => "kestrel_decode",
         }
     }
 }
@@ -85,6 +93,8 @@ pub struct ConvArgs {
     pub bias: u64,
     pub multiplier: u64,
     pub shift: u64,
+    pub packed: u64,
+    pub packed_bias: u64,
     pub batch_stride: i64,
     pub count: i32,
     pub channels: i32,
@@ -198,11 +208,29 @@ pub struct PreprocessArgs {
     pub zero_point: i32,
 }
 
+/// `DecodeArgs` of `kestrel.cuh`: a detector head's peaks into a list per batch item.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct DecodeArgs {
+    pub head: u64,
+    pub candidates: u64,
+    pub counts: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub classes: i32,
+    pub height: i32,
+    pub width: i32,
+    pub threshold: i32,
+    pub capacity: i32,
+}
+
 /// One kernel and its arguments.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[allow(missing_docs)]
 pub enum Args {
     Conv(ConvArgs),
+    ConvDp4a(ConvArgs),
     Add(ElementwiseArgs),
     Mul(ElementwiseArgs),
     Rescale(ElementwiseArgs),
@@ -212,6 +240,7 @@ pub enum Args {
     GlobalAveragePool(PoolArgs),
     Resize(ResizeArgs),
     Preprocess(PreprocessArgs),
+    Decode(DecodeArgs),
 }
 
 impl Args {
@@ -219,6 +248,7 @@ impl Args {
     pub fn kernel(&self) -> Kernel {
         match self {
             Self::Conv(_) => Kernel::Conv,
+            Self::ConvDp4a(_) => Kernel::ConvDp4a,
             Self::Add(_) => Kernel::Add,
             Self::Mul(_) => Kernel::Mul,
             Self::Rescale(_) => Kernel::Rescale,
@@ -228,6 +258,7 @@ impl Args {
             Self::GlobalAveragePool(_) => Kernel::GlobalAveragePool,
             Self::Resize(_) => Kernel::Resize,
             Self::Preprocess(_) => Kernel::Preprocess,
+            Self::Decode(_) => Kernel::Decode,
         }
     }
 }
@@ -248,8 +279,27 @@ pub struct Bases {
     pub arena: u64,
     /// First byte of the plan's weights section.
     pub weights: u64,
+    /// First byte of [`DeviceProgram::packed`].
+    pub packed: u64,
     /// Bytes from one batch item's arena to the next.
     pub arena_stride: u64,
+}
+
+impl Bases {
+    /// The bases of batch item `first` on: where a chunk of a batch starts.
+    pub fn from_item(self, first: u32) -> Self {
+        Self {
+            arena: self.arena + u64::from(first) * self.arena_stride,
+            ..self
+        }
+    }
+}
+
+/// The chunks of `chunk` items (the last may be shorter) a batch of `batch` runs as, so that
+/// one chunk's copies overlap another's kernels on a second stream.
+pub fn chunks(batch: u32, chunk: u32) -> impl Iterator<Item = core::ops::Range<u32>> {
+    let chunk = chunk.max(1);
+    (0..batch.div_ceil(chunk)).map(move |k| k * chunk..(k * chunk + chunk).min(batch))
 }
 
 impl ConvArgs {
@@ -261,6 +311,8 @@ impl ConvArgs {
             bias: b.weights + self.bias,
             multiplier: b.weights + self.multiplier,
             shift: b.weights + self.shift,
+            packed: b.packed + self.packed,
+            packed_bias: b.packed + self.packed_bias,
             batch_stride: b.arena_stride as i64,
             ..self
         }
@@ -313,6 +365,17 @@ impl PreprocessArgs {
     }
 }
 
+impl DecodeArgs {
+    /// Its lists are not in the plan's buffers: the session sets them.
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            head: b.arena + self.head,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
 impl Launch {
     /// Grid dimensions for `batch` items.
     pub fn grid(&self, batch: u32) -> (u32, u32, u32) {
@@ -323,6 +386,7 @@ impl Launch {
     pub fn bind(&self, bases: Bases) -> Args {
         match self.args {
             Args::Conv(a) => Args::Conv(a.bind(bases)),
+            Args::ConvDp4a(a) => Args::ConvDp4a(a.bind(bases)),
             Args::Add(a) => Args::Add(a.bind(bases)),
             Args::Mul(a) => Args::Mul(a.bind(bases)),
             Args::Rescale(a) => Args::Rescale(a.bind(bases)),
@@ -332,6 +396,7 @@ impl Launch {
             Args::GlobalAveragePool(a) => Args::GlobalAveragePool(a.bind(bases)),
             Args::Resize(a) => Args::Resize(a.bind(bases)),
             Args::Preprocess(a) => Args::Preprocess(a.bind(bases)),
+            Args::Decode(a) => Args::Decode(a.bind(bases)),
         }
     }
 }
@@ -346,6 +411,16 @@ pub enum PlanningError {
         /// Step index.
         step: usize,
     },
+    /// The plan's output codes do not order as their values (a softmax output, or values
+    /// not finite and strictly increasing), so peaks cannot be found on codes.
+    UnorderedCodes,
+    /// A detector head's shape does not match the plan's output tensor.
+    HeadShape {
+        /// Values the head shape needs.
+        expected: usize,
+        /// Values in the plan's output.
+        got: usize,
+    },
 }
 
 impl core::fmt::Display for PlanningError {
@@ -355,6 +430,13 @@ impl core::fmt::Display for PlanningError {
             Self::TooLarge { step } => {
                 write!(f, "plan step {step} is too large for 32-bit GPU indices")
             }
+            Self::UnorderedCodes => {
+                f.write_str("the plan's output codes do not order as their values do")
+            }
+            Self::HeadShape { expected, got } => write!(
+                f,
+                "the detector head needs {expected} values, the plan's output has {got}"
+            ),
         }
     }
 }
@@ -398,6 +480,9 @@ pub struct DeviceProgram {
     pub input: core::ops::Range<usize>,
     /// The output tensor's place in the arena.
     pub output: core::ops::Range<usize>,
+    /// Constants the GPU needs in another layout than the plan's: the dense convolutions'
+    /// filters and biases packed for `kestrel_conv_dp4a` ([`pack_dp4a`]).
+    pub packed: std::vec::Vec<i32>,
 }
 
 impl DeviceProgram {
@@ -415,8 +500,9 @@ impl DeviceProgram {
         program.run(&mut arena, &mut ShapesOnly)?;
 
         let mut launches = std::vec::Vec::new();
+        let mut packed = std::vec::Vec::new();
         for (index, step) in program.steps().enumerate() {
-            launches.push(plan_step(program, index, step?)?);
+            launches.push(plan_step(program, index, step?, &mut packed)?);
         }
         let tensor = |id| {
             program
@@ -428,6 +514,7 @@ impl DeviceProgram {
             arena_size: program.arena_size(),
             input: tensor(0)?,
             output: tensor(program.header().output_tensor)?,
+            packed,
         })
     }
 
@@ -466,11 +553,63 @@ impl DeviceProgram {
     }
 }
 
+/// What `kestrel_decode` needs to know of a detector head `[classes + 4, height, width]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadShape {
+    /// Class heatmaps.
+    pub classes: usize,
+    /// Rows.
+    pub height: usize,
+    /// Columns.
+    pub width: usize,
+}
+
+impl DeviceProgram {
+    /// The decoding launch over each batch item's output tensor, a head of `shape`: peaks
+    /// scoring at least code `threshold` into lists of `capacity`, whose addresses the
+    /// session supplies.
+    pub fn decode(
+        &self,
+        shape: HeadShape,
+        threshold: i32,
+        capacity: u32,
+    ) -> Result<Launch, PlanningError> {
+        let too_large = PlanningError::TooLarge { step: usize::MAX };
+        let cells = shape.classes * shape.height * shape.width;
+        let expected = cells + 4 * shape.height * shape.width;
+        if expected != self.output.len() {
+            return Err(PlanningError::HeadShape {
+                expected,
+                got: self.output.len(),
+            });
+        }
+        let int = |v: usize| i32::try_from(v).map_err(|_| too_large);
+        Ok(Launch {
+            threads: u32::try_from(cells).map_err(|_| too_large)?,
+            args: Args::Decode(DecodeArgs {
+                head: self.output.start as u64,
+                count: int(cells)?,
+                classes: int(shape.classes)?,
+                height: int(shape.height)?,
+                width: int(shape.width)?,
+                threshold,
+                capacity: int(capacity as usize)?,
+                ..DecodeArgs::default()
+            }),
+        })
+    }
+}
+
 /// Largest window size, stride, padding, dilation or plane side the kernels take: small enough
 /// that `o * stride + k * dilation` cannot overflow their 32-bit arithmetic.
 const MAX_AXIS: usize = 1 << 14;
 
-fn plan_step(program: &Program<'_>, index: usize, step: Step) -> Result<Launch, PlanningError> {
+fn plan_step(
+    program: &Program<'_>,
+    index: usize,
+    step: Step,
+    packed: &mut std::vec::Vec<i32>,
+) -> Result<Launch, PlanningError> {
     let too_large = PlanningError::TooLarge { step: index };
     let int = |v: usize| i32::try_from(v).map_err(|_| too_large);
     let axis = |v: usize| {
@@ -540,7 +679,7 @@ fn plan_step(program: &Program<'_>, index: usize, step: Step) -> Result<Launch, 
                 output_zero_point: q.zero_point,
                 min: q.min.into(),
                 max: q.max.into(),
-                batch_stride: 0,
+                ..ConvArgs::default()
             };
             // Index arithmetic in the kernel multiplies these: keep every product in range.
             let input_len = g.input.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
@@ -549,7 +688,11 @@ fn plan_step(program: &Program<'_>, index: usize, step: Step) -> Result<Launch, 
                 .try_fold(g.input[0], |p, &v| p.checked_mul(v));
             int(input_len.ok_or(too_large)?)?;
             int(weights_len.ok_or(too_large)?)?;
-            Args::Conv(conv)
+            if g.group <= 1 {
+                dense(program, &step.op, conv, packed).ok_or(too_large)?
+            } else {
+                Args::Conv(conv)
+            }
         }
         Op::Gemm {
             weights,
@@ -586,10 +729,10 @@ fn plan_step(program: &Program<'_>, index: usize, step: Step) -> Result<Launch, 
                 output_zero_point: q.zero_point,
                 min: q.min.into(),
                 max: q.max.into(),
-                batch_stride: 0,
+                ..ConvArgs::default()
             };
             int(a.len().checked_mul(out.len()).ok_or(too_large)?)?;
-            Args::Conv(conv)
+            dense(program, &step.op, conv, packed).ok_or(too_large)?
         }
         Op::Add(add) => {
             let q = add.output_quant;
@@ -693,11 +836,12 @@ fn plan_step(program: &Program<'_>, index: usize, step: Step) -> Result<Launch, 
         }
     };
     let threads = match args {
-        Args::Conv(a) => a.count,
+        Args::Conv(a) | Args::ConvDp4a(a) => a.count,
         Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) => a.count,
         Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => a.count,
         Args::Resize(a) => a.count,
         Args::Preprocess(a) => a.count,
+        Args::Decode(a) => a.count,
     };
     // Every count came from an i32 that fits a tensor length: never negative.
     Ok(Launch {
@@ -731,4 +875,98 @@ fn pool_args(
         pad_x: axis(g.pad[1])?,
         ..PoolArgs::default()
     })
+}
+
+/// Output channels one thread of `kestrel_conv_dp4a` computes (`KESTREL_CONV_TILE`).
+pub const CONV_TILE: usize = 8;
+
+/// A dense (group 1) Conv or Gemm as a `kestrel_conv_dp4a` launch: its filter and bias packed
+/// onto the end of `packed`, one thread per output position and tile of output channels.
+/// `None` when the plan's blobs are missing (the dry run has ruled that out) or a size overflows.
+fn dense(
+    program: &Program<'_>,
+    op: &Op,
+    conv: ConvArgs,
+    packed: &mut std::vec::Vec<i32>,
+) -> Option<Args> {
+    let (filter, bias) = program.filter_and_bias(op)?;
+    let out_channels = usize::try_from(conv.out_channels).ok()?;
+    let channels = usize::try_from(conv.channels).ok()?;
+    let taps = usize::try_from(conv.kernel_h * conv.kernel_w).ok()?;
+    let (words, biases) = pack_dp4a(
+        filter,
+        bias,
+        out_channels,
+        channels,
+        taps,
+        conv.input_zero_point,
+    )?;
+    let at = |index: usize| u64::try_from(index * 4).ok();
+    let (packed_at, bias_at) = (at(packed.len())?, at(packed.len() + words.len())?);
+    packed.extend(words);
+    packed.extend(biases);
+    i32::try_from(packed.len().checked_mul(4)?).ok()?;
+    let positions = usize::try_from(conv.out_height * conv.out_width).ok()?;
+    let threads = out_channels.div_ceil(CONV_TILE).checked_mul(positions)?;
+    Some(Args::ConvDp4a(ConvArgs {
+        packed: packed_at,
+        packed_bias: bias_at,
+        count: i32::try_from(threads).ok()?,
+        ..conv
+    }))
+}
+
+/// The words `kestrel_conv_dp4a` reads for a filter of `out_channels` x `channels` x `taps`:
+/// per tile of [`CONV_TILE`] output channels, per quad of input channels, per tap, one word
+/// per channel of the tile holding its four weights (little-endian, zero past the last input
+/// or output channel); and per output channel (padded to whole tiles)
+/// `bias - input_zero_point * sum(filter)`, wrapping as the executor's accumulator does.
+pub fn pack_dp4a(
+    filter: &[i8],
+    bias: &[i32],
+    out_channels: usize,
+    channels: usize,
+    taps: usize,
+    input_zero_point: i32,
+) -> Option<(std::vec::Vec<i32>, std::vec::Vec<i32>)> {
+    let per_output = channels.checked_mul(taps)?;
+    if filter.len() != out_channels.checked_mul(per_output)? || bias.len() != out_channels {
+        return None;
+    }
+    let tiles = out_channels.div_ceil(CONV_TILE);
+    let quads = channels.div_ceil(4);
+    let weight = |oc: usize, c: usize, tap: usize| {
+        if oc < out_channels && c < channels {
+            filter[(oc * channels + c) * taps + tap]
+        } else {
+            0
+        }
+    };
+    let mut words = std::vec::Vec::new();
+    words
+        .try_reserve_exact(tiles.checked_mul(quads)?.checked_mul(taps)? * CONV_TILE)
+        .ok()?;
+    for tile in 0..tiles {
+        for quad in 0..quads {
+            for tap in 0..taps {
+                for lane in 0..CONV_TILE {
+                    let oc = tile * CONV_TILE + lane;
+                    let bytes: [i8; 4] = core::array::from_fn(|k| weight(oc, quad * 4 + k, tap));
+                    words.push(i32::from_le_bytes(bytes.map(|b| b as u8)));
+                }
+            }
+        }
+    }
+    let biases = (0..tiles * CONV_TILE)
+        .map(|oc| match bias.get(oc) {
+            Some(&b) => {
+                let sum = filter[oc * per_output..(oc + 1) * per_output]
+                    .iter()
+                    .fold(0i32, |s, &w| s.wrapping_add(w.into()));
+                b.wrapping_sub(input_zero_point.wrapping_mul(sum))
+            }
+            None => 0,
+        })
+        .collect();
+    Some((words, biases))
 }

@@ -3,7 +3,12 @@
 //! - The kernels are the `.cu` files beside this one, one NVRTC program ([`SOURCE`]), compiled
 //!   at start-up for the GPU found and cached on disk (see [`CudaOptions::cache_dir`]).
 //! - [`launch`] plans the launches on the host, without a driver; the GPU session and the CPU
-//!   emulator ([`emulator`], feature `cuda-emulator`) run the same list.
+//!   emulator ([`emulator`], feature `cuda-emulator`) run the same list. Dense convolutions
+//!   and Gemm run with DP4A on filters repacked at planning time; a larger batch runs in chunks
+//!   alternating between two streams.
+//! - [`CudaBackend::detect_tiles`] finds a detector head's peaks on the GPU, so that only the
+//!   peaks come back to the host ([`DecodedTile`]), where `runtime::detect::decode_peaks`
+//!   makes the boxes `runtime::detect::decode` would.
 //! - [`CudaBackend`] always exists. Without the `cuda` feature, or without a driver or a GPU,
 //!   [`CudaBackend::new`] returns [`CudaError::NotAvailable`] and the caller runs the CPU.
 
@@ -27,6 +32,7 @@ pub const SOURCE: &str = concat!(
     include_str!("pool.cu"),
     include_str!("resize.cu"),
     include_str!("preprocess.cu"),
+    include_str!("decode.cu"),
 );
 
 /// NVRTC options besides the GPU architecture. `--fmad=false` keeps the preprocessing's float
@@ -109,6 +115,9 @@ pub struct CudaOptions {
     pub cache_dir: Option<std::path::PathBuf>,
     /// Replay a batch-1 inference as one CUDA graph instead of one launch per step.
     pub graphs: bool,
+    /// Items per chunk of a larger batch. Chunks alternate between two streams, so one
+    /// chunk's copies overlap another's kernels.
+    pub chunk: u32,
 }
 
 impl Default for CudaOptions {
@@ -118,6 +127,7 @@ impl Default for CudaOptions {
             max_batch: 1,
             cache_dir: None,
             graphs: true,
+            chunk: 64,
         }
     }
 }
@@ -165,6 +175,129 @@ pub(crate) fn batch_of(len: usize, per_item: usize, max: u32) -> Result<u32, Cud
         return Err(CudaError::Batch { max, got: batch });
     }
     Ok(batch as u32)
+}
+
+/// A peak `kestrel_decode` found: its index into the class heatmaps (`class * height * width +
+/// y * width + x`), its score code and the head's four box codes at that cell (width,
+/// height, dx, dy).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// Index into the class heatmaps.
+    pub index: u32,
+    /// The score's code.
+    pub score: i8,
+    /// The box's codes.
+    pub boxes: [i8; 4],
+}
+
+impl Candidate {
+    /// The kernel's triple (index, score code, box codes little-endian), if well formed.
+    pub fn from_words(words: [i32; 3]) -> Option<Self> {
+        Some(Self {
+            index: u32::try_from(words[0]).ok()?,
+            score: i8::try_from(words[1]).ok()?,
+            boxes: words[2].to_le_bytes().map(|b| b as i8),
+        })
+    }
+
+    /// Index, score and box values through `values` ([`HeadCodes::values`]), as
+    /// `runtime::detect::decode_peaks` takes them.
+    pub fn values(&self, values: &[f32; 256]) -> (usize, f32, [f32; 4]) {
+        let value = |code: i8| values[(i32::from(code) + 128) as usize];
+        (
+            self.index as usize,
+            value(self.score),
+            self.boxes.map(value),
+        )
+    }
+}
+
+/// How to decode a detector head on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PeakSearch {
+    /// The head's shape.
+    pub shape: launch::HeadShape,
+    /// The lowest score kept.
+    pub threshold: f32,
+    /// Peaks one tile's list holds; a tile with more comes back as its whole head.
+    pub capacity: u32,
+}
+
+/// One tile's detector head after decoding on the GPU: its peaks in heatmap order, or, when
+/// more peaks were found than the list holds, the whole head's codes to decode on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodedTile {
+    /// Every peak at or above the threshold, sorted by index.
+    Peaks(Vec<Candidate>),
+    /// The head's codes (the list overflowed).
+    Codes(Vec<i8>),
+}
+
+/// How a plan's output codes map to values, for deciding peaks on codes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadCodes {
+    /// The value of every code, `-128` first.
+    pub values: [f32; 256],
+}
+
+impl HeadCodes {
+    /// The output codes' values. An error when comparing codes would not decide as comparing
+    /// values does: a softmax output, or values not finite and strictly increasing.
+    pub fn new(program: &crate::program::Program<'_>) -> Result<Self, CudaError> {
+        let values: [f32; 256] =
+            core::array::from_fn(|i| program.dequantize_code((i as i32 - 128) as i8));
+        let increasing = values.windows(2).all(|w| w[0] < w[1]);
+        if program.header().output_softmax || !increasing || !values.iter().all(|v| v.is_finite()) {
+            return Err(CudaError::Plan(launch::PlanningError::UnorderedCodes));
+        }
+        Ok(Self { values })
+    }
+
+    /// The smallest code `decode` keeps for `threshold` (it skips `score < threshold`); 128
+    /// when it keeps none.
+    pub fn threshold_code(&self, threshold: f32) -> i32 {
+        self.values
+            .iter()
+            // `decode` skips `score < threshold`, which no score is when `threshold` is NaN.
+            .position(|&v| v >= threshold || threshold.is_nan())
+            .map_or(128, |i| i as i32 - 128)
+    }
+}
+
+/// The tiles a decoding launch leaves: `counts[item]` peaks found by batch item `item`, the
+/// first `capacity` of them as triples in `words` (the item's list starts at
+/// `item * capacity * 3`). An item that found more than its list holds gets its head's codes
+/// from `heads` (each item's output, back to back) instead.
+pub(crate) fn decoded_tiles(
+    counts: &[i32],
+    words: &[i32],
+    capacity: usize,
+    heads: Option<&[i8]>,
+) -> Result<Vec<DecodedTile>, CudaError> {
+    let malformed = |what: &str| CudaError::Driver(format!("the decoding kernel left {what}"));
+    let mut tiles = Vec::with_capacity(counts.len());
+    for (item, &count) in counts.iter().enumerate() {
+        let found = usize::try_from(count).map_err(|_| malformed("a negative count"))?;
+        if found > capacity {
+            let heads = heads.ok_or_else(|| malformed("a full list and no head"))?;
+            let len = heads.len() / counts.len().max(1);
+            let head = heads.get(item * len..(item + 1) * len).unwrap_or(&[]);
+            tiles.push(DecodedTile::Codes(head.to_vec()));
+            continue;
+        }
+        let list = words
+            .get(item * capacity * 3..)
+            .and_then(|w| w.get(..found * 3))
+            .ok_or_else(|| malformed("a list past its buffer"))?;
+        let mut peaks = list
+            .chunks_exact(3)
+            .map(|t| Candidate::from_words([t[0], t[1], t[2]]))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| malformed("a malformed peak"))?;
+        peaks.sort_unstable_by_key(|p| p.index);
+        tiles.push(DecodedTile::Peaks(peaks));
+    }
+    Ok(tiles)
 }
 
 /// FNV-1a over the parts that decide the compiled kernels: the cache key.
@@ -255,6 +388,28 @@ impl CudaBackend {
         #[cfg(not(feature = "cuda"))]
         {
             let _ = (frame, width, height, origins, outputs);
+            match self.never {}
+        }
+    }
+
+    /// As [`CudaBackend::run_tiles`], then each tile's head decoded on the GPU as `search`
+    /// says: its peaks, sorted, for `runtime::detect::decode_peaks` with
+    /// [`HeadCodes::values`]; a tile with more peaks than its list holds comes back whole.
+    pub fn detect_tiles(
+        &mut self,
+        frame: &[u8],
+        width: u32,
+        height: u32,
+        origins: &[(u32, u32)],
+        search: PeakSearch,
+    ) -> Result<Vec<DecodedTile>, CudaError> {
+        #[cfg(feature = "cuda")]
+        return self
+            .session
+            .detect_tiles(frame, width, height, origins, search);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (frame, width, height, origins, search);
             match self.never {}
         }
     }
