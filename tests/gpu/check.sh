@@ -19,20 +19,26 @@ stage=${1:-all}
 work=target/gpu-check
 feature=${CUDA_FEATURE:-cuda-13000}
 
-# The path of the executable that `cargo <args> --no-run --message-format=json` builds.
+# The path of the executable named $1 that `cargo <rest> --no-run --message-format=json` builds
+# (a bench or test build also builds the package's binaries: pick by name).
 built() {
+    name=$1
+    shift
     cargo "$@" --no-run --message-format=json 2>/dev/null | python3 -c '
 import json, sys
 paths = [m["executable"] for m in map(json.loads, sys.stdin)
-         if m.get("reason") == "compiler-artifact" and m.get("executable")]
-print(paths[-1])'
+         if m.get("reason") == "compiler-artifact" and m.get("executable")
+         and m["target"]["name"] == sys.argv[1]]
+print(paths[-1])' "$name"
 }
 
 prepare() {
+    # Only what this run makes is carried to the GPU machine (64 MiB at most).
+    rm -rf "$work"
     mkdir -p "$work/bin"
     echo "== building the CUDA tests and benchmark ($feature, release)"
-    cp "$(built test --release -p kestrel-tests --features "$feature" --test cuda)" "$work/bin/cuda-tests"
-    cp "$(built bench -p sim --features "$feature" --bench cuda_compare)" "$work/bin/cuda-compare"
+    cp "$(built cuda test --release -p kestrel-tests --features "$feature" --test cuda)" "$work/bin/cuda-tests"
+    cp "$(built cuda_compare bench -p sim --features "$feature" --bench cuda_compare)" "$work/bin/cuda-compare"
     strip "$work"/bin/* 2>/dev/null || true
     # Compressed to fit what a GPU machine is sent (tract makes each binary about 29 MB).
     gzip -9f "$work"/bin/cuda-tests "$work"/bin/cuda-compare

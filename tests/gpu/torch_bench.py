@@ -19,15 +19,20 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 
 DEVICE = "cuda"
 
 
-def pinned(array):
-    tensor = torch.from_numpy(array.copy())
+def pinned(tensor):
+    tensor = tensor.clone()
     return tensor.pin_memory() if DEVICE == "cuda" else tensor
+
+
+def read(path, dtype, shape):
+    # torch alone (no numpy): the GPU machine's python may have nothing else.
+    with open(path, "rb") as f:
+        return torch.frombuffer(bytearray(f.read()), dtype=dtype).reshape(shape)
 
 
 def timed(fn, runs):
@@ -105,8 +110,8 @@ def main():
     global DEVICE
     DEVICE = args.device
     torch.backends.cudnn.benchmark = True
-    chips = np.fromfile(os.path.join(args.dir, "chips.f32"), dtype=np.float32).reshape(-1, 3, 64, 64)
-    frame = np.fromfile(os.path.join(args.dir, "frame.u8"), dtype=np.uint8).reshape(1024, 1024, 3)
+    chips = read(os.path.join(args.dir, "chips.f32"), torch.float32, (-1, 3, 64, 64))
+    frame = read(os.path.join(args.dir, "frame.u8"), torch.uint8, (1024, 1024, 3))
     result = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": DEVICE,
               "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else None,
               "cudnn": torch.backends.cudnn.version()}

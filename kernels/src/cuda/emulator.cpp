@@ -8,7 +8,8 @@
 struct Dim3 {
     unsigned x, y, z;
 };
-static Dim3 blockIdx, threadIdx, blockDim;
+// Per OS thread: tests emulate kernels on several threads at once.
+static thread_local Dim3 blockIdx, threadIdx, blockDim;
 
 #define __global__
 #define __device__
