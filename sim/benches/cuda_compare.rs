@@ -34,11 +34,9 @@ use kestrel_runtime::detect::{decode, decode_peaks, Detections};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};
-use kestrel_runtime::tile::TileGrid;
-use kestrel_runtime::FrameGeometry;
 use models::ZooModel;
 
-use common::{mosaic, SIZE};
+use common::{frame_tiles, mosaic, GEOMETRY, SIZE};
 
 const BATCH: usize = 256;
 
@@ -217,14 +215,7 @@ fn main() {
     let detector = ZooModel::load(models::DEFAULT_DETECTOR).expect("built-in detector");
     let config = detector.detector_config().expect("a detector");
     let spec = detector.preprocess_spec().expect("spec");
-    let grid = TileGrid::new(
-        SIZE as u32,
-        SIZE as u32,
-        spec.width() as u32,
-        spec.height() as u32,
-        config.tile_overlap,
-    )
-    .expect("grid");
+    let grid = frame_tiles(&spec, &config);
     let origins: Vec<(u32, u32)> = grid.iter().map(|r| (r.x, r.y)).collect();
     let plan = detector.plan_bytes().expect("plan").expect("built-in plan");
     let mut cuda = gpu(plan, origins.len() as u32, true);
@@ -272,12 +263,7 @@ fn main() {
     };
     let (median, p90) = time(runs / 4 + 5, &mut boxes);
     boxes();
-    let geometry = FrameGeometry {
-        width: side,
-        height: side,
-        bands: 3,
-    };
-    let view = FrameView::new(geometry, &frame).expect("frame");
+    let view = FrameView::new(GEOMETRY, &frame).expect("frame");
     let mut backend = detector
         .int8_backend()
         .expect("plan")

@@ -15,12 +15,11 @@ use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::prepare_input;
 use kestrel_runtime::step::DetectorStep;
-use kestrel_runtime::FrameGeometry;
 use models::ZooModel;
 
 mod common;
 
-use common::{mosaic, SIZE};
+use common::{frame_tiles, mosaic, GEOMETRY};
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
@@ -30,22 +29,10 @@ fn main() {
     let config = model.detector_config().expect("a detector");
     let spec = model.preprocess_spec().expect("spec");
     let pixels = mosaic();
-    let geometry = FrameGeometry {
-        width: SIZE as u32,
-        height: SIZE as u32,
-        bands: 3,
-    };
-    let view = FrameView::new(geometry, &pixels).expect("frame");
+    let view = FrameView::new(GEOMETRY, &pixels).expect("frame");
 
     // The nine tiles exactly as the step prepares them.
-    let grid = kestrel_runtime::tile::TileGrid::new(
-        SIZE as u32,
-        SIZE as u32,
-        spec.width() as u32,
-        spec.height() as u32,
-        config.tile_overlap,
-    )
-    .expect("grid");
+    let grid = frame_tiles(&spec, &config);
     let tiles: Vec<Vec<f32>> = grid
         .iter()
         .map(|region| {

@@ -15,10 +15,10 @@ use cudarc::nvrtc;
 
 use super::launch::{
     chunks, Args, Bases, ConvArgs, DecodeArgs, DeviceProgram, ElementwiseArgs, Kernel, Launch,
-    PlanningError, PoolArgs, PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
+    PoolArgs, PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
 };
 use super::{
-    batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceInfo, HeadCodes,
+    batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceInfo,
     PeakSearch, NVRTC_OPTIONS, SOURCE,
 };
 use crate::program::{OwnedProgram, Program};
@@ -59,13 +59,12 @@ pub(super) struct Session {
     frame: Option<CudaSlice<u8>>,
     /// Peak lists and counts for `kestrel_decode`, made on first use.
     peaks: Option<PeakLists>,
-    codes: Option<HeadCodes>,
     graph: Option<Graph>,
 }
 
-/// `max_batch` lists of `capacity` peaks (three words each) and their counts, on the device.
+/// `max_batch` lists of `slots` peaks (three words each) and their counts, on the device.
 struct PeakLists {
-    capacity: u32,
+    slots: u32,
     words: CudaSlice<i32>,
     counts: CudaSlice<i32>,
 }
@@ -105,7 +104,6 @@ impl Session {
     pub(super) fn new(plan: &[u8], options: &CudaOptions) -> Result<Self, CudaError> {
         let owned = OwnedProgram::new(plan)?;
         let device = DeviceProgram::new(owned.program())?;
-        let codes = HeadCodes::new(owned.program()).ok();
         let max_batch = options.max_batch.clamp(1, MAX_BATCH);
         check_available(options.device)?;
 
@@ -164,7 +162,6 @@ impl Session {
             origins,
             frame: None,
             peaks: None,
-            codes,
             graph: None,
         };
         // The uploads above are on the first stream; the second must not run before them.
@@ -446,28 +443,18 @@ impl Session {
         origins: &[(u32, u32)],
         search: PeakSearch,
     ) -> Result<Vec<DecodedTile>, CudaError> {
-        let PeakSearch {
-            shape,
-            threshold,
-            capacity,
-        } = search;
         let batch = batch_of(origins.len(), 1, self.max_batch)?;
-        let codes = self
-            .codes
-            .as_ref()
-            .ok_or(CudaError::Plan(PlanningError::UnorderedCodes))?;
-        let decode = self
-            .device
-            .decode(shape, codes.threshold_code(threshold), capacity)?;
-        let capacity = capacity.max(1);
-        if self.peaks.as_ref().is_none_or(|p| p.capacity != capacity) {
+        let decode = self.device.decode(search)?;
+        let capacity = search.capacity;
+        // Lists of no peaks are allowed (every tile with a peak comes back whole), but a CUDA
+        // allocation of no bytes is an error: allocate at least one slot.
+        let slots = capacity.max(1);
+        if self.peaks.as_ref().is_none_or(|p| p.slots != slots) {
             let items = self.max_batch as usize;
-            let words = self
-                .stream
-                .alloc_zeros::<i32>(items * capacity as usize * 3);
+            let words = self.stream.alloc_zeros::<i32>(items * slots as usize * 3);
             let counts = self.stream.alloc_zeros::<i32>(items);
             self.peaks = Some(PeakLists {
-                capacity,
+                slots,
                 words: words.map_err(driver_error)?,
                 counts: counts.map_err(driver_error)?,
             });
@@ -507,9 +494,11 @@ impl Session {
         self.stream
             .memcpy_dtoh(&peaks.counts.slice(..n), &mut found)
             .map_err(driver_error)?;
-        self.stream
-            .memcpy_dtoh(&peaks.words.slice(..lists.len()), &mut lists)
-            .map_err(driver_error)?;
+        if !lists.is_empty() {
+            self.stream
+                .memcpy_dtoh(&peaks.words.slice(..lists.len()), &mut lists)
+                .map_err(driver_error)?;
+        }
         self.stream.synchronize().map_err(driver_error)?;
         // A tile with more peaks than its list holds is decoded on the host from its head.
         let heads = if found.iter().any(|&c| c > capacity as i32) {

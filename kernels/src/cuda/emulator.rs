@@ -4,7 +4,7 @@
 //! GPU. It says nothing about speed, data races or the driver.
 
 use super::launch::{chunks, Args, Bases, DeviceProgram, Launch, BLOCK, MAX_BATCH};
-use super::{decoded_tiles, CudaError, DecodedTile, HeadCodes, PeakSearch};
+use super::{decoded_tiles, CudaError, DecodedTile, PeakSearch};
 use crate::program::{AlignedBytes, Program};
 
 use super::launch::{ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
@@ -46,7 +46,6 @@ pub fn c_struct_sizes() -> [usize; 6] {
 pub struct Emulator {
     program: DeviceProgram,
     weights: AlignedBytes,
-    codes: Option<HeadCodes>,
 }
 
 impl Emulator {
@@ -55,7 +54,6 @@ impl Emulator {
         Ok(Self {
             program: DeviceProgram::new(program)?,
             weights: AlignedBytes::new(program.weights()),
-            codes: HeadCodes::new(program).ok(),
         })
     }
 
@@ -125,18 +123,9 @@ impl Emulator {
 
     /// Decode each arena's output, a detector head, as `search` says and the GPU session does.
     pub fn decode(&self, arenas: &[i8], search: PeakSearch) -> Result<Vec<DecodedTile>, CudaError> {
-        let PeakSearch {
-            shape,
-            threshold,
-            capacity,
-        } = search;
         let batch = self.batch(arenas)? as usize;
-        let codes = self.codes.as_ref().ok_or(CudaError::Plan(
-            super::launch::PlanningError::UnorderedCodes,
-        ))?;
-        let launch = self
-            .program
-            .decode(shape, codes.threshold_code(threshold), capacity)?;
+        let capacity = search.capacity;
+        let launch = self.program.decode(search)?;
         let Args::Decode(args) = launch.args else {
             return Err(CudaError::Driver("not a decoding launch".into()));
         };

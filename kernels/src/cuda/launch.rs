@@ -11,6 +11,8 @@ use crate::int8::{Add, Conv, ShapeError};
 use crate::program::{Blob, ChannelBlobs, Kernels, Op, Program, ProgramError, Step};
 use crate::{PreprocessSpec, MAX_BANDS};
 
+use super::{HeadCodes, PeakSearch};
+
 /// Threads per block of every kernel.
 pub const BLOCK: u32 = 256;
 
@@ -483,6 +485,8 @@ pub struct DeviceProgram {
     /// Constants the GPU needs in another layout than the plan's: the dense convolutions'
     /// filters and biases packed for `kestrel_conv_dp4a` ([`pack_dp4a`]).
     pub packed: std::vec::Vec<i32>,
+    /// The output codes' values, when peaks can be found on codes ([`DeviceProgram::decode`]).
+    pub codes: Option<HeadCodes>,
 }
 
 impl DeviceProgram {
@@ -515,6 +519,7 @@ impl DeviceProgram {
             input: tensor(0)?,
             output: tensor(program.header().output_tensor)?,
             packed,
+            codes: HeadCodes::new(program).ok(),
         })
     }
 
@@ -565,15 +570,15 @@ pub struct HeadShape {
 }
 
 impl DeviceProgram {
-    /// The decoding launch over each batch item's output tensor, a head of `shape`: peaks
-    /// scoring at least code `threshold` into lists of `capacity`, whose addresses the
-    /// session supplies.
-    pub fn decode(
-        &self,
-        shape: HeadShape,
-        threshold: i32,
-        capacity: u32,
-    ) -> Result<Launch, PlanningError> {
+    /// The decoding launch over each batch item's output tensor, a detector head, as `search`
+    /// says; the session supplies the lists' addresses.
+    pub fn decode(&self, search: PeakSearch) -> Result<Launch, PlanningError> {
+        let codes = self.codes.as_ref().ok_or(PlanningError::UnorderedCodes)?;
+        let PeakSearch {
+            shape,
+            threshold,
+            capacity,
+        } = search;
         let too_large = PlanningError::TooLarge { step: usize::MAX };
         let cells = shape.classes * shape.height * shape.width;
         let expected = cells + 4 * shape.height * shape.width;
@@ -592,7 +597,7 @@ impl DeviceProgram {
                 classes: int(shape.classes)?,
                 height: int(shape.height)?,
                 width: int(shape.width)?,
-                threshold,
+                threshold: codes.threshold_code(threshold),
                 capacity: int(capacity as usize)?,
                 ..DecodeArgs::default()
             }),

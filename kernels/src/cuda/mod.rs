@@ -243,12 +243,12 @@ pub struct HeadCodes {
 impl HeadCodes {
     /// The output codes' values. An error when comparing codes would not decide as comparing
     /// values does: a softmax output, or values not finite and strictly increasing.
-    pub fn new(program: &crate::program::Program<'_>) -> Result<Self, CudaError> {
+    pub fn new(program: &crate::program::Program<'_>) -> Result<Self, launch::PlanningError> {
         let values: [f32; 256] =
             core::array::from_fn(|i| program.dequantize_code((i as i32 - 128) as i8));
         let increasing = values.windows(2).all(|w| w[0] < w[1]);
         if program.header().output_softmax || !increasing || !values.iter().all(|v| v.is_finite()) {
-            return Err(CudaError::Plan(launch::PlanningError::UnorderedCodes));
+            return Err(launch::PlanningError::UnorderedCodes);
         }
         Ok(Self { values })
     }

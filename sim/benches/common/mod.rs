@@ -3,9 +3,33 @@
 use std::path::Path;
 
 use kestrel_host::{decode_image, DecodedImage};
+use kestrel_kernels::PreprocessSpec;
+use kestrel_runtime::step::DetectorConfig;
+use kestrel_runtime::tile::TileGrid;
+use kestrel_runtime::FrameGeometry;
 
 /// Side of the benchmark frame.
 pub const SIZE: usize = 1024;
+
+/// The benchmark frame: `SIZE` x `SIZE`, RGB.
+pub const GEOMETRY: FrameGeometry = FrameGeometry {
+    width: SIZE as u32,
+    height: SIZE as u32,
+    bands: 3,
+};
+
+/// The tiles `DetectorStep` cuts the benchmark frame into, for a detector of `spec` and
+/// `config`.
+pub fn frame_tiles(spec: &PreprocessSpec, config: &DetectorConfig) -> TileGrid {
+    TileGrid::new(
+        GEOMETRY.width,
+        GEOMETRY.height,
+        spec.width() as u32,
+        spec.height() as u32,
+        config.tile_overlap,
+    )
+    .expect("grid")
+}
 
 /// A 1024 x 1024 RGB frame (HWC): a mosaic of two committed NWPU VHR-10 sample scenes (`017.jpg`
 /// above, `201.jpg` below), cropped.
