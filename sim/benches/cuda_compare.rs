@@ -15,7 +15,7 @@
 //!   does; `boxes_match_cpu` says whether the boxes equal `DetectorStep` on the int8 CPU
 //!   executor.
 //!
-//! Times are medians (and p90) of `runs` repetitions after warm-up. Without a GPU it exits with
+//! Times are medians, p90 and p99 of `runs` repetitions after warm-up. Without a GPU it exits with
 //! the reason.
 
 mod common;
@@ -40,8 +40,25 @@ use common::{frame_tiles, mosaic, GEOMETRY, SIZE};
 
 const BATCH: usize = 256;
 
-/// Median and p90 of `runs` timings of `f` after `runs / 10 + 3` untimed calls, in µs.
-fn time(runs: usize, mut f: impl FnMut()) -> (f64, f64) {
+/// Quantiles of repeated timings, in µs.
+struct Timing {
+    median: f64,
+    p90: f64,
+    p99: f64,
+}
+
+impl Timing {
+    /// The JSON fields, without braces.
+    fn fields(&self) -> String {
+        format!(
+            "\"median_us\": {:.1}, \"p90_us\": {:.1}, \"p99_us\": {:.1}",
+            self.median, self.p90, self.p99
+        )
+    }
+}
+
+/// `runs` timings of `f` after `runs / 10 + 3` untimed calls.
+fn time(runs: usize, mut f: impl FnMut()) -> Timing {
     for _ in 0..runs / 10 + 3 {
         f();
     }
@@ -54,7 +71,11 @@ fn time(runs: usize, mut f: impl FnMut()) -> (f64, f64) {
         .collect();
     times.sort_by(f64::total_cmp);
     let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
-    (at(0.5), at(0.9))
+    Timing {
+        median: at(0.5),
+        p90: at(0.9),
+        p99: at(0.99),
+    }
 }
 
 fn gpu(plan: &[u8], max_batch: u32, graphs: bool) -> CudaBackend {
@@ -141,7 +162,10 @@ fn frame_boxes(
 
 fn main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
-    let dir = PathBuf::from(args.next().unwrap_or_else(|| "target/gpu-bench".into()));
+    let dir = PathBuf::from(
+        args.next()
+            .unwrap_or_else(|| "target/gpu-check/bench".into()),
+    );
     let runs: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(200);
     std::fs::create_dir_all(&dir).expect("output folder");
 
@@ -179,7 +203,7 @@ fn main() {
             );
         }
         let mut i = 0;
-        let (median, p90) = time(runs * 5, || {
+        let timing = time(runs * 5, || {
             cuda.run(&inputs[i % inputs.len()], &mut output)
                 .expect("run");
             i += 1;
@@ -189,10 +213,7 @@ fn main() {
         } else {
             "classify_batch1_no_graph"
         };
-        let _ = write!(
-            json,
-            "\"{key}\": {{\"median_us\": {median:.1}, \"p90_us\": {p90:.1}}}, "
-        );
+        let _ = write!(json, "\"{key}\": {{{}}}, ", timing.fields());
     }
 
     let mut cuda = gpu(plan, BATCH as u32, true);
@@ -203,13 +224,14 @@ fn main() {
         program.quantize_codes(input, chunk).expect("quantise");
     }
     let mut scores = vec![0i8; program.output_len() * BATCH];
-    let (median, p90) = time(runs / 4 + 5, || {
+    let timing = time(runs / 4 + 5, || {
         cuda.run_codes(&codes, &mut scores).expect("batch")
     });
     let _ = write!(
         json,
-        "\"classify_batch256\": {{\"median_us\": {median:.1}, \"p90_us\": {p90:.1}, \"tiles_per_s\": {:.0}}}, ",
-        BATCH as f64 / (median * 1e-6)
+        "\"classify_batch256\": {{{}, \"tiles_per_s\": {:.0}}}, ",
+        timing.fields(),
+        BATCH as f64 / (timing.median * 1e-6)
     );
 
     let detector = ZooModel::load(models::DEFAULT_DETECTOR).expect("built-in detector");
@@ -221,14 +243,15 @@ fn main() {
     let mut cuda = gpu(plan, origins.len() as u32, true);
     let mut head = vec![0i8; cuda.output_len() * origins.len()];
     let side = SIZE as u32;
-    let (median, p90) = time(runs / 4 + 5, || {
+    let timing = time(runs / 4 + 5, || {
         cuda.run_tiles(&frame, side, side, &origins, &mut head)
             .expect("tiles")
     });
     let _ = write!(
         json,
-        "\"detect_frame\": {{\"tiles\": {}, \"median_us\": {median:.1}, \"p90_us\": {p90:.1}}}, ",
-        origins.len()
+        "\"detect_frame\": {{\"tiles\": {}, {}}}, ",
+        origins.len(),
+        timing.fields()
     );
 
     let owned = kestrel_kernels::program::OwnedProgram::new(plan).expect("plan");
@@ -261,7 +284,7 @@ fn main() {
             &mut found,
         );
     };
-    let (median, p90) = time(runs / 4 + 5, &mut boxes);
+    let timing = time(runs / 4 + 5, &mut boxes);
     boxes();
     let view = FrameView::new(GEOMETRY, &frame).expect("frame");
     let mut backend = detector
@@ -275,10 +298,11 @@ fn main() {
     step.detect(view, &mut on_cpu).expect("detect");
     let _ = write!(
         json,
-        "\"detect_frame_boxes\": {{\"tiles\": {}, \"boxes\": {}, \"boxes_match_cpu\": {}, \"median_us\": {median:.1}, \"p90_us\": {p90:.1}}}, \"runs\": {runs}}}",
+        "\"detect_frame_boxes\": {{\"tiles\": {}, \"boxes\": {}, \"boxes_match_cpu\": {}, {}}}, \"runs\": {runs}}}",
         origins.len(),
         found.as_slice().len(),
-        found == on_cpu
+        found == on_cpu,
+        timing.fields()
     );
     std::fs::write(dir.join("kestrel.json"), &json).expect("write results");
     println!("{json}");

@@ -1,11 +1,16 @@
 """PyTorch on the GPU on the zoo models, timed as sim/benches/cuda_compare.rs times Kestrel.
 
-    python3 tests/gpu/torch_bench.py --dir target/gpu-bench [--runs 200] [--device cpu]
+    python3 tests/gpu/torch_bench.py --dir target/gpu-check/bench --weights target/gpu-check/torch \
+        [--runs 200] [--setups eager,graphs] [--device cpu]
 
-Reads from --dir the TorchScript models (tests/gpu/torch_models.py) and the inputs the Kestrel
-benchmark wrote (chips.f32, frame.u8), and writes torch.json there. Two PyTorch setups:
-- fp32 eager;
-- fp16 with CUDA graphs (the model in half precision, each shape captured once, replayed).
+Builds the zoo models from the training scripts' architectures and the weights that
+tests/gpu/torch_models.py saved (checked there against the committed ONNX with tract and ONNX
+Runtime), reads from --dir the inputs the Kestrel benchmark wrote (chips.f32, frame.u8), and
+writes torch-<setups>.json there. PyTorch setups:
+- eager: fp32 eager;
+- graphs: fp16 with CUDA graphs (the model in half precision, each shape captured once, replayed);
+- compile: fp16 through `torch.compile(mode="max-autotune")` (Triton kernels chosen by
+  measurement, CUDA graphs), run on its own since its compilation can take minutes.
 Each measures, host to host like Kestrel's:
 - classify_batch1: one 1x3x64x64 float chip from pinned memory to the GPU, the model, the ten
   scores back;
@@ -17,9 +22,13 @@ Each measures, host to host like Kestrel's:
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_models  # noqa: E402
 
 DEVICE = "cuda"
 
@@ -45,7 +54,7 @@ def timed(fn, runs):
         times.append((time.perf_counter() - start) * 1e6)
     times.sort()
     at = lambda q: times[round((len(times) - 1) * q)]
-    return {"median_us": round(at(0.5), 1), "p90_us": round(at(0.9), 1)}
+    return {"median_us": round(at(0.5), 1), "p90_us": round(at(0.9), 1), "p99_us": round(at(0.99), 1)}
 
 
 def capture(forward):
@@ -102,7 +111,9 @@ def detector_input(frame_host, mean, std, origins, tile):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default="target/gpu-bench")
+    p.add_argument("--dir", default="target/gpu-check/bench", help="chips.f32 and frame.u8; results go here")
+    p.add_argument("--weights", default="target/gpu-check/torch", help="the state dicts torch_models.py saved")
+    p.add_argument("--setups", default="eager,graphs", help="comma-separated: eager, graphs, compile")
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--manifests", default="models/zoo", help="zoo folder, for the detector's mean and std")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -122,11 +133,20 @@ def main():
     std = torch.tensor(pre["std"], device=DEVICE).view(3, 1, 1)
     origins = [(x, y) for y in (0, 384, 512) for x in (0, 384, 512)]
 
-    setups = (("fp32_eager", False, False), ("fp16_cuda_graphs", True, True))
-    for label, half, graphs in setups if DEVICE == "cuda" else setups[:1]:
+    setups = {"eager": ("fp32_eager", False, False), "graphs": ("fp16_cuda_graphs", True, True),
+              "compile": ("fp16_compile_max_autotune", True, False)}
+    chosen = args.setups.split(",")
+    if DEVICE == "cpu":
+        chosen = [c for c in chosen if c == "eager"]
+    output = os.path.join(args.dir, f"torch-{'-'.join(chosen)}.json")
+    for key in chosen:
+        label, half, graphs = setups[key]
         dtype = torch.float16 if half else torch.float32
-        classifier = torch.jit.load(os.path.join(args.dir, "eurosat-rgb.ts"), map_location=DEVICE).eval().to(dtype)
-        detector = torch.jit.load(os.path.join(args.dir, "nwpu-vhr10.ts"), map_location=DEVICE).eval().to(dtype)
+        models = [torch_models.load(name, os.path.join(args.weights, f"{name}.pt")).to(DEVICE, dtype)
+                  for name in ("eurosat-rgb", "nwpu-vhr10")]
+        if key == "compile":
+            models = [torch.compile(m, mode="max-autotune", fullgraph=True) for m in models]
+        classifier, detector = models
         with torch.inference_mode():
             r = {"classify_batch1": timed(host_to_host(classifier, one, half, graphs), args.runs * 5)}
             r["classify_batch256"] = timed(host_to_host(classifier, batch, half, graphs), args.runs // 4 + 5)
@@ -144,13 +164,14 @@ def main():
                 frame_run = replayed(graph, static_frame, frame_host, heads)
             else:
                 def frame_run():
-                    detector(detector_input(frame_host, mean, std, origins, 512)).cpu()
+                    detector(detector_input(frame_host, mean, std, origins, 512).to(dtype)).cpu()
             r["detect_frame"] = timed(frame_run, args.runs // 4 + 5)
             r["detect_frame"]["tiles"] = len(origins)
         result[label] = r
         print(label, json.dumps(r), flush=True)
-    with open(os.path.join(args.dir, "torch.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        # Written after each setup: a later one that fails or runs out of time loses only itself.
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":
