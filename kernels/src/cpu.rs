@@ -3,6 +3,7 @@
 
 use crate::int8::{Add, Conv, ShapeError};
 use crate::program::{Kernels, OwnedProgram, Program, ProgramError, Reference};
+use crate::session::Session;
 use crate::{Backend, BackendError};
 
 /// The convolution kernels chosen for this CPU at load.
@@ -110,16 +111,14 @@ impl Int8Cpu {
     }
 
     /// The verified program.
-    pub fn program(&self) -> &Program<'static> {
+    pub fn program(&self) -> &Program<'_> {
         self.owned.program()
     }
 
-    /// Quantise `input`, run the program, dequantise into `output`.
+    /// Quantise `input`, run the program, dequantise into `output`: a [`Session`] over this
+    /// backend's program, arena and kernels.
     pub fn infer(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), ProgramError> {
-        let program = self.owned.program();
-        program.quantize_input(input, &mut self.arena)?;
-        program.run(&mut self.arena, &mut self.kernels)?;
-        program.dequantize_output(&self.arena, output)
+        Session::new(self.owned.program(), &mut self.arena, &mut self.kernels)?.infer(input, output)
     }
 
     /// The arena as the last [`Int8Cpu::infer`] left it: every tensor's codes, the output's

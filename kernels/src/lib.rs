@@ -19,6 +19,7 @@ pub mod neon;
 pub mod plan;
 pub mod program;
 pub mod quant;
+pub mod session;
 pub mod spec;
 #[cfg(feature = "std")]
 mod strips;

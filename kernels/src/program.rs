@@ -227,6 +227,23 @@ pub trait Kernels {
     }
 }
 
+/// Borrowed kernels, so a [`crate::session::Session`] can run kernels its caller keeps.
+impl<K: Kernels + ?Sized> Kernels for &mut K {
+    fn conv(
+        &mut self,
+        step: usize,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).conv(step, conv, input, output)
+    }
+
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).add(add, a, b, output)
+    }
+}
+
 /// The generic kernels: the oracle, and the only choice without `std`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;
@@ -720,7 +737,7 @@ impl ProgramBuilder {
 #[cfg(feature = "std")]
 pub struct OwnedProgram {
     // Borrows `bytes`' heap buffer, which never moves or changes while `self` lives; declared
-    // first so it is dropped first.
+    // first so it is dropped first. Never handed out as `'static`: `program()` ties it to `self`.
     program: Program<'static>,
     _bytes: AlignedBytes,
 }
@@ -741,8 +758,19 @@ impl OwnedProgram {
         })
     }
 
-    /// The verified program.
-    pub fn program(&self) -> &Program<'static> {
+    /// The verified program, borrowed from `self`: neither it nor anything taken from it (a
+    /// clone, the header, a weight slice) can outlive the owner, whose buffer it reads.
+    ///
+    /// ```compile_fail
+    /// use kestrel_kernels::program::{OwnedProgram, Program};
+    ///
+    /// // Keeping the program past its owner's drop would read freed memory: it must not compile.
+    /// fn outlive(plan: &[u8]) -> Program<'static> {
+    ///     let owned = OwnedProgram::new(plan).unwrap();
+    ///     owned.program().clone()
+    /// }
+    /// ```
+    pub fn program(&self) -> &Program<'_> {
         &self.program
     }
 }

@@ -195,3 +195,89 @@ fn the_detector_step_allocates_nothing_per_frame() {
         found.as_slice()
     );
 }
+
+/// The `no_std` path: the plan's program over a caller's arena ([`Session`], generic kernels)
+/// behind the same `Backend` contract drives `ClassifierStep` with no allocation per frame and
+/// the scores `Int8Cpu` gives, and `DetectorStep` to the boxes `Int8Cpu` finds.
+#[test]
+fn the_session_backend_drives_both_steps() {
+    use kestrel_kernels::program::ProgramError;
+    use kestrel_kernels::session::Session;
+    use kestrel_runtime::detect::Detections;
+    use kestrel_runtime::step::DetectorStep;
+
+    let model = ZooModel::load(models::DEFAULT_MODEL).unwrap();
+    let spec = model.preprocess_spec().unwrap();
+    let bytes = AlignedBytes::new(model.plan_bytes().unwrap().unwrap());
+    let program = Program::new(bytes.as_bytes()).unwrap();
+    let mut arena = vec![0i8; program.arena_size()];
+    assert_eq!(
+        Session::new(&program, &mut arena[1..], Reference).err(),
+        Some(ProgramError::Arena {
+            needed: program.arena_size(),
+            got: program.arena_size() - 1
+        })
+    );
+    let session = Session::new(&program, &mut arena, Reference).unwrap();
+    let (mut input, mut scores) = (vec![0.0; spec.input_len()], vec![0.0; 10]);
+    let mut step = ClassifierStep::new(session, spec, &mut input, &mut scores).unwrap();
+    let image = chip();
+    let (clock, mut health) = (HostClock::default(), Health::default());
+    let mut classified = Vec::with_capacity(3);
+    let count = allocations_during(|| {
+        for _ in 0..3 {
+            let frame = FrameView::new(image.geometry, &image.samples).unwrap();
+            classified.push(step.process(frame, &clock, &mut health).unwrap().0);
+        }
+    });
+    assert_eq!(count, 0, "ClassifierStep over a Session");
+    let host = model.int8_backend().unwrap().unwrap();
+    let (mut input, mut host_scores) = (vec![0.0; spec.input_len()], vec![0.0; 10]);
+    let mut step = ClassifierStep::new(host, spec, &mut input, &mut host_scores).unwrap();
+    let frame = FrameView::new(image.geometry, &image.samples).unwrap();
+    let on_host = step.process(frame, &clock, &mut health).unwrap().0;
+    assert_eq!(
+        classified,
+        vec![on_host; 3],
+        "Session and Int8Cpu classifications"
+    );
+    assert_eq!(scores, host_scores, "Session and Int8Cpu scores");
+
+    // The detector on one 512x512 tile of a real scene (the generic kernels are slow).
+    let model = ZooModel::load(models::DEFAULT_DETECTOR).unwrap();
+    let (spec, config) = (
+        model.preprocess_spec().unwrap(),
+        model.detector_config().unwrap(),
+    );
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/nwpu-vhr10/images/017.jpg");
+    let scene = decode_image(&path).unwrap();
+    let width = scene.geometry.width as usize;
+    let tile: Vec<u8> = (0..512)
+        .flat_map(|row| &scene.samples[row * width * 3..][..512 * 3])
+        .copied()
+        .collect();
+    let geometry = kestrel_runtime::FrameGeometry {
+        width: 512,
+        height: 512,
+        bands: 3,
+    };
+    let frame = FrameView::new(geometry, &tile).unwrap();
+    let bytes = AlignedBytes::new(model.plan_bytes().unwrap().unwrap());
+    let program = Program::new(bytes.as_bytes()).unwrap();
+    let mut arena = vec![0i8; program.arena_size()];
+    let mut boxes = Vec::new();
+    for backend in [
+        Box::new(Session::new(&program, &mut arena, Reference).unwrap()) as Box<dyn Backend + '_>,
+        Box::new(model.int8_backend().unwrap().unwrap()),
+    ] {
+        let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.layout.len()]);
+        let mut step =
+            DetectorStep::<_, 128>::new(backend, spec, config, &mut input, &mut head).unwrap();
+        let mut found = Detections::<256>::new();
+        step.detect(frame, &mut found).unwrap();
+        boxes.push(found);
+    }
+    assert!(boxes[0].as_slice().len() >= 3, "{:?}", boxes[0].as_slice());
+    assert!(boxes[0] == boxes[1], "Session and Int8Cpu boxes");
+}

@@ -176,7 +176,7 @@ impl Session {
         &self.info
     }
 
-    pub(super) fn program(&self) -> &Program<'static> {
+    pub(super) fn program(&self) -> &Program<'_> {
         self.owned.program()
     }
 
@@ -396,7 +396,7 @@ impl Session {
     }
 
     pub(super) fn infer(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CudaError> {
-        let program = self.owned.program().clone();
+        let program = self.owned.program();
         let input_len = program.input_len();
         // Quantised on the host by the CPU executor's own code, so the codes are its codes.
         let staged = self.input_staging.as_mut_slice().map_err(driver_error)?;
@@ -405,7 +405,8 @@ impl Session {
         self.upload_staged(&stream, 0..1)?;
         self.run_program()?;
         self.download_staged(&stream, 0..1)?;
-        program.dequantize_codes(self.staged_outputs(1)?, output)?;
+        let outputs = self.staged_outputs(1)?;
+        self.owned.program().dequantize_codes(outputs, output)?;
         Ok(())
     }
 
