@@ -9,6 +9,7 @@
 //! Layers it cannot take bit-exactly (a zero point outside int8) run the generic kernel.
 
 use std::arch::x86_64::*;
+use std::boxed::Box;
 use std::vec::Vec;
 
 mod winograd;
@@ -19,6 +20,7 @@ use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
 use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, ShapeError, ADD_FRACTION_BITS};
 use crate::program::{Kernels, Program};
 use crate::quant::{requantize_i8, Requant};
+use crate::table::{Entry, KernelTable};
 
 /// One convolution ready for the AVX2 kernels.
 struct Prepared {
@@ -74,21 +76,48 @@ impl Avx2 {
     }
 }
 
+/// The AVX2 plug-in for the kernel table: on a CPU with AVX2, its convolutions (packed for
+/// `program`) and its Add.
+pub(crate) fn plug(table: &mut KernelTable, program: &Program<'_>) {
+    let Some(mut avx2) = Avx2::new(program) else {
+        return;
+    };
+    table.add = Entry {
+        name: "avx2",
+        kernel: add,
+    };
+    table.conv = Entry {
+        name: "avx2",
+        kernel: Box::new(
+            move |step, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
+                avx2.conv(step, conv, input, output)
+            },
+        ),
+    };
+}
+
+/// Add eight lanes at a time where the sums fit 32-bit lanes exactly, else the generic kernel.
+/// Reached only through [`Avx2`] or a table [`plug`] filled: both exist only once AVX2 was
+/// detected.
+fn add(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    // Terms stay below 2^30 when each scale is below 2^6 and the zero points are int8
+    // codes: then 32-bit lanes hold them and their sum exactly.
+    let exact = add.requant.iter().all(|r| r.shift <= 6)
+        && add
+            .input_zero_points
+            .iter()
+            .all(|z| (-128..=127).contains(z));
+    if !exact || a.len() != b.len() || output.len() != a.len() {
+        return add.run(a, b, output);
+    }
+    // SAFETY: AVX2 was detected before this function could be reached (see above).
+    unsafe { add8(add, a, b, output) };
+    Ok(())
+}
+
 impl Kernels for Avx2 {
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        // Terms stay below 2^30 when each scale is below 2^6 and the zero points are int8
-        // codes: then 32-bit lanes hold them and their sum exactly.
-        let exact = add.requant.iter().all(|r| r.shift <= 6)
-            && add
-                .input_zero_points
-                .iter()
-                .all(|z| (-128..=127).contains(z));
-        if !exact || a.len() != b.len() || output.len() != a.len() {
-            return add.run(a, b, output);
-        }
-        // SAFETY: AVX2 was detected when these kernels were made.
-        unsafe { add8(add, a, b, output) };
-        Ok(())
+        self::add(add, a, b, output)
     }
 
     fn conv(

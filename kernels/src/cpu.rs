@@ -1,83 +1,16 @@
-//! The int8 CPU backend: a plan's program, its arena and the fastest convolution kernels this CPU
-//! has, all allocated once at load so that an inference allocates nothing.
+//! The int8 CPU backend: a plan's program, its arena and the kernel table for this CPU, all
+//! allocated once at load so that an inference allocates nothing.
 
-use crate::int8::{Add, Conv, ShapeError};
-use crate::program::{Kernels, OwnedProgram, Program, ProgramError, Reference};
+use crate::program::{OwnedProgram, Program, ProgramError};
 use crate::session::Session;
+use crate::table::KernelTable;
 use crate::{Backend, BackendError};
-
-/// The convolution kernels chosen for this CPU at load.
-enum Chosen {
-    Generic(Reference),
-    #[cfg(target_arch = "x86_64")]
-    Avx2(crate::avx2::Avx2),
-    #[cfg(target_arch = "aarch64")]
-    Neon(crate::neon::Neon),
-}
-
-impl Chosen {
-    /// The fastest kernels this CPU runs, unless `generic` is asked for.
-    fn detect(program: &Program<'_>, generic: bool) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if !generic {
-            if let Some(avx2) = crate::avx2::Avx2::new(program) {
-                return Self::Avx2(avx2);
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        if !generic {
-            if let Some(neon) = crate::neon::Neon::new(program) {
-                return Self::Neon(neon);
-            }
-        }
-        let _ = (program, generic);
-        Self::Generic(Reference)
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Generic(_) => "generic",
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2(_) => "avx2",
-            #[cfg(target_arch = "aarch64")]
-            Self::Neon(_) => "neon",
-        }
-    }
-}
-
-impl Kernels for Chosen {
-    fn conv(
-        &mut self,
-        step: usize,
-        conv: &Conv<'_>,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        match self {
-            Self::Generic(k) => k.conv(step, conv, input, output),
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2(k) => k.conv(step, conv, input, output),
-            #[cfg(target_arch = "aarch64")]
-            Self::Neon(k) => k.conv(step, conv, input, output),
-        }
-    }
-
-    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        match self {
-            Self::Generic(k) => k.add(add, a, b, output),
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2(k) => k.add(add, a, b, output),
-            #[cfg(target_arch = "aarch64")]
-            Self::Neon(k) => k.add(add, a, b, output),
-        }
-    }
-}
 
 /// Runs a plan on the CPU.
 pub struct Int8Cpu {
     owned: OwnedProgram,
     arena: std::vec::Vec<i8>,
-    kernels: Chosen,
+    kernels: KernelTable,
 }
 
 impl Int8Cpu {
@@ -103,9 +36,14 @@ impl Int8Cpu {
             .try_reserve_exact(needed)
             .map_err(|_| ProgramError::Arena { needed, got: 0 })?;
         arena.resize(needed, 0);
+        let kernels = if generic {
+            KernelTable::generic()
+        } else {
+            KernelTable::for_this_cpu(program)
+        };
         Ok(Self {
             arena,
-            kernels: Chosen::detect(program, generic),
+            kernels,
             owned,
         })
     }
@@ -127,9 +65,15 @@ impl Int8Cpu {
         &self.arena
     }
 
-    /// Which convolution kernels run: `"generic"`, `"avx2"`, ...
+    /// Which convolution kernels run (the op that dominates run time): `"generic"`, `"avx2"`,
+    /// `"neon"`.
     pub fn kernel_name(&self) -> &'static str {
-        self.kernels.name()
+        self.kernels.conv.name
+    }
+
+    /// Which kernels run each op.
+    pub fn kernel_names(&self) -> std::vec::Vec<(&'static str, &'static str)> {
+        self.kernels.names()
     }
 }
 

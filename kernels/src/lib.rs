@@ -24,6 +24,8 @@ pub mod spec;
 #[cfg(feature = "std")]
 mod strips;
 #[cfg(feature = "std")]
+pub mod table;
+#[cfg(feature = "std")]
 mod testing;
 #[cfg(feature = "tract")]
 pub mod tract;

@@ -8,12 +8,14 @@
 //! while `input - zero_point` needs 9 bits; this kernel needs only baseline NEON.
 
 use std::arch::aarch64::*;
+use std::boxed::Box;
 use std::vec::Vec;
 
 use crate::int8::{ChannelQuant, Conv, ShapeError};
 use crate::program::{Kernels, Program};
 use crate::quant::requantize_i8;
 use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
+use crate::table::{Entry, KernelTable};
 
 /// NEON convolutions for one program: packed weights per step and scratch buffers, allocated
 /// at setup.
@@ -49,6 +51,22 @@ impl Neon {
             layers: std::vec![Some(packed)],
         })
     }
+}
+
+/// The NEON plug-in for the kernel table: on a CPU with NEON, its convolutions (packed for
+/// `program`).
+pub(crate) fn plug(table: &mut KernelTable, program: &Program<'_>) {
+    let Some(mut neon) = Neon::new(program) else {
+        return;
+    };
+    table.conv = Entry {
+        name: "neon",
+        kernel: Box::new(
+            move |step, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
+                neon.conv(step, conv, input, output)
+            },
+        ),
+    };
 }
 
 impl Kernels for Neon {

@@ -209,8 +209,10 @@ impl From<PlanError> for ProgramError {
     }
 }
 
-/// Kernels for the ops that dominate run time: the generic ones, or faster ones that must give
-/// the same bits. The executor hands every Conv and Add to one of these.
+/// The kernels a program's steps run on, one method per op. Every method defaults to the generic
+/// kernel (the oracle); faster sets override what they speed up and must give the same bits.
+/// [`crate::table::KernelTable`] is the host's set: generic entries, overwritten by the plug-ins
+/// this CPU supports.
 pub trait Kernels {
     /// Run `conv`, the layer of step `step`, on `input` into `output`.
     fn conv(
@@ -219,11 +221,79 @@ pub trait Kernels {
         conv: &Conv<'_>,
         input: &[i8],
         output: &mut [i8],
-    ) -> Result<(), ShapeError>;
+    ) -> Result<(), ShapeError> {
+        let _ = step;
+        conv.run(input, output)
+    }
+
+    /// Run `gemm` on `input` into `output`.
+    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        gemm.run(input, output)
+    }
 
     /// Run `add` on `a` and `b` into `output`.
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         add.run(a, b, output)
+    }
+
+    /// Run `mul` on `a` and `b` into `output`.
+    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        mul.run(a, b, output)
+    }
+
+    /// Run `pool` on `input` into `output`.
+    fn global_average_pool(
+        &mut self,
+        pool: &GlobalAveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `pool` on `input` into `output`.
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `pool` on `input` into `output`.
+    fn average_pool(
+        &mut self,
+        pool: &AveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `resize` on `input` into `output`.
+    fn resize(
+        &mut self,
+        resize: &Resize,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        resize.run(input, output)
+    }
+
+    /// Run `lut` on `input` into `output`.
+    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        lut.run(input, output)
+    }
+
+    /// Run `rescale` on `input` into `output` (its part of a Concat's output).
+    fn rescale(
+        &mut self,
+        rescale: &Rescale,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        rescale.run(input, output)
     }
 }
 
@@ -239,8 +309,65 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
         (**self).conv(step, conv, input, output)
     }
 
+    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).gemm(gemm, input, output)
+    }
+
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         (**self).add(add, a, b, output)
+    }
+
+    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).mul(mul, a, b, output)
+    }
+
+    fn global_average_pool(
+        &mut self,
+        pool: &GlobalAveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).global_average_pool(pool, input, output)
+    }
+
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).max_pool(pool, input, output)
+    }
+
+    fn average_pool(
+        &mut self,
+        pool: &AveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).average_pool(pool, input, output)
+    }
+
+    fn resize(
+        &mut self,
+        resize: &Resize,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).resize(resize, input, output)
+    }
+
+    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).lut(lut, input, output)
+    }
+
+    fn rescale(
+        &mut self,
+        rescale: &Rescale,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).rescale(rescale, input, output)
     }
 }
 
@@ -248,17 +375,7 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reference;
 
-impl Kernels for Reference {
-    fn conv(
-        &mut self,
-        _step: usize,
-        conv: &Conv<'_>,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        conv.run(input, output)
-    }
-}
+impl Kernels for Reference {}
 
 /// A verified program borrowing its plan bytes.
 #[derive(Clone, Debug)]
@@ -503,27 +620,31 @@ impl<'a> Program<'a> {
                 channels,
                 input_zero_point,
                 output_quant,
-            } => Gemm {
-                weights: self.bytes_as_i8(weights).ok_or(blob_error)?,
-                channels: self.channels(channels).ok_or(blob_error)?,
-                input_zero_point,
-                output_quant,
+            } => {
+                let gemm = Gemm {
+                    weights: self.bytes_as_i8(weights).ok_or(blob_error)?,
+                    channels: self.channels(channels).ok_or(blob_error)?,
+                    input_zero_point,
+                    output_quant,
+                };
+                kernels.gemm(&gemm, x, output)
             }
-            .run(x, output),
             Op::Add(add) => kernels.add(&add, x, y, output),
-            Op::Mul(mul) => mul.run(x, y, output),
-            Op::GlobalAveragePool(pool) => pool.run(x, output),
-            Op::MaxPool(pool) => pool.run(x, output),
-            Op::AveragePool(pool) => pool.run(x, output),
-            Op::Resize(resize) => resize.run(x, output),
-            Op::Lut { table } => Lut {
-                table: self.bytes_as_i8(table).ok_or(blob_error)?,
+            Op::Mul(mul) => kernels.mul(&mul, x, y, output),
+            Op::GlobalAveragePool(pool) => kernels.global_average_pool(&pool, x, output),
+            Op::MaxPool(pool) => kernels.max_pool(&pool, x, output),
+            Op::AveragePool(pool) => kernels.average_pool(&pool, x, output),
+            Op::Resize(resize) => kernels.resize(&resize, x, output),
+            Op::Lut { table } => {
+                let lut = Lut {
+                    table: self.bytes_as_i8(table).ok_or(blob_error)?,
+                };
+                kernels.lut(&lut, x, output)
             }
-            .run(x, output),
             Op::Rescale { rescale, offset } => {
                 let start = offset as usize;
                 match output.get_mut(start..start.saturating_add(x.len())) {
-                    Some(part) => rescale.run(x, part),
+                    Some(part) => kernels.rescale(&rescale, x, part),
                     None => Err(ShapeError { buffer: "output" }),
                 }
             }

@@ -1,0 +1,250 @@
+//! The host's kernel table: one entry per op, each the generic kernel until a per-architecture
+//! plug-in, after detecting its CPU features, overwrites the entries it speeds up (the shape of
+//! tract-linalg's `Ops` and its `plug` functions). Op code never names an architecture: the only
+//! `#[cfg]` is the list of plug-ins below.
+
+use std::boxed::Box;
+use std::vec::Vec;
+
+use crate::int8::{
+    Add, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize, ShapeError,
+};
+use crate::program::{Kernels, Program};
+
+/// A convolution kernel prepared for one program (packed weights, scratch): called with the
+/// step index, the layer, its input and its output.
+pub type ConvKernel =
+    Box<dyn FnMut(usize, &Conv<'_>, &[i8], &mut [i8]) -> Result<(), ShapeError> + Send>;
+/// A kernel of op `T` with one input.
+pub type UnaryKernel<T> = fn(&T, &[i8], &mut [i8]) -> Result<(), ShapeError>;
+/// A kernel of op `T` with two inputs.
+pub type BinaryKernel<T> = fn(&T, &[i8], &[i8], &mut [i8]) -> Result<(), ShapeError>;
+/// A Gemm kernel (its weights borrow the plan).
+pub type GemmKernel = for<'a> fn(&Gemm<'a>, &[i8], &mut [i8]) -> Result<(), ShapeError>;
+/// A table-activation kernel (its table borrows the plan).
+pub type LutKernel = for<'a> fn(&Lut<'a>, &[i8], &mut [i8]) -> Result<(), ShapeError>;
+
+/// A table entry: the kernel and the name reports give it.
+pub struct Entry<K> {
+    /// Who provides it: `"generic"`, `"avx2"`, `"neon"`, ...
+    pub name: &'static str,
+    /// The kernel.
+    pub kernel: K,
+}
+
+/// Called in order on the generic table; each overwrites what its CPU runs faster.
+type PlugIn = fn(&mut KernelTable, &Program<'_>);
+
+const PLUG_INS: &[PlugIn] = &[
+    #[cfg(target_arch = "x86_64")]
+    crate::avx2::plug,
+    #[cfg(target_arch = "aarch64")]
+    crate::neon::plug,
+];
+
+/// One kernel per op for one program.
+pub struct KernelTable {
+    /// Conv (and depthwise, grouped, dilated).
+    pub conv: Entry<ConvKernel>,
+    /// Gemm.
+    pub gemm: Entry<GemmKernel>,
+    /// Add.
+    pub add: Entry<BinaryKernel<Add>>,
+    /// Mul.
+    pub mul: Entry<BinaryKernel<Mul>>,
+    /// GlobalAveragePool.
+    pub global_average_pool: Entry<UnaryKernel<GlobalAveragePool>>,
+    /// MaxPool.
+    pub max_pool: Entry<UnaryKernel<MaxPool>>,
+    /// AveragePool.
+    pub average_pool: Entry<UnaryKernel<AveragePool>>,
+    /// Resize.
+    pub resize: Entry<UnaryKernel<Resize>>,
+    /// Table activations.
+    pub lut: Entry<LutKernel>,
+    /// Concat parts.
+    pub rescale: Entry<UnaryKernel<Rescale>>,
+}
+
+fn generic<K>(kernel: K) -> Entry<K> {
+    Entry {
+        name: "generic",
+        kernel,
+    }
+}
+
+impl KernelTable {
+    /// The generic kernels for every op: the reference the others are checked against.
+    pub fn generic() -> Self {
+        Self {
+            conv: generic(Box::new(
+                |_, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| conv.run(input, output),
+            )),
+            gemm: generic(|gemm, input, output| gemm.run(input, output)),
+            add: generic(Add::run),
+            mul: generic(Mul::run),
+            global_average_pool: generic(GlobalAveragePool::run),
+            max_pool: generic(MaxPool::run),
+            average_pool: generic(AveragePool::run),
+            resize: generic(Resize::run),
+            lut: generic(|lut, input, output| lut.run(input, output)),
+            rescale: generic(Rescale::run),
+        }
+    }
+
+    /// The generic table with every plug-in this build has applied: the fastest kernels this
+    /// CPU runs for `program`.
+    pub fn for_this_cpu(program: &Program<'_>) -> Self {
+        let mut table = Self::generic();
+        for plug in PLUG_INS {
+            plug(&mut table, program);
+        }
+        table
+    }
+
+    /// Each op's entry name, in the table's order.
+    pub fn names(&self) -> Vec<(&'static str, &'static str)> {
+        std::vec![
+            ("conv", self.conv.name),
+            ("gemm", self.gemm.name),
+            ("add", self.add.name),
+            ("mul", self.mul.name),
+            ("global_average_pool", self.global_average_pool.name),
+            ("max_pool", self.max_pool.name),
+            ("average_pool", self.average_pool.name),
+            ("resize", self.resize.name),
+            ("lut", self.lut.name),
+            ("rescale", self.rescale.name),
+        ]
+    }
+}
+
+impl Kernels for KernelTable {
+    fn conv(
+        &mut self,
+        step: usize,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (self.conv.kernel)(step, conv, input, output)
+    }
+
+    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (self.gemm.kernel)(gemm, input, output)
+    }
+
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (self.add.kernel)(add, a, b, output)
+    }
+
+    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (self.mul.kernel)(mul, a, b, output)
+    }
+
+    fn global_average_pool(
+        &mut self,
+        pool: &GlobalAveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (self.global_average_pool.kernel)(pool, input, output)
+    }
+
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (self.max_pool.kernel)(pool, input, output)
+    }
+
+    fn average_pool(
+        &mut self,
+        pool: &AveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (self.average_pool.kernel)(pool, input, output)
+    }
+
+    fn resize(
+        &mut self,
+        resize: &Resize,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (self.resize.kernel)(resize, input, output)
+    }
+
+    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (self.lut.kernel)(lut, input, output)
+    }
+
+    fn rescale(
+        &mut self,
+        rescale: &Rescale,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (self.rescale.kernel)(rescale, input, output)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::program::{AlignedBytes, Reference};
+
+    fn eurosat() -> AlignedBytes {
+        AlignedBytes::new(include_bytes!("../../models/zoo/eurosat-rgb/model.plan"))
+    }
+
+    #[test]
+    fn plug_ins_replace_only_what_this_cpu_runs_faster() {
+        let bytes = eurosat();
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        assert!(KernelTable::generic()
+            .names()
+            .iter()
+            .all(|&(_, name)| name == "generic"));
+        let table = KernelTable::for_this_cpu(&program);
+        let names = table.names();
+        let plugged: Vec<_> = names.iter().filter(|(_, n)| *n != "generic").collect();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert_eq!(plugged, [&("conv", "avx2"), &("add", "avx2")]);
+        } else {
+            println!("this CPU has no AVX2: the table stays generic");
+            assert!(plugged.is_empty());
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(plugged, [&("conv", "neon")]);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        assert!(plugged.is_empty());
+    }
+
+    #[test]
+    fn the_table_runs_a_real_plan_to_the_generic_bits() {
+        let bytes = eurosat();
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        let input: Vec<f32> = (0..program.input_len())
+            .map(|i| ((i * 37) % 255) as f32 / 64.0 - 2.0)
+            .collect();
+        let mut arenas = [
+            std::vec![0i8; program.arena_size()],
+            std::vec![0i8; program.arena_size()],
+        ];
+        program.quantize_input(&input, &mut arenas[0]).unwrap();
+        program.quantize_input(&input, &mut arenas[1]).unwrap();
+        program.run(&mut arenas[0], &mut Reference).unwrap();
+        program
+            .run(&mut arenas[1], &mut KernelTable::for_this_cpu(&program))
+            .unwrap();
+        assert!(
+            arenas[0] == arenas[1],
+            "every arena byte, intermediates included"
+        );
+    }
+}
