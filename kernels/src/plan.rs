@@ -12,7 +12,8 @@
 //! | ... | section payloads, each starting on a 16-byte boundary |
 //!
 //! The [`SectionKind::Header`] section is a postcard-encoded [`PlanHeader`] (model name, input
-//! and output specs, preprocessing, labels). The op list, weights and arena layout are described
+//! and output specs, preprocessing, labels, and for a detector how its head is read and its tiles
+//! merged): everything a board needs to run the model from the plan alone. The op list, weights and arena layout are described
 //! in [`crate::program`]; this module only guarantees that what it hands out is intact.
 
 use serde::{Deserialize, Serialize};
@@ -21,8 +22,9 @@ use crate::spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
 
 /// First bytes of every plan.
 pub const MAGIC: [u8; 8] = *b"KSTRLPLN";
-/// The format version this build reads and writes.
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this build reads and writes. 2: the header carries the detector's
+/// postprocessing ([`DetectorHeader`]); version 1 plans are refused.
+pub const FORMAT_VERSION: u16 = 2;
 /// Payloads start on this boundary so weights can be read as aligned words.
 pub const SECTION_ALIGN: usize = 16;
 
@@ -87,6 +89,8 @@ pub enum PlanError {
     Header,
     /// The header describes an unusable input.
     Spec(SpecError),
+    /// The header's detector stride is 0 or does not divide the input's height and width.
+    DetectorStride(u16),
 }
 
 impl core::fmt::Display for PlanError {
@@ -109,6 +113,12 @@ impl core::fmt::Display for PlanError {
             }
             Self::MissingSection(kind) => write!(f, "plan has no {kind:?} section"),
             Self::Header => f.write_str("plan header does not decode"),
+            Self::DetectorStride(stride) => {
+                write!(
+                    f,
+                    "plan header: detector stride {stride} does not divide the input"
+                )
+            }
             Self::Spec(e) => write!(f, "plan header: {e}"),
         }
     }
@@ -152,6 +162,29 @@ pub struct PlanHeader<'a> {
     pub output_zero_point: i32,
     /// The model ends in a Softmax, applied to the dequantised output.
     pub output_softmax: bool,
+    /// For a detector: how its head is read and its tiles merged. `None` for a classifier.
+    pub detector: Option<DetectorHeader>,
+}
+
+/// A CenterNet-style detector's postprocessing, in the plan so that a board needs nothing else.
+/// The head is `[labels, height / stride, width / stride]` heatmaps followed by box size and
+/// centre offset planes; tiles are the model's input size.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DetectorHeader {
+    /// Input pixels per head cell.
+    pub stride: u16,
+    /// Head cells that a box size of 1.0 stands for.
+    pub wh_scale: f32,
+    /// Lowest class score reported.
+    pub score_threshold: f32,
+    /// Same-class boxes overlapping a better one by more than this IoU are suppressed.
+    pub nms_iou: f32,
+    /// Pixels shared by neighbouring tiles.
+    pub tile_overlap: u32,
+    /// A same-class box this much inside a better one (intersection over its own area) is a
+    /// piece cut off by a tile edge, and is dropped.
+    pub seam_containment: f32,
 }
 
 impl PlanHeader<'_> {
@@ -251,6 +284,13 @@ impl<'a> Plan<'a> {
         let header: PlanHeader<'a> =
             postcard::from_bytes(header_bytes).map_err(|_| PlanError::Header)?;
         header.preprocess_spec().map_err(PlanError::Spec)?;
+        if let Some(detector) = &header.detector {
+            let [_, _, height, width] = header.input_shape;
+            let stride = u32::from(detector.stride);
+            if stride == 0 || height % stride != 0 || width % stride != 0 {
+                return Err(PlanError::DetectorStride(detector.stride));
+            }
+        }
         Ok(Self { header, sections })
     }
 
@@ -324,6 +364,7 @@ mod tests {
             output_scale: 0.1,
             output_zero_point: 5,
             output_softmax: false,
+            detector: None,
         }
     }
 
@@ -365,18 +406,55 @@ mod tests {
     }
 
     #[test]
+    fn a_detector_header_round_trips_and_its_stride_must_divide_the_input() {
+        let detector = DetectorHeader {
+            stride: 4,
+            wh_scale: 16.0,
+            score_threshold: 0.3,
+            nms_iou: 0.5,
+            tile_overlap: 16,
+            seam_containment: 0.8,
+        };
+        let plan = |stride| {
+            let header = PlanHeader {
+                detector: Some(DetectorHeader { stride, ..detector }),
+                ..header()
+            };
+            write_plan(&header, &[(SectionKind::Ops, b"ops")]).unwrap()
+        };
+        let bytes = plan(4);
+        assert_eq!(
+            Plan::parse(&bytes).unwrap().header().detector,
+            Some(detector)
+        );
+        for stride in [0, 3, 128] {
+            assert_eq!(
+                Plan::parse(&plan(stride)).unwrap_err(),
+                PlanError::DetectorStride(stride),
+                "stride {stride} on a 64x64 input"
+            );
+        }
+    }
+
+    #[test]
     fn rejects_wrong_magic_version_and_short_input() {
         let mut bytes = sample_plan();
         bytes[0] = b'X';
         assert_eq!(Plan::parse(&bytes).unwrap_err(), PlanError::BadMagic);
+        // A version 1 plan (no detector postprocessing in its header) is refused by name.
         let mut bytes = sample_plan();
-        bytes[8] = 2;
+        bytes[8] = 1;
+        let refused = Plan::parse(&bytes).unwrap_err();
         assert_eq!(
-            Plan::parse(&bytes).unwrap_err(),
+            refused,
             PlanError::UnsupportedVersion {
-                found: 2,
+                found: 1,
                 supported: FORMAT_VERSION
             }
+        );
+        assert_eq!(
+            refused.to_string(),
+            "plan format version 1, this build reads version 2"
         );
         assert_eq!(Plan::parse(b"KSTRL").unwrap_err(), PlanError::Truncated);
         assert_eq!(Plan::parse(&[]).unwrap_err(), PlanError::Truncated);

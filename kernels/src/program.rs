@@ -948,6 +948,7 @@ mod tests {
             output_scale: 0.1,
             output_zero_point: 2,
             output_softmax: false,
+            detector: None,
         }
     }
 

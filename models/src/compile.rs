@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use kestrel_host::{decode_image, Split};
 use kestrel_kernels::cpu::Int8Cpu;
-use kestrel_kernels::plan::PlanHeader;
+use kestrel_kernels::plan::{DetectorHeader, PlanHeader};
 use kestrel_kernels::program::ProgramError;
 use kestrel_kernels::{Backend, PreprocessSpec, MAX_BANDS};
 use kestrel_runtime::frame::FrameView;
@@ -207,7 +207,8 @@ fn calibration_region(model: &ZooModel, spec: &PreprocessSpec, image: FrameGeome
     }
 }
 
-/// Encode `program` as a plan for `model`: its name, ONNX hash, preprocessing and labels.
+/// Encode `program` as a plan for `model`: its name, ONNX hash, preprocessing and labels, and a
+/// detector's postprocessing.
 pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, ImportError> {
     let p = &model.manifest.preprocess;
     let mut mean = [0.0; MAX_BANDS];
@@ -216,6 +217,23 @@ pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, Imp
     std[..p.std.len()].copy_from_slice(&p.std);
     let labels = model.manifest.labels.join("\n");
     let shape = &model.manifest.input.shape;
+    let detector = match &model.manifest.detector {
+        None => None,
+        Some(d) => Some(DetectorHeader {
+            stride: u16::try_from(d.stride).map_err(|_| ImportError::Malformed {
+                node: "manifest".into(),
+                reason: format!(
+                    "detector stride {} does not fit a plan (at most 65535)",
+                    d.stride
+                ),
+            })?,
+            wh_scale: d.wh_scale,
+            score_threshold: d.score_threshold,
+            nms_iou: d.nms_iou,
+            tile_overlap: d.tile_overlap,
+            seam_containment: d.seam_containment,
+        }),
+    };
     // Shapes, quantisation and the arena are filled in from the program by `to_plan`.
     let header = PlanHeader {
         name: &model.manifest.name,
@@ -234,6 +252,7 @@ pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, Imp
         output_scale: 1.0,
         output_zero_point: 0,
         output_softmax: false,
+        detector,
     };
     program.to_plan(&header)
 }

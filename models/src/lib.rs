@@ -176,6 +176,15 @@ pub enum ModelError {
         /// Why.
         source: ProgramError,
     },
+    /// The plan states other labels, preprocessing or detector postprocessing than the
+    /// manifest: a board running the plan alone would behave differently from `sim`.
+    #[error("{origin}: the plan's {what} differs from the manifest's; recompile it with `cargo run -p models -- compile`")]
+    PlanDisagrees {
+        /// The plan file.
+        origin: String,
+        /// `labels`, `preprocessing` or `detector`.
+        what: &'static str,
+    },
     /// The plan was compiled from another ONNX file than the manifest names.
     #[error("{origin}: plan was compiled from ONNX sha256 {plan}, the manifest's model is {manifest}; recompile it with `cargo run -p models -- compile`")]
     StalePlan {
@@ -378,8 +387,9 @@ impl ZooModel {
         self.plan.is_some()
     }
 
-    /// The model's plan file, or `None` when it has none. It must parse and must have been
-    /// compiled from this model's ONNX.
+    /// The model's plan file, or `None` when it has none. It must parse, must have been
+    /// compiled from this model's ONNX, and must state the manifest's labels, preprocessing and
+    /// detector postprocessing (a board reads them from the plan alone).
     pub fn plan_bytes(&self) -> Result<Option<&[u8]>, ModelError> {
         let Some((origin, bytes)) = &self.plan else {
             return Ok(None);
@@ -395,6 +405,23 @@ impl ZooModel {
                 plan: compiled_from.to_string(),
                 manifest: self.manifest.onnx_sha256.clone(),
             });
+        }
+        let header = owned.program().header();
+        let disagrees = |what| ModelError::PlanDisagrees {
+            origin: origin.clone(),
+            what,
+        };
+        if !header
+            .labels()
+            .eq(self.manifest.labels.iter().map(String::as_str))
+        {
+            return Err(disagrees("labels"));
+        }
+        if header.preprocess_spec().ok() != self.preprocess_spec().ok() {
+            return Err(disagrees("preprocessing"));
+        }
+        if DetectorConfig::from_plan(header) != self.detector_config() {
+            return Err(disagrees("detector"));
         }
         Ok(Some(bytes))
     }
@@ -468,5 +495,53 @@ mod tests {
             .unwrap()
             .detector_config()
             .is_none());
+    }
+
+    /// What a board reads from a zoo plan alone is what `sim` reads from the manifest.
+    #[test]
+    fn the_zoo_plans_state_their_own_labels_preprocessing_and_detector() {
+        for name in [DEFAULT_MODEL, DEFAULT_DETECTOR] {
+            let model = ZooModel::load(name).unwrap();
+            let owned = OwnedProgram::new(model.plan_bytes().unwrap().unwrap()).unwrap();
+            let header = owned.program().header();
+            assert!(header
+                .labels()
+                .eq(model.manifest.labels.iter().map(String::as_str)));
+            assert_eq!(
+                header.preprocess_spec().unwrap(),
+                model.preprocess_spec().unwrap()
+            );
+            assert_eq!(DetectorConfig::from_plan(header), model.detector_config());
+        }
+        assert!(ZooModel::load(DEFAULT_DETECTOR)
+            .unwrap()
+            .detector_config()
+            .is_some());
+    }
+
+    /// A manifest edited after compiling (a new score threshold) no longer matches its plan.
+    #[test]
+    fn a_plan_that_disagrees_with_its_manifest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/nwpu-vhr10");
+        for file in ["model.onnx", "model.plan"] {
+            std::fs::copy(zoo.join(file), dir.path().join(file)).unwrap();
+        }
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(include_str!("../zoo/nwpu-vhr10/manifest.json")).unwrap();
+        manifest["detector"]["score_threshold"] = 0.5.into();
+        std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
+        let model = ZooModel::load(dir.path().to_str().unwrap()).unwrap();
+        let error = model.plan_bytes().unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ModelError::PlanDisagrees {
+                    what: "detector",
+                    ..
+                }
+            ),
+            "{error}"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! One frame (or tile) through preprocessing, the backend and postprocessing, with no allocation.
 
+use kestrel_kernels::plan::PlanHeader;
 use kestrel_kernels::{Backend, BackendError, PreprocessSpec};
 
 use crate::classify::{classify, Classification, PostprocessError};
@@ -202,6 +203,35 @@ pub struct DetectorConfig {
     /// A same-class box this much inside a better one (intersection over its own area) is a
     /// piece of it cut off by a tile edge, and is dropped.
     pub seam_containment: f32,
+}
+
+impl DetectorConfig {
+    /// The detector's postprocessing as its plan states it, so that a board needs nothing but
+    /// the plan; `None` for a classifier's plan. The head has one heatmap per label.
+    pub fn from_plan(header: &PlanHeader<'_>) -> Option<Self> {
+        let d = header.detector?;
+        let [_, _, height, width] = header.input_shape;
+        // A parsed plan's stride divides its input; a header made by hand with stride 0 gets
+        // an empty head, which `DetectorStep::new` refuses.
+        let cells = |side: u32| {
+            (side as usize)
+                .checked_div(usize::from(d.stride))
+                .unwrap_or(0)
+        };
+        Some(Self {
+            layout: HeadLayout {
+                classes: header.labels().count(),
+                height: cells(height),
+                width: cells(width),
+                stride: f32::from(d.stride),
+                wh_scale: d.wh_scale,
+            },
+            score_threshold: d.score_threshold,
+            nms_iou: d.nms_iou,
+            tile_overlap: d.tile_overlap,
+            seam_containment: d.seam_containment,
+        })
+    }
 }
 
 /// Finds objects in frames of any size with one detector backend: the frame is cut into

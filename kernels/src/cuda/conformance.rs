@@ -279,6 +279,7 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
         output_scale: 0.1,
         output_zero_point: 0,
         output_softmax: false,
+        detector: None,
     };
     let plan = b.finish(&header)?;
     Ok(Case {
