@@ -3,6 +3,16 @@
 #![no_std]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+// Flight code returns typed errors; it never panics on any input (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 /// Size and band count of one frame, with samples stored band-interleaved by pixel (HWC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

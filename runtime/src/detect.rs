@@ -232,14 +232,22 @@ impl<const N: usize> Detections<N> {
     fn suppress_where(&mut self, overlapping: impl Fn(&Detection, &Detection) -> bool) {
         self.items
             .sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
+        // Survivors are moved to the front; `kept <= i < len` throughout, so every `get` hits.
         let mut kept = 0;
         for i in 0..self.items.len() {
-            let candidate = self.items[i];
-            let overlaps = self.items[..kept]
+            let Some(&candidate) = self.items.get(i) else {
+                break;
+            };
+            let overlaps = self
+                .items
+                .get(..kept)
+                .unwrap_or_default()
                 .iter()
                 .any(|k| k.class == candidate.class && overlapping(k, &candidate));
             if !overlaps {
-                self.items[kept] = candidate;
+                if let Some(slot) = self.items.get_mut(kept) {
+                    *slot = candidate;
+                }
                 kept += 1;
             }
         }
@@ -267,7 +275,12 @@ pub fn decode<const N: usize>(
     }
     let (h, w) = (layout.height, layout.width);
     let plane = h * w;
-    let at = |channel: usize, y: usize, x: usize| head[channel * plane + y * w + x];
+    // The length was checked above, so every cell is there; a missing one would read as no score.
+    let at = |channel: usize, y: usize, x: usize| {
+        head.get(channel * plane + y * w + x)
+            .copied()
+            .unwrap_or(f32::NEG_INFINITY)
+    };
     for class in 0..layout.classes {
         for y in 0..h {
             for x in 0..w {

@@ -67,7 +67,10 @@ impl LatencyHistogram {
             .iter()
             .position(|&bound| us <= u64::from(bound))
             .unwrap_or(LATENCY_BOUNDS_US.len());
-        self.counts[bucket] = self.counts[bucket].saturating_add(1);
+        // `counts` has one bucket past the last bound, so `bucket` is always one of them.
+        if let Some(count) = self.counts.get_mut(bucket) {
+            *count = count.saturating_add(1);
+        }
         self.max_us = self.max_us.max(us);
     }
 
@@ -126,7 +129,9 @@ pub struct Health {
 impl Health {
     /// Count a frame that failed with `kind`.
     pub fn record_error(&mut self, kind: ErrorKind) {
-        self.errors[kind.index()] += 1;
+        if let Some(count) = self.errors.get_mut(kind.index()) {
+            *count += 1;
+        }
     }
 
     /// Count a completed frame and its latency.
@@ -137,7 +142,7 @@ impl Health {
 
     /// Failed frames of one kind.
     pub fn errors(&self, kind: ErrorKind) -> u64 {
-        self.errors[kind.index()]
+        self.errors.get(kind.index()).copied().unwrap_or(0)
     }
 
     /// Failed frames of every kind.

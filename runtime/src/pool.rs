@@ -80,13 +80,14 @@ impl<S: Sample, const CAP: usize, const SLOTS: usize> FramePool<S, CAP, SLOTS> {
 
     /// Take a free slot.
     pub fn acquire(&mut self) -> Result<SlotId, PoolError> {
-        let index = self
+        let (index, acquired) = self
             .acquired
-            .iter()
-            .position(|a| !*a)
+            .iter_mut()
+            .enumerate()
+            .find(|(_, a)| !**a)
             .ok_or(PoolError::Exhausted)?;
-        self.acquired[index] = true;
-        self.frames[index] = None;
+        *acquired = true;
+        *self.frame_mut(index)? = None;
         Ok(SlotId(index))
     }
 
@@ -110,25 +111,36 @@ impl<S: Sample, const CAP: usize, const SLOTS: usize> FramePool<S, CAP, SLOTS> {
         source: &mut Src,
     ) -> Result<Option<FrameGeometry>, FillError<Src::Error>> {
         self.check(slot).map_err(FillError::Pool)?;
-        self.frames[slot.0] = None;
-        let geometry = match source
-            .next_frame(&mut self.buffers[slot.0])
-            .map_err(FillError::Source)?
-        {
+        *self.frame_mut(slot.0).map_err(FillError::Pool)? = None;
+        let buffer = self
+            .buffers
+            .get_mut(slot.0)
+            .ok_or(FillError::Pool(PoolError::NotAcquired))?;
+        let geometry = match source.next_frame(buffer).map_err(FillError::Source)? {
             Some(geometry) => geometry,
             None => return Ok(None),
         };
-        FrameView::new(geometry, &self.buffers[slot.0])
-            .map_err(|e| FillError::Pool(PoolError::Frame(e)))?;
-        self.frames[slot.0] = Some(geometry);
+        FrameView::new(geometry, buffer).map_err(|e| FillError::Pool(PoolError::Frame(e)))?;
+        *self.frame_mut(slot.0).map_err(FillError::Pool)? = Some(geometry);
         Ok(Some(geometry))
     }
 
     /// The frame in an acquired, filled slot.
     pub fn view(&self, slot: SlotId) -> Result<FrameView<'_, S>, PoolError> {
         self.check(slot)?;
-        let geometry = self.frames[slot.0].ok_or(PoolError::NoFrame)?;
-        FrameView::new(geometry, &self.buffers[slot.0]).map_err(PoolError::Frame)
+        let geometry = self
+            .frames
+            .get(slot.0)
+            .copied()
+            .flatten()
+            .ok_or(PoolError::NoFrame)?;
+        let buffer = self.buffers.get(slot.0).ok_or(PoolError::NotAcquired)?;
+        FrameView::new(geometry, buffer).map_err(PoolError::Frame)
+    }
+
+    /// The frame record of slot `index` (every slot has one).
+    fn frame_mut(&mut self, index: usize) -> Result<&mut Option<FrameGeometry>, PoolError> {
+        self.frames.get_mut(index).ok_or(PoolError::NotAcquired)
     }
 
     fn check(&self, slot: SlotId) -> Result<(), PoolError> {

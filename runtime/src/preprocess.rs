@@ -107,16 +107,16 @@ pub fn prepare_input<S: Sample>(
             .get(x, y, band)
             .map_or(spec.mean(band), Sample::to_f32)
     };
-    for band in 0..spec.bands() {
-        let out = &mut input[band * plane..(band + 1) * plane];
-        for oy in 0..out_h {
+    // `input` holds exactly `bands` planes (checked above), and a spec's sides are at least 1.
+    for (band, out) in input.chunks_exact_mut(plane).enumerate() {
+        for (oy, row) in out.chunks_exact_mut(out_w).enumerate() {
             let (y0, y1, wy) = y_axis.source(oy, spec.resize());
-            for ox in 0..out_w {
+            for (ox, cell) in row.iter_mut().enumerate() {
                 let (x0, x1, wx) = x_axis.source(ox, spec.resize());
                 let top = raw(x0, y0, band) * (1.0 - wx) + raw(x1, y0, band) * wx;
                 let bottom = raw(x0, y1, band) * (1.0 - wx) + raw(x1, y1, band) * wx;
                 let value = top * (1.0 - wy) + bottom * wy;
-                out[oy * out_w + ox] = spec.normalise(band, value);
+                *cell = spec.normalise(band, value);
             }
         }
     }

@@ -163,6 +163,7 @@ pub struct DeviceInfo {
 }
 
 /// How many items of `per_item` values `len` values hold: a whole number from 1 to `max`.
+#[cfg(any(feature = "cuda", feature = "cuda-emulator", test))]
 pub(crate) fn batch_of(len: usize, per_item: usize, max: u32) -> Result<u32, CudaError> {
     let batch = len / per_item.max(1);
     if batch == 0 || len != batch * per_item {
@@ -268,6 +269,7 @@ impl HeadCodes {
 /// first `capacity` of them as triples in `words` (the item's list starts at
 /// `item * capacity * 3`). An item that found more than its list holds gets its head's codes
 /// from `heads` (each item's output, back to back) instead.
+#[cfg(any(feature = "cuda", feature = "cuda-emulator", test))]
 pub(crate) fn decoded_tiles(
     counts: &[i32],
     words: &[i32],
