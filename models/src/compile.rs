@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use kestrel_backend::{Backend, PreprocessSpec, MAX_BANDS};
 use kestrel_host::{decode_image, Split};
-use kestrel_kernels::cpu::Int8Cpu;
-use kestrel_kernels::plan::{DetectorHeader, PlanHeader};
-use kestrel_kernels::program::ProgramError;
-use kestrel_kernels::{Backend, PreprocessSpec, MAX_BANDS};
+use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::plan::{DetectorHeader, PlanHeader};
+use kestrel_plan::program::ProgramError;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::FrameGeometry;

@@ -15,12 +15,12 @@ pub mod quantize;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use kestrel_kernels::cpu::Int8Cpu;
-use kestrel_kernels::program::{OwnedProgram, ProgramError};
-use kestrel_kernels::tract::{LoadError, TractBackend};
-use kestrel_kernels::{PreprocessSpec, ResizeRule, SpecError};
+use kestrel_backend::{PreprocessSpec, ResizeRule, SpecError};
+use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::program::{OwnedProgram, ProgramError};
 use kestrel_runtime::detect::HeadLayout;
 use kestrel_runtime::step::DetectorConfig;
+use kestrel_tract::{LoadError, TractBackend};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 

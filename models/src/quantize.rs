@@ -2,10 +2,10 @@
 //! per-channel weights, int32 biases, fixed-point requantisation, activations fused into the
 //! layer before them, element-wise functions as lookup tables.
 
-use kestrel_kernels::int8::{self, build_lut, ConvGeometry, OutputQuant, PoolGeometry, ResizeMode};
-use kestrel_kernels::plan::PlanHeader;
-use kestrel_kernels::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, TensorId};
-use kestrel_kernels::quant::Requant;
+use kestrel_ops::int8::{self, build_lut, ConvGeometry, OutputQuant, PoolGeometry, ResizeMode};
+use kestrel_ops::quant::Requant;
+use kestrel_plan::plan::PlanHeader;
+use kestrel_plan::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, TensorId};
 
 use crate::arena::{lifetimes, plan, ArenaLayout};
 use crate::calibrate::{quantize_bias, quantize_weights_per_channel, ActivationQuant};

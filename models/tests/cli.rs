@@ -46,7 +46,7 @@ fn compiles_verifies_and_writes_a_loadable_plan() {
     );
     let bytes = std::fs::read(&plan).unwrap();
     assert_eq!(summary["plan_bytes"], bytes.len());
-    let backend = kestrel_kernels::cpu::Int8Cpu::from_bytes(&bytes).unwrap();
+    let backend = kestrel_plan::cpu::Int8Cpu::from_bytes(&bytes).unwrap();
     assert_eq!(backend.program().header().name, "eurosat-rgb");
     assert!(!dir.path().join("eurosat.plan.partial").exists());
 }
@@ -118,7 +118,7 @@ fn an_unsupported_operator_names_the_node() {
 /// to float (the compiler measures the relative RMS error of the whole output against tract).
 #[test]
 fn compiles_the_detector_on_scene_tiles() {
-    use kestrel_kernels::Backend;
+    use kestrel_backend::Backend;
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("nwpu.plan");
     let report = dir.path().join("report.json");
@@ -142,8 +142,7 @@ fn compiles_the_detector_on_scene_tiles() {
     assert_eq!(summary["calibration_images"], 3);
     let error = summary["output_rel_rms"].as_f64().unwrap();
     assert!(error > 0.0 && error < 0.1, "relative RMS error {error}");
-    let backend =
-        kestrel_kernels::cpu::Int8Cpu::from_bytes(&std::fs::read(&plan).unwrap()).unwrap();
+    let backend = kestrel_plan::cpu::Int8Cpu::from_bytes(&std::fs::read(&plan).unwrap()).unwrap();
     assert_eq!(backend.program().header().name, "nwpu-vhr10");
     assert_eq!(backend.output_len(), 14 * 128 * 128);
 }

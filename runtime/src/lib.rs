@@ -29,5 +29,5 @@ pub mod step;
 pub mod threaded;
 pub mod tile;
 
+pub use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
 pub use kestrel_hal::{FrameGeometry, FrameSource, MonotonicClock};
-pub use kestrel_kernels::{Backend, BackendError, PreprocessSpec, ResizeRule};

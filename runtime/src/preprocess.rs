@@ -1,6 +1,6 @@
 //! Turn a region of a frame into a model input: crop, resize, normalise per band, lay out NCHW.
 
-use kestrel_kernels::{PreprocessSpec, ResizeRule};
+use kestrel_backend::{PreprocessSpec, ResizeRule};
 
 use crate::frame::{FrameView, Sample};
 

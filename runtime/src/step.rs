@@ -1,7 +1,7 @@
 //! One frame (or tile) through preprocessing, the backend and postprocessing, with no allocation.
 
-use kestrel_kernels::plan::PlanHeader;
-use kestrel_kernels::{Backend, BackendError, PreprocessSpec};
+use kestrel_backend::{Backend, BackendError, PreprocessSpec};
+use kestrel_plan::plan::PlanHeader;
 
 use crate::classify::{classify, Classification, PostprocessError};
 use crate::detect::{decode, DetectError, Detections, HeadLayout};

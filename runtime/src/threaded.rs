@@ -9,7 +9,7 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use kestrel_kernels::{Backend, BackendError};
+use kestrel_backend::{Backend, BackendError};
 
 use crate::classify::Classification;
 use crate::frame::{FrameError, FrameView, Sample};

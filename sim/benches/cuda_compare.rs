@@ -24,12 +24,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use kestrel_backend::Backend;
+use kestrel_cuda::launch::HeadShape;
+use kestrel_cuda::{CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch};
 use kestrel_host::decode_image;
-use kestrel_kernels::cuda::launch::HeadShape;
-use kestrel_kernels::cuda::{
-    CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch,
-};
-use kestrel_kernels::Backend;
 use kestrel_runtime::detect::{decode, decode_peaks, Detections};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
@@ -129,7 +127,7 @@ fn frame_boxes(
     origins: &[(u32, u32)],
     config: &DetectorConfig,
     codes: &HeadCodes,
-    program: &kestrel_kernels::program::Program<'_>,
+    program: &kestrel_plan::program::Program<'_>,
     found: &mut Detections<1024>,
 ) {
     found.clear();
@@ -217,7 +215,7 @@ fn main() {
     }
 
     let mut cuda = gpu(plan, BATCH as u32, true);
-    let owned = kestrel_kernels::program::OwnedProgram::new(plan).expect("plan");
+    let owned = kestrel_plan::program::OwnedProgram::new(plan).expect("plan");
     let program = owned.program();
     let mut codes = vec![0i8; program.input_len() * BATCH];
     for (chunk, input) in codes.chunks_exact_mut(program.input_len()).zip(&inputs) {
@@ -254,7 +252,7 @@ fn main() {
         timing.fields()
     );
 
-    let owned = kestrel_kernels::program::OwnedProgram::new(plan).expect("plan");
+    let owned = kestrel_plan::program::OwnedProgram::new(plan).expect("plan");
     let codes = HeadCodes::new(owned.program()).expect("a detector head");
     let mut found = Detections::<1024>::new();
     let mut boxes = || {

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use kestrel_kernels::Backend;
+use kestrel_backend::Backend;
 use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::prepare_input;

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::time::Instant;
 
+use kestrel_backend::Backend;
 use kestrel_host::decode_image;
-use kestrel_kernels::Backend;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use models::ZooModel;

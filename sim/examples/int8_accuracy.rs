@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     runs.iter().for_each(|v| calibrator.observe_histogram(v));
     let program = QuantizedGraph::build(&graph, &calibrator.finish(method))?;
     let plan = models::compile::encode(&model, &program)?;
-    let mut int8_backend = kestrel_kernels::cpu::Int8Cpu::from_bytes(&plan)?;
+    let mut int8_backend = kestrel_plan::cpu::Int8Cpu::from_bytes(&plan)?;
     println!(
         "int8 program: {} steps, activation arena {} bytes, plan {} bytes",
         program.steps.len(),

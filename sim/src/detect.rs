@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use kestrel_backend::Backend;
 use kestrel_host::coco::{self, Scored, Truth};
 use kestrel_host::{decode_image, HostClock, Split};
-use kestrel_kernels::Backend;
 use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::health::{ErrorKind, Health};

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use kestrel_backend::Backend;
+use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_host::Split;
-use kestrel_kernels::cuda::{CudaBackend, CudaError, CudaOptions};
-use kestrel_kernels::Backend;
 use kestrel_runtime::threaded::DropPolicy;
 use models::ZooModel;
 

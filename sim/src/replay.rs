@@ -83,7 +83,7 @@ fn classify_images(args: &ReplayArgs, files: &[PathBuf]) -> anyhow::Result<usize
     Ok(failed)
 }
 
-fn replay_image<B: kestrel_kernels::Backend>(
+fn replay_image<B: kestrel_backend::Backend>(
     path: &Path,
     step: &mut ClassifierStep<'_, B>,
     tile: u32,

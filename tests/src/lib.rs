@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kestrel_backend::PreprocessSpec;
 use kestrel_host::decode_image;
-use kestrel_kernels::PreprocessSpec;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 

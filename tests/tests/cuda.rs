@@ -8,19 +8,18 @@
 
 use std::path::{Path, PathBuf};
 
+use kestrel_backend::Backend;
+use kestrel_cuda::emulator::Emulator;
+use kestrel_cuda::launch::{DeviceProgram, HeadShape};
+use kestrel_cuda::{CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch};
 use kestrel_host::decode_image;
-use kestrel_kernels::cuda::conformance::random_cases;
-use kestrel_kernels::cuda::emulator::Emulator;
-use kestrel_kernels::cuda::launch::{DeviceProgram, HeadShape};
-use kestrel_kernels::cuda::{
-    CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch,
-};
-use kestrel_kernels::program::{OwnedProgram, Program, Reference};
-use kestrel_kernels::Backend;
+use kestrel_ops::Reference;
+use kestrel_plan::program::{OwnedProgram, Program};
 use kestrel_runtime::detect::{decode, decode_peaks, Detections, HeadLayout};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::tile::TileGrid;
+use kestrel_testing::conformance::random_cases;
 use kestrel_tests::{sorted_files, whole_image_input};
 use models::ZooModel;
 
@@ -479,9 +478,9 @@ fn missing_cuda_is_a_typed_error() {
 #[cfg(any(feature = "cuda-13000", feature = "cuda-12060"))]
 #[test]
 fn kernels_compile_to_ptx_with_nvrtc() {
-    use kestrel_kernels::cuda::launch::Kernel;
+    use kestrel_cuda::launch::Kernel;
     for arch in ["sm_87", "sm_90"] {
-        match kestrel_kernels::cuda::compile_ptx(arch) {
+        match kestrel_cuda::compile_ptx(arch) {
             Ok(ptx) => {
                 assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
                 for kernel in Kernel::ALL {

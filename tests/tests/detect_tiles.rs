@@ -7,7 +7,7 @@
 //! a cut-off object). So the test exercises the real preprocessing, tiling, decoding,
 //! suppression, seam merging and clipping on pixels, without a trained model.
 
-use kestrel_kernels::{Backend, BackendError, PreprocessSpec, ResizeRule};
+use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
 use kestrel_runtime::detect::{Detection, Detections, HeadLayout};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use kestrel_backend::Backend;
 use kestrel_host::dataset::scan_labelled;
 use kestrel_host::{FolderSource, HostClock, Split};
-use kestrel_kernels::Backend;
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, PipelineConfig};
 use models::ZooModel;

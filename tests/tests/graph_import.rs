@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use kestrel_backend::Backend;
 use kestrel_host::decode_image;
-use kestrel_kernels::Backend;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use models::graph::{Graph, ImportError, Op};
@@ -170,7 +170,7 @@ fn int8_program_agrees_with_the_float_model_on_real_chips() {
         "every ReLU fused, Flatten a view: convs, adds, pool, gemm"
     );
     let plan = models::compile::encode(&model, &program).unwrap();
-    let mut int8_backend = kestrel_kernels::cpu::Int8Cpu::from_bytes(&plan).unwrap();
+    let mut int8_backend = kestrel_plan::cpu::Int8Cpu::from_bytes(&plan).unwrap();
     let mut logits = vec![0.0; 10];
 
     let argmax = |v: &[f32]| {

@@ -6,10 +6,11 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
 
+use kestrel_backend::Backend;
 use kestrel_host::{decode_image, HostClock};
-use kestrel_kernels::cpu::Int8Cpu;
-use kestrel_kernels::program::{AlignedBytes, Program, Reference};
-use kestrel_kernels::Backend;
+use kestrel_ops::Reference;
+use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::program::{AlignedBytes, Program};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::health::Health;
 use kestrel_runtime::preprocess::{prepare_input, Region};
@@ -201,8 +202,8 @@ fn the_detector_step_allocates_nothing_per_frame() {
 /// the scores `Int8Cpu` gives, and `DetectorStep` to the boxes `Int8Cpu` finds.
 #[test]
 fn the_session_backend_drives_both_steps() {
-    use kestrel_kernels::program::ProgramError;
-    use kestrel_kernels::session::Session;
+    use kestrel_plan::program::ProgramError;
+    use kestrel_plan::session::Session;
     use kestrel_runtime::detect::Detections;
     use kestrel_runtime::step::DetectorStep;
 

@@ -4,9 +4,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
 use kestrel_hal::{FrameGeometry, FrameSource};
 use kestrel_host::HostClock;
-use kestrel_kernels::{Backend, BackendError, PreprocessSpec, ResizeRule};
 use kestrel_runtime::health::{ErrorKind, Health};
 use kestrel_runtime::step::{ClassifierStep, StepError};
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};

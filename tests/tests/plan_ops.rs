@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use kestrel_kernels::cpu::Int8Cpu;
-use kestrel_kernels::program::Op as PlanOp;
-use kestrel_kernels::Backend;
+use kestrel_backend::Backend;
+use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::program::Op as PlanOp;
 use kestrel_tests::{sorted_files, whole_image_input};
 use models::compile::{compile, Options, Report};
 use models::graph::{Graph, Op};

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use kestrel_host::decode_image;
-use kestrel_kernels::cpu::Int8Cpu;
+use kestrel_plan::cpu::Int8Cpu;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::prepare_input;
 use kestrel_runtime::tile::TileGrid;

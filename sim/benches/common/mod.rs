@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
+use kestrel_backend::PreprocessSpec;
 use kestrel_host::{decode_image, DecodedImage};
-use kestrel_kernels::PreprocessSpec;
 use kestrel_runtime::step::DetectorConfig;
 use kestrel_runtime::tile::TileGrid;
 use kestrel_runtime::FrameGeometry;

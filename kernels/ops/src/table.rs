@@ -9,7 +9,7 @@ use std::vec::Vec;
 use crate::int8::{
     Add, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize, ShapeError,
 };
-use crate::program::{Kernels, Program};
+use crate::Kernels;
 
 /// A convolution kernel prepared for one program (packed weights, scratch): called with the
 /// step index, the layer, its input and its output.
@@ -33,7 +33,7 @@ pub struct Entry<K> {
 }
 
 /// Called in order on the generic table; each overwrites what its CPU runs faster.
-type PlugIn = fn(&mut KernelTable, &Program<'_>);
+type PlugIn = fn(&mut KernelTable, &[Option<Conv<'_>>]);
 
 const PLUG_INS: &[PlugIn] = &[
     #[cfg(target_arch = "x86_64")]
@@ -93,11 +93,11 @@ impl KernelTable {
     }
 
     /// The generic table with every plug-in this build has applied: the fastest kernels this
-    /// CPU runs for `program`.
-    pub fn for_this_cpu(program: &Program<'_>) -> Self {
+    /// CPU runs for a program whose step `i` is the convolution `convs[i]` (or none).
+    pub fn for_this_cpu(convs: &[Option<Conv<'_>>]) -> Self {
         let mut table = Self::generic();
         for plug in PLUG_INS {
-            plug(&mut table, program);
+            plug(&mut table, convs);
         }
         table
     }
@@ -189,62 +189,5 @@ impl Kernels for KernelTable {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         (self.rescale.kernel)(rescale, input, output)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::program::{AlignedBytes, Reference};
-
-    fn eurosat() -> AlignedBytes {
-        AlignedBytes::new(include_bytes!("../../models/zoo/eurosat-rgb/model.plan"))
-    }
-
-    #[test]
-    fn plug_ins_replace_only_what_this_cpu_runs_faster() {
-        let bytes = eurosat();
-        let program = Program::new(bytes.as_bytes()).unwrap();
-        assert!(KernelTable::generic()
-            .names()
-            .iter()
-            .all(|&(_, name)| name == "generic"));
-        let table = KernelTable::for_this_cpu(&program);
-        let names = table.names();
-        let plugged: Vec<_> = names.iter().filter(|(_, n)| *n != "generic").collect();
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            assert_eq!(plugged, [&("conv", "avx2"), &("add", "avx2")]);
-        } else {
-            println!("this CPU has no AVX2: the table stays generic");
-            assert!(plugged.is_empty());
-        }
-        #[cfg(target_arch = "aarch64")]
-        assert_eq!(plugged, [&("conv", "neon")]);
-        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-        assert!(plugged.is_empty());
-    }
-
-    #[test]
-    fn the_table_runs_a_real_plan_to_the_generic_bits() {
-        let bytes = eurosat();
-        let program = Program::new(bytes.as_bytes()).unwrap();
-        let input: Vec<f32> = (0..program.input_len())
-            .map(|i| ((i * 37) % 255) as f32 / 64.0 - 2.0)
-            .collect();
-        let mut arenas = [
-            std::vec![0i8; program.arena_size()],
-            std::vec![0i8; program.arena_size()],
-        ];
-        program.quantize_input(&input, &mut arenas[0]).unwrap();
-        program.quantize_input(&input, &mut arenas[1]).unwrap();
-        program.run(&mut arenas[0], &mut Reference).unwrap();
-        program
-            .run(&mut arenas[1], &mut KernelTable::for_this_cpu(&program))
-            .unwrap();
-        assert!(
-            arenas[0] == arenas[1],
-            "every arena byte, intermediates included"
-        );
     }
 }

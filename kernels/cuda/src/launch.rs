@@ -7,9 +7,10 @@
 //! session's buffers. Each struct mirrors, field for field, the one of the same name in
 //! `kestrel.cuh`.
 
-use crate::int8::{Add, Conv, ShapeError};
-use crate::program::{Blob, ChannelBlobs, Kernels, Op, Program, ProgramError, Step};
-use crate::{PreprocessSpec, MAX_BANDS};
+use kestrel_backend::{PreprocessSpec, MAX_BANDS};
+use kestrel_ops::int8::{Add, Conv, ShapeError};
+use kestrel_ops::Kernels;
+use kestrel_plan::program::{Blob, ChannelBlobs, Op, Program, ProgramError, Step};
 
 use super::{HeadCodes, PeakSearch};
 
@@ -834,7 +835,7 @@ fn plan_step(
                 width: axis(resize.input[1])?,
                 out_height: axis(resize.output[0])?,
                 out_width: axis(resize.output[1])?,
-                bilinear: (resize.mode == crate::int8::ResizeMode::Bilinear).into(),
+                bilinear: (resize.mode == kestrel_ops::int8::ResizeMode::Bilinear).into(),
                 batch_stride: 0,
             };
             Args::Resize(args)
@@ -856,7 +857,7 @@ fn plan_step(
 }
 
 fn pool_args(
-    g: &crate::int8::PoolGeometry,
+    g: &kestrel_ops::int8::PoolGeometry,
     input: u64,
     output: u64,
     count: i32,

@@ -1,34 +1,13 @@
-//! Kestrel model execution.
-//!
-//! One trait, [`Backend`], runs a model on an input tensor into a caller-owned output buffer.
-//! [`spec`] describes what a model expects (shapes, preprocessing) so that the runtime can prepare
-//! inputs without knowing which backend runs them. The core is `no_std` without `alloc`; the
-//! tract float backend is behind the `tract` feature.
+//! Kestrel's backend contract: one trait, [`Backend`], runs a model on an input tensor into a
+//! caller-owned output buffer, and [`spec`] describes what a model expects (shapes,
+//! preprocessing) so that the runtime can prepare inputs without knowing which backend runs them.
+//! `no_std`, no `alloc`, no dependencies: every executor (the int8 plan, CUDA, tract) and the
+//! runtime build on it.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-pub mod avx2;
-#[cfg(feature = "std")]
-pub mod cpu;
-#[cfg(feature = "std")]
-pub mod cuda;
-pub mod int8;
-#[cfg(all(feature = "std", target_arch = "aarch64"))]
-pub mod neon;
-pub mod plan;
-pub mod program;
-pub mod quant;
-pub mod session;
 pub mod spec;
-#[cfg(feature = "std")]
-mod strips;
-#[cfg(feature = "std")]
-pub mod table;
-#[cfg(feature = "std")]
-mod testing;
-#[cfg(feature = "tract")]
-pub mod tract;
 
 pub use spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
 

@@ -21,7 +21,7 @@ use super::{
     batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceInfo,
     PeakSearch, NVRTC_OPTIONS, SOURCE,
 };
-use crate::program::{OwnedProgram, Program};
+use kestrel_plan::program::{OwnedProgram, Program};
 
 // SAFETY: plain `#[repr(C)]` structs of integers, floats and device addresses, laid out as the
 // kernels' parameters (checked against the C++ compiler's layout by the emulator's tests).

@@ -1,7 +1,8 @@
 //! The tract float backend: runs an ONNX model on the CPU through tract-onnx.
 //!
 //! It is the fallback that runs any model the zoo ships, and the float reference that int8 plans
-//! are checked against.
+//! are checked against. Its own crate, so that nothing in a flight build depends on tract.
+#![deny(missing_docs)]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::Factoid;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use crate::{Backend, BackendError};
+use kestrel_backend::{Backend, BackendError};
 
 type Runnable = Arc<TypedRunnableModel>;
 
@@ -187,7 +188,7 @@ mod tests {
     use super::*;
 
     fn zoo_model() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/zoo/eurosat-rgb/model.onnx")
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/zoo/eurosat-rgb/model.onnx")
     }
 
     #[test]

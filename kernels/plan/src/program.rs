@@ -16,11 +16,12 @@ use core::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::int8::{
+use crate::plan::{Plan, PlanError, PlanHeader, SectionKind};
+use kestrel_ops::int8::{
     Add, AveragePool, ChannelQuant, Conv, ConvGeometry, Gemm, GlobalAveragePool, Lut, MaxPool, Mul,
     OutputQuant, Rescale, Resize, ShapeError,
 };
-use crate::plan::{Plan, PlanError, PlanHeader, SectionKind};
+use kestrel_ops::Kernels;
 
 /// A span of the weights section.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,174 +210,6 @@ impl From<PlanError> for ProgramError {
     }
 }
 
-/// The kernels a program's steps run on, one method per op. Every method defaults to the generic
-/// kernel (the oracle); faster sets override what they speed up and must give the same bits.
-/// [`crate::table::KernelTable`] is the host's set: generic entries, overwritten by the plug-ins
-/// this CPU supports.
-pub trait Kernels {
-    /// Run `conv`, the layer of step `step`, on `input` into `output`.
-    fn conv(
-        &mut self,
-        step: usize,
-        conv: &Conv<'_>,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        let _ = step;
-        conv.run(input, output)
-    }
-
-    /// Run `gemm` on `input` into `output`.
-    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        gemm.run(input, output)
-    }
-
-    /// Run `add` on `a` and `b` into `output`.
-    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        add.run(a, b, output)
-    }
-
-    /// Run `mul` on `a` and `b` into `output`.
-    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        mul.run(a, b, output)
-    }
-
-    /// Run `pool` on `input` into `output`.
-    fn global_average_pool(
-        &mut self,
-        pool: &GlobalAveragePool,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        pool.run(input, output)
-    }
-
-    /// Run `pool` on `input` into `output`.
-    fn max_pool(
-        &mut self,
-        pool: &MaxPool,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        pool.run(input, output)
-    }
-
-    /// Run `pool` on `input` into `output`.
-    fn average_pool(
-        &mut self,
-        pool: &AveragePool,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        pool.run(input, output)
-    }
-
-    /// Run `resize` on `input` into `output`.
-    fn resize(
-        &mut self,
-        resize: &Resize,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        resize.run(input, output)
-    }
-
-    /// Run `lut` on `input` into `output`.
-    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        lut.run(input, output)
-    }
-
-    /// Run `rescale` on `input` into `output` (its part of a Concat's output).
-    fn rescale(
-        &mut self,
-        rescale: &Rescale,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        rescale.run(input, output)
-    }
-}
-
-/// Borrowed kernels, so a [`crate::session::Session`] can run kernels its caller keeps.
-impl<K: Kernels + ?Sized> Kernels for &mut K {
-    fn conv(
-        &mut self,
-        step: usize,
-        conv: &Conv<'_>,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        (**self).conv(step, conv, input, output)
-    }
-
-    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        (**self).gemm(gemm, input, output)
-    }
-
-    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        (**self).add(add, a, b, output)
-    }
-
-    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        (**self).mul(mul, a, b, output)
-    }
-
-    fn global_average_pool(
-        &mut self,
-        pool: &GlobalAveragePool,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        (**self).global_average_pool(pool, input, output)
-    }
-
-    fn max_pool(
-        &mut self,
-        pool: &MaxPool,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        (**self).max_pool(pool, input, output)
-    }
-
-    fn average_pool(
-        &mut self,
-        pool: &AveragePool,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        (**self).average_pool(pool, input, output)
-    }
-
-    fn resize(
-        &mut self,
-        resize: &Resize,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        (**self).resize(resize, input, output)
-    }
-
-    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        (**self).lut(lut, input, output)
-    }
-
-    fn rescale(
-        &mut self,
-        rescale: &Rescale,
-        input: &[i8],
-        output: &mut [i8],
-    ) -> Result<(), ShapeError> {
-        (**self).rescale(rescale, input, output)
-    }
-}
-
-/// The generic kernels: the oracle, and the only choice without `std`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Reference;
-
-impl Kernels for Reference {}
-
 /// A verified program borrowing its plan bytes.
 #[derive(Clone, Debug)]
 pub struct Program<'a> {
@@ -505,6 +338,15 @@ impl<'a> Program<'a> {
             } => Some((self.bytes_as_i8(weights)?, self.channels(channels)?.bias)),
             _ => None,
         }
+    }
+
+    /// Every step's convolution by step index (`None` for other ops and undecodable steps):
+    /// what the kernel table's plug-ins pack at load.
+    #[cfg(feature = "std")]
+    pub fn convs(&self) -> std::vec::Vec<Option<Conv<'a>>> {
+        self.steps()
+            .map(|step| step.ok().and_then(|s| self.conv(&s.op)))
+            .collect()
     }
 
     /// The convolution `op` describes, constants borrowed from the plan; `None` for other ops.
@@ -805,7 +647,11 @@ impl ProgramBuilder {
     }
 
     /// Append biases and requantisation of each output channel.
-    pub fn channels(&mut self, bias: &[i32], requant: &[crate::quant::Requant]) -> ChannelBlobs {
+    pub fn channels(
+        &mut self,
+        bias: &[i32],
+        requant: &[kestrel_ops::quant::Requant],
+    ) -> ChannelBlobs {
         let bias = self.blob(
             &bias
                 .iter()
@@ -883,7 +729,7 @@ impl OwnedProgram {
     /// clone, the header, a weight slice) can outlive the owner, whose buffer it reads.
     ///
     /// ```compile_fail
-    /// use kestrel_kernels::program::{OwnedProgram, Program};
+    /// use kestrel_plan::program::{OwnedProgram, Program};
     ///
     /// // Keeping the program past its owner's drop would read freed memory: it must not compile.
     /// fn outlive(plan: &[u8]) -> Program<'static> {
@@ -925,10 +771,11 @@ impl AlignedBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::int8::{ConvGeometry, GlobalAveragePool};
     use crate::plan::write_plan;
-    use crate::quant::Requant;
-    use crate::MAX_BANDS;
+    use kestrel_backend::MAX_BANDS;
+    use kestrel_ops::int8::{ConvGeometry, GlobalAveragePool};
+    use kestrel_ops::quant::Requant;
+    use kestrel_ops::Reference;
 
     fn header(arena_size: u32, output_tensor: u16) -> PlanHeader<'static> {
         PlanHeader {

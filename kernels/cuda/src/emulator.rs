@@ -5,7 +5,7 @@
 
 use super::launch::{chunks, Args, Bases, DeviceProgram, Launch, BLOCK, MAX_BATCH};
 use super::{decoded_tiles, CudaError, DecodedTile, PeakSearch};
-use crate::program::{AlignedBytes, Program};
+use kestrel_plan::program::{AlignedBytes, Program};
 
 use super::launch::{ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
 
@@ -192,11 +192,11 @@ impl Emulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::conformance::random_cases;
-    use crate::cuda::launch::{
+    use crate::launch::{
         ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs,
     };
     use core::mem::size_of;
+    use kestrel_testing::conformance::random_cases;
 
     #[test]
     fn the_rust_argument_structs_match_the_cuda_header() {
@@ -241,9 +241,7 @@ mod tests {
                     .map(|v| v.wrapping_mul(item + 1))
                     .collect();
                 let mut done = arena.clone();
-                program
-                    .run(&mut done, &mut crate::program::Reference)
-                    .unwrap();
+                program.run(&mut done, &mut kestrel_ops::Reference).unwrap();
                 arenas.extend(arena);
                 expected.extend(done);
             }

@@ -1,10 +1,11 @@
 //! The int8 CPU backend: a plan's program, its arena and the kernel table for this CPU, all
 //! allocated once at load so that an inference allocates nothing.
 
+use kestrel_backend::{Backend, BackendError};
+use kestrel_ops::table::KernelTable;
+
 use crate::program::{OwnedProgram, Program, ProgramError};
 use crate::session::Session;
-use crate::table::KernelTable;
-use crate::{Backend, BackendError};
 
 /// Runs a plan on the CPU.
 pub struct Int8Cpu {
@@ -39,7 +40,7 @@ impl Int8Cpu {
         let kernels = if generic {
             KernelTable::generic()
         } else {
-            KernelTable::for_this_cpu(program)
+            KernelTable::for_this_cpu(&program.convs())
         };
         Ok(Self {
             arena,
@@ -94,5 +95,63 @@ impl Backend for Int8Cpu {
         self.check_lengths(input, output)?;
         self.infer(input, output)
             .map_err(|_| BackendError::Execution)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kestrel_ops::Reference;
+
+    use super::*;
+    use crate::program::AlignedBytes;
+
+    fn eurosat() -> AlignedBytes {
+        AlignedBytes::new(include_bytes!("../../../models/zoo/eurosat-rgb/model.plan"))
+    }
+
+    #[test]
+    fn plug_ins_replace_only_what_this_cpu_runs_faster() {
+        let bytes = eurosat();
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        assert!(KernelTable::generic()
+            .names()
+            .iter()
+            .all(|&(_, name)| name == "generic"));
+        let table = KernelTable::for_this_cpu(&program.convs());
+        let names = table.names();
+        let plugged: Vec<_> = names.iter().filter(|(_, n)| *n != "generic").collect();
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            assert_eq!(plugged, [&("conv", "avx2"), &("add", "avx2")]);
+        } else {
+            println!("this CPU has no AVX2: the table stays generic");
+            assert!(plugged.is_empty());
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert_eq!(plugged, [&("conv", "neon")]);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        assert!(plugged.is_empty());
+    }
+
+    #[test]
+    fn the_table_runs_a_real_plan_to_the_generic_bits() {
+        let bytes = eurosat();
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        let input: Vec<f32> = (0..program.input_len())
+            .map(|i| ((i * 37) % 255) as f32 / 64.0 - 2.0)
+            .collect();
+        let mut arenas = [
+            vec![0i8; program.arena_size()],
+            vec![0i8; program.arena_size()],
+        ];
+        program.quantize_input(&input, &mut arenas[0]).unwrap();
+        program.quantize_input(&input, &mut arenas[1]).unwrap();
+        program.run(&mut arenas[0], &mut Reference).unwrap();
+        let mut table = KernelTable::for_this_cpu(&program.convs());
+        program.run(&mut arenas[1], &mut table).unwrap();
+        assert!(
+            arenas[0] == arenas[1],
+            "every arena byte, intermediates included"
+        );
     }
 }

@@ -11,8 +11,8 @@
 //!   makes the boxes `runtime::detect::decode` would.
 //! - [`CudaBackend`] always exists. Without the `cuda` feature, or without a driver or a GPU,
 //!   [`CudaBackend::new`] returns [`CudaError::NotAvailable`] and the caller runs the CPU.
+#![deny(missing_docs)]
 
-pub mod conformance;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda-emulator")]
@@ -22,7 +22,7 @@ pub mod launch;
 #[cfg(feature = "cuda")]
 pub use device::compile_ptx;
 
-use crate::program::ProgramError;
+use kestrel_plan::program::ProgramError;
 
 /// The kernels' source, every `.cu` file after the shared header: one NVRTC program.
 pub const SOURCE: &str = concat!(
@@ -244,7 +244,9 @@ pub struct HeadCodes {
 impl HeadCodes {
     /// The output codes' values. An error when comparing codes would not decide as comparing
     /// values does: a softmax output, or values not finite and strictly increasing.
-    pub fn new(program: &crate::program::Program<'_>) -> Result<Self, launch::PlanningError> {
+    pub fn new(
+        program: &kestrel_plan::program::Program<'_>,
+    ) -> Result<Self, launch::PlanningError> {
         let values: [f32; 256] =
             core::array::from_fn(|i| program.dequantize_code((i as i32 - 128) as i8));
         let increasing = values.windows(2).all(|w| w[0] < w[1]);
@@ -417,7 +419,7 @@ impl CudaBackend {
     }
 }
 
-impl crate::Backend for CudaBackend {
+impl kestrel_backend::Backend for CudaBackend {
     fn name(&self) -> &'static str {
         "cuda"
     }
@@ -438,13 +440,17 @@ impl crate::Backend for CudaBackend {
 
     /// Quantise on the host, run one inference on the GPU, dequantise on the host: the same
     /// float steps as the CPU executor, so outputs are bit-identical.
-    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), crate::BackendError> {
+    fn run(
+        &mut self,
+        input: &[f32],
+        output: &mut [f32],
+    ) -> Result<(), kestrel_backend::BackendError> {
         self.check_lengths(input, output)?;
         #[cfg(feature = "cuda")]
         return self
             .session
             .infer(input, output)
-            .map_err(|_| crate::BackendError::Execution);
+            .map_err(|_| kestrel_backend::BackendError::Execution);
         #[cfg(not(feature = "cuda"))]
         match self.never {}
     }

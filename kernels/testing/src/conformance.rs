@@ -2,15 +2,17 @@
 //! emulator and on a GPU: random one-step plans of every op the kernels implement, over random
 //! arenas, to compare with the generic CPU executor byte for byte.
 
-use crate::int8::{
+use kestrel_backend::MAX_BANDS;
+use kestrel_ops::int8::{
     Add, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, OutputQuant, PoolGeometry,
     Rescale, Resize, ResizeMode,
 };
-use crate::plan::PlanHeader;
-use crate::program::{AlignedBytes, Op, Program, ProgramBuilder, ProgramError, Reference, Step};
-use crate::quant::Requant;
-use crate::testing::Rng;
-use crate::MAX_BANDS;
+use kestrel_ops::quant::Requant;
+use kestrel_ops::Reference;
+use kestrel_plan::plan::PlanHeader;
+use kestrel_plan::program::{AlignedBytes, Op, Program, ProgramBuilder, ProgramError, Step};
+
+use crate::Rng;
 
 /// One random plan and a random arena to run it on (its inputs and every other byte).
 pub struct Case {
@@ -114,7 +116,7 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
             };
             let weights = codes(rng, oc * icg * kernel[0] * kernel[1]);
             let bias: std::vec::Vec<i32> = (0..oc)
-                .map(|_| (rng.next() % 40_001) as i32 - 20_000)
+                .map(|_| (rng.draw() % 40_001) as i32 - 20_000)
                 .collect();
             let requants: std::vec::Vec<Requant> = (0..oc).map(|_| requant(rng)).collect();
             let op = Op::Conv {
@@ -131,7 +133,7 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
             let (n_in, n_out) = (1 + rng.below(80), 1 + rng.below(20));
             let weights = codes(rng, n_in * n_out);
             let bias: std::vec::Vec<i32> = (0..n_out)
-                .map(|_| (rng.next() % 40_001) as i32 - 20_000)
+                .map(|_| (rng.draw() % 40_001) as i32 - 20_000)
                 .collect();
             let requants: std::vec::Vec<Requant> = (0..n_out).map(|_| requant(rng)).collect();
             let op = Op::Gemm {

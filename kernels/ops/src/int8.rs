@@ -691,7 +691,7 @@ impl Resize {
 #[cfg(all(test, feature = "std"))]
 mod tests {
     use super::*;
-    use crate::testing::Rng;
+    use kestrel_testing::Rng;
 
     /// Per-channel constants in the split form a plan stores them in.
     pub(crate) struct OwnedChannels {
@@ -762,7 +762,7 @@ mod tests {
             let weights: Vec<i8> = (0..oc * icg * kh * kw)
                 .map(|_| rng.code().max(-127))
                 .collect();
-            let bias: Vec<i32> = (0..oc).map(|_| (rng.next() % 2001) as i32 - 1000).collect();
+            let bias: Vec<i32> = (0..oc).map(|_| (rng.draw() % 2001) as i32 - 1000).collect();
             let (sx, zx, sy) = (0.02, -5, 0.9);
             let sw: Vec<f64> = (0..oc)
                 .map(|_| 0.001 + (rng.below(100) as f64) * 1e-4)

@@ -18,9 +18,9 @@ use winograd::Winograd;
 use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
 
 use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, ShapeError, ADD_FRACTION_BITS};
-use crate::program::{Kernels, Program};
 use crate::quant::{requantize_i8, Requant};
 use crate::table::{Entry, KernelTable};
+use crate::Kernels;
 
 /// One convolution ready for the AVX2 kernels.
 struct Prepared {
@@ -53,12 +53,12 @@ pub struct Avx2 {
 }
 
 impl Avx2 {
-    /// Pack every convolution of `program`; `None` when this CPU lacks AVX2.
-    pub fn new(program: &Program<'_>) -> Option<Self> {
+    /// Pack the convolutions of a program (`convs[step]`); `None` when this CPU lacks AVX2.
+    pub fn new(convs: &[Option<Conv<'_>>]) -> Option<Self> {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
-        let layers = prepare_convs(program, Prepared::new);
+        let layers = prepare_convs(convs, Prepared::new);
         let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
         Some(Self { layers, scratch })
     }
@@ -78,8 +78,8 @@ impl Avx2 {
 
 /// The AVX2 plug-in for the kernel table: on a CPU with AVX2, its convolutions (packed for
 /// `program`) and its Add.
-pub(crate) fn plug(table: &mut KernelTable, program: &Program<'_>) {
-    let Some(mut avx2) = Avx2::new(program) else {
+pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
+    let Some(mut avx2) = Avx2::new(convs) else {
         return;
     };
     table.add = Entry {
@@ -377,7 +377,7 @@ mod tests {
     use super::*;
     use crate::int8::ConvGeometry;
     use crate::strips::check;
-    use crate::testing::Rng;
+    use kestrel_testing::Rng;
 
     /// A property test over shapes: every random convolution gives the generic kernel's bytes.
     #[test]
@@ -406,10 +406,10 @@ mod tests {
             let pad = [rng.below(2), rng.below(2)];
             let (h, w) = (5 + rng.below(30), 5 + rng.below(30));
             let (oh, ow) = (h + 2 * pad[0] - 2, w + 2 * pad[1] - 2);
-            let input: Vec<i8> = (0..c * h * w).map(|_| rng.next() as i8).collect();
-            let weights: Vec<i8> = (0..oc * c * 9).map(|_| rng.next() as i8).collect();
+            let input: Vec<i8> = (0..c * h * w).map(|_| rng.draw() as i8).collect();
+            let weights: Vec<i8> = (0..oc * c * 9).map(|_| rng.draw() as i8).collect();
             let bias: Vec<i32> = (0..oc)
-                .map(|_| (rng.next() % 200_001) as i32 - 100_000)
+                .map(|_| (rng.draw() % 200_001) as i32 - 100_000)
                 .collect();
             let requant: Vec<Requant> = (0..oc)
                 .map(|_| {
@@ -469,8 +469,8 @@ mod tests {
         let mut rng = Rng(0xadd5_2026_1126);
         for case in 0..500 {
             let len = rng.below(100);
-            let a: Vec<i8> = (0..len).map(|_| rng.next() as i8).collect();
-            let b: Vec<i8> = (0..len).map(|_| rng.next() as i8).collect();
+            let a: Vec<i8> = (0..len).map(|_| rng.draw() as i8).collect();
+            let b: Vec<i8> = (0..len).map(|_| rng.draw() as i8).collect();
             let mut scale = || {
                 let real = 2f64.powf(rng.below(1600) as f64 / 100.0 - 8.0);
                 Requant::from_real(real).unwrap()

@@ -2,7 +2,7 @@
 fn main() {
     #[cfg(feature = "cuda-emulator")]
     {
-        let dir = "src/cuda";
+        let dir = "src";
         for file in [
             "emulator.cpp",
             "kestrel.cuh",

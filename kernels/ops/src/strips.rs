@@ -7,19 +7,15 @@ use std::vec::Vec;
 
 use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
 
-/// Prepare every convolution of `program` with `prepare` (by step index; `None` for other
-/// ops and for layers it declines).
+/// Prepare every convolution of a program (`convs[step]`) with `prepare`, by step index: `None`
+/// for other ops and for layers it declines.
 pub(crate) fn prepare_convs<T>(
-    program: &crate::program::Program<'_>,
+    convs: &[Option<Conv<'_>>],
     prepare: impl Fn(&Conv<'_>) -> Option<T>,
 ) -> Vec<Option<T>> {
-    program
-        .steps()
-        .map(|step| {
-            step.ok()
-                .and_then(|s| program.conv(&s.op))
-                .and_then(|c| prepare(&c))
-        })
+    convs
+        .iter()
+        .map(|conv| conv.as_ref().and_then(&prepare))
         .collect()
 }
 
@@ -357,7 +353,7 @@ pub(crate) mod check {
 
     use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError};
     use crate::quant::Requant;
-    use crate::testing::Rng;
+    use kestrel_testing::Rng;
 
     /// A fast kernel under test: run `conv` on the buffers, or `None` when it declines.
     pub(crate) type Fast<'f> =
@@ -395,10 +391,10 @@ pub(crate) mod check {
             ) else {
                 continue;
             };
-            let input: Vec<i8> = (0..c * h * w).map(|_| rng.next() as i8).collect();
-            let weights: Vec<i8> = (0..oc * icg * kh * kw).map(|_| rng.next() as i8).collect();
+            let input: Vec<i8> = (0..c * h * w).map(|_| rng.draw() as i8).collect();
+            let weights: Vec<i8> = (0..oc * icg * kh * kw).map(|_| rng.draw() as i8).collect();
             let bias: Vec<i32> = (0..oc)
-                .map(|_| (rng.next() % 20001) as i32 - 10000)
+                .map(|_| (rng.draw() % 20001) as i32 - 10000)
                 .collect();
             // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path).
             let requant: Vec<Requant> = (0..oc)

@@ -2,16 +2,19 @@
 //! or a heap runs (a microcontroller, with the plan in flash and the arena in a static buffer).
 //! [`crate::cpu::Int8Cpu`] is the same on a host, owning its plan copy and arena.
 
-use crate::program::{Kernels, Program, ProgramError, Reference};
-use crate::{Backend, BackendError};
+use kestrel_backend::{Backend, BackendError};
+use kestrel_ops::{Kernels, Reference};
+
+use crate::program::{Program, ProgramError};
 
 /// A verified program, a caller's arena and the kernels to run it with.
 ///
 /// ```
-/// use kestrel_kernels::program::{Program, Reference};
-/// use kestrel_kernels::session::Session;
+/// use kestrel_ops::Reference;
+/// use kestrel_plan::program::Program;
+/// use kestrel_plan::session::Session;
 /// # fn demo(plan: &[u8], arena: &mut [i8], input: &[f32], output: &mut [f32])
-/// #     -> Result<(), kestrel_kernels::program::ProgramError> {
+/// #     -> Result<(), kestrel_plan::program::ProgramError> {
 /// let program = Program::new(plan)?;
 /// let mut session = Session::new(&program, arena, Reference)?;
 /// session.infer(input, output)?;

@@ -18,7 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
+use kestrel_backend::spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
 
 /// First bytes of every plan.
 pub const MAGIC: [u8; 8] = *b"KSTRLPLN";

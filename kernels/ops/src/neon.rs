@@ -12,10 +12,10 @@ use std::boxed::Box;
 use std::vec::Vec;
 
 use crate::int8::{ChannelQuant, Conv, ShapeError};
-use crate::program::{Kernels, Program};
 use crate::quant::requantize_i8;
 use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
 use crate::table::{Entry, KernelTable};
+use crate::Kernels;
 
 /// NEON convolutions for one program: packed weights per step and scratch buffers, allocated
 /// at setup.
@@ -30,12 +30,12 @@ fn needs(packed: &Packed) -> [usize; 4] {
 }
 
 impl Neon {
-    /// Pack every convolution of `program`; `None` when this CPU lacks NEON.
-    pub fn new(program: &Program<'_>) -> Option<Self> {
+    /// Pack the convolutions of a program (`convs[step]`); `None` when this CPU lacks NEON.
+    pub fn new(convs: &[Option<Conv<'_>>]) -> Option<Self> {
         if !std::arch::is_aarch64_feature_detected!("neon") {
             return None;
         }
-        let layers = prepare_convs(program, Packed::new);
+        let layers = prepare_convs(convs, Packed::new);
         let scratch = Scratch::for_needs(layers.iter().flatten().map(needs));
         Some(Self { layers, scratch })
     }
@@ -55,8 +55,8 @@ impl Neon {
 
 /// The NEON plug-in for the kernel table: on a CPU with NEON, its convolutions (packed for
 /// `program`).
-pub(crate) fn plug(table: &mut KernelTable, program: &Program<'_>) {
-    let Some(mut neon) = Neon::new(program) else {
+pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
+    let Some(mut neon) = Neon::new(convs) else {
         return;
     };
     table.conv = Entry {

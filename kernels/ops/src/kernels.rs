@@ -1,0 +1,173 @@
+//! The set of kernels a program's steps run on.
+
+use crate::int8::{
+    Add, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize, ShapeError,
+};
+
+/// The kernels a program's steps run on, one method per op. Every method defaults to the generic
+/// kernel (the oracle); faster sets override what they speed up and must give the same bits.
+/// [`crate::table::KernelTable`] is the host's set: generic entries, overwritten by the plug-ins
+/// this CPU supports.
+pub trait Kernels {
+    /// Run `conv`, the layer of step `step`, on `input` into `output`.
+    fn conv(
+        &mut self,
+        step: usize,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        let _ = step;
+        conv.run(input, output)
+    }
+
+    /// Run `gemm` on `input` into `output`.
+    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        gemm.run(input, output)
+    }
+
+    /// Run `add` on `a` and `b` into `output`.
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        add.run(a, b, output)
+    }
+
+    /// Run `mul` on `a` and `b` into `output`.
+    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        mul.run(a, b, output)
+    }
+
+    /// Run `pool` on `input` into `output`.
+    fn global_average_pool(
+        &mut self,
+        pool: &GlobalAveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `pool` on `input` into `output`.
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `pool` on `input` into `output`.
+    fn average_pool(
+        &mut self,
+        pool: &AveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `resize` on `input` into `output`.
+    fn resize(
+        &mut self,
+        resize: &Resize,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        resize.run(input, output)
+    }
+
+    /// Run `lut` on `input` into `output`.
+    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        lut.run(input, output)
+    }
+
+    /// Run `rescale` on `input` into `output` (its part of a Concat's output).
+    fn rescale(
+        &mut self,
+        rescale: &Rescale,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        rescale.run(input, output)
+    }
+}
+
+/// Borrowed kernels, so a session can run kernels its caller keeps.
+impl<K: Kernels + ?Sized> Kernels for &mut K {
+    fn conv(
+        &mut self,
+        step: usize,
+        conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).conv(step, conv, input, output)
+    }
+
+    fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).gemm(gemm, input, output)
+    }
+
+    fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).add(add, a, b, output)
+    }
+
+    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).mul(mul, a, b, output)
+    }
+
+    fn global_average_pool(
+        &mut self,
+        pool: &GlobalAveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).global_average_pool(pool, input, output)
+    }
+
+    fn max_pool(
+        &mut self,
+        pool: &MaxPool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).max_pool(pool, input, output)
+    }
+
+    fn average_pool(
+        &mut self,
+        pool: &AveragePool,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).average_pool(pool, input, output)
+    }
+
+    fn resize(
+        &mut self,
+        resize: &Resize,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).resize(resize, input, output)
+    }
+
+    fn lut(&mut self, lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        (**self).lut(lut, input, output)
+    }
+
+    fn rescale(
+        &mut self,
+        rescale: &Rescale,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).rescale(rescale, input, output)
+    }
+}
+
+/// The generic kernels: the oracle, and the only choice without `std`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Reference;
+
+impl Kernels for Reference {}

@@ -1,0 +1,23 @@
+//! Kestrel's int8 kernels.
+//!
+//! [`int8`] holds the generic reference kernels (the oracle every faster kernel must equal bit for
+//! bit) and [`quant`] the fixed-point requantisation; both are `no_std` without `alloc`. [`Kernels`]
+//! is the set of kernels a program's steps run on. With `std`, [`table::KernelTable`] is the
+//! host's set: generic entries, overwritten after CPU feature detection by the AVX2 (x86-64) and
+//! NEON (aarch64) plug-ins.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+pub mod avx2;
+pub mod int8;
+mod kernels;
+#[cfg(all(feature = "std", target_arch = "aarch64"))]
+pub mod neon;
+pub mod quant;
+#[cfg(feature = "std")]
+mod strips;
+#[cfg(feature = "std")]
+pub mod table;
+
+pub use kernels::{Kernels, Reference};

@@ -1,0 +1,18 @@
+//! Kestrel's compiled int8 plan and its executor.
+//!
+//! - [`plan`]: the container, a versioned file of CRC-protected sections whose header says
+//!   everything a board needs (labels, preprocessing, a detector's postprocessing).
+//! - [`program`]: the verified op list, run step by step over an arena the caller owns.
+//! - [`session`]: a program, an arena and kernels behind the `Backend` contract, with no `std`
+//!   or heap: what a microcontroller runs.
+//!
+//! With `std`: the plan writer, [`program::OwnedProgram`] (a plan copied to an aligned buffer)
+//! and [`cpu::Int8Cpu`], the host backend running the CPU's kernel table.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+
+#[cfg(feature = "std")]
+pub mod cpu;
+pub mod plan;
+pub mod program;
+pub mod session;
