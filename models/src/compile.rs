@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use kestrel_backend::{Backend, PreprocessSpec, MAX_BANDS};
-use kestrel_host::{decode_image, Split};
+use kestrel_eval::Split;
+use kestrel_host::decode_image;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::plan::{DetectorHeader, PlanHeader};
 use kestrel_plan::program::ProgramError;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kestrel_host::Split;
+use kestrel_eval::Split;
 use models::calibrate::Method;
 use models::compile::{compile, Options};
 use models::ZooModel;

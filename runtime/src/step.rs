@@ -335,3 +335,43 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
         }
     }
 }
+
+/// A step that turns one whole frame into one result of type `Out`: what the threaded pipeline
+/// runs, whichever model it is. [`ClassifierStep`] gives a [`Classification`];
+/// [`DetectorStep`] gives the frame's [`Detections`] (up to `N`).
+pub trait FrameStep<Out> {
+    /// Process `frame`, count it in `health` (done with its latency, or an error by kind), and
+    /// return the result with its latency in microseconds from `clock`.
+    fn process_frame<S: Sample>(
+        &mut self,
+        frame: FrameView<'_, S>,
+        clock: &impl MonotonicClock,
+        health: &mut Health,
+    ) -> Result<(Out, u64), StepError>;
+}
+
+impl<B: Backend> FrameStep<Classification> for ClassifierStep<'_, B> {
+    fn process_frame<S: Sample>(
+        &mut self,
+        frame: FrameView<'_, S>,
+        clock: &impl MonotonicClock,
+        health: &mut Health,
+    ) -> Result<(Classification, u64), StepError> {
+        self.process(frame, clock, health)
+    }
+}
+
+impl<B: Backend, const TILE_CAP: usize, const N: usize> FrameStep<Detections<N>>
+    for DetectorStep<'_, B, TILE_CAP>
+{
+    fn process_frame<S: Sample>(
+        &mut self,
+        frame: FrameView<'_, S>,
+        clock: &impl MonotonicClock,
+        health: &mut Health,
+    ) -> Result<(Detections<N>, u64), StepError> {
+        let mut found = Detections::new();
+        let latency_us = self.process(frame, clock, health, &mut found)?;
+        Ok((found, latency_us))
+    }
+}

@@ -1,5 +1,5 @@
-//! The threaded pipeline: ingest, inference and output on their own threads, joined by bounded
-//! crossbeam channels.
+//! The threaded pipeline: ingest, inference (any [`FrameStep`]: a classifier or a detector) and
+//! output on their own threads, joined by bounded crossbeam channels.
 //!
 //! Frame buffers are allocated once at start-up and recycled, so the steady state allocates
 //! nothing in the runtime. When the inference queue is full the [`DropPolicy`] decides which
@@ -9,12 +9,12 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use kestrel_backend::{Backend, BackendError};
+use kestrel_backend::BackendError;
 
 use crate::classify::Classification;
 use crate::frame::{FrameError, FrameView, Sample};
 use crate::health::{ErrorKind, Health};
-use crate::step::{ClassifierStep, StepError};
+use crate::step::{FrameStep, StepError};
 use crate::{FrameGeometry, FrameSource, MonotonicClock};
 
 /// What the ingest thread does with a new frame when the inference queue is full.
@@ -64,14 +64,15 @@ impl<E: core::fmt::Display> core::fmt::Display for FrameFailure<E> {
 }
 
 /// What became of one frame; frames are numbered from 0 in the order the source delivered them.
+/// `T` is the step's result: a [`Classification`], or a detector's `Detections`.
 #[derive(Debug)]
-pub struct Outcome<E> {
+pub struct Outcome<E, T = Classification> {
     /// Position of the frame in the source's stream.
     pub sequence: u64,
     /// Processing time of a completed frame (preprocess, model, postprocess), else 0.
     pub latency_us: u64,
-    /// The classification, or why there is none.
-    pub result: Result<Classification, FrameFailure<E>>,
+    /// The step's result, or why there is none.
+    pub result: Result<T, FrameFailure<E>>,
 }
 
 struct Job<S> {
@@ -80,11 +81,12 @@ struct Job<S> {
     samples: Vec<S>,
 }
 
-/// Run every frame of `source` through `step`, calling `on_outcome` (on the calling thread)
-/// once per frame, and return the merged health counters when the source is exhausted.
-pub fn run_pipeline<S, Src, B, C, F>(
+/// Run every frame of `source` through `step` (a classifier, a detector: any [`FrameStep`]),
+/// calling `on_outcome` (on the calling thread) once per frame, and return the merged health
+/// counters when the source is exhausted.
+pub fn run_pipeline<S, Src, St, T, C, F>(
     mut source: Src,
-    mut step: ClassifierStep<'_, B>,
+    mut step: St,
     clock: &C,
     config: PipelineConfig,
     mut on_outcome: F,
@@ -93,9 +95,10 @@ where
     S: Sample,
     Src: FrameSource<S> + Send,
     Src::Error: Send,
-    B: Backend + Send,
+    St: FrameStep<T> + Send,
+    T: Send,
     C: MonotonicClock + Sync,
-    F: FnMut(Outcome<Src::Error>),
+    F: FnMut(Outcome<Src::Error, T>),
 {
     let depth = config.queue_depth.max(1);
     // One buffer per queue slot, one being filled, one being classified: never short.
@@ -106,7 +109,7 @@ where
         let _ = free_tx.send(vec![S::ZERO; config.max_frame_samples]);
     }
     let (work_tx, work_rx) = bounded::<Job<S>>(depth);
-    let (outcome_tx, outcome_rx) = bounded::<Outcome<Src::Error>>(2 * depth + 4);
+    let (outcome_tx, outcome_rx) = bounded::<Outcome<Src::Error, T>>(2 * depth + 4);
 
     std::thread::scope(|scope| {
         let ingest = {
@@ -129,21 +132,21 @@ where
                 let processed = match FrameView::new(job.geometry, &job.samples) {
                     // A panicking backend (a driver bug, a dead device) costs one frame, not
                     // the pipeline: it is counted as a backend error and the next frame runs.
-                    Ok(view) => {
-                        catch_unwind(AssertUnwindSafe(|| step.process(view, clock, &mut health)))
-                            .unwrap_or_else(|_| {
-                                health.record_error(ErrorKind::Backend);
-                                Err(StepError::Backend(BackendError::Execution))
-                            })
-                            .map_err(FrameFailure::Step)
-                    }
+                    Ok(view) => catch_unwind(AssertUnwindSafe(|| {
+                        step.process_frame(view, clock, &mut health)
+                    }))
+                    .unwrap_or_else(|_| {
+                        health.record_error(ErrorKind::Backend);
+                        Err(StepError::Backend(BackendError::Execution))
+                    })
+                    .map_err(FrameFailure::Step),
                     Err(e) => {
                         health.record_error(ErrorKind::Frame);
                         Err(FrameFailure::Frame(e))
                     }
                 };
                 let (latency_us, result) = match processed {
-                    Ok((classification, latency_us)) => (latency_us, Ok(classification)),
+                    Ok((output, latency_us)) => (latency_us, Ok(output)),
                     Err(failure) => (0, Err(failure)),
                 };
                 let _ = free_tx.send(job.samples);
@@ -177,15 +180,15 @@ where
 }
 
 /// The ingest thread's ends of the channels.
-struct Queue<S, E> {
+struct Queue<S, E, T> {
     work: Sender<Job<S>>,
     /// A receiver on the work queue, for evicting the oldest frame.
     oldest: Receiver<Job<S>>,
     free: Sender<Vec<S>>,
-    outcomes: Sender<Outcome<E>>,
+    outcomes: Sender<Outcome<E, T>>,
 }
 
-impl<S, E> Queue<S, E> {
+impl<S, E, T> Queue<S, E, T> {
     fn report(&self, sequence: u64, failure: FrameFailure<E>) {
         let _ = self.outcomes.send(Outcome {
             sequence,
@@ -225,10 +228,10 @@ impl<S, E> Queue<S, E> {
     }
 }
 
-fn ingest<S: Sample, Src: FrameSource<S>>(
+fn ingest<S: Sample, Src: FrameSource<S>, T>(
     source: &mut Src,
     free: &Receiver<Vec<S>>,
-    queue: &Queue<S, Src::Error>,
+    queue: &Queue<S, Src::Error, T>,
     policy: DropPolicy,
 ) -> Health {
     let mut health = Health::default();

@@ -8,8 +8,9 @@
 
 use std::path::PathBuf;
 
-use kestrel_host::dataset::scan_labelled;
-use kestrel_host::{decode_image, Split};
+use kestrel_eval::dataset::scan_labelled;
+use kestrel_eval::Split;
+use kestrel_host::decode_image;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use models::calibrate::{Calibrator, Method};

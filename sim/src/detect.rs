@@ -6,8 +6,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kestrel_backend::Backend;
-use kestrel_host::coco::{self, Scored, Truth};
-use kestrel_host::{decode_image, HostClock, Split};
+use kestrel_eval::coco::{self, Scored, Truth};
+use kestrel_eval::Split;
+use kestrel_host::{decode_image, HostClock};
 use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::health::{ErrorKind, Health};

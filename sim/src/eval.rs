@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kestrel_host::{dataset::scan_labelled, FolderSource, HostClock, Split};
+use kestrel_eval::dataset::scan_labelled;
+use kestrel_eval::Split;
+use kestrel_host::{FolderSource, HostClock};
 use kestrel_runtime::health::ErrorKind;
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kestrel_backend::Backend;
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
-use kestrel_host::Split;
+use kestrel_eval::Split;
 use kestrel_runtime::threaded::DropPolicy;
 use models::ZooModel;
 

@@ -5,7 +5,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use image::{Rgb, RgbImage};
-use kestrel_host::{dataset::list_images, decode_image};
+use kestrel_eval::dataset::list_images;
+use kestrel_host::decode_image;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::tile::TileGrid;

@@ -4,8 +4,9 @@
 use std::path::Path;
 
 use kestrel_backend::Backend;
-use kestrel_host::dataset::scan_labelled;
-use kestrel_host::{FolderSource, HostClock, Split};
+use kestrel_eval::dataset::scan_labelled;
+use kestrel_eval::Split;
+use kestrel_host::{FolderSource, HostClock};
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, PipelineConfig};
 use models::ZooModel;
@@ -104,4 +105,71 @@ fn step_loop_over_a_frame_pool_classifies_real_chips() {
         forest_votes >= 9,
         "{forest_votes}/10 forest chips classified as Forest"
     );
+}
+
+/// The threaded pipeline runs a detector as it runs a classifier: the 7 sample scenes through
+/// the built-in int8 detector give, frame by frame, the boxes `DetectorStep` gives on its own.
+#[test]
+fn the_threaded_pipeline_runs_the_detector() {
+    use kestrel_host::decode_image;
+    use kestrel_runtime::detect::Detections;
+    use kestrel_runtime::frame::FrameView;
+    use kestrel_runtime::step::DetectorStep;
+    use kestrel_runtime::threaded::Outcome;
+
+    let model = ZooModel::load(models::DEFAULT_DETECTOR).unwrap();
+    let (spec, config) = (
+        model.preprocess_spec().unwrap(),
+        model.detector_config().unwrap(),
+    );
+    let scenes = kestrel_tests::sorted_files(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/nwpu-vhr10/images"),
+    );
+    let clock = HostClock::default();
+
+    let backend = model.int8_backend().unwrap().unwrap();
+    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
+    let mut step =
+        DetectorStep::<_, 128>::new(backend, spec, config, &mut input, &mut head).unwrap();
+    let alone: Vec<Detections<512>> = scenes
+        .iter()
+        .map(|path| {
+            let image = decode_image(path).unwrap();
+            let frame = FrameView::new(image.geometry, &image.samples).unwrap();
+            let mut found = Detections::new();
+            step.detect(frame, &mut found).unwrap();
+            found
+        })
+        .collect();
+    drop(step);
+
+    let backend = model.int8_backend().unwrap().unwrap();
+    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
+    let step = DetectorStep::<_, 128>::new(backend, spec, config, &mut input, &mut head).unwrap();
+    let pipeline = PipelineConfig {
+        queue_depth: 2,
+        drop_policy: DropPolicy::Block,
+        max_frame_samples: 1200 * 1200 * 3,
+    };
+    let mut threaded: Vec<Option<Detections<512>>> = vec![None; scenes.len()];
+    let source = FolderSource::new(scenes.clone());
+    let health = run_pipeline(
+        source,
+        step,
+        &clock,
+        pipeline,
+        |o: Outcome<_, Detections<512>>| {
+            threaded[o.sequence as usize] = Some(o.result.unwrap());
+        },
+    );
+    assert_eq!((health.frames_in, health.frames_done), (7, 7));
+    let boxes: usize = alone.iter().map(|d| d.as_slice().len()).sum();
+    assert!(boxes >= 30, "the 7 scenes hold 61 objects; found {boxes}");
+    for (i, (alone, threaded)) in alone.iter().zip(&threaded).enumerate() {
+        assert!(
+            threaded.as_ref() == Some(alone),
+            "scene {i}: {:?}",
+            scenes[i]
+        );
+    }
 }

@@ -1,15 +1,12 @@
 //! Board support for desktops and hardware-in-the-loop hosts.
 //!
-//! Image files (JPEG, PNG) and labelled chip folders become frame sources; the host clock is
+//! Image files (JPEG, PNG) and folders of them become frame sources; the host clock is
 //! `std::time::Instant`. Every failure names the file and the reason on one line.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod coco;
-pub mod dataset;
 pub mod image_file;
 
-pub use dataset::{DatasetError, LabelledImage, Split};
 pub use image_file::{decode_image, DecodedImage, FolderSource, ImageError};
 
 use std::time::Instant;
