@@ -1,9 +1,11 @@
-//! Kestrel's model zoo.
+//! Kestrel's model tools: loading zoo models with their manifests for the simulator and the tests,
+//! and the plan compiler (`cargo run -p models -- compile`). Flight code uses neither: it embeds
+//! a plan from `kestrel-zoo`, whose header says everything a board needs.
 //!
 //! Each model lives in `models/zoo/<name>/` as `model.onnx` plus `manifest.json` (labels, input
-//! shape, preprocessing, dataset, split, validation accuracy, sha256 of the ONNX). The zoo's
-//! models are compiled into this crate, so a binary needs no files to run them; a model on disk
-//! is loaded from its folder, its `model.onnx` or its `manifest.json`.
+//! shape, preprocessing, dataset, split, validation accuracy, sha256 of the ONNX) and its
+//! `model.plan`. The built-in models come from `kestrel-zoo`, so a binary needs no files to run
+//! them; a model on disk is loaded from its folder, its `model.onnx` or its `manifest.json`.
 #![deny(missing_docs)]
 
 pub mod arena;
@@ -29,31 +31,9 @@ pub const DEFAULT_MODEL: &str = "eurosat-rgb";
 /// The detector of `sim`'s default detection pass.
 pub const DEFAULT_DETECTOR: &str = "nwpu-vhr10";
 
-struct Builtin {
-    name: &'static str,
-    manifest: &'static str,
-    onnx: &'static [u8],
-    plan: Option<&'static [u8]>,
-}
-
-const BUILTINS: [Builtin; 2] = [
-    Builtin {
-        name: "eurosat-rgb",
-        manifest: include_str!("../zoo/eurosat-rgb/manifest.json"),
-        onnx: include_bytes!("../zoo/eurosat-rgb/model.onnx"),
-        plan: Some(include_bytes!("../zoo/eurosat-rgb/model.plan")),
-    },
-    Builtin {
-        name: "nwpu-vhr10",
-        manifest: include_str!("../zoo/nwpu-vhr10/manifest.json"),
-        onnx: include_bytes!("../zoo/nwpu-vhr10/model.onnx"),
-        plan: Some(include_bytes!("../zoo/nwpu-vhr10/model.plan")),
-    },
-];
-
-/// Names of the models built into this crate.
+/// Names of the built-in models (the `kestrel-zoo` crate's).
 pub fn builtin_names() -> impl Iterator<Item = &'static str> {
-    BUILTINS.iter().map(|b| b.name)
+    kestrel_zoo::ALL.into_iter().map(|b| b.name)
 }
 
 /// A model's manifest (`manifest.json`); fields the runtime does not use are kept for reports.
@@ -212,12 +192,10 @@ impl ZooModel {
     /// Load a built-in model by name, or a model from a folder, an ONNX file (with
     /// `manifest.json` beside it) or a manifest file (with `model.onnx` beside it).
     pub fn load(name_or_path: &str) -> Result<Self, ModelError> {
-        if let Some(b) = BUILTINS.iter().find(|b| b.name == name_or_path) {
+        if let Some(b) = kestrel_zoo::find(name_or_path) {
             let origin = format!("builtin:{}", b.name);
             let mut model = Self::from_parts(b.manifest, &origin, Cow::Borrowed(b.onnx), &origin)?;
-            model.plan = b
-                .plan
-                .map(|p| (format!("{origin}/model.plan"), Cow::Borrowed(p)));
+            model.plan = Some((format!("{origin}/model.plan"), Cow::Borrowed(b.plan)));
             return Ok(model);
         }
         let path = Path::new(name_or_path);
