@@ -5,6 +5,16 @@
 //! runtime build on it.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
+// Flight code returns typed errors; it never panics on any input (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 #![forbid(unsafe_code)]
 
 pub mod spec;

@@ -100,12 +100,15 @@ impl PreprocessSpec {
             inv_std: [0.0; MAX_BANDS],
             resize,
         };
-        for (band, (&m, &s)) in mean.iter().zip(std).enumerate() {
+        let slots = spec.mean.iter_mut().zip(spec.inv_std.iter_mut());
+        for (band, ((&m, &s), (mean_slot, inv_std_slot))) in
+            mean.iter().zip(std).zip(slots).enumerate()
+        {
             if !m.is_finite() || !s.is_finite() || s <= 0.0 {
                 return Err(SpecError::BadNormalisation { band });
             }
-            spec.mean[band] = m;
-            spec.inv_std[band] = 1.0 / s;
+            *mean_slot = m;
+            *inv_std_slot = 1.0 / s;
         }
         Ok(spec)
     }

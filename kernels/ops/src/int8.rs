@@ -147,16 +147,23 @@ impl Conv<'_> {
         let group = g.group.max(1);
         let (icg, ocg) = (c / group, oc_total / group);
         let q = self.output_quant;
+        // `check` proved every access below in bounds; a miss would be a bug, reported as the
+        // buffer it concerns rather than a panic.
+        let missing = |buffer| ShapeError { buffer };
         for oc in 0..oc_total {
             let (bias, requant) = self.channels.get(oc);
             let first_channel = (oc / ocg) * icg;
-            let filter = &self.weights[oc * icg * kh * kw..(oc + 1) * icg * kh * kw];
+            let filter = self
+                .weights
+                .get(oc * icg * kh * kw..(oc + 1) * icg * kh * kw)
+                .ok_or(missing("weights"))?;
             for oy in 0..oh {
                 for ox in 0..ow {
                     let mut acc = bias;
                     for ic in 0..icg {
-                        let plane =
-                            &input[(first_channel + ic) * h * w..(first_channel + ic + 1) * h * w];
+                        let plane = input
+                            .get((first_channel + ic) * h * w..(first_channel + ic + 1) * h * w)
+                            .ok_or(missing("input"))?;
                         for ky in 0..kh {
                             let Some(iy) =
                                 (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.pad[0])
@@ -175,13 +182,18 @@ impl Conv<'_> {
                                 if ix >= w {
                                     continue;
                                 }
-                                let x = i32::from(plane[iy * w + ix]) - self.input_zero_point;
-                                acc = acc
-                                    .wrapping_add(x * i32::from(filter[(ic * kh + ky) * kw + kx]));
+                                let x = plane.get(iy * w + ix).ok_or(missing("input"))?;
+                                let weight = filter
+                                    .get((ic * kh + ky) * kw + kx)
+                                    .ok_or(missing("weights"))?;
+                                let x = i32::from(*x) - self.input_zero_point;
+                                acc = acc.wrapping_add(x * i32::from(*weight));
                             }
                         }
                     }
-                    output[(oc * oh + oy) * ow + ox] =
+                    *output
+                        .get_mut((oc * oh + oy) * ow + ox)
+                        .ok_or(missing("output"))? =
                         requantize_i8(acc, requant, q.zero_point, q.min, q.max);
                 }
             }
@@ -251,12 +263,14 @@ impl Add {
         self.check(a.len(), b.len(), output.len())?;
         let q = self.output_quant;
         let half = 1i64 << (ADD_FRACTION_BITS - 1);
+        let [zero_a, zero_b] = self.input_zero_points;
+        let [requant_a, requant_b] = self.requant;
+        let term = |v: i8, zero_point: i32, requant: Requant| {
+            i64::from(requant.apply((i32::from(v) - zero_point) << ADD_FRACTION_BITS))
+        };
         for ((out, &x), &y) in output.iter_mut().zip(a).zip(b) {
-            let term = |v: i8, i: usize| {
-                let centred = (i32::from(v) - self.input_zero_points[i]) << ADD_FRACTION_BITS;
-                i64::from(self.requant[i].apply(centred))
-            };
-            let sum = (term(x, 0) + term(y, 1) + half) >> ADD_FRACTION_BITS;
+            let sum = (term(x, zero_a, requant_a) + term(y, zero_b, requant_b) + half)
+                >> ADD_FRACTION_BITS;
             let code = (sum + i64::from(q.zero_point)).clamp(i64::from(q.min), i64::from(q.max));
             *out = code as i8;
         }
@@ -329,14 +343,15 @@ impl PoolGeometry {
             self.channels > 0 && sizes.as_flattened().iter().all(|&v| v > 0),
             "geometry",
         )?;
-        for axis in 0..2 {
-            let last_start = (self.output[axis] - 1).checked_mul(self.stride[axis]);
-            let last_end = last_start.and_then(|s| s.checked_add(self.kernel[axis]));
-            let padded_end = self.input[axis].checked_add(self.pad[axis]);
+        let axes = (self.output.iter().zip(&self.stride).zip(&self.kernel))
+            .zip(self.input.iter().zip(&self.pad));
+        for (((&output, &stride), &kernel), (&input, &pad)) in axes {
+            // `output` is at least 1 (checked above).
+            let last_start = (output - 1).checked_mul(stride);
+            let last_end = last_start.and_then(|s| s.checked_add(kernel));
+            let padded_end = input.checked_add(pad);
             let ok = match (last_start, last_end, padded_end) {
-                (Some(start), Some(_), Some(end)) => {
-                    self.pad[axis] < self.kernel[axis] && start < end
-                }
+                (Some(start), Some(_), Some(end)) => pad < kernel && start < end,
                 _ => false,
             };
             check(ok, "geometry")?;
@@ -549,7 +564,8 @@ impl Lut<'_> {
         };
         check(output.len() == input.len(), "output")?;
         for (out, &x) in output.iter_mut().zip(input) {
-            *out = table[usize::from(x as u8)];
+            // 256 entries: every u8 index is there.
+            *out = table.get(usize::from(x as u8)).copied().unwrap_or_default();
         }
         Ok(())
     }
@@ -566,7 +582,9 @@ pub fn build_lut(
     f: impl Fn(f32) -> f32,
 ) -> [i8; 256] {
     let mut table = [0i8; 256];
-    for q in i8::MIN..=i8::MAX {
+    // Entry `q as u8` for every code `q`.
+    for (slot, index) in table.iter_mut().zip(0..=u8::MAX) {
+        let q = index as i8;
         let x = input_scale * (i64::from(q) - i64::from(input_zero_point)) as f32;
         let steps = f64::from(f(x)) / f64::from(output_scale);
         // By hand because core has no f64::round; `as` truncates and saturates (NaN to 0).
@@ -576,7 +594,7 @@ pub fn build_lut(
             (steps - 0.5) as i64
         };
         let code = rounded.saturating_add(i64::from(output_zero_point));
-        table[usize::from(q as u8)] = code.clamp(i64::from(i8::MIN), i64::from(i8::MAX)) as i8;
+        *slot = code.clamp(i64::from(i8::MIN), i64::from(i8::MAX)) as i8;
     }
     table
 }
@@ -644,9 +662,9 @@ impl Resize {
             "geometry",
         )?;
         // Bounds the fixed-point source positions in `resize_source`.
-        for axis in 0..2 {
-            let span = (self.input[axis] as u64)
-                .checked_mul(self.output[axis] as u64)
+        for (&input, &output) in self.input.iter().zip(&self.output) {
+            let span = (input as u64)
+                .checked_mul(output as u64)
                 .and_then(|v| v.checked_mul(2 << F));
             check(span.is_some(), "geometry")?;
         }

@@ -7,15 +7,31 @@
 //! NEON (aarch64) plug-ins.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
+// Flight code returns typed errors; it never panics on any input (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
+// The SIMD kernels (hosts only, behind `std`) index packed buffers whose sizes they computed at
+// setup, and fall back to the generic kernel for any layer whose buffers do not match; their
+// property tests (`odd_geometry_never_panics`, bit-for-bit checks) stand in for the lints.
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[allow(clippy::indexing_slicing)]
 pub mod avx2;
 pub mod int8;
 mod kernels;
 #[cfg(all(feature = "std", target_arch = "aarch64"))]
+#[allow(clippy::indexing_slicing)]
 pub mod neon;
 pub mod quant;
 #[cfg(feature = "std")]
+#[allow(clippy::indexing_slicing)]
 mod strips;
 #[cfg(feature = "std")]
 pub mod table;

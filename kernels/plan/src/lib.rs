@@ -10,6 +10,16 @@
 //! and [`cpu::Int8Cpu`], the host backend running the CPU's kernel table.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
+// Flight code returns typed errors; it never panics on any input (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 #[cfg(feature = "std")]
 pub mod cpu;

@@ -248,7 +248,7 @@ impl<'a> Plan<'a> {
             .get(PREAMBLE..PREAMBLE + count * TABLE_ENTRY)
             .ok_or(PlanError::Truncated)?;
         let mut crc = crc32fast::Hasher::new();
-        crc.update(&bytes[..12]);
+        crc.update(bytes.get(..12).ok_or(PlanError::Truncated)?);
         crc.update(table);
         if crc.finalize() != stored_crc {
             return Err(PlanError::TableCorrupt);
@@ -272,14 +272,16 @@ impl<'a> Plan<'a> {
             if crc32fast::hash(payload) != crc {
                 return Err(PlanError::SectionCorrupt(kind));
             }
-            let slot = &mut sections[kind.index()];
-            if slot.is_some() {
-                return Err(PlanError::DuplicateSection(kind));
+            match sections.get_mut(kind.index()) {
+                Some(slot @ None) => *slot = Some(payload),
+                _ => return Err(PlanError::DuplicateSection(kind)),
             }
-            *slot = Some(payload);
         }
 
-        let header_bytes = sections[SectionKind::Header.index()]
+        let header_bytes = sections
+            .get(SectionKind::Header.index())
+            .copied()
+            .flatten()
             .ok_or(PlanError::MissingSection(SectionKind::Header))?;
         let header: PlanHeader<'a> =
             postcard::from_bytes(header_bytes).map_err(|_| PlanError::Header)?;
@@ -301,7 +303,7 @@ impl<'a> Plan<'a> {
 
     /// A section's verified payload, if the plan has one.
     pub fn section(&self, kind: SectionKind) -> Option<&'a [u8]> {
-        self.sections[kind.index()]
+        self.sections.get(kind.index()).copied().flatten()
     }
 }
 
@@ -315,26 +317,31 @@ pub fn write_plan(
     let mut payloads = std::vec![(SectionKind::Header, header_bytes.as_slice())];
     payloads.extend(sections.iter().copied());
 
-    let table_end = PREAMBLE + payloads.len() * TABLE_ENTRY;
-    let mut out = std::vec![0u8; table_end];
-    out[..8].copy_from_slice(&MAGIC);
-    out[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out[10..12].copy_from_slice(&(payloads.len() as u16).to_le_bytes());
-    for (i, (kind, payload)) in payloads.iter().enumerate() {
+    // The section table first, with each payload's offset after the aligned ones before it.
+    let mut table = std::vec::Vec::with_capacity(payloads.len() * TABLE_ENTRY);
+    let mut offset = PREAMBLE + payloads.len() * TABLE_ENTRY;
+    for (kind, payload) in &payloads {
+        offset = offset.next_multiple_of(SECTION_ALIGN);
+        table.extend_from_slice(&(*kind as u16).to_le_bytes());
+        table.extend_from_slice(&0u16.to_le_bytes());
+        table.extend_from_slice(&(offset as u32).to_le_bytes());
+        table.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        table.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        offset += payload.len();
+    }
+    let mut out = std::vec::Vec::with_capacity(offset);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(payloads.len() as u16).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out);
+    crc.update(&table);
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(&table);
+    for (_, payload) in &payloads {
         out.resize(out.len().next_multiple_of(SECTION_ALIGN), 0);
-        let entry = PREAMBLE + i * TABLE_ENTRY;
-        out[entry..entry + 2].copy_from_slice(&(*kind as u16).to_le_bytes());
-        let offset = out.len() as u32;
-        out[entry + 4..entry + 8].copy_from_slice(&offset.to_le_bytes());
-        out[entry + 8..entry + 12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        out[entry + 12..entry + 16].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
         out.extend_from_slice(payload);
     }
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&out[..12]);
-    crc.update(&out[PREAMBLE..table_end]);
-    let table_crc = crc.finalize();
-    out[12..16].copy_from_slice(&table_crc.to_le_bytes());
     Ok(out)
 }
 
@@ -434,6 +441,22 @@ mod tests {
                 "stride {stride} on a 64x64 input"
             );
         }
+    }
+
+    #[test]
+    fn the_writer_reproduces_a_committed_plan_byte_for_byte() {
+        let original = include_bytes!("../../../models/zoo/eurosat-rgb/model.plan");
+        let mut aligned = std::vec![0u128; original.len().div_ceil(16)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u128, u8>(&mut aligned)[..original.len()];
+        bytes.copy_from_slice(original);
+        let plan = Plan::parse(bytes).unwrap();
+        let sections: std::vec::Vec<_> =
+            [SectionKind::Ops, SectionKind::Weights, SectionKind::Arena]
+                .into_iter()
+                .filter_map(|kind| Some((kind, plan.section(kind)?)))
+                .collect();
+        assert_eq!(sections.len(), 3);
+        assert!(write_plan(plan.header(), &sections).unwrap() == original);
     }
 
     #[test]

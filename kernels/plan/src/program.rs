@@ -389,7 +389,7 @@ impl<'a> Program<'a> {
                 step: index,
                 id: step.output,
             })?;
-            for &id in &step.inputs[..step.op.arity()] {
+            for &id in step.inputs.iter().take(step.op.arity()) {
                 let input = self
                     .tensor(id)
                     .ok_or(ProgramError::Tensor { step: index, id })?;
@@ -755,7 +755,11 @@ impl AlignedBytes {
     /// Copy `bytes`.
     pub fn new(bytes: &[u8]) -> Self {
         let mut words = std::vec![0u128; bytes.len().div_ceil(16)];
-        bytemuck::cast_slice_mut::<u128, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        // `words` holds at least `bytes.len()` bytes.
+        let room = bytemuck::cast_slice_mut::<u128, u8>(&mut words).iter_mut();
+        for (slot, &byte) in room.zip(bytes) {
+            *slot = byte;
+        }
         Self {
             words,
             len: bytes.len(),
@@ -764,7 +768,8 @@ impl AlignedBytes {
 
     /// The bytes, starting on a 16-byte boundary.
     pub fn as_bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<u128, u8>(&self.words)[..self.len]
+        let all = bytemuck::cast_slice::<u128, u8>(&self.words);
+        all.get(..self.len).unwrap_or(all)
     }
 }
 

@@ -8,6 +8,16 @@
 //! that makes the plans is the `models` crate.
 #![no_std]
 #![deny(missing_docs)]
+// Flight code returns typed errors; it never panics on any input (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 #![forbid(unsafe_code)]
 
 /// Bytes on a 16-byte boundary.
