@@ -233,6 +233,7 @@ pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, Imp
             nms_iou: d.nms_iou,
             tile_overlap: d.tile_overlap,
             seam_containment: d.seam_containment,
+            max_per_class: d.max_per_class,
         }),
     };
     // Shapes, quantisation and the arena are filled in from the program by `to_plan`.

@@ -81,6 +81,8 @@ pub struct DetectorInfo {
     /// Intersection over its own area above which a same-class box inside a better one is
     /// taken for a piece cut off by a tile edge.
     pub seam_containment: f32,
+    /// Most detections of one class a frame reports.
+    pub max_per_class: u16,
     /// mAP@0.5 of the float model on the validation split, measured by the training script.
     #[serde(default)]
     pub validation_map50: f64,
@@ -341,6 +343,7 @@ impl ZooModel {
             nms_iou: d.nms_iou,
             tile_overlap: d.tile_overlap,
             seam_containment: d.seam_containment,
+            max_per_class: usize::from(d.max_per_class),
         })
     }
 

@@ -307,6 +307,8 @@ def export(model, path, best, args, n_train, n_val, seconds):
             "nms_iou": 0.5,
             "tile_overlap": 128,
             "seam_containment": 0.8,
+            # The frame list's size in sim: a cap that drops nothing the list would keep.
+            "max_per_class": 1024,
             "validation_map50": round(best["map50"], 4),
         },
         "dataset": "NWPU VHR-10 (Cheng et al. 2014, research use only), COCO re-annotation, "

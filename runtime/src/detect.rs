@@ -216,6 +216,15 @@ impl<const N: usize> Detections<N> {
         self.overflow = self.overflow.saturating_add(tile.overflow);
     }
 
+    /// Keep at most `max` detections of each class, the best ones (the list is best first after
+    /// [`Detections::suppress`] or [`Detections::merge_tiles`]); the rest count as overflow.
+    pub fn keep_per_class(&mut self, max: usize) {
+        let dropped = self.retain_given_kept(|kept, candidate| {
+            kept.iter().filter(|k| k.class == candidate.class).count() < max
+        });
+        self.overflow = self.overflow.saturating_add(dropped);
+    }
+
     /// Clip every box to a `width` x `height` frame (padding beyond the frame edge holds
     /// nothing), dropping any left with no area.
     pub fn clip_to(&mut self, width: f32, height: f32) {
@@ -232,26 +241,33 @@ impl<const N: usize> Detections<N> {
     fn suppress_where(&mut self, overlapping: impl Fn(&Detection, &Detection) -> bool) {
         self.items
             .sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
-        // Survivors are moved to the front; `kept <= i < len` throughout, so every `get` hits.
-        let mut kept = 0;
+        self.retain_given_kept(|kept, candidate| {
+            !kept
+                .iter()
+                .any(|k| k.class == candidate.class && overlapping(k, candidate))
+        });
+    }
+
+    /// Keep, in order, each detection that `keep` accepts given the ones kept before it; the
+    /// number dropped. No allocation: survivors move to the front.
+    fn retain_given_kept(&mut self, keep: impl Fn(&[Detection], &Detection) -> bool) -> u32 {
+        // `kept <= i < len` throughout, so every `get` hits.
+        let (mut kept, mut dropped) = (0, 0u32);
         for i in 0..self.items.len() {
             let Some(&candidate) = self.items.get(i) else {
                 break;
             };
-            let overlaps = self
-                .items
-                .get(..kept)
-                .unwrap_or_default()
-                .iter()
-                .any(|k| k.class == candidate.class && overlapping(k, &candidate));
-            if !overlaps {
+            if keep(self.items.get(..kept).unwrap_or_default(), &candidate) {
                 if let Some(slot) = self.items.get_mut(kept) {
                     *slot = candidate;
                 }
                 kept += 1;
+            } else {
+                dropped = dropped.saturating_add(1);
             }
         }
         self.items.truncate(kept);
+        dropped
     }
 }
 
@@ -428,6 +444,36 @@ mod tests {
             (14.0, 13.0),
             "the first cell"
         );
+    }
+
+    #[test]
+    fn the_per_class_cap_keeps_the_best_of_each_class_and_counts_the_rest() {
+        let mut found = Detections::<8>::new();
+        for (i, (score, class)) in [(0.9, 0), (0.8, 1), (0.7, 0), (0.6, 0), (0.5, 1), (0.4, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            found.push(box_at(i as f32 * 20.0, 0.0, 10.0, 10.0, score, class));
+        }
+        found.keep_per_class(6);
+        assert_eq!(
+            (found.as_slice().len(), found.overflow()),
+            (6, 0),
+            "a cap above the count"
+        );
+        found.keep_per_class(2);
+        let kept: Vec<(f32, u16), 8> = found
+            .as_slice()
+            .iter()
+            .map(|d| (d.score, d.class))
+            .collect();
+        assert_eq!(
+            &kept[..],
+            [(0.9, 0), (0.8, 1), (0.7, 0), (0.5, 1), (0.4, 2)]
+        );
+        assert_eq!(found.overflow(), 1, "the third box of class 0");
+        found.keep_per_class(0);
+        assert_eq!((found.as_slice().len(), found.overflow()), (0, 6));
     }
 
     #[test]

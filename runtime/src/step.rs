@@ -203,6 +203,9 @@ pub struct DetectorConfig {
     /// A same-class box this much inside a better one (intersection over its own area) is a
     /// piece of it cut off by a tile edge, and is dropped.
     pub seam_containment: f32,
+    /// Most detections of one class a frame reports (the best ones); the rest are counted as
+    /// overflow.
+    pub max_per_class: usize,
 }
 
 impl DetectorConfig {
@@ -230,6 +233,7 @@ impl DetectorConfig {
             nms_iou: d.nms_iou,
             tile_overlap: d.tile_overlap,
             seam_containment: d.seam_containment,
+            max_per_class: usize::from(d.max_per_class),
         })
     }
 }
@@ -309,6 +313,7 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
         }
         found.merge_tiles(c.nms_iou, c.seam_containment);
         found.clip_to(g.width as f32, g.height as f32);
+        found.keep_per_class(c.max_per_class);
         Ok(())
     }
 

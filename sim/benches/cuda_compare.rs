@@ -156,6 +156,7 @@ fn frame_boxes(
     }
     found.merge_tiles(config.nms_iou, config.seam_containment);
     found.clip_to(SIZE as f32, SIZE as f32);
+    found.keep_per_class(config.max_per_class);
 }
 
 fn main() {

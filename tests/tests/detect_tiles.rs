@@ -76,6 +76,8 @@ fn config() -> DetectorConfig {
         nms_iou: 0.5,
         tile_overlap: 32,
         seam_containment: 0.8,
+        // Thousands of squares of the one class: no cap.
+        max_per_class: usize::MAX,
     }
 }
 

@@ -6,8 +6,8 @@
 //! - [`session`]: a program, an arena and kernels behind the `Backend` contract, with no `std`
 //!   or heap: what a microcontroller runs.
 //!
-//! With `std`: the plan writer, [`program::OwnedProgram`] (a plan copied to an aligned buffer)
-//! and [`cpu::Int8Cpu`], the host backend running the CPU's kernel table.
+//! With `alloc`: the plan writer and [`program::OwnedProgram`] (a plan copied to an aligned
+//! buffer). With `std`: [`cpu::Int8Cpu`], the host backend running the CPU's kernel table.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 // Flight code returns typed errors; it never panics on any input (tests may).
@@ -20,6 +20,9 @@
         clippy::indexing_slicing
     )
 )]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
 
 #[cfg(feature = "std")]
 pub mod cpu;

@@ -185,6 +185,8 @@ pub struct DetectorHeader {
     /// A same-class box this much inside a better one (intersection over its own area) is a
     /// piece cut off by a tile edge, and is dropped.
     pub seam_containment: f32,
+    /// Most detections of one class a frame reports (the best ones); the rest are counted.
+    pub max_per_class: u16,
 }
 
 impl PlanHeader<'_> {
@@ -308,17 +310,17 @@ impl<'a> Plan<'a> {
 }
 
 /// Assemble a plan file from a header and section payloads (the compiler's side).
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 pub fn write_plan(
     header: &PlanHeader<'_>,
     sections: &[(SectionKind, &[u8])],
-) -> Result<std::vec::Vec<u8>, postcard::Error> {
+) -> Result<alloc::vec::Vec<u8>, postcard::Error> {
     let header_bytes = postcard::to_allocvec(header)?;
-    let mut payloads = std::vec![(SectionKind::Header, header_bytes.as_slice())];
+    let mut payloads = alloc::vec![(SectionKind::Header, header_bytes.as_slice())];
     payloads.extend(sections.iter().copied());
 
     // The section table first, with each payload's offset after the aligned ones before it.
-    let mut table = std::vec::Vec::with_capacity(payloads.len() * TABLE_ENTRY);
+    let mut table = alloc::vec::Vec::with_capacity(payloads.len() * TABLE_ENTRY);
     let mut offset = PREAMBLE + payloads.len() * TABLE_ENTRY;
     for (kind, payload) in &payloads {
         offset = offset.next_multiple_of(SECTION_ALIGN);
@@ -329,7 +331,7 @@ pub fn write_plan(
         table.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
         offset += payload.len();
     }
-    let mut out = std::vec::Vec::with_capacity(offset);
+    let mut out = alloc::vec::Vec::with_capacity(offset);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(payloads.len() as u16).to_le_bytes());
@@ -421,6 +423,7 @@ mod tests {
             nms_iou: 0.5,
             tile_overlap: 16,
             seam_containment: 0.8,
+            max_per_class: 50,
         };
         let plan = |stride| {
             let header = PlanHeader {

@@ -342,8 +342,8 @@ impl<'a> Program<'a> {
 
     /// Every step's convolution by step index (`None` for other ops and undecodable steps):
     /// what the kernel table's plug-ins pack at load.
-    #[cfg(feature = "std")]
-    pub fn convs(&self) -> std::vec::Vec<Option<Conv<'a>>> {
+    #[cfg(feature = "alloc")]
+    pub fn convs(&self) -> alloc::vec::Vec<Option<Conv<'a>>> {
         self.steps()
             .map(|step| step.ok().and_then(|s| self.conv(&s.op)))
             .collect()
@@ -619,15 +619,15 @@ fn split_arena(
 }
 
 /// Assembles the Ops, Weights and Arena sections of a plan: the compiler's side.
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug, Default)]
 pub struct ProgramBuilder {
-    ops: std::vec::Vec<u8>,
-    weights: std::vec::Vec<u8>,
-    tensors: std::vec::Vec<u8>,
+    ops: alloc::vec::Vec<u8>,
+    weights: alloc::vec::Vec<u8>,
+    tensors: alloc::vec::Vec<u8>,
 }
 
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 impl ProgramBuilder {
     /// Append a constant to the weights section, 16-byte aligned.
     pub fn blob(&mut self, bytes: &[u8]) -> Blob {
@@ -656,15 +656,15 @@ impl ProgramBuilder {
             &bias
                 .iter()
                 .flat_map(|b| b.to_le_bytes())
-                .collect::<std::vec::Vec<_>>(),
+                .collect::<alloc::vec::Vec<_>>(),
         );
         let multiplier = self.blob(
             &requant
                 .iter()
                 .flat_map(|r| r.multiplier.to_le_bytes())
-                .collect::<std::vec::Vec<_>>(),
+                .collect::<alloc::vec::Vec<_>>(),
         );
-        let shifts: std::vec::Vec<i8> = requant.iter().map(|r| r.shift).collect();
+        let shifts: alloc::vec::Vec<i8> = requant.iter().map(|r| r.shift).collect();
         ChannelBlobs {
             bias,
             multiplier,
@@ -688,7 +688,7 @@ impl ProgramBuilder {
     }
 
     /// The plan file.
-    pub fn finish(self, header: &PlanHeader<'_>) -> Result<std::vec::Vec<u8>, postcard::Error> {
+    pub fn finish(self, header: &PlanHeader<'_>) -> Result<alloc::vec::Vec<u8>, postcard::Error> {
         crate::plan::write_plan(
             header,
             &[
@@ -701,7 +701,7 @@ impl ProgramBuilder {
 }
 
 /// A verified program that owns an aligned copy of its plan bytes: what a backend keeps.
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 pub struct OwnedProgram {
     // Borrows `bytes`' heap buffer, which never moves or changes while `self` lives; declared
     // first so it is dropped first. Never handed out as `'static`: `program()` ties it to `self`.
@@ -709,7 +709,7 @@ pub struct OwnedProgram {
     _bytes: AlignedBytes,
 }
 
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 impl OwnedProgram {
     /// Copy, parse and verify a plan.
     pub fn new(bytes: &[u8]) -> Result<Self, ProgramError> {
@@ -743,18 +743,18 @@ impl OwnedProgram {
 }
 
 /// Plan bytes copied to a 16-byte boundary, as [`Program::new`] requires.
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 #[derive(Clone, Debug)]
 pub struct AlignedBytes {
-    words: std::vec::Vec<u128>,
+    words: alloc::vec::Vec<u128>,
     len: usize,
 }
 
-#[cfg(feature = "std")]
+#[cfg(feature = "alloc")]
 impl AlignedBytes {
     /// Copy `bytes`.
     pub fn new(bytes: &[u8]) -> Self {
-        let mut words = std::vec![0u128; bytes.len().div_ceil(16)];
+        let mut words = alloc::vec![0u128; bytes.len().div_ceil(16)];
         // `words` holds at least `bytes.len()` bytes.
         let room = bytemuck::cast_slice_mut::<u128, u8>(&mut words).iter_mut();
         for (slot, &byte) in room.zip(bytes) {
