@@ -18,6 +18,9 @@
     )
 )]
 
+// First, so that its macros are in scope in every module after it.
+mod fmt;
+
 pub mod classify;
 pub mod detect;
 pub mod frame;

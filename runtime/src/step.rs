@@ -314,6 +314,12 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
         found.merge_tiles(c.nms_iou, c.seam_containment);
         found.clip_to(g.width as f32, g.height as f32);
         found.keep_per_class(c.max_per_class);
+        if found.overflow() > 0 {
+            warn!(
+                "detections: {} boxes beyond the lists' capacity or the per-class cap were dropped",
+                found.overflow()
+            );
+        }
         Ok(())
     }
 

@@ -136,6 +136,10 @@ where
                         step.process_frame(view, clock, &mut health)
                     }))
                     .unwrap_or_else(|_| {
+                        error!(
+                            "frame {}: the backend panicked; counted as a backend error",
+                            job.sequence
+                        );
                         health.record_error(ErrorKind::Backend);
                         Err(StepError::Backend(BackendError::Execution))
                     })
@@ -222,6 +226,10 @@ impl<S, E, T> Queue<S, E, T> {
     }
 
     fn drop_frame(&self, job: Job<S>, health: &mut Health) {
+        warn!(
+            "frame {}: dropped, the inference queue is full",
+            job.sequence
+        );
         health.frames_dropped += 1;
         self.report(job.sequence, FrameFailure::Dropped);
         let _ = self.free.send(job.samples);

@@ -2,86 +2,13 @@
 //! accounted for exactly once, and failures are counted by kind without stopping the run.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
-use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
-use kestrel_hal::{FrameGeometry, FrameSource};
+use kestrel_backend::{BackendError, PreprocessSpec, ResizeRule};
 use kestrel_host::HostClock;
 use kestrel_runtime::health::{ErrorKind, Health};
 use kestrel_runtime::step::{ClassifierStep, StepError};
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};
-
-/// A model that takes `delay` per frame and "classifies" a 2x2 single-band frame by its first
-/// sample: class = sample % 4. It fails on frame `fail_on` and panics on frame `panic_on`.
-struct SlowBackend {
-    delay: Duration,
-    fail_on: Option<u64>,
-    panic_on: Option<u64>,
-}
-
-fn slow(delay_ms: u64) -> SlowBackend {
-    SlowBackend {
-        delay: Duration::from_millis(delay_ms),
-        fail_on: None,
-        panic_on: None,
-    }
-}
-
-impl Backend for SlowBackend {
-    fn name(&self) -> &'static str {
-        "slow-test"
-    }
-    fn input_len(&self) -> usize {
-        4
-    }
-    fn output_len(&self) -> usize {
-        4
-    }
-    fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
-        self.check_lengths(input, output)?;
-        std::thread::sleep(self.delay);
-        let frame = input[0] as u64;
-        if self.fail_on == Some(frame) {
-            return Err(BackendError::Execution);
-        }
-        if self.panic_on == Some(frame) {
-            panic!("simulated driver crash on frame {frame}");
-        }
-        output.fill(0.0);
-        output[input[0] as usize % 4] = 10.0;
-        Ok(())
-    }
-}
-
-/// `count` frames as fast as the pipeline takes them. Frame `i` carries sample `i`; frames
-/// listed in `corrupt` fail at the source, frames in `wrong_bands` have 3 bands instead of 1.
-struct BurstSource {
-    next: u64,
-    count: u64,
-    corrupt: Vec<u64>,
-    wrong_bands: Vec<u64>,
-}
-
-impl FrameSource<u8> for BurstSource {
-    type Error = String;
-    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<FrameGeometry>, String> {
-        if self.next == self.count {
-            return Ok(None);
-        }
-        let i = self.next;
-        self.next += 1;
-        if self.corrupt.contains(&i) {
-            return Err(format!("frame {i}: corrupt"));
-        }
-        let bands = if self.wrong_bands.contains(&i) { 3 } else { 1 };
-        buffer[..4 * bands as usize].fill(i as u8);
-        Ok(Some(FrameGeometry {
-            width: 2,
-            height: 2,
-            bands,
-        }))
-    }
-}
+use kestrel_tests::{slow, BurstSource, SlowBackend};
 
 fn run(
     policy: DropPolicy,
