@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use kestrel_wire::ccsds::{Decoder, Framer};
+use kestrel_wire::command::COMMANDS;
 use kestrel_wire::message::{
     Classification, CommandAck, Detections, Event, Health, Ranked, RejectReason, Severity,
     Telemetry, WireBox, MESSAGES,
@@ -173,6 +174,26 @@ fn python_spacepackets_reads_the_capture_as_kestrel_wrote_it() {
     assert_eq!(decoder.stats.crc_failures, 1);
 }
 
+/// The cells of the table rows of `section` that start with `start`; code spans around a whole
+/// cell (the ids) are unwrapped.
+fn table_rows(section: &str, start: &str) -> Vec<Vec<String>> {
+    section
+        .lines()
+        .take_while(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(start))
+        .map(|l| {
+            l.split('|')
+                .map(|c| {
+                    let c = c.trim();
+                    let whole_span =
+                        c.starts_with('`') && c.ends_with('`') && c.matches('`').count() == 2;
+                    if whole_span { c.trim_matches('`') } else { c }.to_string()
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The README's message table lists exactly the code's messages: id, name, version, APID.
 #[test]
 fn the_readme_message_table_is_the_codes() {
@@ -180,16 +201,9 @@ fn the_readme_message_table_is_the_codes() {
     let section = readme
         .split("## Telemetry")
         .nth(1)
+        .and_then(|s| s.split("| command id |").next())
         .expect("a Telemetry section in the README");
-    let rows: Vec<Vec<String>> = section
-        .lines()
-        .filter(|l| l.starts_with("| `0x"))
-        .map(|l| {
-            l.split('|')
-                .map(|c| c.trim().trim_matches('`').to_string())
-                .collect()
-        })
-        .collect();
+    let rows = table_rows(section, "| `0x");
     assert_eq!(rows.len(), MESSAGES.len(), "one row per message");
     for (row, info) in rows.iter().zip(MESSAGES) {
         assert_eq!(row[1], format!("{:#06x}", info.id as u16));
@@ -197,5 +211,23 @@ fn the_readme_message_table_is_the_codes() {
         assert_eq!(row[3], info.version.to_string());
         assert_eq!(row[4], format!("{:#05x}", info.apid));
         assert_eq!(row[5], info.meaning);
+    }
+}
+
+/// The README's command table lists exactly the code's commands: id, name, version, meaning.
+#[test]
+fn the_readme_command_table_is_the_codes() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("| command id |")
+        .nth(1)
+        .expect("the command table");
+    let rows = table_rows(section, "| `0x8");
+    assert_eq!(rows.len(), COMMANDS.len(), "one row per command");
+    for (row, info) in rows.iter().zip(COMMANDS) {
+        assert_eq!(row[1], format!("{:#06x}", info.id as u16));
+        assert_eq!(row[2], info.name);
+        assert_eq!(row[3], info.version.to_string());
+        assert_eq!(row[4], info.meaning);
     }
 }

@@ -13,6 +13,7 @@ use spacepackets::{
     SpHeader,
 };
 
+use crate::command::{Command, COMMAND_HEADER};
 use crate::message::{MESSAGES, MESSAGE_HEADER};
 use crate::{Telemetry, WireError};
 
@@ -22,11 +23,14 @@ pub const HEADER_LEN: usize = 6;
 pub const CRC_LEN: usize = 2;
 /// Sequence counts wrap at 2^14.
 const SEQ_MODULO: u16 = 1 << 14;
+/// APID of the TC packets that carry commands to the payload.
+pub const COMMAND_APID: u16 = 0x080;
 
 /// Frames messages into packets, counting per APID.
 #[derive(Clone, Debug, Default)]
 pub struct Framer {
     counts: [u16; MESSAGES.len()],
+    command_count: u16,
 }
 
 /// The row of [`MESSAGES`] whose APID is `apid`.
@@ -62,6 +66,29 @@ impl Framer {
             .map_err(|_| WireError::BufferTooSmall)?;
         let total = packet.finish();
         *count = (*count + 1) % SEQ_MODULO;
+        buf.get(..total).ok_or(WireError::BufferTooSmall)
+    }
+
+    /// `command` with its command `sequence` as one TC packet at the front of `buf` (the
+    /// ground side); the packet's bytes.
+    pub fn frame_command<'b>(
+        &mut self,
+        command: &Command,
+        sequence: u16,
+        buf: &'b mut [u8],
+    ) -> Result<&'b [u8], WireError> {
+        let room = buf.len().saturating_sub(HEADER_LEN + CRC_LEN);
+        let data = buf
+            .get_mut(HEADER_LEN..HEADER_LEN + room)
+            .ok_or(WireError::BufferTooSmall)?;
+        let len = command.encode(sequence, data)?.len();
+        let apid = u11::try_new(COMMAND_APID).map_err(|_| WireError::NotTelemetry)?;
+        let seq = u14::try_new(self.command_count).map_err(|_| WireError::NotTelemetry)?;
+        let header = SpHeader::new_for_unseg_tc(apid, seq, 0);
+        let packet = CcsdsPacketCreatorWithReservedData::new_tc_with_checksum(header, len, buf)
+            .map_err(|_| WireError::BufferTooSmall)?;
+        let total = packet.finish();
+        self.command_count = (self.command_count + 1) % SEQ_MODULO;
         buf.get(..total).ok_or(WireError::BufferTooSmall)
     }
 }
@@ -106,15 +133,20 @@ pub struct Decoder {
     pub stats: StreamStats,
 }
 
-/// A header that could start a Kestrel packet: version 0, TM, no secondary header,
-/// unsegmented, a known APID, and room for at least a message header and the CRC.
-fn plausible(header: &SpHeader) -> bool {
+/// A header that could start a Kestrel packet of `kind`: version 0, no secondary header,
+/// unsegmented, a known APID, and room for at least a message or command header and the CRC.
+fn plausible(header: &SpHeader, kind: PacketType) -> bool {
+    let apid = header.apid().value();
+    let (known, least) = match kind {
+        PacketType::Tm => (slot_of_apid(apid).is_some(), MESSAGE_HEADER),
+        PacketType::Tc => (apid == COMMAND_APID, COMMAND_HEADER),
+    };
     header.ccsds_version().value() == 0
-        && header.packet_type() == PacketType::Tm
+        && header.packet_type() == kind
         && !header.sec_header_flag()
         && header.sequence_flags() == SequenceFlags::Unsegmented
-        && slot_of_apid(header.apid().value()).is_some()
-        && header.packet_len() >= HEADER_LEN + MESSAGE_HEADER + CRC_LEN
+        && known
+        && header.packet_len() >= HEADER_LEN + least + CRC_LEN
 }
 
 impl Decoder {
@@ -127,13 +159,32 @@ impl Decoder {
     /// took; `None` when `stream` holds no whole packet yet (keep the bytes, add more, call
     /// again; or call [`Decoder::finish`] at the end of the stream).
     pub fn next(&mut self, stream: &[u8]) -> Option<(Packet, usize)> {
+        let (header, data, used) = self.scan(stream, PacketType::Tm)?;
+        Some((self.accept(&header, data), used))
+    }
+
+    /// As [`Decoder::next`] for the board's side: the data field of the next good command
+    /// packet (for [`crate::CommandGate::accept`]), and the bytes taken.
+    pub fn next_command<'s>(&mut self, stream: &'s [u8]) -> Option<(&'s [u8], usize)> {
+        let (_, data, used) = self.scan(stream, PacketType::Tc)?;
+        self.stats.packets += 1;
+        Some((data, used))
+    }
+
+    /// The next packet of `kind` with a good CRC: its header, its data field without the CRC,
+    /// and the bytes taken with the noise before it.
+    fn scan<'s>(
+        &mut self,
+        stream: &'s [u8],
+        kind: PacketType,
+    ) -> Option<(SpHeader, &'s [u8], usize)> {
         let mut at = 0;
         loop {
             let rest = stream.get(at..)?;
             let (header, _) = rest
                 .get(..HEADER_LEN)
                 .and_then(|h| SpHeader::from_be_bytes(h).ok())?;
-            if !plausible(&header) {
+            if !plausible(&header, kind) {
                 at += 1;
                 self.stats.skipped_bytes += 1;
                 continue;
@@ -147,8 +198,7 @@ impl Decoder {
                 self.stats.skipped_bytes += 1;
                 continue;
             };
-            let packet = self.accept(&header, reader.user_data());
-            return Some((packet, at + header.packet_len()));
+            return Some((header, reader.user_data(), at + header.packet_len()));
         }
     }
 

@@ -18,8 +18,10 @@
 )]
 
 pub mod ccsds;
+pub mod command;
 pub mod message;
 
+pub use command::{Command, CommandGate};
 pub use message::{MessageId, Telemetry};
 
 /// Why a message could not be encoded, framed or decoded.
