@@ -1,6 +1,6 @@
 //! Zero heap allocations per inference after setup, proven with a counting global allocator:
 //! for the plan executor over a caller's arena, for the int8 CPU backend, and for the runtime's
-//! pipeline step (preprocess, model, postprocess) on a real chip.
+//! pipeline step (preprocess, model, postprocess) on a real chip, and for telemetry and commands.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -281,4 +281,53 @@ fn the_session_backend_drives_both_steps() {
     }
     assert!(boxes[0].as_slice().len() >= 3, "{:?}", boxes[0].as_slice());
     assert!(boxes[0] == boxes[1], "Session and Int8Cpu boxes");
+}
+
+/// Telemetry on the flight side allocates nothing: building, encoding and framing every message
+/// as a CCSDS packet, and accepting a command.
+#[test]
+fn telemetry_and_commands_allocate_nothing() {
+    use kestrel_wire::ccsds::{Decoder, Framer};
+    use kestrel_wire::message::{Detections, Event, Severity, Telemetry, WireBox, MAX_BOXES};
+    use kestrel_wire::{Command, CommandGate};
+
+    let mut detections = Detections {
+        frame: 1,
+        capture_us: 2,
+        boxes: heapless::Vec::new(),
+        left_out: 0,
+    };
+    for i in 0..MAX_BOXES {
+        let b = WireBox {
+            x: i as f32,
+            y: 0.0,
+            w: 4.0,
+            h: 4.0,
+            class: 1,
+            score: 0.5,
+        };
+        detections.boxes.push(b).unwrap();
+    }
+    let (mut framer, mut gate, mut decoder) = (Framer::new(), CommandGate::new(), Decoder::new());
+    let mut buf = [0u8; 2048];
+    let mut command = [0u8; 64];
+    let count = allocations_during(|| {
+        for sequence in 1..=10u16 {
+            let detections = Telemetry::Detections(detections.clone());
+            let len = framer.frame(&detections, &mut buf).unwrap().len();
+            assert!(len > MAX_BOXES * 20);
+            let event = Telemetry::Event(Event {
+                id: 1,
+                severity: Severity::Info,
+                args: [0; 3],
+            });
+            framer.frame(&event, &mut buf).unwrap();
+            let packet = framer
+                .frame_command(&Command::ReportHealth, sequence, &mut command)
+                .unwrap();
+            let (data, _) = decoder.next_command(packet).unwrap();
+            gate.accept(data).unwrap();
+        }
+    });
+    assert_eq!(count, 0);
 }
