@@ -283,11 +283,12 @@ fn the_session_backend_drives_both_steps() {
     assert!(boxes[0] == boxes[1], "Session and Int8Cpu boxes");
 }
 
-/// Telemetry on the flight side allocates nothing: building, encoding and framing every message
-/// as a CCSDS packet, and accepting a command.
+/// Telemetry on the flight side allocates nothing: building, encoding and framing messages as
+/// CCSDS packets, queueing and sending them under the downlink budget, and accepting a command.
 #[test]
 fn telemetry_and_commands_allocate_nothing() {
     use kestrel_wire::ccsds::{Decoder, Framer};
+    use kestrel_wire::downlink::DownlinkQueue;
     use kestrel_wire::message::{Detections, Event, Severity, Telemetry, WireBox, MAX_BOXES};
     use kestrel_wire::{Command, CommandGate};
 
@@ -309,13 +310,18 @@ fn telemetry_and_commands_allocate_nothing() {
         detections.boxes.push(b).unwrap();
     }
     let (mut framer, mut gate, mut decoder) = (Framer::new(), CommandGate::new(), Decoder::new());
+    let mut queue: Box<DownlinkQueue<4, 2048>> = Box::new(DownlinkQueue::new(1 << 20, 1_000_000));
     let mut buf = [0u8; 2048];
+    let mut sent = [0u8; 2048];
     let mut command = [0u8; 64];
     let count = allocations_during(|| {
         for sequence in 1..=10u16 {
             let detections = Telemetry::Detections(detections.clone());
-            let len = framer.frame(&detections, &mut buf).unwrap().len();
+            let packet = framer.frame(&detections, &mut buf).unwrap();
+            let len = packet.len();
             assert!(len > MAX_BOXES * 20);
+            queue.offer(packet, 0.9);
+            assert_eq!(queue.send(u64::from(sequence), &mut sent), Some(len));
             let event = Telemetry::Event(Event {
                 id: 1,
                 severity: Severity::Info,

@@ -19,6 +19,7 @@
 
 pub mod ccsds;
 pub mod command;
+pub mod downlink;
 pub mod message;
 
 pub use command::{Command, CommandGate};
