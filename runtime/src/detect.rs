@@ -219,6 +219,10 @@ impl<const N: usize> Detections<N> {
     /// Keep at most `max` detections of each class, the best ones (the list is best first after
     /// [`Detections::suppress`] or [`Detections::merge_tiles`]); the rest count as overflow.
     pub fn keep_per_class(&mut self, max: usize) {
+        // The usual case on every frame: no class can be over the cap, so nothing to count.
+        if self.items.len() <= max {
+            return;
+        }
         let dropped = self.retain_given_kept(|kept, candidate| {
             kept.iter().filter(|k| k.class == candidate.class).count() < max
         });
