@@ -9,7 +9,6 @@
 //! Layers it cannot take bit-exactly (a zero point outside int8) run the generic kernel.
 
 use std::arch::x86_64::*;
-use std::boxed::Box;
 use std::vec::Vec;
 
 mod winograd;
@@ -79,21 +78,14 @@ impl Avx2 {
 /// The AVX2 plug-in for the kernel table: on a CPU with AVX2, its convolutions (packed for
 /// `program`) and its Add.
 pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
-    let Some(mut avx2) = Avx2::new(convs) else {
+    let Some(avx2) = Avx2::new(convs) else {
         return;
     };
     table.add = Entry {
         name: "avx2",
         kernel: add,
     };
-    table.conv = Entry {
-        name: "avx2",
-        kernel: Box::new(
-            move |step, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
-                avx2.conv(step, conv, input, output)
-            },
-        ),
-    };
+    table.conv = Entry::conv_of("avx2", avx2);
 }
 
 /// Add eight lanes at a time where the sums fit 32-bit lanes exactly, else the generic kernel.

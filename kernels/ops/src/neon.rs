@@ -8,7 +8,6 @@
 //! while `input - zero_point` needs 9 bits; this kernel needs only baseline NEON.
 
 use std::arch::aarch64::*;
-use std::boxed::Box;
 use std::vec::Vec;
 
 use crate::int8::{ChannelQuant, Conv, ShapeError};
@@ -56,17 +55,10 @@ impl Neon {
 /// The NEON plug-in for the kernel table: on a CPU with NEON, its convolutions (packed for
 /// `program`).
 pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
-    let Some(mut neon) = Neon::new(convs) else {
+    let Some(neon) = Neon::new(convs) else {
         return;
     };
-    table.conv = Entry {
-        name: "neon",
-        kernel: Box::new(
-            move |step, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
-                neon.conv(step, conv, input, output)
-            },
-        ),
-    };
+    table.conv = Entry::conv_of("neon", neon);
 }
 
 impl Kernels for Neon {

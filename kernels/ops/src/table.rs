@@ -9,7 +9,7 @@ use std::vec::Vec;
 use crate::int8::{
     Add, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize, ShapeError,
 };
-use crate::Kernels;
+use crate::{Kernels, Reference};
 
 /// A convolution kernel prepared for one program (packed weights, scratch): called with the
 /// step index, the layer, its input and its output.
@@ -66,6 +66,20 @@ pub struct KernelTable {
     pub rescale: Entry<UnaryKernel<Rescale>>,
 }
 
+impl Entry<ConvKernel> {
+    /// The convolutions of a kernel set (a plug-in's, prepared for one program), named `name`.
+    pub fn conv_of(name: &'static str, mut kernels: impl Kernels + Send + 'static) -> Self {
+        Self {
+            name,
+            kernel: Box::new(
+                move |step, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
+                    kernels.conv(step, conv, input, output)
+                },
+            ),
+        }
+    }
+}
+
 fn generic<K>(kernel: K) -> Entry<K> {
     Entry {
         name: "generic",
@@ -77,9 +91,7 @@ impl KernelTable {
     /// The generic kernels for every op: the reference the others are checked against.
     pub fn generic() -> Self {
         Self {
-            conv: generic(Box::new(
-                |_, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| conv.run(input, output),
-            )),
+            conv: Entry::conv_of("generic", Reference),
             gemm: generic(|gemm, input, output| gemm.run(input, output)),
             add: generic(Add::run),
             mul: generic(Mul::run),
