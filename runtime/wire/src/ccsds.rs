@@ -50,23 +50,12 @@ impl Framer {
         message: &Telemetry,
         buf: &'b mut [u8],
     ) -> Result<&'b [u8], WireError> {
-        let info = message.id().info();
-        let slot = slot_of_apid(info.apid).ok_or(WireError::NotTelemetry)?;
-        // The message goes straight into the packet's data field; header and CRC follow.
-        let room = buf.len().saturating_sub(HEADER_LEN + CRC_LEN);
-        let data = buf
-            .get_mut(HEADER_LEN..HEADER_LEN + room)
-            .ok_or(WireError::BufferTooSmall)?;
-        let len = message.encode(data)?.len();
+        let apid = message.id().info().apid;
+        let slot = slot_of_apid(apid).ok_or(WireError::NotTelemetry)?;
         let count = self.counts.get_mut(slot).ok_or(WireError::NotTelemetry)?;
-        let apid = u11::try_new(info.apid).map_err(|_| WireError::NotTelemetry)?;
-        let seq = u14::try_new(*count).map_err(|_| WireError::NotTelemetry)?;
-        let header = SpHeader::new_for_unseg_tm(apid, seq, 0);
-        let packet = CcsdsPacketCreatorWithReservedData::new_tm_with_checksum(header, len, buf)
-            .map_err(|_| WireError::BufferTooSmall)?;
-        let total = packet.finish();
-        *count = (*count + 1) % SEQ_MODULO;
-        buf.get(..total).ok_or(WireError::BufferTooSmall)
+        write_packet(buf, PacketType::Tm, apid, count, |data| {
+            Ok(message.encode(data)?.len())
+        })
     }
 
     /// `command` with its command `sequence` as one TC packet at the front of `buf` (the
@@ -77,20 +66,37 @@ impl Framer {
         sequence: u16,
         buf: &'b mut [u8],
     ) -> Result<&'b [u8], WireError> {
-        let room = buf.len().saturating_sub(HEADER_LEN + CRC_LEN);
-        let data = buf
-            .get_mut(HEADER_LEN..HEADER_LEN + room)
-            .ok_or(WireError::BufferTooSmall)?;
-        let len = command.encode(sequence, data)?.len();
-        let apid = u11::try_new(COMMAND_APID).map_err(|_| WireError::NotTelemetry)?;
-        let seq = u14::try_new(self.command_count).map_err(|_| WireError::NotTelemetry)?;
-        let header = SpHeader::new_for_unseg_tc(apid, seq, 0);
-        let packet = CcsdsPacketCreatorWithReservedData::new_tc_with_checksum(header, len, buf)
-            .map_err(|_| WireError::BufferTooSmall)?;
-        let total = packet.finish();
-        self.command_count = (self.command_count + 1) % SEQ_MODULO;
-        buf.get(..total).ok_or(WireError::BufferTooSmall)
+        let count = &mut self.command_count;
+        write_packet(buf, PacketType::Tc, COMMAND_APID, count, |data| {
+            Ok(command.encode(sequence, data)?.len())
+        })
     }
+}
+
+/// One unsegmented packet of `kind` on `apid` at the front of `buf`: `write` fills its data
+/// field in place and says how many bytes it wrote, then the header and the CRC are added and
+/// `count`, the APID's sequence count, moves on.
+fn write_packet<'b>(
+    buf: &'b mut [u8],
+    kind: PacketType,
+    apid: u16,
+    count: &mut u16,
+    write: impl FnOnce(&mut [u8]) -> Result<usize, WireError>,
+) -> Result<&'b [u8], WireError> {
+    let room = buf.len().saturating_sub(HEADER_LEN + CRC_LEN);
+    let data = buf
+        .get_mut(HEADER_LEN..HEADER_LEN + room)
+        .ok_or(WireError::BufferTooSmall)?;
+    let len = write(data)?;
+    let apid = u11::try_new(apid).map_err(|_| WireError::NotTelemetry)?;
+    let seq = u14::try_new(*count).map_err(|_| WireError::NotTelemetry)?;
+    // The creator sets the packet type.
+    let header = SpHeader::new_for_unseg_tm(apid, seq, 0);
+    let packet = CcsdsPacketCreatorWithReservedData::new_with_checksum(header, kind, len, buf)
+        .map_err(|_| WireError::BufferTooSmall)?;
+    let total = packet.finish();
+    *count = (*count + 1) % SEQ_MODULO;
+    buf.get(..total).ok_or(WireError::BufferTooSmall)
 }
 
 /// What a decoder has seen.

@@ -217,12 +217,9 @@ impl Command {
     }
 }
 
-/// The body of `bytes`, which it must fill exactly.
+/// The body of `bytes`, which it must fill exactly; anything else is a malformed command.
 fn body_of<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, RejectReason> {
-    match postcard::take_from_bytes(bytes) {
-        Ok((value, [])) => Ok(value),
-        _ => Err(RejectReason::Malformed),
-    }
+    crate::message::body_of(bytes).map_err(|_| RejectReason::Malformed)
 }
 
 /// Accepts commands in order, refusing malformed, unknown, out-of-range and replayed ones.

@@ -296,13 +296,6 @@ impl Telemetry {
         if version != id.info().version {
             return Err(WireError::UnknownVersion { id: raw, version });
         }
-        fn body_of<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
-            match postcard::take_from_bytes(body) {
-                Ok((message, [])) => Ok(message),
-                Ok(_) => Err(WireError::TrailingBytes),
-                Err(_) => Err(WireError::Malformed),
-            }
-        }
         Ok(match id {
             MessageId::Classification => Self::Classification(body_of(body)?),
             MessageId::Detections => Self::Detections(body_of(body)?),
@@ -310,6 +303,15 @@ impl Telemetry {
             MessageId::Event => Self::Event(body_of(body)?),
             MessageId::CommandAck => Self::CommandAck(body_of(body)?),
         })
+    }
+}
+
+/// The postcard value that fills `bytes` exactly (messages and commands alike).
+pub(crate) fn body_of<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, WireError> {
+    match postcard::take_from_bytes(bytes) {
+        Ok((value, [])) => Ok(value),
+        Ok(_) => Err(WireError::TrailingBytes),
+        Err(_) => Err(WireError::Malformed),
     }
 }
 
