@@ -284,13 +284,17 @@ fn the_session_backend_drives_both_steps() {
 }
 
 /// Telemetry on the flight side allocates nothing: building, encoding and framing messages as
-/// CCSDS packets, queueing and sending them under the downlink budget, and accepting a command.
+/// CCSDS packets and as MAVLink 2, splitting a product into parts, queueing and sending items
+/// under the downlink budget, and accepting a command from either framing.
 #[test]
 fn telemetry_and_commands_allocate_nothing() {
     use kestrel_wire::ccsds::{Decoder, Framer};
-    use kestrel_wire::downlink::DownlinkQueue;
-    use kestrel_wire::message::{Detections, Event, Severity, Telemetry, WireBox, MAX_BOXES};
-    use kestrel_wire::{Command, CommandGate};
+    use kestrel_wire::downlink::{DownlinkQueue, ItemWriter};
+    use kestrel_wire::mavlink::{Incoming, MavlinkDecoder, MavlinkFramer, COMPONENT_ID};
+    use kestrel_wire::message::{
+        Detections, Event, ProductKind, Severity, Telemetry, WireBox, MAX_BOXES,
+    };
+    use kestrel_wire::{product, Command, CommandGate};
 
     let mut detections = Detections {
         frame: 1,
@@ -309,30 +313,59 @@ fn telemetry_and_commands_allocate_nothing() {
         };
         detections.boxes.push(b).unwrap();
     }
+    let png: Vec<u8> = (0..3_000).map(|i| i as u8).collect();
     let (mut framer, mut gate, mut decoder) = (Framer::new(), CommandGate::new(), Decoder::new());
-    let mut queue: Box<DownlinkQueue<4, 2048>> = Box::new(DownlinkQueue::new(1 << 20, 1_000_000));
-    let mut buf = [0u8; 2048];
-    let mut sent = [0u8; 2048];
-    let mut command = [0u8; 64];
+    let mut mav = MavlinkFramer::new(1, COMPONENT_ID);
+    let mut ground = MavlinkFramer::new(255, 190);
+    let mut mav_decoder: Box<MavlinkDecoder<256>> = Box::new(MavlinkDecoder::new());
+    let mut queue: Box<DownlinkQueue<4, 8192>> = Box::new(DownlinkQueue::new(1 << 20, 1_000_000));
+    let mut item = vec![0u8; 8192];
+    let mut sent = vec![0u8; 16384];
+    let mut scratch = [0u8; 2048];
+    let mut command = [0u8; 300];
     let count = allocations_during(|| {
         for sequence in 1..=10u16 {
-            let detections = Telemetry::Detections(detections.clone());
-            let packet = framer.frame(&detections, &mut buf).unwrap();
-            let len = packet.len();
-            assert!(len > MAX_BOXES * 20);
-            queue.offer(packet, 0.9);
-            assert_eq!(queue.send(u64::from(sequence), &mut sent), Some(len));
+            let mut writer = ItemWriter::new(&mut item);
+            writer
+                .push(&Telemetry::Detections(detections.clone()))
+                .unwrap();
+            for part in product::split(7, 1, ProductKind::DetectionCrop, 1, &png).unwrap() {
+                writer.push(&Telemetry::ProductPart(part)).unwrap();
+            }
+            queue.offer(writer.bytes(), 0.9);
+            let now = u64::from(sequence);
+            let len = if sequence % 2 == 0 {
+                queue.send(now, &mut framer, &mut sent).unwrap()
+            } else {
+                queue.send(now, &mut mav, &mut sent).unwrap()
+            };
+            assert!(len > MAX_BOXES * 20 + png.len());
             let event = Telemetry::Event(Event {
                 id: 1,
                 severity: Severity::Info,
                 args: [0; 3],
             });
-            framer.frame(&event, &mut buf).unwrap();
+            framer.frame(&event, &mut scratch).unwrap();
+            mav.frame(&event, &mut scratch, &mut sent).unwrap();
+            mav.heartbeat(&mut sent).unwrap();
             let packet = framer
-                .frame_command(&Command::ReportHealth, sequence, &mut command)
+                .frame_command(&Command::ReportHealth, 2 * sequence, &mut command)
                 .unwrap();
             let (data, _) = decoder.next_command(packet).unwrap();
             gate.accept(data).unwrap();
+            let len = ground
+                .frame_command(
+                    &Command::Pause,
+                    2 * sequence + 1,
+                    (1, COMPONENT_ID),
+                    &mut command,
+                )
+                .unwrap();
+            let (frame, _) = mav_decoder.next(&command[..len]).unwrap();
+            let Incoming::Command { bytes, .. } = frame.incoming else {
+                panic!("not a command: {frame:?}");
+            };
+            gate.accept(&bytes).unwrap();
         }
     });
     assert_eq!(count, 0);

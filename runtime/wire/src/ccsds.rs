@@ -14,7 +14,7 @@ use spacepackets::{
 };
 
 use crate::command::{Command, COMMAND_HEADER};
-use crate::message::{MESSAGES, MESSAGE_HEADER};
+use crate::message::{MessageId, MESSAGES, MESSAGE_HEADER};
 use crate::{Telemetry, WireError};
 
 /// Bytes of the primary header.
@@ -55,6 +55,29 @@ impl Framer {
         let count = self.counts.get_mut(slot).ok_or(WireError::NotTelemetry)?;
         write_packet(buf, PacketType::Tm, apid, count, |data| {
             Ok(message.encode(data)?.len())
+        })
+    }
+
+    /// An encoded message (`[id][version][postcard]`, from [`Telemetry::encode`]) as one
+    /// packet on its APID at the front of `buf`; the packet's bytes.
+    pub fn frame_encoded<'b>(
+        &mut self,
+        message: &[u8],
+        buf: &'b mut [u8],
+    ) -> Result<&'b [u8], WireError> {
+        let (&[high, low], _) = message
+            .split_first_chunk::<2>()
+            .ok_or(WireError::Truncated)?;
+        let raw = u16::from_be_bytes([high, low]);
+        let id = MessageId::from_u16(raw).ok_or(WireError::UnknownId(raw))?;
+        let apid = id.info().apid;
+        let slot = slot_of_apid(apid).ok_or(WireError::NotTelemetry)?;
+        let count = self.counts.get_mut(slot).ok_or(WireError::NotTelemetry)?;
+        write_packet(buf, PacketType::Tm, apid, count, |data| {
+            data.get_mut(..message.len())
+                .ok_or(WireError::BufferTooSmall)?
+                .copy_from_slice(message);
+            Ok(message.len())
         })
     }
 
@@ -286,19 +309,20 @@ mod tests {
             assert_eq!(spacepackets::crc::CRC_CCITT_FALSE.checksum(packet), 0);
         }
         let (decoded, stats) = decode_all(&packets.concat());
+        let n = messages.len();
         assert_eq!(
             stats,
             StreamStats {
-                packets: 10,
-                messages: 10,
+                packets: 2 * n as u64,
+                messages: 2 * n as u64,
                 ..StreamStats::default()
             }
         );
         for (i, packet) in decoded.iter().enumerate() {
-            assert_eq!(packet.message.as_ref().unwrap(), &messages[i % 5]);
+            assert_eq!(packet.message.as_ref().unwrap(), &messages[i % n]);
             assert_eq!(
                 packet.sequence,
-                (i / 5) as u16,
+                (i / n) as u16,
                 "each APID counts on its own"
             );
         }
@@ -320,8 +344,8 @@ mod tests {
 
     #[test]
     fn noise_corruption_loss_and_truncation_are_counted_and_skipped() {
-        // Three rounds of the five messages: packets 0-4 have count 0, 5-9 count 1, 10-14 count 2.
-        let messages = samples();
+        // Three rounds of five messages: packets 0-4 have count 0, 5-9 count 1, 10-14 count 2.
+        let messages = samples()[..5].to_vec();
         let rounds = [messages.clone(), messages.clone(), messages].concat();
         let packets = frame_all(&mut Framer::new(), &rounds);
         let mut stream = std::vec::Vec::new();

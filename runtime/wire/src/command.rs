@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::{CommandAck, RejectReason};
+use crate::message::{CommandAck, ProductKind, RejectReason};
 use crate::WireError;
 
 /// Bytes before a command's body: id, version and sequence number.
@@ -109,17 +109,6 @@ impl CommandId {
             .find(|c| c.id == self)
             .unwrap_or(COMMANDS[0])
     }
-}
-
-/// What product a [`Command::RequestProduct`] asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProductKind {
-    /// A crop around each detection.
-    DetectionCrops,
-    /// A downscaled thumbnail of the frame.
-    Thumbnail,
-    /// The per-tile class map.
-    ClassMap,
 }
 
 /// A command and its arguments.

@@ -1,8 +1,10 @@
 //! Kestrel's wire: the telemetry messages every board sends and every ground tool decodes,
 //! defined once with stable ids ([`message::MESSAGES`]), encoded with postcard into caller
-//! buffers, and framed as CCSDS space packets ([`ccsds`]) with an APID per message class, a
-//! 14-bit sequence count per APID and the ECSS packet error control (CRC-16/CCITT-FALSE) in every
-//! packet's last two bytes. `no_std`, no heap: the flight side allocates nothing per message.
+//! buffers, and framed either as CCSDS space packets ([`ccsds`]) with an APID per message class,
+//! a 14-bit sequence count per APID and the ECSS packet error control (CRC-16/CCITT-FALSE) in
+//! every packet's last two bytes, or as MAVLink 2 ([`mavlink`]). Products larger than a packet
+//! travel in parts ([`product`]); the [`downlink`] queue sends the most valuable first within a
+//! byte budget. `no_std`, no heap: the flight side allocates nothing per message.
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
@@ -20,10 +22,40 @@
 pub mod ccsds;
 pub mod command;
 pub mod downlink;
+pub mod mavlink;
 pub mod message;
+pub mod product;
 
 pub use command::{Command, CommandGate};
 pub use message::{MessageId, Telemetry};
+
+/// A framing: how encoded messages (`[id][version][postcard]`) cross the link.
+pub trait Framing {
+    /// The most bytes a message of `len` encoded bytes takes on the link.
+    fn framed_len(&self, len: usize) -> usize;
+    /// Frame one encoded message at the front of `out`; the bytes written.
+    fn frame_encoded(&mut self, message: &[u8], out: &mut [u8]) -> Result<usize, WireError>;
+}
+
+impl Framing for ccsds::Framer {
+    fn framed_len(&self, len: usize) -> usize {
+        len + ccsds::HEADER_LEN + ccsds::CRC_LEN
+    }
+
+    fn frame_encoded(&mut self, message: &[u8], out: &mut [u8]) -> Result<usize, WireError> {
+        Ok(ccsds::Framer::frame_encoded(self, message, out)?.len())
+    }
+}
+
+impl Framing for mavlink::MavlinkFramer {
+    fn framed_len(&self, len: usize) -> usize {
+        mavlink::framed_len(len)
+    }
+
+    fn frame_encoded(&mut self, message: &[u8], out: &mut [u8]) -> Result<usize, WireError> {
+        mavlink::MavlinkFramer::frame_encoded(self, message, out)
+    }
+}
 
 /// Why a message could not be encoded, framed or decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

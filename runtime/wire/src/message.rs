@@ -14,6 +14,8 @@ pub const MAX_BOXES: usize = 64;
 pub const EVENT_ARGS: usize = 3;
 /// Error kinds counted in a health snapshot (the runtime's `ErrorKind`s, in their order).
 pub const ERROR_KINDS: usize = 6;
+/// Bytes of a product one [`ProductPart`] carries at most; larger products are split.
+pub const PART_BYTES: usize = 1024;
 
 /// What a message is, by its stable id. The numbers are part of the wire format: never reuse or
 /// renumber one; add a new id (or version) instead.
@@ -30,6 +32,8 @@ pub enum MessageId {
     Event = 0x0301,
     /// [`CommandAck`].
     CommandAck = 0x0401,
+    /// [`ProductPart`].
+    ProductPart = 0x0501,
 }
 
 /// One row of the message table.
@@ -48,7 +52,7 @@ pub struct MessageInfo {
 }
 
 /// Every message, as the docs' table lists it (a test checks the README against this).
-pub const MESSAGES: [MessageInfo; 5] = [
+pub const MESSAGES: [MessageInfo; 6] = [
     MessageInfo {
         id: MessageId::Classification,
         name: "classification",
@@ -83,6 +87,13 @@ pub const MESSAGES: [MessageInfo; 5] = [
         version: 1,
         apid: 0x040,
         meaning: "a command accepted or rejected, with a reason code",
+    },
+    MessageInfo {
+        id: MessageId::ProductPart,
+        name: "product_part",
+        version: 1,
+        apid: 0x050,
+        meaning: "part of a PNG product (detection crop, thumbnail, class map) for a frame",
     },
 ];
 
@@ -234,6 +245,37 @@ pub struct CommandAck {
     pub rejected: Option<RejectReason>,
 }
 
+/// What a product shows. Every product is a PNG image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProductKind {
+    /// A crop around one detection.
+    DetectionCrop,
+    /// A downscaled thumbnail of the frame.
+    Thumbnail,
+    /// The frame's class map: one 8-bit grey pixel per tile, its value the tile's class.
+    ClassMap,
+}
+
+/// One part of a product. A product larger than [`PART_BYTES`] travels as several parts, sent
+/// one after another; the ground joins them by `product` and `part` ([`crate::product`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProductPart {
+    /// The product's number on this board, counting up.
+    pub product: u32,
+    /// The frame it comes from.
+    pub frame: u32,
+    /// What it shows.
+    pub kind: ProductKind,
+    /// For a detection crop, the detection's class; otherwise 0.
+    pub class: u16,
+    /// This part's index, from 0.
+    pub part: u16,
+    /// How many parts the product has.
+    pub parts: u16,
+    /// This part's bytes of the PNG.
+    pub data: Vec<u8, PART_BYTES>,
+}
+
 /// Any telemetry message.
 // No heap on the flight side: a message is built in place, so the detections' boxes are inline.
 #[allow(clippy::large_enum_variant)]
@@ -249,6 +291,8 @@ pub enum Telemetry {
     Event(Event),
     /// See [`CommandAck`].
     CommandAck(CommandAck),
+    /// See [`ProductPart`].
+    ProductPart(ProductPart),
 }
 
 /// Bytes before the body: id and version.
@@ -263,6 +307,7 @@ impl Telemetry {
             Self::Health(_) => MessageId::Health,
             Self::Event(_) => MessageId::Event,
             Self::CommandAck(_) => MessageId::CommandAck,
+            Self::ProductPart(_) => MessageId::ProductPart,
         }
     }
 
@@ -279,6 +324,7 @@ impl Telemetry {
             Self::Health(m) => postcard::to_slice(m, body),
             Self::Event(m) => postcard::to_slice(m, body),
             Self::CommandAck(m) => postcard::to_slice(m, body),
+            Self::ProductPart(m) => postcard::to_slice(m, body),
         }
         .map_err(|_| WireError::BufferTooSmall)?
         .len();
@@ -302,6 +348,7 @@ impl Telemetry {
             MessageId::Health => Self::Health(body_of(body)?),
             MessageId::Event => Self::Event(body_of(body)?),
             MessageId::CommandAck => Self::CommandAck(body_of(body)?),
+            MessageId::ProductPart => Self::ProductPart(body_of(body)?),
         })
     }
 }
@@ -367,6 +414,15 @@ pub(crate) mod tests {
                 command: 0x8002,
                 sequence: 17,
                 rejected: Some(RejectReason::StaleSequence),
+            }),
+            Telemetry::ProductPart(ProductPart {
+                product: 3,
+                frame: 9,
+                kind: ProductKind::DetectionCrop,
+                class: 4,
+                part: 1,
+                parts: 2,
+                data: (0..PART_BYTES).map(|i| i as u8).collect(),
             }),
         ]
     }
