@@ -71,6 +71,9 @@ pub struct Outcome<E, T = Classification> {
     pub sequence: u64,
     /// Processing time of a completed frame (preprocess, model, postprocess), else 0.
     pub latency_us: u64,
+    /// Bytes of the frame as the sensor delivered it (samples times their size); 0 when the
+    /// source failed to deliver it. The denominator of the downlink's data reduction.
+    pub frame_bytes: u64,
     /// The step's result, or why there is none.
     pub result: Result<T, FrameFailure<E>>,
 }
@@ -158,6 +161,7 @@ where
                     .send(Outcome {
                         sequence: job.sequence,
                         latency_us,
+                        frame_bytes: frame_bytes::<S>(&job.geometry),
                         result,
                     })
                     .is_err()
@@ -193,10 +197,11 @@ struct Queue<S, E, T> {
 }
 
 impl<S, E, T> Queue<S, E, T> {
-    fn report(&self, sequence: u64, failure: FrameFailure<E>) {
+    fn report(&self, sequence: u64, frame_bytes: u64, failure: FrameFailure<E>) {
         let _ = self.outcomes.send(Outcome {
             sequence,
             latency_us: 0,
+            frame_bytes,
             result: Err(failure),
         });
     }
@@ -231,9 +236,21 @@ impl<S, E, T> Queue<S, E, T> {
             job.sequence
         );
         health.frames_dropped += 1;
-        self.report(job.sequence, FrameFailure::Dropped);
+        self.report(
+            job.sequence,
+            frame_bytes::<S>(&job.geometry),
+            FrameFailure::Dropped,
+        );
         let _ = self.free.send(job.samples);
     }
+}
+
+/// Bytes of a frame of `geometry`, as the sensor delivered it.
+fn frame_bytes<S>(geometry: &FrameGeometry) -> u64 {
+    u64::from(geometry.width)
+        .saturating_mul(u64::from(geometry.height))
+        .saturating_mul(u64::from(geometry.bands))
+        .saturating_mul(core::mem::size_of::<S>() as u64)
 }
 
 fn ingest<S: Sample, Src: FrameSource<S>, T>(
@@ -252,7 +269,7 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
             Err(e) => {
                 health.frames_in += 1;
                 health.record_error(ErrorKind::Source);
-                queue.report(sequence, FrameFailure::Source(e));
+                queue.report(sequence, 0, FrameFailure::Source(e));
                 sequence += 1;
                 let _ = queue.free.send(samples);
                 continue;
@@ -261,7 +278,11 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
         health.frames_in += 1;
         if let Err(e) = FrameView::new(geometry, &samples) {
             health.record_error(ErrorKind::Frame);
-            queue.report(sequence, FrameFailure::Frame(e));
+            queue.report(
+                sequence,
+                frame_bytes::<S>(&geometry),
+                FrameFailure::Frame(e),
+            );
             sequence += 1;
             let _ = queue.free.send(samples);
             continue;

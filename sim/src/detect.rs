@@ -15,6 +15,7 @@ use kestrel_runtime::health::{ErrorKind, Health};
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};
 use serde::Serialize;
 
+use crate::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use crate::eval::{Failure, Latency, Progress};
 use crate::{load_model, LoadedModel, ModelArgs};
 
@@ -86,6 +87,7 @@ pub struct EvalOptions {
     pub report: Option<PathBuf>,
     /// Lowest score kept for the precision-recall curve.
     pub score_threshold: f32,
+    pub downlink: DownlinkArgs,
 }
 
 #[derive(Serialize)]
@@ -126,6 +128,9 @@ struct Report {
     failures: Vec<Failure>,
     /// Annotations left out or clipped, and images missing on disk, each with the reason.
     skipped: Vec<String>,
+    /// The telemetry: detections from the model's reporting threshold up, with a crop of each;
+    /// bytes made and sent, the data-reduction ratio, the queue's counts.
+    downlink: DownlinkReport,
 }
 
 /// Score a detector on a COCO folder: every image of the split through the tiled detector,
@@ -184,11 +189,14 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         .detector
         .as_ref()
         .map_or(0.0, |d| d.validation_map50);
+    // The downlink reports what the model would report in flight, not the long tail mAP needs.
+    let report_threshold = detector.config.score_threshold;
     let config = DetectorConfig {
         score_threshold: opts.score_threshold,
         ..detector.config
     };
     let spec = detector.loaded.model.preprocess_spec()?;
+    let mut downlink = Downlink::new(&opts.downlink, &labels)?;
     eprintln!(
         "sim: detecting in {} images of {} ({:?} split), model {} ({}), backend {}, {}x{} tiles overlapping by {} px",
         images.len(),
@@ -213,21 +221,21 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let mut progress = Progress::new(images.len());
     let started = Instant::now();
     for (done, image) in images.iter().enumerate() {
-        let result = decode_image(&image.path)
-            .map_err(|e| {
-                health.record_error(ErrorKind::Source);
+        let decoded = decode_image(&image.path).map_err(|e| {
+            health.record_error(ErrorKind::Source);
+            e.to_string()
+        });
+        let result = decoded.as_ref().map_err(Clone::clone).and_then(|decoded| {
+            downlink.frame_in(decoded.samples.len() as u64);
+            let view = FrameView::new(decoded.geometry, &decoded.samples).map_err(|e| {
+                health.record_error(ErrorKind::Frame);
                 e.to_string()
-            })
-            .and_then(|decoded| {
-                let view = FrameView::new(decoded.geometry, &decoded.samples).map_err(|e| {
-                    health.record_error(ErrorKind::Frame);
-                    e.to_string()
-                })?;
-                let g = decoded.geometry;
-                tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
-                step.process(view, &clock, &mut health, &mut found)
-                    .map_err(|e| e.to_string())
-            });
+            })?;
+            let g = decoded.geometry;
+            tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
+            step.process(view, &clock, &mut health, &mut found)
+                .map_err(|e| e.to_string())
+        });
         match result {
             Ok(latency) => {
                 latencies.push(latency);
@@ -242,6 +250,21 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                         });
                     }
                 }
+                let reported: Vec<_> = found
+                    .as_slice()
+                    .iter()
+                    .filter(|d| d.score >= report_threshold)
+                    .copied()
+                    .collect();
+                let picture = decoded
+                    .as_ref()
+                    .ok()
+                    .filter(|_| !reported.is_empty())
+                    .map(|d| {
+                        let g = d.geometry;
+                        crate::draw::to_rgb(&d.samples, g.width, g.height, g.bands)
+                    });
+                downlink.detections(done as u64, &reported, picture.as_ref());
             }
             Err(reason) => {
                 eprintln!("warning: {}: {reason}", image.path.display());
@@ -254,6 +277,9 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         progress.update(done + 1, &format!("{} detections so far", scored.len()));
     }
     let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let uptime_us = (elapsed * 1e6) as u64;
+    let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
 
     let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
     let truths: Vec<Truth> = dataset
@@ -273,7 +299,6 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     for kind in ErrorKind::ALL {
         errors.insert(kind.name().to_string(), health.errors(kind).into());
     }
-    latencies.sort_unstable();
     let report = Report {
         model: model_name,
         model_origin,
@@ -299,6 +324,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         errors,
         failures,
         skipped: dataset.skipped,
+        downlink,
     };
     print_summary(&report);
     if let Some(path) = &opts.report {
@@ -340,6 +366,7 @@ fn print_summary(r: &Report) {
         "detections  {} at score >= {} ({} over capacity)",
         r.detections, r.score_threshold, r.overflow
     );
+    downlink::print_summary(&r.downlink);
     if !r.skipped.is_empty() {
         println!(
             "skipped     {} annotation problem(s), listed in the report",
@@ -350,7 +377,12 @@ fn print_summary(r: &Report) {
 
 /// `sim replay` with a detector: each image's boxes drawn into `<out>/<stem>.boxes.png` and
 /// listed in `<out>/<stem>.detections.json`.
-pub fn replay(model: &ModelArgs, files: &[PathBuf], out: &Path) -> anyhow::Result<usize> {
+pub fn replay(
+    model: &ModelArgs,
+    files: &[PathBuf],
+    out: &Path,
+    downlink: &mut Downlink,
+) -> anyhow::Result<usize> {
     let mut detector = Detector::load(model)?;
     let labels = detector.loaded.model.manifest.labels.clone();
     let threshold = detector.config.score_threshold;
@@ -358,10 +390,17 @@ pub fn replay(model: &ModelArgs, files: &[PathBuf], out: &Path) -> anyhow::Resul
     println!("legend: {}", crate::draw::legend(&labels));
     let mut found = FrameDetections::new();
     let mut failed = 0;
-    for path in files {
-        if let Err(e) = replay_image(path, &mut step, &labels, out, &mut found) {
-            eprintln!("warning: {e:#}");
-            failed += 1;
+    for (frame, path) in files.iter().enumerate() {
+        let result = replay_image(path, &mut step, &labels, out, &mut found);
+        match result {
+            Ok((raw_bytes, picture)) => {
+                downlink.frame_in(raw_bytes);
+                downlink.detections(frame as u64, found.as_slice(), Some(&picture));
+            }
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                failed += 1;
+            }
         }
     }
     Ok(failed)
@@ -382,7 +421,7 @@ fn replay_image<B: Backend>(
     labels: &[String],
     out: &Path,
     found: &mut FrameDetections,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u64, image::RgbImage)> {
     let started = Instant::now();
     let image = decode_image(path)?;
     let g = image.geometry;
@@ -390,7 +429,8 @@ fn replay_image<B: Backend>(
     let tiles = step.tiles(g.width, g.height)?.len();
     step.detect(view, found)
         .with_context(|| path.display().to_string())?;
-    let mut picture = crate::draw::to_rgb(&image.samples, g.width, g.height, g.bands);
+    let plain = crate::draw::to_rgb(&image.samples, g.width, g.height, g.bands);
+    let mut picture = plain.clone();
     crate::draw::detections(&mut picture, found.as_slice(), labels);
     let png = crate::replay::output_path(out, path, "boxes.png");
     picture
@@ -435,5 +475,5 @@ fn replay_image<B: Backend>(
         started.elapsed().as_secs_f64() * 1000.0,
         png.display()
     );
-    Ok(())
+    Ok((image.samples.len() as u64, plain))
 }

@@ -13,6 +13,7 @@ use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};
 use serde::Serialize;
 
+use crate::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use crate::{load_model, BackendChoice, DropArg, LoadedModel, ModelArgs, PipelineArgs};
 
 /// Largest frame the chip pipeline accepts (samples): 1024 x 1024 RGBA. Larger images are
@@ -25,6 +26,7 @@ pub struct Options {
     pub split: Split,
     pub pipeline: PipelineArgs,
     pub report: Option<PathBuf>,
+    pub downlink: DownlinkArgs,
 }
 
 impl Options {
@@ -43,6 +45,7 @@ impl Options {
                 frame_rate: 0.0,
             },
             report: None,
+            downlink: DownlinkArgs::default(),
         }
     }
 }
@@ -99,6 +102,8 @@ struct Report {
     dropped: u64,
     errors: serde_json::Map<String, serde_json::Value>,
     failures: Vec<Failure>,
+    /// The telemetry: bytes made and sent, the data-reduction ratio, the queue's counts.
+    downlink: DownlinkReport,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -177,6 +182,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         max_frame_samples: MAX_FRAME_SAMPLES,
     };
 
+    let mut downlink = Downlink::new(&opts.downlink, &labels)?;
     let classes = labels.len();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut latencies = Vec::with_capacity(images.len());
@@ -187,11 +193,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let started = Instant::now();
     let health = run_pipeline(source, step, &clock, config, |outcome| {
         done += 1;
+        downlink.frame_in(outcome.frame_bytes);
         let Some(image) = images.get(outcome.sequence as usize) else {
             return;
         };
         let reason = match outcome.result {
             Ok(c) => {
+                downlink.classification(outcome.sequence, 0, &c);
                 let predicted = usize::from(c.class()).min(classes - 1);
                 confusion[image.label][predicted] += 1;
                 correct += usize::from(predicted == image.label);
@@ -219,6 +227,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
 
     latencies.sort_unstable();
+    let uptime_us = (elapsed * 1e6) as u64;
+    let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
     let mut per_class = serde_json::Map::new();
     for (i, label) in labels.iter().enumerate() {
         let total: usize = images.iter().filter(|im| im.label == i).count();
@@ -252,6 +262,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         dropped: health.frames_dropped,
         errors,
         failures,
+        downlink,
     };
     print_summary(&report, model.manifest.validation_top1);
     if let Some(path) = &opts.report {
@@ -289,6 +300,7 @@ fn print_summary(r: &Report, validation_top1: f64) {
         "throughput  {:.1} frames/s over {:.2} s",
         r.throughput_fps, r.elapsed_s
     );
+    downlink::print_summary(&r.downlink);
     if errors > 0 {
         let by_kind: Vec<String> = r
             .errors

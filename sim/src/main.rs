@@ -4,7 +4,9 @@
 //! prints a summary. `sim eval` scores a labelled dataset and writes a JSON report; `sim replay`
 //! runs a user's own images, tiling large ones, and writes per-tile class maps.
 
+mod decode;
 mod detect;
+mod downlink;
 mod draw;
 mod eval;
 mod replay;
@@ -13,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use downlink::DownlinkArgs;
 use kestrel_backend::Backend;
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_eval::Split;
@@ -46,6 +49,10 @@ enum Command {
     /// Run a model on your own images. A classifier tiles images larger than its input and
     /// writes a per-tile class map PNG; a detector writes the image with its boxes drawn.
     Replay(ReplayArgs),
+    /// Decode telemetry on the ground: a capture file or a TCP sender, as JSON lines of every
+    /// message and product, with sequence gaps, CRC failures, truncated packets and unknown ids
+    /// counted at the end.
+    Decode(decode::DecodeArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -106,6 +113,8 @@ struct RunArgs {
     split: SplitArg,
     #[command(flatten)]
     pipeline: PipelineArgs,
+    #[command(flatten)]
+    downlink: DownlinkArgs,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +140,8 @@ struct EvalArgs {
     report: PathBuf,
     #[command(flatten)]
     pipeline: PipelineArgs,
+    #[command(flatten)]
+    downlink: DownlinkArgs,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -167,6 +178,8 @@ struct ReplayArgs {
     /// Folder for the class maps (<image>.classmap.png) and per-tile results (<image>.tiles.json).
     #[arg(long, default_value = "sim-replay")]
     out: PathBuf,
+    #[command(flatten)]
+    downlink: DownlinkArgs,
 }
 
 impl From<SplitArg> for Split {
@@ -211,6 +224,7 @@ fn default_run() -> anyhow::Result<()> {
         split: Split::All,
         report: None,
         score_threshold: 0.05,
+        downlink: DownlinkArgs::default(),
     })?;
     Ok(())
 }
@@ -234,6 +248,7 @@ fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
             split: a.split.into(),
             report: Some(a.report),
             score_threshold: a.score_threshold,
+            downlink: a.downlink,
         }),
         TaskArg::Classify => eval::run(eval::Options {
             model: a.model,
@@ -241,6 +256,7 @@ fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
             split: a.split.into(),
             pipeline: a.pipeline,
             report: Some(a.report),
+            downlink: a.downlink,
         }),
     }
 }
@@ -319,9 +335,11 @@ fn main() -> ExitCode {
             split: a.split.into(),
             pipeline: a.pipeline,
             report: None,
+            downlink: a.downlink,
         }),
         Some(Command::Eval(a)) => eval_command(a),
         Some(Command::Replay(a)) => replay::run(&a),
+        Some(Command::Decode(a)) => decode::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use image::{Rgb, RgbImage};
+use image::{GrayImage, Rgb, RgbImage};
 use kestrel_eval::dataset::list_images;
 use kestrel_host::decode_image;
 use kestrel_runtime::frame::FrameView;
@@ -12,6 +12,7 @@ use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::tile::TileGrid;
 use serde::Serialize;
 
+use crate::downlink::Downlink;
 use crate::draw::{colour, legend};
 use crate::{load_model, ReplayArgs};
 use models::ZooModel;
@@ -48,15 +49,31 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     let files = list_images(&args.images)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create folder", args.out.display()))?;
-    let failed = if ZooModel::load(&args.model.model)?.manifest.task == "detect" {
-        crate::detect::replay(&args.model, &files, &args.out)?
+    let model = ZooModel::load(&args.model.model)?;
+    let mut downlink = Downlink::new(&args.downlink, &model.manifest.labels)?;
+    let started = Instant::now();
+    let failed = if model.manifest.task == "detect" {
+        crate::detect::replay(&args.model, &files, &args.out, &mut downlink)?
     } else {
-        classify_images(args, &files)?
+        classify_images(args, &files, &mut downlink)?
     };
     println!(
         "{} image(s) replayed, {failed} failed",
         files.len() - failed
     );
+    let health = kestrel_wire::message::Health {
+        uptime_us: started.elapsed().as_micros() as u64,
+        frames_in: files.len() as u64,
+        frames_done: (files.len() - failed) as u64,
+        frames_dropped: 0,
+        errors: [0, failed as u64, 0, 0, 0, 0],
+        queue_depth: 0,
+        latency_p50_us: 0,
+        latency_p99_us: 0,
+        temperature_mc: None,
+        power_mw: None,
+    };
+    crate::downlink::print_summary(&downlink.finish(health));
     if failed == files.len() {
         bail!("{}: no image could be replayed", args.images.display());
     }
@@ -64,7 +81,11 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
 }
 
 /// Classify each image's tiles; returns how many images failed.
-fn classify_images(args: &ReplayArgs, files: &[PathBuf]) -> anyhow::Result<usize> {
+fn classify_images(
+    args: &ReplayArgs,
+    files: &[PathBuf],
+    downlink: &mut Downlink,
+) -> anyhow::Result<usize> {
     let crate::LoadedModel { model, backend, .. } = load_model(&args.model)?;
     let labels = &model.manifest.labels;
     let spec = model.preprocess_spec()?;
@@ -75,10 +96,17 @@ fn classify_images(args: &ReplayArgs, files: &[PathBuf]) -> anyhow::Result<usize
     println!("legend: {}", legend(labels));
 
     let mut failed = 0;
-    for path in files {
-        if let Err(e) = replay_image(path, &mut step, tile, args.overlap, labels, &args.out) {
-            eprintln!("warning: {e:#}");
-            failed += 1;
+    for (frame, path) in files.iter().enumerate() {
+        let replayed = replay_image(path, &mut step, tile, args.overlap, labels, &args.out);
+        match replayed {
+            Ok((raw_bytes, map, worth)) => {
+                downlink.frame_in(raw_bytes);
+                downlink.class_map(frame as u64, &map, worth);
+            }
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                failed += 1;
+            }
         }
     }
     Ok(failed)
@@ -91,7 +119,7 @@ fn replay_image<B: kestrel_backend::Backend>(
     overlap: u32,
     labels: &[String],
     out: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(u64, GrayImage, f32)> {
     let started = Instant::now();
     let image = decode_image(path)?;
     let g = image.geometry;
@@ -178,7 +206,13 @@ fn replay_image<B: kestrel_backend::Backend>(
         started.elapsed().as_secs_f64() * 1000.0,
         map_path.display()
     );
-    Ok(())
+    // The class map product: one grey pixel per tile; worth the mean confidence.
+    let mut map = GrayImage::new(grid.columns() as u32, grid.rows() as u32);
+    for (pixel, t) in map.pixels_mut().zip(&tiles) {
+        pixel.0 = [t.class.min(255) as u8];
+    }
+    let worth = tiles.iter().map(|t| t.confidence).sum::<f32>() / tiles.len().max(1) as f32;
+    Ok((image.samples.len() as u64, map, worth))
 }
 
 /// `<out>/<image stem>.<suffix>`.

@@ -185,7 +185,7 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
     pub fn send(
         &mut self,
         now_us: u64,
-        framing: &mut impl Framing,
+        framing: &mut (impl Framing + ?Sized),
         out: &mut [u8],
     ) -> Option<usize> {
         if now_us.saturating_sub(self.window_start_us) >= self.window_us {

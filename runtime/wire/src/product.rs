@@ -37,7 +37,7 @@ pub fn split(
 }
 
 /// A product joined on the ground.
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Product {
     /// The product's number on its board.
@@ -64,7 +64,7 @@ pub struct ProductStats {
 }
 
 /// Joins product parts on the ground.
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 #[derive(Clone, Debug, Default)]
 pub struct Reassembler {
     current: Option<(ProductPart, std::vec::Vec<Option<std::vec::Vec<u8>>>)>,
@@ -73,7 +73,7 @@ pub struct Reassembler {
     pub stats: ProductStats,
 }
 
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 impl Reassembler {
     /// Nothing joined yet.
     pub fn new() -> Self {

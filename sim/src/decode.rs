@@ -1,0 +1,282 @@
+//! `sim decode`: the ground side. Reads a telemetry byte stream (a capture file, or a TCP
+//! sender), prints every message as a JSON line, joins products, and reports sequence gaps,
+//! CRC failures, truncated packets and unknown ids.
+
+use std::io::{BufWriter, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use kestrel_wire::ccsds::{Decoder, StreamStats};
+use kestrel_wire::mavlink::{Incoming, MavlinkDecoder};
+use kestrel_wire::message::{ProductKind, Telemetry};
+use kestrel_wire::product::{Product, ProductStats, Reassembler};
+use serde_json::{json, Value};
+
+use crate::downlink::FramingArg;
+
+#[derive(clap::Args)]
+pub struct DecodeArgs {
+    /// A capture file (as `--link file:PATH` writes it), or `tcp://HOST:PORT` to listen there
+    /// for one sender (`sim eval ... --link tcp://HOST:PORT` connects to it).
+    source: String,
+    /// The stream's framing.
+    #[arg(long, value_enum, default_value_t = FramingArg::Ccsds)]
+    telemetry: FramingArg,
+    /// Write the JSON lines here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Write each whole product here as `<product>-frame<frame>-<kind>.png`.
+    #[arg(long)]
+    products: Option<PathBuf>,
+}
+
+/// Joined MAVLink messages may be this long: a 128-segment message.
+const MAVLINK_MAX: usize = 16 * 1024;
+
+enum AnyDecoder {
+    Ccsds(Decoder),
+    Mavlink(Box<MavlinkDecoder<MAVLINK_MAX>>),
+}
+
+/// A message as JSON: its name and its fields (a product part's bytes as their count).
+fn message_json(message: &Telemetry) -> Value {
+    let name = message.id().info().name;
+    let fields = match message {
+        Telemetry::Classification(m) => serde_json::to_value(m),
+        Telemetry::Detections(m) => serde_json::to_value(m),
+        Telemetry::Health(m) => serde_json::to_value(m),
+        Telemetry::Event(m) => serde_json::to_value(m),
+        Telemetry::CommandAck(m) => serde_json::to_value(m),
+        Telemetry::ProductPart(m) => Ok(json!({
+            "product": m.product,
+            "frame": m.frame,
+            "kind": m.kind,
+            "class": m.class,
+            "part": m.part,
+            "parts": m.parts,
+            "bytes": m.data.len(),
+        })),
+    };
+    json!({ "type": name, "fields": fields.unwrap_or(Value::Null) })
+}
+
+fn kind_name(kind: ProductKind) -> &'static str {
+    match kind {
+        ProductKind::DetectionCrop => "crop",
+        ProductKind::Thumbnail => "thumbnail",
+        ProductKind::ClassMap => "classmap",
+    }
+}
+
+struct Ground {
+    decoder: AnyDecoder,
+    products: Reassembler,
+    product_dir: Option<PathBuf>,
+    out: Box<dyn Write>,
+    lines: u64,
+}
+
+impl Ground {
+    fn emit(&mut self, line: &Value) -> anyhow::Result<()> {
+        self.lines += 1;
+        writeln!(self.out, "{line}").context("cannot write the JSON lines")
+    }
+
+    fn message(&mut self, mut line: Value, message: &Telemetry) -> anyhow::Result<()> {
+        line["message"] = message_json(message);
+        self.emit(&line)?;
+        if let Telemetry::ProductPart(part) = message {
+            if let Some(product) = self.products.push(part) {
+                self.product(&product)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn product(&mut self, p: &Product) -> anyhow::Result<()> {
+        let file = match &self.product_dir {
+            Some(dir) => {
+                let path = dir.join(format!(
+                    "{}-frame{}-{}.png",
+                    p.product,
+                    p.frame,
+                    kind_name(p.kind)
+                ));
+                std::fs::write(&path, &p.png)
+                    .with_context(|| format!("{}: cannot write", path.display()))?;
+                Some(path.display().to_string())
+            }
+            None => None,
+        };
+        self.emit(&json!({
+            "product": p.product,
+            "frame": p.frame,
+            "kind": p.kind,
+            "class": p.class,
+            "bytes": p.png.len(),
+            "file": file,
+        }))
+    }
+
+    /// Take what whole packets or frames `stream` holds; the bytes used.
+    fn take(&mut self, stream: &[u8]) -> anyhow::Result<usize> {
+        let mut at = 0;
+        loop {
+            let rest = stream.get(at..).unwrap_or_default();
+            match &mut self.decoder {
+                AnyDecoder::Ccsds(decoder) => {
+                    let Some((packet, used)) = decoder.next(rest) else {
+                        return Ok(at);
+                    };
+                    at += used;
+                    let line = json!({ "apid": packet.apid, "sequence": packet.sequence });
+                    match &packet.message {
+                        Ok(message) => self.message(line, message)?,
+                        Err(e) => {
+                            let mut line = line;
+                            line["error"] = e.to_string().into();
+                            self.emit(&line)?;
+                        }
+                    }
+                }
+                AnyDecoder::Mavlink(decoder) => {
+                    let Some((frame, used)) = decoder.next(rest) else {
+                        return Ok(at);
+                    };
+                    at += used;
+                    let line = json!({
+                        "system": frame.system_id,
+                        "component": frame.component_id,
+                        "sequence": frame.sequence,
+                    });
+                    match &frame.incoming {
+                        Incoming::Telemetry(Ok(message)) => self.message(line, message)?,
+                        Incoming::Telemetry(Err(e)) => {
+                            let mut line = line;
+                            line["error"] = e.to_string().into();
+                            self.emit(&line)?;
+                        }
+                        Incoming::Heartbeat { mavtype } => {
+                            let mut line = line;
+                            line["heartbeat"] = json!({ "mavtype": mavtype });
+                            self.emit(&line)?;
+                        }
+                        Incoming::Text(text) => {
+                            let mut line = line;
+                            line["statustext"] = text.as_str().into();
+                            self.emit(&line)?;
+                        }
+                        Incoming::Command { .. } | Incoming::Segment | Incoming::Other(_) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, rest: &[u8]) -> (StreamStats, u64, ProductStats) {
+        self.products.finish();
+        let (stats, lost) = match &mut self.decoder {
+            AnyDecoder::Ccsds(d) => {
+                d.finish(rest);
+                (d.stats, 0)
+            }
+            AnyDecoder::Mavlink(d) => {
+                d.finish(rest);
+                (d.stats, d.lost_messages)
+            }
+        };
+        (stats, lost, self.products.stats)
+    }
+}
+
+fn open_source(source: &str) -> anyhow::Result<Box<dyn Read>> {
+    if let Some(address) = source.strip_prefix("tcp://") {
+        let listener =
+            TcpListener::bind(address).with_context(|| format!("{source}: cannot listen"))?;
+        eprintln!("sim decode: listening on {address} for one sender");
+        let (stream, peer) = listener.accept().context("accepting a sender")?;
+        eprintln!("sim decode: {peer} connected");
+        return Ok(Box::new(stream));
+    }
+    let file = std::fs::File::open(Path::new(source))
+        .with_context(|| format!("{source}: cannot open the capture"))?;
+    Ok(Box::new(file))
+}
+
+pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &args.products {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create folder", dir.display()))?;
+    }
+    let out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("{}: cannot create", path.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout())),
+    };
+    let decoder = match args.telemetry {
+        FramingArg::Ccsds => AnyDecoder::Ccsds(Decoder::new()),
+        FramingArg::Mavlink => AnyDecoder::Mavlink(Box::new(MavlinkDecoder::new())),
+    };
+    let mut ground = Ground {
+        decoder,
+        products: Reassembler::new(),
+        product_dir: args.products.clone(),
+        out,
+        lines: 0,
+    };
+    let mut source = open_source(&args.source)?;
+    let (mut buffer, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+    loop {
+        let n = match source.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                eprintln!("warning: {}: {e}; decoding what arrived", args.source);
+                break;
+            }
+        };
+        buffer.extend_from_slice(&chunk[..n]);
+        let used = ground.take(&buffer)?;
+        buffer.drain(..used);
+    }
+    let (stats, lost_messages, products) = ground.finish(&buffer);
+    let summary = json!({
+        "stats": {
+            "packets": stats.packets,
+            "messages": stats.messages,
+            "sequence_gaps": stats.sequence_gaps,
+            "crc_failures": stats.crc_failures,
+            "truncated": stats.truncated,
+            "unknown_ids": stats.unknown_ids,
+            "malformed": stats.malformed,
+            "skipped_bytes": stats.skipped_bytes,
+            "lost_messages": lost_messages,
+            "products": products,
+        }
+    });
+    ground.emit(&summary)?;
+    ground.out.flush().context("cannot write the JSON lines")?;
+    eprintln!(
+        "sim decode: {} packets, {} messages, {} products whole ({} lost); {} sequence gaps, {} CRC failures, {} truncated, {} unknown ids, {} malformed, {} bytes skipped{}",
+        stats.packets,
+        stats.messages,
+        products.complete,
+        products.lost,
+        stats.sequence_gaps,
+        stats.crc_failures,
+        stats.truncated,
+        stats.unknown_ids,
+        stats.malformed,
+        stats.skipped_bytes,
+        if lost_messages > 0 {
+            format!(", {lost_messages} messages lost a segment")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
