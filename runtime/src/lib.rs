@@ -29,6 +29,8 @@ pub mod pool;
 pub mod preprocess;
 pub mod step;
 #[cfg(feature = "std")]
+pub mod switch;
+#[cfg(feature = "std")]
 pub mod threaded;
 pub mod tile;
 

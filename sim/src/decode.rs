@@ -1,16 +1,18 @@
 //! `sim decode`: the ground side. Reads a telemetry byte stream (a capture file, or a TCP
 //! sender), prints every message as a JSON line, joins products, and reports sequence gaps,
-//! CRC failures, truncated packets and unknown ids.
+//! CRC failures, truncated packets and unknown ids. To a TCP sender it can send commands.
 
 use std::io::{BufWriter, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use kestrel_wire::ccsds::{Decoder, StreamStats};
-use kestrel_wire::mavlink::{Incoming, MavlinkDecoder};
+use kestrel_wire::ccsds::{Decoder, Framer, StreamStats};
+use kestrel_wire::command::COMMANDS;
+use kestrel_wire::mavlink::{Incoming, MavlinkDecoder, MavlinkFramer, COMPONENT_ID};
 use kestrel_wire::message::{ProductKind, Telemetry};
 use kestrel_wire::product::{Product, ProductStats, Reassembler};
+use kestrel_wire::Command;
 use serde_json::{json, Value};
 
 use crate::downlink::FramingArg;
@@ -29,6 +31,84 @@ pub struct DecodeArgs {
     /// Write each whole product here as `<product>-frame<frame>-<kind>.png`.
     #[arg(long)]
     products: Option<PathBuf>,
+    /// With tcp://, send this command to the sender as soon as it connects (repeat for more,
+    /// sent in order with sequence numbers from 1): `set_score_threshold 0.5`,
+    /// `switch_model 1`, `request_product FRAME thumbnail|crop|classmap`,
+    /// `set_downlink_budget BYTES WINDOW_S`, `report_health`, `pause`, `resume`.
+    #[arg(long = "command", value_name = "COMMAND")]
+    commands: Vec<String>,
+}
+
+/// A command written as its name and arguments, as `--command` takes it.
+fn parse_command(text: &str) -> anyhow::Result<Command> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let arg = |i: usize| -> anyhow::Result<&str> {
+        words
+            .get(i)
+            .copied()
+            .with_context(|| format!("--command {text}: argument {i} is missing"))
+    };
+    let number = |i: usize| -> anyhow::Result<u32> {
+        arg(i)?
+            .parse()
+            .with_context(|| format!("--command {text}: argument {i} must be a whole number"))
+    };
+    let command = match words.first().copied().unwrap_or_default() {
+        "set_score_threshold" => Command::SetScoreThreshold {
+            threshold: arg(1)?
+                .parse()
+                .with_context(|| format!("--command {text}: the threshold must be a number"))?,
+        },
+        "switch_model" => Command::SwitchModel {
+            slot: u8::try_from(number(1)?).unwrap_or(u8::MAX),
+        },
+        "request_product" => Command::RequestProduct {
+            frame: number(1)?,
+            kind: match arg(2)? {
+                "thumbnail" => ProductKind::Thumbnail,
+                "crop" => ProductKind::DetectionCrop,
+                "classmap" => ProductKind::ClassMap,
+                other => anyhow::bail!(
+                    "--command {text}: no product kind {other} (thumbnail, crop, classmap)"
+                ),
+            },
+        },
+        "set_downlink_budget" => Command::SetDownlinkBudget {
+            bytes: number(1)?,
+            window_s: number(2)?,
+        },
+        "report_health" => Command::ReportHealth,
+        "pause" => Command::Pause,
+        "resume" => Command::Resume,
+        other => anyhow::bail!(
+            "--command {text}: no command {other:?} (the commands are {})",
+            COMMANDS.map(|c| c.name).join(", ")
+        ),
+    };
+    if !command.in_range() {
+        // Sent anyway: the payload's rejection is worth seeing; but say so here too.
+        eprintln!(
+            "warning: --command {text}: an argument is out of range; the payload will refuse it"
+        );
+    }
+    Ok(command)
+}
+
+/// `commands`, framed in `framing` from a ground station, with sequence numbers from 1.
+fn frame_commands(commands: &[Command], framing: FramingArg) -> anyhow::Result<Vec<u8>> {
+    let (mut ccsds, mut mav) = (Framer::new(), MavlinkFramer::new(255, 190));
+    let (mut out, mut buf) = (Vec::new(), [0u8; 512]);
+    for (i, command) in commands.iter().enumerate() {
+        let sequence = i as u16 + 1;
+        let len = match framing {
+            FramingArg::Ccsds => ccsds.frame_command(command, sequence, &mut buf)?.len(),
+            FramingArg::Mavlink => {
+                mav.frame_command(command, sequence, (1, COMPONENT_ID), &mut buf)?
+            }
+        };
+        out.extend_from_slice(&buf[..len]);
+    }
+    Ok(out)
 }
 
 /// Joined MAVLink messages may be this long: a 128-segment message.
@@ -190,14 +270,21 @@ impl Ground {
     }
 }
 
-fn open_source(source: &str) -> anyhow::Result<Box<dyn Read>> {
+/// The stream to decode; commands go to a TCP sender as soon as it connects.
+fn open_source(source: &str, commands: &[u8]) -> anyhow::Result<Box<dyn Read>> {
     if let Some(address) = source.strip_prefix("tcp://") {
         let listener =
             TcpListener::bind(address).with_context(|| format!("{source}: cannot listen"))?;
         eprintln!("sim decode: listening on {address} for one sender");
-        let (stream, peer) = listener.accept().context("accepting a sender")?;
+        let (mut stream, peer) = listener.accept().context("accepting a sender")?;
         eprintln!("sim decode: {peer} connected");
+        stream
+            .write_all(commands)
+            .with_context(|| format!("{peer}: cannot send the commands"))?;
         return Ok(Box::new(stream));
+    }
+    if !commands.is_empty() {
+        anyhow::bail!("--command needs a tcp:// source: a capture file cannot take commands");
     }
     let file = std::fs::File::open(Path::new(source))
         .with_context(|| format!("{source}: cannot open the capture"))?;
@@ -227,7 +314,13 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         out,
         lines: 0,
     };
-    let mut source = open_source(&args.source)?;
+    let commands = args
+        .commands
+        .iter()
+        .map(|c| parse_command(c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let commands = frame_commands(&commands, args.telemetry)?;
+    let mut source = open_source(&args.source, &commands)?;
     let (mut buffer, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
     loop {
         let n = match source.read(&mut chunk) {

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use crate::eval::{Failure, Latency, Progress};
 use crate::{load_model, LoadedModel, ModelArgs};
+use kestrel_wire::message::ProductKind::Thumbnail;
 
 /// Detections kept per tile before merging (a 512-pixel tile of NWPU VHR-10 holds at most
 /// about 70 objects).
@@ -197,6 +198,9 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     };
     let spec = detector.loaded.model.preprocess_spec()?;
     let mut downlink = Downlink::new(&opts.downlink, &labels)?;
+    let switch = detector.loaded.switch.clone();
+    downlink.listen_for_commands(&opts.model, &detector.loaded.model, switch, &[Thumbnail])?;
+    let controls = downlink.controls();
     eprintln!(
         "sim: detecting in {} images of {} ({:?} split), model {} ({}), backend {}, {}x{} tiles overlapping by {} px",
         images.len(),
@@ -221,6 +225,8 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let mut progress = Progress::new(images.len());
     let started = Instant::now();
     for (done, image) in images.iter().enumerate() {
+        controls.wait_while_paused();
+        health.frames_in += 1;
         let decoded = decode_image(&image.path).map_err(|e| {
             health.record_error(ErrorKind::Source);
             e.to_string()
@@ -256,15 +262,20 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                     .filter(|d| d.score >= report_threshold)
                     .copied()
                     .collect();
+                let frame = done as u64;
+                let thumbnail = downlink.wants(frame, Thumbnail);
                 let picture = decoded
                     .as_ref()
                     .ok()
-                    .filter(|_| !reported.is_empty())
+                    .filter(|_| thumbnail || !reported.is_empty())
                     .map(|d| {
                         let g = d.geometry;
                         crate::draw::to_rgb(&d.samples, g.width, g.height, g.bands)
                     });
-                downlink.detections(done as u64, &reported, picture.as_ref());
+                downlink.detections(frame, &reported, picture.as_ref());
+                if let Some(picture) = picture.as_ref().filter(|_| thumbnail) {
+                    downlink.thumbnail(frame, picture);
+                }
             }
             Err(reason) => {
                 eprintln!("warning: {}: {reason}", image.path.display());
@@ -384,6 +395,9 @@ pub fn replay(
     downlink: &mut Downlink,
 ) -> anyhow::Result<usize> {
     let mut detector = Detector::load(model)?;
+    let switch = detector.loaded.switch.clone();
+    downlink.listen_for_commands(model, &detector.loaded.model, switch, &[Thumbnail])?;
+    let controls = downlink.controls();
     let labels = detector.loaded.model.manifest.labels.clone();
     let threshold = detector.config.score_threshold;
     let mut step = detector.step(threshold)?;
@@ -391,11 +405,16 @@ pub fn replay(
     let mut found = FrameDetections::new();
     let mut failed = 0;
     for (frame, path) in files.iter().enumerate() {
+        controls.wait_while_paused();
         let result = replay_image(path, &mut step, &labels, out, &mut found);
         match result {
             Ok((raw_bytes, picture)) => {
+                let frame = frame as u64;
                 downlink.frame_in(raw_bytes);
-                downlink.detections(frame as u64, found.as_slice(), Some(&picture));
+                downlink.detections(frame, found.as_slice(), Some(&picture));
+                if downlink.wants(frame, Thumbnail) {
+                    downlink.thumbnail(frame, &picture);
+                }
             }
             Err(e) => {
                 eprintln!("warning: {e:#}");

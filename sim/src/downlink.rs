@@ -6,6 +6,8 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -13,14 +15,20 @@ use clap::ValueEnum;
 use image::{imageops, GrayImage, ImageEncoder, RgbImage};
 use kestrel_runtime::classify::Classification as RuntimeClassification;
 use kestrel_runtime::detect::Detection;
+use kestrel_runtime::switch::SwitchHandle;
 use kestrel_wire::ccsds::Framer;
+use kestrel_wire::command::MODEL_SLOTS;
 use kestrel_wire::downlink::{value, DownlinkQueue, DownlinkStats, ItemWriter};
 use kestrel_wire::mavlink::{MavlinkFramer, COMPONENT_ID};
 use kestrel_wire::message::{
     Classification, Detections, Health, ProductKind, Ranked, WireBox, MAX_BOXES, TOP_K,
 };
 use kestrel_wire::{product, Framing, Telemetry};
+use models::ZooModel;
 use serde::Serialize;
+
+use crate::command::{lock, Controls, Payload};
+use crate::ModelArgs;
 
 /// Items the queue holds.
 const SLOTS: usize = 128;
@@ -65,6 +73,10 @@ pub struct DownlinkArgs {
     /// Send no products (detection crops, class maps), only results and health.
     #[arg(long)]
     pub no_products: bool,
+    /// A model the `switch_model` command may switch to, as SLOT=MODEL (slot 0 is --model;
+    /// slots 1 to 15; it must be for the same task, classes and input).
+    #[arg(long = "slot", value_name = "SLOT=MODEL")]
+    pub slots: Vec<String>,
 }
 
 impl Default for DownlinkArgs {
@@ -76,6 +88,7 @@ impl Default for DownlinkArgs {
             downlink_window_s: 0.0,
             priority: Vec::new(),
             no_products: false,
+            slots: Vec::new(),
         }
     }
 }
@@ -123,6 +136,11 @@ impl AnyFramer {
 
 pub struct Downlink {
     args: DownlinkArgs,
+    controls: Arc<Controls>,
+    /// The link's way back, when it has one (`tcp://`): commands arrive on it.
+    commands: Option<TcpStream>,
+    frames_seen: u64,
+    results: u64,
     framer: AnyFramer,
     queue: Box<DownlinkQueue<SLOTS, ITEM_MAX>>,
     link: Option<Box<dyn Write>>,
@@ -137,20 +155,42 @@ pub struct Downlink {
     out: Vec<u8>,
 }
 
-/// The link named by `--link`.
-fn open_link(spec: &str) -> anyhow::Result<Box<dyn Write>> {
+/// The link named by `--link`, and its way back for commands when it has one.
+fn open_link(spec: &str) -> anyhow::Result<(Box<dyn Write>, Option<TcpStream>)> {
     if let Some(path) = spec.strip_prefix("file:") {
         let path = PathBuf::from(path);
         let file = std::fs::File::create(&path)
             .with_context(|| format!("--link {spec}: cannot create {}", path.display()))?;
-        return Ok(Box::new(std::io::BufWriter::new(file)));
+        return Ok((Box::new(std::io::BufWriter::new(file)), None));
     }
     if let Some(address) = spec.strip_prefix("tcp://") {
         let stream = TcpStream::connect(address)
             .with_context(|| format!("--link {spec}: cannot connect to {address}"))?;
-        return Ok(Box::new(stream));
+        let back = stream
+            .try_clone()
+            .with_context(|| format!("--link {spec}: cannot read commands from it"))?;
+        return Ok((Box::new(stream), Some(back)));
     }
     bail!("--link {spec}: expected file:PATH or tcp://HOST:PORT")
+}
+
+/// Models by slot: `--model` in slot 0, then `--slot N=MODEL`.
+fn slots(model: &ModelArgs, pairs: &[String]) -> anyhow::Result<Vec<Option<ModelArgs>>> {
+    let mut slots = vec![None; usize::from(MODEL_SLOTS)];
+    slots[0] = Some(model.clone());
+    for pair in pairs {
+        let parsed = pair
+            .split_once('=')
+            .and_then(|(slot, name)| Some((slot.parse::<u8>().ok()?, name)));
+        let Some((slot @ 1..MODEL_SLOTS, name)) = parsed else {
+            bail!("--slot {pair}: expected SLOT=MODEL with a slot from 1 to 15");
+        };
+        slots[usize::from(slot)] = Some(ModelArgs {
+            model: name.to_string(),
+            backend: model.backend,
+        });
+    }
+    Ok(slots)
 }
 
 /// Priorities by class index from LABEL=WEIGHT pairs.
@@ -197,9 +237,16 @@ impl Downlink {
             (Some(_), w) => (w * 1e6) as u64,
         };
         let budget = args.downlink_budget.unwrap_or(u32::MAX);
-        let link = args.link.as_deref().map(open_link).transpose()?;
+        let (link, commands) = match args.link.as_deref().map(open_link).transpose()? {
+            Some((link, commands)) => (Some(link), commands),
+            None => (None, None),
+        };
         Ok(Self {
             args: args.clone(),
+            controls: Arc::new(Controls::default()),
+            commands,
+            frames_seen: 0,
+            results: 0,
             framer,
             queue: Box::new(DownlinkQueue::new(budget, window_us)),
             link,
@@ -215,6 +262,51 @@ impl Downlink {
         })
     }
 
+    /// What commands change.
+    pub fn controls(&self) -> Arc<Controls> {
+        Arc::clone(&self.controls)
+    }
+
+    /// Take commands from the link's way back, if it has one, on a thread of their own:
+    /// `model` and `loaded` are what a `switch_model` must match and switch; `kinds` the
+    /// products this run makes on request.
+    pub fn listen_for_commands(
+        &mut self,
+        model: &ModelArgs,
+        loaded: &ZooModel,
+        switch: SwitchHandle,
+        kinds: &[ProductKind],
+    ) -> anyhow::Result<()> {
+        let slots = slots(model, &self.args.slots)?;
+        let Some(link) = self.commands.take() else {
+            if self.args.slots.is_empty() {
+                return Ok(());
+            }
+            bail!("--slot needs a command link: --link tcp://HOST:PORT");
+        };
+        let payload = Payload {
+            controls: self.controls(),
+            slots,
+            active_slot: 0,
+            task: loaded.manifest.task.clone(),
+            labels: loaded.manifest.labels.clone(),
+            spec: loaded.preprocess_spec().ok(),
+            switch,
+            kinds: kinds.to_vec(),
+        };
+        let framing = self.args.telemetry;
+        std::thread::Builder::new()
+            .name("commands".into())
+            .spawn(move || crate::command::listen(link, framing, payload))
+            .context("cannot start the command thread")?;
+        Ok(())
+    }
+
+    /// Results scoring below this are not reported (the `set_score_threshold` command).
+    fn min_score(&self) -> f32 {
+        lock(&self.controls.min_score).unwrap_or(f32::MIN)
+    }
+
     fn now_us(&self) -> u64 {
         self.started.elapsed().as_micros() as u64
     }
@@ -227,10 +319,16 @@ impl Downlink {
     /// A frame of `bytes` arrived from the sensor.
     pub fn frame_in(&mut self, bytes: u64) {
         self.raw_bytes += bytes;
+        self.frames_seen += 1;
     }
 
     /// One classified frame or tile.
     pub fn classification(&mut self, frame: u64, tile: u16, c: &RuntimeClassification) {
+        self.results += 1;
+        if c.confidence() < self.min_score() {
+            self.pump();
+            return;
+        }
         let top = c
             .top
             .iter()
@@ -252,8 +350,17 @@ impl Downlink {
         self.offer(&[message], worth);
     }
 
-    /// A frame's detections (best first), and a crop product of each sent box from `image`.
+    /// A frame's detections (best first) from the score threshold up, and a crop product of
+    /// each sent box from `image`.
     pub fn detections(&mut self, frame: u64, found: &[Detection], image: Option<&RgbImage>) {
+        self.results += 1;
+        let min_score = self.min_score();
+        let found: Vec<Detection> = found
+            .iter()
+            .filter(|d| d.score >= min_score)
+            .copied()
+            .collect();
+        let found = found.as_slice();
         let boxes: heapless::Vec<WireBox, MAX_BOXES> = found
             .iter()
             .take(MAX_BOXES)
@@ -301,6 +408,24 @@ impl Downlink {
         self.product(frame, ProductKind::ClassMap, 0, &png, worth);
     }
 
+    /// Whether `frame` has a product of `kind` asked for (the request is then used up).
+    pub fn wants(&self, frame: u64, kind: ProductKind) -> bool {
+        self.controls.take_request(frame as u32, kind)
+    }
+
+    /// A thumbnail of `image`, at most [`CROP_MAX`] pixels a side, worth as much as health.
+    pub fn thumbnail(&mut self, frame: u64, image: &RgbImage) {
+        let (w, h) = (image.width().max(1), image.height().max(1));
+        let scale = (CROP_MAX as f32 / w.max(h) as f32).min(1.0);
+        let (tw, th) = (
+            ((w as f32 * scale).round() as u32).max(1),
+            ((h as f32 * scale).round() as u32).max(1),
+        );
+        let small = imageops::resize(image, tw, th, imageops::FilterType::Triangle);
+        let png = png_bytes(small.as_raw(), tw, th, image::ExtendedColorType::Rgb8);
+        self.product(frame, ProductKind::Thumbnail, 0, &png, HOUSEKEEPING);
+    }
+
     fn product(&mut self, frame: u64, kind: ProductKind, class: u16, png: &[u8], worth: f32) {
         let number = self.products as u32;
         self.products += 1;
@@ -328,8 +453,39 @@ impl Downlink {
         }
     }
 
+    /// Take what commands asked for: a new budget, acknowledgements and events, a health
+    /// snapshot.
+    fn take_commands(&mut self) {
+        if let Some((bytes, window_s)) = lock(&self.controls.budget).take() {
+            self.args.downlink_budget = Some(bytes);
+            self.args.downlink_window_s = f64::from(window_s);
+            self.queue
+                .set_budget(bytes, u64::from(window_s) * 1_000_000);
+        }
+        let replies = std::mem::take(&mut *lock(&self.controls.replies));
+        for reply in replies {
+            self.offer(&[reply], HOUSEKEEPING);
+        }
+        if self.controls.health_now.swap(false, Ordering::Relaxed) {
+            let health = Health {
+                uptime_us: self.now_us(),
+                frames_in: self.frames_seen,
+                frames_done: self.results,
+                frames_dropped: 0,
+                errors: [0; kestrel_wire::message::ERROR_KINDS],
+                queue_depth: self.queue.len().min(usize::from(u16::MAX)) as u16,
+                latency_p50_us: 0,
+                latency_p99_us: 0,
+                temperature_mc: None,
+                power_mw: None,
+            };
+            self.offer(&[Telemetry::Health(health)], HOUSEKEEPING);
+        }
+    }
+
     /// Send what the current window's budget allows, and a heartbeat when one is due.
     fn pump(&mut self) {
+        self.take_commands();
         let now = self.now_us();
         if let AnyFramer::Mavlink(mav) = &mut self.framer {
             let due = self

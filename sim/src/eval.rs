@@ -7,14 +7,16 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kestrel_eval::dataset::scan_labelled;
 use kestrel_eval::Split;
-use kestrel_host::{FolderSource, HostClock};
+use kestrel_host::{decode_image, FolderSource, HostClock};
 use kestrel_runtime::health::ErrorKind;
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};
 use serde::Serialize;
 
+use crate::command::Pausable;
 use crate::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use crate::{load_model, BackendChoice, DropArg, LoadedModel, ModelArgs, PipelineArgs};
+use kestrel_wire::message::ProductKind;
 
 /// Largest frame the chip pipeline accepts (samples): 1024 x 1024 RGBA. Larger images are
 /// counted as frame errors; `sim replay` tiles big scenes instead.
@@ -154,6 +156,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         model,
         backend,
         plan_load_ms,
+        switch,
     } = load_model(&opts.model)?;
     let labels = model.manifest.labels.clone();
     let spec = model.preprocess_spec().context("model preprocessing")?;
@@ -169,10 +172,16 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         backend_name
     );
 
+    let mut downlink = Downlink::new(&opts.downlink, &labels)?;
+    downlink.listen_for_commands(&opts.model, &model, switch, &[ProductKind::Thumbnail])?;
     let mut source = FolderSource::new(images.iter().map(|i| i.path.clone()).collect());
     if opts.pipeline.frame_rate > 0.0 {
         source = source.paced(Duration::from_secs_f64(1.0 / opts.pipeline.frame_rate));
     }
+    let source = Pausable {
+        inner: source,
+        controls: downlink.controls(),
+    };
     let mut input = vec![0.0; spec.input_len()];
     let mut output = vec![0.0; backend.output_len()];
     let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
@@ -182,7 +191,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         max_frame_samples: MAX_FRAME_SAMPLES,
     };
 
-    let mut downlink = Downlink::new(&opts.downlink, &labels)?;
     let classes = labels.len();
     let mut confusion = vec![vec![0u64; classes]; classes];
     let mut latencies = Vec::with_capacity(images.len());
@@ -200,6 +208,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         let reason = match outcome.result {
             Ok(c) => {
                 downlink.classification(outcome.sequence, 0, &c);
+                if downlink.wants(outcome.sequence, ProductKind::Thumbnail) {
+                    if let Ok(frame) = decode_image(&image.path) {
+                        let g = frame.geometry;
+                        let rgb = crate::draw::to_rgb(&frame.samples, g.width, g.height, g.bands);
+                        downlink.thumbnail(outcome.sequence, &rgb);
+                    }
+                }
                 let predicted = usize::from(c.class()).min(classes - 1);
                 confusion[image.label][predicted] += 1;
                 correct += usize::from(predicted == image.label);

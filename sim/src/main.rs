@@ -4,6 +4,7 @@
 //! prints a summary. `sim eval` scores a labelled dataset and writes a JSON report; `sim replay`
 //! runs a user's own images, tiling large ones, and writes per-tile class maps.
 
+mod command;
 mod decode;
 mod detect;
 mod downlink;
@@ -19,6 +20,7 @@ use downlink::DownlinkArgs;
 use kestrel_backend::Backend;
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_eval::Split;
+use kestrel_runtime::switch::{SwitchHandle, SwitchableBackend};
 use kestrel_runtime::threaded::DropPolicy;
 use models::ZooModel;
 
@@ -261,16 +263,31 @@ fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
     }
 }
 
-/// A model on its backend.
+/// A model on its backend, which the `switch_model` command can replace through `switch`.
 struct LoadedModel {
     model: ZooModel,
     backend: Box<dyn Backend + Send>,
     /// Time to parse, check and prepare the int8 plan; `None` on tract.
     plan_load_ms: Option<f64>,
+    switch: SwitchHandle,
 }
 
-/// Load a model and put it on the chosen backend.
+/// Load a model and put it on the chosen backend, switchable.
 fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
+    let (model, backend, plan_load_ms) = load_backend(args)?;
+    let (switchable, switch) = SwitchableBackend::new(backend);
+    Ok(LoadedModel {
+        model,
+        backend: Box::new(switchable),
+        plan_load_ms,
+        switch,
+    })
+}
+
+/// A model on the chosen backend, and its plan's load time.
+fn load_backend(
+    args: &ModelArgs,
+) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>, Option<f64>)> {
     let model = ZooModel::load(&args.model)?;
     let use_plan = match args.backend {
         BackendChoice::Auto => model.has_plan(),
@@ -279,20 +296,13 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
     };
     if !use_plan {
         let backend = Box::new(model.tract_backend()?);
-        return Ok(LoadedModel {
-            model,
-            backend,
-            plan_load_ms: None,
-        });
+        return Ok((model, backend, None));
     }
     let started = std::time::Instant::now();
     if matches!(args.backend, BackendChoice::Cuda) {
         if let Some(cuda) = cuda_backend(&model)? {
-            return Ok(LoadedModel {
-                model,
-                backend: Box::new(cuda),
-                plan_load_ms: Some(started.elapsed().as_secs_f64() * 1e3),
-            });
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            return Ok((model, Box::new(cuda), Some(ms)));
         }
     }
     let int8 = model.int8_backend()?.ok_or_else(|| {
@@ -302,11 +312,7 @@ fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
         )
     })?;
     let plan_load_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok(LoadedModel {
-        model,
-        backend: Box::new(int8),
-        plan_load_ms: Some(plan_load_ms),
-    })
+    Ok((model, Box::new(int8), Some(plan_load_ms)))
 }
 
 /// The model's plan on the GPU, or `None` (after a warning naming the reason) when this build

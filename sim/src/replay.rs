@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::downlink::Downlink;
 use crate::draw::{colour, legend};
 use crate::{load_model, ReplayArgs};
+use kestrel_wire::message::ProductKind;
 use models::ZooModel;
 
 /// One classified tile, as written to `<image>.tiles.json`.
@@ -86,7 +87,14 @@ fn classify_images(
     files: &[PathBuf],
     downlink: &mut Downlink,
 ) -> anyhow::Result<usize> {
-    let crate::LoadedModel { model, backend, .. } = load_model(&args.model)?;
+    let crate::LoadedModel {
+        model,
+        backend,
+        switch,
+        ..
+    } = load_model(&args.model)?;
+    downlink.listen_for_commands(&args.model, &model, switch, &[ProductKind::Thumbnail])?;
+    let controls = downlink.controls();
     let labels = &model.manifest.labels;
     let spec = model.preprocess_spec()?;
     let tile = args.tile.unwrap_or(spec.width() as u32);
@@ -97,11 +105,17 @@ fn classify_images(
 
     let mut failed = 0;
     for (frame, path) in files.iter().enumerate() {
-        let replayed = replay_image(path, &mut step, tile, args.overlap, labels, &args.out);
+        controls.wait_while_paused();
+        let frame = frame as u64;
+        let want = downlink.wants(frame, ProductKind::Thumbnail);
+        let replayed = replay_image(path, &mut step, tile, args.overlap, labels, &args.out, want);
         match replayed {
-            Ok((raw_bytes, map, worth)) => {
+            Ok((raw_bytes, map, worth, thumbnail)) => {
                 downlink.frame_in(raw_bytes);
-                downlink.class_map(frame as u64, &map, worth);
+                downlink.class_map(frame, &map, worth);
+                if let Some(thumbnail) = thumbnail {
+                    downlink.thumbnail(frame, &thumbnail);
+                }
             }
             Err(e) => {
                 eprintln!("warning: {e:#}");
@@ -119,7 +133,8 @@ fn replay_image<B: kestrel_backend::Backend>(
     overlap: u32,
     labels: &[String],
     out: &Path,
-) -> anyhow::Result<(u64, GrayImage, f32)> {
+    thumbnail: bool,
+) -> anyhow::Result<(u64, GrayImage, f32, Option<RgbImage>)> {
     let started = Instant::now();
     let image = decode_image(path)?;
     let g = image.geometry;
@@ -212,7 +227,8 @@ fn replay_image<B: kestrel_backend::Backend>(
         pixel.0 = [t.class.min(255) as u8];
     }
     let worth = tiles.iter().map(|t| t.confidence).sum::<f32>() / tiles.len().max(1) as f32;
-    Ok((image.samples.len() as u64, map, worth))
+    let rgb = thumbnail.then(|| crate::draw::to_rgb(&image.samples, g.width, g.height, g.bands));
+    Ok((image.samples.len() as u64, map, worth, rgb))
 }
 
 /// `<out>/<image stem>.<suffix>`.

@@ -164,3 +164,170 @@ fn a_damaged_capture_loses_only_the_products_it_cut_and_counts_them() {
         assert!(failures >= 1 && gaps >= 2, "{framing}: {stats}");
     }
 }
+
+/// `sim decode tcp://...` listening on a free port with `commands` to send, started; its port.
+fn ground_station(framing: &str, commands: &[&str]) -> (std::process::Child, u16) {
+    use std::io::BufRead;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut args = vec![
+        "decode".to_string(),
+        format!("tcp://127.0.0.1:{port}"),
+        "--telemetry".into(),
+        framing.into(),
+    ];
+    for c in commands {
+        args.extend(["--command".to_string(), c.to_string()]);
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens.
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        let line = lines.next().expect("sim decode starts").unwrap();
+        if line.contains("listening") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, port)
+}
+
+fn lines_of(child: std::process::Child) -> Vec<serde_json::Value> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn fields<'a>(lines: &'a [serde_json::Value], name: &str) -> Vec<&'a serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| l["message"]["type"] == name)
+        .map(|l| &l["message"]["fields"])
+        .collect()
+}
+
+#[test]
+fn commands_over_ccsds_pause_switch_and_reconfigure_a_running_classifier() {
+    let (ground, port) = ground_station(
+        "ccsds",
+        &[
+            "pause",
+            "report_health",
+            "set_score_threshold 0.9",
+            "request_product 250 thumbnail",
+            "switch_model 1",
+            "resume",
+        ],
+    );
+    let link = format!("tcp://127.0.0.1:{port}");
+    sim(&["run", "--link", &link, "--slot", "1=eurosat-rgb"]);
+    let lines = lines_of(ground);
+    let acks = fields(&lines, "command_ack");
+    assert_eq!(acks.len(), 6, "{acks:?}");
+    for (i, ack) in acks.iter().enumerate() {
+        assert_eq!(ack["sequence"], i + 1);
+        assert_eq!(ack["rejected"], serde_json::Value::Null, "{ack}");
+    }
+    let events: Vec<u64> = fields(&lines, "event")
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(events, [3, 2, 4], "paused, model_switched, resumed");
+    assert_eq!(fields(&lines, "health").len(), 2, "asked for, and the last");
+    let thumbnail = lines
+        .iter()
+        .find(|l| l["kind"] == "thumbnail")
+        .expect("the thumbnail asked for");
+    assert_eq!(thumbnail["frame"], 250);
+    // Long after the commands arrived, only classifications scoring 0.9 or more are sent.
+    let late: Vec<f64> = fields(&lines, "classification")
+        .iter()
+        .filter(|c| c["frame"].as_u64().unwrap() > 200)
+        .map(|c| c["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|s| *s >= 0.9),
+        "{late:?}"
+    );
+}
+
+#[test]
+fn commands_over_mavlink_set_the_threshold_and_bad_ones_are_refused_with_an_event() {
+    let (ground, port) = ground_station(
+        "mavlink",
+        &[
+            "set_score_threshold 0.7",
+            "switch_model 2",
+            "switch_model 9",
+            "set_downlink_budget 0 1",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let link = format!("tcp://127.0.0.1:{port}");
+    let dataset = nwpu();
+    sim(&[
+        "eval",
+        "--model",
+        "nwpu-vhr10",
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--telemetry",
+        "mavlink",
+        "--link",
+        &link,
+        "--slot",
+        "2=eurosat-rgb",
+    ]);
+    let lines = lines_of(ground);
+    let rejected: Vec<&serde_json::Value> = fields(&lines, "command_ack")
+        .iter()
+        .map(|a| &a["rejected"])
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            &serde_json::Value::Null,
+            &serde_json::json!("failed"),
+            &serde_json::json!("out_of_range"),
+            &serde_json::json!("out_of_range")
+        ]
+    );
+    // Each refusal raised command_rejected with the command, its sequence and the reason code.
+    let events: Vec<&serde_json::Value> = fields(&lines, "event")
+        .into_iter()
+        .filter(|e| e["id"] == 1)
+        .map(|e| &e["args"])
+        .collect();
+    assert_eq!(
+        events,
+        [
+            &serde_json::json!([0x8002, 2, 5]),
+            &serde_json::json!([0x8002, 3, 3]),
+            &serde_json::json!([0x8004, 4, 3])
+        ]
+    );
+    // The first scene may have run before the threshold arrived; the rest did not.
+    let detections = fields(&lines, "detections");
+    assert_eq!(detections.len(), 7);
+    for d in &detections[1..] {
+        for b in d["boxes"].as_array().unwrap() {
+            assert!(b["score"].as_f64().unwrap() >= 0.7, "{b}");
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::message::{CommandAck, ProductKind, RejectReason};
+use crate::message::{CommandAck, Event, EventId, ProductKind, RejectReason};
 use crate::WireError;
 
 /// Bytes before a command's body: id, version and sequence number.
@@ -211,6 +211,24 @@ fn body_of<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, RejectReason> {
     crate::message::body_of(bytes).map_err(|_| RejectReason::Malformed)
 }
 
+/// What a payload does with the commands it accepts. Each method does the command, or says
+/// why it cannot ([`RejectReason::Failed`], or [`RejectReason::OutOfRange`] for an argument
+/// this payload cannot take, such as an empty model slot).
+pub trait Commandable {
+    /// Report results scoring at least `threshold` (already checked to be 0 to 1).
+    fn set_score_threshold(&mut self, threshold: f32) -> Result<(), RejectReason>;
+    /// Load and check the plan in `slot`, then make it the active model between two frames.
+    fn switch_model(&mut self, slot: u8) -> Result<(), RejectReason>;
+    /// Downlink a product of `kind` for `frame`.
+    fn request_product(&mut self, frame: u32, kind: ProductKind) -> Result<(), RejectReason>;
+    /// At most `bytes` every `window_s` seconds, from the next window on.
+    fn set_downlink_budget(&mut self, bytes: u32, window_s: u32) -> Result<(), RejectReason>;
+    /// Send a health snapshot now.
+    fn report_health(&mut self) -> Result<(), RejectReason>;
+    /// Stop taking frames (`true`) or take them again (`false`).
+    fn set_paused(&mut self, paused: bool) -> Result<(), RejectReason>;
+}
+
 /// Accepts commands in order, refusing malformed, unknown, out-of-range and replayed ones.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CommandGate {
@@ -280,6 +298,47 @@ impl CommandGate {
                 rejected: None,
             },
         ))
+    }
+}
+
+impl CommandGate {
+    /// Accept one command and carry it out on `payload`: its acknowledgement, and an event to
+    /// send with it (a `command_rejected` for every refusal, whether by the gate or by the
+    /// payload). Never panics.
+    pub fn execute(
+        &mut self,
+        bytes: &[u8],
+        payload: &mut impl Commandable,
+    ) -> (CommandAck, Option<Event>) {
+        let done = self.accept(bytes).and_then(|(command, ack)| {
+            let result = match command {
+                Command::SetScoreThreshold { threshold } => payload.set_score_threshold(threshold),
+                Command::SwitchModel { slot } => payload.switch_model(slot),
+                Command::RequestProduct { frame, kind } => payload.request_product(frame, kind),
+                Command::SetDownlinkBudget { bytes, window_s } => {
+                    payload.set_downlink_budget(bytes, window_s)
+                }
+                Command::ReportHealth => payload.report_health(),
+                Command::Pause => payload.set_paused(true),
+                Command::Resume => payload.set_paused(false),
+            };
+            result.map(|()| ack).map_err(|reason| CommandAck {
+                rejected: Some(reason),
+                ..ack
+            })
+        });
+        match done {
+            Ok(ack) => (ack, None),
+            Err(ack) => {
+                let reason = ack.rejected.map_or(0, RejectReason::code);
+                let event = EventId::CommandRejected.with([
+                    i32::from(ack.command),
+                    i32::from(ack.sequence),
+                    reason,
+                ]);
+                (ack, Some(event))
+            }
+        }
     }
 }
 
@@ -397,31 +456,76 @@ mod tests {
         assert!(gate.accept(&encoded(&Command::Resume, 0)).is_ok());
     }
 
-    #[test]
-    fn arbitrary_bytes_never_panic_the_gate() {
-        let mut rng = kestrel_testing::Rng(0xc0_ffee);
-        let mut gate = CommandGate::new();
-        let valid = encoded(
-            &Command::SetDownlinkBudget {
-                bytes: 1,
-                window_s: 1,
-            },
-            1,
-        );
-        for round in 0..5_000 {
-            let mut bytes: std::vec::Vec<u8> =
-                (0..rng.below(24)).map(|_| rng.draw() as u8).collect();
-            if round % 2 == 0 {
-                bytes = valid.clone();
-                let at = rng.below(bytes.len());
-                bytes[at] = rng.draw() as u8;
-            }
-            let _ = gate.accept(&bytes);
-            let (mut decoder, mut at) = (Decoder::new(), 0);
-            while let Some((data, used)) = decoder.next_command(&bytes[at..]) {
-                let _ = gate.accept(data);
-                at += used;
-            }
+    /// A payload that records what it was told, and has models in slots 0 and 1 only.
+    #[derive(Default)]
+    struct Recorder {
+        done: std::vec::Vec<Command>,
+    }
+
+    impl Commandable for Recorder {
+        fn set_score_threshold(&mut self, threshold: f32) -> Result<(), RejectReason> {
+            self.done.push(Command::SetScoreThreshold { threshold });
+            Ok(())
         }
+        fn switch_model(&mut self, slot: u8) -> Result<(), RejectReason> {
+            if slot > 1 {
+                return Err(RejectReason::OutOfRange);
+            }
+            self.done.push(Command::SwitchModel { slot });
+            Ok(())
+        }
+        fn request_product(&mut self, frame: u32, kind: ProductKind) -> Result<(), RejectReason> {
+            self.done.push(Command::RequestProduct { frame, kind });
+            Ok(())
+        }
+        fn set_downlink_budget(&mut self, bytes: u32, window_s: u32) -> Result<(), RejectReason> {
+            self.done
+                .push(Command::SetDownlinkBudget { bytes, window_s });
+            Ok(())
+        }
+        fn report_health(&mut self) -> Result<(), RejectReason> {
+            self.done.push(Command::ReportHealth);
+            Ok(())
+        }
+        fn set_paused(&mut self, paused: bool) -> Result<(), RejectReason> {
+            self.done.push(if paused {
+                Command::Pause
+            } else {
+                Command::Resume
+            });
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn executed_commands_reach_the_payload_and_refusals_raise_an_event() {
+        let (mut gate, mut payload) = (CommandGate::new(), Recorder::default());
+        for (i, command) in every_command().iter().enumerate() {
+            let command = match command {
+                Command::SwitchModel { .. } => Command::SwitchModel { slot: 1 },
+                other => *other,
+            };
+            let (ack, event) = gate.execute(&encoded(&command, i as u16 + 1), &mut payload);
+            assert_eq!((ack.rejected, event), (None, None));
+        }
+        assert_eq!(payload.done.len(), 7);
+        // The payload refuses slot 9; the gate refuses a replay; both raise command_rejected.
+        let (ack, event) = gate.execute(
+            &encoded(&Command::SwitchModel { slot: 9 }, 20),
+            &mut payload,
+        );
+        assert_eq!(ack.rejected, Some(RejectReason::OutOfRange));
+        assert_eq!(
+            event,
+            Some(Event {
+                id: EventId::CommandRejected as u16,
+                severity: crate::message::Severity::Warning,
+                args: [0x8002, 20, RejectReason::OutOfRange.code()],
+            })
+        );
+        let (ack, event) = gate.execute(&encoded(&Command::Pause, 20), &mut payload);
+        assert_eq!(ack.rejected, Some(RejectReason::StaleSequence));
+        assert_eq!(event.unwrap().args[2], RejectReason::StaleSequence.code());
+        assert_eq!(payload.done.len(), 7, "nothing refused was done");
     }
 }

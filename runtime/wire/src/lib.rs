@@ -22,11 +22,12 @@
 pub mod ccsds;
 pub mod command;
 pub mod downlink;
+pub mod fuzzing;
 pub mod mavlink;
 pub mod message;
 pub mod product;
 
-pub use command::{Command, CommandGate};
+pub use command::{Command, CommandGate, Commandable};
 pub use message::{MessageId, Telemetry};
 
 /// A framing: how encoded messages (`[id][version][postcard]`) cross the link.

@@ -197,6 +197,7 @@ pub struct Health {
 
 /// How bad an event is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// For the record.
     Info,
@@ -208,10 +209,100 @@ pub enum Severity {
     Fatal,
 }
 
+/// What an event is, by its stable id (part of the wire format: never reuse or renumber).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum EventId {
+    /// A command was refused: args are the command id, its sequence number and the
+    /// [`RejectReason`] code.
+    CommandRejected = 0x0001,
+    /// The active model changed: args are the old slot and the new one.
+    ModelSwitched = 0x0002,
+    /// Frames are no longer taken (the `pause` command).
+    Paused = 0x0003,
+    /// Frames are taken again (the `resume` command).
+    Resumed = 0x0004,
+}
+
+/// One row of the event table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventInfo {
+    /// The stable id.
+    pub id: EventId,
+    /// Name in the docs and the ground decoder's output.
+    pub name: &'static str,
+    /// How bad it is.
+    pub severity: Severity,
+    /// What it means, and its arguments.
+    pub meaning: &'static str,
+}
+
+/// Every event, as the docs' table lists it (a test checks the README against this).
+pub const EVENTS: [EventInfo; 4] = [
+    EventInfo {
+        id: EventId::CommandRejected,
+        name: "command_rejected",
+        severity: Severity::Warning,
+        meaning: "a command was refused: command id, sequence number, reason code",
+    },
+    EventInfo {
+        id: EventId::ModelSwitched,
+        name: "model_switched",
+        severity: Severity::Info,
+        meaning: "the active model changed: old slot, new slot",
+    },
+    EventInfo {
+        id: EventId::Paused,
+        name: "paused",
+        severity: Severity::Info,
+        meaning: "frames are no longer taken",
+    },
+    EventInfo {
+        id: EventId::Resumed,
+        name: "resumed",
+        severity: Severity::Info,
+        meaning: "frames are taken again",
+    },
+];
+
+impl EventId {
+    /// This event's row of [`EVENTS`].
+    pub fn info(self) -> EventInfo {
+        EVENTS
+            .iter()
+            .copied()
+            .find(|e| e.id == self)
+            .unwrap_or(EVENTS[0])
+    }
+
+    /// The event with its table severity and `args`.
+    pub fn with(self, args: [i32; EVENT_ARGS]) -> Event {
+        Event {
+            id: self as u16,
+            severity: self.info().severity,
+            args,
+        }
+    }
+}
+
+impl RejectReason {
+    /// Its code in a `command_rejected` event: 1 malformed, 2 unknown command, 3 out of range,
+    /// 4 stale sequence, 5 failed.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::Malformed => 1,
+            Self::UnknownCommand => 2,
+            Self::OutOfRange => 3,
+            Self::StaleSequence => 4,
+            Self::Failed => 5,
+        }
+    }
+}
+
 /// Something that happened on board.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Which event (the event table).
+    /// Which event ([`EVENTS`]).
     pub id: u16,
     /// How bad.
     pub severity: Severity,
@@ -221,6 +312,7 @@ pub struct Event {
 
 /// Why a command was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RejectReason {
     /// The command did not decode.
     Malformed,
@@ -247,6 +339,7 @@ pub struct CommandAck {
 
 /// What a product shows. Every product is a PNG image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ProductKind {
     /// A crop around one detection.
     DetectionCrop,
