@@ -19,7 +19,7 @@ use kestrel_wire::command::COMMANDS;
 use kestrel_wire::mavlink::{Incoming, MavlinkDecoder, MavlinkFramer, COMPONENT_ID};
 use kestrel_wire::message::{
     Classification, CommandAck, Detections, Event, Health, ProductKind, ProductPart, Ranked,
-    RejectReason, Severity, Telemetry, WireBox, MESSAGES,
+    RejectReason, Severity, Telemetry, WireBox, EVENTS, MESSAGES,
 };
 
 fn root() -> PathBuf {
@@ -380,13 +380,18 @@ fn pymavlink_reads_the_capture_as_kestrel_wrote_it_and_packs_commands_kestrel_ac
     assert_eq!(accepted, commands);
 }
 
-/// The cells of the table rows of `section` that start with `start`; code spans around a whole
-/// cell (the ids) are unwrapped.
-fn table_rows(section: &str, start: &str) -> Vec<Vec<String>> {
-    section
+/// The cells of the rows of the README table whose header starts with `header`; code spans
+/// around a whole cell (the ids) are unwrapped.
+fn table_rows(header: &str) -> Vec<Vec<String>> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let table = readme
+        .split(header)
+        .nth(1)
+        .unwrap_or_else(|| panic!("a README table headed {header}"));
+    table
         .lines()
-        .take_while(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(start))
+        .skip(2) // the rest of the header row, and the separator
+        .take_while(|l| l.starts_with('|'))
         .map(|l| {
             l.split('|')
                 .map(|c| {
@@ -403,13 +408,7 @@ fn table_rows(section: &str, start: &str) -> Vec<Vec<String>> {
 /// The README's message table lists exactly the code's messages: id, name, version, APID.
 #[test]
 fn the_readme_message_table_is_the_codes() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme
-        .split("## Telemetry")
-        .nth(1)
-        .and_then(|s| s.split("| command id |").next())
-        .expect("a Telemetry section in the README");
-    let rows = table_rows(section, "| `0x");
+    let rows = table_rows("| id | name | version | APID |");
     assert_eq!(rows.len(), MESSAGES.len(), "one row per message");
     for (row, info) in rows.iter().zip(MESSAGES) {
         assert_eq!(row[1], format!("{:#06x}", info.id as u16));
@@ -420,15 +419,23 @@ fn the_readme_message_table_is_the_codes() {
     }
 }
 
+/// The README's event table lists exactly the code's events: id, name, severity, meaning.
+#[test]
+fn the_readme_event_table_is_the_codes() {
+    let rows = table_rows("| event id |");
+    assert_eq!(rows.len(), EVENTS.len(), "one row per event");
+    for (row, info) in rows.iter().zip(EVENTS) {
+        assert_eq!(row[1], format!("{:#06x}", info.id as u16));
+        assert_eq!(row[2], info.name);
+        assert_eq!(row[3], format!("{:?}", info.severity).to_lowercase());
+        assert_eq!(row[4], info.meaning);
+    }
+}
+
 /// The README's command table lists exactly the code's commands: id, name, version, meaning.
 #[test]
 fn the_readme_command_table_is_the_codes() {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let section = readme
-        .split("| command id |")
-        .nth(1)
-        .expect("the command table");
-    let rows = table_rows(section, "| `0x8");
+    let rows = table_rows("| command id |");
     assert_eq!(rows.len(), COMMANDS.len(), "one row per command");
     for (row, info) in rows.iter().zip(COMMANDS) {
         assert_eq!(row[1], format!("{:#06x}", info.id as u16));
