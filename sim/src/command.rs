@@ -9,7 +9,7 @@
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ pub struct Controls {
     pub health_now: AtomicBool,
     /// Products asked for: (frame, kind).
     pub requests: Mutex<Vec<(u32, ProductKind)>>,
+    /// Frames taken so far: a product can be asked for only for a frame not yet taken, since
+    /// the simulator keeps no frames.
+    pub frames_taken: AtomicU64,
     /// Acknowledgements and events waiting to go down.
     pub replies: Mutex<Vec<Telemetry>>,
 }
@@ -154,7 +157,8 @@ impl Commandable for Payload {
     }
 
     fn request_product(&mut self, frame: u32, kind: ProductKind) -> Result<(), RejectReason> {
-        if !self.kinds.contains(&kind) {
+        let gone = u64::from(frame) < self.controls.frames_taken.load(Ordering::Relaxed);
+        if !self.kinds.contains(&kind) || gone {
             return Err(RejectReason::Failed);
         }
         lock(&self.controls.requests).push((frame, kind));

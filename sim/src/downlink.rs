@@ -320,6 +320,9 @@ impl Downlink {
     pub fn frame_in(&mut self, bytes: u64) {
         self.raw_bytes += bytes;
         self.frames_seen += 1;
+        self.controls
+            .frames_taken
+            .store(self.frames_seen, Ordering::Relaxed);
     }
 
     /// One classified frame or tile.
@@ -473,14 +476,29 @@ impl Downlink {
                 frames_done: self.results,
                 frames_dropped: 0,
                 errors: [0; kestrel_wire::message::ERROR_KINDS],
-                queue_depth: self.queue.len().min(usize::from(u16::MAX)) as u16,
+                queue_depth: 0,
+                downlink_queue: 0,
+                downlink_dropped: [0; 3],
                 latency_p50_us: 0,
                 latency_p99_us: 0,
                 temperature_mc: None,
                 power_mw: None,
             };
-            self.offer(&[Telemetry::Health(health)], HOUSEKEEPING);
+            self.send_health(health);
         }
+    }
+
+    /// Queue `health` first, with the downlink's own queue depth and drops filled in.
+    fn send_health(&mut self, mut health: Health) {
+        let stats = self.queue.stats;
+        let count = |n: u64| n.min(u64::from(u32::MAX)) as u32;
+        health.downlink_queue = self.queue.len().min(usize::from(u16::MAX)) as u16;
+        health.downlink_dropped = [
+            count(stats.refused_low_value),
+            count(stats.evicted_low_value),
+            count(stats.refused_too_large),
+        ];
+        self.offer(&[Telemetry::Health(health)], HOUSEKEEPING);
     }
 
     /// Send what the current window's budget allows, and a heartbeat when one is due.
@@ -524,8 +542,7 @@ impl Downlink {
     /// The end of the run: a last health snapshot, the pass sent best first within its budget,
     /// the link flushed; the figures.
     pub fn finish(mut self, health: Health) -> DownlinkReport {
-        let message = Telemetry::Health(health);
-        self.offer(&[message], HOUSEKEEPING);
+        self.send_health(health);
         self.pump();
         if let Some(link) = &mut self.link {
             if let Err(e) = link.flush() {
@@ -568,6 +585,8 @@ pub fn health_message(
         frames_dropped: health.frames_dropped,
         errors,
         queue_depth: 0,
+        downlink_queue: 0,
+        downlink_dropped: [0; 3],
         latency_p50_us: percentile(50.0),
         latency_p99_us: percentile(99.0),
         temperature_mc: None,

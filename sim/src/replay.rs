@@ -69,6 +69,8 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
         frames_dropped: 0,
         errors: [0, failed as u64, 0, 0, 0, 0],
         queue_depth: 0,
+        downlink_queue: 0,
+        downlink_dropped: [0; 3],
         latency_p50_us: 0,
         latency_p99_us: 0,
         temperature_mc: None,

@@ -81,6 +81,8 @@ fn messages() -> Vec<Telemetry> {
             frames_dropped: 0,
             errors: [0; 6],
             queue_depth: 0,
+            downlink_queue: 3,
+            downlink_dropped: [0, 2, 0],
             latency_p50_us: 3_000,
             latency_p99_us: 4_000,
             temperature_mc: Some(41_500),

@@ -58,6 +58,8 @@ fn samples() -> Vec<(&'static str, Vec<Telemetry>)> {
         frames_dropped: 7,
         errors: [0, 3, 0, 0, 0, 0],
         queue_depth: 2,
+        downlink_queue: 12,
+        downlink_dropped: [3, 1, 0],
         latency_p50_us: 3_250,
         latency_p99_us: 4_100,
         temperature_mc: Some(48_500),

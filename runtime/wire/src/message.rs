@@ -70,9 +70,9 @@ pub const MESSAGES: [MessageInfo; 6] = [
     MessageInfo {
         id: MessageId::Health,
         name: "health",
-        version: 1,
+        version: 2,
         apid: 0x020,
-        meaning: "counters by kind, queue depth, latency p50/p99, temperature and power if known",
+        meaning: "counters by kind, queue depths, drops by reason, latency p50/p99, temperature and power if known",
     },
     MessageInfo {
         id: MessageId::Event,
@@ -185,6 +185,11 @@ pub struct Health {
     pub errors: [u64; ERROR_KINDS],
     /// Frames waiting for inference.
     pub queue_depth: u16,
+    /// Items waiting in the downlink queue.
+    pub downlink_queue: u16,
+    /// Downlink items dropped, by reason: refused for lower value, evicted for lower value,
+    /// too large to ever send.
+    pub downlink_dropped: [u32; 3],
     /// Latency median, microseconds.
     pub latency_p50_us: u32,
     /// Latency 99th percentile, microseconds.
@@ -493,6 +498,8 @@ pub(crate) mod tests {
                 frames_dropped: 1,
                 errors: [0, 1, 0, 0, 0, 0],
                 queue_depth: 4,
+                downlink_queue: 17,
+                downlink_dropped: [1, 0, u32::MAX],
                 latency_p50_us: 3_250,
                 latency_p99_us: 4_140,
                 temperature_mc: Some(-40_000),

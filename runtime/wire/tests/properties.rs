@@ -95,22 +95,26 @@ fn message() -> impl Strategy<Value = Telemetry> {
             any::<[u64; 4]>(),
             any::<[u64; 6]>(),
             any::<(u16, u32, u32)>(),
-            any::<(Option<i32>, Option<u32>)>()
+            any::<(Option<i32>, Option<u32>, u16, [u32; 3])>()
         )
-            .prop_map(|(counts, errors, (queue_depth, p50, p99), (t, p))| {
-                Telemetry::Health(Health {
-                    uptime_us: counts[0],
-                    frames_in: counts[1],
-                    frames_done: counts[2],
-                    frames_dropped: counts[3],
-                    errors,
-                    queue_depth,
-                    latency_p50_us: p50,
-                    latency_p99_us: p99,
-                    temperature_mc: t,
-                    power_mw: p,
-                })
-            }),
+            .prop_map(
+                |(counts, errors, (queue_depth, p50, p99), (t, p, dq, dd))| {
+                    Telemetry::Health(Health {
+                        uptime_us: counts[0],
+                        frames_in: counts[1],
+                        frames_done: counts[2],
+                        frames_dropped: counts[3],
+                        errors,
+                        queue_depth,
+                        downlink_queue: dq,
+                        downlink_dropped: dd,
+                        latency_p50_us: p50,
+                        latency_p99_us: p99,
+                        temperature_mc: t,
+                        power_mw: p,
+                    })
+                }
+            ),
         (any::<u16>(), severity(), any::<[i32; EVENT_ARGS]>())
             .prop_map(|(id, severity, args)| Telemetry::Event(Event { id, severity, args })),
         (any::<u16>(), any::<u16>(), reason()).prop_map(|(command, sequence, rejected)| {
