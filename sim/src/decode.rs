@@ -342,6 +342,7 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
             "packets": stats.packets,
             "messages": stats.messages,
             "sequence_gaps": stats.sequence_gaps,
+            "out_of_order": stats.out_of_order,
             "crc_failures": stats.crc_failures,
             "truncated": stats.truncated,
             "unknown_ids": stats.unknown_ids,
@@ -354,12 +355,13 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
     ground.emit(&summary)?;
     ground.out.flush().context("cannot write the JSON lines")?;
     eprintln!(
-        "sim decode: {} packets, {} messages, {} products whole ({} lost); {} sequence gaps, {} CRC failures, {} truncated, {} unknown ids, {} malformed, {} bytes skipped{}",
+        "sim decode: {} packets, {} messages, {} products whole ({} lost); {} sequence gaps, {} out of order, {} CRC failures, {} truncated, {} unknown ids, {} malformed, {} bytes skipped{}",
         stats.packets,
         stats.messages,
         products.complete,
         products.lost,
         stats.sequence_gaps,
+        stats.out_of_order,
         stats.crc_failures,
         stats.truncated,
         stats.unknown_ids,

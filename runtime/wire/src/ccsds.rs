@@ -135,6 +135,9 @@ pub struct StreamStats {
     pub skipped_bytes: u64,
     /// Packets missing by the per-APID sequence counts.
     pub sequence_gaps: u64,
+    /// Packets whose sequence count is behind the last one seen on their APID (or sender): a
+    /// duplicate, or one that arrived late. Not counted as gaps.
+    pub out_of_order: u64,
     /// Good packets holding an unknown message id or version.
     pub unknown_ids: u64,
     /// Good packets whose message does not decode.
@@ -243,12 +246,21 @@ impl Decoder {
         let (apid, sequence) = (header.apid().value(), header.seq_count().value());
         self.stats.packets += 1;
         if let Some(last) = slot_of_apid(apid).and_then(|slot| self.last.get_mut(slot)) {
-            if let Some(previous) = *last {
-                let expected = (previous + 1) % SEQ_MODULO;
-                let missing = (sequence + SEQ_MODULO - expected) % SEQ_MODULO;
-                self.stats.sequence_gaps += u64::from(missing);
+            match *last {
+                Some(previous) => {
+                    let expected = (previous + 1) % SEQ_MODULO;
+                    let ahead = (sequence + SEQ_MODULO - expected) % SEQ_MODULO;
+                    // Ahead by less than half the count space: packets were lost. Otherwise
+                    // it is behind: a duplicate or a late packet.
+                    if ahead < SEQ_MODULO / 2 {
+                        self.stats.sequence_gaps += u64::from(ahead);
+                        *last = Some(sequence);
+                    } else {
+                        self.stats.out_of_order += 1;
+                    }
+                }
+                None => *last = Some(sequence),
             }
-            *last = Some(sequence);
         }
         let message = Telemetry::decode(data);
         match message {
@@ -380,5 +392,25 @@ mod tests {
             .map(|p| p.sequence)
             .collect();
         assert_eq!(events, [0, 2]);
+    }
+
+    #[test]
+    fn duplicated_and_reordered_packets_are_counted_not_taken_for_gaps() {
+        let event = samples().remove(3);
+        let packets = frame_all(&mut Framer::new(), &vec![event; 4]);
+        // Counts 0, 1, 1 again, 3, then 2 late.
+        let stream = [
+            &packets[0],
+            &packets[1],
+            &packets[1],
+            &packets[3],
+            &packets[2],
+        ]
+        .map(|p| p.as_slice())
+        .concat();
+        let (decoded, stats) = decode_all(&stream);
+        assert_eq!(decoded.len(), 5, "every good packet is delivered");
+        assert_eq!(stats.out_of_order, 2, "{stats:?}");
+        assert_eq!(stats.sequence_gaps, 1, "2 was missing when 3 came");
     }
 }

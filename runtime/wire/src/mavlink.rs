@@ -419,9 +419,15 @@ impl<const MAX: usize> MavlinkDecoder<MAX> {
             .find(|(s, c, _)| (*s, *c) == (system, component))
         {
             Some(sender) => {
-                let missing = sequence.wrapping_sub(sender.2.wrapping_add(1));
-                self.stats.sequence_gaps += u64::from(missing);
-                sender.2 = sequence;
+                let ahead = sequence.wrapping_sub(sender.2.wrapping_add(1));
+                // Ahead by less than half the count space: frames were lost. Otherwise it is
+                // behind: a duplicate or a late frame.
+                if ahead < 128 {
+                    self.stats.sequence_gaps += u64::from(ahead);
+                    sender.2 = sequence;
+                } else {
+                    self.stats.out_of_order += 1;
+                }
             }
             // Senders beyond the first few are not tracked.
             None => {
@@ -623,6 +629,25 @@ mod tests {
         let (_, decoder) = decode_all(&corrupt);
         assert_eq!(decoder.stats.crc_failures, 1);
         assert_eq!(decoder.stats.truncated, 1, "the rest of the corrupt frame");
+    }
+
+    #[test]
+    fn duplicated_and_reordered_frames_are_counted_not_taken_for_gaps() {
+        let mut framer = MavlinkFramer::new(1, COMPONENT_ID);
+        let mut out = [0u8; 64];
+        let beats: std::vec::Vec<std::vec::Vec<u8>> = (0..4)
+            .map(|_| {
+                let len = framer.heartbeat(&mut out).unwrap();
+                out[..len].to_vec()
+            })
+            .collect();
+        let stream = [&beats[0], &beats[1], &beats[1], &beats[3], &beats[2]]
+            .map(|b| b.as_slice())
+            .concat();
+        let (frames, decoder) = decode_all(&stream);
+        assert_eq!(frames.len(), 5);
+        assert_eq!(decoder.stats.out_of_order, 2);
+        assert_eq!(decoder.stats.sequence_gaps, 1);
     }
 
     #[test]
