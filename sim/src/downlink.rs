@@ -474,15 +474,7 @@ impl Downlink {
                 uptime_us: self.now_us(),
                 frames_in: self.frames_seen,
                 frames_done: self.results,
-                frames_dropped: 0,
-                errors: [0; kestrel_wire::message::ERROR_KINDS],
-                queue_depth: 0,
-                downlink_queue: 0,
-                downlink_dropped: [0; 3],
-                latency_p50_us: 0,
-                latency_p99_us: 0,
-                temperature_mc: None,
-                power_mw: None,
+                ..Health::default()
             };
             self.send_health(health);
         }
@@ -584,13 +576,9 @@ pub fn health_message(
         frames_done: health.frames_done,
         frames_dropped: health.frames_dropped,
         errors,
-        queue_depth: 0,
-        downlink_queue: 0,
-        downlink_dropped: [0; 3],
         latency_p50_us: percentile(50.0),
         latency_p99_us: percentile(99.0),
-        temperature_mc: None,
-        power_mw: None,
+        ..Health::default()
     }
 }
 

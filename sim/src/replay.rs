@@ -66,15 +66,8 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
         uptime_us: started.elapsed().as_micros() as u64,
         frames_in: files.len() as u64,
         frames_done: (files.len() - failed) as u64,
-        frames_dropped: 0,
         errors: [0, failed as u64, 0, 0, 0, 0],
-        queue_depth: 0,
-        downlink_queue: 0,
-        downlink_dropped: [0; 3],
-        latency_p50_us: 0,
-        latency_p99_us: 0,
-        temperature_mc: None,
-        power_mw: None,
+        ..Default::default()
     };
     crate::downlink::print_summary(&downlink.finish(health));
     if failed == files.len() {

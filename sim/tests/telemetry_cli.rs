@@ -23,10 +23,9 @@ fn sim(args: &[&str]) -> Output {
     out
 }
 
-/// Detector eval on the sample with telemetry to `capture`; its report's `downlink`.
-fn eval(dir: &Path, framing: &str, capture: &Path, extra: &[&str]) -> serde_json::Value {
+/// Detector eval on the sample with telemetry to `link`; its report's `downlink`.
+fn eval(dir: &Path, framing: &str, link: &str, extra: &[&str]) -> serde_json::Value {
     let report = dir.join(format!("report-{framing}.json"));
-    let link = format!("file:{}", capture.display());
     let dataset = nwpu();
     let mut args = vec![
         "eval",
@@ -39,13 +38,18 @@ fn eval(dir: &Path, framing: &str, capture: &Path, extra: &[&str]) -> serde_json
         "--telemetry",
         framing,
         "--link",
-        &link,
+        link,
     ];
     args.extend_from_slice(extra);
     sim(&args);
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap();
     report["downlink"].clone()
+}
+
+/// `--link` for a capture file.
+fn file_link(capture: &Path) -> String {
+    format!("file:{}", capture.display())
 }
 
 /// `sim decode` on `capture`: its JSON lines, the last being the stats.
@@ -77,7 +81,7 @@ fn what_sim_sends_is_what_the_ground_decodes_in_both_framings() {
     let dir = tempfile::tempdir().unwrap();
     for framing in ["ccsds", "mavlink"] {
         let capture = dir.path().join(format!("capture.{framing}"));
-        let downlink = eval(dir.path(), framing, &capture, &[]);
+        let downlink = eval(dir.path(), framing, &file_link(&capture), &[]);
         let sent = downlink["sent_bytes"].as_u64().unwrap();
         assert_eq!(std::fs::metadata(&capture).unwrap().len(), sent);
         assert!(downlink["raw_bytes"].as_u64().unwrap() > 10_000_000);
@@ -122,7 +126,7 @@ fn a_pass_budget_sends_the_most_valuable_first_and_stays_within_it() {
     let downlink = eval(
         dir.path(),
         "ccsds",
-        &capture,
+        &file_link(&capture),
         &["--downlink-budget", "30000", "--priority", "ship=5"],
     );
     let sent = downlink["sent_bytes"].as_u64().unwrap();
@@ -139,7 +143,7 @@ fn a_damaged_capture_loses_only_the_products_it_cut_and_counts_them() {
     let dir = tempfile::tempdir().unwrap();
     for framing in ["ccsds", "mavlink"] {
         let capture = dir.path().join(format!("capture.{framing}"));
-        let downlink = eval(dir.path(), framing, &capture, &[]);
+        let downlink = eval(dir.path(), framing, &file_link(&capture), &[]);
         let products = downlink["products"].as_u64().unwrap();
         let mut bytes = std::fs::read(&capture).unwrap();
         // Cut 100 bytes out of the middle, flip a bit a quarter of the way in, and cut the end.
@@ -276,24 +280,8 @@ fn commands_over_mavlink_set_the_threshold_and_bad_ones_are_refused_with_an_even
         ],
     );
     let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
     let link = format!("tcp://127.0.0.1:{port}");
-    let dataset = nwpu();
-    sim(&[
-        "eval",
-        "--model",
-        "nwpu-vhr10",
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--report",
-        report.to_str().unwrap(),
-        "--telemetry",
-        "mavlink",
-        "--link",
-        &link,
-        "--slot",
-        "2=eurosat-rgb",
-    ]);
+    eval(dir.path(), "mavlink", &link, &["--slot", "2=eurosat-rgb"]);
     let lines = lines_of(ground);
     let rejected: Vec<&serde_json::Value> = fields(&lines, "command_ack")
         .iter()

@@ -110,6 +110,23 @@ fn messages() -> Vec<Telemetry> {
     ]
 }
 
+/// `units` (packets or frames) one after another, with one bit flipped in unit `corrupt.0` at
+/// byte `corrupt.1`, and `noise.1` after unit `noise.0`.
+fn capture_of(units: &[Vec<u8>], corrupt: (usize, usize), noise: (usize, &[u8])) -> Vec<u8> {
+    let mut capture = Vec::new();
+    for (i, unit) in units.iter().enumerate() {
+        let mut unit = unit.clone();
+        if i == corrupt.0 {
+            unit[corrupt.1] ^= 0x01;
+        }
+        capture.extend_from_slice(&unit);
+        if i == noise.0 {
+            capture.extend_from_slice(noise.1);
+        }
+    }
+    capture
+}
+
 #[test]
 fn python_spacepackets_reads_the_capture_as_kestrel_wrote_it() {
     let python = match python("spacepackets, fastcrc") {
@@ -128,17 +145,7 @@ fn python_spacepackets_reads_the_capture_as_kestrel_wrote_it() {
         .map(|m| framer.frame(m, &mut buf).unwrap().to_vec())
         .collect();
     let corrupt_index = 6;
-    let mut capture = Vec::new();
-    for (i, packet) in packets.iter().enumerate() {
-        let mut packet = packet.clone();
-        if i == corrupt_index {
-            packet[10] ^= 0x01;
-        }
-        capture.extend_from_slice(&packet);
-        if i == 2 {
-            capture.extend_from_slice(&[0x00, 0xff, 0x55]);
-        }
-    }
+    let capture = capture_of(&packets, (corrupt_index, 10), (2, &[0x00, 0xff, 0x55]));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("capture.ccsds");
     std::fs::write(&path, &capture).unwrap();
@@ -222,20 +229,10 @@ fn pymavlink_reads_the_capture_as_kestrel_wrote_it_and_packs_commands_kestrel_ac
         }
     }
     let corrupt = frames.len() - 3;
-    let mut capture = Vec::new();
-    for (i, frame) in frames.iter().enumerate() {
-        let mut frame = frame.clone();
-        if i == corrupt {
-            frame[11] ^= 0x01;
-        }
-        capture.extend_from_slice(&frame);
-        if i == 3 {
-            // Noise without MAVLink 2's start byte: pymavlink, like any MAVLink parser, would
-            // take a false 0xfd for a frame start and lose the frames its length covers
-            // (Kestrel's decoder steps one byte on; its own tests cover that case).
-            capture.extend_from_slice(&[0x00, 0xaa, 0x55]);
-        }
-    }
+    // Noise without MAVLink 2's start byte: pymavlink, like any MAVLink parser, would take a
+    // false 0xfd for a frame start and lose the frames its length covers (Kestrel's decoder
+    // steps one byte on; its own tests cover that case).
+    let capture = capture_of(&frames, (corrupt, 11), (3, &[0x00, 0xaa, 0x55]));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("capture.mavlink");
     std::fs::write(&path, &capture).unwrap();

@@ -171,7 +171,7 @@ pub struct Detections {
 }
 
 /// A health snapshot.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     /// Microseconds since start.
     pub uptime_us: u64,
