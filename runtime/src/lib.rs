@@ -35,4 +35,4 @@ pub mod threaded;
 pub mod tile;
 
 pub use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
-pub use kestrel_hal::{FrameGeometry, FrameSource, MonotonicClock};
+pub use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource, MonotonicClock};

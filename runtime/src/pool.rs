@@ -3,7 +3,7 @@
 //! Sized at compile time so it can live in a `static` on a microcontroller; acquiring and
 //! releasing never allocates. An exhausted pool is an error the caller counts, not a wait.
 
-use kestrel_hal::FrameSource;
+use kestrel_hal::{Frame, FrameSource};
 
 use crate::frame::{FrameError, FrameView, Sample};
 use crate::FrameGeometry;
@@ -104,25 +104,26 @@ impl<S: Sample, const CAP: usize, const SLOTS: usize> FramePool<S, CAP, SLOTS> {
         Ok(())
     }
 
-    /// Fill an acquired slot from `source`; `Ok(None)` at the end of the stream.
+    /// Fill an acquired slot from `source`: the frame's geometry and metadata; `Ok(None)` at
+    /// the end of the stream.
     pub fn fill<Src: FrameSource<S>>(
         &mut self,
         slot: SlotId,
         source: &mut Src,
-    ) -> Result<Option<FrameGeometry>, FillError<Src::Error>> {
+    ) -> Result<Option<Frame>, FillError<Src::Error>> {
         self.check(slot).map_err(FillError::Pool)?;
         *self.frame_mut(slot.0).map_err(FillError::Pool)? = None;
         let buffer = self
             .buffers
             .get_mut(slot.0)
             .ok_or(FillError::Pool(PoolError::NotAcquired))?;
-        let geometry = match source.next_frame(buffer).map_err(FillError::Source)? {
-            Some(geometry) => geometry,
+        let frame = match source.next_frame(buffer).map_err(FillError::Source)? {
+            Some(frame) => frame,
             None => return Ok(None),
         };
-        FrameView::new(geometry, buffer).map_err(|e| FillError::Pool(PoolError::Frame(e)))?;
-        *self.frame_mut(slot.0).map_err(FillError::Pool)? = Some(geometry);
-        Ok(Some(geometry))
+        FrameView::new(frame.geometry, buffer).map_err(|e| FillError::Pool(PoolError::Frame(e)))?;
+        *self.frame_mut(slot.0).map_err(FillError::Pool)? = Some(frame.geometry);
+        Ok(Some(frame))
     }
 
     /// The frame in an acquired, filled slot.
@@ -163,16 +164,19 @@ mod tests {
 
     impl FrameSource<u8> for Counter {
         type Error = ();
-        fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<FrameGeometry>, ()> {
+        fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<Frame>, ()> {
             if self.next == self.frames {
                 return Ok(None);
             }
             buffer[..2].fill(self.next);
             self.next += 1;
-            Ok(Some(FrameGeometry {
-                width: 2,
-                height: 1,
-                bands: 1,
+            Ok(Some(Frame {
+                geometry: FrameGeometry {
+                    width: 2,
+                    height: 1,
+                    bands: 1,
+                },
+                meta: kestrel_hal::FrameMeta::default(),
             }))
         }
     }
@@ -194,7 +198,10 @@ mod tests {
         assert_eq!(pool.view(a).unwrap_err(), PoolError::NotAcquired);
         assert_eq!(pool.free(), 1);
         let c = pool.acquire().unwrap();
-        assert_eq!(pool.fill(c, &mut source).unwrap().map(|g| g.width), Some(2));
+        assert_eq!(
+            pool.fill(c, &mut source).unwrap().map(|f| f.geometry.width),
+            Some(2)
+        );
         assert_eq!(pool.fill(c, &mut source), Ok(None));
         assert_eq!(pool.release(SlotId(7)), Err(PoolError::NotAcquired));
     }

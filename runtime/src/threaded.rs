@@ -15,7 +15,7 @@ use crate::classify::Classification;
 use crate::frame::{FrameError, FrameView, Sample};
 use crate::health::{ErrorKind, Health};
 use crate::step::{FrameStep, StepError};
-use crate::{FrameGeometry, FrameSource, MonotonicClock};
+use crate::{Frame, FrameGeometry, FrameMeta, FrameSource, MonotonicClock};
 
 /// What the ingest thread does with a new frame when the inference queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +74,9 @@ pub struct Outcome<E, T = Classification> {
     /// Bytes of the frame as the sensor delivered it (samples times their size); 0 when the
     /// source failed to deliver it. The denominator of the downlink's data reduction.
     pub frame_bytes: u64,
+    /// What the source said of the frame (its own sequence, capture time, pose); `None` when
+    /// the source failed to deliver it.
+    pub meta: Option<FrameMeta>,
     /// The step's result, or why there is none.
     pub result: Result<T, FrameFailure<E>>,
 }
@@ -81,6 +84,7 @@ pub struct Outcome<E, T = Classification> {
 struct Job<S> {
     sequence: u64,
     geometry: FrameGeometry,
+    meta: FrameMeta,
     samples: Vec<S>,
 }
 
@@ -162,6 +166,7 @@ where
                         sequence: job.sequence,
                         latency_us,
                         frame_bytes: frame_bytes::<S>(&job.geometry),
+                        meta: Some(job.meta),
                         result,
                     })
                     .is_err()
@@ -197,11 +202,17 @@ struct Queue<S, E, T> {
 }
 
 impl<S, E, T> Queue<S, E, T> {
-    fn report(&self, sequence: u64, frame_bytes: u64, failure: FrameFailure<E>) {
+    fn report(
+        &self,
+        sequence: u64,
+        frame: Option<(&FrameGeometry, FrameMeta)>,
+        failure: FrameFailure<E>,
+    ) {
         let _ = self.outcomes.send(Outcome {
             sequence,
             latency_us: 0,
-            frame_bytes,
+            frame_bytes: frame.map_or(0, |(g, _)| frame_bytes::<S>(g)),
+            meta: frame.map(|(_, meta)| meta),
             result: Err(failure),
         });
     }
@@ -238,7 +249,7 @@ impl<S, E, T> Queue<S, E, T> {
         health.frames_dropped += 1;
         self.report(
             job.sequence,
-            frame_bytes::<S>(&job.geometry),
+            Some((&job.geometry, job.meta)),
             FrameFailure::Dropped,
         );
         let _ = self.free.send(job.samples);
@@ -263,13 +274,13 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
     let mut sequence = 0;
     // Buffers always come back: inference returns each one after use.
     while let Ok(mut samples) = free.recv() {
-        let geometry = match source.next_frame(&mut samples) {
-            Ok(Some(geometry)) => geometry,
+        let Frame { geometry, meta } = match source.next_frame(&mut samples) {
+            Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(e) => {
                 health.frames_in += 1;
                 health.record_error(ErrorKind::Source);
-                queue.report(sequence, 0, FrameFailure::Source(e));
+                queue.report(sequence, None, FrameFailure::Source(e));
                 sequence += 1;
                 let _ = queue.free.send(samples);
                 continue;
@@ -278,11 +289,7 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
         health.frames_in += 1;
         if let Err(e) = FrameView::new(geometry, &samples) {
             health.record_error(ErrorKind::Frame);
-            queue.report(
-                sequence,
-                frame_bytes::<S>(&geometry),
-                FrameFailure::Frame(e),
-            );
+            queue.report(sequence, Some((&geometry, meta)), FrameFailure::Frame(e));
             sequence += 1;
             let _ = queue.free.send(samples);
             continue;
@@ -290,6 +297,7 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
         let job = Job {
             sequence,
             geometry,
+            meta,
             samples,
         };
         sequence += 1;

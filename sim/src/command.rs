@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kestrel_backend::PreprocessSpec;
-use kestrel_hal::{FrameGeometry, FrameSource};
+use kestrel_hal::{Frame, FrameSource};
 use kestrel_runtime::switch::SwitchHandle;
 use kestrel_wire::ccsds::Decoder;
 use kestrel_wire::mavlink::{Incoming, MavlinkDecoder, COMPONENT_ID};
@@ -75,7 +75,7 @@ pub struct Pausable<S> {
 impl<T, S: FrameSource<T>> FrameSource<T> for Pausable<S> {
     type Error = S::Error;
 
-    fn next_frame(&mut self, samples: &mut [T]) -> Result<Option<FrameGeometry>, Self::Error> {
+    fn next_frame(&mut self, samples: &mut [T]) -> Result<Option<Frame>, Self::Error> {
         self.controls.wait_while_paused();
         self.inner.next_frame(samples)
     }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kestrel_backend::{Backend, BackendError, PreprocessSpec};
-use kestrel_hal::{FrameGeometry, FrameSource};
+use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 use kestrel_host::decode_image;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
@@ -90,7 +90,7 @@ pub struct BurstSource {
 
 impl FrameSource<u8> for BurstSource {
     type Error = String;
-    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<FrameGeometry>, String> {
+    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<Frame>, String> {
         if self.next == self.count {
             return Ok(None);
         }
@@ -101,10 +101,17 @@ impl FrameSource<u8> for BurstSource {
         }
         let bands = if self.wrong_bands.contains(&i) { 3 } else { 1 };
         buffer[..4 * bands as usize].fill(i as u8);
-        Ok(Some(FrameGeometry {
-            width: 2,
-            height: 2,
-            bands,
+        Ok(Some(Frame {
+            geometry: FrameGeometry {
+                width: 2,
+                height: 2,
+                bands,
+            },
+            meta: FrameMeta {
+                sequence: i,
+                capture_us: 1_000 * i,
+                ..FrameMeta::default()
+            },
         }))
     }
 }

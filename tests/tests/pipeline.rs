@@ -66,6 +66,19 @@ fn check_accounting(health: &Health, outcomes: &[Outcome<String>], count: u64, m
             o.latency_us
         );
     }
+    // The source's metadata reaches every frame it delivered, dropped ones included.
+    for o in outcomes {
+        match (&o.result, o.meta) {
+            (Err(FrameFailure::Source(_)), meta) => assert_eq!(meta, None),
+            (_, Some(meta)) => {
+                assert_eq!(
+                    (meta.sequence, meta.capture_us),
+                    (o.sequence, 1_000 * o.sequence)
+                );
+            }
+            (_, None) => panic!("frame {} lost its metadata", o.sequence),
+        }
+    }
 }
 
 #[test]

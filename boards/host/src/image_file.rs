@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use image::{DynamicImage, ImageReader};
-use kestrel_hal::{FrameGeometry, FrameSource};
+use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 
 /// Why an image file could not become a frame: `"<path>: <reason>"`.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,7 @@ pub struct FolderSource {
     next: usize,
     interval: Option<Duration>,
     last_frame: Option<Instant>,
+    started: Instant,
 }
 
 impl FolderSource {
@@ -90,6 +91,7 @@ impl FolderSource {
             next: 0,
             interval: None,
             last_frame: None,
+            started: Instant::now(),
         }
     }
 
@@ -112,12 +114,16 @@ impl FolderSource {
 impl FrameSource<u8> for FolderSource {
     type Error = ImageError;
 
-    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<FrameGeometry>, ImageError> {
+    /// The frame's sequence is its file's position in the list, its capture time when it was
+    /// read (microseconds since the source was made); files carry no pose.
+    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<Frame>, ImageError> {
         let Some(path) = self.files.get(self.next).cloned() else {
             return Ok(None);
         };
+        let sequence = self.next as u64;
         self.next += 1;
         self.wait_for_next_slot();
+        let capture_us = self.started.elapsed().as_micros() as u64;
         let image = decode_image(&path)?;
         let capacity = buffer.len();
         let target = buffer.get_mut(..image.samples.len()).ok_or_else(|| {
@@ -131,6 +137,13 @@ impl FrameSource<u8> for FolderSource {
             )
         })?;
         target.copy_from_slice(&image.samples);
-        Ok(Some(image.geometry))
+        Ok(Some(Frame {
+            geometry: image.geometry,
+            meta: FrameMeta {
+                sequence,
+                capture_us,
+                ..FrameMeta::default()
+            },
+        }))
     }
 }
