@@ -1,10 +1,12 @@
 //! Board support for desktops and hardware-in-the-loop hosts.
 //!
-//! Image files (JPEG, PNG) and folders of them become frame sources; the host clock is
+//! Image files (JPEG, PNG) and folders of them become frame sources; so does a frame link over a
+//! byte stream (TCP for hardware in the loop), whose sending side is here too. The host clock is
 //! `std::time::Instant`. Every failure names the file and the reason on one line.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod frame_link;
 pub mod image_file;
 
 pub use image_file::{decode_image, DecodedImage, FolderSource, ImageError};

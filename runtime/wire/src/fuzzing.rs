@@ -66,6 +66,26 @@ pub fn telemetry(bytes: &[u8]) {
     }
 }
 
+/// `bytes` as a frame link header: a header that decodes describes exactly its sample count,
+/// and encodes back to the same bytes given samples of that count.
+pub fn frame_header(bytes: &[u8]) {
+    use crate::framelink::{decode_header, encode_header, FRAME_HEADER_LEN};
+    let Some(header) = bytes.first_chunk::<FRAME_HEADER_LEN>() else {
+        return;
+    };
+    if let Ok(decoded) = decode_header(header) {
+        let g = decoded.frame.geometry;
+        assert!(g.sample_count() == Some(decoded.samples as usize));
+        // Re-encoding needs the samples; small frames only, to keep a run fast.
+        if decoded.samples <= 4096 {
+            let samples = [0u8; 4096];
+            let samples = samples.get(..decoded.samples as usize).unwrap_or_default();
+            let again = encode_header(&decoded.frame, samples);
+            assert!(again.is_ok_and(|h| h.get(..64) == header.get(..64)));
+        }
+    }
+}
+
 /// `message` encodes, and decodes back to itself (NaN scores compared by their bits).
 fn round_trips(message: &Telemetry) {
     let mut buf = [0u8; 4096];

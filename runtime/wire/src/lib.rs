@@ -22,6 +22,7 @@
 pub mod ccsds;
 pub mod command;
 pub mod downlink;
+pub mod framelink;
 pub mod fuzzing;
 pub mod mavlink;
 pub mod message;

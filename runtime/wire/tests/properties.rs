@@ -225,6 +225,17 @@ proptest! {
     }
 
     #[test]
+    fn arbitrary_frame_headers_never_break_the_frame_link(
+        mut bytes in vec(any::<u8>(), 72..100),
+        magic in any::<bool>(),
+    ) {
+        if magic {
+            bytes[..5].copy_from_slice(b"KFRM\x01");
+        }
+        fuzzing::frame_header(&bytes);
+    }
+
+    #[test]
     fn real_streams_with_bytes_changed_never_break_a_parser(
         changes in vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
         cut in any::<prop::sample::Index>(),
@@ -261,6 +272,7 @@ fn fuzz_regressions_stay_fixed() {
                 "mavlink_stream" => fuzzing::mavlink_stream(&bytes),
                 "command" => fuzzing::command(&bytes),
                 "telemetry" => fuzzing::telemetry(&bytes),
+                "frame_header" => fuzzing::frame_header(&bytes),
                 other => panic!("fuzz/regressions/{other}: no such target"),
             }
         }
