@@ -16,8 +16,9 @@
 //! | 64..68 | sample count (u32): width x height x bands |
 //! | 68..72 | CRC-32 (IEEE) of the samples |
 //!
-//! All big-endian. A header that does not check out is an error; a receiver resynchronises on
-//! the next `KFRM`.
+//! All big-endian. A header that does not check out (magic, version, undefined flag bits, a
+//! sample count that is not the geometry's) is an error; a receiver resynchronises on the next
+//! `KFRM`. The pose fields of an absent pose are ignored and sent as zeros.
 
 use kestrel_hal::{Attitude, Frame, FrameGeometry, FrameMeta, Position};
 
@@ -37,6 +38,8 @@ pub enum FrameLinkError {
     NoMagic,
     /// A version this build does not read.
     Version(u8),
+    /// Flag bits this version does not define.
+    Flags(u8),
     /// Width x height x bands is not the sample count, or does not fit.
     Size,
     /// The samples' CRC does not match.
@@ -48,6 +51,7 @@ impl core::fmt::Display for FrameLinkError {
         match self {
             Self::NoMagic => f.write_str("not a frame header"),
             Self::Version(v) => write!(f, "frame header version {v} is not 1"),
+            Self::Flags(flags) => write!(f, "frame header flags {flags:#04x} are not defined"),
             Self::Size => f.write_str("the frame's size does not match its sample count"),
             Self::Crc => f.write_str("the frame's samples fail their CRC"),
         }
@@ -154,6 +158,9 @@ pub fn decode_header(bytes: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, Fram
     if version != FRAME_VERSION {
         return Err(FrameLinkError::Version(version));
     }
+    if flags & !(HAS_POSITION | HAS_ATTITUDE) != 0 {
+        return Err(FrameLinkError::Flags(flags));
+    }
     let bands = u16::from_be_bytes(f.next());
     let sequence = u64::from_be_bytes(f.next());
     let capture_us = u64::from_be_bytes(f.next());
@@ -257,6 +264,9 @@ mod tests {
         let mut bad = header;
         bad[4] = 2;
         assert_eq!(decode_header(&bad), Err(FrameLinkError::Version(2)));
+        let mut bad = header;
+        bad[5] |= 0x80;
+        assert_eq!(decode_header(&bad), Err(FrameLinkError::Flags(0x83)));
         let mut bad = header;
         bad[67] ^= 1; // the sample count
         assert_eq!(decode_header(&bad), Err(FrameLinkError::Size));
