@@ -15,7 +15,7 @@ use kestrel_wire::product::{Product, ProductStats, Reassembler};
 use kestrel_wire::Command;
 use serde_json::{json, Value};
 
-use crate::downlink::FramingArg;
+use kestrel_payload::downlink::FramingArg;
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {

@@ -15,9 +15,9 @@ use kestrel_runtime::health::{ErrorKind, Health};
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};
 use serde::Serialize;
 
-use crate::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use crate::eval::{Failure, Latency, Progress};
 use crate::{load_model, LoadedModel, ModelArgs};
+use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use kestrel_wire::message::ProductKind::Thumbnail;
 
 /// Detections kept per tile before merging (a 512-pixel tile of NWPU VHR-10 holds at most
@@ -199,7 +199,8 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let spec = detector.loaded.model.preprocess_spec()?;
     let mut downlink = Downlink::new(&opts.downlink, &labels)?;
     let switch = detector.loaded.switch.clone();
-    downlink.listen_for_commands(&opts.model, &detector.loaded.model, switch, &[Thumbnail])?;
+    let slots = crate::model_slots(&opts.model, &opts.downlink.slots, &detector.loaded.model)?;
+    downlink.listen_for_commands(slots, switch, &[Thumbnail])?;
     let controls = downlink.controls();
     eprintln!(
         "sim: detecting in {} images of {} ({:?} split), model {} ({}), backend {}, {}x{} tiles overlapping by {} px",
@@ -396,7 +397,8 @@ pub fn replay(
 ) -> anyhow::Result<usize> {
     let mut detector = Detector::load(model)?;
     let switch = detector.loaded.switch.clone();
-    downlink.listen_for_commands(model, &detector.loaded.model, switch, &[Thumbnail])?;
+    let slots = crate::model_slots(model, &downlink.args().slots, &detector.loaded.model)?;
+    downlink.listen_for_commands(slots, switch, &[Thumbnail])?;
     let controls = downlink.controls();
     let labels = detector.loaded.model.manifest.labels.clone();
     let threshold = detector.config.score_threshold;

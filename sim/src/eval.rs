@@ -13,9 +13,10 @@ use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};
 use serde::Serialize;
 
-use crate::command::Pausable;
-use crate::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use crate::{load_model, BackendChoice, DropArg, LoadedModel, ModelArgs, PipelineArgs};
+use kestrel_payload::command::Pausable;
+use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
+use kestrel_payload::percentile;
 use kestrel_wire::message::ProductKind;
 
 /// Largest frame the chip pipeline accepts (samples): 1024 x 1024 RGBA. Larger images are
@@ -108,15 +109,6 @@ struct Report {
     downlink: DownlinkReport,
 }
 
-/// Nearest-rank percentile of sorted values.
-pub fn percentile(sorted: &[u64], percent: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((percent / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 /// Progress on stderr: a rewritten line on a terminal, four lines otherwise.
 pub struct Progress {
     total: usize,
@@ -173,7 +165,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     );
 
     let mut downlink = Downlink::new(&opts.downlink, &labels)?;
-    downlink.listen_for_commands(&opts.model, &model, switch, &[ProductKind::Thumbnail])?;
+    let slots = crate::model_slots(&opts.model, &opts.downlink.slots, &model)?;
+    downlink.listen_for_commands(slots, switch, &[ProductKind::Thumbnail])?;
     let mut source = FolderSource::new(images.iter().map(|i| i.path.clone()).collect());
     if opts.pipeline.frame_rate > 0.0 {
         source = source.paced(Duration::from_secs_f64(1.0 / opts.pipeline.frame_rate));
@@ -324,19 +317,5 @@ fn print_summary(r: &Report, validation_top1: f64) {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!("errors      {}", by_kind.join(", "));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&[7], 99.0), 7);
-        assert_eq!(percentile(&[], 50.0), 0);
     }
 }

@@ -4,10 +4,8 @@
 //! prints a summary. `sim eval` scores a labelled dataset and writes a JSON report; `sim replay`
 //! runs a user's own images, tiling large ones, and writes per-tile class maps.
 
-mod command;
 mod decode;
 mod detect;
-mod downlink;
 mod draw;
 mod eval;
 mod replay;
@@ -16,10 +14,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use downlink::DownlinkArgs;
 use kestrel_backend::Backend;
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_eval::Split;
+use kestrel_payload::command::Slots;
+use kestrel_payload::downlink::{slot_pairs, DownlinkArgs};
 use kestrel_runtime::switch::{SwitchHandle, SwitchableBackend};
 use kestrel_runtime::threaded::DropPolicy;
 use models::ZooModel;
@@ -313,6 +312,47 @@ fn load_backend(
     })?;
     let plan_load_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok((model, Box::new(int8), Some(plan_load_ms)))
+}
+
+/// The models `switch_model` may load: `model` in slot 0, then each `--slot N=MODEL`; each is
+/// checked against `running` (the same task, classes and input) when it is loaded.
+fn model_slots(model: &ModelArgs, pairs: &[String], running: &ZooModel) -> anyhow::Result<Slots> {
+    let mut by_slot: Vec<Option<ModelArgs>> = vec![None; 16];
+    by_slot[0] = Some(model.clone());
+    for (slot, name) in slot_pairs(pairs)? {
+        by_slot[usize::from(slot)] = Some(ModelArgs {
+            model: name,
+            backend: model.backend,
+        });
+    }
+    let filled = std::array::from_fn(|i| by_slot[i].is_some());
+    let task = running.manifest.task.clone();
+    let labels = running.manifest.labels.clone();
+    let spec = running.preprocess_spec().ok();
+    let load = move |slot: u8| -> Result<Box<dyn Backend + Send>, String> {
+        let Some(Some(args)) = by_slot.get(usize::from(slot)) else {
+            return Err(format!("slot {slot} is empty"));
+        };
+        let (model, backend, _) = load_backend(args).map_err(|e| format!("{e:#}"))?;
+        let new = &model.manifest;
+        if new.task != task || new.labels != labels {
+            return Err(format!(
+                "slot {slot} ({}) is a {} model for other classes",
+                args.model, new.task
+            ));
+        }
+        if model.preprocess_spec().ok() != spec {
+            return Err(format!(
+                "slot {slot} ({}) wants other input preprocessing",
+                args.model
+            ));
+        }
+        Ok(backend)
+    };
+    Ok(Slots {
+        filled,
+        load: Box::new(load),
+    })
 }
 
 /// The model's plan on the GPU, or `None` (after a warning naming the reason) when this build

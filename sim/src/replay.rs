@@ -12,9 +12,9 @@ use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::tile::TileGrid;
 use serde::Serialize;
 
-use crate::downlink::Downlink;
 use crate::draw::{colour, legend};
 use crate::{load_model, ReplayArgs};
+use kestrel_payload::downlink::Downlink;
 use kestrel_wire::message::ProductKind;
 use models::ZooModel;
 
@@ -69,7 +69,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
         errors: [0, failed as u64, 0, 0, 0, 0],
         ..Default::default()
     };
-    crate::downlink::print_summary(&downlink.finish(health));
+    kestrel_payload::downlink::print_summary(&downlink.finish(health));
     if failed == files.len() {
         bail!("{}: no image could be replayed", args.images.display());
     }
@@ -88,7 +88,8 @@ fn classify_images(
         switch,
         ..
     } = load_model(&args.model)?;
-    downlink.listen_for_commands(&args.model, &model, switch, &[ProductKind::Thumbnail])?;
+    let slots = crate::model_slots(&args.model, &args.downlink.slots, &model)?;
+    downlink.listen_for_commands(slots, switch, &[ProductKind::Thumbnail])?;
     let controls = downlink.controls();
     let labels = &model.manifest.labels;
     let spec = model.preprocess_spec()?;

@@ -1,7 +1,6 @@
-//! The simulator's downlink: results made into telemetry messages and products, queued by value
-//! per byte under a byte budget (`kestrel_wire::downlink`), framed as CCSDS or MAVLink 2 and
-//! written to a capture file or a TCP peer, as they would leave the vehicle; and the
-//! data-reduction figures for the summary and the JSON report.
+//! The downlink: results made into telemetry messages and products, queued by value per byte
+//! under a byte budget (`kestrel_wire::downlink`), framed as CCSDS or MAVLink 2 and written to a
+//! capture file or a TCP peer; and the data-reduction figures for summaries and reports.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -11,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::ValueEnum;
 use image::{imageops, GrayImage, ImageEncoder, RgbImage};
 use kestrel_runtime::classify::Classification as RuntimeClassification;
 use kestrel_runtime::detect::Detection;
@@ -24,11 +22,9 @@ use kestrel_wire::message::{
     Classification, Detections, Health, ProductKind, Ranked, WireBox, MAX_BOXES, TOP_K,
 };
 use kestrel_wire::{product, Framing, Telemetry};
-use models::ZooModel;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::command::{lock, Controls, Payload};
-use crate::ModelArgs;
+use crate::command::{lock, Controls, Payload, Slots};
 
 /// Items the queue holds.
 const SLOTS: usize = 128;
@@ -41,7 +37,9 @@ const CROP_MAX: u32 = 64;
 /// MAVLink asks for a heartbeat a second.
 const HEARTBEAT_US: u64 = 1_000_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+/// The link's framing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum FramingArg {
     /// CCSDS space packets (a satellite's downlink).
@@ -50,32 +48,36 @@ pub enum FramingArg {
     Mavlink,
 }
 
-#[derive(clap::Args, Clone, Debug)]
+/// How results leave: framing, link, budget, priorities, products, model slots. `sim` takes
+/// these as flags, the flight binary as its configuration's `[downlink]` table.
+#[derive(Clone, Debug, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+#[serde(default, deny_unknown_fields)]
 pub struct DownlinkArgs {
     /// Framing of the telemetry: CCSDS space packets or MAVLink 2.
-    #[arg(long, value_enum, default_value_t = FramingArg::Ccsds)]
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = FramingArg::Ccsds))]
     pub telemetry: FramingArg,
     /// Where the telemetry goes: `file:PATH` (a capture: the bytes as they would cross the
     /// link) or `tcp://HOST:PORT`. Without it the bytes are counted, not kept.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub link: Option<String>,
     /// Downlink budget in bytes per window [default: none: everything produced is sent].
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub downlink_budget: Option<u32>,
     /// The budget's window in seconds; 0 makes the whole run one pass, sent best first at its
     /// end, as at a ground-station pass.
-    #[arg(long, default_value_t = 0.0)]
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0.0))]
     pub downlink_window_s: f64,
     /// Class priorities for the downlink's value order, as LABEL=WEIGHT pairs separated by
     /// commas (a class not named weighs 1).
-    #[arg(long, value_delimiter = ',')]
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ','))]
     pub priority: Vec<String>,
     /// Send no products (detection crops, class maps), only results and health.
-    #[arg(long)]
+    #[cfg_attr(feature = "clap", arg(long))]
     pub no_products: bool,
     /// A model the `switch_model` command may switch to, as SLOT=MODEL (slot 0 is --model;
     /// slots 1 to 15; it must be for the same task, classes and input).
-    #[arg(long = "slot", value_name = "SLOT=MODEL")]
+    #[cfg_attr(feature = "clap", arg(long = "slot", value_name = "SLOT=MODEL"))]
     pub slots: Vec<String>,
 }
 
@@ -174,23 +176,20 @@ fn open_link(spec: &str) -> anyhow::Result<(Box<dyn Write>, Option<TcpStream>)> 
     bail!("--link {spec}: expected file:PATH or tcp://HOST:PORT")
 }
 
-/// Models by slot: `--model` in slot 0, then `--slot N=MODEL`.
-fn slots(model: &ModelArgs, pairs: &[String]) -> anyhow::Result<Vec<Option<ModelArgs>>> {
-    let mut slots = vec![None; usize::from(MODEL_SLOTS)];
-    slots[0] = Some(model.clone());
-    for pair in pairs {
-        let parsed = pair
-            .split_once('=')
-            .and_then(|(slot, name)| Some((slot.parse::<u8>().ok()?, name)));
-        let Some((slot @ 1..MODEL_SLOTS, name)) = parsed else {
-            bail!("--slot {pair}: expected SLOT=MODEL with a slot from 1 to 15");
-        };
-        slots[usize::from(slot)] = Some(ModelArgs {
-            model: name.to_string(),
-            backend: model.backend,
-        });
-    }
-    Ok(slots)
+/// The `--slot N=MODEL` pairs as (slot, model), slots 1 to 15.
+pub fn slot_pairs(pairs: &[String]) -> anyhow::Result<Vec<(u8, String)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            let parsed = pair
+                .split_once('=')
+                .and_then(|(slot, name)| Some((slot.parse::<u8>().ok()?, name)));
+            match parsed {
+                Some((slot @ 1..MODEL_SLOTS, name)) => Ok((slot, name.to_string())),
+                _ => bail!("--slot {pair}: expected SLOT=MODEL with a slot from 1 to 15"),
+            }
+        })
+        .collect()
 }
 
 /// Priorities by class index from LABEL=WEIGHT pairs.
@@ -262,22 +261,25 @@ impl Downlink {
         })
     }
 
+    /// The settings it was made with.
+    pub fn args(&self) -> &DownlinkArgs {
+        &self.args
+    }
+
     /// What commands change.
     pub fn controls(&self) -> Arc<Controls> {
         Arc::clone(&self.controls)
     }
 
     /// Take commands from the link's way back, if it has one, on a thread of their own:
-    /// `model` and `loaded` are what a `switch_model` must match and switch; `kinds` the
-    /// products this run makes on request.
+    /// `slots` are the models `switch_model` may load, `switch` swaps them in, `kinds` are the
+    /// products made on request.
     pub fn listen_for_commands(
         &mut self,
-        model: &ModelArgs,
-        loaded: &ZooModel,
+        slots: Slots,
         switch: SwitchHandle,
         kinds: &[ProductKind],
     ) -> anyhow::Result<()> {
-        let slots = slots(model, &self.args.slots)?;
         let Some(link) = self.commands.take() else {
             if self.args.slots.is_empty() {
                 return Ok(());
@@ -288,9 +290,6 @@ impl Downlink {
             controls: self.controls(),
             slots,
             active_slot: 0,
-            task: loaded.manifest.task.clone(),
-            labels: loaded.manifest.labels.clone(),
-            spec: loaded.preprocess_spec().ok(),
             switch,
             kinds: kinds.to_vec(),
         };
@@ -569,7 +568,7 @@ pub fn health_message(
     for (slot, kind) in errors.iter_mut().zip(ErrorKind::ALL) {
         *slot = health.errors(kind);
     }
-    let percentile = |p| crate::eval::percentile(sorted_latency_us, p).min(u32::MAX as u64) as u32;
+    let percentile = |p| crate::percentile(sorted_latency_us, p).min(u64::from(u32::MAX)) as u32;
     Health {
         uptime_us,
         frames_in: health.frames_in,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use kestrel_backend::PreprocessSpec;
+use kestrel_backend::Backend;
 use kestrel_hal::{Frame, FrameSource};
 use kestrel_runtime::switch::SwitchHandle;
 use kestrel_wire::ccsds::Decoder;
@@ -22,7 +22,16 @@ use kestrel_wire::message::{EventId, ProductKind, RejectReason, Telemetry};
 use kestrel_wire::{CommandGate, Commandable};
 
 use crate::downlink::FramingArg;
-use crate::ModelArgs;
+
+/// The models `switch_model` may run, by slot, and how to load one.
+pub struct Slots {
+    /// Which of the 16 slots hold a model (slot 0 is the one running at start).
+    pub filled: [bool; 16],
+    /// Load the model in a slot and check that it can take over from the running one (same
+    /// task, classes and input); called on the command thread, never the inference thread.
+    #[allow(clippy::type_complexity)]
+    pub load: Box<dyn FnMut(u8) -> Result<Box<dyn Backend + Send>, String> + Send>,
+}
 
 /// What commands have changed, shared by the command thread and the run.
 #[derive(Default)]
@@ -84,13 +93,9 @@ impl<T, S: FrameSource<T>> FrameSource<T> for Pausable<S> {
 /// The payload as commands see it.
 pub struct Payload {
     pub controls: Arc<Controls>,
-    /// Models by slot (slot 0 is the one running at start); `None`: an empty slot.
-    pub slots: Vec<Option<ModelArgs>>,
+    /// The models `switch_model` may load.
+    pub slots: Slots,
     pub active_slot: u8,
-    /// What a new model must match: the running one's task, labels and preprocessing.
-    pub task: String,
-    pub labels: Vec<String>,
-    pub spec: Option<PreprocessSpec>,
     pub switch: SwitchHandle,
     /// Product kinds this run makes on request.
     pub kinds: Vec<ProductKind>,
@@ -99,28 +104,6 @@ pub struct Payload {
 impl Payload {
     fn reply(&self, message: Telemetry) {
         lock(&self.controls.replies).push(message);
-    }
-
-    /// Load the model in `slot` and check it can take over from the running one.
-    fn load_slot(&self, slot: u8) -> Result<Box<dyn kestrel_backend::Backend + Send>, String> {
-        let Some(Some(args)) = self.slots.get(usize::from(slot)) else {
-            return Err(format!("slot {slot} is empty"));
-        };
-        let (model, backend, _) = crate::load_backend(args).map_err(|e| format!("{e:#}"))?;
-        let new = &model.manifest;
-        if new.task != self.task || new.labels != self.labels {
-            return Err(format!(
-                "slot {slot} ({}) is a {} model for other classes",
-                args.model, new.task
-            ));
-        }
-        if model.preprocess_spec().ok() != self.spec {
-            return Err(format!(
-                "slot {slot} ({}) wants other input preprocessing",
-                args.model
-            ));
-        }
-        Ok(backend)
     }
 }
 
@@ -131,17 +114,19 @@ impl Commandable for Payload {
     }
 
     fn switch_model(&mut self, slot: u8) -> Result<(), RejectReason> {
-        let backend = self.load_slot(slot).map_err(|why| {
+        if !self
+            .slots
+            .filled
+            .get(usize::from(slot))
+            .copied()
+            .unwrap_or(false)
+        {
+            eprintln!("warning: switch_model {slot} refused: slot {slot} is empty");
+            return Err(RejectReason::OutOfRange);
+        }
+        let backend = (self.slots.load)(slot).map_err(|why| {
             eprintln!("warning: switch_model {slot} refused: {why}");
-            if self
-                .slots
-                .get(usize::from(slot))
-                .is_some_and(Option::is_some)
-            {
-                RejectReason::Failed
-            } else {
-                RejectReason::OutOfRange
-            }
+            RejectReason::Failed
         })?;
         self.switch.switch_to(backend).map_err(|e| {
             eprintln!("warning: switch_model {slot} refused: {e}");
