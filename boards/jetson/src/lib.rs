@@ -8,6 +8,7 @@
 //! - `watchdog::LinuxWatchdog`: `/dev/watchdog`;
 //! - `power_monitor`: the carrier board's INA3221 over `/dev/i2c-*`.
 
+pub mod config;
 pub mod spool;
 pub mod thermal;
 pub mod watchdog;

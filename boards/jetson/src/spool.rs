@@ -14,6 +14,8 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kestrel_hal::{Frame, FrameMeta, FrameSource};
@@ -81,6 +83,7 @@ pub struct SpoolSource {
     next_sequence: u64,
     started: Instant,
     options: SpoolOptions,
+    stop: Option<Arc<AtomicBool>>,
 }
 
 /// Whether a writer is still writing `name` by the spool protocol.
@@ -138,7 +141,14 @@ impl SpoolSource {
             next_sequence: finished as u64,
             started: Instant::now(),
             options,
+            stop: None,
         })
+    }
+
+    /// End the stream (rather than wait on an empty spool) once `stop` is set: a SIGTERM.
+    pub fn stop_on(mut self, stop: Arc<AtomicBool>) -> Self {
+        self.stop = Some(stop);
+        self
     }
 
     /// The file delivered last has been handed over: move it to `done/`.
@@ -188,6 +198,13 @@ impl FrameSource<u8> for SpoolSource {
     fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<Frame>, SpoolError> {
         self.finish_current()?;
         let file = loop {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                return Ok(None);
+            }
             match self.oldest()? {
                 Some(file) => break file,
                 None if self.options.stop_when_empty => return Ok(None),

@@ -1,0 +1,321 @@
+//! `kestrel-flight`: the binary flashed to a Jetson or a UAV companion computer. It reads one
+//! TOML configuration, runs the pipeline on frames from a spool directory or a frame link until
+//! it is stopped, sends results, products and health as telemetry and takes commands on the
+//! same link, feeds the watchdog, and on SIGTERM or SIGINT drains its queues and sends a last
+//! health snapshot. Logs go through the `log` facade (`RUST_LOG`, default `info`).
+//!
+//!     kestrel-flight --config /etc/kestrel/flight.toml [--check]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kestrel_backend::Backend;
+use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
+use kestrel_hal::{Frame, FrameSource, Watchdog};
+use kestrel_host::frame_link::StreamSource;
+use kestrel_host::HostClock;
+use kestrel_jetson::config::{FlightConfig, SourceConfig};
+use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
+use kestrel_jetson::thermal;
+use kestrel_jetson::watchdog::LinuxWatchdog;
+use kestrel_payload::command::{Pausable, Slots};
+use kestrel_payload::downlink::{health_message, slot_pairs, Downlink};
+use kestrel_runtime::detect::Detections;
+use kestrel_runtime::step::{ClassifierStep, DetectorStep};
+use kestrel_runtime::switch::SwitchableBackend;
+use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};
+use models::ZooModel;
+
+/// Detections kept per tile, and per frame after merging.
+const TILE_CAP: usize = 128;
+const FRAME_CAP: usize = 1024;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: kestrel-flight --config FILE [--check]\n\n\
+        Runs Kestrel on this board as FILE says (see boards/jetson/flight-*.toml) until SIGTERM.\n\
+        --check reads and checks FILE, then exits: 0 when it is good.";
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{usage}");
+        return ExitCode::SUCCESS;
+    }
+    let config_path = match args.as_slice() {
+        [flag, path] | [flag, path, _] if flag == "--config" => PathBuf::from(path),
+        _ => {
+            eprintln!("{usage}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match FlightConfig::load(&config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            log::error!("configuration refused: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.iter().any(|a| a == "--check") {
+        println!("{}: good", config_path.display());
+        return ExitCode::SUCCESS;
+    }
+    match fly(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A model on the configured backend: CUDA when asked and present, else the int8 plan on the
+/// CPU, else tract.
+fn load_backend(name: &str, choice: &str) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>)> {
+    let model = ZooModel::load(name)?;
+    if choice == "tract" || (choice == "auto" && !model.has_plan()) {
+        let backend = model.tract_backend()?;
+        return Ok((model, Box::new(backend)));
+    }
+    if choice == "cuda" {
+        if let Some(plan) = model.plan_bytes()? {
+            match CudaBackend::new(plan, &CudaOptions::default()) {
+                Ok(cuda) => return Ok((model, Box::new(cuda))),
+                Err(CudaError::NotAvailable(why)) => {
+                    log::warn!("CUDA is not available ({why}); running int8 on the CPU")
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    let Some(int8) = model.int8_backend()? else {
+        bail!("model {name} has no compiled plan; use backend = \"tract\"");
+    };
+    Ok((model, Box::new(int8)))
+}
+
+/// The frame sources the configuration can name, ending the stream on a stop signal.
+enum Source {
+    Spool(SpoolSource),
+    Link(StreamSource<std::net::TcpStream>),
+}
+
+struct Stoppable {
+    source: Source,
+    stop: Arc<AtomicBool>,
+}
+
+impl FrameSource<u8> for Stoppable {
+    type Error = String;
+
+    fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<Frame>, String> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        match &mut self.source {
+            Source::Spool(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+            Source::Link(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+fn open_source(config: &SourceConfig, stop: &Arc<AtomicBool>) -> anyhow::Result<Source> {
+    Ok(match config {
+        SourceConfig::Spool { path, settle_s } => {
+            let options = SpoolOptions {
+                settle: Duration::from_secs_f64(*settle_s),
+                ..SpoolOptions::default()
+            };
+            let spool = SpoolSource::open(path, options)?.stop_on(Arc::clone(stop));
+            log::info!("frames from the spool {}", path.display());
+            Source::Spool(spool)
+        }
+        SourceConfig::FrameLink { listen, timeout_s } => {
+            let timeout = Duration::from_secs_f64(*timeout_s);
+            log::info!("waiting up to {timeout_s} s for a frame link on {listen}");
+            Source::Link(StreamSource::listen(listen.as_str(), timeout, timeout)?)
+        }
+    })
+}
+
+fn fly(config: &FlightConfig) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
+    }
+    let (model, backend) = load_backend(&config.model.name, &config.model.backend)?;
+    let labels = model.manifest.labels.clone();
+    let spec = model.preprocess_spec()?;
+    log::info!(
+        "model {} ({}) on {}",
+        model.manifest.name,
+        model.manifest.task,
+        backend.name()
+    );
+    let (backend, switch) = SwitchableBackend::new(backend);
+
+    let mut downlink = Downlink::new(&config.downlink, &labels)?;
+    downlink.listen_for_commands(slots(config, &model)?, switch, &[])?;
+    let controls = downlink.controls();
+
+    let watchdog = config
+        .watchdog
+        .as_ref()
+        .map(|w| -> anyhow::Result<_> {
+            let mut device = LinuxWatchdog::open(&w.device)?;
+            let (stop, every) = (Arc::clone(&stop), Duration::from_secs_f64(w.feed_s));
+            Ok(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = device.feed() {
+                        log::error!("{e}");
+                    }
+                    std::thread::sleep(every);
+                }
+                if let Err(e) = device.stop() {
+                    log::warn!("{e}");
+                }
+            }))
+        })
+        .transpose()?;
+    let mut zones = match &config.health.thermal {
+        Some(root) => thermal::zones(root)?,
+        None => Vec::new(),
+    };
+
+    let source = Stoppable {
+        source: open_source(&config.source, &stop)?,
+        stop: Arc::clone(&stop),
+    };
+    let source = Pausable {
+        inner: source,
+        controls: Arc::clone(&controls),
+    };
+    let pipeline = PipelineConfig {
+        queue_depth: config.pipeline.queue_depth,
+        drop_policy: match config.pipeline.drop_policy.as_str() {
+            "block" => DropPolicy::Block,
+            "drop-newest" => DropPolicy::DropNewest,
+            _ => DropPolicy::DropOldest,
+        },
+        max_frame_samples: config.pipeline.max_frame_pixels.saturating_mul(4),
+    };
+    let clock = HostClock::default();
+    let started = Instant::now();
+    let mut tally = Tally {
+        latencies: Vec::new(),
+        health_every: Duration::from_secs_f64(config.health.interval_s),
+        last_health: Instant::now(),
+    };
+    let mut input = vec![0.0; spec.input_len()];
+    let mut output = vec![0.0; backend.output_len()];
+    let health = if model.manifest.task == "detect" {
+        let Some(detector) = model.detector_config() else {
+            bail!("model {} has no detector configuration", model.origin);
+        };
+        let step =
+            DetectorStep::<_, TILE_CAP>::new(backend, spec, detector, &mut input, &mut output)?;
+        run_pipeline(source, step, &clock, pipeline, |o| {
+            if let Some((sequence, found)) = tally.take(&mut downlink, o) {
+                let found: Detections<FRAME_CAP> = found;
+                downlink.detections(sequence, found.as_slice(), None);
+            }
+        })
+    } else {
+        let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
+        run_pipeline(source, step, &clock, pipeline, |o| {
+            if let Some((sequence, c)) = tally.take(&mut downlink, o) {
+                downlink.classification(sequence, 0, &c);
+            }
+        })
+    };
+    let mut latencies = tally.latencies;
+    stop.store(true, Ordering::Relaxed);
+    latencies.sort_unstable();
+    let mut last = health_message(&health, &latencies, started.elapsed().as_micros() as u64);
+    last.temperature_mc = thermal::hottest_mc(&mut zones);
+    let report = downlink.finish(last);
+    log::info!(
+        "stopped: {} frames in, {} done, {} dropped; {} bytes sent of {} raw",
+        health.frames_in,
+        health.frames_done,
+        health.frames_dropped,
+        report.sent_bytes,
+        report.raw_bytes
+    );
+    if let Some(e) = report.link_error {
+        log::error!("telemetry link: {e}");
+    }
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.join();
+    }
+    Ok(())
+}
+
+/// What the run keeps of each outcome: latencies, and when health is next due.
+struct Tally {
+    latencies: Vec<u64>,
+    health_every: Duration,
+    last_health: Instant,
+}
+
+impl Tally {
+    /// Count `o`'s frame, ask for health when it is due, and hand back its result.
+    fn take<T>(&mut self, downlink: &mut Downlink, o: Outcome<String, T>) -> Option<(u64, T)> {
+        downlink.frame_in(o.frame_bytes);
+        if !self.health_every.is_zero() && self.last_health.elapsed() >= self.health_every {
+            downlink
+                .controls()
+                .health_now
+                .store(true, Ordering::Relaxed);
+            self.last_health = Instant::now();
+        }
+        match o.result {
+            Ok(result) => {
+                self.latencies.push(o.latency_us);
+                Some((o.sequence, result))
+            }
+            Err(FrameFailure::Dropped) => None,
+            Err(e) => {
+                log::warn!("frame {}: {e}", o.sequence);
+                None
+            }
+        }
+    }
+}
+
+/// The models `switch_model` may load: the running one in slot 0, then `[downlink] slots`,
+/// each checked against the running one when loaded.
+fn slots(config: &FlightConfig, running: &ZooModel) -> anyhow::Result<Slots> {
+    let mut names: Vec<Option<String>> = vec![None; 16];
+    names[0] = Some(config.model.name.clone());
+    for (slot, name) in slot_pairs(&config.downlink.slots)? {
+        names[usize::from(slot)] = Some(name);
+    }
+    let filled = std::array::from_fn(|i| names[i].is_some());
+    let choice = config.model.backend.clone();
+    let (task, labels) = (
+        running.manifest.task.clone(),
+        running.manifest.labels.clone(),
+    );
+    let spec = running.preprocess_spec().ok();
+    let load = move |slot: u8| -> Result<Box<dyn Backend + Send>, String> {
+        let Some(Some(name)) = names.get(usize::from(slot)) else {
+            return Err(format!("slot {slot} is empty"));
+        };
+        let (model, backend) = load_backend(name, &choice).map_err(|e| format!("{e:#}"))?;
+        let m = &model.manifest;
+        if m.task != task || m.labels != labels || model.preprocess_spec().ok() != spec {
+            return Err(format!(
+                "slot {slot} ({name}) does not fit the running model"
+            ));
+        }
+        log::info!("slot {slot} ({name}) loaded and checked");
+        Ok(backend)
+    };
+    Ok(Slots {
+        filled,
+        load: Box::new(load),
+    })
+}

@@ -1,0 +1,263 @@
+//! `kestrel-flight`'s configuration: one TOML file. Every table and key is known: an unknown
+//! one, a wrong type or a value out of range refuses the start with the key and the reason.
+
+use std::path::{Path, PathBuf};
+
+use kestrel_payload::downlink::DownlinkArgs;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlightConfig {
+    /// The model to run.
+    pub model: ModelConfig,
+    /// Where frames come from.
+    pub source: SourceConfig,
+    /// The inference queue.
+    #[serde(default)]
+    pub pipeline: PipelineSettings,
+    /// Telemetry and commands: framing, link, budget, priorities, model slots.
+    #[serde(default)]
+    pub downlink: DownlinkArgs,
+    /// The hardware watchdog, if the board has one.
+    pub watchdog: Option<WatchdogConfig>,
+    /// Periodic health telemetry.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[model]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A zoo name (built in: `eurosat-rgb`, `nwpu-vhr10`), or a model folder, `model.onnx` or
+    /// `manifest.json` beside its `model.plan`.
+    pub name: String,
+    /// `auto` (the plan on the CPU when there is one), `int8-cpu`, `tract` or `cuda`.
+    #[serde(default = "auto")]
+    pub backend: String,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+
+/// `[source]`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// Image files dropped into a spool directory.
+    Spool {
+        /// The spool directory (`processing/`, `done/` and `failed/` are made inside).
+        path: PathBuf,
+        /// Seconds a file must be unchanged before it is taken.
+        #[serde(default = "settle_s")]
+        settle_s: f64,
+    },
+    /// Frames over TCP from a test bench (hardware in the loop).
+    FrameLink {
+        /// Address to listen on, e.g. `0.0.0.0:5600`.
+        listen: String,
+        /// Seconds to wait for the bench to connect, and for each frame after.
+        #[serde(default = "link_timeout_s")]
+        timeout_s: f64,
+    },
+}
+
+fn settle_s() -> f64 {
+    0.2
+}
+
+fn link_timeout_s() -> f64 {
+    30.0
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Frames that may wait for inference.
+    pub queue_depth: usize,
+    /// `block` (the default), `drop-newest` or `drop-oldest`. A spool must block: its files
+    /// wait on disk, and a dropped one would be marked done without a result.
+    pub drop_policy: String,
+    /// The largest frame taken, pixels (width x height); larger ones are counted as errors.
+    pub max_frame_pixels: usize,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            queue_depth: 4,
+            drop_policy: "block".into(),
+            max_frame_pixels: 4096 * 4096,
+        }
+    }
+}
+
+/// `[watchdog]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    /// The device, normally `/dev/watchdog`.
+    pub device: PathBuf,
+    /// Seconds between feeds.
+    #[serde(default = "feed_s")]
+    pub feed_s: f64,
+}
+
+fn feed_s() -> f64 {
+    1.0
+}
+
+/// `[health]`.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between health snapshots (0: only on request and at the end).
+    pub interval_s: f64,
+    /// Thermal zones' folder (`/sys/class/thermal`); the hottest goes into health.
+    pub thermal: Option<PathBuf>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: 10.0,
+            thermal: None,
+        }
+    }
+}
+
+/// Why a configuration was refused: the file, the key and the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// The key and what is wrong with it.
+    pub reason: String,
+}
+
+/// 0 or more, and a number (not NaN or infinite).
+fn non_negative(value: f64) -> bool {
+    value.is_finite() && value >= 0.0
+}
+
+impl FlightConfig {
+    /// Read and check `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let error = |reason: String| ConfigError {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
+        let config: Self = toml::from_str(&text).map_err(|e| error(e.to_string()))?;
+        config.check().map_err(error)?;
+        Ok(config)
+    }
+
+    /// The ranges serde cannot check.
+    fn check(&self) -> Result<(), String> {
+        let positive = |key: &str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{key} = {value}: must be more than 0"))
+            }
+        };
+        if !["auto", "int8-cpu", "tract", "cuda"].contains(&self.model.backend.as_str()) {
+            return Err(format!(
+                "model.backend = {:?}: must be auto, int8-cpu, tract or cuda",
+                self.model.backend
+            ));
+        }
+        match &self.source {
+            SourceConfig::Spool { settle_s, .. } if !non_negative(*settle_s) => {
+                return Err(format!("source.settle_s = {settle_s}: must be 0 or more"));
+            }
+            SourceConfig::FrameLink { timeout_s, .. } => positive("source.timeout_s", *timeout_s)?,
+            SourceConfig::Spool { .. } => {}
+        }
+        if self.pipeline.queue_depth == 0 {
+            return Err("pipeline.queue_depth = 0: must be 1 or more".into());
+        }
+        if !["block", "drop-newest", "drop-oldest"].contains(&self.pipeline.drop_policy.as_str()) {
+            return Err(format!(
+                "pipeline.drop_policy = {:?}: must be block, drop-newest or drop-oldest",
+                self.pipeline.drop_policy
+            ));
+        }
+        if matches!(self.source, SourceConfig::Spool { .. }) && self.pipeline.drop_policy != "block"
+        {
+            return Err(format!(
+                "pipeline.drop_policy = {:?}: a spool source needs \"block\" (its files wait on disk; a dropped one would be marked done without a result)",
+                self.pipeline.drop_policy
+            ));
+        }
+        if let Some(w) = &self.watchdog {
+            positive("watchdog.feed_s", w.feed_s)?;
+        }
+        if !non_negative(self.health.interval_s) {
+            return Err(format!(
+                "health.interval_s = {}: must be 0 or more",
+                self.health.interval_s
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<FlightConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flight.toml");
+        std::fs::write(&path, text).unwrap();
+        FlightConfig::load(&path)
+    }
+
+    const MINIMAL: &str =
+        "[model]\nname = \"eurosat-rgb\"\n[source]\nkind = \"spool\"\npath = \"/tmp/s\"\n";
+
+    #[test]
+    fn a_minimal_file_takes_the_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.model.backend, "auto");
+        assert_eq!(c.pipeline.queue_depth, 4);
+        assert!(c.watchdog.is_none());
+        assert!(c.downlink.link.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_wrong_types_and_bad_values_are_refused_by_name() {
+        for (extra, key) in [
+            ("[pipeline]\nqueue_dept = 4\n", "queue_dept"),
+            ("[downlink]\nbudget = 10\n", "budget"),
+            ("[pipeline]\nqueue_depth = \"four\"\n", "queue_depth"),
+            ("[pipeline]\nqueue_depth = 0\n", "pipeline.queue_depth"),
+            (
+                "[pipeline]\ndrop_policy = \"random\"\n",
+                "pipeline.drop_policy",
+            ),
+            (
+                "[pipeline]\ndrop_policy = \"drop-oldest\"\n",
+                "a spool source needs",
+            ),
+            (
+                "[watchdog]\ndevice = \"/dev/watchdog\"\nfeed_s = -1\n",
+                "watchdog.feed_s",
+            ),
+            ("[camera]\nfps = 3\n", "camera"),
+        ] {
+            let e = load(&format!("{MINIMAL}{extra}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+            assert!(e.contains("flight.toml"), "{e}");
+        }
+        let e = load("[model]\nname = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("source"), "{e}");
+    }
+}
