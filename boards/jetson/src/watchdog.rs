@@ -5,6 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 
 use kestrel_hal::Watchdog;
@@ -69,6 +70,29 @@ impl Watchdog for LinuxWatchdog {
     }
 }
 
+/// Tell systemd `state` (`READY=1`, `WATCHDOG=1`, `STOPPING=1`) on `$NOTIFY_SOCKET`, as a
+/// `Type=notify` unit with `WatchdogSec=` expects; nothing when not started by systemd. Returns
+/// whether it was sent.
+pub fn notify_systemd(state: &str) -> bool {
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let Ok(sender) = UnixDatagram::unbound() else {
+        return false;
+    };
+    let bytes = socket.as_encoded_bytes();
+    let sent = match bytes.strip_prefix(b"@") {
+        // An abstract socket name.
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(name)
+                .and_then(|address| sender.send_to_addr(state.as_bytes(), &address))
+        }
+        None => sender.send_to(state.as_bytes(), Path::new(&socket)),
+    };
+    sent.is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +114,20 @@ mod tests {
         let e = LinuxWatchdog::open(Path::new("/nonexistent/watchdog")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/watchdog"), "{e}");
         assert!(e.to_string().contains("cannot open the watchdog"), "{e}");
+    }
+
+    #[test]
+    fn systemd_hears_the_state_on_its_notify_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).unwrap();
+        // The one test that sets this variable.
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        assert!(notify_systemd("WATCHDOG=1"));
+        let mut buf = [0u8; 64];
+        let n = systemd.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
+        std::env::remove_var("NOTIFY_SOCKET");
+        assert!(!notify_systemd("WATCHDOG=1"));
     }
 }

@@ -21,7 +21,7 @@ use kestrel_host::HostClock;
 use kestrel_jetson::config::{FlightConfig, SourceConfig};
 use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
 use kestrel_jetson::thermal;
-use kestrel_jetson::watchdog::LinuxWatchdog;
+use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
 use kestrel_payload::command::{Pausable, Slots};
 use kestrel_payload::downlink::{health_message, slot_pairs, Downlink};
 use kestrel_runtime::detect::Detections;
@@ -160,25 +160,29 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     downlink.listen_for_commands(slots(config, &model)?, switch, &[])?;
     let controls = downlink.controls();
 
-    let watchdog = config
+    // The hardware watchdog, if configured, and systemd's (a `Type=notify` unit with
+    // `WatchdogSec=`), fed from one thread while the process runs.
+    let mut device = config
         .watchdog
         .as_ref()
-        .map(|w| -> anyhow::Result<_> {
-            let mut device = LinuxWatchdog::open(&w.device)?;
-            let (stop, every) = (Arc::clone(&stop), Duration::from_secs_f64(w.feed_s));
-            Ok(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = device.feed() {
-                        log::error!("{e}");
-                    }
-                    std::thread::sleep(every);
-                }
-                if let Err(e) = device.stop() {
-                    log::warn!("{e}");
-                }
-            }))
-        })
+        .map(|w| LinuxWatchdog::open(&w.device))
         .transpose()?;
+    let every = Duration::from_secs_f64(config.watchdog.as_ref().map_or(1.0, |w| w.feed_s));
+    let feeder = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Err(e)) = device.as_mut().map(Watchdog::feed) {
+                    log::error!("{e}");
+                }
+                notify_systemd("WATCHDOG=1");
+                std::thread::sleep(every);
+            }
+            if let Some(Err(e)) = device.as_mut().map(Watchdog::stop) {
+                log::warn!("{e}");
+            }
+        })
+    };
     let mut zones = match &config.health.thermal {
         Some(root) => thermal::zones(root)?,
         None => Vec::new(),
@@ -188,6 +192,7 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
         source: open_source(&config.source, &stop)?,
         stop: Arc::clone(&stop),
     };
+    notify_systemd("READY=1");
     let source = Pausable {
         inner: source,
         controls: Arc::clone(&controls),
@@ -247,9 +252,8 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     if let Some(e) = report.link_error {
         log::error!("telemetry link: {e}");
     }
-    if let Some(watchdog) = watchdog {
-        let _ = watchdog.join();
-    }
+    notify_systemd("STOPPING=1");
+    let _ = feeder.join();
     Ok(())
 }
 
