@@ -136,6 +136,30 @@ impl AnyFramer {
     }
 }
 
+/// The link's sending side: where bytes go, what was sent, and whether it failed.
+struct LinkOut {
+    writer: Option<Box<dyn Write>>,
+    /// Bytes sent (counted even without a writer, or after it failed).
+    sent_bytes: u64,
+    /// Why writing failed; nothing more is written after.
+    error: Option<String>,
+}
+
+impl LinkOut {
+    fn write(&mut self, bytes: &[u8]) {
+        self.sent_bytes += bytes.len() as u64;
+        if self.error.is_some() {
+            return;
+        }
+        if let Some(writer) = &mut self.writer {
+            if let Err(e) = writer.write_all(bytes) {
+                eprintln!("warning: telemetry link: {e}; nothing more is written to it");
+                self.error = Some(e.to_string());
+            }
+        }
+    }
+}
+
 pub struct Downlink {
     args: DownlinkArgs,
     controls: Arc<Controls>,
@@ -145,13 +169,11 @@ pub struct Downlink {
     results: u64,
     framer: AnyFramer,
     queue: Box<DownlinkQueue<SLOTS, ITEM_MAX>>,
-    link: Option<Box<dyn Write>>,
-    link_error: Option<String>,
+    link: LinkOut,
     priorities: Vec<f32>,
     started: Instant,
     last_heartbeat_us: Option<u64>,
     raw_bytes: u64,
-    sent_bytes: u64,
     products: u64,
     item: Vec<u8>,
     out: Vec<u8>,
@@ -248,13 +270,15 @@ impl Downlink {
             results: 0,
             framer,
             queue: Box::new(DownlinkQueue::new(budget, window_us)),
-            link,
-            link_error: None,
+            link: LinkOut {
+                writer: link,
+                sent_bytes: 0,
+                error: None,
+            },
             priorities: priorities(&args.priority, labels)?,
             started: Instant::now(),
             last_heartbeat_us: None,
             raw_bytes: 0,
-            sent_bytes: 0,
             products: 0,
             item: vec![0; ITEM_MAX],
             out: vec![0; 4 * ITEM_MAX],
@@ -417,14 +441,7 @@ impl Downlink {
 
     /// A thumbnail of `image`, at most [`CROP_MAX`] pixels a side, worth as much as health.
     pub fn thumbnail(&mut self, frame: u64, image: &RgbImage) {
-        let (w, h) = (image.width().max(1), image.height().max(1));
-        let scale = (CROP_MAX as f32 / w.max(h) as f32).min(1.0);
-        let (tw, th) = (
-            ((w as f32 * scale).round() as u32).max(1),
-            ((h as f32 * scale).round() as u32).max(1),
-        );
-        let small = imageops::resize(image, tw, th, imageops::FilterType::Triangle);
-        let png = png_bytes(small.as_raw(), tw, th, image::ExtendedColorType::Rgb8);
+        let png = rgb_png(&within_crop_max(image));
         self.product(frame, ProductKind::Thumbnail, 0, &png, HOUSEKEEPING);
     }
 
@@ -503,8 +520,7 @@ impl Downlink {
             if due {
                 self.last_heartbeat_us = Some(now);
                 if let Ok(len) = mav.heartbeat(&mut self.out) {
-                    let bytes = self.out[..len].to_vec();
-                    self.write(&bytes);
+                    self.link.write(&self.out[..len]);
                 }
             }
         }
@@ -512,21 +528,7 @@ impl Downlink {
             .queue
             .send(now, self.framer.as_framing(), &mut self.out)
         {
-            let bytes = self.out[..len].to_vec();
-            self.write(&bytes);
-        }
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.sent_bytes += bytes.len() as u64;
-        if self.link_error.is_some() {
-            return;
-        }
-        if let Some(link) = &mut self.link {
-            if let Err(e) = link.write_all(bytes) {
-                eprintln!("warning: telemetry link: {e}; nothing more is written to it");
-                self.link_error = Some(e.to_string());
-            }
+            self.link.write(&self.out[..len]);
         }
     }
 
@@ -535,9 +537,9 @@ impl Downlink {
     pub fn finish(mut self, health: Health) -> DownlinkReport {
         self.send_health(health);
         self.pump();
-        if let Some(link) = &mut self.link {
-            if let Err(e) = link.flush() {
-                self.link_error.get_or_insert(e.to_string());
+        if let Some(writer) = &mut self.link.writer {
+            if let Err(e) = writer.flush() {
+                self.link.error.get_or_insert(e.to_string());
             }
         }
         DownlinkReport {
@@ -547,12 +549,12 @@ impl Downlink {
             window_s: self.args.downlink_window_s,
             raw_bytes: self.raw_bytes,
             produced_bytes: self.queue.stats.offered_bytes,
-            sent_bytes: self.sent_bytes,
-            reduction_ratio: self.sent_bytes as f64 / self.raw_bytes.max(1) as f64,
+            sent_bytes: self.link.sent_bytes,
+            reduction_ratio: self.link.sent_bytes as f64 / self.raw_bytes.max(1) as f64,
             products: self.products,
             left_in_queue: self.queue.len(),
             queue: self.queue.stats,
-            link_error: self.link_error,
+            link_error: self.link.error,
         }
     }
 }
@@ -634,19 +636,27 @@ fn crop_png(image: &RgbImage, d: &Detection) -> Vec<u8> {
         (y1 - y0) as u32,
     )
     .to_image();
-    let longer = crop.width().max(crop.height());
-    let crop = if longer > CROP_MAX {
-        let scale = CROP_MAX as f32 / longer as f32;
-        let nw = ((crop.width() as f32 * scale).round() as u32).max(1);
-        let nh = ((crop.height() as f32 * scale).round() as u32).max(1);
-        imageops::resize(&crop, nw, nh, imageops::FilterType::Triangle)
-    } else {
-        crop
-    };
+    rgb_png(&within_crop_max(&crop))
+}
+
+/// `image`, scaled down to at most [`CROP_MAX`] pixels on its longer side if it is larger.
+fn within_crop_max(image: &RgbImage) -> RgbImage {
+    let longer = image.width().max(image.height());
+    if longer <= CROP_MAX {
+        return image.clone();
+    }
+    let scale = CROP_MAX as f32 / longer as f32;
+    let w = ((image.width() as f32 * scale).round() as u32).max(1);
+    let h = ((image.height() as f32 * scale).round() as u32).max(1);
+    imageops::resize(image, w, h, imageops::FilterType::Triangle)
+}
+
+/// A PNG of an RGB image.
+fn rgb_png(image: &RgbImage) -> Vec<u8> {
     png_bytes(
-        crop.as_raw(),
-        crop.width(),
-        crop.height(),
+        image.as_raw(),
+        image.width(),
+        image.height(),
         image::ExtendedColorType::Rgb8,
     )
 }
