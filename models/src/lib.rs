@@ -179,6 +179,31 @@ pub enum ModelError {
     },
 }
 
+/// A model's task, classes and input preprocessing: see [`ZooModel::shape`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelShape {
+    task: String,
+    labels: Vec<String>,
+    spec: Option<PreprocessSpec>,
+}
+
+impl ModelShape {
+    /// Whether `other` can take the place of a model of this shape, or why not.
+    pub fn admits(&self, other: &ZooModel) -> Result<(), String> {
+        let theirs = other.shape();
+        if theirs.task != self.task || theirs.labels != self.labels {
+            return Err(format!(
+                "{} is a {} model for other classes",
+                other.origin, theirs.task
+            ));
+        }
+        if theirs.spec != self.spec {
+            return Err(format!("{} wants other input preprocessing", other.origin));
+        }
+        Ok(())
+    }
+}
+
 /// A model ready to be handed to a backend.
 #[derive(Debug)]
 pub struct ZooModel {
@@ -363,6 +388,16 @@ impl ZooModel {
 }
 
 impl ZooModel {
+    /// What another model must share with this one to take its place between two frames
+    /// (the `switch_model` command): task, classes and input preprocessing.
+    pub fn shape(&self) -> ModelShape {
+        ModelShape {
+            task: self.manifest.task.clone(),
+            labels: self.manifest.labels.clone(),
+            spec: self.preprocess_spec().ok(),
+        }
+    }
+
     /// Whether the model has a compiled int8 plan (`model.plan` beside the ONNX).
     pub fn has_plan(&self) -> bool {
         self.plan.is_some()

@@ -326,27 +326,15 @@ fn model_slots(model: &ModelArgs, pairs: &[String], running: &ZooModel) -> anyho
         });
     }
     let filled = std::array::from_fn(|i| by_slot[i].is_some());
-    let task = running.manifest.task.clone();
-    let labels = running.manifest.labels.clone();
-    let spec = running.preprocess_spec().ok();
+    let shape = running.shape();
     let load = move |slot: u8| -> Result<Box<dyn Backend + Send>, String> {
         let Some(Some(args)) = by_slot.get(usize::from(slot)) else {
             return Err(format!("slot {slot} is empty"));
         };
         let (model, backend, _) = load_backend(args).map_err(|e| format!("{e:#}"))?;
-        let new = &model.manifest;
-        if new.task != task || new.labels != labels {
-            return Err(format!(
-                "slot {slot} ({}) is a {} model for other classes",
-                args.model, new.task
-            ));
-        }
-        if model.preprocess_spec().ok() != spec {
-            return Err(format!(
-                "slot {slot} ({}) wants other input preprocessing",
-                args.model
-            ));
-        }
+        shape
+            .admits(&model)
+            .map_err(|why| format!("slot {slot}: {why}"))?;
         Ok(backend)
     };
     Ok(Slots {

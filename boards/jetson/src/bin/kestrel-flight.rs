@@ -299,22 +299,15 @@ fn slots(config: &FlightConfig, running: &ZooModel) -> anyhow::Result<Slots> {
     }
     let filled = std::array::from_fn(|i| names[i].is_some());
     let choice = config.model.backend.clone();
-    let (task, labels) = (
-        running.manifest.task.clone(),
-        running.manifest.labels.clone(),
-    );
-    let spec = running.preprocess_spec().ok();
+    let shape = running.shape();
     let load = move |slot: u8| -> Result<Box<dyn Backend + Send>, String> {
         let Some(Some(name)) = names.get(usize::from(slot)) else {
             return Err(format!("slot {slot} is empty"));
         };
         let (model, backend) = load_backend(name, &choice).map_err(|e| format!("{e:#}"))?;
-        let m = &model.manifest;
-        if m.task != task || m.labels != labels || model.preprocess_spec().ok() != spec {
-            return Err(format!(
-                "slot {slot} ({name}) does not fit the running model"
-            ));
-        }
+        shape
+            .admits(&model)
+            .map_err(|why| format!("slot {slot}: {why}"))?;
         log::info!("slot {slot} ({name}) loaded and checked");
         Ok(backend)
     };
