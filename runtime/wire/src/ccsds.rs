@@ -44,6 +44,12 @@ impl Framer {
         Self::default()
     }
 
+    /// The sequence count of `apid`.
+    fn count_of(&mut self, apid: u16) -> Result<&mut u16, WireError> {
+        let slot = slot_of_apid(apid).ok_or(WireError::NotTelemetry)?;
+        self.counts.get_mut(slot).ok_or(WireError::NotTelemetry)
+    }
+
     /// `message` as one packet at the front of `buf`; the packet's bytes. No allocation.
     pub fn frame<'b>(
         &mut self,
@@ -51,8 +57,7 @@ impl Framer {
         buf: &'b mut [u8],
     ) -> Result<&'b [u8], WireError> {
         let apid = message.id().info().apid;
-        let slot = slot_of_apid(apid).ok_or(WireError::NotTelemetry)?;
-        let count = self.counts.get_mut(slot).ok_or(WireError::NotTelemetry)?;
+        let count = self.count_of(apid)?;
         write_packet(buf, PacketType::Tm, apid, count, |data| {
             Ok(message.encode(data)?.len())
         })
@@ -71,8 +76,7 @@ impl Framer {
         let raw = u16::from_be_bytes([high, low]);
         let id = MessageId::from_u16(raw).ok_or(WireError::UnknownId(raw))?;
         let apid = id.info().apid;
-        let slot = slot_of_apid(apid).ok_or(WireError::NotTelemetry)?;
-        let count = self.counts.get_mut(slot).ok_or(WireError::NotTelemetry)?;
+        let count = self.count_of(apid)?;
         write_packet(buf, PacketType::Tm, apid, count, |data| {
             data.get_mut(..message.len())
                 .ok_or(WireError::BufferTooSmall)?
