@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # kestrel-flight built for the Jetson's CPU (aarch64) and run under qemu user-mode emulation:
-# both example configurations check out, and a spool of real EuroSAT chips is classified, ends
+# both example configurations check out; a spool of real EuroSAT chips is classified, ends
 # on SIGTERM with exit 0, and leaves a capture whose classifications and last health packet
-# `sim decode` reads. Called by .ci/run when qemu-aarch64-static and the cross linker exist.
+# `sim decode` reads; and `sim hil` drives it over the frame link (hardware in the loop, the
+# Jetson's CPU in emulation), every result equal to the same frames run in-process on this
+# machine. Called by .ci/run when qemu-aarch64-static and the cross linker exist.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build -q -p kestrel-jetson --bin kestrel-flight --target aarch64-unknown-linux-gnu
@@ -43,3 +45,29 @@ rivers=$(grep '"classification"' "$work/decoded.jsonl" | grep -c '"class":8,' ||
 grep -q '"health"' "$work/decoded.jsonl"
 echo "aarch64 kestrel-flight under qemu: $classified of $chips River chips classified, $rivers as River"
 [ "$classified" -eq "$chips" ] && [ "$rivers" -ge $((chips - 1)) ]
+
+# Hardware in the loop: 40 chips over loopback to the emulated board, MAVLink telemetry back.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+cat > "$work/hil.toml" <<TOML
+[model]
+name = "eurosat-rgb"
+[source]
+kind = "frame-link"
+listen = "127.0.0.1:$(free_port)"
+timeout_s = 60
+[downlink]
+telemetry = "mavlink"
+link = "tcp://127.0.0.1:$(free_port)"
+TOML
+RUST_LOG=warn target/debug/sim hil --spawn "$flight" --config "$work/hil.toml" --limit 40 \
+    --timeout-s 120 --report "$work/hil.json"
+python3 - "$work/hil.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+link, here = r["link"], r["in_process"]
+assert link["frames_sent"] == 40 and link["results_received"] == 40 and link["lost"] == 0, link
+assert here["compared"] == 40 and here["mismatches"] == 0, here
+print(f"aarch64 kestrel-flight under qemu, hardware in the loop: 40 of 40 results equal the "
+      f"in-process {here['backend']} run; top-1 {100 * r['top1']:.1f}%, "
+      f"round trip p50 {link['rtt_us']['p50'] / 1000:.1f} ms")
+PY

@@ -149,21 +149,66 @@ fn kind_name(kind: ProductKind) -> &'static str {
     }
 }
 
-struct Ground {
+/// What the ground does with each message besides writing its JSON line.
+pub type Observer = Box<dyn FnMut(&Telemetry) + Send>;
+
+/// The ground decoder: telemetry bytes in, a JSON line per message out, products joined.
+pub struct Ground {
     decoder: AnyDecoder,
     products: Reassembler,
     product_dir: Option<PathBuf>,
-    out: Box<dyn Write>,
+    out: Box<dyn Write + Send>,
     lines: u64,
+    observer: Option<Observer>,
+}
+
+/// What the ground counted of a stream: the decoder's counts, MAVLink messages that lost a
+/// segment, and products.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct GroundStats {
+    #[serde(flatten)]
+    pub stream: StreamStats,
+    pub lost_messages: u64,
+    pub products: ProductStats,
 }
 
 impl Ground {
+    /// A decoder for `framing` writing JSON lines to `out` and, with `product_dir`, each whole
+    /// product as a PNG there.
+    pub fn new(
+        framing: FramingArg,
+        product_dir: Option<PathBuf>,
+        out: Box<dyn Write + Send>,
+    ) -> Self {
+        let decoder = match framing {
+            FramingArg::Ccsds => AnyDecoder::Ccsds(Decoder::new()),
+            FramingArg::Mavlink => AnyDecoder::Mavlink(Box::new(MavlinkDecoder::new())),
+        };
+        Self {
+            decoder,
+            products: Reassembler::new(),
+            product_dir,
+            out,
+            lines: 0,
+            observer: None,
+        }
+    }
+
+    /// Also hand every decoded message to `observer`.
+    pub fn observe(mut self, observer: Observer) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     fn emit(&mut self, line: &Value) -> anyhow::Result<()> {
         self.lines += 1;
         writeln!(self.out, "{line}").context("cannot write the JSON lines")
     }
 
     fn message(&mut self, mut line: Value, message: &Telemetry) -> anyhow::Result<()> {
+        if let Some(observer) = &mut self.observer {
+            observer(message);
+        }
         line["message"] = message_json(message);
         self.emit(&line)?;
         if let Telemetry::ProductPart(part) = message {
@@ -200,7 +245,7 @@ impl Ground {
     }
 
     /// Take what whole packets or frames `stream` holds; the bytes used.
-    fn take(&mut self, stream: &[u8]) -> anyhow::Result<usize> {
+    pub fn take(&mut self, stream: &[u8]) -> anyhow::Result<usize> {
         let mut at = 0;
         loop {
             let rest = stream.get(at..).unwrap_or_default();
@@ -254,9 +299,11 @@ impl Ground {
         }
     }
 
-    fn finish(&mut self, rest: &[u8]) -> (StreamStats, u64, ProductStats) {
+    /// The end of the stream, with `rest` its undecoded bytes: the counts, and the JSON
+    /// lines flushed.
+    pub fn finish(&mut self, rest: &[u8]) -> anyhow::Result<GroundStats> {
         self.products.finish();
-        let (stats, lost) = match &mut self.decoder {
+        let (stream, lost_messages) = match &mut self.decoder {
             AnyDecoder::Ccsds(d) => {
                 d.finish(rest);
                 (d.stats, 0)
@@ -266,7 +313,14 @@ impl Ground {
                 (d.stats, d.lost_messages)
             }
         };
-        (stats, lost, self.products.stats)
+        let stats = GroundStats {
+            stream,
+            lost_messages,
+            products: self.products.stats,
+        };
+        self.emit(&json!({ "stats": stats }))?;
+        self.out.flush().context("cannot write the JSON lines")?;
+        Ok(stats)
     }
 }
 
@@ -296,24 +350,14 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create folder", dir.display()))?;
     }
-    let out: Box<dyn Write> = match &args.out {
+    let out: Box<dyn Write + Send> = match &args.out {
         Some(path) => Box::new(BufWriter::new(
             std::fs::File::create(path)
                 .with_context(|| format!("{}: cannot create", path.display()))?,
         )),
         None => Box::new(BufWriter::new(std::io::stdout())),
     };
-    let decoder = match args.telemetry {
-        FramingArg::Ccsds => AnyDecoder::Ccsds(Decoder::new()),
-        FramingArg::Mavlink => AnyDecoder::Mavlink(Box::new(MavlinkDecoder::new())),
-    };
-    let mut ground = Ground {
-        decoder,
-        products: Reassembler::new(),
-        product_dir: args.products.clone(),
-        out,
-        lines: 0,
-    };
+    let mut ground = Ground::new(args.telemetry, args.products.clone(), out);
     let commands = args
         .commands
         .iter()
@@ -336,42 +380,31 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         let used = ground.take(&buffer)?;
         buffer.drain(..used);
     }
-    let (stats, lost_messages, products) = ground.finish(&buffer);
-    let summary = json!({
-        "stats": {
-            "packets": stats.packets,
-            "messages": stats.messages,
-            "sequence_gaps": stats.sequence_gaps,
-            "out_of_order": stats.out_of_order,
-            "crc_failures": stats.crc_failures,
-            "truncated": stats.truncated,
-            "unknown_ids": stats.unknown_ids,
-            "malformed": stats.malformed,
-            "skipped_bytes": stats.skipped_bytes,
-            "lost_messages": lost_messages,
-            "products": products,
-        }
-    });
-    ground.emit(&summary)?;
-    ground.out.flush().context("cannot write the JSON lines")?;
-    eprintln!(
-        "sim decode: {} packets, {} messages, {} products whole ({} lost); {} sequence gaps, {} out of order, {} CRC failures, {} truncated, {} unknown ids, {} malformed, {} bytes skipped{}",
-        stats.packets,
-        stats.messages,
+    let stats = ground.finish(&buffer)?;
+    eprintln!("sim decode: {}", describe(&stats));
+    Ok(())
+}
+
+/// One line for people: what a stream held and what went wrong in it.
+pub fn describe(stats: &GroundStats) -> String {
+    let (s, products) = (stats.stream, stats.products);
+    format!(
+        "{} packets, {} messages, {} products whole ({} lost); {} sequence gaps, {} out of order, {} CRC failures, {} truncated, {} unknown ids, {} malformed, {} bytes skipped{}",
+        s.packets,
+        s.messages,
         products.complete,
         products.lost,
-        stats.sequence_gaps,
-        stats.out_of_order,
-        stats.crc_failures,
-        stats.truncated,
-        stats.unknown_ids,
-        stats.malformed,
-        stats.skipped_bytes,
-        if lost_messages > 0 {
-            format!(", {lost_messages} messages lost a segment")
+        s.sequence_gaps,
+        s.out_of_order,
+        s.crc_failures,
+        s.truncated,
+        s.unknown_ids,
+        s.malformed,
+        s.skipped_bytes,
+        if stats.lost_messages > 0 {
+            format!(", {} messages lost a segment", stats.lost_messages)
         } else {
             String::new()
         }
-    );
-    Ok(())
+    )
 }

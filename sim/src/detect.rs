@@ -91,6 +91,100 @@ pub struct EvalOptions {
     pub downlink: DownlinkArgs,
 }
 
+/// A detector's boxes against a COCO folder's.
+#[derive(Serialize)]
+pub struct CocoScores {
+    /// Ground-truth objects in the images scored.
+    pub objects: usize,
+    /// COCO mAP at IoU 0.5, 0..1.
+    pub map50: f64,
+    /// COCO mAP over IoU 0.50:0.05:0.95, 0..1.
+    pub map50_95: f64,
+    /// AP at IoU 0.5 per class (null: no ground truth of that class in these images).
+    pub per_class_ap50: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Score `scored` against the boxes of `images` of `dataset`.
+pub fn coco_scores(
+    dataset: &coco::Dataset,
+    images: &[&coco::Image],
+    scored: &[Scored],
+) -> CocoScores {
+    let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
+    let truths: Vec<Truth> = dataset
+        .truths
+        .iter()
+        .filter(|t| ids.contains(&t.image))
+        .copied()
+        .collect();
+    let categories: Vec<u64> = dataset.categories.iter().map(|c| c.0).collect();
+    let summary = coco::evaluate(&truths, scored, &categories);
+    let mut per_class_ap50 = serde_json::Map::new();
+    for (id, name) in &dataset.categories {
+        let ap = summary.per_category_ap50.get(id).copied().flatten();
+        per_class_ap50.insert(name.clone(), ap.into());
+    }
+    CocoScores {
+        objects: truths.len(),
+        map50: summary.map50,
+        map50_95: summary.map50_95,
+        per_class_ap50,
+    }
+}
+
+/// The dataset's category id for each of the model's labels, matched by name; an error when
+/// none matches.
+pub fn categories_of(
+    dataset: &coco::Dataset,
+    folder: &Path,
+    labels: &[String],
+) -> anyhow::Result<Vec<Option<u64>>> {
+    let category_of: Vec<Option<u64>> = labels
+        .iter()
+        .map(|l| {
+            dataset
+                .categories
+                .iter()
+                .find(|(_, name)| name == l)
+                .map(|c| c.0)
+        })
+        .collect();
+    if category_of.iter().all(Option::is_none) {
+        bail!(
+            "{}: none of the dataset's categories ({}) is one of the model's labels ({})",
+            folder.display(),
+            dataset
+                .categories
+                .iter()
+                .map(|c| c.1.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            labels.join(", ")
+        );
+    }
+    Ok(category_of)
+}
+
+/// The images of `dataset` in `split`; an error when there are none.
+pub fn split_images<'d>(
+    dataset: &'d coco::Dataset,
+    folder: &Path,
+    split: Split,
+) -> anyhow::Result<Vec<&'d coco::Image>> {
+    let images: Vec<&coco::Image> = dataset
+        .images
+        .iter()
+        .filter(|i| {
+            let name = i.path.file_name().map(|n| n.to_string_lossy());
+            name.is_some_and(|n| split.contains(&n))
+        })
+        .collect();
+    if images.is_empty() {
+        bail!("{}: no images in the {split:?} split", folder.display());
+    }
+    Ok(images)
+}
+
 #[derive(Serialize)]
 struct Report {
     model: String,
@@ -101,14 +195,8 @@ struct Report {
     split: String,
     /// Images scored (a failed image keeps its ground truth: its objects count as missed).
     images: usize,
-    /// Ground-truth objects in those images.
-    objects: usize,
-    /// COCO mAP at IoU 0.5, 0..1.
-    map50: f64,
-    /// COCO mAP over IoU 0.50:0.05:0.95, 0..1.
-    map50_95: f64,
-    /// AP at IoU 0.5 per class (null: no ground truth of that class in these images).
-    per_class_ap50: serde_json::Map<String, serde_json::Value>,
+    #[serde(flatten)]
+    scores: CocoScores,
     /// The model's float mAP@0.5 on its validation split, from its manifest.
     model_validation_map50: f64,
     score_threshold: f32,
@@ -138,47 +226,10 @@ struct Report {
 /// COCO mAP against its boxes, a summary on stdout and, if asked, a JSON report.
 pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let dataset = coco::load(&opts.dataset)?;
-    let images: Vec<&coco::Image> = dataset
-        .images
-        .iter()
-        .filter(|i| {
-            let name = i.path.file_name().map(|n| n.to_string_lossy());
-            name.is_some_and(|n| opts.split.contains(&n))
-        })
-        .collect();
-    if images.is_empty() {
-        bail!(
-            "{}: no images in the {:?} split",
-            opts.dataset.display(),
-            opts.split
-        );
-    }
+    let images = split_images(&dataset, &opts.dataset, opts.split)?;
     let mut detector = Detector::load(&opts.model)?;
     let labels = detector.loaded.model.manifest.labels.clone();
-    // The dataset's category id for each of the model's labels, matched by name.
-    let category_of: Vec<Option<u64>> = labels
-        .iter()
-        .map(|l| {
-            dataset
-                .categories
-                .iter()
-                .find(|(_, name)| name == l)
-                .map(|c| c.0)
-        })
-        .collect();
-    if category_of.iter().all(Option::is_none) {
-        bail!(
-            "{}: none of the dataset's categories ({}) is one of the model's labels ({})",
-            opts.dataset.display(),
-            dataset
-                .categories
-                .iter()
-                .map(|c| c.1.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            labels.join(", ")
-        );
-    }
+    let category_of = categories_of(&dataset, &opts.dataset, &labels)?;
     let backend_name = detector.loaded.backend.name();
     let plan_load_ms = detector.loaded.plan_load_ms;
     let model_name = detector.loaded.model.manifest.name.clone();
@@ -293,20 +344,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let uptime_us = (elapsed * 1e6) as u64;
     let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
 
-    let ids: Vec<u64> = images.iter().map(|i| i.id).collect();
-    let truths: Vec<Truth> = dataset
-        .truths
-        .iter()
-        .filter(|t| ids.contains(&t.image))
-        .copied()
-        .collect();
-    let categories: Vec<u64> = dataset.categories.iter().map(|c| c.0).collect();
-    let summary = coco::evaluate(&truths, &scored, &categories);
-    let mut per_class = serde_json::Map::new();
-    for (id, name) in &dataset.categories {
-        let ap = summary.per_category_ap50.get(id).copied().flatten();
-        per_class.insert(name.clone(), ap.into());
-    }
+    let scores = coco_scores(&dataset, &images, &scored);
     let mut errors = serde_json::Map::new();
     for kind in ErrorKind::ALL {
         errors.insert(kind.name().to_string(), health.errors(kind).into());
@@ -319,10 +357,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         dataset: opts.dataset.display().to_string(),
         split: format!("{:?}", opts.split).to_lowercase(),
         images: images.len(),
-        objects: truths.len(),
-        map50: summary.map50,
-        map50_95: summary.map50_95,
-        per_class_ap50: per_class,
+        scores,
         model_validation_map50: model_map50,
         score_threshold: config.score_threshold,
         nms_iou: config.nms_iou,
@@ -356,13 +391,14 @@ fn print_summary(r: &Report) {
         r.tile[0],
         r.tile[1],
         r.failures.len(),
-        r.objects
+        r.scores.objects
     );
     println!(
         "mAP         {:.3} at IoU 0.5, {:.3} at 0.50:0.95 ({} split of {}; the model's float validation mAP@0.5 is {:.3})",
-        r.map50, r.map50_95, r.split, r.dataset, r.model_validation_map50
+        r.scores.map50, r.scores.map50_95, r.split, r.dataset, r.model_validation_map50
     );
     let per_class: Vec<String> = r
+        .scores
         .per_class_ap50
         .iter()
         .filter_map(|(k, v)| v.as_f64().map(|v| format!("{k} {v:.2}")))

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kestrel_eval::dataset::scan_labelled;
+use kestrel_eval::dataset::{scan_labelled, LabelledImage};
 use kestrel_eval::Split;
 use kestrel_host::{decode_image, FolderSource, HostClock};
 use kestrel_runtime::health::ErrorKind;
@@ -93,12 +93,8 @@ struct Report {
     images: usize,
     /// Images that produced a classification.
     classified: u64,
-    /// Correct / images: a failed or dropped image counts as wrong.
-    top1: f64,
-    /// Recall per class (correct / images of that class).
-    per_class: serde_json::Map<String, serde_json::Value>,
-    /// Rows are the true class, columns the predicted class, in label order.
-    confusion: Vec<Vec<u64>>,
+    #[serde(flatten)]
+    scores: ClassScores,
     latency_us: Latency,
     throughput_fps: f64,
     elapsed_s: f64,
@@ -107,6 +103,65 @@ struct Report {
     failures: Vec<Failure>,
     /// The telemetry: bytes made and sent, the data-reduction ratio, the queue's counts.
     downlink: DownlinkReport,
+}
+
+/// A classifier's answers against the labels, counted as they come.
+pub struct Confusion {
+    /// Rows are the true class, columns the predicted class.
+    rows: Vec<Vec<u64>>,
+    correct: u64,
+}
+
+/// What [`Confusion`] comes to over a set of labelled images.
+#[derive(Serialize)]
+pub struct ClassScores {
+    /// Correct / images: a failed, dropped or lost image counts as wrong.
+    pub top1: f64,
+    /// Recall per class (correct / images of that class).
+    pub per_class: serde_json::Map<String, serde_json::Value>,
+    /// Rows are the true class, columns the predicted class, in label order.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+impl Confusion {
+    pub fn new(classes: usize) -> Self {
+        Self {
+            rows: vec![vec![0; classes]; classes],
+            correct: 0,
+        }
+    }
+
+    /// An image of class `truth` classified as `predicted`.
+    pub fn record(&mut self, truth: usize, predicted: u16) {
+        let last = self.rows.len().saturating_sub(1);
+        let predicted = usize::from(predicted).min(last);
+        if let Some(cell) = self.rows.get_mut(truth).and_then(|r| r.get_mut(predicted)) {
+            *cell += 1;
+        }
+        self.correct += u64::from(predicted == truth);
+    }
+
+    /// Correct answers so far.
+    pub fn correct(&self) -> u64 {
+        self.correct
+    }
+
+    /// The scores over `images` (each counted, answered or not), by `labels`.
+    pub fn scores(self, images: &[LabelledImage], labels: &[String]) -> ClassScores {
+        let mut per_class = serde_json::Map::new();
+        for (i, label) in labels.iter().enumerate() {
+            let total = images.iter().filter(|im| im.label == i).count();
+            let right = self.rows.get(i).and_then(|r| r.get(i)).copied();
+            if let (true, Some(right)) = (total > 0, right) {
+                per_class.insert(label.clone(), (right as f64 / total as f64).into());
+            }
+        }
+        ClassScores {
+            top1: self.correct as f64 / images.len().max(1) as f64,
+            per_class,
+            confusion: self.rows,
+        }
+    }
 }
 
 /// Progress on stderr: a rewritten line on a terminal, four lines otherwise.
@@ -184,11 +239,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         max_frame_samples: MAX_FRAME_SAMPLES,
     };
 
-    let classes = labels.len();
-    let mut confusion = vec![vec![0u64; classes]; classes];
+    let mut confusion = Confusion::new(labels.len());
     let mut latencies = Vec::with_capacity(images.len());
     let mut failures = Vec::new();
-    let (mut done, mut correct) = (0, 0);
+    let mut done = 0;
     let mut progress = Progress::new(images.len());
     let clock = HostClock::default();
     let started = Instant::now();
@@ -208,9 +262,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                         downlink.thumbnail(outcome.sequence, &rgb);
                     }
                 }
-                let predicted = usize::from(c.class()).min(classes - 1);
-                confusion[image.label][predicted] += 1;
-                correct += usize::from(predicted == image.label);
+                confusion.record(image.label, c.class());
                 latencies.push(outcome.latency_us);
                 None
             }
@@ -229,7 +281,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 reason,
             });
         }
-        let pct = 100.0 * correct as f64 / done.max(1) as f64;
+        let pct = 100.0 * confusion.correct() as f64 / done.max(1) as f64;
         progress.update(done, &format!("top-1 so far {pct:5.1}%"));
     });
     let elapsed = started.elapsed().as_secs_f64();
@@ -237,16 +289,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     latencies.sort_unstable();
     let uptime_us = (elapsed * 1e6) as u64;
     let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
-    let mut per_class = serde_json::Map::new();
-    for (i, label) in labels.iter().enumerate() {
-        let total: usize = images.iter().filter(|im| im.label == i).count();
-        if total > 0 {
-            per_class.insert(
-                label.clone(),
-                (confusion[i][i] as f64 / total as f64).into(),
-            );
-        }
-    }
     let mut errors = serde_json::Map::new();
     for kind in ErrorKind::ALL {
         errors.insert(kind.name().to_string(), health.errors(kind).into());
@@ -258,12 +300,10 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         plan_load_ms,
         dataset: opts.dataset.display().to_string(),
         split: format!("{:?}", opts.split).to_lowercase(),
+        scores: confusion.scores(&images, &labels),
         labels,
         images: images.len(),
         classified: health.frames_done,
-        top1: correct as f64 / images.len() as f64,
-        per_class,
-        confusion,
         latency_us: Latency::of_sorted(&latencies),
         throughput_fps: health.frames_done as f64 / elapsed.max(1e-9),
         elapsed_s: elapsed,
@@ -290,7 +330,7 @@ fn print_summary(r: &Report, validation_top1: f64) {
     );
     println!(
         "top-1       {:.2}% ({} split of {}; the model's validation top-1 is {:.2}%)",
-        100.0 * r.top1,
+        100.0 * r.scores.top1,
         r.split,
         r.dataset,
         100.0 * validation_top1

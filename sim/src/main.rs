@@ -2,12 +2,14 @@
 //!
 //! With no arguments it classifies the committed EuroSAT sample with the built-in model and
 //! prints a summary. `sim eval` scores a labelled dataset and writes a JSON report; `sim replay`
-//! runs a user's own images, tiling large ones, and writes per-tile class maps.
+//! runs a user's own images, tiling large ones, and writes per-tile class maps. `sim decode`
+//! reads telemetry on the ground; `sim hil` drives a board running `kestrel-flight`.
 
 mod decode;
 mod detect;
 mod draw;
 mod eval;
+mod hil;
 mod replay;
 
 use std::path::PathBuf;
@@ -54,6 +56,11 @@ enum Command {
     /// message and product, with sequence gaps, CRC failures, truncated packets and unknown ids
     /// counted at the end.
     Decode(decode::DecodeArgs),
+    /// Hardware in the loop: stream a dataset's frames to a board running kestrel-flight
+    /// (`--board tcp://HOST:PORT`, or `--spawn` one here) over the frame link, decode its
+    /// telemetry, score the results as `eval` does, compare each with the same model run
+    /// in-process, and report link statistics (sent, received, lost, late, round trip).
+    Hil(hil::HilArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -374,6 +381,7 @@ fn main() -> ExitCode {
         Some(Command::Eval(a)) => eval_command(a),
         Some(Command::Replay(a)) => replay::run(&a),
         Some(Command::Decode(a)) => decode::run(&a),
+        Some(Command::Hil(a)) => hil::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

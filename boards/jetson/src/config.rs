@@ -37,6 +37,9 @@ pub struct ModelConfig {
     /// `auto` (the plan on the CPU when there is one), `int8-cpu`, `tract` or `cuda`.
     #[serde(default = "auto")]
     pub backend: String,
+    /// Lowest score reported: a detector's boxes, or a classifier's results (default: every
+    /// classification, and the detector's own reporting threshold from its manifest).
+    pub score_threshold: Option<f32>,
 }
 
 fn auto() -> String {
@@ -173,6 +176,13 @@ impl FlightConfig {
                 self.model.backend
             ));
         }
+        if let Some(t) = self
+            .model
+            .score_threshold
+            .filter(|t| !(0.0..=1.0).contains(t))
+        {
+            return Err(format!("model.score_threshold = {t}: must be from 0 to 1"));
+        }
         match &self.source {
             SourceConfig::Spool { settle_s, .. } if !non_negative(*settle_s) => {
                 return Err(format!("source.settle_s = {settle_s}: must be 0 or more"));
@@ -259,5 +269,9 @@ mod tests {
         }
         let e = load("[model]\nname = \"x\"\n").unwrap_err().to_string();
         assert!(e.contains("source"), "{e}");
+        let e = load(&MINIMAL.replace("[source]", "score_threshold = 1.5\n[source]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.score_threshold = 1.5"), "{e}");
     }
 }

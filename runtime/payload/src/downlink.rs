@@ -190,6 +190,11 @@ fn open_link(spec: &str) -> anyhow::Result<(Box<dyn Write>, Option<TcpStream>)> 
     if let Some(address) = spec.strip_prefix("tcp://") {
         let stream = TcpStream::connect(address)
             .with_context(|| format!("--link {spec}: cannot connect to {address}"))?;
+        // Each packet leaves when it is written: Nagle's wait would add tens of milliseconds
+        // to a result's latency on the ground.
+        stream
+            .set_nodelay(true)
+            .with_context(|| format!("--link {spec}: cannot set TCP_NODELAY"))?;
         let back = stream
             .try_clone()
             .with_context(|| format!("--link {spec}: cannot read commands from it"))?;
@@ -355,25 +360,9 @@ impl Downlink {
             self.pump();
             return;
         }
-        let top = c
-            .top
-            .iter()
-            .take(TOP_K)
-            .map(|r| Ranked {
-                class: r.class,
-                score: r.probability,
-            })
-            .collect();
-        let message = Telemetry::Classification(Classification {
-            frame: frame as u32,
-            capture_us: self.now_us(),
-            tile,
-            class: c.class(),
-            score: c.confidence(),
-            top,
-        });
+        let message = classification_message(frame, tile, c, self.now_us());
         let worth = value(&self.priorities, c.class(), c.confidence());
-        self.offer(&[message], worth);
+        self.offer(&[Telemetry::Classification(message)], worth);
     }
 
     /// A frame's detections (best first) from the score threshold up, and a crop product of
@@ -387,28 +376,11 @@ impl Downlink {
             .copied()
             .collect();
         let found = found.as_slice();
-        let boxes: heapless::Vec<WireBox, MAX_BOXES> = found
-            .iter()
-            .take(MAX_BOXES)
-            .map(|d| WireBox {
-                x: d.x,
-                y: d.y,
-                w: d.w,
-                h: d.h,
-                class: d.class,
-                score: d.score,
-            })
-            .collect();
         let worth = found
             .iter()
             .map(|d| value(&self.priorities, d.class, d.score))
             .fold(0.0, f32::max);
-        let message = Telemetry::Detections(Detections {
-            frame: frame as u32,
-            capture_us: self.now_us(),
-            boxes,
-            left_out: found.len().saturating_sub(MAX_BOXES) as u32,
-        });
+        let message = Telemetry::Detections(detections_message(frame, found, self.now_us()));
         self.offer(&[message], worth);
         let Some(image) = image.filter(|_| !self.args.no_products) else {
             return;
@@ -556,6 +528,55 @@ impl Downlink {
             queue: self.queue.stats,
             link_error: self.link.error,
         }
+    }
+}
+
+/// The message a classified frame or tile goes down as (the best [`TOP_K`] classes).
+pub fn classification_message(
+    frame: u64,
+    tile: u16,
+    c: &RuntimeClassification,
+    capture_us: u64,
+) -> Classification {
+    let top = c
+        .top
+        .iter()
+        .take(TOP_K)
+        .map(|r| Ranked {
+            class: r.class,
+            score: r.probability,
+        })
+        .collect();
+    Classification {
+        frame: frame as u32,
+        capture_us,
+        tile,
+        class: c.class(),
+        score: c.confidence(),
+        top,
+    }
+}
+
+/// The message a frame's detections (best first) go down as: the first [`MAX_BOXES`], and a
+/// count of the rest.
+pub fn detections_message(frame: u64, found: &[Detection], capture_us: u64) -> Detections {
+    let boxes = found
+        .iter()
+        .take(MAX_BOXES)
+        .map(|d| WireBox {
+            x: d.x,
+            y: d.y,
+            w: d.w,
+            h: d.h,
+            class: d.class,
+            score: d.score,
+        })
+        .collect();
+    Detections {
+        frame: frame as u32,
+        capture_us,
+        boxes,
+        left_out: found.len().saturating_sub(MAX_BOXES) as u32,
     }
 }
 

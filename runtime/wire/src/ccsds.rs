@@ -127,7 +127,7 @@ fn write_packet<'b>(
 }
 
 /// What a decoder has seen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StreamStats {
     /// Packets with a good CRC.
     pub packets: u64,

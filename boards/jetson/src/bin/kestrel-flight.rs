@@ -159,6 +159,11 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     let mut downlink = Downlink::new(&config.downlink, &labels)?;
     downlink.listen_for_commands(slots(config, &model)?, switch, &[])?;
     let controls = downlink.controls();
+    if let (Some(threshold), Ok(mut min_score)) =
+        (config.model.score_threshold, controls.min_score.lock())
+    {
+        *min_score = Some(threshold);
+    }
 
     // The hardware watchdog, if configured, and systemd's (a `Type=notify` unit with
     // `WatchdogSec=`), fed from one thread while the process runs.
@@ -216,9 +221,12 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     let mut input = vec![0.0; spec.input_len()];
     let mut output = vec![0.0; backend.output_len()];
     let health = if model.manifest.task == "detect" {
-        let Some(detector) = model.detector_config() else {
+        let Some(mut detector) = model.detector_config() else {
             bail!("model {} has no detector configuration", model.origin);
         };
+        if let Some(threshold) = config.model.score_threshold {
+            detector.score_threshold = threshold;
+        }
         let step =
             DetectorStep::<_, TILE_CAP>::new(backend, spec, detector, &mut input, &mut output)?;
         run_pipeline(source, step, &clock, pipeline, |o| {
@@ -265,7 +273,9 @@ struct Tally {
 }
 
 impl Tally {
-    /// Count `o`'s frame, ask for health when it is due, and hand back its result.
+    /// Count `o`'s frame, ask for health when it is due, and hand back its result with the
+    /// frame's own sequence number (the bench's, over a frame link), so that the ground can
+    /// match results to the frames it sent.
     fn take<T>(&mut self, downlink: &mut Downlink, o: Outcome<String, T>) -> Option<(u64, T)> {
         downlink.frame_in(o.frame_bytes);
         if !self.health_every.is_zero() && self.last_health.elapsed() >= self.health_every {
@@ -278,7 +288,7 @@ impl Tally {
         match o.result {
             Ok(result) => {
                 self.latencies.push(o.latency_us);
-                Some((o.sequence, result))
+                Some((o.meta.map_or(o.sequence, |m| m.sequence), result))
             }
             Err(FrameFailure::Dropped) => None,
             Err(e) => {

@@ -1,0 +1,848 @@
+//! `sim hil`: hardware in the loop. `sim` plays the test bench: it streams a dataset's frames
+//! to a board running `kestrel-flight` over the frame link, reads the board's telemetry with the
+//! ground decoder, scores what comes back as `sim eval` does, and checks every result against
+//! the same model run here in-process on the same backend.
+//!
+//! The board's flight configuration is the one file both sides read: its `[source]` is a
+//! `frame-link` (where the bench connects), its `[downlink] link` is `tcp://HOST:PORT` (where
+//! the bench listens for telemetry), and its `[model]` is what the bench runs in-process.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::ValueEnum;
+use kestrel_eval::coco::{self, Scored};
+use kestrel_eval::dataset::{scan_labelled, LabelledImage};
+use kestrel_eval::Split;
+use kestrel_hal::{Frame, FrameMeta};
+use kestrel_host::frame_link::send_frame;
+use kestrel_host::{decode_image, FolderSource, HostClock};
+use kestrel_jetson::config::{FlightConfig, SourceConfig};
+use kestrel_payload::downlink::{classification_message, detections_message};
+use kestrel_runtime::step::{ClassifierStep, DetectorStep};
+use kestrel_runtime::threaded::{run_pipeline, DropPolicy, PipelineConfig};
+use kestrel_wire::message::{Classification, Detections, Health};
+use kestrel_wire::Telemetry;
+use models::ZooModel;
+use serde::Serialize;
+
+use crate::decode::{describe, Ground, GroundStats};
+use crate::detect::{self, CocoScores, FrameDetections, TILE_CAP};
+use crate::eval::{ClassScores, Confusion, Failure, Latency, Progress};
+use crate::{BackendChoice, ModelArgs, SplitArg};
+
+#[derive(clap::Args)]
+pub struct HilArgs {
+    /// The board's flight configuration (see boards/jetson/flight-*.toml). Its [source] must
+    /// be a frame-link and its [downlink] link tcp://HOST:PORT; the bench runs its [model]
+    /// in-process to check the board's results.
+    #[arg(long)]
+    config: PathBuf,
+    /// A board already running kestrel-flight with that configuration: its frame link,
+    /// tcp://HOST:PORT. Start `sim hil` first: the board connects its telemetry at start.
+    #[arg(
+        long,
+        value_name = "tcp://HOST:PORT",
+        required_unless_present = "spawn"
+    )]
+    board: Option<String>,
+    /// Start the board here instead: the kestrel-flight binary, after any program that runs
+    /// it, split at spaces (`--spawn "qemu-aarch64-static -L /usr/aarch64-linux-gnu PATH"`
+    /// for an aarch64 build). `--config FILE` is added to its arguments; it is stopped at
+    /// the end if it has not stopped by itself.
+    #[arg(long, value_name = "COMMAND", conflicts_with = "board")]
+    spawn: Option<String>,
+    /// Listen here for the board's telemetry [default: the configuration's [downlink] link].
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// classify: one sub-folder of images per class; detect: a COCO folder [default: the
+    /// committed sample for the model's task].
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// Which part of the dataset to stream.
+    #[arg(long, value_enum, default_value_t = SplitArg::All)]
+    split: SplitArg,
+    /// Stream at most this many frames.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Frames per second sent to the board; 0 = as fast as the link takes them.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// A result arriving later than this after its frame was sent is counted as late.
+    #[arg(long, default_value_t = 1000)]
+    deadline_ms: u64,
+    /// Seconds to wait for the board to connect, to take a frame, or to send anything after
+    /// the last frame, before it is reported silent.
+    #[arg(long, default_value_t = 30.0)]
+    timeout_s: f64,
+    /// Skip the in-process run that each of the board's results is compared with.
+    #[arg(long)]
+    no_compare: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write every telemetry message received as a JSON line here (as `sim decode` does).
+    #[arg(long)]
+    telemetry_log: Option<PathBuf>,
+}
+
+/// A frame's result as the telemetry carries it, with the board's capture time zeroed so that
+/// a board's and an in-process run's compare equal.
+#[derive(Clone, Debug, PartialEq)]
+enum Answer {
+    Class(Classification),
+    Boxes(Box<Detections>),
+}
+
+impl Answer {
+    fn of(message: &Telemetry) -> Option<(u32, Self)> {
+        match message {
+            Telemetry::Classification(c) if c.tile == 0 => Some((
+                c.frame,
+                Self::Class(Classification {
+                    capture_us: 0,
+                    ..c.clone()
+                }),
+            )),
+            Telemetry::Detections(d) => Some((
+                d.frame,
+                Self::Boxes(Box::new(Detections {
+                    capture_us: 0,
+                    ..d.clone()
+                })),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The frames streamed, and the truth they are scored against.
+enum Truth {
+    Labels(Vec<LabelledImage>),
+    Boxes {
+        dataset: coco::Dataset,
+        /// Indices into `dataset.images` of the frames, in order.
+        images: Vec<usize>,
+        category_of: Vec<Option<u64>>,
+    },
+}
+
+impl Truth {
+    fn load(
+        model: &ZooModel,
+        folder: &Path,
+        split: SplitArg,
+        limit: Option<usize>,
+    ) -> anyhow::Result<Self> {
+        let limit = limit.unwrap_or(usize::MAX);
+        let labels = &model.manifest.labels;
+        if model.manifest.task == "detect" {
+            let dataset = coco::load(folder)?;
+            let chosen = detect::split_images(&dataset, folder, split.into())?;
+            let images: Vec<usize> = dataset
+                .images
+                .iter()
+                .enumerate()
+                .filter(|(_, image)| chosen.iter().any(|c| c.id == image.id))
+                .map(|(i, _)| i)
+                .take(limit)
+                .collect();
+            let category_of = detect::categories_of(&dataset, folder, labels)?;
+            return Ok(Self::Boxes {
+                dataset,
+                images,
+                category_of,
+            });
+        }
+        let mut images = scan_labelled(folder, labels, split.into())?;
+        images.truncate(limit);
+        Ok(Self::Labels(images))
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Labels(images) => images.iter().map(|i| i.path.clone()).collect(),
+            Self::Boxes {
+                dataset, images, ..
+            } => images
+                .iter()
+                .filter_map(|&i| dataset.images.get(i))
+                .map(|i| i.path.clone())
+                .collect(),
+        }
+    }
+
+    /// Score the board's answers, by frame.
+    fn score(&self, answers: &[Option<Received>], labels: &[String]) -> Scores {
+        match self {
+            Self::Labels(images) => {
+                let mut confusion = Confusion::new(labels.len());
+                for (image, received) in images.iter().zip(answers) {
+                    if let Some(Answer::Class(c)) = received.as_ref().map(|r| &r.answer) {
+                        confusion.record(image.label, c.class);
+                    }
+                }
+                Scores::Classify(confusion.scores(images, labels))
+            }
+            Self::Boxes {
+                dataset,
+                images,
+                category_of,
+            } => {
+                let mut scored = Vec::new();
+                for (&index, received) in images.iter().zip(answers) {
+                    let (Some(image), Some(Answer::Boxes(d))) = (
+                        dataset.images.get(index),
+                        received.as_ref().map(|r| &r.answer),
+                    ) else {
+                        continue;
+                    };
+                    for b in &d.boxes {
+                        if let Some(Some(category)) = category_of.get(usize::from(b.class)) {
+                            scored.push(Scored {
+                                image: image.id,
+                                category: *category,
+                                bbox: [b.x, b.y, b.w, b.h].map(f64::from),
+                                score: f64::from(b.score),
+                            });
+                        }
+                    }
+                }
+                let chosen: Vec<&coco::Image> = images
+                    .iter()
+                    .filter_map(|&i| dataset.images.get(i))
+                    .collect();
+                Scores::Detect(detect::coco_scores(dataset, &chosen, &scored))
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Scores {
+    Classify(ClassScores),
+    Detect(CocoScores),
+}
+
+/// A result from the board and when it arrived.
+struct Received {
+    answer: Answer,
+    at: Instant,
+}
+
+/// What crossed the link, and how long results took.
+#[derive(Serialize)]
+struct LinkStats {
+    /// Frames offered to the link (the dataset's, up to --limit).
+    frames: usize,
+    /// Frames the board took whole.
+    frames_sent: usize,
+    /// Results that came back for frames sent.
+    results_received: usize,
+    /// Frames sent that got no result.
+    lost: usize,
+    /// Results that came back later than the deadline.
+    late: usize,
+    deadline_ms: u64,
+    /// Second results for a frame, and results for frames never sent.
+    duplicates: usize,
+    unexpected: usize,
+    /// From a frame's first byte sent to its result decoded on the ground, microseconds.
+    rtt_us: Latency,
+    /// What the ground decoder counted on the telemetry stream.
+    telemetry: GroundStats,
+    /// The board's last health snapshot.
+    board_health: Option<Health>,
+    /// How the link ended when it did not end cleanly (the board disconnected or fell silent).
+    ended: Option<String>,
+    /// A spawned board's exit status.
+    board_exit: Option<String>,
+}
+
+/// The same frames through the same model in-process, and how they compare.
+#[derive(Serialize)]
+struct Comparison {
+    backend: String,
+    /// Frames with a result from both.
+    compared: usize,
+    /// Of those, frames whose results differ in any field.
+    mismatches: usize,
+    /// The first few that differ, each as both results.
+    differing: Vec<String>,
+    /// Per frame in-process: preprocessing, model, postprocessing.
+    latency_us: Latency,
+    throughput_fps: f64,
+    elapsed_s: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    model_origin: String,
+    /// The backend the configuration asks for.
+    backend: String,
+    /// Where the board was: its frame link, or the command that started it.
+    board: String,
+    dataset: String,
+    split: String,
+    labels: Vec<String>,
+    /// Frames streamed.
+    images: usize,
+    #[serde(flatten)]
+    scores: Scores,
+    /// Round trip per frame: the link, the board's queue and inference, and the telemetry.
+    latency_us: Latency,
+    /// Results received per second over the run.
+    throughput_fps: f64,
+    elapsed_s: f64,
+    /// Images the bench could not read (they were not sent).
+    failures: Vec<Failure>,
+    link: LinkStats,
+    in_process: Option<Comparison>,
+}
+
+/// A spawned board, stopped when dropped if it is still running.
+struct Board(Option<Child>);
+
+impl Board {
+    /// Why the board is gone, if it is.
+    fn exited(&mut self) -> Option<String> {
+        let child = self.0.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Wait up to `grace` for it to end, then stop it; its exit status.
+    fn finish(&mut self, grace: Duration) -> Option<String> {
+        let mut child = self.0.take()?;
+        let started = Instant::now();
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Some(status.to_string()),
+                Ok(None) if started.elapsed() < grace => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let status = child.wait().map(|s| s.to_string());
+                    return Some(format!(
+                        "killed after {grace:?}: {}",
+                        status.unwrap_or_else(|e| e.to_string())
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Board {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Accept the board's telemetry connection within `timeout`, unless the board dies first.
+fn accept(
+    listener: &TcpListener,
+    timeout: Duration,
+    board: &mut Board,
+) -> anyhow::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let started = Instant::now();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).context("accepting the board's telemetry"),
+        }
+        if let Some(status) = board.exited() {
+            bail!("the board exited ({status}) before connecting its telemetry; its log is above");
+        }
+        if started.elapsed() >= timeout {
+            bail!(
+                "the board did not connect its telemetry to {} within {timeout:?}",
+                listener.local_addr()?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Connect to the board's frame link, retrying while it starts, within `timeout`.
+fn connect(address: &str, timeout: Duration, board: &mut Board) -> anyhow::Result<TcpStream> {
+    let started = Instant::now();
+    loop {
+        let last = match address.to_socket_addrs() {
+            Ok(mut addrs) => match addrs.next() {
+                Some(a) => match TcpStream::connect_timeout(&a, Duration::from_secs(1)) {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => e.to_string(),
+                },
+                None => format!("{address} names no address"),
+            },
+            Err(e) => format!("{address}: {e}"),
+        };
+        if let Some(status) = board.exited() {
+            bail!("the board exited ({status}) before its frame link opened; its log is above");
+        }
+        if started.elapsed() >= timeout {
+            bail!("cannot reach the board's frame link at {address} within {timeout:?}: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Read the telemetry until the board closes it, fails, or says nothing for `silence` after
+/// the last frame was sent; how it ended when not cleanly, and the ground's counts.
+fn receive(
+    mut stream: TcpStream,
+    mut ground: Ground,
+    sent_all: &AtomicBool,
+    silence: Duration,
+) -> anyhow::Result<(GroundStats, Option<String>)> {
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let (mut buffer, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
+    let mut heard = Instant::now();
+    let ended = loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break None,
+            Ok(n) => {
+                heard = Instant::now();
+                buffer.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                let used = ground.take(&buffer)?;
+                buffer.drain(..used);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if sent_all.load(Ordering::Relaxed) && heard.elapsed() >= silence {
+                    break Some(format!(
+                        "the board sent nothing for {silence:?} after the last frame"
+                    ));
+                }
+            }
+            Err(e) => break Some(format!("telemetry link: {e}")),
+        }
+    };
+    Ok((ground.finish(&buffer)?, ended))
+}
+
+/// The address to reach a board listening on `listen` from this machine: a wildcard
+/// (`0.0.0.0`, `[::]`) becomes loopback.
+fn loopback(listen: &str) -> String {
+    match listen.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]" | "", port)) => format!("127.0.0.1:{port}"),
+        _ => listen.to_string(),
+    }
+}
+
+pub fn run(args: &HilArgs) -> anyhow::Result<()> {
+    let config = FlightConfig::load(&args.config)?;
+    let config_name = args.config.display();
+    let SourceConfig::FrameLink {
+        listen: board_listen,
+        ..
+    } = &config.source
+    else {
+        bail!("{config_name}: [source] kind must be \"frame-link\" for hardware in the loop");
+    };
+    let Some(telemetry_at) = config
+        .downlink
+        .link
+        .as_deref()
+        .and_then(|l| l.strip_prefix("tcp://"))
+    else {
+        bail!("{config_name}: [downlink] link must be tcp://HOST:PORT, where the bench listens for the board's telemetry");
+    };
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be 0 or more");
+    }
+    if !(args.timeout_s > 0.0 && args.timeout_s.is_finite()) {
+        bail!("--timeout-s must be more than 0");
+    }
+    let timeout = Duration::from_secs_f64(args.timeout_s);
+    let spawn: Vec<&str> = args
+        .spawn
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .collect();
+    let (board_at, board_name) = match (&args.board, spawn.first()) {
+        (Some(board), _) => {
+            let Some(address) = board.strip_prefix("tcp://") else {
+                bail!("--board {board}: expected tcp://HOST:PORT");
+            };
+            (address.to_string(), board.clone())
+        }
+        (None, Some(_)) => (loopback(board_listen), spawn.join(" ")),
+        (None, None) => bail!("give --board tcp://HOST:PORT or --spawn PROGRAM"),
+    };
+    let listen_at = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| telemetry_at.to_string());
+
+    let model = ZooModel::load(&config.model.name)?;
+    let labels = model.manifest.labels.clone();
+    let dataset = args.dataset.clone().unwrap_or_else(|| {
+        crate::sample_dataset(if model.manifest.task == "detect" {
+            "nwpu-vhr10"
+        } else {
+            "eurosat-rgb"
+        })
+    });
+    let truth = Truth::load(&model, &dataset, args.split, args.limit)?;
+    let files = truth.files();
+
+    let listener = TcpListener::bind(&listen_at)
+        .with_context(|| format!("cannot listen for the board's telemetry on {listen_at}"))?;
+    let mut board = Board(None);
+    if let Some((program, rest)) = spawn.split_first() {
+        let child = Command::new(program)
+            .args(rest)
+            .arg("--config")
+            .arg(&args.config)
+            .spawn()
+            .with_context(|| format!("cannot start the board: {}", spawn.join(" ")))?;
+        board.0 = Some(child);
+    }
+    eprintln!(
+        "sim hil: {} frames of {} to {board_name}, telemetry on {listen_at}",
+        files.len(),
+        dataset.display()
+    );
+    let telemetry = accept(&listener, timeout, &mut board)?;
+    let mut link = connect(&board_at, timeout, &mut board)?;
+    link.set_nodelay(true)?;
+    link.set_write_timeout(Some(timeout))?;
+
+    let (results, arrivals) = mpsc::channel();
+    let log: Box<dyn Write + Send> = match &args.telemetry_log {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("{}: cannot create", path.display()))?,
+        )),
+        None => Box::new(std::io::sink()),
+    };
+    let ground = Ground::new(config.downlink.telemetry, None, log).observe(Box::new(
+        move |message: &Telemetry| {
+            if matches!(
+                message,
+                Telemetry::Classification(_) | Telemetry::Detections(_) | Telemetry::Health(_)
+            ) {
+                let _ = results.send((Instant::now(), message.clone()));
+            }
+        },
+    ));
+    let sent_all = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let sent_all = Arc::clone(&sent_all);
+        std::thread::spawn(move || receive(telemetry, ground, &sent_all, timeout))
+    };
+
+    let started = Instant::now();
+    let mut sent_at: Vec<Option<Instant>> = vec![None; files.len()];
+    let mut failures = Vec::new();
+    let mut ended = None;
+    let mut progress = Progress::new(files.len());
+    for (sequence, path) in files.iter().enumerate() {
+        if args.rate > 0.0 {
+            let due = started + Duration::from_secs_f64(sequence as f64 / args.rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let image = match decode_image(path) {
+            Ok(image) => image,
+            Err(e) => {
+                failures.push(Failure {
+                    file: path.display().to_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let frame = Frame {
+            geometry: image.geometry,
+            meta: FrameMeta {
+                sequence: sequence as u64,
+                capture_us: started.elapsed().as_micros() as u64,
+                ..FrameMeta::default()
+            },
+        };
+        let at = Instant::now();
+        if let Err(e) = send_frame(&mut link, &frame, &image.samples) {
+            let sent = sent_at.iter().flatten().count();
+            ended = Some(format!(
+                "the board stopped taking frames after {sent} of {}: {e}",
+                files.len()
+            ));
+            break;
+        }
+        sent_at[sequence] = Some(at);
+        progress.update(sequence + 1, "sent");
+    }
+    // The end of the stream tells the board to drain its queues and send its last health.
+    let _ = link.shutdown(Shutdown::Write);
+    sent_all.store(true, Ordering::Relaxed);
+    let (telemetry, link_ended) = match receiver.join() {
+        Ok(result) => result?,
+        Err(_) => bail!("the telemetry thread failed"),
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    let board_exit = board.finish(timeout);
+    let ended = ended.or(link_ended);
+
+    // Results by frame, the first of each; later ones and ones for frames never sent counted.
+    let mut answers: Vec<Option<Received>> = (0..files.len()).map(|_| None).collect();
+    let (mut duplicates, mut unexpected, mut board_health) = (0, 0, None);
+    for (at, message) in arrivals.try_iter() {
+        if let Telemetry::Health(h) = message {
+            board_health = Some(h);
+            continue;
+        }
+        let Some((frame, answer)) = Answer::of(&message) else {
+            continue;
+        };
+        let frame = frame as usize;
+        match answers.get_mut(frame) {
+            Some(slot @ None) if sent_at.get(frame).is_some_and(Option::is_some) => {
+                *slot = Some(Received { answer, at })
+            }
+            Some(Some(_)) => duplicates += 1,
+            _ => unexpected += 1,
+        }
+    }
+    let deadline = Duration::from_millis(args.deadline_ms);
+    let mut rtts: Vec<u64> = sent_at
+        .iter()
+        .zip(&answers)
+        .filter_map(|(sent, received)| {
+            let rtt = received.as_ref()?.at.checked_duration_since((*sent)?)?;
+            Some(rtt.as_micros() as u64)
+        })
+        .collect();
+    rtts.sort_unstable();
+    let frames_sent = sent_at.iter().flatten().count();
+    let results_received = answers.iter().flatten().count();
+    let link_stats = LinkStats {
+        frames: files.len(),
+        frames_sent,
+        results_received,
+        lost: frames_sent - results_received,
+        late: rtts
+            .iter()
+            .filter(|&&us| us > deadline.as_micros() as u64)
+            .count(),
+        deadline_ms: args.deadline_ms,
+        duplicates,
+        unexpected,
+        rtt_us: Latency::of_sorted(&rtts),
+        telemetry,
+        board_health,
+        ended,
+        board_exit,
+    };
+
+    let in_process = if args.no_compare {
+        None
+    } else {
+        eprintln!("sim hil: the same frames in-process, to compare");
+        Some(compare(&config, &files, &answers)?)
+    };
+    let report = Report {
+        model: model.manifest.name.clone(),
+        model_origin: model.origin.clone(),
+        backend: config.model.backend.clone(),
+        board: board_name,
+        dataset: dataset.display().to_string(),
+        split: format!("{:?}", Split::from(args.split)).to_lowercase(),
+        scores: truth.score(&answers, &labels),
+        labels,
+        images: files.len(),
+        latency_us: Latency::of_sorted(&rtts),
+        throughput_fps: results_received as f64 / elapsed.max(1e-9),
+        elapsed_s: elapsed,
+        failures,
+        link: link_stats,
+        in_process,
+    };
+    print_summary(&report);
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("{}: cannot write report", path.display()))?;
+        eprintln!("report written to {}", path.display());
+    }
+    if let Some(c) = report.in_process.as_ref().filter(|c| c.mismatches > 0) {
+        bail!(
+            "{} of {} frames differ between the board and the in-process run: {}",
+            c.mismatches,
+            c.compared,
+            c.differing.first().map_or("", String::as_str)
+        );
+    }
+    if let Some(ended) = &report.link.ended {
+        bail!("the run did not end cleanly: {ended}");
+    }
+    Ok(())
+}
+
+/// Run `files` through the configuration's model here, as the board does (the same step,
+/// threshold and backend choice; nothing dropped), and compare each result with the board's.
+fn compare(
+    config: &FlightConfig,
+    files: &[PathBuf],
+    board: &[Option<Received>],
+) -> anyhow::Result<Comparison> {
+    let backend = BackendChoice::from_str(&config.model.backend, false)
+        .map_err(|e| anyhow::anyhow!("model.backend: {e}"))?;
+    let (model, backend, _) = crate::load_backend(&ModelArgs {
+        model: config.model.name.clone(),
+        backend,
+    })?;
+    let backend_name = backend.name().to_string();
+    let spec = model.preprocess_spec()?;
+    let pipeline = PipelineConfig {
+        queue_depth: config.pipeline.queue_depth,
+        drop_policy: DropPolicy::Block,
+        max_frame_samples: config.pipeline.max_frame_pixels.saturating_mul(4),
+    };
+    let threshold = config.model.score_threshold.unwrap_or(f32::MIN);
+    let source = FolderSource::new(files.to_vec());
+    let clock = HostClock::default();
+    let mut here: Vec<Option<Answer>> = vec![None; files.len()];
+    let mut latencies = Vec::with_capacity(files.len());
+    let mut input = vec![0.0; spec.input_len()];
+    let mut output = vec![0.0; backend.output_len()];
+    let started = Instant::now();
+    if let (Some(mut detector), "detect") = (model.detector_config(), model.manifest.task.as_str())
+    {
+        if let Some(t) = config.model.score_threshold {
+            detector.score_threshold = t;
+        }
+        let step =
+            DetectorStep::<_, TILE_CAP>::new(backend, spec, detector, &mut input, &mut output)?;
+        run_pipeline(source, step, &clock, pipeline, |o| {
+            let found: FrameDetections = match o.result {
+                Ok(found) => found,
+                Err(_) => return,
+            };
+            latencies.push(o.latency_us);
+            let kept: Vec<_> = found
+                .as_slice()
+                .iter()
+                .filter(|d| d.score >= threshold)
+                .copied()
+                .collect();
+            if let Some(slot) = here.get_mut(o.sequence as usize) {
+                *slot = Some(Answer::Boxes(Box::new(detections_message(
+                    o.sequence, &kept, 0,
+                ))));
+            }
+        });
+    } else {
+        let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
+        run_pipeline(source, step, &clock, pipeline, |o| {
+            let Ok(c) = o.result else {
+                return;
+            };
+            latencies.push(o.latency_us);
+            if let Some(slot) = here
+                .get_mut(o.sequence as usize)
+                .filter(|_| c.confidence() >= threshold)
+            {
+                *slot = Some(Answer::Class(classification_message(o.sequence, 0, &c, 0)));
+            }
+        });
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let (mut compared, mut mismatches, mut differing) = (0, 0, Vec::new());
+    for (frame, (board, here)) in board.iter().zip(&here).enumerate() {
+        let (Some(board), Some(here)) = (board, here) else {
+            continue;
+        };
+        compared += 1;
+        if board.answer != *here {
+            mismatches += 1;
+            if differing.len() < 10 {
+                differing.push(format!(
+                    "frame {frame}: board {:?}, in-process {here:?}",
+                    board.answer
+                ));
+            }
+        }
+    }
+    Ok(Comparison {
+        backend: backend_name,
+        compared,
+        mismatches,
+        differing,
+        latency_us: Latency::of_sorted(&latencies),
+        throughput_fps: latencies.len() as f64 / elapsed.max(1e-9),
+        elapsed_s: elapsed,
+    })
+}
+
+fn print_summary(r: &Report) {
+    let l = &r.link;
+    println!(
+        "frames      {} sent of {}, {} results back, {} lost, {} late (over {} ms), {} failed to read",
+        l.frames_sent,
+        l.frames,
+        l.results_received,
+        l.lost,
+        l.late,
+        l.deadline_ms,
+        r.failures.len()
+    );
+    match &r.scores {
+        Scores::Classify(s) => println!(
+            "top-1       {:.2}% ({} split of {}, scored from the board's telemetry)",
+            100.0 * s.top1,
+            r.split,
+            r.dataset
+        ),
+        Scores::Detect(s) => println!(
+            "mAP         {:.3} at IoU 0.5, {:.3} at 0.50:0.95 ({} split of {}, from the board's telemetry)",
+            s.map50, s.map50_95, r.split, r.dataset
+        ),
+    }
+    println!(
+        "round trip  p50 {:.2} ms, p99 {:.2} ms per frame (send, board, telemetry)",
+        r.latency_us.p50 as f64 / 1000.0,
+        r.latency_us.p99 as f64 / 1000.0
+    );
+    println!(
+        "throughput  {:.1} results/s over {:.2} s",
+        r.throughput_fps, r.elapsed_s
+    );
+    println!("telemetry   {}", describe(&l.telemetry));
+    if let Some(c) = &r.in_process {
+        println!(
+            "in-process  {} of {} frames equal the board's ({} backend here: p50 {:.2} ms per frame, {:.1} frames/s)",
+            c.compared - c.mismatches,
+            c.compared,
+            c.backend,
+            c.latency_us.p50 as f64 / 1000.0,
+            c.throughput_fps
+        );
+    }
+    if let Some(exit) = &l.board_exit {
+        println!("board       exited: {exit}");
+    }
+}

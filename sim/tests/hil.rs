@@ -1,0 +1,223 @@
+//! `sim hil` against a real `kestrel-flight` on loopback (the classifier on the committed
+//! EuroSAT sample, the detector on two NWPU VHR-10 scenes): every frame's result comes back
+//! over the telemetry, equals the in-process run's, and is scored; and against a board that
+//! disconnects or falls silent mid-run, which is reported with the frames affected, in bounded
+//! time, with the report still written.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// `kestrel-flight`, built now so that the test never runs a stale one.
+fn flight_binary() -> PathBuf {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "kestrel-jetson",
+            "--bin",
+            "kestrel-flight",
+        ])
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "kestrel-flight builds");
+    let sim = PathBuf::from(env!("CARGO_BIN_EXE_sim"));
+    sim.with_file_name("kestrel-flight")
+}
+
+/// A port free on loopback now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A flight configuration for `model` on frame-link and telemetry ports of its own.
+fn config(dir: &Path, model: &str, framing: &str) -> (PathBuf, u16) {
+    let (frames, telemetry) = (free_port(), free_port());
+    let path = dir.join(format!("{model}-{framing}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[model]\nname = \"{model}\"\n\
+             [source]\nkind = \"frame-link\"\nlisten = \"127.0.0.1:{frames}\"\ntimeout_s = 20\n\
+             [downlink]\ntelemetry = \"{framing}\"\nlink = \"tcp://127.0.0.1:{telemetry}\"\n\
+             [health]\ninterval_s = 0.5\n"
+        ),
+    )
+    .unwrap();
+    (path, frames)
+}
+
+fn sim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("sim runs")
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_spawned_board_classifies_every_frame_as_the_in_process_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let flight = flight_binary();
+    for framing in ["ccsds", "mavlink"] {
+        let (config, _) = config(dir.path(), "eurosat-rgb", framing);
+        let out_path = dir.path().join(format!("hil-{framing}.json"));
+        let out = sim(&[
+            "hil",
+            "--spawn",
+            flight.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--report",
+            out_path.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{framing}: {stderr}");
+        let r = report(&out_path);
+        let link = &r["link"];
+        assert_eq!(r["images"], 300, "{framing}");
+        assert_eq!(link["frames_sent"], 300, "{framing}");
+        assert_eq!(link["results_received"], 300, "{framing}");
+        assert_eq!(link["lost"], 0, "{framing}");
+        assert_eq!(link["telemetry"]["crc_failures"], 0, "{framing}");
+        assert_eq!(link["telemetry"]["sequence_gaps"], 0, "{framing}");
+        assert_eq!(link["board_exit"], "exit status: 0", "{framing}");
+        assert_eq!(link["board_health"]["frames_done"], 300, "{framing}");
+        assert!(link["rtt_us"]["p50"].as_u64().unwrap() > 0);
+        let compared = &r["in_process"];
+        assert_eq!(compared["compared"], 300, "{framing}");
+        assert_eq!(compared["mismatches"], 0, "{framing}: {compared}");
+        // The scores are the board's: the committed sample's known top-1.
+        let top1 = r["top1"].as_f64().unwrap();
+        assert!(top1 > 0.95, "{framing}: top-1 {top1}");
+        let confusion: u64 = r["confusion"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap())
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(confusion, 300);
+    }
+}
+
+#[test]
+fn a_spawned_board_detects_as_the_in_process_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = config(dir.path(), "nwpu-vhr10", "ccsds");
+    let out_path = dir.path().join("hil-detect.json");
+    let out = sim(&[
+        "hil",
+        "--spawn",
+        flight_binary().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--report",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = report(&out_path);
+    assert_eq!(r["link"]["results_received"], 2);
+    assert_eq!(r["in_process"]["compared"], 2);
+    assert_eq!(r["in_process"]["mismatches"], 0, "{}", r["in_process"]);
+    assert!(r["objects"].as_u64().unwrap() > 10);
+    let map50 = r["map50"].as_f64().unwrap();
+    assert!(map50 > 0.3, "mAP@0.5 {map50}");
+}
+
+/// A board that takes `take` frames, answers none, then hangs up (`hang_up`) or stays
+/// connected and silent.
+fn fake_board(frames: u16, telemetry: u16, take: usize, hang_up: bool) {
+    let listener = TcpListener::bind(("127.0.0.1", frames)).unwrap();
+    let started = Instant::now();
+    let _telemetry = loop {
+        match TcpStream::connect(("127.0.0.1", telemetry)) {
+            Ok(s) => break s,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (mut link, _) = listener.accept().unwrap();
+    // A 64x64 RGB chip is 72 header bytes and 12,288 samples.
+    let mut frame = vec![0u8; 72 + 64 * 64 * 3];
+    for _ in 0..take {
+        link.read_exact(&mut frame).unwrap();
+    }
+    if !hang_up {
+        // Take every frame, never answer, and hold the telemetry open past the bench's
+        // patience.
+        let mut sink = Vec::new();
+        let _ = link.read_to_end(&mut sink);
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+#[test]
+fn a_board_that_hangs_up_or_falls_silent_is_reported_in_bounded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for hang_up in [true, false] {
+        let (config, frames) = config(dir.path(), "eurosat-rgb", "ccsds");
+        let text = std::fs::read_to_string(&config).unwrap();
+        let telemetry: u16 = text
+            .split("tcp://127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let board = std::thread::spawn(move || fake_board(frames, telemetry, 3, hang_up));
+        let out_path = dir.path().join("hil-fault.json");
+        let started = Instant::now();
+        let board_address = format!("tcp://127.0.0.1:{frames}");
+        let out = sim(&[
+            "hil",
+            "--board",
+            &board_address,
+            "--config",
+            config.to_str().unwrap(),
+            "--timeout-s",
+            "1",
+            "--no-compare",
+            "--report",
+            out_path.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "hang_up {hang_up}: {stderr}");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        board.join().unwrap();
+        let r = report(&out_path);
+        let link = &r["link"];
+        assert_eq!(link["results_received"], 0, "{link}");
+        let sent = link["frames_sent"].as_u64().unwrap();
+        assert_eq!(link["lost"].as_u64().unwrap(), sent);
+        let ended = link["ended"].as_str().unwrap();
+        if hang_up {
+            // The socket's buffers take a few frames more than the board read.
+            assert!((3..300).contains(&sent), "{sent} sent");
+            assert!(ended.contains("stopped taking frames"), "{ended}");
+        } else {
+            assert_eq!(sent, 300);
+            assert!(ended.contains("sent nothing for 1s"), "{ended}");
+        }
+        assert!(stderr.contains("did not end cleanly"), "{stderr}");
+    }
+}
