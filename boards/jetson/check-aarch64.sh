@@ -7,7 +7,9 @@
 # machine. Called by .ci/run when qemu-aarch64-static and the cross linker exist.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo build -q -p kestrel-jetson --bin kestrel-flight --target aarch64-unknown-linux-gnu
+# With the features .ci/run found buildable here (v4l2, when libclang is installed).
+cargo build -q -p kestrel-jetson --bin kestrel-flight --target aarch64-unknown-linux-gnu \
+    --features "${KESTREL_FLIGHT_FEATURES:-}"
 cargo build -q -p sim
 flight="qemu-aarch64-static -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/debug/kestrel-flight"
 for config in boards/jetson/flight-desktop.toml boards/jetson/flight-jetson.toml; do

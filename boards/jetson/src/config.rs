@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use kestrel_payload::downlink::DownlinkArgs;
+
+use crate::v4l2::PixelFormat;
 use serde::Deserialize;
 
 /// The whole file.
@@ -58,6 +60,24 @@ pub enum SourceConfig {
         #[serde(default = "settle_s")]
         settle_s: f64,
     },
+    /// A V4L2 camera (a build with the `v4l2` feature).
+    V4l2 {
+        /// The device, e.g. `/dev/video0`.
+        device: PathBuf,
+        /// Frame width in pixels.
+        width: u32,
+        /// Frame height in pixels.
+        height: u32,
+        /// Pixel format: `YUYV` (the default), `MJPG`, `RGB3` or `GREY`.
+        #[serde(default = "yuyv")]
+        format: String,
+        /// Driver buffers mapped for streaming.
+        #[serde(default = "camera_buffers")]
+        buffers: u32,
+        /// Seconds to wait for each frame before it is reported missing.
+        #[serde(default = "camera_timeout_s")]
+        timeout_s: f64,
+    },
     /// Frames over TCP from a test bench (hardware in the loop).
     FrameLink {
         /// Address to listen on, e.g. `0.0.0.0:5600`.
@@ -70,6 +90,18 @@ pub enum SourceConfig {
 
 fn settle_s() -> f64 {
     0.2
+}
+
+fn yuyv() -> String {
+    "YUYV".into()
+}
+
+fn camera_buffers() -> u32 {
+    4
+}
+
+fn camera_timeout_s() -> f64 {
+    2.0
 }
 
 fn link_timeout_s() -> f64 {
@@ -188,6 +220,37 @@ impl FlightConfig {
                 return Err(format!("source.settle_s = {settle_s}: must be 0 or more"));
             }
             SourceConfig::FrameLink { timeout_s, .. } => positive("source.timeout_s", *timeout_s)?,
+            SourceConfig::V4l2 {
+                width,
+                height,
+                format,
+                buffers,
+                timeout_s,
+                ..
+            } => {
+                positive("source.timeout_s", *timeout_s)?;
+                let Some(pixels) = PixelFormat::from_fourcc(format.as_bytes()) else {
+                    return Err(format!(
+                        "source.format = {format:?}: must be YUYV, MJPG, RGB3 or GREY"
+                    ));
+                };
+                if *width == 0 || *height == 0 || (pixels == PixelFormat::Yuyv && width % 2 == 1) {
+                    return Err(format!(
+                        "source.width, source.height = {width}, {height}: must be more than 0 (and the width even for YUYV)"
+                    ));
+                }
+                if (*width as usize).saturating_mul(*height as usize)
+                    > self.pipeline.max_frame_pixels
+                {
+                    return Err(format!(
+                        "source.width x source.height = {width} x {height}: more than pipeline.max_frame_pixels ({})",
+                        self.pipeline.max_frame_pixels
+                    ));
+                }
+                if !(1..=32).contains(buffers) {
+                    return Err(format!("source.buffers = {buffers}: must be from 1 to 32"));
+                }
+            }
             SourceConfig::Spool { .. } => {}
         }
         if self.pipeline.queue_depth == 0 {
@@ -240,6 +303,34 @@ mod tests {
         assert_eq!(c.pipeline.queue_depth, 4);
         assert!(c.watchdog.is_none());
         assert!(c.downlink.link.is_none());
+    }
+
+    #[test]
+    fn a_camera_source_is_checked_against_its_format_and_the_frame_limit() {
+        let camera = |keys: &str| {
+            load(&format!(
+                "[model]\nname = \"eurosat-rgb\"\n[source]\nkind = \"v4l2\"\ndevice = \"/dev/video0\"\n{keys}"
+            ))
+        };
+        let c = camera("width = 640\nheight = 480\n").unwrap();
+        assert!(matches!(
+            c.source,
+            SourceConfig::V4l2 { ref format, buffers: 4, .. } if format == "YUYV"
+        ));
+        for (keys, why) in [
+            (
+                "width = 640\nheight = 480\nformat = \"NV12\"\n",
+                "source.format",
+            ),
+            ("width = 641\nheight = 480\n", "width even"),
+            ("width = 0\nheight = 480\n", "more than 0"),
+            ("width = 8192\nheight = 8192\n", "max_frame_pixels"),
+            ("width = 640\nheight = 480\nbuffers = 0\n", "source.buffers"),
+            ("width = 640\n", "height"),
+        ] {
+            let e = camera(keys).unwrap_err().to_string();
+            assert!(e.contains(why), "{keys}: {e}");
+        }
     }
 
     #[test]

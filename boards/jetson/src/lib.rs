@@ -6,11 +6,13 @@
 //!   to `done/` or `failed/`, surviving a restart;
 //! - `thermal`: temperatures from `/sys/class/thermal`;
 //! - `watchdog::LinuxWatchdog`: `/dev/watchdog`;
-//! - `power_monitor`: the carrier board's INA3221 over `/dev/i2c-*`.
+//! - `power_monitor`: the carrier board's INA3221 over `/dev/i2c-*`;
+//! - `v4l2::V4l2Source`: a V4L2 camera (the `v4l2` feature).
 
 pub mod config;
 pub mod spool;
 pub mod thermal;
+pub mod v4l2;
 pub mod watchdog;
 
 use std::path::Path;

@@ -155,3 +155,27 @@ fn a_bad_configuration_is_refused_with_the_key_and_exit_code_2() {
         );
     }
 }
+
+#[test]
+fn a_camera_that_is_not_there_stops_the_start_with_the_device_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("camera.toml");
+    std::fs::write(
+        &config,
+        "[model]\nname = \"eurosat-rgb\"\n[source]\nkind = \"v4l2\"\ndevice = \"/dev/video-kestrel-absent\"\nwidth = 640\nheight = 480\n[pipeline]\ndrop_policy = \"drop-oldest\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kestrel-flight"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let why = if cfg!(feature = "v4l2") {
+        "/dev/video-kestrel-absent: cannot open"
+    } else {
+        "built without V4L2 capture"
+    };
+    assert!(stderr.contains(why), "{stderr}");
+}

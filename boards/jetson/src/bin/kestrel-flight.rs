@@ -21,6 +21,7 @@ use kestrel_host::HostClock;
 use kestrel_jetson::config::{FlightConfig, SourceConfig};
 use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
 use kestrel_jetson::thermal;
+use kestrel_jetson::v4l2::{PixelFormat, V4l2Source};
 use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
 use kestrel_payload::command::{Pausable, Slots};
 use kestrel_payload::downlink::{health_message, slot_pairs, Downlink};
@@ -100,6 +101,7 @@ fn load_backend(name: &str, choice: &str) -> anyhow::Result<(ZooModel, Box<dyn B
 enum Source {
     Spool(SpoolSource),
     Link(StreamSource<std::net::TcpStream>),
+    Camera(V4l2Source),
 }
 
 struct Stoppable {
@@ -117,6 +119,7 @@ impl FrameSource<u8> for Stoppable {
         match &mut self.source {
             Source::Spool(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
             Source::Link(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+            Source::Camera(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
         }
     }
 }
@@ -131,6 +134,24 @@ fn open_source(config: &SourceConfig, stop: &Arc<AtomicBool>) -> anyhow::Result<
             let spool = SpoolSource::open(path, options)?.stop_on(Arc::clone(stop));
             log::info!("frames from the spool {}", path.display());
             Source::Spool(spool)
+        }
+        SourceConfig::V4l2 {
+            device,
+            width,
+            height,
+            format,
+            buffers,
+            timeout_s,
+        } => {
+            let format = PixelFormat::from_fourcc(format.as_bytes())
+                .context("source.format was checked at load")?;
+            let timeout = Duration::from_secs_f64(*timeout_s);
+            let camera = V4l2Source::open(device, *width, *height, format, *buffers, timeout)?;
+            log::info!(
+                "frames from the camera {} at {width}x{height}",
+                device.display()
+            );
+            Source::Camera(camera)
         }
         SourceConfig::FrameLink { listen, timeout_s } => {
             let timeout = Duration::from_secs_f64(*timeout_s);
