@@ -2,9 +2,10 @@
 //! sender), prints every message as a JSON line, joins products, and reports sequence gaps,
 //! CRC failures, truncated packets and unknown ids. To a TCP sender it can send commands.
 
-use std::io::{BufWriter, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufWriter, ErrorKind, Read, Write};
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use kestrel_wire::ccsds::{Decoder, Framer, StreamStats};
@@ -19,9 +20,13 @@ use kestrel_payload::downlink::FramingArg;
 
 #[derive(clap::Args)]
 pub struct DecodeArgs {
-    /// A capture file (as `--link file:PATH` writes it), or `tcp://HOST:PORT` to listen there
-    /// for one sender (`sim eval ... --link tcp://HOST:PORT` connects to it).
+    /// A capture file (as `--link file:PATH` writes it), `tcp://HOST:PORT` to listen there
+    /// for one sender (`sim eval ... --link tcp://HOST:PORT` connects to it), or
+    /// `udp://HOST:PORT` to take datagrams there (`--link udp://HOST:PORT`).
     source: String,
+    /// With udp://, stop after this many seconds without a datagram, once one has arrived.
+    #[arg(long, default_value_t = 5.0)]
+    idle_s: f64,
     /// The stream's framing.
     #[arg(long, value_enum, default_value_t = FramingArg::Ccsds)]
     telemetry: FramingArg,
@@ -31,7 +36,8 @@ pub struct DecodeArgs {
     /// Write each whole product here as `<product>-frame<frame>-<kind>.png`.
     #[arg(long)]
     products: Option<PathBuf>,
-    /// With tcp://, send this command to the sender as soon as it connects (repeat for more,
+    /// With tcp:// or udp://, send this command to the sender as soon as it connects or its
+    /// first datagram arrives (repeat for more,
     /// sent in order with sequence numbers from 1): `set_score_threshold 0.5`,
     /// `switch_model 1`, `request_product FRAME thumbnail|crop|classmap`,
     /// `set_downlink_budget BYTES WINDOW_S`, `report_health`, `pause`, `resume`.
@@ -324,8 +330,44 @@ impl Ground {
     }
 }
 
-/// The stream to decode; commands go to a TCP sender as soon as it connects.
-fn open_source(source: &str, commands: &[u8]) -> anyhow::Result<Box<dyn Read>> {
+/// Datagrams as a byte stream, ending after `idle` without one (once one has arrived); the
+/// commands go to the sender of the first.
+struct UdpGround {
+    socket: UdpSocket,
+    idle: Duration,
+    commands: Vec<u8>,
+    heard: Option<Instant>,
+}
+
+impl Read for UdpGround {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.socket.recv_from(buf) {
+                Ok((n, peer)) => {
+                    if self.heard.is_none() && !self.commands.is_empty() {
+                        eprintln!("sim decode: first datagram from {peer}; sending the commands");
+                        self.socket.send_to(&self.commands, peer)?;
+                    }
+                    self.heard = Some(Instant::now());
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if self.heard.is_some_and(|t| t.elapsed() >= self.idle) {
+                        return Ok(0);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The stream to decode; commands go to a TCP sender as soon as it connects, or to a UDP one
+/// when its first datagram arrives.
+fn open_source(args: &DecodeArgs, commands: Vec<u8>) -> anyhow::Result<Box<dyn Read>> {
+    let source = &args.source;
     if let Some(address) = source.strip_prefix("tcp://") {
         let listener =
             TcpListener::bind(address).with_context(|| format!("{source}: cannot listen"))?;
@@ -333,12 +375,32 @@ fn open_source(source: &str, commands: &[u8]) -> anyhow::Result<Box<dyn Read>> {
         let (mut stream, peer) = listener.accept().context("accepting a sender")?;
         eprintln!("sim decode: {peer} connected");
         stream
-            .write_all(commands)
+            .write_all(&commands)
             .with_context(|| format!("{peer}: cannot send the commands"))?;
         return Ok(Box::new(stream));
     }
+    if let Some(address) = source.strip_prefix("udp://") {
+        if !(args.idle_s > 0.0 && args.idle_s.is_finite()) {
+            anyhow::bail!("--idle-s must be more than 0");
+        }
+        let socket =
+            UdpSocket::bind(address).with_context(|| format!("{source}: cannot listen"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        eprintln!(
+            "sim decode: taking datagrams on {address}, until {} s without one",
+            args.idle_s
+        );
+        return Ok(Box::new(UdpGround {
+            socket,
+            idle: Duration::from_secs_f64(args.idle_s),
+            commands,
+            heard: None,
+        }));
+    }
     if !commands.is_empty() {
-        anyhow::bail!("--command needs a tcp:// source: a capture file cannot take commands");
+        anyhow::bail!(
+            "--command needs a tcp:// or udp:// source: a capture file cannot take commands"
+        );
     }
     let file = std::fs::File::open(Path::new(source))
         .with_context(|| format!("{source}: cannot open the capture"))?;
@@ -364,7 +426,7 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         .map(|c| parse_command(c))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let commands = frame_commands(&commands, args.telemetry)?;
-    let mut source = open_source(&args.source, &commands)?;
+    let mut source = open_source(args, commands)?;
     let (mut buffer, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
     loop {
         let n = match source.read(&mut chunk) {

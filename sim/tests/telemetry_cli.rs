@@ -171,18 +171,30 @@ fn a_damaged_capture_loses_only_the_products_it_cut_and_counts_them() {
 
 /// `sim decode tcp://...` listening on a free port with `commands` to send, started; its port.
 fn ground_station(framing: &str, commands: &[&str]) -> (std::process::Child, u16) {
-    use std::io::BufRead;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let source = format!("tcp://127.0.0.1:{port}");
+    (ground_station_on(&source, framing, commands, &[]), port)
+}
+
+/// `sim decode SOURCE` with `commands` to send, started once it listens.
+fn ground_station_on(
+    source: &str,
+    framing: &str,
+    commands: &[&str],
+    extra: &[&str],
+) -> std::process::Child {
+    use std::io::BufRead;
     let mut args = vec![
         "decode".to_string(),
-        format!("tcp://127.0.0.1:{port}"),
+        source.to_string(),
         "--telemetry".into(),
         framing.into(),
     ];
+    args.extend(extra.iter().map(|a| a.to_string()));
     for c in commands {
         args.extend(["--command".to_string(), c.to_string()]);
     }
@@ -197,12 +209,12 @@ fn ground_station(framing: &str, commands: &[&str]) -> (std::process::Child, u16
     let mut lines = std::io::BufReader::new(stderr).lines();
     loop {
         let line = lines.next().expect("sim decode starts").unwrap();
-        if line.contains("listening") {
+        if line.contains("listening") || line.contains("taking datagrams") {
             break;
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    (child, port)
+    child
 }
 
 fn lines_of(child: std::process::Child) -> Vec<serde_json::Value> {
@@ -318,4 +330,41 @@ fn commands_over_mavlink_set_the_threshold_and_bad_ones_are_refused_with_an_even
             assert!(b["score"].as_f64().unwrap() >= 0.7, "{b}");
         }
     }
+}
+
+#[test]
+fn telemetry_and_commands_cross_udp() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let link = format!("udp://127.0.0.1:{port}");
+    let ground = ground_station_on(
+        &link,
+        "ccsds",
+        &["report_health", "set_score_threshold 0.9"],
+        &["--idle-s", "1"],
+    );
+    // Paced, so that the commands (sent when the first datagram arrives) land mid-run.
+    sim(&["run", "--link", &link, "--frame-rate", "200"]);
+    let lines = lines_of(ground);
+    let acks = fields(&lines, "command_ack");
+    assert_eq!(acks.len(), 2, "{acks:?}");
+    assert!(acks.iter().all(|a| a["rejected"].is_null()), "{acks:?}");
+    assert_eq!(fields(&lines, "health").len(), 2, "asked for, and the last");
+    let stats = &lines.last().unwrap()["stats"];
+    assert_eq!(stats["sequence_gaps"], 0, "{stats}");
+    assert_eq!(stats["crc_failures"], 0, "{stats}");
+    let classified = fields(&lines, "classification");
+    let late: Vec<f64> = classified
+        .iter()
+        .filter(|c| c["frame"].as_u64().unwrap() > 200)
+        .map(|c| c["score"].as_f64().unwrap())
+        .collect();
+    assert!(
+        !late.is_empty() && late.iter().all(|s| *s >= 0.9),
+        "{late:?}"
+    );
+    assert!(classified.len() > late.len());
 }

@@ -8,7 +8,6 @@
 //! after the new model has been loaded and checked on this thread.
 
 use std::io::Read;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -175,7 +174,7 @@ impl Commandable for Payload {
 /// Read commands from `link` in `framing` until it closes, carrying each out on `payload`.
 /// A link that closes while paused resumes the run: a ground that is gone cannot send
 /// `resume`.
-pub fn listen(mut link: TcpStream, framing: FramingArg, mut payload: Payload) {
+pub fn listen(mut link: impl Read, framing: FramingArg, mut payload: Payload) {
     let mut gate = CommandGate::new();
     let mut ccsds = Decoder::new();
     let mut mavlink: Box<MavlinkDecoder<256>> = Box::new(MavlinkDecoder::new());

@@ -2,8 +2,8 @@
 //! under a byte budget (`kestrel_wire::downlink`), framed as CCSDS or MAVLink 2 and written to a
 //! capture file or a TCP peer; and the data-reduction figures for summaries and reports.
 
-use std::io::Write;
-use std::net::TcpStream;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -58,7 +58,9 @@ pub struct DownlinkArgs {
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = FramingArg::Ccsds))]
     pub telemetry: FramingArg,
     /// Where the telemetry goes: `file:PATH` (a capture: the bytes as they would cross the
-    /// link) or `tcp://HOST:PORT`. Without it the bytes are counted, not kept.
+    /// link), `tcp://HOST:PORT`, or `udp://HOST:PORT` (a datagram per send; what is lost is
+    /// lost, and the ground counts it). Commands come back on tcp:// and udp:// links.
+    /// Without it the bytes are counted, not kept.
     #[cfg_attr(feature = "clap", arg(long))]
     pub link: Option<String>,
     /// Downlink budget in bytes per window [default: none: everything produced is sent].
@@ -138,7 +140,7 @@ impl AnyFramer {
 
 /// The link's sending side: where bytes go, what was sent, and whether it failed.
 struct LinkOut {
-    writer: Option<Box<dyn Write>>,
+    writer: Option<Box<dyn Write + Send>>,
     /// Bytes sent (counted even without a writer, or after it failed).
     sent_bytes: u64,
     /// Why writing failed; nothing more is written after.
@@ -163,8 +165,8 @@ impl LinkOut {
 pub struct Downlink {
     args: DownlinkArgs,
     controls: Arc<Controls>,
-    /// The link's way back, when it has one (`tcp://`): commands arrive on it.
-    commands: Option<TcpStream>,
+    /// The link's way back, when it has one (`tcp://`, `udp://`): commands arrive on it.
+    commands: Option<Box<dyn Read + Send>>,
     frames_seen: u64,
     results: u64,
     framer: AnyFramer,
@@ -179,8 +181,43 @@ pub struct Downlink {
     out: Vec<u8>,
 }
 
+/// A UDP telemetry link: each send one datagram to the ground; commands are the datagrams the
+/// ground sends back to this socket.
+struct UdpLink(UdpSocket);
+
+impl Write for UdpLink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.send(buf) {
+            // Nobody listening (yet): the datagram is lost, as on a radio link, and the
+            // ground counts the gap.
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => Ok(buf.len()),
+            sent => sent,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Read for UdpLink {
+    /// The next non-empty datagram (an empty one would read as the end of the link).
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.recv(buf) {
+                Ok(0) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+                received => return received,
+            }
+        }
+    }
+}
+
+/// The way out a link spec names, and its way back for commands when it has one.
+type OpenedLink = (Box<dyn Write + Send>, Option<Box<dyn Read + Send>>);
+
 /// The link named by `--link`, and its way back for commands when it has one.
-fn open_link(spec: &str) -> anyhow::Result<(Box<dyn Write>, Option<TcpStream>)> {
+fn open_link(spec: &str) -> anyhow::Result<OpenedLink> {
     if let Some(path) = spec.strip_prefix("file:") {
         let path = PathBuf::from(path);
         let file = std::fs::File::create(&path)
@@ -198,9 +235,28 @@ fn open_link(spec: &str) -> anyhow::Result<(Box<dyn Write>, Option<TcpStream>)> 
         let back = stream
             .try_clone()
             .with_context(|| format!("--link {spec}: cannot read commands from it"))?;
-        return Ok((Box::new(stream), Some(back)));
+        return Ok((Box::new(stream), Some(Box::new(back))));
     }
-    bail!("--link {spec}: expected file:PATH or tcp://HOST:PORT")
+    if let Some(address) = spec.strip_prefix("udp://") {
+        let ground = address
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .with_context(|| format!("--link {spec}: {address} is not an address"))?;
+        let any: SocketAddr = if ground.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let socket = UdpSocket::bind(any)
+            .and_then(|s| s.connect(ground).map(|()| s))
+            .with_context(|| format!("--link {spec}: cannot open a UDP socket to {ground}"))?;
+        let back = socket
+            .try_clone()
+            .with_context(|| format!("--link {spec}: cannot read commands from it"))?;
+        return Ok((Box::new(UdpLink(socket)), Some(Box::new(UdpLink(back)))));
+    }
+    bail!("--link {spec}: expected file:PATH, tcp://HOST:PORT or udp://HOST:PORT")
 }
 
 /// The `--slot N=MODEL` pairs as (slot, model), slots 1 to 15.
@@ -313,7 +369,7 @@ impl Downlink {
             if self.args.slots.is_empty() {
                 return Ok(());
             }
-            bail!("--slot needs a command link: --link tcp://HOST:PORT");
+            bail!("--slot needs a command link: --link tcp://HOST:PORT or udp://HOST:PORT");
         };
         let payload = Payload {
             controls: self.controls(),
