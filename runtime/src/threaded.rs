@@ -92,8 +92,8 @@ struct Job<S> {
 /// calling `on_outcome` (on the calling thread) once per frame, and return the merged health
 /// counters when the source is exhausted.
 pub fn run_pipeline<S, Src, St, T, C, F>(
-    mut source: Src,
-    mut step: St,
+    source: Src,
+    step: St,
     clock: &C,
     config: PipelineConfig,
     mut on_outcome: F,
@@ -107,9 +107,32 @@ where
     C: MonotonicClock + Sync,
     F: FnMut(Outcome<Src::Error, T>),
 {
+    run_pipeline_with_frames(source, step, clock, config, |outcome, _| on_outcome(outcome))
+}
+
+/// [`run_pipeline`], handing `on_outcome` each processed frame's samples as well (to cut
+/// products from: detection crops, thumbnails). The frame's buffer goes back to the pool when
+/// `on_outcome` returns; dropped frames and ones the source failed to deliver come without.
+pub fn run_pipeline_with_frames<S, Src, St, T, C, F>(
+    mut source: Src,
+    mut step: St,
+    clock: &C,
+    config: PipelineConfig,
+    mut on_outcome: F,
+) -> Health
+where
+    S: Sample,
+    Src: FrameSource<S> + Send,
+    Src::Error: Send,
+    St: FrameStep<T> + Send,
+    T: Send,
+    C: MonotonicClock + Sync,
+    F: FnMut(Outcome<Src::Error, T>, Option<FrameView<'_, S>>),
+{
     let depth = config.queue_depth.max(1);
-    // One buffer per queue slot, one being filled, one being classified: never short.
-    let buffers = depth + 2;
+    // One buffer per queue slot, one being filled, one being classified, one with the output
+    // callback and one on its way there: never short in the steady state.
+    let buffers = depth + 4;
     let (free_tx, free_rx) = bounded::<Vec<S>>(buffers);
     for _ in 0..buffers {
         // Cannot fail: the channel has room for exactly this many.
@@ -117,11 +140,14 @@ where
     }
     let (work_tx, work_rx) = bounded::<Job<S>>(depth);
     let (outcome_tx, outcome_rx) = bounded::<Outcome<Src::Error, T>>(2 * depth + 4);
+    // Processed frames reach the output with their samples, which it returns to the pool.
+    let (processed_tx, processed_rx) = bounded::<(Outcome<Src::Error, T>, Job<S>)>(buffers);
 
     std::thread::scope(|scope| {
         let ingest = {
-            let (free_tx, outcome_tx, oldest) =
-                (free_tx.clone(), outcome_tx.clone(), work_rx.clone());
+            let (free_tx, oldest) = (free_tx.clone(), work_rx.clone());
+            // Ingest holds the only sender of failure outcomes: the channel closes with it.
+            let outcome_tx = outcome_tx;
             scope.spawn(move || {
                 let queue = Queue {
                     work: work_tx,
@@ -160,24 +186,46 @@ where
                     Ok((output, latency_us)) => (latency_us, Ok(output)),
                     Err(failure) => (0, Err(failure)),
                 };
-                let _ = free_tx.send(job.samples);
-                if outcome_tx
-                    .send(Outcome {
-                        sequence: job.sequence,
-                        latency_us,
-                        frame_bytes: frame_bytes::<S>(&job.geometry),
-                        meta: Some(job.meta),
-                        result,
-                    })
-                    .is_err()
-                {
+                let outcome = Outcome {
+                    sequence: job.sequence,
+                    latency_us,
+                    frame_bytes: frame_bytes::<S>(&job.geometry),
+                    meta: Some(job.meta),
+                    result,
+                };
+                if processed_tx.send((outcome, job)).is_err() {
                     break;
                 }
             }
             health
         });
-        for outcome in outcome_rx {
-            on_outcome(outcome);
+        // Outcomes from both threads, in the order they come; each processed frame's buffer
+        // back to the pool once its outcome is handled.
+        loop {
+            crossbeam_channel::select! {
+                recv(outcome_rx) -> message => match message {
+                    Ok(outcome) => on_outcome(outcome, None),
+                    Err(_) => break,
+                },
+                recv(processed_rx) -> message => match message {
+                    Ok((outcome, job)) => {
+                        on_outcome(outcome, FrameView::new(job.geometry, &job.samples).ok());
+                        let _ = free_tx.send(job.samples);
+                    }
+                    Err(_) => break,
+                },
+            }
+        }
+        // One of the two has closed; take the other's rest.
+        for outcome in outcome_rx.try_iter() {
+            on_outcome(outcome, None);
+        }
+        for (outcome, job) in processed_rx.iter() {
+            on_outcome(outcome, FrameView::new(job.geometry, &job.samples).ok());
+            let _ = free_tx.send(job.samples);
+        }
+        for outcome in outcome_rx.iter() {
+            on_outcome(outcome, None);
         }
         // A panic in the source is a bug in the board: surface it rather than lose counts.
         let mut health = ingest

@@ -322,7 +322,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                     .filter(|_| thumbnail || !reported.is_empty())
                     .map(|d| {
                         let g = d.geometry;
-                        crate::draw::to_rgb(&d.samples, g.width, g.height, g.bands)
+                        kestrel_payload::downlink::rgb_image(&d.samples, g.width, g.height, g.bands)
                     });
                 downlink.detections(frame, &reported, picture.as_ref());
                 if let Some(picture) = picture.as_ref().filter(|_| thumbnail) {
@@ -486,7 +486,7 @@ fn replay_image<B: Backend>(
     let tiles = step.tiles(g.width, g.height)?.len();
     step.detect(view, found)
         .with_context(|| path.display().to_string())?;
-    let plain = crate::draw::to_rgb(&image.samples, g.width, g.height, g.bands);
+    let plain = kestrel_payload::downlink::rgb_image(&image.samples, g.width, g.height, g.bands);
     let mut picture = plain.clone();
     crate::draw::detections(&mut picture, found.as_slice(), labels);
     let png = crate::replay::output_path(out, path, "boxes.png");

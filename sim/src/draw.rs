@@ -37,16 +37,6 @@ pub fn legend(labels: &[String]) -> String {
         .join(" ")
 }
 
-/// An RGB copy of interleaved 8-bit samples (one band is grey; the first three of more).
-pub fn to_rgb(samples: &[u8], width: u32, height: u32, bands: u16) -> RgbImage {
-    let bands = usize::from(bands.max(1));
-    RgbImage::from_fn(width, height, |x, y| {
-        let i = (y as usize * width as usize + x as usize) * bands;
-        let sample = |b: usize| samples.get(i + b.min(bands - 1)).copied().unwrap_or(0);
-        Rgb([sample(0), sample(1), sample(2)])
-    })
-}
-
 /// Rows of a 3x5 glyph, top first, the left column in bit 2. Unknown characters are blank.
 fn glyph(c: char) -> [u8; 5] {
     match c.to_ascii_uppercase() {

@@ -1,6 +1,7 @@
 //! `sim hil` against a real `kestrel-flight` on loopback (the classifier on the committed
-//! EuroSAT sample, the detector on two NWPU VHR-10 scenes): every frame's result comes back
-//! over the telemetry, equals the in-process run's, and is scored; and against a board that
+//! EuroSAT sample, the detector on two NWPU VHR-10 scenes, with crops of what it found): every
+//! frame's result comes back over the telemetry, equals the in-process run's, and is scored;
+//! and against a board that
 //! disconnects or falls silent mid-run, which is reported with the frames affected, in bounded
 //! time, with the report still written.
 
@@ -138,6 +139,10 @@ fn a_spawned_board_detects_as_the_in_process_run_does() {
     assert_eq!(r["in_process"]["compared"], 2);
     assert_eq!(r["in_process"]["mismatches"], 0, "{}", r["in_process"]);
     assert!(r["objects"].as_u64().unwrap() > 10);
+    // The board cut a crop of each box it reported from the frame, and they all arrived.
+    let products = &r["link"]["telemetry"]["products"];
+    assert!(products["complete"].as_u64().unwrap() >= 2, "{products}");
+    assert_eq!(products["lost"], 0, "{products}");
     let map50 = r["map50"].as_f64().unwrap();
     assert!(map50 > 0.3, "mAP@0.5 {map50}");
 }

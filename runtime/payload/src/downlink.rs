@@ -425,13 +425,11 @@ impl Downlink {
     /// each sent box from `image`.
     pub fn detections(&mut self, frame: u64, found: &[Detection], image: Option<&RgbImage>) {
         self.results += 1;
+        // Best first: those from the threshold up are a prefix (no copy on the hot path).
         let min_score = self.min_score();
-        let found: Vec<Detection> = found
-            .iter()
-            .filter(|d| d.score >= min_score)
-            .copied()
-            .collect();
-        let found = found.as_slice();
+        let found = found
+            .get(..found.partition_point(|d| d.score >= min_score))
+            .unwrap_or_default();
         let worth = found
             .iter()
             .map(|d| value(&self.priorities, d.class, d.score))
@@ -585,6 +583,17 @@ impl Downlink {
             link_error: self.link.error,
         }
     }
+}
+
+/// An RGB copy of interleaved 8-bit samples (one band is grey; the first three of more), to
+/// cut products from.
+pub fn rgb_image(samples: &[u8], width: u32, height: u32, bands: u16) -> RgbImage {
+    let bands = usize::from(bands.max(1));
+    RgbImage::from_fn(width, height, |x, y| {
+        let i = (y as usize * width as usize + x as usize) * bands;
+        let sample = |b: usize| samples.get(i + b.min(bands - 1)).copied().unwrap_or(0);
+        image::Rgb([sample(0), sample(1), sample(2)])
+    })
 }
 
 /// The message a classified frame or tile goes down as (the best [`TOP_K`] classes).

@@ -24,11 +24,13 @@ use kestrel_jetson::thermal;
 use kestrel_jetson::v4l2::{PixelFormat, V4l2Source};
 use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
 use kestrel_payload::command::{Pausable, Slots};
-use kestrel_payload::downlink::{health_message, slot_pairs, Downlink};
+use kestrel_payload::downlink::{health_message, rgb_image, slot_pairs, Downlink};
 use kestrel_runtime::detect::Detections;
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::switch::SwitchableBackend;
-use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};
+use kestrel_runtime::threaded::{
+    run_pipeline, run_pipeline_with_frames, DropPolicy, FrameFailure, Outcome, PipelineConfig,
+};
 use models::ZooModel;
 
 /// Detections kept per tile, and per frame after merging.
@@ -234,11 +236,7 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     };
     let clock = HostClock::default();
     let started = Instant::now();
-    let mut tally = Tally {
-        latencies: Vec::new(),
-        health_every: Duration::from_secs_f64(config.health.interval_s),
-        last_health: Instant::now(),
-    };
+    let mut tally = Tally::new(Duration::from_secs_f64(config.health.interval_s));
     let mut input = vec![0.0; spec.input_len()];
     let mut output = vec![0.0; backend.output_len()];
     let health = if model.manifest.task == "detect" {
@@ -250,10 +248,18 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
         }
         let step =
             DetectorStep::<_, TILE_CAP>::new(backend, spec, detector, &mut input, &mut output)?;
-        run_pipeline(source, step, &clock, pipeline, |o| {
+        run_pipeline_with_frames(source, step, &clock, pipeline, |o, frame| {
             if let Some((sequence, found)) = tally.take(&mut downlink, o) {
                 let found: Detections<FRAME_CAP> = found;
-                downlink.detections(sequence, found.as_slice(), None);
+                // A crop of each box sent is cut from the frame (products allocate; a frame
+                // with nothing found does not).
+                let picture = frame
+                    .filter(|_| !found.as_slice().is_empty() && !downlink.args().no_products)
+                    .map(|f| {
+                        let g = f.geometry();
+                        rgb_image(f.samples(), g.width, g.height, g.bands)
+                    });
+                downlink.detections(sequence, found.as_slice(), picture.as_ref());
             }
         })
     } else {
@@ -264,10 +270,9 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
             }
         })
     };
-    let mut latencies = tally.latencies;
     stop.store(true, Ordering::Relaxed);
-    latencies.sort_unstable();
-    let mut last = health_message(&health, &latencies, started.elapsed().as_micros() as u64);
+    let latencies = tally.sorted_latencies();
+    let mut last = health_message(&health, latencies, started.elapsed().as_micros() as u64);
     last.temperature_mc = thermal::hottest_mc(&mut zones);
     let report = downlink.finish(last);
     log::info!(
@@ -286,14 +291,30 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the run keeps of each outcome: latencies, and when health is next due.
+/// Latencies kept for the health percentiles: the most recent frames', in a fixed window so
+/// that a long flight's memory does not grow.
+const LATENCY_WINDOW: usize = 4096;
+
+/// What the run keeps of each outcome: recent latencies, and when health is next due.
 struct Tally {
     latencies: Vec<u64>,
+    next: usize,
+    sorted: Vec<u64>,
     health_every: Duration,
     last_health: Instant,
 }
 
 impl Tally {
+    fn new(health_every: Duration) -> Self {
+        Self {
+            latencies: Vec::with_capacity(LATENCY_WINDOW),
+            next: 0,
+            sorted: Vec::with_capacity(LATENCY_WINDOW),
+            health_every,
+            last_health: Instant::now(),
+        }
+    }
+
     /// Count `o`'s frame, ask for health when it is due, and hand back its result with the
     /// frame's own sequence number (the bench's, over a frame link), so that the ground can
     /// match results to the frames it sent.
@@ -308,7 +329,12 @@ impl Tally {
         }
         match o.result {
             Ok(result) => {
-                self.latencies.push(o.latency_us);
+                if self.latencies.len() < LATENCY_WINDOW {
+                    self.latencies.push(o.latency_us);
+                } else if let Some(slot) = self.latencies.get_mut(self.next) {
+                    *slot = o.latency_us;
+                }
+                self.next = (self.next + 1) % LATENCY_WINDOW;
                 Some((o.meta.map_or(o.sequence, |m| m.sequence), result))
             }
             Err(FrameFailure::Dropped) => None,
@@ -317,6 +343,14 @@ impl Tally {
                 None
             }
         }
+    }
+
+    /// The window's latencies, sorted.
+    fn sorted_latencies(&mut self) -> &[u64] {
+        self.sorted.clear();
+        self.sorted.extend_from_slice(&self.latencies);
+        self.sorted.sort_unstable();
+        &self.sorted
     }
 }
 
