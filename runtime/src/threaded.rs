@@ -107,7 +107,9 @@ where
     C: MonotonicClock + Sync,
     F: FnMut(Outcome<Src::Error, T>),
 {
-    run_pipeline_with_frames(source, step, clock, config, |outcome, _| on_outcome(outcome))
+    run_pipeline_with_frames(source, step, clock, config, |outcome, _| {
+        on_outcome(outcome)
+    })
 }
 
 /// [`run_pipeline`], handing `on_outcome` each processed frame's samples as well (to cut

@@ -258,7 +258,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 if downlink.wants(outcome.sequence, ProductKind::Thumbnail) {
                     if let Ok(frame) = decode_image(&image.path) {
                         let g = frame.geometry;
-                        let rgb = kestrel_payload::downlink::rgb_image(&frame.samples, g.width, g.height, g.bands);
+                        let rgb = kestrel_payload::downlink::rgb_image(
+                            &frame.samples,
+                            g.width,
+                            g.height,
+                            g.bands,
+                        );
                         downlink.thumbnail(outcome.sequence, &rgb);
                     }
                 }

@@ -223,7 +223,8 @@ fn replay_image<B: kestrel_backend::Backend>(
         pixel.0 = [t.class.min(255) as u8];
     }
     let worth = tiles.iter().map(|t| t.confidence).sum::<f32>() / tiles.len().max(1) as f32;
-    let rgb = thumbnail.then(|| kestrel_payload::downlink::rgb_image(&image.samples, g.width, g.height, g.bands));
+    let rgb = thumbnail
+        .then(|| kestrel_payload::downlink::rgb_image(&image.samples, g.width, g.height, g.bands));
     Ok((image.samples.len() as u64, map, worth, rgb))
 }
 

@@ -2,6 +2,7 @@
 //! and tests on x86-64 too, where the hardware is absent: every device is opened by path, says
 //! clearly when it is not there, and is tested over a temporary folder shaped like the real one.
 //!
+//! - `flight`: the flight loop `kestrel-flight` runs;
 //! - `spool::SpoolSource`: frames from a spool directory, each file processed once and moved
 //!   to `done/` or `failed/`, surviving a restart;
 //! - `thermal`: temperatures from `/sys/class/thermal`;
@@ -10,6 +11,7 @@
 //! - `v4l2::V4l2Source`: a V4L2 camera (the `v4l2` feature).
 
 pub mod config;
+pub mod flight;
 pub mod spool;
 pub mod thermal;
 pub mod v4l2;

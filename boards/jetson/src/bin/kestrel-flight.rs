@@ -19,23 +19,17 @@ use kestrel_hal::{Frame, FrameSource, Watchdog};
 use kestrel_host::frame_link::StreamSource;
 use kestrel_host::HostClock;
 use kestrel_jetson::config::{FlightConfig, SourceConfig};
+use kestrel_jetson::flight::{self, Tally};
 use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
 use kestrel_jetson::thermal;
 use kestrel_jetson::v4l2::{PixelFormat, V4l2Source};
 use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
 use kestrel_payload::command::{Pausable, Slots};
-use kestrel_payload::downlink::{health_message, rgb_image, slot_pairs, Downlink};
-use kestrel_runtime::detect::Detections;
+use kestrel_payload::downlink::{health_message, slot_pairs, Downlink};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::switch::SwitchableBackend;
-use kestrel_runtime::threaded::{
-    run_pipeline, run_pipeline_with_frames, DropPolicy, FrameFailure, Outcome, PipelineConfig,
-};
+use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
 use models::ZooModel;
-
-/// Detections kept per tile, and per frame after merging.
-const TILE_CAP: usize = 128;
-const FRAME_CAP: usize = 1024;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
@@ -246,29 +240,11 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
         if let Some(threshold) = config.model.score_threshold {
             detector.score_threshold = threshold;
         }
-        let step =
-            DetectorStep::<_, TILE_CAP>::new(backend, spec, detector, &mut input, &mut output)?;
-        run_pipeline_with_frames(source, step, &clock, pipeline, |o, frame| {
-            if let Some((sequence, found)) = tally.take(&mut downlink, o) {
-                let found: Detections<FRAME_CAP> = found;
-                // A crop of each box sent is cut from the frame (products allocate; a frame
-                // with nothing found does not).
-                let picture = frame
-                    .filter(|_| !found.as_slice().is_empty() && !downlink.args().no_products)
-                    .map(|f| {
-                        let g = f.geometry();
-                        rgb_image(f.samples(), g.width, g.height, g.bands)
-                    });
-                downlink.detections(sequence, found.as_slice(), picture.as_ref());
-            }
-        })
+        let step = DetectorStep::new(backend, spec, detector, &mut input, &mut output)?;
+        flight::detect(source, step, &clock, pipeline, &mut downlink, &mut tally)
     } else {
         let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
-        run_pipeline(source, step, &clock, pipeline, |o| {
-            if let Some((sequence, c)) = tally.take(&mut downlink, o) {
-                downlink.classification(sequence, 0, &c);
-            }
-        })
+        flight::classify(source, step, &clock, pipeline, &mut downlink, &mut tally)
     };
     stop.store(true, Ordering::Relaxed);
     let latencies = tally.sorted_latencies();
@@ -289,69 +265,6 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     notify_systemd("STOPPING=1");
     let _ = feeder.join();
     Ok(())
-}
-
-/// Latencies kept for the health percentiles: the most recent frames', in a fixed window so
-/// that a long flight's memory does not grow.
-const LATENCY_WINDOW: usize = 4096;
-
-/// What the run keeps of each outcome: recent latencies, and when health is next due.
-struct Tally {
-    latencies: Vec<u64>,
-    next: usize,
-    sorted: Vec<u64>,
-    health_every: Duration,
-    last_health: Instant,
-}
-
-impl Tally {
-    fn new(health_every: Duration) -> Self {
-        Self {
-            latencies: Vec::with_capacity(LATENCY_WINDOW),
-            next: 0,
-            sorted: Vec::with_capacity(LATENCY_WINDOW),
-            health_every,
-            last_health: Instant::now(),
-        }
-    }
-
-    /// Count `o`'s frame, ask for health when it is due, and hand back its result with the
-    /// frame's own sequence number (the bench's, over a frame link), so that the ground can
-    /// match results to the frames it sent.
-    fn take<T>(&mut self, downlink: &mut Downlink, o: Outcome<String, T>) -> Option<(u64, T)> {
-        downlink.frame_in(o.frame_bytes);
-        if !self.health_every.is_zero() && self.last_health.elapsed() >= self.health_every {
-            downlink
-                .controls()
-                .health_now
-                .store(true, Ordering::Relaxed);
-            self.last_health = Instant::now();
-        }
-        match o.result {
-            Ok(result) => {
-                if self.latencies.len() < LATENCY_WINDOW {
-                    self.latencies.push(o.latency_us);
-                } else if let Some(slot) = self.latencies.get_mut(self.next) {
-                    *slot = o.latency_us;
-                }
-                self.next = (self.next + 1) % LATENCY_WINDOW;
-                Some((o.meta.map_or(o.sequence, |m| m.sequence), result))
-            }
-            Err(FrameFailure::Dropped) => None,
-            Err(e) => {
-                log::warn!("frame {}: {e}", o.sequence);
-                None
-            }
-        }
-    }
-
-    /// The window's latencies, sorted.
-    fn sorted_latencies(&mut self) -> &[u64] {
-        self.sorted.clear();
-        self.sorted.extend_from_slice(&self.latencies);
-        self.sorted.sort_unstable();
-        &self.sorted
-    }
 }
 
 /// The models `switch_model` may load: the running one in slot 0, then `[downlink] slots`,
