@@ -119,6 +119,9 @@ pub struct PipelineSettings {
     pub drop_policy: String,
     /// The largest frame taken, pixels (width x height); larger ones are counted as errors.
     pub max_frame_pixels: usize,
+    /// Seconds inference or output may spend on one frame before it counts as stalled: the
+    /// watchdogs (hardware and systemd's) are then no longer fed, and the board restarts.
+    pub stall_s: f64,
 }
 
 impl Default for PipelineSettings {
@@ -127,6 +130,7 @@ impl Default for PipelineSettings {
             queue_depth: 4,
             drop_policy: "block".into(),
             max_frame_pixels: 4096 * 4096,
+            stall_s: 30.0,
         }
     }
 }
@@ -269,6 +273,7 @@ impl FlightConfig {
                 self.pipeline.drop_policy
             ));
         }
+        positive("pipeline.stall_s", self.pipeline.stall_s)?;
         if let Some(w) = &self.watchdog {
             positive("watchdog.feed_s", w.feed_s)?;
         }

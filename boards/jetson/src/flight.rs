@@ -3,15 +3,16 @@
 //! runs it; the allocation test runs it too, to show that its steady state allocates nothing.
 
 use std::fmt::Display;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kestrel_backend::Backend;
 use kestrel_hal::{FrameSource, MonotonicClock};
 use kestrel_payload::downlink::{rgb_image, Downlink};
 use kestrel_runtime::detect::Detections;
+use kestrel_runtime::frame::{FrameView, Sample};
 use kestrel_runtime::health::Health;
-use kestrel_runtime::step::{ClassifierStep, DetectorStep};
+use kestrel_runtime::step::{ClassifierStep, DetectorStep, FrameStep, StepError};
 use kestrel_runtime::threaded::{
     run_pipeline, run_pipeline_with_frames, FrameFailure, Outcome, PipelineConfig,
 };
@@ -21,8 +22,101 @@ pub const TILE_CAP: usize = 128;
 /// Detections kept per frame after merging.
 pub const FRAME_CAP: usize = 1024;
 
+/// The stages that work on a frame after it is taken: a stage busy on one frame for longer
+/// than the stall limit is stalled (a hung backend, a link that takes no bytes), and the
+/// watchdogs are then no longer fed. Waiting for work is not a stall: the sources bound their
+/// own waits with timeouts.
+#[derive(Debug)]
+pub struct Stages {
+    started: Instant,
+    /// When each stage took its current frame, microseconds after `started` plus 1; 0 idle.
+    busy_since: [AtomicU64; 2],
+}
+
+/// The stages [`Stages`] watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Preprocessing, the model, postprocessing.
+    Inference = 0,
+    /// Telemetry: the downlink queue and the link.
+    Output = 1,
+}
+
+impl Stage {
+    /// Its name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inference => "inference",
+            Self::Output => "output",
+        }
+    }
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            busy_since: [AtomicU64::new(0), AtomicU64::new(0)],
+        }
+    }
+}
+
+impl Stages {
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64 + 1
+    }
+
+    /// Run `work` as `stage` busy on a frame.
+    pub fn busy<R>(&self, stage: Stage, work: impl FnOnce() -> R) -> R {
+        let slot = &self.busy_since[stage as usize];
+        slot.store(self.now(), Ordering::Relaxed);
+        let result = work();
+        slot.store(0, Ordering::Relaxed);
+        result
+    }
+
+    /// The first stage busy on one frame for longer than `limit`, and for how long.
+    pub fn stalled(&self, limit: Duration) -> Option<(Stage, Duration)> {
+        let now = self.now();
+        [Stage::Inference, Stage::Output]
+            .into_iter()
+            .find_map(|stage| {
+                let since = self.busy_since[stage as usize].load(Ordering::Relaxed);
+                let busy = Duration::from_micros(now.saturating_sub(since));
+                (since != 0 && busy > limit).then_some((stage, busy))
+            })
+    }
+}
+
+/// A step whose frames are watched as the inference stage.
+pub struct Watched<'s, St> {
+    step: St,
+    stages: &'s Stages,
+}
+
+impl<'s, St> Watched<'s, St> {
+    /// `step`, checking in with `stages`.
+    pub fn new(step: St, stages: &'s Stages) -> Self {
+        Self { step, stages }
+    }
+}
+
+impl<Out, St: FrameStep<Out>> FrameStep<Out> for Watched<'_, St> {
+    fn process_frame<S: Sample>(
+        &mut self,
+        frame: FrameView<'_, S>,
+        clock: &impl MonotonicClock,
+        health: &mut Health,
+    ) -> Result<(Out, u64), StepError> {
+        let step = &mut self.step;
+        self.stages.busy(Stage::Inference, || {
+            step.process_frame(frame, clock, health)
+        })
+    }
+}
+
 /// Classify every frame of `source`, sending each result down `downlink`; the pipeline's
-/// health when the source ends.
+/// health when the source ends. Inference and output check in with `stages`.
 pub fn classify<Src, B>(
     source: Src,
     step: ClassifierStep<'_, B>,
@@ -30,22 +124,26 @@ pub fn classify<Src, B>(
     pipeline: PipelineConfig,
     downlink: &mut Downlink,
     tally: &mut Tally,
+    stages: &Stages,
 ) -> Health
 where
     Src: FrameSource<u8> + Send,
     Src::Error: Display + Send,
     B: Backend + Send,
 {
+    let step = Watched::new(step, stages);
     run_pipeline(source, step, clock, pipeline, |o| {
-        if let Some((sequence, c)) = tally.take(downlink, o) {
-            downlink.classification(sequence, 0, &c);
-        }
+        stages.busy(Stage::Output, || {
+            if let Some((sequence, c)) = tally.take(downlink, o) {
+                downlink.classification(sequence, 0, &c);
+            }
+        })
     })
 }
 
 /// Detect in every frame of `source`, sending each frame's boxes down `downlink` with a crop
 /// of each cut from the frame (products allocate; a frame with nothing found does not); the
-/// pipeline's health when the source ends.
+/// pipeline's health when the source ends. Inference and output check in with `stages`.
 pub fn detect<Src, B>(
     source: Src,
     step: DetectorStep<'_, B, TILE_CAP>,
@@ -53,14 +151,19 @@ pub fn detect<Src, B>(
     pipeline: PipelineConfig,
     downlink: &mut Downlink,
     tally: &mut Tally,
+    stages: &Stages,
 ) -> Health
 where
     Src: FrameSource<u8> + Send,
     Src::Error: Display + Send,
     B: Backend + Send,
 {
+    let step = Watched::new(step, stages);
     run_pipeline_with_frames(source, step, clock, pipeline, |o, frame| {
-        if let Some((sequence, found)) = tally.take(downlink, o) {
+        stages.busy(Stage::Output, || {
+            let Some((sequence, found)) = tally.take(downlink, o) else {
+                return;
+            };
             let found: Detections<FRAME_CAP> = found;
             let picture = frame
                 .filter(|_| !found.as_slice().is_empty() && !downlink.args().no_products)
@@ -69,7 +172,7 @@ where
                     rgb_image(f.samples(), g.width, g.height, g.bands)
                 });
             downlink.detections(sequence, found.as_slice(), picture.as_ref());
-        }
+        })
     })
 }
 
@@ -137,5 +240,65 @@ impl Tally {
         self.sorted.extend_from_slice(&self.latencies);
         self.sorted.sort_unstable();
         &self.sorted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kestrel_hal::FrameGeometry;
+
+    /// A step that takes `each` per frame.
+    struct Slow {
+        each: Duration,
+    }
+
+    impl FrameStep<()> for Slow {
+        fn process_frame<S: Sample>(
+            &mut self,
+            _frame: FrameView<'_, S>,
+            _clock: &impl MonotonicClock,
+            _health: &mut Health,
+        ) -> Result<((), u64), StepError> {
+            std::thread::sleep(self.each);
+            Ok(((), 0))
+        }
+    }
+
+    #[test]
+    fn a_stage_stuck_on_a_frame_is_stalled_and_an_idle_one_is_not() {
+        let stages = Stages::default();
+        assert_eq!(stages.stalled(Duration::ZERO), None, "idle");
+        let geometry = FrameGeometry {
+            width: 1,
+            height: 1,
+            bands: 1,
+        };
+        let samples = [0u8];
+        let frame = FrameView::new(geometry, &samples).unwrap();
+        let mut step = Watched::new(
+            Slow {
+                each: Duration::from_millis(300),
+            },
+            &stages,
+        );
+        std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                std::thread::sleep(Duration::from_millis(150));
+                stages.stalled(Duration::from_millis(100))
+            });
+            let clock = kestrel_host::HostClock::default();
+            step.process_frame(frame, &clock, &mut Health::default())
+                .unwrap();
+            let (stage, busy) = watcher.join().unwrap().expect("stalled mid-frame");
+            assert_eq!(stage, Stage::Inference);
+            assert!(busy >= Duration::from_millis(100), "{busy:?}");
+        });
+        assert_eq!(stages.stalled(Duration::ZERO), None, "done with the frame");
+        let output = stages.busy(Stage::Output, || {
+            std::thread::sleep(Duration::from_millis(20));
+            stages.stalled(Duration::from_millis(10)).map(|(s, _)| s)
+        });
+        assert_eq!(output, Some(Stage::Output));
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use kestrel_backend::Backend;
 use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 use kestrel_host::{decode_image, HostClock};
-use kestrel_jetson::flight::{self, Tally};
+use kestrel_jetson::flight::{self, Stages, Tally};
 use kestrel_payload::downlink::{Downlink, DownlinkArgs, FramingArg};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
@@ -148,6 +148,7 @@ fn flight_loop() {
             pipeline(chip.samples.len()),
             &mut downlink,
             &mut tally,
+            &Stages::default(),
         );
         assert_eq!(health.frames_done, 500);
         let report = downlink.finish(Default::default());
@@ -179,6 +180,7 @@ fn flight_loop() {
         pipeline(512 * 512 * 3),
         &mut downlink,
         &mut tally,
+        &Stages::default(),
     );
     assert_eq!(health.frames_done, 16);
     let report = downlink.finish(Default::default());

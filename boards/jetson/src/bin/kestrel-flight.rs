@@ -19,7 +19,7 @@ use kestrel_hal::{Frame, FrameSource, Watchdog};
 use kestrel_host::frame_link::StreamSource;
 use kestrel_host::HostClock;
 use kestrel_jetson::config::{FlightConfig, SourceConfig};
-use kestrel_jetson::flight::{self, Tally};
+use kestrel_jetson::flight::{self, Stages, Tally};
 use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
 use kestrel_jetson::thermal;
 use kestrel_jetson::v4l2::{PixelFormat, V4l2Source};
@@ -183,21 +183,42 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     }
 
     // The hardware watchdog, if configured, and systemd's (a `Type=notify` unit with
-    // `WatchdogSec=`), fed from one thread while the process runs.
+    // `WatchdogSec=`), fed from one thread while every stage is healthy: a stage stuck on one
+    // frame for longer than pipeline.stall_s starves them, and the board restarts.
     let mut device = config
         .watchdog
         .as_ref()
         .map(|w| LinuxWatchdog::open(&w.device))
         .transpose()?;
     let every = Duration::from_secs_f64(config.watchdog.as_ref().map_or(1.0, |w| w.feed_s));
+    let stall = Duration::from_secs_f64(config.pipeline.stall_s);
+    let stages = Arc::new(Stages::default());
     let feeder = {
-        let stop = Arc::clone(&stop);
+        let (stop, stages) = (Arc::clone(&stop), Arc::clone(&stages));
         std::thread::spawn(move || {
+            let mut starving = false;
             while !stop.load(Ordering::Relaxed) {
-                if let Some(Err(e)) = device.as_mut().map(Watchdog::feed) {
-                    log::error!("{e}");
+                match stages.stalled(stall) {
+                    Some((stage, busy)) => {
+                        if !starving {
+                            log::error!(
+                                "the {} stage has been on one frame for {busy:.1?} (limit {stall:?}): the watchdogs are no longer fed",
+                                stage.name()
+                            );
+                        }
+                        starving = true;
+                    }
+                    None => {
+                        if starving {
+                            log::warn!("every stage is moving again: the watchdogs are fed");
+                        }
+                        starving = false;
+                        if let Some(Err(e)) = device.as_mut().map(Watchdog::feed) {
+                            log::error!("{e}");
+                        }
+                        notify_systemd("WATCHDOG=1");
+                    }
                 }
-                notify_systemd("WATCHDOG=1");
                 std::thread::sleep(every);
             }
             if let Some(Err(e)) = device.as_mut().map(Watchdog::stop) {
@@ -241,10 +262,26 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
             detector.score_threshold = threshold;
         }
         let step = DetectorStep::new(backend, spec, detector, &mut input, &mut output)?;
-        flight::detect(source, step, &clock, pipeline, &mut downlink, &mut tally)
+        flight::detect(
+            source,
+            step,
+            &clock,
+            pipeline,
+            &mut downlink,
+            &mut tally,
+            &stages,
+        )
     } else {
         let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
-        flight::classify(source, step, &clock, pipeline, &mut downlink, &mut tally)
+        flight::classify(
+            source,
+            step,
+            &clock,
+            pipeline,
+            &mut downlink,
+            &mut tally,
+            &stages,
+        )
     };
     stop.store(true, Ordering::Relaxed);
     let latencies = tally.sorted_latencies();
