@@ -299,7 +299,7 @@ struct Report {
     scores: Scores,
     /// Round trip per frame: the link, the board's queue and inference, and the telemetry.
     latency_us: Latency,
-    /// Results received per second over the run.
+    /// Results received per second, from the first frame sent to the last result back.
     throughput_fps: f64,
     elapsed_s: f64,
     /// Images the bench could not read (they were not sent).
@@ -636,6 +636,14 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
         })
         .collect();
     rtts.sort_unstable();
+    // From the first frame sent to the last result back: the board's shutdown is not counted.
+    let streaming = answers
+        .iter()
+        .flatten()
+        .map(|r| r.at)
+        .max()
+        .and_then(|last| last.checked_duration_since(started))
+        .map_or(elapsed, |d| d.as_secs_f64());
     let frames_sent = sent_at.iter().flatten().count();
     let results_received = answers.iter().flatten().count();
     let link_stats = LinkStats {
@@ -674,7 +682,7 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
         labels,
         images: files.len(),
         latency_us: Latency::of_sorted(&rtts),
-        throughput_fps: results_received as f64 / elapsed.max(1e-9),
+        throughput_fps: results_received as f64 / streaming.max(1e-9),
         elapsed_s: elapsed,
         failures,
         link: link_stats,
