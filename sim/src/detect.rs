@@ -375,10 +375,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     };
     print_summary(&report);
     if let Some(path) = &opts.report {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("{}: cannot write report", path.display()))?;
-        eprintln!("report written to {}", path.display());
+        crate::eval::write_report(path, &report)?;
     }
     Ok(())
 }

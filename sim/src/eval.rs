@@ -164,6 +164,15 @@ impl Confusion {
     }
 }
 
+/// Write `report` as pretty JSON to `path`, and say so.
+pub fn write_report(path: &std::path::Path, report: &impl Serialize) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, json + "\n")
+        .with_context(|| format!("{}: cannot write report", path.display()))?;
+    eprintln!("report written to {}", path.display());
+    Ok(())
+}
+
 /// Progress on stderr: a rewritten line on a terminal, four lines otherwise.
 pub struct Progress {
     total: usize,
@@ -319,10 +328,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     print_summary(&report, model.manifest.validation_top1);
     if let Some(path) = &opts.report {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("{}: cannot write report", path.display()))?;
-        eprintln!("report written to {}", path.display());
+        crate::eval::write_report(path, &report)?;
     }
     Ok(())
 }

@@ -690,10 +690,7 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
     };
     print_summary(&report);
     if let Some(path) = &args.report {
-        let json = serde_json::to_string_pretty(&report)?;
-        std::fs::write(path, json + "\n")
-            .with_context(|| format!("{}: cannot write report", path.display()))?;
-        eprintln!("report written to {}", path.display());
+        crate::eval::write_report(path, &report)?;
     }
     if let Some(c) = report.in_process.as_ref().filter(|c| c.mismatches > 0) {
         bail!(
