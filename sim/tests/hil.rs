@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// `kestrel-flight`, built now so that the test never runs a stale one.
+/// `kestrel-flight`, built now so that the test never runs a stale one (with the features
+/// .ci/run builds everything with, so that nothing is rebuilt).
 fn flight_binary() -> PathBuf {
+    let features = std::env::var("KESTREL_FLIGHT_FEATURES").unwrap_or_default();
     let status = Command::new(env!("CARGO"))
         .args([
             "build",
@@ -21,6 +23,8 @@ fn flight_binary() -> PathBuf {
             "kestrel-jetson",
             "--bin",
             "kestrel-flight",
+            "--features",
+            &features,
         ])
         .status()
         .expect("cargo runs");
