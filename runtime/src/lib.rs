@@ -23,6 +23,8 @@ mod fmt;
 
 pub mod classify;
 pub mod detect;
+#[cfg(feature = "std")]
+pub mod failover;
 pub mod frame;
 pub mod health;
 pub mod pool;

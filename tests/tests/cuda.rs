@@ -473,6 +473,56 @@ fn missing_cuda_is_a_typed_error() {
     );
 }
 
+/// A failed driver call says what it means for the device, and the backend contract carries
+/// that to failover: out of memory, a failed launch and a lost device apart from the rest.
+#[test]
+fn driver_failures_are_typed_for_failover() {
+    use kestrel_backend::BackendError;
+    use kestrel_cuda::DeviceFault;
+    for (fault, expected) in [
+        (DeviceFault::OutOfMemory, BackendError::OutOfMemory),
+        (DeviceFault::LaunchFailed, BackendError::LaunchFailed),
+        (DeviceFault::DeviceLost, BackendError::DeviceLost),
+        (DeviceFault::Other, BackendError::Execution),
+    ] {
+        let error = CudaError::Driver {
+            fault,
+            detail: "from the driver".into(),
+        };
+        assert_eq!(error.backend_error(), expected, "{error}");
+        assert!(expected.is_device_fault());
+    }
+    assert_eq!(
+        CudaError::NotAvailable("no driver".into()).backend_error(),
+        BackendError::NotAvailable
+    );
+    #[cfg(any(feature = "cuda-13000", feature = "cuda-12060"))]
+    {
+        use kestrel_cuda::{fault_of, CUresult as R};
+        assert_eq!(
+            fault_of(R::CUDA_ERROR_OUT_OF_MEMORY),
+            DeviceFault::OutOfMemory
+        );
+        assert_eq!(
+            fault_of(R::CUDA_ERROR_LAUNCH_FAILED),
+            DeviceFault::LaunchFailed
+        );
+        assert_eq!(
+            fault_of(R::CUDA_ERROR_LAUNCH_TIMEOUT),
+            DeviceFault::LaunchFailed
+        );
+        for lost in [
+            R::CUDA_ERROR_ILLEGAL_ADDRESS,
+            R::CUDA_ERROR_ECC_UNCORRECTABLE,
+            R::CUDA_ERROR_NO_DEVICE,
+            R::CUDA_ERROR_HARDWARE_STACK_ERROR,
+        ] {
+            assert_eq!(fault_of(lost), DeviceFault::DeviceLost, "{lost:?}");
+        }
+        assert_eq!(fault_of(R::CUDA_ERROR_INVALID_VALUE), DeviceFault::Other);
+    }
+}
+
 /// The `.cu` sources compile to PTX through NVRTC for Jetson Orin (sm_87) and H100 (sm_90), with
 /// every kernel's entry point, wherever NVRTC can be loaded (no GPU needed).
 #[cfg(any(feature = "cuda-13000", feature = "cuda-12060"))]

@@ -30,7 +30,7 @@ pub struct FlightConfig {
 }
 
 /// `[model]`.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// A zoo name (built in: `eurosat-rgb`, `nwpu-vhr10`), or a model folder, `model.onnx` or
@@ -42,6 +42,13 @@ pub struct ModelConfig {
     /// Lowest score reported: a detector's boxes, or a classifier's results (default: every
     /// classification, and the detector's own reporting threshold from its manifest).
     pub score_threshold: Option<f32>,
+    /// After a failover, frames between tries of the preferred backend (0: never go back).
+    #[serde(default = "retry_frames")]
+    pub failover_retry_frames: u64,
+}
+
+fn retry_frames() -> u64 {
+    100
 }
 
 fn auto() -> String {

@@ -43,6 +43,28 @@ pub enum BackendError {
     Execution,
     /// This backend cannot run on this machine (feature off, no driver, no device).
     NotAvailable,
+    /// The device ran out of memory.
+    OutOfMemory,
+    /// A kernel launch failed; the device may still work.
+    LaunchFailed,
+    /// The device is gone or in a state nothing more runs in until it is reset (an illegal
+    /// address, an uncorrectable ECC error, a fallen-off bus).
+    DeviceLost,
+}
+
+impl BackendError {
+    /// A fault of the backend or its device, not of the input: the same frame may succeed on
+    /// another backend, which is what failover does with it.
+    pub fn is_device_fault(&self) -> bool {
+        matches!(
+            self,
+            Self::Execution
+                | Self::NotAvailable
+                | Self::OutOfMemory
+                | Self::LaunchFailed
+                | Self::DeviceLost
+        )
+    }
 }
 
 impl core::fmt::Display for BackendError {
@@ -59,6 +81,9 @@ impl core::fmt::Display for BackendError {
             }
             Self::Execution => f.write_str("the backend failed while running the model"),
             Self::NotAvailable => f.write_str("this backend is not available on this machine"),
+            Self::OutOfMemory => f.write_str("the device ran out of memory"),
+            Self::LaunchFailed => f.write_str("a kernel launch failed"),
+            Self::DeviceLost => f.write_str("the device was lost"),
         }
     }
 }

@@ -18,8 +18,8 @@ use super::launch::{
     PoolArgs, PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
 };
 use super::{
-    batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceInfo,
-    PeakSearch, NVRTC_OPTIONS, SOURCE,
+    batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceFault,
+    DeviceInfo, PeakSearch, NVRTC_OPTIONS, SOURCE,
 };
 use kestrel_plan::program::{OwnedProgram, Program};
 
@@ -32,8 +32,33 @@ unsafe impl DeviceRepr for ResizeArgs {}
 unsafe impl DeviceRepr for PreprocessArgs {}
 unsafe impl DeviceRepr for DecodeArgs {}
 
-fn driver_error(e: impl core::fmt::Debug) -> CudaError {
-    CudaError::Driver(format!("{e:?}"))
+fn driver_error(e: driver::DriverError) -> CudaError {
+    CudaError::Driver {
+        fault: fault_of(e.0),
+        detail: format!("{e:?}"),
+    }
+}
+
+/// What a driver error code means for the device. Sticky errors (the context cannot be used
+/// again until the process resets the device) and a missing device are a lost device.
+pub fn fault_of(code: sys::CUresult) -> DeviceFault {
+    use sys::CUresult as R;
+    match code {
+        R::CUDA_ERROR_OUT_OF_MEMORY => DeviceFault::OutOfMemory,
+        R::CUDA_ERROR_LAUNCH_FAILED
+        | R::CUDA_ERROR_LAUNCH_TIMEOUT
+        | R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES => DeviceFault::LaunchFailed,
+        R::CUDA_ERROR_ILLEGAL_ADDRESS
+        | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | R::CUDA_ERROR_MISALIGNED_ADDRESS
+        | R::CUDA_ERROR_INVALID_PC
+        | R::CUDA_ERROR_HARDWARE_STACK_ERROR
+        | R::CUDA_ERROR_ECC_UNCORRECTABLE
+        | R::CUDA_ERROR_NO_DEVICE
+        | R::CUDA_ERROR_DEINITIALIZED
+        | R::CUDA_ERROR_CONTEXT_IS_DESTROYED => DeviceFault::DeviceLost,
+        _ => DeviceFault::Other,
+    }
 }
 
 /// One plan on one GPU.
@@ -208,7 +233,7 @@ impl Session {
         let kernel = args.kernel();
         let position = Kernel::ALL.iter().position(|&k| k == kernel).unwrap_or(0);
         let Some(function) = self.functions.get(position) else {
-            return Err(CudaError::Driver(format!("{} not loaded", kernel.name())));
+            return Err(CudaError::driver(format!("{} not loaded", kernel.name())));
         };
         let config = LaunchConfig {
             grid_dim: launch.grid(batch),
@@ -461,7 +486,7 @@ impl Session {
             });
         }
         let Some(peaks) = self.peaks.as_mut() else {
-            return Err(CudaError::Driver("no peak lists".into()));
+            return Err(CudaError::driver("no peak lists"));
         };
         self.stream
             .memset_zeros(&mut peaks.counts)
@@ -488,7 +513,7 @@ impl Session {
         self.second.synchronize().map_err(driver_error)?;
         let n = batch as usize;
         let Some(peaks) = self.peaks.as_ref() else {
-            return Err(CudaError::Driver("no peak lists".into()));
+            return Err(CudaError::driver("no peak lists"));
         };
         let mut found = vec![0i32; n];
         let mut lists = vec![0i32; n * capacity as usize * 3];
@@ -525,7 +550,7 @@ impl Session {
         let header = program.header();
         let spec = header
             .preprocess_spec()
-            .map_err(|e| CudaError::Driver(format!("the plan's preprocessing: {e}")))?;
+            .map_err(|e| CudaError::driver(format!("the plan's preprocessing: {e}")))?;
         let expected = width as usize * height as usize * spec.bands();
         if frame.len() != expected {
             return Err(CudaError::Length {
@@ -555,7 +580,7 @@ impl Session {
             );
         }
         let Some(device_frame) = self.frame.as_mut() else {
-            return Err(CudaError::Driver("no frame buffer".into()));
+            return Err(CudaError::driver("no frame buffer"));
         };
         let mut view = device_frame.slice_mut(..frame.len());
         self.stream
@@ -668,7 +693,7 @@ fn compile(
     let (mut nvrtc_major, mut nvrtc_minor) = (0, 0);
     // SAFETY: NVRTC is loaded (checked) and the pointers are valid.
     unsafe { nvrtc::sys::nvrtcVersion(&mut nvrtc_major, &mut nvrtc_minor).result() }
-        .map_err(driver_error)?;
+        .map_err(|e| CudaError::driver(format!("{e:?}")))?;
     let key = cache_key(&[
         SOURCE.as_bytes(),
         NVRTC_OPTIONS.join(" ").as_bytes(),

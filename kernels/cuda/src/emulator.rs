@@ -90,7 +90,7 @@ impl Emulator {
     ) -> Result<(), CudaError> {
         let batch = self.batch(arenas)?;
         let Args::Preprocess(args) = preprocess.args else {
-            return Err(CudaError::Driver("not a preprocessing launch".into()));
+            return Err(CudaError::driver("not a preprocessing launch"));
         };
         let expected = usize::try_from(args.frame_width).unwrap_or(0)
             * usize::try_from(args.frame_height).unwrap_or(0)
@@ -127,7 +127,7 @@ impl Emulator {
         let capacity = search.capacity;
         let launch = self.program.decode(search)?;
         let Args::Decode(args) = launch.args else {
-            return Err(CudaError::Driver("not a decoding launch".into()));
+            return Err(CudaError::driver("not a decoding launch"));
         };
         let mut counts = vec![0i32; batch];
         let mut words = vec![0i32; batch * capacity as usize * 3];

@@ -20,7 +20,9 @@ pub mod emulator;
 pub mod launch;
 
 #[cfg(feature = "cuda")]
-pub use device::compile_ptx;
+pub use cudarc::driver::sys::CUresult;
+#[cfg(feature = "cuda")]
+pub use device::{compile_ptx, fault_of};
 
 use kestrel_plan::program::ProgramError;
 
@@ -49,8 +51,13 @@ pub enum CudaError {
     Plan(launch::PlanningError),
     /// NVRTC rejected the kernels: the compiler's log.
     Compile(String),
-    /// A driver call failed.
-    Driver(String),
+    /// A driver call failed, and what that means for the device.
+    Driver {
+        /// Out of memory, a failed launch, a lost device, or another failure.
+        fault: DeviceFault,
+        /// The driver's error, for the operator.
+        detail: String,
+    },
     /// A buffer passed to a session has the wrong length.
     Length {
         /// Values expected.
@@ -67,13 +74,67 @@ pub enum CudaError {
     },
 }
 
+/// What a failed driver call means for the device: the caller's failover tells a device worth
+/// retrying from one that is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceFault {
+    /// The device ran out of memory.
+    OutOfMemory,
+    /// A launch failed, timed out or lacked resources; the context may still work.
+    LaunchFailed,
+    /// The context is unusable until the device is reset (an illegal address or instruction,
+    /// an uncorrectable ECC error, a hardware stack error), or there is no device.
+    DeviceLost,
+    /// Anything else the driver or this executor reported.
+    Other,
+}
+
+impl CudaError {
+    /// A failure with no driver code behind it (a missing kernel, malformed output).
+    pub fn driver(detail: impl Into<String>) -> Self {
+        Self::Driver {
+            fault: DeviceFault::Other,
+            detail: detail.into(),
+        }
+    }
+
+    /// The backend contract's error for this failure: what failover decides on.
+    pub fn backend_error(&self) -> kestrel_backend::BackendError {
+        use kestrel_backend::BackendError;
+        match self {
+            Self::NotAvailable(_) => BackendError::NotAvailable,
+            Self::Driver {
+                fault: DeviceFault::OutOfMemory,
+                ..
+            } => BackendError::OutOfMemory,
+            Self::Driver {
+                fault: DeviceFault::LaunchFailed,
+                ..
+            } => BackendError::LaunchFailed,
+            Self::Driver {
+                fault: DeviceFault::DeviceLost,
+                ..
+            } => BackendError::DeviceLost,
+            Self::Length { expected, got } => BackendError::InputLength {
+                expected: *expected,
+                got: *got,
+            },
+            Self::Driver { .. } | Self::Plan(_) | Self::Compile(_) | Self::Batch { .. } => {
+                BackendError::Execution
+            }
+        }
+    }
+}
+
 impl core::fmt::Display for CudaError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             Self::NotAvailable(why) => write!(f, "CUDA is not available: {why}"),
             Self::Plan(e) => write!(f, "the plan cannot run on CUDA: {e}"),
             Self::Compile(log) => write!(f, "NVRTC could not compile the kernels:\n{log}"),
-            Self::Driver(e) => write!(f, "CUDA driver call failed: {e}"),
+            Self::Driver { fault, detail } => {
+                write!(f, "CUDA driver call failed ({fault:?}): {detail}")
+            }
             Self::Length { expected, got } => {
                 write!(f, "buffer has {got} values, the session expects {expected}")
             }
@@ -278,7 +339,7 @@ pub(crate) fn decoded_tiles(
     capacity: usize,
     heads: Option<&[i8]>,
 ) -> Result<Vec<DecodedTile>, CudaError> {
-    let malformed = |what: &str| CudaError::Driver(format!("the decoding kernel left {what}"));
+    let malformed = |what: &str| CudaError::driver(format!("the decoding kernel left {what}"));
     let mut tiles = Vec::with_capacity(counts.len());
     for (item, &count) in counts.iter().enumerate() {
         let found = usize::try_from(count).map_err(|_| malformed("a negative count"))?;
@@ -450,7 +511,7 @@ impl kestrel_backend::Backend for CudaBackend {
         return self
             .session
             .infer(input, output)
-            .map_err(|_| kestrel_backend::BackendError::Execution);
+            .map_err(|e| e.backend_error());
         #[cfg(not(feature = "cuda"))]
         match self.never {}
     }

@@ -58,6 +58,11 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Controls {
+    /// Send `event` down with the command replies (first, ahead of results).
+    pub fn report(&self, event: kestrel_wire::message::Event) {
+        lock(&self.replies).push(Telemetry::Event(event));
+    }
+
     /// Wait while paused.
     pub fn wait_while_paused(&self) {
         while self.paused.load(Ordering::Relaxed) {

@@ -13,13 +13,16 @@ use anyhow::{bail, Context};
 use image::{imageops, GrayImage, ImageEncoder, RgbImage};
 use kestrel_runtime::classify::Classification as RuntimeClassification;
 use kestrel_runtime::detect::Detection;
+use kestrel_runtime::failover::Failover;
 use kestrel_runtime::switch::SwitchHandle;
+use kestrel_runtime::BackendError;
 use kestrel_wire::ccsds::Framer;
 use kestrel_wire::command::MODEL_SLOTS;
 use kestrel_wire::downlink::{value, DownlinkQueue, DownlinkStats, ItemWriter};
 use kestrel_wire::mavlink::{MavlinkFramer, COMPONENT_ID};
 use kestrel_wire::message::{
-    Classification, Detections, Health, ProductKind, Ranked, WireBox, MAX_BOXES, TOP_K,
+    Classification, Detections, Event, EventId, Health, ProductKind, Ranked, WireBox, MAX_BOXES,
+    TOP_K,
 };
 use kestrel_wire::{product, Framing, Telemetry};
 use serde::{Deserialize, Serialize};
@@ -582,6 +585,29 @@ impl Downlink {
             queue: self.queue.stats,
             link_error: self.link.error,
         }
+    }
+}
+
+/// The event a change of the active backend goes down as.
+pub fn failover_event(change: &Failover) -> Event {
+    let index = |i: usize| i32::try_from(i).unwrap_or(i32::MAX);
+    match *change {
+        Failover::FailedOver {
+            from, to, error, ..
+        } => EventId::BackendFailover.with([index(from), index(to), fault_code(error)]),
+        Failover::Restored { from } => EventId::BackendRestored.with([index(from), 0, 0]),
+    }
+}
+
+/// A backend fault's code in a `backend_failover` event (the README's event table).
+fn fault_code(error: BackendError) -> i32 {
+    match error {
+        BackendError::Execution => 1,
+        BackendError::NotAvailable => 2,
+        BackendError::OutOfMemory => 3,
+        BackendError::LaunchFailed => 4,
+        BackendError::DeviceLost => 5,
+        BackendError::InputLength { .. } | BackendError::OutputLength { .. } => 0,
     }
 }
 

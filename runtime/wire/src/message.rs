@@ -227,6 +227,13 @@ pub enum EventId {
     Paused = 0x0003,
     /// Frames are taken again (the `resume` command).
     Resumed = 0x0004,
+    /// A backend failed on a frame with a device fault and the frame ran on the next one in
+    /// the failover chain: args are the chain index that failed, the one that took over, and
+    /// the fault code.
+    BackendFailover = 0x0005,
+    /// The preferred backend ran a frame again and is back in use: args are the chain index
+    /// that was in use until then.
+    BackendRestored = 0x0006,
 }
 
 /// One row of the event table.
@@ -243,7 +250,7 @@ pub struct EventInfo {
 }
 
 /// Every event, as the docs' table lists it (a test checks the README against this).
-pub const EVENTS: [EventInfo; 4] = [
+pub const EVENTS: [EventInfo; 6] = [
     EventInfo {
         id: EventId::CommandRejected,
         name: "command_rejected",
@@ -267,6 +274,18 @@ pub const EVENTS: [EventInfo; 4] = [
         name: "resumed",
         severity: Severity::Info,
         meaning: "frames are taken again",
+    },
+    EventInfo {
+        id: EventId::BackendFailover,
+        name: "backend_failover",
+        severity: Severity::Error,
+        meaning: "a backend failed on a frame, which ran on the next: failed index, new index, fault code (1 execution, 2 not available, 3 out of memory, 4 launch failed, 5 device lost)",
+    },
+    EventInfo {
+        id: EventId::BackendRestored,
+        name: "backend_restored",
+        severity: Severity::Info,
+        meaning: "the preferred backend runs frames again: the index in use until now",
     },
 ];
 

@@ -18,14 +18,15 @@ use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_hal::{Frame, FrameSource, Watchdog};
 use kestrel_host::frame_link::StreamSource;
 use kestrel_host::HostClock;
-use kestrel_jetson::config::{FlightConfig, SourceConfig};
+use kestrel_jetson::config::{FlightConfig, ModelConfig, SourceConfig};
 use kestrel_jetson::flight::{self, Stages, Tally};
 use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
 use kestrel_jetson::thermal;
 use kestrel_jetson::v4l2::{PixelFormat, V4l2Source};
 use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
-use kestrel_payload::command::{Pausable, Slots};
-use kestrel_payload::downlink::{health_message, slot_pairs, Downlink};
+use kestrel_payload::command::{Controls, Pausable, Slots};
+use kestrel_payload::downlink::{failover_event, health_message, slot_pairs, Downlink};
+use kestrel_runtime::failover::{Failover, FailoverBackend};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::switch::SwitchableBackend;
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
@@ -68,29 +69,80 @@ fn main() -> ExitCode {
     }
 }
 
-/// A model on the configured backend: CUDA when asked and present, else the int8 plan on the
-/// CPU, else tract.
-fn load_backend(name: &str, choice: &str) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>)> {
-    let model = ZooModel::load(name)?;
-    if choice == "tract" || (choice == "auto" && !model.has_plan()) {
-        let backend = model.tract_backend()?;
-        return Ok((model, Box::new(backend)));
-    }
+/// The configured backend for `model` first, then what it falls back to, in the order CUDA,
+/// the int8 plan on the CPU, tract: a frame one fails on with a device fault runs on the next.
+fn backend_chain(model: &ZooModel, choice: &str) -> anyhow::Result<Vec<Box<dyn Backend + Send>>> {
+    let mut chain: Vec<Box<dyn Backend + Send>> = Vec::new();
     if choice == "cuda" {
         if let Some(plan) = model.plan_bytes()? {
             match CudaBackend::new(plan, &CudaOptions::default()) {
-                Ok(cuda) => return Ok((model, Box::new(cuda))),
+                Ok(cuda) => chain.push(Box::new(cuda)),
                 Err(CudaError::NotAvailable(why)) => {
                     log::warn!("CUDA is not available ({why}); running int8 on the CPU")
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => log::error!(
+                    "CUDA cannot run {} ({e}); running int8 on the CPU",
+                    model.origin
+                ),
             }
         }
     }
-    let Some(int8) = model.int8_backend()? else {
-        bail!("model {name} has no compiled plan; use backend = \"tract\"");
+    if choice != "tract" {
+        match model.int8_backend()? {
+            Some(int8) => chain.push(Box::new(int8)),
+            None if choice == "auto" => {}
+            None => bail!(
+                "model {} has no compiled plan; use backend = \"tract\"",
+                model.origin
+            ),
+        }
+    }
+    match model.tract_backend() {
+        Ok(tract) => chain.push(Box::new(tract)),
+        // The last resort is optional; the first backend is not.
+        Err(e) if !chain.is_empty() => {
+            log::warn!("no tract fallback for {}: {e:#}", model.origin)
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(chain)
+}
+
+/// `model` on its failover chain, each change of backend logged and sent down as an event.
+fn load_backend(
+    model: &ZooModel,
+    config: &ModelConfig,
+    controls: &Arc<Controls>,
+) -> anyhow::Result<Box<dyn Backend + Send>> {
+    let chain = backend_chain(model, &config.backend)?;
+    let names: Vec<&'static str> = chain.iter().map(|b| b.name()).collect();
+    log::info!(
+        "{}: backends in order of failover: {}",
+        model.origin,
+        names.join(", ")
+    );
+    let controls = Arc::clone(controls);
+    let on_change = move |change: Failover| {
+        let name = |i: usize| names.get(i).copied().unwrap_or("?");
+        match change {
+            Failover::FailedOver {
+                from,
+                to,
+                error,
+                recovery_us,
+            } => log::error!(
+                "backend {} failed ({error}); the frame ran on {} ({recovery_us} µs from the failure to the result)",
+                name(from),
+                name(to)
+            ),
+            Failover::Restored { from } => {
+                log::warn!("backend {} runs frames again, instead of {}", name(0), name(from))
+            }
+        }
+        controls.report(failover_event(&change));
     };
-    Ok((model, Box::new(int8)))
+    let chain = FailoverBackend::new(chain, config.failover_retry_frames, Box::new(on_change))?;
+    Ok(Box::new(chain))
 }
 
 /// The frame sources the configuration can name, ending the stream on a stop signal.
@@ -162,9 +214,12 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop)).context("signal handler")?;
     }
-    let (model, backend) = load_backend(&config.model.name, &config.model.backend)?;
+    let model = ZooModel::load(&config.model.name)?;
     let labels = model.manifest.labels.clone();
     let spec = model.preprocess_spec()?;
+    let mut downlink = Downlink::new(&config.downlink, &labels)?;
+    let controls = downlink.controls();
+    let backend = load_backend(&model, &config.model, &controls)?;
     log::info!(
         "model {} ({}) on {}",
         model.manifest.name,
@@ -172,10 +227,7 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
         backend.name()
     );
     let (backend, switch) = SwitchableBackend::new(backend);
-
-    let mut downlink = Downlink::new(&config.downlink, &labels)?;
-    downlink.listen_for_commands(slots(config, &model)?, switch, &[])?;
-    let controls = downlink.controls();
+    downlink.listen_for_commands(slots(config, &model, &controls)?, switch, &[])?;
     if let (Some(threshold), Ok(mut min_score)) =
         (config.model.score_threshold, controls.min_score.lock())
     {
@@ -306,20 +358,27 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
 
 /// The models `switch_model` may load: the running one in slot 0, then `[downlink] slots`,
 /// each checked against the running one when loaded.
-fn slots(config: &FlightConfig, running: &ZooModel) -> anyhow::Result<Slots> {
+fn slots(
+    config: &FlightConfig,
+    running: &ZooModel,
+    controls: &Arc<Controls>,
+) -> anyhow::Result<Slots> {
     let mut names: Vec<Option<String>> = vec![None; 16];
     names[0] = Some(config.model.name.clone());
     for (slot, name) in slot_pairs(&config.downlink.slots)? {
         names[usize::from(slot)] = Some(name);
     }
     let filled = std::array::from_fn(|i| names[i].is_some());
-    let choice = config.model.backend.clone();
+    let model_config = config.model.clone();
+    let controls = Arc::clone(controls);
     let shape = running.shape();
     let load = move |slot: u8| -> Result<Box<dyn Backend + Send>, String> {
         let Some(Some(name)) = names.get(usize::from(slot)) else {
             return Err(format!("slot {slot} is empty"));
         };
-        let (model, backend) = load_backend(name, &choice).map_err(|e| format!("{e:#}"))?;
+        let model = ZooModel::load(name).map_err(|e| format!("{e:#}"))?;
+        let backend =
+            load_backend(&model, &model_config, &controls).map_err(|e| format!("{e:#}"))?;
         shape
             .admits(&model)
             .map_err(|why| format!("slot {slot}: {why}"))?;
