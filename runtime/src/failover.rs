@@ -10,7 +10,7 @@ use std::boxed::Box;
 use std::time::Instant;
 use std::vec::Vec;
 
-use kestrel_backend::{Backend, BackendError};
+use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 
 /// A change of the active backend.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -187,6 +187,46 @@ impl Backend for FailoverBackend {
             }
         }
         Err(BackendError::NotAvailable)
+    }
+
+    /// Every backend of the chain is scrubbed, the standby ones too: a fallback must be
+    /// intact when it is needed.
+    fn scrub(&mut self) -> Scrub {
+        self.chain
+            .iter_mut()
+            .fold(Scrub::Uncovered, |found, b| match (found, b.scrub()) {
+                (Scrub::Corrupt, _) | (_, Scrub::Corrupt) => Scrub::Corrupt,
+                (Scrub::Clean, _) | (_, Scrub::Clean) => Scrub::Clean,
+                _ => Scrub::Uncovered,
+            })
+    }
+
+    /// Each corrupt backend of the chain is restored.
+    fn restore(&mut self) -> Result<(), BackendError> {
+        for backend in &mut self.chain {
+            if backend.scrub() == Scrub::Corrupt {
+                backend.restore()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The active backend takes the upset, or the first one that has such memory.
+    fn upset(&mut self, upset: Upset) -> Landed {
+        let active = self.active;
+        if let Some(landed) = self
+            .chain
+            .get_mut(active)
+            .map(|b| b.upset(upset))
+            .filter(|&l| l != Landed::Missed)
+        {
+            return landed;
+        }
+        self.chain
+            .iter_mut()
+            .map(|b| b.upset(upset))
+            .find(|&l| l != Landed::Missed)
+            .unwrap_or(Landed::Missed)
     }
 }
 

@@ -18,6 +18,15 @@ impl Sample for u8 {
     }
 }
 
+/// Float samples: a calibrated product (radiance, reflectance) rather than raw counts.
+impl Sample for f32 {
+    const ZERO: Self = 0.0;
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
 impl Sample for u16 {
     const ZERO: Self = 0;
     #[inline]

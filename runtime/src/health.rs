@@ -15,16 +15,20 @@ pub enum ErrorKind {
     Output = 4,
     /// No frame buffer was free.
     Pool = 5,
+    /// The frame's capture time is not after the previous frame's (a repeated or
+    /// out-of-order timestamp: a stuck or glitching sensor clock).
+    Timestamp = 6,
 }
 
 impl ErrorKind {
     /// Every kind, in id order.
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 6] = [
         Self::Source,
         Self::Frame,
         Self::Backend,
         Self::Output,
         Self::Pool,
+        Self::Timestamp,
     ];
 
     /// Short name for reports.
@@ -35,6 +39,7 @@ impl ErrorKind {
             Self::Backend => "backend",
             Self::Output => "output",
             Self::Pool => "pool",
+            Self::Timestamp => "timestamp",
         }
     }
 
@@ -110,6 +115,38 @@ impl LatencyHistogram {
     }
 }
 
+/// What scrubbing the loaded model found and did ([`crate::threaded::PipelineConfig::scrub_every`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ScrubStats {
+    /// Scrubs run.
+    pub scrubs: u64,
+    /// Scrubs that found the model corrupt.
+    pub corrupt: u64,
+    /// Restores from the golden copy that succeeded.
+    pub restored: u64,
+    /// Restores that failed (the frames since stay suspect).
+    pub restore_failures: u64,
+    /// Frames run again after a restore.
+    pub reruns: u64,
+    /// Time spent scrubbing, microseconds, and the longest scrub.
+    pub scrub_us: u64,
+    /// The longest scrub, microseconds.
+    pub max_scrub_us: u64,
+}
+
+impl ScrubStats {
+    fn merge(&mut self, other: &Self) {
+        self.scrubs += other.scrubs;
+        self.corrupt += other.corrupt;
+        self.restored += other.restored;
+        self.restore_failures += other.restore_failures;
+        self.reruns += other.reruns;
+        self.scrub_us += other.scrub_us;
+        self.max_scrub_us = self.max_scrub_us.max(other.max_scrub_us);
+    }
+}
+
 /// Frame accounting for one pipeline: `frames_in == frames_done + frames_dropped + errors`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -124,6 +161,8 @@ pub struct Health {
     errors: [u64; ErrorKind::ALL.len()],
     /// Per-frame processing latency of completed frames.
     pub latency: LatencyHistogram,
+    /// Scrubbing of the loaded model.
+    pub scrub: ScrubStats,
 }
 
 impl Health {
@@ -167,6 +206,7 @@ impl Health {
             *mine += theirs;
         }
         self.latency.merge(&other.latency);
+        self.scrub.merge(&other.scrub);
     }
 }
 

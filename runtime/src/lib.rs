@@ -25,8 +25,11 @@ pub mod classify;
 pub mod detect;
 #[cfg(feature = "std")]
 pub mod failover;
+#[cfg(feature = "std")]
+pub mod faults;
 pub mod frame;
 pub mod health;
+pub mod ledger;
 pub mod pool;
 pub mod preprocess;
 pub mod step;

@@ -44,6 +44,8 @@ pub enum PreprocessError {
     },
     /// The region is empty or lies wholly outside the frame.
     Region,
+    /// A sample is NaN or infinite (a float sensor's fault): the input would be meaningless.
+    NotFinite,
     /// The input buffer is not the model's input size.
     InputLength {
         /// Values the model takes.
@@ -60,6 +62,7 @@ impl core::fmt::Display for PreprocessError {
                 write!(f, "image has {frame} band(s), the model takes {model}")
             }
             Self::Region => f.write_str("region is empty or outside the frame"),
+            Self::NotFinite => f.write_str("the frame holds NaN or infinite samples"),
             Self::InputLength { expected, got } => {
                 write!(
                     f,
@@ -107,6 +110,7 @@ pub fn prepare_input<S: Sample>(
             .get(x, y, band)
             .map_or(spec.mean(band), Sample::to_f32)
     };
+    let mut finite = true;
     // `input` holds exactly `bands` planes (checked above), and a spec's sides are at least 1.
     for (band, out) in input.chunks_exact_mut(plane).enumerate() {
         for (oy, row) in out.chunks_exact_mut(out_w).enumerate() {
@@ -117,8 +121,12 @@ pub fn prepare_input<S: Sample>(
                 let bottom = raw(x0, y1, band) * (1.0 - wx) + raw(x1, y1, band) * wx;
                 let value = top * (1.0 - wy) + bottom * wy;
                 *cell = spec.normalise(band, value);
+                finite &= cell.is_finite();
             }
         }
+    }
+    if !finite {
+        return Err(PreprocessError::NotFinite);
     }
     Ok(())
 }

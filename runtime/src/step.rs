@@ -359,6 +359,11 @@ pub trait FrameStep<Out> {
         clock: &impl MonotonicClock,
         health: &mut Health,
     ) -> Result<(Out, u64), StepError>;
+
+    /// The backend, to scrub and restore the model it holds (`None`: a step without one).
+    fn backend(&mut self) -> Option<&mut dyn Backend> {
+        None
+    }
 }
 
 impl<B: Backend> FrameStep<Classification> for ClassifierStep<'_, B> {
@@ -369,6 +374,10 @@ impl<B: Backend> FrameStep<Classification> for ClassifierStep<'_, B> {
         health: &mut Health,
     ) -> Result<(Classification, u64), StepError> {
         self.process(frame, clock, health)
+    }
+
+    fn backend(&mut self) -> Option<&mut dyn Backend> {
+        Some(&mut self.backend)
     }
 }
 
@@ -384,5 +393,9 @@ impl<B: Backend, const TILE_CAP: usize, const N: usize> FrameStep<Detections<N>>
         let mut found = Detections::new();
         let latency_us = self.process(frame, clock, health, &mut found)?;
         Ok((found, latency_us))
+    }
+
+    fn backend(&mut self) -> Option<&mut dyn Backend> {
+        Some(&mut self.backend)
     }
 }

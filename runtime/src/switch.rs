@@ -7,7 +7,7 @@
 use std::boxed::Box;
 use std::sync::{Arc, Mutex};
 
-use kestrel_backend::{Backend, BackendError};
+use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 
 /// A model ready to take over.
 type Pending = Arc<Mutex<Option<Box<dyn Backend + Send>>>>;
@@ -104,6 +104,18 @@ impl Backend for SwitchableBackend {
             self.active = next;
         }
         self.active.run(input, output)
+    }
+
+    fn scrub(&mut self) -> Scrub {
+        self.active.scrub()
+    }
+
+    fn restore(&mut self) -> Result<(), BackendError> {
+        self.active.restore()
+    }
+
+    fn upset(&mut self, upset: Upset) -> Landed {
+        self.active.upset(upset)
     }
 }
 

@@ -9,11 +9,13 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use kestrel_backend::BackendError;
+use kestrel_backend::{BackendError, Scrub};
 
 use crate::classify::Classification;
 use crate::frame::{FrameError, FrameView, Sample};
 use crate::health::{ErrorKind, Health};
+use crate::ledger::{DropReason, Ledger, RejectReason};
+use crate::preprocess::PreprocessError;
 use crate::step::{FrameStep, StepError};
 use crate::{Frame, FrameGeometry, FrameMeta, FrameSource, MonotonicClock};
 
@@ -37,6 +39,12 @@ pub struct PipelineConfig {
     pub drop_policy: DropPolicy,
     /// Samples in the largest frame the source may deliver.
     pub max_frame_samples: usize,
+    /// Scrub the loaded model every this many frames (0: never). A corrupt one is restored
+    /// from its golden copy and the frames since the last clean scrub run again, their
+    /// outcomes sent a second time marked [`Outcome::rerun`].
+    pub scrub_every: u32,
+    /// Reject a frame whose capture time is not after the previous accepted frame's.
+    pub monotonic_capture: bool,
 }
 
 /// Why a frame produced no classification.
@@ -50,6 +58,13 @@ pub enum FrameFailure<E> {
     Step(StepError),
     /// The drop policy discarded it.
     Dropped,
+    /// Its capture time repeats or precedes the previous frame's.
+    Timestamp {
+        /// The previous accepted frame's capture time, microseconds.
+        previous_us: u64,
+        /// This frame's.
+        capture_us: u64,
+    },
 }
 
 impl<E: core::fmt::Display> core::fmt::Display for FrameFailure<E> {
@@ -59,6 +74,35 @@ impl<E: core::fmt::Display> core::fmt::Display for FrameFailure<E> {
             Self::Frame(e) => write!(f, "{e}"),
             Self::Step(e) => write!(f, "{e}"),
             Self::Dropped => f.write_str("dropped: the inference queue was full"),
+            Self::Timestamp {
+                previous_us,
+                capture_us,
+            } => write!(
+                f,
+                "capture time {capture_us} us is not after the previous frame's ({previous_us} us)"
+            ),
+        }
+    }
+}
+
+impl<E> FrameFailure<E> {
+    /// Count how this failure ends its frame in `ledger`: rejected as invalid, or dropped.
+    pub fn settle(&self, ledger: &mut Ledger) {
+        match self {
+            Self::Source(_) => ledger.reject(RejectReason::Source),
+            Self::Frame(_) => ledger.reject(RejectReason::Frame),
+            Self::Timestamp { .. } => ledger.reject(RejectReason::Timestamp),
+            Self::Dropped => ledger.drop(DropReason::QueueFull),
+            Self::Step(StepError::Preprocess(PreprocessError::NotFinite)) => {
+                ledger.reject(RejectReason::NotFinite)
+            }
+            Self::Step(StepError::Preprocess(_) | StepError::Tiles(_)) => {
+                ledger.reject(RejectReason::Frame)
+            }
+            Self::Step(StepError::Backend(_)) => ledger.drop(DropReason::Backend),
+            Self::Step(StepError::Postprocess(_) | StepError::Detect(_)) => {
+                ledger.reject(RejectReason::Output)
+            }
         }
     }
 }
@@ -79,6 +123,9 @@ pub struct Outcome<E, T = Classification> {
     pub meta: Option<FrameMeta>,
     /// The step's result, or why there is none.
     pub result: Result<T, FrameFailure<E>>,
+    /// A second outcome for a frame already reported: it ran again after a scrub found the
+    /// model corrupt, and this result replaces the first.
+    pub rerun: bool,
 }
 
 struct Job<S> {
@@ -148,8 +195,9 @@ where
     std::thread::scope(|scope| {
         let ingest = {
             let (free_tx, oldest) = (free_tx.clone(), work_rx.clone());
-            // Ingest holds the only sender of failure outcomes: the channel closes with it.
-            let outcome_tx = outcome_tx;
+            // Ingest and inference hold the senders of outcomes without a frame: the channel
+            // closes with both.
+            let outcome_tx = outcome_tx.clone();
             scope.spawn(move || {
                 let queue = Queue {
                     work: work_tx,
@@ -157,48 +205,24 @@ where
                     free: free_tx,
                     outcomes: outcome_tx,
                 };
-                ingest(&mut source, &free_rx, &queue, config.drop_policy)
+                ingest(&mut source, &free_rx, &queue, config)
             })
         };
+        let reruns = outcome_tx;
         let inference = scope.spawn(move || {
             let mut health = Health::default();
+            let mut scrubber = Scrubber::new(config.scrub_every);
             for job in work_rx {
-                // Ingest validated the geometry; checked again rather than trusted.
-                let processed = match FrameView::new(job.geometry, &job.samples) {
-                    // A panicking backend (a driver bug, a dead device) costs one frame, not
-                    // the pipeline: it is counted as a backend error and the next frame runs.
-                    Ok(view) => catch_unwind(AssertUnwindSafe(|| {
-                        step.process_frame(view, clock, &mut health)
-                    }))
-                    .unwrap_or_else(|_| {
-                        error!(
-                            "frame {}: the backend panicked; counted as a backend error",
-                            job.sequence
-                        );
-                        health.record_error(ErrorKind::Backend);
-                        Err(StepError::Backend(BackendError::Execution))
-                    })
-                    .map_err(FrameFailure::Step),
-                    Err(e) => {
-                        health.record_error(ErrorKind::Frame);
-                        Err(FrameFailure::Frame(e))
-                    }
-                };
-                let (latency_us, result) = match processed {
-                    Ok((output, latency_us)) => (latency_us, Ok(output)),
-                    Err(failure) => (0, Err(failure)),
-                };
-                let outcome = Outcome {
-                    sequence: job.sequence,
-                    latency_us,
-                    frame_bytes: frame_bytes::<S>(&job.geometry),
-                    meta: Some(job.meta),
-                    result,
-                };
+                let outcome = process(&mut step, &job, clock, &mut health, false);
+                scrubber.hold(&job);
                 if processed_tx.send((outcome, job)).is_err() {
                     break;
                 }
+                if scrubber.due() {
+                    scrubber.scrub(&mut step, clock, &mut health, &reruns);
+                }
             }
+            scrubber.scrub(&mut step, clock, &mut health, &reruns);
             health
         });
         // Outcomes from both threads, in the order they come; each processed frame's buffer
@@ -242,6 +266,144 @@ where
     })
 }
 
+/// Run one frame through `step`; a panic in the backend costs that frame, not the pipeline.
+fn process<S: Sample, E, T, St: FrameStep<T>, C: MonotonicClock>(
+    step: &mut St,
+    job: &Job<S>,
+    clock: &C,
+    health: &mut Health,
+    rerun: bool,
+) -> Outcome<E, T> {
+    // Ingest validated the geometry; checked again rather than trusted.
+    let processed = match FrameView::new(job.geometry, &job.samples) {
+        // A panicking backend (a driver bug, a dead device) costs one frame, not the
+        // pipeline: it is counted as a backend error and the next frame runs.
+        Ok(view) => catch_unwind(AssertUnwindSafe(|| step.process_frame(view, clock, health)))
+            .unwrap_or_else(|_| {
+                error!(
+                    "frame {}: the backend panicked; counted as a backend error",
+                    job.sequence
+                );
+                health.record_error(ErrorKind::Backend);
+                Err(StepError::Backend(BackendError::Execution))
+            })
+            .map_err(FrameFailure::Step),
+        Err(e) => {
+            health.record_error(ErrorKind::Frame);
+            Err(FrameFailure::Frame(e))
+        }
+    };
+    let (latency_us, result) = match processed {
+        Ok((output, latency_us)) => (latency_us, Ok(output)),
+        Err(failure) => (0, Err(failure)),
+    };
+    Outcome {
+        sequence: job.sequence,
+        latency_us,
+        frame_bytes: frame_bytes::<S>(&job.geometry),
+        meta: Some(job.meta),
+        result,
+        rerun,
+    }
+}
+
+/// Copies of the frames processed since the last clean scrub, to run again if the next scrub
+/// finds the model corrupt. Each copy's buffer is kept and reused: after the first frames of
+/// the largest size, holding allocates nothing.
+struct Scrubber<S> {
+    every: usize,
+    held: Vec<Job<S>>,
+    count: usize,
+}
+
+impl<S: Sample> Scrubber<S> {
+    fn new(every: u32) -> Self {
+        Self {
+            every: every as usize,
+            held: Vec::new(),
+            count: 0,
+        }
+    }
+
+    fn hold(&mut self, job: &Job<S>) {
+        if self.every == 0 {
+            return;
+        }
+        if self.held.len() <= self.count {
+            self.held.push(Job {
+                sequence: 0,
+                geometry: job.geometry,
+                meta: job.meta,
+                samples: Vec::new(),
+            });
+        }
+        if let Some(copy) = self.held.get_mut(self.count) {
+            copy.sequence = job.sequence;
+            copy.geometry = job.geometry;
+            copy.meta = job.meta;
+            copy.samples.clear();
+            let used = FrameView::new(job.geometry, &job.samples).map_or(0, |v| v.samples().len());
+            copy.samples
+                .extend_from_slice(job.samples.get(..used).unwrap_or_default());
+            self.count += 1;
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.every > 0 && self.count >= self.every
+    }
+
+    /// Check the model; if it is corrupt, restore it and run the held frames again, their
+    /// outcomes sent to `reruns`.
+    fn scrub<E, T, St: FrameStep<T>, C: MonotonicClock>(
+        &mut self,
+        step: &mut St,
+        clock: &C,
+        health: &mut Health,
+        reruns: &Sender<Outcome<E, T>>,
+    ) {
+        if self.every == 0 || self.count == 0 {
+            return;
+        }
+        let started = clock.now_us();
+        let found = step.backend().map_or(Scrub::Uncovered, |b| b.scrub());
+        let took = clock.now_us().saturating_sub(started);
+        let stats = &mut health.scrub;
+        stats.scrubs += 1;
+        stats.scrub_us += took;
+        stats.max_scrub_us = stats.max_scrub_us.max(took);
+        if found == Scrub::Corrupt {
+            stats.corrupt += 1;
+            match step
+                .backend()
+                .map_or(Err(BackendError::NotAvailable), |b| b.restore())
+            {
+                Ok(()) => {
+                    stats.restored += 1;
+                    warn!(
+                        "scrub: the loaded model was corrupt; restored from its golden copy, {} frames run again",
+                        self.count
+                    );
+                    for job in self.held.iter().take(self.count) {
+                        let mut rerun_health = Health::default();
+                        let outcome = process(step, job, clock, &mut rerun_health, true);
+                        health.scrub.reruns += 1;
+                        let _ = reruns.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    stats.restore_failures += 1;
+                    error!(
+                        "scrub: the loaded model is corrupt and cannot be restored: {}",
+                        e
+                    );
+                }
+            }
+        }
+        self.count = 0;
+    }
+}
+
 /// The ingest thread's ends of the channels.
 struct Queue<S, E, T> {
     work: Sender<Job<S>>,
@@ -264,6 +426,7 @@ impl<S, E, T> Queue<S, E, T> {
             frame_bytes: frame.map_or(0, |(g, _)| frame_bytes::<S>(g)),
             meta: frame.map(|(_, meta)| meta),
             result: Err(failure),
+            rerun: false,
         });
     }
 
@@ -318,10 +481,11 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
     source: &mut Src,
     free: &Receiver<Vec<S>>,
     queue: &Queue<S, Src::Error, T>,
-    policy: DropPolicy,
+    config: PipelineConfig,
 ) -> Health {
     let mut health = Health::default();
     let mut sequence = 0;
+    let mut previous_capture_us: Option<u64> = None;
     // Buffers always come back: inference returns each one after use.
     while let Ok(mut samples) = free.recv() {
         let Frame { geometry, meta } = match source.next_frame(&mut samples) {
@@ -344,6 +508,20 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
             let _ = queue.free.send(samples);
             continue;
         }
+        if let Some(previous_us) =
+            previous_capture_us.filter(|&p| config.monotonic_capture && meta.capture_us <= p)
+        {
+            health.record_error(ErrorKind::Timestamp);
+            let failure = FrameFailure::Timestamp {
+                previous_us,
+                capture_us: meta.capture_us,
+            };
+            queue.report(sequence, Some((&geometry, meta)), failure);
+            sequence += 1;
+            let _ = queue.free.send(samples);
+            continue;
+        }
+        previous_capture_us = Some(meta.capture_us);
         let job = Job {
             sequence,
             geometry,
@@ -351,7 +529,7 @@ fn ingest<S: Sample, Src: FrameSource<S>, T>(
             samples,
         };
         sequence += 1;
-        if !queue.enqueue(job, policy, &mut health) {
+        if !queue.enqueue(job, config.drop_policy, &mut health) {
             break;
         }
     }

@@ -7,17 +7,23 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use kestrel_eval::dataset::{scan_labelled, LabelledImage};
 use kestrel_eval::Split;
-use kestrel_host::{decode_image, FolderSource, HostClock};
+use kestrel_host::{decode_image, FolderSource, HostClock, ImageError};
+use kestrel_runtime::classify::Classification;
 use kestrel_runtime::health::ErrorKind;
 use kestrel_runtime::step::ClassifierStep;
-use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, PipelineConfig};
+use kestrel_runtime::threaded::{run_pipeline, DropPolicy, FrameFailure, Outcome, PipelineConfig};
 use serde::Serialize;
 
+use crate::faults::{with_backend_faults, FaultsReport, FaultyFolder, Marks};
 use crate::{load_model, BackendChoice, DropArg, LoadedModel, ModelArgs, PipelineArgs};
 use kestrel_payload::command::Pausable;
+use kestrel_payload::downlink::LedgerReport;
 use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use kestrel_payload::percentile;
+use kestrel_runtime::health::ScrubStats;
+use kestrel_runtime::ledger::Ledger;
 use kestrel_wire::message::ProductKind;
+use std::sync::{Arc, Mutex};
 
 /// Largest frame the chip pipeline accepts (samples): 1024 x 1024 RGBA. Larger images are
 /// counted as frame errors; `sim replay` tiles big scenes instead.
@@ -46,6 +52,8 @@ impl Options {
                 queue_depth: 4,
                 drop_policy: DropArg::Block,
                 frame_rate: 0.0,
+                faults: None,
+                scrub_every: 32,
             },
             report: None,
             downlink: DownlinkArgs::default(),
@@ -103,6 +111,48 @@ struct Report {
     failures: Vec<Failure>,
     /// The telemetry: bytes made and sent, the data-reduction ratio, the queue's counts.
     downlink: DownlinkReport,
+    /// How every accepted frame ended: sent, queued, dropped by reason, rejected by reason.
+    ledger: LedgerReport,
+    /// Correct / classified, over the frames no fault damaged on purpose.
+    top1_clean: f64,
+    /// Frames `top1_clean` is over.
+    clean_classified: u64,
+    /// Scrubbing of the loaded model.
+    scrub: ScrubReport,
+    /// What was injected, and how the payload responded (null without `--faults`).
+    faults: Option<FaultsReport>,
+}
+
+/// Scrubs of the loaded model against its CRCs.
+#[derive(Serialize)]
+pub struct ScrubReport {
+    pub every_frames: u32,
+    pub scrubs: u64,
+    pub corrupt: u64,
+    pub restored: u64,
+    pub restore_failures: u64,
+    /// Frames run again after a restore, and those whose answer changed.
+    pub reruns: u64,
+    pub corrected: u64,
+    /// Microseconds per scrub, mean and longest.
+    pub mean_us: f64,
+    pub max_us: u64,
+}
+
+impl ScrubReport {
+    pub fn new(every_frames: u32, s: &ScrubStats, corrected: u64) -> Self {
+        Self {
+            every_frames,
+            scrubs: s.scrubs,
+            corrupt: s.corrupt,
+            restored: s.restored,
+            restore_failures: s.restore_failures,
+            reruns: s.reruns,
+            corrected,
+            mean_us: s.scrub_us as f64 / s.scrubs.max(1) as f64,
+            max_us: s.max_scrub_us,
+        }
+    }
 }
 
 /// A classifier's answers against the labels, counted as they come.
@@ -139,11 +189,6 @@ impl Confusion {
             *cell += 1;
         }
         self.correct += u64::from(predicted == truth);
-    }
-
-    /// Correct answers so far.
-    pub fn correct(&self) -> u64 {
-        self.correct
     }
 
     /// The scores over `images` (each counted, answered or not), by `labels`.
@@ -217,28 +262,33 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     let labels = model.manifest.labels.clone();
     let spec = model.preprocess_spec().context("model preprocessing")?;
     let images = scan_labelled(&opts.dataset, &labels, opts.split)?;
+    let faults = opts
+        .pipeline
+        .faults
+        .as_deref()
+        .map(crate::faults::load_spec)
+        .transpose()?;
     let backend_name = backend.name();
+    let (backend, mut fault_watch) = with_backend_faults(&model, backend, faults.as_ref())?;
     eprintln!(
-        "sim: {} images from {} ({:?} split), model {} ({}), backend {}",
+        "sim: {} images from {} ({:?} split), model {} ({}), backend {}{}",
         images.len(),
         opts.dataset.display(),
         opts.split,
         model.manifest.name,
         model.origin,
-        backend_name
+        backend_name,
+        faults
+            .as_ref()
+            .map_or(String::new(), |f| format!(", faults {}", f.describe()))
     );
 
     let mut downlink = Downlink::new(&opts.downlink, &labels)?;
     let slots = crate::model_slots(&opts.model, &opts.downlink.slots, &model)?;
     downlink.listen_for_commands(slots, switch, &[ProductKind::Thumbnail])?;
-    let mut source = FolderSource::new(images.iter().map(|i| i.path.clone()).collect());
-    if opts.pipeline.frame_rate > 0.0 {
-        source = source.paced(Duration::from_secs_f64(1.0 / opts.pipeline.frame_rate));
-    }
-    let source = Pausable {
-        inner: source,
-        controls: downlink.controls(),
-    };
+    let interval = (opts.pipeline.frame_rate > 0.0)
+        .then(|| Duration::from_secs_f64(1.0 / opts.pipeline.frame_rate));
+    let files: Vec<PathBuf> = images.iter().map(|i| i.path.clone()).collect();
     let mut input = vec![0.0; spec.input_len()];
     let mut output = vec![0.0; backend.output_len()];
     let step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
@@ -246,21 +296,51 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         queue_depth: opts.pipeline.queue_depth,
         drop_policy: DropPolicy::from(opts.pipeline.drop_policy),
         max_frame_samples: MAX_FRAME_SAMPLES,
+        scrub_every: opts.pipeline.scrub_every,
+        monotonic_capture: true,
     };
 
-    let mut confusion = Confusion::new(labels.len());
+    // Each image's answer (a re-run after a scrub replaces the first), scored at the end.
+    let mut answers: Vec<Option<u16>> = vec![None; images.len()];
+    let mut corrected = 0;
+    let mut ledger = Ledger::default();
+    let marks = Arc::new(Mutex::new(Marks::default()));
     let mut latencies = Vec::with_capacity(images.len());
     let mut failures = Vec::new();
     let mut done = 0;
+    let mut correct = 0u64;
     let mut progress = Progress::new(images.len());
     let clock = HostClock::default();
     let started = Instant::now();
-    let health = run_pipeline(source, step, &clock, config, |outcome| {
-        done += 1;
-        downlink.frame_in(outcome.frame_bytes);
-        let Some(image) = images.get(outcome.sequence as usize) else {
+    let faulty = faults.is_some();
+    let controls = downlink.controls();
+    let mut handle = |outcome: Outcome<ImageError, Classification>| {
+        let file = if faulty {
+            let marks = marks.lock().unwrap_or_else(|p| p.into_inner());
+            marks.file_of.get(outcome.sequence as usize).copied()
+        } else {
+            Some(outcome.sequence as usize)
+        };
+        let Some((file, image)) = file.and_then(|f| Some((f, images.get(f)?))) else {
             return;
         };
+        if outcome.rerun {
+            // The frame ran again on a restored model: its answer is the new one, and a
+            // changed answer goes down again.
+            if let Ok(c) = &outcome.result {
+                if answers[file] != Some(c.class()) {
+                    corrected += 1;
+                    correct -= u64::from(answers[file] == Some(image.label as u16));
+                    correct += u64::from(c.class() == image.label as u16);
+                    answers[file] = Some(c.class());
+                    downlink.correction(outcome.sequence, c);
+                }
+            }
+            return;
+        }
+        done += 1;
+        ledger.accepted += 1;
+        downlink.frame_in(outcome.frame_bytes);
         let reason = match outcome.result {
             Ok(c) => {
                 downlink.classification(outcome.sequence, 0, &c);
@@ -276,15 +356,21 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                         downlink.thumbnail(outcome.sequence, &rgb);
                     }
                 }
-                confusion.record(image.label, c.class());
+                answers[file] = Some(c.class());
+                correct += u64::from(c.class() == image.label as u16);
                 latencies.push(outcome.latency_us);
                 None
             }
-            Err(FrameFailure::Dropped) => None,
-            Err(FrameFailure::Source(e)) => Some(e.reason),
-            Err(failure) => Some(failure.to_string()),
+            Err(failure) => {
+                failure.settle(&mut ledger);
+                match failure {
+                    FrameFailure::Dropped => None,
+                    FrameFailure::Source(e) => Some(e.reason),
+                    failure => Some(failure.to_string()),
+                }
+            }
         };
-        if let Some(reason) = reason {
+        if let Some(reason) = reason.filter(|_| !faulty) {
             eprintln!(
                 "{}warning: {}: {reason}",
                 if progress.terminal { "\r" } else { "" },
@@ -295,18 +381,82 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 reason,
             });
         }
-        let pct = 100.0 * confusion.correct() as f64 / done.max(1) as f64;
+        let pct = 100.0 * correct as f64 / done.max(1) as f64;
         progress.update(done, &format!("top-1 so far {pct:5.1}%"));
-    });
+    };
+    let health = match &faults {
+        Some(spec) => {
+            let source = FaultyFolder::new(files, spec, interval, Arc::clone(&marks));
+            let source = Pausable {
+                inner: source,
+                controls,
+            };
+            run_pipeline(source, step, &clock, config, &mut handle)
+        }
+        None => {
+            let mut source = FolderSource::new(files);
+            if let Some(interval) = interval {
+                source = source.paced(interval);
+            }
+            let source = Pausable {
+                inner: source,
+                controls,
+            };
+            run_pipeline(source, step, &clock, config, &mut handle)
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
+    // Frames the source never delivered (dropouts) are not frames the payload accepted.
+    let delivered: Vec<usize> = if faulty {
+        marks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .file_of
+            .clone()
+    } else {
+        (0..images.len()).collect()
+    };
+    let damaged = std::mem::take(&mut marks.lock().unwrap_or_else(|p| p.into_inner()).damaged);
 
     latencies.sort_unstable();
     let uptime_us = (elapsed * 1e6) as u64;
-    let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
+    let mut health_message = downlink::health_message(&health, &latencies, uptime_us);
+    let mut settled = ledger;
+    let results = downlink.results();
+    results.settle(&mut settled);
+    health_message.ledger = kestrel_payload::downlink::ledger_counts(&settled);
+    let downlink = downlink.finish(health_message);
+    downlink.results.settle(&mut ledger);
     let mut errors = serde_json::Map::new();
     for kind in ErrorKind::ALL {
         errors.insert(kind.name().to_string(), health.errors(kind).into());
     }
+    let mut confusion = Confusion::new(labels.len());
+    let (mut clean, mut clean_correct) = (0u64, 0u64);
+    for (sequence, &file) in delivered.iter().enumerate() {
+        let (Some(image), Some(Some(answer))) = (images.get(file), answers.get(file)) else {
+            continue;
+        };
+        if !damaged.contains(&(sequence as u64)) {
+            clean += 1;
+            clean_correct += u64::from(*answer == image.label as u16);
+        }
+    }
+    for (image, answer) in images.iter().zip(&answers) {
+        if let Some(answer) = answer {
+            confusion.record(image.label, *answer);
+        }
+    }
+    let faults_report = match (&faults, fault_watch.take()) {
+        (Some(spec), watch) => Some(FaultsReport::new(
+            spec,
+            &marks.lock().unwrap_or_else(|p| p.into_inner()).injected,
+            damaged.len() as u64,
+            images.len().saturating_sub(delivered.len()) as u64,
+            watch,
+        )),
+        (None, _) => None,
+    };
     let report = Report {
         model: model.manifest.name.clone(),
         model_origin: model.origin.clone(),
@@ -325,12 +475,46 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         errors,
         failures,
         downlink,
+        ledger: LedgerReport::from(&ledger),
+        top1_clean: clean_correct as f64 / clean.max(1) as f64,
+        clean_classified: clean,
+        scrub: ScrubReport::new(opts.pipeline.scrub_every, &health.scrub, corrected),
+        faults: faults_report,
     };
     print_summary(&report, model.manifest.validation_top1);
     if let Some(path) = &opts.report {
         crate::eval::write_report(path, &report)?;
     }
     Ok(())
+}
+
+/// One line: how every accepted frame ended.
+pub fn print_ledger(l: &LedgerReport) {
+    let nonzero = |m: &std::collections::BTreeMap<&'static str, u64>| {
+        let parts: Vec<String> = m
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        if parts.is_empty() {
+            "none".to_string()
+        } else {
+            parts.join(", ")
+        }
+    };
+    println!(
+        "ledger      {} accepted = {} sent + {} queued + dropped ({}) + rejected ({}){}",
+        l.accepted,
+        l.sent,
+        l.queued,
+        nonzero(&l.dropped),
+        nonzero(&l.rejected),
+        if l.unaccounted == 0 {
+            String::new()
+        } else {
+            format!("; {} UNACCOUNTED", l.unaccounted)
+        }
+    );
 }
 
 fn print_summary(r: &Report, validation_top1: f64) {
@@ -360,6 +544,45 @@ fn print_summary(r: &Report, validation_top1: f64) {
         r.throughput_fps, r.elapsed_s
     );
     downlink::print_summary(&r.downlink);
+    print_ledger(&r.ledger);
+    if let Some(f) = &r.faults {
+        println!(
+            "faults      {}: {} frames damaged on purpose, {} never delivered; top-1 on the rest {:.2}% ({} frames)",
+            f.spec,
+            f.damaged_frames,
+            f.dropouts,
+            100.0 * r.top1_clean,
+            r.clean_classified
+        );
+        if let Some(fo) = &f.failover {
+            println!(
+                "failover    {} failovers (recovery p50 {:.2} ms, max {:.2} ms), {} returns to the preferred backend",
+                fo.failovers,
+                fo.recovery_us_p50 as f64 / 1e3,
+                fo.recovery_us_max as f64 / 1e3,
+                fo.restorations
+            );
+        }
+        if let Some(u) = &f.upsets {
+            println!(
+                "upsets      model: {} in checked memory ({} found by scrubs), {} in padding; {} in activations",
+                u.model_checked, u.model_found, u.model_unchecked, u.activations
+            );
+        }
+    }
+    if r.scrub.scrubs > 0 {
+        println!(
+            "scrub       every {} frames: {} scrubs ({:.0} us mean, {} us max), {} corrupt, {} restored, {} frames re-run, {} answers corrected",
+            r.scrub.every_frames,
+            r.scrub.scrubs,
+            r.scrub.mean_us,
+            r.scrub.max_us,
+            r.scrub.corrupt,
+            r.scrub.restored,
+            r.scrub.reruns,
+            r.scrub.corrected
+        );
+    }
     if errors > 0 {
         let by_kind: Vec<String> = r
             .errors

@@ -725,6 +725,8 @@ fn compare(
         queue_depth: config.pipeline.queue_depth,
         drop_policy: DropPolicy::Block,
         max_frame_samples: config.pipeline.max_frame_pixels.saturating_mul(4),
+        scrub_every: 0,
+        monotonic_capture: false,
     };
     let threshold = config.model.score_threshold.unwrap_or(f32::MIN);
     let source = FolderSource::new(files.to_vec());

@@ -9,6 +9,7 @@ mod decode;
 mod detect;
 mod draw;
 mod eval;
+mod faults;
 mod hil;
 mod replay;
 
@@ -97,6 +98,18 @@ struct PipelineArgs {
     /// Deliver frames at this rate, like a camera (frames per second); 0 = as fast as they decode.
     #[arg(long, default_value_t = 0.0)]
     frame_rate: f64,
+    /// Inject faults: `all` (every fault at its default rate), a spec such as
+    /// `corrupt=0.05,backend_error=0.01,seed=3`, or a TOML file of the same keys. Faults:
+    /// corrupt, truncated, wrong_size, nan, dropout, timestamp, burst, backend_error,
+    /// backend_hang, device_lost, upset_model, upset_activations; parameters: seed, burst_len,
+    /// hang_ms, lost_ms. RELIABILITY.md lists each with its response.
+    #[arg(long, value_name = "SPEC|FILE")]
+    faults: Option<String>,
+    /// Scrub the loaded model's memory against its CRCs every this many frames (0: never); a
+    /// corrupt model is restored from its golden copy and the frames since the last clean
+    /// scrub run again.
+    #[arg(long, default_value_t = 32)]
+    scrub_every: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -33,6 +33,8 @@ fn sample_replay_matches_the_validation_accuracy() {
         queue_depth: 4,
         drop_policy: DropPolicy::Block,
         max_frame_samples: 64 * 64 * 3,
+        scrub_every: 0,
+        monotonic_capture: false,
     };
     let mut correct = 0;
     let health = run_pipeline(source, step, &HostClock::default(), config, |o| {
@@ -150,6 +152,8 @@ fn the_threaded_pipeline_runs_the_detector() {
         queue_depth: 2,
         drop_policy: DropPolicy::Block,
         max_frame_samples: 1200 * 1200 * 3,
+        scrub_every: 0,
+        monotonic_capture: false,
     };
     let mut threaded: Vec<Option<Detections<512>>> = vec![None; scenes.len()];
     let source = FolderSource::new(scenes.clone());

@@ -47,6 +47,8 @@ fn drops_and_contained_panics_are_logged_per_frame() {
         queue_depth: 1,
         drop_policy: DropPolicy::DropNewest,
         max_frame_samples: 4,
+        scrub_every: 0,
+        monotonic_capture: false,
     };
     let mut dropped = Vec::new();
     let health = run_pipeline(source, step, &HostClock::default(), config, |o| {

@@ -30,6 +30,8 @@ fn run(
         queue_depth: 2,
         drop_policy: policy,
         max_frame_samples: 12,
+        scrub_every: 0,
+        monotonic_capture: false,
     };
     let mut outcomes = Vec::new();
     let health = run_pipeline(source, step, &HostClock::default(), config, |o| {

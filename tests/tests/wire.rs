@@ -87,6 +87,7 @@ fn messages() -> Vec<Telemetry> {
             latency_p99_us: 4_000,
             temperature_mc: Some(41_500),
             power_mw: Some(9_800),
+            ..Health::default()
         }),
         Telemetry::Event(Event {
             id: 0x0101,

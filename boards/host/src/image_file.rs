@@ -17,7 +17,8 @@ pub struct ImageError {
 }
 
 impl ImageError {
-    fn new(path: &Path, reason: impl Into<String>) -> Self {
+    /// `path` could not be used because of `reason`.
+    pub fn new(path: &Path, reason: impl Into<String>) -> Self {
         Self {
             path: path.to_path_buf(),
             reason: reason.into(),
@@ -37,8 +38,14 @@ pub struct DecodedImage {
 /// Decode a JPEG or PNG file. 16-bit and float images are rejected: this board delivers 8-bit
 /// camera frames.
 pub fn decode_image(path: &Path) -> Result<DecodedImage, ImageError> {
-    let reader = ImageReader::open(path)
-        .map_err(|e| ImageError::new(path, format!("cannot open: {e}")))?
+    let bytes =
+        std::fs::read(path).map_err(|e| ImageError::new(path, format!("cannot open: {e}")))?;
+    decode_image_bytes(path, &bytes)
+}
+
+/// [`decode_image`] of a file's bytes already read (`path` names it in errors).
+pub fn decode_image_bytes(path: &Path, bytes: &[u8]) -> Result<DecodedImage, ImageError> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::new(path, format!("cannot read: {e}")))?;
     let image = reader

@@ -9,7 +9,7 @@
 pub mod frame_link;
 pub mod image_file;
 
-pub use image_file::{decode_image, DecodedImage, FolderSource, ImageError};
+pub use image_file::{decode_image, decode_image_bytes, DecodedImage, FolderSource, ImageError};
 
 use std::time::Instant;
 

@@ -113,6 +113,10 @@ impl<Out, St: FrameStep<Out>> FrameStep<Out> for Watched<'_, St> {
             step.process_frame(frame, clock, health)
         })
     }
+
+    fn backend(&mut self) -> Option<&mut dyn kestrel_backend::Backend> {
+        self.step.backend()
+    }
 }
 
 /// Classify every frame of `source`, sending each result down `downlink`; the pipeline's

@@ -106,6 +106,8 @@ fn pipeline(max_frame_samples: usize) -> PipelineConfig {
         queue_depth: 4,
         drop_policy: DropPolicy::Block,
         max_frame_samples,
+        scrub_every: 0,
+        monotonic_capture: false,
     }
 }
 

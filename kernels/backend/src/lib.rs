@@ -91,6 +91,49 @@ impl core::fmt::Display for BackendError {
 #[cfg(feature = "std")]
 impl std::error::Error for BackendError {}
 
+/// What a scrub of a loaded model's memory found ([`Backend::scrub`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Scrub {
+    /// Every checksummed byte matches what was loaded.
+    Clean,
+    /// A checksum fails: the model in memory is not the one loaded, and its results since the
+    /// last clean scrub are suspect.
+    Corrupt,
+    /// This backend keeps nothing it can check (tract's float graph, a device's memory).
+    Uncovered,
+}
+
+/// Where an injected upset landed ([`Backend::upset`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Landed {
+    /// This backend has no such memory; nothing changed.
+    Missed,
+    /// In memory a scrub checks.
+    Checked,
+    /// In memory no scrub checks: padding nothing reads, or activations.
+    Unchecked,
+}
+
+/// Where an injected single-event upset lands ([`Backend::upset`]): fault injection only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Upset {
+    /// Flip bit `bit` (modulo its size in bits) of the loaded model: its weights, parameters,
+    /// op list and tables, or the padding between them.
+    Model {
+        /// Which bit, counted from the first byte's lowest.
+        bit: u64,
+    },
+    /// Flip a bit of the activations during the next inference, between two layers: `bit`
+    /// picks the layer and the bit of its output (each modulo its size).
+    Activations {
+        /// Which layer and bit.
+        bit: u64,
+    },
+}
+
 /// Runs one model: a float input tensor in, a float output tensor out.
 ///
 /// Implementations check buffer lengths and never panic on bad input.
@@ -103,6 +146,22 @@ pub trait Backend {
     fn output_len(&self) -> usize;
     /// Run the model on `input` and write the result into `output`.
     fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError>;
+
+    /// Check the loaded model's memory against the checksums it was loaded with.
+    fn scrub(&mut self) -> Scrub {
+        Scrub::Uncovered
+    }
+
+    /// Reload the model from its golden copy, checked, after a failed scrub.
+    fn restore(&mut self) -> Result<(), BackendError> {
+        Err(BackendError::NotAvailable)
+    }
+
+    /// Fault injection: flip a bit as a radiation upset would, and say where it landed.
+    fn upset(&mut self, upset: Upset) -> Landed {
+        let _ = upset;
+        Landed::Missed
+    }
 
     /// Check that the buffers fit this model; for use at the top of [`Backend::run`].
     fn check_lengths(&self, input: &[f32], output: &[f32]) -> Result<(), BackendError> {
@@ -136,6 +195,15 @@ impl<B: Backend + ?Sized> Backend for std::boxed::Box<B> {
     fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
         (**self).run(input, output)
     }
+    fn scrub(&mut self) -> Scrub {
+        (**self).scrub()
+    }
+    fn restore(&mut self) -> Result<(), BackendError> {
+        (**self).restore()
+    }
+    fn upset(&mut self, upset: Upset) -> Landed {
+        (**self).upset(upset)
+    }
 }
 
 /// A borrowed backend, so a step can run a backend its caller keeps.
@@ -151,5 +219,14 @@ impl<B: Backend + ?Sized> Backend for &mut B {
     }
     fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
         (**self).run(input, output)
+    }
+    fn scrub(&mut self) -> Scrub {
+        (**self).scrub()
+    }
+    fn restore(&mut self) -> Result<(), BackendError> {
+        (**self).restore()
+    }
+    fn upset(&mut self, upset: Upset) -> Landed {
+        (**self).upset(upset)
     }
 }

@@ -1,10 +1,10 @@
 //! The int8 CPU backend: a plan's program, its arena and the kernel table for this CPU, all
 //! allocated once at load so that an inference allocates nothing.
 
-use kestrel_backend::{Backend, BackendError};
+use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 use kestrel_ops::table::KernelTable;
 
-use crate::program::{OwnedProgram, Program, ProgramError};
+use crate::program::{AlignedBytes, OwnedProgram, Program, ProgramError};
 use crate::session::Session;
 
 /// Runs a plan on the CPU.
@@ -12,6 +12,13 @@ pub struct Int8Cpu {
     owned: OwnedProgram,
     arena: std::vec::Vec<i8>,
     kernels: KernelTable,
+    /// The plan as loaded, verified: what a failed scrub restores from.
+    golden: AlignedBytes,
+    generic: bool,
+    /// Why the program in memory cannot run, after an upset broke its structure.
+    broken: Option<ProgramError>,
+    /// An injected activation upset waiting for the next inference.
+    activation_upset: Option<u64>,
 }
 
 impl Int8Cpu {
@@ -29,6 +36,7 @@ impl Int8Cpu {
 
     fn load(bytes: &[u8], generic: bool) -> Result<Self, ProgramError> {
         let owned = OwnedProgram::new(bytes)?;
+        let golden = AlignedBytes::new(bytes);
         let program = owned.program();
         // A corrupt or hostile plan may ask for gigabytes: a typed error, not an abort.
         let needed = program.arena_size();
@@ -46,6 +54,10 @@ impl Int8Cpu {
             arena,
             kernels,
             owned,
+            golden,
+            generic,
+            broken: None,
+            activation_upset: None,
         })
     }
 
@@ -57,7 +69,28 @@ impl Int8Cpu {
     /// Quantise `input`, run the program, dequantise into `output`: a [`Session`] over this
     /// backend's program, arena and kernels.
     pub fn infer(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), ProgramError> {
-        Session::new(self.owned.program(), &mut self.arena, &mut self.kernels)?.infer(input, output)
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        let Some(bit) = self.activation_upset.take() else {
+            return Session::new(self.owned.program(), &mut self.arena, &mut self.kernels)?
+                .infer(input, output);
+        };
+        // An injected upset: one bit of one layer's output flips before the next layer reads it.
+        let program = self.owned.program();
+        let layer = (bit % program.step_count().max(1) as u64) as usize;
+        let bit = bit / program.step_count().max(1) as u64;
+        program.quantize_input(input, &mut self.arena)?;
+        program.run_observed(&mut self.arena, &mut self.kernels, |index, out| {
+            let len = out.len() as u64 * 8;
+            if index == layer && len > 0 {
+                let at = bit % len;
+                if let Some(code) = out.get_mut((at / 8) as usize) {
+                    *code ^= 1 << (at % 8);
+                }
+            }
+        })?;
+        program.dequantize_output(&self.arena, output)
     }
 
     /// The arena as the last [`Int8Cpu::infer`] left it: every tensor's codes, the output's
@@ -78,6 +111,37 @@ impl Int8Cpu {
     }
 }
 
+/// Scrubbing and upsets: the plan copy in memory is checked against its own CRCs, and restored
+/// from the golden copy kept at load (itself checked as it is parsed again).
+impl Int8Cpu {
+    fn scrub_plan(&self) -> Scrub {
+        match (self.broken, self.owned.scrub()) {
+            (None, Ok(())) => Scrub::Clean,
+            _ => Scrub::Corrupt,
+        }
+    }
+
+    fn restore_plan(&mut self) -> Result<(), ProgramError> {
+        *self = Self::load(self.golden.as_bytes(), self.generic)?;
+        Ok(())
+    }
+
+    fn flip_model_bit(&mut self, bit: u64) -> Landed {
+        let (flipped, covered) = self.owned.with_bit_flipped(bit);
+        match flipped {
+            Ok(owned) => self.owned = owned,
+            // The damage breaks the op list or the tables (covered bytes): nothing runs, and
+            // the scrub reports it, until a restore.
+            Err(e) => self.broken = Some(e),
+        }
+        if covered {
+            Landed::Checked
+        } else {
+            Landed::Unchecked
+        }
+    }
+}
+
 impl Backend for Int8Cpu {
     fn name(&self) -> &'static str {
         "int8-cpu"
@@ -95,6 +159,24 @@ impl Backend for Int8Cpu {
         self.check_lengths(input, output)?;
         self.infer(input, output)
             .map_err(|_| BackendError::Execution)
+    }
+
+    fn scrub(&mut self) -> Scrub {
+        self.scrub_plan()
+    }
+
+    fn restore(&mut self) -> Result<(), BackendError> {
+        self.restore_plan().map_err(|_| BackendError::Execution)
+    }
+
+    fn upset(&mut self, upset: Upset) -> Landed {
+        match upset {
+            Upset::Model { bit } => self.flip_model_bit(bit),
+            Upset::Activations { bit } => {
+                self.activation_upset = Some(bit);
+                Landed::Unchecked
+            }
+        }
     }
 }
 

@@ -225,10 +225,23 @@ impl<'a> Program<'a> {
     /// Parse `bytes` as a plan and check every step against the arena table and the weights.
     /// Never panics.
     pub fn new(bytes: &'a [u8]) -> Result<Self, ProgramError> {
+        Self::from_plan(bytes, Plan::parse)
+    }
+
+    /// As [`Program::new`] over memory an injected upset changed: CRC mismatches are let
+    /// through ([`Plan::parse_unchecked_crcs`]), every other check still holds.
+    pub fn new_unchecked_crcs(bytes: &'a [u8]) -> Result<Self, ProgramError> {
+        Self::from_plan(bytes, Plan::parse_unchecked_crcs)
+    }
+
+    fn from_plan(
+        bytes: &'a [u8],
+        parse: impl FnOnce(&'a [u8]) -> Result<Plan<'a>, PlanError>,
+    ) -> Result<Self, ProgramError> {
         if !(bytes.as_ptr() as usize).is_multiple_of(16) {
             return Err(ProgramError::Misaligned);
         }
-        let plan = Plan::parse(bytes)?;
+        let plan = parse(bytes)?;
         let section = |kind| {
             plan.section(kind)
                 .ok_or(ProgramError::Plan(PlanError::MissingSection(kind)))
@@ -417,6 +430,17 @@ impl<'a> Program<'a> {
     /// Run every step over `arena`, whose input tensor the caller has filled
     /// ([`Program::quantize_input`]). Allocates nothing.
     pub fn run(&self, arena: &mut [i8], kernels: &mut impl Kernels) -> Result<(), ProgramError> {
+        self.run_observed(arena, kernels, |_, _| {})
+    }
+
+    /// [`Program::run`], handing `after_step` each step's index and output tensor once it is
+    /// written: where fault injection flips activations between layers.
+    pub fn run_observed(
+        &self,
+        arena: &mut [i8],
+        kernels: &mut impl Kernels,
+        mut after_step: impl FnMut(usize, &mut [i8]),
+    ) -> Result<(), ProgramError> {
         if arena.len() < self.arena_size() {
             return Err(ProgramError::Arena {
                 needed: self.arena_size(),
@@ -424,9 +448,23 @@ impl<'a> Program<'a> {
             });
         }
         for (index, step) in self.steps().enumerate() {
-            self.run_step(index, step?, arena, kernels)?;
+            let step = step?;
+            self.run_step(index, step, arena, kernels)?;
+            if let Some(output) = self.tensor(step.output).and_then(|r| arena.get_mut(r)) {
+                after_step(index, output);
+            }
         }
         Ok(())
+    }
+
+    /// Steps in the op list.
+    pub fn step_count(&self) -> usize {
+        self.steps().count()
+    }
+
+    /// The plan this program was parsed from.
+    pub fn plan(&self) -> &Plan<'a> {
+        &self.plan
     }
 
     fn run_step(
@@ -740,6 +778,42 @@ impl OwnedProgram {
     pub fn program(&self) -> &Program<'_> {
         &self.program
     }
+
+    /// The plan bytes as they are in memory now.
+    pub fn bytes(&self) -> &[u8] {
+        self._bytes.as_bytes()
+    }
+
+    /// Whether every CRC of the plan in memory still holds: a scrub.
+    pub fn scrub(&self) -> Result<(), PlanError> {
+        Plan::parse(self.bytes()).map(|_| ())
+    }
+
+    /// A copy with bit `bit` (modulo the plan's bits) flipped, parsed without its CRCs, as an
+    /// upset would leave it; and whether the CRCs cover that bit. An error when the damage
+    /// breaks the plan's structure (the executor could not run it at all).
+    pub fn with_bit_flipped(&self, bit: u64) -> (Result<Self, ProgramError>, bool) {
+        let covered = self.bytes().len() as u64 * 8;
+        let bit = if covered == 0 { 0 } else { bit % covered };
+        let byte = (bit / 8) as usize;
+        let is_covered = self
+            .program
+            .plan()
+            .covered_bytes(self.bytes())
+            .any(|r| r.contains(&byte));
+        let mut bytes = self._bytes.clone();
+        bytes.flip_bit(bit);
+        // SAFETY: as in `new`: the slice points into `bytes`' heap allocation, which moves into
+        // the returned value, is never mutated or reallocated, and outlives `program`.
+        let stable: &'static [u8] = unsafe {
+            core::slice::from_raw_parts(bytes.as_bytes().as_ptr(), bytes.as_bytes().len())
+        };
+        let program = Program::new_unchecked_crcs(stable).map(|program| Self {
+            program,
+            _bytes: bytes,
+        });
+        (program, is_covered)
+    }
 }
 
 /// Plan bytes copied to a 16-byte boundary, as [`Program::new`] requires.
@@ -763,6 +837,17 @@ impl AlignedBytes {
         Self {
             words,
             len: bytes.len(),
+        }
+    }
+
+    /// Flip bit `bit` (counted from the first byte's lowest); nothing past the end.
+    pub fn flip_bit(&mut self, bit: u64) {
+        let byte = (bit / 8) as usize;
+        if byte < self.len {
+            let bytes = bytemuck::cast_slice_mut::<u128, u8>(&mut self.words);
+            if let Some(b) = bytes.get_mut(byte) {
+                *b ^= 1 << (bit % 8);
+            }
         }
     }
 

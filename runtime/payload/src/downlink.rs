@@ -14,6 +14,7 @@ use image::{imageops, GrayImage, ImageEncoder, RgbImage};
 use kestrel_runtime::classify::Classification as RuntimeClassification;
 use kestrel_runtime::detect::Detection;
 use kestrel_runtime::failover::Failover;
+use kestrel_runtime::ledger::{DropReason, Ledger, RejectReason};
 use kestrel_runtime::switch::SwitchHandle;
 use kestrel_runtime::BackendError;
 use kestrel_wire::ccsds::Framer;
@@ -21,8 +22,8 @@ use kestrel_wire::command::MODEL_SLOTS;
 use kestrel_wire::downlink::{value, DownlinkQueue, DownlinkStats, ItemWriter};
 use kestrel_wire::mavlink::{MavlinkFramer, COMPONENT_ID};
 use kestrel_wire::message::{
-    Classification, Detections, Event, EventId, Health, ProductKind, Ranked, WireBox, MAX_BOXES,
-    TOP_K,
+    Classification, Detections, Event, EventId, Health, LedgerCounts, ProductKind, Ranked, WireBox,
+    MAX_BOXES, TOP_K,
 };
 use kestrel_wire::{product, Framing, Telemetry};
 use serde::{Deserialize, Serialize};
@@ -125,6 +126,90 @@ pub struct DownlinkReport {
     pub queue: DownlinkStats,
     /// Why writing to the link failed, if it did (nothing more was written after).
     pub link_error: Option<String>,
+    /// What became of the frames' results: the downlink's part of the frame ledger.
+    pub results: ResultsReport,
+}
+
+/// The ends of the frames whose result reached the downlink.
+#[derive(Serialize, Debug, Clone, Copy, Default)]
+pub struct ResultsReport {
+    /// Results made.
+    pub made: u64,
+    /// Sent on a working link.
+    pub sent: u64,
+    /// Still queued at the end.
+    pub queued: u64,
+    /// Below the reporting threshold: not offered.
+    pub below_threshold: u64,
+    /// Refused by the downlink queue for more valuable items.
+    pub refused_low_value: u64,
+    /// Evicted from the downlink queue by more valuable items.
+    pub evicted_low_value: u64,
+    /// Too large for the link, or not framable.
+    pub too_large: u64,
+    /// Written after the link had failed.
+    pub link_down: u64,
+}
+
+impl ResultsReport {
+    /// Add these ends to `ledger`.
+    pub fn settle(&self, ledger: &mut Ledger) {
+        ledger.sent += self.sent;
+        ledger.queued += self.queued;
+        for (reason, n) in [
+            (DropReason::BelowThreshold, self.below_threshold),
+            (DropReason::DownlinkRefused, self.refused_low_value),
+            (DropReason::DownlinkEvicted, self.evicted_low_value),
+            (DropReason::DownlinkTooLarge, self.too_large),
+            (DropReason::LinkDown, self.link_down),
+        ] {
+            for _ in 0..n {
+                ledger.drop(reason);
+            }
+        }
+    }
+}
+
+/// The ledger as health telemetry carries it.
+pub fn ledger_counts(ledger: &Ledger) -> LedgerCounts {
+    LedgerCounts {
+        accepted: ledger.accepted,
+        sent: ledger.sent,
+        queued: ledger.queued,
+        dropped: std::array::from_fn(|i| ledger.dropped.get(i).copied().unwrap_or(0)),
+        rejected: std::array::from_fn(|i| ledger.rejected.get(i).copied().unwrap_or(0)),
+    }
+}
+
+/// The ledger as reports carry it: accepted, sent, queued, dropped and rejected by reason, and
+/// `unaccounted` (0 when it balances).
+#[derive(Serialize, Debug, Clone)]
+pub struct LedgerReport {
+    pub accepted: u64,
+    pub sent: u64,
+    pub queued: u64,
+    pub dropped: std::collections::BTreeMap<&'static str, u64>,
+    pub rejected: std::collections::BTreeMap<&'static str, u64>,
+    pub unaccounted: i64,
+}
+
+impl From<&Ledger> for LedgerReport {
+    fn from(ledger: &Ledger) -> Self {
+        Self {
+            accepted: ledger.accepted,
+            sent: ledger.sent,
+            queued: ledger.queued,
+            dropped: DropReason::ALL
+                .iter()
+                .map(|&r| (r.name(), ledger.dropped(r)))
+                .collect(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|&r| (r.name(), ledger.rejected(r)))
+                .collect(),
+            unaccounted: ledger.unaccounted() as i64,
+        }
+    }
 }
 
 enum AnyFramer {
@@ -151,17 +236,20 @@ struct LinkOut {
 }
 
 impl LinkOut {
-    fn write(&mut self, bytes: &[u8]) {
+    /// Write `bytes`; whether they went out (false once the link has failed).
+    fn write(&mut self, bytes: &[u8]) -> bool {
         self.sent_bytes += bytes.len() as u64;
         if self.error.is_some() {
-            return;
+            return false;
         }
         if let Some(writer) = &mut self.writer {
             if let Err(e) = writer.write_all(bytes) {
                 eprintln!("warning: telemetry link: {e}; nothing more is written to it");
                 self.error = Some(e.to_string());
+                return false;
             }
         }
+        true
     }
 }
 
@@ -180,6 +268,8 @@ pub struct Downlink {
     last_heartbeat_us: Option<u64>,
     raw_bytes: u64,
     products: u64,
+    below_threshold: u64,
+    results_link_down: u64,
     item: Vec<u8>,
     out: Vec<u8>,
 }
@@ -344,6 +434,8 @@ impl Downlink {
             last_heartbeat_us: None,
             raw_bytes: 0,
             products: 0,
+            below_threshold: 0,
+            results_link_down: 0,
             item: vec![0; ITEM_MAX],
             out: vec![0; 4 * ITEM_MAX],
         })
@@ -416,12 +508,35 @@ impl Downlink {
     pub fn classification(&mut self, frame: u64, tile: u16, c: &RuntimeClassification) {
         self.results += 1;
         if c.confidence() < self.min_score() {
+            self.below_threshold += 1;
             self.pump();
             return;
         }
         let message = classification_message(frame, tile, c, self.now_us());
         let worth = value(&self.priorities, c.class(), c.confidence());
+        self.offer_as(&[Telemetry::Classification(message)], worth, true);
+    }
+
+    /// A frame's result again, changed by a re-run after a scrub restored the model: not a
+    /// new result in the ledger, but it goes down so the ground has the right one.
+    pub fn correction(&mut self, frame: u64, c: &RuntimeClassification) {
+        let message = classification_message(frame, 0, c, self.now_us());
+        let worth = value(&self.priorities, c.class(), c.confidence());
         self.offer(&[Telemetry::Classification(message)], worth);
+    }
+
+    /// What has become of the results so far (the ledger's downlink part).
+    pub fn results(&self) -> ResultsReport {
+        ResultsReport {
+            made: self.results,
+            sent: self.queue.results.sent - self.results_link_down,
+            queued: self.queue.results_queued() as u64,
+            below_threshold: self.below_threshold,
+            refused_low_value: self.queue.results.refused_low_value,
+            evicted_low_value: self.queue.results.evicted_low_value,
+            too_large: self.queue.results.too_large,
+            link_down: self.results_link_down,
+        }
     }
 
     /// A frame's detections (best first) from the score threshold up, and a crop product of
@@ -438,7 +553,7 @@ impl Downlink {
             .map(|d| value(&self.priorities, d.class, d.score))
             .fold(0.0, f32::max);
         let message = Telemetry::Detections(detections_message(frame, found, self.now_us()));
-        self.offer(&[message], worth);
+        self.offer_as(&[message], worth, true);
         let Some(image) = image.filter(|_| !self.args.no_products) else {
             return;
         };
@@ -487,14 +602,22 @@ impl Downlink {
 
     /// Queue `messages` as one item, then send what the budget allows now.
     fn offer(&mut self, messages: &[Telemetry], worth: f32) {
+        self.offer_as(messages, worth, false);
+    }
+
+    /// [`Downlink::offer`]; `result`: the item carries a frame's result, followed by the ledger.
+    fn offer_as(&mut self, messages: &[Telemetry], worth: f32, result: bool) {
         let mut writer = ItemWriter::new(&mut self.item);
         let fits = messages.iter().all(|m| writer.push(m).is_ok());
-        if fits {
+        if fits && result {
+            self.queue.offer_result(writer.bytes(), worth);
+        } else if fits {
             self.queue.offer(writer.bytes(), worth);
         } else {
             // Larger than an item: counted as the queue counts its own.
             self.queue.stats.offered += 1;
             self.queue.stats.refused_too_large += 1;
+            self.queue.results.too_large += u64::from(result);
         }
         if !self.one_pass() {
             self.pump();
@@ -553,11 +676,16 @@ impl Downlink {
                 }
             }
         }
+        let mut results_sent = self.queue.results.sent;
         while let Some(len) = self
             .queue
             .send(now, self.framer.as_framing(), &mut self.out)
         {
-            self.link.write(&self.out[..len]);
+            let delivered = self.link.write(&self.out[..len]);
+            if self.queue.results.sent > results_sent && !delivered {
+                self.results_link_down += 1;
+            }
+            results_sent = self.queue.results.sent;
         }
     }
 
@@ -583,6 +711,7 @@ impl Downlink {
             products: self.products,
             left_in_queue: self.queue.len(),
             queue: self.queue.stats,
+            results: self.results(),
             link_error: self.link.error,
         }
     }

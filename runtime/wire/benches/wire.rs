@@ -64,6 +64,7 @@ fn samples() -> Vec<(&'static str, Vec<Telemetry>)> {
         latency_p99_us: 4_100,
         temperature_mc: Some(48_500),
         power_mw: Some(11_200),
+        ..Health::default()
     });
     let event = Telemetry::Event(Event {
         id: 0x0101,

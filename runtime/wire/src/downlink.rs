@@ -73,6 +73,8 @@ pub fn messages(item: &[u8]) -> impl Iterator<Item = &[u8]> {
 struct Queued<const MAX: usize> {
     bytes: Vec<u8, MAX>,
     value: f32,
+    /// Whether it carries a frame's result (the frame ledger follows these).
+    result: bool,
 }
 
 impl<const MAX: usize> Queued<MAX> {
@@ -102,6 +104,20 @@ pub struct DownlinkStats {
     pub framing_errors: u64,
 }
 
+/// What became of the items that carry a frame's result ([`DownlinkQueue::offer_result`]): the
+/// downlink's part of the frame ledger.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ResultFates {
+    /// Sent.
+    pub sent: u64,
+    /// Refused on arrival for more valuable items.
+    pub refused_low_value: u64,
+    /// Evicted for a more valuable newcomer.
+    pub evicted_low_value: u64,
+    /// Too large to ever send, or not framable.
+    pub too_large: u64,
+}
+
 /// Up to `SLOTS` items of up to `MAX` bytes each, sent within `budget` bytes per window.
 #[derive(Clone, Debug)]
 pub struct DownlinkQueue<const SLOTS: usize, const MAX: usize> {
@@ -112,6 +128,8 @@ pub struct DownlinkQueue<const SLOTS: usize, const MAX: usize> {
     sent_in_window: u32,
     /// What happened so far.
     pub stats: DownlinkStats,
+    /// What happened to the items carrying results.
+    pub results: ResultFates,
 }
 
 impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
@@ -124,6 +142,7 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
             window_start_us: 0,
             sent_in_window: 0,
             stats: DownlinkStats::default(),
+            results: ResultFates::default(),
         }
     }
 
@@ -151,19 +170,38 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
     /// Queue `item` (from an [`ItemWriter`]) with its `value`. When the queue is full, the
     /// item with the least value per byte (this one or a queued one) is dropped and counted.
     pub fn offer(&mut self, item: &[u8], value: f32) {
+        self.offer_tagged(item, value, false);
+    }
+
+    /// [`DownlinkQueue::offer`] for an item carrying a frame's result, whose fate is counted
+    /// in [`DownlinkQueue::results`].
+    pub fn offer_result(&mut self, item: &[u8], value: f32) {
+        self.offer_tagged(item, value, true);
+    }
+
+    /// Result items waiting.
+    pub fn results_queued(&self) -> usize {
+        self.queue.iter().filter(|q| q.result).count()
+    }
+
+    fn offer_tagged(&mut self, item: &[u8], value: f32, result: bool) {
         self.stats.offered += 1;
         self.stats.offered_bytes += messages(item).map(|m| m.len() as u64).sum::<u64>();
-        let Ok(bytes) = Vec::from_slice(item) else {
+        let fits = Vec::from_slice(item)
+            .ok()
+            .filter(|_| item.len() as u64 <= u64::from(self.budget));
+        let Some(bytes) = fits else {
             self.stats.refused_too_large += 1;
+            self.results.too_large += u64::from(result);
             return;
         };
-        if item.len() as u64 > u64::from(self.budget) {
-            self.stats.refused_too_large += 1;
-            return;
-        }
         // A NaN value is worth nothing rather than poisoning the order.
         let value = if value.is_nan() { 0.0 } else { value };
-        let newcomer = Queued { bytes, value };
+        let newcomer = Queued {
+            bytes,
+            value,
+            result,
+        };
         if let Err(newcomer) = self.queue.push(newcomer) {
             let worst = self
                 .queue
@@ -171,10 +209,14 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
                 .min_by(|a, b| a.value_per_byte().total_cmp(&b.value_per_byte()));
             match worst {
                 Some(worst) if worst.value_per_byte() < newcomer.value_per_byte() => {
+                    self.results.evicted_low_value += u64::from(worst.result);
                     *worst = newcomer;
                     self.stats.evicted_low_value += 1;
                 }
-                _ => self.stats.refused_low_value += 1,
+                _ => {
+                    self.stats.refused_low_value += 1;
+                    self.results.refused_low_value += u64::from(newcomer.result);
+                }
             }
         }
     }
@@ -215,11 +257,13 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
                 Ok(len) => written += len,
                 Err(_) => {
                     self.stats.framing_errors += 1;
+                    self.results.too_large += u64::from(item.result);
                     return Some(0);
                 }
             }
         }
         self.sent_in_window = self.sent_in_window.saturating_add(written as u32);
+        self.results.sent += u64::from(item.result);
         self.stats.sent += 1;
         self.stats.sent_bytes += written as u64;
         Some(written)

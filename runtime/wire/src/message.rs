@@ -181,7 +181,7 @@ pub struct Health {
     pub frames_done: u64,
     /// Frames dropped by the queue policy.
     pub frames_dropped: u64,
-    /// Frames failed, by error kind (source, frame, preprocess, backend, postprocess, tiles).
+    /// Frames failed, by error kind (source, frame, backend, output, pool, timestamp).
     pub errors: [u64; ERROR_KINDS],
     /// Frames waiting for inference.
     pub queue_depth: u16,
@@ -198,6 +198,29 @@ pub struct Health {
     pub temperature_mc: Option<i32>,
     /// Board power, milliwatts, when the board has a monitor.
     pub power_mw: Option<u32>,
+    /// The frame ledger: how every accepted frame ended.
+    pub ledger: LedgerCounts,
+}
+
+/// Drop reasons in a [`LedgerCounts`] (the runtime's `ledger::DropReason`s, in their order).
+pub const DROP_REASONS: usize = 7;
+/// Reject reasons in a [`LedgerCounts`] (the runtime's `ledger::RejectReason`s, in their order).
+pub const REJECT_REASONS: usize = 5;
+
+/// The frame ledger's counts: `accepted == sent + queued + dropped + rejected` once drained.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerCounts {
+    /// Frames accepted.
+    pub accepted: u64,
+    /// Frames whose product was sent.
+    pub sent: u64,
+    /// Frames whose product waits in the downlink queue.
+    pub queued: u64,
+    /// Dropped by policy: queue full, backend, below threshold, downlink refused, downlink
+    /// evicted, downlink too large, link down.
+    pub dropped: [u64; DROP_REASONS],
+    /// Rejected as invalid: source, frame, not finite, timestamp, output.
+    pub rejected: [u64; REJECT_REASONS],
 }
 
 /// How bad an event is.
@@ -523,6 +546,13 @@ pub(crate) mod tests {
                 latency_p99_us: 4_140,
                 temperature_mc: Some(-40_000),
                 power_mw: None,
+                ledger: LedgerCounts {
+                    accepted: 300,
+                    sent: 290,
+                    queued: 2,
+                    dropped: [1, 0, 3, 0, 0, 0, 0],
+                    rejected: [1, 0, 1, 2, 0],
+                },
             }),
             Telemetry::Event(Event {
                 id: 0x0101,

@@ -7,8 +7,9 @@ use kestrel_wire::ccsds::{Decoder, Framer};
 use kestrel_wire::fuzzing;
 use kestrel_wire::mavlink::{Incoming, MavlinkDecoder, MavlinkFramer, COMPONENT_ID};
 use kestrel_wire::message::{
-    Classification, CommandAck, Detections, Event, Health, ProductKind, ProductPart, Ranked,
-    RejectReason, Severity, Telemetry, WireBox, EVENT_ARGS, MAX_BOXES, PART_BYTES, TOP_K,
+    Classification, CommandAck, Detections, Event, Health, LedgerCounts, ProductKind, ProductPart,
+    Ranked, RejectReason, Severity, Telemetry, WireBox, DROP_REASONS, EVENT_ARGS, MAX_BOXES,
+    PART_BYTES, REJECT_REASONS, TOP_K,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -95,10 +96,17 @@ fn message() -> impl Strategy<Value = Telemetry> {
             any::<[u64; 4]>(),
             any::<[u64; 6]>(),
             any::<(u16, u32, u32)>(),
-            any::<(Option<i32>, Option<u32>, u16, [u32; 3])>()
+            any::<(Option<i32>, Option<u32>, u16, [u32; 3])>(),
+            any::<([u64; 3], [u64; DROP_REASONS], [u64; REJECT_REASONS])>()
         )
             .prop_map(
-                |(counts, errors, (queue_depth, p50, p99), (t, p, dq, dd))| {
+                |(
+                    counts,
+                    errors,
+                    (queue_depth, p50, p99),
+                    (t, p, dq, dd),
+                    (l, dropped, rejected),
+                )| {
                     Telemetry::Health(Health {
                         uptime_us: counts[0],
                         frames_in: counts[1],
@@ -112,6 +120,13 @@ fn message() -> impl Strategy<Value = Telemetry> {
                         latency_p99_us: p99,
                         temperature_mc: t,
                         power_mw: p,
+                        ledger: LedgerCounts {
+                            accepted: l[0],
+                            sent: l[1],
+                            queued: l[2],
+                            dropped,
+                            rejected,
+                        },
                     })
                 }
             ),

@@ -300,6 +300,8 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
             _ => DropPolicy::DropOldest,
         },
         max_frame_samples: config.pipeline.max_frame_pixels.saturating_mul(4),
+        scrub_every: 0,
+        monotonic_capture: false,
     };
     let clock = HostClock::default();
     let started = Instant::now();

@@ -1,0 +1,188 @@
+//! `sim eval --faults` on the committed EuroSAT sample: each fault alone at a high rate, then
+//! all at once. After every scenario the frame ledger balances (every accepted frame sent,
+//! queued, dropped with a reason or rejected with a reason), and each fault meets its response:
+//! rejected frames carry the fault's reason, backend failures fail over without losing a frame,
+//! and every upset in the plan's checked memory is found by a scrub and healed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn sample() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb")
+}
+
+/// `sim eval` on the sample with `faults` (and `extra` flags); its report.
+fn eval(faults: Option<&str>, extra: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let mut args = vec![
+        "eval".to_string(),
+        "--dataset".into(),
+        sample().display().to_string(),
+        "--report".into(),
+        report.display().to_string(),
+    ];
+    if let Some(faults) = faults {
+        args.extend(["--faults".into(), faults.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(&args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{faults:?}: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    check_ledger(faults.unwrap_or("clean"), &report);
+    report
+}
+
+/// The ledger balances, and agrees with the frames the sensor delivered.
+fn check_ledger(scenario: &str, r: &Value) {
+    let l = &r["ledger"];
+    let sum = |m: &Value| m.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>();
+    let accepted = l["accepted"].as_u64().unwrap();
+    let ended = l["sent"].as_u64().unwrap()
+        + l["queued"].as_u64().unwrap()
+        + sum(&l["dropped"])
+        + sum(&l["rejected"]);
+    assert_eq!(accepted, ended, "{scenario}: the ledger does not balance: {l}");
+    assert_eq!(l["unaccounted"], 0, "{scenario}");
+    let dropouts = r["faults"]["dropouts"].as_u64().unwrap_or(0);
+    assert_eq!(
+        accepted + dropouts,
+        r["images"].as_u64().unwrap(),
+        "{scenario}: every image delivered was accepted"
+    );
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
+    let clean = eval(None, &[]);
+    let clean_top1 = clean["top1"].as_f64().unwrap();
+    assert_eq!(n(&clean["ledger"]["sent"]), 300);
+    assert!(n(&clean["scrub"]["scrubs"]) >= 9, "{}", clean["scrub"]);
+
+    // Frames damaged on the way in are rejected with the fault's reason.
+    for (fault, reason) in [
+        ("nan", "not_finite"),
+        ("timestamp", "timestamp"),
+        ("wrong_size", "frame"),
+    ] {
+        let r = eval(Some(&format!("{fault}=0.2,seed=5")), &[]);
+        let injected = n(&r["faults"]["injected"][fault]);
+        assert!(injected > 20, "{fault}: {}", r["faults"]);
+        assert_eq!(n(&r["ledger"]["rejected"][reason]), injected, "{fault}: {}", r["ledger"]);
+        assert_eq!(n(&r["faults"]["damaged_frames"]), injected);
+        // The frames no fault touched score as they do clean.
+        assert!((r["top1_clean"].as_f64().unwrap() - clean_top1).abs() < 0.01, "{fault}");
+    }
+
+    // Damaged and cut files: rejected by the decoder, or decoded into garbage that is marked
+    // and left out of `top1_clean`.
+    for fault in ["corrupt", "truncated"] {
+        let r = eval(Some(&format!("{fault}=0.2,seed=5")), &[]);
+        let injected = n(&r["faults"]["injected"][fault]);
+        assert!(injected > 20, "{fault}");
+        assert_eq!(n(&r["faults"]["damaged_frames"]), injected, "{fault}");
+        assert!(n(&r["ledger"]["rejected"]["source"]) <= injected, "{fault}");
+        assert!((r["top1_clean"].as_f64().unwrap() - clean_top1).abs() < 0.01, "{fault}");
+    }
+
+    // Dropouts never reach the payload (check_ledger counts them out).
+    let r = eval(Some("dropout=0.2,seed=5"), &[]);
+    assert!(n(&r["faults"]["dropouts"]) > 20);
+
+    // Bursts against a paced, dropping pipeline overflow the queue; each loss is counted.
+    let r = eval(
+        Some("burst=0.05,burst_len=24,seed=5"),
+        &["--frame-rate", "100", "--drop-policy", "drop-newest", "--queue-depth", "2"],
+    );
+    assert!(n(&r["faults"]["injected"]["burst"]) > 0);
+    assert!(n(&r["ledger"]["dropped"]["queue_full"]) > 0, "{}", r["ledger"]);
+
+    // A failing backend: every frame is re-run on tract, none is lost, the preferred backend
+    // comes back.
+    for (spec, fault) in [
+        ("backend_error=0.1,seed=5", "backend_error"),
+        ("backend_hang=0.05,hang_ms=30,seed=5", "backend_hang"),
+        ("device_lost=0.02,lost_ms=50,seed=5", "device_lost"),
+    ] {
+        let r = eval(Some(spec), &[]);
+        let f = &r["faults"];
+        assert!(n(&f["injected"][fault]) > 0, "{spec}: {f}");
+        assert!(n(&f["failover"]["failovers"]) > 0, "{spec}: {f}");
+        assert!(n(&f["failover"]["restorations"]) > 0, "{spec}: {f}");
+        assert_eq!(n(&r["ledger"]["sent"]), 300, "{spec}: no frame lost: {}", r["ledger"]);
+        assert!((r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01, "{spec}");
+        if fault == "backend_hang" {
+            assert!(n(&f["failover"]["recovery_us_max"]) >= 30_000, "{f}");
+        }
+    }
+
+    // Upsets in the loaded plan: each one in checked memory is found by a scrub, the plan is
+    // restored from its golden copy and the frames since the last clean scrub run again.
+    let r = eval(Some("upset_model=0.1,seed=5"), &["--scrub-every", "8"]);
+    let u = &r["faults"]["upsets"];
+    assert!(n(&u["model_checked"]) > 10, "{u}");
+    assert_eq!(n(&u["model_found"]), n(&u["model_checked"]), "{u}");
+    let s = &r["scrub"];
+    assert!(n(&s["corrupt"]) > 0 && n(&s["restored"]) == n(&s["corrupt"]), "{s}");
+    assert!(n(&s["reruns"]) >= n(&s["corrupt"]), "{s}");
+    assert_eq!(n(&r["ledger"]["sent"]), 300);
+    assert!((r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01);
+
+    // Upsets in the activations: nothing can find them; they are counted, and frames still end.
+    let r = eval(Some("upset_activations=0.1,seed=5"), &[]);
+    assert!(n(&r["faults"]["upsets"]["activations"]) > 10);
+    assert_eq!(n(&r["ledger"]["sent"]), 300);
+}
+
+#[test]
+fn all_faults_at_once_balance_and_spare_the_clean_frames() {
+    let clean = eval(None, &[]);
+    for seed in [1, 2] {
+        let r = eval(Some(&format!("all,seed={seed}")), &[]);
+        let clean_top1 = clean["top1"].as_f64().unwrap();
+        let top1_clean = r["top1_clean"].as_f64().unwrap();
+        assert!(
+            (top1_clean - clean_top1).abs() <= 0.01,
+            "seed {seed}: {top1_clean} against {clean_top1}"
+        );
+    }
+}
+
+#[test]
+fn bad_fault_specs_are_refused_with_the_item() {
+    for (spec, says) in [
+        ("corupt=0.1", "corupt"),
+        ("nan=1.5", "probability"),
+        ("all,seed=x", "seed=x"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+            .args(["run", "--faults", spec])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec}");
+        assert!(stderr.contains(says), "{spec}: {stderr}");
+    }
+    // A TOML file says the same as a spec.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("faults.toml");
+    std::fs::write(&file, "nan = 0.2\nseed = 5\n").unwrap();
+    let r = eval(Some(file.to_str().unwrap()), &[]);
+    let spec = eval(Some("nan=0.2,seed=5"), &[]);
+    assert_eq!(r["faults"]["injected"], spec["faults"]["injected"]);
+    assert!(r["faults"]["spec"].as_str().unwrap().starts_with("nan=0.2,seed=5"));
+}
