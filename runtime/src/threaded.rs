@@ -307,6 +307,9 @@ fn process<S: Sample, E, T, St: FrameStep<T>, C: MonotonicClock>(
     }
 }
 
+/// Scrubs in a row at one check: a re-run that meets a new upset is run once more.
+const RESCRUBS: usize = 3;
+
 /// Copies of the frames processed since the last clean scrub, to run again if the next scrub
 /// finds the model corrupt. Each copy's buffer is kept and reused: after the first frames of
 /// the largest size, holding allocates nothing.
@@ -365,39 +368,40 @@ impl<S: Sample> Scrubber<S> {
         if self.every == 0 || self.count == 0 {
             return;
         }
-        let started = clock.now_us();
-        let found = step.backend().map_or(Scrub::Uncovered, |b| b.scrub());
-        let took = clock.now_us().saturating_sub(started);
-        let stats = &mut health.scrub;
-        stats.scrubs += 1;
-        stats.scrub_us += took;
-        stats.max_scrub_us = stats.max_scrub_us.max(took);
-        if found == Scrub::Corrupt {
+        // A re-run may itself meet a new upset: scrub again after it, a few times at most.
+        for _ in 0..RESCRUBS {
+            let started = clock.now_us();
+            let found = step.backend().map_or(Scrub::Uncovered, |b| b.scrub());
+            let took = clock.now_us().saturating_sub(started);
+            let stats = &mut health.scrub;
+            stats.scrubs += 1;
+            stats.scrub_us += took;
+            stats.max_scrub_us = stats.max_scrub_us.max(took);
+            if found != Scrub::Corrupt {
+                break;
+            }
             stats.corrupt += 1;
-            match step
+            let restored = step
                 .backend()
-                .map_or(Err(BackendError::NotAvailable), |b| b.restore())
-            {
-                Ok(()) => {
-                    stats.restored += 1;
-                    warn!(
-                        "scrub: the loaded model was corrupt; restored from its golden copy, {} frames run again",
-                        self.count
-                    );
-                    for job in self.held.iter().take(self.count) {
-                        let mut rerun_health = Health::default();
-                        let outcome = process(step, job, clock, &mut rerun_health, true);
-                        health.scrub.reruns += 1;
-                        let _ = reruns.send(outcome);
-                    }
-                }
-                Err(e) => {
-                    stats.restore_failures += 1;
-                    error!(
-                        "scrub: the loaded model is corrupt and cannot be restored: {}",
-                        e
-                    );
-                }
+                .map_or(Err(BackendError::NotAvailable), |b| b.restore());
+            if let Err(e) = restored {
+                stats.restore_failures += 1;
+                error!(
+                    "scrub: the loaded model is corrupt and cannot be restored: {}",
+                    e
+                );
+                break;
+            }
+            stats.restored += 1;
+            warn!(
+                "scrub: the loaded model was corrupt; restored from its golden copy, {} frames run again",
+                self.count
+            );
+            for job in self.held.iter().take(self.count) {
+                let mut rerun_health = Health::default();
+                let outcome = process(step, job, clock, &mut rerun_health, true);
+                health.scrub.reruns += 1;
+                let _ = reruns.send(outcome);
             }
         }
         self.count = 0;

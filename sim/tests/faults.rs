@@ -46,13 +46,22 @@ fn eval(faults: Option<&str>, extra: &[&str]) -> Value {
 /// The ledger balances, and agrees with the frames the sensor delivered.
 fn check_ledger(scenario: &str, r: &Value) {
     let l = &r["ledger"];
-    let sum = |m: &Value| m.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>();
+    let sum = |m: &Value| {
+        m.as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>()
+    };
     let accepted = l["accepted"].as_u64().unwrap();
     let ended = l["sent"].as_u64().unwrap()
         + l["queued"].as_u64().unwrap()
         + sum(&l["dropped"])
         + sum(&l["rejected"]);
-    assert_eq!(accepted, ended, "{scenario}: the ledger does not balance: {l}");
+    assert_eq!(
+        accepted, ended,
+        "{scenario}: the ledger does not balance: {l}"
+    );
     assert_eq!(l["unaccounted"], 0, "{scenario}");
     let dropouts = r["faults"]["dropouts"].as_u64().unwrap_or(0);
     assert_eq!(
@@ -82,10 +91,18 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
         let r = eval(Some(&format!("{fault}=0.2,seed=5")), &[]);
         let injected = n(&r["faults"]["injected"][fault]);
         assert!(injected > 20, "{fault}: {}", r["faults"]);
-        assert_eq!(n(&r["ledger"]["rejected"][reason]), injected, "{fault}: {}", r["ledger"]);
+        assert_eq!(
+            n(&r["ledger"]["rejected"][reason]),
+            injected,
+            "{fault}: {}",
+            r["ledger"]
+        );
         assert_eq!(n(&r["faults"]["damaged_frames"]), injected);
         // The frames no fault touched score as they do clean.
-        assert!((r["top1_clean"].as_f64().unwrap() - clean_top1).abs() < 0.01, "{fault}");
+        assert!(
+            (r["top1_clean"].as_f64().unwrap() - clean_top1).abs() < 0.01,
+            "{fault}"
+        );
     }
 
     // Damaged and cut files: rejected by the decoder, or decoded into garbage that is marked
@@ -96,7 +113,10 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
         assert!(injected > 20, "{fault}");
         assert_eq!(n(&r["faults"]["damaged_frames"]), injected, "{fault}");
         assert!(n(&r["ledger"]["rejected"]["source"]) <= injected, "{fault}");
-        assert!((r["top1_clean"].as_f64().unwrap() - clean_top1).abs() < 0.01, "{fault}");
+        assert!(
+            (r["top1_clean"].as_f64().unwrap() - clean_top1).abs() < 0.01,
+            "{fault}"
+        );
     }
 
     // Dropouts never reach the payload (check_ledger counts them out).
@@ -106,10 +126,21 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
     // Bursts against a paced, dropping pipeline overflow the queue; each loss is counted.
     let r = eval(
         Some("burst=0.05,burst_len=24,seed=5"),
-        &["--frame-rate", "100", "--drop-policy", "drop-newest", "--queue-depth", "2"],
+        &[
+            "--frame-rate",
+            "100",
+            "--drop-policy",
+            "drop-newest",
+            "--queue-depth",
+            "2",
+        ],
     );
     assert!(n(&r["faults"]["injected"]["burst"]) > 0);
-    assert!(n(&r["ledger"]["dropped"]["queue_full"]) > 0, "{}", r["ledger"]);
+    assert!(
+        n(&r["ledger"]["dropped"]["queue_full"]) > 0,
+        "{}",
+        r["ledger"]
+    );
 
     // A failing backend: every frame is re-run on tract, none is lost, the preferred backend
     // comes back.
@@ -123,8 +154,16 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
         assert!(n(&f["injected"][fault]) > 0, "{spec}: {f}");
         assert!(n(&f["failover"]["failovers"]) > 0, "{spec}: {f}");
         assert!(n(&f["failover"]["restorations"]) > 0, "{spec}: {f}");
-        assert_eq!(n(&r["ledger"]["sent"]), 300, "{spec}: no frame lost: {}", r["ledger"]);
-        assert!((r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01, "{spec}");
+        assert_eq!(
+            n(&r["ledger"]["sent"]),
+            300,
+            "{spec}: no frame lost: {}",
+            r["ledger"]
+        );
+        assert!(
+            (r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01,
+            "{spec}"
+        );
         if fault == "backend_hang" {
             assert!(n(&f["failover"]["recovery_us_max"]) >= 30_000, "{f}");
         }
@@ -137,7 +176,10 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
     assert!(n(&u["model_checked"]) > 10, "{u}");
     assert_eq!(n(&u["model_found"]), n(&u["model_checked"]), "{u}");
     let s = &r["scrub"];
-    assert!(n(&s["corrupt"]) > 0 && n(&s["restored"]) == n(&s["corrupt"]), "{s}");
+    assert!(
+        n(&s["corrupt"]) > 0 && n(&s["restored"]) == n(&s["corrupt"]),
+        "{s}"
+    );
     assert!(n(&s["reruns"]) >= n(&s["corrupt"]), "{s}");
     assert_eq!(n(&r["ledger"]["sent"]), 300);
     assert!((r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01);
@@ -184,5 +226,8 @@ fn bad_fault_specs_are_refused_with_the_item() {
     let r = eval(Some(file.to_str().unwrap()), &[]);
     let spec = eval(Some("nan=0.2,seed=5"), &[]);
     assert_eq!(r["faults"]["injected"], spec["faults"]["injected"]);
-    assert!(r["faults"]["spec"].as_str().unwrap().starts_with("nan=0.2,seed=5"));
+    assert!(r["faults"]["spec"]
+        .as_str()
+        .unwrap()
+        .starts_with("nan=0.2,seed=5"));
 }
