@@ -31,6 +31,13 @@ pub enum Failover {
         /// The index that was active until now.
         from: usize,
     },
+    /// A scrub found backend `index`'s model corrupt; `restored`: reloaded from its golden copy.
+    Corrupt {
+        /// Its place in the chain.
+        index: usize,
+        /// Whether the restore succeeded.
+        restored: bool,
+    },
 }
 
 /// Why a chain cannot be built.
@@ -201,14 +208,20 @@ impl Backend for FailoverBackend {
             })
     }
 
-    /// Each corrupt backend of the chain is restored.
+    /// Each corrupt backend of the chain is restored, and reported.
     fn restore(&mut self) -> Result<(), BackendError> {
-        for backend in &mut self.chain {
+        let mut result = Ok(());
+        for (index, backend) in self.chain.iter_mut().enumerate() {
             if backend.scrub() == Scrub::Corrupt {
-                backend.restore()?;
+                let restored = backend.restore();
+                (self.on_change)(Failover::Corrupt {
+                    index,
+                    restored: restored.is_ok(),
+                });
+                result = result.and(restored);
             }
         }
-        Ok(())
+        result
     }
 
     /// The active backend takes the upset, or the first one that has such memory.

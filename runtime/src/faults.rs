@@ -49,11 +49,17 @@ pub enum Fault {
     UpsetModel,
     /// A bit of the activations flips between two layers.
     UpsetActivations,
+    /// Bits flip on the telemetry link (a probability per byte; HIL only).
+    LinkBitErrors,
+    /// The telemetry link goes dark for a while: what crosses it is lost (HIL only).
+    LinkLoss,
+    /// The telemetry link stops moving for a while, then resumes with nothing lost (HIL only).
+    LinkStall,
 }
 
 impl Fault {
     /// Every fault, in the order of the fault matrix.
-    pub const ALL: [Fault; 12] = [
+    pub const ALL: [Fault; 15] = [
         Self::Corrupt,
         Self::Truncated,
         Self::WrongSize,
@@ -66,6 +72,9 @@ impl Fault {
         Self::DeviceLost,
         Self::UpsetModel,
         Self::UpsetActivations,
+        Self::LinkBitErrors,
+        Self::LinkLoss,
+        Self::LinkStall,
     ];
 
     /// Its name in specs and reports.
@@ -83,10 +92,14 @@ impl Fault {
             Self::DeviceLost => "device_lost",
             Self::UpsetModel => "upset_model",
             Self::UpsetActivations => "upset_activations",
+            Self::LinkBitErrors => "link_bit_errors",
+            Self::LinkLoss => "link_loss",
+            Self::LinkStall => "link_stall",
         }
     }
 
-    /// Its rate under `all`: a probability per frame (per inference for the backend faults).
+    /// Its rate under `all`: a probability per frame (per inference for the backend faults,
+    /// per byte for bit errors, per read of the telemetry for link loss and stalls).
     pub fn default_rate(self) -> f64 {
         match self {
             Self::Corrupt | Self::Truncated => 0.01,
@@ -95,6 +108,8 @@ impl Fault {
             Self::BackendError => 0.005,
             Self::BackendHang | Self::DeviceLost => 0.001,
             Self::UpsetModel | Self::UpsetActivations => 0.002,
+            Self::LinkBitErrors => 1e-5,
+            Self::LinkLoss | Self::LinkStall => 0.002,
         }
     }
 
@@ -115,6 +130,12 @@ pub struct FaultSpec {
     pub hang: Duration,
     /// How long a lost device stays lost (until its reset completes).
     pub lost_for: Duration,
+    /// How long the telemetry link stays dark on a loss.
+    pub outage: Duration,
+    /// How long the telemetry link stalls.
+    pub stall: Duration,
+    /// Bits an activation upset flips in one inference (a particle shower, or a dense test).
+    pub upset_bits: u32,
 }
 
 impl Default for FaultSpec {
@@ -126,6 +147,9 @@ impl Default for FaultSpec {
             burst_len: 16,
             hang: Duration::from_millis(200),
             lost_for: Duration::from_millis(500),
+            outage: Duration::from_millis(200),
+            stall: Duration::from_millis(300),
+            upset_bits: 1,
         }
     }
 }
@@ -197,6 +221,13 @@ impl FaultSpec {
                         .parse()
                         .map_err(|_| error("a seed is a whole number"))?
                 }
+                "upset_bits" => {
+                    spec.upset_bits = value
+                        .parse()
+                        .ok()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| error("1 bit or more"))?
+                }
                 "burst_len" => {
                     spec.burst_len = value
                         .parse()
@@ -208,15 +239,20 @@ impl FaultSpec {
                     let ms = number().ok_or_else(|| error("milliseconds, 0 or more"))?;
                     spec.hang = Duration::from_secs_f64(ms / 1e3);
                 }
-                "lost_ms" => {
+                "lost_ms" | "outage_ms" | "stall_ms" => {
                     let ms = number().ok_or_else(|| error("milliseconds, 0 or more"))?;
-                    spec.lost_for = Duration::from_secs_f64(ms / 1e3);
+                    let duration = Duration::from_secs_f64(ms / 1e3);
+                    match key.as_str() {
+                        "lost_ms" => spec.lost_for = duration,
+                        "outage_ms" => spec.outage = duration,
+                        _ => spec.stall = duration,
+                    }
                 }
                 name => {
                     let Some(fault) = Fault::ALL.into_iter().find(|f| f.name() == name) else {
                         let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
                         return Err(error(&std::format!(
-                            "unknown; faults are {}, and the parameters seed, burst_len, hang_ms and lost_ms",
+                            "unknown; faults are {}, and the parameters seed, burst_len, hang_ms, lost_ms, outage_ms, stall_ms and upset_bits",
                             names.join(", ")
                         )));
                     };
@@ -274,6 +310,9 @@ impl FaultSpec {
         items.push(std::format!("burst_len={}", self.burst_len));
         items.push(std::format!("hang_ms={}", self.hang.as_millis()));
         items.push(std::format!("lost_ms={}", self.lost_for.as_millis()));
+        items.push(std::format!("outage_ms={}", self.outage.as_millis()));
+        items.push(std::format!("stall_ms={}", self.stall.as_millis()));
+        items.push(std::format!("upset_bits={}", self.upset_bits));
         items.join(",")
     }
 }
@@ -398,9 +437,11 @@ impl Backend for FaultyBackend {
             }
         }
         if self.draws.chance(spec.rate(Fault::UpsetActivations)) {
-            let bit = self.draws.next_u64();
-            if self.inner.upset(Upset::Activations { bit }) != Landed::Missed {
-                self.count(|c| c.activation_upsets += 1);
+            for _ in 0..spec.upset_bits {
+                let bit = self.draws.next_u64();
+                if self.inner.upset(Upset::Activations { bit }) != Landed::Missed {
+                    self.count(|c| c.activation_upsets += 1);
+                }
             }
         }
         if self.draws.chance(spec.rate(Fault::DeviceLost)) {

@@ -368,8 +368,9 @@ impl<S: Sample> Scrubber<S> {
         if self.every == 0 || self.count == 0 {
             return;
         }
-        // A re-run may itself meet a new upset: scrub again after it, a few times at most.
-        for _ in 0..RESCRUBS {
+        // A re-run may itself meet a new upset: scrub again after it, a few times at most; the
+        // last restore runs nothing again, so that the model is left clean.
+        for attempt in 0..=RESCRUBS {
             let started = clock.now_us();
             let found = step.backend().map_or(Scrub::Uncovered, |b| b.scrub());
             let took = clock.now_us().saturating_sub(started);
@@ -393,6 +394,10 @@ impl<S: Sample> Scrubber<S> {
                 break;
             }
             stats.restored += 1;
+            if attempt == RESCRUBS {
+                warn!("scrub: the loaded model was corrupt again after its re-runs; restored");
+                break;
+            }
             warn!(
                 "scrub: the loaded model was corrupt; restored from its golden copy, {} frames run again",
                 self.count

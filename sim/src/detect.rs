@@ -12,12 +12,14 @@ use kestrel_host::{decode_image, HostClock};
 use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::health::{ErrorKind, Health};
-use kestrel_runtime::step::{DetectorConfig, DetectorStep};
+use kestrel_runtime::step::{DetectorConfig, DetectorStep, FrameStep};
 use serde::Serialize;
 
 use crate::eval::{Failure, Latency, Progress};
 use crate::{load_model, LoadedModel, ModelArgs};
-use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
+use kestrel_backend::Scrub;
+use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport, LedgerReport};
+use kestrel_runtime::threaded::FrameFailure;
 use kestrel_wire::message::ProductKind::Thumbnail;
 
 /// Detections kept per tile before merging (a 512-pixel tile of NWPU VHR-10 holds at most
@@ -89,6 +91,11 @@ pub struct EvalOptions {
     /// Lowest score kept for the precision-recall curve.
     pub score_threshold: f32,
     pub downlink: DownlinkArgs,
+    /// Backend faults and upsets to inject (the frame faults are the classifier's and `sim
+    /// hil`'s).
+    pub faults: Option<kestrel_runtime::faults::FaultSpec>,
+    /// Frames between scrubs of the loaded plan (0: never).
+    pub scrub_every: u32,
 }
 
 /// A detector's boxes against a COCO folder's.
@@ -220,6 +227,12 @@ struct Report {
     /// The telemetry: detections from the model's reporting threshold up, with a crop of each;
     /// bytes made and sent, the data-reduction ratio, the queue's counts.
     downlink: DownlinkReport,
+    /// How every accepted frame ended.
+    ledger: LedgerReport,
+    /// Scrubbing of the loaded model.
+    scrub: crate::eval::ScrubReport,
+    /// What was injected (null without `--faults`).
+    faults: Option<crate::faults::FaultsReport>,
 }
 
 /// Score a detector on a COCO folder: every image of the split through the tiled detector,
@@ -266,48 +279,80 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         config.tile_overlap
     );
 
+    let fault_watch = crate::faults::inject_in_place(
+        &detector.loaded.model,
+        &mut detector.loaded.backend,
+        opts.faults.as_ref(),
+    )?;
+    if let Some(spec) = opts.faults.as_ref().filter(|f| f.any() && !f.any_backend()) {
+        eprintln!(
+            "warning: --faults {}: a detector's eval injects only backend faults and upsets; frame and link faults are the classifier eval's and sim hil's",
+            spec.describe()
+        );
+    }
     let mut step = detector.step(opts.score_threshold)?;
     let mut found = FrameDetections::new();
     let clock = HostClock::default();
     let mut health = Health::default();
     let mut latencies = Vec::with_capacity(images.len());
-    let mut scored: Vec<Scored> = Vec::new();
+    // Each image's boxes: a re-run after a scrub found the plan corrupt replaces them.
+    let mut scored_by_image: Vec<Vec<Scored>> = vec![Vec::new(); images.len()];
+    let mut since_scrub: Vec<usize> = Vec::new();
+    let mut corrected = 0u64;
     let mut failures = Vec::new();
     let (mut tiles, mut overflow) = (0, 0u64);
     let mut progress = Progress::new(images.len());
     let started = Instant::now();
+    // Boxes of `found` on `image`, as scored.
+    let boxes = |image: &coco::Image, found: &FrameDetections| -> Vec<Scored> {
+        found
+            .as_slice()
+            .iter()
+            .filter_map(|d| {
+                let category = (*category_of.get(usize::from(d.class))?)?;
+                Some(Scored {
+                    image: image.id,
+                    category,
+                    bbox: [d.x, d.y, d.w, d.h].map(f64::from),
+                    score: f64::from(d.score),
+                })
+            })
+            .collect()
+    };
     for (done, image) in images.iter().enumerate() {
         controls.wait_while_paused();
         health.frames_in += 1;
-        let decoded = decode_image(&image.path).map_err(|e| {
-            health.record_error(ErrorKind::Source);
-            e.to_string()
-        });
-        let result = decoded.as_ref().map_err(Clone::clone).and_then(|decoded| {
-            downlink.frame_in(decoded.samples.len() as u64);
-            let view = FrameView::new(decoded.geometry, &decoded.samples).map_err(|e| {
+        let decoded = match decode_image(&image.path) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                health.record_error(ErrorKind::Source);
+                downlink.frame_in(0);
+                downlink.frame_failed(&FrameFailure::Source(e.to_string()));
+                eprintln!("warning: {e}");
+                failures.push(Failure {
+                    file: image.path.display().to_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        downlink.frame_in(decoded.samples.len() as u64);
+        let processed = FrameView::new(decoded.geometry, &decoded.samples)
+            .map_err(|e| {
                 health.record_error(ErrorKind::Frame);
-                e.to_string()
-            })?;
-            let g = decoded.geometry;
-            tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
-            step.process(view, &clock, &mut health, &mut found)
-                .map_err(|e| e.to_string())
-        });
-        match result {
+                FrameFailure::<String>::Frame(e)
+            })
+            .and_then(|view| {
+                let g = decoded.geometry;
+                tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
+                step.process(view, &clock, &mut health, &mut found)
+                    .map_err(FrameFailure::Step)
+            });
+        match processed {
             Ok(latency) => {
                 latencies.push(latency);
                 overflow += u64::from(found.overflow());
-                for d in found.as_slice() {
-                    if let Some(Some(category)) = category_of.get(usize::from(d.class)) {
-                        scored.push(Scored {
-                            image: image.id,
-                            category: *category,
-                            bbox: [d.x, d.y, d.w, d.h].map(f64::from),
-                            score: f64::from(d.score),
-                        });
-                    }
-                }
+                scored_by_image[done] = boxes(image, &found);
                 let reported: Vec<_> = found
                     .as_slice()
                     .iter()
@@ -316,9 +361,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                     .collect();
                 let frame = done as u64;
                 let thumbnail = downlink.wants(frame, Thumbnail);
-                let picture = decoded
-                    .as_ref()
-                    .ok()
+                let picture = Some(&decoded)
                     .filter(|_| thumbnail || !reported.is_empty())
                     .map(|d| {
                         let g = d.geometry;
@@ -329,20 +372,88 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                     downlink.thumbnail(frame, picture);
                 }
             }
-            Err(reason) => {
-                eprintln!("warning: {}: {reason}", image.path.display());
+            Err(failure) => {
+                downlink.frame_failed(&failure);
+                eprintln!("warning: {}: {failure}", image.path.display());
                 failures.push(Failure {
                     file: image.path.display().to_string(),
-                    reason,
+                    reason: failure.to_string(),
                 });
             }
         }
-        progress.update(done + 1, &format!("{} detections so far", scored.len()));
+        since_scrub.push(done);
+        let last = done + 1 == images.len();
+        if opts.scrub_every > 0 && (since_scrub.len() >= opts.scrub_every as usize || last) {
+            // As the threaded pipeline does: a corrupt plan is restored and the frames since
+            // the last clean scrub run again, their boxes replacing the first ones.
+            for attempt in 0..=3 {
+                let at = Instant::now();
+                let found_corrupt = FrameStep::<FrameDetections>::backend(&mut step)
+                    .map(|b| b.scrub())
+                    == Some(Scrub::Corrupt);
+                let took = at.elapsed().as_micros() as u64;
+                health.scrub.scrubs += 1;
+                health.scrub.scrub_us += took;
+                health.scrub.max_scrub_us = health.scrub.max_scrub_us.max(took);
+                if !found_corrupt {
+                    break;
+                }
+                health.scrub.corrupt += 1;
+                let restored =
+                    FrameStep::<FrameDetections>::backend(&mut step).map(|b| b.restore());
+                if !matches!(restored, Some(Ok(()))) {
+                    health.scrub.restore_failures += 1;
+                    break;
+                }
+                health.scrub.restored += 1;
+                if attempt == 3 {
+                    break;
+                }
+                for &again in &since_scrub {
+                    let Some(image) = images.get(again) else {
+                        continue;
+                    };
+                    let Ok(decoded) = decode_image(&image.path) else {
+                        continue;
+                    };
+                    let Ok(view) = FrameView::new(decoded.geometry, &decoded.samples) else {
+                        continue;
+                    };
+                    health.scrub.reruns += 1;
+                    if step
+                        .process(view, &clock, &mut Health::default(), &mut found)
+                        .is_ok()
+                    {
+                        let rerun = boxes(image, &found);
+                        if rerun != scored_by_image[again] {
+                            corrected += 1;
+                            scored_by_image[again] = rerun;
+                            let reported: Vec<_> = found
+                                .as_slice()
+                                .iter()
+                                .filter(|d| d.score >= report_threshold)
+                                .copied()
+                                .collect();
+                            downlink.detections_correction(again as u64, &reported);
+                        }
+                    }
+                }
+            }
+            since_scrub.clear();
+        }
+        let so_far: usize = scored_by_image.iter().map(Vec::len).sum();
+        progress.update(done + 1, &format!("{so_far} detections so far"));
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_unstable();
     let uptime_us = (elapsed * 1e6) as u64;
     let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
+    let scored: Vec<Scored> = scored_by_image.into_iter().flatten().collect();
+    let ledger = LedgerReport::from(&downlink.ledger);
+    let faults = opts
+        .faults
+        .as_ref()
+        .map(|spec| crate::faults::FaultsReport::new(spec, &Default::default(), 0, 0, fault_watch));
 
     let scores = coco_scores(&dataset, &images, &scored);
     let mut errors = serde_json::Map::new();
@@ -372,6 +483,9 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         failures,
         skipped: dataset.skipped,
         downlink,
+        ledger,
+        scrub: crate::eval::ScrubReport::new(opts.scrub_every, &health.scrub, corrected),
+        faults,
     };
     print_summary(&report);
     if let Some(path) = &opts.report {
@@ -412,6 +526,25 @@ fn print_summary(r: &Report) {
         r.detections, r.score_threshold, r.overflow
     );
     downlink::print_summary(&r.downlink);
+    crate::eval::print_ledger(&r.ledger);
+    if let Some(u) = r.faults.as_ref().and_then(|f| f.upsets.as_ref()) {
+        println!(
+            "upsets      model: {} in checked memory ({} found by scrubs), {} in padding; {} in activations",
+            u.model_checked, u.model_found, u.model_unchecked, u.activations
+        );
+    }
+    if r.scrub.scrubs > 0 {
+        println!(
+            "scrub       every {} frames: {} scrubs ({:.0} us mean), {} corrupt, {} restored, {} frames re-run, {} corrected",
+            r.scrub.every_frames,
+            r.scrub.scrubs,
+            r.scrub.mean_us,
+            r.scrub.corrupt,
+            r.scrub.restored,
+            r.scrub.reruns,
+            r.scrub.corrected
+        );
+    }
     if !r.skipped.is_empty() {
         println!(
             "skipped     {} annotation problem(s), listed in the report",

@@ -21,7 +21,6 @@ use kestrel_payload::downlink::LedgerReport;
 use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use kestrel_payload::percentile;
 use kestrel_runtime::health::ScrubStats;
-use kestrel_runtime::ledger::Ledger;
 use kestrel_wire::message::ProductKind;
 use std::sync::{Arc, Mutex};
 
@@ -303,7 +302,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     // Each image's answer (a re-run after a scrub replaces the first), scored at the end.
     let mut answers: Vec<Option<u16>> = vec![None; images.len()];
     let mut corrected = 0;
-    let mut ledger = Ledger::default();
     let marks = Arc::new(Mutex::new(Marks::default()));
     let mut latencies = Vec::with_capacity(images.len());
     let mut failures = Vec::new();
@@ -339,7 +337,6 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             return;
         }
         done += 1;
-        ledger.accepted += 1;
         downlink.frame_in(outcome.frame_bytes);
         let reason = match outcome.result {
             Ok(c) => {
@@ -362,7 +359,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 None
             }
             Err(failure) => {
-                failure.settle(&mut ledger);
+                downlink.frame_failed(&failure);
                 match failure {
                     FrameFailure::Dropped => None,
                     FrameFailure::Source(e) => Some(e.reason),
@@ -420,13 +417,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
 
     latencies.sort_unstable();
     let uptime_us = (elapsed * 1e6) as u64;
-    let mut health_message = downlink::health_message(&health, &latencies, uptime_us);
-    let mut settled = ledger;
-    let results = downlink.results();
-    results.settle(&mut settled);
-    health_message.ledger = kestrel_payload::downlink::ledger_counts(&settled);
-    let downlink = downlink.finish(health_message);
-    downlink.results.settle(&mut ledger);
+    let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
+    let ledger = LedgerReport::from(&downlink.ledger);
     let mut errors = serde_json::Map::new();
     for kind in ErrorKind::ALL {
         errors.insert(kind.name().to_string(), health.errors(kind).into());
@@ -475,7 +467,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         errors,
         failures,
         downlink,
-        ledger: LedgerReport::from(&ledger),
+        ledger,
         top1_clean: clean_correct as f64 / clean.max(1) as f64,
         clean_classified: clean,
         scrub: ScrubReport::new(opts.pipeline.scrub_every, &health.scrub, corrected),

@@ -266,6 +266,39 @@ pub fn with_backend_faults(
     Ok((Box::new(chain), Some(FaultWatch { injected, changes })))
 }
 
+/// [`with_backend_faults`] on a backend held in place (a detector's).
+pub fn inject_in_place(
+    model: &ZooModel,
+    backend: &mut Box<dyn Backend + Send>,
+    faults: Option<&FaultSpec>,
+) -> anyhow::Result<Option<FaultWatch>> {
+    if !faults.is_some_and(FaultSpec::any_backend) {
+        return Ok(None);
+    }
+    let taken = std::mem::replace(backend, Box::new(Unloaded));
+    let (wrapped, watch) = with_backend_faults(model, taken, faults)?;
+    *backend = wrapped;
+    Ok(watch)
+}
+
+/// Stands in for a backend while it is being wrapped.
+struct Unloaded;
+
+impl Backend for Unloaded {
+    fn name(&self) -> &'static str {
+        "unloaded"
+    }
+    fn input_len(&self) -> usize {
+        0
+    }
+    fn output_len(&self) -> usize {
+        0
+    }
+    fn run(&mut self, _: &[f32], _: &mut [f32]) -> Result<(), kestrel_backend::BackendError> {
+        Err(kestrel_backend::BackendError::NotAvailable)
+    }
+}
+
 /// Failovers and returns, and the time from a failure to the frame done on the fallback.
 #[derive(Serialize)]
 pub struct FailoverReport {
@@ -337,7 +370,7 @@ impl FaultsReport {
                 .iter()
                 .filter_map(|c| match c {
                     Failover::FailedOver { recovery_us, .. } => Some(*recovery_us),
-                    Failover::Restored { .. } => None,
+                    Failover::Restored { .. } | Failover::Corrupt { .. } => None,
                 })
                 .collect();
             recovery.sort_unstable();

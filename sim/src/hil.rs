@@ -7,6 +7,7 @@
 //! `frame-link` (where the bench connects), its `[downlink] link` is `tcp://HOST:PORT` (where
 //! the bench listens for telemetry), and its `[model]` is what the bench runs in-process.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -24,10 +25,12 @@ use kestrel_hal::{Frame, FrameMeta};
 use kestrel_host::frame_link::send_frame;
 use kestrel_host::{decode_image, FolderSource, HostClock};
 use kestrel_jetson::config::{FlightConfig, SourceConfig};
-use kestrel_payload::downlink::{classification_message, detections_message};
+use kestrel_payload::downlink::{classification_message, detections_message, LedgerReport};
+use kestrel_runtime::faults::{Draws, Fault, FaultSpec};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, PipelineConfig};
-use kestrel_wire::message::{Classification, Detections, Health};
+use kestrel_wire::framelink::encode_header;
+use kestrel_wire::message::{Classification, Detections, Health, EVENTS};
 use kestrel_wire::Telemetry;
 use models::ZooModel;
 use serde::Serialize;
@@ -90,6 +93,18 @@ pub struct HilArgs {
     /// Write every telemetry message received as a JSON line here (as `sim decode` does).
     #[arg(long)]
     telemetry_log: Option<PathBuf>,
+    /// Inject faults, as `sim eval --faults` takes them (`all`, a spec, or a TOML file). The
+    /// bench damages frames on the frame link (corrupt, truncated, wrong_size, timestamp,
+    /// dropout, burst) and the telemetry on its way in (link_bit_errors, link_loss,
+    /// link_stall, until the last frame is sent); a board started with --spawn gets the
+    /// backend faults and upsets in its configuration. A faulted run is scored against the
+    /// truth (top1_clean over the frames no fault touched), not compared frame by frame.
+    #[arg(long, value_name = "SPEC|FILE")]
+    faults: Option<String>,
+    /// Stream a classifier's dataset this many times over (a soak: 34 times the 300-chip
+    /// sample is 10,200 frames); a spawned board's memory (RSS) is sampled as it runs.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
 }
 
 /// A frame's result as the telemetry carries it, with the board's capture time zeroed so that
@@ -139,10 +154,14 @@ impl Truth {
         folder: &Path,
         split: SplitArg,
         limit: Option<usize>,
+        repeat: usize,
     ) -> anyhow::Result<Self> {
         let limit = limit.unwrap_or(usize::MAX);
         let labels = &model.manifest.labels;
         if model.manifest.task == "detect" {
+            if repeat > 1 {
+                bail!("--repeat is for classifiers: a detector's mAP would count each image's boxes again");
+            }
             let dataset = coco::load(folder)?;
             let chosen = detect::split_images(&dataset, folder, split.into())?;
             let images: Vec<usize> = dataset
@@ -162,7 +181,14 @@ impl Truth {
         }
         let mut images = scan_labelled(folder, labels, split.into())?;
         images.truncate(limit);
-        Ok(Self::Labels(images))
+        let once = images.len();
+        Ok(Self::Labels(
+            images
+                .into_iter()
+                .cycle()
+                .take(once * repeat.max(1))
+                .collect(),
+        ))
     }
 
     fn files(&self) -> Vec<PathBuf> {
@@ -306,6 +332,230 @@ struct Report {
     failures: Vec<Failure>,
     link: LinkStats,
     in_process: Option<Comparison>,
+    /// How every frame the board accepted ended, from its last health telemetry.
+    ledger: Option<LedgerReport>,
+    /// Correct / classified over the frames no fault touched (classifiers).
+    top1_clean: Option<f64>,
+    /// What was injected (null without --faults).
+    faults: Option<HilFaults>,
+    /// A spawned board's resident memory, sampled while frames stream.
+    board_rss_kb: Option<Rss>,
+    /// Events the board sent, by name (failovers, corrupt models, rejected commands).
+    board_events: BTreeMap<String, u64>,
+}
+
+/// What `sim hil --faults` injected.
+#[derive(Serialize)]
+struct HilFaults {
+    spec: String,
+    injected: BTreeMap<&'static str, u64>,
+    /// Frames damaged on purpose (and the frame after each truncated one, which the board
+    /// loses finding the next header).
+    damaged_frames: usize,
+}
+
+/// Resident memory samples of the board, kB.
+#[derive(Serialize)]
+struct Rss {
+    samples: usize,
+    /// After the first tenth of the frames (warm: buffers and queues full).
+    warm: u64,
+    max: u64,
+    last: u64,
+    /// last - warm.
+    growth: i64,
+    /// Every sample: (frames sent by then, kB).
+    series: Vec<(usize, u64)>,
+}
+
+/// Seconds between samples of a spawned board's memory.
+const RSS_EVERY: Duration = Duration::from_millis(500);
+
+/// The samples taken while `frames` streamed, as a report.
+fn rss_kb_report(samples: &[(usize, u64)], frames: usize) -> Option<Rss> {
+    let warm = samples
+        .iter()
+        .find(|(frame, _)| *frame >= frames / 10)
+        .or(samples.first())?
+        .1;
+    let last = samples.last()?.1;
+    Some(Rss {
+        samples: samples.len(),
+        warm,
+        max: samples.iter().map(|s| s.1).max().unwrap_or(0),
+        last,
+        growth: last as i64 - warm as i64,
+        series: samples.to_vec(),
+    })
+}
+
+/// A copy of the board's configuration with `spec`'s faults and the capture-time check on.
+fn faulted_config(path: &Path, spec: &FaultSpec) -> anyhow::Result<tempfile::NamedTempFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not TOML", path.display()))?;
+    table.insert("faults".into(), toml::Value::String(spec.describe()));
+    let pipeline = table
+        .entry("pipeline")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(pipeline) = pipeline {
+        pipeline.insert("monotonic_capture".into(), toml::Value::Boolean(true));
+    }
+    let mut file = tempfile::Builder::new()
+        .prefix("kestrel-hil-faults-")
+        .suffix(".toml")
+        .tempfile()?;
+    file.write_all(toml::to_string(&table)?.as_bytes())?;
+    Ok(file)
+}
+
+/// The frame link's faults, as the bench sends each frame.
+struct FrameFaults {
+    spec: FaultSpec,
+    draws: Draws,
+    burst_left: u32,
+    injected: BTreeMap<&'static str, u64>,
+    /// Frames damaged on purpose, by sequence.
+    damaged: BTreeSet<usize>,
+}
+
+impl FrameFaults {
+    fn new(spec: &FaultSpec) -> Self {
+        Self {
+            spec: spec.clone(),
+            draws: Draws::new(spec.seed, 4),
+            burst_left: 0,
+            injected: BTreeMap::new(),
+            damaged: BTreeSet::new(),
+        }
+    }
+
+    fn strikes(&mut self, fault: Fault) -> bool {
+        let hit = self.draws.chance(self.spec.rate(fault));
+        if hit {
+            *self.injected.entry(fault.name()).or_default() += 1;
+        }
+        hit
+    }
+
+    /// Whether this frame goes out in a burst, unpaced.
+    fn bursting(&mut self) -> bool {
+        if self.burst_left > 0 {
+            self.burst_left -= 1;
+            return true;
+        }
+        if self.strikes(Fault::Burst) {
+            self.burst_left = self.spec.burst_len.saturating_sub(1);
+            return true;
+        }
+        false
+    }
+
+    /// Send `frame` with whatever fault strikes it: a capture time that repeats or goes back,
+    /// the wrong shape, damaged samples under a header made for the clean ones, or samples
+    /// cut short (the board then loses the next frame too, finding the header after).
+    fn send(
+        &mut self,
+        link: &mut TcpStream,
+        frame: &mut Frame,
+        samples: &[u8],
+        last_capture_us: &mut u64,
+    ) -> Result<(), kestrel_host::frame_link::LinkError> {
+        let sequence = frame.meta.sequence as usize;
+        if *last_capture_us > 0 && self.strikes(Fault::Timestamp) {
+            let back = self.draws.below(2) * self.draws.below(*last_capture_us);
+            frame.meta.capture_us = *last_capture_us - back;
+            self.damaged.insert(sequence);
+        } else {
+            *last_capture_us = frame.meta.capture_us;
+        }
+        if self.strikes(Fault::WrongSize) {
+            let g = frame.geometry;
+            frame.geometry.width = g.width * u32::from(g.bands);
+            frame.geometry.bands = 1;
+            self.damaged.insert(sequence);
+        }
+        let io = |e: std::io::Error| kestrel_host::frame_link::LinkError::Io(e.to_string());
+        if self.strikes(Fault::Corrupt) {
+            self.damaged.insert(sequence);
+            let header = encode_header(frame, samples)
+                .map_err(kestrel_host::frame_link::LinkError::Frame)?;
+            let mut damaged = samples.to_vec();
+            for _ in 0..8 {
+                let at = self.draws.below(damaged.len() as u64) as usize;
+                if let Some(b) = damaged.get_mut(at) {
+                    *b ^= (self.draws.next_u64() as u8) | 1;
+                }
+            }
+            return link
+                .write_all(&header)
+                .and_then(|()| link.write_all(&damaged))
+                .map_err(io);
+        }
+        if self.strikes(Fault::Truncated) {
+            self.damaged.insert(sequence);
+            self.damaged.insert(sequence + 1);
+            let header = encode_header(frame, samples)
+                .map_err(kestrel_host::frame_link::LinkError::Frame)?;
+            let keep = self.draws.below(samples.len() as u64) as usize;
+            return link
+                .write_all(&header)
+                .and_then(|()| link.write_all(samples.get(..keep).unwrap_or_default()))
+                .map_err(io);
+        }
+        send_frame(link, frame, samples)
+    }
+}
+
+/// A process's resident memory, kB, from /proc.
+fn rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The telemetry link's faults, applied to bytes as they arrive at the bench.
+struct LinkFaults {
+    spec: FaultSpec,
+    draws: Draws,
+    dark_until: Option<Instant>,
+    injected: BTreeMap<&'static str, u64>,
+}
+
+impl LinkFaults {
+    /// Damage, lose or hold up `bytes` as the link's faults strike.
+    fn apply(&mut self, bytes: &mut Vec<u8>) {
+        if let Some(until) = self.dark_until {
+            if Instant::now() < until {
+                bytes.clear();
+                return;
+            }
+            self.dark_until = None;
+        }
+        if self.draws.chance(self.spec.rate(Fault::LinkLoss)) {
+            *self.injected.entry(Fault::LinkLoss.name()).or_default() += 1;
+            self.dark_until = Some(Instant::now() + self.spec.outage);
+            bytes.clear();
+            return;
+        }
+        if self.draws.chance(self.spec.rate(Fault::LinkStall)) {
+            *self.injected.entry(Fault::LinkStall.name()).or_default() += 1;
+            std::thread::sleep(self.spec.stall);
+        }
+        let ber = self.spec.rate(Fault::LinkBitErrors);
+        if ber > 0.0 {
+            for byte in bytes.iter_mut() {
+                if self.draws.chance(ber) {
+                    *byte ^= 1 << self.draws.below(8);
+                    *self
+                        .injected
+                        .entry(Fault::LinkBitErrors.name())
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
 }
 
 /// A spawned board, stopped when dropped if it is still running.
@@ -414,7 +664,8 @@ fn receive(
     mut ground: Ground,
     sent_all: &AtomicBool,
     silence: Duration,
-) -> anyhow::Result<(GroundStats, Option<String>)> {
+    mut faults: Option<LinkFaults>,
+) -> anyhow::Result<(GroundStats, Option<String>, BTreeMap<&'static str, u64>)> {
     stream.set_read_timeout(Some(Duration::from_millis(100)))?;
     let (mut buffer, mut chunk) = (Vec::new(), vec![0u8; 64 * 1024]);
     let mut heard = Instant::now();
@@ -423,7 +674,15 @@ fn receive(
             Ok(0) => break None,
             Ok(n) => {
                 heard = Instant::now();
-                buffer.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                let mut bytes = chunk.get(..n).unwrap_or_default().to_vec();
+                // The campaign ends clean: the board's last health must arrive whole.
+                if let Some(f) = faults
+                    .as_mut()
+                    .filter(|_| !sent_all.load(Ordering::Relaxed))
+                {
+                    f.apply(&mut bytes);
+                }
+                buffer.extend_from_slice(&bytes);
                 let used = ground.take(&buffer)?;
                 buffer.drain(..used);
             }
@@ -438,7 +697,8 @@ fn receive(
             Err(e) => break Some(format!("telemetry link: {e}")),
         }
     };
-    Ok((ground.finish(&buffer)?, ended))
+    let injected = faults.map(|f| f.injected).unwrap_or_default();
+    Ok((ground.finish(&buffer)?, ended, injected))
 }
 
 /// The address to reach a board listening on `listen` from this machine: a wildcard
@@ -504,8 +764,24 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
             "eurosat-rgb"
         })
     });
-    let truth = Truth::load(&model, &dataset, args.split, args.limit)?;
+    let truth = Truth::load(&model, &dataset, args.split, args.limit, args.repeat)?;
     let files = truth.files();
+    let faults = args
+        .faults
+        .as_deref()
+        .map(crate::faults::load_spec)
+        .transpose()?;
+    // A spawned board gets the backend faults in a copy of its configuration, and rejects
+    // frames whose capture time does not move on.
+    let board_config = match (&faults, spawn.is_empty()) {
+        (Some(spec), false) => Some(faulted_config(&args.config, spec)?),
+        _ => None,
+    };
+    if faults.is_some() && args.board.is_some() {
+        eprintln!(
+            "sim hil: the board's own configuration decides its backend faults (`faults = ...`)"
+        );
+    }
 
     let listener = TcpListener::bind(&listen_at)
         .with_context(|| format!("cannot listen for the board's telemetry on {listen_at}"))?;
@@ -514,7 +790,11 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
         let child = Command::new(program)
             .args(rest)
             .arg("--config")
-            .arg(&args.config)
+            .arg(
+                board_config
+                    .as_ref()
+                    .map_or(args.config.as_path(), |c| c.path()),
+            )
             .spawn()
             .with_context(|| format!("cannot start the board: {}", spawn.join(" ")))?;
         board.0 = Some(child);
@@ -541,25 +821,52 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
         move |message: &Telemetry| {
             if matches!(
                 message,
-                Telemetry::Classification(_) | Telemetry::Detections(_) | Telemetry::Health(_)
+                Telemetry::Classification(_)
+                    | Telemetry::Detections(_)
+                    | Telemetry::Health(_)
+                    | Telemetry::Event(_)
             ) {
                 let _ = results.send((Instant::now(), message.clone()));
             }
         },
     ));
     let sent_all = Arc::new(AtomicBool::new(false));
+    let link_faults = faults.as_ref().map(|spec| LinkFaults {
+        spec: spec.clone(),
+        draws: Draws::new(spec.seed, 3),
+        dark_until: None,
+        injected: BTreeMap::new(),
+    });
     let receiver = {
         let sent_all = Arc::clone(&sent_all);
-        std::thread::spawn(move || receive(telemetry, ground, &sent_all, timeout))
+        std::thread::spawn(move || receive(telemetry, ground, &sent_all, timeout, link_faults))
     };
+    let board_pid = board.0.as_ref().map(Child::id);
+    let mut rss: Vec<(usize, u64)> = Vec::new();
+    let mut last_rss = Instant::now();
+    let mut frame_faults = faults.as_ref().map(FrameFaults::new);
 
     let started = Instant::now();
     let mut sent_at: Vec<Option<Instant>> = vec![None; files.len()];
     let mut failures = Vec::new();
     let mut ended = None;
     let mut progress = Progress::new(files.len());
+    let mut last_capture_us = 0;
     for (sequence, path) in files.iter().enumerate() {
-        if args.rate > 0.0 {
+        if let Some(pid) = board_pid.filter(|_| last_rss.elapsed() >= RSS_EVERY) {
+            last_rss = Instant::now();
+            if let Some(kb) = rss_kb(pid) {
+                rss.push((sequence, kb));
+            }
+        }
+        if frame_faults
+            .as_mut()
+            .is_some_and(|f| f.strikes(Fault::Dropout))
+        {
+            continue;
+        }
+        let bursting = frame_faults.as_mut().is_some_and(FrameFaults::bursting);
+        if args.rate > 0.0 && !bursting {
             let due = started + Duration::from_secs_f64(sequence as f64 / args.rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
@@ -575,16 +882,23 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let frame = Frame {
+        let mut frame = Frame {
             geometry: image.geometry,
             meta: FrameMeta {
                 sequence: sequence as u64,
-                capture_us: started.elapsed().as_micros() as u64,
+                capture_us: (started.elapsed().as_micros() as u64).max(last_capture_us + 1),
                 ..FrameMeta::default()
             },
         };
         let at = Instant::now();
-        if let Err(e) = send_frame(&mut link, &frame, &image.samples) {
+        let sent = match frame_faults.as_mut() {
+            Some(f) => f.send(&mut link, &mut frame, &image.samples, &mut last_capture_us),
+            None => {
+                last_capture_us = frame.meta.capture_us;
+                send_frame(&mut link, &frame, &image.samples)
+            }
+        };
+        if let Err(e) = sent {
             let sent = sent_at.iter().flatten().count();
             ended = Some(format!(
                 "the board stopped taking frames after {sent} of {}: {e}",
@@ -598,7 +912,7 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
     // The end of the stream tells the board to drain its queues and send its last health.
     let _ = link.shutdown(Shutdown::Write);
     sent_all.store(true, Ordering::Relaxed);
-    let (telemetry, link_ended) = match receiver.join() {
+    let (telemetry, link_ended, link_injected) = match receiver.join() {
         Ok(result) => result?,
         Err(_) => bail!("the telemetry thread failed"),
     };
@@ -609,9 +923,18 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
     // Results by frame, the first of each; later ones and ones for frames never sent counted.
     let mut answers: Vec<Option<Received>> = (0..files.len()).map(|_| None).collect();
     let (mut duplicates, mut unexpected, mut board_health) = (0, 0, None);
+    let mut board_events: BTreeMap<String, u64> = BTreeMap::new();
     for (at, message) in arrivals.try_iter() {
         if let Telemetry::Health(h) = message {
             board_health = Some(h);
+            continue;
+        }
+        if let Telemetry::Event(e) = &message {
+            let name = EVENTS
+                .iter()
+                .find(|info| info.id as u16 == e.id)
+                .map_or_else(|| format!("0x{:04x}", e.id), |info| info.name.to_string());
+            *board_events.entry(name).or_default() += 1;
             continue;
         }
         let Some((frame, answer)) = Answer::of(&message) else {
@@ -665,13 +988,54 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
         board_exit,
     };
 
-    let in_process = if args.no_compare {
+    let in_process = if args.no_compare || faults.is_some() {
         None
     } else {
         eprintln!("sim hil: the same frames in-process, to compare");
         Some(compare(&config, &files, &answers)?)
     };
+    let damaged = frame_faults
+        .as_ref()
+        .map(|f| f.damaged.clone())
+        .unwrap_or_default();
+    let top1_clean = match &truth {
+        Truth::Labels(images) => {
+            let (mut clean, mut correct) = (0u64, 0u64);
+            for (frame, (image, received)) in images.iter().zip(&answers).enumerate() {
+                if let (false, Some(Answer::Class(c))) = (
+                    damaged.contains(&frame),
+                    received.as_ref().map(|r| &r.answer),
+                ) {
+                    clean += 1;
+                    correct += u64::from(usize::from(c.class) == image.label);
+                }
+            }
+            Some(correct as f64 / clean.max(1) as f64)
+        }
+        Truth::Boxes { .. } => None,
+    };
+    let faults_report = faults.as_ref().map(|spec| {
+        let mut injected = frame_faults
+            .as_ref()
+            .map(|f| f.injected.clone())
+            .unwrap_or_default();
+        injected.extend(link_injected);
+        HilFaults {
+            spec: spec.describe(),
+            injected,
+            damaged_frames: damaged.len(),
+        }
+    });
+    let board_rss_kb = rss_kb_report(&rss, files.len());
     let report = Report {
+        ledger: link_stats
+            .board_health
+            .as_ref()
+            .map(|h| LedgerReport::from(&h.ledger)),
+        top1_clean,
+        faults: faults_report,
+        board_rss_kb,
+        board_events,
         model: model.manifest.name.clone(),
         model_origin: model.origin.clone(),
         backend: config.model.backend.clone(),
@@ -847,6 +1211,32 @@ fn print_summary(r: &Report) {
             c.backend,
             c.latency_us.p50 as f64 / 1000.0,
             c.throughput_fps
+        );
+    }
+    if let Some(ledger) = &r.ledger {
+        crate::eval::print_ledger(ledger);
+    }
+    if let Some(f) = &r.faults {
+        let injected: Vec<String> = f.injected.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!(
+            "faults      injected {}; {} frames damaged on purpose; top-1 on the rest {:.2}%",
+            injected.join(", "),
+            f.damaged_frames,
+            100.0 * r.top1_clean.unwrap_or(0.0)
+        );
+    }
+    if !r.board_events.is_empty() {
+        let events: Vec<String> = r
+            .board_events
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("events      {}", events.join(", "));
+    }
+    if let Some(m) = &r.board_rss_kb {
+        println!(
+            "board RSS   {} kB warm, {} kB last, {} kB max ({} samples; growth {} kB)",
+            m.warm, m.last, m.max, m.samples, m.growth
         );
     }
     if let Some(exit) = &l.board_exit {

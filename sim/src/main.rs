@@ -101,8 +101,9 @@ struct PipelineArgs {
     /// Inject faults: `all` (every fault at its default rate), a spec such as
     /// `corrupt=0.05,backend_error=0.01,seed=3`, or a TOML file of the same keys. Faults:
     /// corrupt, truncated, wrong_size, nan, dropout, timestamp, burst, backend_error,
-    /// backend_hang, device_lost, upset_model, upset_activations; parameters: seed, burst_len,
-    /// hang_ms, lost_ms. RELIABILITY.md lists each with its response.
+    /// backend_hang, device_lost, upset_model, upset_activations (and the link's, which only
+    /// `sim hil` injects); parameters: seed, burst_len, hang_ms, lost_ms. RELIABILITY.md lists
+    /// each with its response.
     #[arg(long, value_name = "SPEC|FILE")]
     faults: Option<String>,
     /// Scrub the loaded model's memory against its CRCs every this many frames (0: never); a
@@ -246,6 +247,8 @@ fn default_run() -> anyhow::Result<()> {
         report: None,
         score_threshold: 0.05,
         downlink: DownlinkArgs::default(),
+        faults: None,
+        scrub_every: 32,
     })?;
     Ok(())
 }
@@ -270,6 +273,13 @@ fn eval_command(a: EvalArgs) -> anyhow::Result<()> {
             report: Some(a.report),
             score_threshold: a.score_threshold,
             downlink: a.downlink,
+            faults: a
+                .pipeline
+                .faults
+                .as_deref()
+                .map(faults::load_spec)
+                .transpose()?,
+            scrub_every: a.pipeline.scrub_every,
         }),
         TaskArg::Classify => eval::run(eval::Options {
             model: a.model,

@@ -230,3 +230,79 @@ fn a_board_that_hangs_up_or_falls_silent_is_reported_in_bounded_time() {
         assert!(stderr.contains("did not end cleanly"), "{stderr}");
     }
 }
+
+/// The short soak `.ci/run` runs (the README gives the long one): every fault at once, frames
+/// and telemetry damaged on the links, backend faults and upsets on the board, 1,200 frames.
+/// The board's ledger balances, its memory does not grow, and top-1 over the frames no fault
+/// touched stays within 1 point of a clean run.
+#[test]
+fn a_soak_with_every_fault_balances_its_ledger_and_spares_the_clean_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean_path = dir.path().join("clean.json");
+    let sample = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/eurosat-rgb");
+    let clean = sim(&[
+        "eval",
+        "--dataset",
+        sample.to_str().unwrap(),
+        "--report",
+        clean_path.to_str().unwrap(),
+    ]);
+    assert!(clean.status.success());
+    let clean_top1 = report(&clean_path)["top1"].as_f64().unwrap();
+
+    let (config, _) = config(dir.path(), "eurosat-rgb", "ccsds");
+    let out_path = dir.path().join("soak.json");
+    let started = Instant::now();
+    let out = sim(&[
+        "hil",
+        "--spawn",
+        flight_binary().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--faults",
+        "all,backend_error=0.01,upset_model=0.01,seed=3",
+        "--repeat",
+        "4",
+        "--rate",
+        "300",
+        "--report",
+        out_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "bounded in time"
+    );
+    let r = report(&out_path);
+    let ledger = &r["ledger"];
+    assert_eq!(ledger["unaccounted"], 0, "{ledger}");
+    let accepted = ledger["accepted"].as_u64().unwrap();
+    let sent = r["link"]["frames_sent"].as_u64().unwrap();
+    assert!(
+        accepted <= sent && accepted > sent * 9 / 10,
+        "{accepted} of {sent}"
+    );
+    let damaged = r["faults"]["damaged_frames"].as_u64().unwrap();
+    assert!(damaged > 10, "faults were injected: {}", r["faults"]);
+    let events = &r["board_events"];
+    assert!(
+        events["backend_failover"].as_u64().unwrap_or(0) > 0,
+        "{events}"
+    );
+    assert!(
+        events["model_corrupt"].as_u64().unwrap_or(0) > 0,
+        "{events}"
+    );
+    let top1_clean = r["top1_clean"].as_f64().unwrap();
+    assert!(
+        (top1_clean - clean_top1).abs() <= 0.01,
+        "top-1 on the untouched frames {top1_clean}, clean {clean_top1}"
+    );
+    let rss = &r["board_rss_kb"];
+    assert!(rss["samples"].as_u64().unwrap() >= 2, "{rss}");
+    assert!(
+        rss["growth"].as_i64().unwrap() < 16 * 1024,
+        "memory grew: {rss}"
+    );
+}

@@ -27,6 +27,10 @@ pub struct FlightConfig {
     /// Periodic health telemetry.
     #[serde(default)]
     pub health: HealthConfig,
+    /// Fault injection, for hardware-in-the-loop campaigns only: a spec as `sim --faults`
+    /// takes (`all`, `backend_error=0.01,upset_model=0.005`). The backend faults and upsets
+    /// are injected here on the board; the frame and link faults by `sim hil --faults`.
+    pub faults: Option<String>,
 }
 
 /// `[model]`.
@@ -45,10 +49,18 @@ pub struct ModelConfig {
     /// After a failover, frames between tries of the preferred backend (0: never go back).
     #[serde(default = "retry_frames")]
     pub failover_retry_frames: u64,
+    /// Frames between scrubs of the loaded plan against its CRCs (0: never). A corrupt plan
+    /// is restored from its golden copy and the frames since the last clean scrub run again.
+    #[serde(default = "scrub_frames")]
+    pub scrub_frames: u32,
 }
 
 fn retry_frames() -> u64 {
     100
+}
+
+fn scrub_frames() -> u32 {
+    32
 }
 
 fn auto() -> String {
@@ -129,6 +141,9 @@ pub struct PipelineSettings {
     /// Seconds inference or output may spend on one frame before it counts as stalled: the
     /// watchdogs (hardware and systemd's) are then no longer fed, and the board restarts.
     pub stall_s: f64,
+    /// Reject a frame whose capture time is not after the previous one's (a stuck or
+    /// glitching sensor clock). Off by default: a spool's files carry no capture time.
+    pub monotonic_capture: bool,
 }
 
 impl Default for PipelineSettings {
@@ -138,6 +153,7 @@ impl Default for PipelineSettings {
             drop_policy: "block".into(),
             max_frame_pixels: 4096 * 4096,
             stall_s: 30.0,
+            monotonic_capture: false,
         }
     }
 }
@@ -199,8 +215,13 @@ impl FlightConfig {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| error(format!("cannot read: {e}")))?;
-        let config: Self = toml::from_str(&text).map_err(|e| error(e.to_string()))?;
-        config.check().map_err(error)?;
+        Self::parse(&text).map_err(error)
+    }
+
+    /// Parse and check a configuration's text; the key and the reason when it is refused.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check()?;
         Ok(config)
     }
 
@@ -266,6 +287,10 @@ impl FlightConfig {
         }
         if self.pipeline.queue_depth == 0 {
             return Err("pipeline.queue_depth = 0: must be 1 or more".into());
+        }
+        if let Some(spec) = &self.faults {
+            kestrel_runtime::faults::FaultSpec::parse(spec)
+                .map_err(|e| format!("faults = {spec:?}: {e}"))?;
         }
         if !["block", "drop-newest", "drop-oldest"].contains(&self.pipeline.drop_policy.as_str()) {
             return Err(format!(

@@ -137,10 +137,11 @@ where
 {
     let step = Watched::new(step, stages);
     run_pipeline(source, step, clock, pipeline, |o| {
-        stages.busy(Stage::Output, || {
-            if let Some((sequence, c)) = tally.take(downlink, o) {
-                downlink.classification(sequence, 0, &c);
-            }
+        stages.busy(Stage::Output, || match tally.take(downlink, o) {
+            Some((sequence, c, false)) => downlink.classification(sequence, 0, &c),
+            // Run again after a scrub restored the model: sent again, not a new result.
+            Some((sequence, c, true)) => downlink.correction(sequence, &c),
+            None => {}
         })
     })
 }
@@ -165,10 +166,14 @@ where
     let step = Watched::new(step, stages);
     run_pipeline_with_frames(source, step, clock, pipeline, |o, frame| {
         stages.busy(Stage::Output, || {
-            let Some((sequence, found)) = tally.take(downlink, o) else {
+            let Some((sequence, found, rerun)) = tally.take(downlink, o) else {
                 return;
             };
             let found: Detections<FRAME_CAP> = found;
+            if rerun {
+                downlink.detections_correction(sequence, found.as_slice());
+                return;
+            }
             let picture = frame
                 .filter(|_| !found.as_slice().is_empty() && !downlink.args().no_products)
                 .map(|f| {
@@ -206,12 +211,16 @@ impl Tally {
 
     /// Count `o`'s frame, ask for health when it is due, and hand back its result with the
     /// frame's own sequence number (the bench's, over a frame link), so that the ground can
-    /// match results to the frames it sent.
+    /// match results to the frames it sent, and whether it is a re-run's (a correction).
     fn take<E: Display, T>(
         &mut self,
         downlink: &mut Downlink,
         o: Outcome<E, T>,
-    ) -> Option<(u64, T)> {
+    ) -> Option<(u64, T, bool)> {
+        let sequence = o.meta.map_or(o.sequence, |m| m.sequence);
+        if o.rerun {
+            return o.result.ok().map(|result| (sequence, result, true));
+        }
         downlink.frame_in(o.frame_bytes);
         if !self.health_every.is_zero() && self.last_health.elapsed() >= self.health_every {
             downlink
@@ -228,11 +237,13 @@ impl Tally {
                     *slot = o.latency_us;
                 }
                 self.next = (self.next + 1) % LATENCY_WINDOW;
-                Some((o.meta.map_or(o.sequence, |m| m.sequence), result))
+                Some((sequence, result, false))
             }
-            Err(FrameFailure::Dropped) => None,
             Err(e) => {
-                log::warn!("frame {}: {e}", o.sequence);
+                downlink.frame_failed(&e);
+                if !matches!(e, FrameFailure::Dropped) {
+                    log::warn!("frame {}: {e}", o.sequence);
+                }
                 None
             }
         }

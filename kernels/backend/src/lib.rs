@@ -127,7 +127,8 @@ pub enum Upset {
         bit: u64,
     },
     /// Flip a bit of the activations during the next inference, between two layers: `bit`
-    /// picks the layer and the bit of its output (each modulo its size).
+    /// picks the layer and the bit of its output (each modulo its size). Several before one
+    /// inference all flip in it.
     Activations {
         /// Which layer and bit.
         bit: u64,

@@ -17,8 +17,8 @@ pub struct Int8Cpu {
     generic: bool,
     /// Why the program in memory cannot run, after an upset broke its structure.
     broken: Option<ProgramError>,
-    /// An injected activation upset waiting for the next inference.
-    activation_upset: Option<u64>,
+    /// Injected activation upsets waiting for the next inference.
+    activation_upsets: std::vec::Vec<u64>,
 }
 
 impl Int8Cpu {
@@ -57,7 +57,7 @@ impl Int8Cpu {
             golden,
             generic,
             broken: None,
-            activation_upset: None,
+            activation_upsets: std::vec::Vec::new(),
         })
     }
 
@@ -72,19 +72,20 @@ impl Int8Cpu {
         if let Some(e) = self.broken {
             return Err(e);
         }
-        let Some(bit) = self.activation_upset.take() else {
+        if self.activation_upsets.is_empty() {
             return Session::new(self.owned.program(), &mut self.arena, &mut self.kernels)?
                 .infer(input, output);
-        };
-        // An injected upset: one bit of one layer's output flips before the next layer reads it.
+        }
+        // Injected upsets: each flips one bit of one layer's output before the next layer
+        // reads it.
+        let upsets = std::mem::take(&mut self.activation_upsets);
         let program = self.owned.program();
-        let layer = (bit % program.step_count().max(1) as u64) as usize;
-        let bit = bit / program.step_count().max(1) as u64;
+        let layers = program.step_count().max(1) as u64;
         program.quantize_input(input, &mut self.arena)?;
         program.run_observed(&mut self.arena, &mut self.kernels, |index, out| {
             let len = out.len() as u64 * 8;
-            if index == layer && len > 0 {
-                let at = bit % len;
+            for bit in upsets.iter().filter(|&&b| (b % layers) as usize == index) {
+                let at = (bit / layers) % len.max(1);
                 if let Some(code) = out.get_mut((at / 8) as usize) {
                     *code ^= 1 << (at % 8);
                 }
@@ -173,7 +174,7 @@ impl Backend for Int8Cpu {
         match upset {
             Upset::Model { bit } => self.flip_model_bit(bit),
             Upset::Activations { bit } => {
-                self.activation_upset = Some(bit);
+                self.activation_upsets.push(bit);
                 Landed::Unchecked
             }
         }
@@ -235,5 +236,49 @@ mod tests {
             arenas[0] == arenas[1],
             "every arena byte, intermediates included"
         );
+    }
+
+    #[test]
+    fn every_upset_in_checked_memory_is_found_and_a_restore_heals_it() {
+        let bytes = eurosat();
+        let mut cpu = Int8Cpu::from_bytes(bytes.as_bytes()).unwrap();
+        let input: Vec<f32> = (0..cpu.input_len()).map(|i| (i % 7) as f32 / 3.0 - 1.0).collect();
+        let mut clean = vec![0.0; cpu.output_len()];
+        cpu.run(&input, &mut clean).unwrap();
+        assert_eq!(cpu.scrub(), Scrub::Clean);
+        let bits = bytes.as_bytes().len() as u64 * 8;
+        let (mut checked, mut unchecked) = (0, 0);
+        // Bits spread over the whole plan: the preamble, table, every section and padding.
+        for bit in (0..bits).step_by(9_973) {
+            match cpu.upset(Upset::Model { bit }) {
+                Landed::Checked => {
+                    checked += 1;
+                    assert_eq!(cpu.scrub(), Scrub::Corrupt, "bit {bit} in checked memory");
+                }
+                Landed::Unchecked => {
+                    unchecked += 1;
+                    assert_eq!(cpu.scrub(), Scrub::Clean, "bit {bit} is padding");
+                }
+                Landed::Missed => panic!("the plan is this backend's memory"),
+            }
+            // Never a panic, whatever the damage: a result or a typed error.
+            let mut output = vec![0.0; cpu.output_len()];
+            let _ = cpu.run(&input, &mut output);
+            cpu.restore().unwrap();
+            assert_eq!(cpu.scrub(), Scrub::Clean);
+            cpu.run(&input, &mut output).unwrap();
+            assert_eq!(output, clean, "bit {bit}: restored bit for bit");
+        }
+        assert!(checked > 500, "{checked} checked, {unchecked} unchecked");
+        // An activation upset changes one inference, and only that one.
+        let mut output = vec![0.0; cpu.output_len()];
+        for bit in 0..50 {
+            assert_eq!(cpu.upset(Upset::Activations { bit: bit * 7_919 }), Landed::Unchecked);
+        }
+        cpu.run(&input, &mut output).unwrap();
+        assert_ne!(output, clean, "50 flipped activation bits show in the output");
+        cpu.run(&input, &mut output).unwrap();
+        assert_eq!(output, clean);
+        assert_eq!(cpu.scrub(), Scrub::Clean, "activations are not the scrub's to see");
     }
 }

@@ -16,6 +16,7 @@ use kestrel_runtime::detect::Detection;
 use kestrel_runtime::failover::Failover;
 use kestrel_runtime::ledger::{DropReason, Ledger, RejectReason};
 use kestrel_runtime::switch::SwitchHandle;
+use kestrel_runtime::threaded::FrameFailure;
 use kestrel_runtime::BackendError;
 use kestrel_wire::ccsds::Framer;
 use kestrel_wire::command::MODEL_SLOTS;
@@ -128,6 +129,9 @@ pub struct DownlinkReport {
     pub link_error: Option<String>,
     /// What became of the frames' results: the downlink's part of the frame ledger.
     pub results: ResultsReport,
+    /// How every accepted frame ended.
+    #[serde(skip)]
+    pub ledger: Ledger,
 }
 
 /// The ends of the frames whose result reached the downlink.
@@ -191,6 +195,20 @@ pub struct LedgerReport {
     pub dropped: std::collections::BTreeMap<&'static str, u64>,
     pub rejected: std::collections::BTreeMap<&'static str, u64>,
     pub unaccounted: i64,
+}
+
+impl From<&LedgerCounts> for LedgerReport {
+    /// The ledger as health telemetry carried it.
+    fn from(counts: &LedgerCounts) -> Self {
+        let ledger = Ledger {
+            accepted: counts.accepted,
+            sent: counts.sent,
+            queued: counts.queued,
+            dropped: std::array::from_fn(|i| counts.dropped.get(i).copied().unwrap_or(0)),
+            rejected: std::array::from_fn(|i| counts.rejected.get(i).copied().unwrap_or(0)),
+        };
+        Self::from(&ledger)
+    }
 }
 
 impl From<&Ledger> for LedgerReport {
@@ -270,6 +288,9 @@ pub struct Downlink {
     products: u64,
     below_threshold: u64,
     results_link_down: u64,
+    /// The pipeline's part of the frame ledger: frames accepted, dropped before a result,
+    /// rejected.
+    ledger: Ledger,
     item: Vec<u8>,
     out: Vec<u8>,
 }
@@ -436,6 +457,7 @@ impl Downlink {
             products: 0,
             below_threshold: 0,
             results_link_down: 0,
+            ledger: Ledger::default(),
             item: vec![0; ITEM_MAX],
             out: vec![0; 4 * ITEM_MAX],
         })
@@ -495,13 +517,26 @@ impl Downlink {
         self.args.downlink_budget.is_some() && self.args.downlink_window_s == 0.0
     }
 
-    /// A frame of `bytes` arrived from the sensor.
+    /// A frame of `bytes` arrived from the sensor: accepted, in the ledger.
     pub fn frame_in(&mut self, bytes: u64) {
         self.raw_bytes += bytes;
         self.frames_seen += 1;
+        self.ledger.accepted += 1;
         self.controls
             .frames_taken
             .store(self.frames_seen, Ordering::Relaxed);
+    }
+
+    /// An accepted frame that ends without a result: dropped or rejected, in the ledger.
+    pub fn frame_failed<E>(&mut self, failure: &FrameFailure<E>) {
+        failure.settle(&mut self.ledger);
+    }
+
+    /// How every accepted frame has ended so far.
+    pub fn ledger(&self) -> Ledger {
+        let mut ledger = self.ledger;
+        self.results().settle(&mut ledger);
+        ledger
     }
 
     /// One classified frame or tile.
@@ -523,6 +558,13 @@ impl Downlink {
         let message = classification_message(frame, 0, c, self.now_us());
         let worth = value(&self.priorities, c.class(), c.confidence());
         self.offer(&[Telemetry::Classification(message)], worth);
+    }
+
+    /// A frame's detections again, changed by a re-run after a scrub restored the model (see
+    /// [`Downlink::correction`]); without crops.
+    pub fn detections_correction(&mut self, frame: u64, found: &[Detection]) {
+        let message = Telemetry::Detections(detections_message(frame, found, self.now_us()));
+        self.offer(&[message], HOUSEKEEPING);
     }
 
     /// What has become of the results so far (the ledger's downlink part).
@@ -648,8 +690,10 @@ impl Downlink {
         }
     }
 
-    /// Queue `health` first, with the downlink's own queue depth and drops filled in.
+    /// Queue `health` first, with the downlink's own queue depth and drops, and the ledger,
+    /// filled in.
     fn send_health(&mut self, mut health: Health) {
+        health.ledger = ledger_counts(&self.ledger());
         let stats = self.queue.stats;
         let count = |n: u64| n.min(u64::from(u32::MAX)) as u32;
         health.downlink_queue = self.queue.len().min(usize::from(u16::MAX)) as u16;
@@ -712,6 +756,7 @@ impl Downlink {
             left_in_queue: self.queue.len(),
             queue: self.queue.stats,
             results: self.results(),
+            ledger: self.ledger(),
             link_error: self.link.error,
         }
     }
@@ -725,6 +770,10 @@ pub fn failover_event(change: &Failover) -> Event {
             from, to, error, ..
         } => EventId::BackendFailover.with([index(from), index(to), fault_code(error)]),
         Failover::Restored { from } => EventId::BackendRestored.with([index(from), 0, 0]),
+        Failover::Corrupt {
+            index: at,
+            restored,
+        } => EventId::ModelCorrupt.with([index(at), i32::from(restored), 0]),
     }
 }
 

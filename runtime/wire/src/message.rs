@@ -257,6 +257,10 @@ pub enum EventId {
     /// The preferred backend ran a frame again and is back in use: args are the chain index
     /// that was in use until then.
     BackendRestored = 0x0006,
+    /// A scrub found the loaded model corrupt (a bit flipped in memory): args are the chain
+    /// index, 1 if it was restored from its golden copy (the frames since the last clean scrub
+    /// then run again) or 0 if the restore failed.
+    ModelCorrupt = 0x0007,
 }
 
 /// One row of the event table.
@@ -273,7 +277,7 @@ pub struct EventInfo {
 }
 
 /// Every event, as the docs' table lists it (a test checks the README against this).
-pub const EVENTS: [EventInfo; 6] = [
+pub const EVENTS: [EventInfo; 7] = [
     EventInfo {
         id: EventId::CommandRejected,
         name: "command_rejected",
@@ -309,6 +313,12 @@ pub const EVENTS: [EventInfo; 6] = [
         name: "backend_restored",
         severity: Severity::Info,
         meaning: "the preferred backend runs frames again: the index in use until now",
+    },
+    EventInfo {
+        id: EventId::ModelCorrupt,
+        name: "model_corrupt",
+        severity: Severity::Warning,
+        meaning: "a scrub found the loaded model corrupt: the chain index, 1 if restored from its golden copy (recent frames run again) or 0 if not",
     },
 ];
 

@@ -27,6 +27,7 @@ use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
 use kestrel_payload::command::{Controls, Pausable, Slots};
 use kestrel_payload::downlink::{failover_event, health_message, slot_pairs, Downlink};
 use kestrel_runtime::failover::{Failover, FailoverBackend};
+use kestrel_runtime::faults::{FaultSpec, FaultyBackend};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::switch::SwitchableBackend;
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
@@ -112,9 +113,23 @@ fn backend_chain(model: &ZooModel, choice: &str) -> anyhow::Result<Vec<Box<dyn B
 fn load_backend(
     model: &ZooModel,
     config: &ModelConfig,
+    faults: Option<&FaultSpec>,
     controls: &Arc<Controls>,
 ) -> anyhow::Result<Box<dyn Backend + Send>> {
-    let chain = backend_chain(model, &config.backend)?;
+    let mut chain = backend_chain(model, &config.backend)?;
+    // A hardware-in-the-loop campaign's backend faults: the preferred backend is the one that
+    // fails, as a device would.
+    if let Some(spec) = faults.filter(|f| f.any_backend()) {
+        if !chain.is_empty() {
+            let preferred = chain.remove(0);
+            log::warn!(
+                "fault injection on {}: {}",
+                preferred.name(),
+                spec.describe()
+            );
+            chain.insert(0, Box::new(FaultyBackend::new(preferred, spec)));
+        }
+    }
     let names: Vec<&'static str> = chain.iter().map(|b| b.name()).collect();
     log::info!(
         "{}: backends in order of failover: {}",
@@ -138,6 +153,15 @@ fn load_backend(
             Failover::Restored { from } => {
                 log::warn!("backend {} runs frames again, instead of {}", name(0), name(from))
             }
+            Failover::Corrupt { index, restored } => log::error!(
+                "scrub: the model on {} was corrupt; {}",
+                name(index),
+                if restored {
+                    "restored from its golden copy, recent frames run again"
+                } else {
+                    "the restore FAILED"
+                }
+            ),
         }
         controls.report(failover_event(&change));
     };
@@ -219,7 +243,13 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     let spec = model.preprocess_spec()?;
     let mut downlink = Downlink::new(&config.downlink, &labels)?;
     let controls = downlink.controls();
-    let backend = load_backend(&model, &config.model, &controls)?;
+    let faults = config
+        .faults
+        .as_deref()
+        .map(FaultSpec::parse)
+        .transpose()
+        .context("faults")?;
+    let backend = load_backend(&model, &config.model, faults.as_ref(), &controls)?;
     log::info!(
         "model {} ({}) on {}",
         model.manifest.name,
@@ -300,8 +330,8 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
             _ => DropPolicy::DropOldest,
         },
         max_frame_samples: config.pipeline.max_frame_pixels.saturating_mul(4),
-        scrub_every: 0,
-        monotonic_capture: false,
+        scrub_every: config.model.scrub_frames,
+        monotonic_capture: config.pipeline.monotonic_capture,
     };
     let clock = HostClock::default();
     let started = Instant::now();
@@ -350,6 +380,19 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
         report.sent_bytes,
         report.raw_bytes
     );
+    let ledger = &report.ledger;
+    log::info!(
+        "ledger: {} accepted = {} sent + {} queued + {} dropped + {} rejected ({} unaccounted); scrubs {} ({} corrupt, {} restored)",
+        ledger.accepted,
+        ledger.sent,
+        ledger.queued,
+        ledger.dropped.iter().sum::<u64>(),
+        ledger.rejected.iter().sum::<u64>(),
+        ledger.unaccounted(),
+        health.scrub.scrubs,
+        health.scrub.corrupt,
+        health.scrub.restored
+    );
     if let Some(e) = report.link_error {
         log::error!("telemetry link: {e}");
     }
@@ -380,7 +423,7 @@ fn slots(
         };
         let model = ZooModel::load(name).map_err(|e| format!("{e:#}"))?;
         let backend =
-            load_backend(&model, &model_config, &controls).map_err(|e| format!("{e:#}"))?;
+            load_backend(&model, &model_config, None, &controls).map_err(|e| format!("{e:#}"))?;
         shape
             .admits(&model)
             .map_err(|why| format!("slot {slot}: {why}"))?;
