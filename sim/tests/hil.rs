@@ -306,3 +306,46 @@ fn a_soak_with_every_fault_balances_its_ledger_and_spares_the_clean_frames() {
         "memory grew: {rss}"
     );
 }
+
+/// A stage that stalls starves the watchdog: backend hangs longer than `stall_s` are seen,
+/// reported, and the hardware watchdog (here a file standing in for `/dev/watchdog`) goes
+/// unfed until the stage moves again; no frame is lost to them, and the watchdog is stopped
+/// cleanly at the end.
+#[test]
+fn a_stalled_stage_starves_the_watchdog_until_it_moves_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = config(dir.path(), "eurosat-rgb", "ccsds");
+    let watchdog = dir.path().join("watchdog");
+    std::fs::write(&watchdog, b"").unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[pipeline]\nstall_s = 0.1\n[watchdog]\ndevice = \"{}\"\nfeed_s = 0.02\n",
+        watchdog.display()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let out_path = dir.path().join("stall.json");
+    let out = sim(&[
+        "hil",
+        "--spawn",
+        flight_binary().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--faults",
+        "backend_hang=0.01,hang_ms=400,seed=4",
+        "--limit",
+        "200",
+        "--report",
+        out_path.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("the inference stage has been on one frame"), "{stderr}");
+    assert!(stderr.contains("every stage is moving again"), "{stderr}");
+    let r = report(&out_path);
+    assert_eq!(r["ledger"]["unaccounted"], 0);
+    assert_eq!(r["ledger"]["sent"], 200, "no frame lost to the hangs: {}", r["ledger"]);
+    assert!(r["board_events"]["backend_failover"].as_u64().unwrap_or(0) > 0);
+    let fed = std::fs::read(&watchdog).unwrap();
+    assert!(fed.len() > 10, "fed {} times", fed.len());
+    assert_eq!(fed.last(), Some(&b'V'), "stopped cleanly at the end");
+}
