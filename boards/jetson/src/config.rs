@@ -401,5 +401,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.score_threshold = 1.5"), "{e}");
+        // Fault injection is a top-level key, checked as `sim --faults` checks it.
+        let e = load(&format!("faults = \"backend_eror=0.1\"\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("faults") && e.contains("backend_eror"), "{e}");
+        let ok = load(&format!("faults = \"all,seed=2\"\n{MINIMAL}")).unwrap();
+        assert_eq!(ok.faults.as_deref(), Some("all,seed=2"));
+        assert_eq!((ok.model.scrub_frames, ok.pipeline.monotonic_capture), (32, false));
     }
 }
