@@ -38,6 +38,8 @@ pub mod switch;
 #[cfg(feature = "std")]
 pub mod threaded;
 pub mod tile;
+#[cfg(feature = "std")]
+pub mod tmr;
 
 pub use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
 pub use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource, MonotonicClock};

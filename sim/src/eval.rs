@@ -53,6 +53,7 @@ impl Options {
                 frame_rate: 0.0,
                 faults: None,
                 scrub_every: 32,
+                tmr: false,
             },
             report: None,
             downlink: DownlinkArgs::default(),
@@ -268,7 +269,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .map(crate::faults::load_spec)
         .transpose()?;
     let backend_name = backend.name();
-    let (backend, mut fault_watch) = with_backend_faults(&model, backend, faults.as_ref())?;
+    let (backend, mut fault_watch) =
+        with_backend_faults(&model, backend, faults.as_ref(), opts.pipeline.tmr)?;
     eprintln!(
         "sim: {} images from {} ({:?} split), model {} ({}), backend {}{}",
         images.len(),
@@ -440,6 +442,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         }
     }
     let faults_report = match (&faults, fault_watch.take()) {
+        (None, Some(watch)) => Some(FaultsReport::new(
+            &Default::default(),
+            &Default::default(),
+            0,
+            0,
+            Some(watch),
+        )),
         (Some(spec), watch) => Some(FaultsReport::new(
             spec,
             &marks.lock().unwrap_or_else(|p| p.into_inner()).injected,

@@ -14,6 +14,7 @@ use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 use kestrel_host::{decode_image_bytes, ImageError};
 use kestrel_runtime::failover::{Failover, FailoverBackend};
 use kestrel_runtime::faults::{BackendFaults, Draws, Fault, FaultSpec, FaultyBackend};
+use kestrel_runtime::tmr::{TmrBackend, Votes};
 use models::ZooModel;
 use serde::Serialize;
 
@@ -236,34 +237,54 @@ impl FrameSource<f32> for FaultyFolder {
 pub struct FaultWatch {
     injected: Arc<Mutex<BackendFaults>>,
     changes: Arc<Mutex<Vec<Failover>>>,
+    votes: Option<Arc<Mutex<Votes>>>,
 }
 
 /// Frames after a failover before the preferred backend is tried again.
 const RETRY_EVERY: u64 = 25;
 
-/// `backend` with `faults`' backend faults injected, first in a failover chain whose fallback
-/// is the model's float graph on tract; `backend` as it is when no backend fault is on.
+/// `backend` with `faults`' backend faults injected (under triple-modular redundancy when
+/// `tmr`: each of the three runs meets its own faults), first in a failover chain whose
+/// fallback is the model's float graph on tract; `backend` as it is when no backend fault is
+/// on and `tmr` is not asked for.
 pub fn with_backend_faults(
     model: &ZooModel,
     backend: Box<dyn Backend + Send>,
     faults: Option<&FaultSpec>,
+    tmr: bool,
 ) -> anyhow::Result<(Box<dyn Backend + Send>, Option<FaultWatch>)> {
-    let Some(spec) = faults.filter(|s| s.any_backend()) else {
+    let spec = faults.filter(|s| s.any_backend()).cloned();
+    if spec.is_none() && !tmr {
         return Ok((backend, None));
-    };
-    let faulty = FaultyBackend::new(backend, spec);
+    }
+    let spec = spec.unwrap_or_default();
+    let faulty = FaultyBackend::new(backend, &spec);
     let injected = Arc::clone(&faulty.injected);
+    let (faulty, votes): (Box<dyn Backend + Send>, _) = if tmr {
+        let voted = TmrBackend::new(faulty);
+        let votes = Arc::clone(&voted.votes);
+        (Box::new(voted), Some(votes))
+    } else {
+        (Box::new(faulty), None)
+    };
     let fallback = model
         .tract_backend()
         .context("the failover chain's fallback (tract)")?;
     let changes = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&changes);
     let chain = FailoverBackend::new(
-        vec![Box::new(faulty), Box::new(fallback)],
+        vec![faulty, Box::new(fallback)],
         RETRY_EVERY,
         Box::new(move |change| sink.lock().unwrap_or_else(|p| p.into_inner()).push(change)),
     )?;
-    Ok((Box::new(chain), Some(FaultWatch { injected, changes })))
+    Ok((
+        Box::new(chain),
+        Some(FaultWatch {
+            injected,
+            changes,
+            votes,
+        }),
+    ))
 }
 
 /// [`with_backend_faults`] on a backend held in place (a detector's).
@@ -276,7 +297,7 @@ pub fn inject_in_place(
         return Ok(None);
     }
     let taken = std::mem::replace(backend, Box::new(Unloaded));
-    let (wrapped, watch) = with_backend_faults(model, taken, faults)?;
+    let (wrapped, watch) = with_backend_faults(model, taken, faults, false)?;
     *backend = wrapped;
     Ok(watch)
 }
@@ -323,6 +344,13 @@ pub struct UpsetReport {
     pub activations: u64,
 }
 
+/// Triple-modular redundancy's votes.
+#[derive(Serialize)]
+pub struct TmrReport {
+    pub inferences: u64,
+    pub disagreements: u64,
+}
+
 /// What `--faults` injected, and how the payload responded.
 #[derive(Serialize)]
 pub struct FaultsReport {
@@ -336,6 +364,8 @@ pub struct FaultsReport {
     pub dropouts: u64,
     pub failover: Option<FailoverReport>,
     pub upsets: Option<UpsetReport>,
+    /// Under `--tmr`: inferences voted, and those whose three runs disagreed.
+    pub tmr: Option<TmrReport>,
 }
 
 impl FaultsReport {
@@ -348,8 +378,15 @@ impl FaultsReport {
     ) -> Self {
         let mut injected: BTreeMap<String, u64> =
             source.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let (mut failover, mut upsets) = (None, None);
+        let (mut failover, mut upsets, mut tmr) = (None, None, None);
         if let Some(watch) = watch {
+            tmr = watch.votes.as_ref().map(|v| {
+                let votes: Votes = *v.lock().unwrap_or_else(|p| p.into_inner());
+                TmrReport {
+                    inferences: votes.inferences,
+                    disagreements: votes.disagreements,
+                }
+            });
             let b = *watch.injected.lock().unwrap_or_else(|p| p.into_inner());
             for (fault, n) in [
                 (Fault::BackendError, b.errors),
@@ -398,6 +435,7 @@ impl FaultsReport {
             dropouts,
             failover,
             upsets,
+            tmr,
         }
     }
 }

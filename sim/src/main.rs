@@ -111,6 +111,10 @@ struct PipelineArgs {
     /// scrub run again.
     #[arg(long, default_value_t = 32)]
     scrub_every: u32,
+    /// Triple-modular redundancy: run the model three times per frame and vote on each
+    /// output value, so that an upset in one run is outvoted (three times the inference).
+    #[arg(long)]
+    tmr: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

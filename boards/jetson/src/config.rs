@@ -53,6 +53,10 @@ pub struct ModelConfig {
     /// is restored from its golden copy and the frames since the last clean scrub run again.
     #[serde(default = "scrub_frames")]
     pub scrub_frames: u32,
+    /// Triple-modular redundancy: run the preferred backend three times per inference and vote
+    /// on each output value, outvoting an upset in one run, at three times the inference cost.
+    #[serde(default)]
+    pub tmr: bool,
 }
 
 fn retry_frames() -> u64 {
@@ -408,6 +412,9 @@ mod tests {
         assert!(e.contains("faults") && e.contains("backend_eror"), "{e}");
         let ok = load(&format!("faults = \"all,seed=2\"\n{MINIMAL}")).unwrap();
         assert_eq!(ok.faults.as_deref(), Some("all,seed=2"));
-        assert_eq!((ok.model.scrub_frames, ok.pipeline.monotonic_capture), (32, false));
+        assert_eq!(
+            (ok.model.scrub_frames, ok.pipeline.monotonic_capture),
+            (32, false)
+        );
     }
 }

@@ -31,6 +31,7 @@ use kestrel_runtime::faults::{FaultSpec, FaultyBackend};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::switch::SwitchableBackend;
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
+use kestrel_runtime::tmr::TmrBackend;
 use models::ZooModel;
 
 fn main() -> ExitCode {
@@ -129,6 +130,11 @@ fn load_backend(
             );
             chain.insert(0, Box::new(FaultyBackend::new(preferred, spec)));
         }
+    }
+    if config.tmr && !chain.is_empty() {
+        let preferred = chain.remove(0);
+        log::info!("{}: triple-modular redundancy", preferred.name());
+        chain.insert(0, Box::new(TmrBackend::new(preferred)));
     }
     let names: Vec<&'static str> = chain.iter().map(|b| b.name()).collect();
     log::info!(
