@@ -39,9 +39,10 @@ pub struct PipelineConfig {
     pub drop_policy: DropPolicy,
     /// Samples in the largest frame the source may deliver.
     pub max_frame_samples: usize,
-    /// Scrub the loaded model every this many frames (0: never). A corrupt one is restored
-    /// from its golden copy and the frames since the last clean scrub run again, their
-    /// outcomes sent a second time marked [`Outcome::rerun`].
+    /// Scrub the loaded model every this many frames (0: never), or sooner when the frames
+    /// held since the last scrub reach 64 MB. A corrupt one is restored from its golden copy
+    /// and the frames since the last clean scrub run again, their outcomes sent a second time
+    /// marked [`Outcome::rerun`].
     pub scrub_every: u32,
     /// Reject a frame whose capture time is not after the previous accepted frame's.
     pub monotonic_capture: bool,
@@ -310,6 +311,10 @@ fn process<S: Sample, E, T, St: FrameStep<T>, C: MonotonicClock>(
 /// Scrubs in a row at one check: a re-run that meets a new upset is run once more.
 const RESCRUBS: usize = 3;
 
+/// Bytes of frames held for a re-run at most: with large frames the scrub comes sooner, so
+/// that a camera's 25 MB frames do not hold 32 copies.
+const HOLD_BYTES: usize = 64 << 20;
+
 /// Copies of the frames processed since the last clean scrub, to run again if the next scrub
 /// finds the model corrupt. Each copy's buffer is kept and reused: after the first frames of
 /// the largest size, holding allocates nothing.
@@ -317,6 +322,7 @@ struct Scrubber<S> {
     every: usize,
     held: Vec<Job<S>>,
     count: usize,
+    held_bytes: usize,
 }
 
 impl<S: Sample> Scrubber<S> {
@@ -325,6 +331,7 @@ impl<S: Sample> Scrubber<S> {
             every: every as usize,
             held: Vec::new(),
             count: 0,
+            held_bytes: 0,
         }
     }
 
@@ -349,11 +356,12 @@ impl<S: Sample> Scrubber<S> {
             copy.samples
                 .extend_from_slice(job.samples.get(..used).unwrap_or_default());
             self.count += 1;
+            self.held_bytes += used * core::mem::size_of::<S>();
         }
     }
 
     fn due(&self) -> bool {
-        self.every > 0 && self.count >= self.every
+        self.every > 0 && (self.count >= self.every || self.held_bytes >= HOLD_BYTES)
     }
 
     /// Check the model; if it is corrupt, restore it and run the held frames again, their
@@ -410,6 +418,7 @@ impl<S: Sample> Scrubber<S> {
             }
         }
         self.count = 0;
+        self.held_bytes = 0;
     }
 }
 
