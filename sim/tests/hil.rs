@@ -339,11 +339,18 @@ fn a_stalled_stage_starves_the_watchdog_until_it_moves_again() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("the inference stage has been on one frame"), "{stderr}");
+    assert!(
+        stderr.contains("the inference stage has been on one frame"),
+        "{stderr}"
+    );
     assert!(stderr.contains("every stage is moving again"), "{stderr}");
     let r = report(&out_path);
     assert_eq!(r["ledger"]["unaccounted"], 0);
-    assert_eq!(r["ledger"]["sent"], 200, "no frame lost to the hangs: {}", r["ledger"]);
+    assert_eq!(
+        r["ledger"]["sent"], 200,
+        "no frame lost to the hangs: {}",
+        r["ledger"]
+    );
     assert!(r["board_events"]["backend_failover"].as_u64().unwrap_or(0) > 0);
     let fed = std::fs::read(&watchdog).unwrap();
     assert!(fed.len() > 10, "fed {} times", fed.len());

@@ -242,7 +242,9 @@ mod tests {
     fn every_upset_in_checked_memory_is_found_and_a_restore_heals_it() {
         let bytes = eurosat();
         let mut cpu = Int8Cpu::from_bytes(bytes.as_bytes()).unwrap();
-        let input: Vec<f32> = (0..cpu.input_len()).map(|i| (i % 7) as f32 / 3.0 - 1.0).collect();
+        let input: Vec<f32> = (0..cpu.input_len())
+            .map(|i| (i % 7) as f32 / 3.0 - 1.0)
+            .collect();
         let mut clean = vec![0.0; cpu.output_len()];
         cpu.run(&input, &mut clean).unwrap();
         assert_eq!(cpu.scrub(), Scrub::Clean);
@@ -273,12 +275,22 @@ mod tests {
         // An activation upset changes one inference, and only that one.
         let mut output = vec![0.0; cpu.output_len()];
         for bit in 0..50 {
-            assert_eq!(cpu.upset(Upset::Activations { bit: bit * 7_919 }), Landed::Unchecked);
+            assert_eq!(
+                cpu.upset(Upset::Activations { bit: bit * 7_919 }),
+                Landed::Unchecked
+            );
         }
         cpu.run(&input, &mut output).unwrap();
-        assert_ne!(output, clean, "50 flipped activation bits show in the output");
+        assert_ne!(
+            output, clean,
+            "50 flipped activation bits show in the output"
+        );
         cpu.run(&input, &mut output).unwrap();
         assert_eq!(output, clean);
-        assert_eq!(cpu.scrub(), Scrub::Clean, "activations are not the scrub's to see");
+        assert_eq!(
+            cpu.scrub(),
+            Scrub::Clean,
+            "activations are not the scrub's to see"
+        );
     }
 }
