@@ -19,9 +19,17 @@ pub struct ImageError {
 impl ImageError {
     /// `path` could not be used because of `reason`.
     pub fn new(path: &Path, reason: impl Into<String>) -> Self {
+        // A decoder's message may end in a line break or span several lines (zune-jpeg's do):
+        // its lines joined, so that the reason stays on one line in logs and reason files.
+        let reason: String = reason.into();
+        let lines: Vec<&str> = reason
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
         Self {
             path: path.to_path_buf(),
-            reason: reason.into(),
+            reason: lines.join("; "),
         }
     }
 }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod frame_link;
+pub mod fuzzing;
 pub mod image_file;
 
 pub use image_file::{decode_image, decode_image_bytes, DecodedImage, FolderSource, ImageError};

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod flight;
+pub mod fuzzing;
 pub mod spool;
 pub mod thermal;
 pub mod v4l2;

@@ -271,7 +271,10 @@ impl Add {
         for ((out, &x), &y) in output.iter_mut().zip(a).zip(b) {
             let sum = (term(x, zero_a, requant_a) + term(y, zero_b, requant_b) + half)
                 >> ADD_FRACTION_BITS;
-            let code = (sum + i64::from(q.zero_point)).clamp(i64::from(q.min), i64::from(q.max));
+            // `max` then `min` as in `requantize_i8`: no panic on an inverted range.
+            let code = (sum + i64::from(q.zero_point))
+                .max(i64::from(q.min))
+                .min(i64::from(q.max));
             *out = code as i8;
         }
         Ok(())
@@ -474,8 +477,10 @@ impl AveragePool {
                     let scaled = i64::from(self.requant.apply(sum.wrapping_shl(8)));
                     let divisor = count.max(1) * 256;
                     let mean = (scaled + divisor / 2).div_euclid(divisor);
+                    // `max` then `min` as in `requantize_i8`: no panic on an inverted range.
                     *out = (mean + i64::from(q.zero_point))
-                        .clamp(i64::from(q.min), i64::from(q.max)) as i8;
+                        .max(i64::from(q.min))
+                        .min(i64::from(q.max)) as i8;
                 }
             }
         }

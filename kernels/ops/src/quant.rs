@@ -75,10 +75,13 @@ impl Requant {
 /// `[min, max]` (the activation range: `[-128, 127]`, or from the zero point up for a fused ReLU).
 #[inline]
 pub fn requantize_i8(acc: i32, requant: Requant, zero_point: i32, min: i8, max: i8) -> i8 {
+    // `max` then `min`, as the vector kernels clamp: a range a corrupt plan inverted
+    // (`min > max`) gives `max` where `clamp` would panic.
     requant
         .apply(acc)
         .saturating_add(zero_point)
-        .clamp(i32::from(min), i32::from(max)) as i8
+        .max(i32::from(min))
+        .min(i32::from(max)) as i8
 }
 
 #[cfg(all(test, feature = "std"))]

@@ -26,6 +26,8 @@ extern crate alloc;
 
 #[cfg(feature = "std")]
 pub mod cpu;
+#[cfg(feature = "std")]
+pub mod fuzzing;
 pub mod plan;
 pub mod program;
 pub mod session;
