@@ -319,6 +319,15 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
             })
             .collect()
     };
+    // What goes down: the boxes from the model's reporting threshold up.
+    let reported = |found: &FrameDetections| -> Vec<_> {
+        found
+            .as_slice()
+            .iter()
+            .filter(|d| d.score >= report_threshold)
+            .copied()
+            .collect()
+    };
     for (done, image) in images.iter().enumerate() {
         controls.wait_while_paused();
         health.frames_in += 1;
@@ -353,12 +362,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                 latencies.push(latency);
                 overflow += u64::from(found.overflow());
                 scored_by_image[done] = boxes(image, &found);
-                let reported: Vec<_> = found
-                    .as_slice()
-                    .iter()
-                    .filter(|d| d.score >= report_threshold)
-                    .copied()
-                    .collect();
+                let reported = reported(&found);
                 let frame = done as u64;
                 let thumbnail = downlink.wants(frame, Thumbnail);
                 let picture = Some(&decoded)
@@ -428,13 +432,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                         if rerun != scored_by_image[again] {
                             corrected += 1;
                             scored_by_image[again] = rerun;
-                            let reported: Vec<_> = found
-                                .as_slice()
-                                .iter()
-                                .filter(|d| d.score >= report_threshold)
-                                .copied()
-                                .collect();
-                            downlink.detections_correction(again as u64, &reported);
+                            downlink.detections_correction(again as u64, &reported(&found));
                         }
                     }
                 }
@@ -527,24 +525,7 @@ fn print_summary(r: &Report) {
     );
     downlink::print_summary(&r.downlink);
     crate::eval::print_ledger(&r.ledger);
-    if let Some(u) = r.faults.as_ref().and_then(|f| f.upsets.as_ref()) {
-        println!(
-            "upsets      model: {} in checked memory ({} found by scrubs), {} in padding; {} in activations",
-            u.model_checked, u.model_found, u.model_unchecked, u.activations
-        );
-    }
-    if r.scrub.scrubs > 0 {
-        println!(
-            "scrub       every {} frames: {} scrubs ({:.0} us mean), {} corrupt, {} restored, {} frames re-run, {} corrected",
-            r.scrub.every_frames,
-            r.scrub.scrubs,
-            r.scrub.mean_us,
-            r.scrub.corrupt,
-            r.scrub.restored,
-            r.scrub.reruns,
-            r.scrub.corrected
-        );
-    }
+    crate::eval::print_upsets_and_scrub(r.faults.as_ref(), &r.scrub);
     if !r.skipped.is_empty() {
         println!(
             "skipped     {} annotation problem(s), listed in the report",

@@ -489,6 +489,29 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The upsets injected (with `--faults`) and what scrubbing found, a line each.
+pub fn print_upsets_and_scrub(faults: Option<&FaultsReport>, scrub: &ScrubReport) {
+    if let Some(u) = faults.and_then(|f| f.upsets.as_ref()) {
+        println!(
+            "upsets      model: {} in checked memory ({} found by scrubs), {} in padding; {} in activations",
+            u.model_checked, u.model_found, u.model_unchecked, u.activations
+        );
+    }
+    if scrub.scrubs > 0 {
+        println!(
+            "scrub       every {} frames: {} scrubs ({:.0} us mean, {} us max), {} corrupt, {} restored, {} frames re-run, {} results corrected",
+            scrub.every_frames,
+            scrub.scrubs,
+            scrub.mean_us,
+            scrub.max_us,
+            scrub.corrupt,
+            scrub.restored,
+            scrub.reruns,
+            scrub.corrected
+        );
+    }
+}
+
 /// One line: how every accepted frame ended.
 pub fn print_ledger(l: &LedgerReport) {
     let nonzero = |m: &std::collections::BTreeMap<&'static str, u64>| {
@@ -564,26 +587,8 @@ fn print_summary(r: &Report, validation_top1: f64) {
                 fo.restorations
             );
         }
-        if let Some(u) = &f.upsets {
-            println!(
-                "upsets      model: {} in checked memory ({} found by scrubs), {} in padding; {} in activations",
-                u.model_checked, u.model_found, u.model_unchecked, u.activations
-            );
-        }
     }
-    if r.scrub.scrubs > 0 {
-        println!(
-            "scrub       every {} frames: {} scrubs ({:.0} us mean, {} us max), {} corrupt, {} restored, {} frames re-run, {} answers corrected",
-            r.scrub.every_frames,
-            r.scrub.scrubs,
-            r.scrub.mean_us,
-            r.scrub.max_us,
-            r.scrub.corrupt,
-            r.scrub.restored,
-            r.scrub.reruns,
-            r.scrub.corrected
-        );
-    }
+    print_upsets_and_scrub(r.faults.as_ref(), &r.scrub);
     if errors > 0 {
         let by_kind: Vec<String> = r
             .errors
