@@ -341,6 +341,25 @@ impl Draws {
         p > 0.0 && ((self.next_u64() >> 11) as f64) < p * (1u64 << 53) as f64
     }
 
+    /// Damage 8 bytes of `bytes` past the first `skip`, as a bad sector or a garbled packet
+    /// leaves them (each byte changed, never left as it was).
+    pub fn damage(&mut self, bytes: &mut [u8], skip: usize) {
+        let len = bytes.len() as u64;
+        let skip = (skip as u64).min(len);
+        for _ in 0..8 {
+            let at = (skip + self.below(len - skip)) as usize;
+            if let Some(b) = bytes.get_mut(at) {
+                *b ^= (self.next_u64() as u8) | 1;
+            }
+        }
+    }
+
+    /// A bad capture time after `last_us`: the same again, or one before it.
+    pub fn stale_time(&mut self, last_us: u64) -> u64 {
+        let back = self.below(2) * self.below(last_us);
+        last_us - back
+    }
+
     /// A number below `n` (0 when `n` is 0).
     pub fn below(&mut self, n: u64) -> u64 {
         if n == 0 {

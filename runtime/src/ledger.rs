@@ -108,8 +108,13 @@ pub struct Ledger {
 impl Ledger {
     /// Count a frame dropped for `reason`.
     pub fn drop(&mut self, reason: DropReason) {
+        self.drop_many(reason, 1);
+    }
+
+    /// Count `frames` dropped for `reason`.
+    pub fn drop_many(&mut self, reason: DropReason, frames: u64) {
         if let Some(n) = self.dropped.get_mut(reason as usize) {
-            *n += 1;
+            *n += frames;
         }
     }
 

@@ -406,16 +406,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     };
     let elapsed = started.elapsed().as_secs_f64();
     // Frames the source never delivered (dropouts) are not frames the payload accepted.
+    let marks = std::mem::take(&mut *marks.lock().unwrap_or_else(|p| p.into_inner()));
     let delivered: Vec<usize> = if faulty {
-        marks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .file_of
-            .clone()
+        marks.file_of
     } else {
         (0..images.len()).collect()
     };
-    let damaged = std::mem::take(&mut marks.lock().unwrap_or_else(|p| p.into_inner()).damaged);
+    let damaged = marks.damaged;
 
     latencies.sort_unstable();
     let uptime_us = (elapsed * 1e6) as u64;
@@ -451,7 +448,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         )),
         (Some(spec), watch) => Some(FaultsReport::new(
             spec,
-            &marks.lock().unwrap_or_else(|p| p.into_inner()).injected,
+            &marks.injected,
             damaged.len() as u64,
             images.len().saturating_sub(delivered.len()) as u64,
             watch,

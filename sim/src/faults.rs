@@ -120,13 +120,8 @@ impl FaultyFolder {
         if self.strikes(Fault::Corrupt) {
             // A burst of damage past the first bytes, as a bad sector or a dropped packet
             // leaves it: sometimes undecodable, sometimes a garbled image.
-            let len = bytes.len() as u64;
-            for _ in 0..8 {
-                let at = (len / 8 + self.draws.below(len - len / 8)) as usize;
-                if let Some(b) = bytes.get_mut(at) {
-                    *b ^= (self.draws.next_u64() as u8) | 1;
-                }
-            }
+            let header = bytes.len() / 8;
+            self.draws.damage(&mut bytes, header);
             return Ok((bytes, true));
         }
         if self.strikes(Fault::Truncated) {
@@ -142,8 +137,7 @@ impl FaultyFolder {
     fn capture_us(&mut self) -> (u64, bool) {
         let now = (self.started.elapsed().as_micros() as u64).max(self.last_capture_us + 1);
         if self.last_capture_us > 0 && self.strikes(Fault::Timestamp) {
-            let back = self.draws.below(2) * self.draws.below(self.last_capture_us);
-            return (self.last_capture_us - back, true);
+            return (self.draws.stale_time(self.last_capture_us), true);
         }
         self.last_capture_us = now;
         (now, false)

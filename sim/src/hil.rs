@@ -464,8 +464,7 @@ impl FrameFaults {
     ) -> Result<(), kestrel_host::frame_link::LinkError> {
         let sequence = frame.meta.sequence as usize;
         if *last_capture_us > 0 && self.strikes(Fault::Timestamp) {
-            let back = self.draws.below(2) * self.draws.below(*last_capture_us);
-            frame.meta.capture_us = *last_capture_us - back;
+            frame.meta.capture_us = self.draws.stale_time(*last_capture_us);
             self.damaged.insert(sequence);
         } else {
             *last_capture_us = frame.meta.capture_us;
@@ -482,12 +481,7 @@ impl FrameFaults {
             let header = encode_header(frame, samples)
                 .map_err(kestrel_host::frame_link::LinkError::Frame)?;
             let mut damaged = samples.to_vec();
-            for _ in 0..8 {
-                let at = self.draws.below(damaged.len() as u64) as usize;
-                if let Some(b) = damaged.get_mut(at) {
-                    *b ^= (self.draws.next_u64() as u8) | 1;
-                }
-            }
+            self.draws.damage(&mut damaged, 0);
             return link
                 .write_all(&header)
                 .and_then(|()| link.write_all(&damaged))
