@@ -55,11 +55,17 @@ pub enum Fault {
     LinkLoss,
     /// The telemetry link stops moving for a while, then resumes with nothing lost (HIL only).
     LinkStall,
+    /// A bit flips in a command on its way up to the board (a probability per command; HIL
+    /// only).
+    CommandBitErrors,
+    /// The board's ingest stage stalls for `stall_ms` before taking a frame, as a sensor driver
+    /// stuck in a call would (a probability per frame; the board's faults, HIL only).
+    StageStall,
 }
 
 impl Fault {
     /// Every fault, in the order of the fault matrix.
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 17] = [
         Self::Corrupt,
         Self::Truncated,
         Self::WrongSize,
@@ -75,6 +81,8 @@ impl Fault {
         Self::LinkBitErrors,
         Self::LinkLoss,
         Self::LinkStall,
+        Self::CommandBitErrors,
+        Self::StageStall,
     ];
 
     /// Its name in specs and reports.
@@ -95,6 +103,8 @@ impl Fault {
             Self::LinkBitErrors => "link_bit_errors",
             Self::LinkLoss => "link_loss",
             Self::LinkStall => "link_stall",
+            Self::CommandBitErrors => "command_bit_errors",
+            Self::StageStall => "stage_stall",
         }
     }
 
@@ -110,6 +120,8 @@ impl Fault {
             Self::UpsetModel | Self::UpsetActivations => 0.002,
             Self::LinkBitErrors => 1e-5,
             Self::LinkLoss | Self::LinkStall => 0.002,
+            Self::CommandBitErrors => 0.1,
+            Self::StageStall => 0.001,
         }
     }
 
@@ -396,12 +408,26 @@ pub struct BackendFaults {
 pub struct FaultyBackend {
     inner: Box<dyn Backend + Send>,
     spec: FaultSpec,
-    draws: Draws,
-    lost_until: Option<std::time::Instant>,
+    /// The draws and the lost device's state, shared with [`FaultyBackend::sibling`]s, so that
+    /// a backend restarted after a hang goes on with the same sequence of faults.
+    state: std::sync::Arc<std::sync::Mutex<FaultState>>,
     /// Checked flips since the last restore.
     unfound: u64,
     /// What it injected.
     pub injected: std::sync::Arc<std::sync::Mutex<BackendFaults>>,
+}
+
+struct FaultState {
+    draws: Draws,
+    lost_until: Option<std::time::Instant>,
+}
+
+/// What one inference meets, drawn before it runs.
+enum Drawn {
+    Lost,
+    Hang,
+    Error,
+    Runs,
 }
 
 impl FaultyBackend {
@@ -410,15 +436,74 @@ impl FaultyBackend {
         Self {
             inner,
             spec: spec.clone(),
-            draws: Draws::new(spec.seed, 2),
-            lost_until: None,
+            state: std::sync::Arc::new(std::sync::Mutex::new(FaultState {
+                draws: Draws::new(spec.seed, 2),
+                lost_until: None,
+            })),
             unfound: 0,
             injected: std::sync::Arc::default(),
         }
     }
 
+    /// `inner` with the same faults, going on with this one's draws and counts: the backend a
+    /// restart builds after this one hung.
+    pub fn sibling(&self, inner: Box<dyn Backend + Send>) -> Self {
+        Self {
+            inner,
+            spec: self.spec.clone(),
+            state: std::sync::Arc::clone(&self.state),
+            unfound: 0,
+            injected: std::sync::Arc::clone(&self.injected),
+        }
+    }
+
     fn count(&self, what: impl FnOnce(&mut BackendFaults)) {
         what(&mut self.injected.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Draw what the next inference meets and flip its upsets (the lock is not held while it
+    /// runs or hangs).
+    fn draw(&mut self) -> Drawn {
+        let state = std::sync::Arc::clone(&self.state);
+        let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = state.lost_until {
+            if std::time::Instant::now() < until {
+                return Drawn::Lost;
+            }
+            state.lost_until = None;
+        }
+        let spec = &self.spec;
+        let draws = &mut state.draws;
+        if draws.chance(spec.rate(Fault::UpsetModel)) {
+            let bit = draws.next_u64();
+            match self.inner.upset(Upset::Model { bit }) {
+                Landed::Checked => {
+                    self.unfound += 1;
+                    self.count(|c| c.model_upsets_checked += 1);
+                }
+                Landed::Unchecked => self.count(|c| c.model_upsets_unchecked += 1),
+                Landed::Missed => {}
+            }
+        }
+        if draws.chance(spec.rate(Fault::UpsetActivations)) {
+            for _ in 0..spec.upset_bits {
+                let bit = draws.next_u64();
+                if self.inner.upset(Upset::Activations { bit }) != Landed::Missed {
+                    self.count(|c| c.activation_upsets += 1);
+                }
+            }
+        }
+        if draws.chance(spec.rate(Fault::DeviceLost)) {
+            state.lost_until = Some(std::time::Instant::now() + spec.lost_for);
+            self.count(|c| c.losses += 1);
+            Drawn::Lost
+        } else if draws.chance(spec.rate(Fault::BackendHang)) {
+            Drawn::Hang
+        } else if draws.chance(spec.rate(Fault::BackendError)) {
+            Drawn::Error
+        } else {
+            Drawn::Runs
+        }
     }
 }
 
@@ -436,51 +521,22 @@ impl Backend for FaultyBackend {
     }
 
     fn run(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), BackendError> {
-        if let Some(until) = self.lost_until {
-            if std::time::Instant::now() < until {
+        match self.draw() {
+            Drawn::Lost => {
                 self.count(|c| c.lost_inferences += 1);
-                return Err(BackendError::DeviceLost);
+                Err(BackendError::DeviceLost)
             }
-            self.lost_until = None;
-        }
-        let spec = &self.spec;
-        if self.draws.chance(spec.rate(Fault::UpsetModel)) {
-            let bit = self.draws.next_u64();
-            match self.inner.upset(Upset::Model { bit }) {
-                Landed::Checked => {
-                    self.unfound += 1;
-                    self.count(|c| c.model_upsets_checked += 1);
-                }
-                Landed::Unchecked => self.count(|c| c.model_upsets_unchecked += 1),
-                Landed::Missed => {}
+            Drawn::Hang => {
+                self.count(|c| c.hangs += 1);
+                std::thread::sleep(self.spec.hang);
+                Err(BackendError::LaunchFailed)
             }
-        }
-        if self.draws.chance(spec.rate(Fault::UpsetActivations)) {
-            for _ in 0..spec.upset_bits {
-                let bit = self.draws.next_u64();
-                if self.inner.upset(Upset::Activations { bit }) != Landed::Missed {
-                    self.count(|c| c.activation_upsets += 1);
-                }
+            Drawn::Error => {
+                self.count(|c| c.errors += 1);
+                Err(BackendError::Execution)
             }
+            Drawn::Runs => self.inner.run(input, output),
         }
-        if self.draws.chance(spec.rate(Fault::DeviceLost)) {
-            self.lost_until = Some(std::time::Instant::now() + spec.lost_for);
-            self.count(|c| {
-                c.losses += 1;
-                c.lost_inferences += 1;
-            });
-            return Err(BackendError::DeviceLost);
-        }
-        if self.draws.chance(spec.rate(Fault::BackendHang)) {
-            std::thread::sleep(spec.hang);
-            self.count(|c| c.hangs += 1);
-            return Err(BackendError::LaunchFailed);
-        }
-        if self.draws.chance(spec.rate(Fault::BackendError)) {
-            self.count(|c| c.errors += 1);
-            return Err(BackendError::Execution);
-        }
-        self.inner.run(input, output)
     }
 
     fn scrub(&mut self) -> Scrub {

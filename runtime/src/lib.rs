@@ -34,6 +34,8 @@ pub mod pool;
 pub mod preprocess;
 pub mod step;
 #[cfg(feature = "std")]
+pub mod supervise;
+#[cfg(feature = "std")]
 pub mod switch;
 #[cfg(feature = "std")]
 pub mod threaded;

@@ -100,19 +100,43 @@ fn parse_command(text: &str) -> anyhow::Result<Command> {
     Ok(command)
 }
 
-/// `commands`, framed in `framing` from a ground station, with sequence numbers from 1.
-fn frame_commands(commands: &[Command], framing: FramingArg) -> anyhow::Result<Vec<u8>> {
-    let (mut ccsds, mut mav) = (Framer::new(), MavlinkFramer::new(255, 190));
-    let (mut out, mut buf) = (Vec::new(), [0u8; 512]);
-    for (i, command) in commands.iter().enumerate() {
-        let sequence = i as u16 + 1;
-        let len = match framing {
-            FramingArg::Ccsds => ccsds.frame_command(command, sequence, &mut buf)?.len(),
+/// Frames commands as a ground station sends them, in one framing, its packet counters going
+/// on from command to command.
+pub struct CommandFramer {
+    framing: FramingArg,
+    ccsds: Framer,
+    mavlink: MavlinkFramer,
+}
+
+impl CommandFramer {
+    pub fn new(framing: FramingArg) -> Self {
+        Self {
+            framing,
+            ccsds: Framer::new(),
+            mavlink: MavlinkFramer::new(255, 190),
+        }
+    }
+
+    /// `command` with its `sequence` number, framed.
+    pub fn frame(&mut self, command: &Command, sequence: u16) -> anyhow::Result<Vec<u8>> {
+        let mut buf = [0u8; 512];
+        let len = match self.framing {
+            FramingArg::Ccsds => self.ccsds.frame_command(command, sequence, &mut buf)?.len(),
             FramingArg::Mavlink => {
-                mav.frame_command(command, sequence, (1, COMPONENT_ID), &mut buf)?
+                self.mavlink
+                    .frame_command(command, sequence, (1, COMPONENT_ID), &mut buf)?
             }
         };
-        out.extend_from_slice(&buf[..len]);
+        Ok(buf[..len].to_vec())
+    }
+}
+
+/// `commands`, framed in `framing` from a ground station, with sequence numbers from 1.
+fn frame_commands(commands: &[Command], framing: FramingArg) -> anyhow::Result<Vec<u8>> {
+    let mut framer = CommandFramer::new(framing);
+    let mut out = Vec::new();
+    for (i, command) in commands.iter().enumerate() {
+        out.extend(framer.frame(command, i as u16 + 1)?);
     }
     Ok(out)
 }

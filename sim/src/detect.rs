@@ -283,6 +283,8 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         &detector.loaded.model,
         &mut detector.loaded.backend,
         opts.faults.as_ref(),
+        crate::rebuild_backend(&opts.model),
+        crate::faults::DEADLINE,
     )?;
     if let Some(spec) = opts.faults.as_ref().filter(|f| f.any() && !f.any_backend()) {
         eprintln!(

@@ -54,6 +54,7 @@ impl Options {
                 faults: None,
                 scrub_every: 32,
                 tmr: false,
+                deadline_ms: crate::faults::DEADLINE.as_millis() as u64,
             },
             report: None,
             downlink: DownlinkArgs::default(),
@@ -269,8 +270,14 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .map(crate::faults::load_spec)
         .transpose()?;
     let backend_name = backend.name();
-    let (backend, mut fault_watch) =
-        with_backend_faults(&model, backend, faults.as_ref(), opts.pipeline.tmr)?;
+    let (backend, mut fault_watch) = with_backend_faults(
+        &model,
+        backend,
+        faults.as_ref(),
+        opts.pipeline.tmr,
+        crate::rebuild_backend(&opts.model),
+        Duration::from_millis(opts.pipeline.deadline_ms),
+    )?;
     eprintln!(
         "sim: {} images from {} ({:?} split), model {} ({}), backend {}{}",
         images.len(),

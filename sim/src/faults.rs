@@ -13,8 +13,9 @@ use kestrel_backend::Backend;
 use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 use kestrel_host::{decode_image_bytes, ImageError};
 use kestrel_runtime::failover::{Failover, FailoverBackend};
-use kestrel_runtime::faults::{BackendFaults, Draws, Fault, FaultSpec, FaultyBackend};
-use kestrel_runtime::tmr::{TmrBackend, Votes};
+use kestrel_runtime::faults::{Draws, Fault, FaultSpec};
+use kestrel_runtime::supervise::{preferred, Factory, PreferredWatch, Restart};
+use kestrel_runtime::tmr::Votes;
 use models::ZooModel;
 use serde::Serialize;
 
@@ -229,16 +230,20 @@ impl FrameSource<f32> for FaultyFolder {
 
 /// What the faulty backend injected and the failover chain did, watched while a run goes.
 pub struct FaultWatch {
-    injected: Arc<Mutex<BackendFaults>>,
+    watch: PreferredWatch,
     changes: Arc<Mutex<Vec<Failover>>>,
-    votes: Option<Arc<Mutex<Votes>>>,
 }
 
 /// Frames after a failover before the preferred backend is tried again.
 const RETRY_EVERY: u64 = 25;
 
+/// How long the preferred backend may take over one inference before it is a hang, unless
+/// `--deadline-ms` says otherwise (as `[model] deadline_s` in `kestrel-flight`).
+pub const DEADLINE: Duration = Duration::from_secs(2);
+
 /// `backend` with `faults`' backend faults injected (under triple-modular redundancy when
-/// `tmr`: each of the three runs meets its own faults), first in a failover chain whose
+/// `tmr`: each of the three runs meets its own faults), on a supervised worker (a call past
+/// `deadline` is a hang, and `rebuild` makes its replacement), first in a failover chain whose
 /// fallback is the model's float graph on tract; `backend` as it is when no backend fault is
 /// on and `tmr` is not asked for.
 pub fn with_backend_faults(
@@ -246,39 +251,35 @@ pub fn with_backend_faults(
     backend: Box<dyn Backend + Send>,
     faults: Option<&FaultSpec>,
     tmr: bool,
+    rebuild: Factory,
+    deadline: Duration,
 ) -> anyhow::Result<(Box<dyn Backend + Send>, Option<FaultWatch>)> {
-    let spec = faults.filter(|s| s.any_backend()).cloned();
-    if spec.is_none() && !tmr {
+    if !faults.is_some_and(FaultSpec::any_backend) && !tmr {
         return Ok((backend, None));
     }
-    let spec = spec.unwrap_or_default();
-    let faulty = FaultyBackend::new(backend, &spec);
-    let injected = Arc::clone(&faulty.injected);
-    let (faulty, votes): (Box<dyn Backend + Send>, _) = if tmr {
-        let voted = TmrBackend::new(faulty);
-        let votes = Arc::clone(&voted.votes);
-        (Box::new(voted), Some(votes))
-    } else {
-        (Box::new(faulty), None)
-    };
+    let on_restart = Box::new(|r: Restart| {
+        eprintln!(
+            "warning: the backend hung past its deadline; restart {} {}",
+            r.count,
+            if r.loaded {
+                "loaded the model"
+            } else {
+                "FAILED"
+            }
+        )
+    });
+    let (preferred, watch) = preferred(backend, rebuild, faults, tmr, deadline, on_restart)?;
     let fallback = model
         .tract_backend()
         .context("the failover chain's fallback (tract)")?;
     let changes = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&changes);
     let chain = FailoverBackend::new(
-        vec![faulty, Box::new(fallback)],
+        vec![Box::new(preferred), Box::new(fallback)],
         RETRY_EVERY,
         Box::new(move |change| sink.lock().unwrap_or_else(|p| p.into_inner()).push(change)),
     )?;
-    Ok((
-        Box::new(chain),
-        Some(FaultWatch {
-            injected,
-            changes,
-            votes,
-        }),
-    ))
+    Ok((Box::new(chain), Some(FaultWatch { watch, changes })))
 }
 
 /// [`with_backend_faults`] on a backend held in place (a detector's).
@@ -286,12 +287,14 @@ pub fn inject_in_place(
     model: &ZooModel,
     backend: &mut Box<dyn Backend + Send>,
     faults: Option<&FaultSpec>,
+    rebuild: Factory,
+    deadline: Duration,
 ) -> anyhow::Result<Option<FaultWatch>> {
     if !faults.is_some_and(FaultSpec::any_backend) {
         return Ok(None);
     }
     let taken = std::mem::replace(backend, Box::new(Unloaded));
-    let (wrapped, watch) = with_backend_faults(model, taken, faults, false)?;
+    let (wrapped, watch) = with_backend_faults(model, taken, faults, false, rebuild, deadline)?;
     *backend = wrapped;
     Ok(watch)
 }
@@ -360,6 +363,21 @@ pub struct FaultsReport {
     pub upsets: Option<UpsetReport>,
     /// Under `--tmr`: inferences voted, and those whose three runs disagreed.
     pub tmr: Option<TmrReport>,
+    /// The preferred backend's worker: calls past the deadline, and restarts.
+    pub supervision: Option<SupervisionReport>,
+}
+
+/// What supervision of the preferred backend saw.
+#[derive(Serialize)]
+pub struct SupervisionReport {
+    /// Calls not answered within `--deadline-ms`.
+    pub hangs: u64,
+    /// Workers that ended when their backend panicked.
+    pub deaths: u64,
+    /// Fresh workers started after a hang or a death.
+    pub restarts: u64,
+    /// Restarts that could not build a backend.
+    pub restart_failures: u64,
 }
 
 impl FaultsReport {
@@ -372,16 +390,32 @@ impl FaultsReport {
     ) -> Self {
         let mut injected: BTreeMap<String, u64> =
             source.iter().map(|(k, v)| (k.to_string(), *v)).collect();
-        let (mut failover, mut upsets, mut tmr) = (None, None, None);
+        let (mut failover, mut upsets, mut tmr, mut supervision) = (None, None, None, None);
         if let Some(watch) = watch {
-            tmr = watch.votes.as_ref().map(|v| {
+            tmr = watch.watch.votes.as_ref().map(|v| {
                 let votes: Votes = *v.lock().unwrap_or_else(|p| p.into_inner());
                 TmrReport {
                     inferences: votes.inferences,
                     disagreements: votes.disagreements,
                 }
             });
-            let b = *watch.injected.lock().unwrap_or_else(|p| p.into_inner());
+            let b = watch
+                .watch
+                .injected
+                .as_ref()
+                .map(|i| *i.lock().unwrap_or_else(|p| p.into_inner()))
+                .unwrap_or_default();
+            let s = *watch
+                .watch
+                .supervision
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            supervision = Some(SupervisionReport {
+                hangs: s.hangs,
+                deaths: s.deaths,
+                restarts: s.restarts,
+                restart_failures: s.restart_failures,
+            });
             for (fault, n) in [
                 (Fault::BackendError, b.errors),
                 (Fault::BackendHang, b.hangs),
@@ -430,6 +464,7 @@ impl FaultsReport {
             failover,
             upsets,
             tmr,
+            supervision,
         }
     }
 }

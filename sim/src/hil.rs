@@ -29,13 +29,14 @@ use kestrel_payload::downlink::{classification_message, detections_message, Ledg
 use kestrel_runtime::faults::{Draws, Fault, FaultSpec};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::threaded::{run_pipeline, DropPolicy, PipelineConfig};
+use kestrel_wire::command::Command as WireCommand;
 use kestrel_wire::framelink::encode_header;
-use kestrel_wire::message::{Classification, Detections, Health, EVENTS};
+use kestrel_wire::message::{Classification, CommandAck, Detections, Health, EVENTS};
 use kestrel_wire::Telemetry;
 use models::ZooModel;
 use serde::Serialize;
 
-use crate::decode::{describe, Ground, GroundStats};
+use crate::decode::{describe, CommandFramer, Ground, GroundStats};
 use crate::detect::{self, CocoScores, FrameDetections, TILE_CAP};
 use crate::eval::{ClassScores, Confusion, Failure, Latency, Progress};
 use crate::{BackendChoice, ModelArgs, SplitArg};
@@ -352,6 +353,8 @@ struct HilFaults {
     /// Frames damaged on purpose (and the frame after each truncated one, which the board
     /// loses finding the next header).
     damaged_frames: usize,
+    /// The command link: commands sent up, damaged, and how the board answered.
+    commands: Option<CommandsReport>,
 }
 
 /// Resident memory samples of the board, kB.
@@ -550,6 +553,84 @@ impl LinkFaults {
             }
         }
     }
+}
+
+/// Frames between commands the bench sends up during a faulted run.
+const COMMAND_EVERY: usize = 20;
+
+/// The command link during a faulted run: a `report_health` command up to the board every
+/// [`COMMAND_EVERY`] frames, with one bit flipped in some (`command_bit_errors`, a
+/// probability per command). The board must refuse every damaged one and answer the others.
+struct Uplink {
+    stream: TcpStream,
+    framer: CommandFramer,
+    rate: f64,
+    draws: Draws,
+    next_sequence: u16,
+    /// Sequence numbers sent, and whether each was damaged.
+    sent: BTreeMap<u16, bool>,
+}
+
+impl Uplink {
+    fn send(&mut self) -> anyhow::Result<()> {
+        let sequence = self.next_sequence;
+        self.next_sequence = self.next_sequence.wrapping_add(1).max(1);
+        let mut bytes = self.framer.frame(&WireCommand::ReportHealth, sequence)?;
+        let damaged = self.draws.chance(self.rate) && !bytes.is_empty();
+        if damaged {
+            let bit = self.draws.below(bytes.len() as u64 * 8);
+            if let Some(byte) = bytes.get_mut((bit / 8) as usize) {
+                *byte ^= 1 << (bit % 8);
+            }
+        }
+        self.sent.insert(sequence, damaged);
+        self.stream
+            .write_all(&bytes)
+            .context("the command link to the board")
+    }
+
+    /// What became of the commands, from the acknowledgements that came down.
+    fn report(&self, acks: &[CommandAck]) -> CommandsReport {
+        let mut r = CommandsReport {
+            sent: self.sent.len(),
+            damaged: self.sent.values().filter(|&&d| d).count(),
+            ..CommandsReport::default()
+        };
+        let mut answered = BTreeSet::new();
+        for ack in acks {
+            let Some(&damaged) = self.sent.get(&ack.sequence) else {
+                continue;
+            };
+            answered.insert(ack.sequence);
+            match (damaged, ack.rejected.is_none()) {
+                (true, true) => r.damaged_accepted += 1,
+                (true, false) => r.damaged_refused += 1,
+                (false, true) => r.accepted += 1,
+                (false, false) => r.refused += 1,
+            }
+        }
+        r.unanswered = self.sent.len() - answered.len();
+        r
+    }
+}
+
+/// Commands sent up during a faulted run, and their acknowledgements.
+#[derive(Default, Serialize)]
+struct CommandsReport {
+    sent: usize,
+    /// With a bit flipped on the way up.
+    damaged: usize,
+    /// Undamaged, acknowledged as done.
+    accepted: usize,
+    /// Undamaged, refused.
+    refused: usize,
+    /// Damaged and refused with a reason (most are dropped at their CRC, unanswered).
+    damaged_refused: usize,
+    /// Damaged yet executed: must be 0.
+    damaged_accepted: usize,
+    /// No acknowledgement came down: the command was dropped at its CRC, or the ack was lost
+    /// on the faulty telemetry link.
+    unanswered: usize,
 }
 
 /// A spawned board, stopped when dropped if it is still running.
@@ -819,12 +900,26 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
                     | Telemetry::Detections(_)
                     | Telemetry::Health(_)
                     | Telemetry::Event(_)
+                    | Telemetry::CommandAck(_)
             ) {
                 let _ = results.send((Instant::now(), message.clone()));
             }
         },
     ));
     let sent_all = Arc::new(AtomicBool::new(false));
+    let mut uplink = match faults.as_ref() {
+        Some(spec) => Some(Uplink {
+            stream: telemetry
+                .try_clone()
+                .context("the telemetry link, to send commands on")?,
+            framer: CommandFramer::new(config.downlink.telemetry),
+            rate: spec.rate(Fault::CommandBitErrors),
+            draws: Draws::new(spec.seed, 5),
+            next_sequence: 1,
+            sent: BTreeMap::new(),
+        }),
+        None => None,
+    };
     let link_faults = faults.as_ref().map(|spec| LinkFaults {
         spec: spec.clone(),
         draws: Draws::new(spec.seed, 3),
@@ -851,6 +946,11 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
             last_rss = Instant::now();
             if let Some(kb) = rss_kb(pid) {
                 rss.push((sequence, kb));
+            }
+        }
+        if let Some(u) = uplink.as_mut().filter(|_| sequence % COMMAND_EVERY == 0) {
+            if let Err(e) = u.send() {
+                eprintln!("warning: {e:#}");
             }
         }
         if frame_faults
@@ -918,7 +1018,12 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
     let mut answers: Vec<Option<Received>> = (0..files.len()).map(|_| None).collect();
     let (mut duplicates, mut unexpected, mut board_health) = (0, 0, None);
     let mut board_events: BTreeMap<String, u64> = BTreeMap::new();
+    let mut acks = Vec::new();
     for (at, message) in arrivals.try_iter() {
+        if let Telemetry::CommandAck(ack) = message {
+            acks.push(ack);
+            continue;
+        }
         if let Telemetry::Health(h) = message {
             board_health = Some(h);
             continue;
@@ -1014,10 +1119,15 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
             .map(|f| f.injected.clone())
             .unwrap_or_default();
         injected.extend(link_injected);
+        let commands = uplink.as_ref().map(|u| u.report(&acks));
+        if let Some(c) = commands.as_ref().filter(|c| c.damaged > 0) {
+            injected.insert(Fault::CommandBitErrors.name(), c.damaged as u64);
+        }
         HilFaults {
             spec: spec.describe(),
             injected,
             damaged_frames: damaged.len(),
+            commands,
         }
     });
     let board_rss_kb = rss_kb_report(&rss, files.len());
@@ -1049,6 +1159,18 @@ pub fn run(args: &HilArgs) -> anyhow::Result<()> {
     print_summary(&report);
     if let Some(path) = &args.report {
         crate::eval::write_report(path, &report)?;
+    }
+    if let Some(c) = report
+        .faults
+        .as_ref()
+        .and_then(|f| f.commands.as_ref())
+        .filter(|c| c.damaged_accepted > 0)
+    {
+        bail!(
+            "the board executed {} of the {} commands damaged on the way up",
+            c.damaged_accepted,
+            c.damaged
+        );
     }
     if let Some(c) = report.in_process.as_ref().filter(|c| c.mismatches > 0) {
         bail!(
@@ -1218,6 +1340,12 @@ fn print_summary(r: &Report) {
             f.damaged_frames,
             100.0 * r.top1_clean.unwrap_or(0.0)
         );
+        if let Some(c) = &f.commands {
+            println!(
+                "commands    {} sent up, {} with a bit flipped: {} of those executed, {} refused, the rest dropped at their CRC; undamaged: {} done, {} refused; {} unanswered",
+                c.sent, c.damaged, c.damaged_accepted, c.damaged_refused, c.accepted, c.refused, c.unanswered
+            );
+        }
     }
     if !r.board_events.is_empty() {
         let events: Vec<String> = r

@@ -15,13 +15,15 @@ mod replay;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use kestrel_backend::Backend;
+use kestrel_backend::{Backend, BackendError};
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_eval::Split;
 use kestrel_payload::command::Slots;
 use kestrel_payload::downlink::{slot_pairs, DownlinkArgs};
+use kestrel_runtime::supervise::Factory;
 use kestrel_runtime::switch::{SwitchHandle, SwitchableBackend};
 use kestrel_runtime::threaded::DropPolicy;
 use models::ZooModel;
@@ -115,6 +117,11 @@ struct PipelineArgs {
     /// output value, so that an upset in one run is outvoted (three times the inference).
     #[arg(long)]
     tmr: bool,
+    /// With --faults or --tmr, the preferred backend runs on a supervised worker: an inference
+    /// it does not answer within this many milliseconds is a hang, the frame runs on the
+    /// fallback, and the backend is restarted on a new worker.
+    #[arg(long, default_value_t = faults::DEADLINE.as_millis() as u64)]
+    deadline_ms: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -346,6 +353,19 @@ fn load_backend(
     })?;
     let plan_load_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok((model, Box::new(int8), Some(plan_load_ms)))
+}
+
+/// Builds the backend `args` names again, for a supervised worker's restart after a hang.
+fn rebuild_backend(args: &ModelArgs) -> Factory {
+    let args = args.clone();
+    Arc::new(move || {
+        load_backend(&args)
+            .map(|(_, backend, _)| backend)
+            .map_err(|e| {
+                eprintln!("error: the restarted backend cannot load its model: {e:#}");
+                BackendError::NotAvailable
+            })
+    })
 }
 
 /// The models `switch_model` may load: `model` in slot 0, then each `--slot N=MODEL`; each is

@@ -166,8 +166,29 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
         );
         if fault == "backend_hang" {
             assert!(n(&f["failover"]["recovery_us_max"]) >= 30_000, "{f}");
+            assert_eq!(n(&f["supervision"]["hangs"]), 0, "within the deadline: {f}");
         }
     }
+
+    // A hang far past the deadline: the call is cut at the deadline, the frame runs on tract
+    // and the backend is restarted on a new worker, with the same faults going on.
+    let r = eval(
+        Some("backend_hang=0.05,hang_ms=5000,seed=5"),
+        &["--deadline-ms", "100"],
+    );
+    let f = &r["faults"];
+    let hangs = n(&f["injected"]["backend_hang"]);
+    assert!(hangs >= 2, "{f}");
+    assert_eq!(n(&f["supervision"]["hangs"]), hangs, "{f}");
+    assert!(n(&f["supervision"]["restarts"]) >= hangs - 1, "{f}");
+    assert_eq!(n(&f["supervision"]["restart_failures"]), 0, "{f}");
+    let recovery = n(&f["failover"]["recovery_us_max"]);
+    assert!(
+        (100_000..1_000_000).contains(&recovery),
+        "cut at the deadline, not the hang: {f}"
+    );
+    assert_eq!(n(&r["ledger"]["sent"]), 300, "{}", r["ledger"]);
+    assert!((r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01);
 
     // Upsets in the loaded plan: each one in checked memory is found by a scrub, the plan is
     // restored from its golden copy and the frames since the last clean scrub run again.

@@ -290,6 +290,12 @@ fn a_soak_with_every_fault_balances_its_ledger_and_spares_the_clean_frames() {
         events["backend_failover"].as_u64().unwrap_or(0) > 0,
         "{events}"
     );
+    // Commands went up with bits flipped; the board executed none of those, and answered
+    // undamaged ones (sim hil itself fails the run if a damaged one was executed).
+    let commands = &r["faults"]["commands"];
+    assert!(commands["damaged"].as_u64().unwrap() > 0, "{commands}");
+    assert_eq!(commands["damaged_accepted"], 0, "{commands}");
+    assert!(commands["accepted"].as_u64().unwrap() > 0, "{commands}");
     assert!(
         events["model_corrupt"].as_u64().unwrap_or(0) > 0,
         "{events}"
@@ -307,22 +313,31 @@ fn a_soak_with_every_fault_balances_its_ledger_and_spares_the_clean_frames() {
     );
 }
 
-/// A stage that stalls starves the watchdog: backend hangs longer than `stall_s` are seen,
+/// A stage that stalls starves the watchdog, and a hung backend is restarted before it can:
+/// the ingest stage stalls (`stage_stall`) past `stall_s` and the source's own wait, is
 /// reported, and the hardware watchdog (here a file standing in for `/dev/watchdog`) goes
-/// unfed until the stage moves again; no frame is lost to them, and the watchdog is stopped
-/// cleanly at the end.
+/// unfed until it moves again; backend hangs far longer than `stall_s` are cut at
+/// `deadline_s`, the frame runs on the fallback and the backend is restarted in-process, so the
+/// inference stage never stalls. No frame is lost, and the watchdog is stopped cleanly at the
+/// end.
 #[test]
-fn a_stalled_stage_starves_the_watchdog_until_it_moves_again() {
+fn a_stalled_stage_starves_the_watchdog_and_a_hung_backend_is_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = config(dir.path(), "eurosat-rgb", "ccsds");
     let watchdog = dir.path().join("watchdog");
     std::fs::write(&watchdog, b"").unwrap();
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "[pipeline]\nstall_s = 0.1\n[watchdog]\ndevice = \"{}\"\nfeed_s = 0.02\n",
-        watchdog.display()
-    ));
-    std::fs::write(&config, text).unwrap();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("timeout_s = 20", "timeout_s = 1")
+        .replace("[source]", "deadline_s = 0.5\n[source]");
+    std::fs::write(
+        &config,
+        format!(
+            "{text}[pipeline]\nstall_s = 1.0\n[watchdog]\ndevice = \"{}\"\nfeed_s = 0.02\n",
+            watchdog.display()
+        ),
+    )
+    .unwrap();
     let out_path = dir.path().join("stall.json");
     let out = sim(&[
         "hil",
@@ -331,7 +346,7 @@ fn a_stalled_stage_starves_the_watchdog_until_it_moves_again() {
         "--config",
         config.to_str().unwrap(),
         "--faults",
-        "backend_hang=0.01,hang_ms=400,seed=4",
+        "stage_stall=0.01,stall_ms=2500,backend_hang=0.01,hang_ms=5000,seed=4",
         "--limit",
         "200",
         "--report",
@@ -340,18 +355,32 @@ fn a_stalled_stage_starves_the_watchdog_until_it_moves_again() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("the inference stage has been on one frame"),
+        stderr.contains("the ingest stage has been on one frame"),
         "{stderr}"
     );
     assert!(stderr.contains("every stage is moving again"), "{stderr}");
+    assert!(
+        !stderr.contains("the inference stage has been on one frame"),
+        "a hung backend is restarted before its stage stalls: {stderr}"
+    );
     let r = report(&out_path);
     assert_eq!(r["ledger"]["unaccounted"], 0);
     assert_eq!(
         r["ledger"]["sent"], 200,
-        "no frame lost to the hangs: {}",
+        "no frame lost to the stalls and hangs: {}",
         r["ledger"]
     );
-    assert!(r["board_events"]["backend_failover"].as_u64().unwrap_or(0) > 0);
+    let events = &r["board_events"];
+    assert!(
+        events["backend_failover"].as_u64().unwrap_or(0) > 0,
+        "{events}"
+    );
+    assert!(
+        events["backend_restarted"].as_u64().unwrap_or(0) > 0,
+        "{events}"
+    );
+    let commands = &r["faults"]["commands"];
+    assert!(commands["accepted"].as_u64().unwrap() > 0, "{commands}");
     let fed = std::fs::read(&watchdog).unwrap();
     assert!(fed.len() > 10, "fed {} times", fed.len());
     assert_eq!(fed.last(), Some(&b'V'), "stopped cleanly at the end");

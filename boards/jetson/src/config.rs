@@ -57,6 +57,16 @@ pub struct ModelConfig {
     /// on each output value, outvoting an upset in one run, at three times the inference cost.
     #[serde(default)]
     pub tmr: bool,
+    /// Seconds the preferred backend may take over one inference: past it the call is a
+    /// hang, the frame runs on the next backend, and the stuck backend is restarted in-process
+    /// on a new worker. Under `pipeline.stall_s`, so the stage recovers before the watchdogs
+    /// starve.
+    #[serde(default = "deadline_s")]
+    pub deadline_s: f64,
+}
+
+fn deadline_s() -> f64 {
+    2.0
 }
 
 fn retry_frames() -> u64 {
@@ -310,6 +320,13 @@ impl FlightConfig {
             ));
         }
         positive("pipeline.stall_s", self.pipeline.stall_s)?;
+        positive("model.deadline_s", self.model.deadline_s)?;
+        if self.model.deadline_s >= self.pipeline.stall_s {
+            return Err(format!(
+                "model.deadline_s = {} must be under pipeline.stall_s = {}: a hung backend is restarted at its deadline, before the watchdogs starve",
+                self.model.deadline_s, self.pipeline.stall_s
+            ));
+        }
         if let Some(w) = &self.watchdog {
             positive("watchdog.feed_s", w.feed_s)?;
         }
@@ -415,6 +432,14 @@ mod tests {
         assert_eq!(
             (ok.model.scrub_frames, ok.pipeline.monotonic_capture),
             (32, false)
+        );
+        assert_eq!(ok.model.deadline_s, 2.0);
+        let e = load(&MINIMAL.replace("[source]", "deadline_s = 40\n[source]"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.deadline_s = 40") && e.contains("stall_s"),
+            "{e}"
         );
     }
 }

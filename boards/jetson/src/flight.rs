@@ -22,15 +22,19 @@ pub const TILE_CAP: usize = 128;
 /// Detections kept per frame after merging.
 pub const FRAME_CAP: usize = 1024;
 
-/// The stages that work on a frame after it is taken: a stage busy on one frame for longer
-/// than the stall limit is stalled (a hung backend, a link that takes no bytes), and the
-/// watchdogs are then no longer fed. Waiting for work is not a stall: the sources bound their
-/// own waits with timeouts.
+/// The stages of the pipeline, each checking in while it works on a frame: a stage busy on one
+/// frame for longer than the stall limit is stalled (a hung backend the supervisor could not
+/// restart, a link that takes no bytes, a sensor driver stuck in a call), and the watchdogs
+/// are then no longer fed. Waiting for work is not a stall: the inference and output stages
+/// wait on queues outside their watch, and ingest may wait up to the source's own timeout for a
+/// sensor with nothing to send (`ingest_wait`) on top of the limit; a spool's wait for files
+/// is outside the watch.
 #[derive(Debug)]
 pub struct Stages {
     started: Instant,
     /// When each stage took its current frame, microseconds after `started` plus 1; 0 idle.
-    busy_since: [AtomicU64; 2],
+    busy_since: [AtomicU64; 3],
+    ingest_wait: Duration,
 }
 
 /// The stages [`Stages`] watches.
@@ -40,6 +44,8 @@ pub enum Stage {
     Inference = 0,
     /// Telemetry: the downlink queue and the link.
     Output = 1,
+    /// Taking the next frame from the source (a camera, a frame link, a spool's file).
+    Ingest = 2,
 }
 
 impl Stage {
@@ -48,20 +54,27 @@ impl Stage {
         match self {
             Self::Inference => "inference",
             Self::Output => "output",
+            Self::Ingest => "ingest",
         }
     }
 }
 
 impl Default for Stages {
     fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            busy_since: [AtomicU64::new(0), AtomicU64::new(0)],
-        }
+        Self::new(Duration::ZERO)
     }
 }
 
 impl Stages {
+    /// Stages whose ingest may wait `ingest_wait` for a quiet sensor beyond the stall limit.
+    pub fn new(ingest_wait: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            busy_since: [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)],
+            ingest_wait,
+        }
+    }
+
     fn now(&self) -> u64 {
         self.started.elapsed().as_micros() as u64 + 1
     }
@@ -75,14 +88,19 @@ impl Stages {
         result
     }
 
-    /// The first stage busy on one frame for longer than `limit`, and for how long.
+    /// The first stage busy on one frame for longer than `limit` (ingest: `limit` and its
+    /// wait), and for how long.
     pub fn stalled(&self, limit: Duration) -> Option<(Stage, Duration)> {
         let now = self.now();
-        [Stage::Inference, Stage::Output]
+        [Stage::Inference, Stage::Output, Stage::Ingest]
             .into_iter()
             .find_map(|stage| {
                 let since = self.busy_since[stage as usize].load(Ordering::Relaxed);
                 let busy = Duration::from_micros(now.saturating_sub(since));
+                let limit = match stage {
+                    Stage::Ingest => limit + self.ingest_wait,
+                    Stage::Inference | Stage::Output => limit,
+                };
                 (since != 0 && busy > limit).then_some((stage, busy))
             })
     }
@@ -315,5 +333,22 @@ mod tests {
             stages.stalled(Duration::from_millis(10)).map(|(s, _)| s)
         });
         assert_eq!(output, Some(Stage::Output));
+
+        // Ingest is allowed the sensor's own wait on top of the limit.
+        let stages = Stages::new(Duration::from_millis(50));
+        let ingest = |limit| {
+            stages.busy(Stage::Ingest, || {
+                std::thread::sleep(Duration::from_millis(30));
+                stages.stalled(limit).map(|(s, _)| s)
+            })
+        };
+        assert_eq!(ingest(Duration::from_millis(10)), None, "within its wait");
+        assert_eq!(ingest(Duration::ZERO), None, "within its wait");
+        let stages = Stages::new(Duration::from_millis(10));
+        let stuck = stages.busy(Stage::Ingest, || {
+            std::thread::sleep(Duration::from_millis(30));
+            stages.stalled(Duration::from_millis(5)).map(|(s, _)| s)
+        });
+        assert_eq!(stuck, Some(Stage::Ingest));
     }
 }

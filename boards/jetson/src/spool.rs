@@ -159,6 +159,28 @@ impl SpoolSource {
         Ok(())
     }
 
+    /// Hand over the file delivered last, then wait until a settled file is in the spool: the
+    /// oldest, or `None` when stopped (or empty, with `stop_when_empty`). Waiting for files is
+    /// idle time, not work: a caller that watches for stalls calls this first, outside the
+    /// watch, and `next_frame` then finds the file at once.
+    pub fn wait_for_file(&mut self) -> Result<Option<PathBuf>, SpoolError> {
+        self.finish_current()?;
+        loop {
+            if self
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::Relaxed))
+            {
+                return Ok(None);
+            }
+            match self.oldest()? {
+                Some(file) => return Ok(Some(file)),
+                None if self.options.stop_when_empty => return Ok(None),
+                None => std::thread::sleep(self.options.poll),
+            }
+        }
+    }
+
     /// The oldest settled file in the spool, if any.
     fn oldest(&self) -> Result<Option<PathBuf>, SpoolError> {
         let now = SystemTime::now();
@@ -196,20 +218,8 @@ impl FrameSource<u8> for SpoolSource {
     type Error = SpoolError;
 
     fn next_frame(&mut self, buffer: &mut [u8]) -> Result<Option<Frame>, SpoolError> {
-        self.finish_current()?;
-        let file = loop {
-            if self
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(Ordering::Relaxed))
-            {
-                return Ok(None);
-            }
-            match self.oldest()? {
-                Some(file) => break file,
-                None if self.options.stop_when_empty => return Ok(None),
-                None => std::thread::sleep(self.options.poll),
-            }
+        let Some(file) = self.wait_for_file()? else {
+            return Ok(None);
         };
         let file = move_into(&file, &self.processing)?;
         let sequence = self.next_sequence;

@@ -1,8 +1,8 @@
 //! The flight loop's steady state allocates nothing, on any of its threads: a counting global
 //! allocator sees no allocation while frames 100 to 400 of a real chip go through the
 //! classifier and out as CCSDS and MAVLink telemetry (health every frame among them), nor
-//! while the detector runs frames in which it finds nothing; plan scrubbing and the
-//! capture-time check are on. Products (PNG crops) allocate
+//! while the detector runs frames in which it finds nothing; the backend runs on its supervised
+//! worker as in kestrel-flight, and plan scrubbing and the capture-time check are on. Products (PNG crops) allocate
 //! and are not on this path. One test in its own binary, so that no other test's
 //! allocations are counted.
 
@@ -12,12 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kestrel_backend::Backend;
+use kestrel_backend::{Backend, BackendError};
 use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 use kestrel_host::{decode_image, HostClock};
 use kestrel_jetson::flight::{self, Stages, Tally};
 use kestrel_payload::downlink::{Downlink, DownlinkArgs, FramingArg};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
+use kestrel_runtime::supervise::{preferred, SupervisedBackend};
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
 use models::ZooModel;
 
@@ -128,6 +129,21 @@ fn the_flight_loop_allocates_nothing_per_frame() {
         .unwrap();
 }
 
+/// `backend` on a supervised worker, as kestrel-flight runs its preferred backend (a restart
+/// is not expected here: its factory only says so).
+fn supervised(backend: Box<dyn Backend + Send>) -> SupervisedBackend {
+    let (supervised, _) = preferred(
+        backend,
+        Arc::new(|| Err(BackendError::NotAvailable)),
+        None,
+        false,
+        Duration::from_secs(10),
+        Box::new(|_| {}),
+    )
+    .unwrap();
+    supervised
+}
+
 fn flight_loop() {
     let clock = HostClock::default();
 
@@ -140,7 +156,7 @@ fn flight_loop() {
     .unwrap();
     for framing in [FramingArg::Ccsds, FramingArg::Mavlink] {
         let spec = model.preprocess_spec().unwrap();
-        let backend = model.int8_backend().unwrap().unwrap();
+        let backend = supervised(Box::new(model.int8_backend().unwrap().unwrap()));
         let (mut input, mut output) =
             (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
         let step = ClassifierStep::new(backend, spec, &mut input, &mut output).unwrap();
@@ -168,7 +184,7 @@ fn flight_loop() {
     let model = ZooModel::load(models::DEFAULT_DETECTOR).unwrap();
     let detector = model.detector_config().unwrap();
     let spec = model.preprocess_spec().unwrap();
-    let backend = model.int8_backend().unwrap().unwrap();
+    let backend = supervised(Box::new(model.int8_backend().unwrap().unwrap()));
     let (mut input, mut output) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
     let step = DetectorStep::new(backend, spec, detector, &mut input, &mut output).unwrap();
     let geometry = FrameGeometry {

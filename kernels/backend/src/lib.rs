@@ -50,6 +50,9 @@ pub enum BackendError {
     /// The device is gone or in a state nothing more runs in until it is reset (an illegal
     /// address, an uncorrectable ECC error, a fallen-off bus).
     DeviceLost,
+    /// The backend did not answer within its deadline (a hung kernel or driver call): it was
+    /// abandoned and is being restarted.
+    Hung,
 }
 
 impl BackendError {
@@ -63,6 +66,7 @@ impl BackendError {
                 | Self::OutOfMemory
                 | Self::LaunchFailed
                 | Self::DeviceLost
+                | Self::Hung
         )
     }
 }
@@ -84,6 +88,7 @@ impl core::fmt::Display for BackendError {
             Self::OutOfMemory => f.write_str("the device ran out of memory"),
             Self::LaunchFailed => f.write_str("a kernel launch failed"),
             Self::DeviceLost => f.write_str("the device was lost"),
+            Self::Hung => f.write_str("the backend did not answer within its deadline"),
         }
     }
 }

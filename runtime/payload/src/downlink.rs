@@ -15,6 +15,7 @@ use kestrel_runtime::classify::Classification as RuntimeClassification;
 use kestrel_runtime::detect::Detection;
 use kestrel_runtime::failover::Failover;
 use kestrel_runtime::ledger::{DropReason, Ledger, RejectReason};
+use kestrel_runtime::supervise::Restart;
 use kestrel_runtime::switch::SwitchHandle;
 use kestrel_runtime::threaded::FrameFailure;
 use kestrel_runtime::BackendError;
@@ -777,6 +778,13 @@ pub fn failover_event(change: &Failover) -> Event {
     }
 }
 
+/// The event a supervised backend's restart after a hang goes down as; the preferred backend,
+/// the one supervised, is the chain's first.
+pub fn restart_event(restart: &Restart) -> Event {
+    let count = i32::try_from(restart.count).unwrap_or(i32::MAX);
+    EventId::BackendRestarted.with([0, count, i32::from(restart.loaded)])
+}
+
 /// A backend fault's code in a `backend_failover` event (the README's event table).
 fn fault_code(error: BackendError) -> i32 {
     match error {
@@ -785,6 +793,7 @@ fn fault_code(error: BackendError) -> i32 {
         BackendError::OutOfMemory => 3,
         BackendError::LaunchFailed => 4,
         BackendError::DeviceLost => 5,
+        BackendError::Hung => 6,
         BackendError::InputLength { .. } | BackendError::OutputLength { .. } => 0,
     }
 }

@@ -261,6 +261,10 @@ pub enum EventId {
     /// index, 1 if it was restored from its golden copy (the frames since the last clean scrub
     /// then run again) or 0 if the restore failed.
     ModelCorrupt = 0x0007,
+    /// A backend did not answer within its deadline and was restarted in-process on a new
+    /// worker: args are the chain index, restarts so far, and 1 if the new worker loaded the
+    /// model or 0 if it could not be started.
+    BackendRestarted = 0x0008,
 }
 
 /// One row of the event table.
@@ -277,7 +281,7 @@ pub struct EventInfo {
 }
 
 /// Every event, as the docs' table lists it (a test checks the README against this).
-pub const EVENTS: [EventInfo; 7] = [
+pub const EVENTS: [EventInfo; 8] = [
     EventInfo {
         id: EventId::CommandRejected,
         name: "command_rejected",
@@ -306,7 +310,7 @@ pub const EVENTS: [EventInfo; 7] = [
         id: EventId::BackendFailover,
         name: "backend_failover",
         severity: Severity::Error,
-        meaning: "a backend failed on a frame, which ran on the next: failed index, new index, fault code (1 execution, 2 not available, 3 out of memory, 4 launch failed, 5 device lost)",
+        meaning: "a backend failed on a frame, which ran on the next: failed index, new index, fault code (1 execution, 2 not available, 3 out of memory, 4 launch failed, 5 device lost, 6 hung)",
     },
     EventInfo {
         id: EventId::BackendRestored,
@@ -319,6 +323,12 @@ pub const EVENTS: [EventInfo; 7] = [
         name: "model_corrupt",
         severity: Severity::Warning,
         meaning: "a scrub found the loaded model corrupt: the chain index, 1 if restored from its golden copy (recent frames run again) or 0 if not",
+    },
+    EventInfo {
+        id: EventId::BackendRestarted,
+        name: "backend_restarted",
+        severity: Severity::Error,
+        meaning: "a backend hung past its deadline and was restarted on a new worker: the chain index, restarts so far, 1 if the model loaded or 0 if not",
     },
 ];
 

@@ -13,25 +13,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kestrel_backend::Backend;
+use kestrel_backend::{Backend, BackendError};
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions};
 use kestrel_hal::{Frame, FrameSource, Watchdog};
 use kestrel_host::frame_link::StreamSource;
 use kestrel_host::HostClock;
 use kestrel_jetson::config::{FlightConfig, ModelConfig, SourceConfig};
-use kestrel_jetson::flight::{self, Stages, Tally};
+use kestrel_jetson::flight::{self, Stage, Stages, Tally};
 use kestrel_jetson::spool::{SpoolOptions, SpoolSource};
 use kestrel_jetson::thermal;
 use kestrel_jetson::v4l2::{PixelFormat, V4l2Source};
 use kestrel_jetson::watchdog::{notify_systemd, LinuxWatchdog};
 use kestrel_payload::command::{Controls, Pausable, Slots};
-use kestrel_payload::downlink::{failover_event, health_message, slot_pairs, Downlink};
+use kestrel_payload::downlink::{
+    failover_event, health_message, restart_event, slot_pairs, Downlink,
+};
 use kestrel_runtime::failover::{Failover, FailoverBackend};
-use kestrel_runtime::faults::{FaultSpec, FaultyBackend};
+use kestrel_runtime::faults::{Draws, Fault, FaultSpec};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
+use kestrel_runtime::supervise::{preferred, Factory, Restart};
 use kestrel_runtime::switch::SwitchableBackend;
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
-use kestrel_runtime::tmr::TmrBackend;
 use models::ZooModel;
 
 fn main() -> ExitCode {
@@ -73,7 +75,12 @@ fn main() -> ExitCode {
 
 /// The configured backend for `model` first, then what it falls back to, in the order CUDA,
 /// the int8 plan on the CPU, tract: a frame one fails on with a device fault runs on the next.
-fn backend_chain(model: &ZooModel, choice: &str) -> anyhow::Result<Vec<Box<dyn Backend + Send>>> {
+/// Without `fallbacks`, only the first: what a restart after a hang builds again.
+fn backend_chain(
+    model: &ZooModel,
+    choice: &str,
+    fallbacks: bool,
+) -> anyhow::Result<Vec<Box<dyn Backend + Send>>> {
     let mut chain: Vec<Box<dyn Backend + Send>> = Vec::new();
     if choice == "cuda" {
         if let Some(plan) = model.plan_bytes()? {
@@ -89,7 +96,7 @@ fn backend_chain(model: &ZooModel, choice: &str) -> anyhow::Result<Vec<Box<dyn B
             }
         }
     }
-    if choice != "tract" {
+    if choice != "tract" && (fallbacks || chain.is_empty()) {
         match model.int8_backend()? {
             Some(int8) => chain.push(Box::new(int8)),
             None if choice == "auto" => {}
@@ -98,6 +105,9 @@ fn backend_chain(model: &ZooModel, choice: &str) -> anyhow::Result<Vec<Box<dyn B
                 model.origin
             ),
         }
+    }
+    if !fallbacks && !chain.is_empty() {
+        return Ok(chain);
     }
     match model.tract_backend() {
         Ok(tract) => chain.push(Box::new(tract)),
@@ -117,25 +127,57 @@ fn load_backend(
     faults: Option<&FaultSpec>,
     controls: &Arc<Controls>,
 ) -> anyhow::Result<Box<dyn Backend + Send>> {
-    let mut chain = backend_chain(model, &config.backend)?;
-    // A hardware-in-the-loop campaign's backend faults: the preferred backend is the one that
-    // fails, as a device would.
+    let mut chain = backend_chain(model, &config.backend, true)?;
+    // The preferred backend on a supervised worker: a call past the deadline is a hang, the
+    // frame runs on the next backend, and the preferred one is built again from storage. A
+    // hardware-in-the-loop campaign's backend faults go on it, as on a device that fails.
     if let Some(spec) = faults.filter(|f| f.any_backend()) {
-        if !chain.is_empty() {
-            let preferred = chain.remove(0);
-            log::warn!(
-                "fault injection on {}: {}",
-                preferred.name(),
-                spec.describe()
-            );
-            chain.insert(0, Box::new(FaultyBackend::new(preferred, spec)));
-        }
+        log::warn!(
+            "fault injection on the preferred backend: {}",
+            spec.describe()
+        );
     }
-    if config.tmr && !chain.is_empty() {
-        let preferred = chain.remove(0);
-        log::info!("{}: triple-modular redundancy", preferred.name());
-        chain.insert(0, Box::new(TmrBackend::new(preferred)));
+    if config.tmr {
+        log::info!("the preferred backend runs under triple-modular redundancy");
     }
+    let rebuild: Factory = {
+        let (name, choice) = (config.name.clone(), config.backend.clone());
+        Arc::new(move || {
+            let built = ZooModel::load(&name)
+                .map_err(anyhow::Error::from)
+                .and_then(|model| backend_chain(&model, &choice, false))
+                .map(|chain| chain.into_iter().next());
+            match built {
+                Ok(Some(backend)) => Ok(backend),
+                Ok(None) => Err(BackendError::NotAvailable),
+                Err(e) => {
+                    log::error!("the restarted backend cannot load {name}: {e:#}");
+                    Err(BackendError::NotAvailable)
+                }
+            }
+        })
+    };
+    let on_restart = {
+        let controls = Arc::clone(controls);
+        Box::new(move |restart: Restart| {
+            if restart.loaded {
+                log::warn!(
+                    "the preferred backend was restarted after a hang (restart {})",
+                    restart.count
+                );
+            } else {
+                log::error!(
+                    "the preferred backend could not be restarted (restart {})",
+                    restart.count
+                );
+            }
+            controls.report(restart_event(&restart));
+        })
+    };
+    let first = chain.remove(0);
+    let deadline = Duration::from_secs_f64(config.deadline_s);
+    let (supervised, _watch) = preferred(first, rebuild, faults, config.tmr, deadline, on_restart)?;
+    chain.insert(0, Box::new(supervised));
     let names: Vec<&'static str> = chain.iter().map(|b| b.name()).collect();
     log::info!(
         "{}: backends in order of failover: {}",
@@ -182,9 +224,14 @@ enum Source {
     Camera(V4l2Source),
 }
 
+/// The source as the pipeline's ingest stage takes it: ended by a stop signal, and watched
+/// while it delivers a frame (a spool's wait for files is not watched: it is idle).
 struct Stoppable {
     source: Source,
     stop: Arc<AtomicBool>,
+    stages: Arc<Stages>,
+    /// A campaign's `stage_stall` fault: the stage stalls `stall_ms` before some frames.
+    stalls: Option<(FaultSpec, Draws)>,
 }
 
 impl FrameSource<u8> for Stoppable {
@@ -194,11 +241,28 @@ impl FrameSource<u8> for Stoppable {
         if self.stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        match &mut self.source {
-            Source::Spool(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
-            Source::Link(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
-            Source::Camera(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+        if let Source::Spool(s) = &mut self.source {
+            if s.wait_for_file().map_err(|e| e.to_string())?.is_none() {
+                return Ok(None);
+            }
         }
+        let (source, stalls) = (&mut self.source, &mut self.stalls);
+        self.stages.busy(Stage::Ingest, || {
+            if let Some((spec, draws)) = stalls.as_mut() {
+                if draws.chance(spec.rate(Fault::StageStall)) {
+                    log::warn!(
+                        "fault injection: the ingest stage stalls for {:?}",
+                        spec.stall
+                    );
+                    std::thread::sleep(spec.stall);
+                }
+            }
+            match source {
+                Source::Spool(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+                Source::Link(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+                Source::Camera(s) => s.next_frame(buffer).map_err(|e| e.to_string()),
+            }
+        })
     }
 }
 
@@ -280,7 +344,14 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
         .transpose()?;
     let every = Duration::from_secs_f64(config.watchdog.as_ref().map_or(1.0, |w| w.feed_s));
     let stall = Duration::from_secs_f64(config.pipeline.stall_s);
-    let stages = Arc::new(Stages::default());
+    // Ingest may wait for a quiet sensor up to the source's own timeout before it is stalled.
+    let ingest_wait = match &config.source {
+        SourceConfig::FrameLink { timeout_s, .. } | SourceConfig::V4l2 { timeout_s, .. } => {
+            Duration::from_secs_f64(*timeout_s)
+        }
+        SourceConfig::Spool { .. } => Duration::ZERO,
+    };
+    let stages = Arc::new(Stages::new(ingest_wait));
     let feeder = {
         let (stop, stages) = (Arc::clone(&stop), Arc::clone(&stages));
         std::thread::spawn(move || {
@@ -322,6 +393,14 @@ fn fly(config: &FlightConfig) -> anyhow::Result<()> {
     let source = Stoppable {
         source: open_source(&config.source, &stop)?,
         stop: Arc::clone(&stop),
+        stages: Arc::clone(&stages),
+        stalls: faults
+            .clone()
+            .filter(|f| f.rate(Fault::StageStall) > 0.0)
+            .map(|spec| {
+                let draws = Draws::new(spec.seed, 4);
+                (spec, draws)
+            }),
     };
     notify_systemd("READY=1");
     let source = Pausable {
