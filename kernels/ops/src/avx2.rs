@@ -14,7 +14,7 @@ use std::vec::Vec;
 mod winograd;
 use winograd::Winograd;
 
-use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
+use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
 
 use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, ShapeError, ADD_FRACTION_BITS};
 use crate::quant::{requantize_i8, Requant};
@@ -108,6 +108,29 @@ fn add(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeErro
 }
 
 impl Kernels for Avx2 {
+    fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
+        for prepared in self.layers.iter().flatten() {
+            visit(&prepared.packed.weights);
+            if let Some(w) = &prepared.winograd {
+                visit(w.weights());
+            }
+        }
+    }
+
+    fn flip_prepared_bit(&mut self, bit: u64) -> bool {
+        let blocks = self
+            .layers
+            .iter_mut()
+            .flatten()
+            .flat_map(|p| {
+                let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
+                [Some(p.packed.weights.as_mut_slice()), winograd]
+            })
+            .flatten()
+            .collect();
+        flip_bit(blocks, bit)
+    }
+
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         self::add(add, a, b, output)
     }

@@ -21,6 +21,20 @@ pub trait Kernels {
         conv.run(input, output)
     }
 
+    /// Visit the weights this set prepared at load (packed, transformed), block by block, for
+    /// a scrub to checksum: a copy of the plan's weights in memory that the plan's own CRCs do
+    /// not cover. A set that prepares nothing visits nothing.
+    fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
+        let _ = visit;
+    }
+
+    /// Fault injection: flip bit `bit` (modulo their size in bits) of the prepared weights, as
+    /// a radiation upset would; whether there were any to flip.
+    fn flip_prepared_bit(&mut self, bit: u64) -> bool {
+        let _ = bit;
+        false
+    }
+
     /// Run `gemm` on `input` into `output`.
     fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         gemm.run(input, output)

@@ -12,7 +12,7 @@ use std::vec::Vec;
 
 use crate::int8::{ChannelQuant, Conv, ShapeError};
 use crate::quant::requantize_i8;
-use crate::strips::{prepare_convs, Layer, Packed, Scratch, MR, NR};
+use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
 use crate::table::{Entry, KernelTable};
 use crate::Kernels;
 
@@ -62,6 +62,22 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
 }
 
 impl Kernels for Neon {
+    fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
+        for packed in self.layers.iter().flatten() {
+            visit(&packed.weights);
+        }
+    }
+
+    fn flip_prepared_bit(&mut self, bit: u64) -> bool {
+        let blocks = self
+            .layers
+            .iter_mut()
+            .flatten()
+            .map(|p| p.weights.as_mut_slice())
+            .collect();
+        flip_bit(blocks, bit)
+    }
+
     fn conv(
         &mut self,
         step: usize,

@@ -19,6 +19,27 @@ pub(crate) fn prepare_convs<T>(
         .collect()
 }
 
+/// Flip bit `bit` (modulo their size in bits) of `blocks` taken as one run of words; whether
+/// they held any. Fault injection only.
+pub(crate) fn flip_bit(blocks: Vec<&mut [i32]>, bit: u64) -> bool {
+    let total: u64 = blocks.iter().map(|b| b.len() as u64 * 32).sum();
+    if total == 0 {
+        return false;
+    }
+    let mut at = bit % total;
+    for block in blocks {
+        let bits = block.len() as u64 * 32;
+        if at < bits {
+            if let Some(word) = block.get_mut((at / 32) as usize) {
+                *word ^= 1 << (at % 32);
+            }
+            return true;
+        }
+        at -= bits;
+    }
+    false
+}
+
 /// Output channels per micro-tile.
 pub(crate) const MR: usize = 4;
 /// Pixels per micro-tile.

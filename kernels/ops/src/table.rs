@@ -11,10 +11,10 @@ use crate::int8::{
 };
 use crate::{Kernels, Reference};
 
-/// A convolution kernel prepared for one program (packed weights, scratch): called with the
-/// step index, the layer, its input and its output.
-pub type ConvKernel =
-    Box<dyn FnMut(usize, &Conv<'_>, &[i8], &mut [i8]) -> Result<(), ShapeError> + Send>;
+/// Convolution kernels prepared for one program (packed weights, scratch): only their `conv`
+/// (called with the step index, the layer, its input and its output) and their prepared
+/// weights are used.
+pub type ConvKernel = Box<dyn Kernels + Send>;
 /// A kernel of op `T` with one input.
 pub type UnaryKernel<T> = fn(&T, &[i8], &mut [i8]) -> Result<(), ShapeError>;
 /// A kernel of op `T` with two inputs.
@@ -68,14 +68,10 @@ pub struct KernelTable {
 
 impl Entry<ConvKernel> {
     /// The convolutions of a kernel set (a plug-in's, prepared for one program), named `name`.
-    pub fn conv_of(name: &'static str, mut kernels: impl Kernels + Send + 'static) -> Self {
+    pub fn conv_of(name: &'static str, kernels: impl Kernels + Send + 'static) -> Self {
         Self {
             name,
-            kernel: Box::new(
-                move |step, conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
-                    kernels.conv(step, conv, input, output)
-                },
-            ),
+            kernel: Box::new(kernels),
         }
     }
 }
@@ -139,7 +135,15 @@ impl Kernels for KernelTable {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        (self.conv.kernel)(step, conv, input, output)
+        self.conv.kernel.conv(step, conv, input, output)
+    }
+
+    fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
+        self.conv.kernel.prepared_weights(visit)
+    }
+
+    fn flip_prepared_bit(&mut self, bit: u64) -> bool {
+        self.conv.kernel.flip_prepared_bit(bit)
     }
 
     fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {

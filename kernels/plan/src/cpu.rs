@@ -3,6 +3,7 @@
 
 use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 use kestrel_ops::table::KernelTable;
+use kestrel_ops::Kernels;
 
 use crate::program::{AlignedBytes, OwnedProgram, Program, ProgramError};
 use crate::session::Session;
@@ -19,6 +20,31 @@ pub struct Int8Cpu {
     broken: Option<ProgramError>,
     /// Injected activation upsets waiting for the next inference.
     activation_upsets: std::vec::Vec<u64>,
+    /// CRC-32 of the weights the kernels prepared at load (packed for SIMD, transformed for
+    /// Winograd): a second copy of the weights in memory, which the plan's CRCs do not cover.
+    prepared_crc: u32,
+}
+
+/// CRC-32 of the weights `kernels` prepared, in their little-endian bytes.
+fn prepared_crc(kernels: &KernelTable) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    let mut bytes = [0u8; 4096];
+    kernels.prepared_weights(&mut |block| {
+        for words in block.chunks(bytes.len() / 4) {
+            for (to, word) in bytes.chunks_exact_mut(4).zip(words) {
+                to.copy_from_slice(&word.to_le_bytes());
+            }
+            hasher.update(bytes.get(..words.len() * 4).unwrap_or_default());
+        }
+    });
+    hasher.finalize()
+}
+
+/// Bits of the weights `kernels` prepared.
+fn prepared_bits(kernels: &KernelTable) -> u64 {
+    let mut bits = 0;
+    kernels.prepared_weights(&mut |block| bits += block.len() as u64 * 32);
+    bits
 }
 
 impl Int8Cpu {
@@ -52,6 +78,7 @@ impl Int8Cpu {
         };
         Ok(Self {
             arena,
+            prepared_crc: prepared_crc(&kernels),
             kernels,
             owned,
             golden,
@@ -116,8 +143,9 @@ impl Int8Cpu {
 /// from the golden copy kept at load (itself checked as it is parsed again).
 impl Int8Cpu {
     fn scrub_plan(&self) -> Scrub {
+        let prepared_clean = prepared_crc(&self.kernels) == self.prepared_crc;
         match (self.broken, self.owned.scrub()) {
-            (None, Ok(())) => Scrub::Clean,
+            (None, Ok(())) if prepared_clean => Scrub::Clean,
             _ => Scrub::Corrupt,
         }
     }
@@ -127,7 +155,20 @@ impl Int8Cpu {
         Ok(())
     }
 
+    /// Flip bit `bit` of the model in memory: the plan copy, or the weights the kernels
+    /// prepared from it, taken as one run of bits.
     fn flip_model_bit(&mut self, bit: u64) -> Landed {
+        let plan_bits = self.owned.bytes().len() as u64 * 8;
+        let total = plan_bits + prepared_bits(&self.kernels);
+        let bit = bit % total.max(1);
+        if bit >= plan_bits {
+            // Every prepared word is under the prepared CRC.
+            return if self.kernels.flip_prepared_bit(bit - plan_bits) {
+                Landed::Checked
+            } else {
+                Landed::Missed
+            };
+        }
         let (flipped, covered) = self.owned.with_bit_flipped(bit);
         match flipped {
             Ok(owned) => self.owned = owned,
@@ -248,13 +289,16 @@ mod tests {
         let mut clean = vec![0.0; cpu.output_len()];
         cpu.run(&input, &mut clean).unwrap();
         assert_eq!(cpu.scrub(), Scrub::Clean);
-        let bits = bytes.as_bytes().len() as u64 * 8;
-        let (mut checked, mut unchecked) = (0, 0);
-        // Bits spread over the whole plan: the preamble, table, every section and padding.
+        let plan_bits = bytes.as_bytes().len() as u64 * 8;
+        let bits = plan_bits + prepared_bits(&cpu.kernels);
+        let (mut checked, mut unchecked, mut prepared) = (0, 0, 0);
+        // Bits spread over the whole plan (the preamble, table, every section and padding),
+        // then over the weights the SIMD kernels packed from it.
         for bit in (0..bits).step_by(9_973) {
             match cpu.upset(Upset::Model { bit }) {
                 Landed::Checked => {
                     checked += 1;
+                    prepared += u32::from(bit >= plan_bits);
                     assert_eq!(cpu.scrub(), Scrub::Corrupt, "bit {bit} in checked memory");
                 }
                 Landed::Unchecked => {
@@ -272,6 +316,11 @@ mod tests {
             assert_eq!(output, clean, "bit {bit}: restored bit for bit");
         }
         assert!(checked > 500, "{checked} checked, {unchecked} unchecked");
+        if cpu.kernel_name() == "generic" {
+            println!("this CPU runs the generic kernels: no prepared weights to upset");
+        } else {
+            assert!(prepared > 50, "{prepared} in the packed weights");
+        }
         // An activation upset changes one inference, and only that one.
         let mut output = vec![0.0; cpu.output_len()];
         for bit in 0..50 {

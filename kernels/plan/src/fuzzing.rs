@@ -57,7 +57,9 @@ fn accepted(bytes: &[u8], program: &Program<'_>) {
     };
     runs_alike(program);
 
-    let bit = fnv1a(bytes);
+    // A bit of the plan copy (the CPU backend's model memory also holds its prepared weights,
+    // which its own test covers).
+    let bit = fnv1a(bytes) % (bytes.len() as u64 * 8).max(1);
     let (flipped, covered) = owned.with_bit_flipped(bit);
     match &flipped {
         Ok(flipped) => {

@@ -30,6 +30,18 @@ pub(super) struct Winograd {
     tiles: [usize; 2],
 }
 
+impl Winograd {
+    /// The transformed weights, for a scrub's checksum and fault injection.
+    pub(super) fn weights_mut(&mut self) -> &mut [i32] {
+        &mut self.weights
+    }
+
+    /// The transformed weights.
+    pub(super) fn weights(&self) -> &[i32] {
+        &self.weights
+    }
+}
+
 /// `G' g G'ᵀ` for one 3x3 filter, `G' = [[2,0,0],[1,1,1],[1,-1,1],[0,0,2]]`.
 fn transform_filter(g: &[i8]) -> [i16; POINTS] {
     let g = |r: usize, c: usize| i32::from(g[r * 3 + c]);
