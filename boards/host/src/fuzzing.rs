@@ -5,16 +5,21 @@
 
 use std::path::Path;
 
-use crate::image_file::{decode_image_bytes, ImageError};
+use crate::image_file::{decode_image_bytes_within, ImageError};
+
+/// Samples a decoded image may have: a board's frame buffer (64 M samples here). Larger claims
+/// are refused from the header, so a mutated header costs no allocation.
+pub const MAX_SAMPLES: usize = 1 << 26;
 
 /// `bytes` as an image file read from disk (JPEG or PNG; the host board reads no other format):
 /// a decoded image has 1 to 4 bands and exactly its geometry's samples; a refused one is an
 /// error naming the file, with its reason on one line.
 pub fn image_decode(bytes: &[u8]) {
     let path = Path::new("fuzz/input.img");
-    match decode_image_bytes(path, bytes) {
+    match decode_image_bytes_within(path, bytes, MAX_SAMPLES) {
         Ok(image) => {
             let g = image.geometry;
+            assert!(image.samples.len() <= MAX_SAMPLES, "within the bound");
             assert!((1..=4).contains(&g.bands), "{} bands", g.bands);
             assert!(
                 g.sample_count() == Some(image.samples.len()),

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use image::{DynamicImage, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageReader};
 use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 
 /// Why an image file could not become a frame: `"<path>: <reason>"`.
@@ -46,18 +46,50 @@ pub struct DecodedImage {
 /// Decode a JPEG or PNG file. 16-bit and float images are rejected: this board delivers 8-bit
 /// camera frames.
 pub fn decode_image(path: &Path) -> Result<DecodedImage, ImageError> {
+    decode_image_within(path, usize::MAX)
+}
+
+/// [`decode_image`], refusing an image of more than `max_samples` samples from its header,
+/// before anything is allocated for it: a damaged or hostile header that claims a huge image
+/// costs nothing (the image crate alone would allocate up to 512 MB first).
+pub fn decode_image_within(path: &Path, max_samples: usize) -> Result<DecodedImage, ImageError> {
     let bytes =
         std::fs::read(path).map_err(|e| ImageError::new(path, format!("cannot open: {e}")))?;
-    decode_image_bytes(path, &bytes)
+    decode_image_bytes_within(path, &bytes, max_samples)
 }
 
 /// [`decode_image`] of a file's bytes already read (`path` names it in errors).
 pub fn decode_image_bytes(path: &Path, bytes: &[u8]) -> Result<DecodedImage, ImageError> {
-    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+    decode_image_bytes_within(path, bytes, usize::MAX)
+}
+
+/// [`decode_image_within`] of a file's bytes already read.
+pub fn decode_image_bytes_within(
+    path: &Path,
+    bytes: &[u8],
+    max_samples: usize,
+) -> Result<DecodedImage, ImageError> {
+    let decoder = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| ImageError::new(path, format!("cannot read: {e}")))?;
-    let image = reader
-        .decode()
+        .map_err(|e| ImageError::new(path, format!("cannot read: {e}")))?
+        .into_decoder()
+        .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
+    let (width, height) = decoder.dimensions();
+    let bands = decoder.color_type().channel_count();
+    let claimed = u64::from(width) * u64::from(height) * u64::from(bands);
+    if claimed > max_samples as u64 {
+        return Err(ImageError::new(
+            path,
+            format!(
+                "{width}x{height}x{bands} image exceeds the frame buffer ({max_samples} samples)"
+            ),
+        ));
+    }
+    // The image crate's own allocation limit (512 MB), which its decode would apply.
+    image::Limits::default()
+        .reserve(decoder.total_bytes())
+        .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
+    let image = DynamicImage::from_decoder(decoder)
         .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
     let (width, height) = (image.width(), image.height());
     let (bands, samples) = match image {
@@ -139,18 +171,10 @@ impl FrameSource<u8> for FolderSource {
         self.next += 1;
         self.wait_for_next_slot();
         let capture_us = self.started.elapsed().as_micros() as u64;
-        let image = decode_image(&path)?;
-        let capacity = buffer.len();
-        let target = buffer.get_mut(..image.samples.len()).ok_or_else(|| {
-            let g = image.geometry;
-            ImageError::new(
-                &path,
-                format!(
-                    "{}x{}x{} image exceeds the frame buffer ({capacity} samples)",
-                    g.width, g.height, g.bands
-                ),
-            )
-        })?;
+        let image = decode_image_within(&path, buffer.len())?;
+        let target = buffer
+            .get_mut(..image.samples.len())
+            .ok_or_else(|| ImageError::new(&path, "the decoder gave more samples than it said"))?;
         target.copy_from_slice(&image.samples);
         Ok(Some(Frame {
             geometry: image.geometry,
@@ -160,5 +184,48 @@ impl FrameSource<u8> for FolderSource {
                 ..FrameMeta::default()
             },
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chip() -> (PathBuf, Vec<u8>) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../sim/sample/eurosat-rgb/River/River_105.jpg");
+        let bytes = std::fs::read(&path).unwrap();
+        (path, bytes)
+    }
+
+    #[test]
+    fn an_image_larger_than_the_bound_is_refused_from_its_header() {
+        let (path, bytes) = chip();
+        let image = decode_image_bytes_within(&path, &bytes, 64 * 64 * 3).unwrap();
+        assert_eq!(image.samples.len(), 64 * 64 * 3);
+        let e = decode_image_bytes_within(&path, &bytes, 64 * 64 * 3 - 1).unwrap_err();
+        assert!(
+            e.reason.contains("64x64x3 image exceeds the frame buffer"),
+            "{e}"
+        );
+
+        // A damaged header claiming 60000x60000 pixels: refused before anything is decoded.
+        let mut claims_huge = bytes.clone();
+        let sof = claims_huge
+            .windows(2)
+            .position(|w| w == [0xFF, 0xC0])
+            .expect("a baseline JPEG");
+        // Marker, length (2), precision (1), then height and width, big-endian.
+        claims_huge[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]);
+        let started = Instant::now();
+        let e = decode_image_bytes_within(&path, &claims_huge, 1 << 24).unwrap_err();
+        assert!(e.reason.contains("60000x60000x3 image exceeds"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "refused from the header"
+        );
+        // Unbounded, the image crate's 512 MB limit still holds (not an allocation failure).
+        let e = decode_image_bytes(&path, &claims_huge).unwrap_err();
+        assert!(e.reason.contains("cannot decode image"), "{e}");
     }
 }

@@ -10,7 +10,10 @@ pub mod frame_link;
 pub mod fuzzing;
 pub mod image_file;
 
-pub use image_file::{decode_image, decode_image_bytes, DecodedImage, FolderSource, ImageError};
+pub use image_file::{
+    decode_image, decode_image_bytes, decode_image_bytes_within, decode_image_within, DecodedImage,
+    FolderSource, ImageError,
+};
 
 use std::time::Instant;
 

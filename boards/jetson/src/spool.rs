@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kestrel_hal::{Frame, FrameMeta, FrameSource};
-use kestrel_host::decode_image;
+use kestrel_host::decode_image_within;
 
 /// Why the spool failed, or why one of its files did.
 #[derive(Debug, thiserror::Error)]
@@ -225,19 +225,13 @@ impl FrameSource<u8> for SpoolSource {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let capture_us = self.started.elapsed().as_micros() as u64;
-        let image = match decode_image(&file) {
+        // A header claiming more than the frame buffer holds is refused before decoding.
+        let image = match decode_image_within(&file, buffer.len()) {
             Ok(image) => image,
             Err(e) => return Err(self.fail(&file, e.reason)),
         };
         let Some(target) = buffer.get_mut(..image.samples.len()) else {
-            let g = image.geometry;
-            let reason = format!(
-                "{}x{}x{} image exceeds the frame buffer ({} samples)",
-                g.width,
-                g.height,
-                g.bands,
-                buffer.len()
-            );
+            let reason = "the decoder gave more samples than it said".to_string();
             return Err(self.fail(&file, reason));
         };
         target.copy_from_slice(&image.samples);

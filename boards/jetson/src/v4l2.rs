@@ -159,12 +159,19 @@ pub fn convert(
             height,
             reason,
         };
-        let image = image::load_from_memory_with_format(raw, image::ImageFormat::Jpeg)
+        // The size is checked from the header, before a damaged one that claims a huge image
+        // is allocated for.
+        let decoder = image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(raw))
+            .map_err(|e| jpeg_error(e.to_string()))?;
+        let (got_w, got_h) = image::ImageDecoder::dimensions(&decoder);
+        if (got_w, got_h) != (width, height) {
+            return Err(jpeg_error(format!("it is {got_w}x{got_h}")));
+        }
+        let image = image::DynamicImage::from_decoder(decoder)
             .map_err(|e| jpeg_error(e.to_string()))?
             .into_rgb8();
         if image.dimensions() != (width, height) {
-            let (got_w, got_h) = image.dimensions();
-            return Err(jpeg_error(format!("it is {got_w}x{got_h}")));
+            return Err(jpeg_error("it decoded to another size".into()));
         }
         out.copy_from_slice(image.as_raw());
         return Ok(geometry);
