@@ -298,6 +298,22 @@ impl FaultSpec {
         self.rates.iter().any(|&r| r > 0.0)
     }
 
+    /// Whether any fault of the frames a sensor delivers (damage, size, NaN, dropouts, time,
+    /// bursts) is on.
+    pub fn any_frame(&self) -> bool {
+        [
+            Fault::Corrupt,
+            Fault::Truncated,
+            Fault::WrongSize,
+            Fault::NotFinite,
+            Fault::Dropout,
+            Fault::Timestamp,
+            Fault::Burst,
+        ]
+        .iter()
+        .any(|&f| self.rate(f) > 0.0)
+    }
+
     /// Whether any fault of the backend (errors, hangs, loss, upsets) is on.
     pub fn any_backend(&self) -> bool {
         [

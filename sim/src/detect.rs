@@ -1,21 +1,25 @@
 //! Detection in `sim`: scoring a COCO folder (`sim eval --task detect`), the default run's
 //! detection pass over the committed sample scenes, and drawing boxes (`sim replay`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use kestrel_backend::Backend;
 use kestrel_eval::coco::{self, Scored, Truth};
 use kestrel_eval::Split;
+use kestrel_hal::{FrameGeometry, FrameSource};
 use kestrel_host::{decode_image, HostClock};
 use kestrel_runtime::detect::Detections;
-use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::frame::{FrameView, Sample};
 use kestrel_runtime::health::{ErrorKind, Health};
 use kestrel_runtime::step::{DetectorConfig, DetectorStep, FrameStep};
 use serde::Serialize;
 
 use crate::eval::{Failure, Latency, Progress};
+use crate::faults::{FaultyFolder, Marks};
 use crate::{load_model, LoadedModel, ModelArgs};
 use kestrel_backend::Scrub;
 use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport, LedgerReport};
@@ -91,8 +95,8 @@ pub struct EvalOptions {
     /// Lowest score kept for the precision-recall curve.
     pub score_threshold: f32,
     pub downlink: DownlinkArgs,
-    /// Backend faults and upsets to inject (the frame faults are the classifier's and `sim
-    /// hil`'s).
+    /// Faults to inject: the frame faults into the images, the backend faults and upsets
+    /// into the model's backend (the link's are `sim hil`'s).
     pub faults: Option<kestrel_runtime::faults::FaultSpec>,
     /// Frames between scrubs of the loaded plan (0: never).
     pub scrub_every: u32,
@@ -233,6 +237,139 @@ struct Report {
     scrub: crate::eval::ScrubReport,
     /// What was injected (null without `--faults`).
     faults: Option<crate::faults::FaultsReport>,
+    /// With `--faults`: mAP@0.5 over the images delivered that no fault touched.
+    map50_clean: Option<f64>,
+}
+
+/// A frame's samples as its source delivered them: 8-bit from image files, float from a
+/// faulty sensor (which may put NaN in them).
+enum Samples {
+    U8(Vec<u8>),
+    F32(Vec<f32>),
+}
+
+/// A frame delivered to the detector eval.
+struct Delivered {
+    geometry: FrameGeometry,
+    samples: Samples,
+    /// A fault damaged it on purpose (it is left out of `map50_clean`).
+    damaged: bool,
+}
+
+impl Delivered {
+    /// Bytes as the sensor delivered them.
+    fn bytes(&self) -> u64 {
+        match &self.samples {
+            Samples::U8(s) => s.len() as u64,
+            Samples::F32(s) => 4 * s.len() as u64,
+        }
+    }
+
+    /// An RGB picture of it, to cut products from (float samples clamped to 8 bits).
+    fn picture(&self) -> image::RgbImage {
+        let g = self.geometry;
+        match &self.samples {
+            Samples::U8(s) => downlink::rgb_image(s, g.width, g.height, g.bands),
+            Samples::F32(s) => {
+                let bytes: Vec<u8> = s.iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect();
+                downlink::rgb_image(&bytes, g.width, g.height, g.bands)
+            }
+        }
+    }
+}
+
+/// The frames of a detector eval, in the split's order: each image decoded, or, with frame
+/// faults on, delivered as a faulty sensor would (damaged, cut short, the wrong size, NaN,
+/// dropped, with stale capture times, which are rejected as the flight pipeline's
+/// `monotonic_capture` rejects them). There is no queue here: a burst overflows nothing.
+enum Frames<'a> {
+    Clean {
+        images: &'a [&'a coco::Image],
+        next: usize,
+    },
+    Faulty {
+        source: Box<FaultyFolder>,
+        buffer: Vec<f32>,
+        marks: Arc<Mutex<Marks>>,
+        last_capture_us: Option<u64>,
+    },
+}
+
+impl Frames<'_> {
+    /// The next frame: the index of its image and the frame or why it failed; `None` at the
+    /// end.
+    fn next(&mut self) -> Option<(usize, Result<Delivered, FrameFailure<String>>)> {
+        match self {
+            Self::Clean { images, next } => {
+                let index = *next;
+                let image = images.get(index)?;
+                *next += 1;
+                let delivered = decode_image(&image.path)
+                    .map(|d| Delivered {
+                        geometry: d.geometry,
+                        samples: Samples::U8(d.samples),
+                        damaged: false,
+                    })
+                    .map_err(|e| FrameFailure::Source(e.to_string()));
+                Some((index, delivered))
+            }
+            Self::Faulty {
+                source,
+                buffer,
+                marks,
+                last_capture_us,
+            } => {
+                let frame = source.next_frame(buffer);
+                let (index, damaged) = {
+                    let marks = marks.lock().unwrap_or_else(|p| p.into_inner());
+                    let sequence = marks.file_of.len().checked_sub(1)?;
+                    let damaged = marks.damaged.contains(&(sequence as u64));
+                    (*marks.file_of.get(sequence)?, damaged)
+                };
+                let frame = match frame {
+                    Ok(None) => return None,
+                    Ok(Some(frame)) => frame,
+                    Err(e) => return Some((index, Err(FrameFailure::Source(e.to_string())))),
+                };
+                let capture_us = frame.meta.capture_us;
+                if let Some(previous_us) = last_capture_us.filter(|&p| capture_us <= p) {
+                    let stale = FrameFailure::Timestamp {
+                        previous_us,
+                        capture_us,
+                    };
+                    return Some((index, Err(stale)));
+                }
+                *last_capture_us = Some(capture_us);
+                let count = frame.geometry.sample_count().unwrap_or(0).min(buffer.len());
+                let samples = buffer.get(..count).unwrap_or_default().to_vec();
+                Some((
+                    index,
+                    Ok(Delivered {
+                        geometry: frame.geometry,
+                        samples: Samples::F32(samples),
+                        damaged,
+                    }),
+                ))
+            }
+        }
+    }
+}
+
+/// Run `step` on one frame's samples; its latency, or why it failed.
+fn detect_frame<S: Sample, B: Backend>(
+    step: &mut DetectorStep<'_, B, TILE_CAP>,
+    geometry: FrameGeometry,
+    samples: &[S],
+    clock: &HostClock,
+    health: &mut Health,
+    found: &mut FrameDetections,
+) -> Result<u64, FrameFailure<String>> {
+    let view = FrameView::new(geometry, samples).map_err(|e| {
+        health.record_error(ErrorKind::Frame);
+        FrameFailure::Frame(e)
+    })?;
+    step.process(view, clock, health, found)
+        .map_err(FrameFailure::Step)
 }
 
 /// Score a detector on a COCO folder: every image of the split through the tiled detector,
@@ -286,12 +423,30 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         crate::rebuild_backend(&opts.model),
         crate::faults::DEADLINE,
     )?;
-    if let Some(spec) = opts.faults.as_ref().filter(|f| f.any() && !f.any_backend()) {
-        eprintln!(
-            "warning: --faults {}: a detector's eval injects only backend faults and upsets; frame and link faults are the classifier eval's and sim hil's",
-            spec.describe()
-        );
-    }
+    let marks = Arc::new(Mutex::new(Marks::default()));
+    let mut frames = match opts.faults.as_ref().filter(|f| f.any_frame()) {
+        Some(spec) => {
+            // A buffer for the largest image of the split, read from the headers.
+            let largest = images
+                .iter()
+                .filter_map(|i| image::image_dimensions(&i.path).ok())
+                .map(|(w, h)| w as usize * h as usize * 4)
+                .max()
+                .unwrap_or(0);
+            let paths = images.iter().map(|i| i.path.clone()).collect();
+            Frames::Faulty {
+                source: Box::new(FaultyFolder::new(paths, spec, None, Arc::clone(&marks))),
+                buffer: vec![0.0; largest],
+                marks: Arc::clone(&marks),
+                last_capture_us: None,
+            }
+        }
+        None => Frames::Clean {
+            images: &images,
+            next: 0,
+        },
+    };
+    let mut damaged_images = BTreeSet::new();
     let mut step = detector.step(opts.score_threshold)?;
     let mut found = FrameDetections::new();
     let clock = HostClock::default();
@@ -330,35 +485,46 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
             .copied()
             .collect()
     };
-    for (done, image) in images.iter().enumerate() {
+    while let Some((done, delivered)) = frames.next() {
         controls.wait_while_paused();
+        let Some(image) = images.get(done) else {
+            continue;
+        };
         health.frames_in += 1;
-        let decoded = match decode_image(&image.path) {
-            Ok(decoded) => decoded,
-            Err(e) => {
-                health.record_error(ErrorKind::Source);
+        let delivered = match delivered {
+            Ok(delivered) => delivered,
+            Err(failure) => {
+                health.record_error(match failure {
+                    FrameFailure::Timestamp { .. } => ErrorKind::Timestamp,
+                    _ => ErrorKind::Source,
+                });
                 downlink.frame_in(0);
-                downlink.frame_failed(&FrameFailure::Source(e.to_string()));
-                eprintln!("warning: {e}");
+                downlink.frame_failed(&failure);
+                eprintln!("warning: {}: {failure}", image.path.display());
                 failures.push(Failure {
                     file: image.path.display().to_string(),
-                    reason: e.to_string(),
+                    reason: failure.to_string(),
                 });
+                if opts.faults.is_some() {
+                    damaged_images.insert(done);
+                }
                 continue;
             }
         };
-        downlink.frame_in(decoded.samples.len() as u64);
-        let processed = FrameView::new(decoded.geometry, &decoded.samples)
-            .map_err(|e| {
-                health.record_error(ErrorKind::Frame);
-                FrameFailure::<String>::Frame(e)
-            })
-            .and_then(|view| {
-                let g = decoded.geometry;
-                tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
-                step.process(view, &clock, &mut health, &mut found)
-                    .map_err(FrameFailure::Step)
-            });
+        if delivered.damaged {
+            damaged_images.insert(done);
+        }
+        downlink.frame_in(delivered.bytes());
+        let g = delivered.geometry;
+        tiles += step.tiles(g.width, g.height).map_or(0, |t| t.len());
+        let processed = match &delivered.samples {
+            Samples::U8(samples) => {
+                detect_frame(&mut step, g, samples, &clock, &mut health, &mut found)
+            }
+            Samples::F32(samples) => {
+                detect_frame(&mut step, g, samples, &clock, &mut health, &mut found)
+            }
+        };
         match processed {
             Ok(latency) => {
                 latencies.push(latency);
@@ -367,12 +533,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                 let reported = reported(&found);
                 let frame = done as u64;
                 let thumbnail = downlink.wants(frame, Thumbnail);
-                let picture = Some(&decoded)
-                    .filter(|_| thumbnail || !reported.is_empty())
-                    .map(|d| {
-                        let g = d.geometry;
-                        kestrel_payload::downlink::rgb_image(&d.samples, g.width, g.height, g.bands)
-                    });
+                let picture = (thumbnail || !reported.is_empty()).then(|| delivered.picture());
                 downlink.detections(frame, &reported, picture.as_ref());
                 if let Some(picture) = picture.as_ref().filter(|_| thumbnail) {
                     downlink.thumbnail(frame, picture);
@@ -415,7 +576,9 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                 if attempt == 3 {
                     break;
                 }
-                for &again in &since_scrub {
+                // A frame damaged on purpose keeps its first result: the file on disk is not
+                // what the sensor delivered.
+                for &again in since_scrub.iter().filter(|i| !damaged_images.contains(i)) {
                     let Some(image) = images.get(again) else {
                         continue;
                     };
@@ -450,10 +613,36 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let downlink = downlink.finish(downlink::health_message(&health, &latencies, uptime_us));
     let scored: Vec<Scored> = scored_by_image.into_iter().flatten().collect();
     let ledger = LedgerReport::from(&downlink.ledger);
-    let faults = opts
-        .faults
-        .as_ref()
-        .map(|spec| crate::faults::FaultsReport::new(spec, &Default::default(), 0, 0, fault_watch));
+    let marks = marks.lock().unwrap_or_else(|p| p.into_inner());
+    let delivered: BTreeSet<usize> = match &frames {
+        Frames::Faulty { .. } => marks.file_of.iter().copied().collect(),
+        Frames::Clean { .. } => (0..images.len()).collect(),
+    };
+    let faults = opts.faults.as_ref().map(|spec| {
+        crate::faults::FaultsReport::new(
+            spec,
+            &marks.injected,
+            damaged_images.len() as u64,
+            (images.len() - delivered.len()) as u64,
+            fault_watch,
+        )
+    });
+    // mAP over the images delivered that no fault touched.
+    let map50_clean = opts.faults.as_ref().map(|_| {
+        let clean: Vec<&coco::Image> = images
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| delivered.contains(i) && !damaged_images.contains(i))
+            .map(|(_, image)| *image)
+            .collect();
+        let ids: BTreeSet<u64> = clean.iter().map(|i| i.id).collect();
+        let kept: Vec<Scored> = scored
+            .iter()
+            .filter(|s| ids.contains(&s.image))
+            .cloned()
+            .collect();
+        coco_scores(&dataset, &clean, &kept).map50
+    });
 
     let scores = coco_scores(&dataset, &images, &scored);
     let mut errors = serde_json::Map::new();
@@ -486,6 +675,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         ledger,
         scrub: crate::eval::ScrubReport::new(opts.scrub_every, &health.scrub, corrected),
         faults,
+        map50_clean,
     };
     print_summary(&report);
     if let Some(path) = &opts.report {
@@ -527,6 +717,12 @@ fn print_summary(r: &Report) {
     );
     downlink::print_summary(&r.downlink);
     crate::eval::print_ledger(&r.ledger);
+    if let (Some(f), Some(clean)) = (&r.faults, r.map50_clean) {
+        println!(
+            "faults      {}: {} frames damaged on purpose, {} never delivered; mAP@0.5 on the rest {clean:.3}",
+            f.spec, f.damaged_frames, f.dropouts
+        );
+    }
     crate::eval::print_upsets_and_scrub(r.faults.as_ref(), &r.scrub);
     if !r.skipped.is_empty() {
         println!(

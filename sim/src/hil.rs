@@ -97,9 +97,11 @@ pub struct HilArgs {
     /// Inject faults, as `sim eval --faults` takes them (`all`, a spec, or a TOML file). The
     /// bench damages frames on the frame link (corrupt, truncated, wrong_size, timestamp,
     /// dropout, burst) and the telemetry on its way in (link_bit_errors, link_loss,
-    /// link_stall, until the last frame is sent); a board started with --spawn gets the
-    /// backend faults and upsets in its configuration. A faulted run is scored against the
-    /// truth (top1_clean over the frames no fault touched), not compared frame by frame.
+    /// link_stall, until the last frame is sent), and sends a report_health command up every
+    /// 20 frames, some with a bit flipped (command_bit_errors); a board started with --spawn
+    /// gets the backend faults, upsets and stage stalls in its configuration. A faulted run is
+    /// scored against the truth (top1_clean over the frames no fault touched), not compared
+    /// frame by frame, and fails if the board executed a damaged command.
     #[arg(long, value_name = "SPEC|FILE")]
     faults: Option<String>,
     /// Stream a classifier's dataset this many times over (a soak: 34 times the 300-chip

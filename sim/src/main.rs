@@ -103,9 +103,10 @@ struct PipelineArgs {
     /// Inject faults: `all` (every fault at its default rate), a spec such as
     /// `corrupt=0.05,backend_error=0.01,seed=3`, or a TOML file of the same keys. Faults:
     /// corrupt, truncated, wrong_size, nan, dropout, timestamp, burst, backend_error,
-    /// backend_hang, device_lost, upset_model, upset_activations (and the link's, which only
-    /// `sim hil` injects); parameters: seed, burst_len, hang_ms, lost_ms. RELIABILITY.md lists
-    /// each with its response.
+    /// backend_hang, device_lost, upset_model, upset_activations (and link_bit_errors,
+    /// link_loss, link_stall, command_bit_errors and stage_stall, which only `sim hil`
+    /// injects); parameters: seed, burst_len, hang_ms, lost_ms, outage_ms, stall_ms,
+    /// upset_bits. RELIABILITY.md lists each with its response.
     #[arg(long, value_name = "SPEC|FILE")]
     faults: Option<String>,
     /// Scrub the loaded model's memory against its CRCs every this many frames (0: never); a

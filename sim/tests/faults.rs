@@ -274,3 +274,42 @@ fn bad_fault_specs_are_refused_with_the_item() {
         .unwrap()
         .starts_with("nan=0.2,seed=5"));
 }
+
+/// A detector's eval takes the frame faults too: damaged, wrong-size, NaN, stale and dropped
+/// frames over the committed NWPU scenes; each accepted frame ends in the ledger, and mAP is
+/// also reported over the frames no fault touched.
+#[test]
+fn a_detector_eval_takes_frame_faults_and_balances_its_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let dataset = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/nwpu-vhr10");
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args([
+            "eval",
+            "--model",
+            "nwpu-vhr10",
+            "--dataset",
+            dataset.to_str().unwrap(),
+            "--faults",
+            "corrupt=0.2,wrong_size=0.2,nan=0.2,timestamp=0.2,dropout=0.15,seed=1",
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    check_ledger("detector frame faults", &r);
+    let rejected = &r["ledger"]["rejected"];
+    for reason in ["frame", "not_finite", "timestamp"] {
+        assert!(n(&rejected[reason]) > 0, "{reason}: {rejected}");
+    }
+    assert!(n(&r["faults"]["damaged_frames"]) >= 3, "{}", r["faults"]);
+    assert!(n(&r["faults"]["dropouts"]) > 0, "{}", r["faults"]);
+    let clean = r["map50_clean"].as_f64().unwrap();
+    assert!(clean > 0.5, "mAP@0.5 over the untouched frames: {clean}");
+}
