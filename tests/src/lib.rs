@@ -115,3 +115,59 @@ impl FrameSource<u8> for BurstSource {
         }))
     }
 }
+
+/// Pieces for building small plans by hand with `ProgramBuilder`: a 2-band 4x4 input header,
+/// requantisation and steps.
+pub mod plans {
+    use kestrel_backend::MAX_BANDS;
+    use kestrel_ops::int8::OutputQuant;
+    use kestrel_ops::quant::Requant;
+    use kestrel_plan::plan::PlanHeader;
+    use kestrel_plan::program::{Op, Step};
+
+    /// The whole int8 range, zero point 1.
+    pub const FULL: OutputQuant = OutputQuant {
+        zero_point: 1,
+        min: -128,
+        max: 127,
+    };
+
+    /// A classifier's header for a `[1, 2, 4, 4]` input and `output_len` values of tensor
+    /// `output_tensor`, three labels.
+    pub fn header(
+        name: &'static str,
+        arena_size: u32,
+        output_tensor: u16,
+        output_len: u32,
+    ) -> PlanHeader<'static> {
+        PlanHeader {
+            name,
+            onnx_sha256: "00",
+            input_shape: [1, 2, 4, 4],
+            output_len,
+            bands: 2,
+            mean: [0.0; MAX_BANDS],
+            std: [1.0; MAX_BANDS],
+            resize: 1,
+            labels: "a\nb\nc",
+            arena_size,
+            output_tensor,
+            input_scale: 0.05,
+            input_zero_point: -3,
+            output_scale: 0.1,
+            output_zero_point: 2,
+            output_softmax: false,
+            detector: None,
+        }
+    }
+
+    /// `real` as a fixed-point requantisation.
+    pub fn requant(real: f64) -> Requant {
+        Requant::from_real(real).unwrap()
+    }
+
+    /// `op` from tensors `inputs` to `output`.
+    pub fn step(op: Op, inputs: [u16; 2], output: u16) -> Step {
+        Step { op, inputs, output }
+    }
+}

@@ -13,13 +13,15 @@ use kestrel_cuda::emulator::Emulator;
 use kestrel_cuda::launch::{DeviceProgram, HeadShape};
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch};
 use kestrel_host::decode_image;
+use kestrel_ops::int8::{Add, OutputQuant};
 use kestrel_ops::Reference;
-use kestrel_plan::program::{OwnedProgram, Program};
+use kestrel_plan::program::{AlignedBytes, Op, OwnedProgram, Program, ProgramBuilder};
 use kestrel_runtime::detect::{decode, decode_peaks, Detections, HeadLayout};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::tile::TileGrid;
 use kestrel_testing::conformance::random_cases;
+use kestrel_tests::plans::{header, requant, step};
 use kestrel_tests::{sorted_files, whole_image_input};
 use models::ZooModel;
 
@@ -183,6 +185,43 @@ fn random_plans_are_bit_exact() {
                 );
             }
         }
+    }
+}
+
+/// A plan whose output range is inverted (`min > max`, as corruption or an upset leaves it:
+/// the fuzzer once found the CPU kernels panicking on one) runs to the same bytes on the CPU
+/// and the CUDA kernels: both take the lower bound, then the upper.
+#[test]
+fn an_inverted_output_range_clamps_alike() {
+    let mut b = ProgramBuilder::default();
+    b.tensor(0, 32);
+    b.tensor(32, 32);
+    let add = Op::Add(Add {
+        input_zero_points: [-3, -3],
+        requant: [requant(0.5); 2],
+        output_quant: OutputQuant {
+            zero_point: 1,
+            min: 60,
+            max: -60,
+        },
+    });
+    b.push(step(add, [0, 0], 1)).unwrap();
+    let plan = AlignedBytes::new(&b.finish(&header("inverted", 64, 1, 32)).unwrap());
+    let program = Program::new(plan.as_bytes()).unwrap();
+    let input: Vec<f32> = (0..program.input_len())
+        .map(|i| (i % 5) as f32 - 2.0)
+        .collect();
+    let start = arenas_for(&program, std::slice::from_ref(&input));
+    let mut expected = start.clone();
+    program.run(&mut expected, &mut Reference).unwrap();
+    assert!(
+        expected[32..].iter().all(|&c| c == -60),
+        "the upper bound wins"
+    );
+    for mut executor in executors(&program, plan.as_bytes(), 1) {
+        let mut arena = start.clone();
+        executor.run_arenas(&mut arena).unwrap();
+        assert_eq!(arena, expected, "on the {}", executor.name());
     }
 }
 

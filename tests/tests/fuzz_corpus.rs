@@ -15,14 +15,13 @@
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
-use kestrel_backend::MAX_BANDS;
 use kestrel_ops::int8::{
-    Add, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, OutputQuant, PoolGeometry,
-    Rescale, Resize, ResizeMode,
+    Add, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, PoolGeometry, Rescale, Resize,
+    ResizeMode,
 };
-use kestrel_ops::quant::Requant;
-use kestrel_plan::plan::{DetectorHeader, PlanHeader};
-use kestrel_plan::program::{Op, ProgramBuilder, Step};
+use kestrel_plan::plan::DetectorHeader;
+use kestrel_plan::program::{Op, ProgramBuilder};
+use kestrel_tests::plans::{header, requant, step, FULL};
 
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
@@ -334,47 +333,6 @@ fn regressions_belong_to_targets() {
 }
 
 // The plan seeds.
-
-const FULL: OutputQuant = OutputQuant {
-    zero_point: 1,
-    min: -128,
-    max: 127,
-};
-
-fn header(
-    name: &'static str,
-    arena_size: u32,
-    output_tensor: u16,
-    output_len: u32,
-) -> PlanHeader<'static> {
-    PlanHeader {
-        name,
-        onnx_sha256: "00",
-        input_shape: [1, 2, 4, 4],
-        output_len,
-        bands: 2,
-        mean: [0.0; MAX_BANDS],
-        std: [1.0; MAX_BANDS],
-        resize: 1,
-        labels: "a\nb\nc",
-        arena_size,
-        output_tensor,
-        input_scale: 0.05,
-        input_zero_point: -3,
-        output_scale: 0.1,
-        output_zero_point: 2,
-        output_softmax: false,
-        detector: None,
-    }
-}
-
-fn requant(real: f64) -> Requant {
-    Requant::from_real(real).unwrap()
-}
-
-fn step(op: Op, inputs: [u16; 2], output: u16) -> Step {
-    Step { op, inputs, output }
-}
 
 /// Conv (t0 -> t1), residual Add (t0 + t1 -> t2), GlobalAveragePool (t2 -> t3), Gemm
 /// (t3 -> t4) in a 128-byte arena: the `tiny` plan of kestrel-plan's own tests.

@@ -85,8 +85,11 @@ struct PreprocessArgs {
     int zero_point;
 };
 
+// The lower bound, then the upper, as the CPU kernels clamp: a range a corrupt plan inverted
+// (lo > hi) gives hi on every executor.
 __device__ __forceinline__ int kestrel_clamp(long long v, int lo, int hi) {
-    return v < lo ? lo : (v > hi ? hi : (int)v);
+    long long raised = v < lo ? lo : v;
+    return raised > hi ? hi : (int)raised;
 }
 
 // Requant::apply: round(acc * multiplier * 2^(shift - 31)), ties up, saturated to int32.
