@@ -22,7 +22,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvErro
 use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 
 use crate::faults::{BackendFaults, FaultSpec, FaultyBackend};
-use crate::tmr::{TmrBackend, Votes};
+use crate::tmr::{Guard, TmrBackend, Votes};
 
 /// Builds a fresh backend for a restarted worker (loads the plan again, opens a new device
 /// context). Called on the new worker's thread, so a load that hangs blocks nothing.
@@ -365,41 +365,43 @@ pub struct PreferredWatch {
     pub injected: Option<Arc<Mutex<BackendFaults>>>,
     /// Triple-modular redundancy's votes, under `tmr`.
     pub votes: Option<Arc<Mutex<Votes>>>,
-    /// Hangs and restarts.
-    pub supervision: Arc<Mutex<SupervisionStats>>,
+    /// Hangs and restarts, when supervised.
+    pub supervision: Option<Arc<Mutex<SupervisionStats>>>,
 }
 
 /// The first backend of a failover chain as flight runs it: `backend` with `faults`' backend
-/// faults injected (as the device that fails), under triple-modular redundancy when `tmr`, on
-/// a supervised worker whose call past `deadline` is a hang. After a hang, `rebuild` makes a
+/// faults injected (as the device that fails), under triple-modular redundancy for the
+/// inferences `tmr` guards (none when `None`), on
+/// a supervised worker whose call past `deadline` is a hang (no `deadline`: on the caller's
+/// thread, unsupervised, a hang stalling it). After a hang, `rebuild` makes a
 /// fresh backend and the same wrappers go round it: the faults go on with the same draws, the
 /// votes with the same counts. `sim` and `kestrel-flight` both build theirs here.
 pub fn preferred(
     backend: Box<dyn Backend + Send>,
     rebuild: Factory,
     faults: Option<&FaultSpec>,
-    tmr: bool,
-    deadline: Duration,
+    tmr: Option<Guard>,
+    deadline: Option<Duration>,
     on_restart: Box<dyn FnMut(Restart) + Send>,
-) -> Result<(SupervisedBackend, PreferredWatch), BackendError> {
+) -> Result<(Box<dyn Backend + Send>, PreferredWatch), BackendError> {
     let faults = faults.filter(|f| f.any_backend());
     // The wrappers' shared state: a sibling of the first faulty backend (its inner backend is
     // never run) and the first voter's counts.
     let template = faults.map(|spec| FaultyBackend::new(Box::new(Unbuilt), spec));
     let injected = template.as_ref().map(|t| Arc::clone(&t.injected));
-    let votes: Option<Arc<Mutex<Votes>>> = tmr.then(Arc::default);
+    let tmr = tmr.map(|guard| (guard, Arc::<Mutex<Votes>>::default()));
+    let votes = tmr.as_ref().map(|(_, votes)| Arc::clone(votes));
     let template = Mutex::new(template);
     let wrap = {
-        let votes = votes.clone();
         move |inner: Box<dyn Backend + Send>| -> Box<dyn Backend + Send> {
             let template = template.lock().unwrap_or_else(|p| p.into_inner());
             let inner: Box<dyn Backend + Send> = match template.as_ref() {
                 Some(t) => Box::new(t.sibling(inner)),
                 None => inner,
             };
-            match &votes {
-                Some(votes) => {
-                    let mut voted = TmrBackend::new(inner);
+            match &tmr {
+                Some((guard, votes)) => {
+                    let mut voted = TmrBackend::guarding(inner, guard.clone());
                     voted.votes = Arc::clone(votes);
                     Box::new(voted)
                 }
@@ -408,18 +410,19 @@ pub fn preferred(
         }
     };
     let first = wrap(backend);
+    let watch = |supervision| PreferredWatch {
+        injected,
+        votes,
+        supervision,
+    };
+    let Some(deadline) = deadline else {
+        return Ok((first, watch(None)));
+    };
     let wrap = Arc::new(wrap);
     let factory: Factory = Arc::new(move || rebuild().map(|fresh| wrap(fresh)));
     let supervised = SupervisedBackend::new(first, factory, deadline, on_restart)?;
     let supervision = Arc::clone(&supervised.stats);
-    Ok((
-        supervised,
-        PreferredWatch {
-            injected,
-            votes,
-            supervision,
-        },
-    ))
+    Ok((Box::new(supervised), watch(Some(supervision))))
 }
 
 /// Stands in for the inner backend of the fault template, which is never run.

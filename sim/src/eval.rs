@@ -21,6 +21,7 @@ use kestrel_payload::downlink::LedgerReport;
 use kestrel_payload::downlink::{self, Downlink, DownlinkArgs, DownlinkReport};
 use kestrel_payload::percentile;
 use kestrel_runtime::health::ScrubStats;
+use kestrel_runtime::tmr::Guard;
 use kestrel_wire::message::ProductKind;
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +55,7 @@ impl Options {
                 faults: None,
                 scrub_every: 32,
                 tmr: false,
+                tmr_classes: Vec::new(),
                 deadline_ms: crate::faults::DEADLINE.as_millis() as u64,
             },
             report: None,
@@ -270,11 +272,17 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .map(crate::faults::load_spec)
         .transpose()?;
     let backend_name = backend.name();
+    let guard = opts
+        .pipeline
+        .tmr
+        .then(|| Guard::for_classes(&opts.pipeline.tmr_classes, &labels, None))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--tmr-classes: {e}"))?;
     let (backend, mut fault_watch) = with_backend_faults(
         &model,
         backend,
         faults.as_ref(),
-        opts.pipeline.tmr,
+        guard,
         crate::rebuild_backend(&opts.model),
         Duration::from_millis(opts.pipeline.deadline_ms),
     )?;
@@ -495,6 +503,12 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
 
 /// The upsets injected (with `--faults`) and what scrubbing found, a line each.
 pub fn print_upsets_and_scrub(faults: Option<&FaultsReport>, scrub: &ScrubReport) {
+    if let Some(t) = faults.and_then(|f| f.tmr.as_ref()) {
+        println!(
+            "tmr         {} inferences voted ({} with runs disagreeing), {} run once (not high-priority)",
+            t.inferences, t.disagreements, t.single
+        );
+    }
     if let Some(u) = faults.and_then(|f| f.upsets.as_ref()) {
         println!(
             "upsets      model: {} in checked memory ({} found by scrubs), {} in padding; {} in activations",

@@ -15,7 +15,7 @@ use kestrel_host::{decode_image_bytes, ImageError};
 use kestrel_runtime::failover::{Failover, FailoverBackend};
 use kestrel_runtime::faults::{Draws, Fault, FaultSpec};
 use kestrel_runtime::supervise::{preferred, Factory, PreferredWatch, Restart};
-use kestrel_runtime::tmr::Votes;
+use kestrel_runtime::tmr::{Guard, Votes};
 use models::ZooModel;
 use serde::Serialize;
 
@@ -241,20 +241,20 @@ const RETRY_EVERY: u64 = 25;
 /// `--deadline-ms` says otherwise (as `[model] deadline_s` in `kestrel-flight`).
 pub const DEADLINE: Duration = Duration::from_secs(2);
 
-/// `backend` with `faults`' backend faults injected (under triple-modular redundancy when
-/// `tmr`: each of the three runs meets its own faults), on a supervised worker (a call past
+/// `backend` with `faults`' backend faults injected (under triple-modular redundancy for the
+/// inferences `tmr` guards: each of the three runs meets its own faults), on a supervised worker (a call past
 /// `deadline` is a hang, and `rebuild` makes its replacement), first in a failover chain whose
 /// fallback is the model's float graph on tract; `backend` as it is when no backend fault is
-/// on and `tmr` is not asked for.
+/// on and no `tmr` is asked for.
 pub fn with_backend_faults(
     model: &ZooModel,
     backend: Box<dyn Backend + Send>,
     faults: Option<&FaultSpec>,
-    tmr: bool,
+    tmr: Option<Guard>,
     rebuild: Factory,
     deadline: Duration,
 ) -> anyhow::Result<(Box<dyn Backend + Send>, Option<FaultWatch>)> {
-    if !faults.is_some_and(FaultSpec::any_backend) && !tmr {
+    if !faults.is_some_and(FaultSpec::any_backend) && tmr.is_none() {
         return Ok((backend, None));
     }
     let on_restart = Box::new(|r: Restart| {
@@ -268,14 +268,14 @@ pub fn with_backend_faults(
             }
         )
     });
-    let (preferred, watch) = preferred(backend, rebuild, faults, tmr, deadline, on_restart)?;
+    let (preferred, watch) = preferred(backend, rebuild, faults, tmr, Some(deadline), on_restart)?;
     let fallback = model
         .tract_backend()
         .context("the failover chain's fallback (tract)")?;
     let changes = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&changes);
     let chain = FailoverBackend::new(
-        vec![Box::new(preferred), Box::new(fallback)],
+        vec![preferred, Box::new(fallback)],
         RETRY_EVERY,
         Box::new(move |change| sink.lock().unwrap_or_else(|p| p.into_inner()).push(change)),
     )?;
@@ -294,7 +294,7 @@ pub fn inject_in_place(
         return Ok(None);
     }
     let taken = std::mem::replace(backend, Box::new(Unloaded));
-    let (wrapped, watch) = with_backend_faults(model, taken, faults, false, rebuild, deadline)?;
+    let (wrapped, watch) = with_backend_faults(model, taken, faults, None, rebuild, deadline)?;
     *backend = wrapped;
     Ok(watch)
 }
@@ -344,6 +344,8 @@ pub struct UpsetReport {
 /// Triple-modular redundancy's votes.
 #[derive(Serialize)]
 pub struct TmrReport {
+    /// Inferences run once: not high-priority under `--tmr-classes`.
+    pub single: u64,
     pub inferences: u64,
     pub disagreements: u64,
 }
@@ -395,6 +397,7 @@ impl FaultsReport {
             tmr = watch.watch.votes.as_ref().map(|v| {
                 let votes: Votes = *v.lock().unwrap_or_else(|p| p.into_inner());
                 TmrReport {
+                    single: votes.single,
                     inferences: votes.inferences,
                     disagreements: votes.disagreements,
                 }
@@ -405,16 +408,14 @@ impl FaultsReport {
                 .as_ref()
                 .map(|i| *i.lock().unwrap_or_else(|p| p.into_inner()))
                 .unwrap_or_default();
-            let s = *watch
-                .watch
-                .supervision
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            supervision = Some(SupervisionReport {
-                hangs: s.hangs,
-                deaths: s.deaths,
-                restarts: s.restarts,
-                restart_failures: s.restart_failures,
+            supervision = watch.watch.supervision.as_ref().map(|s| {
+                let s = *s.lock().unwrap_or_else(|p| p.into_inner());
+                SupervisionReport {
+                    hangs: s.hangs,
+                    deaths: s.deaths,
+                    restarts: s.restarts,
+                    restart_failures: s.restart_failures,
+                }
             });
             for (fault, n) in [
                 (Fault::BackendError, b.errors),

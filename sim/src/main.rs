@@ -118,6 +118,15 @@ struct PipelineArgs {
     /// output value, so that an upset in one run is outvoted (three times the inference).
     #[arg(long)]
     tmr: bool,
+    /// With --tmr: vote only frames whose first run makes a high-priority product, a top class
+    /// among these (comma-separated labels); the others run once.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "tmr",
+        value_name = "CLASS,..."
+    )]
+    tmr_classes: Vec<String>,
     /// With --faults or --tmr, the preferred backend runs on a supervised worker: an inference
     /// it does not answer within this many milliseconds is a hang, the frame runs on the
     /// fallback, and the backend is restarted on a new worker.

@@ -245,6 +245,25 @@ fn triple_modular_redundancy_outvotes_activation_upsets() {
     );
     assert_eq!(voted["faults"]["tmr"]["inferences"], 300);
     assert!(n(&voted["faults"]["tmr"]["disagreements"]) > 250);
+
+    // Guarding the high-priority products only: the frames whose first run says Industrial
+    // or Residential (the sample's 30 of each) are voted, the others run once.
+    let guarded = eval(None, &["--tmr", "--tmr-classes", "Industrial,Residential"]);
+    assert_eq!(guarded["top1"].as_f64().unwrap(), clean);
+    let t = &guarded["faults"]["tmr"];
+    assert_eq!((n(&t["inferences"]), n(&t["single"])), (60, 240), "{t}");
+    let out = Command::new(env!("CARGO_BIN_EXE_sim"))
+        .args(["eval", "--dataset"])
+        .arg(sample())
+        .args(["--report", "/dev/null", "--tmr", "--tmr-classes", "Airport"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no class \"Airport\"") && stderr.contains("SeaLake"),
+        "{stderr}"
+    );
 }
 
 #[test]

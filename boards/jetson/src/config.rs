@@ -57,10 +57,16 @@ pub struct ModelConfig {
     /// on each output value, outvoting an upset in one run, at three times the inference cost.
     #[serde(default)]
     pub tmr: bool,
+    /// With `tmr`: vote only the inferences whose first run makes a high-priority product (a
+    /// classifier's top class, or a class a detector finds, among these labels); the others run
+    /// once. Empty: every inference is voted.
+    #[serde(default)]
+    pub tmr_classes: Vec<String>,
     /// Seconds the preferred backend may take over one inference: past it the call is a
     /// hang, the frame runs on the next backend, and the stuck backend is restarted in-process
     /// on a new worker. Under `pipeline.stall_s`, so the stage recovers before the watchdogs
-    /// starve.
+    /// starve. 0: the backend runs on the inference thread, unsupervised (saving the hand-off
+    /// to its worker; a hang then stalls the stage until the watchdogs restart the board).
     #[serde(default = "deadline_s")]
     pub deadline_s: f64,
 }
@@ -320,7 +326,17 @@ impl FlightConfig {
             ));
         }
         positive("pipeline.stall_s", self.pipeline.stall_s)?;
-        positive("model.deadline_s", self.model.deadline_s)?;
+        if !non_negative(self.model.deadline_s) {
+            return Err(format!(
+                "model.deadline_s = {}: must be 0 (unsupervised) or more",
+                self.model.deadline_s
+            ));
+        }
+        if !self.model.tmr_classes.is_empty() && !self.model.tmr {
+            return Err(
+                "model.tmr_classes names the products to vote, but model.tmr is off".to_string(),
+            );
+        }
         if self.model.deadline_s >= self.pipeline.stall_s {
             return Err(format!(
                 "model.deadline_s = {} must be under pipeline.stall_s = {}: a hung backend is restarted at its deadline, before the watchdogs starve",

@@ -18,7 +18,7 @@ use kestrel_host::{decode_image, HostClock};
 use kestrel_jetson::flight::{self, Stages, Tally};
 use kestrel_payload::downlink::{Downlink, DownlinkArgs, FramingArg};
 use kestrel_runtime::step::{ClassifierStep, DetectorStep};
-use kestrel_runtime::supervise::{preferred, SupervisedBackend};
+use kestrel_runtime::supervise::preferred;
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
 use models::ZooModel;
 
@@ -131,13 +131,13 @@ fn the_flight_loop_allocates_nothing_per_frame() {
 
 /// `backend` on a supervised worker, as kestrel-flight runs its preferred backend (a restart
 /// is not expected here: its factory only says so).
-fn supervised(backend: Box<dyn Backend + Send>) -> SupervisedBackend {
+fn supervised(backend: Box<dyn Backend + Send>) -> Box<dyn Backend + Send> {
     let (supervised, _) = preferred(
         backend,
         Arc::new(|| Err(BackendError::NotAvailable)),
         None,
-        false,
-        Duration::from_secs(10),
+        None,
+        Some(Duration::from_secs(10)),
         Box::new(|_| {}),
     )
     .unwrap();

@@ -34,6 +34,7 @@ use kestrel_runtime::step::{ClassifierStep, DetectorStep};
 use kestrel_runtime::supervise::{preferred, Factory, Restart};
 use kestrel_runtime::switch::SwitchableBackend;
 use kestrel_runtime::threaded::{DropPolicy, PipelineConfig};
+use kestrel_runtime::tmr::Guard;
 use models::ZooModel;
 
 fn main() -> ExitCode {
@@ -137,9 +138,25 @@ fn load_backend(
             spec.describe()
         );
     }
-    if config.tmr {
-        log::info!("the preferred backend runs under triple-modular redundancy");
-    }
+    let tmr = if config.tmr {
+        let head = model
+            .detector_config()
+            .map(|d| (d.layout, d.score_threshold));
+        let guard = Guard::for_classes(&config.tmr_classes, &model.manifest.labels, head)
+            .map_err(|e| anyhow::anyhow!("model.tmr_classes: {e}"))?;
+        match &guard {
+            Guard::Every => {
+                log::info!("the preferred backend runs under triple-modular redundancy")
+            }
+            Guard::Priority { .. } => log::info!(
+                "triple-modular redundancy for frames whose first run finds {}",
+                config.tmr_classes.join(", ")
+            ),
+        }
+        Some(guard)
+    } else {
+        None
+    };
     let rebuild: Factory = {
         let (name, choice) = (config.name.clone(), config.backend.clone());
         Arc::new(move || {
@@ -175,9 +192,10 @@ fn load_backend(
         })
     };
     let first = chain.remove(0);
-    let deadline = Duration::from_secs_f64(config.deadline_s);
-    let (supervised, _watch) = preferred(first, rebuild, faults, config.tmr, deadline, on_restart)?;
-    chain.insert(0, Box::new(supervised));
+    // 0: unsupervised, on the inference thread (a hang then stalls the stage).
+    let deadline = (config.deadline_s > 0.0).then(|| Duration::from_secs_f64(config.deadline_s));
+    let (first, _watch) = preferred(first, rebuild, faults, tmr, deadline, on_restart)?;
+    chain.insert(0, first);
     let names: Vec<&'static str> = chain.iter().map(|b| b.name()).collect();
     log::info!(
         "{}: backends in order of failover: {}",
