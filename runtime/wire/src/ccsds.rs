@@ -13,7 +13,7 @@ use spacepackets::{
     SpHeader,
 };
 
-use crate::command::{Command, COMMAND_HEADER};
+use crate::command::{Command, COMMAND_HEADER, MAX_COMMAND};
 use crate::message::{MessageId, MESSAGES, MESSAGE_HEADER};
 use crate::{Telemetry, WireError};
 
@@ -170,19 +170,22 @@ pub struct Decoder {
 }
 
 /// A header that could start a Kestrel packet of `kind`: version 0, no secondary header,
-/// unsegmented, a known APID, and room for at least a message or command header and the CRC.
+/// unsegmented, a known APID, and room for at least a message or command header and the CRC
+/// (and, for a command, no more than the longest command).
 fn plausible(header: &SpHeader, kind: PacketType) -> bool {
     let apid = header.apid().value();
-    let (known, least) = match kind {
-        PacketType::Tm => (slot_of_apid(apid).is_some(), MESSAGE_HEADER),
-        PacketType::Tc => (apid == COMMAND_APID, COMMAND_HEADER),
+    let (known, least, most) = match kind {
+        PacketType::Tm => (slot_of_apid(apid).is_some(), MESSAGE_HEADER, usize::MAX),
+        PacketType::Tc => (apid == COMMAND_APID, COMMAND_HEADER, MAX_COMMAND),
     };
+    let len = header.packet_len();
     header.ccsds_version().value() == 0
         && header.packet_type() == kind
         && !header.sec_header_flag()
         && header.sequence_flags() == SequenceFlags::Unsegmented
         && known
-        && header.packet_len() >= HEADER_LEN + least + CRC_LEN
+        && len >= HEADER_LEN + least + CRC_LEN
+        && len <= HEADER_LEN.saturating_add(most).saturating_add(CRC_LEN)
 }
 
 impl Decoder {

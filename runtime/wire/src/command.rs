@@ -13,6 +13,11 @@ use crate::WireError;
 /// Bytes before a command's body: id, version and sequence number.
 pub const COMMAND_HEADER: usize = 5;
 
+/// Bytes of the longest command: the header and a body of at most two varint `u32`s. A packet
+/// claiming a longer command is noise (a bit flipped in its length, say), skipped at once
+/// rather than waited for, which would hold up every command after it.
+pub const MAX_COMMAND: usize = COMMAND_HEADER + 10;
+
 /// What a command is, by its stable id (part of the wire format: never reuse or renumber).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
@@ -363,6 +368,42 @@ mod tests {
             Command::Pause,
             Command::Resume,
         ]
+    }
+
+    #[test]
+    fn every_command_fits_the_longest_a_decoder_waits_for() {
+        assert!(every_command()
+            .iter()
+            .all(|c| encoded(c, u16::MAX).len() <= MAX_COMMAND));
+        let widest = Command::SetDownlinkBudget {
+            bytes: u32::MAX,
+            window_s: u32::MAX,
+        };
+        assert_eq!(
+            encoded(&widest, 1).len(),
+            MAX_COMMAND,
+            "two u32 varints at their longest"
+        );
+    }
+
+    #[test]
+    fn a_flipped_length_holds_up_no_command_after_it() {
+        let mut framer = Framer::new();
+        let mut buf = [0u8; 64];
+        let mut damaged = framer
+            .frame_command(&Command::ReportHealth, 1, &mut buf)
+            .unwrap()
+            .to_vec();
+        damaged[4] ^= 0x80; // the data length's high byte: 32 KB more to wait for
+        let mut stream = damaged;
+        stream.extend_from_slice(framer.frame_command(&Command::Pause, 2, &mut buf).unwrap());
+        let mut decoder = Decoder::new();
+        let (data, used) = decoder
+            .next_command(&stream)
+            .expect("the next command, now");
+        assert_eq!(used, stream.len());
+        let (command, _) = CommandGate::new().accept(data).unwrap();
+        assert_eq!(command, Command::Pause);
     }
 
     fn encoded(command: &Command, sequence: u16) -> std::vec::Vec<u8> {
