@@ -292,9 +292,10 @@ mod tests {
         let plan_bits = bytes.as_bytes().len() as u64 * 8;
         let bits = plan_bits + prepared_bits(&cpu.kernels);
         let (mut checked, mut unchecked, mut prepared) = (0, 0, 0);
-        // Bits spread over the whole plan (the preamble, table, every section and padding),
-        // then over the weights the SIMD kernels packed from it.
-        for bit in (0..bits).step_by(9_973) {
+        // About 500 bits spread over the whole plan (the preamble, table, every section and
+        // padding), then over the weights the SIMD kernels packed from it; each restore packs
+        // again, which under qemu is what the test's time goes on.
+        for bit in (0..bits).step_by((bits / 500).max(1) as usize) {
             match cpu.upset(Upset::Model { bit }) {
                 Landed::Checked => {
                     checked += 1;
@@ -315,7 +316,7 @@ mod tests {
             cpu.run(&input, &mut output).unwrap();
             assert_eq!(output, clean, "bit {bit}: restored bit for bit");
         }
-        assert!(checked > 500, "{checked} checked, {unchecked} unchecked");
+        assert!(checked > 400, "{checked} checked, {unchecked} unchecked");
         if cpu.kernel_name() == "generic" {
             println!("this CPU runs the generic kernels: no prepared weights to upset");
         } else {
