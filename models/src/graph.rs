@@ -22,6 +22,13 @@ pub enum ImportError {
         /// ONNX operator.
         op: String,
     },
+    /// Operators the int8 compiler does not support (yet), every node that uses one, in graph
+    /// order: a user learns of them all in one run.
+    #[error("{}", describe_unsupported(nodes))]
+    UnsupportedOps {
+        /// (node name, ONNX operator) of each.
+        nodes: Vec<(String, String)>,
+    },
     /// A node whose attributes, inputs or shapes make no sense.
     #[error("node '{node}': {reason}")]
     Malformed {
@@ -31,6 +38,64 @@ pub enum ImportError {
         reason: String,
     },
 }
+
+/// "N nodes use operators ...: Op (node names), ..." grouped by operator in first-seen order.
+fn describe_unsupported(nodes: &[(String, String)]) -> String {
+    let mut ops: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (node, op) in nodes {
+        match ops.iter_mut().find(|(o, _)| o == op) {
+            Some((_, names)) => names.push(node),
+            None => ops.push((op, vec![node])),
+        }
+    }
+    let listed: Vec<String> = ops
+        .iter()
+        .map(|(op, names)| {
+            let shown: Vec<String> = names.iter().take(3).map(|n| format!("'{n}'")).collect();
+            let more = names.len().saturating_sub(3);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            format!("{op} ({}{more})", shown.join(", "))
+        })
+        .collect();
+    format!(
+        "{} node{} use{} operators the Kestrel compiler does not support: {}",
+        nodes.len(),
+        if nodes.len() == 1 { "" } else { "s" },
+        if nodes.len() == 1 { "s" } else { "" },
+        listed.join("; ")
+    )
+}
+
+/// Every ONNX operator the importer takes (Constant nodes are folded as they are read).
+pub const SUPPORTED_OPS: &[&str] = &[
+    "Constant",
+    "Identity",
+    "Dropout",
+    "BatchNormalization",
+    "Conv",
+    "Gemm",
+    "MatMul",
+    "Relu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Clip",
+    "Add",
+    "Mul",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Resize",
+    "Upsample",
+    "Softmax",
+    "Flatten",
+    "Reshape",
+];
 
 /// An operation with its constant parameters folded in.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,6 +137,15 @@ pub enum Op {
     },
     /// Logistic function.
     Sigmoid,
+    /// `clamp(alpha * x + beta, 0, 1)`.
+    HardSigmoid {
+        /// Slope (ONNX's default 0.2; PyTorch exports 1/6).
+        alpha: f32,
+        /// Offset (0.5).
+        beta: f32,
+    },
+    /// `x * clamp(x / 6 + 1/2, 0, 1)` (opset 14 and later).
+    HardSwish,
     /// Element-wise sum of two tensors of the same shape.
     Add,
     /// Product of two tensors: same shape, one value per channel (`[N, C, 1, 1]`) or a scalar.
@@ -243,6 +317,15 @@ impl Graph {
                 + graph.output.iter().filter(|o| o.name == name).count()
         };
 
+        let unsupported: Vec<(String, String)> = graph
+            .node
+            .iter()
+            .filter(|n| !SUPPORTED_OPS.contains(&n.op_type.as_str()))
+            .map(|n| (n.name.clone(), n.op_type.clone()))
+            .collect();
+        if !unsupported.is_empty() {
+            return Err(ImportError::UnsupportedOps { nodes: unsupported });
+        }
         for node in &graph.node {
             let output_name = node
                 .output
@@ -267,7 +350,7 @@ impl Graph {
                     continue;
                 }
             }
-            let activations: Vec<usize> = node
+            let mut activations: Vec<usize> = node
                 .input
                 .iter()
                 .filter_map(|name| ids.get(name).copied())
@@ -388,6 +471,17 @@ impl Graph {
                 }
                 "Relu" => (Op::Relu, shape_in),
                 "Sigmoid" => (Op::Sigmoid, shape_in),
+                "HardSigmoid" => {
+                    let attr = |name: &str, default: f32| {
+                        node.attribute
+                            .iter()
+                            .find(|a| a.name == name)
+                            .map_or(default, |a| a.f)
+                    };
+                    let (alpha, beta) = (attr("alpha", 0.2), attr("beta", 0.5));
+                    (Op::HardSigmoid { alpha, beta }, shape_in)
+                }
+                "HardSwish" => (Op::HardSwish, shape_in),
                 "Clip" => {
                     // Bounds are attributes before opset 11 and constant inputs after.
                     let bound = |index: usize, attr: &str, default: f32| {
@@ -415,6 +509,15 @@ impl Graph {
                     (Op::Add, shape_in)
                 }
                 "Mul" => {
+                    // The broadcast operand second, whichever order the model wrote them in
+                    // (torchvision's squeeze-excite writes `scale * x`).
+                    if let [a, b] = activations[..] {
+                        let size = |id: usize| g.shapes[id].iter().product::<usize>();
+                        if size(a) < size(b) {
+                            activations.swap(0, 1);
+                        }
+                    }
+                    let shape_in = g.shapes[activations[0]].clone();
                     let other = activations.get(1).map(|&id| &g.shapes[id]);
                     let per_channel =
                         shape_in.len() == 4 && other == Some(&vec![shape_in[0], shape_in[1], 1, 1]);
@@ -456,18 +559,42 @@ impl Graph {
                     let [n, c, h, w] = nchw()?;
                     let kernel = pair(node, "kernel_shape", 0)?;
                     let stride = pair(node, "strides", 1)?;
-                    let pads = pads(node)?;
-                    let plain = int(node, "ceil_mode").unwrap_or(0) == 0
-                        && pair(node, "dilations", 1)? == [1, 1]
-                        && node
-                            .attribute
-                            .iter()
-                            .all(|a| a.name != "auto_pad" || a.s == b"NOTSET");
-                    if !plain || pads[0] >= kernel[0] || pads[1] >= kernel[1] {
-                        return Err(malformed(
-                            &node.name,
-                            "pooling needs ceil_mode 0, dilation 1, explicit pads smaller than the window",
+                    let mut pads = pads(node)?;
+                    let refuse = |why: String| Err(malformed(&node.name, why));
+                    if pair(node, "dilations", 1)? != [1, 1] {
+                        return refuse(
+                            "pooling with dilations other than 1 is not supported".into(),
+                        );
+                    }
+                    if let Some(auto) = node
+                        .attribute
+                        .iter()
+                        .find(|a| a.name == "auto_pad" && a.s != b"NOTSET")
+                    {
+                        return refuse(format!(
+                            "pooling with auto_pad {} is not supported: export with explicit pads",
+                            String::from_utf8_lossy(&auto.s)
                         ));
+                    }
+                    if pads[0] >= kernel[0] || pads[1] >= kernel[1] {
+                        return refuse(format!(
+                            "pooling pads {:?} must be smaller than the window {kernel:?}",
+                            [pads[0], pads[1]]
+                        ));
+                    }
+                    let include_pad = int(node, "count_include_pad").unwrap_or(0) == 1;
+                    if int(node, "ceil_mode").unwrap_or(0) == 1 {
+                        // ONNX's ceil mode: one more window where the last would start inside
+                        // the input or its leading pad, its overhang past the trailing pad
+                        // padding no position counts in.
+                        let extra = ceil_extra([h, w], kernel, stride, pads);
+                        if node.op_type == "AveragePool" && include_pad && extra != [0, 0] {
+                            return refuse(
+                                "AveragePool with ceil_mode 1 and count_include_pad 1 whose last window overhangs the padding is not supported".into(),
+                            );
+                        }
+                        pads[2] += extra[0];
+                        pads[3] += extra[1];
                     }
                     let [oh, ow] = window_output(&node.name, [h, w], kernel, stride, pads)?;
                     let op = if node.op_type == "MaxPool" {
@@ -481,7 +608,7 @@ impl Graph {
                             kernel,
                             stride,
                             pads,
-                            count_include_pad: int(node, "count_include_pad").unwrap_or(0) == 1,
+                            count_include_pad: include_pad,
                         }
                     };
                     (op, vec![n, c, oh, ow])
@@ -657,6 +784,11 @@ impl Graph {
                 Op::Relu => x.iter().map(|v| v.max(0.0)).collect(),
                 Op::Clip { min, max } => x.iter().map(|v| v.clamp(*min, *max)).collect(),
                 Op::Sigmoid => x.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
+                Op::HardSigmoid { alpha, beta } => x
+                    .iter()
+                    .map(|v| (alpha * v + beta).clamp(0.0, 1.0))
+                    .collect(),
+                Op::HardSwish => x.iter().map(|&v| hard_swish(v)).collect(),
                 Op::Add => x
                     .iter()
                     .zip(&values[node.inputs[1]])
@@ -753,6 +885,32 @@ fn window_output(
         (Some(h), Some(w)) if window[0] > 0 && window[1] > 0 => Ok([h, w]),
         _ => Err(malformed(node, "window larger than the padded input")),
     }
+}
+
+/// `x * clamp(x / 6 + 1/2, 0, 1)`, ONNX's HardSwish.
+pub fn hard_swish(x: f32) -> f32 {
+    x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
+}
+
+/// The trailing padding ONNX's `ceil_mode = 1` adds on each axis: the output is
+/// `ceil((in + pads - window) / stride) + 1` windows, less one if the last would start past the
+/// input and its leading pad.
+fn ceil_extra(
+    input: [usize; 2],
+    window: [usize; 2],
+    stride: [usize; 2],
+    pads: [usize; 4],
+) -> [usize; 2] {
+    let axis = |a: usize| {
+        let padded = input[a] + pads[a] + pads[a + 2];
+        let (span, step) = (padded.saturating_sub(window[a]), stride[a].max(1));
+        let mut out = span.div_ceil(step) + 1;
+        if (out - 1) * step >= input[a] + pads[a] {
+            out -= 1;
+        }
+        ((out - 1) * step + window[a]).saturating_sub(padded)
+    };
+    [axis(0), axis(1)]
 }
 
 /// Fold `BatchNormalization(x)` into the Conv that wrote `x`, which nothing else may read.

@@ -9,7 +9,7 @@ use kestrel_plan::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, Tens
 
 use crate::arena::{lifetimes, plan, ArenaLayout};
 use crate::calibrate::{quantize_bias, quantize_weights_per_channel, ActivationQuant};
-use crate::graph::{Graph, ImportError, Node, Op};
+use crate::graph::{hard_swish, Graph, ImportError, Node, Op};
 
 /// One int8 layer with owned parameters.
 #[derive(Clone, Debug)]
@@ -116,7 +116,8 @@ impl QuantizedGraph {
     ///
     /// - A Relu or Clip that is the only reader of a Conv, Gemm or Add becomes that layer's
     ///   output clamp.
-    /// - `x * Sigmoid(x)` becomes one SiLU table; other Sigmoid, Relu and Clip nodes are tables.
+    /// - `x * Sigmoid(x)` becomes one SiLU table and `x * HardSigmoid(x)` one HardSwish table;
+    ///   other Sigmoid, HardSigmoid, HardSwish, Relu and Clip nodes are tables.
     /// - Reshape and Flatten share their input's bytes; MaxPool and Resize keep its quantisation.
     /// - A Softmax must be the last node; it is applied to the dequantised output.
     pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
@@ -287,14 +288,22 @@ impl QuantizedGraph {
                         output_quant,
                     })
                 }
-                Op::Sigmoid => {
-                    let silu = reader(node.output).filter(|(_, next)| {
+                Op::Sigmoid | Op::HardSigmoid { .. } => {
+                    let gate: Box<dyn Fn(f32) -> f32> = match node.op {
+                        Op::HardSigmoid { alpha, beta } => {
+                            Box::new(move |x: f32| (alpha * x + beta).clamp(0.0, 1.0))
+                        }
+                        _ => Box::new(sigmoid),
+                    };
+                    // x * gate(x) where the gate feeds only this Mul: SiLU, or HardSwish as
+                    // PyTorch exports it before opset 14: one table.
+                    let gated = reader(node.output).filter(|(_, next)| {
                         readers(node.output) == 1
                             && matches!(next.op, Op::Mul)
                             && next.inputs.contains(&node.inputs[0])
                             && next.inputs.contains(&node.output)
                     });
-                    match silu {
+                    match gated {
                         Some((i, mul)) => {
                             skip[i] = true;
                             let out = params[mul.output];
@@ -307,7 +316,7 @@ impl QuantizedGraph {
                                         i32::from(q.zero_point),
                                         out.scale,
                                         i32::from(out.zero_point),
-                                        |x| x * sigmoid(x),
+                                        |x| x * gate(x),
                                     )
                                     .to_vec(),
                                 ),
@@ -316,9 +325,10 @@ impl QuantizedGraph {
                             });
                             continue;
                         }
-                        None => table(&sigmoid),
+                        None => table(&*gate),
                     }
                 }
+                Op::HardSwish => table(&hard_swish),
                 Op::Relu => table(&|x: f32| x.max(0.0)),
                 Op::Clip { min, max } => table(&|x: f32| x.clamp(*min, *max)),
                 Op::Concat => Layer::Concat(

@@ -109,7 +109,9 @@ fn an_unsupported_operator_names_the_node() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("is not supported by the Kestrel compiler"),
+        stderr.contains(
+            "operators the Kestrel compiler does not support: Softplus ('odd_activation')"
+        ),
         "{stderr}"
     );
 }

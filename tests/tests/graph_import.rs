@@ -54,12 +54,16 @@ fn float_interpreter_matches_tract_on_real_chips() {
 fn unsupported_ops_and_garbage_are_named_errors() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/unsupported_op.onnx");
     let err = Graph::from_onnx(&std::fs::read(fixture).unwrap()).unwrap_err();
-    assert!(
-        matches!(&err, ImportError::Unsupported { node, op } if node == "odd_activation" && op == "Softplus")
+    let ImportError::UnsupportedOps { nodes } = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(
+        nodes,
+        &[("odd_activation".to_string(), "Softplus".to_string())]
     );
     assert_eq!(
         err.to_string(),
-        "node 'odd_activation': operator Softplus is not supported by the Kestrel compiler"
+        "1 node uses operators the Kestrel compiler does not support: Softplus ('odd_activation')"
     );
     assert!(matches!(
         Graph::from_onnx(b"\xff\xff\xff garbage"),

@@ -1,0 +1,177 @@
+//! The operators of the edge architectures users bring (MobileNetV3, EfficientNet,
+//! SqueezeNet): HardSwish and HardSigmoid (native at opset 17; at opset 13 PyTorch writes
+//! HardSwish as `x * HardSigmoid(x)`, which the compiler fuses into one table), a squeeze-excite
+//! written `scale * x` (the broadcast operand first), MaxPool and AveragePool with
+//! `ceil_mode = 1` where it changes the output size, and a depthwise 5x5 stride-2 Conv.
+//!
+//! The model is `tests/data/edge/`: synthetic weights on a 32x32 input, made by
+//! `tests/data/edge/make_edge_model.py` (PyTorch export, checked there against onnxruntime).
+//! Here the float interpreter is checked against tract, at both opsets, and the int8 plan
+//! against tract's float run, on the committed EuroSAT chips.
+
+use std::path::{Path, PathBuf};
+
+use kestrel_backend::Backend;
+use kestrel_cuda::emulator::Emulator;
+use kestrel_ops::Reference;
+use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::program::OwnedProgram;
+use kestrel_tests::{sorted_files, whole_image_input};
+use models::compile::{compile, Options};
+use models::graph::{Graph, ImportError, Op};
+use models::ZooModel;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/edge")
+}
+
+fn sample_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/eurosat-rgb")
+}
+
+/// Every committed chip, preprocessed for the model (32x32).
+fn chips(model: &ZooModel) -> Vec<Vec<f32>> {
+    let spec = model.preprocess_spec().unwrap();
+    sorted_files(&sample_dir())
+        .iter()
+        .flat_map(|class| sorted_files(class))
+        .map(|path| whole_image_input(&path, &spec))
+        .collect()
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+fn count(graph: &Graph, f: impl Fn(&Op) -> bool) -> usize {
+    graph.nodes.iter().filter(|n| f(&n.op)).count()
+}
+
+#[test]
+fn both_opsets_import_and_the_float_interpreter_matches_tract() {
+    let model = ZooModel::load(model_dir().to_str().unwrap()).unwrap();
+    let inputs = chips(&model);
+    let mut tract = model.tract_backend().unwrap();
+    for (file, hard_swish, hard_sigmoid, mul) in
+        [("model.onnx", 0, 3, 3), ("model_opset17.onnx", 2, 1, 1)]
+    {
+        let onnx = std::fs::read(model_dir().join(file)).unwrap();
+        let graph = Graph::from_onnx(&onnx).unwrap();
+        assert_eq!(
+            count(&graph, |op| matches!(op, Op::HardSwish)),
+            hard_swish,
+            "{file}"
+        );
+        assert_eq!(
+            count(&graph, |op| matches!(op, Op::HardSigmoid { .. })),
+            hard_sigmoid,
+            "{file}"
+        );
+        assert_eq!(count(&graph, |op| matches!(op, Op::Mul)), mul, "{file}");
+        // The squeeze-excite's `scale * x`: the full tensor first, the [N, C, 1, 1] scale second.
+        for node in graph.nodes.iter().filter(|n| matches!(n.op, Op::Mul)) {
+            let [a, b] = [node.inputs[0], node.inputs[1]].map(|id| graph.shapes[id].clone());
+            assert!(
+                a.iter().product::<usize>() >= b.iter().product::<usize>(),
+                "{a:?} {b:?}"
+            );
+        }
+        // ceil_mode: 32 -> 16 (15 with floor) and 8 -> 4 (3), one more trailing pad each.
+        let pools: Vec<[usize; 4]> = graph
+            .nodes
+            .iter()
+            .filter_map(|n| match n.op {
+                Op::MaxPool { pads, .. } | Op::AveragePool { pads, .. } => Some(pads),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pools, [[0, 0, 1, 1], [0, 0, 1, 1]], "{file}");
+
+        let mut worst = 0.0f32;
+        for input in inputs.iter().step_by(15) {
+            let values = graph.run_f32(input);
+            let ours = &values[graph.output];
+            let mut theirs = vec![0.0; tract.output_len()];
+            tract.run(input, &mut theirs).unwrap();
+            for (a, b) in ours.iter().zip(&theirs) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+        assert!(
+            worst < 1e-4,
+            "{file}: float interpreter against tract: {worst}"
+        );
+    }
+}
+
+#[test]
+fn the_int8_plan_agrees_with_tract_on_real_chips() {
+    let model = ZooModel::load(model_dir().to_str().unwrap()).unwrap();
+    let options = Options {
+        max_images: 40,
+        ..Default::default()
+    };
+    let (plan, _) = compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap();
+    let mut int8 = Int8Cpu::from_bytes(&plan).unwrap();
+    let mut tract = model.tract_backend().unwrap();
+    let inputs = chips(&model);
+    let (mut agree, mut worst) = (0, 0.0f32);
+    let mut classes = std::collections::BTreeSet::new();
+    for input in &inputs {
+        let mut ours = vec![0.0; int8.output_len()];
+        let mut theirs = vec![0.0; tract.output_len()];
+        int8.run(input, &mut ours).unwrap();
+        tract.run(input, &mut theirs).unwrap();
+        agree += usize::from(argmax(&ours) == argmax(&theirs));
+        classes.insert(argmax(&theirs));
+        for (a, b) in ours.iter().zip(&theirs) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    println!(
+        "int8 against tract: {agree} of {} top classes agree, worst probability difference {worst:.3}",
+        inputs.len()
+    );
+    assert!(
+        classes.len() >= 5,
+        "the float model spreads its answers: {classes:?}"
+    );
+    assert!(
+        agree * 100 >= inputs.len() * 95,
+        "{agree} of {}",
+        inputs.len()
+    );
+
+    // The CUDA kernels (on their CPU emulator) run the plan, its ceil-mode pools' overhanging
+    // windows included, to the generic executor's bytes.
+    let owned = OwnedProgram::new(&plan).unwrap();
+    let program = owned.program();
+    let mut expected = vec![0i8; program.arena_size()];
+    program.quantize_input(&inputs[7], &mut expected).unwrap();
+    let mut arena = expected.clone();
+    program.run(&mut expected, &mut Reference).unwrap();
+    Emulator::new(program)
+        .unwrap()
+        .run_arenas(&mut arena)
+        .unwrap();
+    assert!(
+        arena == expected,
+        "the CUDA emulator's arena differs from the generic executor's"
+    );
+}
+
+#[test]
+fn every_unsupported_operator_is_listed_in_one_error() {
+    let onnx = std::fs::read(model_dir().join("unsupported_ops.onnx")).unwrap();
+    let err = Graph::from_onnx(&onnx).unwrap_err();
+    assert!(matches!(&err, ImportError::UnsupportedOps { nodes } if nodes.len() == 3));
+    assert_eq!(
+        err.to_string(),
+        "3 nodes use operators the Kestrel compiler does not support: Transpose ('swap_1', 'swap_2'); Softplus ('soft')"
+    );
+}
