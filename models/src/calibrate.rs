@@ -29,10 +29,14 @@ pub struct ActivationQuant {
 }
 
 impl ActivationQuant {
-    /// Parameters covering `[lo, hi]` (widened to include zero) with 256 levels.
+    /// Parameters covering `[lo, hi]` (widened to include zero) with 256 levels. A tiny range
+    /// gets a tiny scale (randomly initialised or badly conditioned models have activations of
+    /// 1e-8 and less, and the scales of neighbouring layers must stay in proportion for the
+    /// requantisation between them to be representable); only an empty one (a tensor that is
+    /// always zero) gets 1.0.
     pub fn from_range(lo: f32, hi: f32) -> Self {
         let (lo, hi) = (lo.min(0.0), hi.max(0.0));
-        if hi - lo <= f32::EPSILON {
+        if !(hi - lo > 0.0 && (hi - lo) / 255.0 > 0.0) {
             return Self {
                 scale: 1.0,
                 zero_point: 0,
@@ -256,6 +260,10 @@ mod tests {
             -128,
             "non-negative: all codes above zero"
         );
+        // No absolute floor: a range of 1e-8 gets a scale of 1e-8 / 255, not 1.0.
+        let tiny = ActivationQuant::from_range(-0.5e-8, 0.5e-8);
+        assert!((tiny.scale - 1e-8 / 255.0).abs() < 1e-15, "{tiny:?}");
+        assert!(tiny.zero_point.abs() <= 1, "{tiny:?}");
     }
 
     #[test]
