@@ -17,7 +17,7 @@ pub mod quantize;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use kestrel_backend::{PreprocessSpec, ResizeRule, SpecError};
+use kestrel_backend::{Backend, PreprocessSpec, ResizeRule, SpecError};
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::program::{OwnedProgram, ProgramError};
 use kestrel_runtime::detect::HeadLayout;
@@ -166,6 +166,17 @@ pub enum ModelError {
         origin: String,
         /// `labels`, `preprocessing` or `detector`.
         what: &'static str,
+    },
+    /// The model's output does not fit what its manifest says it is: a classifier with another
+    /// number of classes, a detector with another head.
+    #[error("{origin}: the model gives {got} output values, but {expected}; fix the manifest or export the model again")]
+    DoesNotFit {
+        /// The model.
+        origin: String,
+        /// Output values the model gives.
+        got: usize,
+        /// What the manifest asks for.
+        expected: String,
     },
     /// The plan was compiled from another ONNX file than the manifest names.
     #[error("{origin}: plan was compiled from ONNX sha256 {plan}, the manifest's model is {manifest}; recompile it with `cargo run -p models -- compile`")]
@@ -377,13 +388,42 @@ impl ZooModel {
         &self.onnx
     }
 
-    /// The model on the tract float backend.
+    /// The model on the tract float backend; refused when its output does not fit the
+    /// manifest.
     pub fn tract_backend(&self) -> Result<TractBackend, ModelError> {
-        Ok(TractBackend::from_bytes(
-            &self.origin,
-            &self.onnx,
-            &self.manifest.input.shape,
-        )?)
+        let backend =
+            TractBackend::from_bytes(&self.origin, &self.onnx, &self.manifest.input.shape)?;
+        self.check_fits(backend.output_len())?;
+        Ok(backend)
+    }
+
+    /// That a backend giving `output_len` values fits the manifest: one per label for a
+    /// classifier, the head's for a detector. Checked at load, so that a mismatch is one error
+    /// naming it, not every frame failing.
+    pub fn check_fits(&self, output_len: usize) -> Result<(), ModelError> {
+        let expected = match self.detector_config() {
+            Some(d) if d.layout.len() != output_len => Some(format!(
+                "its manifest's detector head ({} classes plus 4 box channels on {}x{} cells) has {}",
+                d.layout.classes,
+                d.layout.height,
+                d.layout.width,
+                d.layout.len()
+            )),
+            Some(_) => None,
+            None if self.manifest.labels.len() != output_len => Some(format!(
+                "its manifest lists {} classes",
+                self.manifest.labels.len()
+            )),
+            None => None,
+        };
+        match expected {
+            Some(expected) => Err(ModelError::DoesNotFit {
+                origin: self.origin.clone(),
+                got: output_len,
+                expected,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -456,6 +496,7 @@ impl ZooModel {
                 .unwrap_or_default(),
             source,
         })?;
+        self.check_fits(backend.output_len())?;
         Ok(Some(backend))
     }
 }

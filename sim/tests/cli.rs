@@ -200,6 +200,35 @@ fn corrupt_model_file_stops_the_job() {
     );
 }
 
+/// A model whose output does not fit its manifest (ten outputs, five labels) is refused at load
+/// with one error naming the mismatch, not run frame by frame into errors.
+#[test]
+fn a_model_that_does_not_fit_its_manifest_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(zoo().join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(zoo().join("manifest.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    v["labels"].as_array_mut().unwrap().truncate(5);
+    std::fs::write(dir.path().join("manifest.json"), v.to_string()).unwrap();
+    let report = dir.path().join("r.json");
+    let out = sim(&[
+        "eval",
+        "--dataset",
+        sample().to_str().unwrap(),
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("the model gives 10 output values, but its manifest lists 5 classes"),
+        "{err}"
+    );
+    assert!(!report.exists(), "nothing was run");
+}
+
 #[test]
 fn corrupt_images_and_wrong_band_counts_are_counted_and_the_run_goes_on() {
     let data = small_dataset(3);
