@@ -425,8 +425,9 @@ pub fn preferred(
     Ok((Box::new(supervised), watch(Some(supervision))))
 }
 
-/// Stands in for the inner backend of the fault template, which is never run.
-struct Unbuilt;
+/// A backend that runs nothing: it stands in while a real one is built or wrapped (the fault
+/// template's inner backend, a backend taken out of its place to be wrapped).
+pub struct Unbuilt;
 
 impl Backend for Unbuilt {
     fn name(&self) -> &'static str {

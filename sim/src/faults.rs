@@ -14,7 +14,7 @@ use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource};
 use kestrel_host::{decode_image_bytes, ImageError};
 use kestrel_runtime::failover::{Failover, FailoverBackend};
 use kestrel_runtime::faults::{Draws, Fault, FaultSpec};
-use kestrel_runtime::supervise::{preferred, Factory, PreferredWatch, Restart};
+use kestrel_runtime::supervise::{preferred, Factory, PreferredWatch, Restart, Unbuilt};
 use kestrel_runtime::tmr::{Guard, Votes};
 use models::ZooModel;
 use serde::Serialize;
@@ -293,28 +293,10 @@ pub fn inject_in_place(
     if !faults.is_some_and(FaultSpec::any_backend) {
         return Ok(None);
     }
-    let taken = std::mem::replace(backend, Box::new(Unloaded));
+    let taken = std::mem::replace(backend, Box::new(Unbuilt));
     let (wrapped, watch) = with_backend_faults(model, taken, faults, None, rebuild, deadline)?;
     *backend = wrapped;
     Ok(watch)
-}
-
-/// Stands in for a backend while it is being wrapped.
-struct Unloaded;
-
-impl Backend for Unloaded {
-    fn name(&self) -> &'static str {
-        "unloaded"
-    }
-    fn input_len(&self) -> usize {
-        0
-    }
-    fn output_len(&self) -> usize {
-        0
-    }
-    fn run(&mut self, _: &[f32], _: &mut [f32]) -> Result<(), kestrel_backend::BackendError> {
-        Err(kestrel_backend::BackendError::NotAvailable)
-    }
 }
 
 /// Failovers and returns, and the time from a failure to the frame done on the fallback.

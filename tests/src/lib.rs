@@ -116,6 +116,15 @@ impl FrameSource<u8> for BurstSource {
     }
 }
 
+/// The index of the largest value (the first of equals; NaN sorts as the largest).
+pub fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
 /// Pieces for building small plans by hand with `ProgramBuilder`: a 2-band 4x4 input header,
 /// requantisation and steps.
 pub mod plans {

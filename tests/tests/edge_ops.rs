@@ -16,7 +16,7 @@ use kestrel_cuda::emulator::Emulator;
 use kestrel_ops::Reference;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::program::OwnedProgram;
-use kestrel_tests::{sorted_files, whole_image_input};
+use kestrel_tests::{argmax, sorted_files, whole_image_input};
 use models::compile::{compile, Options};
 use models::graph::{Graph, ImportError, Op};
 use models::ZooModel;
@@ -37,15 +37,6 @@ fn chips(model: &ZooModel) -> Vec<Vec<f32>> {
         .flat_map(|class| sorted_files(class))
         .map(|path| whole_image_input(&path, &spec))
         .collect()
-}
-
-fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0
 }
 
 fn count(graph: &Graph, f: impl Fn(&Op) -> bool) -> usize {

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use kestrel_backend::Backend;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::program::Op as PlanOp;
-use kestrel_tests::{sorted_files, whole_image_input};
+use kestrel_tests::{argmax, sorted_files, whole_image_input};
 use models::compile::{compile, Options, Report};
 use models::graph::{Graph, Op};
 use models::ZooModel;
@@ -70,15 +70,6 @@ fn onnx_op_types(onnx: &[u8]) -> BTreeMap<String, usize> {
         *counts.entry(node.op_type).or_insert(0) += 1;
     }
     counts
-}
-
-fn argmax(values: &[f32]) -> usize {
-    values
-        .iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .unwrap()
-        .0
 }
 
 #[test]
