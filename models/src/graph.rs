@@ -783,11 +783,10 @@ impl Graph {
                 }
                 Op::Relu => x.iter().map(|v| v.max(0.0)).collect(),
                 Op::Clip { min, max } => x.iter().map(|v| v.clamp(*min, *max)).collect(),
-                Op::Sigmoid => x.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect(),
-                Op::HardSigmoid { alpha, beta } => x
-                    .iter()
-                    .map(|v| (alpha * v + beta).clamp(0.0, 1.0))
-                    .collect(),
+                Op::Sigmoid => x.iter().map(|&v| sigmoid(v)).collect(),
+                Op::HardSigmoid { alpha, beta } => {
+                    x.iter().map(|&v| hard_sigmoid(v, *alpha, *beta)).collect()
+                }
                 Op::HardSwish => x.iter().map(|&v| hard_swish(v)).collect(),
                 Op::Add => x
                     .iter()
@@ -885,6 +884,16 @@ fn window_output(
         (Some(h), Some(w)) if window[0] > 0 && window[1] > 0 => Ok([h, w]),
         _ => Err(malformed(node, "window larger than the padded input")),
     }
+}
+
+/// The logistic function, ONNX's Sigmoid.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `clamp(alpha * x + beta, 0, 1)`, ONNX's HardSigmoid.
+pub fn hard_sigmoid(x: f32, alpha: f32, beta: f32) -> f32 {
+    (alpha * x + beta).clamp(0.0, 1.0)
 }
 
 /// `x * clamp(x / 6 + 1/2, 0, 1)`, ONNX's HardSwish.

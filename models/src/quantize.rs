@@ -9,7 +9,7 @@ use kestrel_plan::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, Tens
 
 use crate::arena::{lifetimes, plan, ArenaLayout};
 use crate::calibrate::{quantize_bias, quantize_weights_per_channel, ActivationQuant};
-use crate::graph::{hard_swish, Graph, ImportError, Node, Op};
+use crate::graph::{hard_sigmoid, hard_swish, sigmoid, Graph, ImportError, Node, Op};
 
 /// One int8 layer with owned parameters.
 #[derive(Clone, Debug)]
@@ -105,10 +105,6 @@ fn unsupported(node: &Node, what: &str) -> ImportError {
 /// The code of `real` on a tensor's grid, clamped to int8.
 fn code(q: ActivationQuant, real: f32) -> i8 {
     ((real / q.scale).round() + f32::from(q.zero_point)).clamp(-128.0, 127.0) as i8
-}
-
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 impl QuantizedGraph {
@@ -291,7 +287,7 @@ impl QuantizedGraph {
                 Op::Sigmoid | Op::HardSigmoid { .. } => {
                     let gate: Box<dyn Fn(f32) -> f32> = match node.op {
                         Op::HardSigmoid { alpha, beta } => {
-                            Box::new(move |x: f32| (alpha * x + beta).clamp(0.0, 1.0))
+                            Box::new(move |x: f32| hard_sigmoid(x, alpha, beta))
                         }
                         _ => Box::new(sigmoid),
                     };
