@@ -11,6 +11,7 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
+mod depthwise;
 mod winograd;
 use winograd::Winograd;
 
@@ -40,7 +41,7 @@ impl Prepared {
     fn scratch_len(&self) -> [usize; 4] {
         let [padded, strip] = self.packed.scratch_len();
         let [transformed, products] = self.winograd.as_ref().map_or([0, 0], Winograd::scratch_len);
-        [padded, strip, transformed, products]
+        [padded + depthwise::SLACK, strip, transformed, products]
     }
 }
 
@@ -168,6 +169,13 @@ impl Kernels for Avx2 {
                     output,
                 )
             };
+            return Ok(());
+        }
+        if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
+            packed.for_each_group(conv, input, output, |input, weights, channels, output| {
+                // SAFETY: AVX2 was detected in `new`; `takes` accepted the layer and scratch.
+                unsafe { depthwise::run(&layer, input, weights, channels, scratch, output) }
+            });
             return Ok(());
         }
         packed.for_each_group(conv, input, output, |input, weights, channels, output| {
@@ -402,6 +410,18 @@ mod tests {
             return;
         }
         check::random_layers(0x5eed_0fa5_2026, &mut |conv, input, output| {
+            Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
+        });
+    }
+
+    /// Depthwise layers take their own kernel: every random one gives the generic bytes.
+    #[test]
+    fn depthwise_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
             Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
         });
     }

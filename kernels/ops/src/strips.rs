@@ -229,15 +229,30 @@ impl Layer<'_> {
     ) {
         let [_, oh, ow] = self.geometry.output;
         let pixels = oh * ow;
-        let padded = self.pad_input(input, &mut scratch.padded);
+        // A pointwise layer's column matrix is its input: no padded copy to make.
+        let pointwise = self.is_pointwise();
+        let padded: &[i16] = if pointwise {
+            &[]
+        } else {
+            self.pad_input(input, &mut scratch.padded)
+        };
+        // The scratch strip is sized for the program's largest layer: this layer's rows only,
+        // or every tile would clear the rest of it.
+        let Some(strip) = scratch.strip.get_mut(..2 * self.row_pairs * NR) else {
+            return;
+        };
         for p0 in (0..pixels).step_by(NR) {
-            self.fill_strip(padded, p0, &mut scratch.strip);
+            if pointwise {
+                self.fill_pointwise_strip(input, p0, strip);
+            } else {
+                self.fill_strip(padded, p0, strip);
+            }
             for b in 0..self.blocks {
                 let span = b * self.row_pairs * MR..(b + 1) * self.row_pairs * MR;
                 let Some(tile) = weights.get(span) else {
                     return;
                 };
-                let codes = block(tile, &scratch.strip, b * MR);
+                let codes = block(tile, strip, b * MR);
                 let n = NR.min(pixels - p0);
                 for (o, row) in (b * MR..channels).zip(&codes) {
                     out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&row[..n]);
@@ -274,6 +289,34 @@ impl Layer<'_> {
             }
         }
         padded
+    }
+
+    /// A 1x1 convolution of stride 1 without padding: a matrix product of the weights and
+    /// the input, whose channel planes are already the column matrix's rows.
+    pub(crate) fn is_pointwise(&self) -> bool {
+        let g = self.geometry;
+        g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && g.input[1..] == g.output[1..]
+    }
+
+    /// A pointwise layer's strip for output pixels `p0..p0 + NR`: each input channel's codes
+    /// at those pixels, widened, minus the zero point; 0 past the last pixel and in the odd
+    /// row that completes the last pair.
+    #[inline]
+    pub(crate) fn fill_pointwise_strip(&self, input: &[i8], p0: usize, strip: &mut [i16]) {
+        let [_, h, w] = self.geometry.input;
+        let pixels = h * w;
+        let n = NR.min(pixels.saturating_sub(p0));
+        let mut rows = strip.chunks_exact_mut(NR);
+        for plane in input.chunks_exact(pixels.max(1)).take(self.icg) {
+            let Some(dst) = rows.next() else { return };
+            for (d, &s) in dst[..n].iter_mut().zip(&plane[p0..p0 + n]) {
+                *d = i16::from(s) - self.zero_point;
+            }
+            dst[n..].fill(0);
+        }
+        for dst in rows {
+            dst.fill(0);
+        }
     }
 
     /// Rows `(ic, ky, kx)` of the column matrix for output pixels `p0..p0 + NR`, copied from
@@ -401,66 +444,114 @@ pub(crate) mod check {
             let stride = [1 + rng.below(2), 1 + rng.below(2)];
             let dilation = [1 + rng.below(2), 1 + rng.below(2)];
             let pad = [rng.below(kh), rng.below(kw)];
-            let span = |size: usize, k: usize, s: usize, d: usize, p: usize| {
-                (size + 2 * p)
-                    .checked_sub(d * (k - 1) + 1)
-                    .map(|v| v / s + 1)
-            };
             let (Some(oh), Some(ow)) = (
                 span(h, kh, stride[0], dilation[0], pad[0]),
                 span(w, kw, stride[1], dilation[1], pad[1]),
             ) else {
                 continue;
             };
-            let input: Vec<i8> = (0..c * h * w).map(|_| rng.draw() as i8).collect();
-            let weights: Vec<i8> = (0..oc * icg * kh * kw).map(|_| rng.draw() as i8).collect();
-            let bias: Vec<i32> = (0..oc)
-                .map(|_| (rng.draw() % 20001) as i32 - 10000)
-                .collect();
-            // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path).
-            let requant: Vec<Requant> = (0..oc)
-                .map(|_| {
-                    let real = 2f64.powf(-(rng.below(1400) as f64) / 100.0 + 1.5);
-                    Requant::from_real(real).unwrap()
-                })
-                .collect();
-            let multiplier: Vec<i32> = requant.iter().map(|r| r.multiplier).collect();
-            let shift: Vec<i8> = requant.iter().map(|r| r.shift).collect();
-            let zero_point = rng.below(256) as i32 - 128;
-            let relu = rng.below(2) == 0;
-            let conv = Conv {
-                geometry: ConvGeometry {
-                    input: [c, h, w],
-                    output: [oc, oh, ow],
-                    kernel: [kh, kw],
-                    stride,
-                    pad,
-                    dilation,
-                    group,
-                },
-                weights: &weights,
-                channels: ChannelQuant {
-                    bias: &bias,
-                    multiplier: &multiplier,
-                    shift: &shift,
-                },
-                input_zero_point: rng.below(256) as i32 - 128,
-                output_quant: OutputQuant {
-                    zero_point,
-                    min: if relu { zero_point as i8 } else { -128 },
-                    max: 127,
-                },
+            let geometry = ConvGeometry {
+                input: [c, h, w],
+                output: [oc, oh, ow],
+                kernel: [kh, kw],
+                stride,
+                pad,
+                dilation,
+                group,
             };
-            let mut expected = vec![0i8; oc * oh * ow];
-            conv.run(&input, &mut expected).unwrap();
-            let mut got = vec![0i8; oc * oh * ow];
-            fast(&conv, &input, &mut got)
-                .expect("the fast kernels take every real layer")
-                .unwrap();
-            assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
+            compare(&mut rng, geometry, case, fast);
             checked += 1;
         }
         assert!(checked > 300, "only {checked} shapes were valid");
+    }
+
+    /// Output size of a window `k` with stride `s`, dilation `d` and padding `p` on both sides
+    /// over `size` inputs; `None` when the window does not fit.
+    fn span(size: usize, k: usize, s: usize, d: usize, p: usize) -> Option<usize> {
+        (size + 2 * p)
+            .checked_sub(d * (k - 1) + 1)
+            .map(|v| v / s + 1)
+    }
+
+    /// A random layer of `geometry` (weights, bias, scales above and below 1, zero points,
+    /// with or without a fused ReLU) on a random input: `fast` must give the generic kernel's
+    /// bytes.
+    fn compare(rng: &mut Rng, geometry: ConvGeometry, case: usize, fast: &mut Fast<'_>) {
+        let [c, h, w] = geometry.input;
+        let [oc, oh, ow] = geometry.output;
+        let [kh, kw] = geometry.kernel;
+        let icg = c / geometry.group;
+        let input: Vec<i8> = (0..c * h * w).map(|_| rng.draw() as i8).collect();
+        let weights: Vec<i8> = (0..oc * icg * kh * kw).map(|_| rng.draw() as i8).collect();
+        let bias: Vec<i32> = (0..oc)
+            .map(|_| (rng.draw() % 20001) as i32 - 10000)
+            .collect();
+        // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path).
+        let requant: Vec<Requant> = (0..oc)
+            .map(|_| {
+                let real = 2f64.powf(-(rng.below(1400) as f64) / 100.0 + 1.5);
+                Requant::from_real(real).unwrap()
+            })
+            .collect();
+        let multiplier: Vec<i32> = requant.iter().map(|r| r.multiplier).collect();
+        let shift: Vec<i8> = requant.iter().map(|r| r.shift).collect();
+        let zero_point = rng.below(256) as i32 - 128;
+        let relu = rng.below(2) == 0;
+        let conv = Conv {
+            geometry,
+            weights: &weights,
+            channels: ChannelQuant {
+                bias: &bias,
+                multiplier: &multiplier,
+                shift: &shift,
+            },
+            input_zero_point: rng.below(256) as i32 - 128,
+            output_quant: OutputQuant {
+                zero_point,
+                min: if relu { zero_point as i8 } else { -128 },
+                max: 127,
+            },
+        };
+        let mut expected = vec![0i8; oc * oh * ow];
+        conv.run(&input, &mut expected).unwrap();
+        let mut got = vec![0i8; oc * oh * ow];
+        fast(&conv, &input, &mut got)
+            .expect("the fast kernels take every real layer")
+            .unwrap();
+        assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
+    }
+
+    /// Random depthwise layers as MobileNets and EfficientNets have them (3x3 and 5x5, strides
+    /// 1 and 2, "same" padding) and odder ones (channel multipliers, strides to 3, dilation,
+    /// 1x7 windows), rows from 1 to 70 pixels wide: every output byte equals the generic
+    /// kernel's.
+    pub(crate) fn random_depthwise(seed: u64, fast: &mut Fast<'_>) {
+        let mut rng = Rng(seed);
+        for case in 0..300 {
+            let group = 1 + rng.below(24);
+            let multiplier = if case % 5 == 0 { 2 } else { 1 };
+            let k = [[3, 3], [5, 5], [3, 3], [1, 7], [7, 7]][case % 5];
+            let stride = [1 + rng.below(2), 1 + rng.below(2 + case % 2)];
+            let dilation = if case % 9 == 0 { [2, 2] } else { [1, 1] };
+            let pad = [(k[0] - 1) * dilation[0] / 2, (k[1] - 1) * dilation[1] / 2];
+            let (h, w) = (1 + rng.below(30), 1 + rng.below(70));
+            let (Some(oh), Some(ow)) = (
+                span(h, k[0], stride[0], dilation[0], pad[0]),
+                span(w, k[1], stride[1], dilation[1], pad[1]),
+            ) else {
+                continue;
+            };
+            let geometry = ConvGeometry {
+                input: [group, h, w],
+                output: [group * multiplier, oh, ow],
+                kernel: k,
+                stride,
+                pad,
+                dilation,
+                group,
+            };
+            compare(&mut rng, geometry, case, fast);
+        }
     }
 
     /// Geometry no real layer has, with buffers that match it: the fast path either declines
