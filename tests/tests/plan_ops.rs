@@ -291,7 +291,12 @@ fn avx2_and_generic_kernels_agree_bit_for_bit_and_stay_close_to_tract() {
     assert_eq!(generic.kernel_name(), "generic");
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
-        assert_eq!(fast.kernel_name(), "avx2");
+        let expected = match kestrel_ops::avx2::Vnni::detect() {
+            None => "avx2",
+            Some(kestrel_ops::avx2::Vnni::Avx) => "avx-vnni",
+            Some(kestrel_ops::avx2::Vnni::Avx512) => "avx512-vnni",
+        };
+        assert_eq!(fast.kernel_name(), expected);
     }
     let mut tract = load_model().tract_backend().unwrap();
     let (mut a, mut b, mut float) = (vec![0.0; 10], vec![0.0; 10], vec![0.0; 10]);

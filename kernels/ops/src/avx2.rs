@@ -12,7 +12,10 @@ use std::arch::x86_64::*;
 use std::vec::Vec;
 
 mod depthwise;
+mod vnni;
 mod winograd;
+use vnni::Quads;
+pub use vnni::Vnni;
 use winograd::Winograd;
 
 use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
@@ -27,21 +30,39 @@ struct Prepared {
     packed: Packed,
     /// The Winograd form, for the dense stride-1 3x3 layers it suits.
     winograd: Option<Winograd>,
+    /// Byte quads for `vpdpbusd`, on a CPU with VNNI, for the layers the strips kernel runs.
+    quads: Option<Quads>,
 }
 
 impl Prepared {
-    fn new(conv: &Conv<'_>) -> Option<Self> {
+    fn new(conv: &Conv<'_>, vnni: Option<Vnni>) -> Option<Self> {
+        let packed = Packed::new(conv)?;
+        let winograd = Winograd::new(conv);
+        let g = conv.geometry;
+        let depthwise = g.group > 1 && g.input[0] == g.group;
+        let quads = match vnni {
+            Some(vnni) if winograd.is_none() && !depthwise => Quads::new(conv, vnni),
+            _ => None,
+        };
         Some(Self {
-            packed: Packed::new(conv)?,
-            winograd: Winograd::new(conv),
+            packed,
+            winograd,
+            quads,
         })
     }
 
-    /// Scratch needs: padded input, strip, and for Winograd the transformed input and products.
+    /// Scratch needs: padded input, strip, and for Winograd the transformed input and products
+    /// (or for VNNI the byte-quad strip, in the products' buffer).
     fn scratch_len(&self) -> [usize; 4] {
         let [padded, strip] = self.packed.scratch_len();
         let [transformed, products] = self.winograd.as_ref().map_or([0, 0], Winograd::scratch_len);
-        [padded + depthwise::SLACK, strip, transformed, products]
+        let quads = self.quads.as_ref().map_or(0, Quads::strip_len);
+        [
+            padded + depthwise::SLACK,
+            strip,
+            transformed,
+            products.max(quads),
+        ]
     }
 }
 
@@ -50,29 +71,44 @@ impl Prepared {
 pub struct Avx2 {
     layers: Vec<Option<Prepared>>,
     scratch: Scratch,
+    vnni: Option<Vnni>,
 }
 
 impl Avx2 {
-    /// Pack the convolutions of a program (`convs[step]`); `None` when this CPU lacks AVX2.
+    /// Pack the convolutions of a program (`convs[step]`), for `vpdpbusd` where this CPU has
+    /// VNNI; `None` when it lacks AVX2.
     pub fn new(convs: &[Option<Conv<'_>>]) -> Option<Self> {
+        Self::with_vnni(convs, Vnni::detect())
+    }
+
+    /// [`Avx2::new`] with VNNI's encoding chosen (`None`: `vpmaddwd` only), for tests and
+    /// benchmarks of each path; an encoding this CPU lacks is not used.
+    pub fn with_vnni(convs: &[Option<Conv<'_>>], vnni: Option<Vnni>) -> Option<Self> {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
-        let layers = prepare_convs(convs, Prepared::new);
+        let vnni = vnni.filter(|v| v.available());
+        let layers = prepare_convs(convs, |conv| Prepared::new(conv, vnni));
         let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
-        Some(Self { layers, scratch })
+        Some(Self {
+            layers,
+            scratch,
+            vnni,
+        })
     }
 
     /// Pack one convolution (for tests and benchmarks of a single layer).
-    pub fn for_conv(conv: &Conv<'_>) -> Option<Self> {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            return None;
+    pub fn for_conv(conv: &Conv<'_>, vnni: Option<Vnni>) -> Option<Self> {
+        Self::with_vnni(&[Some(*conv)], vnni)
+    }
+
+    /// The kernel table's name for these convolutions.
+    pub fn name(&self) -> &'static str {
+        match self.vnni {
+            None => "avx2",
+            Some(Vnni::Avx) => "avx-vnni",
+            Some(Vnni::Avx512) => "avx512-vnni",
         }
-        let prepared = Prepared::new(conv)?;
-        Some(Self {
-            scratch: Scratch::for_needs([prepared.scratch_len()]),
-            layers: std::vec![Some(prepared)],
-        })
     }
 }
 
@@ -86,7 +122,7 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
         name: "avx2",
         kernel: add,
     };
-    table.conv = Entry::conv_of("avx2", avx2);
+    table.conv = Entry::conv_of(avx2.name(), avx2);
 }
 
 /// Add eight lanes at a time where the sums fit 32-bit lanes exactly, else the generic kernel.
@@ -115,6 +151,10 @@ impl Kernels for Avx2 {
             if let Some(w) = &prepared.winograd {
                 visit(w.weights());
             }
+            if let Some(q) = &prepared.quads {
+                visit(&q.weights);
+                visit(&q.biases);
+            }
         }
     }
 
@@ -125,7 +165,19 @@ impl Kernels for Avx2 {
             .flatten()
             .flat_map(|p| {
                 let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
-                [Some(p.packed.weights.as_mut_slice()), winograd]
+                let (quads, biases) = match &mut p.quads {
+                    Some(q) => (
+                        Some(q.weights.as_mut_slice()),
+                        Some(q.biases.as_mut_slice()),
+                    ),
+                    None => (None, None),
+                };
+                [
+                    Some(p.packed.weights.as_mut_slice()),
+                    winograd,
+                    quads,
+                    biases,
+                ]
             })
             .flatten()
             .collect();
@@ -143,7 +195,9 @@ impl Kernels for Avx2 {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        let Self { layers, scratch } = self;
+        let Self {
+            layers, scratch, ..
+        } = self;
         let Some(Some(prepared)) = layers.get(step) else {
             return conv.run(input, output);
         };
@@ -178,6 +232,10 @@ impl Kernels for Avx2 {
             });
             return Ok(());
         }
+        if let Some(quads) = prepared.quads.as_ref().filter(|q| q.accepts(conv, scratch)) {
+            quads.run(conv, &layer, input, scratch, output);
+            return Ok(());
+        }
         packed.for_each_group(conv, input, output, |input, weights, channels, output| {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe { run_layer(&layer, input, weights, channels, scratch, output) }
@@ -197,16 +255,27 @@ fn run_layer(
     out: &mut [i8],
 ) {
     let count = channels.bias.len();
-    layer.run_tiles(input, weights, count, scratch, out, |tile, strip, first| {
-        // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
-        let acc = unsafe { micro_kernel(tile, strip, layer.row_pairs) };
-        let mut codes = [[0i8; NR]; MR];
-        for ((o, [lo, hi]), row) in (first..count).zip(acc).zip(&mut codes) {
-            let (bias, requant) = channels.get(o);
-            *row = requantize_tile(lo, hi, bias, requant, layer.q);
-        }
-        codes
-    });
+    let span = layer.row_pairs * MR;
+    let Scratch { padded, strip, .. } = scratch;
+    layer.run_tiles(
+        input,
+        weights,
+        span,
+        count,
+        padded,
+        strip,
+        out,
+        |tile, strip, first| {
+            // SAFETY: the strip holds 2 * row_pairs rows of NR values; `tile` row_pairs * MR.
+            let acc = unsafe { micro_kernel(tile, strip, layer.row_pairs) };
+            let mut codes = [[0i8; NR]; MR];
+            for ((o, [lo, hi]), row) in (first..count).zip(acc).zip(&mut codes) {
+                let (bias, requant) = channels.get(o);
+                *row = requantize_tile(lo, hi, bias, requant, layer.q);
+            }
+            codes
+        },
+    );
 }
 
 /// Element-wise sums eight at a time, exactly as [`Add::run`]: each addend rescaled with
@@ -222,7 +291,8 @@ fn add8(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
                 multiplier: _mm256_set1_epi32(r.multiplier),
                 round: _mm256_set1_epi64x(1 << (right - 1)),
                 right: _mm_cvtsi64_si128(right),
-                // Unused: terms are summed before the clamp.
+                // Unused: terms are rounded with `round_shift` and summed before the clamp.
+                high_right: None,
                 low: _mm256_setzero_si256(),
                 high: _mm256_setzero_si256(),
                 zero_point: _mm256_setzero_si256(),
@@ -308,6 +378,7 @@ unsafe fn micro_kernel(tile: &[i32], strip: &[i16], row_pairs: usize) -> [[__m25
 }
 
 /// Add the bias, requantise and clamp 16 sums; codes in pixel order.
+#[inline]
 #[target_feature(enable = "avx2")]
 fn requantize_tile(
     lo: __m256i,
@@ -351,6 +422,9 @@ struct Lanes {
     multiplier: __m256i,
     round: __m256i,
     right: __m128i,
+    /// `right - 32`, when the shift is at least 32: then the rounded product's high half,
+    /// shifted by this in 32-bit lanes, is the result.
+    high_right: Option<__m128i>,
     low: __m256i,
     high: __m256i,
     zero_point: __m256i,
@@ -365,6 +439,7 @@ impl Lanes {
             multiplier: _mm256_set1_epi32(requant.multiplier),
             round: _mm256_set1_epi64x(1 << (right - 1)),
             right: _mm_cvtsi64_si128(right),
+            high_right: (right >= 32).then(|| _mm_cvtsi64_si128(right - 32)),
             low: _mm256_set1_epi32(i32::from(q.min).saturating_sub(q.zero_point)),
             high: _mm256_set1_epi32(i32::from(q.max).saturating_sub(q.zero_point)),
             zero_point: _mm256_set1_epi32(q.zero_point),
@@ -385,12 +460,25 @@ fn round_shift(product: __m256i, l: &Lanes) -> __m256i {
 /// [`requantize_i8`] do it; valid for `right >= 31`, where the rounded value fits 32 bits.
 #[target_feature(enable = "avx2")]
 fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
-    let even = round_shift(_mm256_mul_epi32(acc, l.multiplier), l);
-    let odd = round_shift(
-        _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), l.multiplier),
-        l,
-    );
-    let value = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+    let value = if let Some(high_right) = l.high_right {
+        // A floor shift by 32 or more is one by 32, the high half, then one by the rest; the
+        // high half of `acc * m + round` (at most 2^62 + 2^61) fits 32 bits, so a 32-bit
+        // arithmetic shift finishes it exactly, without emulating a 64-bit one.
+        let even = _mm256_add_epi64(_mm256_mul_epi32(acc, l.multiplier), l.round);
+        let odd = _mm256_add_epi64(
+            _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), l.multiplier),
+            l.round,
+        );
+        let high = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+        _mm256_sra_epi32(high, high_right)
+    } else {
+        let even = round_shift(_mm256_mul_epi32(acc, l.multiplier), l);
+        let odd = round_shift(
+            _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), l.multiplier),
+            l,
+        );
+        _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
+    };
     let clamped = _mm256_min_epi32(_mm256_max_epi32(value, l.low), l.high);
     _mm256_add_epi32(clamped, l.zero_point)
 }
@@ -402,16 +490,39 @@ mod tests {
     use crate::strips::check;
     use kestrel_testing::Rng;
 
-    /// A property test over shapes: every random convolution gives the generic kernel's bytes.
+    /// The paths a layer can take: `vpmaddwd` alone, then each VNNI encoding this CPU has; one
+    /// it lacks is named in the output, not passed over silently.
+    fn paths() -> Vec<Option<Vnni>> {
+        let mut paths = vec![None];
+        for vnni in [Vnni::Avx, Vnni::Avx512] {
+            if vnni.available() {
+                paths.push(Some(vnni));
+            } else {
+                eprintln!("not tested here: this CPU has no {vnni:?} VNNI");
+            }
+        }
+        paths
+    }
+
+    /// A property test over shapes: every random convolution gives the generic kernel's bytes,
+    /// on every path (with VNNI, most layers take `vpdpbusd`).
     #[test]
     fn matches_the_generic_kernel_bit_for_bit() {
         if !std::arch::is_x86_feature_detected!("avx2") {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        check::random_layers(0x5eed_0fa5_2026, &mut |conv, input, output| {
-            Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
-        });
+        for vnni in paths() {
+            let mut quads = 0;
+            check::random_layers(0x5eed_0fa5_2026, &mut |conv, input, output| {
+                let mut fast = Avx2::for_conv(conv, vnni)?;
+                quads += usize::from(fast.layers[0].as_ref()?.quads.is_some());
+                Some(fast.conv(0, conv, input, output))
+            });
+            if vnni.is_some() {
+                assert!(quads > 250, "{vnni:?}: only {quads} layers took vpdpbusd");
+            }
+        }
     }
 
     /// Depthwise layers take their own kernel: every random one gives the generic bytes.
@@ -421,9 +532,11 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
-            Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
-        });
+        for vnni in paths() {
+            check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
+                Avx2::for_conv(conv, vnni).map(|mut fast| fast.conv(0, conv, input, output))
+            });
+        }
     }
 
     /// The dense stride-1 3x3 layers take the Winograd path: random ones of every size that
@@ -483,7 +596,7 @@ mod tests {
             };
             let mut expected = vec![0i8; oc * oh * ow];
             conv.run(&input, &mut expected).unwrap();
-            let mut fast = Avx2::for_conv(&conv).unwrap();
+            let mut fast = Avx2::for_conv(&conv, Vnni::detect()).unwrap();
             winograd += usize::from(fast.layers[0].as_ref().unwrap().winograd.is_some());
             let mut got = vec![0i8; oc * oh * ow];
             fast.conv(0, &conv, &input, &mut got).unwrap();
@@ -531,6 +644,7 @@ mod tests {
             let conv_free = Avx2 {
                 layers: Vec::new(),
                 scratch: Scratch::for_needs([]),
+                vnni: None,
             };
             let mut kernels = conv_free;
             kernels.add(&add, &a, &b, &mut got).unwrap();
@@ -545,9 +659,11 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return;
         }
-        check::odd_geometry(0x00ba_d6e0_2026, &mut |conv, input, output| {
-            Avx2::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
-        });
+        for vnni in paths() {
+            check::odd_geometry(0x00ba_d6e0_2026, &mut |conv, input, output| {
+                Avx2::for_conv(conv, vnni).map(|mut fast| fast.conv(0, conv, input, output))
+            });
+        }
     }
 
     #[test]
@@ -578,7 +694,7 @@ mod tests {
                 max: 127,
             },
         };
-        let mut fast = Avx2::for_conv(&conv).unwrap();
+        let mut fast = Avx2::for_conv(&conv, Vnni::detect()).unwrap();
         assert_eq!(
             fast.conv(0, &conv, &[0; 8], &mut [0; 9]),
             Err(ShapeError { buffer: "input" })

@@ -114,17 +114,29 @@ fn run_layer(
 ) {
     let count = channels.bias.len();
     let q = layer.q;
-    layer.run_tiles(input, weights, count, scratch, out, |tile, strip, first| {
-        let sums = micro_kernel(tile, strip, layer.row_pairs);
-        let mut codes = [[0i8; NR]; MR];
-        for ((o, sums), row) in (first..count).zip(&sums).zip(&mut codes) {
-            let (bias, requant) = channels.get(o);
-            for (code, &sum) in row.iter_mut().zip(sums) {
-                *code = requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
+    let span = layer.row_pairs * MR;
+    let Scratch { padded, strip, .. } = scratch;
+    layer.run_tiles(
+        input,
+        weights,
+        span,
+        count,
+        padded,
+        strip,
+        out,
+        |tile, strip, first| {
+            let sums = micro_kernel(tile, strip, layer.row_pairs);
+            let mut codes = [[0i8; NR]; MR];
+            for ((o, sums), row) in (first..count).zip(&sums).zip(&mut codes) {
+                let (bias, requant) = channels.get(o);
+                for (code, &sum) in row.iter_mut().zip(sums) {
+                    *code =
+                        requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
+                }
             }
-        }
-        codes
-    });
+            codes
+        },
+    );
 }
 
 /// Sums of 4 output channels by 16 pixels over the strip's rows. The packed weights hold the

@@ -158,26 +158,48 @@ impl Packed {
         conv: &Conv<'_>,
         input: &[i8],
         output: &mut [i8],
-        mut run: impl FnMut(&[i8], &[i32], &ChannelQuant<'_>, &mut [i8]),
+        run: impl FnMut(&[i8], &[i32], &ChannelQuant<'_>, &mut [i8]),
     ) {
-        let g = conv.geometry;
-        let group = g.group.max(1);
-        let [c, h, w] = g.input;
-        let [oc, oh, ow] = g.output;
-        let (icg, ocg) = (c / group, oc / group);
         let span = self.blocks * self.row_pairs * MR;
-        let parts = input
-            .chunks_exact((icg * h * w).max(1))
-            .zip(output.chunks_exact_mut((ocg * oh * ow).max(1)))
-            .zip(self.weights.chunks_exact(span.max(1)));
-        for (gi, ((input, output), weights)) in parts.enumerate().take(group) {
-            let channels = ChannelQuant {
-                bias: &conv.channels.bias[gi * ocg..(gi + 1) * ocg],
-                multiplier: &conv.channels.multiplier[gi * ocg..(gi + 1) * ocg],
-                shift: &conv.channels.shift[gi * ocg..(gi + 1) * ocg],
-            };
-            run(input, weights, &channels, output);
-        }
+        for_each_group(
+            conv,
+            &conv.channels,
+            &self.weights,
+            span,
+            input,
+            output,
+            run,
+        );
+    }
+}
+
+/// Hand each group of an accepted call of `conv` to `run` with its input, its `span` values of
+/// `weights`, its part of `channels` and its output.
+pub(crate) fn for_each_group(
+    conv: &Conv<'_>,
+    channels: &ChannelQuant<'_>,
+    weights: &[i32],
+    span: usize,
+    input: &[i8],
+    output: &mut [i8],
+    mut run: impl FnMut(&[i8], &[i32], &ChannelQuant<'_>, &mut [i8]),
+) {
+    let g = conv.geometry;
+    let group = g.group.max(1);
+    let [c, h, w] = g.input;
+    let [oc, oh, ow] = g.output;
+    let (icg, ocg) = (c / group, oc / group);
+    let parts = input
+        .chunks_exact((icg * h * w).max(1))
+        .zip(output.chunks_exact_mut((ocg * oh * ow).max(1)))
+        .zip(weights.chunks_exact(span.max(1)));
+    for (gi, ((input, output), weights)) in parts.enumerate().take(group) {
+        let channels = ChannelQuant {
+            bias: &channels.bias[gi * ocg..(gi + 1) * ocg],
+            multiplier: &channels.multiplier[gi * ocg..(gi + 1) * ocg],
+            shift: &channels.shift[gi * ocg..(gi + 1) * ocg],
+        };
+        run(input, weights, &channels, output);
     }
 }
 
@@ -213,17 +235,21 @@ impl Layer<'_> {
     }
 
     /// The tile loop every fast kernel shares: for each tile of [`NR`] output pixels fill its
-    /// strip of the column matrix, then for each block of [`MR`] output channels let `block`
-    /// turn the block's packed weights, the strip and the block's first channel into codes,
-    /// `[channel][pixel]`, while the strip is in L1. Codes of channels past the group's last
-    /// (`channels`) and of pixels past the last are not written.
+    /// strip of the column matrix (in `strip`, with `padded` for the padded input), then for
+    /// each block of [`MR`] output channels, in order, let `block` turn the block's packed
+    /// weights (`span` values from `weights`), the strip and the block's first channel into
+    /// codes, `[channel][pixel]`, while the strip is in L1. Codes of channels past the group's
+    /// last (`channels`) and of pixels past the last are not written.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_tiles(
         &self,
         input: &[i8],
         weights: &[i32],
+        span: usize,
         channels: usize,
-        scratch: &mut Scratch,
+        padded: &mut [i16],
+        strip: &mut [i16],
         out: &mut [i8],
         mut block: impl FnMut(&[i32], &[i16], usize) -> [[i8; NR]; MR],
     ) {
@@ -234,11 +260,11 @@ impl Layer<'_> {
         let padded: &[i16] = if pointwise {
             &[]
         } else {
-            self.pad_input(input, &mut scratch.padded)
+            self.pad_input(input, padded)
         };
         // The scratch strip is sized for the program's largest layer: this layer's rows only,
         // or every tile would clear the rest of it.
-        let Some(strip) = scratch.strip.get_mut(..2 * self.row_pairs * NR) else {
+        let Some(strip) = strip.get_mut(..2 * self.row_pairs * NR) else {
             return;
         };
         for p0 in (0..pixels).step_by(NR) {
@@ -248,14 +274,13 @@ impl Layer<'_> {
                 self.fill_strip(padded, p0, strip);
             }
             for b in 0..self.blocks {
-                let span = b * self.row_pairs * MR..(b + 1) * self.row_pairs * MR;
-                let Some(tile) = weights.get(span) else {
+                let Some(tile) = weights.get(b * span..(b + 1) * span) else {
                     return;
                 };
                 let codes = block(tile, strip, b * MR);
                 let n = NR.min(pixels - p0);
                 for (o, row) in (b * MR..channels).zip(&codes) {
-                    out[o * pixels + p0..o * pixels + p0 + n].copy_from_slice(&row[..n]);
+                    store_codes(&mut out[o * pixels + p0..o * pixels + p0 + n], row);
                 }
             }
         }
@@ -370,6 +395,16 @@ impl Layer<'_> {
         for dst in rows {
             dst.fill(0);
         }
+    }
+}
+
+/// Copy the first `dst.len()` of 16 codes into `dst`: a whole tile as one fixed-size move,
+/// which a variable-length copy (a call to `memcpy` per tile) is not.
+#[inline]
+pub(crate) fn store_codes(dst: &mut [i8], codes: &[i8; NR]) {
+    match <&mut [i8; NR]>::try_from(&mut *dst) {
+        Ok(whole) => *whole = *codes,
+        Err(_) => dst.copy_from_slice(&codes[..dst.len()]),
     }
 }
 

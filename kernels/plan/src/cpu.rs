@@ -127,8 +127,8 @@ impl Int8Cpu {
         &self.arena
     }
 
-    /// Which convolution kernels run (the op that dominates run time): `"generic"`, `"avx2"`,
-    /// `"neon"`.
+    /// Which convolution kernels run (the op that dominates run time): `"generic"`, `"avx2"`
+    /// (`"avx-vnni"` or `"avx512-vnni"` where the CPU has 8-bit dot products), `"neon"`.
     pub fn kernel_name(&self) -> &'static str {
         self.kernels.conv.name
     }
@@ -246,7 +246,8 @@ mod tests {
         let plugged: Vec<_> = names.iter().filter(|(_, n)| *n != "generic").collect();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
-            assert_eq!(plugged, [&("conv", "avx2"), &("add", "avx2")]);
+            let conv = kestrel_ops::avx2::Avx2::new(&[]).unwrap().name();
+            assert_eq!(plugged, [&("conv", conv), &("add", "avx2")]);
         } else {
             println!("this CPU has no AVX2: the table stays generic");
             assert!(plugged.is_empty());

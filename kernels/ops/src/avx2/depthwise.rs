@@ -12,7 +12,8 @@ use std::arch::x86_64::*;
 
 use super::requantize_tile;
 use crate::int8::ChannelQuant;
-use crate::strips::{Layer, Scratch, MR, NR};
+use crate::quant::Requant;
+use crate::strips::{store_codes, Layer, Scratch, MR, NR};
 
 /// Values past the padded plane that the tap loads may read (a stride-2 load takes `2 * NR`);
 /// they only reach lanes past the row's end, which are not written.
@@ -45,49 +46,124 @@ pub(super) unsafe fn run(
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
     let [kh, kw] = g.kernel;
-    let [sy, sx] = g.stride;
     let [dy, dx] = g.dilation;
     let [_, wp] = Layer::padded_dims(g);
     let taps = kh * kw;
-    let mut offsets = [0usize; MAX_TAPS];
+    let mut offsets = [0usize; MAX_TAPS + 1];
     for (t, offset) in offsets.iter_mut().enumerate().take(taps) {
         *offset = (t / kw) * dy * wp + (t % kw) * dx;
     }
     layer.pad_input(input, &mut scratch.padded);
     let plane = scratch.padded.as_ptr();
-    let zero = _mm256_setzero_si256();
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
-        let (bias, requant) = channels.get(r);
         let block = (r / MR) * layer.row_pairs * MR + r % MR;
-        for oy in 0..oh {
-            for ox0 in (0..ow).step_by(NR) {
-                let n = NR.min(ow - ox0);
-                let at = oy * sy * wp + ox0 * sx;
-                let (mut lo, mut hi) = (zero, zero);
-                for pair in 0..layer.row_pairs {
-                    let weight = weights.get(block + pair * MR).copied().unwrap_or(0);
+        let mut pairs = [_mm256_setzero_si256(); MAX_TAPS.div_ceil(2)];
+        for (pair, w) in pairs.iter_mut().enumerate().take(layer.row_pairs) {
+            *w = _mm256_set1_epi32(weights.get(block + pair * MR).copied().unwrap_or(0));
+        }
+        let (bias, requant) = channels.get(r);
+        let channel = Channel {
+            layer,
+            offsets: &offsets,
+            pairs: &pairs,
+            bias,
+            requant,
+        };
+        // SAFETY: as for this function.
+        unsafe {
+            // The common windows with their tap count fixed, so the loop over taps unrolls
+            // with the weights in registers.
+            match (taps, layer.row_pairs) {
+                (9, 5) => channel.run::<5>(plane, out),
+                (25, 13) => channel.run::<13>(plane, out),
+                _ => channel.run::<0>(plane, out),
+            }
+        }
+    }
+}
+
+/// One output channel of a depthwise layer.
+struct Channel<'c> {
+    layer: &'c Layer<'c>,
+    /// Each tap's offset in the padded plane; one past the last tap is 0 (its weight is 0).
+    offsets: &'c [usize; MAX_TAPS + 1],
+    /// Weights of taps `2k` and `2k + 1`, broadcast.
+    pairs: &'c [__m256i; MAX_TAPS.div_ceil(2)],
+    bias: i32,
+    requant: Requant,
+}
+
+impl Channel<'_> {
+    /// Compute the channel from its padded `plane` into `out`, `PAIRS` tap pairs (0: the
+    /// layer's count, not fixed at compile time). Rows of 8 pixels or fewer go two to a vector.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `plane` must hold the padded plane and [`SLACK`] more.
+    #[target_feature(enable = "avx2")]
+    unsafe fn run<const PAIRS: usize>(&self, plane: *const i16, out: &mut [i8]) {
+        let g = self.layer.geometry;
+        let [_, oh, ow] = g.output;
+        let [sy, sx] = g.stride;
+        let [_, wp] = Layer::padded_dims(g);
+        if ow > NR / 2 {
+            for oy in 0..oh {
+                for ox0 in (0..ow).step_by(NR) {
+                    let n = NR.min(ow - ox0);
+                    let at = oy * sy * wp + ox0 * sx;
                     // SAFETY: `takes` checked the plane and its slack hold every tap's load.
-                    let (a, b) = unsafe {
-                        (
-                            load_taps(plane, at + offsets[2 * pair], sx, n),
-                            if 2 * pair + 1 < taps {
-                                load_taps(plane, at + offsets[2 * pair + 1], sx, n)
-                            } else {
-                                zero
-                            },
-                        )
-                    };
-                    let weight = _mm256_set1_epi32(weight);
-                    let (pl, ph) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
-                    lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, weight));
-                    hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, weight));
+                    let codes =
+                        unsafe { self.vector::<PAIRS>(|o| load_taps(plane, at + o, sx, n)) };
+                    if let Some(dst) = out.get_mut(oy * ow + ox0..oy * ow + ox0 + n) {
+                        store_codes(dst, &codes);
+                    }
                 }
-                let codes = requantize_tile(lo, hi, bias, requant, layer.q);
-                if let Some(dst) = out.get_mut(oy * ow + ox0..oy * ow + ox0 + n) {
-                    dst.copy_from_slice(&codes[..n]);
+            }
+            return;
+        }
+        for oy in (0..oh).step_by(2) {
+            // An odd last row computes its neighbour twice and keeps one.
+            let second = (oy + 1).min(oh - 1);
+            let at = [oy * sy * wp, second * sy * wp];
+            // SAFETY: as above, for both rows.
+            let codes = unsafe {
+                self.vector::<PAIRS>(|o| {
+                    let (a, b) = (
+                        load_taps(plane, at[0] + o, sx, ow),
+                        load_taps(plane, at[1] + o, sx, ow),
+                    );
+                    _mm256_permute2x128_si256::<0x20>(a, b)
+                })
+            };
+            let rows = [&codes[..ow], &codes[NR / 2..NR / 2 + ow]];
+            for (y, row) in (oy..oh.min(oy + 2)).zip(rows) {
+                if let Some(dst) = out.get_mut(y * ow..(y + 1) * ow) {
+                    dst.copy_from_slice(row);
                 }
             }
         }
+    }
+
+    /// The 16 codes of one vector of output pixels whose tap values `load(offset)` gives.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn vector<const PAIRS: usize>(&self, load: impl Fn(usize) -> __m256i) -> [i8; NR] {
+        let pairs = if PAIRS > 0 {
+            PAIRS
+        } else {
+            self.layer.row_pairs
+        };
+        let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for (pair, weight) in self.pairs.iter().enumerate().take(pairs) {
+            // The tap past an odd count reads at offset 0 and is weighted 0.
+            let (a, b) = (
+                load(self.offsets[2 * pair]),
+                load(self.offsets[2 * pair + 1]),
+            );
+            let (pl, ph) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, *weight));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, *weight));
+        }
+        requantize_tile(lo, hi, self.bias, self.requant, self.layer.q)
     }
 }
 

@@ -1,0 +1,271 @@
+//! 8-bit dot products (`vpdpbusd`) for the layers the strips kernel runs, on CPUs with AVX-VNNI
+//! or AVX-512 VNNI, bit-identical to the generic [`Conv`].
+//!
+//! `vpdpbusd` multiplies unsigned by signed bytes, four to a 32-bit lane, and adds them to the
+//! lane without saturation: four times the products of `vpmaddwd` per instruction, exactly. The
+//! input codes `x` are made unsigned as `x + 128`, so a channel sums `Σ w·(x + 128)`, and the
+//! generic kernel's `Σ w·(x − zp)` is that minus `(zp + 128)·Σ w`, a constant of the channel
+//! folded into its bias when the weights are packed. Padding becomes `zp + 128`, which the
+//! correction turns back into 0. Sums agree modulo 2^32, as the generic kernel's wrap.
+//!
+//! The strips of [`crate::strips`] are filled as for `vpmaddwd` and turned into rows of byte
+//! quads once per tile, in the lane order [`super::requantize_tile`] reads.
+
+use std::arch::x86_64::*;
+use std::vec::Vec;
+
+use super::requantize_tile;
+use crate::int8::{ChannelQuant, Conv};
+use crate::strips::{for_each_group, Layer, Scratch, MR, NR};
+
+/// Which VNNI encoding this CPU has for 256-bit vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vnni {
+    /// AVX-VNNI (VEX-encoded; Alder Lake and later, Zen 5).
+    Avx,
+    /// AVX-512 VNNI with 256-bit vectors (EVEX-encoded; Ice Lake, Zen 4 and later).
+    Avx512,
+}
+
+impl Vnni {
+    /// The encoding this CPU has, AVX-512's first; `None` without either.
+    pub fn detect() -> Option<Self> {
+        if std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            Some(Self::Avx512)
+        } else if std::arch::is_x86_feature_detected!("avxvnni") {
+            Some(Self::Avx)
+        } else {
+            None
+        }
+    }
+
+    /// Whether this CPU has the encoding.
+    pub fn available(self) -> bool {
+        match self {
+            Self::Avx512 => {
+                std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+            }
+            Self::Avx => std::arch::is_x86_feature_detected!("avxvnni"),
+        }
+    }
+}
+
+/// One layer's weights as byte quads, and its biases with the unsigned input's correction.
+pub(super) struct Quads {
+    vnni: Vnni,
+    /// `[group][block][quad][MR]`: four weights (column-matrix rows `4k..4k + 4`) per i32, the
+    /// first in the low byte.
+    pub(super) weights: Vec<i32>,
+    /// Per output channel: the bias minus `(zp + 128)·Σ w`.
+    pub(super) biases: Vec<i32>,
+    /// Column-matrix rows rounded up to a multiple of 4, quartered.
+    quads: usize,
+    /// The input zero point the biases were corrected for.
+    zero_point: i32,
+}
+
+impl Quads {
+    /// Pack `conv` (whose strips layout is `layer`'s) for `vnni`, when this CPU has it.
+    pub(super) fn new(conv: &Conv<'_>, vnni: Vnni) -> Option<Self> {
+        if !vnni.available() || !(-128..=127).contains(&conv.input_zero_point) {
+            return None;
+        }
+        let g = conv.geometry;
+        let group = g.group.max(1);
+        let [c, _, _] = g.input;
+        let [oc, _, _] = g.output;
+        let rows = c / group * g.kernel[0] * g.kernel[1];
+        if !c.is_multiple_of(group) || !oc.is_multiple_of(group) || conv.weights.len() != oc * rows
+        {
+            return None;
+        }
+        let (ocg, quads) = (oc / group, rows.div_ceil(4));
+        let blocks = ocg.div_ceil(MR);
+        let mut weights = std::vec![0i32; group * blocks * quads * MR];
+        let mut biases = Vec::with_capacity(oc);
+        let unsigned = conv.input_zero_point + 128;
+        for o in 0..oc {
+            let filter = &conv.weights[o * rows..(o + 1) * rows];
+            let (gi, r) = (o / ocg, o % ocg);
+            let tile = ((gi * blocks + r / MR) * quads) * MR + r % MR;
+            for (q, taps) in filter.chunks(4).enumerate() {
+                let word = taps
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |word, (k, &w)| word | (u32::from(w as u8) << (8 * k)));
+                weights[tile + q * MR] = word as i32;
+            }
+            let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
+            let (bias, _) = conv.channels.get(o);
+            biases.push(bias.wrapping_sub(unsigned.wrapping_mul(sum)));
+        }
+        Some(Self {
+            vnni,
+            weights,
+            biases,
+            quads,
+            zero_point: conv.input_zero_point,
+        })
+    }
+
+    /// The byte-quad strip's size in i32 (kept in [`Scratch::products`]).
+    pub(super) fn strip_len(&self) -> usize {
+        self.quads * NR
+    }
+
+    /// Whether a call of `conv` can take these quads (the strips kernel accepted it already).
+    pub(super) fn accepts(&self, conv: &Conv<'_>, scratch: &Scratch) -> bool {
+        self.zero_point == conv.input_zero_point
+            && self.biases.len() == conv.channels.bias.len()
+            && scratch.products.len() >= self.strip_len()
+    }
+
+    /// Run an accepted call of `conv` (the strips kernel's `layer`) on `input` into `output`.
+    pub(super) fn run(
+        &self,
+        conv: &Conv<'_>,
+        layer: &Layer<'_>,
+        input: &[i8],
+        scratch: &mut Scratch,
+        output: &mut [i8],
+    ) {
+        let channels = ChannelQuant {
+            bias: &self.biases,
+            ..conv.channels
+        };
+        let span = self.quads * MR;
+        let blocks = span * layer.blocks;
+        for_each_group(
+            conv,
+            &channels,
+            &self.weights,
+            blocks,
+            input,
+            output,
+            |input, weights, channels, output| {
+                // SAFETY: `available` checked the CPU has this encoding (and so AVX2) at packing.
+                unsafe { self.run_group(layer, input, weights, channels, scratch, output) }
+            },
+        );
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn run_group(
+        &self,
+        layer: &Layer<'_>,
+        input: &[i8],
+        weights: &[i32],
+        channels: &ChannelQuant<'_>,
+        scratch: &mut Scratch,
+        out: &mut [i8],
+    ) {
+        let count = channels.bias.len();
+        let unsigned = _mm256_set1_epi16((self.zero_point + 128) as i16);
+        let span = self.quads * MR;
+        let Scratch {
+            padded,
+            strip,
+            products,
+            ..
+        } = scratch;
+        let quads = &mut products[..self.strip_len()];
+        layer.run_tiles(
+            input,
+            weights,
+            span,
+            count,
+            padded,
+            strip,
+            out,
+            |tile, strip, first| {
+                if first == 0 {
+                    // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.
+                    unsafe { to_quads(strip, unsigned, quads) };
+                }
+                // SAFETY: `available` checked the encoding; `quads` holds `self.quads` quads and
+                // `tile` as many MR-word rows.
+                let acc = unsafe {
+                    match self.vnni {
+                        Vnni::Avx => micro_kernel_avx(tile, quads, self.quads),
+                        Vnni::Avx512 => micro_kernel_avx512(tile, quads, self.quads),
+                    }
+                };
+                let mut codes = [[0i8; NR]; MR];
+                for ((o, [lo, hi]), row) in (first..count).zip(acc).zip(&mut codes) {
+                    let (bias, requant) = channels.get(o);
+                    *row = requantize_tile(lo, hi, bias, requant, layer.q);
+                }
+                codes
+            },
+        );
+    }
+}
+
+/// Turn a strip of 16-bit rows (input minus zero point) into byte quads of `x + 128`:
+/// `quads[q]` is 16 words, pixels 0-3 and 8-11 then 4-7 and 12-15 (the order
+/// `vpunpck*wd` leaves them in and [`super::requantize_tile`] reads), each word rows `4q` to
+/// `4q + 3` from its low byte up. Rows past the strip's count as the zero point.
+#[target_feature(enable = "avx2")]
+unsafe fn to_quads(strip: &[i16], unsigned: __m256i, quads: &mut [i32]) {
+    let rows = strip.len() / NR;
+    let row = |r: usize| {
+        if r < rows {
+            // SAFETY: row r of NR values is inside the strip.
+            let v = unsafe { _mm256_loadu_si256(strip.as_ptr().add(r * NR).cast()) };
+            // x - zp + (zp + 128) = x + 128, in 0..=255.
+            _mm256_add_epi16(v, unsigned)
+        } else {
+            unsigned
+        }
+    };
+    for (q, dst) in quads.chunks_exact_mut(NR).enumerate() {
+        let r = 4 * q;
+        let low = _mm256_or_si256(row(r), _mm256_slli_epi16::<8>(row(r + 1)));
+        let high = _mm256_or_si256(row(r + 2), _mm256_slli_epi16::<8>(row(r + 3)));
+        // SAFETY: `dst` holds 16 i32, two vectors.
+        unsafe {
+            _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm256_unpacklo_epi16(low, high));
+            _mm256_storeu_si256(
+                dst.as_mut_ptr().add(8).cast(),
+                _mm256_unpackhi_epi16(low, high),
+            );
+        }
+    }
+}
+
+/// Sums of [`MR`] channels by 16 pixels over `quads` byte quads, in `vpdpbusd` encoding `$dp`.
+macro_rules! micro_kernel {
+    ($name:ident, $features:literal, $dp:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(tile: &[i32], strip: &[i32], quads: usize) -> [[__m256i; 2]; MR] {
+            let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+            let base = strip.as_ptr();
+            for q in 0..quads {
+                // SAFETY: the strip holds `quads` quads of 16 words.
+                let (lo, hi) = unsafe {
+                    (
+                        _mm256_loadu_si256(base.add(q * NR).cast()),
+                        _mm256_loadu_si256(base.add(q * NR + 8).cast()),
+                    )
+                };
+                let w = &tile[q * MR..q * MR + MR];
+                for (r, sums) in acc.iter_mut().enumerate() {
+                    let weight = _mm256_set1_epi32(w[r]);
+                    sums[0] = $dp(sums[0], lo, weight);
+                    sums[1] = $dp(sums[1], hi, weight);
+                }
+            }
+            acc
+        }
+    };
+}
+
+micro_kernel!(micro_kernel_avx, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+micro_kernel!(
+    micro_kernel_avx512,
+    "avx2,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32
+);
