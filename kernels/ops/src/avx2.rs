@@ -152,8 +152,8 @@ impl Kernels for Avx2 {
                 visit(w.weights());
             }
             if let Some(q) = &prepared.quads {
-                visit(&q.weights);
-                visit(&q.biases);
+                visit(&q.packed.weights);
+                visit(&q.packed.biases);
             }
         }
     }
@@ -167,8 +167,8 @@ impl Kernels for Avx2 {
                 let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
                 let (quads, biases) = match &mut p.quads {
                     Some(q) => (
-                        Some(q.weights.as_mut_slice()),
-                        Some(q.biases.as_mut_slice()),
+                        Some(q.packed.weights.as_mut_slice()),
+                        Some(q.packed.biases.as_mut_slice()),
                     ),
                     None => (None, None),
                 };

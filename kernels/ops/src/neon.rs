@@ -3,52 +3,94 @@
 //! widening 16-bit multiply-accumulates (`smlal`). 16-bit products are exact and the int32 sums
 //! wrap like the generic kernel's; requantisation is the generic [`requantize_i8`].
 //!
-//! The dot-product extension (`sdot`, four 8-bit products per lane) would be faster, but its
-//! intrinsic is not stable in this toolchain (Rust 1.95), and `sdot` works on 8-bit operands
-//! while `input - zero_point` needs 9 bits; this kernel needs only baseline NEON.
+//! On CPUs with the dot-product extension (FEAT_DotProd: the Jetson Orin's Cortex-A78AE),
+//! `sdot` multiplies four input bytes by four weights per 32-bit lane: the strips become byte
+//! quads of the raw codes, and [`ByteQuads`] folds the zero point's correction into the biases.
+//! Its intrinsic is not stable in this toolchain (Rust 1.95), so the one instruction is written
+//! as inline assembly.
 
 use std::arch::aarch64::*;
 use std::vec::Vec;
 
+mod depthwise;
+
 use crate::int8::{ChannelQuant, Conv, ShapeError};
 use crate::quant::requantize_i8;
-use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
+use crate::strips::{flip_bit, prepare_convs, ByteQuads, Layer, Packed, Scratch, MR, NR};
 use crate::table::{Entry, KernelTable};
 use crate::Kernels;
+
+/// One convolution ready for the NEON kernels.
+struct Prepared {
+    packed: Packed,
+    /// Byte quads for `sdot`, on a CPU with the dot-product extension (not for depthwise
+    /// layers, which have their own kernel).
+    quads: Option<ByteQuads>,
+}
+
+impl Prepared {
+    fn new(conv: &Conv<'_>, dotprod: bool) -> Option<Self> {
+        let g = conv.geometry;
+        let depthwise = g.group > 1 && g.input[0] == g.group;
+        Some(Self {
+            packed: Packed::new(conv)?,
+            quads: (dotprod && !depthwise)
+                .then(|| ByteQuads::new(conv, 0))
+                .flatten(),
+        })
+    }
+
+    /// Scratch needs: padded input, strip, and the byte-quad strip (in the products' buffer).
+    fn needs(&self) -> [usize; 4] {
+        let [padded, strip] = self.packed.scratch_len();
+        let quads = self.quads.as_ref().map_or(0, ByteQuads::strip_len);
+        [padded + depthwise::SLACK, strip, 0, quads]
+    }
+}
 
 /// NEON convolutions for one program: packed weights per step and scratch buffers, allocated
 /// at setup.
 pub struct Neon {
-    layers: Vec<Option<Packed>>,
+    layers: Vec<Option<Prepared>>,
     scratch: Scratch,
-}
-
-fn needs(packed: &Packed) -> [usize; 4] {
-    let [padded, strip] = packed.scratch_len();
-    [padded, strip, 0, 0]
+    dotprod: bool,
 }
 
 impl Neon {
-    /// Pack the convolutions of a program (`convs[step]`); `None` when this CPU lacks NEON.
+    /// Pack the convolutions of a program (`convs[step]`), for `sdot` where this CPU has it;
+    /// `None` when it lacks NEON.
     pub fn new(convs: &[Option<Conv<'_>>]) -> Option<Self> {
+        Self::with_dotprod(convs, std::arch::is_aarch64_feature_detected!("dotprod"))
+    }
+
+    /// [`Neon::new`] with `sdot` chosen or not (for tests and benchmarks of each path); it is
+    /// not used on a CPU without it.
+    pub fn with_dotprod(convs: &[Option<Conv<'_>>], dotprod: bool) -> Option<Self> {
         if !std::arch::is_aarch64_feature_detected!("neon") {
             return None;
         }
-        let layers = prepare_convs(convs, Packed::new);
-        let scratch = Scratch::for_needs(layers.iter().flatten().map(needs));
-        Some(Self { layers, scratch })
+        let dotprod = dotprod && std::arch::is_aarch64_feature_detected!("dotprod");
+        let layers = prepare_convs(convs, |conv| Prepared::new(conv, dotprod));
+        let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::needs));
+        Some(Self {
+            layers,
+            scratch,
+            dotprod,
+        })
     }
 
     /// Pack one convolution (for tests of a single layer).
-    pub fn for_conv(conv: &Conv<'_>) -> Option<Self> {
-        if !std::arch::is_aarch64_feature_detected!("neon") {
-            return None;
+    pub fn for_conv(conv: &Conv<'_>, dotprod: bool) -> Option<Self> {
+        Self::with_dotprod(&[Some(*conv)], dotprod)
+    }
+
+    /// The kernel table's name for these convolutions.
+    pub fn name(&self) -> &'static str {
+        if self.dotprod {
+            "neon-dotprod"
+        } else {
+            "neon"
         }
-        let packed = Packed::new(conv)?;
-        Some(Self {
-            scratch: Scratch::for_needs([needs(&packed)]),
-            layers: std::vec![Some(packed)],
-        })
     }
 }
 
@@ -58,13 +100,17 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
     let Some(neon) = Neon::new(convs) else {
         return;
     };
-    table.conv = Entry::conv_of("neon", neon);
+    table.conv = Entry::conv_of(neon.name(), neon);
 }
 
 impl Kernels for Neon {
     fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
-        for packed in self.layers.iter().flatten() {
-            visit(&packed.weights);
+        for prepared in self.layers.iter().flatten() {
+            visit(&prepared.packed.weights);
+            if let Some(q) = &prepared.quads {
+                visit(&q.weights);
+                visit(&q.biases);
+            }
         }
     }
 
@@ -73,7 +119,17 @@ impl Kernels for Neon {
             .layers
             .iter_mut()
             .flatten()
-            .map(|p| p.weights.as_mut_slice())
+            .flat_map(|p| {
+                let (quads, biases) = match &mut p.quads {
+                    Some(q) => (
+                        Some(q.weights.as_mut_slice()),
+                        Some(q.biases.as_mut_slice()),
+                    ),
+                    None => (None, None),
+                };
+                [Some(p.packed.weights.as_mut_slice()), quads, biases]
+            })
+            .flatten()
             .collect();
         flip_bit(blocks, bit)
     }
@@ -85,21 +141,184 @@ impl Kernels for Neon {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        let Self { layers, scratch } = self;
-        let Some(Some(packed)) = layers.get(step) else {
+        let Self {
+            layers, scratch, ..
+        } = self;
+        let Some(Some(prepared)) = layers.get(step) else {
             return conv.run(input, output);
         };
-        if !packed.accepts(conv, input, output) || !scratch.fits(needs(packed)) {
+        let packed = &prepared.packed;
+        if !packed.accepts(conv, input, output) || !scratch.fits(prepared.needs()) {
             // The generic kernel reports what is wrong, or runs what this one cannot.
             return conv.run(input, output);
         }
         let layer = packed.layer(conv);
+        if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
+            packed.for_each_group(conv, input, output, |input, weights, channels, output| {
+                // SAFETY: NEON was detected in `new`; `takes` accepted the layer and scratch.
+                unsafe { depthwise::run(&layer, input, weights, channels, scratch, output) }
+            });
+            return Ok(());
+        }
+        if let Some(quads) = prepared.quads.as_ref().filter(|q| q.accepts(conv)) {
+            quads.for_each_group(
+                conv,
+                &layer,
+                input,
+                output,
+                |input, weights, channels, out| {
+                    // SAFETY: the dot-product extension was detected in `with_dotprod`; the
+                    // scratch fits this layer's needs (checked above).
+                    unsafe { run_quads(&layer, quads, input, weights, channels, scratch, out) }
+                },
+            );
+            return Ok(());
+        }
         packed.for_each_group(conv, input, output, |input, weights, channels, output| {
             // SAFETY: NEON was detected in `new`; the buffers' sizes were checked above.
             unsafe { run_layer(&layer, input, weights, channels, scratch, output) }
         });
         Ok(())
     }
+}
+
+/// Requantise the sums of a tile's channels from `first` (up to the group's `channels`) into
+/// codes, with the generic requantisation.
+fn requantize_sums(
+    sums: &[[i32; NR]; MR],
+    channels: &ChannelQuant<'_>,
+    first: usize,
+    layer: &Layer<'_>,
+) -> [[i8; NR]; MR] {
+    let q = layer.q;
+    let mut codes = [[0i8; NR]; MR];
+    for ((o, sums), row) in (first..channels.bias.len()).zip(sums).zip(&mut codes) {
+        let (bias, requant) = channels.get(o);
+        for (code, &sum) in row.iter_mut().zip(sums) {
+            *code = requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
+        }
+    }
+    codes
+}
+
+/// The shared tile loop with the `sdot` micro-kernel: each tile's strip turned into byte quads
+/// once, before its first block.
+#[target_feature(enable = "neon,dotprod")]
+fn run_quads(
+    layer: &Layer<'_>,
+    packed: &ByteQuads,
+    input: &[i8],
+    weights: &[i32],
+    channels: &ChannelQuant<'_>,
+    scratch: &mut Scratch,
+    out: &mut [i8],
+) {
+    let count = channels.bias.len();
+    let quad_count = packed.quads;
+    let zero_point = packed.zero_point as i16;
+    let Scratch {
+        padded,
+        strip,
+        products,
+        ..
+    } = scratch;
+    let Some(quads) = products.get_mut(..packed.strip_len()) else {
+        return;
+    };
+    layer.run_tiles(
+        input,
+        weights,
+        quad_count * MR,
+        count,
+        padded,
+        strip,
+        out,
+        |tile, strip, first| {
+            if first == 0 {
+                to_quads(strip, zero_point, quads);
+            }
+            let sums = dot_kernel(tile, quads, quad_count);
+            requantize_sums(&sums, channels, first, layer)
+        },
+    );
+}
+
+/// Turn a strip of 16-bit rows (input minus zero point) back into the input codes, as byte
+/// quads: `quads[q]` is 16 words, one per pixel, each rows `4q` to `4q + 3` from its low byte
+/// up. Rows past the strip's count as the zero point (their weights are 0).
+#[target_feature(enable = "neon")]
+fn to_quads(strip: &[i16], zero_point: i16, quads: &mut [i32]) {
+    let rows = strip.len() / NR;
+    let zp = vdupq_n_s16(zero_point);
+    let row = |r: usize| -> int8x16_t {
+        match strip.get(r * NR..(r + 1) * NR) {
+            // SAFETY: the row holds NR = 16 values, two vectors; x - zp + zp = x fits a byte.
+            Some(values) if r < rows => unsafe {
+                let p = values.as_ptr();
+                let low = vmovn_s16(vaddq_s16(vld1q_s16(p), zp));
+                let high = vmovn_s16(vaddq_s16(vld1q_s16(p.add(8)), zp));
+                vcombine_s8(low, high)
+            },
+            _ => vdupq_n_s8(zero_point as i8),
+        }
+    };
+    for (q, dst) in quads.chunks_exact_mut(NR).enumerate() {
+        let r = 4 * q;
+        let rows = int8x16x4_t(row(r), row(r + 1), row(r + 2), row(r + 3));
+        // SAFETY: `dst` holds 16 words, 64 bytes: what one interleaving store of four
+        // 16-byte rows writes (pixel p's four bytes at 4p).
+        unsafe { vst4q_s8(dst.as_mut_ptr().cast(), rows) };
+    }
+}
+
+/// `acc + a · b` in four 32-bit lanes, each the sum of four byte products.
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: one register-only instruction of an extension this function requires.
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// Sums of [`MR`] channels by 16 pixels over `quads` byte quads.
+#[target_feature(enable = "neon,dotprod")]
+fn dot_kernel(tile: &[i32], strip: &[i32], quads: usize) -> [[i32; NR]; MR] {
+    let mut acc = [[vdupq_n_s32(0); 4]; MR];
+    for (q, pixels) in strip.chunks_exact(NR).take(quads).enumerate() {
+        // SAFETY: `pixels` holds 16 words: four loads of 16 bytes.
+        let x = unsafe {
+            let p = pixels.as_ptr().cast::<i8>();
+            [
+                vld1q_s8(p),
+                vld1q_s8(p.add(16)),
+                vld1q_s8(p.add(32)),
+                vld1q_s8(p.add(48)),
+            ]
+        };
+        for (r, sums) in acc.iter_mut().enumerate() {
+            let w = tile.get(q * MR + r).copied().unwrap_or(0);
+            let w = vreinterpretq_s8_s32(vdupq_n_s32(w));
+            for (sum, &x) in sums.iter_mut().zip(&x) {
+                *sum = sdot(*sum, x, w);
+            }
+        }
+    }
+    let mut sums = [[0i32; NR]; MR];
+    for (dst, lanes) in sums.iter_mut().zip(acc) {
+        for (quarter, v) in dst.chunks_exact_mut(4).zip(lanes) {
+            // SAFETY: each quarter holds 4 i32, one vector.
+            unsafe { vst1q_s32(quarter.as_mut_ptr(), v) };
+        }
+    }
+    sums
 }
 
 /// The shared tile loop with the NEON micro-kernel and the generic requantisation.
@@ -113,7 +332,6 @@ fn run_layer(
     out: &mut [i8],
 ) {
     let count = channels.bias.len();
-    let q = layer.q;
     let span = layer.row_pairs * MR;
     let Scratch { padded, strip, .. } = scratch;
     layer.run_tiles(
@@ -126,15 +344,7 @@ fn run_layer(
         out,
         |tile, strip, first| {
             let sums = micro_kernel(tile, strip, layer.row_pairs);
-            let mut codes = [[0i8; NR]; MR];
-            for ((o, sums), row) in (first..count).zip(&sums).zip(&mut codes) {
-                let (bias, requant) = channels.get(o);
-                for (code, &sum) in row.iter_mut().zip(sums) {
-                    *code =
-                        requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
-                }
-            }
-            codes
+            requantize_sums(&sums, channels, first, layer)
         },
     );
 }
@@ -176,17 +386,50 @@ mod tests {
     use super::*;
     use crate::strips::check;
 
+    /// The paths a layer can take: `smlal` alone, then `sdot` where this CPU has it (said in
+    /// the output where it does not, not passed over silently).
+    fn paths() -> Vec<bool> {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            std::vec![false, true]
+        } else {
+            std::eprintln!("not tested here: this CPU has no dot-product extension (sdot)");
+            std::vec![false]
+        }
+    }
+
+    /// Every random convolution gives the generic kernel's bytes, on every path (with `sdot`,
+    /// most layers take it).
     #[test]
     fn matches_the_generic_kernel_bit_for_bit() {
-        check::random_layers(0x5eed_0fa5_2026, &mut |conv, input, output| {
-            Neon::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
-        });
+        for dotprod in paths() {
+            let mut quads = 0;
+            check::random_layers(0x5eed_0fa5_2026, &mut |conv, input, output| {
+                let mut fast = Neon::for_conv(conv, dotprod)?;
+                quads += usize::from(fast.layers[0].as_ref()?.quads.is_some());
+                Some(fast.conv(0, conv, input, output))
+            });
+            if dotprod {
+                assert!(quads > 250, "only {quads} layers took sdot");
+            }
+        }
+    }
+
+    /// Depthwise layers take their own kernel: every random one gives the generic bytes.
+    #[test]
+    fn depthwise_matches_the_generic_kernel_bit_for_bit() {
+        for dotprod in paths() {
+            check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
+                Neon::for_conv(conv, dotprod).map(|mut fast| fast.conv(0, conv, input, output))
+            });
+        }
     }
 
     #[test]
     fn odd_geometry_never_panics() {
-        check::odd_geometry(0x00ba_d6e0_2026, &mut |conv, input, output| {
-            Neon::for_conv(conv).map(|mut fast| fast.conv(0, conv, input, output))
-        });
+        for dotprod in paths() {
+            check::odd_geometry(0x00ba_d6e0_2026, &mut |conv, input, output| {
+                Neon::for_conv(conv, dotprod).map(|mut fast| fast.conv(0, conv, input, output))
+            });
+        }
     }
 }

@@ -203,6 +203,94 @@ pub(crate) fn for_each_group(
     }
 }
 
+/// One convolution's weights as byte quads, for 8-bit dot-product instructions (x86 VNNI's
+/// `vpdpbusd`, Arm's `sdot`) that multiply four input bytes by four weights and add the
+/// products to a 32-bit lane, exactly.
+///
+/// The instructions read the input as bytes `x + k` (`k` = 128 for `vpdpbusd`'s unsigned
+/// operand, 0 for `sdot`), so a channel sums `Σ w·(x + k)`; the generic kernel's `Σ w·(x − zp)`
+/// is that minus `(zp + k)·Σ w`, a constant of the channel, folded into its bias here. Padding
+/// becomes `zp + k`, which the correction turns back into 0. The sums agree with the generic
+/// kernel's modulo 2^32, as its own wrapping sums do.
+pub(crate) struct ByteQuads {
+    /// `[group][block][quad][MR]`: four weights (column-matrix rows `4k..4k + 4`) per i32, the
+    /// first in the low byte.
+    pub(crate) weights: Vec<i32>,
+    /// Per output channel: the bias minus `(zp + k)·Σ w`.
+    pub(crate) biases: Vec<i32>,
+    /// Column-matrix rows rounded up to a multiple of 4, quartered.
+    pub(crate) quads: usize,
+    /// The input zero point the biases were corrected for.
+    pub(crate) zero_point: i32,
+}
+
+impl ByteQuads {
+    /// Pack `conv` for instructions that read the input as `x + k`; `None` for layers the
+    /// strips kernel does not take either.
+    pub(crate) fn new(conv: &Conv<'_>, k: i32) -> Option<Self> {
+        let packed = Packed::new(conv)?;
+        if !(-128..=127).contains(&conv.input_zero_point) {
+            return None;
+        }
+        let g = conv.geometry;
+        let group = g.group.max(1);
+        let [oc, _, _] = g.output;
+        let rows = g.input[0] / group * g.kernel[0] * g.kernel[1];
+        let (ocg, quads, blocks) = (oc / group, rows.div_ceil(4), packed.blocks);
+        let mut weights = std::vec![0i32; group * blocks * quads * MR];
+        let mut biases = Vec::with_capacity(oc);
+        let offset = conv.input_zero_point + k;
+        for (o, filter) in conv.weights.chunks_exact(rows.max(1)).enumerate().take(oc) {
+            let (gi, r) = (o / ocg, o % ocg);
+            let tile = (gi * blocks + r / MR) * quads * MR + r % MR;
+            for (q, taps) in filter.chunks(4).enumerate() {
+                let word = taps
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |word, (i, &w)| word | (u32::from(w as u8) << (8 * i)));
+                weights[tile + q * MR] = word as i32;
+            }
+            let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
+            let (bias, _) = conv.channels.get(o);
+            biases.push(bias.wrapping_sub(offset.wrapping_mul(sum)));
+        }
+        Some(Self {
+            weights,
+            biases,
+            quads,
+            zero_point: conv.input_zero_point,
+        })
+    }
+
+    /// A tile's byte-quad strip, in i32: 4 bytes by [`NR`] pixels per quad.
+    pub(crate) fn strip_len(&self) -> usize {
+        self.quads * NR
+    }
+
+    /// Whether a call of `conv` (which the strips kernel accepted) can take these quads.
+    pub(crate) fn accepts(&self, conv: &Conv<'_>) -> bool {
+        self.zero_point == conv.input_zero_point && self.biases.len() == conv.channels.bias.len()
+    }
+
+    /// Hand each group of an accepted call of `conv` (the strips kernel's `layer`) to `run`
+    /// with its input, its quads, its channel constants (the corrected biases) and its output.
+    pub(crate) fn for_each_group(
+        &self,
+        conv: &Conv<'_>,
+        layer: &Layer<'_>,
+        input: &[i8],
+        output: &mut [i8],
+        run: impl FnMut(&[i8], &[i32], &ChannelQuant<'_>, &mut [i8]),
+    ) {
+        let channels = ChannelQuant {
+            bias: &self.biases,
+            ..conv.channels
+        };
+        let span = self.quads * MR * layer.blocks;
+        for_each_group(conv, &channels, &self.weights, span, input, output, run);
+    }
+}
+
 /// One group of a convolution, as the tile loop sees it.
 pub(crate) struct Layer<'g> {
     pub(crate) geometry: &'g ConvGeometry,

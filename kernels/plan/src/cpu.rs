@@ -128,7 +128,8 @@ impl Int8Cpu {
     }
 
     /// Which convolution kernels run (the op that dominates run time): `"generic"`, `"avx2"`
-    /// (`"avx-vnni"` or `"avx512-vnni"` where the CPU has 8-bit dot products), `"neon"`.
+    /// (`"avx-vnni"` or `"avx512-vnni"` where the CPU has 8-bit dot products), `"neon"`
+    /// (`"neon-dotprod"` with `sdot`).
     pub fn kernel_name(&self) -> &'static str {
         self.kernels.conv.name
     }
@@ -253,7 +254,10 @@ mod tests {
             assert!(plugged.is_empty());
         }
         #[cfg(target_arch = "aarch64")]
-        assert_eq!(plugged, [&("conv", "neon")]);
+        {
+            let conv = kestrel_ops::neon::Neon::new(&[]).unwrap().name();
+            assert_eq!(plugged, [&("conv", conv)]);
+        }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         assert!(plugged.is_empty());
     }

@@ -3,20 +3,17 @@
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes, four to a 32-bit lane, and adds them to the
 //! lane without saturation: four times the products of `vpmaddwd` per instruction, exactly. The
-//! input codes `x` are made unsigned as `x + 128`, so a channel sums `Σ w·(x + 128)`, and the
-//! generic kernel's `Σ w·(x − zp)` is that minus `(zp + 128)·Σ w`, a constant of the channel
-//! folded into its bias when the weights are packed. Padding becomes `zp + 128`, which the
-//! correction turns back into 0. Sums agree modulo 2^32, as the generic kernel's wrap.
+//! input codes `x` are made unsigned as `x + 128`; [`ByteQuads`] folds the correction that
+//! needs into the biases.
 //!
 //! The strips of [`crate::strips`] are filled as for `vpmaddwd` and turned into rows of byte
 //! quads once per tile, in the lane order [`super::requantize_tile`] reads.
 
 use std::arch::x86_64::*;
-use std::vec::Vec;
 
 use super::requantize_tile;
 use crate::int8::{ChannelQuant, Conv};
-use crate::strips::{for_each_group, Layer, Scratch, MR, NR};
+use crate::strips::{ByteQuads, Layer, Scratch, MR, NR};
 
 /// Which VNNI encoding this CPU has for 256-bit vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,74 +50,32 @@ impl Vnni {
     }
 }
 
-/// One layer's weights as byte quads, and its biases with the unsigned input's correction.
+/// One layer's weights as byte quads for `vpdpbusd`, which reads the input as `x + 128`.
 pub(super) struct Quads {
     vnni: Vnni,
-    /// `[group][block][quad][MR]`: four weights (column-matrix rows `4k..4k + 4`) per i32, the
-    /// first in the low byte.
-    pub(super) weights: Vec<i32>,
-    /// Per output channel: the bias minus `(zp + 128)·Σ w`.
-    pub(super) biases: Vec<i32>,
-    /// Column-matrix rows rounded up to a multiple of 4, quartered.
-    quads: usize,
-    /// The input zero point the biases were corrected for.
-    zero_point: i32,
+    pub(super) packed: ByteQuads,
 }
 
 impl Quads {
-    /// Pack `conv` (whose strips layout is `layer`'s) for `vnni`, when this CPU has it.
+    /// Pack `conv` for `vnni`, when this CPU has it.
     pub(super) fn new(conv: &Conv<'_>, vnni: Vnni) -> Option<Self> {
-        if !vnni.available() || !(-128..=127).contains(&conv.input_zero_point) {
+        if !vnni.available() {
             return None;
-        }
-        let g = conv.geometry;
-        let group = g.group.max(1);
-        let [c, _, _] = g.input;
-        let [oc, _, _] = g.output;
-        let rows = c / group * g.kernel[0] * g.kernel[1];
-        if !c.is_multiple_of(group) || !oc.is_multiple_of(group) || conv.weights.len() != oc * rows
-        {
-            return None;
-        }
-        let (ocg, quads) = (oc / group, rows.div_ceil(4));
-        let blocks = ocg.div_ceil(MR);
-        let mut weights = std::vec![0i32; group * blocks * quads * MR];
-        let mut biases = Vec::with_capacity(oc);
-        let unsigned = conv.input_zero_point + 128;
-        for o in 0..oc {
-            let filter = &conv.weights[o * rows..(o + 1) * rows];
-            let (gi, r) = (o / ocg, o % ocg);
-            let tile = ((gi * blocks + r / MR) * quads) * MR + r % MR;
-            for (q, taps) in filter.chunks(4).enumerate() {
-                let word = taps
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |word, (k, &w)| word | (u32::from(w as u8) << (8 * k)));
-                weights[tile + q * MR] = word as i32;
-            }
-            let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
-            let (bias, _) = conv.channels.get(o);
-            biases.push(bias.wrapping_sub(unsigned.wrapping_mul(sum)));
         }
         Some(Self {
             vnni,
-            weights,
-            biases,
-            quads,
-            zero_point: conv.input_zero_point,
+            packed: ByteQuads::new(conv, 128)?,
         })
     }
 
     /// The byte-quad strip's size in i32 (kept in [`Scratch::products`]).
     pub(super) fn strip_len(&self) -> usize {
-        self.quads * NR
+        self.packed.strip_len()
     }
 
     /// Whether a call of `conv` can take these quads (the strips kernel accepted it already).
     pub(super) fn accepts(&self, conv: &Conv<'_>, scratch: &Scratch) -> bool {
-        self.zero_point == conv.input_zero_point
-            && self.biases.len() == conv.channels.bias.len()
-            && scratch.products.len() >= self.strip_len()
+        self.packed.accepts(conv) && scratch.products.len() >= self.strip_len()
     }
 
     /// Run an accepted call of `conv` (the strips kernel's `layer`) on `input` into `output`.
@@ -132,22 +87,15 @@ impl Quads {
         scratch: &mut Scratch,
         output: &mut [i8],
     ) {
-        let channels = ChannelQuant {
-            bias: &self.biases,
-            ..conv.channels
-        };
-        let span = self.quads * MR;
-        let blocks = span * layer.blocks;
-        for_each_group(
+        let packed = &self.packed;
+        packed.for_each_group(
             conv,
-            &channels,
-            &self.weights,
-            blocks,
+            layer,
             input,
             output,
-            |input, weights, channels, output| {
+            |input, weights, channels, out| {
                 // SAFETY: `available` checked the CPU has this encoding (and so AVX2) at packing.
-                unsafe { self.run_group(layer, input, weights, channels, scratch, output) }
+                unsafe { self.run_group(layer, input, weights, channels, scratch, out) }
             },
         );
     }
@@ -163,15 +111,18 @@ impl Quads {
         out: &mut [i8],
     ) {
         let count = channels.bias.len();
-        let unsigned = _mm256_set1_epi16((self.zero_point + 128) as i16);
-        let span = self.quads * MR;
+        let quad_count = self.packed.quads;
+        let unsigned = _mm256_set1_epi16((self.packed.zero_point + 128) as i16);
+        let span = quad_count * MR;
         let Scratch {
             padded,
             strip,
             products,
             ..
         } = scratch;
-        let quads = &mut products[..self.strip_len()];
+        let Some(quads) = products.get_mut(..self.strip_len()) else {
+            return;
+        };
         layer.run_tiles(
             input,
             weights,
@@ -185,12 +136,12 @@ impl Quads {
                     // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.
                     unsafe { to_quads(strip, unsigned, quads) };
                 }
-                // SAFETY: `available` checked the encoding; `quads` holds `self.quads` quads and
-                // `tile` as many MR-word rows.
+                // SAFETY: `available` checked the encoding; `quads` holds `quad_count` quads
+                // and `tile` as many MR-word rows.
                 let acc = unsafe {
                     match self.vnni {
-                        Vnni::Avx => micro_kernel_avx(tile, quads, self.quads),
-                        Vnni::Avx512 => micro_kernel_avx512(tile, quads, self.quads),
+                        Vnni::Avx => micro_kernel_avx(tile, quads, quad_count),
+                        Vnni::Avx512 => micro_kernel_avx512(tile, quads, quad_count),
                     }
                 };
                 let mut codes = [[0i8; NR]; MR];
