@@ -3,7 +3,7 @@
 //! quantiser calibrates with (it exposes every intermediate tensor) and that is checked
 //! against tract.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tract_onnx::pb::{self, tensor_proto::DataType, NodeProto, TensorProto};
 use tract_onnx::prelude::Framework;
@@ -95,6 +95,18 @@ pub const SUPPORTED_OPS: &[&str] = &[
     "Softmax",
     "Flatten",
     "Reshape",
+    "Slice",
+    "Split",
+    "Transpose",
+    "ReduceMean",
+    // Shape arithmetic, folded at compile time: only on constants and static shapes.
+    "Shape",
+    "Gather",
+    "Sub",
+    "Div",
+    "Cast",
+    "Unsqueeze",
+    "Squeeze",
 ];
 
 /// An operation with its constant parameters folded in.
@@ -183,6 +195,15 @@ pub enum Op {
     Softmax,
     /// Same values in a new shape (Flatten, Reshape).
     Reshape,
+    /// Planes copied in a new order: output plane `i` is input plane `indices[i]`. A channel
+    /// Slice or Split, or a Transpose that keeps the batch and trailing axes (ShuffleNet's
+    /// channel shuffle).
+    Gather {
+        /// Input plane of each output plane.
+        indices: Vec<usize>,
+        /// Values per plane.
+        plane: usize,
+    },
 }
 
 /// One node: an op reading value ids and writing one value id.
@@ -289,9 +310,14 @@ impl Graph {
             .graph
             .ok_or_else(|| ImportError::Decode("no graph".into()))?;
         let mut constants: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
+        // Constants of an integer type: their division truncates.
+        let mut integers: HashSet<String> = HashSet::new();
         for t in &graph.initializer {
             let parsed = tensor_f32(t).map_err(|reason| malformed(&t.name, reason))?;
             constants.insert(t.name.clone(), parsed);
+            if t.data_type != DataType::Float as i32 {
+                integers.insert(t.name.clone());
+            }
         }
         let input = graph
             .input
@@ -307,6 +333,7 @@ impl Graph {
             output: 0,
         };
         let mut ids: HashMap<String, usize> = HashMap::from([(input.name.clone(), 0)]);
+        let mut ids_out: Vec<(String, usize)> = Vec::new();
         let readers = |name: &str| {
             graph
                 .node
@@ -340,6 +367,25 @@ impl Graph {
                     .ok_or_else(|| malformed(&node.name, "Constant without a tensor value"))?;
                 let parsed = tensor_f32(value).map_err(|reason| malformed(&node.name, reason))?;
                 constants.insert(output_name.clone(), parsed);
+                if value.data_type != DataType::Float as i32 {
+                    integers.insert(output_name.clone());
+                }
+                continue;
+            }
+            // Shape arithmetic on constants and static shapes: folded now, nothing at run time.
+            let static_shape = |name: &str| ids.get(name).map(|&id| g.shapes[id].clone());
+            if let Some((value, integer)) = fold(node, &constants, &integers, static_shape)? {
+                constants.insert(output_name.clone(), value);
+                if integer {
+                    integers.insert(output_name.clone());
+                }
+                continue;
+            }
+            if node.op_type == "Split" {
+                split(node, &ids, &constants, &mut g, &mut ids_out)?;
+                for (name, id) in ids_out.drain(..) {
+                    ids.insert(name, id);
+                }
                 continue;
             }
             // PyTorch passes shared constants (equal BatchNorm statistics) through Identity.
@@ -704,6 +750,96 @@ impl Graph {
                     }
                     (Op::Reshape, shape)
                 }
+                "Slice" => {
+                    let [n, c, h, w] = nchw()?;
+                    let list = |i: usize, attribute: &str| -> Option<Vec<i64>> {
+                        match constant(i) {
+                            Some((_, values)) => Some(values.iter().map(|&v| v as i64).collect()),
+                            None => ints(node, attribute),
+                        }
+                    };
+                    let (Some(starts), Some(ends)) = (list(1, "starts"), list(2, "ends")) else {
+                        return Err(malformed(&node.name, "Slice needs constant starts and ends"));
+                    };
+                    let axes = list(3, "axes").unwrap_or_else(|| (0..starts.len() as i64).collect());
+                    let steps = list(4, "steps").unwrap_or_else(|| vec![1; starts.len()]);
+                    let dims = [n, c, h, w];
+                    let mut channels: Vec<usize> = (0..c).collect();
+                    for (((&axis, &start), &end), &step) in
+                        axes.iter().zip(&starts).zip(&ends).zip(&steps)
+                    {
+                        let axis = if axis < 0 { axis + 4 } else { axis };
+                        let picked = slice_range(dims.get(axis as usize).copied().unwrap_or(0), start, end, step);
+                        if axis == 1 {
+                            channels = picked;
+                        } else if picked.len() != dims.get(axis as usize).copied().unwrap_or(0)
+                            || step != 1
+                        {
+                            return Err(malformed(
+                                &node.name,
+                                "only Slice along the channel axis (NCHW, batch 1)",
+                            ));
+                        }
+                    }
+                    if n != 1 {
+                        return Err(malformed(&node.name, "Slice needs batch 1"));
+                    }
+                    let shape = vec![1, channels.len(), h, w];
+                    (
+                        Op::Gather {
+                            indices: channels,
+                            plane: h * w,
+                        },
+                        shape,
+                    )
+                }
+                "Transpose" => {
+                    let rank = shape_in.len();
+                    let perm: Vec<usize> = match ints(node, "perm") {
+                        Some(perm) => perm.iter().map(|&p| p.max(0) as usize).collect(),
+                        None => (0..rank).rev().collect(),
+                    };
+                    let mut sorted = perm.clone();
+                    sorted.sort_unstable();
+                    if sorted != (0..rank).collect::<Vec<_>>() {
+                        return Err(malformed(&node.name, format!("perm {perm:?}")));
+                    }
+                    if shape_in.first() != Some(&1) || perm.first() != Some(&0) {
+                        return Err(malformed(
+                            &node.name,
+                            "only Transpose that keeps the batch axis first, batch 1",
+                        ));
+                    }
+                    transpose(&shape_in, &perm)
+                }
+                "ReduceMean" => {
+                    let [n, c, _, _] = nchw()?;
+                    let axes = match constant(1) {
+                        Some((_, values)) => values.iter().map(|&v| v as i64).collect(),
+                        None => ints(node, "axes").unwrap_or_default(),
+                    };
+                    let mut axes: Vec<i64> =
+                        axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
+                    axes.sort_unstable();
+                    if axes != [2, 3] {
+                        return Err(malformed(
+                            &node.name,
+                            "only ReduceMean over height and width (a global average pool)",
+                        ));
+                    }
+                    let shape = if int(node, "keepdims").unwrap_or(1) == 0 {
+                        vec![n, c]
+                    } else {
+                        vec![n, c, 1, 1]
+                    };
+                    (Op::GlobalAveragePool, shape)
+                }
+                op if FOLDED_ONLY.contains(&op) => {
+                    return Err(malformed(
+                        &node.name,
+                        format!("{op} of an activation: only shape arithmetic on constants is supported (folded at compile time)"),
+                    ))
+                }
                 op => {
                     return Err(ImportError::Unsupported {
                         node: node.name.clone(),
@@ -850,11 +986,318 @@ impl Graph {
                     })
                     .collect(),
                 Op::Reshape => x.clone(),
+                Op::Gather { indices, plane } => indices
+                    .iter()
+                    .flat_map(|&i| x[i * plane..(i + 1) * plane].iter().copied())
+                    .collect(),
             };
             values[node.output] = y;
         }
         values
     }
+}
+
+/// Operators the importer takes only as shape arithmetic on constants.
+const FOLDED_ONLY: &[&str] = &[
+    "Shape",
+    "Gather",
+    "Sub",
+    "Div",
+    "Cast",
+    "Unsqueeze",
+    "Squeeze",
+];
+
+/// A constant: shape and values.
+type Constant = (Vec<usize>, Vec<f32>);
+
+/// The value of a shape-arithmetic node whose inputs are all constants (Shape: of any value
+/// whose shape `static_shape` knows), and whether it is an integer; `None` for a node that
+/// reads an activation, left to the graph.
+fn fold(
+    node: &NodeProto,
+    constants: &HashMap<String, Constant>,
+    integers: &HashSet<String>,
+    static_shape: impl Fn(&str) -> Option<Vec<usize>>,
+) -> Result<Option<(Constant, bool)>, ImportError> {
+    let op = node.op_type.as_str();
+    let name = |i: usize| node.input.get(i).map(String::as_str).unwrap_or("");
+    if op == "Shape" {
+        let shape = static_shape(name(0)).or_else(|| constants.get(name(0)).map(|c| c.0.clone()));
+        let Some(shape) = shape else {
+            return Err(malformed(
+                &node.name,
+                "Shape of a value whose shape is not known",
+            ));
+        };
+        let rank = shape.len() as i64;
+        let at = |a: i64| (if a < 0 { a + rank } else { a }).clamp(0, rank) as usize;
+        let start = at(int(node, "start").unwrap_or(0));
+        let end = at(int(node, "end").unwrap_or(rank));
+        let dims: Vec<f32> = shape[start..end.max(start)]
+            .iter()
+            .map(|&d| d as f32)
+            .collect();
+        return Ok(Some(((vec![dims.len()], dims), true)));
+    }
+    let folds = matches!(
+        op,
+        "Gather"
+            | "Add"
+            | "Sub"
+            | "Mul"
+            | "Div"
+            | "Cast"
+            | "Unsqueeze"
+            | "Squeeze"
+            | "Concat"
+            | "Slice"
+    );
+    let inputs: Option<Vec<&Constant>> = node
+        .input
+        .iter()
+        .filter(|n| !n.is_empty())
+        .map(|n| constants.get(n))
+        .collect();
+    let (true, Some(inputs)) = (folds, inputs) else {
+        return Ok(None);
+    };
+    let integer = node
+        .input
+        .iter()
+        .filter(|n| !n.is_empty())
+        .all(|n| integers.contains(n));
+    let bad = |reason: &str| Err(malformed(&node.name, reason.to_string()));
+    let value = match (op, &inputs[..]) {
+        ("Gather", [(data_shape, data), (index_shape, indices)]) => {
+            if data_shape.len() > 1 || int(node, "axis").unwrap_or(0) != 0 {
+                return bad("Gather on a constant of more than one axis");
+            }
+            let values: Option<Vec<f32>> = indices
+                .iter()
+                .map(|&i| {
+                    let i = if i < 0.0 { i + data.len() as f32 } else { i };
+                    data.get(i as usize).copied()
+                })
+                .collect();
+            let Some(values) = values else {
+                return bad("Gather index out of range");
+            };
+            (index_shape.clone(), values)
+        }
+        ("Add" | "Sub" | "Mul" | "Div", [(a_shape, a), (b_shape, b)]) => {
+            let (shape, len) = if a.len() >= b.len() {
+                (a_shape.clone(), a.len())
+            } else {
+                (b_shape.clone(), b.len())
+            };
+            if !(a.len() == len || a.len() == 1) || !(b.len() == len || b.len() == 1) {
+                return bad("arithmetic on constants of different sizes");
+            }
+            let at = |v: &[f32], i: usize| v[if v.len() == 1 { 0 } else { i }];
+            let values = (0..len)
+                .map(|i| {
+                    let (x, y) = (at(a, i), at(b, i));
+                    match op {
+                        "Add" => x + y,
+                        "Sub" => x - y,
+                        "Mul" => x * y,
+                        _ if integer => (x / y).trunc(),
+                        _ => x / y,
+                    }
+                })
+                .collect();
+            (shape, values)
+        }
+        ("Cast", [(shape, values)]) => {
+            // ONNX's integer and boolean types: every type but the floats (1, 10, 11, 16).
+            let to_integer = !matches!(int(node, "to"), Some(1 | 10 | 11 | 16));
+            let values = if to_integer {
+                values.iter().map(|v| v.trunc()).collect()
+            } else {
+                values.clone()
+            };
+            return Ok(Some(((shape.clone(), values), to_integer)));
+        }
+        ("Unsqueeze" | "Squeeze", [(shape, values), rest @ ..]) => {
+            let axes: Vec<i64> = match rest.first() {
+                Some((_, axes)) => axes.iter().map(|&a| a as i64).collect(),
+                None => ints(node, "axes").unwrap_or_default(),
+            };
+            let mut shape = shape.clone();
+            if op == "Unsqueeze" {
+                let rank = (shape.len() + axes.len()) as i64;
+                let mut axes: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
+                    .collect();
+                axes.sort_unstable();
+                for a in axes {
+                    shape.insert(a.min(shape.len()), 1);
+                }
+            } else {
+                let rank = shape.len() as i64;
+                let axes: Vec<usize> = axes
+                    .iter()
+                    .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
+                    .collect();
+                shape = shape
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, &d)| !(d == 1 && (axes.is_empty() || axes.contains(&i))))
+                    .map(|(_, &d)| d)
+                    .collect();
+            }
+            (shape, values.clone())
+        }
+        ("Concat", parts) => {
+            if parts.iter().any(|(shape, _)| shape.len() > 1) {
+                return bad("Concat of constants of more than one axis");
+            }
+            let values: Vec<f32> = parts.iter().flat_map(|(_, v)| v.iter().copied()).collect();
+            (vec![values.len()], values)
+        }
+        ("Slice", [(shape, values), (_, starts), (_, ends), rest @ ..]) => {
+            if shape.len() != 1 || starts.len() != 1 || ends.len() != 1 {
+                return bad("Slice of a constant of more than one axis");
+            }
+            let step = rest
+                .get(1)
+                .and_then(|(_, s)| s.first())
+                .map_or(1, |&s| s as i64);
+            let picked: Vec<f32> =
+                slice_range(values.len(), starts[0] as i64, ends[0] as i64, step)
+                    .into_iter()
+                    .map(|i| values[i])
+                    .collect();
+            (vec![picked.len()], picked)
+        }
+        _ => return bad("inputs of an unexpected count"),
+    };
+    Ok(Some((value, integer)))
+}
+
+/// The indices ONNX's Slice picks from an axis of `dim` values: `start` to `end` (negative
+/// from the end, clamped) by `step`, which may be negative; none for a step of 0.
+fn slice_range(dim: usize, start: i64, end: i64, step: i64) -> Vec<usize> {
+    let dim = dim as i64;
+    let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+    if step > 0 {
+        let (start, end) = (wrap(start).clamp(0, dim), wrap(end).clamp(0, dim));
+        (start..end)
+            .step_by(step as usize)
+            .map(|i| i as usize)
+            .collect()
+    } else if step < 0 {
+        let (start, end) = (wrap(start).clamp(-1, dim - 1), wrap(end).clamp(-1, dim - 1));
+        let mut picked = Vec::new();
+        let mut i = start;
+        while i > end {
+            picked.push(i as usize);
+            i += step;
+        }
+        picked
+    } else {
+        Vec::new()
+    }
+}
+
+/// A Transpose of `shape` by `perm` (batch first, batch 1) as planes copied in a new order:
+/// the axes from the first that `perm` leaves in place on are the plane, the others are
+/// reordered. The op, and the output shape.
+fn transpose(shape: &[usize], perm: &[usize]) -> (Op, Vec<usize>) {
+    let rank = shape.len();
+    let kept = (1..=rank)
+        .rev()
+        .take_while(|&t| t == rank || perm[t] == t)
+        .last()
+        .unwrap_or(rank);
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    if kept <= 1 {
+        return (Op::Reshape, out_shape);
+    }
+    let plane: usize = shape[kept..].iter().product();
+    let blocks: usize = shape[1..kept].iter().product();
+    let indices = (0..blocks)
+        .map(|block| {
+            // The output's coordinates over axes 1..kept, row-major; each is the input's
+            // coordinate on axis perm[axis].
+            let mut input = vec![0usize; kept];
+            let mut rest = block;
+            for axis in (1..kept).rev() {
+                input[perm[axis]] = rest % out_shape[axis];
+                rest /= out_shape[axis];
+            }
+            (1..kept).fold(0, |at, axis| at * shape[axis] + input[axis])
+        })
+        .collect();
+    (Op::Gather { indices, plane }, out_shape)
+}
+
+/// Import a Split along the channel axis (batch 1) as one Gather per output, recording each
+/// output's value id in `outputs`.
+fn split(
+    node: &NodeProto,
+    ids: &HashMap<String, usize>,
+    constants: &HashMap<String, Constant>,
+    g: &mut Graph,
+    outputs: &mut Vec<(String, usize)>,
+) -> Result<(), ImportError> {
+    let input = node
+        .input
+        .first()
+        .and_then(|n| ids.get(n))
+        .copied()
+        .ok_or_else(|| malformed(&node.name, "Split of a constant"))?;
+    let shape = g.shapes[input].clone();
+    let [1, c, h, w] = shape[..] else {
+        return Err(malformed(
+            &node.name,
+            "only Split of an NCHW activation, batch 1",
+        ));
+    };
+    let axis = int(node, "axis").unwrap_or(0);
+    if !(axis == 1 || axis == -3) {
+        return Err(malformed(&node.name, "only Split along the channel axis"));
+    }
+    let parts = node.output.len();
+    let sizes: Vec<usize> = match node.input.get(1).and_then(|n| constants.get(n)) {
+        Some((_, sizes)) => sizes.iter().map(|&v| v.max(0.0) as usize).collect(),
+        None => match ints(node, "split") {
+            Some(sizes) => sizes.iter().map(|&v| v.max(0) as usize).collect(),
+            // Equal parts, the last smaller when they do not divide (opset 18).
+            None => {
+                let each = c.div_ceil(parts.max(1));
+                (0..parts)
+                    .map(|i| each.min(c.saturating_sub(i * each)))
+                    .collect()
+            }
+        },
+    };
+    if sizes.len() != parts || sizes.iter().sum::<usize>() != c {
+        return Err(malformed(
+            &node.name,
+            format!("split sizes {sizes:?} do not cover {c} channels in {parts} parts"),
+        ));
+    }
+    let mut first = 0;
+    for (name, size) in node.output.iter().zip(sizes) {
+        let id = g.shapes.len();
+        g.shapes.push(vec![1, size, h, w]);
+        g.names.push(name.clone());
+        g.nodes.push(Node {
+            name: node.name.clone(),
+            op: Op::Gather {
+                indices: (first..first + size).collect(),
+                plane: h * w,
+            },
+            inputs: vec![input],
+            output: id,
+        });
+        outputs.push((name.clone(), id));
+        first += size;
+    }
+    Ok(())
 }
 
 fn pads(node: &NodeProto) -> Result<[usize; 4], ImportError> {

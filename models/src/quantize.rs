@@ -58,6 +58,9 @@ pub enum Layer {
     Lut(Vec<i8>),
     /// Channel concatenation: each input rescaled into its part of the output.
     Concat(Vec<int8::Rescale>),
+    /// Planes copied in a new order (a channel Slice, Split or shuffle): the input plane of
+    /// each output plane, and the values per plane.
+    Gather(Vec<u32>, usize),
 }
 
 /// An int8 layer reading and writing tensors by value id.
@@ -114,7 +117,8 @@ impl QuantizedGraph {
     ///   output clamp.
     /// - `x * Sigmoid(x)` becomes one SiLU table and `x * HardSigmoid(x)` one HardSwish table;
     ///   other Sigmoid, HardSigmoid, HardSwish, Relu and Clip nodes are tables.
-    /// - Reshape and Flatten share their input's bytes; MaxPool and Resize keep its quantisation.
+    /// - Reshape and Flatten share their input's bytes; MaxPool, Resize and Gather keep its
+    ///   quantisation.
     /// - A Softmax must be the last node; it is applied to the dequantised output.
     pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
         let mut params = params.to_vec();
@@ -378,6 +382,17 @@ impl QuantizedGraph {
                         },
                     })
                 }
+                Op::Gather { indices, plane } => {
+                    // A copy: same codes, same grid.
+                    params[out_id] = params[input];
+                    let indices = indices
+                        .iter()
+                        .map(|&i| {
+                            u32::try_from(i).map_err(|_| unsupported(node, "4 billion planes"))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    Layer::Gather(indices, *plane)
+                }
                 Op::Softmax => {
                     if node.output != graph.output {
                         return Err(unsupported(node, "Softmax anywhere but at the output"));
@@ -473,6 +488,10 @@ impl QuantizedGraph {
                 Layer::Resize(resize) => PlanOp::Resize(*resize),
                 Layer::Lut(table) => PlanOp::Lut {
                     table: builder.i8_blob(table),
+                },
+                Layer::Gather(indices, plane) => PlanOp::Gather {
+                    indices: builder.u32_blob(indices),
+                    plane: u32::try_from(*plane).map_err(|_| too_big("gather"))?,
                 },
                 Layer::Concat(parts) => {
                     let mut offset = 0usize;

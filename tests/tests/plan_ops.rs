@@ -262,6 +262,7 @@ fn plan_holds_every_int8_op_and_its_header() {
             PlanOp::Resize(_) => "Resize",
             PlanOp::Lut { .. } => "Lut",
             PlanOp::Rescale { .. } => "Rescale",
+            PlanOp::Gather { .. } => "Gather",
         };
         *kinds.entry(kind).or_insert(0) += 1;
     }

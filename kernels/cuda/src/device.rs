@@ -243,7 +243,9 @@ impl Session {
         let mut builder = stream.launch_builder(function);
         match &args {
             Args::Conv(a) | Args::ConvDp4a(a) => builder.arg(a),
-            Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) => builder.arg(a),
+            Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) | Args::Gather(a) => {
+                builder.arg(a)
+            }
             Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => builder.arg(a),
             Args::Resize(a) => builder.arg(a),
             Args::Preprocess(a) => builder.arg(a),

@@ -1,4 +1,4 @@
-// Element-wise ops of int8.rs: Add, Mul (with b broadcast per plane), Rescale and Lut.
+// Element-wise ops of int8.rs: Add, Mul (with b broadcast per plane), Rescale, Lut and Gather.
 
 // Add::run: both addends rescaled with 16 fraction bits, summed, rounded half up.
 extern "C" __global__ void kestrel_add(ElementwiseArgs a) {
@@ -39,4 +39,15 @@ extern "C" __global__ void kestrel_lut(ElementwiseArgs a) {
     if (i < 0) return;
     long long item = (long long)blockIdx.y * a.batch_stride;
     a.output[item + i] = a.table[(unsigned char)a.a[item + i]];
+}
+
+// Gather::run: output plane i / plane is input plane indices[i / plane] (the indices, u32 each,
+// are passed as the table and were checked against the input when the plan loaded).
+extern "C" __global__ void kestrel_gather(ElementwiseArgs a) {
+    int i = kestrel_index(a.count);
+    if (i < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    const unsigned* indices = (const unsigned*)a.table;
+    long long from = (long long)indices[i / a.plane] * a.plane + i % a.plane;
+    a.output[item + i] = a.a[item + from];
 }

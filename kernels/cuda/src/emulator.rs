@@ -17,6 +17,7 @@ extern "C" {
     fn kestrel_mul_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_rescale_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_lut_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_gather_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_max_pool_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const PoolArgs);
     fn kestrel_average_pool_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const PoolArgs);
     fn kestrel_global_average_pool_emulated(
@@ -176,6 +177,7 @@ impl Emulator {
                 Args::Mul(a) => kestrel_mul_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Rescale(a) => kestrel_rescale_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Lut(a) => kestrel_lut_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Gather(a) => kestrel_gather_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::MaxPool(a) => kestrel_max_pool_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::AveragePool(a) => kestrel_average_pool_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::GlobalAveragePool(a) => {

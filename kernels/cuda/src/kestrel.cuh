@@ -23,7 +23,7 @@ struct ConvArgs {
     int input_zero_point, output_zero_point, min, max;
 };
 
-// Add, Mul, Rescale and Lut: one output value from one value of `a` (and of `b`).
+// Add, Mul, Rescale, Lut and Gather: one output value from one value of `a` (and of `b`).
 struct ElementwiseArgs {
     const signed char* a;
     const signed char* b;
@@ -31,7 +31,7 @@ struct ElementwiseArgs {
     const signed char* table;
     long long batch_stride;
     int count;
-    int plane;  // Mul: values of `a` that share one value of `b`
+    int plane;  // Mul: values of `a` that share one value of `b`; Gather: values per plane
     int zero_a, zero_b;
     int multiplier_a, shift_a, multiplier_b, shift_b;
     int output_zero_point, min, max;

@@ -35,6 +35,8 @@ pub enum Kernel {
     Rescale,
     /// `kestrel_lut`.
     Lut,
+    /// `kestrel_gather`.
+    Gather,
     /// `kestrel_max_pool`.
     MaxPool,
     /// `kestrel_average_pool`.
@@ -51,13 +53,14 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel, for loading them all from a module.
-    pub const ALL: [Kernel; 12] = [
+    pub const ALL: [Kernel; 13] = [
         Self::Conv,
         Self::ConvDp4a,
         Self::Add,
         Self::Mul,
         Self::Rescale,
         Self::Lut,
+        Self::Gather,
         Self::MaxPool,
         Self::AveragePool,
         Self::GlobalAveragePool,
@@ -75,6 +78,7 @@ impl Kernel {
             Self::Mul => "kestrel_mul",
             Self::Rescale => "kestrel_rescale",
             Self::Lut => "kestrel_lut",
+            Self::Gather => "kestrel_gather",
             Self::MaxPool => "kestrel_max_pool",
             Self::AveragePool => "kestrel_average_pool",
             Self::GlobalAveragePool => "kestrel_global_average_pool",
@@ -121,7 +125,7 @@ pub struct ConvArgs {
     pub max: i32,
 }
 
-/// `ElementwiseArgs` of `kestrel.cuh`: Add, Mul, Rescale, Lut.
+/// `ElementwiseArgs` of `kestrel.cuh`: Add, Mul, Rescale, Lut, Gather.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[allow(missing_docs)]
@@ -238,6 +242,7 @@ pub enum Args {
     Mul(ElementwiseArgs),
     Rescale(ElementwiseArgs),
     Lut(ElementwiseArgs),
+    Gather(ElementwiseArgs),
     MaxPool(PoolArgs),
     AveragePool(PoolArgs),
     GlobalAveragePool(PoolArgs),
@@ -256,6 +261,7 @@ impl Args {
             Self::Mul(_) => Kernel::Mul,
             Self::Rescale(_) => Kernel::Rescale,
             Self::Lut(_) => Kernel::Lut,
+            Self::Gather(_) => Kernel::Gather,
             Self::MaxPool(_) => Kernel::MaxPool,
             Self::AveragePool(_) => Kernel::AveragePool,
             Self::GlobalAveragePool(_) => Kernel::GlobalAveragePool,
@@ -394,6 +400,7 @@ impl Launch {
             Args::Mul(a) => Args::Mul(a.bind(bases)),
             Args::Rescale(a) => Args::Rescale(a.bind(bases)),
             Args::Lut(a) => Args::Lut(a.bind(bases)),
+            Args::Gather(a) => Args::Gather(a.bind(bases)),
             Args::MaxPool(a) => Args::MaxPool(a.bind(bases)),
             Args::AveragePool(a) => Args::AveragePool(a.bind(bases)),
             Args::GlobalAveragePool(a) => Args::GlobalAveragePool(a.bind(bases)),
@@ -791,6 +798,12 @@ fn plan_step(
             table: blob(table),
             ..elementwise
         }),
+        // The indices (checked against the input when the program loaded) in the table's place.
+        Op::Gather { indices, plane } => Args::Gather(ElementwiseArgs {
+            table: blob(indices),
+            plane: int(plane as usize)?,
+            ..elementwise
+        }),
         Op::MaxPool(pool) => Args::MaxPool(pool_args(&pool.geometry, a_at, out_at, count, axis)?),
         Op::AveragePool(pool) => {
             let q = pool.output_quant;
@@ -843,7 +856,7 @@ fn plan_step(
     };
     let threads = match args {
         Args::Conv(a) | Args::ConvDp4a(a) => a.count,
-        Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) => a.count,
+        Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) | Args::Gather(a) => a.count,
         Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => a.count,
         Args::Resize(a) => a.count,
         Args::Preprocess(a) => a.count,

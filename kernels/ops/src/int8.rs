@@ -513,6 +513,47 @@ impl Rescale {
     }
 }
 
+/// Planes picked from the input: output plane `i` is input plane `indices[i]`, `plane` values
+/// each, quantised as the input. A channel Slice or Split, or a channel shuffle (ShuffleNet's
+/// Reshape-Transpose-Reshape).
+#[derive(Clone, Copy, Debug)]
+pub struct Gather<'a> {
+    /// Input plane of each output plane.
+    pub indices: &'a [u32],
+    /// Values per plane.
+    pub plane: usize,
+}
+
+impl Gather<'_> {
+    /// Check the buffers of `input_len` and `output_len` codes and every index: everything
+    /// [`Gather::run`] checks, for executors that cannot check as they go.
+    pub fn check(&self, input_len: usize, output_len: usize) -> Result<(), ShapeError> {
+        let planes = input_len.checked_div(self.plane).unwrap_or(0);
+        check(
+            self.indices.len().checked_mul(self.plane) == Some(output_len),
+            "output",
+        )?;
+        check(
+            self.indices.iter().all(|&i| (i as usize) < planes),
+            "indices",
+        )
+    }
+
+    /// Copy the planes `indices` names from `input` into `output`, in order.
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        self.check(input.len(), output.len())?;
+        let plane = self.plane;
+        for (out, &i) in output.chunks_exact_mut(plane.max(1)).zip(self.indices) {
+            let start = i as usize * plane;
+            let source = input
+                .get(start..start + plane)
+                .ok_or(ShapeError { buffer: "indices" })?;
+            out.copy_from_slice(source);
+        }
+        Ok(())
+    }
+}
+
 /// Element-wise product of two tensors, `b` optionally broadcast: one value for all of `a`, or
 /// one per channel over each channel's plane (squeeze-excitation: `[C,H,W] * [C,1,1]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1489,6 +1530,32 @@ mod tests {
             .run(&input, &mut [0]),
             err("geometry")
         );
+    }
+
+    #[test]
+    fn gather_copies_the_planes_it_names_and_refuses_others() {
+        let input: Vec<i8> = (0..12).collect();
+        // Three planes of 4: a shuffle of the last two, the first one twice.
+        let gather = Gather {
+            indices: &[2, 1, 0, 0],
+            plane: 4,
+        };
+        let mut output = [0i8; 16];
+        gather.run(&input, &mut output).unwrap();
+        assert_eq!(output, [8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 3]);
+        let err = |buffer| Err(ShapeError { buffer });
+        assert_eq!(gather.run(&input, &mut [0; 12]), err("output"));
+        assert_eq!(gather.run(&input[..8], &mut output), err("indices"));
+        let past = Gather {
+            indices: &[3],
+            plane: 4,
+        };
+        assert_eq!(past.run(&input, &mut [0; 4]), err("indices"));
+        let empty = Gather {
+            indices: &[0],
+            plane: 0,
+        };
+        assert_eq!(empty.run(&input, &mut []), err("indices"));
     }
 
     #[test]

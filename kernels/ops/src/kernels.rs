@@ -1,7 +1,8 @@
 //! The set of kernels a program's steps run on.
 
 use crate::int8::{
-    Add, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize, ShapeError,
+    Add, AveragePool, Conv, Gather, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize,
+    ShapeError,
 };
 
 /// The kernels a program's steps run on, one method per op. Every method defaults to the generic
@@ -104,6 +105,16 @@ pub trait Kernels {
     ) -> Result<(), ShapeError> {
         rescale.run(input, output)
     }
+
+    /// Run `gather` on `input` into `output` (a copy: every set uses the generic one).
+    fn gather(
+        &mut self,
+        gather: &Gather<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        gather.run(input, output)
+    }
 }
 
 /// Borrowed kernels, so a session can run kernels its caller keeps.
@@ -177,6 +188,15 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         (**self).rescale(rescale, input, output)
+    }
+
+    fn gather(
+        &mut self,
+        gather: &Gather<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).gather(gather, input, output)
     }
 }
 

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, PlanError, PlanHeader, SectionKind};
 use kestrel_ops::int8::{
-    Add, AveragePool, ChannelQuant, Conv, ConvGeometry, Gemm, GlobalAveragePool, Lut, MaxPool, Mul,
-    OutputQuant, Rescale, Resize, ShapeError,
+    Add, AveragePool, ChannelQuant, Conv, ConvGeometry, Gather, Gemm, GlobalAveragePool, Lut,
+    MaxPool, Mul, OutputQuant, Rescale, Resize, ShapeError,
 };
 use kestrel_ops::Kernels;
 
@@ -96,6 +96,13 @@ pub enum Op {
         rescale: Rescale,
         /// First output element written.
         offset: u32,
+    },
+    /// Copy input planes in the order `indices` gives: a channel Slice, Split or shuffle.
+    Gather {
+        /// `u32` per output plane: the input plane it copies.
+        indices: Blob,
+        /// Values per plane.
+        plane: u32,
     },
 }
 
@@ -328,6 +335,15 @@ impl<'a> Program<'a> {
         self.blob(blob).map(bytemuck::cast_slice)
     }
 
+    /// A Gather step's indices, borrowed from the plan; `None` when the blob is outside the
+    /// weights section or not whole `u32`s.
+    pub fn gather(&self, indices: Blob, plane: u32) -> Option<Gather<'a>> {
+        Some(Gather {
+            indices: bytemuck::try_cast_slice(self.blob(indices)?).ok()?,
+            plane: plane as usize,
+        })
+    }
+
     fn channels(&self, blobs: ChannelBlobs) -> Option<ChannelQuant<'a>> {
         let bias = bytemuck::try_cast_slice(self.blob(blobs.bias)?).ok()?;
         let multiplier = bytemuck::try_cast_slice(self.blob(blobs.multiplier)?).ok()?;
@@ -418,6 +434,11 @@ impl<'a> Program<'a> {
                     weights, channels, ..
                 } => self.blob(weights).is_some() && self.channels(channels).is_some(),
                 Op::Lut { table } => self.blob(table).is_some_and(|t| t.len() == 256),
+                Op::Gather { indices, plane } => {
+                    let input = self.tensor(step.inputs[0]).map_or(0, |r| r.len());
+                    self.gather(indices, plane)
+                        .is_some_and(|g| g.check(input, out.len()).is_ok())
+                }
                 _ => true,
             };
             if !blobs_ok {
@@ -520,6 +541,10 @@ impl<'a> Program<'a> {
                     table: self.bytes_as_i8(table).ok_or(blob_error)?,
                 };
                 kernels.lut(&lut, x, output)
+            }
+            Op::Gather { indices, plane } => {
+                let gather = self.gather(indices, plane).ok_or(blob_error)?;
+                kernels.gather(&gather, x, output)
             }
             Op::Rescale { rescale, offset } => {
                 let start = offset as usize;
@@ -682,6 +707,12 @@ impl ProgramBuilder {
     /// Append `i8` values.
     pub fn i8_blob(&mut self, values: &[i8]) -> Blob {
         self.blob(bytemuck::cast_slice(values))
+    }
+
+    /// Append `u32` values, little-endian.
+    pub fn u32_blob(&mut self, values: &[u32]) -> Blob {
+        let bytes: alloc::vec::Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.blob(&bytes)
     }
 
     /// Append biases and requantisation of each output channel.
