@@ -12,9 +12,10 @@ use std::time::Instant;
 use kestrel_backend::{Backend, PreprocessSpec, MAX_BANDS};
 use kestrel_eval::Split;
 use kestrel_host::decode_image;
+use kestrel_ops::table::KernelTable;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::plan::{DetectorHeader, PlanHeader};
-use kestrel_plan::program::ProgramError;
+use kestrel_plan::program::{OwnedProgram, ProgramError};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::FrameGeometry;
@@ -117,6 +118,23 @@ pub struct Report {
     pub delta_points: Option<f64>,
     /// Wall time of the whole compile.
     pub seconds: f64,
+    /// How far each layer's int8 output is from the float graph's, in program order: where the
+    /// quantisation error comes from.
+    pub layers: Vec<LayerError>,
+}
+
+/// The quantisation error at one layer's output, over the verification images.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerError {
+    /// The ONNX node (the first of those fused into the layer).
+    pub node: String,
+    /// The int8 operator.
+    pub op: &'static str,
+    /// RMS of (dequantised int8 output - float output) over the RMS of the float output: the
+    /// error accumulated up to here.
+    pub rel_rms: f64,
+    /// `rel_rms` minus the largest of its inputs': the error this layer adds.
+    pub added: f64,
 }
 
 struct CalibrationImage {
@@ -346,6 +364,13 @@ pub fn compile(
             int8_right += usize::from(q == *label);
         }
     }
+    progress("measuring each layer's error against the float graph");
+    let layers = layer_errors(
+        &graph,
+        &program,
+        &plan,
+        inputs.iter().map(|(input, _)| input),
+    )?;
     let n = inputs.len() as f64;
     let accuracy = |right: usize| (labelled > 0).then(|| right as f64 / labelled as f64);
     let (float_top1, int8_top1) = (accuracy(float_right), accuracy(int8_right));
@@ -363,6 +388,67 @@ pub fn compile(
         int8_top1,
         delta_points: float_top1.zip(int8_top1).map(|(f, q)| 100.0 * (q - f)),
         seconds: started.elapsed().as_secs_f64(),
+        layers,
     };
     Ok((plan, report))
+}
+
+/// Each layer's relative RMS error against the float graph (see [`LayerError`]), from the
+/// plan run on `inputs` one step at a time.
+fn layer_errors<'i>(
+    graph: &Graph,
+    program: &QuantizedGraph,
+    plan: &[u8],
+    inputs: impl Iterator<Item = &'i Vec<f32>>,
+) -> Result<Vec<LayerError>, CompileError> {
+    let owned = OwnedProgram::new(plan)?;
+    let plan_program = owned.program();
+    let outputs: Vec<usize> = plan_program
+        .steps()
+        .map(|step| step.map(|s| usize::from(s.output)))
+        .collect::<Result<_, _>>()?;
+    let mut kernels = KernelTable::for_this_cpu(&plan_program.convs());
+    let mut arena = vec![0i8; plan_program.arena_size()];
+    // Squared error and squared float value, per value id.
+    let mut sums = vec![(0.0f64, 0.0f64); graph.shapes.len()];
+    let mut add = |value: usize, codes: &[i8], float: &[f32]| {
+        let q = program.params[value];
+        let (error, reference) = &mut sums[value];
+        for (&code, &f) in codes.iter().zip(float) {
+            let real = q.scale * (f32::from(code) - f32::from(q.zero_point));
+            *error += f64::from(real - f).powi(2);
+            *reference += f64::from(f).powi(2);
+        }
+    };
+    for input in inputs {
+        let float = graph.run_f32(input);
+        plan_program.quantize_input(input, &mut arena)?;
+        if let Some(range) = plan_program.tensor(0) {
+            add(0, &arena[range], &float[0]);
+        }
+        plan_program.run_observed(&mut arena, &mut kernels, |index, codes| {
+            let value = outputs[index];
+            // A Concat writes its output in parts, one step each: measured once whole.
+            if outputs.get(index + 1) != Some(&value) {
+                add(value, codes, &float[value]);
+            }
+        })?;
+    }
+    let rel = |value: usize| {
+        let (error, reference) = sums[value];
+        (error / reference.max(f64::MIN_POSITIVE)).sqrt()
+    };
+    Ok(program
+        .steps
+        .iter()
+        .map(|step| {
+            let before = step.inputs.iter().map(|&i| rel(i)).fold(0.0, f64::max);
+            LayerError {
+                node: step.name.clone(),
+                op: step.layer.kind(),
+                rel_rms: rel(step.output),
+                added: rel(step.output) - before,
+            }
+        })
+        .collect())
 }

@@ -47,7 +47,8 @@ enum Command {
         /// Where to write the plan.
         #[arg(long)]
         out: PathBuf,
-        /// Write the compile report (JSON) here as well.
+        /// Write the compile report (JSON) here as well, with every layer's error against the
+        /// float graph (relative RMS at its output, and how much of it the layer adds).
         #[arg(long)]
         report: Option<PathBuf>,
         /// How activation ranges are chosen.
@@ -135,6 +136,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     println!("int8 top-1  {}", percent(summary.int8_top1));
     if let Some(delta) = summary.delta_points {
         println!("delta       {delta:+.2} points");
+    }
+    // The layers that add the most error: where a wider type or a better range would help.
+    let mut worst: Vec<_> = summary.layers.iter().collect();
+    worst.sort_by(|a, b| b.added.total_cmp(&a.added));
+    println!("layers adding the most error (relative RMS at the output: added, total):");
+    for layer in worst.iter().take(5) {
+        println!(
+            "  {:+.4} {:.4}  {} ({})",
+            layer.added, layer.rel_rms, layer.node, layer.op
+        );
     }
     if let Some(path) = report {
         std::fs::write(&path, serde_json::to_string_pretty(&summary)?)

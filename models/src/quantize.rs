@@ -63,6 +63,26 @@ pub enum Layer {
     Gather(Vec<u32>, usize),
 }
 
+impl Layer {
+    /// The operator's name, for reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Conv { geometry, .. } if geometry.group > 1 => "Conv (grouped)",
+            Self::Conv { .. } => "Conv",
+            Self::Gemm { .. } => "Gemm",
+            Self::Add(_) => "Add",
+            Self::Mul(_) => "Mul",
+            Self::GlobalAveragePool(_) => "GlobalAveragePool",
+            Self::MaxPool(_) => "MaxPool",
+            Self::AveragePool(_) => "AveragePool",
+            Self::Resize(_) => "Resize",
+            Self::Lut(_) => "Lut",
+            Self::Concat(_) => "Concat",
+            Self::Gather(..) => "Gather",
+        }
+    }
+}
+
 /// An int8 layer reading and writing tensors by value id.
 #[derive(Clone, Debug)]
 pub struct Step {

@@ -24,23 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-LABELS = [
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
-    "Pasture", "PermanentCrop", "Residential", "River", "SeaLake",
-]
+from eurosat_split import LABELS, is_validation  # noqa: F401 (is_validation: nwpu_train)
+
 SIZE = 64
-
-
-def fnv1a64(text: str) -> int:
-    h = 0xCBF29CE484222325
-    for b in text.encode():
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def is_validation(file_name: str) -> bool:
-    return fnv1a64(file_name) % 5 == 0
 
 
 def load_dataset(data_dir, cache):

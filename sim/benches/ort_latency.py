@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Batch-1 latency of ONNX Runtime on the same model and chip as `cargo bench -p sim --bench latency`.
+"""Batch-1 latency of ONNX Runtime on the same model and chip as `cargo bench -p sim --bench latency`
+(or `--bench suite`, with --model and --no-throughput).
 
-Runs the zoo model in f32 and as an int8 QDQ model (static quantisation, per-channel weights,
+Runs the model (a zoo folder: model.onnx and manifest.json) in f32 and as an int8 QDQ model (static quantisation, per-channel weights,
 calibrated on 200 training-split chips when --data is given, else on 50 committed sample chips:
 latency does not depend on the calibration, and the QDQ model's accuracy is not measured here),
 one intra-op thread, and prints one JSON line per variant with the median, p10 and p90 in
-microseconds.
+microseconds. The chip is resized (PIL, bilinear) when the model takes another input size. Needs
+onnxruntime, numpy and pillow; not PyTorch.
 """
 
 import argparse
@@ -22,11 +24,14 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "models", "train"))
-from eurosat_train import LABELS, is_validation  # noqa: E402
+from eurosat_split import LABELS, is_validation  # noqa: E402
 
 
-def chip_tensor(path, mean, std):
-    x = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+def chip_tensor(path, mean, std, size):
+    image = Image.open(path).convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    x = np.asarray(image, dtype=np.float32)
     x = (x - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
     return x.transpose(2, 0, 1)[None].copy()
 
@@ -76,15 +81,19 @@ def throughput(path, options, x, threads, runs):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--zoo", default=os.path.join(ROOT, "models/zoo/eurosat-rgb"))
+    p.add_argument("--zoo", "--model", default=os.path.join(ROOT, "models/zoo/eurosat-rgb"),
+                   help="model folder (model.onnx and manifest.json)")
     p.add_argument("--chip", default=os.path.join(ROOT, "sim/sample/eurosat-rgb/Forest/Forest_10.jpg"))
     p.add_argument("--data", help="EuroSAT RGB folder for calibration (training split only)")
     p.add_argument("--runs", type=int, default=500)
+    p.add_argument("--no-throughput", action="store_true", help="skip the 1- and 2-thread frames/s runs")
     args = p.parse_args()
 
     manifest = json.load(open(os.path.join(args.zoo, "manifest.json")))
     mean, std = manifest["preprocess"]["mean"], manifest["preprocess"]["std"]
-    x = chip_tensor(args.chip, mean, std)
+    size = manifest["input"]["shape"][-1]
+    model = {"model": manifest["name"]}
+    x = chip_tensor(args.chip, mean, std, size)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -92,8 +101,8 @@ def main():
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     f32_path = os.path.join(args.zoo, "model.onnx")
     f32 = ort.InferenceSession(f32_path, options, providers=["CPUExecutionProvider"])
-    print(json.dumps({"backend": "onnxruntime-f32", "runs": args.runs, **time_session(f32, x, args.runs)}))
-    for threads in (1, 2):
+    print(json.dumps({**model, "backend": "onnxruntime-f32", "runs": args.runs, **time_session(f32, x, args.runs)}))
+    for threads in () if args.no_throughput else (1, 2):
         print(json.dumps({"backend": "onnxruntime-f32", "threads": threads,
                           "frames_per_s": throughput(f32_path, options, x, threads, args.runs)}))
 
@@ -106,18 +115,19 @@ def main():
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{"input": chip_tensor(c, mean, std)} for c in chips])
+            self.items = iter([{f32.get_inputs()[0].name: chip_tensor(c, mean, std, size)} for c in chips])
 
         def get_next(self):
             return next(self.items, None)
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, qdq = os.path.join(tmp, "prep.onnx"), os.path.join(tmp, "qdq.onnx")
-        quant_pre_process(f32_path, prepared)
+        # Shapes are static: the symbolic pass (and its sympy dependency) adds nothing.
+        quant_pre_process(f32_path, prepared, skip_symbolic_shape=True)
         quantize_static(prepared, qdq, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         int8 = ort.InferenceSession(qdq, options, providers=["CPUExecutionProvider"])
-        print(json.dumps({"backend": "onnxruntime-int8-qdq", "runs": args.runs,
+        print(json.dumps({**model, "backend": "onnxruntime-int8-qdq", "runs": args.runs,
                           "calibration_chips": len(chips), **time_session(int8, x, args.runs)}))
 
 

@@ -128,7 +128,20 @@ fn int8_plan_agrees_with_tract_and_the_cuda_emulator(dir: &Path) {
         max_images: 100,
         ..Default::default()
     };
-    let (plan, _) = compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap();
+    let (plan, report) = compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap();
+    // The per-layer report: one entry per int8 layer, errors that make sense, small at the
+    // first layer (only its input's and its own rounding) and larger at the end.
+    let layers = &report.layers;
+    assert_eq!(layers.len(), report.steps);
+    assert!(
+        layers
+            .iter()
+            .all(|l| (0.0..1.0).contains(&l.rel_rms) && l.added <= l.rel_rms),
+        "{layers:?}"
+    );
+    let (first, last) = (&layers[0], &layers[layers.len() - 1]);
+    assert!(first.rel_rms < 0.05, "{first:?}");
+    assert!(last.rel_rms > first.rel_rms, "{first:?} {last:?}");
     let mut int8 = Int8Cpu::from_bytes(&plan).unwrap();
     let mut tract = model.tract_backend().unwrap();
     let inputs = chips(&model);

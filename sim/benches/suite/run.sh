@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The model suite: torchvision classifiers exported with random weights at 64 and 224, compiled
+# by Kestrel, and timed batch 1 on one thread in one run: Kestrel int8, tract f32, ONNX Runtime
+# f32 and ONNX Runtime int8 (static QDQ, per-channel), plus Kestrel's preprocessing of a chip
+# into each model's input. Medians of repeated runs; a model Kestrel cannot compile is listed
+# with the compiler's reason.
+#   usage: sim/benches/suite/run.sh PYTHON [runs] [out folder] [models] [sizes]
+#   PYTHON needs torch and torchvision (export only), onnxruntime, numpy and pillow.
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+python=${1:?usage: run.sh PYTHON [runs] [out] [models] [sizes]}
+runs=${2:-100}
+out=${3:-target/suite}
+models=${4:-resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,shufflenet_v2_x1_0}
+sizes=${5:-64,224}
+
+mkdir -p "$out"
+"$python" sim/benches/suite/export.py --out "$out" --models "$models" --sizes "$sizes" 2>/dev/null
+cargo build -q --release -p models
+folders=()
+: > "$out/refused.txt"
+for name in ${models//,/ }; do
+    for size in ${sizes//,/ }; do
+        folder="$out/$name-$size"
+        echo "== compiling $folder (calibration: 50 committed sample chips)" >&2
+        if target/release/models compile "$folder" --calib sim/sample/eurosat-rgb --max-images 50 \
+            --out "$folder/model.plan" > "$folder/compile.log" 2>&1; then
+            folders+=("$(realpath "$folder")")
+        else
+            echo "$name-$size: $(tail -1 "$folder/compile.log")" >> "$out/refused.txt"
+        fi
+    done
+done
+results="$out/results.jsonl"
+cargo bench -q -p sim --bench suite -- --runs "$runs" "${folders[@]}" | tee "$results"
+for folder in "${folders[@]}"; do
+    "$python" sim/benches/ort_latency.py --model "$folder" --runs "$runs" --no-throughput \
+        2>/dev/null | tee -a "$results"
+done
+"$python" - "$results" "$out/refused.txt" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows.setdefault(r["model"], {})[r["backend"]] = r["median_us"] / 1000
+print(f"{'model':26s} {'preproc':>8s} {'kestrel':>8s} {'tract':>8s} {'ort f32':>8s} {'ort int8':>8s}  kestrel / ort f32   (ms, medians)")
+for model, r in rows.items():
+    kestrel = next((v for k, v in r.items() if k.startswith("kestrel-int8")), float("nan"))
+    cells = [r.get("kestrel-preprocess"), kestrel, r.get("tract-f32"), r.get("onnxruntime-f32"), r.get("onnxruntime-int8-qdq")]
+    text = " ".join(f"{c:8.2f}" if c is not None else f"{'-':>8s}" for c in cells)
+    print(f"{model:26s} {text}  {kestrel / r['onnxruntime-f32']:5.2f}x")
+kernel = {k for r in rows.values() for k in r if k.startswith("kestrel-int8")}
+print("Kestrel kernels:", ", ".join(sorted(kernel)))
+for line in open(sys.argv[2]):
+    print("not compiled:", line.strip())
+PY
