@@ -20,7 +20,7 @@ use winograd::Winograd;
 
 use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
 
-use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, ShapeError, ADD_FRACTION_BITS};
+use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, Rescale, ShapeError, ADD_FRACTION_BITS};
 use crate::quant::{requantize_i8, Requant};
 use crate::table::{Entry, KernelTable};
 use crate::Kernels;
@@ -122,6 +122,10 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
         name: "avx2",
         kernel: add,
     };
+    table.rescale = Entry {
+        name: "avx2",
+        kernel: rescale,
+    };
     table.conv = Entry::conv_of(avx2.name(), avx2);
 }
 
@@ -142,6 +146,55 @@ fn add(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeErro
     // SAFETY: AVX2 was detected before this function could be reached (see above).
     unsafe { add8(add, a, b, output) };
     Ok(())
+}
+
+/// Rescale eight lanes at a time where the vector requantisation is exact (zero points that are
+/// int8 codes, so centred codes and their scaled values fit 32 bits), else the generic kernel. Reached only through [`Avx2`] or
+/// a table [`plug`] filled: both exist only once AVX2 was detected.
+fn rescale(rescale: &Rescale, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    let int8 = |z: i32| (-128..=127).contains(&z);
+    // Centred codes are at most 255 in size: scaled by less than 2^23 they fit 32 bits.
+    let exact = rescale.requant.shift <= 23
+        && int8(rescale.input_zero_point)
+        && int8(rescale.output_quant.zero_point);
+    if !exact || input.len() != output.len() {
+        return rescale.run(input, output);
+    }
+    // SAFETY: AVX2 was detected before this function could be reached (see above).
+    unsafe { rescale8(rescale, input, output) };
+    Ok(())
+}
+
+/// [`Rescale::run`] eight codes at a time: widen, centre, requantise and clamp as
+/// [`requantize_i8`] does, narrow.
+#[target_feature(enable = "avx2")]
+fn rescale8(rescale: &Rescale, input: &[i8], output: &mut [i8]) {
+    let lanes = Lanes::new(rescale.requant, rescale.output_quant);
+    let zero = _mm256_set1_epi32(rescale.input_zero_point);
+    let whole = input.len() / 8 * 8;
+    for (src, dst) in input[..whole]
+        .chunks_exact(8)
+        .zip(output[..whole].chunks_exact_mut(8))
+    {
+        let mut eight = [0u8; 8];
+        for (e, &s) in eight.iter_mut().zip(src) {
+            *e = s as u8;
+        }
+        let wide = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(eight)));
+        let codes = requantize8(_mm256_sub_epi32(wide, zero), &lanes);
+        // Codes are in [-128, 127] after the clamp: the saturating packs keep them; each
+        // 128-bit half then holds four of them in its low bytes.
+        let words = _mm256_packs_epi32(codes, codes);
+        let bytes = _mm256_packs_epi16(words, words);
+        let low = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)) as u32;
+        let high = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)) as u32;
+        let packed = (u64::from(high) << 32 | u64::from(low)).to_le_bytes();
+        for (d, &b) in dst.iter_mut().zip(&packed) {
+            *d = b as i8;
+        }
+    }
+    // The tail, and the generic kernel's exact arithmetic for it.
+    let _ = rescale.run(&input[whole..], &mut output[whole..]);
 }
 
 impl Kernels for Avx2 {
@@ -186,6 +239,15 @@ impl Kernels for Avx2 {
 
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         self::add(add, a, b, output)
+    }
+
+    fn rescale(
+        &mut self,
+        rescale: &Rescale,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        self::rescale(rescale, input, output)
     }
 
     fn conv(
@@ -431,10 +493,13 @@ struct Lanes {
 }
 
 impl Lanes {
-    /// Broadcast `requant` and the output's zero point and clamp (valid for shifts <= 0).
+    /// Broadcast `requant` and the output's zero point and clamp. With a shift above 0 (a
+    /// scale of 1 or more) [`requantize8`] is exact only for sums whose scaled value fits 32
+    /// bits.
     #[target_feature(enable = "avx2")]
     fn new(requant: Requant, q: OutputQuant) -> Self {
-        let right = 31 - i64::from(requant.shift.clamp(Requant::MIN_SHIFT, 0));
+        let shift = requant.shift.clamp(Requant::MIN_SHIFT, Requant::MAX_SHIFT);
+        let right = 31 - i64::from(shift);
         Self {
             multiplier: _mm256_set1_epi32(requant.multiplier),
             round: _mm256_set1_epi64x(1 << (right - 1)),
@@ -457,7 +522,7 @@ fn round_shift(product: __m256i, l: &Lanes) -> __m256i {
 }
 
 /// `clamp(round(acc * m * 2^-right) + zero point)` for 8 lanes, as [`Requant::apply`] and
-/// [`requantize_i8`] do it; valid for `right >= 31`, where the rounded value fits 32 bits.
+/// [`requantize_i8`] do it; valid where the rounded value fits 32 bits (always for `right >= 31`).
 #[target_feature(enable = "avx2")]
 fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
     let value = if let Some(high_right) = l.high_right {
@@ -650,6 +715,45 @@ mod tests {
             kernels.add(&add, &a, &b, &mut got).unwrap();
             assert_eq!(got, expected, "case {case}: {add:?}");
         }
+    }
+
+    #[test]
+    fn rescale_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = Rng(0x5ca1_2026_1201);
+        let mut vector = 0;
+        for case in 0..500 {
+            let len = rng.below(100);
+            let input: Vec<i8> = (0..len).map(|_| rng.draw() as i8).collect();
+            // Scales from 2^-12 to 2^30 (the vector path to 2^23, the generic one above), and
+            // exactly 1 (a Concat part on its output's grid) one case in five.
+            let real = if case % 5 == 0 {
+                1.0
+            } else {
+                2f64.powf(rng.below(4200) as f64 / 100.0 - 12.0)
+            };
+            let zero_point = rng.below(256) as i32 - 128;
+            let rescale = Rescale {
+                input_zero_point: rng.below(256) as i32 - 128,
+                requant: Requant::from_real(real).unwrap(),
+                output_quant: OutputQuant {
+                    zero_point,
+                    // Now and then an inverted range, as a corrupt plan might hold.
+                    min: [-128, zero_point as i8, 100][case % 3],
+                    max: [127, 127, 50][case % 3],
+                },
+            };
+            vector += usize::from(rescale.requant.shift <= 23 && len >= 8);
+            let mut expected = vec![0i8; len];
+            rescale.run(&input, &mut expected).unwrap();
+            let mut got = vec![0i8; len];
+            self::rescale(&rescale, &input, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}: {rescale:?}");
+        }
+        assert!(vector > 250, "only {vector} cases took the vector path");
     }
 
     /// Geometry no real layer has, with buffers that match it: the fast path either declines

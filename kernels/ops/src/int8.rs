@@ -388,11 +388,10 @@ fn window_codes(
     (y0, y1): (usize, usize),
     (x0, x1): (usize, usize),
 ) -> impl Iterator<Item = i8> + '_ {
-    plane
-        .chunks_exact(w)
-        .take(y1)
-        .skip(y0)
-        .flat_map(move |row| row.get(x0..x1).unwrap_or(&[]))
+    // Rows sliced directly: walking the plane's rows from the top for every window made
+    // pooling cost grow with the plane's height.
+    (y0..y1)
+        .flat_map(move |y| plane.get(y * w + x0..y * w + x1).unwrap_or(&[]))
         .copied()
 }
 
@@ -415,10 +414,17 @@ impl MaxPool {
             .zip(output.chunks_exact_mut(out_plane))
         {
             for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                let ys = pool_window(oy, g.stride[0], g.pad[0], g.kernel[0], h);
+                let (y0, y1) = pool_window(oy, g.stride[0], g.pad[0], g.kernel[0], h);
+                let rows = src.get(y0 * w..y1 * w).unwrap_or(&[]);
                 for (ox, out) in row.iter_mut().enumerate() {
-                    let xs = pool_window(ox, g.stride[1], g.pad[1], g.kernel[1], w);
-                    *out = window_codes(src, w, ys, xs).fold(i8::MIN, i8::max);
+                    let (x0, x1) = pool_window(ox, g.stride[1], g.pad[1], g.kernel[1], w);
+                    let mut largest = i8::MIN;
+                    for line in rows.chunks_exact(w) {
+                        for &code in line.get(x0..x1).unwrap_or(&[]) {
+                            largest = largest.max(code);
+                        }
+                    }
+                    *out = largest;
                 }
             }
         }

@@ -248,7 +248,10 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             let conv = kestrel_ops::avx2::Avx2::new(&[]).unwrap().name();
-            assert_eq!(plugged, [&("conv", conv), &("add", "avx2")]);
+            assert_eq!(
+                plugged,
+                [&("conv", conv), &("add", "avx2"), &("rescale", "avx2")]
+            );
         } else {
             println!("this CPU has no AVX2: the table stays generic");
             assert!(plugged.is_empty());
