@@ -20,7 +20,9 @@ use winograd::Winograd;
 
 use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
 
-use crate::int8::{Add, ChannelQuant, Conv, OutputQuant, Rescale, ShapeError, ADD_FRACTION_BITS};
+use crate::int8::{
+    Add, ChannelQuant, Conv, Mul, OutputQuant, Rescale, ShapeError, ADD_FRACTION_BITS,
+};
 use crate::quant::{requantize_i8, Requant};
 use crate::table::{Entry, KernelTable};
 use crate::Kernels;
@@ -126,6 +128,10 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
         name: "avx2",
         kernel: rescale,
     };
+    table.mul = Entry {
+        name: "avx2",
+        kernel: mul,
+    };
     table.conv = Entry::conv_of(avx2.name(), avx2);
 }
 
@@ -176,25 +182,93 @@ fn rescale8(rescale: &Rescale, input: &[i8], output: &mut [i8]) {
         .chunks_exact(8)
         .zip(output[..whole].chunks_exact_mut(8))
     {
-        let mut eight = [0u8; 8];
-        for (e, &s) in eight.iter_mut().zip(src) {
-            *e = s as u8;
-        }
-        let wide = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(eight)));
-        let codes = requantize8(_mm256_sub_epi32(wide, zero), &lanes);
-        // Codes are in [-128, 127] after the clamp: the saturating packs keep them; each
-        // 128-bit half then holds four of them in its low bytes.
-        let words = _mm256_packs_epi32(codes, codes);
-        let bytes = _mm256_packs_epi16(words, words);
-        let low = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)) as u32;
-        let high = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)) as u32;
-        let packed = (u64::from(high) << 32 | u64::from(low)).to_le_bytes();
-        for (d, &b) in dst.iter_mut().zip(&packed) {
-            *d = b as i8;
-        }
+        let codes = requantize8(_mm256_sub_epi32(load8(src), zero), &lanes);
+        store8(codes, dst);
     }
     // The tail, and the generic kernel's exact arithmetic for it.
     let _ = rescale.run(&input[whole..], &mut output[whole..]);
+}
+
+/// Multiply eight lanes at a time where the vector requantisation is exact (zero points that
+/// are int8 codes, products of centred codes, at most 2^16, scaled below 2^15), else the
+/// generic kernel. Reached only through [`Avx2`] or a table [`plug`] filled: both exist only
+/// once AVX2 was detected.
+fn mul(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    let int8 = |z: i32| (-128..=127).contains(&z);
+    let [za, zb] = mul.input_zero_points;
+    let exact =
+        mul.requant.shift <= 15 && int8(za) && int8(zb) && int8(mul.output_quant.zero_point);
+    // The shapes Mul::run takes: b as long as a, or one value per plane of a.
+    let shapes = !b.is_empty() && a.len().is_multiple_of(b.len()) && output.len() == a.len();
+    if !exact || !shapes {
+        return mul.run(a, b, output);
+    }
+    // SAFETY: AVX2 was detected before this function could be reached (see above).
+    unsafe { mul8(mul, a, b, output) };
+    Ok(())
+}
+
+/// [`Mul::run`] eight codes at a time.
+#[target_feature(enable = "avx2")]
+fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
+    let lanes = Lanes::new(mul.requant, mul.output_quant);
+    let [za, zb] = mul.input_zero_points;
+    let (za, zb) = (_mm256_set1_epi32(za), _mm256_set1_epi32(zb));
+    let plane = a.len() / b.len();
+    if plane == 1 {
+        let whole = a.len() / 8 * 8;
+        let parts = a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8));
+        for ((x, y), dst) in parts.zip(output[..whole].chunks_exact_mut(8)) {
+            let (x, y) = (
+                _mm256_sub_epi32(load8(x), za),
+                _mm256_sub_epi32(load8(y), zb),
+            );
+            store8(requantize8(_mm256_mullo_epi32(x, y), &lanes), dst);
+        }
+        let _ = mul.run(&a[whole..], &b[whole..], &mut output[whole..]);
+        return;
+    }
+    let whole = plane / 8 * 8;
+    for ((xs, y), outs) in a
+        .chunks_exact(plane)
+        .zip(b)
+        .zip(output.chunks_exact_mut(plane))
+    {
+        let scale = _mm256_set1_epi32(i32::from(*y) - mul.input_zero_points[1]);
+        for (x, dst) in xs[..whole]
+            .chunks_exact(8)
+            .zip(outs[..whole].chunks_exact_mut(8))
+        {
+            let x = _mm256_sub_epi32(load8(x), za);
+            store8(requantize8(_mm256_mullo_epi32(x, scale), &lanes), dst);
+        }
+        let _ = mul.run(&xs[whole..], std::slice::from_ref(y), &mut outs[whole..]);
+    }
+}
+
+/// Eight codes widened to 32-bit lanes.
+#[target_feature(enable = "avx2")]
+fn load8(codes: &[i8]) -> __m256i {
+    let mut eight = [0u8; 8];
+    for (e, &c) in eight.iter_mut().zip(codes) {
+        *e = c as u8;
+    }
+    _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(eight)))
+}
+
+/// Eight 32-bit lanes already clamped to int8 codes, narrowed into `dst`.
+#[target_feature(enable = "avx2")]
+fn store8(codes: __m256i, dst: &mut [i8]) {
+    // The saturating packs keep codes in [-128, 127]; each 128-bit half then holds four of
+    // them in its low bytes.
+    let words = _mm256_packs_epi32(codes, codes);
+    let bytes = _mm256_packs_epi16(words, words);
+    let low = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)) as u32;
+    let high = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)) as u32;
+    let packed = (u64::from(high) << 32 | u64::from(low)).to_le_bytes();
+    for (d, &b) in dst.iter_mut().zip(&packed) {
+        *d = b as i8;
+    }
 }
 
 impl Kernels for Avx2 {
@@ -248,6 +322,10 @@ impl Kernels for Avx2 {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         self::rescale(rescale, input, output)
+    }
+
+    fn mul(&mut self, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        self::mul(mul, a, b, output)
     }
 
     fn conv(
@@ -754,6 +832,63 @@ mod tests {
             assert_eq!(got, expected, "case {case}: {rescale:?}");
         }
         assert!(vector > 250, "only {vector} cases took the vector path");
+    }
+
+    #[test]
+    fn mul_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = Rng(0x0a11_2026_1201);
+        let mut vector = 0;
+        for case in 0..600 {
+            // Element-wise, one value per plane (squeeze-excite), one value for all.
+            let channels = 1 + rng.below(6);
+            let plane = [1, 1 + rng.below(40)][case % 2];
+            let a_len = channels * plane;
+            let b_len = [a_len, channels, 1][case % 3].min(a_len);
+            let a: Vec<i8> = (0..a_len).map(|_| rng.draw() as i8).collect();
+            let b: Vec<i8> = (0..b_len).map(|_| rng.draw() as i8).collect();
+            // Scales from 2^-20 to 2^20: the vector path to 2^15, the generic one above.
+            let real = 2f64.powf(rng.below(4000) as f64 / 100.0 - 20.0);
+            let zero_point = rng.below(256) as i32 - 128;
+            let mul = Mul {
+                input_zero_points: [rng.below(256) as i32 - 128, rng.below(256) as i32 - 128],
+                requant: Requant::from_real(real).unwrap(),
+                output_quant: OutputQuant {
+                    zero_point,
+                    min: [-128, zero_point as i8, 100][case % 3],
+                    max: [127, 127, 50][case % 3],
+                },
+            };
+            vector += usize::from(mul.requant.shift <= 15 && a_len / b_len >= 8);
+            let mut expected = vec![0i8; a_len];
+            mul.run(&a, &b, &mut expected).unwrap();
+            let mut got = vec![0i8; a_len];
+            self::mul(&mul, &a, &b, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}: {mul:?} a {a_len} b {b_len}");
+        }
+        assert!(
+            vector > 100,
+            "only {vector} cases took the per-plane vector path"
+        );
+        // Wrong buffers are the generic kernel's errors.
+        let mul = Mul {
+            input_zero_points: [0, 0],
+            requant: Requant::from_real(0.5).unwrap(),
+            output_quant: OutputQuant {
+                zero_point: 0,
+                min: -128,
+                max: 127,
+            },
+        };
+        for (a, b, out) in [(6, 4, 6), (6, 0, 6), (6, 3, 5)] {
+            assert_eq!(
+                self::mul(&mul, &vec![0; a], &vec![0; b], &mut vec![0; out]),
+                mul.run(&vec![0; a], &vec![0; b], &mut vec![0; out])
+            );
+        }
     }
 
     /// Geometry no real layer has, with buffers that match it: the fast path either declines

@@ -250,7 +250,12 @@ mod tests {
             let conv = kestrel_ops::avx2::Avx2::new(&[]).unwrap().name();
             assert_eq!(
                 plugged,
-                [&("conv", conv), &("add", "avx2"), &("rescale", "avx2")]
+                [
+                    &("conv", conv),
+                    &("add", "avx2"),
+                    &("mul", "avx2"),
+                    &("rescale", "avx2")
+                ]
             );
         } else {
             println!("this CPU has no AVX2: the table stays generic");
