@@ -123,7 +123,12 @@ pub struct Report {
     pub layers: Vec<LayerError>,
 }
 
-/// The quantisation error at one layer's output, over the verification images.
+/// Verification images the per-layer errors are measured on: the float graph's interpreter is
+/// slow on large models, and the errors settle long before this.
+pub const LAYER_ERROR_IMAGES: usize = 16;
+
+/// The quantisation error at one layer's output, over the first [`LAYER_ERROR_IMAGES`]
+/// verification images.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerError {
     /// The ONNX node (the first of those fused into the layer).
@@ -365,12 +370,11 @@ pub fn compile(
         }
     }
     progress("measuring each layer's error against the float graph");
-    let layers = layer_errors(
-        &graph,
-        &program,
-        &plan,
-        inputs.iter().map(|(input, _)| input),
-    )?;
+    let sample = inputs
+        .iter()
+        .map(|(input, _)| input)
+        .take(LAYER_ERROR_IMAGES);
+    let layers = layer_errors(&graph, &program, &plan, sample)?;
     let n = inputs.len() as f64;
     let accuracy = |right: usize| (labelled > 0).then(|| right as f64 / labelled as f64);
     let (float_top1, int8_top1) = (accuracy(float_right), accuracy(int8_right));

@@ -4,15 +4,16 @@
 # f32 and ONNX Runtime int8 (static QDQ, per-channel), plus Kestrel's preprocessing of a chip
 # into each model's input. Medians of repeated runs; a model Kestrel cannot compile is listed
 # with the compiler's reason.
-#   usage: sim/benches/suite/run.sh PYTHON [runs] [out folder] [models] [sizes]
+#   usage: sim/benches/suite/run.sh PYTHON [runs] [rounds] [out folder] [models] [sizes]
 #   PYTHON needs torch and torchvision (export only), onnxruntime, numpy and pillow.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
-python=${1:?usage: run.sh PYTHON [runs] [out] [models] [sizes]}
+python=${1:?usage: run.sh PYTHON [runs] [rounds] [out] [models] [sizes]}
 runs=${2:-100}
-out=${3:-target/suite}
-models=${4:-resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,shufflenet_v2_x1_0}
-sizes=${5:-64,224}
+rounds=${3:-3}
+out=${4:-target/suite}
+models=${5:-resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,shufflenet_v2_x1_0}
+sizes=${6:-64,224}
 
 mkdir -p "$out"
 "$python" sim/benches/suite/export.py --out "$out" --models "$models" --sizes "$sizes" 2>/dev/null
@@ -32,24 +33,35 @@ for name in ${models//,/ }; do
     done
 done
 results="$out/results.jsonl"
-cargo bench -q -p sim --bench suite -- --runs "$runs" "${folders[@]}" | tee "$results"
-for folder in "${folders[@]}"; do
-    "$python" sim/benches/ort_latency.py --model "$folder" --runs "$runs" --no-throughput \
-        2>/dev/null | tee -a "$results"
+: > "$results"
+# Kestrel and its peers on one model back to back, in rounds: the machine's drift over minutes
+# then moves every runner's numbers alike.
+for round in $(seq "$rounds"); do
+    echo "== round $round of $rounds" >&2
+    for folder in "${folders[@]}"; do
+        cargo bench -q -p sim --bench suite -- --runs "$runs" "$folder" | tee -a "$results"
+        "$python" sim/benches/ort_latency.py --model "$folder" --runs "$runs" --no-throughput \
+            2>/dev/null | tee -a "$results"
+    done
 done
 "$python" - "$results" "$out/refused.txt" <<'PY'
-import json, sys
-rows = {}
+import json, statistics, sys
+runs = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    rows.setdefault(r["model"], {})[r["backend"]] = r["median_us"] / 1000
-print(f"{'model':26s} {'preproc':>8s} {'kestrel':>8s} {'tract':>8s} {'ort f32':>8s} {'ort int8':>8s}  kestrel / ort f32   (ms, medians)")
-for model, r in rows.items():
+    runs.setdefault(r["model"], {}).setdefault(r["backend"], []).append(r["median_us"] / 1000)
+print(f"{'model':26s} {'preproc':>8s} {'kestrel':>8s} {'tract':>8s} {'ort f32':>8s} {'ort int8':>8s}"
+      "  kestrel / ort f32, / ort int8, / tract   (ms, median of the rounds' medians)")
+for model, backends in runs.items():
+    r = {name: statistics.median(values) for name, values in backends.items()}
     kestrel = next((v for k, v in r.items() if k.startswith("kestrel-int8")), float("nan"))
-    cells = [r.get("kestrel-preprocess"), kestrel, r.get("tract-f32"), r.get("onnxruntime-f32"), r.get("onnxruntime-int8-qdq")]
+    cells = [r.get("kestrel-preprocess"), kestrel, r.get("tract-f32"), r.get("onnxruntime-f32"),
+             r.get("onnxruntime-int8-qdq")]
     text = " ".join(f"{c:8.2f}" if c is not None else f"{'-':>8s}" for c in cells)
-    print(f"{model:26s} {text}  {kestrel / r['onnxruntime-f32']:5.2f}x")
-kernel = {k for r in rows.values() for k in r if k.startswith("kestrel-int8")}
+    ratios = [kestrel / r[k] if k in r else float("nan")
+              for k in ("onnxruntime-f32", "onnxruntime-int8-qdq", "tract-f32")]
+    print(f"{model:26s} {text}  " + "  ".join(f"{x:5.2f}x" for x in ratios))
+kernel = {k for backends in runs.values() for k in backends if k.startswith("kestrel-int8")}
 print("Kestrel kernels:", ", ".join(sorted(kernel)))
 for line in open(sys.argv[2]):
     print("not compiled:", line.strip())
