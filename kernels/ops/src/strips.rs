@@ -42,6 +42,8 @@ pub(crate) fn flip_bit(blocks: Vec<&mut [i32]>, bit: u64) -> bool {
 
 /// Output channels per micro-tile.
 pub(crate) const MR: usize = 4;
+/// Most taps (`kh * kw`) the depthwise kernels take; larger windows run on the strips kernel.
+pub(crate) const MAX_DEPTHWISE_TAPS: usize = 64;
 /// Pixels per micro-tile.
 pub(crate) const NR: usize = 16;
 
@@ -402,6 +404,29 @@ impl Layer<'_> {
             }
         }
         padded
+    }
+
+    /// Whether a depthwise kernel takes this layer (one input channel per group, at most
+    /// [`MAX_DEPTHWISE_TAPS`] taps) with a padded-input scratch of `padded` values, of which
+    /// its loads may read `slack` past the plane.
+    pub(crate) fn depthwise_fits(&self, padded: usize, slack: usize) -> bool {
+        let g = self.geometry;
+        let [hp, wp] = Self::padded_dims(g);
+        self.icg == 1
+            && g.kernel[0] * g.kernel[1] <= MAX_DEPTHWISE_TAPS
+            && padded >= hp * wp + slack
+    }
+
+    /// Each tap's offset in the padded plane, row-major; entries past the last tap are 0.
+    pub(crate) fn tap_offsets(&self) -> [usize; MAX_DEPTHWISE_TAPS + 1] {
+        let g = self.geometry;
+        let [_, wp] = Self::padded_dims(g);
+        let [kh, kw] = g.kernel;
+        let mut offsets = [0usize; MAX_DEPTHWISE_TAPS + 1];
+        for (t, offset) in offsets.iter_mut().enumerate().take(kh * kw) {
+            *offset = (t / kw) * g.dilation[0] * wp + (t % kw) * g.dilation[1];
+        }
+        offsets
     }
 
     /// A 1x1 convolution of stride 1 without padding: a matrix product of the weights and

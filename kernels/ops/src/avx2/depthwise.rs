@@ -13,20 +13,15 @@ use std::arch::x86_64::*;
 use super::requantize_tile;
 use crate::int8::ChannelQuant;
 use crate::quant::Requant;
-use crate::strips::{store_codes, Layer, Scratch, MR, NR};
+use crate::strips::{store_codes, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR, NR};
 
 /// Values past the padded plane that the tap loads may read (a stride-2 load takes `2 * NR`);
 /// they only reach lanes past the row's end, which are not written.
 pub(super) const SLACK: usize = 2 * NR;
 
-/// Most taps (`kh * kw`) this kernel takes; larger windows run on the strips kernel.
-const MAX_TAPS: usize = 64;
-
 /// Whether `layer` is one this kernel takes, with a padded-input scratch of `padded` values.
 pub(super) fn takes(layer: &Layer<'_>, padded: usize) -> bool {
-    let g = layer.geometry;
-    let [hp, wp] = Layer::padded_dims(g);
-    layer.icg == 1 && g.kernel[0] * g.kernel[1] <= MAX_TAPS && padded >= hp * wp + SLACK
+    layer.depthwise_fits(padded, SLACK)
 }
 
 /// Run one group of an accepted depthwise layer: `input` its one channel, `weights` its packed
@@ -45,19 +40,13 @@ pub(super) unsafe fn run(
 ) {
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
-    let [kh, kw] = g.kernel;
-    let [dy, dx] = g.dilation;
-    let [_, wp] = Layer::padded_dims(g);
-    let taps = kh * kw;
-    let mut offsets = [0usize; MAX_TAPS + 1];
-    for (t, offset) in offsets.iter_mut().enumerate().take(taps) {
-        *offset = (t / kw) * dy * wp + (t % kw) * dx;
-    }
+    let taps = g.kernel[0] * g.kernel[1];
+    let offsets = layer.tap_offsets();
     layer.pad_input(input, &mut scratch.padded);
     let plane = scratch.padded.as_ptr();
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
         let block = (r / MR) * layer.row_pairs * MR + r % MR;
-        let mut pairs = [_mm256_setzero_si256(); MAX_TAPS.div_ceil(2)];
+        let mut pairs = [_mm256_setzero_si256(); MAX_DEPTHWISE_TAPS.div_ceil(2)];
         for (pair, w) in pairs.iter_mut().enumerate().take(layer.row_pairs) {
             *w = _mm256_set1_epi32(weights.get(block + pair * MR).copied().unwrap_or(0));
         }
@@ -86,9 +75,9 @@ pub(super) unsafe fn run(
 struct Channel<'c> {
     layer: &'c Layer<'c>,
     /// Each tap's offset in the padded plane; one past the last tap is 0 (its weight is 0).
-    offsets: &'c [usize; MAX_TAPS + 1],
+    offsets: &'c [usize; MAX_DEPTHWISE_TAPS + 1],
     /// Weights of taps `2k` and `2k + 1`, broadcast.
-    pairs: &'c [__m256i; MAX_TAPS.div_ceil(2)],
+    pairs: &'c [__m256i; MAX_DEPTHWISE_TAPS.div_ceil(2)],
     bias: i32,
     requant: Requant,
 }

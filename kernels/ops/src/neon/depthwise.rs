@@ -8,7 +8,7 @@ use std::arch::aarch64::*;
 
 use crate::int8::ChannelQuant;
 use crate::quant::requantize_i8;
-use crate::strips::{Layer, Scratch, MR};
+use crate::strips::{Layer, Scratch, MAX_DEPTHWISE_TAPS, MR};
 
 /// Pixels per vector.
 const LANES: usize = 8;
@@ -17,14 +17,9 @@ const LANES: usize = 8;
 /// `2 * LANES`); they only reach lanes past the row's end, which are not written.
 pub(super) const SLACK: usize = 2 * LANES;
 
-/// Most taps (`kh * kw`) this kernel takes; larger windows run on the strips kernel.
-const MAX_TAPS: usize = 64;
-
 /// Whether `layer` is one this kernel takes, with a padded-input scratch of `padded` values.
 pub(super) fn takes(layer: &Layer<'_>, padded: usize) -> bool {
-    let g = layer.geometry;
-    let [hp, wp] = Layer::padded_dims(g);
-    layer.icg == 1 && g.kernel[0] * g.kernel[1] <= MAX_TAPS && padded >= hp * wp + SLACK
+    layer.depthwise_fits(padded, SLACK)
 }
 
 /// Run one group of an accepted depthwise layer: `input` its one channel, `weights` its packed
@@ -43,23 +38,18 @@ pub(super) unsafe fn run(
 ) {
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
-    let [kh, kw] = g.kernel;
     let [sy, sx] = g.stride;
-    let [dy, dx] = g.dilation;
     let [_, wp] = Layer::padded_dims(g);
     let q = layer.q;
-    let taps = kh * kw;
-    let mut offsets = [0usize; MAX_TAPS];
-    for (t, offset) in offsets.iter_mut().enumerate().take(taps) {
-        *offset = (t / kw) * dy * wp + (t % kw) * dx;
-    }
+    let taps = g.kernel[0] * g.kernel[1];
+    let offsets = layer.tap_offsets();
     layer.pad_input(input, &mut scratch.padded);
     let plane = scratch.padded.as_ptr();
     // The packing holds taps 2k and 2k + 1 as two i16 in one i32, the first in the low half.
     let packed: &[i16] = bytemuck::cast_slice(weights);
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
         let block = (r / MR) * layer.row_pairs;
-        let mut tap_weights = [0i16; MAX_TAPS];
+        let mut tap_weights = [0i16; MAX_DEPTHWISE_TAPS];
         for (t, w) in tap_weights.iter_mut().enumerate().take(taps) {
             let at = ((block + t / 2) * MR + r % MR) * 2 + t % 2;
             *w = packed.get(at).copied().unwrap_or(0);
