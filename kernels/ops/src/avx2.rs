@@ -40,10 +40,8 @@ impl Prepared {
     fn new(conv: &Conv<'_>, vnni: Option<Vnni>) -> Option<Self> {
         let packed = Packed::new(conv)?;
         let winograd = Winograd::new(conv);
-        let g = conv.geometry;
-        let depthwise = g.group > 1 && g.input[0] == g.group;
         let quads = match vnni {
-            Some(vnni) if winograd.is_none() && !depthwise => Quads::new(conv, vnni),
+            Some(vnni) if winograd.is_none() => Quads::new(conv, &packed, vnni),
             _ => None,
         };
         Some(Self {
@@ -142,10 +140,7 @@ fn add(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeErro
     // Terms stay below 2^30 when each scale is below 2^6 and the zero points are int8
     // codes: then 32-bit lanes hold them and their sum exactly.
     let exact = add.requant.iter().all(|r| r.shift <= 6)
-        && add
-            .input_zero_points
-            .iter()
-            .all(|z| (-128..=127).contains(z));
+        && add.input_zero_points.iter().all(|&z| is_code(z));
     if !exact || a.len() != b.len() || output.len() != a.len() {
         return add.run(a, b, output);
     }
@@ -154,15 +149,20 @@ fn add(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeErro
     Ok(())
 }
 
+/// Whether a zero point is an int8 code: what keeps centred codes, and sums of them, inside
+/// the 32-bit lanes the vector kernels compute in.
+fn is_code(zero_point: i32) -> bool {
+    (-128..=127).contains(&zero_point)
+}
+
 /// Rescale eight lanes at a time where the vector requantisation is exact (zero points that are
 /// int8 codes, so centred codes and their scaled values fit 32 bits), else the generic kernel. Reached only through [`Avx2`] or
 /// a table [`plug`] filled: both exist only once AVX2 was detected.
 fn rescale(rescale: &Rescale, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-    let int8 = |z: i32| (-128..=127).contains(&z);
     // Centred codes are at most 255 in size: scaled by less than 2^23 they fit 32 bits.
     let exact = rescale.requant.shift <= 23
-        && int8(rescale.input_zero_point)
-        && int8(rescale.output_quant.zero_point);
+        && is_code(rescale.input_zero_point)
+        && is_code(rescale.output_quant.zero_point);
     if !exact || input.len() != output.len() {
         return rescale.run(input, output);
     }
@@ -194,10 +194,11 @@ fn rescale8(rescale: &Rescale, input: &[i8], output: &mut [i8]) {
 /// generic kernel. Reached only through [`Avx2`] or a table [`plug`] filled: both exist only
 /// once AVX2 was detected.
 fn mul(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-    let int8 = |z: i32| (-128..=127).contains(&z);
     let [za, zb] = mul.input_zero_points;
-    let exact =
-        mul.requant.shift <= 15 && int8(za) && int8(zb) && int8(mul.output_quant.zero_point);
+    let exact = mul.requant.shift <= 15
+        && is_code(za)
+        && is_code(zb)
+        && is_code(mul.output_quant.zero_point);
     // The shapes Mul::run takes: b as long as a, or one value per plane of a.
     let shapes = !b.is_empty() && a.len().is_multiple_of(b.len()) && output.len() == a.len();
     if !exact || !shapes {
@@ -278,9 +279,8 @@ impl Kernels for Avx2 {
             if let Some(w) = &prepared.winograd {
                 visit(w.weights());
             }
-            if let Some(q) = &prepared.quads {
-                visit(&q.packed.weights);
-                visit(&q.packed.biases);
+            for block in prepared.quads.iter().flat_map(|q| q.packed.blocks()) {
+                visit(block);
             }
         }
     }
@@ -292,21 +292,12 @@ impl Kernels for Avx2 {
             .flatten()
             .flat_map(|p| {
                 let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
-                let (quads, biases) = match &mut p.quads {
-                    Some(q) => (
-                        Some(q.packed.weights.as_mut_slice()),
-                        Some(q.packed.biases.as_mut_slice()),
-                    ),
-                    None => (None, None),
-                };
-                [
-                    Some(p.packed.weights.as_mut_slice()),
-                    winograd,
-                    quads,
-                    biases,
-                ]
+                let quads = p.quads.iter_mut().flat_map(|q| q.packed.blocks_mut());
+                [Some(p.packed.weights.as_mut_slice()), winograd]
+                    .into_iter()
+                    .flatten()
+                    .chain(quads)
             })
-            .flatten()
             .collect();
         flip_bit(blocks, bit)
     }
@@ -449,19 +440,9 @@ fn add8(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
         _mm256_set1_epi32(q.max.into()),
     );
     let term = |codes: &[i8], zero: __m256i, l: &Lanes| {
-        let mut eight = [0i8; 8];
-        eight.copy_from_slice(codes);
-        let wide = _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(
-            eight.map(|v| v as u8),
-        )));
         let centred =
-            _mm256_slli_epi32::<{ ADD_FRACTION_BITS as i32 }>(_mm256_sub_epi32(wide, zero));
-        let even = round_shift(_mm256_mul_epi32(centred, l.multiplier), l);
-        let odd = round_shift(
-            _mm256_mul_epi32(_mm256_srli_epi64::<32>(centred), l.multiplier),
-            l,
-        );
-        _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
+            _mm256_slli_epi32::<{ ADD_FRACTION_BITS as i32 }>(_mm256_sub_epi32(load8(codes), zero));
+        scale8(centred, l)
     };
     let whole = a.len() / 8 * 8;
     for ((x, y), out) in a[..whole]
@@ -477,15 +458,7 @@ fn add8(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
             _mm256_srai_epi32::<{ ADD_FRACTION_BITS as i32 }>(sum),
             zero_point,
         );
-        let clamped = _mm256_min_epi32(_mm256_max_epi32(code, low), high);
-        let words = _mm256_packs_epi32(clamped, clamped);
-        let bytes = _mm256_packs_epi16(words, words);
-        // Lane 0 holds codes 0-3 and lane 1 codes 4-7, each repeated: gather dwords 0 and 4.
-        let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
-        let packed = _mm_cvtsi128_si64(_mm256_castsi256_si128(ordered)).to_le_bytes();
-        for (o, p) in out.iter_mut().zip(packed) {
-            *o = p as i8;
-        }
+        store8(_mm256_min_epi32(_mm256_max_epi32(code, low), high), out);
     }
     // The tail, and the generic kernel's exact arithmetic for it.
     let _ = add.run(&a[whole..], &b[whole..], &mut output[whole..]);
@@ -530,7 +503,7 @@ fn requantize_tile(
     let bias = _mm256_set1_epi32(bias);
     let (lo, hi) = (_mm256_add_epi32(lo, bias), _mm256_add_epi32(hi, bias));
     let mut codes = [0i8; NR];
-    if requant.shift > 0 || !(-128..=127).contains(&q.zero_point) {
+    if requant.shift > 0 || !is_code(q.zero_point) {
         // Scales of 1 or more can exceed 32 bits before the clamp, and so can sums with a
         // zero point outside int8: the scalar path is exact for them.
         let (mut l, mut h) = ([0i32; 8], [0i32; 8]);
@@ -603,7 +576,15 @@ fn round_shift(product: __m256i, l: &Lanes) -> __m256i {
 /// [`requantize_i8`] do it; valid where the rounded value fits 32 bits (always for `right >= 31`).
 #[target_feature(enable = "avx2")]
 fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
-    let value = if let Some(high_right) = l.high_right {
+    let clamped = _mm256_min_epi32(_mm256_max_epi32(scale8(acc, l), l.low), l.high);
+    _mm256_add_epi32(clamped, l.zero_point)
+}
+
+/// `round(acc * m * 2^-right)` for 8 lanes, as [`Requant::apply`] does it; valid where the
+/// rounded value fits 32 bits.
+#[target_feature(enable = "avx2")]
+fn scale8(acc: __m256i, l: &Lanes) -> __m256i {
+    if let Some(high_right) = l.high_right {
         // A floor shift by 32 or more is one by 32, the high half, then one by the rest; the
         // high half of `acc * m + round` (at most 2^62 + 2^61) fits 32 bits, so a 32-bit
         // arithmetic shift finishes it exactly, without emulating a 64-bit one.
@@ -621,9 +602,7 @@ fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
             l,
         );
         _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
-    };
-    let clamped = _mm256_min_epi32(_mm256_max_epi32(value, l.low), l.high);
-    _mm256_add_epi32(clamped, l.zero_point)
+    }
 }
 
 #[cfg(test)]

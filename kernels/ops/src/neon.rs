@@ -23,21 +23,15 @@ use crate::Kernels;
 /// One convolution ready for the NEON kernels.
 struct Prepared {
     packed: Packed,
-    /// Byte quads for `sdot`, on a CPU with the dot-product extension (not for depthwise
-    /// layers, which have their own kernel).
+    /// Byte quads for `sdot`, on a CPU with the dot-product extension.
     quads: Option<ByteQuads>,
 }
 
 impl Prepared {
     fn new(conv: &Conv<'_>, dotprod: bool) -> Option<Self> {
-        let g = conv.geometry;
-        let depthwise = g.group > 1 && g.input[0] == g.group;
-        Some(Self {
-            packed: Packed::new(conv)?,
-            quads: (dotprod && !depthwise)
-                .then(|| ByteQuads::new(conv, 0))
-                .flatten(),
-        })
+        let packed = Packed::new(conv)?;
+        let quads = dotprod.then(|| ByteQuads::new(conv, &packed, 0)).flatten();
+        Some(Self { packed, quads })
     }
 
     /// Scratch needs: padded input, strip, and the byte-quad strip (in the products' buffer).
@@ -107,9 +101,8 @@ impl Kernels for Neon {
     fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
         for prepared in self.layers.iter().flatten() {
             visit(&prepared.packed.weights);
-            if let Some(q) = &prepared.quads {
-                visit(&q.weights);
-                visit(&q.biases);
+            for block in prepared.quads.iter().flat_map(ByteQuads::blocks) {
+                visit(block);
             }
         }
     }
@@ -120,16 +113,9 @@ impl Kernels for Neon {
             .iter_mut()
             .flatten()
             .flat_map(|p| {
-                let (quads, biases) = match &mut p.quads {
-                    Some(q) => (
-                        Some(q.weights.as_mut_slice()),
-                        Some(q.biases.as_mut_slice()),
-                    ),
-                    None => (None, None),
-                };
-                [Some(p.packed.weights.as_mut_slice()), quads, biases]
+                let quads = p.quads.iter_mut().flat_map(ByteQuads::blocks_mut);
+                std::iter::once(p.packed.weights.as_mut_slice()).chain(quads)
             })
-            .flatten()
             .collect();
         flip_bit(blocks, bit)
     }

@@ -227,14 +227,15 @@ pub(crate) struct ByteQuads {
 }
 
 impl ByteQuads {
-    /// Pack `conv` for instructions that read the input as `x + k`; `None` for layers the
-    /// strips kernel does not take either.
-    pub(crate) fn new(conv: &Conv<'_>, k: i32) -> Option<Self> {
-        let packed = Packed::new(conv)?;
-        if !(-128..=127).contains(&conv.input_zero_point) {
+    /// Pack `conv`, which the strips kernel packed as `packed`, for instructions that read the
+    /// input as `x + k`; `None` for depthwise layers (they have their own kernels) and input
+    /// zero points outside int8.
+    pub(crate) fn new(conv: &Conv<'_>, packed: &Packed, k: i32) -> Option<Self> {
+        let g = conv.geometry;
+        let depthwise = g.group > 1 && g.input[0] == g.group;
+        if depthwise || !(-128..=127).contains(&conv.input_zero_point) {
             return None;
         }
-        let g = conv.geometry;
         let group = g.group.max(1);
         let [oc, _, _] = g.output;
         let rows = g.input[0] / group * g.kernel[0] * g.kernel[1];
@@ -262,6 +263,16 @@ impl ByteQuads {
             quads,
             zero_point: conv.input_zero_point,
         })
+    }
+
+    /// The packed weights and corrected biases: what a scrub checksums.
+    pub(crate) fn blocks(&self) -> [&[i32]; 2] {
+        [&self.weights, &self.biases]
+    }
+
+    /// [`ByteQuads::blocks`], for fault injection.
+    pub(crate) fn blocks_mut(&mut self) -> [&mut [i32]; 2] {
+        [&mut self.weights, &mut self.biases]
     }
 
     /// A tile's byte-quad strip, in i32: 4 bytes by [`NR`] pixels per quad.

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::requantize_tile;
 use crate::int8::{ChannelQuant, Conv};
-use crate::strips::{ByteQuads, Layer, Scratch, MR, NR};
+use crate::strips::{ByteQuads, Layer, Packed, Scratch, MR, NR};
 
 /// Which VNNI encoding this CPU has for 256-bit vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,15 +27,9 @@ pub enum Vnni {
 impl Vnni {
     /// The encoding this CPU has, AVX-512's first; `None` without either.
     pub fn detect() -> Option<Self> {
-        if std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
-            Some(Self::Avx512)
-        } else if std::arch::is_x86_feature_detected!("avxvnni") {
-            Some(Self::Avx)
-        } else {
-            None
-        }
+        [Self::Avx512, Self::Avx]
+            .into_iter()
+            .find(|v| v.available())
     }
 
     /// Whether this CPU has the encoding.
@@ -57,14 +51,14 @@ pub(super) struct Quads {
 }
 
 impl Quads {
-    /// Pack `conv` for `vnni`, when this CPU has it.
-    pub(super) fn new(conv: &Conv<'_>, vnni: Vnni) -> Option<Self> {
+    /// Pack `conv` (packed for the strips kernel as `packed`) for `vnni`, when this CPU has it.
+    pub(super) fn new(conv: &Conv<'_>, packed: &Packed, vnni: Vnni) -> Option<Self> {
         if !vnni.available() {
             return None;
         }
         Some(Self {
             vnni,
-            packed: ByteQuads::new(conv, 128)?,
+            packed: ByteQuads::new(conv, packed, 128)?,
         })
     }
 
