@@ -333,7 +333,6 @@ impl Graph {
             output: 0,
         };
         let mut ids: HashMap<String, usize> = HashMap::from([(input.name.clone(), 0)]);
-        let mut ids_out: Vec<(String, usize)> = Vec::new();
         let readers = |name: &str| {
             graph
                 .node
@@ -382,10 +381,7 @@ impl Graph {
                 continue;
             }
             if node.op_type == "Split" {
-                split(node, &ids, &constants, &mut g, &mut ids_out)?;
-                for (name, id) in ids_out.drain(..) {
-                    ids.insert(name, id);
-                }
+                split(node, &mut ids, &constants, &mut g)?;
                 continue;
             }
             // PyTorch passes shared constants (equal BatchNorm statistics) through Identity.
@@ -768,7 +764,7 @@ impl Graph {
                     for (((&axis, &start), &end), &step) in
                         axes.iter().zip(&starts).zip(&ends).zip(&steps)
                     {
-                        let axis = if axis < 0 { axis + 4 } else { axis };
+                        let axis = from_end(axis, 4);
                         let picked = slice_range(dims.get(axis as usize).copied().unwrap_or(0), start, end, step);
                         if axis == 1 {
                             channels = picked;
@@ -819,7 +815,7 @@ impl Graph {
                         None => ints(node, "axes").unwrap_or_default(),
                     };
                     let mut axes: Vec<i64> =
-                        axes.iter().map(|&a| if a < 0 { a + 4 } else { a }).collect();
+                        axes.iter().map(|&a| from_end(a, 4)).collect();
                     axes.sort_unstable();
                     if axes != [2, 3] {
                         return Err(malformed(
@@ -1031,7 +1027,7 @@ fn fold(
             ));
         };
         let rank = shape.len() as i64;
-        let at = |a: i64| (if a < 0 { a + rank } else { a }).clamp(0, rank) as usize;
+        let at = |a: i64| from_end(a, rank).clamp(0, rank) as usize;
         let start = at(int(node, "start").unwrap_or(0));
         let end = at(int(node, "end").unwrap_or(rank));
         let dims: Vec<f32> = shape[start..end.max(start)]
@@ -1127,20 +1123,15 @@ fn fold(
             let mut shape = shape.clone();
             if op == "Unsqueeze" {
                 let rank = (shape.len() + axes.len()) as i64;
-                let mut axes: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
-                    .collect();
+                let mut axes: Vec<usize> =
+                    axes.iter().map(|&a| from_end(a, rank) as usize).collect();
                 axes.sort_unstable();
                 for a in axes {
                     shape.insert(a.min(shape.len()), 1);
                 }
             } else {
                 let rank = shape.len() as i64;
-                let axes: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| (if a < 0 { a + rank } else { a }) as usize)
-                    .collect();
+                let axes: Vec<usize> = axes.iter().map(|&a| from_end(a, rank) as usize).collect();
                 shape = shape
                     .iter()
                     .enumerate()
@@ -1177,11 +1168,20 @@ fn fold(
     Ok(Some((value, integer)))
 }
 
+/// An ONNX index or axis, where a negative one counts from the end of `size`.
+fn from_end(index: i64, size: i64) -> i64 {
+    if index < 0 {
+        index.saturating_add(size)
+    } else {
+        index
+    }
+}
+
 /// The indices ONNX's Slice picks from an axis of `dim` values: `start` to `end` (negative
 /// from the end, clamped) by `step`, which may be negative; none for a step of 0.
 fn slice_range(dim: usize, start: i64, end: i64, step: i64) -> Vec<usize> {
     let dim = dim as i64;
-    let wrap = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
+    let wrap = |v: i64| from_end(v, dim);
     if step > 0 {
         let (start, end) = (wrap(start).clamp(0, dim), wrap(end).clamp(0, dim));
         (start..end)
@@ -1235,13 +1235,12 @@ fn transpose(shape: &[usize], perm: &[usize]) -> (Op, Vec<usize>) {
 }
 
 /// Import a Split along the channel axis (batch 1) as one Gather per output, recording each
-/// output's value id in `outputs`.
+/// output's value id in `ids`.
 fn split(
     node: &NodeProto,
-    ids: &HashMap<String, usize>,
+    ids: &mut HashMap<String, usize>,
     constants: &HashMap<String, Constant>,
     g: &mut Graph,
-    outputs: &mut Vec<(String, usize)>,
 ) -> Result<(), ImportError> {
     let input = node
         .input
@@ -1294,7 +1293,7 @@ fn split(
             inputs: vec![input],
             output: id,
         });
-        outputs.push((name.clone(), id));
+        ids.insert(name.clone(), id);
         first += size;
     }
     Ok(())
