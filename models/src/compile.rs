@@ -16,8 +16,10 @@ use kestrel_ops::table::KernelTable;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::plan::{DetectorHeader, PlanHeader};
 use kestrel_plan::program::{OwnedProgram, ProgramError};
+use kestrel_runtime::detect::{Detection, Detections};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
+use kestrel_runtime::step::DetectorConfig;
 use kestrel_runtime::FrameGeometry;
 use serde::Serialize;
 
@@ -105,8 +107,14 @@ pub struct Report {
     pub plan_bytes: usize,
     /// Bytes of activation arena the plan needs.
     pub arena_bytes: usize,
-    /// Fraction of images where the plan's top-1 equals tract's (classifiers).
-    pub top1_agreement: f64,
+    /// Classifiers: the fraction of images where the plan's top-1 equals tract's.
+    pub top1_agreement: Option<f64>,
+    /// Detectors: of the boxes tract's head gives on the calibration images (decoded at the
+    /// manifest's threshold and suppressed, a tile each), the fraction the plan's head gives
+    /// too: the same class, IoU at least 0.5.
+    pub box_agreement: Option<f64>,
+    /// Detectors: the boxes tract's head gives on the calibration images.
+    pub float_boxes: usize,
     /// RMS of (plan output - tract output) over the RMS of tract's output, over all images:
     /// how far the int8 plan's raw output is from float (what a detector's head is judged by).
     pub output_rel_rms: f64,
@@ -231,6 +239,36 @@ fn calibration_region(model: &ZooModel, spec: &PreprocessSpec, image: FrameGeome
     }
 }
 
+/// A detector head's boxes, decoded and suppressed as `DetectorStep` does for one tile.
+fn tile_boxes(config: &DetectorConfig, head: &[f32]) -> Result<Vec<Detection>, CompileError> {
+    let mut found = Detections::<4096>::new();
+    config
+        .head
+        .decode(head, config.score_threshold, &mut found)
+        .map_err(|e| CompileError::Reference(e.to_string()))?;
+    found.suppress(config.nms_iou);
+    Ok(found.as_slice().to_vec())
+}
+
+/// How many of `reference`'s boxes `other` has too: the same class and IoU at least 0.5, each
+/// of `other`'s boxes matched once (to its best remaining overlap).
+fn matched_boxes(reference: &[Detection], other: &[Detection]) -> usize {
+    let mut used = vec![false; other.len()];
+    let mut matched = 0;
+    for r in reference {
+        let best = other
+            .iter()
+            .enumerate()
+            .filter(|&(i, o)| !used[i] && o.class == r.class && o.iou(r) >= 0.5)
+            .max_by(|a, b| a.1.iou(r).total_cmp(&b.1.iou(r)));
+        if let Some((i, _)) = best {
+            used[i] = true;
+            matched += 1;
+        }
+    }
+    matched
+}
+
 /// Encode `program` as a plan for `model`: its name, ONNX hash, preprocessing and labels, and a
 /// detector's postprocessing.
 pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, ImportError> {
@@ -244,14 +282,12 @@ pub fn encode(model: &ZooModel, program: &QuantizedGraph) -> Result<Vec<u8>, Imp
     let detector = match &model.manifest.detector {
         None => None,
         Some(d) => Some(DetectorHeader {
-            stride: u16::try_from(d.stride).map_err(|_| ImportError::Malformed {
-                node: "manifest".into(),
-                reason: format!(
-                    "detector stride {} does not fit a plan (at most 65535)",
-                    d.stride
-                ),
-            })?,
-            wh_scale: d.wh_scale,
+            head: d
+                .head_header(shape[2], shape[3])
+                .map_err(|reason| ImportError::Malformed {
+                    node: "manifest".into(),
+                    reason,
+                })?,
             score_threshold: d.score_threshold,
             nms_iou: d.nms_iou,
             tile_overlap: d.tile_overlap,
@@ -291,7 +327,7 @@ pub fn compile(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(Vec<u8>, Report), CompileError> {
     let started = Instant::now();
-    let graph = Graph::from_onnx(model.onnx())?;
+    let graph = model.graph()?;
     let spec = model.preprocess_spec().map_err(|e| ModelError::Manifest {
         origin: model.origin.clone(),
         reason: e.to_string(),
@@ -350,6 +386,8 @@ pub fn compile(
     let mut float_out = vec![0.0; float.output_len()];
     let mut int8_out = vec![0.0; int8.output_len()];
     let (mut agree, mut float_right, mut int8_right, mut labelled) = (0, 0, 0, 0);
+    let detector = model.detector_config();
+    let (mut float_boxes, mut boxes_matched) = (0, 0);
     let (mut error_squares, mut float_squares) = (0.0f64, 0.0f64);
     for (input, label) in &inputs {
         float
@@ -360,6 +398,12 @@ pub fn compile(
         for (f, q) in float_out.iter().zip(&int8_out) {
             error_squares += f64::from(q - f).powi(2);
             float_squares += f64::from(*f).powi(2);
+        }
+        if let Some(config) = &detector {
+            let float_found = tile_boxes(config, &float_out)?;
+            float_boxes += float_found.len();
+            boxes_matched += matched_boxes(&float_found, &tile_boxes(config, &int8_out)?);
+            continue;
         }
         let (f, q) = (argmax(&float_out), argmax(&int8_out));
         agree += usize::from(f == q);
@@ -386,7 +430,11 @@ pub fn compile(
         steps: program.steps.len(),
         plan_bytes: plan.len(),
         arena_bytes: int8.program().arena_size(),
-        top1_agreement: agree as f64 / n,
+        top1_agreement: detector.is_none().then(|| agree as f64 / n),
+        box_agreement: detector
+            .is_some()
+            .then(|| boxes_matched as f64 / float_boxes.max(1) as f64),
+        float_boxes,
         output_rel_rms: (error_squares / float_squares.max(f64::MIN_POSITIVE)).sqrt(),
         float_top1,
         int8_top1,

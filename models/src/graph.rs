@@ -39,6 +39,44 @@ pub enum ImportError {
     },
 }
 
+/// The nodes that compute `outputs` (every node when none are named), in graph order.
+fn needed_nodes<'g>(
+    graph: &'g pb::GraphProto,
+    outputs: &[String],
+) -> Result<Vec<&'g NodeProto>, ImportError> {
+    if outputs.is_empty() {
+        return Ok(graph.node.iter().collect());
+    }
+    let producer: HashMap<&str, usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut needed = vec![false; graph.node.len()];
+    let mut wanted: Vec<&str> = Vec::new();
+    for name in outputs {
+        if !producer.contains_key(name.as_str()) {
+            return Err(malformed(name, "no node computes it"));
+        }
+        wanted.push(name);
+    }
+    while let Some(name) = wanted.pop() {
+        if let Some(&i) = producer.get(name) {
+            if !needed[i] {
+                needed[i] = true;
+                wanted.extend(graph.node[i].input.iter().map(String::as_str));
+            }
+        }
+    }
+    Ok(graph
+        .node
+        .iter()
+        .zip(needed)
+        .filter_map(|(n, keep)| keep.then_some(n))
+        .collect())
+}
+
 /// "N nodes use operators ...: Op (node names), ..." grouped by operator in first-seen order.
 fn describe_unsupported(nodes: &[(String, String)]) -> String {
     let mut ops: Vec<(&str, Vec<&str>)> = Vec::new();
@@ -299,16 +337,109 @@ fn pair(node: &NodeProto, name: &str, default: usize) -> Result<[usize; 2], Impo
     }
 }
 
+fn decode_graph(bytes: &[u8]) -> Result<pb::GraphProto, ImportError> {
+    let model = tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| ImportError::Decode(format!("{e:#}").replace('\n', " ")))?;
+    model
+        .graph
+        .ok_or_else(|| ImportError::Decode("no graph".into()))
+}
+
+/// The tensors of an ultralytics YOLO export's raw head, in the order Kestrel's YOLO head lays
+/// them out (`kestrel_runtime::detect::YoloLayout`): per scale, the box distributions, then the
+/// class logits (one tensor per scale where the export joins them).
+///
+/// ultralytics' `Detect` head reshapes each scale's `[1, C, H, W]` output to `[1, C, H * W]`
+/// and joins the scales along the last axis: one such Concat for the boxes and one for the class
+/// scores, which a Sigmoid reads (YOLOv8 and YOLO11 exports), or one for both (older exports).
+/// What follows (the distribution decoding, anchors and sigmoid) is left to the runtime's
+/// decoder, in float: an int8 tensor holding pixel coordinates and 0..1 scores on one scale
+/// would lose the scores.
+pub fn yolo_head_outputs(bytes: &[u8]) -> Result<Vec<String>, ImportError> {
+    let graph = decode_graph(bytes)?;
+    let producer = |name: &str| {
+        graph
+            .node
+            .iter()
+            .find(|n| n.output.iter().any(|o| o == name))
+    };
+    let reshaped_scales = |concat: &NodeProto| -> Option<Vec<String>> {
+        let axis = int(concat, "axis")?;
+        if !(axis == -1 || axis == 2) {
+            return None;
+        }
+        concat
+            .input
+            .iter()
+            .map(|i| {
+                let reshape = producer(i).filter(|n| n.op_type == "Reshape")?;
+                reshape.input.first().cloned()
+            })
+            .collect()
+    };
+    let joins: Vec<(&NodeProto, Vec<String>)> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Concat")
+        .filter_map(|n| Some((n, reshaped_scales(n)?)))
+        .collect();
+    let read_by_sigmoid = |concat: &NodeProto| {
+        graph
+            .node
+            .iter()
+            .any(|n| n.op_type == "Sigmoid" && n.input.iter().any(|i| concat.output.contains(i)))
+    };
+    let not_found = |reason: &str| ImportError::Malformed {
+        node: "graph".into(),
+        reason: format!(
+            "no ultralytics YOLO head: {reason} (ultralytics' Detect head joins each scale's \
+             reshaped output along the last axis, once for boxes and once for class scores)"
+        ),
+    };
+    match &joins[..] {
+        [(_, both)] => Ok(both.clone()),
+        [(a, a_scales), (b, b_scales)] => {
+            let (boxes, scores) = match (read_by_sigmoid(a), read_by_sigmoid(b)) {
+                (false, true) => (a_scales, b_scales),
+                (true, false) => (b_scales, a_scales),
+                _ => return Err(not_found("cannot tell the box join from the score join")),
+            };
+            if boxes.len() != scores.len() {
+                return Err(not_found("the box and score joins have different scales"));
+            }
+            Ok(boxes
+                .iter()
+                .zip(scores)
+                .flat_map(|(b, s)| [b.clone(), s.clone()])
+                .collect())
+        }
+        [] => Err(not_found(
+            "no Concat of reshaped tensors along the last axis",
+        )),
+        _ => Err(not_found(
+            "more than two Concats of reshaped tensors along the last axis",
+        )),
+    }
+}
+
 impl Graph {
     /// Import an ONNX model with one input of fixed shape and one output. BatchNormalization
     /// after a Conv is folded into it; Identity and Dropout vanish.
     pub fn from_onnx(bytes: &[u8]) -> Result<Self, ImportError> {
-        let model = tract_onnx::onnx()
-            .proto_model_for_read(&mut &bytes[..])
-            .map_err(|e| ImportError::Decode(format!("{e:#}").replace('\n', " ")))?;
-        let graph: pb::GraphProto = model
-            .graph
-            .ok_or_else(|| ImportError::Decode("no graph".into()))?;
+        Self::import(bytes, &[])
+    }
+
+    /// Import what computes the values named `outputs` (ONNX tensor names) and nothing after
+    /// them: the graph's output is those values flattened and joined in that order. A YOLO
+    /// model is compiled up to its raw head ([`yolo_head_outputs`]) so.
+    pub fn from_onnx_up_to(bytes: &[u8], outputs: &[String]) -> Result<Self, ImportError> {
+        Self::import(bytes, outputs)
+    }
+
+    fn import(bytes: &[u8], outputs: &[String]) -> Result<Self, ImportError> {
+        let graph = decode_graph(bytes)?;
+        let nodes = needed_nodes(&graph, outputs)?;
         let mut constants: HashMap<String, (Vec<usize>, Vec<f32>)> = HashMap::new();
         // Constants of an integer type: their division truncates.
         let mut integers: HashSet<String> = HashSet::new();
@@ -343,8 +474,7 @@ impl Graph {
                 + graph.output.iter().filter(|o| o.name == name).count()
         };
 
-        let unsupported: Vec<(String, String)> = graph
-            .node
+        let unsupported: Vec<(String, String)> = nodes
             .iter()
             .filter(|n| !SUPPORTED_OPS.contains(&n.op_type.as_str()))
             .map(|n| (n.name.clone(), n.op_type.clone()))
@@ -352,7 +482,7 @@ impl Graph {
         if !unsupported.is_empty() {
             return Err(ImportError::UnsupportedOps { nodes: unsupported });
         }
-        for node in &graph.node {
+        for &node in &nodes {
             let output_name = node
                 .output
                 .first()
@@ -843,25 +973,54 @@ impl Graph {
                     })
                 }
             };
-            let id = g.shapes.len();
-            g.shapes.push(shape_out);
-            g.names.push(output_name.clone());
+            let id = g.push(&node.name, output_name, op, activations, shape_out);
             ids.insert(output_name.clone(), id);
-            g.nodes.push(Node {
-                name: node.name.clone(),
-                op,
-                inputs: activations,
-                output: id,
-            });
         }
-        let output = graph
-            .output
-            .first()
-            .ok_or_else(|| malformed("graph", "no output"))?;
-        g.output = *ids
-            .get(&output.name)
-            .ok_or_else(|| malformed(&output.name, "output is not computed by any node"))?;
+        if outputs.is_empty() {
+            let output = graph
+                .output
+                .first()
+                .ok_or_else(|| malformed("graph", "no output"))?;
+            g.output = *ids
+                .get(&output.name)
+                .ok_or_else(|| malformed(&output.name, "output is not computed by any node"))?;
+            return Ok(g);
+        }
+        // Each chosen value flattened to `[1, values, 1, 1]`, then joined along the channels.
+        let mut parts = Vec::new();
+        for name in outputs {
+            let &id = ids
+                .get(name)
+                .ok_or_else(|| malformed(name, "not an activation of the graph"))?;
+            let len = g.shapes[id].iter().product();
+            let flat = format!("{name} (flattened)");
+            parts.push(g.push(&flat, &flat, Op::Reshape, vec![id], vec![1, len, 1, 1]));
+        }
+        let total = parts.iter().map(|&id| g.shapes[id][1]).sum();
+        let joined = "head (joined)";
+        g.output = g.push(joined, joined, Op::Concat, parts, vec![1, total, 1, 1]);
         Ok(g)
+    }
+
+    /// Append node `name` writing a new value `value` of `shape`; the value's id.
+    fn push(
+        &mut self,
+        name: &str,
+        value: &str,
+        op: Op,
+        inputs: Vec<usize>,
+        shape: Vec<usize>,
+    ) -> usize {
+        let id = self.shapes.len();
+        self.shapes.push(shape);
+        self.names.push(value.to_string());
+        self.nodes.push(Node {
+            name: name.to_string(),
+            op,
+            inputs,
+            output: id,
+        });
+        id
     }
 
     /// Run the graph in f32 and return every value by id (the input first, the output last

@@ -19,10 +19,13 @@ use std::path::{Path, PathBuf};
 
 use kestrel_backend::{Backend, PreprocessSpec, ResizeRule, SpecError};
 use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::plan::{HeadHeader, PlanError};
 use kestrel_plan::program::{OwnedProgram, ProgramError};
-use kestrel_runtime::detect::HeadLayout;
+use kestrel_runtime::detect::{Head, MAX_YOLO_SCALES};
 use kestrel_runtime::step::DetectorConfig;
 use kestrel_tract::{LoadError, TractBackend};
+
+use graph::{Graph, ImportError};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -68,10 +71,22 @@ pub struct Manifest {
 /// A detector's head and postprocessing, from the training script.
 #[derive(Clone, Debug, Deserialize)]
 pub struct DetectorInfo {
-    /// Input pixels per head cell.
+    /// `centernet` (the default: Kestrel's own detector) or `yolo` (an ultralytics YOLOv8 or
+    /// YOLO11 export, compiled up to its raw head).
+    #[serde(default = "centernet")]
+    pub head: String,
+    /// CenterNet: input pixels per head cell.
+    #[serde(default)]
     pub stride: usize,
-    /// Head cells that a predicted box size of 1.0 stands for.
+    /// CenterNet: head cells that a predicted box size of 1.0 stands for.
+    #[serde(default)]
     pub wh_scale: f32,
+    /// YOLO: bins of each box side's distribution (ultralytics' `reg_max`).
+    #[serde(default = "yolo_reg_max")]
+    pub reg_max: usize,
+    /// YOLO: input pixels per cell of each scale, in the head's order.
+    #[serde(default = "yolo_strides")]
+    pub strides: Vec<usize>,
     /// Lowest score reported in telemetry and drawn by `sim replay`.
     pub score_threshold: f32,
     /// Same-class IoU above which the weaker box is suppressed.
@@ -86,6 +101,66 @@ pub struct DetectorInfo {
     /// mAP@0.5 of the float model on the validation split, measured by the training script.
     #[serde(default)]
     pub validation_map50: f64,
+}
+
+fn centernet() -> String {
+    "centernet".into()
+}
+
+/// ultralytics' defaults for a P3-P5 head.
+fn yolo_reg_max() -> usize {
+    16
+}
+
+fn yolo_strides() -> Vec<usize> {
+    vec![8, 16, 32]
+}
+
+impl DetectorInfo {
+    /// The head as a plan states it, checked against a `height` x `width` input.
+    pub fn head_header(&self, height: usize, width: usize) -> Result<HeadHeader, String> {
+        let to_u16 = |what: &str, v: usize| {
+            u16::try_from(v).map_err(|_| format!("detector {what} {v} does not fit a plan"))
+        };
+        let head = match self.head.as_str() {
+            "centernet" => HeadHeader::CenterNet {
+                stride: to_u16("stride", self.stride)?,
+                wh_scale: self.wh_scale,
+            },
+            "yolo" => {
+                let mut strides = [0; MAX_YOLO_SCALES];
+                if self.strides.len() > MAX_YOLO_SCALES {
+                    return Err(format!(
+                        "a YOLO head of {} scales (at most {MAX_YOLO_SCALES})",
+                        self.strides.len()
+                    ));
+                }
+                for (slot, &s) in strides.iter_mut().zip(&self.strides) {
+                    *slot = to_u16("stride", s)?;
+                }
+                HeadHeader::Yolo {
+                    reg_max: to_u16("reg_max", self.reg_max)?,
+                    strides,
+                }
+            }
+            other => {
+                return Err(format!(
+                    "unknown detector head {other:?} (centernet or yolo)"
+                ))
+            }
+        };
+        head.check(height as u32, width as u32)
+            .map_err(|e| match e {
+                PlanError::DetectorStride(0) => {
+                    "a YOLO head needs strides and reg_max above 0".into()
+                }
+                PlanError::DetectorStride(s) => {
+                    format!("detector stride {s} does not divide the {width}x{height} input")
+                }
+                other => other.to_string(),
+            })?;
+        Ok(head)
+    }
 }
 
 /// Shape and layout of the input tensor.
@@ -312,12 +387,7 @@ impl ZooModel {
             }
             ("detect", Some(d)) => {
                 let [h, w] = [manifest.input.shape[2], manifest.input.shape[3]];
-                if d.stride == 0 || h % d.stride != 0 || w % d.stride != 0 {
-                    return Err(invalid(format!(
-                        "detector stride {} does not divide the {w}x{h} input",
-                        d.stride
-                    )));
-                }
+                d.head_header(h, w).map_err(invalid)?;
                 if d.tile_overlap as usize >= h.min(w) {
                     return Err(invalid(format!(
                         "tile overlap {} is not smaller than the {w}x{h} input",
@@ -366,15 +436,18 @@ impl ZooModel {
     /// The detector's head layout and postprocessing, or `None` for a classifier.
     pub fn detector_config(&self) -> Option<DetectorConfig> {
         let d = self.manifest.detector.as_ref()?;
-        let shape = &self.manifest.input.shape;
+        let [_, _, height, width] = self.manifest.input.shape[..] else {
+            return None;
+        };
+        // Checked at load.
+        let head = d.head_header(height, width).ok()?;
         Some(DetectorConfig {
-            layout: HeadLayout {
-                classes: self.manifest.labels.len(),
-                height: shape[2] / d.stride,
-                width: shape[3] / d.stride,
-                stride: d.stride as f32,
-                wh_scale: d.wh_scale,
-            },
+            head: Head::from_header(
+                &head,
+                height as u32,
+                width as u32,
+                self.manifest.labels.len(),
+            ),
             score_threshold: d.score_threshold,
             nms_iou: d.nms_iou,
             tile_overlap: d.tile_overlap,
@@ -388,11 +461,34 @@ impl ZooModel {
         &self.onnx
     }
 
-    /// The model on the tract float backend; refused when its output does not fit the
-    /// manifest.
+    /// The ONNX values the model's output is made of: none (the graph's own output) but for a
+    /// YOLO detector, whose raw head ([`graph::yolo_head_outputs`]) is compiled and run, not
+    /// the decoding that ultralytics exports after it.
+    pub fn head_outputs(&self) -> Result<Vec<String>, ImportError> {
+        match &self.manifest.detector {
+            Some(d) if d.head == "yolo" => graph::yolo_head_outputs(&self.onnx),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The float graph the compiler quantises: up to the [`ZooModel::head_outputs`].
+    pub fn graph(&self) -> Result<Graph, ImportError> {
+        Graph::from_onnx_up_to(&self.onnx, &self.head_outputs()?)
+    }
+
+    /// The model on the tract float backend, up to the [`ZooModel::head_outputs`]; refused when
+    /// its output does not fit the manifest.
     pub fn tract_backend(&self) -> Result<TractBackend, ModelError> {
-        let backend =
-            TractBackend::from_bytes(&self.origin, &self.onnx, &self.manifest.input.shape)?;
+        let outputs = self.head_outputs().map_err(|e| LoadError::Malformed {
+            origin: self.origin.clone(),
+            reason: e.to_string(),
+        })?;
+        let backend = TractBackend::from_bytes_up_to(
+            &self.origin,
+            &self.onnx,
+            &self.manifest.input.shape,
+            &outputs,
+        )?;
         self.check_fits(backend.output_len())?;
         Ok(backend)
     }
@@ -402,13 +498,16 @@ impl ZooModel {
     /// naming it, not every frame failing.
     pub fn check_fits(&self, output_len: usize) -> Result<(), ModelError> {
         let expected = match self.detector_config() {
-            Some(d) if d.layout.len() != output_len => Some(format!(
-                "its manifest's detector head ({} classes plus 4 box channels on {}x{} cells) has {}",
-                d.layout.classes,
-                d.layout.height,
-                d.layout.width,
-                d.layout.len()
-            )),
+            Some(d) if d.head.len() != output_len => Some(match d.head {
+                Head::CenterNet(l) => format!(
+                    "its manifest's detector head ({} classes plus 4 box channels on {}x{} cells) has {}",
+                    l.classes, l.height, l.width, l.len()
+                ),
+                Head::Yolo(l) => format!(
+                    "its manifest's YOLO head ({} classes plus 4 x {} box bins per cell, strides {:?}, on a {}x{} input) has {}",
+                    l.classes, l.reg_max, self.manifest.detector.as_ref().map(|d| &d.strides), l.width, l.height, l.len()
+                ),
+            }),
             Some(_) => None,
             None if self.manifest.labels.len() != output_len => Some(format!(
                 "its manifest lists {} classes",
@@ -544,10 +643,12 @@ mod tests {
     #[test]
     fn the_built_in_detector_reads_its_head_layout() {
         let model = ZooModel::load(DEFAULT_DETECTOR).unwrap();
-        let config = model.detector_config().unwrap();
-        assert_eq!(config.layout.classes, 10);
-        assert_eq!((config.layout.height, config.layout.width), (128, 128));
-        assert_eq!(config.layout.len(), 14 * 128 * 128);
+        let Head::CenterNet(layout) = model.detector_config().unwrap().head else {
+            panic!("the built-in detector is a CenterNet");
+        };
+        assert_eq!(layout.classes, 10);
+        assert_eq!((layout.height, layout.width), (128, 128));
+        assert_eq!(layout.len(), 14 * 128 * 128);
         assert!(ZooModel::load(DEFAULT_MODEL)
             .unwrap()
             .detector_config()

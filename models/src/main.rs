@@ -127,11 +127,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     for skipped in &summary.skipped {
         println!("  skipped   {skipped}");
     }
-    println!(
-        "agreement   {:.2}% top-1 with tract, output relative RMS error {:.4}",
-        100.0 * summary.top1_agreement,
-        summary.output_rel_rms
-    );
+    match (summary.top1_agreement, summary.box_agreement) {
+        (Some(top1), _) => println!(
+            "agreement   {:.2}% top-1 with tract, output relative RMS error {:.4}",
+            100.0 * top1,
+            summary.output_rel_rms
+        ),
+        (None, Some(boxes)) => println!(
+            "agreement   {:.2}% of tract's {} boxes (same class, IoU >= 0.5), output relative RMS error {:.4}",
+            100.0 * boxes,
+            summary.float_boxes,
+            summary.output_rel_rms
+        ),
+        (None, None) => {}
+    }
     println!("float top-1 {}", percent(summary.float_top1));
     println!("int8 top-1  {}", percent(summary.int8_top1));
     if let Some(delta) = summary.delta_points {

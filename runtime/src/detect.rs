@@ -1,13 +1,18 @@
-//! Detector postprocessing, `no_std` with fixed capacity: decode a CenterNet-style head into
-//! boxes, keep those above a score threshold, suppress overlaps class by class, and cap the list
-//! at its capacity while counting what did not fit.
+//! Detector postprocessing, `no_std` with fixed capacity: decode a head into boxes, keep those
+//! above a score threshold, suppress overlaps class by class, and cap the list at its capacity
+//! while counting what did not fit. Two kinds of head ([`Head`]):
 //!
-//! The head is one tensor `[classes + 4, H, W]` of values in `0..1` (the model ends in a
-//! sigmoid): class heatmaps, then box width and height as a fraction of `wh_scale` cells, then
-//! the centre's offset inside its cell. A cell reports a box when its class score is a local
-//! maximum of its 3x3 neighbourhood.
+//! - CenterNet-style ([`HeadLayout`]): one tensor `[classes + 4, H, W]` of values in `0..1`
+//!   (the model ends in a sigmoid): class heatmaps, then box width and height as a fraction of
+//!   `wh_scale` cells, then the centre's offset inside its cell. A cell reports a box when its
+//!   class score is a local maximum of its 3x3 neighbourhood.
+//! - ultralytics YOLO (v8, 11; [`YoloLayout`]): the raw head before ultralytics' own decoding,
+//!   scale by scale: box side distributions (distribution focal loss) and class logits for
+//!   every cell. A cell reports a box when its best class scores above the threshold, as
+//!   ultralytics' `non_max_suppression` takes one class per anchor.
 
 use heapless::Vec;
+use kestrel_plan::plan::HeadHeader;
 
 /// One detected object, in the pixel coordinates of the image the caller maps it to.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -84,6 +89,153 @@ impl HeadLayout {
     /// Whether the head has no cells.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Most scales a YOLO head has: ultralytics' P3-P5 heads have three, its P2 and P6 variants four.
+pub const MAX_YOLO_SCALES: usize = 4;
+
+/// An ultralytics YOLO head (YOLOv8, YOLO11) as a Kestrel plan or the float backend leaves it:
+/// for each scale in `strides` order, `4 * reg_max` box-distribution planes (left, top, right,
+/// bottom, `reg_max` bins each) then `classes` class-logit planes, each plane
+/// `height / stride` x `width / stride` cells, row-major.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct YoloLayout {
+    /// Class-logit planes per scale.
+    pub classes: usize,
+    /// Bins of each box side's distribution (16 in ultralytics' models).
+    pub reg_max: usize,
+    /// Input height, pixels.
+    pub height: usize,
+    /// Input width, pixels.
+    pub width: usize,
+    /// Input pixels per cell of each scale; unused entries are 0, after the used ones.
+    pub strides: [u16; MAX_YOLO_SCALES],
+}
+
+impl YoloLayout {
+    /// Each scale's stride and its first value's index in the head, and its rows and columns.
+    fn scales(&self) -> impl Iterator<Item = (usize, usize, usize, usize)> + '_ {
+        let channels = 4 * self.reg_max + self.classes;
+        let mut start = 0;
+        self.strides
+            .iter()
+            .map(|&s| usize::from(s))
+            .take_while(|&s| s > 0)
+            .map(move |stride| {
+                let (rows, cols) = (self.height / stride, self.width / stride);
+                let first = start;
+                start += channels * rows * cols;
+                (stride, first, rows, cols)
+            })
+    }
+
+    /// Values in the head.
+    pub fn len(&self) -> usize {
+        let channels = 4 * self.reg_max + self.classes;
+        self.scales()
+            .map(|(_, _, rows, cols)| channels * rows * cols)
+            .sum()
+    }
+
+    /// Whether the head has no cells.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a detector's head is read.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Head {
+    /// Heatmaps, box sizes and offsets, all after a sigmoid.
+    CenterNet(HeadLayout),
+    /// ultralytics' raw YOLO head.
+    Yolo(YoloLayout),
+}
+
+impl Head {
+    /// The head a plan header describes, for a `height` x `width` input and `classes` labels.
+    /// A parsed plan's strides divide its input; a header made by hand with stride 0 gets an
+    /// empty head, which `DetectorStep::new` refuses.
+    pub fn from_header(header: &HeadHeader, height: u32, width: u32, classes: usize) -> Self {
+        let (height, width) = (height as usize, width as usize);
+        match *header {
+            HeadHeader::CenterNet { stride, wh_scale } => {
+                let cells = |side: usize| side.checked_div(usize::from(stride)).unwrap_or(0);
+                Self::CenterNet(HeadLayout {
+                    classes,
+                    height: cells(height),
+                    width: cells(width),
+                    stride: f32::from(stride),
+                    wh_scale,
+                })
+            }
+            HeadHeader::Yolo { reg_max, strides } => Self::Yolo(YoloLayout {
+                classes,
+                reg_max: usize::from(reg_max),
+                height,
+                width,
+                strides,
+            }),
+        }
+    }
+
+    /// Values in the head tensor.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::CenterNet(layout) => layout.len(),
+            Self::Yolo(layout) => layout.len(),
+        }
+    }
+
+    /// Whether the head has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Classes the head scores.
+    pub fn classes(&self) -> usize {
+        match self {
+            Self::CenterNet(layout) => layout.classes,
+            Self::Yolo(layout) => layout.classes,
+        }
+    }
+
+    /// Decode `head` into `out` (cleared first): boxes in input pixels scoring at least
+    /// `threshold` (above it, for YOLO, as ultralytics compares). Call
+    /// [`Detections::suppress`] afterwards.
+    pub fn decode<const N: usize>(
+        &self,
+        head: &[f32],
+        threshold: f32,
+        out: &mut Detections<N>,
+    ) -> Result<(), DetectError> {
+        match self {
+            Self::CenterNet(layout) => decode(head, layout, threshold, out),
+            Self::Yolo(layout) => decode_yolo(head, layout, threshold, out),
+        }
+    }
+
+    /// Whether `class` scores at least `threshold` anywhere in `head`.
+    pub fn class_scores(&self, head: &[f32], class: usize, threshold: f32) -> bool {
+        match self {
+            Self::CenterNet(layout) => {
+                let plane = layout.height * layout.width;
+                head.get(class * plane..(class + 1) * plane)
+                    .is_some_and(|scores| scores.iter().any(|&s| s >= threshold))
+            }
+            Self::Yolo(layout) => {
+                let box_planes = 4 * layout.reg_max;
+                layout.scales().any(|(_, first, rows, cols)| {
+                    let plane = rows * cols;
+                    let at = first + (box_planes + class) * plane;
+                    head.get(at..at + plane)
+                        .is_some_and(|logits| logits.iter().any(|&l| sigmoid(l) >= threshold))
+                })
+            }
+        }
     }
 }
 
@@ -323,6 +475,87 @@ pub fn decode<const N: usize>(
                     out.push(peak_box(layout, class, y, x, score, size, offset));
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// The logistic function, as ultralytics applies it to class logits.
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + libm::expf(-x))
+}
+
+/// Decode a raw YOLO head into `out` (cleared first), as ultralytics' `Detect` head and
+/// `non_max_suppression` do: each cell's best class scores `sigmoid(logit)`; a cell scoring
+/// above `threshold` reports a box whose sides lie at the expected values of their softmaxed
+/// distributions, in cells, from the cell's centre. Call [`Detections::suppress`] afterwards.
+pub fn decode_yolo<const N: usize>(
+    head: &[f32],
+    layout: &YoloLayout,
+    threshold: f32,
+    out: &mut Detections<N>,
+) -> Result<(), DetectError> {
+    out.clear();
+    if head.len() != layout.len() {
+        return Err(DetectError::HeadLength {
+            expected: layout.len(),
+            got: head.len(),
+        });
+    }
+    if head.iter().any(|v| !v.is_finite()) {
+        return Err(DetectError::NonFinite);
+    }
+    let bins = layout.reg_max;
+    for (stride, first, rows, cols) in layout.scales() {
+        let plane = rows * cols;
+        // The length was checked above, so every value is there.
+        let at = |channel: usize, cell: usize| {
+            head.get(first + channel * plane + cell)
+                .copied()
+                .unwrap_or(f32::NEG_INFINITY)
+        };
+        for cell in 0..plane {
+            let (mut class, mut best) = (0, f32::NEG_INFINITY);
+            for c in 0..layout.classes {
+                let logit = at(4 * bins + c, cell);
+                if logit > best {
+                    (class, best) = (c, logit);
+                }
+            }
+            let score = sigmoid(best);
+            if score <= threshold {
+                continue;
+            }
+            // Left, top, right, bottom: the expectation of each side's distribution.
+            let side = |k: usize| {
+                let logits = (0..bins).map(|j| at(k * bins + j, cell));
+                let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
+                let (mut sum, mut weighted) = (0.0, 0.0);
+                for (j, logit) in logits.enumerate() {
+                    let e = libm::expf(logit - max);
+                    sum += e;
+                    weighted += e * j as f32;
+                }
+                // sum >= 1: the maximum contributes exp(0).
+                weighted / sum
+            };
+            let (left, top, right, bottom) = (side(0), side(1), side(2), side(3));
+            let s = stride as f32;
+            let (ax, ay) = ((cell % cols) as f32 + 0.5, (cell / cols) as f32 + 0.5);
+            let (w, h) = ((left + right) * s, (top + bottom) * s);
+            // ultralytics' centre-and-size form, then its corners.
+            let (cx, cy) = (
+                (ax + (right - left) / 2.0) * s,
+                (ay + (bottom - top) / 2.0) * s,
+            );
+            out.push(Detection {
+                x: cx - w / 2.0,
+                y: cy - h / 2.0,
+                w,
+                h,
+                score,
+                class: class as u16,
+            });
         }
     }
     Ok(())
@@ -584,6 +817,87 @@ mod tests {
         decode_peaks([peak(0, 6, 1), peak(1, 2, 3)], &LAYOUT, &mut got).unwrap();
         assert_eq!(got, want);
         assert_eq!(got.as_slice().len(), 2);
+    }
+
+    /// Two scales of a 16x8 input (strides 4 and 8: 4x2 and 2x1 cells), 2 classes, 4 bins.
+    const YOLO: YoloLayout = YoloLayout {
+        classes: 2,
+        reg_max: 4,
+        height: 8,
+        width: 16,
+        strides: [4, 8, 0, 0],
+    };
+
+    /// A YOLO head scoring nothing (logit -20 everywhere), every side's distribution peaked
+    /// (logit 30) on bin 1.
+    fn yolo_head() -> std::vec::Vec<f32> {
+        let mut head = std::vec::Vec::new();
+        for cells in [8, 2] {
+            for channel in 0..18 {
+                let value = match channel {
+                    16.. => -20.0,
+                    c if c % 4 == 1 => 30.0,
+                    _ => 0.0,
+                };
+                head.extend(core::iter::repeat_n(value, cells));
+            }
+        }
+        head
+    }
+
+    #[test]
+    fn a_yolo_cell_above_the_threshold_reports_its_best_class_and_expected_sides() {
+        let mut head = yolo_head();
+        assert_eq!((YOLO.len(), head.len()), (180, 180));
+        // Scale 0, cell (row 1, column 2): class 1 at logit 2 (0.88), class 0 at 1.
+        let cell = 4 + 2;
+        head[17 * 8 + cell] = 2.0;
+        head[16 * 8 + cell] = 1.0;
+        // Its right side spread evenly over bins 2 and 3: expectation 2.5 cells.
+        head[(2 * 4) * 8 + cell] = -30.0;
+        head[(2 * 4 + 1) * 8 + cell] = -30.0;
+        head[(2 * 4 + 2) * 8 + cell] = 5.0;
+        head[(2 * 4 + 3) * 8 + cell] = 5.0;
+        // Scale 1, its second cell: class 0 at logit 0 (0.5), not above 0.5.
+        head[8 * 18 + 16 * 2 + 1] = 0.0;
+        let mut found = Detections::<4>::new();
+        Head::Yolo(YOLO).decode(&head, 0.5, &mut found).unwrap();
+        assert_eq!(found.as_slice().len(), 1, "{found:?}");
+        let d = found.as_slice()[0];
+        // Centre of the cell (2.5, 1.5) cells; left 1, top 1, right 2.5, bottom 1 (almost:
+        // the other bins hold e^-30 of the mass), times the stride 4.
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-4;
+        assert!(close(d.x, 6.0) && close(d.y, 2.0), "{d:?}");
+        assert!(close(d.w, 14.0) && close(d.h, 8.0), "{d:?}");
+        assert_eq!(d.class, 1);
+        assert!(close(d.score, 1.0 / (1.0 + libm::expf(-2.0))));
+        // At 0.49 the scale-1 cell reports too, 16 px wide from its centre (12, 4).
+        Head::Yolo(YOLO).decode(&head, 0.49, &mut found).unwrap();
+        assert_eq!(found.as_slice().len(), 2);
+        let d = found.as_slice()[1];
+        assert!(close(d.x, 4.0) && close(d.w, 16.0) && d.class == 0, "{d:?}");
+        // Which classes score: the guard of triple-modular redundancy asks.
+        assert!(Head::Yolo(YOLO).class_scores(&head, 1, 0.8));
+        assert!(!Head::Yolo(YOLO).class_scores(&head, 1, 0.9));
+    }
+
+    #[test]
+    fn bad_yolo_heads_are_typed_errors() {
+        let mut found = Detections::<4>::new();
+        let yolo = Head::Yolo(YOLO);
+        assert_eq!(
+            yolo.decode(&[0.0; 179], 0.3, &mut found),
+            Err(DetectError::HeadLength {
+                expected: 180,
+                got: 179
+            })
+        );
+        let mut head = yolo_head();
+        head[3] = f32::NAN;
+        assert_eq!(
+            yolo.decode(&head, 0.3, &mut found),
+            Err(DetectError::NonFinite)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@ use kestrel_backend::{Backend, BackendError, PreprocessSpec};
 use kestrel_plan::plan::PlanHeader;
 
 use crate::classify::{classify, Classification, PostprocessError};
-use crate::detect::{decode, DetectError, Detections, HeadLayout};
+use crate::detect::{DetectError, Detections, Head};
 use crate::frame::{FrameView, Sample};
 use crate::health::{ErrorKind, Health};
 use crate::preprocess::{prepare_input, PreprocessError, Region};
@@ -192,8 +192,8 @@ impl<'buf, B: Backend> ClassifierStep<'buf, B> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct DetectorConfig {
-    /// The head's shape and meaning.
-    pub layout: HeadLayout,
+    /// The head's kind, shape and meaning.
+    pub head: Head,
     /// Lowest class score reported.
     pub score_threshold: f32,
     /// Same-class boxes overlapping a better one by more than this IoU are suppressed.
@@ -210,25 +210,13 @@ pub struct DetectorConfig {
 
 impl DetectorConfig {
     /// The detector's postprocessing as its plan states it, so that a board needs nothing but
-    /// the plan; `None` for a classifier's plan. The head has one heatmap per label.
+    /// the plan; `None` for a classifier's plan. The head scores one class per label.
     pub fn from_plan(header: &PlanHeader<'_>) -> Option<Self> {
         let d = header.detector?;
         let [_, _, height, width] = header.input_shape;
-        // A parsed plan's stride divides its input; a header made by hand with stride 0 gets
-        // an empty head, which `DetectorStep::new` refuses.
-        let cells = |side: u32| {
-            (side as usize)
-                .checked_div(usize::from(d.stride))
-                .unwrap_or(0)
-        };
+        let head = Head::from_header(&d.head, height, width, header.labels().count());
         Some(Self {
-            layout: HeadLayout {
-                classes: header.labels().count(),
-                height: cells(height),
-                width: cells(width),
-                stride: f32::from(d.stride),
-                wh_scale: d.wh_scale,
-            },
+            head,
             score_threshold: d.score_threshold,
             nms_iou: d.nms_iou,
             tile_overlap: d.tile_overlap,
@@ -260,7 +248,7 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
         input: &'buf mut [f32],
         output: &'buf mut [f32],
     ) -> Result<Self, SetupError> {
-        let head_fits = config.layout.len() == backend.output_len();
+        let head_fits = config.head.len() == backend.output_len();
         SetupError::check(&backend, &spec, input, output, head_fits)?;
         Ok(Self {
             backend,
@@ -306,7 +294,8 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
             self.backend
                 .run(self.input, self.output)
                 .map_err(StepError::Backend)?;
-            decode(self.output, &c.layout, c.score_threshold, &mut self.tile)
+            c.head
+                .decode(self.output, c.score_threshold, &mut self.tile)
                 .map_err(StepError::Detect)?;
             self.tile.suppress(c.nms_iou);
             found.add_from_tile(&self.tile, region.x as f32, region.y as f32, 1.0);

@@ -8,7 +8,7 @@ use std::vec::Vec;
 
 use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 
-use crate::detect::HeadLayout;
+use crate::detect::Head;
 
 /// Which inferences are run three times and voted.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,8 +23,8 @@ pub enum Guard {
     Priority {
         /// Class indices.
         classes: Vec<usize>,
-        /// A detector's head layout and its reporting threshold; `None`: a classifier.
-        head: Option<(HeadLayout, f32)>,
+        /// A detector's head and its reporting threshold; `None`: a classifier.
+        head: Option<(Head, f32)>,
     },
 }
 
@@ -35,7 +35,7 @@ impl Guard {
     pub fn for_classes(
         classes: &[std::string::String],
         labels: &[std::string::String],
-        head: Option<(HeadLayout, f32)>,
+        head: Option<(Head, f32)>,
     ) -> Result<Self, std::string::String> {
         if classes.is_empty() {
             return Ok(Self::Every);
@@ -71,14 +71,9 @@ impl Guard {
                     .map(|(i, _)| i);
                 top.is_some_and(|t| classes.contains(&t))
             }
-            Some((layout, threshold)) => {
-                let plane = layout.height * layout.width;
-                classes.iter().any(|&c| {
-                    output
-                        .get(c * plane..(c + 1) * plane)
-                        .is_some_and(|scores| scores.iter().any(|s| s >= threshold))
-                })
-            }
+            Some((head, threshold)) => classes
+                .iter()
+                .any(|&c| head.class_scores(output, c, *threshold)),
         }
     }
 }
@@ -183,6 +178,7 @@ impl<B: Backend> Backend for TmrBackend<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::HeadLayout;
 
     /// Outputs its input plus the call number on the calls listed, its input otherwise.
     struct Glitchy {
@@ -276,7 +272,7 @@ mod tests {
         };
         let guard = Guard::Priority {
             classes: vec![1],
-            head: Some((layout, 0.5)),
+            head: Some((Head::CenterNet(layout), 0.5)),
         };
         let mut head = vec![0.0; layout.len()];
         head[0] = 0.9;

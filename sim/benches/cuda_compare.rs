@@ -28,7 +28,7 @@ use kestrel_backend::Backend;
 use kestrel_cuda::launch::HeadShape;
 use kestrel_cuda::{CudaBackend, CudaError, CudaOptions, DecodedTile, HeadCodes, PeakSearch};
 use kestrel_host::decode_image;
-use kestrel_runtime::detect::{decode, decode_peaks, Detections};
+use kestrel_runtime::detect::{decode, decode_peaks, Detections, Head};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};
@@ -131,23 +131,21 @@ fn frame_boxes(
     found: &mut Detections<1024>,
 ) {
     found.clear();
+    let Head::CenterNet(layout) = config.head else {
+        panic!("the GPU's decoding kernel reads CenterNet heads");
+    };
     let mut tile_boxes = Detections::<128>::new();
-    let mut head = vec![0.0; config.layout.len()];
+    let mut head = vec![0.0; config.head.len()];
     for (tile, &(x, y)) in tiles.iter().zip(origins) {
         match tile {
             DecodedTile::Peaks(peaks) => decode_peaks(
                 peaks.iter().map(|p| p.values(&codes.values)),
-                &config.layout,
+                &layout,
                 &mut tile_boxes,
             ),
             DecodedTile::Codes(codes) => {
                 program.dequantize_codes(codes, &mut head).expect("head");
-                decode(
-                    &head,
-                    &config.layout,
-                    config.score_threshold,
-                    &mut tile_boxes,
-                )
+                decode(&head, &layout, config.score_threshold, &mut tile_boxes)
             }
         }
         .expect("decode");
@@ -235,6 +233,9 @@ fn main() {
 
     let detector = ZooModel::load(models::DEFAULT_DETECTOR).expect("built-in detector");
     let config = detector.detector_config().expect("a detector");
+    let Head::CenterNet(layout) = config.head else {
+        panic!("the built-in detector is a CenterNet");
+    };
     let spec = detector.preprocess_spec().expect("spec");
     let grid = frame_tiles(&spec, &config);
     let origins: Vec<(u32, u32)> = grid.iter().map(|r| (r.x, r.y)).collect();
@@ -265,9 +266,9 @@ fn main() {
                 &origins,
                 PeakSearch {
                     shape: HeadShape {
-                        classes: config.layout.classes,
-                        height: config.layout.height,
-                        width: config.layout.width,
+                        classes: layout.classes,
+                        height: layout.height,
+                        width: layout.width,
                     },
                     threshold: config.score_threshold,
                     capacity: 1024,
@@ -290,7 +291,7 @@ fn main() {
         .int8_backend()
         .expect("plan")
         .expect("built-in plan");
-    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.layout.len()]);
+    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.head.len()]);
     let mut step = DetectorStep::<_, 128>::new(&mut backend, spec, config, &mut input, &mut head)
         .expect("step");
     let mut on_cpu = Detections::<1024>::new();

@@ -80,7 +80,7 @@ fn measure(
             model_times.push(started.elapsed().as_secs_f64() * 1e6);
         }
     }
-    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.layout.len()]);
+    let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.head.len()]);
     let mut step = DetectorStep::<_, 128>::new(&mut backend, spec, config, &mut input, &mut head)
         .expect("step");
     let mut found = Detections::<1024>::new();

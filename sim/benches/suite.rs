@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use kestrel_backend::Backend;
 use kestrel_host::decode_image;
+use kestrel_runtime::detect::Detections;
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use models::ZooModel;
@@ -56,8 +57,23 @@ fn main() {
             input = values;
         }
         match model.int8_backend() {
-            Ok(Some(plan)) => {
+            Ok(Some(mut plan)) => {
                 let kernels = plan.kernel_name();
+                // A detector's decoding and suppression of the int8 head, which ONNX Runtime's
+                // and tract's graphs include for a YOLO export.
+                if let Some(config) = model.detector_config() {
+                    let mut head = vec![0.0; plan.output_len()];
+                    plan.run(&input, &mut head).expect("inference");
+                    let mut found = Detections::<4096>::new();
+                    let decode = timed(runs, || {
+                        config
+                            .head
+                            .decode(&head, config.score_threshold, &mut found)
+                            .expect("decode");
+                        found.suppress(config.nms_iou);
+                    });
+                    report(&name, "kestrel-decode", runs, decode);
+                }
                 measure(
                     &name,
                     &format!("kestrel-int8-{kernels}"),

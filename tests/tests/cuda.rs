@@ -16,7 +16,7 @@ use kestrel_host::decode_image;
 use kestrel_ops::int8::{Add, OutputQuant};
 use kestrel_ops::Reference;
 use kestrel_plan::program::{AlignedBytes, Op, OwnedProgram, Program, ProgramBuilder};
-use kestrel_runtime::detect::{decode, decode_peaks, Detections, HeadLayout};
+use kestrel_runtime::detect::{decode, decode_peaks, Detections, Head, HeadLayout};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::tile::TileGrid;
@@ -299,7 +299,9 @@ fn preprocessing_kernel_matches_the_runtime() {
             assert_eq!(got, &arena[range.clone()], "gpu, tile {i}");
         }
         // And decoded on the GPU: the boxes the runtime decodes from the CPU's heads.
-        let layout = model.detector_config().unwrap().layout;
+        let Head::CenterNet(layout) = model.detector_config().unwrap().head else {
+            panic!("nwpu-vhr10 is a CenterNet");
+        };
         let codes = HeadCodes::new(program).unwrap();
         for threshold in [0.05, 0.3] {
             let tiles = gpu
@@ -380,7 +382,9 @@ fn boxes_from_tile(
 #[test]
 fn decoding_kernel_matches_the_runtime() {
     let model = ZooModel::load("nwpu-vhr10").unwrap();
-    let layout = model.detector_config().unwrap().layout;
+    let Head::CenterNet(layout) = model.detector_config().unwrap().head else {
+        panic!("nwpu-vhr10 is a CenterNet");
+    };
     let plan = model.plan_bytes().unwrap().unwrap();
     let owned = OwnedProgram::new(plan).unwrap();
     let program = owned.program();

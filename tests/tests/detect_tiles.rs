@@ -8,7 +8,7 @@
 //! suppression, seam merging and clipping on pixels, without a trained model.
 
 use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
-use kestrel_runtime::detect::{Detection, Detections, HeadLayout};
+use kestrel_runtime::detect::{Detection, Detections, Head, HeadLayout};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::step::{DetectorConfig, DetectorStep};
 use kestrel_runtime::FrameGeometry;
@@ -65,13 +65,13 @@ impl Backend for SquareFinder {
 
 fn config() -> DetectorConfig {
     DetectorConfig {
-        layout: HeadLayout {
+        head: Head::CenterNet(HeadLayout {
             classes: 1,
             height: CELLS,
             width: CELLS,
             stride: STRIDE as f32,
             wh_scale: WH_SCALE,
-        },
+        }),
         score_threshold: 0.3,
         nms_iou: 0.5,
         tile_overlap: 32,

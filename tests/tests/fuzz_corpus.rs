@@ -19,7 +19,7 @@ use kestrel_ops::int8::{
     Add, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, PoolGeometry, Rescale, Resize,
     ResizeMode,
 };
-use kestrel_plan::plan::DetectorHeader;
+use kestrel_plan::plan::{DetectorHeader, HeadHeader};
 use kestrel_plan::program::{Op, ProgramBuilder};
 use kestrel_tests::plans::{header, requant, step, FULL};
 
@@ -492,8 +492,10 @@ fn every_op_detector() -> Vec<u8> {
     let mut header = header("every-op", arena, 9, 32);
     header.labels = "a\nb";
     header.detector = Some(DetectorHeader {
-        stride: 2,
-        wh_scale: 4.0,
+        head: HeadHeader::CenterNet {
+            stride: 2,
+            wh_scale: 4.0,
+        },
         score_threshold: 0.3,
         nms_iou: 0.5,
         tile_overlap: 2,

@@ -272,7 +272,7 @@ fn the_session_backend_drives_both_steps() {
         Box::new(Session::new(&program, &mut arena, Reference).unwrap()) as Box<dyn Backend + '_>,
         Box::new(model.int8_backend().unwrap().unwrap()),
     ] {
-        let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.layout.len()]);
+        let (mut input, mut head) = (vec![0.0; spec.input_len()], vec![0.0; config.head.len()]);
         let mut step =
             DetectorStep::<_, 128>::new(backend, spec, config, &mut input, &mut head).unwrap();
         let mut found = Detections::<256>::new();

@@ -231,11 +231,12 @@ fn compile_reports_a_plan_that_agrees_with_tract() {
     assert_eq!(report.float_top1, None);
     assert_eq!(report.int8_top1, None);
     // Measured: 0.9 (36 of 40).
+    let agreement = report.top1_agreement.unwrap();
     assert!(
-        report.top1_agreement >= 0.8,
-        "int8 top-1 agrees with tract on {:.3} of the calibration images",
-        report.top1_agreement
+        agreement >= 0.8,
+        "int8 top-1 agrees with tract on {agreement:.3} of the calibration images",
     );
+    assert_eq!(report.box_agreement, None, "a classifier");
 }
 
 #[test]

@@ -23,8 +23,9 @@ use kestrel_backend::spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
 /// First bytes of every plan.
 pub const MAGIC: [u8; 8] = *b"KSTRLPLN";
 /// The format version this build reads and writes. 2: the header carries the detector's
-/// postprocessing ([`DetectorHeader`]); version 1 plans are refused.
-pub const FORMAT_VERSION: u16 = 2;
+/// postprocessing ([`DetectorHeader`]); 3: which kind of head ([`HeadHeader`]). Older plans
+/// are refused by version.
+pub const FORMAT_VERSION: u16 = 3;
 /// Payloads start on this boundary so weights can be read as aligned words.
 pub const SECTION_ALIGN: usize = 16;
 
@@ -89,7 +90,8 @@ pub enum PlanError {
     Header,
     /// The header describes an unusable input.
     Spec(SpecError),
-    /// The header's detector stride is 0 or does not divide the input's height and width.
+    /// A detector stride in the header is 0 or does not divide the input's height and width
+    /// (or a YOLO head has none, or a distribution of no bins).
     DetectorStride(u16),
 }
 
@@ -166,16 +168,13 @@ pub struct PlanHeader<'a> {
     pub detector: Option<DetectorHeader>,
 }
 
-/// A CenterNet-style detector's postprocessing, in the plan so that a board needs nothing else.
-/// The head is `[labels, height / stride, width / stride]` heatmaps followed by box size and
-/// centre offset planes; tiles are the model's input size.
+/// A detector's postprocessing, in the plan so that a board needs nothing else. Tiles are the
+/// model's input size.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct DetectorHeader {
-    /// Input pixels per head cell.
-    pub stride: u16,
-    /// Head cells that a box size of 1.0 stands for.
-    pub wh_scale: f32,
+    /// How the head is read.
+    pub head: HeadHeader,
     /// Lowest class score reported.
     pub score_threshold: f32,
     /// Same-class boxes overlapping a better one by more than this IoU are suppressed.
@@ -187,6 +186,57 @@ pub struct DetectorHeader {
     pub seam_containment: f32,
     /// Most detections of one class a frame reports (the best ones); the rest are counted.
     pub max_per_class: u16,
+}
+
+/// The kind of detector head and its geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum HeadHeader {
+    /// `[labels, height / stride, width / stride]` heatmaps followed by box size and centre
+    /// offset planes.
+    CenterNet {
+        /// Input pixels per head cell.
+        stride: u16,
+        /// Head cells that a box size of 1.0 stands for.
+        wh_scale: f32,
+    },
+    /// ultralytics' raw YOLO head: per scale, `4 * reg_max` box-distribution planes then one
+    /// class-logit plane per label.
+    Yolo {
+        /// Bins of each box side's distribution.
+        reg_max: u16,
+        /// Input pixels per cell of each scale, in the head's order; 0 after the last.
+        strides: [u16; 4],
+    },
+}
+
+impl HeadHeader {
+    /// That the strides in use each divide a `height` x `width` input; the first that does not
+    /// (or 0 when a YOLO head has none, or no bins) is the error.
+    pub fn check(&self, height: u32, width: u32) -> Result<(), PlanError> {
+        let divides = |s: u16| {
+            s != 0 && height.is_multiple_of(u32::from(s)) && width.is_multiple_of(u32::from(s))
+        };
+        match *self {
+            Self::CenterNet { stride, .. } if !divides(stride) => {
+                Err(PlanError::DetectorStride(stride))
+            }
+            Self::Yolo { reg_max, strides } => {
+                let used = strides.iter().take_while(|&&s| s != 0).count();
+                let bad =
+                    strides
+                        .iter()
+                        .enumerate()
+                        .find(|&(i, &s)| if i < used { !divides(s) } else { s != 0 });
+                match bad {
+                    Some((_, &s)) => Err(PlanError::DetectorStride(s)),
+                    None if used == 0 || reg_max == 0 => Err(PlanError::DetectorStride(0)),
+                    None => Ok(()),
+                }
+            }
+            Self::CenterNet { .. } => Ok(()),
+        }
+    }
 }
 
 impl PlanHeader<'_> {
@@ -316,10 +366,7 @@ impl<'a> Plan<'a> {
         header.preprocess_spec().map_err(PlanError::Spec)?;
         if let Some(detector) = &header.detector {
             let [_, _, height, width] = header.input_shape;
-            let stride = u32::from(detector.stride);
-            if stride == 0 || height % stride != 0 || width % stride != 0 {
-                return Err(PlanError::DetectorStride(detector.stride));
-            }
+            detector.head.check(height, width)?;
         }
         Ok(Self { header, sections })
     }
@@ -441,33 +488,54 @@ mod tests {
     }
 
     #[test]
-    fn a_detector_header_round_trips_and_its_stride_must_divide_the_input() {
+    fn a_detector_header_round_trips_and_its_strides_must_divide_the_input() {
         let detector = DetectorHeader {
-            stride: 4,
-            wh_scale: 16.0,
+            head: HeadHeader::CenterNet {
+                stride: 4,
+                wh_scale: 16.0,
+            },
             score_threshold: 0.3,
             nms_iou: 0.5,
             tile_overlap: 16,
             seam_containment: 0.8,
             max_per_class: 50,
         };
-        let plan = |stride| {
+        let plan = |head| {
             let header = PlanHeader {
-                detector: Some(DetectorHeader { stride, ..detector }),
+                detector: Some(DetectorHeader { head, ..detector }),
                 ..header()
             };
             write_plan(&header, &[(SectionKind::Ops, b"ops")]).unwrap()
         };
-        let bytes = plan(4);
-        assert_eq!(
-            Plan::parse(&bytes).unwrap().header().detector,
-            Some(detector)
-        );
-        for stride in [0, 3, 128] {
+        let centernet = |stride| HeadHeader::CenterNet {
+            stride,
+            wh_scale: 16.0,
+        };
+        let yolo = |reg_max, strides| HeadHeader::Yolo { reg_max, strides };
+        for head in [
+            centernet(4),
+            yolo(16, [8, 16, 32, 0]),
+            yolo(1, [64, 0, 0, 0]),
+        ] {
             assert_eq!(
-                Plan::parse(&plan(stride)).unwrap_err(),
+                Plan::parse(&plan(head)).unwrap().header().detector,
+                Some(DetectorHeader { head, ..detector })
+            );
+        }
+        let refused = [
+            (centernet(0), 0),
+            (centernet(3), 3),
+            (centernet(128), 128),
+            (yolo(16, [8, 24, 32, 0]), 24),
+            (yolo(16, [8, 0, 32, 0]), 32),
+            (yolo(16, [0; 4]), 0),
+            (yolo(0, [8, 16, 0, 0]), 0),
+        ];
+        for (head, stride) in refused {
+            assert_eq!(
+                Plan::parse(&plan(head)).unwrap_err(),
                 PlanError::DetectorStride(stride),
-                "stride {stride} on a 64x64 input"
+                "{head:?} on a 64x64 input"
             );
         }
     }
@@ -506,7 +574,7 @@ mod tests {
         );
         assert_eq!(
             refused.to_string(),
-            "plan format version 1, this build reads version 2"
+            "plan format version 1, this build reads version 3"
         );
         assert_eq!(Plan::parse(b"KSTRL").unwrap_err(), PlanError::Truncated);
         assert_eq!(Plan::parse(&[]).unwrap_err(), PlanError::Truncated);

@@ -91,6 +91,18 @@ impl TractBackend {
         bytes: &[u8],
         input_shape: &[usize],
     ) -> Result<Self, LoadError> {
+        Self::from_bytes_up_to(origin, bytes, input_shape, &[])
+    }
+
+    /// As [`TractBackend::from_bytes`], the model's output being the values named `outputs`
+    /// (ONNX tensor names), flattened and concatenated in that order, and nothing after them
+    /// run; none named: the model's own output. A YOLO model runs up to its raw head so.
+    pub fn from_bytes_up_to(
+        origin: &str,
+        bytes: &[u8],
+        input_shape: &[usize],
+        outputs: &[String],
+    ) -> Result<Self, LoadError> {
         let malformed = |e: TractError| LoadError::Malformed {
             origin: origin.to_string(),
             reason: one_line(&e),
@@ -110,11 +122,19 @@ impl TractBackend {
         model
             .set_input_fact(0, f32::fact(input_shape).into())
             .map_err(malformed)?;
+        if !outputs.is_empty() {
+            model.select_outputs_by_name(outputs).map_err(malformed)?;
+        }
         let typed = model.into_optimized().map_err(malformed)?;
-        let output_len = typed
-            .output_fact(0)
-            .ok()
-            .and_then(|fact| fact.shape.as_concrete().map(|dims| dims.iter().product()))
+        let lengths = (0..typed.outputs.len()).map(|ix| {
+            typed.output_fact(ix).ok().and_then(|fact| {
+                fact.shape
+                    .as_concrete()
+                    .map(|dims| dims.iter().product::<usize>())
+            })
+        });
+        let output_len = lengths
+            .sum::<Option<usize>>()
             .ok_or_else(|| LoadError::Malformed {
                 origin: origin.to_string(),
                 reason: "output shape is not fixed".to_string(),
@@ -163,17 +183,20 @@ impl Backend for TractBackend {
         let result = Tensor::from_shape(&self.input_shape, input)
             .and_then(|tensor| self.model.run(tvec!(tensor.into())))
             .and_then(|outputs| {
-                let values = outputs[0].to_plain_array_view::<f32>()?;
-                if values.len() != output.len() {
-                    return Err(TractError::msg(format!(
-                        "model produced {} values",
-                        values.len()
-                    )));
+                let mut rest = &mut output[..];
+                for tensor in &outputs {
+                    let values = tensor.to_plain_array_view::<f32>()?;
+                    let (part, after) = std::mem::take(&mut rest)
+                        .split_at_mut_checked(values.len())
+                        .ok_or_else(|| TractError::msg("model produced too many values"))?;
+                    part.iter_mut()
+                        .zip(values.iter())
+                        .for_each(|(o, v)| *o = *v);
+                    rest = after;
                 }
-                output
-                    .iter_mut()
-                    .zip(values.iter())
-                    .for_each(|(o, v)| *o = *v);
+                if !rest.is_empty() {
+                    return Err(TractError::msg("model produced too few values"));
+                }
                 Ok(())
             });
         result.map_err(|e| {

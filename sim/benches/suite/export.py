@@ -1,10 +1,14 @@
-"""Export the model-suite benchmark's torchvision classifiers to ONNX, one folder each.
+"""Export the model-suite benchmark's torchvision classifiers and ultralytics YOLOv8n to ONNX,
+one folder each.
 
-    python sim/benches/suite/export.py --out target/suite [--models mobilenet_v2,...] [--sizes 64,224]
+    python sim/benches/suite/export.py --out target/suite [--models mobilenet_v2,...,yolov8n] [--sizes 64,224]
 
 Each folder `<out>/<model>-<size>/` gets `model.onnx` (opset 13, batch 1, eval mode, random
 weights seeded with 0, 10 classes) and a `manifest.json` with EuroSAT's labels and
 normalisation, so `cargo run -p models -- compile` and the benchmark take it like a zoo model.
+YOLOv8n is built by ultralytics from its own `yolov8n.yaml` at 640 only (the sizes do not apply),
+with NWPU VHR-10's labels, a `yolo` detector head and its BatchNorm statistics re-estimated on
+the committed NWPU scenes (random weights otherwise shrink its activations to nothing).
 Nothing is downloaded; random weights measure speed, not accuracy.
 """
 import argparse
@@ -48,6 +52,62 @@ def export(name, size, folder):
         json.dump(manifest, f, indent=1)
 
 
+NWPU_LABELS = ["airplane", "ship", "storage_tank", "baseball_diamond", "tennis_court",
+               "basketball_court", "ground_track_field", "harbor", "bridge", "vehicle"]
+YOLO_SIZE = 640
+
+
+def export_yolo(name, folder):
+    import numpy as np
+    from PIL import Image
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel(f"{name}.yaml", nc=len(NWPU_LABELS), verbose=False)
+    scenes = os.path.join(os.path.dirname(__file__), "../../sample/nwpu-vhr10/images")
+    batch = np.stack([np.asarray(Image.open(os.path.join(scenes, f)).convert("RGB")
+                                 .resize((YOLO_SIZE, YOLO_SIZE), Image.BILINEAR), dtype=np.float32)
+                      for f in sorted(os.listdir(scenes))]).transpose(0, 3, 1, 2) / 255.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(batch))
+    model.eval()
+    for m in model.modules():
+        if hasattr(m, "export"):
+            m.export = True
+        if hasattr(m, "format"):
+            m.format = "onnx"
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    torch.onnx.export(model, torch.from_numpy(batch[:1]), path, opset_version=13, dynamo=False,
+                      input_names=["images"], output_names=["output0"])
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    manifest = {
+        "name": f"{name}-{YOLO_SIZE}",
+        "task": "detect",
+        "labels": NWPU_LABELS,
+        "input": {"name": "images", "shape": [1, 3, YOLO_SIZE, YOLO_SIZE], "layout": "NCHW",
+                  "dtype": "f32"},
+        "output": {"name": "output0", "shape": [1, 4 + len(NWPU_LABELS), -1], "kind": "yolo"},
+        "preprocess": {"bands": ["red", "green", "blue"], "resize": "bilinear",
+                       "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]},
+        "detector": {"head": "yolo", "reg_max": 16, "strides": [8, 16, 32],
+                     "score_threshold": 0.25, "nms_iou": 0.45, "tile_overlap": 128,
+                     "seam_containment": 0.8, "max_per_class": 300},
+        "dataset": f"none: ultralytics {name}.yaml, random weights (torch.manual_seed(0)), "
+                   "BatchNorm statistics from the committed NWPU scenes",
+        "onnx_sha256": digest,
+        "onnx_opset": 13,
+    }
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder to write one model folder per model and size into")
@@ -55,6 +115,11 @@ def main():
     parser.add_argument("--sizes", default="64,224", help="comma-separated input sizes")
     args = parser.parse_args()
     for name in args.models.split(","):
+        if name.startswith("yolo"):
+            folder = os.path.join(args.out, f"{name}-{YOLO_SIZE}")
+            export_yolo(name, folder)
+            print(f"exported {folder}", flush=True)
+            continue
         for size in map(int, args.sizes.split(",")):
             folder = os.path.join(args.out, f"{name}-{size}")
             export(name, size, folder)

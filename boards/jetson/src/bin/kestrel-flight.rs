@@ -139,9 +139,7 @@ fn load_backend(
         );
     }
     let tmr = if config.tmr {
-        let head = model
-            .detector_config()
-            .map(|d| (d.layout, d.score_threshold));
+        let head = model.detector_config().map(|d| (d.head, d.score_threshold));
         let guard = Guard::for_classes(&config.tmr_classes, &model.manifest.labels, head)
             .map_err(|e| anyhow::anyhow!("model.tmr_classes: {e}"))?;
         match &guard {
