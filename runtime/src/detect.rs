@@ -427,6 +427,20 @@ impl<const N: usize> Detections<N> {
     }
 }
 
+/// That `head` holds `expected` values, every one finite.
+fn check_head(head: &[f32], expected: usize) -> Result<(), DetectError> {
+    if head.len() != expected {
+        return Err(DetectError::HeadLength {
+            expected,
+            got: head.len(),
+        });
+    }
+    if head.iter().any(|v| !v.is_finite()) {
+        return Err(DetectError::NonFinite);
+    }
+    Ok(())
+}
+
 /// Decode `head` into `out` (cleared first): every local maximum of a class heatmap scoring at
 /// least `threshold`, as a box in input pixels. Call [`Detections::suppress`] afterwards.
 pub fn decode<const N: usize>(
@@ -436,15 +450,7 @@ pub fn decode<const N: usize>(
     out: &mut Detections<N>,
 ) -> Result<(), DetectError> {
     out.clear();
-    if head.len() != layout.len() {
-        return Err(DetectError::HeadLength {
-            expected: layout.len(),
-            got: head.len(),
-        });
-    }
-    if head.iter().any(|v| !v.is_finite()) {
-        return Err(DetectError::NonFinite);
-    }
+    check_head(head, layout.len())?;
     let (h, w) = (layout.height, layout.width);
     let plane = h * w;
     // The length was checked above, so every cell is there; a missing one would read as no score.
@@ -496,15 +502,7 @@ pub fn decode_yolo<const N: usize>(
     out: &mut Detections<N>,
 ) -> Result<(), DetectError> {
     out.clear();
-    if head.len() != layout.len() {
-        return Err(DetectError::HeadLength {
-            expected: layout.len(),
-            got: head.len(),
-        });
-    }
-    if head.iter().any(|v| !v.is_finite()) {
-        return Err(DetectError::NonFinite);
-    }
+    check_head(head, layout.len())?;
     let bins = layout.reg_max;
     for (stride, first, rows, cols) in layout.scales() {
         let plane = rows * cols;

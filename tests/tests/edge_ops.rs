@@ -14,13 +14,12 @@
 //! int8 plan against tract's float run, on the committed EuroSAT chips, and the CUDA kernels
 //! (on their CPU emulator) against the generic executor.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use kestrel_backend::Backend;
-use kestrel_cuda::emulator::Emulator;
-use kestrel_ops::Reference;
 use kestrel_plan::cpu::Int8Cpu;
-use kestrel_plan::program::OwnedProgram;
 use kestrel_tests::{argmax, sorted_files, whole_image_input};
 use models::compile::{compile, Options};
 use models::graph::{Graph, ImportError, Op};
@@ -175,20 +174,7 @@ fn int8_plan_agrees_with_tract_and_the_cuda_emulator(dir: &Path) {
 
     // The CUDA kernels (on their CPU emulator) run the plan (ceil-mode pools' overhanging
     // windows, gathered planes) to the generic executor's bytes.
-    let owned = OwnedProgram::new(&plan).unwrap();
-    let program = owned.program();
-    let mut expected = vec![0i8; program.arena_size()];
-    program.quantize_input(&inputs[7], &mut expected).unwrap();
-    let mut arena = expected.clone();
-    program.run(&mut expected, &mut Reference).unwrap();
-    Emulator::new(program)
-        .unwrap()
-        .run_arenas(&mut arena)
-        .unwrap();
-    assert!(
-        arena == expected,
-        "the CUDA emulator's arena differs from the generic executor's"
-    );
+    common::assert_cuda_emulator_matches_the_generic_executor(&plan, &inputs[7]);
 }
 
 #[test]

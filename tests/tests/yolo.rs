@@ -9,6 +9,8 @@
 //!   the committed NWPU scenes, through `DetectorStep` (tiling, suppression, seam merging); the
 //!   CUDA kernels (on their CPU emulator) compute the generic executor's head bit for bit.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use kestrel_backend::Backend;
@@ -135,11 +137,8 @@ fn tract_runs_the_export_up_to_the_raw_head_ultralytics_computed() {
 /// by 16%), so int8 cannot match it closely; the trained model's agreement is in BENCHMARKS.md.
 #[test]
 fn the_int8_plan_runs_the_head_through_tiling_and_on_the_cuda_emulator() {
-    use kestrel_cuda::emulator::Emulator;
     use kestrel_host::decode_image;
-    use kestrel_ops::Reference;
     use kestrel_plan::cpu::Int8Cpu;
-    use kestrel_plan::program::OwnedProgram;
     use kestrel_runtime::frame::FrameView;
     use kestrel_runtime::step::DetectorStep;
     use kestrel_tests::sorted_files;
@@ -186,20 +185,5 @@ fn the_int8_plan_runs_the_head_through_tiling_and_on_the_cuda_emulator() {
     }
     assert!(boxes > 100, "{boxes} boxes on the sample scenes");
 
-    let owned = OwnedProgram::new(&plan).unwrap();
-    let program = owned.program();
-    let mut expected = vec![0i8; program.arena_size()];
-    program
-        .quantize_input(&scene_input(&model), &mut expected)
-        .unwrap();
-    let mut arena = expected.clone();
-    program.run(&mut expected, &mut Reference).unwrap();
-    Emulator::new(program)
-        .unwrap()
-        .run_arenas(&mut arena)
-        .unwrap();
-    assert!(
-        arena == expected,
-        "the CUDA emulator's arena differs from the generic executor's"
-    );
+    common::assert_cuda_emulator_matches_the_generic_executor(&plan, &scene_input(&model));
 }

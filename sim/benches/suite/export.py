@@ -28,13 +28,7 @@ LABELS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial
 def export(name, size, folder):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None, num_classes=len(LABELS)).eval()
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "model.onnx")
-    torch.onnx.export(model, torch.randn(1, 3, size, size), path, opset_version=13,
-                      dynamo=False, input_names=["input"], output_names=["logits"])
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    manifest = {
+    write(folder, model, torch.randn(1, 3, size, size), "input", "logits", {
         "name": f"{name}-{size}",
         "task": "classify",
         "labels": LABELS,
@@ -45,9 +39,18 @@ def export(name, size, folder):
         "preprocess": {"bands": ["red", "green", "blue"], "resize": "bilinear",
                        "mean": [87.4268, 96.7408, 103.7987], "std": [51.3144, 34.6794, 29.3455]},
         "dataset": f"none: torchvision {name}, random weights (torch.manual_seed(0))",
-        "onnx_sha256": digest,
-        "onnx_opset": 13,
-    }
+    })
+
+
+def write(folder, model, example, input_name, output_name, manifest):
+    """`model.onnx` (opset 13) and `manifest.json` (`manifest` with the ONNX's hash) in `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    torch.onnx.export(model, example, path, opset_version=13, dynamo=False,
+                      input_names=[input_name], output_names=[output_name])
+    with open(path, "rb") as f:
+        manifest = {**manifest, "onnx_sha256": hashlib.sha256(f.read()).hexdigest(),
+                    "onnx_opset": 13}
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
 
@@ -81,13 +84,7 @@ def export_yolo(name, folder):
             m.export = True
         if hasattr(m, "format"):
             m.format = "onnx"
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "model.onnx")
-    torch.onnx.export(model, torch.from_numpy(batch[:1]), path, opset_version=13, dynamo=False,
-                      input_names=["images"], output_names=["output0"])
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    manifest = {
+    write(folder, model, torch.from_numpy(batch[:1]), "images", "output0", {
         "name": f"{name}-{YOLO_SIZE}",
         "task": "detect",
         "labels": NWPU_LABELS,
@@ -101,11 +98,7 @@ def export_yolo(name, folder):
                      "seam_containment": 0.8, "max_per_class": 300},
         "dataset": f"none: ultralytics {name}.yaml, random weights (torch.manual_seed(0)), "
                    "BatchNorm statistics from the committed NWPU scenes",
-        "onnx_sha256": digest,
-        "onnx_opset": 13,
-    }
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+    })
 
 
 def main():
