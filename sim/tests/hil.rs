@@ -11,9 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// `kestrel-flight`, built now so that the test never runs a stale one (with the features
-/// .ci/run builds everything with, so that nothing is rebuilt).
+/// `kestrel-flight`: the one `KESTREL_FLIGHT_BIN` names, else built now so that the test never
+/// runs a stale one. `.ci/run` names the one its workspace build made for kestrel-jetson's own
+/// tests: building it again here resolves the dependencies' features for one package, not the
+/// workspace, and recompiled part of the tree (about two minutes of a cold CI run).
 fn flight_binary() -> PathBuf {
+    if let Some(built) = std::env::var_os("KESTREL_FLIGHT_BIN") {
+        let built = PathBuf::from(built);
+        assert!(built.is_file(), "KESTREL_FLIGHT_BIN {}", built.display());
+        return built;
+    }
     let features = std::env::var("KESTREL_FLIGHT_FEATURES").unwrap_or_default();
     let status = Command::new(env!("CARGO"))
         .args([
