@@ -71,8 +71,8 @@ pub struct Manifest {
 /// A detector's head and postprocessing, from the training script.
 #[derive(Clone, Debug, Deserialize)]
 pub struct DetectorInfo {
-    /// `centernet` (the default: Kestrel's own detector) or `yolo` (an ultralytics YOLOv8 or
-    /// YOLO11 export, compiled up to its raw head).
+    /// `centernet` (the default: Kestrel's own detector) or `yolo` (an ultralytics YOLOv8
+    /// export, compiled up to its raw head).
     #[serde(default = "centernet")]
     pub head: String,
     /// CenterNet: input pixels per head cell.
