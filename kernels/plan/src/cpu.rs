@@ -307,8 +307,14 @@ mod tests {
         let (mut checked, mut unchecked, mut prepared) = (0, 0, 0);
         // About 500 bits spread over the whole plan (the preamble, table, every section and
         // padding), then over the weights the SIMD kernels packed from it; each restore packs
-        // again, which under qemu is what the test's time goes on.
-        for bit in (0..bits).step_by((bits / 500).max(1) as usize) {
+        // again, which under qemu is what the test's time goes on: CI runs the aarch64 build
+        // there, so it samples 150.
+        let samples: u32 = if cfg!(target_arch = "aarch64") {
+            150
+        } else {
+            500
+        };
+        for bit in (0..bits).step_by((bits / u64::from(samples)).max(1) as usize) {
             match cpu.upset(Upset::Model { bit }) {
                 Landed::Checked => {
                     checked += 1;
@@ -329,11 +335,14 @@ mod tests {
             cpu.run(&input, &mut output).unwrap();
             assert_eq!(output, clean, "bit {bit}: restored bit for bit");
         }
-        assert!(checked > 400, "{checked} checked, {unchecked} unchecked");
+        assert!(
+            checked > samples * 4 / 5,
+            "{checked} checked, {unchecked} unchecked"
+        );
         if cpu.kernel_name() == "generic" {
             println!("this CPU runs the generic kernels: no prepared weights to upset");
         } else {
-            assert!(prepared > 50, "{prepared} in the packed weights");
+            assert!(prepared > samples / 10, "{prepared} in the packed weights");
         }
         // An activation upset changes one inference, and only that one.
         let mut output = vec![0.0; cpu.output_len()];
