@@ -205,12 +205,15 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
         if let Err(newcomer) = self.queue.push(newcomer) {
             let worst = self
                 .queue
-                .iter_mut()
-                .min_by(|a, b| a.value_per_byte().total_cmp(&b.value_per_byte()));
+                .iter()
+                .enumerate()
+                .min_by(|(_, a), (_, b)| a.value_per_byte().total_cmp(&b.value_per_byte()));
             match worst {
-                Some(worst) if worst.value_per_byte() < newcomer.value_per_byte() => {
+                Some((i, worst)) if worst.value_per_byte() < newcomer.value_per_byte() => {
                     self.results.evicted_low_value += u64::from(worst.result);
-                    *worst = newcomer;
+                    // The newcomer joins at the back: the queue stays in arrival order.
+                    self.queue.remove(i);
+                    let _ = self.queue.push(newcomer);
                     self.stats.evicted_low_value += 1;
                 }
                 _ => {
@@ -234,10 +237,14 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
             self.window_start_us = now_us - now_us % self.window_us;
             self.sent_in_window = 0;
         }
+        // The best value per byte; among equals the oldest (`max_by` keeps the last maximum,
+        // so the queue is scanned newest first): acknowledgements go down in the order their
+        // commands came up.
         let (best, item) = self
             .queue
             .iter()
             .enumerate()
+            .rev()
             .max_by(|(_, a), (_, b)| a.value_per_byte().total_cmp(&b.value_per_byte()))?;
         let most: usize = messages(&item.bytes)
             .map(|m| framing.framed_len(m.len()))
@@ -246,7 +253,8 @@ impl<const SLOTS: usize, const MAX: usize> DownlinkQueue<SLOTS, MAX> {
         if most as u64 > u64::from(room) || most > out.len() {
             return None;
         }
-        let item = self.queue.swap_remove(best);
+        // `remove`, not `swap_remove`: the queue stays in arrival order for the tie above.
+        let item = self.queue.remove(best);
         let mut written = 0;
         for message in messages(&item.bytes) {
             let framed = out
@@ -331,6 +339,32 @@ mod tests {
             at += used;
         }
         assert_eq!(decoder.stats.sequence_gaps, 0);
+    }
+
+    /// Items of equal value per byte (a run of command acknowledgements) go down in the order
+    /// they came, evictions or not.
+    #[test]
+    fn equal_values_go_first_in_first_out() {
+        let mut queue = DownlinkQueue::<4, 128>::new(10_000, 1_000_000);
+        let (mut framer, mut out, mut stream) = (Framer::new(), [0u8; 256], vec![]);
+        queue.offer(&item(1, 10), 0.1);
+        // 5 evicts 1, the least valuable; 6 finds the queue full of equals and is refused.
+        for tag in 2..=6 {
+            queue.offer(&item(tag, 10), 1.0);
+        }
+        if let Some(len) = queue.send(0, &mut framer, &mut out) {
+            stream.extend_from_slice(&out[..len]);
+        }
+        // 7 takes the room 2 left; 8 is refused.
+        for tag in 7..=8 {
+            queue.offer(&item(tag, 10), 1.0);
+        }
+        while let Some(len) = queue.send(0, &mut framer, &mut out) {
+            stream.extend_from_slice(&out[..len]);
+        }
+        assert_eq!(tags(&stream), [2, 3, 4, 5, 7]);
+        assert_eq!(queue.stats.evicted_low_value, 1);
+        assert_eq!(queue.stats.refused_low_value, 2);
     }
 
     #[test]
