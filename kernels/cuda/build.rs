@@ -12,6 +12,7 @@ fn main() {
             "resize.cu",
             "preprocess.cu",
             "decode.cu",
+            "attention.cu",
         ] {
             println!("cargo:rerun-if-changed={dir}/{file}");
         }

@@ -264,6 +264,7 @@ fn plan_holds_every_int8_op_and_its_header() {
             PlanOp::Lut { .. } => "Lut",
             PlanOp::Rescale { .. } => "Rescale",
             PlanOp::Gather { .. } => "Gather",
+            PlanOp::Attention { .. } => "Attention",
         };
         *kinds.entry(kind).or_insert(0) += 1;
     }

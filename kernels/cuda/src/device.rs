@@ -14,8 +14,8 @@ use cudarc::driver::{
 use cudarc::nvrtc;
 
 use super::launch::{
-    chunks, Args, Bases, ConvArgs, DecodeArgs, DeviceProgram, ElementwiseArgs, Kernel, Launch,
-    PoolArgs, PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
+    chunks, Args, AttentionArgs, Bases, ConvArgs, DecodeArgs, DeviceProgram, ElementwiseArgs,
+    Kernel, Launch, PoolArgs, PreprocessArgs, ResizeArgs, BLOCK, MAX_BATCH,
 };
 use super::{
     batch_of, cache_key, decoded_tiles, CudaError, CudaOptions, DecodedTile, DeviceFault,
@@ -31,6 +31,8 @@ unsafe impl DeviceRepr for PoolArgs {}
 unsafe impl DeviceRepr for ResizeArgs {}
 unsafe impl DeviceRepr for PreprocessArgs {}
 unsafe impl DeviceRepr for DecodeArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AttentionArgs {}
 
 fn driver_error(e: driver::DriverError) -> CudaError {
     CudaError::Driver {
@@ -250,6 +252,7 @@ impl Session {
             Args::Resize(a) => builder.arg(a),
             Args::Preprocess(a) => builder.arg(a),
             Args::Decode(a) => builder.arg(a),
+            Args::Attention(a) => builder.arg(a),
         };
         // SAFETY: the planner proved every address the arguments hold, for `batch` arenas of
         // the session (at most `max_batch`, checked by the callers), lies in its buffers.

@@ -37,6 +37,7 @@ static int atomicAdd(int* address, int value) {
 #include "resize.cu"
 #include "preprocess.cu"
 #include "decode.cu"
+#include "attention.cu"
 
 template <typename Args>
 static void run_grid(void (*kernel)(Args), unsigned grid_x, unsigned grid_y, unsigned block,
@@ -70,6 +71,7 @@ EMULATE(kestrel_global_average_pool, PoolArgs)
 EMULATE(kestrel_resize, ResizeArgs)
 EMULATE(kestrel_preprocess, PreprocessArgs)
 EMULATE(kestrel_decode, DecodeArgs)
+EMULATE(kestrel_attention, AttentionArgs)
 
 // Sizes of the argument structs, checked against the Rust mirrors.
 extern "C" unsigned long kestrel_args_sizes(unsigned which) {
@@ -80,6 +82,7 @@ extern "C" unsigned long kestrel_args_sizes(unsigned which) {
         case 3: return sizeof(ResizeArgs);
         case 4: return sizeof(PreprocessArgs);
         case 5: return sizeof(DecodeArgs);
+        case 6: return sizeof(AttentionArgs);
         default: return 0;
     }
 }

@@ -7,12 +7,15 @@ use super::launch::{chunks, Args, Bases, DeviceProgram, Launch, BLOCK, MAX_BATCH
 use super::{decoded_tiles, CudaError, DecodedTile, PeakSearch};
 use kestrel_plan::program::{AlignedBytes, Program};
 
-use super::launch::{ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs};
+use super::launch::{
+    AttentionArgs, ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs,
+};
 
 extern "C" {
     fn kestrel_conv_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ConvArgs);
     fn kestrel_conv_dp4a_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ConvArgs);
     fn kestrel_decode_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const DecodeArgs);
+    fn kestrel_attention_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const AttentionArgs);
     fn kestrel_add_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_mul_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
     fn kestrel_rescale_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
@@ -36,9 +39,9 @@ extern "C" {
     fn kestrel_args_sizes(which: u32) -> core::ffi::c_ulong;
 }
 
-/// Sizes of `ConvArgs`, `ElementwiseArgs`, `PoolArgs`, `ResizeArgs`, `PreprocessArgs` and
-/// `DecodeArgs` as the C++ compiler lays them out, to check against the Rust mirrors.
-pub fn c_struct_sizes() -> [usize; 6] {
+/// Sizes of `ConvArgs`, `ElementwiseArgs`, `PoolArgs`, `ResizeArgs`, `PreprocessArgs`,
+/// `DecodeArgs` and `AttentionArgs` as the C++ compiler lays them out, to check against the Rust mirrors.
+pub fn c_struct_sizes() -> [usize; 7] {
     // SAFETY: a pure function of its argument.
     core::array::from_fn(|i| unsafe { kestrel_args_sizes(i as u32) } as usize)
 }
@@ -186,6 +189,7 @@ impl Emulator {
                 Args::Resize(a) => kestrel_resize_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Preprocess(a) => kestrel_preprocess_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Decode(a) => kestrel_decode_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Attention(a) => kestrel_attention_emulated(grid_x, grid_y, BLOCK, &a),
             }
         }
     }
@@ -195,7 +199,7 @@ impl Emulator {
 mod tests {
     use super::*;
     use crate::launch::{
-        ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs,
+        AttentionArgs, ConvArgs, DecodeArgs, ElementwiseArgs, PoolArgs, PreprocessArgs, ResizeArgs,
     };
     use core::mem::size_of;
     use kestrel_testing::conformance::random_cases;
@@ -211,6 +215,7 @@ mod tests {
                 size_of::<ResizeArgs>(),
                 size_of::<PreprocessArgs>(),
                 size_of::<DecodeArgs>(),
+                size_of::<AttentionArgs>(),
             ]
         );
     }

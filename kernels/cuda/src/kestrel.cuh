@@ -58,6 +58,20 @@ struct ResizeArgs {
     int bilinear;
 };
 
+// Attention over the pixels of one tensor (int8.rs's Attention): one thread per head and pixel.
+struct AttentionArgs {
+    const signed char* input;
+    signed char* output;
+    const int* exp_table;
+    long long batch_stride;
+    int count;  // heads * plane
+    int key_dim, head_dim, plane, table_len;
+    int input_zero_point;
+    int index_multiplier, index_shift;
+    int output_multiplier, output_shift;
+    int output_zero_point, min, max;
+};
+
 // A detector head's peaks, found on its int8 codes: one thread per heatmap cell.
 struct DecodeArgs {
     const signed char* head;

@@ -49,11 +49,13 @@ pub enum Kernel {
     Preprocess,
     /// `kestrel_decode`: a detector head's peaks.
     Decode,
+    /// `kestrel_attention`.
+    Attention,
 }
 
 impl Kernel {
     /// Every kernel, for loading them all from a module.
-    pub const ALL: [Kernel; 13] = [
+    pub const ALL: [Kernel; 14] = [
         Self::Conv,
         Self::ConvDp4a,
         Self::Add,
@@ -67,6 +69,7 @@ impl Kernel {
         Self::Resize,
         Self::Preprocess,
         Self::Decode,
+        Self::Attention,
     ];
 
     /// The entry point's name in the module.
@@ -85,6 +88,7 @@ impl Kernel {
             Self::Resize => "kestrel_resize",
             Self::Preprocess => "kestrel_preprocess",
             Self::Decode => "kestrel_decode",
+            Self::Attention => "kestrel_attention",
         }
     }
 }
@@ -232,6 +236,30 @@ pub struct DecodeArgs {
     pub capacity: i32,
 }
 
+/// `AttentionArgs` of `kestrel.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct AttentionArgs {
+    pub input: u64,
+    pub output: u64,
+    pub exp_table: u64,
+    pub batch_stride: i64,
+    pub count: i32,
+    pub key_dim: i32,
+    pub head_dim: i32,
+    pub plane: i32,
+    pub table_len: i32,
+    pub input_zero_point: i32,
+    pub index_multiplier: i32,
+    pub index_shift: i32,
+    pub output_multiplier: i32,
+    pub output_shift: i32,
+    pub output_zero_point: i32,
+    pub min: i32,
+    pub max: i32,
+}
+
 /// One kernel and its arguments.
 #[derive(Clone, Copy, Debug, PartialEq)]
 #[allow(missing_docs)]
@@ -249,6 +277,7 @@ pub enum Args {
     Resize(ResizeArgs),
     Preprocess(PreprocessArgs),
     Decode(DecodeArgs),
+    Attention(AttentionArgs),
 }
 
 impl Args {
@@ -268,6 +297,7 @@ impl Args {
             Self::Resize(_) => Kernel::Resize,
             Self::Preprocess(_) => Kernel::Preprocess,
             Self::Decode(_) => Kernel::Decode,
+            Self::Attention(_) => Kernel::Attention,
         }
     }
 }
@@ -385,6 +415,18 @@ impl DecodeArgs {
     }
 }
 
+impl AttentionArgs {
+    fn bind(self, b: Bases) -> Self {
+        Self {
+            input: b.arena + self.input,
+            output: b.arena + self.output,
+            exp_table: b.weights + self.exp_table,
+            batch_stride: b.arena_stride as i64,
+            ..self
+        }
+    }
+}
+
 impl Launch {
     /// Grid dimensions for `batch` items.
     pub fn grid(&self, batch: u32) -> (u32, u32, u32) {
@@ -407,6 +449,7 @@ impl Launch {
             Args::Resize(a) => Args::Resize(a.bind(bases)),
             Args::Preprocess(a) => Args::Preprocess(a.bind(bases)),
             Args::Decode(a) => Args::Decode(a.bind(bases)),
+            Args::Attention(a) => Args::Attention(a.bind(bases)),
         }
     }
 }
@@ -476,6 +519,16 @@ impl Kernels for ShapesOnly {
 
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         add.check(a.len(), b.len(), output.len())
+    }
+
+    fn attention(
+        &mut self,
+        attention: &kestrel_ops::int8::Attention,
+        exp_table: &[i32],
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        attention.check(exp_table, input.len(), output.len())
     }
 }
 
@@ -804,6 +857,34 @@ fn plan_step(
             plane: int(plane as usize)?,
             ..elementwise
         }),
+        Op::Attention {
+            attention: t,
+            exp_table,
+        } => {
+            let q = t.output_quant;
+            Args::Attention(AttentionArgs {
+                input: a_at,
+                output: out_at,
+                exp_table: blob(exp_table),
+                // One thread per head and pixel.
+                count: int((t.heads as usize)
+                    .checked_mul(t.plane as usize)
+                    .ok_or(too_large)?)?,
+                key_dim: int(t.key_dim as usize)?,
+                head_dim: int(t.head_dim as usize)?,
+                plane: int(t.plane as usize)?,
+                table_len: int(exp_table.len as usize / 4)?,
+                input_zero_point: t.input_zero_point,
+                index_multiplier: t.logit_to_index.multiplier,
+                index_shift: t.logit_to_index.shift.into(),
+                output_multiplier: t.output_requant.multiplier,
+                output_shift: t.output_requant.shift.into(),
+                output_zero_point: q.zero_point,
+                min: q.min.into(),
+                max: q.max.into(),
+                batch_stride: 0,
+            })
+        }
         Op::MaxPool(pool) => Args::MaxPool(pool_args(&pool.geometry, a_at, out_at, count, axis)?),
         Op::AveragePool(pool) => {
             let q = pool.output_quant;
@@ -861,6 +942,7 @@ fn plan_step(
         Args::Resize(a) => a.count,
         Args::Preprocess(a) => a.count,
         Args::Decode(a) => a.count,
+        Args::Attention(a) => a.count,
     };
     // Every count came from an i32 that fits a tensor length: never negative.
     Ok(Launch {

@@ -35,6 +35,7 @@ pub const SOURCE: &str = concat!(
     include_str!("resize.cu"),
     include_str!("preprocess.cu"),
     include_str!("decode.cu"),
+    include_str!("attention.cu"),
 );
 
 /// NVRTC options besides the GPU architecture. `--fmad=false` keeps the preprocessing's float

@@ -560,6 +560,163 @@ impl Gather<'_> {
     }
 }
 
+/// Most values per head an [`Attention`] step mixes: each pixel's weighted sums live on the stack.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// Most query and key planes per head: each pixel's query lives on the stack.
+pub const MAX_KEY_DIM: usize = 256;
+
+/// Most pixels an [`Attention`] step attends over: keeps the weighted sums, with their 16
+/// fraction bits, inside an `i64`.
+pub const MAX_ATTENTION_PLANE: usize = 1 << 22;
+
+/// `exp(0)` in an attention's exponential table; every entry lies in `0..=EXP_ONE`.
+pub const EXP_ONE: i32 = 1 << 16;
+
+/// Multi-head self-attention over the pixels of one tensor (ultralytics' C2PSA block):
+/// `softmax(scale * q^T k) v` per head, in integers only.
+///
+/// The input holds, per head, `key_dim` query planes, `key_dim` key planes and `head_dim` value
+/// planes of `plane` pixels each, all on one grid; the output holds each head's `head_dim`
+/// value planes. For output pixel `n`, the logit of pixel `m` is the exact integer dot product
+/// of the query and key codes (zero point removed); its distance below the row's largest,
+/// scaled by `logit_to_index`, indexes a table of `exp(-index * step) * EXP_ONE` (the compiler
+/// folds the grid's scale, the model's `scale` and the table's step into that requantisation).
+/// The weighted mean of the value codes, with 16 fraction bits (truncated toward zero), is
+/// requantised to the output grid by `output_requant`. No float at run time, so every
+/// executor gives the same bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attention {
+    /// Heads.
+    pub heads: u32,
+    /// Query (and key) planes per head.
+    pub key_dim: u32,
+    /// Value (and output) planes per head.
+    pub head_dim: u32,
+    /// Pixels per plane.
+    pub plane: u32,
+    /// Zero point of the input grid (queries, keys and values alike).
+    pub input_zero_point: i32,
+    /// From a logit's distance below its row's largest to an index into the table.
+    pub logit_to_index: Requant,
+    /// From the weighted mean of value codes (16 fraction bits) to output codes.
+    pub output_requant: Requant,
+    /// Output zero point and clamp.
+    pub output_quant: OutputQuant,
+}
+
+impl Attention {
+    /// The distance, in real logit units, between neighbouring entries of the exponential
+    /// table: a weight is off by at most half a step, `exp(1/128)`, 0.8%.
+    pub const EXP_STEP: f64 = 1.0 / 64.0;
+
+    /// Check the buffers of `input_len` and `output_len` codes and the table: everything
+    /// [`Attention::run`] relies on, for executors that cannot check as they go.
+    pub fn check(
+        &self,
+        exp_table: &[i32],
+        input_len: usize,
+        output_len: usize,
+    ) -> Result<(), ShapeError> {
+        let [heads, key_dim, head_dim, plane] =
+            [self.heads, self.key_dim, self.head_dim, self.plane].map(|v| v as usize);
+        check(
+            heads > 0
+                && (-128..=127).contains(&self.input_zero_point)
+                && (1..=MAX_KEY_DIM).contains(&key_dim)
+                && (1..=MAX_HEAD_DIM).contains(&head_dim)
+                && (1..=MAX_ATTENTION_PLANE).contains(&plane),
+            "geometry",
+        )?;
+        let per_head = (2 * key_dim + head_dim).checked_mul(plane);
+        check(
+            per_head.and_then(|p| p.checked_mul(heads)) == Some(input_len),
+            "input",
+        )?;
+        check(
+            (head_dim * plane).checked_mul(heads) == Some(output_len),
+            "output",
+        )?;
+        // A positive first entry (the row's largest logit) keeps every row's sum above zero.
+        check(
+            exp_table.first().is_some_and(|&e| e > 0)
+                && exp_table.iter().all(|e| (0..=EXP_ONE).contains(e)),
+            "table",
+        )
+    }
+
+    /// Attend: `input` as described on [`Attention`], `exp_table` from
+    /// [`Attention::exp_table`]. Allocates nothing.
+    pub fn run(
+        &self,
+        exp_table: &[i32],
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        self.check(exp_table, input.len(), output.len())?;
+        let [key_dim, head_dim, plane] =
+            [self.key_dim, self.head_dim, self.plane].map(|v| v as usize);
+        let per_head = (2 * key_dim + head_dim) * plane;
+        let zero = self.input_zero_point;
+        let code = |x: Option<&i8>| x.map_or(0, |&x| i32::from(x).wrapping_sub(zero));
+        let q = self.output_quant;
+        for (head, out) in input
+            .chunks_exact(per_head)
+            .zip(output.chunks_exact_mut(head_dim * plane))
+        {
+            let (queries, rest) = head.split_at(key_dim * plane);
+            let (keys, values) = rest.split_at(key_dim * plane);
+            for n in 0..plane {
+                let mut query = [0i32; MAX_KEY_DIM];
+                for (q, plane) in query.iter_mut().zip(queries.chunks_exact(plane)) {
+                    *q = code(plane.get(n));
+                }
+                // Exact: |logit| <= MAX_KEY_DIM * 255^2.
+                let logit = |m: usize| -> i32 {
+                    query
+                        .iter()
+                        .zip(keys.chunks_exact(plane))
+                        .fold(0, |sum, (&q, keys)| sum + q * code(keys.get(m)))
+                };
+                let largest = (0..plane).map(logit).max().unwrap_or(0);
+                let mut sums = [0i64; MAX_HEAD_DIM];
+                // At least the largest logit's weight, EXP_ONE: never zero.
+                let mut total = 0i64;
+                for m in 0..plane {
+                    let index = self.logit_to_index.apply(largest - logit(m));
+                    // Past the table's end the weight rounds to zero.
+                    let weight = usize::try_from(index)
+                        .ok()
+                        .and_then(|i| exp_table.get(i))
+                        .map_or(0, |&w| i64::from(w));
+                    total += weight;
+                    for (sum, values) in sums.iter_mut().zip(values.chunks_exact(plane)) {
+                        *sum += i64::from(code(values.get(m))) * weight;
+                    }
+                }
+                for (&sum, out) in sums.iter().zip(out.chunks_exact_mut(plane)) {
+                    // |mean| <= 255 * 2^16: an i32. Division truncates toward zero.
+                    let mean = (sum * 65_536).checked_div(total).unwrap_or(0) as i32;
+                    if let Some(out) = out.get_mut(n) {
+                        *out = requantize_i8(mean, self.output_requant, q.zero_point, q.min, q.max);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The exponential table for distances in steps of [`Attention::EXP_STEP`] (real logit
+    /// units): entry `i` is `round(exp(-i * EXP_STEP) * EXP_ONE)`, while that is above zero.
+    #[cfg(feature = "std")]
+    pub fn exp_table() -> std::vec::Vec<i32> {
+        (0..)
+            .map(|i| (f64::exp(-f64::from(i) * Self::EXP_STEP) * f64::from(EXP_ONE)).round() as i32)
+            .take_while(|&e| e > 0)
+            .collect()
+    }
+}
+
 /// Element-wise product of two tensors, `b` optionally broadcast: one value for all of `a`, or
 /// one per channel over each channel's plane (squeeze-excitation: `[C,H,W] * [C,1,1]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1536,6 +1693,123 @@ mod tests {
             .run(&input, &mut [0]),
             err("geometry")
         );
+    }
+
+    /// Real softmax attention over the same codes, rounded to the output grid: the integer
+    /// kernel lands within a code, and mostly on it.
+    #[test]
+    fn attention_matches_float_softmax_attention() {
+        let (heads, key_dim, head_dim, plane) = (2usize, 4usize, 3usize, 30usize);
+        let (scale, zero, model_scale) = (0.06f64, 5i32, 1.0 / (key_dim as f64).sqrt());
+        let (out_scale, out_q) = (0.02f64, FULL);
+        let attention = Attention {
+            heads: heads as u32,
+            key_dim: key_dim as u32,
+            head_dim: head_dim as u32,
+            plane: plane as u32,
+            input_zero_point: zero,
+            logit_to_index: Requant::from_real(scale * scale * model_scale / Attention::EXP_STEP)
+                .unwrap(),
+            output_requant: Requant::from_real(scale / out_scale / 65_536.0).unwrap(),
+            output_quant: out_q,
+        };
+        let table = Attention::exp_table();
+        assert_eq!(table[0], EXP_ONE);
+        let mut rng = Rng(0xa77e);
+        let input: Vec<i8> = (0..heads * (2 * key_dim + head_dim) * plane)
+            .map(|_| rng.code())
+            .collect();
+        let mut output = vec![0i8; heads * head_dim * plane];
+        attention.run(&table, &input, &mut output).unwrap();
+        let real = |i: usize| scale * f64::from(i32::from(input[i]) - zero);
+        let (mut exact, mut within_one) = (0, 0);
+        for h in 0..heads {
+            let base = h * (2 * key_dim + head_dim) * plane;
+            let [q, k, v] = [0, key_dim, 2 * key_dim].map(|p| base + p * plane);
+            for n in 0..plane {
+                let logits: Vec<f64> = (0..plane)
+                    .map(|m| {
+                        model_scale
+                            * (0..key_dim)
+                                .map(|c| real(q + c * plane + n) * real(k + c * plane + m))
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let top = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let weights: Vec<f64> = logits.iter().map(|l| (l - top).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let mean: f64 = (0..plane)
+                        .map(|m| weights[m] * real(v + d * plane + m))
+                        .sum::<f64>()
+                        / total;
+                    let expected = expected_code(mean, out_scale, out_q);
+                    let got = i32::from(output[(h * head_dim + d) * plane + n]);
+                    assert!(
+                        (got - expected).abs() <= 1,
+                        "head {h} pixel {n} plane {d}: {got} vs {expected}"
+                    );
+                    exact += usize::from(got == expected);
+                    within_one += 1;
+                }
+            }
+        }
+        assert!(
+            exact * 10 >= within_one * 8,
+            "{exact} of {within_one} exact"
+        );
+    }
+
+    #[test]
+    fn attention_refuses_what_it_cannot_run() {
+        let attention = Attention {
+            heads: 1,
+            key_dim: 2,
+            head_dim: 1,
+            plane: 3,
+            input_zero_point: 0,
+            logit_to_index: Requant::from_real(1.0).unwrap(),
+            output_requant: Requant::from_real(1.0 / 65_536.0).unwrap(),
+            output_quant: FULL,
+        };
+        let table = Attention::exp_table();
+        let input = [1i8; 15];
+        let mut output = [0i8; 3];
+        assert_eq!(attention.run(&table, &input, &mut output), Ok(()));
+        // Equal logits: each pixel the mean of equal values, 1, plus the zero point.
+        assert_eq!(output, [4; 3]);
+        let err = |buffer| Err(ShapeError { buffer });
+        assert_eq!(
+            attention.run(&table, &input[1..], &mut output),
+            err("input")
+        );
+        assert_eq!(attention.run(&table, &input, &mut [0; 4]), err("output"));
+        assert_eq!(attention.run(&[0, 1], &input, &mut output), err("table"));
+        assert_eq!(attention.run(&[], &input, &mut output), err("table"));
+        assert_eq!(
+            attention.run(&[EXP_ONE + 1], &input, &mut output),
+            err("table")
+        );
+        for bad in [
+            Attention {
+                heads: 0,
+                ..attention
+            },
+            Attention {
+                input_zero_point: 128,
+                ..attention
+            },
+            Attention {
+                key_dim: MAX_KEY_DIM as u32 + 1,
+                ..attention
+            },
+            Attention {
+                head_dim: 0,
+                ..attention
+            },
+        ] {
+            assert!(bad.run(&table, &input, &mut output).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

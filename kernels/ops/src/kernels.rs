@@ -1,8 +1,8 @@
 //! The set of kernels a program's steps run on.
 
 use crate::int8::{
-    Add, AveragePool, Conv, Gather, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize,
-    ShapeError,
+    Add, Attention, AveragePool, Conv, Gather, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale,
+    Resize, ShapeError,
 };
 
 /// The kernels a program's steps run on, one method per op. Every method defaults to the generic
@@ -115,6 +115,17 @@ pub trait Kernels {
     ) -> Result<(), ShapeError> {
         gather.run(input, output)
     }
+
+    /// Run `attention` with its `exp_table` on `input` into `output`.
+    fn attention(
+        &mut self,
+        attention: &Attention,
+        exp_table: &[i32],
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        attention.run(exp_table, input, output)
+    }
 }
 
 /// Borrowed kernels, so a session can run kernels its caller keeps.
@@ -197,6 +208,16 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         (**self).gather(gather, input, output)
+    }
+
+    fn attention(
+        &mut self,
+        attention: &Attention,
+        exp_table: &[i32],
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).attention(attention, exp_table, input, output)
     }
 }
 

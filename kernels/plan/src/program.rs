@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, PlanError, PlanHeader, SectionKind};
 use kestrel_ops::int8::{
-    Add, AveragePool, ChannelQuant, Conv, ConvGeometry, Gather, Gemm, GlobalAveragePool, Lut,
-    MaxPool, Mul, OutputQuant, Rescale, Resize, ShapeError,
+    Add, Attention, AveragePool, ChannelQuant, Conv, ConvGeometry, Gather, Gemm, GlobalAveragePool,
+    Lut, MaxPool, Mul, OutputQuant, Rescale, Resize, ShapeError,
 };
 use kestrel_ops::Kernels;
 
@@ -103,6 +103,13 @@ pub enum Op {
         indices: Blob,
         /// Values per plane.
         plane: u32,
+    },
+    /// Multi-head self-attention over pixels (ultralytics' C2PSA).
+    Attention {
+        /// Heads, planes and requantisation.
+        attention: Attention,
+        /// `i32` exponential table ([`Attention::exp_table`]).
+        exp_table: Blob,
     },
 }
 
@@ -344,6 +351,12 @@ impl<'a> Program<'a> {
         })
     }
 
+    /// An Attention step's exponential table, borrowed from the plan; `None` when the blob is
+    /// outside the weights section or not whole `i32`s.
+    pub fn exp_table(&self, table: Blob) -> Option<&'a [i32]> {
+        bytemuck::try_cast_slice(self.blob(table)?).ok()
+    }
+
     fn channels(&self, blobs: ChannelBlobs) -> Option<ChannelQuant<'a>> {
         let bias = bytemuck::try_cast_slice(self.blob(blobs.bias)?).ok()?;
         let multiplier = bytemuck::try_cast_slice(self.blob(blobs.multiplier)?).ok()?;
@@ -438,6 +451,14 @@ impl<'a> Program<'a> {
                     let input = self.tensor(step.inputs[0]).map_or(0, |r| r.len());
                     self.gather(indices, plane)
                         .is_some_and(|g| g.check(input, out.len()).is_ok())
+                }
+                Op::Attention {
+                    attention,
+                    exp_table,
+                } => {
+                    let input = self.tensor(step.inputs[0]).map_or(0, |r| r.len());
+                    self.exp_table(exp_table)
+                        .is_some_and(|t| attention.check(t, input, out.len()).is_ok())
                 }
                 _ => true,
             };
@@ -545,6 +566,13 @@ impl<'a> Program<'a> {
             Op::Gather { indices, plane } => {
                 let gather = self.gather(indices, plane).ok_or(blob_error)?;
                 kernels.gather(&gather, x, output)
+            }
+            Op::Attention {
+                attention,
+                exp_table,
+            } => {
+                let table = self.exp_table(exp_table).ok_or(blob_error)?;
+                kernels.attention(&attention, table, x, output)
             }
             Op::Rescale { rescale, offset } => {
                 let start = offset as usize;
@@ -709,6 +737,12 @@ impl ProgramBuilder {
         self.blob(bytemuck::cast_slice(values))
     }
 
+    /// Append `i32` values, little-endian.
+    pub fn i32_blob(&mut self, values: &[i32]) -> Blob {
+        let bytes: alloc::vec::Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.blob(&bytes)
+    }
+
     /// Append `u32` values, little-endian.
     pub fn u32_blob(&mut self, values: &[u32]) -> Blob {
         let bytes: alloc::vec::Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -721,18 +755,9 @@ impl ProgramBuilder {
         bias: &[i32],
         requant: &[kestrel_ops::quant::Requant],
     ) -> ChannelBlobs {
-        let bias = self.blob(
-            &bias
-                .iter()
-                .flat_map(|b| b.to_le_bytes())
-                .collect::<alloc::vec::Vec<_>>(),
-        );
-        let multiplier = self.blob(
-            &requant
-                .iter()
-                .flat_map(|r| r.multiplier.to_le_bytes())
-                .collect::<alloc::vec::Vec<_>>(),
-        );
+        let bias = self.i32_blob(bias);
+        let multipliers: alloc::vec::Vec<i32> = requant.iter().map(|r| r.multiplier).collect();
+        let multiplier = self.i32_blob(&multipliers);
         let shifts: alloc::vec::Vec<i8> = requant.iter().map(|r| r.shift).collect();
         ChannelBlobs {
             bias,

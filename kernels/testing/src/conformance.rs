@@ -4,8 +4,8 @@
 
 use kestrel_backend::MAX_BANDS;
 use kestrel_ops::int8::{
-    Add, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, OutputQuant, PoolGeometry,
-    Rescale, Resize, ResizeMode,
+    Add, Attention, AveragePool, ConvGeometry, GlobalAveragePool, MaxPool, Mul, OutputQuant,
+    PoolGeometry, Rescale, Resize, ResizeMode,
 };
 use kestrel_ops::quant::Requant;
 use kestrel_ops::Reference;
@@ -41,12 +41,17 @@ impl Case {
 /// `count` random one-step plans, cycling through every op, reproducible from `seed`.
 pub fn random_cases(seed: u64, count: usize) -> Result<std::vec::Vec<Case>, postcard::Error> {
     let mut rng = Rng(seed | 1);
-    (0..count).map(|i| random_case(&mut rng, i % 11)).collect()
+    (0..count).map(|i| random_case(&mut rng, i % 12)).collect()
 }
 
 fn requant(rng: &mut Rng) -> Requant {
     // 2^-20 .. 2^4: small layer scales and the large ones of Add and Rescale.
-    let real = 2f64.powf(rng.below(2400) as f64 / 100.0 - 20.0);
+    requant_in(rng, -20, 24)
+}
+
+/// A scale between `2^lowest` and `2^(lowest + octaves)`.
+fn requant_in(rng: &mut Rng, lowest: i32, octaves: usize) -> Requant {
+    let real = 2f64.powf(rng.below(octaves * 100) as f64 / 100.0 + f64::from(lowest));
     Requant::from_real(real).unwrap_or(Requant {
         multiplier: 1 << 30,
         shift: 0,
@@ -232,6 +237,40 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
                 table: b.i8_blob(&table),
             };
             (format!("lut of {len}"), op, [len, 1, len])
+        }
+        10 => {
+            let heads = 1 + rng.below(3);
+            let (key_dim, head_dim, plane) =
+                (1 + rng.below(9), 1 + rng.below(10), 1 + rng.below(40));
+            // Index steps from a hundredth of a logit unit to several units; outputs from the
+            // mean's 16 fraction bits to about a code per value.
+            let logit_to_index = requant_in(rng, -12, 14);
+            let output_requant = requant_in(rng, -20, 8);
+            let attention = Attention {
+                heads: heads as u32,
+                key_dim: key_dim as u32,
+                head_dim: head_dim as u32,
+                plane: plane as u32,
+                input_zero_point: zero_point(rng),
+                logit_to_index,
+                output_requant,
+                output_quant: output_quant(rng),
+            };
+            let op = Op::Attention {
+                attention,
+                exp_table: b.i32_blob(&Attention::exp_table()),
+            };
+            (
+                format!(
+                    "attention {heads} heads of {key_dim}+{key_dim}+{head_dim} planes of {plane}"
+                ),
+                op,
+                [
+                    heads * (2 * key_dim + head_dim) * plane,
+                    1,
+                    heads * head_dim * plane,
+                ],
+            )
         }
         _ => {
             // One part of a Concat: written into a longer output from an offset.
