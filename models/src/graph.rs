@@ -233,6 +233,19 @@ pub enum Op {
     Softmax,
     /// Same values in a new shape (Flatten, Reshape).
     Reshape,
+    /// Multi-head self-attention over pixels, ultralytics' C2PSA block: the input
+    /// `[1, heads, 2 * key_dim + head_dim, pixels]` holds each head's queries, keys and values;
+    /// the output `[1, heads, head_dim, pixels]` is `v softmax(scale * q^T k)^T` per head.
+    Attention {
+        /// Heads.
+        heads: usize,
+        /// Query and key planes per head.
+        key_dim: usize,
+        /// Value planes per head.
+        head_dim: usize,
+        /// Factor on the logits (`key_dim^-0.5`).
+        scale: f32,
+    },
     /// Planes copied in a new order: output plane `i` is input plane `indices[i]`. A channel
     /// Slice or Split, or a Transpose that keeps the batch and trailing axes (ShuffleNet's
     /// channel shuffle).
@@ -464,6 +477,8 @@ impl Graph {
             output: 0,
         };
         let mut ids: HashMap<String, usize> = HashMap::from([(input.name.clone(), 0)]);
+        // Outputs of nodes an attention block took in whole (see `attention`).
+        let mut absorbed: HashSet<String> = HashSet::new();
         let readers = |name: &str| {
             graph
                 .node
@@ -508,6 +523,13 @@ impl Graph {
                 if integer {
                     integers.insert(output_name.clone());
                 }
+                continue;
+            }
+            if absorbed.contains(output_name) {
+                continue;
+            }
+            if node.op_type == "Split" && int(node, "axis").is_some_and(|a| a == 2 || a == -2) {
+                absorbed.extend(attention(node, &graph, &mut ids, &constants, &mut g)?);
                 continue;
             }
             if node.op_type == "Split" {
@@ -1141,6 +1163,12 @@ impl Graph {
                     })
                     .collect(),
                 Op::Reshape => x.clone(),
+                Op::Attention {
+                    heads,
+                    key_dim,
+                    head_dim,
+                    scale,
+                } => attention_f32(x, *heads, *key_dim, *head_dim, *scale, shape[3]),
                 Op::Gather { indices, plane } => indices
                     .iter()
                     .flat_map(|&i| x[i * plane..(i + 1) * plane].iter().copied())
@@ -1418,26 +1446,7 @@ fn split(
     if !(axis == 1 || axis == -3) {
         return Err(malformed(&node.name, "only Split along the channel axis"));
     }
-    let parts = node.output.len();
-    let sizes: Vec<usize> = match node.input.get(1).and_then(|n| constants.get(n)) {
-        Some((_, sizes)) => sizes.iter().map(|&v| v.max(0.0) as usize).collect(),
-        None => match ints(node, "split") {
-            Some(sizes) => sizes.iter().map(|&v| v.max(0) as usize).collect(),
-            // Equal parts, the last smaller when they do not divide (opset 18).
-            None => {
-                let each = c.div_ceil(parts.max(1));
-                (0..parts)
-                    .map(|i| each.min(c.saturating_sub(i * each)))
-                    .collect()
-            }
-        },
-    };
-    if sizes.len() != parts || sizes.iter().sum::<usize>() != c {
-        return Err(malformed(
-            &node.name,
-            format!("split sizes {sizes:?} do not cover {c} channels in {parts} parts"),
-        ));
-    }
+    let sizes = split_sizes(node, constants, c)?;
     let mut first = 0;
     for (name, size) in node.output.iter().zip(sizes) {
         let id = g.shapes.len();
@@ -1456,6 +1465,223 @@ fn split(
         first += size;
     }
     Ok(())
+}
+
+/// Split sizes: the constant second input, the `split` attribute, or equal parts (the last
+/// smaller when they do not divide, as opset 18 says) of `length`.
+fn split_sizes(
+    node: &NodeProto,
+    constants: &HashMap<String, Constant>,
+    length: usize,
+) -> Result<Vec<usize>, ImportError> {
+    let parts = node.output.len();
+    let sizes: Vec<usize> = match node.input.get(1).and_then(|n| constants.get(n)) {
+        Some((_, sizes)) => sizes.iter().map(|&v| v.max(0.0) as usize).collect(),
+        None => match ints(node, "split") {
+            Some(sizes) => sizes.iter().map(|&v| v.max(0) as usize).collect(),
+            None => {
+                let each = length.div_ceil(parts.max(1));
+                (0..parts)
+                    .map(|i| each.min(length.saturating_sub(i * each)))
+                    .collect()
+            }
+        },
+    };
+    if sizes.len() != parts || sizes.iter().sum::<usize>() != length {
+        return Err(malformed(
+            &node.name,
+            format!("split sizes {sizes:?} do not cover {length} in {parts} parts"),
+        ));
+    }
+    Ok(sizes)
+}
+
+/// ultralytics' attention block, from the Split of `[1, heads, 2 * key_dim + head_dim, pixels]`
+/// into queries, keys and values: `softmax(q^T k * scale)` (the scale a Mul by a constant on
+/// the queries or on the logits), transposed, multiplied into the values. It becomes one
+/// [`Op::Attention`] writing the second MatMul's output, and a [`Op::Gather`] of the values
+/// (which the block's positional convolution also reads). Returns the outputs of the nodes
+/// taken in, for the importer to skip.
+fn attention(
+    split: &NodeProto,
+    graph: &pb::GraphProto,
+    ids: &mut HashMap<String, usize>,
+    constants: &HashMap<String, Constant>,
+    g: &mut Graph,
+) -> Result<Vec<String>, ImportError> {
+    let refuse = |node: &NodeProto, why: &str| {
+        Err(malformed(
+            &node.name,
+            format!("Split along the third axis is only supported as the start of an attention block (softmax(q^T k) v, as ultralytics' C2PSA): {why}"),
+        ))
+    };
+    let input = split
+        .input
+        .first()
+        .and_then(|n| ids.get(n))
+        .copied()
+        .ok_or_else(|| malformed(&split.name, "Split of a constant"))?;
+    let [1, heads, dims, pixels] = g.shapes[input][..] else {
+        return refuse(split, "the input is not [1, heads, channels, pixels]");
+    };
+    let sizes = split_sizes(split, constants, dims)?;
+    let [key_dim, key_dim_again, head_dim] = sizes[..] else {
+        return refuse(split, "not three parts");
+    };
+    if key_dim != key_dim_again {
+        return refuse(split, "queries and keys differ in size");
+    }
+    let [q, k, v] = [0, 1, 2].map(|i| split.output[i].as_str());
+    // The one node reading `name`; an attention block's inner values have no other reader.
+    let only_reader = |name: &str| -> Result<&NodeProto, ImportError> {
+        let mut readers = graph
+            .node
+            .iter()
+            .filter(|n| n.input.iter().any(|i| i == name));
+        match (readers.next(), readers.next()) {
+            (Some(node), None) if !graph.output.iter().any(|o| o.name == name) => Ok(node),
+            _ => Err(malformed(
+                &split.name,
+                format!("attention block: {name} must have exactly one reader"),
+            )),
+        }
+    };
+    // A Mul of `value` by a scalar constant: the scalar.
+    let scalar_factor = |node: &NodeProto, value: &str| -> Option<f32> {
+        if node.op_type != "Mul" {
+            return None;
+        }
+        let other = node.input.iter().find(|i| *i != value)?;
+        // The Constant node may come after the Split: exporters order nodes loosely.
+        let later = || {
+            let producer = graph
+                .node
+                .iter()
+                .find(|n| n.output.first() == Some(other))?;
+            let tensor = producer
+                .attribute
+                .iter()
+                .find(|a| a.name == "value")?
+                .t
+                .as_ref()?;
+            (producer.op_type == "Constant").then(|| tensor_f32(tensor).ok())?
+        };
+        match constants.get(other).cloned().or_else(later) {
+            Some((_, v)) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        }
+    };
+    let swaps_last_two = |node: &NodeProto| {
+        node.op_type == "Transpose" && ints(node, "perm").as_deref() == Some(&[0, 1, 3, 2][..])
+    };
+    let mut absorbed = Vec::new();
+    let mut scale = 1.0f32;
+    let mut next = only_reader(q)?;
+    if let Some(factor) = scalar_factor(next, q) {
+        scale *= factor;
+        absorbed.push(next.output[0].clone());
+        next = only_reader(&next.output[0])?;
+    }
+    if !swaps_last_two(next) {
+        return refuse(next, "the queries are not transposed (perm [0, 1, 3, 2])");
+    }
+    absorbed.push(next.output[0].clone());
+    let logits = only_reader(&next.output[0])?;
+    if logits.op_type != "MatMul" || logits.input != [next.output[0].as_str(), k] {
+        return refuse(logits, "not MatMul(q^T, k)");
+    }
+    if only_reader(k)?.name != logits.name {
+        return refuse(logits, "the keys are read elsewhere");
+    }
+    absorbed.push(logits.output[0].clone());
+    next = only_reader(&logits.output[0])?;
+    if let Some(factor) = scalar_factor(next, &logits.output[0]) {
+        scale *= factor;
+        absorbed.push(next.output[0].clone());
+        next = only_reader(&next.output[0])?;
+    }
+    if next.op_type != "Softmax" || !matches!(int(next, "axis").unwrap_or(-1), -1 | 3) {
+        return refuse(next, "no Softmax over the last axis after q^T k");
+    }
+    absorbed.push(next.output[0].clone());
+    let transposed = only_reader(&next.output[0])?;
+    if !swaps_last_two(transposed) {
+        return refuse(transposed, "the attention matrix is not transposed");
+    }
+    absorbed.push(transposed.output[0].clone());
+    let mixed = only_reader(&transposed.output[0])?;
+    if mixed.op_type != "MatMul" || mixed.input != [v, transposed.output[0].as_str()] {
+        return refuse(mixed, "not MatMul(v, attention^T)");
+    }
+    absorbed.push(mixed.output[0].clone());
+    let values = (0..heads)
+        .flat_map(|h| (0..head_dim).map(move |d| h * dims + 2 * key_dim + d))
+        .collect();
+    let values = g.push(
+        &split.name,
+        v,
+        Op::Gather {
+            indices: values,
+            plane: pixels,
+        },
+        vec![input],
+        vec![1, heads, head_dim, pixels],
+    );
+    ids.insert(v.to_string(), values);
+    let output = g.push(
+        &mixed.name,
+        &mixed.output[0],
+        Op::Attention {
+            heads,
+            key_dim,
+            head_dim,
+            scale,
+        },
+        vec![input],
+        vec![1, heads, head_dim, pixels],
+    );
+    ids.insert(mixed.output[0].clone(), output);
+    Ok(absorbed)
+}
+
+/// [`Op::Attention`] in f32 over `x` (`[1, heads, 2 * key_dim + head_dim, pixels]`).
+fn attention_f32(
+    x: &[f32],
+    heads: usize,
+    key_dim: usize,
+    head_dim: usize,
+    scale: f32,
+    pixels: usize,
+) -> Vec<f32> {
+    let per_head = (2 * key_dim + head_dim) * pixels;
+    let mut out = vec![0.0; heads * head_dim * pixels];
+    for (head, out) in x
+        .chunks_exact(per_head)
+        .zip(out.chunks_exact_mut(head_dim * pixels))
+    {
+        let (q, rest) = head.split_at(key_dim * pixels);
+        let (k, v) = rest.split_at(key_dim * pixels);
+        for n in 0..pixels {
+            let logits: Vec<f32> = (0..pixels)
+                .map(|m| {
+                    scale
+                        * (0..key_dim)
+                            .map(|c| q[c * pixels + n] * k[c * pixels + m])
+                            .sum::<f32>()
+                })
+                .collect();
+            let top = logits.iter().copied().fold(f32::MIN, f32::max);
+            let weights: Vec<f32> = logits.iter().map(|l| (l - top).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for d in 0..head_dim {
+                out[d * pixels + n] = (0..pixels)
+                    .map(|m| v[d * pixels + m] * weights[m])
+                    .sum::<f32>()
+                    / total;
+            }
+        }
+    }
+    out
 }
 
 fn pads(node: &NodeProto) -> Result<[usize; 4], ImportError> {

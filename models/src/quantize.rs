@@ -61,6 +61,8 @@ pub enum Layer {
     /// Planes copied in a new order (a channel Slice, Split or shuffle): the input plane of
     /// each output plane, and the values per plane.
     Gather(Vec<u32>, usize),
+    /// Self-attention over pixels; the plan carries [`int8::Attention::exp_table`] with it.
+    Attention(int8::Attention),
 }
 
 impl Layer {
@@ -79,6 +81,7 @@ impl Layer {
             Self::Lut(_) => "Lut",
             Self::Concat(_) => "Concat",
             Self::Gather(..) => "Gather",
+            Self::Attention(_) => "Attention",
         }
     }
 }
@@ -413,6 +416,35 @@ impl QuantizedGraph {
                         .collect::<Result<_, _>>()?;
                     Layer::Gather(indices, *plane)
                 }
+                Op::Attention {
+                    heads,
+                    key_dim,
+                    head_dim,
+                    scale,
+                } => {
+                    let size = |v: usize| {
+                        u32::try_from(v).map_err(|_| unsupported(node, "attention this large"))
+                    };
+                    Layer::Attention(int8::Attention {
+                        heads: size(*heads)?,
+                        key_dim: size(*key_dim)?,
+                        head_dim: size(*head_dim)?,
+                        plane: size(shape[3])?,
+                        input_zero_point,
+                        // A logit is scale * input_scale^2 * (code product sum).
+                        logit_to_index: requant(
+                            input_scale * input_scale * f64::from(*scale)
+                                / int8::Attention::EXP_STEP,
+                            &node.name,
+                        )?,
+                        // The weighted mean of value codes carries 16 fraction bits.
+                        output_requant: requant(
+                            input_scale / f64::from(out.scale) / 65_536.0,
+                            &node.name,
+                        )?,
+                        output_quant,
+                    })
+                }
                 Op::Softmax => {
                     if node.output != graph.output {
                         return Err(unsupported(node, "Softmax anywhere but at the output"));
@@ -512,6 +544,10 @@ impl QuantizedGraph {
                 Layer::Gather(indices, plane) => PlanOp::Gather {
                     indices: builder.u32_blob(indices),
                     plane: u32::try_from(*plane).map_err(|_| too_big("gather"))?,
+                },
+                Layer::Attention(attention) => PlanOp::Attention {
+                    attention: *attention,
+                    exp_table: builder.i32_blob(&int8::Attention::exp_table()),
                 },
                 Layer::Concat(parts) => {
                     let mut offset = 0usize;

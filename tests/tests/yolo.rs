@@ -1,10 +1,14 @@
-//! ultralytics YOLO detectors (issue 17): a YOLOv8 built by ultralytics from its own
-//! `yolov8.yaml` (`tests/data/yolo/`, made by `make_yolo_model.py` there: random weights,
-//! BatchNorm statistics from the sample scenes, class biases spread so that there are boxes).
+//! ultralytics YOLO detectors (issue 17): a YOLOv8 and a YOLO11 built by ultralytics from its
+//! own `yolov8.yaml` and `yolo11.yaml` (`tests/data/yolo/` and `tests/data/yolo11/`, made by
+//! `tests/data/yolo/make_yolo_model.py`: random weights, BatchNorm statistics from the sample
+//! scenes, class biases spread so that there are boxes). YOLO11 adds the C2PSA attention block
+//! (a softmax over pixels between two activation products), which Kestrel imports as one
+//! attention op.
 //!
 //! - Kestrel's decoder, given the raw head PyTorch computed for a real scene, finds the boxes
 //!   that ultralytics' own decoding and `non_max_suppression` found.
-//! - tract, run up to the raw head Kestrel finds in the export, gives that raw head.
+//! - tract, run up to the raw head Kestrel finds in the export, gives that raw head, and so does
+//!   Kestrel's own float interpretation of the graph it imported.
 //! - The int8 plan compiled from the export finds what the float model finds, on every tile of
 //!   the committed NWPU scenes, through `DetectorStep` (tiling, suppression, seam merging); the
 //!   CUDA kernels (on their CPU emulator) compute the generic executor's head bit for bit.
@@ -18,21 +22,26 @@ use kestrel_runtime::detect::{Detection, Detections, Head};
 use kestrel_tests::whole_image_input;
 use models::ZooModel;
 
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/yolo")
+/// The fixture folders under `tests/data/`: YOLOv8, and YOLO11 with its attention block.
+const FIXTURES: [&str; 2] = ["yolo", "yolo11"];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
 }
 
-fn model() -> ZooModel {
-    ZooModel::load(fixture().to_str().unwrap()).unwrap()
+fn model(name: &str) -> ZooModel {
+    ZooModel::load(fixture(name).to_str().unwrap()).unwrap()
 }
 
-fn expected() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("expected.json")).unwrap())
+fn expected(name: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(name).join("expected.json")).unwrap())
         .unwrap()
 }
 
-fn raw_head() -> Vec<f32> {
-    std::fs::read(fixture().join("raw_head.f32"))
+fn raw_head(name: &str) -> Vec<f32> {
+    std::fs::read(fixture(name).join("raw_head.f32"))
         .unwrap()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
@@ -41,9 +50,9 @@ fn raw_head() -> Vec<f32> {
 
 /// The fixture's scene (a corner of a committed NWPU scene, as PIL decoded it), preprocessed
 /// for the model.
-fn scene_input(model: &ZooModel) -> Vec<f32> {
+fn scene_input(name: &str, model: &ZooModel) -> Vec<f32> {
     whole_image_input(
-        &fixture().join("scene.png"),
+        &fixture(name).join("scene.png"),
         &model.preprocess_spec().unwrap(),
     )
 }
@@ -63,20 +72,31 @@ fn detections(head: &Head, raw: &[f32], threshold: f32, iou: f32) -> Vec<Detecti
 
 #[test]
 fn the_decoder_finds_what_ultralytics_postprocessing_finds_on_the_same_raw_head() {
-    let model = model();
-    let e = expected();
+    for name in FIXTURES {
+        decoder_matches_ultralytics(name);
+    }
+}
+
+fn decoder_matches_ultralytics(name: &str) {
+    let model = model(name);
+    let e = expected(name);
     let Head::Yolo(layout) = head(&model) else {
         panic!("the manifest names a YOLO head");
     };
     assert_eq!(layout.reg_max, e["reg_max"].as_u64().unwrap() as usize);
     let got = detections(
         &Head::Yolo(layout),
-        &raw_head(),
+        &raw_head(name),
         e["conf_thres"].as_f64().unwrap() as f32,
         e["iou_thres"].as_f64().unwrap() as f32,
     );
     let want = e["detections"].as_array().unwrap();
-    assert_eq!(got.len(), want.len(), "ultralytics kept {}", want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{name}: ultralytics kept {}",
+        want.len()
+    );
     for (d, w) in got.iter().zip(want) {
         let w: Vec<f64> = w
             .as_array()
@@ -106,27 +126,34 @@ fn relative_rms(got: &[f32], want: &[f32]) -> f64 {
 }
 
 #[test]
-fn tract_runs_the_export_up_to_the_raw_head_ultralytics_computed() {
-    let model = model();
-    let outputs = model.head_outputs().unwrap();
-    assert_eq!(
-        outputs.len(),
-        6,
-        "boxes and classes at three scales: {outputs:?}"
-    );
-    let mut tract = model.tract_backend().unwrap();
-    let want = raw_head();
-    assert_eq!(tract.output_len(), want.len());
-    let mut got = vec![0.0; want.len()];
-    tract.run(&scene_input(&model), &mut got).unwrap();
-    let rms = relative_rms(&got, &want);
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0, f32::max);
-    println!("tract vs PyTorch raw head: relative RMS {rms:.2e}, worst {worst:.3}");
-    assert!(rms < 1e-4, "relative RMS {rms}");
+fn tract_and_the_imported_graph_compute_the_raw_head_ultralytics_computed() {
+    for name in FIXTURES {
+        let model = model(name);
+        let outputs = model.head_outputs().unwrap();
+        assert_eq!(
+            outputs.len(),
+            6,
+            "{name}: boxes and classes at three scales: {outputs:?}"
+        );
+        let want = raw_head(name);
+        let input = scene_input(name, &model);
+        let mut tract = model.tract_backend().unwrap();
+        assert_eq!(tract.output_len(), want.len());
+        let mut got = vec![0.0; want.len()];
+        tract.run(&input, &mut got).unwrap();
+        let graph = model.graph().unwrap();
+        let ours = graph.run_f32(&input).swap_remove(graph.output);
+        for (who, got) in [("tract", &got), ("Kestrel's float graph", &ours)] {
+            let rms = relative_rms(got, &want);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0.0, f32::max);
+            println!("{name}: {who} vs PyTorch raw head: relative RMS {rms:.2e}, worst {worst:.3}");
+            assert!(rms < 1e-4, "{name}: {who}: relative RMS {rms}");
+        }
+    }
 }
 
 /// The plan compiled on the committed NWPU scenes: its head is near the float head and gives
@@ -136,7 +163,26 @@ fn tract_runs_the_export_up_to_the_raw_head_ultralytics_computed() {
 /// The random network amplifies small differences (the JPEG decoders' few levels move its head
 /// by 16%), so int8 cannot match it closely; the trained model's agreement is in BENCHMARKS.md.
 #[test]
-fn the_int8_plan_runs_the_head_through_tiling_and_on_the_cuda_emulator() {
+fn the_yolov8_int8_plan_runs_the_head_through_tiling_and_on_the_cuda_emulator() {
+    // Measured: relative RMS 0.232; 57.7% of 130 boxes.
+    int8_plan_runs_through_tiling_and_on_the_cuda_emulator("yolo", 0.3, 0.45);
+}
+
+#[test]
+fn the_yolo11_int8_plan_with_attention_runs_through_tiling_and_on_the_cuda_emulator() {
+    // Measured: relative RMS 0.343; 41.4% of 133 boxes. The random network's layers are far
+    // from their float values already before the attention block (relative RMS 0.59 at its
+    // input), and a softmax over 64 pixels amplifies that (0.79 after it).
+    int8_plan_runs_through_tiling_and_on_the_cuda_emulator("yolo11", 0.4, 0.35);
+}
+
+/// `max_rms`: the plan's head against tract's; `min_agreement`: the share of tract's boxes the
+/// plan also finds.
+fn int8_plan_runs_through_tiling_and_on_the_cuda_emulator(
+    name: &str,
+    max_rms: f64,
+    min_agreement: f64,
+) {
     use kestrel_host::decode_image;
     use kestrel_plan::cpu::Int8Cpu;
     use kestrel_runtime::frame::FrameView;
@@ -144,22 +190,21 @@ fn the_int8_plan_runs_the_head_through_tiling_and_on_the_cuda_emulator() {
     use kestrel_tests::sorted_files;
     use models::compile::{compile, Options};
 
-    let model = model();
+    let model = model(name);
     let scenes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sim/sample/nwpu-vhr10/images");
     let (plan, report) = compile(&model, &scenes, &Options::default(), &mut |_| {}).unwrap();
     let agreement = report.box_agreement.unwrap();
     println!(
-        "int8 against tract on {} calibration tiles: {:.1}% of {} boxes, head relative RMS {:.3}",
+        "{name}: int8 against tract on {} calibration tiles: {:.1}% of {} boxes, head relative RMS {:.3}",
         report.calibration_images,
         100.0 * agreement,
         report.float_boxes,
         report.output_rel_rms
     );
     assert_eq!(report.top1_agreement, None, "a detector");
-    // Measured: relative RMS 0.232; 57.7% of 130 boxes.
     assert!(report.float_boxes > 50, "{report:?}");
-    assert!(report.output_rel_rms < 0.3, "{}", report.output_rel_rms);
-    assert!(agreement > 0.45, "{agreement}");
+    assert!(report.output_rel_rms < max_rms, "{}", report.output_rel_rms);
+    assert!(agreement > min_agreement, "{agreement}");
 
     let config = model.detector_config().unwrap();
     let spec = model.preprocess_spec().unwrap();
@@ -185,5 +230,20 @@ fn the_int8_plan_runs_the_head_through_tiling_and_on_the_cuda_emulator() {
     }
     assert!(boxes > 100, "{boxes} boxes on the sample scenes");
 
-    common::assert_cuda_emulator_matches_the_generic_executor(&plan, &scene_input(&model));
+    common::assert_cuda_emulator_matches_the_generic_executor(&plan, &scene_input(name, &model));
+}
+
+/// Only a whole attention block may split along the third axis; anything else is refused with
+/// the reason, not imported wrongly.
+#[test]
+fn a_split_along_the_third_axis_that_starts_no_attention_block_is_refused() {
+    let onnx = std::fs::read(fixture("yolo11").join("split_not_attention.onnx")).unwrap();
+    let err = models::graph::Graph::from_onnx(&onnx)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("only supported as the start of an attention block")
+            && err.contains("the queries are not transposed"),
+        "{err}"
+    );
 }
