@@ -79,6 +79,27 @@ def throughput(path, options, x, threads, runs):
     return round(threads * runs / (time.perf_counter() - t0), 1)
 
 
+def quantize_qdq(f32_path, qdq_path, input_name, inputs):
+    """ONNX Runtime's static int8 of `f32_path` into `qdq_path`: QDQ format, per-channel signed
+    weights, signed activations calibrated on `inputs` (arrays for `input_name`)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{input_name: x} for x in inputs])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = os.path.join(tmp, "prep.onnx")
+        # Shapes are static: the symbolic pass (and its sympy dependency) adds nothing.
+        quant_pre_process(f32_path, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, qdq_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--zoo", "--model", default=os.path.join(ROOT, "models/zoo/eurosat-rgb"),
@@ -106,26 +127,14 @@ def main():
         print(json.dumps({"backend": "onnxruntime-f32", "threads": threads,
                           "frames_per_s": throughput(f32_path, options, x, threads, args.runs)}))
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     calib_root = args.data or os.path.join(ROOT, "sim/sample/eurosat-rgb")
     chips = calibration_chips(calib_root) if args.data else [
         os.path.join(calib_root, label, n) for label in LABELS for n in sorted(os.listdir(os.path.join(calib_root, label)))[:5]]
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{f32.get_inputs()[0].name: chip_tensor(c, mean, std, size)} for c in chips])
-
-        def get_next(self):
-            return next(self.items, None)
-
     with tempfile.TemporaryDirectory() as tmp:
-        prepared, qdq = os.path.join(tmp, "prep.onnx"), os.path.join(tmp, "qdq.onnx")
-        # Shapes are static: the symbolic pass (and its sympy dependency) adds nothing.
-        quant_pre_process(f32_path, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, qdq, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        qdq = os.path.join(tmp, "qdq.onnx")
+        quantize_qdq(f32_path, qdq, f32.get_inputs()[0].name,
+                     [chip_tensor(c, mean, std, size) for c in chips])
         int8 = ort.InferenceSession(qdq, options, providers=["CPUExecutionProvider"])
         print(json.dumps({**model, "backend": "onnxruntime-int8-qdq", "runs": args.runs,
                           "calibration_chips": len(chips), **time_session(int8, x, args.runs)}))

@@ -31,6 +31,9 @@ from eurosat_train import augment, load_dataset  # noqa: E402
 
 from export import MODELS  # noqa: E402
 
+sys.path.insert(0, os.path.join(HERE, ".."))
+from ort_latency import quantize_qdq  # noqa: E402
+
 MEAN = [87.4268, 96.7408, 103.7987]
 STD = [51.3144, 34.6794, 29.3455]
 
@@ -142,22 +145,9 @@ def main():
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
 
-        from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                              quantize_static)
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.items = iter([{"input": calibration[i:i + 1]} for i in range(len(calibration))])
-
-            def get_next(self):
-                return next(self.items, None)
-
         with tempfile.TemporaryDirectory() as tmp:
-            prepared, qdq = os.path.join(tmp, "prep.onnx"), os.path.join(tmp, "qdq.onnx")
-            quant_pre_process(path, prepared, skip_symbolic_shape=True)
-            quantize_static(prepared, qdq, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+            qdq = os.path.join(tmp, "qdq.onnx")
+            quantize_qdq(path, qdq, "input", [calibration[i:i + 1] for i in range(len(calibration))])
             ort_int8 = ort_top1(qdq, val_x, val_y)
         ort_f32 = ort_top1(path, val_x, val_y)
         scores = {"model": name, "epochs": args.epochs, "training_seconds": round(seconds),
