@@ -7,7 +7,8 @@ use std::boxed::Box;
 use std::vec::Vec;
 
 use crate::int8::{
-    Add, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale, Resize, ShapeError,
+    Add, Attention, AttentionScratch, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool,
+    Mul, Rescale, Resize, ShapeError,
 };
 use crate::{Kernels, Reference};
 
@@ -64,6 +65,9 @@ pub struct KernelTable {
     pub lut: Entry<LutKernel>,
     /// Concat parts.
     pub rescale: Entry<UnaryKernel<Rescale>>,
+    /// Attention runs [`Attention::run_rows`] on every CPU (no plug-in replaces it, so it is
+    /// not among [`KernelTable::names`]), with these buffers.
+    attention_scratch: AttentionScratch,
 }
 
 impl Entry<ConvKernel> {
@@ -97,6 +101,7 @@ impl KernelTable {
             resize: generic(Resize::run),
             lut: generic(|lut, input, output| lut.run(input, output)),
             rescale: generic(Rescale::run),
+            attention_scratch: AttentionScratch::default(),
         }
     }
 
@@ -128,6 +133,16 @@ impl KernelTable {
 }
 
 impl Kernels for KernelTable {
+    fn attention(
+        &mut self,
+        attention: &Attention,
+        exp_table: &[i32],
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        attention.run_rows(exp_table, input, output, &mut self.attention_scratch)
+    }
+
     fn conv(
         &mut self,
         step: usize,
