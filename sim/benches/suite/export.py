@@ -1,4 +1,4 @@
-"""Export the model-suite benchmark's torchvision classifiers and ultralytics YOLOv8n to ONNX,
+"""Export the model-suite benchmark's torchvision classifiers and ultralytics YOLOv8n and YOLO11n to ONNX,
 one folder each.
 
     python sim/benches/suite/export.py --out target/suite [--models mobilenet_v2,...,yolov8n] [--sizes 64,224]
@@ -6,7 +6,7 @@ one folder each.
 Each folder `<out>/<model>-<size>/` gets `model.onnx` (opset 13, batch 1, eval mode, random
 weights seeded with 0, 10 classes) and a `manifest.json` with EuroSAT's labels and
 normalisation, so `cargo run -p models -- compile` and the benchmark take it like a zoo model.
-YOLOv8n is built by ultralytics from its own `yolov8n.yaml` at 640 only (the sizes do not apply),
+YOLOv8n and YOLO11n are built by ultralytics from their own `yolov8n.yaml`, `yolo11n.yaml` at 640 only (the sizes do not apply),
 with NWPU VHR-10's labels, a `yolo` detector head and its BatchNorm statistics re-estimated on
 the committed NWPU scenes (random weights otherwise shrink its activations to nothing).
 Nothing is downloaded; random weights measure speed, not accuracy.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The model suite: torchvision classifiers exported with random weights at 64 and 224, and
-# ultralytics' YOLOv8n at 640, compiled by Kestrel, and timed batch 1 on one thread in one run:
+# ultralytics' YOLOv8n and YOLO11n at 640, compiled by Kestrel, and timed batch 1 on one thread in one run:
 # Kestrel int8, tract f32, ONNX Runtime f32 and ONNX Runtime int8 (static QDQ, per-channel),
 # plus Kestrel's preprocessing of a chip into each model's input (and for YOLO, Kestrel's
 # decoding and suppression of the raw head, which ONNX Runtime's graph includes). Medians of
@@ -13,7 +13,7 @@ python=${1:?usage: run.sh PYTHON [runs] [rounds] [out] [models] [sizes]}
 runs=${2:-100}
 rounds=${3:-3}
 out=${4:-target/suite}
-models=${5:-resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,shufflenet_v2_x1_0,yolov8n}
+models=${5:-resnet18,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,squeezenet1_1,shufflenet_v2_x1_0,yolov8n,yolo11n}
 sizes=${6:-64,224}
 
 mkdir -p "$out"
