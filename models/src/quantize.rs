@@ -439,7 +439,9 @@ impl QuantizedGraph {
                         )?,
                         // The weighted mean of value codes carries 16 fraction bits.
                         output_requant: requant(
-                            input_scale / f64::from(out.scale) / 65_536.0,
+                            input_scale
+                                / f64::from(out.scale)
+                                / f64::from(int8::Attention::MEAN_ONE),
                             &node.name,
                         )?,
                         output_quant,
