@@ -214,13 +214,17 @@ pub(crate) fn for_each_group(
 /// is that minus `(zp + k)·Σ w`, a constant of the channel, folded into its bias here. Padding
 /// becomes `zp + k`, which the correction turns back into 0. The sums agree with the generic
 /// kernel's modulo 2^32, as its own wrapping sums do.
+///
+/// Arm's `smmla` (i8mm) multiplies 2 rows of 8 bytes by 2 columns of 8: for it each channel's
+/// quads come in pairs (`per_step` 2), 8 consecutive weights side by side.
 pub(crate) struct ByteQuads {
-    /// `[group][block][quad][MR]`: four weights (column-matrix rows `4k..4k + 4`) per i32, the
-    /// first in the low byte.
+    /// `[group][block][step][MR][per_step]`: four weights (column-matrix rows `4k..4k + 4`) per
+    /// i32, the first in the low byte; a step is `per_step` quads of each of the [`MR`]
+    /// channels.
     pub(crate) weights: Vec<i32>,
     /// Per output channel: the bias minus `(zp + k)·Σ w`.
     pub(crate) biases: Vec<i32>,
-    /// Column-matrix rows rounded up to a multiple of 4, quartered.
+    /// Column-matrix rows rounded up to a multiple of `4 · per_step`, quartered.
     pub(crate) quads: usize,
     /// The input zero point the biases were corrected for.
     pub(crate) zero_point: i32,
@@ -228,9 +232,9 @@ pub(crate) struct ByteQuads {
 
 impl ByteQuads {
     /// Pack `conv`, which the strips kernel packed as `packed`, for instructions that read the
-    /// input as `x + k`; `None` for depthwise layers (they have their own kernels) and input
-    /// zero points outside int8.
-    pub(crate) fn new(conv: &Conv<'_>, packed: &Packed, k: i32) -> Option<Self> {
+    /// input as `x + k` in quads (`per_step` 1) or octets (2) per channel; `None` for depthwise
+    /// layers (they have their own kernels) and input zero points outside int8.
+    pub(crate) fn new(conv: &Conv<'_>, packed: &Packed, k: i32, per_step: usize) -> Option<Self> {
         let g = conv.geometry;
         let depthwise = g.group > 1 && g.input[0] == g.group;
         if depthwise || !(-128..=127).contains(&conv.input_zero_point) {
@@ -239,19 +243,22 @@ impl ByteQuads {
         let group = g.group.max(1);
         let [oc, _, _] = g.output;
         let rows = g.input[0] / group * g.kernel[0] * g.kernel[1];
-        let (ocg, quads, blocks) = (oc / group, rows.div_ceil(4), packed.blocks);
+        let per_step = per_step.max(1);
+        let quads = rows.div_ceil(4 * per_step) * per_step;
+        let (ocg, blocks) = (oc / group, packed.blocks);
         let mut weights = std::vec![0i32; group * blocks * quads * MR];
         let mut biases = Vec::with_capacity(oc);
         let offset = conv.input_zero_point + k;
         for (o, filter) in conv.weights.chunks_exact(rows.max(1)).enumerate().take(oc) {
             let (gi, r) = (o / ocg, o % ocg);
-            let tile = (gi * blocks + r / MR) * quads * MR + r % MR;
+            let tile = (gi * blocks + r / MR) * quads * MR;
             for (q, taps) in filter.chunks(4).enumerate() {
                 let word = taps
                     .iter()
                     .enumerate()
                     .fold(0u32, |word, (i, &w)| word | (u32::from(w as u8) << (8 * i)));
-                weights[tile + q * MR] = word as i32;
+                let (step, part) = (q / per_step, q % per_step);
+                weights[tile + (step * MR + r % MR) * per_step + part] = word as i32;
             }
             let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
             let (bias, _) = conv.channels.get(o);

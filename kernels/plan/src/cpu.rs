@@ -129,7 +129,7 @@ impl Int8Cpu {
 
     /// Which convolution kernels run (the op that dominates run time): `"generic"`, `"avx2"`
     /// (`"avx-vnni"` or `"avx512-vnni"` where the CPU has 8-bit dot products), `"neon"`
-    /// (`"neon-dotprod"` with `sdot`).
+    /// (`"neon-dotprod"` with `sdot`, `"neon-i8mm"` with `smmla`).
     pub fn kernel_name(&self) -> &'static str {
         self.kernels.conv.name
     }

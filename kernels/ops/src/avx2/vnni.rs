@@ -58,7 +58,7 @@ impl Quads {
         }
         Some(Self {
             vnni,
-            packed: ByteQuads::new(conv, packed, 128)?,
+            packed: ByteQuads::new(conv, packed, 128, 1)?,
         })
     }
 
