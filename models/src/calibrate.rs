@@ -289,43 +289,66 @@ mod tests {
     }
 }
 
-/// Symmetric int8 weights of one layer, one scale per output channel.
+/// Symmetric int8 weights of one layer, one scale per output channel, and its biases.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuantizedWeights {
     /// Row-major like the float weights, in `[-127, 127]` (-128 unused, so negation is exact).
     pub values: Vec<i8>,
     /// Real value of one step, per output channel.
     pub scales: Vec<f32>,
+    /// Per output channel, in the accumulator's scale (`input_scale * scale`).
+    pub bias: Vec<i32>,
 }
 
-/// Quantise `weights` whose leading dimension is `channels` output channels, each to its own
-/// symmetric scale `max |w| / 127`. An all-zero channel gets scale 1 and zero weights.
-pub fn quantize_weights_per_channel(weights: &[f32], channels: usize) -> QuantizedWeights {
+/// The largest bias, in accumulator steps, a channel's weight scale allows: half the int32
+/// accumulator, which leaves the other half to the products (127 · 255 per input value: 2^27
+/// even for 4,096 of them).
+const MAX_BIAS_STEPS: f64 = (1u32 << 30) as f64;
+
+/// Quantise `weights`, whose leading dimension is `channels` output channels, each to its own
+/// symmetric scale, and `bias` into each channel's accumulator scale (`input_scale` times the
+/// channel's). A channel's scale is `max |w| / 127`, or larger where its bias would not fit
+/// in [`MAX_BIAS_STEPS`]: a channel whose weights are tiny beside its bias (a BatchNorm with a
+/// scale near 0 folded into it) keeps its bias and rounds its weights toward zero, rather than
+/// saturating the bias. A channel with neither weights nor bias gets scale 1.
+pub fn quantize_weights_per_channel(
+    weights: &[f32],
+    channels: usize,
+    bias: &[f32],
+    input_scale: f32,
+) -> QuantizedWeights {
     let per_channel = weights.len() / channels.max(1);
     let mut values = Vec::with_capacity(weights.len());
     let mut scales = Vec::with_capacity(channels);
-    for channel in weights.chunks(per_channel.max(1)).take(channels) {
+    let mut biases = Vec::with_capacity(channels);
+    for (c, channel) in weights
+        .chunks(per_channel.max(1))
+        .take(channels)
+        .enumerate()
+    {
+        let b = f64::from(bias.get(c).copied().unwrap_or(0.0));
         let max = channel.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
+        let for_bias = (b.abs() / (f64::from(input_scale) * MAX_BIAS_STEPS)) as f32;
+        let scale = (max / 127.0).max(for_bias);
+        let scale = if scale > 0.0 && scale.is_finite() {
+            scale
+        } else {
+            1.0
+        };
         values.extend(
             channel
                 .iter()
                 .map(|w| (w / scale).round().clamp(-127.0, 127.0) as i8),
         );
+        let steps = (b / (f64::from(input_scale) * f64::from(scale))).round();
+        biases.push(steps.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32);
         scales.push(scale);
     }
-    QuantizedWeights { values, scales }
-}
-
-/// Quantise biases to int32 in the accumulator's scale, `input_scale * weight_scale` per channel.
-pub fn quantize_bias(bias: &[f32], input_scale: f32, weight_scales: &[f32]) -> Vec<i32> {
-    bias.iter()
-        .zip(weight_scales)
-        .map(|(b, w)| {
-            let q = (f64::from(*b) / (f64::from(input_scale) * f64::from(*w))).round();
-            q.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32
-        })
-        .collect()
+    QuantizedWeights {
+        values,
+        scales,
+        bias: biases,
+    }
 }
 
 #[cfg(test)]
@@ -335,7 +358,7 @@ mod weight_tests {
     #[test]
     fn per_channel_weights_use_the_full_range_of_each_channel() {
         let weights = [0.6, -1.0, 0.25, 0.012, -0.02, 0.005, 0.0, 0.0, 0.0];
-        let q = quantize_weights_per_channel(&weights, 3);
+        let q = quantize_weights_per_channel(&weights, 3, &[0.0; 3], 0.01);
         assert_eq!(q.values, vec![76, -127, 32, 76, -127, 32, 0, 0, 0]);
         assert_eq!(q.scales[2], 1.0);
         for (i, (&w, &v)) in weights.iter().zip(&q.values).enumerate() {
@@ -349,9 +372,30 @@ mod weight_tests {
 
     #[test]
     fn biases_land_in_the_accumulator_scale() {
-        assert_eq!(
-            quantize_bias(&[0.5, -0.25, 1e12], 0.01, &[0.1, 0.05, 1e-3]),
-            vec![500, -500, i32::MAX]
-        );
+        let weights = [0.1 * 127.0, 0.05 * 127.0];
+        let q = quantize_weights_per_channel(&weights, 2, &[0.5, -0.25], 0.01);
+        assert_eq!(q.bias, vec![500, -500]);
+    }
+
+    /// A channel whose weights are tiny beside its bias (BatchNorm's scale near 0, folded in)
+    /// widens its weight scale so the bias fits the accumulator, instead of saturating it: the
+    /// bias survives to within a step, the weights round to 0.
+    #[test]
+    fn a_bias_too_large_for_tiny_weights_widens_the_scale() {
+        let (input_scale, bias) = (0.02f32, [0.7f32, -3.0, 1e30]);
+        let weights = [1e-12, -2e-12, 1e-13, 0.0, 5e-14, 0.0];
+        let q = quantize_weights_per_channel(&weights, 3, &bias, input_scale);
+        for (c, &b) in bias.iter().enumerate() {
+            // Within the f32 scale's rounding of the bound.
+            let steps = f64::from(q.bias[c].unsigned_abs());
+            assert!(steps <= MAX_BIAS_STEPS * (1.0 + 1e-6), "{q:?}");
+            let real = f64::from(q.bias[c]) * f64::from(input_scale) * f64::from(q.scales[c]);
+            let step = f64::from(input_scale) * f64::from(q.scales[c]);
+            assert!(
+                (real - f64::from(b)).abs() <= step,
+                "channel {c}: {real} for {b}"
+            );
+        }
+        assert_eq!(q.values, vec![0; 6]);
     }
 }

@@ -8,7 +8,7 @@ use kestrel_plan::plan::PlanHeader;
 use kestrel_plan::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, TensorId};
 
 use crate::arena::{lifetimes, plan, ArenaLayout};
-use crate::calibrate::{quantize_bias, quantize_weights_per_channel, ActivationQuant};
+use crate::calibrate::{quantize_weights_per_channel, ActivationQuant};
 use crate::graph::{hard_sigmoid, hard_swish, sigmoid, Graph, ImportError, Node, Op};
 
 /// One int8 layer with owned parameters.
@@ -211,8 +211,7 @@ impl QuantizedGraph {
             // Weights per output channel, biases in the accumulator scale, and the
             // accumulator-to-output requantisation of each channel.
             let quantize_layer = |weight: &[f32], channels: usize, bias: &[f32]| {
-                let q = quantize_weights_per_channel(weight, channels);
-                let bias = quantize_bias(bias, params[input].scale, &q.scales);
+                let q = quantize_weights_per_channel(weight, channels, bias, params[input].scale);
                 let requant = q
                     .scales
                     .iter()
@@ -223,7 +222,7 @@ impl QuantizedGraph {
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok::<_, ImportError>((q.values, bias, requant))
+                Ok::<_, ImportError>((q.values, q.bias, requant))
             };
             let shape = &graph.shapes[node.inputs[0]];
             let out_shape = &graph.shapes[node.output];

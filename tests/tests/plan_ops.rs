@@ -446,3 +446,61 @@ fn every_node_in_int8_tracks_the_float_interpreter() {
         }
     }
 }
+
+/// A BatchNorm whose scale is near zero folds into a Conv channel with tiny weights beside a
+/// normal bias. Such a channel must keep its bias (its weight scale widens so the bias fits
+/// the accumulator; it used to saturate) and one with tiny weights and no bias must compile
+/// (its requantisation scale falls below 2^-32, where every accumulator rounds to 0; it used
+/// to be refused as outside the fixed-point range).
+#[test]
+fn near_dead_channels_keep_their_bias_and_compile() {
+    use models::calibrate::{Calibrator, Method};
+    use models::quantize::QuantizedGraph;
+
+    let model = load_model();
+    let mut graph = Graph::from_onnx(model.onnx()).unwrap();
+    let cut = graph
+        .nodes
+        .iter()
+        .position(|n| matches!(n.op, Op::Conv { .. }))
+        .unwrap();
+    graph.nodes.truncate(cut + 1);
+    graph.output = graph.nodes[cut].output;
+    let Op::Conv {
+        weight,
+        weight_shape,
+        bias,
+        ..
+    } = &mut graph.nodes[cut].op
+    else {
+        unreachable!()
+    };
+    let per_channel = weight.len() / weight_shape[0];
+    for w in &mut weight[..2 * per_channel] {
+        *w *= 1e-9;
+    }
+    let (live, dead) = (0.5f32, 0.0f32);
+    bias[0] = live;
+    bias[1] = dead;
+    let channels = weight_shape[0];
+
+    let inputs: Vec<&[f32]> = chips().iter().step_by(7).map(|c| &c.1[..]).collect();
+    let mut calibrator = Calibrator::new(graph.shapes.len());
+    let runs: Vec<_> = inputs.iter().map(|i| graph.run_f32(i)).collect();
+    runs.iter().for_each(|v| calibrator.observe_range(v));
+    runs.iter().for_each(|v| calibrator.observe_histogram(v));
+    let params = calibrator.finish(Method::Percentile(0.01));
+    let program = QuantizedGraph::build(&graph, &params).unwrap();
+    let plan = models::compile::encode(&model, &program).unwrap();
+    let mut int8 = Int8Cpu::generic(&plan).unwrap();
+    let mut out = vec![0.0; int8.output_len()];
+    let plane = out.len() / channels;
+    let step = params[graph.output].scale;
+    for input in &inputs {
+        int8.infer(input, &mut out).unwrap();
+        for (&value, expected) in out[..plane].iter().zip(std::iter::repeat(live)) {
+            assert!((value - expected).abs() <= step, "{value} for bias {live}");
+        }
+        assert!(out[plane..2 * plane].iter().all(|&v| v == dead));
+    }
+}

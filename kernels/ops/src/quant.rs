@@ -22,12 +22,23 @@ impl Requant {
     /// Largest shift: scales up to just below 2^30.
     pub const MAX_SHIFT: i8 = 30;
 
-    /// The fixed-point form of `real`, or `None` when it is not finite and positive or falls
-    /// outside `[2^-32, 2^30)`.
+    /// The smallest scale, 2^-32: it maps every `i32` to 0 (`|acc| · 2^-32 <= 1/2`, and the
+    /// one tie, `-2^31`, rounds up to 0), as every smaller positive scale does exactly.
+    pub const SMALLEST: Self = Self {
+        multiplier: 1 << 30,
+        shift: Self::MIN_SHIFT,
+    };
+
+    /// The fixed-point form of `real`, or `None` when it is not finite and positive or reaches
+    /// 2^30. Below 2^-32 it is [`Requant::SMALLEST`], which gives the same result, 0, for
+    /// every accumulator (a right shift of 62 already leaves nothing of the 62-bit product).
     #[cfg(feature = "std")]
     pub fn from_real(real: f64) -> Option<Self> {
         if !real.is_finite() || real <= 0.0 {
             return None;
+        }
+        if real < 2f64.powi(-32) {
+            return Some(Self::SMALLEST);
         }
         // real = fraction * 2^exponent with fraction in [0.5, 1).
         let mut exponent = real.log2().floor() as i32 + 1;
@@ -118,9 +129,34 @@ mod tests {
                 shift: 1
             })
         );
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e-30, 2e9] {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 2e9] {
             assert_eq!(Requant::from_real(bad), None, "{bad}");
         }
+    }
+
+    /// Scales below 2^-32 round every accumulator to 0, exactly as the real scale would.
+    #[test]
+    fn scales_below_the_range_give_zero_exactly() {
+        let extremes = [i32::MIN, i32::MIN + 1, -1, 0, 1, i32::MAX - 1, i32::MAX];
+        for real in [
+            2f64.powi(-32),
+            2f64.powi(-33),
+            3e-13,
+            1e-30,
+            1e-300,
+            f64::MIN_POSITIVE,
+        ] {
+            let q = Requant::from_real(real).unwrap();
+            assert!(q.to_real() <= 2f64.powi(-32), "{real}: {q:?}");
+            for acc in extremes {
+                let exact = (f64::from(acc) * real + 0.5).floor();
+                assert_eq!(f64::from(q.apply(acc)), exact, "{acc} * {real}");
+                assert_eq!(q.apply(acc), 0, "{acc} * {real}");
+            }
+        }
+        // Just above the range's floor, results are no longer all 0.
+        let q = Requant::from_real(2f64.powi(-31)).unwrap();
+        assert_eq!(q.apply(i32::MAX), 1);
     }
 
     #[test]

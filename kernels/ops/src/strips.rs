@@ -652,10 +652,15 @@ pub(crate) mod check {
         let bias: Vec<i32> = (0..oc)
             .map(|_| (rng.draw() % 20001) as i32 - 10000)
             .collect();
-        // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path).
+        // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path), one
+        // in sixteen from 2^-12 down past the smallest, 2^-32 (right shifts up to 62).
         let requant: Vec<Requant> = (0..oc)
             .map(|_| {
-                let real = 2f64.powf(-(rng.below(1400) as f64) / 100.0 + 1.5);
+                let real = if rng.below(16) == 0 {
+                    2f64.powf(-(rng.below(2200) as f64) / 100.0 - 12.0)
+                } else {
+                    2f64.powf(-(rng.below(1400) as f64) / 100.0 + 1.5)
+                };
                 Requant::from_real(real).unwrap()
             })
             .collect();

@@ -45,8 +45,13 @@ pub fn random_cases(seed: u64, count: usize) -> Result<std::vec::Vec<Case>, post
 }
 
 fn requant(rng: &mut Rng) -> Requant {
-    // 2^-20 .. 2^4: small layer scales and the large ones of Add and Rescale.
-    requant_in(rng, -20, 24)
+    // 2^-20 .. 2^4: small layer scales and the large ones of Add and Rescale; one in eight
+    // from 2^-33 .. 2^-20, down to the right shift of 62 and below the range's floor.
+    if rng.below(8) == 0 {
+        requant_in(rng, -33, 13)
+    } else {
+        requant_in(rng, -20, 24)
+    }
 }
 
 /// A scale between `2^lowest` and `2^(lowest + octaves)`.
