@@ -1048,9 +1048,19 @@ impl Graph {
     /// Run the graph in f32 and return every value by id (the input first, the output last
     /// written). `input` must hold the product of the input shape.
     pub fn run_f32(&self, input: &[f32]) -> Vec<Vec<f32>> {
+        self.run_f32_with(input, |_, _| {})
+    }
+
+    /// [`Graph::run_f32`], handing each node's output to `after` (node index, values) before
+    /// later nodes read it.
+    pub fn run_f32_with(
+        &self,
+        input: &[f32],
+        mut after: impl FnMut(usize, &mut [f32]),
+    ) -> Vec<Vec<f32>> {
         let mut values: Vec<Vec<f32>> = vec![Vec::new(); self.shapes.len()];
         values[0] = input.to_vec();
-        for node in &self.nodes {
+        for (index, node) in self.nodes.iter().enumerate() {
             let x = &values[node.inputs[0]];
             let shape = &self.shapes[node.inputs[0]];
             let out_shape = &self.shapes[node.output];
@@ -1174,6 +1184,8 @@ impl Graph {
                     .flat_map(|&i| x[i * plane..(i + 1) * plane].iter().copied())
                     .collect(),
             };
+            let mut y = y;
+            after(index, &mut y);
             values[node.output] = y;
         }
         values
