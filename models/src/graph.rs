@@ -1064,7 +1064,7 @@ impl Graph {
             let x = &values[node.inputs[0]];
             let shape = &self.shapes[node.inputs[0]];
             let out_shape = &self.shapes[node.output];
-            let y = match &node.op {
+            let mut y = match &node.op {
                 Op::Conv {
                     weight,
                     weight_shape,
@@ -1184,7 +1184,6 @@ impl Graph {
                     .flat_map(|&i| x[i * plane..(i + 1) * plane].iter().copied())
                     .collect(),
             };
-            let mut y = y;
             after(index, &mut y);
             values[node.output] = y;
         }
