@@ -14,14 +14,12 @@
 //! bits; the runs with none and all of them are always made. `--input-minmax` gives the input
 //! its observed range instead of the percentile one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use kestrel_eval::Split;
-use kestrel_host::decode_image;
-use kestrel_runtime::frame::FrameView;
-use kestrel_runtime::preprocess::{prepare_input, Region};
 use models::calibrate::{ActivationQuant, Calibrator, Method};
+use models::compile::{calibration_images, calibration_input};
 use models::ZooModel;
 
 /// Round `values` to the grid of `quant` refined by `2^(bits - 8)`, clamped to its range.
@@ -62,49 +60,27 @@ fn main() -> Result<()> {
     let model = ZooModel::load(&model)?;
     let graph = model.graph()?;
     let spec = model.preprocess_spec()?;
-    let mut train = Vec::new();
-    for (label, class) in model.manifest.labels.iter().enumerate() {
-        let dir = Path::new(&data).join(class);
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .with_context(|| format!("{}: the dataset needs a folder per label", dir.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
-        files.sort();
-        let in_train = |p: &PathBuf| {
-            p.file_name()
-                .is_some_and(|n| Split::Train.contains(&n.to_string_lossy()))
-        };
-        train.extend(files.into_iter().filter(in_train).map(|p| (p, label)));
-    }
-    let load = |path: &Path| -> Result<Vec<f32>> {
-        let decoded = decode_image(path)?;
-        let g = decoded.geometry;
-        let view = FrameView::new(g, &decoded.samples)?;
-        let mut input = vec![0.0; spec.input_len()];
-        let whole = Region {
-            x: 0,
-            y: 0,
-            width: g.width,
-            height: g.height,
-        };
-        prepare_input(view, whole, &spec, &mut input)?;
-        Ok(input)
-    };
+    let train = calibration_images(Path::new(&data), &model.manifest.labels, Split::Train)?;
+    let load = |path: &Path| calibration_input(&model, &spec, path).map_err(anyhow::Error::msg);
     // Calibration as `models compile --split train --max-images 200` chooses (every
     // `stride`-th image); the evaluation images lie halfway between them.
-    let stride = (train.len() / 200).max(2);
+    let stride = train.len() / 200;
+    if stride < 2 {
+        bail!("{data}: 400 training-split images are needed, to evaluate on others than the 200 that calibrate");
+    }
     let calibration: Vec<Vec<f32>> = train
         .iter()
         .step_by(stride)
         .take(200)
-        .map(|(p, _)| load(p))
+        .map(|image| load(&image.path))
         .collect::<Result<_>>()?;
     let evaluation: Vec<(Vec<f32>, usize)> = train
         .iter()
         .skip(stride / 2)
         .step_by(stride)
+        .filter_map(|image| Some((&image.path, image.label?)))
         .take(images)
-        .map(|(p, l)| Ok((load(p)?, *l)))
+        .map(|(path, label)| Ok((load(path)?, label)))
         .collect::<Result<_>>()?;
     eprintln!("calibrating on {} images", calibration.len());
     let mut calibrator = Calibrator::new(graph.shapes.len());

@@ -150,14 +150,17 @@ pub struct LayerError {
     pub added: f64,
 }
 
-struct CalibrationImage {
-    path: PathBuf,
-    label: Option<usize>,
+/// One image of a calibration folder.
+pub struct CalibrationImage {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its class folder's index among the model's labels, if it is in one.
+    pub label: Option<usize>,
 }
 
 /// Images directly in `dir` and in its sub-folders (one level: class folders); a sub-folder
 /// named as a label labels its images.
-fn calibration_images(
+pub fn calibration_images(
     dir: &Path,
     labels: &[String],
     split: Split,
@@ -222,6 +225,22 @@ fn argmax(values: &[f32]) -> usize {
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map_or(0, |m| m.0)
+}
+
+/// The model's input tensor for the calibration image at `path`: decoded and preprocessed,
+/// cut to [`calibration_region`].
+pub fn calibration_input(
+    model: &ZooModel,
+    spec: &PreprocessSpec,
+    path: &Path,
+) -> Result<Vec<f32>, String> {
+    let decoded = decode_image(path).map_err(|e| e.to_string())?;
+    let g = decoded.geometry;
+    let view = FrameView::new(g, &decoded.samples).map_err(|e| e.to_string())?;
+    let mut input = vec![0.0; spec.input_len()];
+    prepare_input(view, calibration_region(model, spec, g), spec, &mut input)
+        .map_err(|e| e.to_string())?;
+    Ok(input)
 }
 
 /// What of a calibration image the model sees: a classifier the whole image resized to its
@@ -344,17 +363,7 @@ pub fn compile(
     let mut skipped = Vec::new();
     let mut inputs = Vec::new();
     for image in &chosen {
-        let tensor = decode_image(&image.path)
-            .map_err(|e| e.to_string())
-            .and_then(|decoded| {
-                let g = decoded.geometry;
-                let view = FrameView::new(g, &decoded.samples).map_err(|e| e.to_string())?;
-                let mut input = vec![0.0; spec.input_len()];
-                prepare_input(view, calibration_region(model, &spec, g), &spec, &mut input)
-                    .map_err(|e| e.to_string())?;
-                Ok(input)
-            });
-        match tensor {
+        match calibration_input(model, &spec, &image.path) {
             Ok(tensor) => inputs.push((tensor, image.label)),
             Err(reason) => skipped.push(format!("{}: {reason}", image.path.display())),
         }
