@@ -626,13 +626,7 @@ impl<'a> Program<'a> {
         let h = self.header();
         let inverse = 1.0 / h.input_scale;
         for (code, &x) in codes.iter_mut().zip(input) {
-            // NaN becomes the zero point: a corrupt pixel must not poison the whole tensor.
-            let q = libm::roundf(x * inverse) + h.input_zero_point as f32;
-            *code = if q.is_nan() {
-                h.input_zero_point as i8
-            } else {
-                q.clamp(-128.0, 127.0) as i8
-            };
+            *code = input_code(x * inverse, h.input_zero_point);
         }
         Ok(())
     }
@@ -914,6 +908,28 @@ impl AlignedBytes {
     }
 }
 
+/// `clamp(round(q) + zero_point)` to int8, rounding half away from zero as `roundf` does, and
+/// NaN to the zero point (a corrupt pixel must not poison the whole tensor). The rounding is
+/// written with casts rather than a call to `roundf` per value, so that it vectorises.
+#[inline]
+fn input_code(q: f32, zero_point: i32) -> i8 {
+    // Below 2^23 in size `as` truncates exactly and the remainder is exact; from 2^23 on
+    // every float is an integer already (and infinities and NaN pass through unchanged).
+    let rounded = if q.abs() < 8_388_608.0 {
+        let whole = (q as i32) as f32;
+        let fraction = q - whole;
+        whole + f32::from(u8::from(fraction >= 0.5)) - f32::from(u8::from(fraction <= -0.5))
+    } else {
+        q
+    };
+    let code = rounded + zero_point as f32;
+    if code.is_nan() {
+        zero_point as i8
+    } else {
+        code.clamp(-128.0, 127.0) as i8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -922,6 +938,58 @@ mod tests {
     use kestrel_ops::int8::{ConvGeometry, GlobalAveragePool};
     use kestrel_ops::quant::Requant;
     use kestrel_ops::Reference;
+
+    /// The input quantisation as it was written first, with `roundf`: the reference.
+    fn input_code_by_roundf(q: f32, zero_point: i32) -> i8 {
+        let q = libm::roundf(q) + zero_point as f32;
+        if q.is_nan() {
+            zero_point as i8
+        } else {
+            q.clamp(-128.0, 127.0) as i8
+        }
+    }
+
+    #[test]
+    fn input_codes_round_as_roundf() {
+        let mut edges = vec![
+            0.5,
+            -0.5,
+            1.5,
+            -2.5,
+            0.499_999_97,
+            -0.499_999_97,
+            127.5,
+            -128.5,
+            255.9,
+            -256.5,
+            1e9,
+            -1e30,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+            -0.0,
+        ];
+        // Every half step from -300 to 300 and its neighbouring floats.
+        for half in -600..=600 {
+            let x = half as f32 / 2.0;
+            edges.extend([x, x.next_up(), x.next_down()]);
+        }
+        let mut state = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            edges.push((state >> 8) as f32 / (1u32 << 24) as f32 * 700.0 - 350.0);
+        }
+        for zero_point in [-128, -3, 0, 5, 127, 1000, i32::MIN, i32::MAX] {
+            for &q in &edges {
+                assert_eq!(
+                    input_code(q, zero_point),
+                    input_code_by_roundf(q, zero_point),
+                    "{q} with zero point {zero_point}"
+                );
+            }
+        }
+    }
 
     fn header(arena_size: u32, output_tensor: u16) -> PlanHeader<'static> {
         PlanHeader {
