@@ -18,10 +18,13 @@ use vnni::Quads;
 pub use vnni::Vnni;
 use winograd::Winograd;
 
-use crate::strips::{flip_bit, prepare_convs, Layer, Packed, Scratch, MR, NR};
+use crate::strips::{
+    flip_bit, max_pool_by_rows, prepare_convs, DepthwiseGroup, Layer, Packed, Scratch, MR, NR,
+};
 
 use crate::int8::{
-    Add, ChannelQuant, Conv, Mul, OutputQuant, Rescale, ShapeError, ADD_FRACTION_BITS,
+    Add, ChannelQuant, Conv, Gemm, Lut, MaxPool, Mul, OutputQuant, Rescale, ShapeError,
+    ADD_FRACTION_BITS,
 };
 use crate::quant::{requantize_i8, Requant};
 use crate::table::{Entry, KernelTable};
@@ -130,6 +133,20 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
         name: "avx2",
         kernel: mul,
     };
+    table.gemm = Entry {
+        name: "avx2",
+        kernel: gemm,
+    };
+    table.max_pool = Entry {
+        name: "avx2",
+        kernel: max_pool,
+    };
+    if has_vbmi() {
+        table.lut = Entry {
+            name: "avx512-vbmi",
+            kernel: lut,
+        };
+    }
     table.conv = Entry::conv_of(avx2.name(), avx2);
 }
 
@@ -229,6 +246,34 @@ fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
         let _ = mul.run(&a[whole..], &b[whole..], &mut output[whole..]);
         return;
     }
+    if plane < 8 {
+        // Planes smaller than a vector (squeeze-excite's gates on 2x2 and 4x4 maps): eight
+        // codes of consecutive planes at a time, each lane with its own plane's factor.
+        let whole = a.len() / 8 * 8;
+        for (i, (x, dst)) in a[..whole]
+            .chunks_exact(8)
+            .zip(output[..whole].chunks_exact_mut(8))
+            .enumerate()
+        {
+            let mut factors = [0i32; 8];
+            for (k, f) in factors.iter_mut().enumerate() {
+                *f = i32::from(b[(8 * i + k) / plane]) - mul.input_zero_points[1];
+            }
+            // SAFETY: `factors` is 32 bytes; the load is unaligned.
+            let factors = unsafe { _mm256_loadu_si256(factors.as_ptr().cast()) };
+            let x = _mm256_sub_epi32(load8(x), za);
+            store8(requantize8(_mm256_mullo_epi32(x, factors), &lanes), dst);
+        }
+        // The generic kernel from the plane the last codes start in (it redoes a few codes
+        // of that plane, to the same bytes).
+        let first = whole / plane;
+        let _ = mul.run(
+            &a[first * plane..],
+            &b[first..],
+            &mut output[first * plane..],
+        );
+        return;
+    }
     let whole = plane / 8 * 8;
     for ((xs, y), outs) in a
         .chunks_exact(plane)
@@ -245,6 +290,121 @@ fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
         }
         let _ = mul.run(&xs[whole..], std::slice::from_ref(y), &mut outs[whole..]);
     }
+}
+
+/// Sixteen products at a time where centred inputs fit 16 bits (an int8 zero point), else the
+/// generic kernel. Reached only through a table [`plug`] filled, which exists only once AVX2
+/// was detected.
+fn gemm(gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    let shapes = gemm.weights.len() == input.len() * output.len()
+        && gemm.channels.fits(output.len())
+        && !input.is_empty();
+    if !is_code(gemm.input_zero_point) || !shapes {
+        return gemm.run(input, output);
+    }
+    // SAFETY: AVX2 was detected before this function could be reached (see above).
+    unsafe { gemm16(gemm, input, output) };
+    Ok(())
+}
+
+/// [`Gemm::run`] with `vpmaddwd`: centred inputs (at most 255 in size) times weights, in
+/// pairs, into 32-bit lanes. Each pair's sum is below 2^16, and the lanes add modulo 2^32 as
+/// the generic kernel's `wrapping_add` does, so the sums are the same in any order.
+#[target_feature(enable = "avx2")]
+fn gemm16(gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) {
+    let q = gemm.output_quant;
+    let zero = _mm256_set1_epi16(gemm.input_zero_point as i16);
+    let whole = input.len() / 16 * 16;
+    for (o, (out, row)) in output
+        .iter_mut()
+        .zip(gemm.weights.chunks_exact(input.len()))
+        .enumerate()
+    {
+        let mut sums = _mm256_setzero_si256();
+        for (x, w) in input[..whole].chunks_exact(16).zip(row.chunks_exact(16)) {
+            let x = _mm256_sub_epi16(load16(x), zero);
+            sums = _mm256_add_epi32(sums, _mm256_madd_epi16(x, load16(w)));
+        }
+        let mut lanes = [0i32; 8];
+        // SAFETY: `lanes` is 32 bytes; the store is unaligned.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums) };
+        let (bias, requant) = gemm.channels.get(o);
+        let acc = input[whole..]
+            .iter()
+            .zip(&row[whole..])
+            .fold(bias, |acc, (&x, &w)| {
+                acc.wrapping_add((i32::from(x) - gemm.input_zero_point) * i32::from(w))
+            });
+        let acc = lanes.iter().fold(acc, |acc, &l| acc.wrapping_add(l));
+        *out = requantize_i8(acc, requant, q.zero_point, q.min, q.max);
+    }
+}
+
+/// Whether this CPU has AVX-512 VBMI's byte permutes (with the AVX-512 they extend).
+fn has_vbmi() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi")
+}
+
+/// Table lookups 64 codes at a time where the CPU has AVX-512 VBMI, else the generic kernel.
+/// Reached only through a table [`plug`] filled, which sets it only once VBMI was detected.
+fn lut(lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    match <&[i8; 256]>::try_from(lut.table) {
+        Ok(table) if input.len() == output.len() => {
+            // SAFETY: VBMI was detected before this function could be reached (see above).
+            unsafe { lut64(table, input, output) };
+            Ok(())
+        }
+        _ => lut.run(input, output),
+    }
+}
+
+/// [`Lut::run`] with `vpermi2b`: a code's low seven bits index 128 table entries held in two
+/// registers, its sign bit chooses the upper or lower half of the table.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+fn lut64(table: &[i8; 256], input: &[i8], output: &mut [i8]) {
+    // SAFETY (every load and store below): 64 bytes of a slice at least that long, unaligned.
+    let quarter = |i: usize| unsafe { _mm512_loadu_si512(table[64 * i..].as_ptr().cast()) };
+    let [first, second, third, fourth] = [0, 1, 2, 3].map(quarter);
+    let whole = input.len() / 64 * 64;
+    for (x, y) in input[..whole]
+        .chunks_exact(64)
+        .zip(output[..whole].chunks_exact_mut(64))
+    {
+        let codes = unsafe { _mm512_loadu_si512(x.as_ptr().cast()) };
+        // Codes 0..=127 are entries 0..=127; codes -128..=-1 (bytes 128..=255) the rest.
+        let low = _mm512_permutex2var_epi8(first, codes, second);
+        let high = _mm512_permutex2var_epi8(third, codes, fourth);
+        let looked_up = _mm512_mask_blend_epi8(_mm512_movepi8_mask(codes), low, high);
+        unsafe { _mm512_storeu_si512(y.as_mut_ptr().cast(), looked_up) };
+    }
+    for (y, &x) in output[whole..].iter_mut().zip(&input[whole..]) {
+        *y = table[usize::from(x as u8)];
+    }
+}
+
+/// [`max_pool_by_rows`] compiled with AVX2. Reached only through a table [`plug`] filled,
+/// which exists only once AVX2 was detected.
+fn max_pool(pool: &MaxPool, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    // SAFETY: AVX2 was detected before this function could be reached (see above).
+    unsafe { max_pool_avx2(pool, input, output) }
+}
+
+#[target_feature(enable = "avx2")]
+fn max_pool_avx2(pool: &MaxPool, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    max_pool_by_rows(pool, input, output)
+}
+
+/// Sixteen codes widened to 16-bit lanes.
+#[target_feature(enable = "avx2")]
+fn load16(codes: &[i8]) -> __m256i {
+    let mut sixteen = [0u8; 16];
+    for (s, &c) in sixteen.iter_mut().zip(codes) {
+        *s = c as u8;
+    }
+    // SAFETY: `sixteen` is 16 bytes; the load is unaligned.
+    _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sixteen.as_ptr().cast()) })
 }
 
 /// Eight codes widened to 32-bit lanes.
@@ -342,6 +502,19 @@ impl Kernels for Avx2 {
             return conv.run(input, output);
         }
         let layer = packed.layer(conv);
+        let [_, h, w] = conv.geometry.input;
+        if conv.geometry.group == 1 && layer.is_pointwise() && h * w == 1 {
+            // A pointwise layer over one pixel (squeeze-excite's, after the global pooling) is
+            // a matrix-vector product: a tile of 16 pixels would compute 15 for nothing. Its
+            // weights `[out, in, 1, 1]` are the Gemm's `[out, in]`.
+            let gemm = Gemm {
+                weights: conv.weights,
+                channels: conv.channels,
+                input_zero_point: conv.input_zero_point,
+                output_quant: conv.output_quant,
+            };
+            return self::gemm(&gemm, input, output);
+        }
         if let Some(winograd) = &prepared.winograd {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe {
@@ -357,9 +530,17 @@ impl Kernels for Avx2 {
             return Ok(());
         }
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
+            // Once per layer, not per channel: on planes of 2x2 to 8x8 the per-channel work is
+            // what costs.
+            let offsets = layer.tap_offsets();
             packed.for_each_group(conv, input, output, |input, weights, channels, output| {
+                let group = DepthwiseGroup {
+                    input,
+                    weights,
+                    channels,
+                };
                 // SAFETY: AVX2 was detected in `new`; `takes` accepted the layer and scratch.
-                unsafe { depthwise::run(&layer, input, weights, channels, scratch, output) }
+                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) }
             });
             return Ok(());
         }
@@ -868,6 +1049,119 @@ mod tests {
                 mul.run(&vec![0; a], &vec![0; b], &mut vec![0; out])
             );
         }
+    }
+
+    #[test]
+    fn gemm_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let mut rng = Rng(0x9e33_2026_1201);
+        for case in 0..300 {
+            // Inputs shorter and longer than a 16-lane block, with and without a tail.
+            let (inputs, outputs) = (1 + rng.below(300), 1 + rng.below(20));
+            let input: Vec<i8> = (0..inputs).map(|_| rng.draw() as i8).collect();
+            let weights: Vec<i8> = (0..inputs * outputs).map(|_| rng.draw() as i8).collect();
+            // Biases near the ends of i32 in some cases, so the sums wrap as the generic's do.
+            let bias: Vec<i32> = (0..outputs)
+                .map(|_| match case % 4 {
+                    0 => i32::MAX - rng.below(1000) as i32,
+                    _ => rng.below(1 << 20) as i32 - (1 << 19),
+                })
+                .collect();
+            let requants: Vec<Requant> = (0..outputs)
+                .map(|_| {
+                    Requant::from_real(2f64.powf(rng.below(3000) as f64 / 100.0 - 40.0)).unwrap()
+                })
+                .collect();
+            let multiplier: Vec<i32> = requants.iter().map(|r| r.multiplier).collect();
+            let shift: Vec<i8> = requants.iter().map(|r| r.shift).collect();
+            let zero_point = rng.below(256) as i32 - 128;
+            let gemm = Gemm {
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_zero_point: [rng.below(256) as i32 - 128, 300][usize::from(case == 7)],
+                output_quant: OutputQuant {
+                    zero_point,
+                    min: [-128, zero_point as i8][case % 2],
+                    max: 127,
+                },
+            };
+            let mut expected = vec![0i8; outputs];
+            gemm.run(&input, &mut expected).unwrap();
+            let mut got = vec![0i8; outputs];
+            self::gemm(&gemm, &input, &mut got).unwrap();
+            assert_eq!(
+                got, expected,
+                "case {case}: {inputs} inputs, {outputs} outputs"
+            );
+        }
+        // Wrong buffers are the generic kernel's errors.
+        let gemm = Gemm {
+            weights: &[1; 6],
+            channels: ChannelQuant {
+                bias: &[0; 2],
+                multiplier: &[1 << 30; 2],
+                shift: &[31; 2],
+            },
+            input_zero_point: 0,
+            output_quant: OutputQuant {
+                zero_point: 0,
+                min: -128,
+                max: 127,
+            },
+        };
+        for (inputs, outputs) in [(3, 2), (2, 2), (3, 3), (0, 2)] {
+            assert_eq!(
+                self::gemm(&gemm, &vec![1; inputs], &mut vec![0; outputs]),
+                gemm.run(&vec![1; inputs], &mut vec![0; outputs])
+            );
+        }
+    }
+
+    #[test]
+    fn lut_matches_the_generic_kernel_bit_for_bit() {
+        if !has_vbmi() {
+            eprintln!("not tested here: this CPU has no AVX-512 VBMI");
+            return;
+        }
+        let mut rng = Rng(0x007a_b1e5_2026);
+        for case in 0..200 {
+            let table: Vec<i8> = (0..256).map(|_| rng.draw() as i8).collect();
+            let len = [rng.below(300), 64 * rng.below(5)][case % 2];
+            let mut input: Vec<i8> = (0..len).map(|_| rng.draw() as i8).collect();
+            // Every code, so every entry is looked up.
+            input.extend((0..=255u8).map(|b| b as i8));
+            let lut = Lut { table: &table };
+            let mut expected = vec![0i8; input.len()];
+            lut.run(&input, &mut expected).unwrap();
+            let mut got = vec![0i8; input.len()];
+            self::lut(&lut, &input, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}");
+        }
+        // Wrong buffers and tables are the generic kernel's errors.
+        let table = [3i8; 256];
+        for (table, inputs, outputs) in [(&table[..], 64, 63), (&table[..255], 64, 64)] {
+            let lut = Lut { table };
+            assert_eq!(
+                self::lut(&lut, &vec![1; inputs], &mut vec![0; outputs]),
+                lut.run(&vec![1; inputs], &mut vec![0; outputs])
+            );
+        }
+    }
+
+    #[test]
+    fn max_pool_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        check::max_pools(max_pool);
     }
 
     /// Geometry no real layer has, with buffers that match it: the fast path either declines

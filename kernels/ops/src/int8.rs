@@ -340,7 +340,7 @@ impl PoolGeometry {
     /// (left) padding because `pad < kernel`, and the last one starts before the input ends.
     /// Windows in between start between those two, so they overlap the input too. The checks
     /// also bound `o * stride + kernel` and `size + pad`, so [`pool_window`] cannot overflow.
-    fn check(&self, input: &[i8], output: &[i8]) -> Result<(usize, usize), ShapeError> {
+    pub(crate) fn check(&self, input: &[i8], output: &[i8]) -> Result<(usize, usize), ShapeError> {
         let sizes = [self.input, self.output, self.kernel, self.stride];
         check(
             self.channels > 0 && sizes.as_flattened().iter().all(|&v| v > 0),
@@ -376,7 +376,13 @@ impl PoolGeometry {
 
 /// Input positions `[lo, hi)` covered by window `o` along one axis; never empty once
 /// [`PoolGeometry::check`] has passed, which also rules out overflow here.
-fn pool_window(o: usize, stride: usize, pad: usize, kernel: usize, size: usize) -> (usize, usize) {
+pub(crate) fn pool_window(
+    o: usize,
+    stride: usize,
+    pad: usize,
+    kernel: usize,
+    size: usize,
+) -> (usize, usize) {
     let start = o * stride;
     (start.max(pad) - pad, (start + kernel).min(size + pad) - pad)
 }

@@ -18,7 +18,10 @@ mod depthwise;
 
 use crate::int8::{ChannelQuant, Conv, ShapeError};
 use crate::quant::requantize_i8;
-use crate::strips::{flip_bit, prepare_convs, ByteQuads, Layer, Packed, Scratch, MR, NR};
+use crate::strips::{
+    flip_bit, max_pool_by_rows, prepare_convs, ByteQuads, DepthwiseGroup, Layer, Packed, Scratch,
+    MR, NR,
+};
 use crate::table::{Entry, KernelTable};
 use crate::Kernels;
 
@@ -136,6 +139,11 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
     let Some(neon) = Neon::new(convs) else {
         return;
     };
+    // NEON is always there on aarch64: the portable loops vectorise with it.
+    table.max_pool = Entry {
+        name: "neon",
+        kernel: max_pool_by_rows,
+    };
     table.conv = Entry::conv_of(neon.name(), neon);
 }
 
@@ -184,9 +192,16 @@ impl Kernels for Neon {
         }
         let layer = packed.layer(conv);
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
+            // Once per layer, not per channel.
+            let offsets = layer.tap_offsets();
             packed.for_each_group(conv, input, output, |input, weights, channels, output| {
+                let group = DepthwiseGroup {
+                    input,
+                    weights,
+                    channels,
+                };
                 // SAFETY: NEON was detected in `new`; `takes` accepted the layer and scratch.
-                unsafe { depthwise::run(&layer, input, weights, channels, scratch, output) }
+                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) }
             });
             return Ok(());
         }
@@ -580,6 +595,11 @@ mod tests {
                 assert!(quads > 250, "only {quads} layers took {dot:?}");
             }
         }
+    }
+
+    #[test]
+    fn max_pool_matches_the_generic_kernel_bit_for_bit() {
+        check::max_pools(max_pool_by_rows);
     }
 
     /// Depthwise layers take their own kernel: every random one gives the generic bytes.

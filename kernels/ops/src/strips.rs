@@ -5,7 +5,9 @@
 
 use std::vec::Vec;
 
-use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
+use crate::int8::{
+    pool_window, ChannelQuant, Conv, ConvGeometry, MaxPool, OutputQuant, ShapeError,
+};
 
 /// Prepare every convolution of a program (`convs[step]`) with `prepare`, by step index: `None`
 /// for other ops and for layers it declines.
@@ -343,11 +345,8 @@ impl Layer<'_> {
     }
 
     /// The tile loop every fast kernel shares: for each tile of [`NR`] output pixels fill its
-    /// strip of the column matrix (in `strip`, with `padded` for the padded input), then for
-    /// each block of [`MR`] output channels, in order, let `block` turn the block's packed
-    /// weights (`span` values from `weights`), the strip and the block's first channel into
-    /// codes, `[channel][pixel]`, while the strip is in L1. Codes of channels past the group's
-    /// last (`channels`) and of pixels past the last are not written.
+    /// strip of the column matrix (in `strip`, with `padded` for the padded input), then let
+    /// `block` make each block's codes from it, as [`Layer::for_each_tile`] does.
     #[inline]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_tiles(
@@ -359,10 +358,8 @@ impl Layer<'_> {
         padded: &mut [i16],
         strip: &mut [i16],
         out: &mut [i8],
-        mut block: impl FnMut(&[i32], &[i16], usize) -> [[i8; NR]; MR],
+        block: impl FnMut(&[i32], &[i16], usize) -> [[i8; NR]; MR],
     ) {
-        let [_, oh, ow] = self.geometry.output;
-        let pixels = oh * ow;
         // A pointwise layer's column matrix is its input: no padded copy to make.
         let pointwise = self.is_pointwise();
         let padded: &[i16] = if pointwise {
@@ -375,17 +372,43 @@ impl Layer<'_> {
         let Some(strip) = strip.get_mut(..2 * self.row_pairs * NR) else {
             return;
         };
-        for p0 in (0..pixels).step_by(NR) {
+        let fill = |strip: &mut [i16], p0| {
             if pointwise {
                 self.fill_pointwise_strip(input, p0, strip);
             } else {
                 self.fill_strip(padded, p0, strip);
             }
+        };
+        self.for_each_tile(weights, span, channels, strip, out, fill, block);
+    }
+
+    /// For each tile of [`NR`] output pixels, `fill` the tile's input form (`tile_input`) for
+    /// pixels from `p0` on, then for each block of [`MR`] output channels, in order, let
+    /// `block` turn the block's packed weights (`span` values from `weights`), the tile's input
+    /// and the block's first channel into codes, `[channel][pixel]`, while the input is in L1.
+    /// Codes of channels past the group's last (`channels`) and of pixels past the last are
+    /// not written.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn for_each_tile<T: ?Sized>(
+        &self,
+        weights: &[i32],
+        span: usize,
+        channels: usize,
+        tile_input: &mut T,
+        out: &mut [i8],
+        mut fill: impl FnMut(&mut T, usize),
+        mut block: impl FnMut(&[i32], &T, usize) -> [[i8; NR]; MR],
+    ) {
+        let [_, oh, ow] = self.geometry.output;
+        let pixels = oh * ow;
+        for p0 in (0..pixels).step_by(NR) {
+            fill(tile_input, p0);
             for b in 0..self.blocks {
                 let Some(tile) = weights.get(b * span..(b + 1) * span) else {
                     return;
                 };
-                let codes = block(tile, strip, b * MR);
+                let codes = block(tile, tile_input, b * MR);
                 let n = NR.min(pixels - p0);
                 for (o, row) in (b * MR..channels).zip(&codes) {
                     store_codes(&mut out[o * pixels + p0..o * pixels + p0 + n], row);
@@ -529,6 +552,77 @@ impl Layer<'_> {
     }
 }
 
+/// One group of a depthwise layer, as the depthwise kernels take it.
+pub(crate) struct DepthwiseGroup<'g> {
+    /// Its one input channel.
+    pub(crate) input: &'g [i8],
+    /// Its packed weights.
+    pub(crate) weights: &'g [i32],
+    /// Its output channels' constants.
+    pub(crate) channels: &'g ChannelQuant<'g>,
+}
+
+/// The widest input row [`max_pool_by_rows`] takes (its rows of maxima live on the stack);
+/// wider ones run the generic kernel.
+pub(crate) const MAX_POOL_ROW: usize = 4096;
+
+/// MaxPool with each window's rows reduced column by column first, then whole windows over
+/// those column maxima, both loops over contiguous codes that the compiler vectorises (each
+/// plug-in calls this from a function with its vector extension enabled; NEON is always on);
+/// windows the padding cuts take their columns one by one. The same bytes as the generic
+/// kernel: a maximum does not depend on the order it is taken in.
+#[inline(always)]
+pub(crate) fn max_pool_by_rows(
+    pool: &MaxPool,
+    input: &[i8],
+    output: &mut [i8],
+) -> Result<(), ShapeError> {
+    let g = pool.geometry;
+    let (in_plane, out_plane) = g.check(input, output)?;
+    let ([h, w], [_, ow], kw) = (g.input, g.output, g.kernel[1]);
+    if w > MAX_POOL_ROW {
+        return pool.run(input, output);
+    }
+    let (mut columns, mut windows) = ([i8::MIN; MAX_POOL_ROW], [i8::MIN; MAX_POOL_ROW]);
+    let columns = &mut columns[..w];
+    // The maximum of the `kw` columns from each column on.
+    let windows = &mut windows[..(w + 1).saturating_sub(kw)];
+    for (src, dst) in input
+        .chunks_exact(in_plane)
+        .zip(output.chunks_exact_mut(out_plane))
+    {
+        for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+            let (y0, y1) = pool_window(oy, g.stride[0], g.pad[0], g.kernel[0], h);
+            columns.fill(i8::MIN);
+            for line in src.get(y0 * w..y1 * w).unwrap_or(&[]).chunks_exact(w) {
+                for (c, &code) in columns.iter_mut().zip(line) {
+                    *c = (*c).max(code);
+                }
+            }
+            windows.fill(i8::MIN);
+            for offset in 0..kw {
+                for (m, &c) in windows.iter_mut().zip(columns.get(offset..).unwrap_or(&[])) {
+                    *m = (*m).max(c);
+                }
+            }
+            for (ox, out) in row.iter_mut().enumerate() {
+                let (x0, x1) = pool_window(ox, g.stride[1], g.pad[1], kw, w);
+                *out = match windows.get(x0) {
+                    // A whole window inside the row.
+                    Some(&m) if x1 - x0 == kw => m,
+                    // Cut by the padding: its columns one by one.
+                    _ => columns
+                        .get(x0..x1)
+                        .unwrap_or(&[])
+                        .iter()
+                        .fold(i8::MIN, |m, &c| m.max(c)),
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Copy the first `dst.len()` of 16 codes into `dst`: a whole tile as one fixed-size move,
 /// which a variable-length copy (a call to `memcpy` per tile) is not.
 #[inline]
@@ -581,9 +675,74 @@ pub(crate) mod check {
     use std::vec;
     use std::vec::Vec;
 
-    use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError};
+    use super::MAX_POOL_ROW;
+    use crate::int8::{
+        ChannelQuant, Conv, ConvGeometry, MaxPool, OutputQuant, PoolGeometry, ShapeError,
+    };
     use crate::quant::Requant;
+    use crate::table::UnaryKernel;
     use kestrel_testing::Rng;
+
+    /// Random pooling geometries (ceil-mode sizes, rows wider than [`MAX_POOL_ROW`], invalid
+    /// ones): `fast` must give the generic MaxPool's bytes, and its errors.
+    pub(crate) fn max_pools(fast: UnaryKernel<MaxPool>) {
+        let mut rng = Rng(0x3a9_2026_1201);
+        let mut checked = 0;
+        for case in 0..2000 {
+            let kernel = [1 + rng.below(4), 1 + rng.below(4)];
+            let stride = [1 + rng.below(3), 1 + rng.below(3)];
+            let pad = [rng.below(kernel[0]), rng.below(kernel[1])];
+            // Wider than the stack row now and then: those take the generic kernel.
+            let width =
+                [1 + rng.below(70), MAX_POOL_ROW + 1 + rng.below(3)][usize::from(case % 97 == 0)];
+            let input = [1 + rng.below(40), width];
+            // Floor or ceiling output sizes (ceil_mode), and a window past the input's end
+            // (refused alike by both kernels).
+            let output = [0, 1].map(|a| {
+                let span = input[a] + 2 * pad[a];
+                (span.saturating_sub(kernel[a]) + stride[a] * rng.below(2)) / stride[a] + 1
+            });
+            let geometry = PoolGeometry {
+                channels: 1 + rng.below(4),
+                input,
+                output,
+                kernel,
+                stride,
+                pad,
+            };
+            let codes: Vec<i8> = (0..geometry.channels * input[0] * input[1])
+                .map(|_| rng.draw() as i8)
+                .collect();
+            let pool = MaxPool { geometry };
+            let mut expected = vec![0i8; geometry.channels * output[0] * output[1]];
+            let generic = pool.run(&codes, &mut expected);
+            let mut got = vec![0i8; expected.len()];
+            assert_eq!(fast(&pool, &codes, &mut got), generic, "case {case}");
+            assert_eq!(got, expected, "case {case}: {geometry:?}");
+            checked += usize::from(generic.is_ok() && width <= MAX_POOL_ROW);
+        }
+        assert!(
+            checked > 800,
+            "only {checked} geometries ran the vector kernel"
+        );
+        // Wrong buffers are the generic kernel's errors.
+        let pool = MaxPool {
+            geometry: PoolGeometry {
+                channels: 2,
+                input: [4, 4],
+                output: [2, 2],
+                kernel: [2, 2],
+                stride: [2, 2],
+                pad: [0, 0],
+            },
+        };
+        for (inputs, outputs) in [(32, 8), (31, 8), (32, 7), (0, 0)] {
+            assert_eq!(
+                fast(&pool, &vec![1; inputs], &mut vec![0; outputs]),
+                pool.run(&vec![1; inputs], &mut vec![0; outputs])
+            );
+        }
+    }
 
     /// A fast kernel under test: run `conv` on the buffers, or `None` when it declines.
     pub(crate) type Fast<'f> =
@@ -595,6 +754,22 @@ pub(crate) mod check {
         let mut rng = Rng(seed);
         let mut checked = 0;
         for case in 0..400 {
+            if case % 13 == 5 {
+                // Squeeze-excite's pointwise layers, over the one pixel of a global pooling.
+                let (c, oc) = (1 + rng.below(300), 1 + rng.below(40));
+                let geometry = ConvGeometry {
+                    input: [c, 1, 1],
+                    output: [oc, 1, 1],
+                    kernel: [1, 1],
+                    stride: [1, 1],
+                    pad: [0, 0],
+                    dilation: [1, 1],
+                    group: 1,
+                };
+                compare(&mut rng, geometry, case, fast);
+                checked += 1;
+                continue;
+            }
             let group = if case % 7 == 0 { 1 + rng.below(4) } else { 1 };
             let depthwise = case % 11 == 0;
             let icg = if depthwise { 1 } else { 1 + rng.below(9) };

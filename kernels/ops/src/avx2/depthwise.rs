@@ -11,9 +11,8 @@
 use std::arch::x86_64::*;
 
 use super::requantize_tile;
-use crate::int8::ChannelQuant;
 use crate::quant::Requant;
-use crate::strips::{store_codes, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR, NR};
+use crate::strips::{store_codes, DepthwiseGroup, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR, NR};
 
 /// Values past the padded plane that the tap loads may read (a stride-2 load takes `2 * NR`);
 /// they only reach lanes past the row's end, which are not written.
@@ -24,36 +23,41 @@ pub(super) fn takes(layer: &Layer<'_>, padded: usize) -> bool {
     layer.depthwise_fits(padded, SLACK)
 }
 
-/// Run one group of an accepted depthwise layer: `input` its one channel, `weights` its packed
-/// weights, `out` its channels' outputs.
+/// Run one group of an accepted depthwise layer whose [`Layer::tap_offsets`] are `offsets`
+/// into `out`, its channels' outputs.
 ///
 /// # Safety
 /// AVX2 must be available, and [`takes`] must have accepted `layer` with `scratch.padded`.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn run(
     layer: &Layer<'_>,
-    input: &[i8],
-    weights: &[i32],
-    channels: &ChannelQuant<'_>,
+    offsets: &[usize; MAX_DEPTHWISE_TAPS + 1],
+    group: DepthwiseGroup<'_>,
     scratch: &mut Scratch,
     out: &mut [i8],
 ) {
+    let DepthwiseGroup {
+        input,
+        weights,
+        channels,
+    } = group;
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
     let taps = g.kernel[0] * g.kernel[1];
-    let offsets = layer.tap_offsets();
     layer.pad_input(input, &mut scratch.padded);
     let plane = scratch.padded.as_ptr();
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
         let block = (r / MR) * layer.row_pairs * MR + r % MR;
-        let mut pairs = [_mm256_setzero_si256(); MAX_DEPTHWISE_TAPS.div_ceil(2)];
+        // Broadcast where they are used: an array of 32 broadcast vectors was a 1 KB memset
+        // per channel, more than a 2x2 plane's arithmetic.
+        let mut pairs = [0i32; MAX_DEPTHWISE_TAPS.div_ceil(2)];
         for (pair, w) in pairs.iter_mut().enumerate().take(layer.row_pairs) {
-            *w = _mm256_set1_epi32(weights.get(block + pair * MR).copied().unwrap_or(0));
+            *w = weights.get(block + pair * MR).copied().unwrap_or(0);
         }
         let (bias, requant) = channels.get(r);
         let channel = Channel {
             layer,
-            offsets: &offsets,
+            offsets,
             pairs: &pairs,
             bias,
             requant,
@@ -76,8 +80,8 @@ struct Channel<'c> {
     layer: &'c Layer<'c>,
     /// Each tap's offset in the padded plane; one past the last tap is 0 (its weight is 0).
     offsets: &'c [usize; MAX_DEPTHWISE_TAPS + 1],
-    /// Weights of taps `2k` and `2k + 1`, broadcast.
-    pairs: &'c [__m256i; MAX_DEPTHWISE_TAPS.div_ceil(2)],
+    /// Weights of taps `2k` and `2k + 1`, two i16 in one i32 (the first in the low half).
+    pairs: &'c [i32; MAX_DEPTHWISE_TAPS.div_ceil(2)],
     bias: i32,
     requant: Requant,
 }
@@ -142,15 +146,16 @@ impl Channel<'_> {
             self.layer.row_pairs
         };
         let (mut lo, mut hi) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for (pair, weight) in self.pairs.iter().enumerate().take(pairs) {
+        for (pair, &weight) in self.pairs.iter().enumerate().take(pairs) {
+            let weight = _mm256_set1_epi32(weight);
             // The tap past an odd count reads at offset 0 and is weighted 0.
             let (a, b) = (
                 load(self.offsets[2 * pair]),
                 load(self.offsets[2 * pair + 1]),
             );
             let (pl, ph) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
-            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, *weight));
-            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, *weight));
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, weight));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, weight));
         }
         requantize_tile(lo, hi, self.bias, self.requant, self.layer.q)
     }

@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::requantize_tile;
-use crate::int8::{ChannelQuant, Conv};
+use crate::int8::{ChannelQuant, Conv, OutputQuant};
 use crate::strips::{ByteQuads, Layer, Packed, Scratch, MR, NR};
 
 /// Which VNNI encoding this CPU has for 256-bit vectors.
@@ -117,6 +117,10 @@ impl Quads {
         let Some(quads) = products.get_mut(..self.strip_len()) else {
             return;
         };
+        if layer.is_pointwise() {
+            self.run_pointwise(layer, input, weights, channels, quads, out);
+            return;
+        }
         layer.run_tiles(
             input,
             weights,
@@ -130,22 +134,108 @@ impl Quads {
                     // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.
                     unsafe { to_quads(strip, unsigned, quads) };
                 }
-                // SAFETY: `available` checked the encoding; `quads` holds `quad_count` quads
-                // and `tile` as many MR-word rows.
-                let acc = unsafe {
-                    match self.vnni {
-                        Vnni::Avx => micro_kernel_avx(tile, quads, quad_count),
-                        Vnni::Avx512 => micro_kernel_avx512(tile, quads, quad_count),
-                    }
-                };
-                let mut codes = [[0i8; NR]; MR];
-                for ((o, [lo, hi]), row) in (first..count).zip(acc).zip(&mut codes) {
-                    let (bias, requant) = channels.get(o);
-                    *row = requantize_tile(lo, hi, bias, requant, layer.q);
-                }
-                codes
+                self.tile_codes(layer.q, tile, quads, first, channels)
             },
         );
+    }
+
+    /// A pointwise layer's tiles, with the quads made straight from its input codes (its
+    /// column matrix is its input) rather than through the 16-bit strip the other layers fill.
+    #[target_feature(enable = "avx2")]
+    fn run_pointwise(
+        &self,
+        layer: &Layer<'_>,
+        input: &[i8],
+        weights: &[i32],
+        channels: &ChannelQuant<'_>,
+        quads: &mut [i32],
+        out: &mut [i8],
+    ) {
+        let [_, h, w] = layer.geometry.input;
+        let pixels = h * w;
+        let span = self.packed.quads * MR;
+        // Rows past the input's channels read as its zero point, as `to_quads` has them.
+        let padding = (self.packed.zero_point + 128) as u8;
+        layer.for_each_tile(
+            weights,
+            span,
+            channels.bias.len(),
+            quads,
+            out,
+            |quads, p0| {
+                // SAFETY: AVX2 is enabled here; `quads` holds a quad per four input channels.
+                unsafe { pointwise_quads(input, pixels, p0, layer.icg, padding, quads) }
+            },
+            |tile, quads, first| self.tile_codes(layer.q, tile, quads, first, channels),
+        );
+    }
+
+    /// The codes of channels `first..first + MR` (those of the group) over a tile's quads.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile_codes(
+        &self,
+        q: OutputQuant,
+        tile: &[i32],
+        quads: &[i32],
+        first: usize,
+        channels: &ChannelQuant<'_>,
+    ) -> [[i8; NR]; MR] {
+        // SAFETY: `available` checked the encoding; `quads` holds `packed.quads` quads and
+        // `tile` as many MR-word rows.
+        let acc = unsafe {
+            match self.vnni {
+                Vnni::Avx => micro_kernel_avx(tile, quads, self.packed.quads),
+                Vnni::Avx512 => micro_kernel_avx512(tile, quads, self.packed.quads),
+            }
+        };
+        let mut codes = [[0i8; NR]; MR];
+        for ((o, [lo, hi]), row) in (first..channels.bias.len()).zip(acc).zip(&mut codes) {
+            let (bias, requant) = channels.get(o);
+            *row = requantize_tile(lo, hi, bias, requant, q);
+        }
+        codes
+    }
+}
+
+/// The quads of pixels `p0..p0 + NR` of a pointwise layer's input (`channels` planes of
+/// `pixels` codes), in [`to_quads`]' layout: each code as `x + 128` (its sign bit flipped),
+/// four channels to a word; `padding` past the last channel and pixel.
+#[target_feature(enable = "avx2")]
+unsafe fn pointwise_quads(
+    input: &[i8],
+    pixels: usize,
+    p0: usize,
+    channels: usize,
+    padding: u8,
+    quads: &mut [i32],
+) {
+    let flip = _mm_set1_epi8(i8::MIN);
+    let row = |c: usize| {
+        let mut codes = [padding as i8 ^ i8::MIN; NR];
+        if c < channels {
+            let plane = &input[c * pixels..(c + 1) * pixels];
+            let n = NR.min(pixels - p0);
+            codes[..n].copy_from_slice(&plane[p0..p0 + n]);
+        }
+        // SAFETY: 16 bytes, unaligned.
+        _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip)
+    };
+    for (q, dst) in quads.chunks_exact_mut(NR).enumerate() {
+        let [r0, r1, r2, r3] = [0, 1, 2, 3].map(|i| row(4 * q + i));
+        // Byte pairs of rows 0-1 and 2-3 for pixels 0-7 and 8-15, then quads of both.
+        let (low01, high01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+        let (low23, high23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+        let words = [
+            _mm_unpacklo_epi16(low01, low23),   // pixels 0-3
+            _mm_unpacklo_epi16(high01, high23), // 8-11
+            _mm_unpackhi_epi16(low01, low23),   // 4-7
+            _mm_unpackhi_epi16(high01, high23), // 12-15
+        ];
+        for (part, quad) in dst.chunks_exact_mut(4).zip(words) {
+            // SAFETY: `part` holds 4 i32, one vector.
+            unsafe { _mm_storeu_si128(part.as_mut_ptr().cast(), quad) };
+        }
     }
 }
 

@@ -6,9 +6,8 @@
 
 use std::arch::aarch64::*;
 
-use crate::int8::ChannelQuant;
 use crate::quant::requantize_i8;
-use crate::strips::{Layer, Scratch, MAX_DEPTHWISE_TAPS, MR};
+use crate::strips::{DepthwiseGroup, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR};
 
 /// Pixels per vector.
 const LANES: usize = 8;
@@ -22,27 +21,30 @@ pub(super) fn takes(layer: &Layer<'_>, padded: usize) -> bool {
     layer.depthwise_fits(padded, SLACK)
 }
 
-/// Run one group of an accepted depthwise layer: `input` its one channel, `weights` its packed
-/// weights, `out` its channels' outputs.
+/// Run one group of an accepted depthwise layer whose [`Layer::tap_offsets`] are `offsets`
+/// into `out`, its channels' outputs.
 ///
 /// # Safety
 /// NEON must be available, and [`takes`] must have accepted `layer` with `scratch.padded`.
 #[target_feature(enable = "neon")]
 pub(super) unsafe fn run(
     layer: &Layer<'_>,
-    input: &[i8],
-    weights: &[i32],
-    channels: &ChannelQuant<'_>,
+    offsets: &[usize; MAX_DEPTHWISE_TAPS + 1],
+    group: DepthwiseGroup<'_>,
     scratch: &mut Scratch,
     out: &mut [i8],
 ) {
+    let DepthwiseGroup {
+        input,
+        weights,
+        channels,
+    } = group;
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
     let [sy, sx] = g.stride;
     let [_, wp] = Layer::padded_dims(g);
     let q = layer.q;
     let taps = g.kernel[0] * g.kernel[1];
-    let offsets = layer.tap_offsets();
     layer.pad_input(input, &mut scratch.padded);
     let plane = scratch.padded.as_ptr();
     // The packing holds taps 2k and 2k + 1 as two i16 in one i32, the first in the low half.
