@@ -11,7 +11,13 @@ cd "$(dirname "$0")/../.."
 # cross-check profile (Cargo.toml: unoptimised dependencies, to build in half the time).
 cargo build -q -p kestrel-jetson --bin kestrel-flight --target aarch64-unknown-linux-gnu \
     --features "${KESTREL_FLIGHT_FEATURES:-}" --profile cross-check
-cargo build -q -p sim
+# The host's sim: the one a workspace build made when KESTREL_SIM_BIN names it (.ci/run runs
+# this after the workspace tests, which build it), else built here.
+sim=${KESTREL_SIM_BIN:-}
+if [ -z "$sim" ]; then
+    cargo build -q -p sim
+    sim=target/debug/sim
+fi
 flight="qemu-aarch64-static -L /usr/aarch64-linux-gnu target/aarch64-unknown-linux-gnu/cross-check/kestrel-flight"
 for config in boards/jetson/flight-desktop.toml boards/jetson/flight-jetson.toml; do
     $flight --config "$config" --check
@@ -42,7 +48,7 @@ done
 kill -TERM $pid
 wait $pid
 grep -q "stopped: $chips frames in, $chips done" "$work/log" || { cat "$work/log"; exit 1; }
-target/debug/sim decode "$work/telemetry.ccsds" > "$work/decoded.jsonl"
+"$sim" decode "$work/telemetry.ccsds" > "$work/decoded.jsonl"
 classified=$(grep -c '"classification"' "$work/decoded.jsonl")
 rivers=$(grep '"classification"' "$work/decoded.jsonl" | grep -c '"class":8,' || true)
 grep -q '"health"' "$work/decoded.jsonl"
@@ -62,7 +68,7 @@ timeout_s = 60
 telemetry = "mavlink"
 link = "tcp://127.0.0.1:$(free_port)"
 TOML
-RUST_LOG=warn target/debug/sim hil --spawn "$flight" --config "$work/hil.toml" --limit 40 \
+RUST_LOG=warn "$sim" hil --spawn "$flight" --config "$work/hil.toml" --limit 40 \
     --timeout-s 120 --report "$work/hil.json"
 python3 - "$work/hil.json" <<'PY'
 import json, sys
