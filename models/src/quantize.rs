@@ -128,6 +128,16 @@ fn unsupported(node: &Node, what: &str) -> ImportError {
     }
 }
 
+/// A convolution that is a matrix-vector product: a 1x1 kernel over a one-pixel input into a
+/// one-pixel output, one group, no padding.
+fn is_one_pixel_pointwise(g: &ConvGeometry) -> bool {
+    g.kernel == [1, 1]
+        && g.group == 1
+        && g.pad == [0, 0]
+        && g.input[1..] == [1, 1]
+        && g.output[1..] == [1, 1]
+}
+
 /// The code of `real` on a tensor's grid, clamped to int8.
 fn code(q: ActivationQuant, real: f32) -> i8 {
     ((real / q.scale).round() + f32::from(q.zero_point)).clamp(-128.0, 127.0) as i8
@@ -507,6 +517,23 @@ impl QuantizedGraph {
             let first = id(step.inputs[0])?;
             let second = id(*step.inputs.get(1).unwrap_or(&step.inputs[0]))?;
             let op = match &step.layer {
+                Layer::Conv {
+                    geometry,
+                    weights,
+                    bias,
+                    requant,
+                    input_zero_point,
+                    output_quant,
+                } if is_one_pixel_pointwise(geometry) => PlanOp::Gemm {
+                    // A 1x1 convolution of one pixel (squeeze-excite's, after the global
+                    // pooling) is a matrix-vector product, and its weights `[out, in, 1, 1]`
+                    // are the Gemm's `[out, in]`: the same bytes out, without a convolution
+                    // kernel's 16-pixel tiles computing 15 pixels for nothing.
+                    weights: builder.i8_blob(weights),
+                    channels: builder.channels(bias, requant),
+                    input_zero_point: *input_zero_point,
+                    output_quant: *output_quant,
+                },
                 Layer::Conv {
                     geometry,
                     weights,

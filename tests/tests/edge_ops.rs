@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use kestrel_backend::Backend;
 use kestrel_plan::cpu::Int8Cpu;
+use kestrel_plan::program::{Op as PlanOp, Program};
 use kestrel_tests::{argmax, sorted_files, whole_image_input};
 use models::compile::{compile, Options};
 use models::graph::{Graph, ImportError, Op};
@@ -111,6 +112,31 @@ fn both_opsets_import_and_the_float_interpreter_matches_tract() {
 #[test]
 fn the_int8_plan_agrees_with_tract_on_real_chips() {
     int8_plan_agrees_with_tract_and_the_cuda_emulator(&model_dir());
+}
+
+#[test]
+fn squeeze_excite_pointwise_layers_become_matrix_vector_products() {
+    // The model's two 1x1 convolutions after its global pooling (`se_reduce`, `se_expand`)
+    // are Gemm steps in the plan: no executor runs a convolution over one pixel.
+    let model = ZooModel::load(model_dir().to_str().unwrap()).unwrap();
+    let options = Options {
+        max_images: 20,
+        ..Default::default()
+    };
+    let (plan, _) = compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap();
+    let program = Program::new(&plan).unwrap();
+    let ops: Vec<PlanOp> = program.steps().map(|s| s.unwrap().op).collect();
+    let one_pixel_convs = ops
+        .iter()
+        .filter(|op| matches!(op, PlanOp::Conv { geometry, .. } if geometry.input[1..] == [1, 1]))
+        .count();
+    let gemms = ops
+        .iter()
+        .filter(|op| matches!(op, PlanOp::Gemm { .. }))
+        .count();
+    assert_eq!(one_pixel_convs, 0, "{ops:?}");
+    // The two squeeze-excite layers and the classifier.
+    assert_eq!(gemms, 3, "{ops:?}");
 }
 
 #[test]

@@ -502,19 +502,6 @@ impl Kernels for Avx2 {
             return conv.run(input, output);
         }
         let layer = packed.layer(conv);
-        let [_, h, w] = conv.geometry.input;
-        if conv.geometry.group == 1 && layer.is_pointwise() && h * w == 1 {
-            // A pointwise layer over one pixel (squeeze-excite's, after the global pooling) is
-            // a matrix-vector product: a tile of 16 pixels would compute 15 for nothing. Its
-            // weights `[out, in, 1, 1]` are the Gemm's `[out, in]`.
-            let gemm = Gemm {
-                weights: conv.weights,
-                channels: conv.channels,
-                input_zero_point: conv.input_zero_point,
-                output_quant: conv.output_quant,
-            };
-            return self::gemm(&gemm, input, output);
-        }
         if let Some(winograd) = &prepared.winograd {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe {

@@ -813,7 +813,8 @@ pub(crate) mod check {
         let mut checked = 0;
         for case in 0..400 {
             if case % 13 == 5 {
-                // Squeeze-excite's pointwise layers, over the one pixel of a global pooling.
+                // Pointwise layers over one pixel: the compiler makes them Gemm steps, but a
+                // plan may still hold them as convolutions.
                 let (c, oc) = (1 + rng.below(300), 1 + rng.below(40));
                 let geometry = ConvGeometry {
                     input: [c, 1, 1],
