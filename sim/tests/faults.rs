@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use serde_json::Value;
 
@@ -75,13 +76,27 @@ fn n(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
+/// The clean run every scenario is compared with, made once for the tests of this file (which
+/// run in parallel: each scenario is a `sim eval` of its own).
+fn clean() -> &'static Value {
+    static CLEAN: OnceLock<Value> = OnceLock::new();
+    CLEAN.get_or_init(|| eval(None, &[]))
+}
+
+fn clean_top1() -> f64 {
+    clean()["top1"].as_f64().unwrap()
+}
+
 #[test]
-fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
-    let clean = eval(None, &[]);
-    let clean_top1 = clean["top1"].as_f64().unwrap();
+fn the_clean_run_sends_every_frame_and_scrubs() {
+    let clean = clean();
     assert_eq!(n(&clean["ledger"]["sent"]), 300);
     assert!(n(&clean["scrub"]["scrubs"]) >= 9, "{}", clean["scrub"]);
+}
 
+#[test]
+fn damaged_frames_are_rejected_with_their_reason_and_losses_counted() {
+    let clean_top1 = clean_top1();
     // Frames damaged on the way in are rejected with the fault's reason.
     for (fault, reason) in [
         ("nan", "not_finite"),
@@ -141,7 +156,11 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
         "{}",
         r["ledger"]
     );
+}
 
+#[test]
+fn a_failing_backend_fails_over_to_tract_and_loses_no_frame() {
+    let clean_top1 = clean_top1();
     // A failing backend: every frame is re-run on tract, none is lost, the preferred backend
     // comes back.
     for (spec, fault) in [
@@ -189,7 +208,11 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
     );
     assert_eq!(n(&r["ledger"]["sent"]), 300, "{}", r["ledger"]);
     assert!((r["top1"].as_f64().unwrap() - clean_top1).abs() < 0.01);
+}
 
+#[test]
+fn plan_upsets_are_scrubbed_and_activation_upsets_counted() {
+    let clean_top1 = clean_top1();
     // Upsets in the loaded plan: each one in checked memory is found by a scrub, the plan is
     // restored from its golden copy and the frames since the last clean scrub run again.
     let r = eval(Some("upset_model=0.1,seed=5"), &["--scrub-every", "8"]);
@@ -213,10 +236,9 @@ fn every_fault_alone_gets_its_response_and_the_ledger_balances() {
 
 #[test]
 fn all_faults_at_once_balance_and_spare_the_clean_frames() {
-    let clean = eval(None, &[]);
+    let clean_top1 = clean_top1();
     for seed in [1, 2] {
         let r = eval(Some(&format!("all,seed={seed}")), &[]);
-        let clean_top1 = clean["top1"].as_f64().unwrap();
         let top1_clean = r["top1_clean"].as_f64().unwrap();
         assert!(
             (top1_clean - clean_top1).abs() <= 0.01,
@@ -227,7 +249,7 @@ fn all_faults_at_once_balance_and_spare_the_clean_frames() {
 
 #[test]
 fn triple_modular_redundancy_outvotes_activation_upsets() {
-    let clean = eval(None, &[])["top1"].as_f64().unwrap();
+    let clean = clean_top1();
     let spec = "upset_activations=1,upset_bits=100,seed=5";
     let hit = eval(Some(spec), &[]);
     let voted = eval(Some(spec), &["--tmr"]);

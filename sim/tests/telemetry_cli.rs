@@ -77,44 +77,51 @@ fn count(lines: &[serde_json::Value], name: &str) -> usize {
 }
 
 #[test]
-fn what_sim_sends_is_what_the_ground_decodes_in_both_framings() {
-    let dir = tempfile::tempdir().unwrap();
-    for framing in ["ccsds", "mavlink"] {
-        let capture = dir.path().join(format!("capture.{framing}"));
-        let downlink = eval(dir.path(), framing, &file_link(&capture), &[]);
-        let sent = downlink["sent_bytes"].as_u64().unwrap();
-        assert_eq!(std::fs::metadata(&capture).unwrap().len(), sent);
-        assert!(downlink["raw_bytes"].as_u64().unwrap() > 10_000_000);
-        let ratio = downlink["reduction_ratio"].as_f64().unwrap();
-        assert!(ratio > 0.0 && ratio < 0.1, "{downlink}");
-        let products = downlink["products"].as_u64().unwrap();
-        assert!(products > 20, "{downlink}");
-        assert_eq!(downlink["queue"]["refused_too_large"], 0, "{downlink}");
+fn what_sim_sends_over_ccsds_is_what_the_ground_decodes() {
+    sent_is_decoded("ccsds");
+}
 
-        let products_dir = dir.path().join(format!("products-{framing}"));
-        let lines = decode(&capture, framing, &products_dir);
-        let stats = &lines.last().unwrap()["stats"];
-        for counter in [
-            "sequence_gaps",
-            "crc_failures",
-            "truncated",
-            "unknown_ids",
-            "malformed",
-        ] {
-            assert_eq!(stats[counter], 0, "{framing} {counter}: {stats}");
-        }
-        assert_eq!(stats["products"]["complete"].as_u64(), Some(products));
-        assert_eq!(stats["products"]["lost"], 0);
-        // One detections message per scene, one health snapshot.
-        assert_eq!(count(&lines, "detections"), 7, "{framing}");
-        assert_eq!(count(&lines, "health"), 1);
-        // Every product is a PNG that decodes to a crop of at most 64 pixels a side.
-        let pngs: Vec<_> = std::fs::read_dir(&products_dir).unwrap().collect();
-        assert_eq!(pngs.len() as u64, products);
-        for png in pngs {
-            let crop = image::open(png.unwrap().path()).unwrap();
-            assert!(crop.width() <= 64 && crop.height() <= 64);
-        }
+#[test]
+fn what_sim_sends_over_mavlink_is_what_the_ground_decodes() {
+    sent_is_decoded("mavlink");
+}
+
+fn sent_is_decoded(framing: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = dir.path().join(format!("capture.{framing}"));
+    let downlink = eval(dir.path(), framing, &file_link(&capture), &[]);
+    let sent = downlink["sent_bytes"].as_u64().unwrap();
+    assert_eq!(std::fs::metadata(&capture).unwrap().len(), sent);
+    assert!(downlink["raw_bytes"].as_u64().unwrap() > 10_000_000);
+    let ratio = downlink["reduction_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio < 0.1, "{downlink}");
+    let products = downlink["products"].as_u64().unwrap();
+    assert!(products > 20, "{downlink}");
+    assert_eq!(downlink["queue"]["refused_too_large"], 0, "{downlink}");
+
+    let products_dir = dir.path().join(format!("products-{framing}"));
+    let lines = decode(&capture, framing, &products_dir);
+    let stats = &lines.last().unwrap()["stats"];
+    for counter in [
+        "sequence_gaps",
+        "crc_failures",
+        "truncated",
+        "unknown_ids",
+        "malformed",
+    ] {
+        assert_eq!(stats[counter], 0, "{framing} {counter}: {stats}");
+    }
+    assert_eq!(stats["products"]["complete"].as_u64(), Some(products));
+    assert_eq!(stats["products"]["lost"], 0);
+    // One detections message per scene, one health snapshot.
+    assert_eq!(count(&lines, "detections"), 7, "{framing}");
+    assert_eq!(count(&lines, "health"), 1);
+    // Every product is a PNG that decodes to a crop of at most 64 pixels a side.
+    let pngs: Vec<_> = std::fs::read_dir(&products_dir).unwrap().collect();
+    assert_eq!(pngs.len() as u64, products);
+    for png in pngs {
+        let crop = image::open(png.unwrap().path()).unwrap();
+        assert!(crop.width() <= 64 && crop.height() <= 64);
     }
 }
 
@@ -139,34 +146,41 @@ fn a_pass_budget_sends_the_most_valuable_first_and_stays_within_it() {
 }
 
 #[test]
-fn a_damaged_capture_loses_only_the_products_it_cut_and_counts_them() {
+fn a_damaged_ccsds_capture_loses_only_the_products_it_cut_and_counts_them() {
+    damaged_capture_loses_only_what_was_cut("ccsds");
+}
+
+#[test]
+fn a_damaged_mavlink_capture_loses_only_the_products_it_cut_and_counts_them() {
+    damaged_capture_loses_only_what_was_cut("mavlink");
+}
+
+fn damaged_capture_loses_only_what_was_cut(framing: &str) {
     let dir = tempfile::tempdir().unwrap();
-    for framing in ["ccsds", "mavlink"] {
-        let capture = dir.path().join(format!("capture.{framing}"));
-        let downlink = eval(dir.path(), framing, &file_link(&capture), &[]);
-        let products = downlink["products"].as_u64().unwrap();
-        let mut bytes = std::fs::read(&capture).unwrap();
-        // Cut 100 bytes out of the middle, flip a bit a quarter of the way in, and cut the end.
-        let middle = bytes.len() / 2;
-        bytes.drain(middle..middle + 100);
-        let quarter = bytes.len() / 4;
-        bytes[quarter] ^= 0x08;
-        bytes.truncate(bytes.len() - 5);
-        let damaged = dir.path().join(format!("damaged.{framing}"));
-        std::fs::write(&damaged, &bytes).unwrap();
-        let lines = decode(&damaged, framing, &dir.path().join(format!("p-{framing}")));
-        let stats = &lines.last().unwrap()["stats"];
-        let complete = stats["products"]["complete"].as_u64().unwrap();
-        let lost = stats["products"]["lost"].as_u64().unwrap();
-        // At most the two damaged places cost a product each (the cut end is the health
-        // packet); the rest arrive whole.
-        assert!((1..=2).contains(&lost), "{framing}: {stats}");
-        assert!(complete >= products - 2, "{framing}: {stats}");
-        assert_eq!(stats["truncated"], 1, "{framing}: {stats}");
-        let failures = stats["crc_failures"].as_u64().unwrap();
-        let gaps = stats["sequence_gaps"].as_u64().unwrap();
-        assert!(failures >= 1 && gaps >= 2, "{framing}: {stats}");
-    }
+    let capture = dir.path().join(format!("capture.{framing}"));
+    let downlink = eval(dir.path(), framing, &file_link(&capture), &[]);
+    let products = downlink["products"].as_u64().unwrap();
+    let mut bytes = std::fs::read(&capture).unwrap();
+    // Cut 100 bytes out of the middle, flip a bit a quarter of the way in, and cut the end.
+    let middle = bytes.len() / 2;
+    bytes.drain(middle..middle + 100);
+    let quarter = bytes.len() / 4;
+    bytes[quarter] ^= 0x08;
+    bytes.truncate(bytes.len() - 5);
+    let damaged = dir.path().join(format!("damaged.{framing}"));
+    std::fs::write(&damaged, &bytes).unwrap();
+    let lines = decode(&damaged, framing, &dir.path().join(format!("p-{framing}")));
+    let stats = &lines.last().unwrap()["stats"];
+    let complete = stats["products"]["complete"].as_u64().unwrap();
+    let lost = stats["products"]["lost"].as_u64().unwrap();
+    // At most the two damaged places cost a product each (the cut end is the health
+    // packet); the rest arrive whole.
+    assert!((1..=2).contains(&lost), "{framing}: {stats}");
+    assert!(complete >= products - 2, "{framing}: {stats}");
+    assert_eq!(stats["truncated"], 1, "{framing}: {stats}");
+    let failures = stats["crc_failures"].as_u64().unwrap();
+    let gaps = stats["sequence_gaps"].as_u64().unwrap();
+    assert!(failures >= 1 && gaps >= 2, "{framing}: {stats}");
 }
 
 /// `sim decode tcp://...` listening on a free port with `commands` to send, started; its port.
