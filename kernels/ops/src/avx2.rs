@@ -668,34 +668,65 @@ fn requantize_tile(
     requant: Requant,
     q: OutputQuant,
 ) -> [i8; NR] {
-    let bias = _mm256_set1_epi32(bias);
-    let (lo, hi) = (_mm256_add_epi32(lo, bias), _mm256_add_epi32(hi, bias));
-    let mut codes = [0i8; NR];
-    if requant.shift > 0 || !is_code(q.zero_point) {
+    ChannelRequant::new(bias, requant, q).tile(lo, hi)
+}
+
+/// One output channel's bias and requantisation, broadcast once for all its tiles.
+struct ChannelRequant {
+    bias: i32,
+    requant: Requant,
+    q: OutputQuant,
+    /// The broadcast bias and constants, where the vector path is exact.
+    vector: Option<(__m256i, Lanes)>,
+}
+
+impl ChannelRequant {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn new(bias: i32, requant: Requant, q: OutputQuant) -> Self {
         // Scales of 1 or more can exceed 32 bits before the clamp, and so can sums with a
         // zero point outside int8: the scalar path is exact for them.
-        let (mut l, mut h) = ([0i32; 8], [0i32; 8]);
-        // SAFETY: each array holds 8 i32, one vector.
-        unsafe {
-            _mm256_storeu_si256(l.as_mut_ptr().cast(), lo);
-            _mm256_storeu_si256(h.as_mut_ptr().cast(), hi);
+        let vector = (requant.shift <= 0 && is_code(q.zero_point))
+            .then(|| (_mm256_set1_epi32(bias), Lanes::new(requant, q)));
+        Self {
+            bias,
+            requant,
+            q,
+            vector,
         }
-        let order = [0, 1, 2, 3, 8, 9, 10, 11];
-        for i in 0..8 {
-            codes[order[i]] = requantize_i8(l[i], requant, q.zero_point, q.min, q.max);
-            codes[order[i] + 4] = requantize_i8(h[i], requant, q.zero_point, q.min, q.max);
-        }
-        return codes;
     }
-    let lanes = Lanes::new(requant, q);
-    let (lo, hi) = (requantize8(lo, &lanes), requantize8(hi, &lanes));
-    // lo/hi interleave pixels in 4s; packing them back to back restores the order.
-    let words = _mm256_packs_epi32(lo, hi);
-    let bytes = _mm256_packs_epi16(words, words);
-    let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(bytes);
-    // SAFETY: `codes` holds 16 bytes, one 128-bit store.
-    unsafe { _mm_storeu_si128(codes.as_mut_ptr().cast(), _mm256_castsi256_si128(ordered)) };
-    codes
+
+    /// Add the bias, requantise and clamp 16 sums; codes in pixel order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile(&self, lo: __m256i, hi: __m256i) -> [i8; NR] {
+        let mut codes = [0i8; NR];
+        let Some((bias, lanes)) = &self.vector else {
+            let (mut l, mut h) = ([0i32; 8], [0i32; 8]);
+            // SAFETY: each array holds 8 i32, one vector.
+            unsafe {
+                _mm256_storeu_si256(l.as_mut_ptr().cast(), lo);
+                _mm256_storeu_si256(h.as_mut_ptr().cast(), hi);
+            }
+            let (requant, q) = (self.requant, self.q);
+            let order = [0, 1, 2, 3, 8, 9, 10, 11];
+            for i in 0..8 {
+                let (l, h) = (l[i].wrapping_add(self.bias), h[i].wrapping_add(self.bias));
+                codes[order[i]] = requantize_i8(l, requant, q.zero_point, q.min, q.max);
+                codes[order[i] + 4] = requantize_i8(h, requant, q.zero_point, q.min, q.max);
+            }
+            return codes;
+        };
+        let (lo, hi) = (_mm256_add_epi32(lo, *bias), _mm256_add_epi32(hi, *bias));
+        let (lo, hi) = (requantize8(lo, lanes), requantize8(hi, lanes));
+        // lo/hi interleave pixels in 4s; packing them back to back restores the order.
+        let words = _mm256_packs_epi32(lo, hi);
+        let bytes = _mm256_packs_epi16(words, words);
+        let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(bytes);
+        // SAFETY: `codes` holds 16 bytes, one 128-bit store.
+        unsafe { _mm_storeu_si128(codes.as_mut_ptr().cast(), _mm256_castsi256_si128(ordered)) };
+        codes
+    }
 }
 
 /// One channel's requantisation constants, broadcast.

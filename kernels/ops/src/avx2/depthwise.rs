@@ -10,8 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::requantize_tile;
-use crate::quant::Requant;
+use super::ChannelRequant;
 use crate::strips::{store_codes, DepthwiseGroup, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR, NR};
 
 /// Values past the padded plane that the tap loads may read (a stride-2 load takes `2 * NR`);
@@ -59,8 +58,7 @@ pub(super) unsafe fn run(
             layer,
             offsets,
             pairs: &pairs,
-            bias,
-            requant,
+            requant: ChannelRequant::new(bias, requant, layer.q),
         };
         // SAFETY: as for this function.
         unsafe {
@@ -82,8 +80,8 @@ struct Channel<'c> {
     offsets: &'c [usize; MAX_DEPTHWISE_TAPS + 1],
     /// Weights of taps `2k` and `2k + 1`, two i16 in one i32 (the first in the low half).
     pairs: &'c [i32; MAX_DEPTHWISE_TAPS.div_ceil(2)],
-    bias: i32,
-    requant: Requant,
+    /// Its bias and requantisation, broadcast once for all its vectors.
+    requant: ChannelRequant,
 }
 
 impl Channel<'_> {
@@ -157,7 +155,7 @@ impl Channel<'_> {
             lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, weight));
             hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, weight));
         }
-        requantize_tile(lo, hi, self.bias, self.requant, self.layer.q)
+        self.requant.tile(lo, hi)
     }
 }
 
