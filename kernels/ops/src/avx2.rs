@@ -141,12 +141,17 @@ pub(crate) fn plug(table: &mut KernelTable, convs: &[Option<Conv<'_>>]) {
         name: "avx2",
         kernel: max_pool,
     };
-    if has_vbmi() {
-        table.lut = Entry {
+    table.lut = if has_vbmi() {
+        Entry {
             name: "avx512-vbmi",
             kernel: lut,
-        };
-    }
+        }
+    } else {
+        Entry {
+            name: "avx2",
+            kernel: lut_avx2,
+        }
+    };
     table.conv = Entry::conv_of(avx2.name(), avx2);
 }
 
@@ -357,6 +362,51 @@ fn lut(lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError>
             Ok(())
         }
         _ => lut.run(input, output),
+    }
+}
+
+/// Table lookups 32 codes at a time with `vpshufb`. Reached only through a table [`plug`]
+/// filled, which exists only once AVX2 was detected.
+fn lut_avx2(lut: &Lut<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    match <&[i8; 256]>::try_from(lut.table) {
+        Ok(table) if input.len() == output.len() => {
+            // SAFETY: AVX2 was detected before this function could be reached (see above).
+            unsafe { lut32(table, input, output) };
+            Ok(())
+        }
+        _ => lut.run(input, output),
+    }
+}
+
+/// [`Lut::run`] with `vpshufb`: the table as 16 rows of 16 entries, each row looked up by
+/// the codes' low nibble and kept where their high nibble names the row. For row `r`,
+/// `code ^ r << 4` is the low nibble for that row's codes and at least 16 for the others;
+/// adding 0x70 with unsigned saturation keeps the first below 0x80 and sets bit 7 of the
+/// second, which makes `vpshufb` write 0 there, so the 16 lookups OR into the result.
+#[target_feature(enable = "avx2")]
+fn lut32(table: &[i8; 256], input: &[i8], output: &mut [i8]) {
+    // SAFETY (every load and store below): 16 or 32 bytes of a slice at least that long,
+    // unaligned.
+    let rows: [__m256i; 16] = std::array::from_fn(|r| {
+        _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(table[16 * r..].as_ptr().cast()) })
+    });
+    let selects: [__m256i; 16] = std::array::from_fn(|r| _mm256_set1_epi8((r << 4) as u8 as i8));
+    let past_row = _mm256_set1_epi8(0x70);
+    let whole = input.len() / 32 * 32;
+    for (x, y) in input[..whole]
+        .chunks_exact(32)
+        .zip(output[..whole].chunks_exact_mut(32))
+    {
+        let codes = unsafe { _mm256_loadu_si256(x.as_ptr().cast()) };
+        let mut looked_up = _mm256_setzero_si256();
+        for (row, select) in rows.iter().zip(&selects) {
+            let index = _mm256_adds_epu8(_mm256_xor_si256(codes, *select), past_row);
+            looked_up = _mm256_or_si256(looked_up, _mm256_shuffle_epi8(*row, index));
+        }
+        unsafe { _mm256_storeu_si256(y.as_mut_ptr().cast(), looked_up) };
+    }
+    for (y, &x) in output[whole..].iter_mut().zip(&input[whole..]) {
+        *y = table[usize::from(x as u8)];
     }
 }
 
@@ -1144,10 +1194,19 @@ mod tests {
 
     #[test]
     fn lut_matches_the_generic_kernel_bit_for_bit() {
-        if !has_vbmi() {
-            eprintln!("not tested here: this CPU has no AVX-512 VBMI");
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
             return;
         }
+        check_lut(lut_avx2);
+        if has_vbmi() {
+            check_lut(lut);
+        } else {
+            eprintln!("the AVX-512 VBMI table kernel is not tested here: this CPU has no VBMI");
+        }
+    }
+
+    fn check_lut(fast: crate::table::LutKernel) {
         let mut rng = Rng(0x007a_b1e5_2026);
         for case in 0..200 {
             let table: Vec<i8> = (0..256).map(|_| rng.draw() as i8).collect();
@@ -1159,7 +1218,7 @@ mod tests {
             let mut expected = vec![0i8; input.len()];
             lut.run(&input, &mut expected).unwrap();
             let mut got = vec![0i8; input.len()];
-            self::lut(&lut, &input, &mut got).unwrap();
+            fast(&lut, &input, &mut got).unwrap();
             assert_eq!(got, expected, "case {case}");
         }
         // Wrong buffers and tables are the generic kernel's errors.
@@ -1167,7 +1226,7 @@ mod tests {
         for (table, inputs, outputs) in [(&table[..], 64, 63), (&table[..255], 64, 64)] {
             let lut = Lut { table };
             assert_eq!(
-                self::lut(&lut, &vec![1; inputs], &mut vec![0; outputs]),
+                fast(&lut, &vec![1; inputs], &mut vec![0; outputs]),
                 lut.run(&vec![1; inputs], &mut vec![0; outputs])
             );
         }
