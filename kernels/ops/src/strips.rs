@@ -347,7 +347,10 @@ impl Layer<'_> {
     /// The tile loop every fast kernel shares: for each tile of [`NR`] output pixels fill its
     /// strip of the column matrix (in `strip`, with `padded` for the padded input), then let
     /// `block` make each block's codes from it, as [`Layer::for_each_tile`] does.
-    #[inline]
+    ///
+    /// This and the strip fillers are inlined always: then they are compiled inside the
+    /// plug-in's kernel, with its vector extension (AVX2), not for the baseline CPU.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn run_tiles(
         &self,
@@ -388,7 +391,7 @@ impl Layer<'_> {
     /// and the block's first channel into codes, `[channel][pixel]`, while the input is in L1.
     /// Codes of channels past the group's last (`channels`) and of pixels past the last are
     /// not written.
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn for_each_tile<T: ?Sized>(
         &self,
@@ -419,7 +422,7 @@ impl Layer<'_> {
 
     /// The group's input as 16-bit values minus the zero point, inside a border of zeros
     /// wide enough for every tap, so that filling a strip needs no bounds logic.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pad_input<'s>(&self, input: &[i8], scratch: &'s mut [i16]) -> &'s [i16] {
         let g = self.geometry;
         let [_, h, w] = g.input;
@@ -478,7 +481,7 @@ impl Layer<'_> {
     /// A pointwise layer's strip for output pixels `p0..p0 + NR`: each input channel's codes
     /// at those pixels, widened, minus the zero point; 0 past the last pixel and in the odd
     /// row that completes the last pair.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn fill_pointwise_strip(&self, input: &[i8], p0: usize, strip: &mut [i16]) {
         let [_, h, w] = self.geometry.input;
         let pixels = h * w;
@@ -489,7 +492,10 @@ impl Layer<'_> {
             for (d, &s) in dst[..n].iter_mut().zip(&plane[p0..p0 + n]) {
                 *d = i16::from(s) - self.zero_point;
             }
-            dst[n..].fill(0);
+            // Only the last tile has pixels to clear: an empty `fill` is still a `memset` call.
+            if n < NR {
+                dst[n..].fill(0);
+            }
         }
         for dst in rows {
             dst.fill(0);
@@ -498,7 +504,7 @@ impl Layer<'_> {
 
     /// Rows `(ic, ky, kx)` of the column matrix for output pixels `p0..p0 + NR`, copied from
     /// the padded input; 0 past the last pixel and in the odd row that completes the last pair.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn fill_strip(&self, padded: &[i16], p0: usize, strip: &mut [i16]) {
         let g = self.geometry;
         let [_, oh, ow] = g.output;
@@ -540,7 +546,9 @@ impl Layer<'_> {
                             }
                         }
                     }
-                    dst[covered..].fill(0);
+                    if covered < NR {
+                        dst[covered..].fill(0);
+                    }
                 }
             }
         }
