@@ -752,19 +752,8 @@ impl ChannelRequant {
     fn tile(&self, lo: __m256i, hi: __m256i) -> [i8; NR] {
         let mut codes = [0i8; NR];
         let Some((bias, lanes)) = &self.vector else {
-            let (mut l, mut h) = ([0i32; 8], [0i32; 8]);
-            // SAFETY: each array holds 8 i32, one vector.
-            unsafe {
-                _mm256_storeu_si256(l.as_mut_ptr().cast(), lo);
-                _mm256_storeu_si256(h.as_mut_ptr().cast(), hi);
-            }
-            let (requant, q) = (self.requant, self.q);
-            let order = [0, 1, 2, 3, 8, 9, 10, 11];
-            for i in 0..8 {
-                let (l, h) = (l[i].wrapping_add(self.bias), h[i].wrapping_add(self.bias));
-                codes[order[i]] = requantize_i8(l, requant, q.zero_point, q.min, q.max);
-                codes[order[i] + 4] = requantize_i8(h, requant, q.zero_point, q.min, q.max);
-            }
+            // SAFETY: `codes` holds 16 bytes, one 128-bit store.
+            unsafe { _mm_storeu_si128(codes.as_mut_ptr().cast(), self.scalar(lo, hi)) };
             return codes;
         };
         let (lo, hi) = (_mm256_add_epi32(lo, *bias), _mm256_add_epi32(hi, *bias));
@@ -776,6 +765,46 @@ impl ChannelRequant {
         // SAFETY: `codes` holds 16 bytes, one 128-bit store.
         unsafe { _mm_storeu_si128(codes.as_mut_ptr().cast(), _mm256_castsi256_si128(ordered)) };
         codes
+    }
+
+    /// [`ChannelRequant::tile`] in a register.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn tile_vector(&self, lo: __m256i, hi: __m256i) -> __m128i {
+        let Some((bias, lanes)) = &self.vector else {
+            return self.scalar(lo, hi);
+        };
+        let (lo, hi) = (_mm256_add_epi32(lo, *bias), _mm256_add_epi32(hi, *bias));
+        let (lo, hi) = (requantize8(lo, lanes), requantize8(hi, lanes));
+        // lo/hi interleave pixels in 4s; packing them back to back restores the order.
+        let words = _mm256_packs_epi32(lo, hi);
+        let bytes = _mm256_packs_epi16(words, words);
+        let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(bytes);
+        _mm256_castsi256_si128(ordered)
+    }
+}
+
+impl ChannelRequant {
+    /// [`ChannelRequant::tile_vector`] a lane at a time, exact where the vector path is not.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn scalar(&self, lo: __m256i, hi: __m256i) -> __m128i {
+        let (mut l, mut h) = ([0i32; 8], [0i32; 8]);
+        // SAFETY: each array holds 8 i32, one vector.
+        unsafe {
+            _mm256_storeu_si256(l.as_mut_ptr().cast(), lo);
+            _mm256_storeu_si256(h.as_mut_ptr().cast(), hi);
+        }
+        let (requant, q) = (self.requant, self.q);
+        let order = [0, 1, 2, 3, 8, 9, 10, 11];
+        let mut codes = [0i8; NR];
+        for i in 0..8 {
+            let (l, h) = (l[i].wrapping_add(self.bias), h[i].wrapping_add(self.bias));
+            codes[order[i]] = requantize_i8(l, requant, q.zero_point, q.min, q.max);
+            codes[order[i] + 4] = requantize_i8(h, requant, q.zero_point, q.min, q.max);
+        }
+        // SAFETY: `codes` holds 16 bytes, one 128-bit load.
+        unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }
     }
 }
 

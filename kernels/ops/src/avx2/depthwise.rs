@@ -97,16 +97,12 @@ impl Channel<'_> {
         let [sy, sx] = g.stride;
         let [_, wp] = Layer::padded_dims(g);
         if ow > NR / 2 {
-            for oy in 0..oh {
-                for ox0 in (0..ow).step_by(NR) {
-                    let n = NR.min(ow - ox0);
-                    let at = oy * sy * wp + ox0 * sx;
-                    // SAFETY: `takes` checked the plane and its slack hold every tap's load.
-                    let codes =
-                        unsafe { self.vector::<PAIRS>(|o| load_taps(plane, at + o, sx, n)) };
-                    if let Some(dst) = out.get_mut(oy * ow + ox0..oy * ow + ox0 + n) {
-                        store_codes(dst, &codes);
-                    }
+            // SAFETY: as for this function.
+            unsafe {
+                match sx {
+                    1 => self.rows::<PAIRS, 1>(plane, out),
+                    2 => self.rows::<PAIRS, 2>(plane, out),
+                    _ => self.rows::<PAIRS, 0>(plane, out),
                 }
             }
             return;
@@ -134,10 +130,57 @@ impl Channel<'_> {
         }
     }
 
+    /// Rows of more than 8 output pixels, 16 at a time, with a horizontal stride of `STRIDE`
+    /// (0: the layer's, not fixed at compile time).
+    ///
+    /// # Safety
+    /// As [`Channel::run`].
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows<const PAIRS: usize, const STRIDE: usize>(
+        &self,
+        plane: *const i16,
+        out: &mut [i8],
+    ) {
+        let g = self.layer.geometry;
+        let [_, oh, ow] = g.output;
+        let [sy, sx] = g.stride;
+        let sx = if STRIDE > 0 { STRIDE } else { sx };
+        let [_, wp] = Layer::padded_dims(g);
+        for (oy, row) in out.chunks_exact_mut(ow).take(oh).enumerate() {
+            let first = oy * sy * wp;
+            let mut vectors = row.chunks_exact_mut(NR);
+            for (v, dst) in (&mut vectors).enumerate() {
+                let at = first + v * NR * sx;
+                // SAFETY: `takes` checked the plane and its slack hold every tap's load.
+                let codes =
+                    unsafe { self.vector_codes::<PAIRS>(|o| load_taps(plane, at + o, sx, NR)) };
+                // SAFETY: `dst` is 16 bytes, one 128-bit store.
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) };
+            }
+            let tail = vectors.into_remainder();
+            if !tail.is_empty() {
+                let at = first + (ow - tail.len()) * sx;
+                // SAFETY: as above.
+                let codes =
+                    unsafe { self.vector::<PAIRS>(|o| load_taps(plane, at + o, sx, tail.len())) };
+                store_codes(tail, &codes);
+            }
+        }
+    }
+
     /// The 16 codes of one vector of output pixels whose tap values `load(offset)` gives.
     #[inline]
     #[target_feature(enable = "avx2")]
     fn vector<const PAIRS: usize>(&self, load: impl Fn(usize) -> __m256i) -> [i8; NR] {
+        let (lo, hi) = self.sums::<PAIRS>(load);
+        self.requant.tile(lo, hi)
+    }
+
+    /// The sums of one vector of output pixels whose tap values `load(offset)` gives, in the
+    /// lane order `vpunpck*wd` leaves them in.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn sums<const PAIRS: usize>(&self, load: impl Fn(usize) -> __m256i) -> (__m256i, __m256i) {
         let pairs = if PAIRS > 0 {
             PAIRS
         } else {
@@ -155,7 +198,15 @@ impl Channel<'_> {
             lo = _mm256_add_epi32(lo, _mm256_madd_epi16(pl, weight));
             hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, weight));
         }
-        self.requant.tile(lo, hi)
+        (lo, hi)
+    }
+
+    /// [`Channel::vector`] in a register.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn vector_codes<const PAIRS: usize>(&self, load: impl Fn(usize) -> __m256i) -> __m128i {
+        let (lo, hi) = self.sums::<PAIRS>(load);
+        self.requant.tile_vector(lo, hi)
     }
 }
 
@@ -165,6 +216,7 @@ impl Channel<'_> {
 /// # Safety
 /// `plane[at..at + stride * NR]` must be readable for strides 1 and 2, `plane[at + stride * i]`
 /// for `i < n` otherwise.
+#[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn load_taps(plane: *const i16, at: usize, stride: usize, n: usize) -> __m256i {
     // SAFETY: the caller vouches for the reads described above.
