@@ -288,6 +288,7 @@ fn run_bytes(
         padded,
         strip,
         out,
+        |_| {},
         |tile, strip, first| {
             if first == 0 {
                 to_bytes(strip, zero_point, bytes);
@@ -524,6 +525,7 @@ fn run_layer(
         padded,
         strip,
         out,
+        |_| {},
         |tile, strip, first| {
             let sums = micro_kernel(tile, strip, layer.row_pairs);
             requantize_sums(&sums, channels, first, layer)

@@ -345,8 +345,9 @@ impl Layer<'_> {
     }
 
     /// The tile loop every fast kernel shares: for each tile of [`NR`] output pixels fill its
-    /// strip of the column matrix (in `strip`, with `padded` for the padded input), then let
-    /// `block` make each block's codes from it, as [`Layer::for_each_tile`] does.
+    /// strip of the column matrix (in `strip`, with `padded` for the padded input), let
+    /// `arrange` put it in the order the kernel reads (AVX2 pairs its rows; others leave it),
+    /// then let `block` make each block's codes from it, as [`Layer::for_each_tile`] does.
     ///
     /// This and the strip fillers are inlined always: then they are compiled inside the
     /// plug-in's kernel, with its vector extension (AVX2), not for the baseline CPU.
@@ -361,6 +362,7 @@ impl Layer<'_> {
         padded: &mut [i16],
         strip: &mut [i16],
         out: &mut [i8],
+        arrange: impl Fn(&mut [i16]),
         block: impl FnMut(&[i32], &[i16], usize) -> [[i8; NR]; MR],
     ) {
         // A pointwise layer's column matrix is its input: no padded copy to make.
@@ -381,6 +383,7 @@ impl Layer<'_> {
             } else {
                 self.fill_strip(padded, p0, strip);
             }
+            arrange(strip);
         };
         self.for_each_tile(weights, span, channels, strip, out, fill, block);
     }

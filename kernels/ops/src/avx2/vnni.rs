@@ -129,6 +129,7 @@ impl Quads {
             padded,
             strip,
             out,
+            |_| {},
             |tile, strip, first| {
                 if first == 0 {
                     // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.

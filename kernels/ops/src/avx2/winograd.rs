@@ -140,6 +140,8 @@ impl Winograd {
         let [v_len, m_len] = self.scratch_len();
         let transformed = &mut scratch.transformed[..v_len];
         self.transform_input(padded, c, [hp, wp], transformed);
+        // Every strip has an even number of rows: pair them once for the 16 GEMMs' blocks.
+        super::interleave_pairs(transformed);
 
         let products = &mut scratch.products[..m_len];
         let channels_padded = self.blocks * MR;
@@ -150,8 +152,7 @@ impl Winograd {
                 let strip = &transformed[((point * strips + s) * rows) * NR..][..rows * NR];
                 for block in 0..self.blocks {
                     let tile = &weights[block * self.row_pairs * MR..][..self.row_pairs * MR];
-                    // SAFETY: `strip` holds `rows` rows of NR values; `tile` row_pairs * MR.
-                    let acc = unsafe { micro_kernel(tile, strip, self.row_pairs) };
+                    let acc = micro_kernel(tile, strip, self.row_pairs);
                     for (r, [lo, hi]) in acc.into_iter().enumerate() {
                         let o = block * MR + r;
                         let at = ((point * channels_padded + o) * strips + s) * NR;
