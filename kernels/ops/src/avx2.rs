@@ -12,8 +12,10 @@ use std::arch::x86_64::*;
 use std::vec::Vec;
 
 mod depthwise;
+mod few;
 mod vnni;
 mod winograd;
+use few::FewPixels;
 use vnni::Quads;
 pub use vnni::Vnni;
 use winograd::Winograd;
@@ -37,25 +39,34 @@ struct Prepared {
     winograd: Option<Winograd>,
     /// Byte quads for `vpdpbusd`, on a CPU with VNNI, for the layers the strips kernel runs.
     quads: Option<Quads>,
+    /// Channels in the lanes, for layers of at most 4 output pixels.
+    few: Option<FewPixels>,
 }
 
 impl Prepared {
     fn new(conv: &Conv<'_>, vnni: Option<Vnni>) -> Option<Self> {
-        let packed = Packed::new(conv)?;
+        let mut packed = Packed::new(conv)?;
         let winograd = Winograd::new(conv);
+        let few = FewPixels::new(conv);
+        if few.is_some() {
+            // Its bytes are all that layer reads: the 16-bit packing would only take memory.
+            packed.weights = Vec::new();
+        }
         let quads = match vnni {
-            Some(vnni) if winograd.is_none() => Quads::new(conv, &packed, vnni),
+            Some(vnni) if winograd.is_none() && few.is_none() => Quads::new(conv, &packed, vnni),
             _ => None,
         };
         Some(Self {
             packed,
             winograd,
             quads,
+            few,
         })
     }
 
     /// Scratch needs: padded input, strip, and for Winograd the transformed input and products
-    /// (or for VNNI the byte-quad strip, in the products' buffer).
+    /// (or for VNNI the byte-quad strip, and for layers of a few pixels their sums, in the
+    /// products' buffer).
     fn scratch_len(&self) -> [usize; 4] {
         let [padded, strip] = self.packed.scratch_len();
         let [transformed, products] = self.winograd.as_ref().map_or([0, 0], Winograd::scratch_len);
@@ -64,7 +75,9 @@ impl Prepared {
             padded + depthwise::SLACK,
             strip,
             transformed,
-            products.max(quads),
+            products
+                .max(quads)
+                .max(self.few.as_ref().map_or(0, FewPixels::sums_len)),
         ]
     }
 }
@@ -492,6 +505,9 @@ impl Kernels for Avx2 {
             for block in prepared.quads.iter().flat_map(|q| q.packed.blocks()) {
                 visit(block);
             }
+            if let Some(few) = &prepared.few {
+                visit(few.words());
+            }
         }
     }
 
@@ -503,7 +519,8 @@ impl Kernels for Avx2 {
             .flat_map(|p| {
                 let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
                 let quads = p.quads.iter_mut().flat_map(|q| q.packed.blocks_mut());
-                [Some(p.packed.weights.as_mut_slice()), winograd]
+                let few = p.few.as_mut().map(FewPixels::words_mut);
+                [Some(p.packed.weights.as_mut_slice()), winograd, few]
                     .into_iter()
                     .flatten()
                     .chain(quads)
@@ -564,6 +581,11 @@ impl Kernels for Avx2 {
                     output,
                 )
             };
+            return Ok(());
+        }
+        if let Some(few) = &prepared.few {
+            // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
+            unsafe { few.run(&layer, input, &conv.channels, scratch, output) };
             return Ok(());
         }
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
@@ -955,6 +977,19 @@ mod tests {
     }
 
     /// Depthwise layers take their own kernel: every random one gives the generic bytes.
+    #[test]
+    fn few_pixel_layers_match_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        for vnni in paths() {
+            check::random_few_pixels(0xf3a_2026_1202, &mut |conv, input, output| {
+                Avx2::for_conv(conv, vnni).map(|mut fast| fast.conv(0, conv, input, output))
+            });
+        }
+    }
+
     #[test]
     fn depthwise_matches_the_generic_kernel_bit_for_bit() {
         if !std::arch::is_x86_feature_detected!("avx2") {

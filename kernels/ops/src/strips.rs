@@ -970,6 +970,43 @@ pub(crate) mod check {
         }
     }
 
+    /// Random dense and pointwise layers whose output has at most 4 pixels (a network's last
+    /// stages at 64x64), with channel counts that leave partial blocks: every output byte equals
+    /// the generic kernel's.
+    pub(crate) fn random_few_pixels(seed: u64, fast: &mut Fast<'_>) {
+        let mut rng = Rng(seed);
+        let mut checked = 0;
+        for case in 0..300 {
+            let k = [1, 3][case % 2];
+            let stride = 1 + rng.below(2);
+            let pad = rng.below(k);
+            // Output 1x1 to 2x2 (sometimes 1x4 or 4x1).
+            let (oh, ow) = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1)][rng.below(6)];
+            let (h, w) = (
+                (oh - 1) * stride + k - 2 * pad.min((k - 1) / 2),
+                (ow - 1) * stride + k - 2 * pad.min((k - 1) / 2),
+            );
+            let pad = pad.min((k - 1) / 2);
+            let (c, oc) = (1 + rng.below(70), 1 + rng.below(70));
+            let (Some(sh), Some(sw)) = (span(h, k, stride, 1, pad), span(w, k, stride, 1, pad))
+            else {
+                continue;
+            };
+            let geometry = ConvGeometry {
+                input: [c, h, w],
+                output: [oc, sh, sw],
+                kernel: [k, k],
+                stride: [stride, stride],
+                pad: [pad, pad],
+                dilation: [1, 1],
+                group: 1,
+            };
+            compare(&mut rng, geometry, case, fast);
+            checked += usize::from(sh * sw <= 4);
+        }
+        assert!(checked > 250, "only {checked} layers of at most 4 pixels");
+    }
+
     /// Geometry no real layer has, with buffers that match it: the fast path either declines
     /// or answers exactly as the generic kernel does (result and bytes), and never panics.
     pub(crate) fn odd_geometry(seed: u64, fast: &mut Fast<'_>) {

@@ -1,0 +1,184 @@
+//! Convolutions with at most [`PIXELS`] output pixels (a network's last stages at 64x64: 2x2
+//! planes, and the 1x1 ones), bit-identical to the generic [`crate::int8::Conv`].
+//!
+//! The strips kernel puts 16 pixels in its vector lanes and would fill a quarter of them here;
+//! this one puts output channels in the lanes instead: the weights of 8 channels against one
+//! pixel's pair of column-matrix values, broadcast, with `vpmaddwd`. Such layers have many
+//! channels and few pixels, so reading their weights is most of their time: they are kept as
+//! bytes (widened as they are loaded), half the strips packing's 16 bits. The sums are exact
+//! (16-bit products into 32-bit lanes, added modulo 2^32 as the generic kernel adds them) and
+//! are requantised one value at a time: a few pixels make few outputs.
+
+use std::arch::x86_64::*;
+use std::vec::Vec;
+
+use super::interleave_pairs;
+use crate::int8::{ChannelQuant, Conv, ConvGeometry};
+use crate::quant::requantize_i8;
+use crate::strips::{Layer, Scratch, NR};
+
+/// Most output pixels a layer may have for this kernel.
+pub(super) const PIXELS: usize = 4;
+/// Output channels per vector.
+const LANES: usize = 8;
+
+/// One layer's weights for this kernel: `[8 channels][row pair][channel][2]` bytes (the pair's
+/// two weights, rows `2k` and `2k + 1`, side by side), four bytes to a word.
+pub(super) struct FewPixels {
+    words: Vec<i32>,
+    row_pairs: usize,
+    /// Output channels, rounded up to [`LANES`].
+    channels: usize,
+}
+
+impl FewPixels {
+    /// The packing for `conv` where this kernel takes it: one group, at most [`PIXELS`] output
+    /// pixels.
+    pub(super) fn new(conv: &Conv<'_>) -> Option<Self> {
+        let g = conv.geometry;
+        let [c, _, _] = g.input;
+        let [oc, oh, ow] = g.output;
+        if g.group != 1 || oh * ow > PIXELS {
+            return None;
+        }
+        let rows = c * g.kernel[0] * g.kernel[1];
+        if conv.weights.len() != oc * rows {
+            return None;
+        }
+        let (row_pairs, channels) = (rows.div_ceil(2), oc.div_ceil(LANES) * LANES);
+        let mut bytes = std::vec![0u8; channels * row_pairs * 2];
+        for (o, filter) in conv.weights.chunks_exact(rows).enumerate() {
+            let (group, lane) = (o / LANES, o % LANES);
+            for (k, pair) in filter.chunks(2).enumerate() {
+                let at = ((group * row_pairs + k) * LANES + lane) * 2;
+                for (i, &w) in pair.iter().enumerate() {
+                    bytes[at + i] = w as u8;
+                }
+            }
+        }
+        let words = bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Some(Self {
+            words,
+            row_pairs,
+            channels,
+        })
+    }
+
+    /// The packed weights, for the scrub's checksum and fault injection.
+    pub(super) fn words(&self) -> &[i32] {
+        &self.words
+    }
+
+    pub(super) fn words_mut(&mut self) -> &mut [i32] {
+        &mut self.words
+    }
+
+    /// The sums' scratch (in the products' buffer).
+    pub(super) fn sums_len(&self) -> usize {
+        PIXELS * self.channels
+    }
+
+    /// Run `layer` (the strips view of the convolution this was packed from, whose buffers and
+    /// scratch the caller checked) on `input` into `out`.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn run(
+        &self,
+        layer: &Layer<'_>,
+        input: &[i8],
+        channels: &ChannelQuant<'_>,
+        scratch: &mut Scratch,
+        out: &mut [i8],
+    ) {
+        let ConvGeometry { output, .. } = *layer.geometry;
+        let pixels = (output[1] * output[2]).max(1);
+        let Scratch {
+            padded,
+            strip,
+            products,
+            ..
+        } = scratch;
+        let (Some(strip), Some(sums)) = (
+            strip.get_mut(..2 * self.row_pairs * NR),
+            products.get_mut(..self.sums_len()),
+        ) else {
+            return;
+        };
+        // Every pixel in one strip, its rows paired as the strips kernel pairs them.
+        if layer.is_pointwise() {
+            layer.fill_pointwise_strip(input, 0, strip);
+        } else {
+            let padded = layer.pad_input(input, padded);
+            layer.fill_strip(padded, 0, strip);
+        }
+        interleave_pairs(strip);
+        self.sums(strip, sums);
+        let q = layer.q;
+        for (o, codes) in out.chunks_exact_mut(pixels).enumerate() {
+            let (bias, requant) = channels.get(o);
+            for (p, code) in codes.iter_mut().enumerate().take(PIXELS) {
+                let sum = sums.get(p * self.channels + o).copied().unwrap_or(0);
+                *code = requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
+            }
+        }
+    }
+
+    /// `sums[p * channels + o]`: the sum of channel `o` at pixel `p < PIXELS`, from the paired
+    /// strip (`pairs`, as [`interleave_pairs`] leaves it: pixel `p`'s values of rows `2k` and
+    /// `2k + 1` are its 32-bit word `16k + p`).
+    #[target_feature(enable = "avx2")]
+    fn sums(&self, pairs: &[i16], sums: &mut [i32]) {
+        let row_pairs = self.row_pairs;
+        sums.fill(0);
+        // Every read below is inside these, checked once: 16 bytes per group of channels and
+        // pair, 16 words per pair of strip rows.
+        if self.words.len() < self.channels * row_pairs / 2
+            || pairs.len() < row_pairs * 2 * NR
+            || sums.len() < PIXELS * self.channels
+        {
+            return;
+        }
+        let words = pairs.as_ptr().cast::<i32>();
+        let bytes = self.words.as_ptr().cast::<i8>();
+        let groups = self.channels / LANES;
+        // Two groups (16 channels) at a time, the last alone when their count is odd.
+        for g0 in (0..groups).step_by(2) {
+            let second = g0 + 1 < groups;
+            let mut acc = [[_mm256_setzero_si256(); 2]; PIXELS];
+            for k in 0..row_pairs {
+                // SAFETY: the reads are inside the lengths checked above.
+                unsafe {
+                    let weights = |g: usize| {
+                        let at = bytes.add((g * row_pairs + k) * 2 * LANES);
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(at.cast()))
+                    };
+                    let w = [
+                        weights(g0),
+                        if second {
+                            weights(g0 + 1)
+                        } else {
+                            _mm256_setzero_si256()
+                        },
+                    ];
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm256_set1_epi32(words.add(16 * k + p).read_unaligned());
+                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(w[0], x));
+                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(w[1], x));
+                    }
+                }
+            }
+            for (p, acc) in acc.iter().enumerate() {
+                let at = p * self.channels + g0 * LANES;
+                let vectors = if second { 2 } else { 1 };
+                for (v, acc) in acc.iter().enumerate().take(vectors) {
+                    // SAFETY: `at + 8 * v + 8 <= (p + 1) * channels <= sums.len()`, checked above.
+                    unsafe {
+                        _mm256_storeu_si256(sums.as_mut_ptr().add(at + LANES * v).cast(), *acc)
+                    };
+                }
+            }
+        }
+    }
+}
