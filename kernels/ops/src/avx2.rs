@@ -13,9 +13,11 @@ use std::vec::Vec;
 
 mod depthwise;
 mod few;
+mod lanes;
 mod vnni;
 mod winograd;
 use few::FewPixels;
+use lanes::ChannelLanes;
 use vnni::Quads;
 pub use vnni::Vnni;
 use winograd::Winograd;
@@ -41,6 +43,8 @@ struct Prepared {
     quads: Option<Quads>,
     /// Channels in the lanes, for layers of at most 4 output pixels.
     few: Option<FewPixels>,
+    /// Channels in the lanes, for depthwise layers on small planes.
+    lanes: Option<ChannelLanes>,
 }
 
 impl Prepared {
@@ -56,11 +60,13 @@ impl Prepared {
             Some(vnni) if winograd.is_none() && few.is_none() => Quads::new(conv, &packed, vnni),
             _ => None,
         };
+        let lanes = ChannelLanes::new(conv);
         Some(Self {
             packed,
             winograd,
             quads,
             few,
+            lanes,
         })
     }
 
@@ -70,14 +76,16 @@ impl Prepared {
     fn scratch_len(&self) -> [usize; 4] {
         let [padded, strip] = self.packed.scratch_len();
         let [transformed, products] = self.winograd.as_ref().map_or([0, 0], Winograd::scratch_len);
+        let laid_out = (self.lanes.as_ref()).map_or(0, |l| l.input_len(&self.packed.geometry));
         let quads = self.quads.as_ref().map_or(0, Quads::strip_len);
         [
             padded + depthwise::SLACK,
             strip,
-            transformed,
+            transformed.max(laid_out),
             products
                 .max(quads)
-                .max(self.few.as_ref().map_or(0, FewPixels::sums_len)),
+                .max(self.few.as_ref().map_or(0, FewPixels::sums_len))
+                .max(self.lanes.as_ref().map_or(0, ChannelLanes::sums_len)),
         ]
     }
 }
@@ -508,6 +516,9 @@ impl Kernels for Avx2 {
             if let Some(few) = &prepared.few {
                 visit(few.words());
             }
+            if let Some(lanes) = &prepared.lanes {
+                visit(lanes.words());
+            }
         }
     }
 
@@ -520,7 +531,8 @@ impl Kernels for Avx2 {
                 let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
                 let quads = p.quads.iter_mut().flat_map(|q| q.packed.blocks_mut());
                 let few = p.few.as_mut().map(FewPixels::words_mut);
-                [Some(p.packed.weights.as_mut_slice()), winograd, few]
+                let lanes = p.lanes.as_mut().map(ChannelLanes::words_mut);
+                [Some(p.packed.weights.as_mut_slice()), winograd, few, lanes]
                     .into_iter()
                     .flatten()
                     .chain(quads)
@@ -586,6 +598,16 @@ impl Kernels for Avx2 {
         if let Some(few) = &prepared.few {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe { few.run(&layer, input, &conv.channels, scratch, output) };
+            return Ok(());
+        }
+        if let Some(lanes) = &prepared.lanes {
+            let Scratch {
+                transformed,
+                products,
+                ..
+            } = scratch;
+            // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
+            unsafe { lanes.run(&layer, input, &conv.channels, transformed, products, output) };
             return Ok(());
         }
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
@@ -977,6 +999,17 @@ mod tests {
     }
 
     /// Depthwise layers take their own kernel: every random one gives the generic bytes.
+    #[test]
+    fn small_plane_depthwise_matches_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        check::random_small_depthwise(0x1a9e_2026_1202, &mut |conv, input, output| {
+            Avx2::for_conv(conv, None).map(|mut fast| fast.conv(0, conv, input, output))
+        });
+    }
+
     #[test]
     fn few_pixel_layers_match_the_generic_kernel_bit_for_bit() {
         if !std::arch::is_x86_feature_detected!("avx2") {

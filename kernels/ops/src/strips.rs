@@ -942,15 +942,26 @@ pub(crate) mod check {
     /// 1x7 windows), rows from 1 to 70 pixels wide: every output byte equals the generic
     /// kernel's.
     pub(crate) fn random_depthwise(seed: u64, fast: &mut Fast<'_>) {
+        random_depthwise_planes(seed, [30, 70], fast);
+    }
+
+    /// [`random_depthwise`] on planes of at most 4x4 inputs and more channels: the small planes
+    /// of a network's last stages.
+    pub(crate) fn random_small_depthwise(seed: u64, fast: &mut Fast<'_>) {
+        random_depthwise_planes(seed, [4, 4], fast);
+    }
+
+    /// Depthwise layers on planes of up to `max` input pixels (height, width).
+    fn random_depthwise_planes(seed: u64, max: [usize; 2], fast: &mut Fast<'_>) {
         let mut rng = Rng(seed);
         for case in 0..300 {
-            let group = 1 + rng.below(24);
+            let group = 1 + rng.below(if max[0] > 4 { 24 } else { 70 });
             let multiplier = if case % 5 == 0 { 2 } else { 1 };
             let k = [[3, 3], [5, 5], [3, 3], [1, 7], [7, 7]][case % 5];
             let stride = [1 + rng.below(2), 1 + rng.below(2 + case % 2)];
             let dilation = if case % 9 == 0 { [2, 2] } else { [1, 1] };
             let pad = [(k[0] - 1) * dilation[0] / 2, (k[1] - 1) * dilation[1] / 2];
-            let (h, w) = (1 + rng.below(30), 1 + rng.below(70));
+            let (h, w) = (1 + rng.below(max[0]), 1 + rng.below(max[1]));
             let (Some(oh), Some(ow)) = (
                 span(h, k[0], stride[0], dilation[0], pad[0]),
                 span(w, k[1], stride[1], dilation[1], pad[1]),
