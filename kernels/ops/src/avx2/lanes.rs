@@ -12,8 +12,9 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
-use crate::int8::{ChannelQuant, Conv, ConvGeometry};
-use crate::quant::requantize_i8;
+use super::is_code;
+use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
+use crate::quant::{requantize_i8, Requant};
 use crate::strips::{Layer, MAX_DEPTHWISE_TAPS};
 
 /// Most output pixels a layer may have for this kernel.
@@ -114,12 +115,22 @@ impl ChannelLanes {
             return;
         };
         laid_out.fill(0);
+        // The input inside the border: rows `top..top + h`, columns `left..left + w`, all of
+        // them inside the padded plane (its dimensions reach past both), `c <= lanes`.
+        if input.len() < c * h * w || (top + h) * wp > hp * wp || left + w > wp || c > lanes {
+            return;
+        }
+        let zero_point = layer.zero_point;
         for (ch, plane) in input.chunks_exact((h * w).max(1)).enumerate().take(c) {
             for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
                 let first = ((y + top) * wp + left) * lanes + ch;
-                let slots = laid_out.get_mut(first..).unwrap_or_default();
-                for (slot, &v) in slots.iter_mut().step_by(lanes).zip(row) {
-                    *slot = i16::from(v) - layer.zero_point;
+                // SAFETY: pixel `(y + top, x + left)` of channel `ch` is inside `laid_out`
+                // (checked above); one store per value, `lanes` apart.
+                unsafe {
+                    let dst = laid_out.as_mut_ptr().add(first);
+                    for (x, &v) in row.iter().enumerate() {
+                        *dst.add(x * lanes) = i16::from(v) - zero_point;
+                    }
                 }
             }
         }
@@ -140,6 +151,25 @@ impl ChannelLanes {
             }
         }
         let q = layer.q;
+        // Scales below 1 and a zero point that is a code: the vector requantisation is exact.
+        if is_code(q.zero_point) && channels.shift.iter().all(|&s| s <= 0) {
+            for block in 0..lanes / LANES {
+                let constants = BlockRequant::new(channels, block, c, q);
+                for (p, sums) in sums.chunks_exact(lanes).enumerate() {
+                    let Some(sums) = sums.get(block * LANES..(block + 1) * LANES) else {
+                        continue;
+                    };
+                    let codes = constants.codes(sums);
+                    for (lane, &code) in codes.iter().enumerate() {
+                        let ch = block * LANES + ORDER[lane];
+                        if let Some(out) = out.get_mut(ch * pixels + p).filter(|_| ch < c) {
+                            *out = code as i8;
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for (ch, codes) in out.chunks_exact_mut(pixels.max(1)).enumerate().take(c) {
             let (bias, requant) = channels.get(ch);
             let lane = (ch / LANES) * LANES + ORDER[ch % LANES];
@@ -190,5 +220,93 @@ impl ChannelLanes {
                 _mm256_storeu_si256(sums.as_mut_ptr().add(8).cast(), hi);
             }
         }
+    }
+}
+
+/// The requantisation of 16 channels, one per lane in [`ORDER`] ([`Requant::apply`] with a
+/// shift of at most 0, then the zero point and clamp, as [`requantize_i8`] does it).
+struct BlockRequant {
+    /// `[lo, hi]` vectors: bias, multiplier, and the right shift (`31 - shift`) as 64-bit
+    /// counts for the even and the odd 32-bit lanes.
+    bias: [__m256i; 2],
+    multiplier: [__m256i; 2],
+    right_even: [__m256i; 2],
+    right_odd: [__m256i; 2],
+    low: __m256i,
+    high: __m256i,
+    zero_point: __m256i,
+}
+
+impl BlockRequant {
+    /// The constants of channels `16 * block..` (those from `count` on are padding: 0).
+    #[target_feature(enable = "avx2")]
+    fn new(channels: &ChannelQuant<'_>, block: usize, count: usize, q: OutputQuant) -> Self {
+        let (mut bias, mut multiplier, mut right) = ([0i32; LANES], [0i32; LANES], [31i32; LANES]);
+        for (lane, &o) in ORDER.iter().enumerate() {
+            let ch = block * LANES + o;
+            if ch < count {
+                let (b, r) = channels.get(ch);
+                let shift = r.shift.clamp(Requant::MIN_SHIFT, Requant::MAX_SHIFT);
+                (bias[lane], multiplier[lane], right[lane]) =
+                    (b, r.multiplier, 31 - i32::from(shift));
+            }
+        }
+        // SAFETY (the loads): 8 i32 of a 16-value array, one vector.
+        let halves = |v: &[i32; LANES]| unsafe {
+            [
+                _mm256_loadu_si256(v.as_ptr().cast()),
+                _mm256_loadu_si256(v.as_ptr().add(8).cast()),
+            ]
+        };
+        let right = halves(&right);
+        let low_words = _mm256_set1_epi64x(0xffff_ffff);
+        Self {
+            bias: halves(&bias),
+            multiplier: halves(&multiplier),
+            right_even: right.map(|r| _mm256_and_si256(r, low_words)),
+            right_odd: right.map(|r| _mm256_srli_epi64::<32>(r)),
+            low: _mm256_set1_epi32(i32::from(q.min) - q.zero_point),
+            high: _mm256_set1_epi32(i32::from(q.max) - q.zero_point),
+            zero_point: _mm256_set1_epi32(q.zero_point),
+        }
+    }
+
+    /// The codes of 16 sums (in [`ORDER`]), as 32-bit values.
+    #[target_feature(enable = "avx2")]
+    fn codes(&self, sums: &[i32]) -> [i32; LANES] {
+        let mut codes = [0i32; LANES];
+        if sums.len() < LANES {
+            return codes;
+        }
+        for half in 0..2 {
+            // SAFETY: 8 i32 of 16, one vector.
+            let acc = unsafe { _mm256_loadu_si256(sums.as_ptr().add(8 * half).cast()) };
+            let acc = _mm256_add_epi32(acc, self.bias[half]);
+            let m = self.multiplier[half];
+            let even = self.round_shift(_mm256_mul_epi32(acc, m), self.right_even[half]);
+            let odd = self.round_shift(
+                _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), _mm256_srli_epi64::<32>(m)),
+                self.right_odd[half],
+            );
+            // Every lane's value fits 32 bits (a shift of at most 0 scales by less than 1).
+            let scaled = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+            let clamped = _mm256_min_epi32(_mm256_max_epi32(scaled, self.low), self.high);
+            let code = _mm256_add_epi32(clamped, self.zero_point);
+            // SAFETY: 8 i32 of 16, one vector.
+            unsafe { _mm256_storeu_si256(codes.as_mut_ptr().add(8 * half).cast(), code) };
+        }
+        codes
+    }
+
+    /// `(product + 2^(right - 1)) >> right` in four 64-bit lanes, rounding toward negative
+    /// infinity (an arithmetic shift made of a logical one: flip negatives, shift, flip back).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn round_shift(&self, product: __m256i, right: __m256i) -> __m256i {
+        let one = _mm256_set1_epi64x(1);
+        let half = _mm256_sllv_epi64(one, _mm256_sub_epi64(right, one));
+        let v = _mm256_add_epi64(product, half);
+        let sign = _mm256_cmpgt_epi64(_mm256_setzero_si256(), v);
+        _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(v, sign), right), sign)
     }
 }
