@@ -112,11 +112,13 @@ pub fn prepare_input<S: Sample>(
     };
     let mut finite = true;
     // `input` holds exactly `bands` planes (checked above), and a spec's sides are at least 1.
-    for (band, out) in input.chunks_exact_mut(plane).enumerate() {
-        for (oy, row) in out.chunks_exact_mut(out_w).enumerate() {
-            let (y0, y1, wy) = y_axis.source(oy, spec.resize());
-            for (ox, cell) in row.iter_mut().enumerate() {
-                let (x0, x1, wx) = x_axis.source(ox, spec.resize());
+    // Each output pixel's source positions once for all its bands.
+    for oy in 0..out_h {
+        let (y0, y1, wy) = y_axis.source(oy, spec.resize());
+        for ox in 0..out_w {
+            let (x0, x1, wx) = x_axis.source(ox, spec.resize());
+            let cells = input.get_mut(oy * out_w + ox..).unwrap_or_default();
+            for (band, cell) in cells.iter_mut().step_by(plane.max(1)).enumerate() {
                 let top = raw(x0, y0, band) * (1.0 - wx) + raw(x1, y0, band) * wx;
                 let bottom = raw(x0, y1, band) * (1.0 - wx) + raw(x1, y1, band) * wx;
                 let value = top * (1.0 - wy) + bottom * wy;
