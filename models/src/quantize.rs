@@ -524,30 +524,31 @@ impl QuantizedGraph {
                     requant,
                     input_zero_point,
                     output_quant,
-                } if is_one_pixel_pointwise(geometry) => PlanOp::Gemm {
-                    // A 1x1 convolution of one pixel (squeeze-excite's, after the global
-                    // pooling) is a matrix-vector product, and its weights `[out, in, 1, 1]`
-                    // are the Gemm's `[out, in]`: the same bytes out, without a convolution
-                    // kernel's 16-pixel tiles computing 15 pixels for nothing.
-                    weights: builder.i8_blob(weights),
-                    channels: builder.channels(bias, requant),
-                    input_zero_point: *input_zero_point,
-                    output_quant: *output_quant,
-                },
-                Layer::Conv {
-                    geometry,
-                    weights,
-                    bias,
-                    requant,
-                    input_zero_point,
-                    output_quant,
-                } => PlanOp::Conv {
-                    geometry: *geometry,
-                    weights: builder.i8_blob(weights),
-                    channels: builder.channels(bias, requant),
-                    input_zero_point: *input_zero_point,
-                    output_quant: *output_quant,
-                },
+                } => {
+                    let (weights, channels) =
+                        (builder.i8_blob(weights), builder.channels(bias, requant));
+                    let (input_zero_point, output_quant) = (*input_zero_point, *output_quant);
+                    if is_one_pixel_pointwise(geometry) {
+                        // A 1x1 convolution of one pixel (squeeze-excite's, after the global
+                        // pooling) is a matrix-vector product, and its weights `[out, in, 1, 1]`
+                        // are the Gemm's `[out, in]`: the same bytes out, without a convolution
+                        // kernel's 16-pixel tiles computing 15 pixels for nothing.
+                        PlanOp::Gemm {
+                            weights,
+                            channels,
+                            input_zero_point,
+                            output_quant,
+                        }
+                    } else {
+                        PlanOp::Conv {
+                            geometry: *geometry,
+                            weights,
+                            channels,
+                            input_zero_point,
+                            output_quant,
+                        }
+                    }
+                }
                 Layer::Gemm {
                     weights,
                     bias,
