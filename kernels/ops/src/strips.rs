@@ -668,27 +668,42 @@ pub(crate) fn max_pool_by_rows(
     Ok(())
 }
 
-/// `dst[i] = max(dst[i], src[i])` over the shorter of the two, 32 codes at a time: the fixed
-/// width is what makes the compiler use whole vectors (left to itself it took 8 bytes at a time
-/// with a scalar tail of up to 31).
+/// `dst[i] = max(dst[i], src[i])` over the shorter of the two, in whole vectors of 32 or 16
+/// codes: the fixed width is what makes the compiler use whole vectors (left to itself it took 8
+/// bytes at a time with a scalar tail of up to 31). Rows narrower than 16 go a code at a time.
 #[inline(always)]
 fn max_into(dst: &mut [i8], src: &[i8]) {
-    const WIDTH: usize = 32;
     let n = dst.len().min(src.len());
     let (dst, src) = (&mut dst[..n], &src[..n]);
-    let whole = n / WIDTH * WIDTH;
-    let (dst_body, dst_tail) = dst.split_at_mut(whole);
-    let (src_body, src_tail) = src.split_at(whole);
-    for (d, s) in dst_body
-        .chunks_exact_mut(WIDTH)
-        .zip(src_body.chunks_exact(WIDTH))
-    {
-        for (d, &s) in d.iter_mut().zip(s) {
+    if n >= 32 {
+        max_overlapping::<32>(dst, src);
+    } else if n >= 16 {
+        max_overlapping::<16>(dst, src);
+    } else {
+        for (d, &s) in dst.iter_mut().zip(src) {
             *d = (*d).max(s);
         }
     }
-    for (d, &s) in dst_tail.iter_mut().zip(src_tail) {
-        *d = (*d).max(s);
+}
+
+/// [`max_into`] for rows of at least `W` codes: whole chunks of `W` from the start, then the
+/// last `W` codes, overlapping the chunk before (a maximum taken twice is the same maximum),
+/// so there is no scalar tail.
+#[inline(always)]
+fn max_overlapping<const W: usize>(dst: &mut [i8], src: &[i8]) {
+    let n = dst.len().min(src.len());
+    let mut start = 0;
+    while start < n {
+        let at = start.min(n.saturating_sub(W));
+        if let (Ok(d), Ok(s)) = (
+            <&mut [i8; W]>::try_from(dst.get_mut(at..at + W).unwrap_or_default()),
+            <&[i8; W]>::try_from(src.get(at..at + W).unwrap_or_default()),
+        ) {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = (*d).max(s);
+            }
+        }
+        start = at + W;
     }
 }
 
