@@ -202,6 +202,16 @@ fn is_code(zero_point: i32) -> bool {
 /// int8 codes, so centred codes and their scaled values fit 32 bits), else the generic kernel. Reached only through [`Avx2`] or
 /// a table [`plug`] filled: both exist only once AVX2 was detected.
 fn rescale(rescale: &Rescale, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    if input.len() >= RESCALE_TABLE_FROM && input.len() == output.len() {
+        // A map of int8 codes to int8 codes is a 256-entry table: made with the generic
+        // arithmetic, then looked up 32 codes at a time.
+        let codes: [i8; 256] = std::array::from_fn(|i| i as u8 as i8);
+        let mut table = [0i8; 256];
+        rescale.run(&codes, &mut table)?;
+        // SAFETY: AVX2 was detected before this function could be reached (see above).
+        unsafe { lut32(&table, input, output) };
+        return Ok(());
+    }
     // Centred codes are at most 255 in size: scaled by less than 2^23 they fit 32 bits.
     let exact = rescale.requant.shift <= 23
         && is_code(rescale.input_zero_point)
@@ -213,6 +223,10 @@ fn rescale(rescale: &Rescale, input: &[i8], output: &mut [i8]) -> Result<(), Sha
     unsafe { rescale8(rescale, input, output) };
     Ok(())
 }
+
+/// Codes from which a Rescale is a table lookup: below, making the table costs more than it
+/// saves over [`rescale8`].
+const RESCALE_TABLE_FROM: usize = 1024;
 
 /// [`Rescale::run`] eight codes at a time: widen, centre, requantise and clamp as
 /// [`requantize_i8`] does, narrow.
@@ -1158,7 +1172,12 @@ mod tests {
         let mut rng = Rng(0x5ca1_2026_1201);
         let mut vector = 0;
         for case in 0..500 {
-            let len = rng.below(100);
+            // Now and then long enough for the table path.
+            let len = if case % 7 == 3 {
+                RESCALE_TABLE_FROM + rng.below(100)
+            } else {
+                rng.below(100)
+            };
             let input: Vec<i8> = (0..len).map(|_| rng.draw() as i8).collect();
             // Scales from 2^-12 to 2^30 (the vector path to 2^23, the generic one above), and
             // exactly 1 (a Concat part on its output's grid) one case in five.
