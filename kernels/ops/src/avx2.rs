@@ -843,14 +843,13 @@ impl ChannelRequant {
             unsafe { _mm_storeu_si128(codes.as_mut_ptr().cast(), self.scalar(lo, hi)) };
             return codes;
         };
-        let (lo, hi) = (_mm256_add_epi32(lo, *bias), _mm256_add_epi32(hi, *bias));
-        let (lo, hi) = (requantize8(lo, lanes), requantize8(hi, lanes));
-        // lo/hi interleave pixels in 4s; packing them back to back restores the order.
-        let words = _mm256_packs_epi32(lo, hi);
-        let bytes = _mm256_packs_epi16(words, words);
-        let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(bytes);
         // SAFETY: `codes` holds 16 bytes, one 128-bit store.
-        unsafe { _mm_storeu_si128(codes.as_mut_ptr().cast(), _mm256_castsi256_si128(ordered)) };
+        unsafe {
+            _mm_storeu_si128(
+                codes.as_mut_ptr().cast(),
+                vector_codes(lo, hi, *bias, lanes),
+            )
+        };
         codes
     }
 
@@ -861,17 +860,9 @@ impl ChannelRequant {
         let Some((bias, lanes)) = &self.vector else {
             return self.scalar(lo, hi);
         };
-        let (lo, hi) = (_mm256_add_epi32(lo, *bias), _mm256_add_epi32(hi, *bias));
-        let (lo, hi) = (requantize8(lo, lanes), requantize8(hi, lanes));
-        // lo/hi interleave pixels in 4s; packing them back to back restores the order.
-        let words = _mm256_packs_epi32(lo, hi);
-        let bytes = _mm256_packs_epi16(words, words);
-        let ordered = _mm256_permute4x64_epi64::<0b00_00_10_00>(bytes);
-        _mm256_castsi256_si128(ordered)
+        vector_codes(lo, hi, *bias, lanes)
     }
-}
 
-impl ChannelRequant {
     /// [`ChannelRequant::tile_vector`] a lane at a time, exact where the vector path is not.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -893,6 +884,21 @@ impl ChannelRequant {
         // SAFETY: `codes` holds 16 bytes, one 128-bit load.
         unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }
     }
+}
+
+/// Add `bias`, requantise and clamp 16 sums (in the lane order `vpunpck*wd` leaves) where the
+/// vector path is exact: the codes in pixel order, in the low 128 bits. Its own function, so
+/// that [`ChannelRequant::tile`] and [`ChannelRequant::tile_vector`] share it and both stay
+/// small enough to inline.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn vector_codes(lo: __m256i, hi: __m256i, bias: __m256i, lanes: &Lanes) -> __m128i {
+    let (lo, hi) = (_mm256_add_epi32(lo, bias), _mm256_add_epi32(hi, bias));
+    let (lo, hi) = (requantize8(lo, lanes), requantize8(hi, lanes));
+    // lo/hi interleave pixels in 4s; packing them back to back restores the order.
+    let words = _mm256_packs_epi32(lo, hi);
+    let bytes = _mm256_packs_epi16(words, words);
+    _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(bytes))
 }
 
 /// One channel's requantisation constants, broadcast.
