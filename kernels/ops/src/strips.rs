@@ -365,27 +365,41 @@ impl Layer<'_> {
         arrange: impl Fn(&mut [i16]),
         block: impl FnMut(&[i32], &[i16], usize) -> [[i8; NR]; MR],
     ) {
-        // A pointwise layer's column matrix is its input: no padded copy to make.
-        let pointwise = self.is_pointwise();
-        let padded: &[i16] = if pointwise {
-            &[]
-        } else {
-            self.pad_input(input, padded)
-        };
+        let fill_strip = self.strip_filler(input, padded);
         // The scratch strip is sized for the program's largest layer: this layer's rows only,
         // or every tile would clear the rest of it.
         let Some(strip) = strip.get_mut(..2 * self.row_pairs * NR) else {
             return;
         };
         let fill = |strip: &mut [i16], p0| {
+            fill_strip(strip, p0);
+            arrange(strip);
+        };
+        self.for_each_tile(weights, span, channels, strip, out, fill, block);
+    }
+
+    /// What fills the strip of the tile from output pixel `p0` on, for this layer's `input`:
+    /// a pointwise layer's column matrix is its input (no padded copy to make); any other
+    /// layer's input is padded into `padded` once, here.
+    #[inline(always)]
+    pub(crate) fn strip_filler<'s>(
+        &'s self,
+        input: &'s [i8],
+        padded: &'s mut [i16],
+    ) -> impl Fn(&mut [i16], usize) + 's {
+        let pointwise = self.is_pointwise();
+        let padded: &[i16] = if pointwise {
+            &[]
+        } else {
+            self.pad_input(input, padded)
+        };
+        move |strip: &mut [i16], p0| {
             if pointwise {
                 self.fill_pointwise_strip(input, p0, strip);
             } else {
                 self.fill_strip(padded, p0, strip);
             }
-            arrange(strip);
-        };
-        self.for_each_tile(weights, span, channels, strip, out, fill, block);
+        }
     }
 
     /// For each tile of [`NR`] output pixels, `fill` the tile's input form (`tile_input`) for

@@ -107,12 +107,7 @@ impl FewPixels {
             return;
         };
         // Every pixel in one strip, its rows paired as the strips kernel pairs them.
-        if layer.is_pointwise() {
-            layer.fill_pointwise_strip(input, 0, strip);
-        } else {
-            let padded = layer.pad_input(input, padded);
-            layer.fill_strip(padded, 0, strip);
-        }
+        layer.strip_filler(input, padded)(strip, 0);
         interleave_pairs(strip);
         self.sums(strip, sums);
         let q = layer.q;
