@@ -60,7 +60,8 @@ impl Prepared {
             Some(vnni) if winograd.is_none() && few.is_none() => Quads::new(conv, &packed, vnni),
             _ => None,
         };
-        let lanes = ChannelLanes::new(conv);
+        // A one-channel depthwise layer of a few pixels is also a few-pixel layer: that runs it.
+        let lanes = few.is_none().then(|| ChannelLanes::new(conv)).flatten();
         Some(Self {
             packed,
             winograd,
