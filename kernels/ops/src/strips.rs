@@ -589,6 +589,10 @@ pub(crate) struct DepthwiseGroup<'g> {
 /// wider ones run the generic kernel.
 pub(crate) const MAX_POOL_ROW: usize = 4096;
 
+/// Room past a row of maxima for one whole vector of 32 codes: rows shorter than a vector are
+/// taken in whole vectors too, the codes past the row being scratch.
+const POOL_SLACK: usize = 32;
+
 /// MaxPool with each window's rows reduced column by column first, then whole windows over
 /// those column maxima, both loops over contiguous codes that the compiler vectorises (each
 /// plug-in calls this from a function with its vector extension enabled; NEON is always on);
@@ -603,13 +607,22 @@ pub(crate) fn max_pool_by_rows(
     let g = pool.geometry;
     let (in_plane, out_plane) = g.check(input, output)?;
     let ([h, w], [_, ow], kw) = (g.input, g.output, g.kernel[1]);
+    let [oh, _] = g.output;
+    let unpadded = g.pad == [0, 0]
+        && (oh - 1) * g.stride[0] + g.kernel[0] <= h
+        && (ow - 1) * g.stride[1] + kw <= w;
+    if unpadded {
+        max_pool_unpadded(pool, input, output);
+        return Ok(());
+    }
     if w > MAX_POOL_ROW {
         return pool.run(input, output);
     }
-    let (mut columns, mut windows) = ([i8::MIN; MAX_POOL_ROW], [i8::MIN; MAX_POOL_ROW]);
-    let columns = &mut columns[..w];
-    // The maximum of the `kw` columns from each column on.
-    let windows = &mut windows[..(w + 1).saturating_sub(kw)];
+    // The column maxima of a window's rows, and the maximum of the `kw` columns from each
+    // column on; both with room for whole vectors past the row.
+    let mut columns = [i8::MIN; MAX_POOL_ROW + POOL_SLACK];
+    let mut windows = [i8::MIN; MAX_POOL_ROW + POOL_SLACK];
+    let whole_windows = (w + 1).saturating_sub(kw);
     // Outputs `first..last` have whole windows inside the row; the rest are cut by padding.
     let sx = g.stride[1];
     let whole = |ox: usize| {
@@ -621,19 +634,25 @@ pub(crate) fn max_pool_by_rows(
         .rev()
         .find(|&ox| whole(ox))
         .map_or(first, |ox| ox + 1);
-    for (src, dst) in input
-        .chunks_exact(in_plane)
-        .zip(output.chunks_exact_mut(out_plane))
-    {
+    for (channel, dst) in output.chunks_exact_mut(out_plane).enumerate() {
         for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
             let (y0, y1) = pool_window(oy, g.stride[0], g.pad[0], g.kernel[0], h);
-            columns.fill(i8::MIN);
-            for line in src.get(y0 * w..y1 * w).unwrap_or(&[]).chunks_exact(w) {
-                max_into(columns, line);
+            columns.get_mut(..w).unwrap_or_default().fill(i8::MIN);
+            for y in y0..y1 {
+                // The row and whatever follows it in the input: a short row's vector may
+                // read on into the next (the codes past `w` are not used).
+                let line = input
+                    .get((channel * in_plane + y * w)..)
+                    .unwrap_or_default();
+                max_into(&mut columns, line, w);
             }
-            windows.fill(i8::MIN);
+            windows
+                .get_mut(..whole_windows)
+                .unwrap_or_default()
+                .fill(i8::MIN);
             for offset in 0..kw {
-                max_into(windows, columns.get(offset..).unwrap_or(&[]));
+                let shifted = columns.get(offset..).unwrap_or_default();
+                max_into(&mut windows, shifted, whole_windows);
             }
             // Windows the padding cuts (at the row's ends): their columns one by one.
             for ox in (0..first).chain(last..ow) {
@@ -646,55 +665,173 @@ pub(crate) fn max_pool_by_rows(
                         .fold(i8::MIN, |m, &c| m.max(c));
                 }
             }
-            // Whole windows: every `sx`-th maximum from the first one's start, a loop the
-            // compiler vectorises for the common strides.
+            // Whole windows: every `sx`-th maximum from the first one's start.
             let start = (first * sx).saturating_sub(g.pad[1]);
             let maxima = windows.get(start..).unwrap_or(&[]);
             let inner = row.get_mut(first..last).unwrap_or(&mut []);
-            match sx {
-                1 => {
-                    for (out, &m) in inner.iter_mut().zip(maxima) {
-                        *out = m;
-                    }
-                }
-                2 => {
-                    // 16 at a time from 32 as fixed-size arrays: shuffles, not byte moves.
-                    let groups = (inner.len() / 16).min(maxima.len() / 32);
-                    let (body, tail) = inner.split_at_mut(groups * 16);
-                    for (out, m) in body.chunks_exact_mut(16).zip(maxima.chunks_exact(32)) {
-                        for (k, o) in out.iter_mut().enumerate() {
-                            *o = m[2 * k];
-                        }
-                    }
-                    let rest = maxima.get(groups * 32..).unwrap_or(&[]);
-                    for (out, &m) in tail.iter_mut().zip(rest.iter().step_by(2)) {
-                        *out = m;
-                    }
-                }
-                _ => {
-                    for (out, &m) in inner.iter_mut().zip(maxima.iter().step_by(sx)) {
-                        *out = m;
-                    }
-                }
-            }
+            store_every(sx, inner, maxima);
         }
     }
     Ok(())
 }
 
-/// `dst[i] = max(dst[i], src[i])` over the shorter of the two, in whole vectors of 32 or 16
-/// codes: the fixed width is what makes the compiler use whole vectors (left to itself it took 8
-/// bytes at a time with a scalar tail of up to 31). Rows narrower than 16 go a code at a time.
+/// [`max_pool_by_rows`] where every window lies inside the input (no padding): each run of up
+/// to 32 window maxima along an output row comes straight from the `kh * kw` shifted input
+/// vectors that cover it, in registers, and every `sx`-th of them is stored. Short rows cost a
+/// few vectors each, with no rows of maxima stored and read back. A run's codes past its row
+/// land on outputs that later runs write (the output is written in order), so every run is a
+/// whole vector store except the very last. The caller checked the buffers and geometry.
 #[inline(always)]
-fn max_into(dst: &mut [i8], src: &[i8]) {
-    let n = dst.len().min(src.len());
-    let (dst, src) = (&mut dst[..n], &src[..n]);
+fn max_pool_unpadded(pool: &MaxPool, input: &[i8], output: &mut [i8]) {
+    let g = pool.geometry;
+    let ([h, w], [oh, ow], [kh, kw], [sy, sx]) = (g.input, g.output, g.kernel, g.stride);
+    // Outputs one run of 32 maxima gives.
+    let per_run = 31 / sx + 1;
+    for channel in 0..g.channels {
+        for oy in 0..oh {
+            let row_start = (channel * h + oy * sy) * w;
+            let out_start = (channel * oh + oy) * ow;
+            let mut first = 0;
+            while first < ow {
+                // The last run overlaps the one before rather than running short.
+                let at = first.min(ow.saturating_sub(per_run));
+                let take = per_run.min(ow - at);
+                let start = row_start + at * sx;
+                match window_maxima(input, start, w, [kh, kw]) {
+                    Some(maxima) => {
+                        let picked = pick_every(sx, &maxima);
+                        let out = output.get_mut(out_start + at..).unwrap_or_default();
+                        match out.get_mut(..32) {
+                            Some(whole) => whole.copy_from_slice(&picked),
+                            None => {
+                                for (o, &p) in out.iter_mut().zip(&picked).take(take) {
+                                    *o = p;
+                                }
+                            }
+                        }
+                    }
+                    // Too near the end of the input for whole vectors: window by window.
+                    None => {
+                        for k in 0..take {
+                            let out = output.get_mut(out_start + at + k);
+                            let corner = start + k * sx;
+                            let window = (0..kh).flat_map(|dy| {
+                                let row = corner + dy * w;
+                                input.get(row..row + kw).unwrap_or_default()
+                            });
+                            if let Some(out) = out {
+                                *out = window.fold(i8::MIN, |m, &c| m.max(c));
+                            }
+                        }
+                    }
+                }
+                first = at + per_run;
+            }
+        }
+    }
+}
+
+/// The maxima of the 32 windows whose top left corners are `start..start + 32` (rows `w` apart),
+/// or `None` where a vector would run past the input's end. The common 3x3 and 2x2 windows
+/// have their loads unrolled.
+#[inline(always)]
+fn window_maxima(input: &[i8], start: usize, w: usize, kernel: [usize; 2]) -> Option<[i8; 32]> {
+    match kernel {
+        [3, 3] => window_maxima_of::<3, 3>(input, start, w),
+        [2, 2] => window_maxima_of::<2, 2>(input, start, w),
+        [kh, kw] => {
+            let span = input.get(start..start + (kh - 1) * w + kw - 1 + 32)?;
+            let mut maxima = [i8::MIN; 32];
+            for dy in 0..kh {
+                for dx in 0..kw {
+                    max_of_32(&mut maxima, span, dy * w + dx);
+                }
+            }
+            Some(maxima)
+        }
+    }
+}
+
+/// [`window_maxima`] for a `KH` x `KW` window.
+#[inline(always)]
+fn window_maxima_of<const KH: usize, const KW: usize>(
+    input: &[i8],
+    start: usize,
+    w: usize,
+) -> Option<[i8; 32]> {
+    let span = input.get(start..start + (KH - 1) * w + KW - 1 + 32)?;
+    let mut maxima = [i8::MIN; 32];
+    for dy in 0..KH {
+        for dx in 0..KW {
+            max_of_32(&mut maxima, span, dy * w + dx);
+        }
+    }
+    Some(maxima)
+}
+
+/// `maxima[i] = max(maxima[i], span[from + i])`; `span` holds them (checked by the caller).
+#[inline(always)]
+fn max_of_32(maxima: &mut [i8; 32], span: &[i8], from: usize) {
+    if let Some(Ok(codes)) = span.get(from..from + 32).map(<&[i8; 32]>::try_from) {
+        for (m, &c) in maxima.iter_mut().zip(codes) {
+            *m = (*m).max(c);
+        }
+    }
+}
+
+/// `out[k] = maxima[stride * k]`, a run of 32 maxima at a time where `maxima` has them.
+#[inline(always)]
+fn store_every(stride: usize, out: &mut [i8], maxima: &[i8]) {
+    let per_run = 31 / stride + 1;
+    for (k, run) in out.chunks_mut(per_run).enumerate() {
+        let from = k * per_run * stride;
+        match maxima.get(from..from + 32).map(<&[i8; 32]>::try_from) {
+            Some(Ok(whole)) => run.copy_from_slice(&pick_every(stride, whole)[..run.len()]),
+            _ => {
+                let rest = maxima.get(from..).unwrap_or_default();
+                for (o, &m) in run.iter_mut().zip(rest.iter().step_by(stride)) {
+                    *o = m;
+                }
+            }
+        }
+    }
+}
+
+/// `maxima[stride * k]` for each `k` (the first `31 / stride + 1` lanes mean anything).
+#[inline(always)]
+fn pick_every(stride: usize, maxima: &[i8; 32]) -> [i8; 32] {
+    match stride {
+        1 => *maxima,
+        // The even bytes of 16 words: a mask and a pack, not 16 byte moves.
+        2 => {
+            let words: [u16; 16] = core::array::from_fn(|k| {
+                u16::from_le_bytes([maxima[2 * k] as u8, maxima[2 * k + 1] as u8])
+            });
+            let mut picked = [i8::MIN; 32];
+            for (p, w) in picked.iter_mut().zip(words) {
+                *p = (w & 0xff) as u8 as i8;
+            }
+            picked
+        }
+        _ => core::array::from_fn(|k| maxima.get(k * stride).copied().unwrap_or(i8::MIN)),
+    }
+}
+
+/// `dst[i] = max(dst[i], src[i])` for `i < n`, in whole vectors of 32 or 16 codes: the fixed
+/// width is what makes the compiler use whole vectors (left to itself it took 8 bytes at a time
+/// with a scalar tail of up to 31). A row shorter than 16 is one vector of 16 where both sides
+/// have room (the codes past `n` in `dst` are scratch), else a code at a time.
+#[inline(always)]
+fn max_into(dst: &mut [i8], src: &[i8], n: usize) {
+    let n = n.min(dst.len()).min(src.len());
     if n >= 32 {
-        max_overlapping::<32>(dst, src);
+        max_overlapping::<32>(&mut dst[..n], &src[..n]);
     } else if n >= 16 {
-        max_overlapping::<16>(dst, src);
+        max_overlapping::<16>(&mut dst[..n], &src[..n]);
+    } else if dst.len() >= 16 && src.len() >= 16 {
+        max_overlapping::<16>(&mut dst[..16], &src[..16]);
     } else {
-        for (d, &s) in dst.iter_mut().zip(src) {
+        for (d, &s) in dst.iter_mut().zip(src).take(n) {
             *d = (*d).max(s);
         }
     }
