@@ -96,6 +96,10 @@ impl Prepared {
 pub struct Avx2 {
     layers: Vec<Option<Prepared>>,
     scratch: Scratch,
+    /// One group's requantisation constants, made once per call rather than once per tile
+    /// (where they cost as much as a thin layer's arithmetic); room for the widest group is
+    /// reserved at setup.
+    requants: Vec<ChannelRequant>,
     vnni: Option<Vnni>,
 }
 
@@ -115,9 +119,11 @@ impl Avx2 {
         let vnni = vnni.filter(|v| v.available());
         let layers = prepare_convs(convs, |conv| Prepared::new(conv, vnni));
         let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
+        let widest = convs.iter().flatten().map(|c| c.geometry.output[0]).max();
         Some(Self {
             layers,
             scratch,
+            requants: Vec::with_capacity(widest.unwrap_or(0)),
             vnni,
         })
     }
@@ -581,7 +587,10 @@ impl Kernels for Avx2 {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         let Self {
-            layers, scratch, ..
+            layers,
+            scratch,
+            requants,
+            ..
         } = self;
         let Some(Some(prepared)) = layers.get(step) else {
             return conv.run(input, output);
@@ -646,7 +655,7 @@ impl Kernels for Avx2 {
         }
         packed.for_each_group(conv, input, output, |input, weights, channels, output| {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
-            unsafe { run_layer(&layer, input, weights, channels, scratch, output) }
+            unsafe { run_layer(&layer, input, weights, channels, requants, scratch, output) }
         });
         Ok(())
     }
@@ -659,10 +668,17 @@ fn run_layer(
     input: &[i8],
     weights: &[i32],
     channels: &ChannelQuant<'_>,
+    requants: &mut Vec<ChannelRequant>,
     scratch: &mut Scratch,
     out: &mut [i8],
 ) {
     let count = channels.bias.len();
+    requants.clear();
+    requants.extend((0..count).map(|o| {
+        let (bias, requant) = channels.get(o);
+        ChannelRequant::new(bias, requant, layer.q)
+    }));
+    let requants = &requants[..];
     let span = layer.row_pairs * MR;
     let Scratch { padded, strip, .. } = scratch;
     layer.run_tiles(
@@ -678,9 +694,9 @@ fn run_layer(
         |tile, pairs, first| {
             let acc = micro_kernel(tile, pairs, layer.row_pairs);
             let mut codes = [[0i8; NR]; MR];
-            for ((o, [lo, hi]), row) in (first..count).zip(acc).zip(&mut codes) {
-                let (bias, requant) = channels.get(o);
-                *row = requantize_tile(lo, hi, bias, requant, layer.q);
+            let requants = requants.get(first..).unwrap_or_default();
+            for ((requant, [lo, hi]), row) in requants.iter().zip(acc).zip(&mut codes) {
+                *row = requant.tile(lo, hi);
             }
             codes
         },
@@ -1162,6 +1178,7 @@ mod tests {
             let conv_free = Avx2 {
                 layers: Vec::new(),
                 scratch: Scratch::for_needs([]),
+                requants: Vec::new(),
                 vnni: None,
             };
             let mut kernels = conv_free;
