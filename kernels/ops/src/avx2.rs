@@ -1042,9 +1042,17 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
+        let mut lanes = 0;
         check::random_small_depthwise(0x1a9e_2026_1202, &mut |conv, input, output| {
-            Avx2::for_conv(conv, None).map(|mut fast| fast.conv(0, conv, input, output))
+            let mut fast = Avx2::for_conv(conv, None)?;
+            let prepared = fast.layers.first().and_then(Option::as_ref);
+            lanes += usize::from(prepared.is_some_and(|p| p.lanes.is_some()));
+            Some(fast.conv(0, conv, input, output))
         });
+        assert!(
+            lanes > 100,
+            "only {lanes} layers took the channel-lanes kernel"
+        );
     }
 
     #[test]
