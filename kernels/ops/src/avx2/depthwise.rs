@@ -225,12 +225,15 @@ unsafe fn load_taps(plane: *const i16, at: usize, stride: usize, n: usize) -> __
         match stride {
             1 => _mm256_loadu_si256(p.cast()),
             2 => {
-                // The even values of 32: sign-extend them in 32-bit lanes, pack back to 16 bits
-                // (exact), then undo the packing's interleave of the two 128-bit halves.
+                // The even values of 32: each the low half of a 32-bit lane, zero-extended (the
+                // odd half blended to 0), packed back to 16 bits unsigned (the bits unchanged,
+                // whatever the sign), then the packing's interleave of the two 128-bit halves
+                // undone.
                 let a = _mm256_loadu_si256(p.cast());
                 let b = _mm256_loadu_si256(p.add(NR).cast());
-                let even = |v| _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(v));
-                let packed = _mm256_packs_epi32(even(a), even(b));
+                let zero = _mm256_setzero_si256();
+                let even = |v| _mm256_blend_epi16::<0b0101_0101>(zero, v);
+                let packed = _mm256_packus_epi32(even(a), even(b));
                 _mm256_permute4x64_epi64::<0b11_01_10_00>(packed)
             }
             _ => {
