@@ -1158,7 +1158,7 @@ pub(crate) mod check {
         }
     }
 
-    /// Random dense and pointwise layers whose output has at most 4 pixels (a network's last
+    /// Random dense and pointwise layers whose output has at most 12 pixels (a network's last
     /// stages at 64x64), with channel counts that leave partial blocks: every output byte equals
     /// the generic kernel's.
     pub(crate) fn random_few_pixels(seed: u64, fast: &mut Fast<'_>) {
@@ -1168,8 +1168,20 @@ pub(crate) mod check {
             let k = [1, 3][case % 2];
             let stride = 1 + rng.below(2);
             let pad = rng.below(k);
-            // Output 1x1 to 2x2 (sometimes 1x4 or 4x1).
-            let (oh, ow) = [(1, 1), (1, 2), (2, 1), (2, 2), (1, 4), (4, 1)][rng.below(6)];
+            // Output 1x1 to 3x3, and rows or columns of up to 12.
+            let sizes = [
+                (1, 1),
+                (1, 2),
+                (2, 1),
+                (2, 2),
+                (1, 4),
+                (4, 1),
+                (3, 3),
+                (2, 3),
+                (3, 4),
+            ];
+            let (oh, ow) =
+                [sizes[rng.below(9)], (1, 1 + rng.below(12))][usize::from(case % 7 == 0)];
             let (h, w) = (
                 (oh - 1) * stride + k - 2 * pad.min((k - 1) / 2),
                 (ow - 1) * stride + k - 2 * pad.min((k - 1) / 2),
@@ -1190,9 +1202,9 @@ pub(crate) mod check {
                 group: 1,
             };
             compare(&mut rng, geometry, case, fast);
-            checked += usize::from(sh * sw <= 4);
+            checked += usize::from(sh * sw <= 12);
         }
-        assert!(checked > 250, "only {checked} layers of at most 4 pixels");
+        assert!(checked > 250, "only {checked} layers of at most 12 pixels");
     }
 
     /// Geometry no real layer has, with buffers that match it: the fast path either declines

@@ -1,9 +1,10 @@
-//! Convolutions with at most [`PIXELS`] output pixels (a network's last stages at 64x64: 2x2
-//! planes, and the 1x1 ones), bit-identical to the generic [`crate::int8::Conv`].
+//! Convolutions with at most [`PIXELS`] output pixels (a network's last stages at 64x64: 3x3
+//! and 2x2 planes, and the 1x1 ones), bit-identical to the generic [`crate::int8::Conv`].
 //!
-//! The strips kernel puts 16 pixels in its vector lanes and would fill a quarter of them here;
-//! this one puts output channels in the lanes instead: the weights of 8 channels against one
-//! pixel's pair of column-matrix values, broadcast, with `vpmaddwd`. Such layers have many
+//! The strips kernel puts 16 pixels in its vector lanes and would fill a quarter to a half of
+//! them here; this one puts output channels in the lanes instead: the weights of 8 channels
+//! against one pixel's pair of column-matrix values, broadcast, with `vpmaddwd`, for up to 4
+//! pixels at a time (the weights are read again for each 4). Such layers have many
 //! channels and few pixels, so reading their weights is most of their time: they are kept as
 //! bytes (widened as they are loaded), half the strips packing's 16 bits. The sums are exact
 //! (16-bit products into 32-bit lanes, added modulo 2^32 as the generic kernel adds them) and
@@ -17,8 +18,12 @@ use crate::int8::{ChannelQuant, Conv, ConvGeometry};
 use crate::quant::requantize_i8;
 use crate::strips::{Layer, Scratch, NR};
 
-/// Most output pixels a layer may have for this kernel.
-pub(super) const PIXELS: usize = 4;
+/// Most output pixels a layer may have for this kernel. Per pair of rows and 16 channels the
+/// strips kernel takes 88 instructions for up to 16 pixels, this one 4 + 20 per 4 pixels: 57
+/// for a 3x3 plane, 72 for 12 pixels, 96 for 16.
+pub(super) const PIXELS: usize = 12;
+/// Pixels summed at once: two accumulators each, 8 of the 16 vector registers.
+const PIXELS_AT_ONCE: usize = 4;
 /// Output channels per vector.
 const LANES: usize = 8;
 
@@ -109,7 +114,7 @@ impl FewPixels {
         // Every pixel in one strip, its rows paired as the strips kernel pairs them.
         layer.strip_filler(input, padded)(strip, 0);
         interleave_pairs(strip);
-        self.sums(strip, sums);
+        self.sums(strip, pixels, sums);
         let q = layer.q;
         for (o, codes) in out.chunks_exact_mut(pixels).enumerate() {
             let (bias, requant) = channels.get(o);
@@ -120,59 +125,90 @@ impl FewPixels {
         }
     }
 
-    /// `sums[p * channels + o]`: the sum of channel `o` at pixel `p < PIXELS`, from the paired
-    /// strip (`pairs`, as [`interleave_pairs`] leaves it: pixel `p`'s values of rows `2k` and
-    /// `2k + 1` are its 32-bit word `16k + p`).
+    /// `sums[p * channels + o]`: the sum of channel `o` at pixel `p < pixels` (at most
+    /// [`PIXELS`]), from the paired strip (`pairs`, as [`interleave_pairs`] leaves it: the
+    /// values of rows `2k` and `2k + 1` of pixels 0-3 are its 32-bit words `16k..16k + 4`, of
+    /// pixels 4-7 words `16k + 8..`, of pixels 8-11 words `16k + 4..`).
     #[target_feature(enable = "avx2")]
-    fn sums(&self, pairs: &[i16], sums: &mut [i32]) {
-        let row_pairs = self.row_pairs;
+    fn sums(&self, pairs: &[i16], pixels: usize, sums: &mut [i32]) {
         sums.fill(0);
         // Every read below is inside these, checked once: 16 bytes per group of channels and
         // pair, 16 words per pair of strip rows.
-        if self.words.len() < self.channels * row_pairs / 2
-            || pairs.len() < row_pairs * 2 * NR
+        if self.words.len() < self.channels * self.row_pairs / 2
+            || pairs.len() < self.row_pairs * 2 * NR
             || sums.len() < PIXELS * self.channels
+            || pixels > PIXELS
         {
             return;
         }
-        let words = pairs.as_ptr().cast::<i32>();
-        let bytes = self.words.as_ptr().cast::<i8>();
         let groups = self.channels / LANES;
         // Two groups (16 channels) at a time, the last alone when their count is odd.
         for g0 in (0..groups).step_by(2) {
-            let second = g0 + 1 < groups;
-            let mut acc = [[_mm256_setzero_si256(); 2]; PIXELS];
-            for k in 0..row_pairs {
-                // SAFETY: the reads are inside the lengths checked above.
+            for first in (0..pixels).step_by(PIXELS_AT_ONCE) {
+                // SAFETY: the reads and writes are inside the lengths checked above.
                 unsafe {
-                    let weights = |g: usize| {
-                        let at = bytes.add((g * row_pairs + k) * 2 * LANES);
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(at.cast()))
-                    };
-                    let w = [
-                        weights(g0),
-                        if second {
-                            weights(g0 + 1)
-                        } else {
-                            _mm256_setzero_si256()
-                        },
-                    ];
-                    for (p, acc) in acc.iter_mut().enumerate() {
-                        let x = _mm256_set1_epi32(words.add(16 * k + p).read_unaligned());
-                        acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(w[0], x));
-                        acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(w[1], x));
+                    match pixels - first {
+                        1 => self.group_sums::<1>(pairs, g0, first, sums),
+                        2 => self.group_sums::<2>(pairs, g0, first, sums),
+                        3 => self.group_sums::<3>(pairs, g0, first, sums),
+                        _ => self.group_sums::<PIXELS_AT_ONCE>(pairs, g0, first, sums),
                     }
                 }
             }
-            for (p, acc) in acc.iter().enumerate() {
-                let at = p * self.channels + g0 * LANES;
-                let vectors = if second { 2 } else { 1 };
-                for (v, acc) in acc.iter().enumerate().take(vectors) {
-                    // SAFETY: `at + 8 * v + 8 <= (p + 1) * channels <= sums.len()`, checked above.
-                    unsafe {
-                        _mm256_storeu_si256(sums.as_mut_ptr().add(at + LANES * v).cast(), *acc)
-                    };
+        }
+    }
+
+    /// The sums of channel groups `g0` and `g0 + 1` (if there is one) at pixels `first..first
+    /// + P`, into `sums`.
+    ///
+    /// # Safety
+    /// The lengths [`FewPixels::sums`] checks, `first` a multiple of 4 and `first + P <=
+    /// PIXELS`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn group_sums<const P: usize>(
+        &self,
+        pairs: &[i16],
+        g0: usize,
+        first: usize,
+        sums: &mut [i32],
+    ) {
+        let row_pairs = self.row_pairs;
+        // The words of pixels `first..first + 4` (`vpunpck*wd` leave them in this order).
+        let from = [0, 8, 4, 12][first / PIXELS_AT_ONCE % 4];
+        let words = pairs.as_ptr().cast::<i32>();
+        let bytes = self.words.as_ptr().cast::<i8>();
+        let second = g0 + 1 < self.channels / LANES;
+        let mut acc = [[_mm256_setzero_si256(); 2]; P];
+        for k in 0..row_pairs {
+            // SAFETY: the reads are inside the lengths the caller checked.
+            unsafe {
+                let weights = |g: usize| {
+                    let at = bytes.add((g * row_pairs + k) * 2 * LANES);
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(at.cast()))
+                };
+                let w = [
+                    weights(g0),
+                    if second {
+                        weights(g0 + 1)
+                    } else {
+                        _mm256_setzero_si256()
+                    },
+                ];
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let x = _mm256_set1_epi32(words.add(16 * k + from + p).read_unaligned());
+                    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(w[0], x));
+                    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(w[1], x));
                 }
+            }
+        }
+        for (p, acc) in acc.iter().enumerate() {
+            let at = (first + p) * self.channels + g0 * LANES;
+            let vectors = if second { 2 } else { 1 };
+            for (v, acc) in acc.iter().enumerate().take(vectors) {
+                // SAFETY: `at + 8 * v + 8 <= (first + p + 1) * channels <= sums.len()`, as
+                // the caller checked.
+                unsafe { _mm256_storeu_si256(sums.as_mut_ptr().add(at + LANES * v).cast(), *acc) };
             }
         }
     }
