@@ -1,7 +1,8 @@
 //! aarch64 NEON convolution (the Jetson's CPU), bit-identical to the generic [`Conv`]: the
 //! strips of [`crate::strips`] and a micro-kernel of 4 output channels by 16 pixels made of
 //! widening 16-bit multiply-accumulates (`smlal`). 16-bit products are exact and the int32 sums
-//! wrap like the generic kernel's; requantisation is the generic [`requantize_i8`].
+//! wrap like the generic kernel's; requantisation is [`requantize_i8`]'s, four lanes at a time
+//! ([`VectorRequant`]).
 //!
 //! On CPUs with the dot-product extension (FEAT_DotProd: the Jetson Orin's Cortex-A78AE),
 //! `sdot` multiplies four input bytes by four weights per 32-bit lane: the strips become byte
@@ -16,8 +17,8 @@ use std::vec::Vec;
 
 mod depthwise;
 
-use crate::int8::{ChannelQuant, Conv, ShapeError};
-use crate::quant::requantize_i8;
+use crate::int8::{ChannelQuant, Conv, OutputQuant, ShapeError};
+use crate::quant::Requant;
 use crate::strips::{
     flip_bit, max_pool_by_rows, prepare_convs, ByteQuads, DepthwiseGroup, Layer, Packed, Scratch,
     MR, NR,
@@ -235,22 +236,82 @@ impl Kernels for Neon {
 }
 
 /// Requantise the sums of a tile's channels from `first` (up to the group's `channels`) into
-/// codes, with the generic requantisation.
+/// codes.
+#[target_feature(enable = "neon")]
 fn requantize_sums(
     sums: &[[i32; NR]; MR],
     channels: &ChannelQuant<'_>,
     first: usize,
     layer: &Layer<'_>,
 ) -> [[i8; NR]; MR] {
-    let q = layer.q;
     let mut codes = [[0i8; NR]; MR];
     for ((o, sums), row) in (first..channels.bias.len()).zip(sums).zip(&mut codes) {
         let (bias, requant) = channels.get(o);
-        for (code, &sum) in row.iter_mut().zip(sums) {
-            *code = requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
-        }
+        *row = VectorRequant::new(bias, requant, layer.q).codes16(sums);
     }
     codes
+}
+
+/// One output channel's bias and requantisation, four lanes at a time and exactly as
+/// [`crate::quant::requantize_i8`]: the bias added (wrapping), the product with the
+/// multiplier in 64 bits (`smull`), a rounding shift right (`srshl` by minus the shift adds
+/// half and shifts, as [`Requant::apply`], without overflow), a saturating narrow to 32 bits
+/// (its clamp), a saturating add of the zero point, then the clamp, `max` before `min`.
+pub(crate) struct VectorRequant {
+    bias: int32x4_t,
+    multiplier: i32,
+    right: int64x2_t,
+    zero_point: int32x4_t,
+    min: int32x4_t,
+    max: int32x4_t,
+}
+
+impl VectorRequant {
+    #[target_feature(enable = "neon")]
+    pub(crate) fn new(bias: i32, requant: Requant, q: OutputQuant) -> Self {
+        let shift = requant.shift.clamp(Requant::MIN_SHIFT, Requant::MAX_SHIFT);
+        Self {
+            bias: vdupq_n_s32(bias),
+            multiplier: requant.multiplier,
+            right: vdupq_n_s64(i64::from(shift) - 31),
+            zero_point: vdupq_n_s32(q.zero_point),
+            min: vdupq_n_s32(i32::from(q.min)),
+            max: vdupq_n_s32(i32::from(q.max)),
+        }
+    }
+
+    /// The codes of four sums, in 32-bit lanes.
+    #[target_feature(enable = "neon")]
+    pub(crate) fn codes4(&self, sums: int32x4_t) -> int32x4_t {
+        let acc = vaddq_s32(sums, self.bias);
+        let low = vrshlq_s64(vmull_n_s32(vget_low_s32(acc), self.multiplier), self.right);
+        let high = vrshlq_s64(vmull_high_n_s32(acc, self.multiplier), self.right);
+        let scaled = vqmovn_high_s64(vqmovn_s64(low), high);
+        let shifted = vqaddq_s32(scaled, self.zero_point);
+        vminq_s32(vmaxq_s32(shifted, self.min), self.max)
+    }
+
+    /// The codes of eight sums (two vectors of four).
+    #[target_feature(enable = "neon")]
+    pub(crate) fn codes8(&self, low: int32x4_t, high: int32x4_t) -> int8x8_t {
+        // Codes are inside [-128, 127] already: the saturating narrows change nothing.
+        let words = vqmovn_high_s32(vqmovn_s32(self.codes4(low)), self.codes4(high));
+        vqmovn_s16(words)
+    }
+
+    /// The codes of 16 sums.
+    #[target_feature(enable = "neon")]
+    fn codes16(&self, sums: &[i32; NR]) -> [i8; NR] {
+        let mut codes = [0i8; NR];
+        // SAFETY: `sums` holds 16 i32, four loads of four; `codes` 16 bytes, one store.
+        unsafe {
+            let load = |at: usize| vld1q_s32(sums.as_ptr().add(at));
+            let first = self.codes8(load(0), load(4));
+            let second = self.codes8(load(8), load(12));
+            vst1q_s8(codes.as_mut_ptr(), vcombine_s8(first, second));
+        }
+        codes
+    }
 }
 
 /// The shared tile loop of the byte kernels: each tile's strip turned into bytes by
@@ -294,7 +355,8 @@ fn run_bytes(
                 to_bytes(strip, zero_point, bytes);
             }
             let sums = kernel(tile, bytes, quad_count);
-            requantize_sums(&sums, channels, first, layer)
+            // SAFETY: NEON was detected before any byte kernel could be reached.
+            unsafe { requantize_sums(&sums, channels, first, layer) }
         },
     );
 }
@@ -570,6 +632,75 @@ mod tests {
     use super::*;
     use crate::strips::check;
 
+    /// Four lanes at a time, the same codes as the generic requantisation, at the extremes
+    /// random layers do not reach: sums at the ends of `i32`, every shift, zero points and
+    /// clamps at the ends of the code range, an inverted clamp.
+    #[test]
+    fn vector_requantisation_matches_the_generic_one_at_the_extremes() {
+        use crate::quant::requantize_i8;
+        let sums = [
+            i32::MIN,
+            i32::MIN + 1,
+            -65_537,
+            -1,
+            0,
+            1,
+            65_535,
+            i32::MAX - 1,
+            i32::MAX,
+        ];
+        let mut checked = 0;
+        for shift in Requant::MIN_SHIFT..=Requant::MAX_SHIFT {
+            for multiplier in [1 << 30, 1_518_500_250, i32::MAX] {
+                let requant = Requant { multiplier, shift };
+                for (zero_point, min, max) in [
+                    (0, -128, 127),
+                    (-128, -128, 127),
+                    (127, 127, 127),
+                    (5, 5, 127),
+                    (-3, -128, 20),
+                    (0, 100, -100),
+                ] {
+                    let q = OutputQuant {
+                        zero_point,
+                        min,
+                        max,
+                    };
+                    for bias in [0, 1000, -1000, i32::MAX] {
+                        // SAFETY: NEON is always there on aarch64.
+                        let vector = unsafe { VectorRequant::new(bias, requant, q) };
+                        for chunk in sums.chunks(4) {
+                            let mut lanes = [0i32; 4];
+                            lanes[..chunk.len()].copy_from_slice(chunk);
+                            let mut codes = [0i32; 4];
+                            // SAFETY: NEON is always there on aarch64; four i32 each way.
+                            unsafe {
+                                let codes4 = vector.codes4(vld1q_s32(lanes.as_ptr()));
+                                vst1q_s32(codes.as_mut_ptr(), codes4);
+                            }
+                            for (&sum, &code) in chunk.iter().zip(&codes) {
+                                let expected = requantize_i8(
+                                    sum.wrapping_add(bias),
+                                    requant,
+                                    zero_point,
+                                    min,
+                                    max,
+                                );
+                                assert_eq!(
+                                    code,
+                                    i32::from(expected),
+                                    "{sum} {bias} {requant:?} {q:?}"
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 62 * 3 * 6 * 4 * sums.len());
+    }
+
     /// The paths a layer can take: `smlal`, then `sdot` and `smmla` where this CPU has them
     /// (said in the output where it does not, not passed over silently).
     fn paths() -> Vec<Dot> {
@@ -611,6 +742,19 @@ mod tests {
             check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
                 Neon::for_conv(conv, dot).map(|mut fast| fast.conv(0, conv, input, output))
             });
+        }
+    }
+
+    /// The small planes of a network's last stages: depthwise ones of up to 8x8, and dense and
+    /// pointwise ones of up to 12 output pixels, where tiles are mostly empty lanes.
+    #[test]
+    fn small_plane_layers_match_the_generic_kernel_bit_for_bit() {
+        for dot in paths() {
+            let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
+                Neon::for_conv(conv, dot).map(|mut fast| fast.conv(0, conv, input, output))
+            };
+            check::random_small_depthwise(0x1a9e_2026_1202, &mut run);
+            check::random_few_pixels(0xf3a_2026_1202, &mut run);
         }
     }
 

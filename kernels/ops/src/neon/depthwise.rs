@@ -2,11 +2,11 @@
 //! [`crate::int8::Conv`], as [`crate::avx2`]'s depthwise kernel does it on x86-64: each channel
 //! straight from its padded plane, 8 pixels of an output row per vector (stride 2 split by a
 //! de-interleaving load), one widening multiply-accumulate (`smlal`) per tap, the weights read
-//! from the strips packing (which the scrub covers), the generic requantisation.
+//! from the strips packing (which the scrub covers), requantised 8 lanes at a time.
 
 use std::arch::aarch64::*;
 
-use crate::quant::requantize_i8;
+use super::VectorRequant;
 use crate::strips::{DepthwiseGroup, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR};
 
 /// Pixels per vector.
@@ -57,6 +57,7 @@ pub(super) unsafe fn run(
             *w = packed.get(at).copied().unwrap_or(0);
         }
         let (bias, requant) = channels.get(r);
+        let requant = VectorRequant::new(bias, requant, q);
         for oy in 0..oh {
             for ox0 in (0..ow).step_by(LANES) {
                 let n = LANES.min(ow - ox0);
@@ -68,19 +69,13 @@ pub(super) unsafe fn run(
                     lo = vmlal_n_s16(lo, vget_low_s16(x), w);
                     hi = vmlal_high_n_s16(hi, x, w);
                 }
-                let mut sums = [0i32; LANES];
-                // SAFETY: `sums` holds 8 i32, two vectors.
-                unsafe {
-                    vst1q_s32(sums.as_mut_ptr(), lo);
-                    vst1q_s32(sums.as_mut_ptr().add(4), hi);
-                }
+                let mut codes = [0i8; LANES];
+                // SAFETY: `codes` holds 8 bytes, one vector.
+                unsafe { vst1_s8(codes.as_mut_ptr(), requant.codes8(lo, hi)) };
                 let Some(dst) = out.get_mut(oy * ow + ox0..oy * ow + ox0 + n) else {
                     continue;
                 };
-                for (code, sum) in dst.iter_mut().zip(sums) {
-                    *code =
-                        requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
-                }
+                dst.copy_from_slice(&codes[..n]);
             }
         }
     }
