@@ -638,14 +638,17 @@ impl Kernels for Avx2 {
             // Once per layer, not per channel: on planes of 2x2 to 8x8 the per-channel work is
             // what costs.
             let offsets = layer.tap_offsets();
+            let mut border_zeroed = false;
             packed.for_each_group(conv, input, output, |input, weights, channels, output| {
                 let group = DepthwiseGroup {
                     input,
                     weights,
                     channels,
+                    border_zeroed,
                 };
                 // SAFETY: AVX2 was detected in `new`; `takes` accepted the layer and scratch.
-                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) }
+                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) };
+                border_zeroed = true;
             });
             return Ok(());
         }
@@ -1079,6 +1082,23 @@ mod tests {
                 Avx2::for_conv(conv, vnni).map(|mut fast| fast.conv(0, conv, input, output))
             });
         }
+    }
+
+    /// Depthwise layers pad each channel into the same scratch and zero its border once per
+    /// call: after a larger layer left nonzero values there, every random one still gives the
+    /// generic bytes.
+    #[test]
+    fn depthwise_after_a_larger_layer_matches_the_generic_kernel() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let dirty = check::Dirty::new();
+        check::random_depthwise(0xd127_2026_1202, &mut |conv, input, output| {
+            let mut fast = Avx2::with_vnni(&[Some(dirty.conv()), Some(*conv)], None)?;
+            dirty.run(&mut fast, 0);
+            Some(fast.conv(1, conv, input, output))
+        });
     }
 
     /// The dense stride-1 3x3 layers take the Winograd path: random ones of every size that

@@ -195,14 +195,17 @@ impl Kernels for Neon {
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
             // Once per layer, not per channel.
             let offsets = layer.tap_offsets();
+            let mut border_zeroed = false;
             packed.for_each_group(conv, input, output, |input, weights, channels, output| {
                 let group = DepthwiseGroup {
                     input,
                     weights,
                     channels,
+                    border_zeroed,
                 };
                 // SAFETY: NEON was detected in `new`; `takes` accepted the layer and scratch.
-                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) }
+                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) };
+                border_zeroed = true;
             });
             return Ok(());
         }
@@ -756,6 +759,19 @@ mod tests {
             check::random_small_depthwise(0x1a9e_2026_1202, &mut run);
             check::random_few_pixels(0xf3a_2026_1202, &mut run);
         }
+    }
+
+    /// Depthwise layers pad each channel into the same scratch and zero its border once per
+    /// call: after a larger layer left nonzero values there, every random one still gives the
+    /// generic bytes.
+    #[test]
+    fn depthwise_after_a_larger_layer_matches_the_generic_kernel() {
+        let dirty = check::Dirty::new();
+        check::random_depthwise(0xd127_2026_1202, &mut |conv, input, output| {
+            let mut fast = Neon::with_dot(&[Some(dirty.conv()), Some(*conv)], Dot::Smlal)?;
+            dirty.run(&mut fast, 0);
+            Some(fast.conv(1, conv, input, output))
+        });
     }
 
     #[test]

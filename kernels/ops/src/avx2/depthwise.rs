@@ -39,11 +39,12 @@ pub(super) unsafe fn run(
         input,
         weights,
         channels,
+        border_zeroed,
     } = group;
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
     let taps = g.kernel[0] * g.kernel[1];
-    layer.pad_input(input, &mut scratch.padded);
+    layer.pad_input_within(input, &mut scratch.padded, border_zeroed);
     let plane = scratch.padded.as_ptr();
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
         let block = (r / MR) * layer.row_pairs * MR + r % MR;

@@ -38,6 +38,7 @@ pub(super) unsafe fn run(
         input,
         weights,
         channels,
+        border_zeroed,
     } = group;
     let g = layer.geometry;
     let [_, oh, ow] = g.output;
@@ -45,7 +46,7 @@ pub(super) unsafe fn run(
     let [_, wp] = Layer::padded_dims(g);
     let q = layer.q;
     let taps = g.kernel[0] * g.kernel[1];
-    layer.pad_input(input, &mut scratch.padded);
+    layer.pad_input_within(input, &mut scratch.padded, border_zeroed);
     let plane = scratch.padded.as_ptr();
     // The packing holds taps 2k and 2k + 1 as two i16 in one i32, the first in the low half.
     let packed: &[i16] = bytemuck::cast_slice(weights);
