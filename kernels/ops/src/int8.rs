@@ -296,6 +296,7 @@ pub struct GlobalAveragePool {
 
 impl GlobalAveragePool {
     /// `output[c] = mean(input[c, :, :])` in real terms.
+    #[inline]
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         check(
             self.channels > 0 && !input.is_empty() && input.len().is_multiple_of(self.channels),
@@ -307,9 +308,13 @@ impl GlobalAveragePool {
             .iter_mut()
             .zip(input.chunks_exact(input.len() / self.channels))
         {
-            let sum = plane.iter().fold(0i32, |s, &x| {
-                s.wrapping_add(i32::from(x) - self.input_zero_point)
-            });
+            // Σ(x − zp) as Σx − n·zp (the same modulo 2^32): a plain sum of codes, which
+            // vectorises.
+            let codes = plane
+                .iter()
+                .fold(0i32, |s, &x| s.wrapping_add(i32::from(x)));
+            let count = plane.len() as i32;
+            let sum = codes.wrapping_sub(count.wrapping_mul(self.input_zero_point));
             *out = requantize_i8(sum, self.requant, q.zero_point, q.min, q.max);
         }
         Ok(())
@@ -1335,6 +1340,34 @@ mod tests {
 
     fn has_empty_window(g: &PoolGeometry) -> bool {
         (0..g.output[0]).any(|oy| (0..g.output[1]).any(|ox| window_positions(g, oy, ox).is_empty()))
+    }
+
+    /// The pooled code is the requantised `Σ(x − zp)` exactly (not only near the float mean),
+    /// for any zero point and plane size.
+    #[test]
+    fn global_average_pool_sums_exactly() {
+        let mut rng = Rng(0x6a9_2026_1202);
+        for _ in 0..200 {
+            let (channels, plane) = (1 + rng.below(8), 1 + rng.below(3000));
+            let input: Vec<i8> = (0..channels * plane).map(|_| rng.draw() as i8).collect();
+            let pool = GlobalAveragePool {
+                channels,
+                input_zero_point: rng.below(256) as i32 - 128,
+                requant: Requant::from_real(2f64.powf(-(rng.below(1600) as f64) / 100.0)).unwrap(),
+                output_quant: FULL,
+            };
+            let mut output = vec![0i8; channels];
+            pool.run(&input, &mut output).unwrap();
+            for (code, values) in output.iter().zip(input.chunks_exact(plane)) {
+                let sum: i64 = values
+                    .iter()
+                    .map(|&x| i64::from(x) - i64::from(pool.input_zero_point))
+                    .sum();
+                let q = pool.output_quant;
+                let expected = requantize_i8(sum as i32, pool.requant, q.zero_point, q.min, q.max);
+                assert_eq!(*code, expected, "{pool:?} plane {plane}");
+            }
+        }
     }
 
     #[test]

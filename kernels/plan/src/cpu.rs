@@ -259,6 +259,7 @@ mod tests {
                 ("gemm", "avx2"),
                 ("add", "avx2"),
                 ("mul", "avx2"),
+                ("global_average_pool", "avx2"),
                 ("max_pool", "avx2"),
                 ("lut", lut),
                 ("rescale", "avx2"),
