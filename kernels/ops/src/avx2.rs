@@ -325,21 +325,24 @@ fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
         );
         return;
     }
-    let whole = plane / 8 * 8;
     for ((xs, y), outs) in a
         .chunks_exact(plane)
         .zip(b)
         .zip(output.chunks_exact_mut(plane))
     {
         let scale = _mm256_set1_epi32(i32::from(*y) - mul.input_zero_points[1]);
-        for (x, dst) in xs[..whole]
-            .chunks_exact(8)
-            .zip(outs[..whole].chunks_exact_mut(8))
-        {
-            let x = _mm256_sub_epi32(load8(x), za);
-            store8(requantize8(_mm256_mullo_epi32(x, scale), &lanes), dst);
+        // Whole vectors from the start, then the plane's last eight codes, overlapping the
+        // vector before (the same codes again): no scalar tail per plane.
+        let mut at = 0;
+        while at < plane {
+            let start = at.min(plane - 8);
+            let x = _mm256_sub_epi32(load8(&xs[start..start + 8]), za);
+            store8(
+                requantize8(_mm256_mullo_epi32(x, scale), &lanes),
+                &mut outs[start..start + 8],
+            );
+            at = start + 8;
         }
-        let _ = mul.run(&xs[whole..], std::slice::from_ref(y), &mut outs[whole..]);
     }
 }
 
