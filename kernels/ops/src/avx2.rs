@@ -100,6 +100,8 @@ pub struct Avx2 {
     /// (where they cost as much as a thin layer's arithmetic); room for the widest group is
     /// reserved at setup.
     requants: Vec<ChannelRequant>,
+    /// The same constants in [`NarrowScale`]'s compact form, where every channel has one.
+    narrow: Vec<NarrowScale>,
     vnni: Option<Vnni>,
 }
 
@@ -124,6 +126,7 @@ impl Avx2 {
             layers,
             scratch,
             requants: Vec::with_capacity(widest.unwrap_or(0)),
+            narrow: Vec::with_capacity(widest.unwrap_or(0)),
             vnni,
         })
     }
@@ -617,6 +620,7 @@ impl Kernels for Avx2 {
             layers,
             scratch,
             requants,
+            narrow,
             ..
         } = self;
         let Some(Some(prepared)) = layers.get(step) else {
@@ -685,7 +689,10 @@ impl Kernels for Avx2 {
         }
         packed.for_each_group(conv, input, output, |input, weights, channels, output| {
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
-            unsafe { run_layer(&layer, input, weights, channels, requants, scratch, output) }
+            unsafe {
+                let constants = Constants { requants, narrow };
+                run_layer(&layer, input, weights, channels, constants, scratch, output)
+            }
         });
         Ok(())
     }
@@ -698,16 +705,27 @@ fn run_layer(
     input: &[i8],
     weights: &[i32],
     channels: &ChannelQuant<'_>,
-    requants: &mut Vec<ChannelRequant>,
+    constants: Constants<'_>,
     scratch: &mut Scratch,
     out: &mut [i8],
 ) {
     let count = channels.bias.len();
-    requants.clear();
-    requants.extend((0..count).map(|o| {
+    let Constants { requants, narrow } = constants;
+    narrow.clear();
+    narrow.extend((0..count).map_while(|o| {
         let (bias, requant) = channels.get(o);
-        ChannelRequant::new(bias, requant, layer.q)
+        NarrowScale::new(bias, requant, layer.q)
     }));
+    let narrow = (narrow.len() == count).then_some(&narrow[..]);
+    let clamp = NarrowClamp::new(layer.q);
+    // The general constants only where some channel lacks the compact form.
+    requants.clear();
+    if narrow.is_none() {
+        requants.extend((0..count).map(|o| {
+            let (bias, requant) = channels.get(o);
+            ChannelRequant::new(bias, requant, layer.q)
+        }));
+    }
     let requants = &requants[..];
     let span = layer.row_pairs * MR;
     let Scratch { padded, strip, .. } = scratch;
@@ -724,6 +742,23 @@ fn run_layer(
         |tile, pairs, first| {
             let acc = micro_kernel(tile, pairs, layer.row_pairs);
             let mut codes = [[0i8; NR]; MR];
+            if let Some(narrow) = narrow {
+                let block = narrow.get(first..).unwrap_or_default();
+                if let Some(Ok(block)) = block.get(..MR).map(<&[NarrowScale; MR]>::try_from) {
+                    // Unrolled, so the sums stay in registers.
+                    let [a, b, c, d] = acc;
+                    return [
+                        block[0].codes(a, &clamp),
+                        block[1].codes(b, &clamp),
+                        block[2].codes(c, &clamp),
+                        block[3].codes(d, &clamp),
+                    ];
+                }
+                for ((scale, acc), row) in block.iter().zip(acc).zip(&mut codes) {
+                    *row = scale.codes(acc, &clamp);
+                }
+                return codes;
+            }
             let requants = requants.get(first..).unwrap_or_default();
             for ((requant, [lo, hi]), row) in requants.iter().zip(acc).zip(&mut codes) {
                 *row = requant.tile(lo, hi);
@@ -731,6 +766,86 @@ fn run_layer(
             codes
         },
     );
+}
+
+/// The per-call requantisation scratch of [`run_layer`].
+struct Constants<'c> {
+    requants: &'c mut Vec<ChannelRequant>,
+    narrow: &'c mut Vec<NarrowScale>,
+}
+
+/// A channel's requantisation in the common case, compactly: a scale below 1/2 (a right shift
+/// of at least 32) and an output zero point that is a code. [`ChannelRequant`]'s vector path
+/// for such a channel, with the layer's clamp taken once per call ([`NarrowClamp`]) and applied
+/// to 16-bit words: a value the pack saturates is beyond every code either way, and so is its
+/// sum with the zero point, so the codes are the same.
+#[derive(Clone, Copy)]
+struct NarrowScale {
+    bias: i32,
+    multiplier: i32,
+    round: i64,
+    /// The right shift less 32.
+    high_right: i64,
+}
+
+impl NarrowScale {
+    fn new(bias: i32, requant: Requant, q: OutputQuant) -> Option<Self> {
+        let right = 31 - i64::from(requant.shift.clamp(Requant::MIN_SHIFT, Requant::MAX_SHIFT));
+        (right >= 32 && is_code(q.zero_point)).then_some(Self {
+            bias,
+            multiplier: requant.multiplier,
+            round: 1 << (right - 1),
+            high_right: right - 32,
+        })
+    }
+
+    /// The codes of 16 sums in the lane order `vpunpck*wd` leaves them in, in pixel order.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes(&self, [lo, hi]: [__m256i; 2], clamp: &NarrowClamp) -> [i8; NR] {
+        let bias = _mm256_set1_epi32(self.bias);
+        let multiplier = _mm256_set1_epi32(self.multiplier);
+        let round = _mm256_set1_epi64x(self.round);
+        let right = _mm_cvtsi64_si128(self.high_right);
+        // As [`scale8`] with a shift of 32 or more.
+        let scale = |acc: __m256i| {
+            let acc = _mm256_add_epi32(acc, bias);
+            let even = _mm256_add_epi64(_mm256_mul_epi32(acc, multiplier), round);
+            let odd = _mm256_add_epi64(
+                _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), multiplier),
+                round,
+            );
+            let high = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+            _mm256_sra_epi32(high, right)
+        };
+        let words = _mm256_packs_epi32(scale(lo), scale(hi));
+        let words = _mm256_adds_epi16(words, clamp.zero_point);
+        let words = _mm256_min_epi16(_mm256_max_epi16(words, clamp.min), clamp.max);
+        let bytes = _mm256_packs_epi16(words, words);
+        let codes = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(bytes));
+        let mut out = [0i8; NR];
+        // SAFETY: `out` holds 16 bytes, one 128-bit store.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), codes) };
+        out
+    }
+}
+
+/// A layer's output zero point and clamp in 16-bit lanes, for [`NarrowScale::codes`].
+struct NarrowClamp {
+    zero_point: __m256i,
+    min: __m256i,
+    max: __m256i,
+}
+
+impl NarrowClamp {
+    #[target_feature(enable = "avx2")]
+    fn new(q: OutputQuant) -> Self {
+        Self {
+            zero_point: _mm256_set1_epi16(q.zero_point.clamp(-128, 127) as i16),
+            min: _mm256_set1_epi16(i16::from(q.min)),
+            max: _mm256_set1_epi16(i16::from(q.max)),
+        }
+    }
 }
 
 /// Element-wise sums eight at a time, exactly as [`Add::run`]: each addend rescaled with
@@ -1234,6 +1349,7 @@ mod tests {
                 layers: Vec::new(),
                 scratch: Scratch::for_needs([]),
                 requants: Vec::new(),
+                narrow: Vec::new(),
                 vnni: None,
             };
             let mut kernels = conv_free;
