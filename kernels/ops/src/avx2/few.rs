@@ -7,13 +7,16 @@
 //! pixels at a time (the weights are read again for each 4). Such layers have many
 //! channels and few pixels, so reading their weights is most of their time: they are kept as
 //! bytes (widened as they are loaded), half the strips packing's 16 bits. The sums are exact
-//! (16-bit products into 32-bit lanes, added modulo 2^32 as the generic kernel adds them) and
-//! are requantised one value at a time: a few pixels make few outputs.
+//! (16-bit products into 32-bit lanes, added modulo 2^32 as the generic kernel adds them); they
+//! are requantised 16 channels to a vector where that is exact (scales below 1, a zero point
+//! that is a code), else one value at a time.
 
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
 use super::interleave_pairs;
+use super::is_code;
+use super::lanes::BlockRequant;
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
 use crate::quant::requantize_i8;
 use crate::strips::{Layer, Scratch, NR};
@@ -81,9 +84,10 @@ impl FewPixels {
         &mut self.words
     }
 
-    /// The sums' scratch (in the products' buffer).
+    /// The sums' scratch (in the products' buffer), with room for the last pixel's last
+    /// vector of 16 channels past its 8-channel rounding.
     pub(super) fn sums_len(&self) -> usize {
-        PIXELS * self.channels
+        PIXELS * self.channels + 8
     }
 
     /// Run `layer` (the strips view of the convolution this was packed from, whose buffers and
@@ -116,6 +120,27 @@ impl FewPixels {
         interleave_pairs(strip);
         self.sums(strip, pixels, sums);
         let q = layer.q;
+        let count = out.len() / pixels;
+        if is_code(q.zero_point) && channels.shift.iter().all(|&s| s <= 0) {
+            // Each pixel's sums are its channels in order: 16 to a vector.
+            const IN_ORDER: [usize; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+            for block in 0..count.div_ceil(16) {
+                let constants = BlockRequant::new(channels, block, count, q, &IN_ORDER);
+                for p in 0..pixels {
+                    let at = p * self.channels + 16 * block;
+                    let Some(block_sums) = sums.get(at..at + 16) else {
+                        continue;
+                    };
+                    let codes = constants.codes(block_sums);
+                    for (o, &code) in (16 * block..count).zip(&codes) {
+                        if let Some(out) = out.get_mut(o * pixels + p) {
+                            *out = code as i8;
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for (o, codes) in out.chunks_exact_mut(pixels).enumerate() {
             let (bias, requant) = channels.get(o);
             for (p, code) in codes.iter_mut().enumerate().take(PIXELS) {

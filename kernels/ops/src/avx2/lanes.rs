@@ -169,7 +169,7 @@ impl ChannelLanes {
                 unsafe { self.sums(laid_out, origin, block, &offsets, sums) };
             }
             if vector {
-                let constants = BlockRequant::new(channels, block, c, q);
+                let constants = BlockRequant::new(channels, block, c, q, &ORDER);
                 for (p, sums) in sums.chunks_exact(LANES).enumerate() {
                     let codes = constants.codes(sums);
                     for (&code, &o) in codes.iter().zip(&ORDER) {
@@ -234,9 +234,9 @@ impl ChannelLanes {
     }
 }
 
-/// The requantisation of 16 channels, one per lane in [`ORDER`] ([`Requant::apply`] with a
-/// shift of at most 0, then the zero point and clamp, as [`requantize_i8`] does it).
-struct BlockRequant {
+/// The requantisation of 16 channels, one per lane in a given order ([`Requant::apply`] with
+/// a shift of at most 0, then the zero point and clamp, as [`requantize_i8`] does it).
+pub(super) struct BlockRequant {
     /// `[lo, hi]` vectors: bias, multiplier, and the right shift (`31 - shift`) as 64-bit
     /// counts for the even and the odd 32-bit lanes.
     bias: [__m256i; 2],
@@ -249,11 +249,18 @@ struct BlockRequant {
 }
 
 impl BlockRequant {
-    /// The constants of channels `16 * block..` (those from `count` on are padding: 0).
+    /// The constants of channels `16 * block..`, lane `i` channel `16 * block + order[i]`
+    /// (those from `count` on are padding: 0).
     #[target_feature(enable = "avx2")]
-    fn new(channels: &ChannelQuant<'_>, block: usize, count: usize, q: OutputQuant) -> Self {
+    pub(super) fn new(
+        channels: &ChannelQuant<'_>,
+        block: usize,
+        count: usize,
+        q: OutputQuant,
+        order: &[usize; LANES],
+    ) -> Self {
         let (mut bias, mut multiplier, mut right) = ([0i32; LANES], [0i32; LANES], [31i32; LANES]);
-        for (lane, &o) in ORDER.iter().enumerate() {
+        for (lane, &o) in order.iter().enumerate() {
             let ch = block * LANES + o;
             if ch < count {
                 let (b, r) = channels.get(ch);
@@ -282,9 +289,9 @@ impl BlockRequant {
         }
     }
 
-    /// The codes of 16 sums (in [`ORDER`]), as 32-bit values.
+    /// The codes of 16 sums (in the lane order), as 32-bit values.
     #[target_feature(enable = "avx2")]
-    fn codes(&self, sums: &[i32]) -> [i32; LANES] {
+    pub(super) fn codes(&self, sums: &[i32]) -> [i32; LANES] {
         let mut codes = [0i32; LANES];
         if sums.len() < LANES {
             return codes;
