@@ -297,6 +297,31 @@ impl Winograd {
                     finish(&bottom, false),
                     finish(&bottom, true),
                 ];
+                let (ty, tx) = (t0 / self.tiles[1], t0 % self.tiles[1]);
+                // Eight tiles side by side inside the image: their two output rows as two
+                // 16-byte stores, each pixel pair's codes interleaved in 16-bit lanes.
+                if vector && tx + 8 <= self.tiles[1] && 2 * tx + 16 <= ow && 2 * ty + 2 <= oh {
+                    let [r0, r1, r2, r3] = sums.map(|sum| requantize8(sum, &lanes));
+                    let byte = _mm256_set1_epi32(0xff);
+                    let pair = |a, b| {
+                        let high = _mm256_slli_epi32::<8>(_mm256_and_si256(b, byte));
+                        _mm256_or_si256(_mm256_and_si256(a, byte), high)
+                    };
+                    // The words are at most 0xffff: the unsigned pack keeps them.
+                    let packed = _mm256_packus_epi32(pair(r0, r1), pair(r2, r3));
+                    let rows = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
+                    let at = 2 * ty * ow + 2 * tx;
+                    // SAFETY (both stores): each row slice holds 16 bytes, one 128-bit store.
+                    if let Some(top) = plane.get_mut(at..at + 16) {
+                        let top_row = _mm256_castsi256_si128(rows);
+                        unsafe { _mm_storeu_si128(top.as_mut_ptr().cast(), top_row) };
+                    }
+                    if let Some(bottom) = plane.get_mut(at + ow..at + ow + 16) {
+                        let bottom_row = _mm256_extracti128_si256::<1>(rows);
+                        unsafe { _mm_storeu_si128(bottom.as_mut_ptr().cast(), bottom_row) };
+                    }
+                    continue;
+                }
                 let mut codes = [[0i32; 8]; 4];
                 for (dst, sum) in codes.iter_mut().zip(sums) {
                     let value = if vector {
@@ -312,15 +337,19 @@ impl Winograd {
                         }
                     }
                 }
+                // Tile by tile, the tile's place stepped along rather than divided out.
+                let (mut ty, mut tx) = (ty, tx);
                 for lane in 0..8.min(total - t0) {
-                    let t = t0 + lane;
                     let lane_codes = codes.map(|c| c[lane]);
-                    let (ty, tx) = (t / self.tiles[1], t % self.tiles[1]);
                     for (k, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
                         let (y, x) = (2 * ty + dy, 2 * tx + dx);
                         if y < oh && x < ow {
                             plane[y * ow + x] = lane_codes[k] as i8;
                         }
+                    }
+                    tx += 1;
+                    if tx == self.tiles[1] {
+                        (ty, tx) = (ty + 1, 0);
                     }
                 }
             }
