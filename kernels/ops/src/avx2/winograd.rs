@@ -298,9 +298,10 @@ impl Winograd {
                     finish(&bottom, true),
                 ];
                 let (ty, tx) = (t0 / self.tiles[1], t0 % self.tiles[1]);
-                // Eight tiles side by side inside the image: their two output rows as two
-                // 16-byte stores, each pixel pair's codes interleaved in 16-bit lanes.
-                if vector && tx + 8 <= self.tiles[1] && 2 * tx + 16 <= ow && 2 * ty + 2 <= oh {
+                let count = 8.min(total - t0);
+                if vector {
+                    // The eight tiles' two output rows, each pixel pair's codes interleaved in
+                    // 16-bit lanes, then copied out a run of tiles within a tile row at a time.
                     let [r0, r1, r2, r3] = sums.map(|sum| requantize8(sum, &lanes));
                     let byte = _mm256_set1_epi32(0xff);
                     let pair = |a, b| {
@@ -310,36 +311,38 @@ impl Winograd {
                     // The words are at most 0xffff: the unsigned pack keeps them.
                     let packed = _mm256_packus_epi32(pair(r0, r1), pair(r2, r3));
                     let rows = _mm256_permute4x64_epi64::<0b11_01_10_00>(packed);
-                    let at = 2 * ty * ow + 2 * tx;
-                    // SAFETY (both stores): each row slice holds 16 bytes, one 128-bit store.
-                    if let Some(top) = plane.get_mut(at..at + 16) {
-                        let top_row = _mm256_castsi256_si128(rows);
-                        unsafe { _mm_storeu_si128(top.as_mut_ptr().cast(), top_row) };
-                    }
-                    if let Some(bottom) = plane.get_mut(at + ow..at + ow + 16) {
-                        let bottom_row = _mm256_extracti128_si256::<1>(rows);
-                        unsafe { _mm_storeu_si128(bottom.as_mut_ptr().cast(), bottom_row) };
+                    let mut bytes = [0i8; 32];
+                    // SAFETY: `bytes` holds 32 bytes, one vector.
+                    unsafe { _mm256_storeu_si256(bytes.as_mut_ptr().cast(), rows) };
+                    let (mut ty, mut tx, mut lane) = (ty, tx, 0);
+                    while lane < count {
+                        let run = (self.tiles[1] - tx).min(count - lane);
+                        let x = 2 * tx;
+                        // An odd width's last tile has one column inside the image.
+                        let width = (2 * run).min(ow.saturating_sub(x));
+                        for dy in 0..2 {
+                            let y = 2 * ty + dy;
+                            let src = bytes.get(16 * dy + 2 * lane..16 * dy + 2 * lane + width);
+                            let dst = plane.get_mut(y * ow + x..y * ow + x + width);
+                            if let (true, Some(src), Some(dst)) = (y < oh, src, dst) {
+                                dst.copy_from_slice(src);
+                            }
+                        }
+                        (ty, tx, lane) = (ty + 1, 0, lane + run);
                     }
                     continue;
                 }
                 let mut codes = [[0i32; 8]; 4];
                 for (dst, sum) in codes.iter_mut().zip(sums) {
-                    let value = if vector {
-                        requantize8(sum, &lanes)
-                    } else {
-                        sum
-                    };
                     // SAFETY: `dst` holds 8 i32, one vector.
-                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), value) };
-                    if !vector {
-                        for v in dst.iter_mut() {
-                            *v = i32::from(requantize_i8(*v, requant, q.zero_point, q.min, q.max));
-                        }
+                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), sum) };
+                    for v in dst.iter_mut() {
+                        *v = i32::from(requantize_i8(*v, requant, q.zero_point, q.min, q.max));
                     }
                 }
                 // Tile by tile, the tile's place stepped along rather than divided out.
                 let (mut ty, mut tx) = (ty, tx);
-                for lane in 0..8.min(total - t0) {
+                for lane in 0..count {
                     let lane_codes = codes.map(|c| c[lane]);
                     for (k, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
                         let (y, x) = (2 * ty + dy, 2 * tx + dx);
