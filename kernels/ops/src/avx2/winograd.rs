@@ -261,6 +261,12 @@ impl Winograd {
         let total = self.tiles[0] * self.tiles[1];
         let strips = self.strips();
         let channels_padded = self.blocks * MR;
+        // The 16 points' rows of every channel, `strips * NR` values each (at least the tiles
+        // rounded up to 8): every load below is inside, checked once here.
+        if m.len() < 16 * channels_padded * strips * NR || oc > channels_padded {
+            return;
+        }
+        let products = m.as_ptr();
         for o in 0..oc.min(channels.bias.len()) {
             let (bias, requant) = channels.get(o);
             let vector = requant.shift <= 0 && (-128..=127).contains(&q.zero_point);
@@ -269,8 +275,9 @@ impl Winograd {
             for t0 in (0..total).step_by(8) {
                 let load = |point: usize| {
                     let at = (point * channels_padded + o) * strips * NR + t0;
-                    // SAFETY: rows hold strips * NR >= t0 + 8 values.
-                    unsafe { _mm256_loadu_si256(m[at..at + 8].as_ptr().cast()) }
+                    // SAFETY: `point < 16`, `o < channels_padded`, and rows hold strips * NR
+                    // >= t0 + 8 values: inside `m` (checked above).
+                    unsafe { _mm256_loadu_si256(products.add(at).cast()) }
                 };
                 let add = |a, b| _mm256_add_epi32(a, b);
                 let sub = |a, b| _mm256_sub_epi32(a, b);
