@@ -1141,17 +1141,18 @@ pub(crate) mod check {
         random_depthwise_planes(seed, [30, 70], fast);
     }
 
-    /// [`random_depthwise`] on planes of at most 8x8 inputs and more channels: the small planes
-    /// of a network's last stages.
+    /// [`random_depthwise`] on planes of at most 16x16 inputs (mostly 8x8) and more channels:
+    /// the small planes of a network's last stages.
     pub(crate) fn random_small_depthwise(seed: u64, fast: &mut Fast<'_>) {
         random_depthwise_planes(seed, [8, 8], fast);
+        random_depthwise_planes(seed ^ 0x5eed, [16, 16], fast);
     }
 
     /// Depthwise layers on planes of up to `max` input pixels (height, width).
     fn random_depthwise_planes(seed: u64, max: [usize; 2], fast: &mut Fast<'_>) {
         let mut rng = Rng(seed);
         for case in 0..300 {
-            let group = 1 + rng.below(if max[0] > 8 { 24 } else { 70 });
+            let group = 1 + rng.below(if max[0] > 16 { 24 } else { 70 });
             let multiplier = if case % 5 == 0 { 2 } else { 1 };
             let k = [[3, 3], [5, 5], [3, 3], [1, 7], [7, 7]][case % 5];
             let stride = [1 + rng.below(2), 1 + rng.below(2 + case % 2)];
