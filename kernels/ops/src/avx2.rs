@@ -1226,9 +1226,9 @@ mod tests {
         }
     }
 
-    /// Depthwise layers pad each channel into the same scratch and zero its border once per
-    /// call: after a larger layer left nonzero values there, every random one still gives the
-    /// generic bytes.
+    /// Depthwise layers pad each channel (or lay out each block of channels) into the same
+    /// scratch and zero its border once per call: after a larger layer left nonzero values
+    /// there, every random one still gives the generic bytes.
     #[test]
     fn depthwise_after_a_larger_layer_matches_the_generic_kernel() {
         if !std::arch::is_x86_feature_detected!("avx2") {
@@ -1236,11 +1236,13 @@ mod tests {
             return;
         }
         let dirty = check::Dirty::new();
-        check::random_depthwise(0xd127_2026_1202, &mut |conv, input, output| {
+        let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
             let mut fast = Avx2::with_vnni(&[Some(dirty.conv()), Some(*conv)], None)?;
             dirty.run(&mut fast, 0);
             Some(fast.conv(1, conv, input, output))
-        });
+        };
+        check::random_depthwise(0xd127_2026_1202, &mut run);
+        check::random_small_depthwise(0xd128_2026_1202, &mut run);
     }
 
     /// The dense stride-1 3x3 layers take the Winograd path: random ones of every size that

@@ -1178,33 +1178,34 @@ pub(crate) mod check {
         }
     }
 
-    /// A depthwise layer (one 70x70 channel, 3x3, padding 1) whose padded input, nonzero
-    /// everywhere inside, covers the border any smaller layer pads in the same scratch: run it
-    /// first, and a later layer reading anything but zeros outside its input shows.
+    /// A dense 3x3 layer (4 channels of 40x40, padding 1: the Winograd kernel's, on AVX2) whose
+    /// padded and transformed inputs, nonzero, cover the border any smaller layer pads in the
+    /// same scratch: run it first, and a later layer reading anything but zeros outside its
+    /// input shows.
     pub(crate) struct Dirty {
         input: Vec<i8>,
-        weights: [i8; 9],
-        bias: [i32; 1],
-        multiplier: [i32; 1],
-        shift: [i8; 1],
+        weights: Vec<i8>,
+        bias: [i32; 4],
+        multiplier: [i32; 4],
+        shift: [i8; 4],
     }
 
     impl Dirty {
         pub(crate) fn new() -> Self {
             Self {
-                input: vec![77; 70 * 70],
-                weights: [1; 9],
-                bias: [0],
-                multiplier: [1 << 30],
-                shift: [-4],
+                input: vec![77; 4 * 40 * 40],
+                weights: vec![1; 4 * 4 * 9],
+                bias: [0; 4],
+                multiplier: [1 << 30; 4],
+                shift: [-6; 4],
             }
         }
 
         pub(crate) fn conv(&self) -> Conv<'_> {
             Conv {
                 geometry: ConvGeometry {
-                    input: [1, 70, 70],
-                    output: [1, 70, 70],
+                    input: [4, 40, 40],
+                    output: [4, 40, 40],
                     kernel: [3, 3],
                     stride: [1, 1],
                     pad: [1, 1],
@@ -1228,7 +1229,7 @@ pub(crate) mod check {
 
         /// Run the layer through `kernels` as step `step`.
         pub(crate) fn run(&self, kernels: &mut dyn crate::Kernels, step: usize) {
-            let mut output = vec![0i8; 70 * 70];
+            let mut output = vec![0i8; 4 * 40 * 40];
             let result = kernels.conv(step, &self.conv(), &self.input, &mut output);
             assert_eq!(result, Ok(()));
         }

@@ -147,6 +147,10 @@ impl ChannelLanes {
         // Scales below 1 and a zero point that is a code: the vector requantisation is exact.
         let vector = is_code(q.zero_point) && channels.shift.iter().all(|&s| s <= 0);
         let zero_point = layer.zero_point;
+        // The border once per call: every block writes the same inside positions (a last block
+        // of fewer than 16 channels leaves the lanes past them as the block before had them;
+        // their sums are never output).
+        laid_out.fill(0);
         for block in 0..c.div_ceil(LANES) {
             let first = block * LANES;
             let count = LANES.min(c - first);
@@ -154,7 +158,6 @@ impl ChannelLanes {
             let Some(outputs) = out.get_mut(first * pixels..(first + count) * pixels) else {
                 return;
             };
-            laid_out.fill(0);
             for (lane, plane) in planes.chunks_exact((h * w).max(1)).take(count).enumerate() {
                 for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
                     let at = ((y + top) * wp + left) * LANES + lane;
