@@ -178,12 +178,17 @@ impl ChannelLanes {
             }
             if vector {
                 let constants = BlockRequant::new(channels, block, c, q, &ORDER);
-                for (p, sums) in sums.chunks_exact(LANES).enumerate() {
-                    let codes = constants.codes(sums);
-                    for (&code, &o) in codes.iter().zip(&ORDER) {
-                        if let Some(out) = outputs.get_mut(o * pixels + p) {
-                            *out = code as i8;
-                        }
+                // Each pixel's 16 codes in lane order, then each channel's plane from its lane
+                // (a lane holds channel `ORDER[lane]`, and `ORDER` is its own inverse).
+                let mut codes = [[0i8; LANES]; PIXELS];
+                for (row, sums) in codes.iter_mut().zip(sums.chunks_exact(LANES)) {
+                    for (code, value) in row.iter_mut().zip(constants.codes(sums)) {
+                        *code = value as i8;
+                    }
+                }
+                for (plane, &lane) in outputs.chunks_exact_mut(pixels.max(1)).zip(&ORDER) {
+                    for (out, row) in plane.iter_mut().zip(&codes) {
+                        *out = row.get(lane).copied().unwrap_or(0);
                     }
                 }
                 continue;
