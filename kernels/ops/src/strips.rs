@@ -767,32 +767,26 @@ fn max_pool_unpadded(pool: &MaxPool, input: &[i8], output: &mut [i8]) {
 #[inline(always)]
 fn window_maxima(input: &[i8], start: usize, w: usize, kernel: [usize; 2]) -> Option<[i8; 32]> {
     match kernel {
-        [3, 3] => window_maxima_of::<3, 3>(input, start, w),
-        [2, 2] => window_maxima_of::<2, 2>(input, start, w),
-        [kh, kw] => {
-            let span = input.get(start..start + (kh - 1) * w + kw - 1 + 32)?;
-            let mut maxima = [i8::MIN; 32];
-            for dy in 0..kh {
-                for dx in 0..kw {
-                    max_of_32(&mut maxima, span, dy * w + dx);
-                }
-            }
-            Some(maxima)
-        }
+        // Constant windows, so that the loops over taps unroll.
+        [3, 3] => window_maxima_over(input, start, w, 3, 3),
+        [2, 2] => window_maxima_over(input, start, w, 2, 2),
+        [kh, kw] => window_maxima_over(input, start, w, kh, kw),
     }
 }
 
-/// [`window_maxima`] for a `KH` x `KW` window.
+/// [`window_maxima`] for a `kh` x `kw` window.
 #[inline(always)]
-fn window_maxima_of<const KH: usize, const KW: usize>(
+fn window_maxima_over(
     input: &[i8],
     start: usize,
     w: usize,
+    kh: usize,
+    kw: usize,
 ) -> Option<[i8; 32]> {
-    let span = input.get(start..start + (KH - 1) * w + KW - 1 + 32)?;
+    let span = input.get(start..start + (kh - 1) * w + kw - 1 + 32)?;
     let mut maxima = [i8::MIN; 32];
-    for dy in 0..KH {
-        for dx in 0..KW {
+    for dy in 0..kh {
+        for dx in 0..kw {
             max_of_32(&mut maxima, span, dy * w + dx);
         }
     }
