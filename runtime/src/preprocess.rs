@@ -190,9 +190,11 @@ impl ColumnSources {
         } else {
             &[]
         };
+        // Inside the frame's width the index is inside its row (no overflow on a 32-bit target).
         let sample = |x: u32| {
-            row.get(x as usize * bands + band)
-                .map_or(mean, |s| s.to_f32())
+            let x = x as usize;
+            let inside = (x < width).then(|| row.get(x * bands + band)).flatten();
+            inside.map_or(mean, |s| s.to_f32())
         };
         let sources = self.x0.iter().zip(&self.x1).zip(&self.weight);
         for (cell, ((&x0, &x1), &w)) in out.iter_mut().zip(sources).take(self.len) {
