@@ -303,6 +303,7 @@ impl BlockRequant {
     }
 
     /// The codes of 16 sums (in the lane order), as 32-bit values.
+    #[inline]
     #[target_feature(enable = "avx2")]
     pub(super) fn codes(&self, sums: &[i32]) -> [i32; LANES] {
         let mut codes = [0i32; LANES];

@@ -309,7 +309,11 @@ impl Winograd {
                 if vector {
                     // The eight tiles' two output rows, each pixel pair's codes interleaved in
                     // 16-bit lanes, then copied out a run of tiles within a tile row at a time.
-                    let [r0, r1, r2, r3] = sums.map(|sum| requantize8(sum, &lanes));
+                    // Called one by one, not through a closure (which is not compiled with AVX2 and so would
+                    // call it rather than inline it).
+                    let [s0, s1, s2, s3] = sums;
+                    let (r0, r1) = (requantize8(s0, &lanes), requantize8(s1, &lanes));
+                    let (r2, r3) = (requantize8(s2, &lanes), requantize8(s3, &lanes));
                     let byte = _mm256_set1_epi32(0xff);
                     let pair = |a, b| {
                         let high = _mm256_slli_epi32::<8>(_mm256_and_si256(b, byte));
