@@ -813,18 +813,9 @@ impl NarrowScale {
         let multiplier = _mm256_set1_epi32(self.multiplier);
         let round = _mm256_set1_epi64x(self.round);
         let right = _mm_cvtsi64_si128(self.high_right);
-        // As [`scale8`] with a shift of 32 or more.
-        let scale = |acc: __m256i| {
-            let acc = _mm256_add_epi32(acc, bias);
-            let even = _mm256_add_epi64(_mm256_mul_epi32(acc, multiplier), round);
-            let odd = _mm256_add_epi64(
-                _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), multiplier),
-                round,
-            );
-            let high = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
-            _mm256_sra_epi32(high, right)
-        };
-        let words = _mm256_packs_epi32(scale(lo), scale(hi));
+        let lo = scale_high(_mm256_add_epi32(lo, bias), multiplier, round, right);
+        let hi = scale_high(_mm256_add_epi32(hi, bias), multiplier, round, right);
+        let words = _mm256_packs_epi32(lo, hi);
         let words = _mm256_adds_epi16(words, clamp.zero_point);
         let words = _mm256_min_epi16(_mm256_max_epi16(words, clamp.min), clamp.max);
         let bytes = _mm256_packs_epi16(words, words);
@@ -1124,16 +1115,7 @@ fn requantize8(acc: __m256i, l: &Lanes) -> __m256i {
 #[target_feature(enable = "avx2")]
 fn scale8(acc: __m256i, l: &Lanes) -> __m256i {
     if let Some(high_right) = l.high_right {
-        // A floor shift by 32 or more is one by 32, the high half, then one by the rest; the
-        // high half of `acc * m + round` (at most 2^62 + 2^61) fits 32 bits, so a 32-bit
-        // arithmetic shift finishes it exactly, without emulating a 64-bit one.
-        let even = _mm256_add_epi64(_mm256_mul_epi32(acc, l.multiplier), l.round);
-        let odd = _mm256_add_epi64(
-            _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), l.multiplier),
-            l.round,
-        );
-        let high = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
-        _mm256_sra_epi32(high, high_right)
+        scale_high(acc, l.multiplier, l.round, high_right)
     } else {
         let even = round_shift(_mm256_mul_epi32(acc, l.multiplier), l);
         let odd = round_shift(
@@ -1142,6 +1124,22 @@ fn scale8(acc: __m256i, l: &Lanes) -> __m256i {
         );
         _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd))
     }
+}
+
+/// [`scale8`] with a right shift of 32 or more (`high_right` is the shift less 32): a floor
+/// shift by 32 or more is one by 32, the high half, then one by the rest; the high half of
+/// `acc * m + round` (at most 2^62 + 2^61) fits 32 bits, so a 32-bit arithmetic shift finishes
+/// it exactly, without emulating a 64-bit one.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn scale_high(acc: __m256i, multiplier: __m256i, round: __m256i, high_right: __m128i) -> __m256i {
+    let even = _mm256_add_epi64(_mm256_mul_epi32(acc, multiplier), round);
+    let odd = _mm256_add_epi64(
+        _mm256_mul_epi32(_mm256_srli_epi64::<32>(acc), multiplier),
+        round,
+    );
+    let high = _mm256_blend_epi32::<0b1010_1010>(_mm256_srli_epi64::<32>(even), odd);
+    _mm256_sra_epi32(high, high_right)
 }
 
 #[cfg(test)]

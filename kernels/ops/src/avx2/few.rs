@@ -15,7 +15,6 @@ use std::arch::x86_64::*;
 use std::vec::Vec;
 
 use super::interleave_pairs;
-use super::is_code;
 use super::lanes::BlockRequant;
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
 use crate::quant::requantize_i8;
@@ -121,7 +120,7 @@ impl FewPixels {
         self.sums(strip, pixels, sums);
         let q = layer.q;
         let count = out.len() / pixels;
-        if is_code(q.zero_point) && channels.shift.iter().all(|&s| s <= 0) {
+        if BlockRequant::exact(channels, q) {
             // Each pixel's sums are its channels in order: 16 to a vector.
             const IN_ORDER: [usize; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
             for block in 0..count.div_ceil(16) {

@@ -144,8 +144,7 @@ impl ChannelLanes {
             return;
         }
         let q = layer.q;
-        // Scales below 1 and a zero point that is a code: the vector requantisation is exact.
-        let vector = is_code(q.zero_point) && channels.shift.iter().all(|&s| s <= 0);
+        let vector = BlockRequant::exact(channels, q);
         let zero_point = layer.zero_point;
         // The border once per call: every block writes the same inside positions (a last block
         // of fewer than 16 channels leaves the lanes past them as the block before had them;
@@ -262,6 +261,12 @@ pub(super) struct BlockRequant {
 }
 
 impl BlockRequant {
+    /// Whether it is exact for `channels` into `q`: scales below 1 and a zero point that is a
+    /// code.
+    pub(super) fn exact(channels: &ChannelQuant<'_>, q: OutputQuant) -> bool {
+        is_code(q.zero_point) && channels.shift.iter().all(|&s| s <= 0)
+    }
+
     /// The constants of channels `16 * block..`, lane `i` channel `16 * block + order[i]`
     /// (those from `count` on are padding: 0).
     #[target_feature(enable = "avx2")]
