@@ -626,8 +626,9 @@ const POOL_SLACK: usize = 32;
 /// MaxPool with each window's rows reduced column by column first, then whole windows over
 /// those column maxima, both loops over contiguous codes that the compiler vectorises (each
 /// plug-in calls this from a function with its vector extension enabled; NEON is always on);
-/// windows the padding cuts take their columns one by one. The same bytes as the generic
-/// kernel: a maximum does not depend on the order it is taken in.
+/// windows the padding cuts take their columns one by one. Layers with every window inside the
+/// input go to [`max_pool_unpadded`] instead. The same bytes as the generic kernel: a maximum
+/// does not depend on the order it is taken in.
 #[inline(always)]
 pub(crate) fn max_pool_by_rows(
     pool: &MaxPool,
@@ -636,8 +637,7 @@ pub(crate) fn max_pool_by_rows(
 ) -> Result<(), ShapeError> {
     let g = pool.geometry;
     let (in_plane, out_plane) = g.check(input, output)?;
-    let ([h, w], [_, ow], kw) = (g.input, g.output, g.kernel[1]);
-    let [oh, _] = g.output;
+    let ([h, w], [oh, ow], kw) = (g.input, g.output, g.kernel[1]);
     let unpadded = g.pad == [0, 0]
         && (oh - 1) * g.stride[0] + g.kernel[0] <= h
         && (ow - 1) * g.stride[1] + kw <= w;
