@@ -26,10 +26,12 @@ pub struct Lifetime {
     pub last: usize,
 }
 
-/// Lifetimes of every value of `program`; `None` for values no step touches (fused away).
+/// Lifetimes of every value of `program`; `None` for values no step touches (fused away) and
+/// for Concat parts written in place, which live as long as their Concat's output.
 pub fn lifetimes(program: &QuantizedGraph) -> Vec<Option<Lifetime>> {
     let mut spans: Vec<Option<Lifetime>> = vec![None; program.sizes.len()];
     let mut touch = |id: usize, step: usize| {
+        let id = program.in_place[id].map_or(id, |(concat, _)| concat);
         let bytes = program.sizes[id];
         let span = spans[id].get_or_insert(Lifetime {
             bytes,

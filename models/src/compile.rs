@@ -495,6 +495,17 @@ fn layer_errors<'i>(
             }
         })?;
     }
+    // A Concat whose parts were all written in place has no step of its own: its error is
+    // its parts'.
+    for (part, place) in program.in_place.iter().enumerate() {
+        if let Some((concat, _)) = *place {
+            if !outputs.contains(&concat) {
+                let (error, reference) = sums[part];
+                sums[concat].0 += error;
+                sums[concat].1 += reference;
+            }
+        }
+    }
     let rel = |value: usize| {
         let (error, reference) = sums[value];
         (error / reference.max(f64::MIN_POSITIVE)).sqrt()

@@ -7,7 +7,7 @@ use kestrel_ops::quant::Requant;
 use kestrel_plan::plan::PlanHeader;
 use kestrel_plan::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, TensorId};
 
-use crate::arena::{lifetimes, plan, ArenaLayout};
+use crate::arena::{lifetimes, plan, ArenaLayout, ALIGN};
 use crate::calibrate::{quantize_weights_per_channel, ActivationQuant};
 use crate::graph::{hard_sigmoid, hard_swish, sigmoid, Graph, ImportError, Node, Op};
 
@@ -112,6 +112,10 @@ pub struct QuantizedGraph {
     pub output: usize,
     /// The model ends in a Softmax, applied to the dequantised output.
     pub output_softmax: bool,
+    /// Per value id: `Some((concat, offset))` where a Conv writes the value straight into its
+    /// part of a Concat's output (bytes from `offset` on), on the Concat's grid, so the Concat
+    /// copies nothing for it.
+    pub in_place: Vec<Option<(usize, usize)>>,
 }
 
 fn requant(real: f64, node: &str) -> Result<Requant, ImportError> {
@@ -175,6 +179,7 @@ impl QuantizedGraph {
         let mut steps = Vec::new();
         let mut output = graph.output;
         let mut output_softmax = false;
+        let mut in_place = vec![None; graph.shapes.len()];
         for (index, node) in graph.nodes.iter().enumerate() {
             if skip[index] {
                 continue;
@@ -195,6 +200,26 @@ impl QuantizedGraph {
                 }
                 None => node.output,
             };
+            // A Conv whose output only a channel Concat reads writes into the Concat's output,
+            // on its grid: one rounding instead of two, and no copy. Only where its part starts
+            // on an arena alignment boundary, as every tensor does.
+            if let (Op::Conv { .. }, Some((_, concat))) = (&node.op, reader(out_id)) {
+                let offset: usize = concat
+                    .inputs
+                    .iter()
+                    .take_while(|&&i| i != out_id)
+                    .map(|&i| graph.shapes[i].iter().product::<usize>())
+                    .sum();
+                if matches!(concat.op, Op::Concat)
+                    && readers(out_id) == 1
+                    && out_id != graph.output
+                    && concat.inputs.iter().filter(|&&i| i == out_id).count() == 1
+                    && offset.is_multiple_of(ALIGN)
+                {
+                    in_place[out_id] = Some((concat.output, offset));
+                    params[out_id] = params[concat.output];
+                }
+            }
             let out = params[out_id];
             let (min, max) = match fused.map(|(_, n)| &n.op) {
                 Some(Op::Relu) => (out.zero_point, 127),
@@ -487,12 +512,19 @@ impl QuantizedGraph {
             sizes,
             output: alias[output],
             output_softmax,
+            in_place,
         })
     }
 
-    /// Place every tensor in one arena.
+    /// Place every tensor in one arena; a Concat part written in place lies inside its Concat.
     pub fn arena(&self) -> ArenaLayout {
-        plan(&lifetimes(self))
+        let mut layout = plan(&lifetimes(self));
+        for (id, part) in self.in_place.iter().enumerate() {
+            if let Some((concat, offset)) = *part {
+                layout.offsets[id] = layout.offsets[concat].map(|start| start + offset);
+            }
+        }
+        layout
     }
 
     /// Encode the program as a plan file. `header` supplies the name, preprocessing and labels;
@@ -581,6 +613,10 @@ impl QuantizedGraph {
                 Layer::Concat(parts) => {
                     let mut offset = 0usize;
                     for (&input, rescale) in step.inputs.iter().zip(parts) {
+                        if self.in_place[input].is_some() {
+                            offset += self.sizes[input];
+                            continue;
+                        }
                         let op = PlanOp::Rescale {
                             rescale: *rescale,
                             offset: u32::try_from(offset).map_err(|_| too_big("concat"))?,

@@ -144,6 +144,41 @@ fn the_shufflenet_int8_plan_agrees_with_tract_on_real_chips() {
     int8_plan_agrees_with_tract_and_the_cuda_emulator(&shuffle_dir());
 }
 
+#[test]
+fn concat_parts_made_by_convolutions_are_written_in_place() {
+    // The shuffle model's three Concats have six parts. Five are a Conv's output (after a
+    // ReLU): each Conv writes straight into its part of the Concat's output, on the Concat's
+    // grid. Only the chunk's passed-through half is copied (one Rescale step).
+    let model = ZooModel::load(shuffle_dir().to_str().unwrap()).unwrap();
+    let options = Options {
+        max_images: 20,
+        ..Default::default()
+    };
+    let (plan, _) = compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap();
+    let program = Program::new(&plan).unwrap();
+    let steps: Vec<_> = program.steps().map(|s| s.unwrap()).collect();
+    let rescales = steps
+        .iter()
+        .filter(|s| matches!(s.op, PlanOp::Rescale { .. }))
+        .count();
+    assert_eq!(rescales, 1, "{steps:?}");
+    // The last Concat (`narrow` and `wide`, both Convs) is read by the global pooling: the
+    // two Convs before it fill its input tensor exactly, end to end.
+    let range = |id| program.tensor(id).unwrap();
+    let pool = steps
+        .iter()
+        .position(|s| matches!(s.op, PlanOp::GlobalAveragePool(_)))
+        .unwrap();
+    let whole = range(steps[pool].inputs[0]);
+    let (narrow, wide) = (range(steps[pool - 2].output), range(steps[pool - 1].output));
+    assert!(matches!(steps[pool - 2].op, PlanOp::Conv { .. }));
+    assert!(matches!(steps[pool - 1].op, PlanOp::Conv { .. }));
+    assert_eq!(
+        (narrow.start, narrow.end, wide.end),
+        (whole.start, wide.start, whole.end)
+    );
+}
+
 /// The model in `dir` compiled on 100 sample chips: its int8 plan's top class agrees with
 /// tract's float run on 95% of the committed chips, and the CUDA kernels (on their CPU
 /// emulator) run it to the generic executor's bytes.
