@@ -1234,10 +1234,13 @@ pub(crate) mod check {
     /// the generic kernel's.
     pub(crate) fn random_few_pixels(seed: u64, fast: &mut Fast<'_>) {
         let mut rng = Rng(seed);
-        let mut checked = 0;
+        let (mut checked, mut small_planes) = (0, 0);
         for case in 0..300 {
             let k = [1, 3][case % 2];
             let stride = 1 + rng.below(2);
+            // Some 3x3 windows dilated: the small-plane gather reads its taps from the geometry.
+            let dilation = if k == 3 && case % 5 == 0 { 2 } else { 1 };
+            let reach = (k - 1) * dilation + 1;
             let pad = rng.below(k);
             // Output 1x1 to 3x3, and rows or columns of up to 12.
             let sizes = [
@@ -1254,13 +1257,15 @@ pub(crate) mod check {
             let (oh, ow) =
                 [sizes[rng.below(9)], (1, 1 + rng.below(12))][usize::from(case % 7 == 0)];
             let (h, w) = (
-                (oh - 1) * stride + k - 2 * pad.min((k - 1) / 2),
-                (ow - 1) * stride + k - 2 * pad.min((k - 1) / 2),
+                (oh - 1) * stride + reach - 2 * pad.min((k - 1) / 2),
+                (ow - 1) * stride + reach - 2 * pad.min((k - 1) / 2),
             );
             let pad = pad.min((k - 1) / 2);
             let (c, oc) = (1 + rng.below(70), 1 + rng.below(70));
-            let (Some(sh), Some(sw)) = (span(h, k, stride, 1, pad), span(w, k, stride, 1, pad))
-            else {
+            let (Some(sh), Some(sw)) = (
+                span(h, k, stride, dilation, pad),
+                span(w, k, stride, dilation, pad),
+            ) else {
                 continue;
             };
             let geometry = ConvGeometry {
@@ -1269,13 +1274,18 @@ pub(crate) mod check {
                 kernel: [k, k],
                 stride: [stride, stride],
                 pad: [pad, pad],
-                dilation: [1, 1],
+                dilation: [dilation, dilation],
                 group: 1,
             };
             compare(&mut rng, geometry, case, fast);
             checked += usize::from(sh * sw <= 12);
+            small_planes += usize::from(sh * sw <= 12 && h * w <= 16);
         }
         assert!(checked > 250, "only {checked} layers of at most 12 pixels");
+        assert!(
+            small_planes > 100,
+            "only {small_planes} of them on planes of 16 values"
+        );
     }
 
     /// Geometry no real layer has, with buffers that match it: the fast path either declines

@@ -36,6 +36,48 @@ pub(super) struct FewPixels {
     row_pairs: usize,
     /// Output channels, rounded up to [`LANES`].
     channels: usize,
+    /// Where a channel's input plane fits one 16-byte vector: how each tap picks its row of
+    /// the strip from it.
+    taps: Option<Vec<Tap>>,
+}
+
+/// One tap of the window over an input plane of at most 16 values: for each output pixel,
+/// the plane's byte it reads (`0x80`, a zero byte, for the padding and past the last pixel),
+/// and whether that value is kept (`-1`) or is padding (`0`).
+#[derive(Clone, Copy)]
+struct Tap {
+    index: [u8; 16],
+    keep: [i16; 16],
+}
+
+/// The taps of `g`'s window, in the strip's row order, where its input plane has at most 16
+/// values and its output at most 16 pixels; `None` elsewhere.
+fn plane_taps(g: &ConvGeometry) -> Option<Vec<Tap>> {
+    let [_, h, w] = g.input;
+    let [_, oh, ow] = g.output;
+    if h * w > 16 || oh * ow > NR {
+        return None;
+    }
+    let mut taps = Vec::with_capacity(g.kernel[0] * g.kernel[1]);
+    for ky in 0..g.kernel[0] {
+        for kx in 0..g.kernel[1] {
+            let mut tap = Tap {
+                index: [0x80; 16],
+                keep: [0; 16],
+            };
+            for p in 0..oh * ow {
+                // Rows and columns of the padded plane, less the padding before it.
+                let y = ((p / ow) * g.stride[0] + ky * g.dilation[0]).checked_sub(g.pad[0]);
+                let x = ((p % ow) * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1]);
+                if let (Some(y), Some(x)) = (y.filter(|&y| y < h), x.filter(|&x| x < w)) {
+                    tap.index[p] = (y * w + x) as u8;
+                    tap.keep[p] = -1;
+                }
+            }
+            taps.push(tap);
+        }
+    }
+    Some(taps)
 }
 
 impl FewPixels {
@@ -71,6 +113,7 @@ impl FewPixels {
             words,
             row_pairs,
             channels,
+            taps: plane_taps(&g),
         })
     }
 
@@ -115,8 +158,13 @@ impl FewPixels {
             return;
         };
         // Every pixel in one strip, its rows paired as the strips kernel pairs them.
-        layer.strip_filler(input, padded)(strip, 0);
-        interleave_pairs(strip);
+        match &self.taps {
+            Some(taps) => gather_strip(taps, input, layer, strip),
+            None => {
+                layer.strip_filler(input, padded)(strip, 0);
+                interleave_pairs(strip);
+            }
+        }
         self.sums(strip, pixels, sums);
         let q = layer.q;
         let count = out.len() / pixels;
@@ -234,6 +282,66 @@ impl FewPixels {
                 // the caller checked.
                 unsafe { _mm256_storeu_si256(sums.as_mut_ptr().add(at + LANES * v).cast(), *acc) };
             }
+        }
+    }
+}
+
+/// The strip [`Layer::strip_filler`] and [`interleave_pairs`] make, for a layer whose input
+/// planes have at most 16 values, straight from the input codes: per channel one vector load,
+/// per tap a byte shuffle, a widening, the zero point's subtraction and the padding's mask,
+/// per pair of rows an interleaving (element by element, a 3x3 plane's strip was a quarter of
+/// the kernel's instructions).
+#[target_feature(enable = "avx2")]
+fn gather_strip(taps: &[Tap], input: &[i8], layer: &Layer<'_>, strip: &mut [i16]) {
+    let [_, h, w] = layer.geometry.input;
+    let plane = h * w;
+    let zero_point = _mm256_set1_epi16(layer.zero_point);
+    let mut pairs = strip.chunks_exact_mut(2 * NR);
+    let mut pending = None;
+    for channel in 0..layer.icg {
+        let at = channel * plane;
+        // The plane and whatever follows it (masked off), or a copy near the input's end.
+        let mut tail = [0i8; 16];
+        let bytes = match input.get(at..at + 16) {
+            Some(bytes) => bytes,
+            None => {
+                let rest = input.get(at..).unwrap_or_default();
+                let n = rest.len().min(16);
+                tail[..n].copy_from_slice(&rest[..n]);
+                &tail
+            }
+        };
+        // SAFETY: `bytes` holds 16 bytes; `Tap`'s arrays 16 bytes and 16 values.
+        let codes = unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) };
+        for tap in taps {
+            let row = unsafe {
+                let picked = _mm_shuffle_epi8(codes, _mm_loadu_si128(tap.index.as_ptr().cast()));
+                let values = _mm256_sub_epi16(_mm256_cvtepi8_epi16(picked), zero_point);
+                _mm256_and_si256(values, _mm256_loadu_si256(tap.keep.as_ptr().cast()))
+            };
+            match pending.take() {
+                None => pending = Some(row),
+                Some(first) => store_pair(pairs.next(), first, row),
+            }
+        }
+    }
+    // An odd row count: the last pair's second row is zeros.
+    if let Some(first) = pending {
+        store_pair(pairs.next(), first, _mm256_setzero_si256());
+    }
+}
+
+/// Rows `first` and `second` of the strip into `pair`, interleaved as [`interleave_pairs`]
+/// leaves them.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_pair(pair: Option<&mut [i16]>, first: __m256i, second: __m256i) {
+    if let Some(pair) = pair.filter(|pair| pair.len() >= 2 * NR) {
+        // SAFETY: `pair` holds 2 * NR = 32 values, two vectors.
+        unsafe {
+            let at = pair.as_mut_ptr();
+            _mm256_storeu_si256(at.cast(), _mm256_unpacklo_epi16(first, second));
+            _mm256_storeu_si256(at.add(NR).cast(), _mm256_unpackhi_epi16(first, second));
         }
     }
 }
