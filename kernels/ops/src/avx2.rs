@@ -675,6 +675,7 @@ impl Kernels for Avx2 {
             // Once per layer, not per channel: on planes of 2x2 to 8x8 the per-channel work is
             // what costs.
             let offsets = layer.tap_offsets();
+            let row_pairs = depthwise::RowPairs::of(&layer);
             let mut border_zeroed = false;
             packed.for_each_group(conv, input, output, |input, weights, channels, output| {
                 let group = DepthwiseGroup {
@@ -683,8 +684,9 @@ impl Kernels for Avx2 {
                     channels,
                     border_zeroed,
                 };
+                let taps = (&offsets, row_pairs.as_ref());
                 // SAFETY: AVX2 was detected in `new`; `takes` accepted the layer and scratch.
-                unsafe { depthwise::run(&layer, &offsets, group, scratch, output) };
+                unsafe { depthwise::run(&layer, taps, group, scratch, output) };
                 border_zeroed = true;
             });
             return Ok(());

@@ -4,7 +4,9 @@
 //! The strips kernel would fill a quarter of its 4-channel tile and spend most of its time
 //! building strips, so a depthwise channel is computed straight from its padded plane instead:
 //! 16 pixels of an output row per vector, two taps at a time interleaved for `vpmaddwd`, the
-//! weights broadcast from the strips packing (so the scrub's checksums still cover them). The
+//! weights broadcast from the strips packing (so the scrub's checksums still cover them). Rows
+//! of more than 8 pixels at stride 1 or 2 pair a window row's neighbouring taps instead
+//! ([`RowPairs`]), which needs no interleaving at all. The
 //! activations stay NCHW like every other kernel's: a channel's plane is contiguous, so a row
 //! of pixels fills the vector lanes without converting layouts at the layer's boundaries.
 
@@ -23,14 +25,14 @@ pub(super) fn takes(layer: &Layer<'_>, padded: usize) -> bool {
 }
 
 /// Run one group of an accepted depthwise layer whose [`Layer::tap_offsets`] are `offsets`
-/// into `out`, its channels' outputs.
+/// and whose [`RowPairs::of`] is `row_pairs` into `out`, its channels' outputs.
 ///
 /// # Safety
 /// AVX2 must be available, and [`takes`] must have accepted `layer` with `scratch.padded`.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn run(
     layer: &Layer<'_>,
-    offsets: &[usize; MAX_DEPTHWISE_TAPS + 1],
+    (offsets, row_pairs): (&[usize; MAX_DEPTHWISE_TAPS + 1], Option<&RowPairs>),
     group: DepthwiseGroup<'_>,
     scratch: &mut Scratch,
     out: &mut [i8],
@@ -46,6 +48,7 @@ pub(super) unsafe fn run(
     let taps = g.kernel[0] * g.kernel[1];
     layer.pad_input_within(input, &mut scratch.padded, border_zeroed);
     let plane = scratch.padded.as_ptr();
+    let mut row_weights = [0i32; MAX_DEPTHWISE_TAPS];
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
         let block = (r / MR) * layer.row_pairs * MR + r % MR;
         // Broadcast where they are used: an array of 32 broadcast vectors was a 1 KB memset
@@ -61,6 +64,23 @@ pub(super) unsafe fn run(
             pairs: &pairs,
             requant: ChannelRequant::new(bias, requant, layer.q),
         };
+        if let Some(rows) = row_pairs {
+            rows.weights(layer, &pairs, &mut row_weights);
+            let weights = &row_weights;
+            // SAFETY: as for this function.
+            unsafe {
+                // 3x3 and 5x5 windows with their pair count fixed, as below.
+                match (rows.count, g.stride[1]) {
+                    (6, 1) => channel.rows(out, |at, _| rows.sums::<6, 1>(plane, at, weights)),
+                    (6, _) => channel.rows(out, |at, _| rows.sums::<6, 2>(plane, at, weights)),
+                    (15, 1) => channel.rows(out, |at, _| rows.sums::<15, 1>(plane, at, weights)),
+                    (15, _) => channel.rows(out, |at, _| rows.sums::<15, 2>(plane, at, weights)),
+                    (_, 1) => channel.rows(out, |at, _| rows.sums::<0, 1>(plane, at, weights)),
+                    _ => channel.rows(out, |at, _| rows.sums::<0, 2>(plane, at, weights)),
+                }
+            }
+            continue;
+        }
         // SAFETY: as for this function.
         unsafe {
             // The common windows with their tap count fixed, so the loop over taps unrolls
@@ -70,6 +90,109 @@ pub(super) unsafe fn run(
                 (25, 13) => channel.run::<13>(plane, out),
                 _ => channel.run::<0>(plane, out),
             }
+        }
+    }
+}
+
+/// A window's taps paired along its rows, `kx` with `kx + 1` (the second weighted 0 past the
+/// row's end), for rows of more than 8 output pixels at stride 1 or 2, undilated along x. The
+/// pair's two values for an output pixel are neighbours in the padded plane, one 32-bit lane:
+/// at stride 1 a load gives the even pixels' pairs and a load one value on the odd pixels';
+/// at stride 2 two loads give 8 pixels' pairs each. `vpmaddwd` takes them as loaded: no
+/// interleaving of two taps' loads (two instructions a pair), no gathering of a stride-2
+/// tap's even values (six a tap). 3x3 and 5x5 windows have one pair more than by taps in
+/// order (6, 15), but each costs 6 instructions instead of 8 at stride 1 and 18 at stride 2.
+pub(super) struct RowPairs {
+    /// Offset of each pair's first tap in the padded plane, row-major.
+    offsets: [usize; MAX_DEPTHWISE_TAPS],
+    count: usize,
+}
+
+impl RowPairs {
+    /// The pairs of `layer`'s window, where its rows take them.
+    pub(super) fn of(layer: &Layer<'_>) -> Option<Self> {
+        let g = layer.geometry;
+        let [kh, kw] = g.kernel;
+        let [_, wp] = Layer::padded_dims(g);
+        if g.output[2] <= NR / 2 || g.dilation[1] != 1 || !matches!(g.stride[1], 1 | 2) {
+            return None;
+        }
+        let mut pairs = Self {
+            offsets: [0; MAX_DEPTHWISE_TAPS],
+            count: kh * kw.div_ceil(2),
+        };
+        // At most one pair per tap: the count fits.
+        for (i, offset) in pairs.offsets.iter_mut().enumerate().take(pairs.count) {
+            let (ky, kx) = Self::first_tap(i, kw);
+            *offset = ky * g.dilation[0] * wp + kx;
+        }
+        Some(pairs)
+    }
+
+    /// Row and column in the window of pair `i`'s first tap.
+    fn first_tap(i: usize, kw: usize) -> (usize, usize) {
+        let per_row = kw.div_ceil(2);
+        (i / per_row, 2 * (i % per_row))
+    }
+
+    /// Each pair's two weights as one `i32` (the first in the low half) into `weights`, from
+    /// the channel's weights in tap order (`pairs`: taps `2k` and `2k + 1`, as
+    /// [`Channel::pairs`]).
+    fn weights(&self, layer: &Layer<'_>, pairs: &[i32], weights: &mut [i32; MAX_DEPTHWISE_TAPS]) {
+        let kw = layer.geometry.kernel[1];
+        let tap = |t: usize| {
+            let pair = pairs.get(t / 2).copied().unwrap_or(0);
+            (pair >> (16 * (t % 2))) & 0xffff
+        };
+        for (i, w) in weights.iter_mut().enumerate().take(self.count) {
+            let (ky, kx) = Self::first_tap(i, kw);
+            let second = if kx + 1 < kw {
+                tap(ky * kw + kx + 1)
+            } else {
+                0
+            };
+            *w = tap(ky * kw + kx) | second << 16;
+        }
+    }
+
+    /// The sums of 16 output pixels from `at` on (`N` pairs: 0, the layer's count, not fixed
+    /// at compile time; `STRIDE` 1 or 2), in the lane order `vpunpck*wd` leaves them in.
+    ///
+    /// # Safety
+    /// `plane[at + offset..at + offset + 2 * NR]` must be readable for every pair's offset.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums<const N: usize, const STRIDE: usize>(
+        &self,
+        plane: *const i16,
+        at: usize,
+        weights: &[i32; MAX_DEPTHWISE_TAPS],
+    ) -> (__m256i, __m256i) {
+        let count = if N > 0 { N } else { self.count };
+        let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for (&offset, &weight) in self.offsets.iter().zip(weights).take(count) {
+            let weight = _mm256_set1_epi32(weight);
+            // SAFETY: the caller vouches for the reads.
+            let (x, y) = unsafe {
+                let p = plane.add(at + offset);
+                // Stride 1: even pixels, and odd ones a value on; stride 2: pixels 0-7, 8-15.
+                let second = if STRIDE == 1 { p.add(1) } else { p.add(NR) };
+                (
+                    _mm256_loadu_si256(p.cast()),
+                    _mm256_loadu_si256(second.cast()),
+                )
+            };
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(x, weight));
+            b = _mm256_add_epi32(b, _mm256_madd_epi16(y, weight));
+        }
+        if STRIDE == 1 {
+            // Even and odd pixels' sums, interleaved: pixels 0-3 and 8-11, then 4-7 and 12-15.
+            (_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+        } else {
+            (
+                _mm256_permute2x128_si256::<0x20>(a, b),
+                _mm256_permute2x128_si256::<0x31>(a, b),
+            )
         }
     }
 }
@@ -101,9 +224,15 @@ impl Channel<'_> {
             // SAFETY: as for this function.
             unsafe {
                 match sx {
-                    1 => self.rows::<PAIRS, 1>(plane, out),
-                    2 => self.rows::<PAIRS, 2>(plane, out),
-                    _ => self.rows::<PAIRS, 0>(plane, out),
+                    1 => self.rows(out, |at, n| {
+                        self.sums::<PAIRS>(|o| load_taps(plane, at + o, 1, n))
+                    }),
+                    2 => self.rows(out, |at, n| {
+                        self.sums::<PAIRS>(|o| load_taps(plane, at + o, 2, n))
+                    }),
+                    _ => self.rows(out, |at, n| {
+                        self.sums::<PAIRS>(|o| load_taps(plane, at + o, sx, n))
+                    }),
                 }
             }
             return;
@@ -131,40 +260,41 @@ impl Channel<'_> {
         }
     }
 
-    /// Rows of more than 8 output pixels, 16 at a time, with a horizontal stride of `STRIDE`
-    /// (0: the layer's, not fixed at compile time).
+    /// Rows of more than 8 output pixels, 16 at a time: `sums(at, n)` gives the sums of the
+    /// vector of pixels whose first window starts at `at` in `plane`, `n` of them wanted.
     ///
     /// # Safety
     /// As [`Channel::run`].
+    #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn rows<const PAIRS: usize, const STRIDE: usize>(
-        &self,
-        plane: *const i16,
-        out: &mut [i8],
-    ) {
+    unsafe fn rows(&self, out: &mut [i8], sums: impl Fn(usize, usize) -> (__m256i, __m256i)) {
         let g = self.layer.geometry;
         let [_, oh, ow] = g.output;
         let [sy, sx] = g.stride;
-        let sx = if STRIDE > 0 { STRIDE } else { sx };
         let [_, wp] = Layer::padded_dims(g);
-        for (oy, row) in out.chunks_exact_mut(ow).take(oh).enumerate() {
+        for oy in 0..oh {
             let first = oy * sy * wp;
-            let mut vectors = row.chunks_exact_mut(NR);
-            for (v, dst) in (&mut vectors).enumerate() {
-                let at = first + v * NR * sx;
-                // SAFETY: `takes` checked the plane and its slack hold every tap's load.
-                let codes =
-                    unsafe { self.vector_codes::<PAIRS>(|o| load_taps(plane, at + o, sx, NR)) };
-                // SAFETY: `dst` is 16 bytes, one 128-bit store.
-                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) };
-            }
-            let tail = vectors.into_remainder();
-            if !tail.is_empty() {
-                let at = first + (ow - tail.len()) * sx;
-                // SAFETY: as above.
-                let codes =
-                    unsafe { self.vector::<PAIRS>(|o| load_taps(plane, at + o, sx, tail.len())) };
-                store_codes(tail, &codes);
+            for v in 0..ow.div_ceil(NR) {
+                // The last vector of a row ends at its end, or starts there where the row
+                // has fewer than 16 pixels.
+                let x = (v * NR).min(ow.saturating_sub(NR));
+                let n = NR.min(ow - x);
+                let (lo, hi) = sums(first + x * sx, n);
+                let at = oy * ow + x;
+                // A whole 16-byte store where the plane has room: codes past the row's end
+                // land on the next row's first pixels, which are written after them.
+                match out.get_mut(at..at + NR) {
+                    Some(dst) => {
+                        let codes = self.requant.tile_vector(lo, hi);
+                        // SAFETY: `dst` is 16 bytes, one 128-bit store.
+                        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) };
+                    }
+                    None => {
+                        if let Some(dst) = out.get_mut(at..at + n) {
+                            store_codes(dst, &self.requant.tile(lo, hi));
+                        }
+                    }
+                }
             }
         }
     }
@@ -200,14 +330,6 @@ impl Channel<'_> {
             hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, weight));
         }
         (lo, hi)
-    }
-
-    /// [`Channel::vector`] in a register.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn vector_codes<const PAIRS: usize>(&self, load: impl Fn(usize) -> __m256i) -> __m128i {
-        let (lo, hi) = self.sums::<PAIRS>(load);
-        self.requant.tile_vector(lo, hi)
     }
 }
 
