@@ -810,7 +810,17 @@ impl NarrowScale {
     /// The codes of 16 sums in the lane order `vpunpck*wd` leaves them in, in pixel order.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn codes(&self, [lo, hi]: [__m256i; 2], clamp: &NarrowClamp) -> [i8; NR] {
+    fn codes(&self, sums: [__m256i; 2], clamp: &NarrowClamp) -> [i8; NR] {
+        let mut out = [0i8; NR];
+        // SAFETY: `out` holds 16 bytes, one 128-bit store.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), self.codes_vector(sums, clamp)) };
+        out
+    }
+
+    /// [`NarrowScale::codes`] in a register.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes_vector(&self, [lo, hi]: [__m256i; 2], clamp: &NarrowClamp) -> __m128i {
         let bias = _mm256_set1_epi32(self.bias);
         let multiplier = _mm256_set1_epi32(self.multiplier);
         let round = _mm256_set1_epi64x(self.round);
@@ -821,11 +831,7 @@ impl NarrowScale {
         let words = _mm256_adds_epi16(words, clamp.zero_point);
         let words = _mm256_min_epi16(_mm256_max_epi16(words, clamp.min), clamp.max);
         let bytes = _mm256_packs_epi16(words, words);
-        let codes = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(bytes));
-        let mut out = [0i8; NR];
-        // SAFETY: `out` holds 16 bytes, one 128-bit store.
-        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), codes) };
-        out
+        _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(bytes))
     }
 }
 

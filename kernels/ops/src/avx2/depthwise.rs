@@ -12,7 +12,7 @@
 
 use std::arch::x86_64::*;
 
-use super::ChannelRequant;
+use super::{ChannelRequant, NarrowClamp, NarrowScale};
 use crate::strips::{store_codes, DepthwiseGroup, Layer, Scratch, MAX_DEPTHWISE_TAPS, MR, NR};
 
 /// Values past the padded plane that the tap loads may read (a stride-2 load takes `2 * NR`);
@@ -49,6 +49,7 @@ pub(super) unsafe fn run(
     layer.pad_input_within(input, &mut scratch.padded, border_zeroed);
     let plane = scratch.padded.as_ptr();
     let mut row_weights = [0i32; MAX_DEPTHWISE_TAPS];
+    let clamp = NarrowClamp::new(layer.q);
     for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
         let block = (r / MR) * layer.row_pairs * MR + r % MR;
         // Broadcast where they are used: an array of 32 broadcast vectors was a 1 KB memset
@@ -63,6 +64,7 @@ pub(super) unsafe fn run(
             offsets,
             pairs: &pairs,
             requant: ChannelRequant::new(bias, requant, layer.q),
+            narrow: NarrowScale::new(bias, requant, layer.q).map(|n| (n, &clamp)),
         };
         if let Some(rows) = row_pairs {
             rows.weights(layer, &pairs, &mut row_weights);
@@ -206,6 +208,9 @@ struct Channel<'c> {
     pairs: &'c [i32; MAX_DEPTHWISE_TAPS.div_ceil(2)],
     /// Its bias and requantisation, broadcast once for all its vectors.
     requant: ChannelRequant,
+    /// The same in the compact form, where the channel has it (a scale below 1/2), with the
+    /// layer's clamp: the rows of more than 8 pixels use it.
+    narrow: Option<(NarrowScale, &'c NarrowClamp)>,
 }
 
 impl Channel<'_> {
@@ -280,18 +285,22 @@ impl Channel<'_> {
                 let x = (v * NR).min(ow.saturating_sub(NR));
                 let n = NR.min(ow - x);
                 let (lo, hi) = sums(first + x * sx, n);
+                let codes = match &self.narrow {
+                    Some((scale, clamp)) => scale.codes_vector([lo, hi], clamp),
+                    None => self.requant.tile_vector(lo, hi),
+                };
                 let at = oy * ow + x;
                 // A whole 16-byte store where the plane has room: codes past the row's end
                 // land on the next row's first pixels, which are written after them.
                 match out.get_mut(at..at + NR) {
-                    Some(dst) => {
-                        let codes = self.requant.tile_vector(lo, hi);
-                        // SAFETY: `dst` is 16 bytes, one 128-bit store.
-                        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) };
-                    }
+                    // SAFETY: `dst` is 16 bytes, one 128-bit store.
+                    Some(dst) => unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) },
                     None => {
+                        let mut last = [0i8; NR];
+                        // SAFETY: `last` holds 16 bytes, one 128-bit store.
+                        unsafe { _mm_storeu_si128(last.as_mut_ptr().cast(), codes) };
                         if let Some(dst) = out.get_mut(at..at + n) {
-                            store_codes(dst, &self.requant.tile(lo, hi));
+                            store_codes(dst, &last);
                         }
                     }
                 }
