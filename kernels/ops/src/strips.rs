@@ -557,24 +557,33 @@ impl Layer<'_> {
         }
         let covered = i;
         let mut rows = strip.chunks_exact_mut(NR);
+        if count == 1 && covered == NR {
+            // The tile within one output row (every tile of a row of 16 or more but its
+            // last): each row of the strip is one run from one place, and the loop needs
+            // none of the runs' bookkeeping (a stem's 27 rows per tile cost more in it than
+            // in the copies).
+            let offset = runs[0].1;
+            for plane in padded.chunks_exact(hp * wp).take(self.icg) {
+                for ky in 0..kh {
+                    let line = ky * dy * wp + offset;
+                    for kx in 0..kw {
+                        let Some(dst) = rows.next() else { return };
+                        copy_run(plane.get(line + kx * dx..).unwrap_or_default(), sx, dst);
+                    }
+                }
+            }
+            for dst in rows {
+                dst.fill(0);
+            }
+            return;
+        }
         for plane in padded.chunks_exact(hp * wp).take(self.icg) {
             for ky in 0..kh {
                 for kx in 0..kw {
                     let Some(dst) = rows.next() else { return };
                     let tap = &plane[ky * dy * wp + kx * dx..];
                     for &(at, offset, n) in &runs[..count] {
-                        let src = &tap[offset..];
-                        if sx == 1 && n == NR {
-                            dst.copy_from_slice(&src[..NR]);
-                        } else if let (2, NR, Some(Ok(samples))) =
-                            (sx, n, src.get(..2 * NR).map(<&[i16; 2 * NR]>::try_from))
-                        {
-                            every_second_value(samples, dst);
-                        } else {
-                            for (d, s) in dst[at..at + n].iter_mut().zip(src.iter().step_by(sx)) {
-                                *d = *s;
-                            }
-                        }
+                        copy_run(&tap[offset..], sx, &mut dst[at..at + n]);
                     }
                     if covered < NR {
                         dst[covered..].fill(0);
@@ -619,6 +628,22 @@ fn centre_in_vectors<const N: usize>(dst: &mut [i16], src: &[i8], zero_point: i1
             *d = core::array::from_fn(|k| i16::from(s[k]).wrapping_sub(zero_point));
         }
         at += N;
+    }
+}
+
+/// `dst[k] = src[stride * k]`: one run of a strip row. A whole row at stride 1 or 2 is one
+/// vector copy or [`every_second_value`]; anything else value by value.
+#[inline(always)]
+fn copy_run(src: &[i16], stride: usize, dst: &mut [i16]) {
+    if dst.len() == NR {
+        match (stride, src.get(..2 * NR).map(<&[i16; 2 * NR]>::try_from)) {
+            (1, _) if src.len() >= NR => return dst.copy_from_slice(&src[..NR]),
+            (2, Some(Ok(samples))) => return every_second_value(samples, dst),
+            _ => {}
+        }
+    }
+    for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+        *d = *s;
     }
 }
 
