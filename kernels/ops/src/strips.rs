@@ -636,9 +636,17 @@ fn centre_in_vectors<const N: usize>(dst: &mut [i16], src: &[i8], zero_point: i1
 #[inline(always)]
 fn copy_run(src: &[i16], stride: usize, dst: &mut [i16]) {
     if dst.len() == NR {
-        match (stride, src.get(..2 * NR).map(<&[i16; 2 * NR]>::try_from)) {
-            (1, _) if src.len() >= NR => return dst.copy_from_slice(&src[..NR]),
-            (2, Some(Ok(samples))) => return every_second_value(samples, dst),
+        match stride {
+            1 => {
+                if let Some(src) = src.get(..NR) {
+                    return dst.copy_from_slice(src);
+                }
+            }
+            2 => {
+                if let Some(Ok(samples)) = src.get(..2 * NR).map(<&[i16; 2 * NR]>::try_from) {
+                    return every_second_value(samples, dst);
+                }
+            }
             _ => {}
         }
     }
