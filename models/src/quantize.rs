@@ -203,15 +203,17 @@ impl QuantizedGraph {
             // A Conv whose output only a channel Concat reads writes into the Concat's output,
             // on its grid: one rounding instead of two, and no copy. Only where its part starts
             // on an arena alignment boundary, as every tensor does.
-            if let (Op::Conv { .. }, Some((_, concat))) = (&node.op, reader(out_id)) {
+            let concat = reader(out_id)
+                .map(|(_, n)| n)
+                .filter(|n| matches!(n.op, Op::Concat));
+            if let (Op::Conv { .. }, Some(concat)) = (&node.op, concat) {
                 let offset: usize = concat
                     .inputs
                     .iter()
                     .take_while(|&&i| i != out_id)
                     .map(|&i| graph.shapes[i].iter().product::<usize>())
                     .sum();
-                if matches!(concat.op, Op::Concat)
-                    && readers(out_id) == 1
+                if readers(out_id) == 1
                     && out_id != graph.output
                     && concat.inputs.iter().filter(|&&i| i == out_id).count() == 1
                     && offset.is_multiple_of(ALIGN)
