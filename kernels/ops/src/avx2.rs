@@ -453,6 +453,7 @@ fn lut32(table: &[i8; 256], input: &[i8], output: &mut [i8]) {
         // SAFETY: `bytes` holds 16 bytes.
         _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) })
     };
+    // Filled by a loop: `array::from_fn` here cost more (MobileNetV3-small-224 57.3 -> 57.8 M).
     let mut low = [_mm256_setzero_si256(); 8];
     let mut high = [_mm256_setzero_si256(); 8];
     for k in 0..8 {

@@ -561,7 +561,8 @@ impl Layer<'_> {
             // The tile within one output row (every tile of a row of 16 or more but its
             // last): each row of the strip is one run from one place, and the loop needs
             // none of the runs' bookkeeping (a stem's 27 rows per tile cost more in it than
-            // in the copies).
+            // in the copies). Kept apart from the loop below: the same test inside it cost
+            // more instructions on MobileNetV3-small-224 (57.3 -> 61.1 M).
             let offset = runs[0].1;
             for plane in padded.chunks_exact(hp * wp).take(self.icg) {
                 for ky in 0..kh {
