@@ -1263,14 +1263,15 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        let dirty = check::Dirty::new();
-        let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
-            let mut fast = Avx2::with_vnni(&[Some(dirty.conv()), Some(*conv)], None)?;
-            dirty.run(&mut fast, 0);
-            Some(fast.conv(1, conv, input, output))
-        };
-        check::random_depthwise(0xd127_2026_1202, &mut run);
-        check::random_small_depthwise(0xd128_2026_1202, &mut run);
+        for dirty in [check::Dirty::new(), check::Dirty::depthwise()] {
+            let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
+                let mut fast = Avx2::with_vnni(&[Some(dirty.conv()), Some(*conv)], None)?;
+                dirty.run(&mut fast, 0);
+                Some(fast.conv(1, conv, input, output))
+            };
+            check::random_depthwise(0xd127_2026_1202, &mut run);
+            check::random_small_depthwise(0xd128_2026_1202, &mut run);
+        }
     }
 
     /// The dense stride-1 3x3 layers take the Winograd path: random ones of every size that

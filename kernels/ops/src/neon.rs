@@ -16,6 +16,9 @@ use std::arch::aarch64::*;
 use std::vec::Vec;
 
 mod depthwise;
+mod lanes;
+
+use lanes::ChannelLanes;
 
 use crate::int8::{ChannelQuant, Conv, OutputQuant, ShapeError};
 use crate::quant::Requant;
@@ -69,6 +72,8 @@ struct Prepared {
     packed: Packed,
     /// Byte quads for `sdot` or octets for `smmla`, on a CPU with either.
     quads: Option<ByteQuads>,
+    /// Channels in the lanes, for depthwise layers on small planes.
+    lanes: Option<ChannelLanes>,
 }
 
 impl Prepared {
@@ -77,14 +82,23 @@ impl Prepared {
         let quads = (dot != Dot::Smlal)
             .then(|| ByteQuads::new(conv, &packed, 0, dot.quads_per_step()))
             .flatten();
-        Some(Self { packed, quads })
+        let lanes = ChannelLanes::new(conv);
+        Some(Self {
+            packed,
+            quads,
+            lanes,
+        })
     }
 
-    /// Scratch needs: padded input, strip, and the byte-quad strip (in the products' buffer).
+    /// Scratch needs: padded input, strip, the channel-lanes layout (in the transformed
+    /// input's buffer, which NEON has no other use for) and the byte-quad strip (in the
+    /// products' buffer).
     fn needs(&self) -> [usize; 4] {
         let [padded, strip] = self.packed.scratch_len();
+        let laid_out =
+            (self.lanes.as_ref()).map_or(0, |_| ChannelLanes::input_len(&self.packed.geometry));
         let quads = self.quads.as_ref().map_or(0, ByteQuads::strip_len);
-        [padded + depthwise::SLACK, strip, 0, quads]
+        [padded + depthwise::SLACK, strip, laid_out, quads]
     }
 }
 
@@ -155,6 +169,9 @@ impl Kernels for Neon {
             for block in prepared.quads.iter().flat_map(ByteQuads::blocks) {
                 visit(block);
             }
+            if let Some(lanes) = &prepared.lanes {
+                visit(lanes.words());
+            }
         }
     }
 
@@ -165,7 +182,10 @@ impl Kernels for Neon {
             .flatten()
             .flat_map(|p| {
                 let quads = p.quads.iter_mut().flat_map(ByteQuads::blocks_mut);
-                std::iter::once(p.packed.weights.as_mut_slice()).chain(quads)
+                let lanes = p.lanes.as_mut().map(ChannelLanes::words_mut);
+                std::iter::once(p.packed.weights.as_mut_slice())
+                    .chain(quads)
+                    .chain(lanes)
             })
             .collect();
         flip_bit(blocks, bit)
@@ -192,6 +212,19 @@ impl Kernels for Neon {
             return conv.run(input, output);
         }
         let layer = packed.layer(conv);
+        if let Some(lanes) = &prepared.lanes {
+            // SAFETY: NEON was detected in `new`; the buffers' sizes were checked above.
+            unsafe {
+                lanes.run(
+                    &layer,
+                    input,
+                    &conv.channels,
+                    &mut scratch.transformed,
+                    output,
+                )
+            };
+            return Ok(());
+        }
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
             // Once per layer, not per channel.
             let offsets = layer.tap_offsets();
@@ -753,25 +786,37 @@ mod tests {
     #[test]
     fn small_plane_layers_match_the_generic_kernel_bit_for_bit() {
         for dot in paths() {
+            let mut lanes = 0;
             let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
-                Neon::for_conv(conv, dot).map(|mut fast| fast.conv(0, conv, input, output))
+                let mut fast = Neon::for_conv(conv, dot)?;
+                let prepared = fast.layers.first().and_then(Option::as_ref);
+                lanes += usize::from(prepared.is_some_and(|p| p.lanes.is_some()));
+                Some(fast.conv(0, conv, input, output))
             };
             check::random_small_depthwise(0x1a9e_2026_1202, &mut run);
             check::random_few_pixels(0xf3a_2026_1202, &mut run);
+            assert!(
+                lanes > 100,
+                "{dot:?}: only {lanes} layers took the channel-lanes kernel"
+            );
         }
     }
 
-    /// Depthwise layers pad each channel into the same scratch and zero its border once per
-    /// call: after a larger layer left nonzero values there, every random one still gives the
-    /// generic bytes.
+    /// Depthwise layers pad each channel (or lay out each block of channels) into the same
+    /// scratch and zero its border once per call: after a larger layer left nonzero values
+    /// there (a dense one in the padded input, a depthwise one in the channel-lanes layout),
+    /// every random one still gives the generic bytes.
     #[test]
     fn depthwise_after_a_larger_layer_matches_the_generic_kernel() {
-        let dirty = check::Dirty::new();
-        check::random_depthwise(0xd127_2026_1202, &mut |conv, input, output| {
-            let mut fast = Neon::with_dot(&[Some(dirty.conv()), Some(*conv)], Dot::Smlal)?;
-            dirty.run(&mut fast, 0);
-            Some(fast.conv(1, conv, input, output))
-        });
+        for dirty in [check::Dirty::new(), check::Dirty::depthwise()] {
+            let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
+                let mut fast = Neon::with_dot(&[Some(dirty.conv()), Some(*conv)], Dot::Smlal)?;
+                dirty.run(&mut fast, 0);
+                Some(fast.conv(1, conv, input, output))
+            };
+            check::random_depthwise(0xd127_2026_1202, &mut run);
+            check::random_small_depthwise(0xd128_2026_1202, &mut run);
+        }
     }
 
     #[test]

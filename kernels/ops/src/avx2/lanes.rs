@@ -16,15 +16,10 @@ use std::vec::Vec;
 use super::is_code;
 use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
 use crate::quant::{requantize_i8, Requant};
-use crate::strips::{Layer, MAX_DEPTHWISE_TAPS};
+use crate::strips::{
+    suits_channel_lanes, Layer, CHANNEL_LANES_PIXELS as PIXELS, MAX_DEPTHWISE_TAPS,
+};
 
-/// Most output pixels a layer may have for this kernel.
-/// Most input and output pixels a layer may have for this kernel (inputs of up to 4 times as
-/// many for 25-tap windows). Laying the input out and the codes back costs per pixel what the
-/// per-channel kernel saves on small planes: at 8x8 this one is about 12% faster (MobileNetV2 at
-/// 64), at 7x7 35% (at 224); with a 16x16 input (stride 2 to 8x8) 17% slower, at 14x14 30%
-/// slower (20% with 25 taps).
-pub(super) const PIXELS: usize = 64;
 /// Channels per pair of vectors.
 const LANES: usize = 16;
 /// The channel order within 16 that `vpunpcklwd` / `vpunpckhwd` leave in their 32-bit lanes:
@@ -41,28 +36,14 @@ pub(super) struct ChannelLanes {
 }
 
 impl ChannelLanes {
-    /// The packing for `conv` where this kernel takes it: one input and one output channel per
-    /// group, at most [`MAX_DEPTHWISE_TAPS`] taps, [`PIXELS`] output pixels and as many input
-    /// pixels (4 times as many with 25 taps).
+    /// The packing for `conv` where this kernel takes it ([`suits_channel_lanes`]).
     pub(super) fn new(conv: &Conv<'_>) -> Option<Self> {
+        if !suits_channel_lanes(conv) {
+            return None;
+        }
         let g = conv.geometry;
-        let [c, h, w] = g.input;
-        let [oc, oh, ow] = g.output;
+        let c = g.input[0];
         let taps = g.kernel[0] * g.kernel[1];
-        // Windows of 25 taps do enough arithmetic per output to carry a larger input's layout
-        // (a stride-2 layer from 14x14 to 7x7: 20% faster here, 17% slower with 9 taps).
-        let inputs = if taps >= 25 { 4 * PIXELS } else { PIXELS };
-        if g.group != c
-            || oc != c
-            || oh * ow > PIXELS
-            || h * w > inputs
-            || taps > MAX_DEPTHWISE_TAPS
-        {
-            return None;
-        }
-        if conv.weights.len() != c * taps {
-            return None;
-        }
         let (pairs, channels) = (taps.div_ceil(2), c.div_ceil(LANES) * LANES);
         let mut words = std::vec![0i32; pairs * channels];
         for (ch, filter) in conv.weights.chunks_exact(taps).enumerate() {
@@ -121,31 +102,20 @@ impl ChannelLanes {
         let [c, h, w] = g.input;
         let [_, oh, ow] = g.output;
         let [hp, wp] = Layer::padded_dims(g);
-        let [top, left] = g.pad;
+        let [sy, sx] = g.stride;
         let pixels = oh * ow;
-        let (Some(laid_out), Some(sums)) = (
+        let (Some(laid_out), Some(sums), Some(offsets)) = (
             laid_out.get_mut(..hp * wp * LANES),
             sums.get_mut(..pixels * LANES),
+            layer.lanes_taps(input),
         ) else {
             return;
         };
-        // The input inside the border: rows `top..top + h`, columns `left..left + w`, all of
-        // them inside the padded plane (its dimensions reach past both).
-        if input.len() < c * h * w || (top + h) * wp > hp * wp || left + w > wp {
-            return;
-        }
-        let offsets = layer.tap_offsets();
-        let [sy, sx] = g.stride;
-        // Every tap of every output pixel inside the padded plane: the loads below need no
-        // other check.
-        let last = (oh.max(1) - 1) * sy * wp + (ow.max(1) - 1) * sx;
-        let reach = offsets.iter().max().copied().unwrap_or(0);
-        if last + reach >= hp * wp || self.words.len() < self.pairs * self.channels {
+        if self.words.len() < self.pairs * self.channels {
             return;
         }
         let q = layer.q;
         let vector = BlockRequant::exact(channels, q);
-        let zero_point = layer.zero_point;
         // The border once per call: every block writes the same inside positions (a last block
         // of fewer than 16 channels leaves the lanes past them as the block before had them;
         // their sums are never output).
@@ -157,19 +127,7 @@ impl ChannelLanes {
             let Some(outputs) = out.get_mut(first * pixels..(first + count) * pixels) else {
                 return;
             };
-            for (lane, plane) in planes.chunks_exact((h * w).max(1)).take(count).enumerate() {
-                for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
-                    let at = ((y + top) * wp + left) * LANES + lane;
-                    // SAFETY: pixel `(y + top, x + left)` is inside `laid_out` (checked
-                    // above); one store per value, `LANES` apart.
-                    unsafe {
-                        let dst = laid_out.as_mut_ptr().add(at);
-                        for (x, &v) in row.iter().enumerate() {
-                            *dst.add(x * LANES) = i16::from(v) - zero_point;
-                        }
-                    }
-                }
-            }
+            layer.lay_out_channels(planes, count, LANES, laid_out);
             for (p, sums) in sums.chunks_exact_mut(LANES).enumerate() {
                 let origin = (p / ow) * sy * wp + (p % ow) * sx;
                 // SAFETY: checked above.
