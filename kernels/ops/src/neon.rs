@@ -16,8 +16,10 @@ use std::arch::aarch64::*;
 use std::vec::Vec;
 
 mod depthwise;
+mod few;
 mod lanes;
 
+use few::FewPixels;
 use lanes::ChannelLanes;
 
 use crate::int8::{ChannelQuant, Conv, OutputQuant, ShapeError};
@@ -72,20 +74,29 @@ struct Prepared {
     packed: Packed,
     /// Byte quads for `sdot` or octets for `smmla`, on a CPU with either.
     quads: Option<ByteQuads>,
+    /// Channels in the lanes, for layers of at most 12 output pixels.
+    few: Option<FewPixels>,
     /// Channels in the lanes, for depthwise layers on small planes.
     lanes: Option<ChannelLanes>,
 }
 
 impl Prepared {
     fn new(conv: &Conv<'_>, dot: Dot) -> Option<Self> {
-        let packed = Packed::new(conv)?;
-        let quads = (dot != Dot::Smlal)
+        let mut packed = Packed::new(conv)?;
+        let few = FewPixels::new(conv);
+        if few.is_some() {
+            // Its bytes are all that layer reads: the 16-bit packing would only take memory.
+            packed.weights = Vec::new();
+        }
+        let quads = (dot != Dot::Smlal && few.is_none())
             .then(|| ByteQuads::new(conv, &packed, 0, dot.quads_per_step()))
             .flatten();
-        let lanes = ChannelLanes::new(conv);
+        // A one-channel depthwise layer of a few pixels is also a few-pixel layer: that runs it.
+        let lanes = few.is_none().then(|| ChannelLanes::new(conv)).flatten();
         Some(Self {
             packed,
             quads,
+            few,
             lanes,
         })
     }
@@ -169,6 +180,9 @@ impl Kernels for Neon {
             for block in prepared.quads.iter().flat_map(ByteQuads::blocks) {
                 visit(block);
             }
+            if let Some(few) = &prepared.few {
+                visit(few.words());
+            }
             if let Some(lanes) = &prepared.lanes {
                 visit(lanes.words());
             }
@@ -182,9 +196,11 @@ impl Kernels for Neon {
             .flatten()
             .flat_map(|p| {
                 let quads = p.quads.iter_mut().flat_map(ByteQuads::blocks_mut);
+                let few = p.few.as_mut().map(FewPixels::words_mut);
                 let lanes = p.lanes.as_mut().map(ChannelLanes::words_mut);
                 std::iter::once(p.packed.weights.as_mut_slice())
                     .chain(quads)
+                    .chain(few)
                     .chain(lanes)
             })
             .collect();
@@ -212,6 +228,11 @@ impl Kernels for Neon {
             return conv.run(input, output);
         }
         let layer = packed.layer(conv);
+        if let Some(few) = &prepared.few {
+            // SAFETY: NEON was detected in `new`; the buffers' sizes were checked above.
+            unsafe { few.run(&layer, input, &conv.channels, scratch, output) };
+            return Ok(());
+        }
         if let Some(lanes) = &prepared.lanes {
             // SAFETY: NEON was detected in `new`; the buffers' sizes were checked above.
             unsafe {
@@ -786,11 +807,12 @@ mod tests {
     #[test]
     fn small_plane_layers_match_the_generic_kernel_bit_for_bit() {
         for dot in paths() {
-            let mut lanes = 0;
+            let (mut lanes, mut few) = (0, 0);
             let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
                 let mut fast = Neon::for_conv(conv, dot)?;
                 let prepared = fast.layers.first().and_then(Option::as_ref);
                 lanes += usize::from(prepared.is_some_and(|p| p.lanes.is_some()));
+                few += usize::from(prepared.is_some_and(|p| p.few.is_some()));
                 Some(fast.conv(0, conv, input, output))
             };
             check::random_small_depthwise(0x1a9e_2026_1202, &mut run);
@@ -798,6 +820,10 @@ mod tests {
             assert!(
                 lanes > 100,
                 "{dot:?}: only {lanes} layers took the channel-lanes kernel"
+            );
+            assert!(
+                few > 100,
+                "{dot:?}: only {few} layers took the few-pixel kernel"
             );
         }
     }

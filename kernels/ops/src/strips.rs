@@ -48,6 +48,20 @@ pub(crate) const MR: usize = 4;
 pub(crate) const MAX_DEPTHWISE_TAPS: usize = 64;
 /// Pixels per micro-tile.
 pub(crate) const NR: usize = 16;
+/// Most output pixels a layer may have for the few-pixel kernels, which put output channels in
+/// the vector lanes. Per pair of rows and 16 channels the AVX2 strips kernel takes 88
+/// instructions for up to 16 pixels, its few-pixel kernel 4 + 20 per 4 pixels: 57 for a 3x3
+/// plane, 72 for 12 pixels, 96 for 16. Not yet measured on an Arm core.
+pub(crate) const FEW_PIXELS: usize = 12;
+
+/// Whether the few-pixel kernels take `conv`: one group, at most [`FEW_PIXELS`] output pixels,
+/// and weights of that shape (`rows` per output channel: input channels times taps).
+pub(crate) fn suits_few_pixels(conv: &Conv<'_>, rows: usize) -> bool {
+    let g = conv.geometry;
+    let [oc, oh, ow] = g.output;
+    g.group == 1 && oh * ow <= FEW_PIXELS && conv.weights.len() == oc * rows
+}
+
 /// Most input and output pixels a depthwise layer may have for the channel-lanes kernels
 /// (inputs of up to 4 times as many for 25-tap windows). Laying the input out and the codes
 /// back costs per pixel what the per-channel kernel saves on small planes: on AVX2 at 8x8 the

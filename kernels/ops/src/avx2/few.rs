@@ -18,12 +18,8 @@ use super::interleave_pairs;
 use super::lanes::BlockRequant;
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
 use crate::quant::requantize_i8;
-use crate::strips::{Layer, Scratch, NR};
+use crate::strips::{suits_few_pixels, Layer, Scratch, FEW_PIXELS as PIXELS, NR};
 
-/// Most output pixels a layer may have for this kernel. Per pair of rows and 16 channels the
-/// strips kernel takes 88 instructions for up to 16 pixels, this one 4 + 20 per 4 pixels: 57
-/// for a 3x3 plane, 72 for 12 pixels, 96 for 16.
-pub(super) const PIXELS: usize = 12;
 /// Pixels summed at once: two accumulators each, 8 of the 16 vector registers.
 const PIXELS_AT_ONCE: usize = 4;
 /// Output channels per vector.
@@ -81,19 +77,14 @@ fn plane_taps(g: &ConvGeometry) -> Option<Vec<Tap>> {
 }
 
 impl FewPixels {
-    /// The packing for `conv` where this kernel takes it: one group, at most [`PIXELS`] output
-    /// pixels.
+    /// The packing for `conv` where this kernel takes it ([`suits_few_pixels`]).
     pub(super) fn new(conv: &Conv<'_>) -> Option<Self> {
         let g = conv.geometry;
-        let [c, _, _] = g.input;
-        let [oc, oh, ow] = g.output;
-        if g.group != 1 || oh * ow > PIXELS {
+        let rows = g.input[0] * g.kernel[0] * g.kernel[1];
+        if !suits_few_pixels(conv, rows) {
             return None;
         }
-        let rows = c * g.kernel[0] * g.kernel[1];
-        if conv.weights.len() != oc * rows {
-            return None;
-        }
+        let oc = g.output[0];
         let (row_pairs, channels) = (rows.div_ceil(2), oc.div_ceil(LANES) * LANES);
         let mut bytes = std::vec![0u8; channels * row_pairs * 2];
         for (o, filter) in conv.weights.chunks_exact(rows).enumerate() {

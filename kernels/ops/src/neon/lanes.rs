@@ -170,7 +170,7 @@ impl ChannelLanes {
 /// own bias, multiplier and shift (the product in 64 bits, `srshl` by minus the right shift,
 /// a saturating narrow, the zero point added saturating, then the clamp), exactly as
 /// [`crate::quant::requantize_i8`] for every scale.
-struct LaneRequant {
+pub(super) struct LaneRequant {
     bias: [int32x4_t; 2],
     multiplier: [int32x4_t; 2],
     /// `shift - 31` per lane, for lanes 0-1, 2-3, 4-5 and 6-7.
@@ -183,7 +183,12 @@ struct LaneRequant {
 impl LaneRequant {
     /// The constants of channels `first..first + count` (lanes from `count` on: 0).
     #[target_feature(enable = "neon")]
-    fn new(channels: &ChannelQuant<'_>, first: usize, count: usize, q: OutputQuant) -> Self {
+    pub(super) fn new(
+        channels: &ChannelQuant<'_>,
+        first: usize,
+        count: usize,
+        q: OutputQuant,
+    ) -> Self {
         let (mut bias, mut multiplier, mut right) = ([0i32; LANES], [0i32; LANES], [0i64; LANES]);
         for lane in 0..count.min(LANES) {
             let (b, r) = channels.get(first + lane);
@@ -226,7 +231,7 @@ impl LaneRequant {
     /// The codes of 8 lanes' sums (lanes 0-3, 4-7).
     #[inline]
     #[target_feature(enable = "neon")]
-    fn codes8(&self, low: int32x4_t, high: int32x4_t) -> int8x8_t {
+    pub(super) fn codes8(&self, low: int32x4_t, high: int32x4_t) -> int8x8_t {
         // Codes are inside [-128, 127] already: the saturating narrows change nothing.
         let [r0, r1, r2, r3] = self.right;
         let low = self.codes4(low, self.bias[0], self.multiplier[0], [r0, r1]);
