@@ -38,12 +38,12 @@ pub enum CompileError {
     #[error(transparent)]
     Import(#[from] ImportError),
     /// The calibration folder cannot be read.
-    #[error("calibration folder {}: cannot read: {source}", path.display())]
+    #[error("calibration folder {}: cannot read: {reason}", path.display())]
     CalibrationUnreadable {
         /// The folder.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not the error's source: printed once).
+        reason: std::io::Error,
     },
     /// The calibration folder holds no images (in the chosen split).
     #[error("calibration folder {} has no PNG or JPEG images{detail}", path.display())]
@@ -167,7 +167,10 @@ pub fn calibration_images(
 ) -> Result<Vec<CalibrationImage>, CompileError> {
     let unreadable = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| CompileError::CalibrationUnreadable { path, source }
+        move |source| CompileError::CalibrationUnreadable {
+            path,
+            reason: source,
+        }
     };
     let list = |dir: &Path| -> Result<Vec<PathBuf>, CompileError> {
         let mut paths = std::fs::read_dir(dir)

@@ -196,13 +196,26 @@ pub enum ModelError {
         /// The built-in names.
         builtins: String,
     },
+    /// An ONNX file or folder without the manifest every model needs beside its ONNX.
+    #[error(
+        "{}: not found: a model needs a manifest.json beside its model.onnx, with its name, task \
+         (classify or detect), labels (in output order), input (name, shape [1, C, H, W], \
+         layout NCHW), preprocess (bands, resize, mean and std per band, on samples in 0..255) \
+         and onnx_sha256 (of model.onnx); a detector adds its head; \
+         models/zoo/eurosat-rgb/manifest.json is a classifier's",
+        path.display()
+    )]
+    NoManifest {
+        /// Where the manifest was looked for.
+        path: PathBuf,
+    },
     /// A file of the model could not be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {reason}", path.display())]
     Unreadable {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not the error's source: printed once).
+        reason: std::io::Error,
     },
     /// The manifest is not valid JSON of the expected form, or describes an unusable input.
     #[error("{origin}: invalid manifest: {reason}")]
@@ -226,12 +239,12 @@ pub enum ModelError {
     #[error(transparent)]
     Load(#[from] LoadError),
     /// The int8 plan does not load.
-    #[error("{origin}: {source}")]
+    #[error("{origin}: {reason}")]
     Plan {
         /// The plan file.
         origin: String,
-        /// Why.
-        source: ProgramError,
+        /// Why (in the message, not the error's source: printed once).
+        reason: ProgramError,
     },
     /// The plan states other labels, preprocessing or detector postprocessing than the
     /// manifest: a board running the plan alone would behave differently from `sim`.
@@ -327,9 +340,14 @@ impl ZooModel {
         let read = |p: &Path| {
             std::fs::read(p).map_err(|source| ModelError::Unreadable {
                 path: p.to_path_buf(),
-                source,
+                reason: source,
             })
         };
+        if !manifest_path.exists() {
+            return Err(ModelError::NoManifest {
+                path: manifest_path,
+            });
+        }
         let manifest_bytes = read(&manifest_path)?;
         let manifest_text = String::from_utf8_lossy(&manifest_bytes);
         let onnx = read(&onnx_path)?;
@@ -551,7 +569,7 @@ impl ZooModel {
         };
         let owned = OwnedProgram::new(bytes).map_err(|source| ModelError::Plan {
             origin: origin.clone(),
-            source,
+            reason: source,
         })?;
         let compiled_from = owned.program().header().onnx_sha256;
         if !compiled_from.eq_ignore_ascii_case(&self.manifest.onnx_sha256) {
@@ -593,7 +611,7 @@ impl ZooModel {
                 .as_ref()
                 .map(|(o, _)| o.clone())
                 .unwrap_or_default(),
-            source,
+            reason: source,
         })?;
         self.check_fits(backend.output_len())?;
         Ok(Some(backend))
@@ -675,6 +693,31 @@ mod tests {
             .unwrap()
             .detector_config()
             .is_some());
+    }
+
+    /// A bare ONNX file, or a folder holding only one, is refused with what a manifest needs;
+    /// a plan that is not one is refused once, its reason said once (no repeated cause).
+    #[test]
+    fn a_model_without_a_manifest_or_with_a_broken_plan_says_why_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let zoo = Path::new(env!("CARGO_MANIFEST_DIR")).join("zoo/eurosat-rgb");
+        std::fs::copy(zoo.join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+        for path in [dir.path().to_path_buf(), dir.path().join("model.onnx")] {
+            let error = ZooModel::load(path.to_str().unwrap()).err().unwrap();
+            assert!(matches!(error, ModelError::NoManifest { .. }), "{error}");
+            let text = format!("{:#}", anyhow::Error::from(error));
+            assert!(
+                text.contains("needs a manifest.json") && text.contains("labels"),
+                "{text}"
+            );
+        }
+        std::fs::copy(zoo.join("manifest.json"), dir.path().join("manifest.json")).unwrap();
+        std::fs::write(dir.path().join("model.plan"), [0u8; 4096]).unwrap();
+        let model = ZooModel::load(dir.path().to_str().unwrap()).unwrap();
+        let error = anyhow::Error::from(model.plan_bytes().unwrap_err());
+        let text = format!("{error:#}");
+        assert!(text.contains("bad magic"), "{text}");
+        assert_eq!(text.matches("bad magic").count(), 1, "{text}");
     }
 
     /// A manifest edited after compiling (a new score threshold) no longer matches its plan.

@@ -25,12 +25,12 @@ pub enum LoadError {
         origin: String,
     },
     /// The file exists but could not be read.
-    #[error("{origin}: cannot read model file: {source}")]
+    #[error("{origin}: cannot read model file: {reason}")]
     Unreadable {
         /// The path that was tried.
         origin: String,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not the error's source: printed once).
+        reason: std::io::Error,
     },
     /// The bytes are not an ONNX model tract can load and optimise.
     #[error("{origin}: not a usable ONNX model: {reason}")]
@@ -79,7 +79,7 @@ impl TractBackend {
             },
             _ => LoadError::Unreadable {
                 origin: origin.clone(),
-                source,
+                reason: source,
             },
         })?;
         Self::from_bytes(&origin, &bytes, input_shape)

@@ -245,12 +245,12 @@ pub struct Dataset {
 #[derive(Debug, thiserror::Error)]
 pub enum CocoError {
     /// The annotation file cannot be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {reason}", path.display())]
     Unreadable {
         /// The file.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not the error's source: printed once).
+        reason: std::io::Error,
     },
     /// The annotation file is not COCO instances JSON.
     #[error("{}: not COCO instances JSON: {reason}", path.display())]
@@ -305,7 +305,7 @@ pub fn load(dir: &Path) -> Result<Dataset, CocoError> {
     let path = dir.join("annotations_coco.json");
     let text = std::fs::read_to_string(&path).map_err(|source| CocoError::Unreadable {
         path: path.clone(),
-        source,
+        reason: source,
     })?;
     let file: CocoFile = serde_json::from_str(&text).map_err(|e| CocoError::Malformed {
         path: path.clone(),

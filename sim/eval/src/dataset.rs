@@ -45,12 +45,12 @@ pub struct LabelledImage {
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
     /// The path, or a class folder in it, cannot be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read: {reason}", path.display())]
     Unreadable {
         /// The folder.
         path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not the error's source: printed once).
+        reason: std::io::Error,
     },
     /// A class folder whose name is not one of the model's labels.
     #[error("{}: class folder '{name}' is not a label of this model (labels: {labels})", path.display())]
@@ -85,7 +85,7 @@ fn is_image(path: &Path) -> bool {
 fn list(dir: &Path) -> Result<Vec<PathBuf>, DatasetError> {
     let unreadable = |source| DatasetError::Unreadable {
         path: dir.to_path_buf(),
-        source,
+        reason: source,
     };
     let mut entries = std::fs::read_dir(dir)
         .map_err(unreadable)?
