@@ -375,6 +375,7 @@ fn detect_frame<S: Sample, B: Backend>(
 /// Score a detector on a COCO folder: every image of the split through the tiled detector,
 /// COCO mAP against its boxes, a summary on stdout and, if asked, a JSON report.
 pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
+    crate::eval::check_report_path(opts.report.as_deref())?;
     let dataset = coco::load(&opts.dataset)?;
     let images = split_images(&dataset, &opts.dataset, opts.split)?;
     let mut detector = Detector::load(&opts.model)?;
@@ -746,6 +747,7 @@ pub fn replay(
     downlink.listen_for_commands(slots, switch, &[Thumbnail])?;
     let controls = downlink.controls();
     let labels = detector.loaded.model.manifest.labels.clone();
+    let model_name = detector.loaded.model.manifest.name.clone();
     let threshold = detector.config.score_threshold;
     let mut step = detector.step(threshold)?;
     println!("legend: {}", crate::draw::legend(&labels));
@@ -753,7 +755,7 @@ pub fn replay(
     let mut failed = 0;
     for (frame, path) in files.iter().enumerate() {
         controls.wait_while_paused();
-        let result = replay_image(path, &mut step, &labels, out, &mut found);
+        let result = replay_image(path, &mut step, &labels, &model_name, out, &mut found);
         match result {
             Ok((raw_bytes, picture)) => {
                 let frame = frame as u64;
@@ -772,6 +774,18 @@ pub fn replay(
     Ok(failed)
 }
 
+/// `<image>.detections.json`: which image, its size, the box convention, and the boxes.
+#[derive(Serialize)]
+struct DetectionsJson<'a> {
+    image: String,
+    width: u32,
+    height: u32,
+    model: &'a str,
+    /// How `bbox` reads (COCO's convention).
+    bbox_format: &'static str,
+    detections: Vec<DetectionJson<'a>>,
+}
+
 #[derive(Serialize)]
 struct DetectionJson<'a> {
     label: &'a str,
@@ -785,6 +799,7 @@ fn replay_image<B: Backend>(
     path: &Path,
     step: &mut DetectorStep<'_, B, TILE_CAP>,
     labels: &[String],
+    model_name: &str,
     out: &Path,
     found: &mut FrameDetections,
 ) -> anyhow::Result<(u64, image::RgbImage)> {
@@ -802,7 +817,7 @@ fn replay_image<B: Backend>(
     picture
         .save(&png)
         .with_context(|| format!("{}: cannot write", png.display()))?;
-    let list: Vec<DetectionJson> = found
+    let detections: Vec<DetectionJson> = found
         .as_slice()
         .iter()
         .map(|d| DetectionJson {
@@ -812,6 +827,15 @@ fn replay_image<B: Backend>(
             bbox: [d.x, d.y, d.w, d.h],
         })
         .collect();
+    let list = DetectionsJson {
+        image: path.display().to_string(),
+        width: g.width,
+        height: g.height,
+        model: model_name,
+        bbox_format:
+            "[x, y, width, height] in pixels, (x, y) the top-left corner, from the image's top-left",
+        detections,
+    };
     let json = crate::replay::output_path(out, path, "detections.json");
     std::fs::write(&json, serde_json::to_string_pretty(&list)? + "\n")
         .with_context(|| format!("{}: cannot write", json.display()))?;

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use kestrel_eval::dataset::{scan_labelled, LabelledImage};
 use kestrel_eval::Split;
 use kestrel_host::{decode_image, FolderSource, HostClock, ImageError};
@@ -212,6 +212,26 @@ impl Confusion {
     }
 }
 
+/// Refuse a report path that cannot be written before a long run makes the results: the file
+/// is opened for appending (created, and removed again, where it was not there), so a missing
+/// or read-only folder is found now rather than after the run.
+pub fn check_report_path(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("--report {}: cannot write there", path.display()))?;
+    if !existed {
+        // Nothing was written: the run writes the report when it has one.
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// Write `report` as pretty JSON to `path`, and say so.
 pub fn write_report(path: &std::path::Path, report: &impl Serialize) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(report)?;
@@ -256,12 +276,23 @@ impl Progress {
 }
 
 pub fn run(opts: Options) -> anyhow::Result<()> {
+    check_report_path(opts.report.as_deref())?;
     let LoadedModel {
         model,
         backend,
         plan_load_ms,
         switch,
     } = load_model(&opts.model)?;
+    if model.manifest.task != "classify" {
+        bail!(
+            "{} is a detector: this replays a classifier over labelled chips (a folder per \
+             class); score a detector with `sim eval --model {} --dataset COCO_FOLDER`, run it \
+             on images with `sim replay --model {} --images PATH`",
+            model.manifest.name,
+            opts.model.model,
+            opts.model.model
+        );
+    }
     let labels = model.manifest.labels.clone();
     let spec = model.preprocess_spec().context("model preprocessing")?;
     let images = scan_labelled(&opts.dataset, &labels, opts.split)?;

@@ -788,6 +788,7 @@ fn loopback(listen: &str) -> String {
 }
 
 pub fn run(args: &HilArgs) -> anyhow::Result<()> {
+    crate::eval::check_report_path(args.report.as_deref())?;
     let config = FlightConfig::load(&args.config)?;
     let config_name = args.config.display();
     let SourceConfig::FrameLink {

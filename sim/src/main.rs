@@ -68,7 +68,9 @@ enum Command {
 
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
-    /// Zoo model name (built in: eurosat-rgb), or a model folder, model.onnx or manifest.json.
+    /// A built-in model: eurosat-rgb (land-cover classifier, 64x64 chips) or nwpu-vhr10
+    /// (object detector, tiled scenes); or a model folder, its model.onnx or its manifest.json
+    /// (a manifest is needed beside the ONNX: see models/zoo/eurosat-rgb/manifest.json).
     #[arg(long, default_value = models::DEFAULT_MODEL)]
     model: String,
     /// Backend: `auto` runs the model's int8 plan when it has one, tract otherwise.
@@ -212,13 +214,16 @@ struct ReplayArgs {
     /// An image file (JPEG or PNG) or a folder of them.
     #[arg(long)]
     images: PathBuf,
-    /// Tile size in pixels [default: the model's input size]; tiles are resized to the input.
-    #[arg(long)]
+    /// Classifiers: tile size in pixels [default: the model's input size]; tiles are resized to
+    /// the input. A detector tiles as its manifest says.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     tile: Option<u32>,
-    /// Pixels shared by neighbouring tiles.
-    #[arg(long, default_value_t = 0)]
-    overlap: u32,
-    /// Folder for the class maps (<image>.classmap.png) and per-tile results (<image>.tiles.json).
+    /// Classifiers: pixels shared by neighbouring tiles, less than the tile [default: 0].
+    #[arg(long)]
+    overlap: Option<u32>,
+    /// Folder for the results, created if missing: a classifier's class maps
+    /// (<image>.classmap.png) and per-tile results (<image>.tiles.json), a detector's images with
+    /// their boxes drawn (<image>.boxes.png) and detections (<image>.detections.json).
     #[arg(long, default_value = "sim-replay")]
     out: PathBuf,
     #[command(flatten)]

@@ -48,15 +48,51 @@ struct TilesReport<'a> {
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
     let files = list_images(&args.images)?;
+    let model = ZooModel::load(&args.model.model)?;
+    check_tiling(args, &model)?;
+    // A folder this run makes is removed again if the run fails before writing to it.
+    let created = !args.out.exists();
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create folder", args.out.display()))?;
-    let model = ZooModel::load(&args.model.model)?;
+    let replayed = replay_files(args, &files, &model);
+    if replayed.is_err() && created {
+        // `remove_dir` removes only an empty folder: nothing the run wrote is lost.
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    replayed
+}
+
+/// Refuse tiling options that cannot apply: `--tile`/`--overlap` on a detector (which tiles as
+/// its manifest says), an overlap not smaller than the tile.
+fn check_tiling(args: &ReplayArgs, model: &ZooModel) -> anyhow::Result<()> {
+    if model.manifest.task == "detect" {
+        if args.tile.is_some() || args.overlap.is_some() {
+            bail!(
+                "--tile and --overlap are for classifiers: the detector {} tiles as its manifest says",
+                model.manifest.name
+            );
+        }
+        return Ok(());
+    }
+    let tile = match args.tile {
+        Some(tile) => tile,
+        None => model.preprocess_spec()?.width() as u32,
+    };
+    let overlap = args.overlap.unwrap_or(0);
+    if overlap >= tile {
+        bail!("--overlap {overlap} must be less than the tile ({tile} px)");
+    }
+    Ok(())
+}
+
+/// Replay `files` through `model` into the output folder, and print the summary.
+fn replay_files(args: &ReplayArgs, files: &[PathBuf], model: &ZooModel) -> anyhow::Result<()> {
     let mut downlink = Downlink::new(&args.downlink, &model.manifest.labels)?;
     let started = Instant::now();
     let failed = if model.manifest.task == "detect" {
-        crate::detect::replay(&args.model, &files, &args.out, &mut downlink)?
+        crate::detect::replay(&args.model, files, &args.out, &mut downlink)?
     } else {
-        classify_images(args, &files, &mut downlink)?
+        classify_images(args, files, &mut downlink)?
     };
     println!(
         "{} image(s) replayed, {failed} failed",
@@ -104,7 +140,8 @@ fn classify_images(
         controls.wait_while_paused();
         let frame = frame as u64;
         let want = downlink.wants(frame, ProductKind::Thumbnail);
-        let replayed = replay_image(path, &mut step, tile, args.overlap, labels, &args.out, want);
+        let overlap = args.overlap.unwrap_or(0);
+        let replayed = replay_image(path, &mut step, tile, overlap, labels, &args.out, want);
         match replayed {
             Ok((raw_bytes, map, worth, thumbnail)) => {
                 downlink.frame_in(raw_bytes);

@@ -374,6 +374,82 @@ fn replay_tiles_a_large_scene_into_a_class_map() {
     );
 }
 
+/// Arguments that cannot work are refused before any work, each with its reason: a tile of 0,
+/// an overlap as large as the tile, tiling options for a detector, a report where no file can
+/// be written. A run that fails at the model leaves no empty output folder behind.
+#[test]
+fn bad_arguments_are_refused_up_front_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let images = sample().join("Forest");
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["replay", "--images", images.to_str().unwrap()];
+        args.extend(["--out", out_dir.to_str().unwrap()]);
+        args.extend(extra);
+        sim(&args)
+    };
+    for (extra, reason) in [
+        (
+            &["--tile", "0"][..],
+            "invalid value '0' for '--tile <TILE>'",
+        ),
+        (
+            &["--overlap", "64"][..],
+            "--overlap 64 must be less than the tile (64 px)",
+        ),
+        (
+            &["--model", "nwpu-vhr10", "--tile", "512"][..],
+            "--tile and --overlap are for classifiers",
+        ),
+    ] {
+        let out = replay(extra);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(stderr(&out).contains(reason), "{extra:?}: {}", stderr(&out));
+        assert!(!out_dir.exists(), "{extra:?} left {}", out_dir.display());
+    }
+
+    // A model folder whose plan is broken: refused once, with no folder left behind.
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for file in ["manifest.json", "model.onnx"] {
+        std::fs::copy(zoo().join(file), model.join(file)).unwrap();
+    }
+    std::fs::write(model.join("model.plan"), [7u8; 4096]).unwrap();
+    let out = replay(&["--model", model.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.matches("bad magic").count(), 1, "{err}");
+    assert!(
+        !out_dir.exists(),
+        "a failed load left {}",
+        out_dir.display()
+    );
+
+    // `run` replays a classifier over labelled chips, and says so when given a detector.
+    let out = sim(&["run", "--model", "nwpu-vhr10"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("nwpu-vhr10 is a detector") && stderr(&out).contains("sim eval"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A report nobody can write is found before the evaluation, not after it.
+    let unwritable = dir.path().join("missing/folder/report.json");
+    let out = eval(&sample(), "eurosat-rgb", &unwritable);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("report.json: cannot write there"),
+        "{}",
+        stderr(&out)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("top-1"),
+        "the evaluation ran first: {stdout}"
+    );
+}
+
 #[test]
 fn replay_of_an_unreadable_or_grey_image_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();

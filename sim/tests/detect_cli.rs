@@ -165,11 +165,28 @@ fn replay_draws_the_boxes_it_lists() {
         .to_rgb8();
     let original = image::open(&scene).unwrap().to_rgb8();
     assert_eq!(picture.dimensions(), original.dimensions());
-    let list: serde_json::Value = serde_json::from_str(
+    let found: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.path().join("017.detections.json")).unwrap(),
     )
     .unwrap();
-    let list = list.as_array().unwrap();
+    // The file says which image, its size, the model and how a box reads.
+    assert!(
+        found["image"].as_str().unwrap().ends_with("017.jpg"),
+        "{found}"
+    );
+    assert_eq!(
+        [found["width"].as_u64(), found["height"].as_u64()],
+        [
+            Some(original.width().into()),
+            Some(original.height().into())
+        ]
+    );
+    assert_eq!(found["model"], "nwpu-vhr10");
+    assert!(found["bbox_format"]
+        .as_str()
+        .unwrap()
+        .starts_with("[x, y, width, height] in pixels"));
+    let list = found["detections"].as_array().unwrap();
     // The scene has 11 airplanes and 10 storage tanks.
     let airplanes = list.iter().filter(|d| d["label"] == "airplane").count();
     assert!(airplanes >= 6, "{airplanes} airplanes in {list:?}");

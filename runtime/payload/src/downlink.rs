@@ -118,8 +118,8 @@ pub struct DownlinkReport {
     pub produced_bytes: u64,
     /// Bytes written to the link: framed messages and, on MAVLink, heartbeats.
     pub sent_bytes: u64,
-    /// sent / raw.
-    pub reduction_ratio: f64,
+    /// sent / raw; `None` (JSON null) when no frame came in.
+    pub reduction_ratio: Option<f64>,
     /// Products made (each becomes one item of one or more parts).
     pub products: u64,
     /// Items still queued at the end (the budget ran out).
@@ -752,7 +752,8 @@ impl Downlink {
             raw_bytes: self.raw_bytes,
             produced_bytes: self.queue.stats.offered_bytes,
             sent_bytes: self.link.sent_bytes,
-            reduction_ratio: self.link.sent_bytes as f64 / self.raw_bytes.max(1) as f64,
+            reduction_ratio: (self.raw_bytes > 0)
+                .then(|| self.link.sent_bytes as f64 / self.raw_bytes as f64),
             products: self.products,
             left_in_queue: self.queue.len(),
             queue: self.queue.stats,
@@ -894,11 +895,14 @@ pub fn print_summary(r: &DownlinkReport) {
         FramingArg::Ccsds => "CCSDS",
         FramingArg::Mavlink => "MAVLink 2",
     };
+    // No frames in (every image failed): no ratio to give, rather than bytes over nothing.
+    let ratio = r.reduction_ratio.map_or("no frames".to_string(), |ratio| {
+        format!("{:.3}%", 100.0 * ratio)
+    });
     println!(
-        "downlink    {:.1} KB sent as {framing} ({budget}) of {:.1} KB raw: {:.3}%; {} items sent, {} dropped, {} left queued; {} products",
+        "downlink    {:.1} KB sent as {framing} ({budget}) of {:.1} KB raw: {ratio}; {} items sent, {} dropped, {} left queued; {} products",
         kb(r.sent_bytes),
         kb(r.raw_bytes),
-        100.0 * r.reduction_ratio,
         r.queue.sent,
         r.queue.refused_low_value + r.queue.evicted_low_value + r.queue.refused_too_large,
         r.left_in_queue,
