@@ -308,7 +308,7 @@ const MAX_BIAS_STEPS: f64 = (1u32 << 30) as f64;
 /// Quantise `weights`, whose leading dimension is `channels` output channels, each to its own
 /// symmetric scale, and `bias` into each channel's accumulator scale (`input_scale` times the
 /// channel's). A channel's scale is `max |w| / 127`, or larger where its bias would not fit
-/// in [`MAX_BIAS_STEPS`]: a channel whose weights are tiny beside its bias (a BatchNorm with a
+/// in `MAX_BIAS_STEPS`: a channel whose weights are tiny beside its bias (a BatchNorm with a
 /// scale near 0 folded into it) keeps its bias and rounds its weights toward zero, rather than
 /// saturating the bias. A channel with neither weights nor bias gets scale 1.
 pub fn quantize_weights_per_channel(

@@ -231,7 +231,8 @@ fn argmax(values: &[f32]) -> usize {
 }
 
 /// The model's input tensor for the calibration image at `path`: decoded and preprocessed,
-/// cut to [`calibration_region`].
+/// cut to what the model calibrates on (a classifier the whole image, a detector its centre
+/// tile).
 pub fn calibration_input(
     model: &ZooModel,
     spec: &PreprocessSpec,

@@ -43,8 +43,8 @@ use crate::{BackendChoice, ModelArgs, SplitArg};
 
 #[derive(clap::Args)]
 pub struct HilArgs {
-    /// The board's flight configuration (see boards/jetson/flight-*.toml). Its [source] must
-    /// be a frame-link and its [downlink] link tcp://HOST:PORT; the bench runs its [model]
+    /// The board's flight configuration (see boards/jetson/flight-*.toml). Its `[source]` must
+    /// be a frame-link and its `[downlink]` link tcp://HOST:PORT; the bench runs its `[model]`
     /// in-process to check the board's results.
     #[arg(long)]
     config: PathBuf,
@@ -62,7 +62,7 @@ pub struct HilArgs {
     /// the end if it has not stopped by itself.
     #[arg(long, value_name = "COMMAND", conflicts_with = "board")]
     spawn: Option<String>,
-    /// Listen here for the board's telemetry [default: the configuration's [downlink] link].
+    /// Listen here for the board's telemetry [default: the configuration's `[downlink]` link].
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
     /// classify: one sub-folder of images per class; detect: a COCO folder [default: the

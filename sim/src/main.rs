@@ -222,8 +222,8 @@ struct ReplayArgs {
     #[arg(long)]
     overlap: Option<u32>,
     /// Folder for the results, created if missing: a classifier's class maps
-    /// (<image>.classmap.png) and per-tile results (<image>.tiles.json), a detector's images with
-    /// their boxes drawn (<image>.boxes.png) and detections (<image>.detections.json).
+    /// (`<image>.classmap.png`) and per-tile results (`<image>.tiles.json`), a detector's images
+    /// with their boxes drawn (`<image>.boxes.png`) and detections (`<image>.detections.json`).
     #[arg(long, default_value = "sim-replay")]
     out: PathBuf,
     #[command(flatten)]

@@ -3,7 +3,7 @@
 //! - The kernels are the `.cu` files beside this one, one NVRTC program ([`SOURCE`]), compiled
 //!   at start-up for the GPU found and cached on disk (see [`CudaOptions::cache_dir`]).
 //! - [`launch`] plans the launches on the host, without a driver; the GPU session and the CPU
-//!   emulator ([`emulator`], feature `cuda-emulator`) run the same list. Dense convolutions
+//!   emulator (module `emulator`, feature `cuda-emulator`) run the same list. Dense convolutions
 //!   and Gemm run with DP4A on filters repacked at planning time; a larger batch runs in chunks
 //!   alternating between two streams.
 //! - [`CudaBackend::detect_tiles`] finds a detector head's peaks on the GPU, so that only the

@@ -669,7 +669,7 @@ impl Attention {
     }
 
     /// Attend: `input` as described on [`Attention`], `exp_table` from
-    /// [`Attention::exp_table`]. Allocates nothing.
+    /// `Attention::exp_table` (with `std`). Allocates nothing.
     pub fn run(
         &self,
         exp_table: &[i32],

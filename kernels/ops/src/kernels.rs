@@ -7,7 +7,7 @@ use crate::int8::{
 
 /// The kernels a program's steps run on, one method per op. Every method defaults to the generic
 /// kernel (the oracle); faster sets override what they speed up and must give the same bits.
-/// [`crate::table::KernelTable`] is the host's set: generic entries, overwritten by the plug-ins
+/// `crate::table::KernelTable` (with `std`) is the host's set: generic entries, overwritten by the plug-ins
 /// this CPU supports.
 pub trait Kernels {
     /// Run `conv`, the layer of step `step`, on `input` into `output`.

@@ -2,7 +2,7 @@
 //!
 //! [`int8`] holds the generic reference kernels (the oracle every faster kernel must equal bit for
 //! bit) and [`quant`] the fixed-point requantisation; both are `no_std` without `alloc`. [`Kernels`]
-//! is the set of kernels a program's steps run on. With `std`, [`table::KernelTable`] is the
+//! is the set of kernels a program's steps run on. With `std`, `table::KernelTable` is the
 //! host's set: generic entries, overwritten after CPU feature detection by the AVX2 (x86-64) and
 //! NEON (aarch64) plug-ins.
 #![cfg_attr(not(feature = "std"), no_std)]

@@ -626,7 +626,7 @@ impl Downlink {
         self.controls.take_request(frame as u32, kind)
     }
 
-    /// A thumbnail of `image`, at most [`CROP_MAX`] pixels a side, worth as much as health.
+    /// A thumbnail of `image`, at most `CROP_MAX` pixels a side, worth as much as health.
     pub fn thumbnail(&mut self, frame: u64, image: &RgbImage) {
         let png = rgb_png(&within_crop_max(image));
         self.product(frame, ProductKind::Thumbnail, 0, &png, HOUSEKEEPING);
