@@ -78,6 +78,7 @@ fn glyph(c: char) -> [u8; 5] {
         '9' => [0b111, 0b101, 0b111, 0b001, 0b110],
         '.' => [0, 0, 0, 0, 0b010],
         '-' => [0, 0, 0b111, 0, 0],
+        '%' => [0b101, 0b001, 0b010, 0b100, 0b101],
         _ => [0; 5],
     }
 }
@@ -94,11 +95,29 @@ fn put(image: &mut RgbImage, x: i64, y: i64, colour: [u8; 3]) {
     }
 }
 
+/// Black, or white on a dark `background` (navy, purple), for text that stays readable.
+fn ink(background: [u8; 3]) -> [u8; 3] {
+    let [r, g, b] = background.map(u32::from);
+    if 299 * r + 587 * g + 114 * b < 128_000 {
+        [255, 255, 255]
+    } else {
+        [0, 0, 0]
+    }
+}
+
+/// Width in pixels of `text` as [`text`] draws it, its background included.
+fn text_width(text: &str) -> i64 {
+    i64::from(CHAR_WIDTH) * text.chars().count() as i64 + i64::from(FONT_SCALE)
+}
+
+/// Height in pixels of a line of [`text`], its background included.
+const LINE_HEIGHT: u32 = CHAR_HEIGHT + FONT_SCALE;
+
 /// `text` in `colour` on a filled `background`, its top-left corner at (x, y), clipped to
 /// the image.
 fn text(image: &mut RgbImage, x: i64, y: i64, text: &str, colour: [u8; 3], background: [u8; 3]) {
-    let width = i64::from(CHAR_WIDTH) * text.chars().count() as i64 + i64::from(FONT_SCALE);
-    for dy in 0..i64::from(CHAR_HEIGHT) + i64::from(FONT_SCALE) {
+    let width = text_width(text);
+    for dy in 0..i64::from(LINE_HEIGHT) {
         for dx in 0..width {
             put(image, x + dx, y + dy, background);
         }
@@ -122,8 +141,38 @@ fn text(image: &mut RgbImage, x: i64, y: i64, text: &str, colour: [u8; 3], backg
     }
 }
 
+/// `image` with a legend panel below it: a line per entry, `LABEL NN% OF TILES` on the class
+/// colour, in the order given. The image's own rows stay as they are above the panel,
+/// so a class map still lines up pixel for pixel with its image.
+pub fn with_legend(image: &RgbImage, entries: &[(u16, &str, f64)]) -> RgbImage {
+    let margin = FONT_SCALE;
+    let lines: Vec<(u16, String)> = entries
+        .iter()
+        .map(|&(class, label, share)| (class, format!("{label} {:.0}% of tiles", 100.0 * share)))
+        .collect();
+    let widest = lines.iter().map(|(_, l)| text_width(l)).max().unwrap_or(0);
+    let width = image.width().max(widest as u32 + 2 * margin);
+    let height = image.height() + margin + lines.len() as u32 * (LINE_HEIGHT + margin);
+    let mut out = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
+    image::imageops::replace(&mut out, image, 0, 0);
+    for (i, (class, line)) in lines.iter().enumerate() {
+        let y = image.height() + margin + i as u32 * (LINE_HEIGHT + margin);
+        let background = colour(*class);
+        text(
+            &mut out,
+            i64::from(margin),
+            i64::from(y),
+            line,
+            ink(background),
+            background,
+        );
+    }
+    out
+}
+
 /// Each detection as a two-pixel rectangle in its class colour, labelled `name 0.93` above
-/// its top-left corner (inside the box when there is no room above).
+/// its top-left corner (inside the box when there is no room above; moved left where it would
+/// run past the image's right edge).
 pub fn detections(image: &mut RgbImage, found: &[Detection], labels: &[String]) {
     for d in found {
         let c = colour(d.class);
@@ -143,7 +192,8 @@ pub fn detections(image: &mut RgbImage, found: &[Detection], labels: &[String]) 
         let label = format!("{name} {:.2}", d.score);
         let height = i64::from(CHAR_HEIGHT + FONT_SCALE);
         let top = if y1 >= height { y1 - height } else { y1 + 2 };
-        text(image, x1, top, &label, [0, 0, 0], c);
+        let left = x1.min(i64::from(image.width()) - text_width(&label)).max(0);
+        text(image, left, top, &label, ink(c), c);
     }
 }
 
@@ -170,13 +220,13 @@ mod tests {
         }
         // Inside the box stays untouched.
         assert_eq!(*image.get_pixel(20, 40), Rgb([0, 0, 0]));
-        // The label sits above the box on a red background with black text.
+        // The label sits above the box on a red background with white text (red is dark).
         let label_pixels: Vec<_> = (16..30)
             .flat_map(|y| (10..60).map(move |x| (x, y)))
             .map(|(x, y)| *image.get_pixel(x, y))
             .collect();
         assert!(label_pixels.contains(&red));
-        assert!(label_pixels.contains(&Rgb([0, 0, 0])));
+        assert!(label_pixels.contains(&Rgb([255, 255, 255])));
         // A box running off the image is clipped, not a panic.
         let off = [Detection {
             x: -20.0,
@@ -187,6 +237,46 @@ mod tests {
             class: 0,
         }];
         detections(&mut image, &off, &["a".into()]);
+    }
+
+    /// A box at the right edge keeps its whole label inside the image: it ends at the edge.
+    #[test]
+    fn labels_at_the_right_edge_are_moved_in_not_cut() {
+        let mut image = RgbImage::new(200, 64);
+        let found = [Detection {
+            x: 190.0,
+            y: 30.0,
+            w: 9.0,
+            h: 9.0,
+            score: 0.5,
+            class: 7,
+        }];
+        detections(&mut image, &found, &vec!["airplane".to_string(); 8]);
+        let width = text_width("airplane 0.50");
+        let red = Rgb(colour(7));
+        // The label's background runs from 200 - width to the last column, above the box.
+        let row = (30 - i64::from(LINE_HEIGHT)) as u32;
+        for x in [200 - width, 199] {
+            assert_eq!(*image.get_pixel(x as u32, row), red, "x {x}");
+        }
+        assert_eq!(*image.get_pixel((199 - width) as u32, row), Rgb([0, 0, 0]));
+    }
+
+    /// The legend goes below the picture, which stays as it was, one coloured line per class.
+    #[test]
+    fn the_legend_is_a_panel_below_the_picture() {
+        let picture = RgbImage::from_pixel(40, 30, Rgb([9, 9, 9]));
+        let framed = with_legend(&picture, &[(1, "Forest", 0.75), (8, "SeaLake", 0.25)]);
+        assert!(framed.width() >= text_width("Forest 75% of tiles") as u32);
+        assert!(framed.height() >= 30 + 2 * LINE_HEIGHT);
+        assert!((0..30).all(|y| (0..40).all(|x| *framed.get_pixel(x, y) == Rgb([9, 9, 9]))));
+        for (line, class) in [(0, 1), (1, 8)] {
+            let y = 30 + FONT_SCALE + line * (LINE_HEIGHT + FONT_SCALE);
+            let pixels: Vec<_> = (0..framed.width())
+                .map(|x| *framed.get_pixel(x, y + 1))
+                .collect();
+            assert!(pixels.contains(&Rgb(colour(class))), "line {line}");
+        }
     }
 
     #[test]

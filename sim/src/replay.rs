@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use image::{GrayImage, Rgb, RgbImage};
 use kestrel_eval::dataset::list_images;
-use kestrel_host::decode_image;
+use kestrel_host::{decode_image, DecodedImage};
 use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::tile::TileGrid;
@@ -220,15 +220,15 @@ fn replay_image<B: kestrel_backend::Backend>(
             )
         })
         .collect();
+    let shares: Vec<(u16, &str, f64)> = ranked
+        .iter()
+        .filter_map(|&(class, n)| {
+            let label = labels.get(class)?;
+            Some((class as u16, label.as_str(), n as f64 / tiles.len() as f64))
+        })
+        .collect();
     let map_path = output_path(out, path, "classmap.png");
-    write_class_map(
-        &image.samples,
-        g.width,
-        g.height,
-        g.bands,
-        &tiles,
-        &map_path,
-    )?;
+    write_class_map(&image, &tiles, &shares, &map_path)?;
     let json_path = output_path(out, path, "tiles.json");
     let report = TilesReport {
         image: path.display().to_string(),
@@ -241,7 +241,7 @@ fn replay_image<B: kestrel_backend::Backend>(
     std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("{}: cannot write", json_path.display()))?;
     println!(
-        "{}: {}x{}, {} tile(s) ({}x{}, {} px, overlap {}): {} [{:.0} ms] -> {}",
+        "{}: {}x{}, {} tile(s) ({}x{}, {} px, overlap {}): share of tiles {} [{:.0} ms] -> {}",
         path.display(),
         g.width,
         g.height,
@@ -277,14 +277,14 @@ pub fn output_path(out: &Path, image: &Path, suffix: &str) -> PathBuf {
 /// The image blended half and half with the class colour of the tile covering each pixel
 /// (where tiles overlap, the later tile in row-major order wins).
 fn write_class_map(
-    samples: &[u8],
-    width: u32,
-    height: u32,
-    bands: u16,
+    image: &DecodedImage,
     tiles: &[TileResult],
+    shares: &[(u16, &str, f64)],
     path: &Path,
 ) -> anyhow::Result<()> {
-    let (w, bands) = (width as usize, usize::from(bands));
+    let (samples, g) = (&image.samples, image.geometry);
+    let (width, height) = (g.width, g.height);
+    let (w, bands) = (width as usize, usize::from(g.bands));
     let mut owner = vec![None; w * height as usize];
     for t in tiles {
         let x_end = (t.region.x + t.region.width).min(width) as usize;
@@ -312,6 +312,7 @@ fn write_class_map(
             None => Rgb(pixel),
         }
     });
-    map.save(path)
+    crate::draw::with_legend(&map, shares)
+        .save(path)
         .with_context(|| format!("{}: cannot write class map", path.display()))
 }

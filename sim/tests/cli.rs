@@ -348,8 +348,15 @@ fn replay_tiles_a_large_scene_into_a_class_map() {
         stdout.contains("scene.png: 2000x2000, 1024 tile(s) (32x32, 64 px, overlap 0)"),
         "{stdout}"
     );
+    // The map is the scene's size, with the legend as a panel below it: two classes, two lines.
     let map = image::open(out_dir.join("scene.classmap.png")).unwrap();
-    assert_eq!((map.width(), map.height()), (2000, 2000));
+    assert_eq!(map.width(), 2000);
+    assert!(map.height() > 2000, "no legend panel: {}", map.height());
+    let mix = stdout.split("share of tiles ").nth(1).unwrap_or_default();
+    assert!(
+        mix.contains("Forest") && mix.contains("SeaLake"),
+        "{stdout}"
+    );
 
     let tiles: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("scene.tiles.json")).unwrap())
