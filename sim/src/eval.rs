@@ -163,6 +163,8 @@ pub struct Confusion {
     /// Rows are the true class, columns the predicted class.
     rows: Vec<Vec<u64>>,
     correct: u64,
+    /// Images with an answer.
+    answered: u64,
 }
 
 /// What [`Confusion`] comes to over a set of labelled images.
@@ -170,6 +172,9 @@ pub struct Confusion {
 pub struct ClassScores {
     /// Correct / images: a failed, dropped or lost image counts as wrong.
     pub top1: f64,
+    /// Correct / images answered: the model's accuracy on what it classified, with what was
+    /// dropped, failed or lost left out (and counted in the report beside it).
+    pub top1_classified: f64,
     /// Recall per class (correct / images of that class).
     pub per_class: serde_json::Map<String, serde_json::Value>,
     /// Rows are the true class, columns the predicted class, in label order.
@@ -181,6 +186,7 @@ impl Confusion {
         Self {
             rows: vec![vec![0; classes]; classes],
             correct: 0,
+            answered: 0,
         }
     }
 
@@ -192,6 +198,7 @@ impl Confusion {
             *cell += 1;
         }
         self.correct += u64::from(predicted == truth);
+        self.answered += 1;
     }
 
     /// The scores over `images` (each counted, answered or not), by `labels`.
@@ -206,6 +213,7 @@ impl Confusion {
         }
         ClassScores {
             top1: self.correct as f64 / images.len().max(1) as f64,
+            top1_classified: self.correct as f64 / self.answered.max(1) as f64,
             per_class,
             confusion: self.rows,
         }
@@ -597,12 +605,22 @@ fn print_summary(r: &Report, validation_top1: f64) {
         r.images, r.classified, r.dropped, errors
     );
     println!(
-        "top-1       {:.2}% ({} split of {}; the model's validation top-1 is {:.2}%)",
-        100.0 * r.scores.top1,
+        "top-1       {:.2}% of the {} frames classified ({} split of {}; the model's validation top-1 is {:.2}%)",
+        100.0 * r.scores.top1_classified,
+        r.classified,
         r.split,
         r.dataset,
         100.0 * validation_top1
     );
+    if r.classified < r.images as u64 {
+        // Dropped and failed frames have no answer: not the model's accuracy, but the run's.
+        println!(
+            "            {:.2}% of all {} frames, counting the {} not classified as wrong",
+            100.0 * r.scores.top1,
+            r.images,
+            r.images as u64 - r.classified
+        );
+    }
     println!(
         "latency     p50 {:.2} ms, p99 {:.2} ms per frame ({} backend: preprocess + model + postprocess)",
         r.latency_us.p50 as f64 / 1000.0,

@@ -156,6 +156,17 @@ fn damaged_frames_are_rejected_with_their_reason_and_losses_counted() {
         "{}",
         r["ledger"]
     );
+    // Dropped frames have no answer: the model's accuracy is over the frames it classified,
+    // and the run's, with the drops counted wrong, is reported beside it.
+    let (top1, classified) = (
+        r["top1"].as_f64().unwrap(),
+        r["top1_classified"].as_f64().unwrap(),
+    );
+    assert!(n(&r["classified"]) < n(&r["images"]));
+    assert!(
+        classified > top1 && classified >= 0.9,
+        "{classified} {top1}"
+    );
 }
 
 #[test]
