@@ -201,6 +201,8 @@ struct Report {
     model: String,
     model_origin: String,
     backend: String,
+    #[serde(flatten)]
+    backend_use: crate::BackendUse,
     plan_load_ms: Option<f64>,
     dataset: String,
     split: String,
@@ -383,6 +385,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let category_of = categories_of(&dataset, &opts.dataset, &labels)?;
     let backend_name = detector.loaded.backend.name();
     let plan_load_ms = detector.loaded.plan_load_ms;
+    let backend_use = detector.loaded.backend_use.clone();
     let model_name = detector.loaded.model.manifest.name.clone();
     let model_origin = detector.loaded.model.origin.clone();
     let model_map50 = detector
@@ -654,6 +657,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         model: model_name,
         model_origin,
         backend: backend_name.to_string(),
+        backend_use,
         plan_load_ms,
         dataset: opts.dataset.display().to_string(),
         split: format!("{:?}", opts.split).to_lowercase(),

@@ -42,10 +42,7 @@ impl Options {
     /// The default run: the committed sample, built-in model, best backend.
     pub fn sample(dataset: PathBuf) -> Self {
         Self {
-            model: ModelArgs {
-                model: models::DEFAULT_MODEL.to_string(),
-                backend: BackendChoice::Auto,
-            },
+            model: ModelArgs::new(models::DEFAULT_MODEL.to_string(), BackendChoice::Auto),
             dataset,
             split: Split::All,
             pipeline: PipelineArgs {
@@ -95,6 +92,8 @@ struct Report {
     model: String,
     model_origin: String,
     backend: String,
+    #[serde(flatten)]
+    backend_use: crate::BackendUse,
     /// Milliseconds to parse, verify and prepare the int8 plan (null on tract).
     plan_load_ms: Option<f64>,
     dataset: String,
@@ -290,6 +289,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         backend,
         plan_load_ms,
         switch,
+        backend_use,
     } = load_model(&opts.model)?;
     if model.manifest.task != "classify" {
         bail!(
@@ -513,6 +513,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         model: model.manifest.name.clone(),
         model_origin: model.origin.clone(),
         backend: backend_name.to_string(),
+        backend_use,
         plan_load_ms,
         dataset: opts.dataset.display().to_string(),
         split: format!("{:?}", opts.split).to_lowercase(),

@@ -1198,10 +1198,8 @@ fn compare(
 ) -> anyhow::Result<Comparison> {
     let backend = BackendChoice::from_str(&config.model.backend, false)
         .map_err(|e| anyhow::anyhow!("model.backend: {e}"))?;
-    let (model, backend, _) = crate::load_backend(&ModelArgs {
-        model: config.model.name.clone(),
-        backend,
-    })?;
+    let (model, backend, _) =
+        crate::load_backend(&ModelArgs::new(config.model.name.clone(), backend))?;
     let backend_name = backend.name().to_string();
     let spec = model.preprocess_spec()?;
     let pipeline = PipelineConfig {

@@ -76,6 +76,30 @@ struct ModelArgs {
     /// Backend: `auto` runs the model's int8 plan when it has one, tract otherwise.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
+    /// Make a --backend that cannot run here (cuda without a usable GPU) an error, rather than a
+    /// warning and int8-cpu: for runs that must measure the backend they name.
+    #[arg(long)]
+    require_backend: bool,
+}
+
+impl ModelArgs {
+    /// `model` on the backend `backend`, falling back where it cannot run.
+    fn new(model: String, backend: BackendChoice) -> Self {
+        Self {
+            model,
+            backend,
+            require_backend: false,
+        }
+    }
+}
+
+/// Which backend a run asked for and, where it runs another, why: in every report.
+#[derive(Clone, Debug, serde::Serialize)]
+struct BackendUse {
+    /// `--backend` as given.
+    backend_requested: String,
+    /// Why the backend running is not the one asked for (null when it is).
+    backend_fallback: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -262,10 +286,7 @@ fn default_run() -> anyhow::Result<()> {
     eval::run(eval::Options::sample(sample_dataset("eurosat-rgb")))?;
     println!();
     println!("detection pass: committed NWPU VHR-10 sample scenes, built-in nwpu-vhr10 detector");
-    let model = ModelArgs {
-        model: models::DEFAULT_DETECTOR.to_string(),
-        backend: BackendChoice::Auto,
-    };
+    let model = ModelArgs::new(models::DEFAULT_DETECTOR.to_string(), BackendChoice::Auto);
     detect::evaluate(&detect::EvalOptions {
         model,
         dataset: sample_dataset("nwpu-vhr10"),
@@ -325,23 +346,42 @@ struct LoadedModel {
     /// Time to parse, check and prepare the int8 plan; `None` on tract.
     plan_load_ms: Option<f64>,
     switch: SwitchHandle,
+    /// The backend asked for, and why another runs if one does.
+    backend_use: BackendUse,
 }
 
 /// Load a model and put it on the chosen backend, switchable.
 fn load_model(args: &ModelArgs) -> anyhow::Result<LoadedModel> {
-    let (model, backend, plan_load_ms) = load_backend(args)?;
+    let mut fallback = None;
+    let (model, backend, plan_load_ms) = load_backend_noting(args, &mut fallback)?;
     let (switchable, switch) = SwitchableBackend::new(backend);
+    let backend_requested = args
+        .backend
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string());
     Ok(LoadedModel {
         model,
         backend: Box::new(switchable),
         plan_load_ms,
         switch,
+        backend_use: BackendUse {
+            backend_requested,
+            backend_fallback: fallback,
+        },
     })
 }
 
 /// A model on the chosen backend, and its plan's load time.
 fn load_backend(
     args: &ModelArgs,
+) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>, Option<f64>)> {
+    load_backend_noting(args, &mut None)
+}
+
+/// [`load_backend`], with why the backend asked for does not run (if so) in `fallback`.
+fn load_backend_noting(
+    args: &ModelArgs,
+    fallback: &mut Option<String>,
 ) -> anyhow::Result<(ZooModel, Box<dyn Backend + Send>, Option<f64>)> {
     let model = ZooModel::load(&args.model)?;
     let use_plan = match args.backend {
@@ -355,9 +395,20 @@ fn load_backend(
     }
     let started = std::time::Instant::now();
     if matches!(args.backend, BackendChoice::Cuda) {
-        if let Some(cuda) = cuda_backend(&model)? {
-            let ms = started.elapsed().as_secs_f64() * 1e3;
-            return Ok((model, Box::new(cuda), Some(ms)));
+        match cuda_backend(&model)? {
+            Ok(cuda) => {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                return Ok((model, Box::new(cuda), Some(ms)));
+            }
+            Err(why) if args.require_backend => {
+                anyhow::bail!(
+                    "--backend cuda cannot run here ({why}), and --require-backend was given"
+                )
+            }
+            Err(why) => {
+                eprintln!("warning: CUDA is not available ({why}); running int8-cpu instead");
+                *fallback = Some(format!("cuda not available: {why}"));
+            }
         }
     }
     let int8 = model.int8_backend()?.ok_or_else(|| {
@@ -391,7 +442,7 @@ fn model_slots(model: &ModelArgs, pairs: &[String], running: &ZooModel) -> anyho
     for (slot, name) in slot_pairs(pairs)? {
         by_slot[usize::from(slot)] = Some(ModelArgs {
             model: name,
-            backend: model.backend,
+            ..model.clone()
         });
     }
     let filled = std::array::from_fn(|i| by_slot[i].is_some());
@@ -412,18 +463,15 @@ fn model_slots(model: &ModelArgs, pairs: &[String], running: &ZooModel) -> anyho
     })
 }
 
-/// The model's plan on the GPU, or `None` (after a warning naming the reason) when this build
-/// or machine has no usable CUDA, so that the caller runs the CPU instead.
-fn cuda_backend(model: &ZooModel) -> anyhow::Result<Option<CudaBackend>> {
+/// The model's plan on the GPU, or why it cannot run there (this build or machine has no usable
+/// CUDA, or the model no plan), for the caller to run the CPU instead or refuse.
+fn cuda_backend(model: &ZooModel) -> anyhow::Result<Result<CudaBackend, String>> {
     let Some(plan) = model.plan_bytes()? else {
-        return Ok(None);
+        return Ok(Err("the model has no compiled plan".to_string()));
     };
     match CudaBackend::new(plan, &CudaOptions::default()) {
-        Ok(cuda) => Ok(Some(cuda)),
-        Err(CudaError::NotAvailable(why)) => {
-            eprintln!("warning: CUDA is not available ({why}); running int8-cpu instead");
-            Ok(None)
-        }
+        Ok(cuda) => Ok(Ok(cuda)),
+        Err(CudaError::NotAvailable(why)) => Ok(Err(why.to_string())),
         Err(e) => Err(e.into()),
     }
 }

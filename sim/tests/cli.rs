@@ -538,12 +538,38 @@ fn cuda_backend_without_a_gpu_falls_back_to_the_cpu() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let err = stderr(&out);
+    let r = report(&path);
+    assert_eq!(r["backend_requested"], "cuda");
     if err.contains("CUDA is not available") {
         assert!(err.contains("running int8-cpu instead"), "{err}");
-        assert_eq!(report(&path)["backend"], "int8-cpu");
+        assert_eq!(r["backend"], "int8-cpu");
+        // The report keeps what was asked for and why it did not run.
+        let why = r["backend_fallback"].as_str().unwrap_or_default();
+        assert!(why.starts_with("cuda not available: "), "{r}");
+        // --require-backend makes the same run an error before any image.
+        let out = sim(&[
+            "eval",
+            "--model",
+            "eurosat-rgb",
+            "--backend",
+            "cuda",
+            "--require-backend",
+            "--dataset",
+            sample().to_str().unwrap(),
+            "--report",
+            dir.path().join("required.json").to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("--backend cuda cannot run here")
+                && stderr(&out).contains("--require-backend"),
+            "{}",
+            stderr(&out)
+        );
     } else {
         // A machine with a GPU and a CUDA build.
-        assert_eq!(report(&path)["backend"], "cuda");
+        assert_eq!(r["backend"], "cuda");
+        assert!(r["backend_fallback"].is_null(), "{r}");
     }
-    assert_eq!(report(&path)["images"], 300);
+    assert_eq!(r["images"], 300);
 }
