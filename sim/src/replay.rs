@@ -130,6 +130,7 @@ fn classify_images(
     let labels = &model.manifest.labels;
     let spec = model.preprocess_spec()?;
     let tile = args.tile.unwrap_or(spec.width() as u32);
+    let model_side = spec.width().max(spec.height()) as u32;
     let mut input = vec![0.0; spec.input_len()];
     let mut output = vec![0.0; backend.output_len()];
     let mut step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
@@ -141,6 +142,9 @@ fn classify_images(
         let frame = frame as u64;
         let want = downlink.wants(frame, ProductKind::Thumbnail);
         let overlap = args.overlap.unwrap_or(0);
+        if let Some(warning) = scale_warning(path, tile, model_side) {
+            eprintln!("warning: {warning}");
+        }
         let replayed = replay_image(path, &mut step, tile, overlap, labels, &args.out, want);
         match replayed {
             Ok((raw_bytes, map, worth, thumbnail)) => {
@@ -157,6 +161,32 @@ fn classify_images(
         }
     }
     Ok(failed)
+}
+
+/// Why the model's answers on `path` deserve little trust, where its tiles (`tile` px, or the
+/// whole image where that is smaller) are resized to the model's input (`model_side` px) by
+/// more than 1.5x up or 2x down: it was not trained at that scale (a 1x1 image would otherwise
+/// get as confident an answer as any chip). `None` where the image cannot be read (its own
+/// error follows) or is close to the model's scale.
+fn scale_warning(path: &Path, tile: u32, model_side: u32) -> Option<String> {
+    let (width, height) = image::image_dimensions(path).ok()?;
+    let side = tile.min(width).min(height).max(1);
+    let (up, down) = (
+        f64::from(model_side) / f64::from(side),
+        f64::from(side) / f64::from(model_side),
+    );
+    let change = if up > 1.5 {
+        format!("upscaled {up:.1}x")
+    } else if down > 2.0 {
+        format!("shrunk {down:.1}x")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{}: {width}x{height}, tiles of {side} px {change} to the model's {model_side} px input: \
+         it was not trained at that scale; treat its answers as unreliable",
+        path.display()
+    ))
 }
 
 fn replay_image<B: kestrel_backend::Backend>(

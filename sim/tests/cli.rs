@@ -457,6 +457,47 @@ fn bad_arguments_are_refused_up_front_and_leave_nothing_behind() {
     );
 }
 
+/// An image smaller than the model's input, or tiles far from its size, are run but warned
+/// about: the answers would otherwise look as confident as any other. A chip at the model's
+/// own size is not.
+#[test]
+fn replay_warns_when_tiles_are_far_from_the_models_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let chip = image::open(sample().join("Forest/Forest_10.jpg")).unwrap();
+    let tiny = dir.path().join("tiny.png");
+    chip.crop_imm(0, 0, 8, 8).save(&tiny).unwrap();
+    let out_dir = dir.path().join("out");
+    let replay = |images: &Path, extra: &[&str]| {
+        let mut args = vec!["replay", "--images", images.to_str().unwrap()];
+        args.extend(["--out", out_dir.to_str().unwrap()]);
+        args.extend(extra);
+        sim(&args)
+    };
+    let out = replay(&tiny, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("tiny.png: 8x8, tiles of 8 px upscaled 8.0x"),
+        "{}",
+        stderr(&out)
+    );
+    let scene = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/nwpu-vhr10/images/017.jpg");
+    for (tile, change) in [("256", "shrunk 4.0x"), ("16", "upscaled 4.0x")] {
+        let out = replay(&scene, &["--tile", tile]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let expected = format!("017.jpg: 1020x630, tiles of {tile} px {change}");
+        assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    }
+    // A chip at the model's size, even with a larger --tile (it is one tile of itself).
+    for extra in [&[][..], &["--tile", "256"][..]] {
+        let out = replay(&sample().join("Forest/Forest_10.jpg"), extra);
+        assert!(
+            !stderr(&out).contains("warning"),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
 #[test]
 fn replay_of_an_unreadable_or_grey_image_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
