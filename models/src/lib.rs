@@ -66,6 +66,22 @@ pub struct Manifest {
     /// How a detector's head is read and its tiles merged (task `detect` only).
     #[serde(default)]
     pub detector: Option<DetectorInfo>,
+    /// The compiled plan's scores, where the manifest has them.
+    #[serde(default)]
+    pub plan: Option<PlanInfo>,
+}
+
+/// What the manifest says of the model's compiled plan. For a detector, mAP@0.5 as `sim eval`
+/// measures it (tiled as in flight, on the validation split): the one mAP definition Kestrel
+/// quotes and compares against.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PlanInfo {
+    /// With the int8 plan.
+    #[serde(default)]
+    pub validation_map50: Option<f64>,
+    /// With the float model (tract), on the same images and tiles.
+    #[serde(default)]
+    pub float_validation_map50: Option<f64>,
 }
 
 /// A detector's head and postprocessing, from the training script.
@@ -98,7 +114,9 @@ pub struct DetectorInfo {
     pub seam_containment: f32,
     /// Most detections of one class a frame reports.
     pub max_per_class: u16,
-    /// mAP@0.5 of the float model on the validation split, measured by the training script.
+    /// mAP@0.5 of the float model on whole (untiled) validation images, as the training script
+    /// measures it to pick its epoch: provenance only. The figure `sim` compares against is
+    /// [`PlanInfo`]'s, tiled as in flight.
     #[serde(default)]
     pub validation_map50: f64,
 }

@@ -210,8 +210,10 @@ struct Report {
     images: usize,
     #[serde(flatten)]
     scores: CocoScores,
-    /// The model's float mAP@0.5 on its validation split, from its manifest.
-    model_validation_map50: f64,
+    /// The model's mAP@0.5 on its validation split by this same measure (tiled as here), with
+    /// its int8 plan and with float, from its manifest (null where it has none).
+    model_validation_map50: Option<f64>,
+    model_float_validation_map50: Option<f64>,
     score_threshold: f32,
     nms_iou: f32,
     tile: [usize; 2],
@@ -388,13 +390,13 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
     let backend_use = detector.loaded.backend_use.clone();
     let model_name = detector.loaded.model.manifest.name.clone();
     let model_origin = detector.loaded.model.origin.clone();
-    let model_map50 = detector
+    let plan_info = detector
         .loaded
         .model
         .manifest
-        .detector
-        .as_ref()
-        .map_or(0.0, |d| d.validation_map50);
+        .plan
+        .clone()
+        .unwrap_or_default();
     // The downlink reports what the model would report in flight, not the long tail mAP needs.
     let report_threshold = detector.config.score_threshold;
     let config = DetectorConfig {
@@ -663,7 +665,8 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
         split: format!("{:?}", opts.split).to_lowercase(),
         images: images.len(),
         scores,
-        model_validation_map50: model_map50,
+        model_validation_map50: plan_info.validation_map50,
+        model_float_validation_map50: plan_info.float_validation_map50,
         score_threshold: config.score_threshold,
         nms_iou: config.nms_iou,
         tile: [spec.width(), spec.height()],
@@ -699,9 +702,18 @@ fn print_summary(r: &Report) {
         r.failures.len(),
         r.scores.objects
     );
+    let reference = match (r.model_validation_map50, r.model_float_validation_map50) {
+        (Some(int8), Some(float)) => format!(
+            "; the model's validation mAP@0.5, tiled as here, is {int8:.3} int8, {float:.3} float"
+        ),
+        (Some(map), None) | (None, Some(map)) => {
+            format!("; the model's validation mAP@0.5, tiled as here, is {map:.3}")
+        }
+        (None, None) => String::new(),
+    };
     println!(
-        "mAP         {:.3} at IoU 0.5, {:.3} at 0.50:0.95 ({} split of {}; the model's float validation mAP@0.5 is {:.3})",
-        r.scores.map50, r.scores.map50_95, r.split, r.dataset, r.model_validation_map50
+        "mAP         {:.3} at IoU 0.5, {:.3} at 0.50:0.95 ({} split of {}{reference})",
+        r.scores.map50, r.scores.map50_95, r.split, r.dataset
     );
     let per_class: Vec<String> = r
         .scores
