@@ -111,7 +111,7 @@ pub fn prepare_input<S: Sample>(
     // arithmetic per output value is the same as blending its four samples directly.
     // `input` holds exactly `bands` planes of `plane` values (checked above).
     for (band, out_plane) in input.chunks_exact_mut(plane.max(1)).enumerate() {
-        let (mean, inv_std) = (spec.mean(band), spec.inv_std(band));
+        let (mean, std) = (spec.mean(band), spec.std(band));
         for first in (0..out_w).step_by(CHUNK) {
             let columns = ColumnSources::new(&x_axis, rule, first, (out_w - first).min(CHUNK));
             let mut rows = RowCache::new();
@@ -125,7 +125,7 @@ pub fn prepare_input<S: Sample>(
                     .unwrap_or_default();
                 for ((cell, &t), &b) in out.iter_mut().zip(top).zip(bottom) {
                     let value = t * (1.0 - wy) + b * wy;
-                    *cell = (value - mean) * inv_std;
+                    *cell = (value - mean) / std;
                     finite &= cell.is_finite();
                 }
             }

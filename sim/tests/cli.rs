@@ -463,9 +463,13 @@ fn bad_arguments_are_refused_up_front_and_leave_nothing_behind() {
 #[test]
 fn replay_warns_when_tiles_are_far_from_the_models_scale() {
     let dir = tempfile::tempdir().unwrap();
-    let chip = image::open(sample().join("Forest/Forest_10.jpg")).unwrap();
+    let chip = kestrel_host::decode_image(&sample().join("Forest/Forest_10.jpg")).unwrap();
+    let chip = image::RgbImage::from_raw(64, 64, chip.samples).unwrap();
     let tiny = dir.path().join("tiny.png");
-    chip.crop_imm(0, 0, 8, 8).save(&tiny).unwrap();
+    image::imageops::crop_imm(&chip, 0, 0, 8, 8)
+        .to_image()
+        .save(&tiny)
+        .unwrap();
     let out_dir = dir.path().join("out");
     let replay = |images: &Path, extra: &[&str]| {
         let mut args = vec!["replay", "--images", images.to_str().unwrap()];

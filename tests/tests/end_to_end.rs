@@ -63,7 +63,7 @@ fn sample_replay_matches_the_validation_accuracy() {
 #[test]
 fn step_loop_over_a_frame_pool_classifies_real_chips() {
     // The no_std shape of the pipeline: a fixed pool, one step, no threads, no allocation
-    // in the loop (the host source decodes JPEGs with the image crate, outside the runtime).
+    // in the loop (the host source decodes JPEGs with libjpeg-turbo, outside the runtime).
     use kestrel_runtime::health::Health;
     use kestrel_runtime::pool::FramePool;
 

@@ -568,7 +568,8 @@ fn write_seed_corpus() {
 
     let chip = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../sim/sample/eurosat-rgb/Residential/Residential_202.jpg");
-    let rgb = image::open(&chip).unwrap().to_rgb8();
+    let rgb = kestrel_host::decode_image(&chip).unwrap();
+    let rgb = image::RgbImage::from_raw(64, 64, rgb.samples).unwrap();
     let crop = |size: u32| image::imageops::crop_imm(&rgb, 8, 8, size, size).to_image();
     let images = corpus.join("image_decode");
     std::fs::create_dir_all(&images).unwrap();

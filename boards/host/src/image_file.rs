@@ -19,7 +19,7 @@ pub struct ImageError {
 impl ImageError {
     /// `path` could not be used because of `reason`.
     pub fn new(path: &Path, reason: impl Into<String>) -> Self {
-        // A decoder's message may end in a line break or span several lines (zune-jpeg's do):
+        // A decoder's message may end in a line break or span several lines:
         // its lines joined, so that the reason stays on one line in logs and reason files.
         let reason: String = reason.into();
         let lines: Vec<&str> = reason
@@ -43,7 +43,7 @@ pub struct DecodedImage {
     pub samples: Vec<u8>,
 }
 
-/// Decode a JPEG or PNG file. 16-bit and float images are rejected: this board delivers 8-bit
+/// Decode a JPEG or PNG file (JPEG exactly as libjpeg-turbo decodes it). 16-bit and float images are rejected: this board delivers 8-bit
 /// camera frames.
 pub fn decode_image(path: &Path) -> Result<DecodedImage, ImageError> {
     decode_image_within(path, usize::MAX)
@@ -69,6 +69,9 @@ pub fn decode_image_bytes_within(
     bytes: &[u8],
     max_samples: usize,
 ) -> Result<DecodedImage, ImageError> {
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        return decode_jpeg(path, bytes, max_samples);
+    }
     let decoder = ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| ImageError::new(path, format!("cannot read: {e}")))?
@@ -76,16 +79,7 @@ pub fn decode_image_bytes_within(
         .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
     let (width, height) = decoder.dimensions();
     let bands = decoder.color_type().channel_count();
-    let claimed = u64::from(width) * u64::from(height) * u64::from(bands);
-    if claimed > max_samples as u64 {
-        return Err(ImageError::new(
-            path,
-            format!(
-                "{width}x{height}x{bands} image exceeds the frame buffer ({max_samples} samples)"
-            ),
-        ));
-    }
-    // The image crate's own allocation limit (512 MB), which its decode would apply.
+    check_claimed_size(path, (width, height, bands), max_samples)?;
     image::Limits::default()
         .reserve(decoder.total_bytes())
         .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
@@ -114,6 +108,72 @@ pub fn decode_image_bytes_within(
             bands,
         },
         samples,
+    })
+}
+
+/// `width x height x bands` from a header, refused when over `max_samples` or over the image
+/// crate's allocation limit (512 MB), which every decoder here keeps to.
+fn check_claimed_size(
+    path: &Path,
+    (width, height, bands): (u32, u32, u8),
+    max_samples: usize,
+) -> Result<(), ImageError> {
+    let claimed = u64::from(width) * u64::from(height) * u64::from(bands);
+    if claimed > max_samples as u64 {
+        return Err(ImageError::new(
+            path,
+            format!(
+                "{width}x{height}x{bands} image exceeds the frame buffer ({max_samples} samples)"
+            ),
+        ));
+    }
+    image::Limits::default()
+        .reserve(claimed)
+        .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))
+}
+
+/// JPEG through libjpeg-turbo's decoder (as mozjpeg builds it, without SIMD): its integer IDCT
+/// and "fancy" chroma upsampling are what PIL and torchvision decode with, so frames carry the
+/// pixels the models were trained on, byte for byte (the image crate's decoder differs in up to
+/// a fifth of the samples). Grey JPEGs stay one band; CMYK ones are refused.
+fn decode_jpeg(path: &Path, bytes: &[u8], max_samples: usize) -> Result<DecodedImage, ImageError> {
+    use mozjpeg::{ColorSpace, Decompress};
+    let fail = |reason: String| ImageError::new(path, format!("cannot decode image: {reason}"));
+    // libjpeg reports a fatal error by unwinding out of the call (without the panic hook);
+    // caught here, it is one more undecodable file.
+    let decode = || -> Result<DecodedImage, ImageError> {
+        let header = Decompress::new_mem(bytes).map_err(|e| fail(e.to_string()))?;
+        let bands = match header.color_space() {
+            ColorSpace::JCS_GRAYSCALE => 1,
+            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => 3,
+            other => return Err(fail(format!("{other:?} JPEGs are not supported"))),
+        };
+        let (width, height) = (header.width() as u32, header.height() as u32);
+        check_claimed_size(path, (width, height, bands), max_samples)?;
+        let mut started = if bands == 1 {
+            header.grayscale()
+        } else {
+            header.rgb()
+        }
+        .map_err(|e| fail(e.to_string()))?;
+        let samples: Vec<u8> = started.read_scanlines().map_err(|e| fail(e.to_string()))?;
+        started.finish().map_err(|e| fail(e.to_string()))?;
+        Ok(DecodedImage {
+            geometry: FrameGeometry {
+                width,
+                height,
+                bands: bands.into(),
+            },
+            samples,
+        })
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|unwound| {
+        let reason = unwound
+            .downcast_ref::<String>()
+            .map_or("libjpeg failed", String::as_str)
+            .trim_start_matches("libjpeg fatal error: ")
+            .to_string();
+        Err(fail(reason))
     })
 }
 

@@ -6,7 +6,7 @@
 //! Without the feature, opening a camera says so; the pixel conversions are always built, and
 //! tested here on frames whose colours the standard fixes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kestrel_hal::FrameGeometry;
 
@@ -159,21 +159,20 @@ pub fn convert(
             height,
             reason,
         };
-        // The size is checked from the header, before a damaged one that claims a huge image
-        // is allocated for.
-        let decoder = image::codecs::jpeg::JpegDecoder::new(std::io::Cursor::new(raw))
-            .map_err(|e| jpeg_error(e.to_string()))?;
-        let (got_w, got_h) = image::ImageDecoder::dimensions(&decoder);
-        if (got_w, got_h) != (width, height) {
-            return Err(jpeg_error(format!("it is {got_w}x{got_h}")));
+        // The host's decoder, libjpeg-turbo's arithmetic (the training pipeline's). It checks
+        // the size from the header, before a damaged one that claims a huge image is
+        // allocated for.
+        let image =
+            kestrel_host::decode_image_bytes_within(Path::new("MJPEG frame"), raw, out.len())
+                .map_err(|e| jpeg_error(e.reason))?;
+        let got = image.geometry;
+        if (got.width, got.height, got.bands) != (width, height, 3) {
+            return Err(jpeg_error(format!(
+                "it is {}x{} with {} band(s)",
+                got.width, got.height, got.bands
+            )));
         }
-        let image = image::DynamicImage::from_decoder(decoder)
-            .map_err(|e| jpeg_error(e.to_string()))?
-            .into_rgb8();
-        if image.dimensions() != (width, height) {
-            return Err(jpeg_error("it decoded to another size".into()));
-        }
-        out.copy_from_slice(image.as_raw());
+        out.copy_from_slice(&image.samples);
         return Ok(geometry);
     }
     let line = match format {
@@ -412,18 +411,15 @@ mod tests {
 
     #[test]
     fn mjpg_frames_decode_at_the_size_set() {
-        let image = image::RgbImage::from_fn(8, 4, |x, _| image::Rgb([x as u8 * 30, 90, 200]));
-        let mut jpeg = std::io::Cursor::new(Vec::new());
-        image.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
-        let mut out = [0u8; 8 * 4 * 3];
-        convert(PixelFormat::Mjpg, 8, 4, 0, jpeg.get_ref(), &mut out).unwrap();
-        let close = out
-            .iter()
-            .zip(image.as_raw())
-            .all(|(a, b)| a.abs_diff(*b) <= 12);
-        assert!(close, "{out:?}");
-        let wrong = convert(PixelFormat::Mjpg, 4, 4, 0, jpeg.get_ref(), &mut out).unwrap_err();
-        assert!(wrong.to_string().contains("it is 8x4"), "{wrong}");
+        // A real 64x64 JPEG chip as the camera's frame: the pixels a file of it decodes to.
+        let chip = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../sim/sample/eurosat-rgb/River/River_105.jpg");
+        let jpeg = std::fs::read(&chip).unwrap();
+        let mut out = vec![0u8; 64 * 64 * 3];
+        convert(PixelFormat::Mjpg, 64, 64, 0, &jpeg, &mut out).unwrap();
+        assert_eq!(out, kestrel_host::decode_image(&chip).unwrap().samples);
+        let wrong = convert(PixelFormat::Mjpg, 32, 64, 0, &jpeg, &mut out).unwrap_err();
+        assert!(wrong.to_string().contains("64x64"), "{wrong}");
         let garbage = convert(PixelFormat::Mjpg, 8, 4, 0, b"not a jpeg", &mut out).unwrap_err();
         assert!(matches!(garbage, CaptureError::Jpeg { .. }), "{garbage}");
     }

@@ -66,7 +66,7 @@ pub struct PreprocessSpec {
     height: usize,
     bands: usize,
     mean: [f32; MAX_BANDS],
-    inv_std: [f32; MAX_BANDS],
+    std: [f32; MAX_BANDS],
     resize: ResizeRule,
 }
 
@@ -97,18 +97,17 @@ impl PreprocessSpec {
             height,
             bands,
             mean: [0.0; MAX_BANDS],
-            inv_std: [0.0; MAX_BANDS],
+            std: [0.0; MAX_BANDS],
             resize,
         };
-        let slots = spec.mean.iter_mut().zip(spec.inv_std.iter_mut());
-        for (band, ((&m, &s), (mean_slot, inv_std_slot))) in
-            mean.iter().zip(std).zip(slots).enumerate()
+        let slots = spec.mean.iter_mut().zip(spec.std.iter_mut());
+        for (band, ((&m, &s), (mean_slot, std_slot))) in mean.iter().zip(std).zip(slots).enumerate()
         {
             if !m.is_finite() || !s.is_finite() || s <= 0.0 {
                 return Err(SpecError::BadNormalisation { band });
             }
             *mean_slot = m;
-            *inv_std_slot = 1.0 / s;
+            *std_slot = s;
         }
         Ok(spec)
     }
@@ -138,16 +137,17 @@ impl PreprocessSpec {
     pub fn mean(&self, band: usize) -> f32 {
         self.mean.get(band).copied().unwrap_or(0.0)
     }
-    /// `1 / std` of `band` (0 for a band the model does not have).
+    /// Standard deviation of `band` in raw sample units (1 for a band the model does not have).
     #[inline]
-    pub fn inv_std(&self, band: usize) -> f32 {
-        self.inv_std.get(band).copied().unwrap_or(0.0)
+    pub fn std(&self, band: usize) -> f32 {
+        self.std.get(band).copied().unwrap_or(1.0)
     }
-    /// Normalise one raw sample of `band` (0 for a band the model does not have).
+    /// Normalise one raw sample of `band` (0 for a band the model does not have). A division,
+    /// not a product with `1 / std`: rounded as training pipelines round `(x - mean) / std`.
     #[inline]
     pub fn normalise(&self, band: usize, sample: f32) -> f32 {
-        match (self.mean.get(band), self.inv_std.get(band)) {
-            (Some(mean), Some(inv_std)) => (sample - mean) * inv_std,
+        match (self.mean.get(band), self.std.get(band)) {
+            (Some(mean), Some(std)) if *std > 0.0 => (sample - mean) / std,
             _ => 0.0,
         }
     }

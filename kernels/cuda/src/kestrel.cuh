@@ -94,7 +94,7 @@ struct PreprocessArgs {
     int frame_width, frame_height, bands;
     int width, height;  // the model input
     float mean[16];
-    float inv_std[16];
+    float std_dev[16];
     float inverse_scale;
     int zero_point;
 };

@@ -214,7 +214,7 @@ pub struct PreprocessArgs {
     pub width: i32,
     pub height: i32,
     pub mean: [f32; MAX_BANDS],
-    pub inv_std: [f32; MAX_BANDS],
+    pub std_dev: [f32; MAX_BANDS],
     pub inverse_scale: f32,
     pub zero_point: i32,
 }
@@ -610,7 +610,7 @@ impl DeviceProgram {
         };
         for band in 0..spec.bands() {
             args.mean[band] = spec.mean(band);
-            args.inv_std[band] = spec.inv_std(band);
+            args.std_dev[band] = spec.std(band);
         }
         Some(Launch {
             threads,
