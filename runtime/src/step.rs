@@ -288,9 +288,40 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
         found.clear();
         let g = frame.geometry();
         let grid = self.tiles(g.width, g.height)?;
+        for row in 0..grid.rows() {
+            self.detect_tile_row(frame, 0, &grid, row, found)?;
+        }
+        self.finish_frame(g.width, g.height, found);
+        Ok(())
+    }
+
+    /// The tiles of tile row `row` of `grid` (this step's tiles of the whole frame), from
+    /// `rows`: the frame's rows from `top` down, at least those the tile row covers that are
+    /// inside the frame. Their detections are added to `found` in frame pixels; after the last
+    /// tile row, [`DetectorStep::finish_frame`] merges them. For frames read a band of rows at
+    /// a time; [`DetectorStep::detect`] is this over the whole frame.
+    pub fn detect_tile_row<S: Sample, const N: usize>(
+        &mut self,
+        rows: FrameView<'_, S>,
+        top: u32,
+        grid: &TileGrid,
+        row: u32,
+        found: &mut Detections<N>,
+    ) -> Result<(), StepError> {
         let c = self.config;
-        for region in grid.iter() {
-            prepare_input(frame, region, &self.spec, self.input).map_err(StepError::Preprocess)?;
+        let columns = grid.columns() as usize;
+        for column in 0..columns {
+            let Some(region) = grid.tile(row as usize * columns + column) else {
+                break;
+            };
+            let local = Region {
+                y: region
+                    .y
+                    .checked_sub(top)
+                    .ok_or(StepError::Preprocess(PreprocessError::Region))?,
+                ..region
+            };
+            prepare_input(rows, local, &self.spec, self.input).map_err(StepError::Preprocess)?;
             self.backend
                 .run(self.input, self.output)
                 .map_err(StepError::Backend)?;
@@ -300,8 +331,15 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
             self.tile.suppress(c.nms_iou);
             found.add_from_tile(&self.tile, region.x as f32, region.y as f32, 1.0);
         }
+        Ok(())
+    }
+
+    /// Merge the tile rows' detections of a `width` x `height` frame across seams, clip them to
+    /// the frame, and keep each class's best.
+    pub fn finish_frame<const N: usize>(&self, width: u32, height: u32, found: &mut Detections<N>) {
+        let c = self.config;
         found.merge_tiles(c.nms_iou, c.seam_containment);
-        found.clip_to(g.width as f32, g.height as f32);
+        found.clip_to(width as f32, height as f32);
         found.keep_per_class(c.max_per_class);
         if found.overflow() > 0 {
             warn!(
@@ -309,7 +347,6 @@ impl<'buf, B: Backend, const TILE_CAP: usize> DetectorStep<'buf, B, TILE_CAP> {
                 found.overflow()
             );
         }
-        Ok(())
     }
 
     /// [`DetectorStep::detect`], returning the latency in microseconds from `clock` and

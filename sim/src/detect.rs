@@ -435,7 +435,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
             // A buffer for the largest image of the split, read from the headers.
             let largest = images
                 .iter()
-                .filter_map(|i| image::image_dimensions(&i.path).ok())
+                .filter_map(|i| kestrel_host::image_size(&i.path).ok())
                 .map(|(w, h)| w as usize * h as usize * 4)
                 .max()
                 .unwrap_or(0);
@@ -752,11 +752,11 @@ fn print_summary(r: &Report) {
 /// `sim replay` with a detector: each image's boxes drawn into `<out>/<stem>.boxes.png` and
 /// listed in `<out>/<stem>.detections.json`.
 pub fn replay(
-    model: &ModelArgs,
+    args: &crate::ReplayArgs,
     files: &[PathBuf],
-    out: &Path,
     downlink: &mut Downlink,
 ) -> anyhow::Result<usize> {
+    let model = &args.model;
     let mut detector = Detector::load(model)?;
     let switch = detector.loaded.switch.clone();
     let slots = crate::model_slots(model, &downlink.args().slots, &detector.loaded.model)?;
@@ -771,12 +771,14 @@ pub fn replay(
     let mut failed = 0;
     for (frame, path) in files.iter().enumerate() {
         controls.wait_while_paused();
-        let result = replay_image(path, &mut step, &labels, &model_name, out, &mut found);
+        let result = replay_image(path, &mut step, &labels, &model_name, args, &mut found);
         match result {
-            Ok((raw_bytes, picture)) => {
+            Ok((raw_bytes, picture, factor)) => {
                 let frame = frame as u64;
                 downlink.frame_in(raw_bytes);
-                downlink.detections(frame, found.as_slice(), Some(&picture));
+                // Crops of the objects need the image at full resolution.
+                let full = (factor == 1).then_some(&picture);
+                downlink.detections(frame, found.as_slice(), full);
                 if downlink.wants(frame, Thumbnail) {
                     downlink.thumbnail(frame, &picture);
                 }
@@ -816,20 +818,52 @@ fn replay_image<B: Backend>(
     step: &mut DetectorStep<'_, B, TILE_CAP>,
     labels: &[String],
     model_name: &str,
-    out: &Path,
+    args: &crate::ReplayArgs,
     found: &mut FrameDetections,
-) -> anyhow::Result<(u64, image::RgbImage)> {
+) -> anyhow::Result<(u64, image::RgbImage, u32)> {
+    use crate::scene::{shrink_factor, Progress, Shrunk};
     let started = Instant::now();
-    let image = decode_image(path)?;
-    let g = image.geometry;
-    let view = FrameView::new(g, &image.samples).with_context(|| path.display().to_string())?;
-    let tiles = step.tiles(g.width, g.height)?.len();
-    step.detect(view, found)
-        .with_context(|| path.display().to_string())?;
-    let plain = kestrel_payload::downlink::rgb_image(&image.samples, g.width, g.height, g.bands);
+    let reader = kestrel_host::SceneReader::open(path, &crate::replay::scan_options(args))?;
+    let g = reader.geometry();
+    let grid = step.tiles(g.width, g.height)?;
+    let tiles = grid.len();
+    let mut shrunk = Shrunk::new(g, shrink_factor(g.width, g.height, args.map_side));
+    let mut strip = kestrel_host::SceneStrip::new(reader);
+    let mut progress = Progress::new(path.display().to_string(), tiles);
+    found.clear();
+    let columns = grid.columns() as usize;
+    for row in 0..grid.rows() {
+        let Some(first) = grid.tile(row as usize * columns) else {
+            break;
+        };
+        strip.cover(first.y, first.height, |y, samples| {
+            shrunk.push_row(y, samples)
+        })?;
+        let (resident, samples, top) = strip.resident();
+        let view = FrameView::new(resident, samples).with_context(|| path.display().to_string())?;
+        step.detect_tile_row(view, top, &grid, row, found)
+            .with_context(|| format!("{}: tile row at y {}", path.display(), first.y))?;
+        progress.update((row as usize + 1) * columns);
+    }
+    strip.finish(|y, samples| shrunk.push_row(y, samples))?;
+    step.finish_frame(g.width, g.height, found);
+    let factor = shrunk.factor();
+    let plain = shrunk.into_image();
     let mut picture = plain.clone();
-    crate::draw::detections(&mut picture, found.as_slice(), labels);
-    let png = crate::replay::output_path(out, path, "boxes.png");
+    let scale = 1.0 / factor as f32;
+    let drawn: Vec<_> = found
+        .as_slice()
+        .iter()
+        .map(|d| kestrel_runtime::detect::Detection {
+            x: d.x * scale,
+            y: d.y * scale,
+            w: d.w * scale,
+            h: d.h * scale,
+            ..*d
+        })
+        .collect();
+    crate::draw::detections(&mut picture, &drawn, labels);
+    let png = crate::replay::output_path(&args.out, path, "boxes.png");
     picture
         .save(&png)
         .with_context(|| format!("{}: cannot write", png.display()))?;
@@ -852,7 +886,7 @@ fn replay_image<B: Backend>(
             "[x, y, width, height] in pixels, (x, y) the top-left corner, from the image's top-left",
         detections,
     };
-    let json = crate::replay::output_path(out, path, "detections.json");
+    let json = crate::replay::output_path(&args.out, path, "detections.json");
     std::fs::write(&json, serde_json::to_string_pretty(&list)? + "\n")
         .with_context(|| format!("{}: cannot write", json.display()))?;
     let mut counts = vec![0usize; labels.len()];
@@ -868,7 +902,7 @@ fn replay_image<B: Backend>(
         .map(|(c, n)| format!("{} {n}", labels[c]))
         .collect();
     println!(
-        "{}: {}x{}, {tiles} tile(s): {} object(s) ({}) [{:.0} ms] -> {}",
+        "{}: {}x{}, {tiles} tile(s): {} object(s) ({}) [{:.0} ms] -> {}{}",
         path.display(),
         g.width,
         g.height,
@@ -879,7 +913,13 @@ fn replay_image<B: Backend>(
             mix.join(", ")
         },
         started.elapsed().as_secs_f64() * 1000.0,
-        png.display()
+        png.display(),
+        if factor > 1 {
+            format!(", drawn 1:{factor}")
+        } else {
+            String::new()
+        }
     );
-    Ok((image.samples.len() as u64, plain))
+    let raw_bytes = u64::from(g.width) * u64::from(g.height) * u64::from(g.bands);
+    Ok((raw_bytes, plain, factor))
 }

@@ -12,6 +12,7 @@ mod eval;
 mod faults;
 mod hil;
 mod replay;
+mod scene;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -235,7 +236,9 @@ enum SplitArg {
 struct ReplayArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// An image file (JPEG or PNG) or a folder of them.
+    /// An image file (JPEG, PNG, or TIFF/GeoTIFF of 8 or 16 bits) or a folder of them. Images
+    /// of any size are read a band of rows at a time: memory holds the rows one tile row
+    /// needs, not the image.
     #[arg(long)]
     images: PathBuf,
     /// Classifiers: tile size in pixels [default: the model's input size]; tiles are resized to
@@ -246,10 +249,24 @@ struct ReplayArgs {
     #[arg(long)]
     overlap: Option<u32>,
     /// Folder for the results, created if missing: a classifier's class maps
-    /// (`<image>.classmap.png`) and per-tile results (`<image>.tiles.json`), a detector's images
-    /// with their boxes drawn (`<image>.boxes.png`) and detections (`<image>.detections.json`).
+    /// (`<image>.classmap.png`) and per-tile results (`<image>.tiles.json`, written as tiles
+    /// are classified), a detector's images with their boxes drawn (`<image>.boxes.png`) and
+    /// detections (`<image>.detections.json`).
     #[arg(long, default_value = "sim-replay")]
     out: PathBuf,
+    /// Longest side, in pixels, of the class maps and box pictures written: a larger image is
+    /// drawn shrunk by a whole factor (each pixel the mean of its block). 0 draws at the
+    /// image's full resolution, which holds a picture of the whole image in memory.
+    #[arg(long, default_value_t = 2048)]
+    map_side: u32,
+    /// The image's bands to use, 1-based, in the model's band order: e.g. `4,3,2` for red,
+    /// green and blue of a 13-band Sentinel-2 GeoTIFF [default: all, as stored].
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
+    bands: Option<Vec<u16>>,
+    /// 16-bit images: the sample value that becomes 255 (linear from 0, larger values
+    /// clamped), e.g. 3000 for Sentinel-2 L1C reflectance; the models take 8-bit imagery.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    stretch: Option<u16>,
     #[command(flatten)]
     downlink: DownlinkArgs,
 }

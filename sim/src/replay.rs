@@ -6,13 +6,16 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use image::{GrayImage, Rgb, RgbImage};
 use kestrel_eval::dataset::list_images;
-use kestrel_host::{decode_image, DecodedImage};
+use kestrel_hal::FrameGeometry;
+use kestrel_host::{ScanOptions, SceneReader, SceneStrip};
 use kestrel_runtime::frame::FrameView;
+use kestrel_runtime::preprocess::Region;
 use kestrel_runtime::step::ClassifierStep;
 use kestrel_runtime::tile::TileGrid;
 use serde::Serialize;
 
 use crate::draw::{colour, legend};
+use crate::scene::{shrink_factor, Progress, Shrunk};
 use crate::{load_model, ReplayArgs};
 use kestrel_payload::downlink::Downlink;
 use kestrel_wire::message::ProductKind;
@@ -20,11 +23,11 @@ use models::ZooModel;
 
 /// One classified tile, as written to `<image>.tiles.json`.
 #[derive(Serialize)]
-struct TileResult {
+struct TileResult<'a> {
     #[serde(flatten)]
     region: RegionJson,
     class: u16,
-    label: String,
+    label: &'a str,
     confidence: f32,
 }
 
@@ -34,16 +37,6 @@ struct RegionJson {
     y: u32,
     width: u32,
     height: u32,
-}
-
-#[derive(Serialize)]
-struct TilesReport<'a> {
-    image: String,
-    width: u32,
-    height: u32,
-    tile: u32,
-    overlap: u32,
-    tiles: &'a [TileResult],
 }
 
 pub fn run(args: &ReplayArgs) -> anyhow::Result<()> {
@@ -90,7 +83,7 @@ fn replay_files(args: &ReplayArgs, files: &[PathBuf], model: &ZooModel) -> anyho
     let mut downlink = Downlink::new(&args.downlink, &model.manifest.labels)?;
     let started = Instant::now();
     let failed = if model.manifest.task == "detect" {
-        crate::detect::replay(&args.model, files, &args.out, &mut downlink)?
+        crate::detect::replay(args, files, &mut downlink)?
     } else {
         classify_images(args, files, &mut downlink)?
     };
@@ -141,11 +134,8 @@ fn classify_images(
         controls.wait_while_paused();
         let frame = frame as u64;
         let want = downlink.wants(frame, ProductKind::Thumbnail);
-        let overlap = args.overlap.unwrap_or(0);
-        if let Some(warning) = scale_warning(path, tile, model_side) {
-            eprintln!("warning: {warning}");
-        }
-        let replayed = replay_image(path, &mut step, tile, overlap, labels, &args.out, want);
+        let tiling = (tile, args.overlap.unwrap_or(0), model_side);
+        let replayed = replay_image(path, &mut step, tiling, labels, args, want);
         match replayed {
             Ok((raw_bytes, map, worth, thumbnail)) => {
                 downlink.frame_in(raw_bytes);
@@ -166,10 +156,14 @@ fn classify_images(
 /// Why the model's answers on `path` deserve little trust, where its tiles (`tile` px, or the
 /// whole image where that is smaller) are resized to the model's input (`model_side` px) by
 /// more than 1.5x up or 2x down: it was not trained at that scale (a 1x1 image would otherwise
-/// get as confident an answer as any chip). `None` where the image cannot be read (its own
-/// error follows) or is close to the model's scale.
-fn scale_warning(path: &Path, tile: u32, model_side: u32) -> Option<String> {
-    let (width, height) = image::image_dimensions(path).ok()?;
+/// get as confident an answer as any chip). `None` where the image is close to the model's
+/// scale.
+fn scale_warning(
+    path: &Path,
+    (width, height): (u32, u32),
+    tile: u32,
+    model_side: u32,
+) -> Option<String> {
     let side = tile.min(width).min(height).max(1);
     let (up, down) = (
         f64::from(model_side) / f64::from(side),
@@ -192,43 +186,69 @@ fn scale_warning(path: &Path, tile: u32, model_side: u32) -> Option<String> {
 fn replay_image<B: kestrel_backend::Backend>(
     path: &Path,
     step: &mut ClassifierStep<'_, B>,
-    tile: u32,
-    overlap: u32,
+    tiling: (u32, u32, u32),
     labels: &[String],
-    out: &Path,
+    args: &ReplayArgs,
     thumbnail: bool,
 ) -> anyhow::Result<(u64, GrayImage, f32, Option<RgbImage>)> {
+    let (tile, overlap, model_side) = tiling;
     let started = Instant::now();
-    let image = decode_image(path)?;
-    let g = image.geometry;
-    let view = FrameView::new(g, &image.samples).with_context(|| path.display().to_string())?;
+    let reader = SceneReader::open(path, &scan_options(args))?;
+    let g = reader.geometry();
+    if let Some(warning) = scale_warning(path, (g.width, g.height), tile, model_side) {
+        eprintln!("warning: {warning}");
+    }
     let grid = TileGrid::new(g.width, g.height, tile, tile, overlap)
         .with_context(|| path.display().to_string())?;
+    let mut picture = Shrunk::new(g, shrink_factor(g.width, g.height, args.map_side));
+    let mut strip = SceneStrip::new(reader);
+    let json_path = output_path(&args.out, path, "tiles.json");
+    let mut json = TilesJson::create(&json_path, path, g, tile, overlap)?;
     let mut tiles = Vec::with_capacity(grid.len());
-    for region in grid.iter() {
-        let c = step
-            .classify(view, region)
-            .with_context(|| format!("{}: tile at ({}, {})", path.display(), region.x, region.y))?;
-        let label = labels
-            .get(usize::from(c.class()))
-            .cloned()
-            .unwrap_or_default();
-        let region = RegionJson {
-            x: region.x,
-            y: region.y,
-            width: region.width,
-            height: region.height,
+    let mut progress = Progress::new(path.display().to_string(), grid.len());
+    let columns = grid.columns() as usize;
+    for row in 0..grid.rows() as usize {
+        let Some(first) = grid.tile(row * columns) else {
+            break;
         };
-        tiles.push(TileResult {
-            region,
-            class: c.class(),
-            label,
-            confidence: c.confidence(),
-        });
+        strip.cover(first.y, first.height, |y, samples| {
+            picture.push_row(y, samples)
+        })?;
+        let (resident, samples, top) = strip.resident();
+        let view = FrameView::new(resident, samples).with_context(|| path.display().to_string())?;
+        for region in (0..columns).filter_map(|column| grid.tile(row * columns + column)) {
+            let local = Region {
+                y: region.y - top,
+                ..region
+            };
+            let c = step.classify(view, local).with_context(|| {
+                format!("{}: tile at ({}, {})", path.display(), region.x, region.y)
+            })?;
+            let label = labels
+                .get(usize::from(c.class()))
+                .map_or("", String::as_str);
+            let result = TileResult {
+                region: RegionJson {
+                    x: region.x,
+                    y: region.y,
+                    width: region.width,
+                    height: region.height,
+                },
+                class: c.class(),
+                label,
+                confidence: c.confidence(),
+            };
+            json.tile(&result)?;
+            tiles.push((region, c.class(), c.confidence()));
+        }
+        progress.update(tiles.len());
     }
+    strip.finish(|y, samples| picture.push_row(y, samples))?;
+    json.finish()?;
+
     let mut counts = vec![0usize; labels.len()];
-    for t in &tiles {
-        if let Some(n) = counts.get_mut(usize::from(t.class)) {
+    for &(_, class, _) in &tiles {
+        if let Some(n) = counts.get_mut(usize::from(class)) {
             *n += 1;
         }
     }
@@ -257,21 +277,17 @@ fn replay_image<B: kestrel_backend::Backend>(
             Some((class as u16, label.as_str(), n as f64 / tiles.len() as f64))
         })
         .collect();
-    let map_path = output_path(out, path, "classmap.png");
-    write_class_map(&image, &tiles, &shares, &map_path)?;
-    let json_path = output_path(out, path, "tiles.json");
-    let report = TilesReport {
-        image: path.display().to_string(),
-        width: g.width,
-        height: g.height,
-        tile,
-        overlap,
-        tiles: &tiles,
+    let factor = picture.factor();
+    let picture = picture.into_image();
+    let map_path = output_path(&args.out, path, "classmap.png");
+    write_class_map(&picture, factor, &tiles, &shares, &map_path)?;
+    let shrunk = if factor > 1 {
+        format!(", drawn 1:{factor}")
+    } else {
+        String::new()
     };
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("{}: cannot write", json_path.display()))?;
     println!(
-        "{}: {}x{}, {} tile(s) ({}x{}, {} px, overlap {}): share of tiles {} [{:.0} ms] -> {}",
+        "{}: {}x{}, {} tile(s) ({}x{}, {} px, overlap {}): share of tiles {} [{:.0} ms] -> {}{shrunk}",
         path.display(),
         g.width,
         g.height,
@@ -285,14 +301,74 @@ fn replay_image<B: kestrel_backend::Backend>(
         map_path.display()
     );
     // The class map product: one grey pixel per tile; worth the mean confidence.
-    let mut map = GrayImage::new(grid.columns() as u32, grid.rows() as u32);
-    for (pixel, t) in map.pixels_mut().zip(&tiles) {
-        pixel.0 = [t.class.min(255) as u8];
+    let mut map = GrayImage::new(grid.columns(), grid.rows());
+    for (pixel, (_, class, _)) in map.pixels_mut().zip(&tiles) {
+        pixel.0 = [(*class).min(255) as u8];
     }
-    let worth = tiles.iter().map(|t| t.confidence).sum::<f32>() / tiles.len().max(1) as f32;
-    let rgb = thumbnail
-        .then(|| kestrel_payload::downlink::rgb_image(&image.samples, g.width, g.height, g.bands));
-    Ok((image.samples.len() as u64, map, worth, rgb))
+    let worth = tiles.iter().map(|t| t.2).sum::<f32>() / tiles.len().max(1) as f32;
+    let raw_bytes = u64::from(g.width) * u64::from(g.height) * u64::from(g.bands);
+    Ok((raw_bytes, map, worth, thumbnail.then_some(picture)))
+}
+
+/// How replay reads image files: the bands and 16-bit stretch asked for.
+pub fn scan_options(args: &ReplayArgs) -> ScanOptions {
+    ScanOptions {
+        bands: args
+            .bands
+            .as_ref()
+            .map(|bands| bands.iter().map(|&b| usize::from(b) - 1).collect()),
+        stretch: args.stretch,
+    }
+}
+
+/// `<image>.tiles.json`, written as tiles are classified: nothing is lost to a failure late in
+/// a long image, and memory does not grow with the results.
+struct TilesJson {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    tiles: usize,
+}
+
+impl TilesJson {
+    fn create(
+        path: &Path,
+        image: &Path,
+        g: FrameGeometry,
+        tile: u32,
+        overlap: u32,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        let mut json = Self {
+            path: path.to_path_buf(),
+            file: std::io::BufWriter::new(file),
+            tiles: 0,
+        };
+        let image = serde_json::to_string(&image.display().to_string())?;
+        json.write(&format!(
+            "{{\n  \"image\": {image},\n  \"width\": {},\n  \"height\": {},\n  \"tile\": {tile},\n  \"overlap\": {overlap},\n  \"tiles\": [",
+            g.width, g.height
+        ))?;
+        Ok(json)
+    }
+
+    fn tile(&mut self, tile: &TileResult) -> anyhow::Result<()> {
+        let separator = if self.tiles == 0 { "" } else { "," };
+        self.tiles += 1;
+        let tile = serde_json::to_string(tile)?;
+        self.write(&format!("{separator}\n    {tile}"))
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.write("\n  ]\n}\n")?;
+        std::io::Write::flush(&mut self.file)
+            .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
+
+    fn write(&mut self, text: &str) -> anyhow::Result<()> {
+        std::io::Write::write_all(&mut self.file, text.as_bytes())
+            .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
 }
 
 /// `<out>/<image stem>.<suffix>`.
@@ -304,35 +380,31 @@ pub fn output_path(out: &Path, image: &Path, suffix: &str) -> PathBuf {
     out.join(format!("{stem}.{suffix}"))
 }
 
-/// The image blended half and half with the class colour of the tile covering each pixel
-/// (where tiles overlap, the later tile in row-major order wins).
+/// The picture (the image shrunk by `factor`) blended half and half with the class colour of
+/// the tile covering each pixel (where tiles overlap, the later tile in row-major order wins).
 fn write_class_map(
-    image: &DecodedImage,
-    tiles: &[TileResult],
+    picture: &RgbImage,
+    factor: u32,
+    tiles: &[(Region, u16, f32)],
     shares: &[(u16, &str, f64)],
     path: &Path,
 ) -> anyhow::Result<()> {
-    let (samples, g) = (&image.samples, image.geometry);
-    let (width, height) = (g.width, g.height);
-    let (w, bands) = (width as usize, usize::from(g.bands));
+    let (width, height) = picture.dimensions();
+    let w = width as usize;
     let mut owner = vec![None; w * height as usize];
-    for t in tiles {
-        let x_end = (t.region.x + t.region.width).min(width) as usize;
-        let y_end = (t.region.y + t.region.height).min(height) as usize;
-        for y in t.region.y as usize..y_end {
-            owner[y * w + t.region.x as usize..y * w + x_end].fill(Some(t.class));
+    for &(region, class, _) in tiles {
+        let x_end = (region.x + region.width).div_ceil(factor).min(width) as usize;
+        let y_end = (region.y + region.height).div_ceil(factor).min(height) as usize;
+        let x_start = (region.x / factor) as usize;
+        for y in (region.y / factor) as usize..y_end {
+            if let Some(cells) = owner.get_mut(y * w + x_start..y * w + x_end) {
+                cells.fill(Some(class));
+            }
         }
     }
     let map = RgbImage::from_fn(width, height, |x, y| {
-        let i = y as usize * w + x as usize;
-        let sample = |b: usize| {
-            samples
-                .get(i * bands + b.min(bands - 1))
-                .copied()
-                .unwrap_or(0)
-        };
-        let pixel = [sample(0), sample(1), sample(2)];
-        match owner[i] {
+        let pixel = picture.get_pixel(x, y).0;
+        match owner[y as usize * w + x as usize] {
             Some(class) => {
                 let tint = colour(class);
                 Rgb(core::array::from_fn(|c| {

@@ -315,7 +315,10 @@ fn replay_tiles_a_large_scene_into_a_class_map() {
         paths.sort();
         paths
             .iter()
-            .map(|p| image::open(p).unwrap().to_rgb8())
+            .map(|p| {
+                let chip = kestrel_host::decode_image(p).unwrap();
+                image::RgbImage::from_raw(64, 64, chip.samples).unwrap()
+            })
             .collect()
     };
     let (forest, sea) = (chips("Forest"), chips("SeaLake"));
@@ -378,6 +381,70 @@ fn replay_tiles_a_large_scene_into_a_class_map() {
     assert!(
         right as f64 / total as f64 >= 0.9,
         "{right}/{total} tiles right"
+    );
+
+    // Drawn shrunk to fit 500 pixels (1:4), read a band of rows at a time either way: the same
+    // tiles, the same answers; progress on stderr is for long images only.
+    let shrunk_dir = dir.path().join("shrunk");
+    let out = sim(&[
+        "replay",
+        "--images",
+        scene_path.to_str().unwrap(),
+        "--out",
+        shrunk_dir.to_str().unwrap(),
+        "--map-side",
+        "500",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("drawn 1:4"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let map = image::open(shrunk_dir.join("scene.classmap.png")).unwrap();
+    assert_eq!(map.width(), 500);
+    let read = |dir: &Path| std::fs::read_to_string(dir.join("scene.tiles.json")).unwrap();
+    assert_eq!(read(&out_dir), read(&shrunk_dir));
+}
+
+/// A 13-band, 16-bit Sentinel-2 GeoTIFF through the RGB model: bands picked and stretched to
+/// 8 bits as EuroSAT's RGB chips were made; refused, with the reason, without a stretch or with
+/// a band it does not have.
+#[test]
+fn replay_takes_a_multispectral_geotiff_by_band() {
+    let dir = tempfile::tempdir().unwrap();
+    let tif = sample().join("../eurosat-ms/AnnualCrop_1.tif");
+    let replay = |extra: &[&str]| {
+        let mut args = vec!["replay", "--images", tif.to_str().unwrap()];
+        args.extend(["--out", dir.path().to_str().unwrap()]);
+        args.extend(extra);
+        sim(&args)
+    };
+    let out = replay(&["--bands", "4,3,2", "--stretch", "2750"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tiles: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("AnnualCrop_1.tiles.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tiles["tiles"][0]["label"], "AnnualCrop", "{tiles}");
+
+    let out = replay(&["--bands", "4,3,2"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("16-bit samples"), "{}", stderr(&out));
+    let out = replay(&["--bands", "4,3,14", "--stretch", "2750"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("band 14 asked for, but the image has 13"),
+        "{}",
+        stderr(&out)
+    );
+    // All 13 bands into a 3-band model: the frame does not fit, said as such.
+    let out = replay(&["--stretch", "2750"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("image has 13 band(s), the model takes 3"),
+        "{}",
+        stderr(&out)
     );
 }
 

@@ -1,6 +1,7 @@
 //! Board support for desktops and hardware-in-the-loop hosts.
 //!
-//! Image files (JPEG, PNG) and folders of them become frame sources; so does a frame link over a
+//! Image files (JPEG, PNG) and folders of them become frame sources, and scene-sized ones (TIFF
+//! too) are read a band of rows at a time ([`scene`]); so does a frame link over a
 //! byte stream (TCP for hardware in the loop), whose sending side is here too. The host clock is
 //! `std::time::Instant`. Every failure names the file and the reason on one line.
 #![deny(missing_docs)]
@@ -9,11 +10,13 @@
 pub mod frame_link;
 pub mod fuzzing;
 pub mod image_file;
+pub mod scene;
 
 pub use image_file::{
     decode_image, decode_image_bytes, decode_image_bytes_within, decode_image_within, DecodedImage,
     FolderSource, ImageError,
 };
+pub use scene::{image_size, ScanOptions, SceneReader, SceneStrip};
 
 use std::time::Instant;
 
