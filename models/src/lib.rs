@@ -335,6 +335,22 @@ pub struct ZooModel {
 impl ZooModel {
     /// Load a built-in model by name, or a model from a folder, an ONNX file (with
     /// `manifest.json` beside it) or a manifest file (with `model.onnx` beside it).
+    ///
+    /// ```
+    /// use kestrel_backend::Backend;
+    ///
+    /// let model = models::ZooModel::load("eurosat-rgb")?;
+    /// assert_eq!(model.manifest.labels.len(), 10);
+    /// let spec = model.preprocess_spec()?;
+    /// assert_eq!((spec.width(), spec.height(), spec.bands()), (64, 64, 3));
+    /// // Its compiled plan on the int8 CPU executor (tract runs the ONNX where there is none).
+    /// let backend = model.int8_backend()?.expect("a built-in model has a plan");
+    /// assert_eq!(backend.output_len(), 10);
+    ///
+    /// let e = models::ZooModel::load("no/such/model").unwrap_err();
+    /// assert!(e.to_string().contains("no/such/model"), "{e}");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn load(name_or_path: &str) -> Result<Self, ModelError> {
         if let Some(b) = kestrel_zoo::find(name_or_path) {
             let origin = format!("builtin:{}", b.name);

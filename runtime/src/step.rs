@@ -116,6 +116,35 @@ impl core::fmt::Display for SetupError {
 impl std::error::Error for SetupError {}
 
 /// Classifies frames with one backend into caller-owned input and output buffers.
+///
+/// The built-in EuroSAT plan on the int8 CPU executor, classifying a frame (a flat 64x64 RGB
+/// frame here; a camera's or a file's in flight):
+///
+/// ```
+/// use kestrel_backend::Backend;
+/// use kestrel_hal::FrameGeometry;
+/// use kestrel_plan::cpu::Int8Cpu;
+/// use kestrel_runtime::frame::FrameView;
+/// use kestrel_runtime::preprocess::Region;
+/// use kestrel_runtime::step::ClassifierStep;
+///
+/// let backend = Int8Cpu::from_bytes(kestrel_zoo::EUROSAT_RGB.plan)?;
+/// // The plan's header says how frames become model inputs, and what the classes are.
+/// let header = backend.program().header();
+/// let spec = header.preprocess_spec()?;
+/// let labels: Vec<String> = header.labels().map(String::from).collect();
+///
+/// let (mut input, mut output) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
+/// let mut step = ClassifierStep::new(backend, spec, &mut input, &mut output)?;
+///
+/// let geometry = FrameGeometry { width: 64, height: 64, bands: 3 };
+/// let samples = [40u8, 70, 120].repeat(64 * 64);
+/// let frame = FrameView::new(geometry, &samples)?;
+/// let result = step.classify(frame, Region::whole(64, 64))?;
+/// let label = &labels[usize::from(result.class())];
+/// assert!((0.0..=1.0).contains(&result.confidence()), "{label}");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct ClassifierStep<'buf, B> {
     backend: B,
     spec: PreprocessSpec,
@@ -230,6 +259,37 @@ impl DetectorConfig {
 /// model-sized tiles that overlap by [`DetectorConfig::tile_overlap`] (a frame smaller than a
 /// tile is padded with the band mean), each tile is decoded and suppressed, and the boxes are
 /// mapped back to frame pixels and merged across seams. Allocates nothing per frame.
+///
+/// The built-in NWPU VHR-10 plan on the int8 CPU executor (compiled here, not run: a 512x512
+/// tile is 1.4 G multiply-adds; `cargo run -p models --example detect_scene` runs it):
+///
+/// ```no_run
+/// use kestrel_backend::Backend;
+/// use kestrel_hal::FrameGeometry;
+/// use kestrel_plan::cpu::Int8Cpu;
+/// use kestrel_runtime::detect::Detections;
+/// use kestrel_runtime::frame::FrameView;
+/// use kestrel_runtime::step::{DetectorConfig, DetectorStep};
+///
+/// let backend = Int8Cpu::from_bytes(kestrel_zoo::NWPU_VHR10.plan)?;
+/// let header = backend.program().header();
+/// let spec = header.preprocess_spec()?;
+/// let config = DetectorConfig::from_plan(header).ok_or("not a detector")?;
+///
+/// let (mut input, mut output) = (vec![0.0; spec.input_len()], vec![0.0; backend.output_len()]);
+/// // At most 128 boxes per tile before merging.
+/// let mut step = DetectorStep::<_, 128>::new(backend, spec, config, &mut input, &mut output)?;
+///
+/// let geometry = FrameGeometry { width: 1024, height: 768, bands: 3 };
+/// let samples = vec![90u8; 1024 * 768 * 3];
+/// let mut found = Detections::<1024>::new();
+/// step.detect(FrameView::new(geometry, &samples)?, &mut found)?;
+/// for d in found.as_slice() {
+///     // Frame pixels, (x, y) the top-left corner; best first.
+///     println!("class {} score {:.2} at ({}, {}) {}x{}", d.class, d.score, d.x, d.y, d.w, d.h);
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct DetectorStep<'buf, B, const TILE_CAP: usize> {
     backend: B,
     spec: PreprocessSpec,

@@ -45,6 +45,19 @@ pub struct DecodedImage {
 
 /// Decode a JPEG or PNG file (JPEG exactly as libjpeg-turbo decodes it). 16-bit and float images are rejected: this board delivers 8-bit
 /// camera frames.
+///
+/// ```
+/// let chip = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+///     .join("../../sim/sample/eurosat-rgb/River/River_105.jpg");
+/// let image = kestrel_host::decode_image(&chip)?;
+/// let g = image.geometry;
+/// assert_eq!((g.width, g.height, g.bands), (64, 64, 3));
+/// assert_eq!(image.samples.len(), 64 * 64 * 3);
+///
+/// let missing = kestrel_host::decode_image(std::path::Path::new("no/such.jpg")).unwrap_err();
+/// assert!(missing.to_string().starts_with("no/such.jpg: cannot open"));
+/// # Ok::<(), kestrel_host::ImageError>(())
+/// ```
 pub fn decode_image(path: &Path) -> Result<DecodedImage, ImageError> {
     decode_image_within(path, usize::MAX)
 }

@@ -36,6 +36,21 @@ pub fn image_size(path: &Path) -> Result<(u32, u32), ImageError> {
 }
 
 /// An image file read top to bottom, one row at a time, as 8-bit samples.
+///
+/// ```
+/// use kestrel_host::{ScanOptions, SceneReader};
+///
+/// let scene = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+///     .join("../../sim/sample/nwpu-vhr10/images/017.jpg");
+/// let mut reader = SceneReader::open(&scene, &ScanOptions::default())?;
+/// let g = reader.geometry();
+/// let mut row = vec![0u8; g.width as usize * usize::from(g.bands)];
+/// for _ in 0..g.height {
+///     reader.read_row(&mut row)?; // one row in memory at a time
+/// }
+/// assert!(reader.read_row(&mut row).is_err(), "past the last row");
+/// # Ok::<(), kestrel_host::ImageError>(())
+/// ```
 pub struct SceneReader {
     path: PathBuf,
     width: u32,
