@@ -150,44 +150,69 @@ fn check_claimed_size(
 /// pixels the models were trained on, byte for byte (the image crate's decoder differs in up to
 /// a fifth of the samples). Grey JPEGs stay one band; CMYK ones are refused.
 fn decode_jpeg(path: &Path, bytes: &[u8], max_samples: usize) -> Result<DecodedImage, ImageError> {
-    use mozjpeg::{ColorSpace, Decompress};
-    let fail = |reason: String| ImageError::new(path, format!("cannot decode image: {reason}"));
-    // libjpeg reports a fatal error by unwinding out of the call (without the panic hook);
-    // caught here, it is one more undecodable file.
-    let decode = || -> Result<DecodedImage, ImageError> {
-        let header = Decompress::new_mem(bytes).map_err(|e| fail(e.to_string()))?;
-        let bands = match header.color_space() {
-            ColorSpace::JCS_GRAYSCALE => 1,
-            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => 3,
-            other => return Err(fail(format!("{other:?} JPEGs are not supported"))),
-        };
-        let (width, height) = (header.width() as u32, header.height() as u32);
-        check_claimed_size(path, (width, height, bands), max_samples)?;
-        let mut started = if bands == 1 {
-            header.grayscale()
-        } else {
-            header.rgb()
+    catching_libjpeg(path, || {
+        let header = mozjpeg::Decompress::new_mem(bytes).map_err(|e| jpeg_error(path, e))?;
+        let (geometry, mut started) = start_jpeg(path, header, Some(max_samples))?;
+        let samples: Vec<u8> = started.read_scanlines().map_err(|e| jpeg_error(path, e))?;
+        started.finish().map_err(|e| jpeg_error(path, e))?;
+        Ok(DecodedImage { geometry, samples })
+    })
+}
+
+/// Start decompressing a JPEG whose header `header` has read: grey as one band, colour as RGB.
+/// An image to be held whole (`max_samples` given) is refused when over it or the 512 MB limit.
+pub(crate) fn start_jpeg<R>(
+    path: &Path,
+    header: mozjpeg::Decompress<R>,
+    max_samples: Option<usize>,
+) -> Result<(FrameGeometry, mozjpeg::decompress::DecompressStarted<R>), ImageError> {
+    use mozjpeg::ColorSpace;
+    let bands = match header.color_space() {
+        ColorSpace::JCS_GRAYSCALE => 1,
+        ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => 3,
+        other => {
+            return Err(jpeg_error(
+                path,
+                format!("{other:?} JPEGs are not supported"),
+            ))
         }
-        .map_err(|e| fail(e.to_string()))?;
-        let samples: Vec<u8> = started.read_scanlines().map_err(|e| fail(e.to_string()))?;
-        started.finish().map_err(|e| fail(e.to_string()))?;
-        Ok(DecodedImage {
-            geometry: FrameGeometry {
-                width,
-                height,
-                bands: bands.into(),
-            },
-            samples,
-        })
     };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|unwound| {
+    let (width, height) = (header.width() as u32, header.height() as u32);
+    if let Some(max_samples) = max_samples {
+        check_claimed_size(path, (width, height, bands), max_samples)?;
+    }
+    let started = if bands == 1 {
+        header.grayscale()
+    } else {
+        header.rgb()
+    }
+    .map_err(|e| jpeg_error(path, e))?;
+    let geometry = FrameGeometry {
+        width,
+        height,
+        bands: bands.into(),
+    };
+    Ok((geometry, started))
+}
+
+/// `f`, which calls into libjpeg: libjpeg reports a fatal error by unwinding out of the call
+/// (without the panic hook); caught here, it is one more undecodable file.
+pub(crate) fn catching_libjpeg<T>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|unwound| {
         let reason = unwound
             .downcast_ref::<String>()
             .map_or("libjpeg failed", String::as_str)
             .trim_start_matches("libjpeg fatal error: ")
             .to_string();
-        Err(fail(reason))
+        Err(jpeg_error(path, reason))
     })
+}
+
+fn jpeg_error(path: &Path, reason: impl std::fmt::Display) -> ImageError {
+    ImageError::new(path, format!("cannot decode image: {reason}"))
 }
 
 /// Delivers a list of image files as frames, in order, optionally paced like a sensor.

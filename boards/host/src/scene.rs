@@ -218,15 +218,11 @@ impl SceneReader {
         let width = self.width as usize;
         match &mut self.source {
             Source::Jpeg(jpeg, bytes) => {
-                // libjpeg reports a fatal error by unwinding out of the call (see decode_jpeg).
-                let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    jpeg.read_scanlines_into(bytes.as_mut_slice()).map(|_| ())
-                }));
-                match read {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(fail(e.to_string())),
-                    Err(_) => return Err(fail("libjpeg failed".into())),
-                }
+                crate::image_file::catching_libjpeg(path, || {
+                    jpeg.read_scanlines_into(bytes.as_mut_slice())
+                        .map(|_| ())
+                        .map_err(|e| fail(e.to_string()))
+                })?;
                 for (o, &b) in row.iter_mut().zip(bytes.iter()) {
                     *o = u16::from(b);
                 }
@@ -304,33 +300,17 @@ fn widen(data: &[u8], bits: u8, out: &mut [u16], little_endian: bool) {
 type Opened = (u32, u32, u8, usize, Source);
 
 fn open_jpeg(path: &Path, reader: BufReader<File>) -> Result<Opened, ImageError> {
-    use mozjpeg::{ColorSpace, Decompress};
-    let fail = |reason: String| ImageError::new(path, format!("cannot decode image: {reason}"));
-    let start = || -> Result<Opened, ImageError> {
-        let header = Decompress::new_reader(reader).map_err(|e| fail(e.to_string()))?;
-        let bands = match header.color_space() {
-            ColorSpace::JCS_GRAYSCALE => 1,
-            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => 3,
-            other => return Err(fail(format!("{other:?} JPEGs are not supported"))),
-        };
-        let (width, height) = (header.width() as u32, header.height() as u32);
-        let started = if bands == 1 {
-            header.grayscale()
-        } else {
-            header.rgb()
-        }
-        .map_err(|e| fail(e.to_string()))?;
-        let row = vec![0u8; width as usize * bands];
-        Ok((
-            width,
-            height,
-            8,
-            bands,
-            Source::Jpeg(Box::new(started), row),
-        ))
-    };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(start))
-        .unwrap_or_else(|_| Err(fail("libjpeg failed".into())))
+    use crate::image_file::{catching_libjpeg, start_jpeg};
+    catching_libjpeg(path, || {
+        let header = mozjpeg::Decompress::new_reader(reader)
+            .map_err(|e| ImageError::new(path, format!("cannot decode image: {e}")))?;
+        // Read by rows: no whole-image bound.
+        let (g, started) = start_jpeg(path, header, None)?;
+        let bands = usize::from(g.bands);
+        let row = vec![0u8; g.width as usize * bands];
+        let source = Source::Jpeg(Box::new(started), row);
+        Ok((g.width, g.height, 8, bands, source))
+    })
 }
 
 fn open_png(path: &Path, reader: BufReader<File>) -> Result<Opened, ImageError> {
