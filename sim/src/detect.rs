@@ -250,6 +250,8 @@ struct Report {
 enum Samples {
     U8(Vec<u8>),
     F32(Vec<f32>),
+    /// Too large to hold ([`WHOLE_IMAGE_SAMPLES`]): read by rows as the detector runs.
+    Scene(PathBuf),
 }
 
 /// A frame delivered to the detector eval.
@@ -263,21 +265,25 @@ struct Delivered {
 impl Delivered {
     /// Bytes as the sensor delivered them.
     fn bytes(&self) -> u64 {
+        let g = self.geometry;
         match &self.samples {
             Samples::U8(s) => s.len() as u64,
             Samples::F32(s) => 4 * s.len() as u64,
+            Samples::Scene(_) => u64::from(g.width) * u64::from(g.height) * u64::from(g.bands),
         }
     }
 
-    /// An RGB picture of it, to cut products from (float samples clamped to 8 bits).
-    fn picture(&self) -> image::RgbImage {
+    /// An RGB picture of it, to cut products from (float samples clamped to 8 bits); none of an
+    /// image too large to hold.
+    fn picture(&self) -> Option<image::RgbImage> {
         let g = self.geometry;
         match &self.samples {
-            Samples::U8(s) => downlink::rgb_image(s, g.width, g.height, g.bands),
+            Samples::U8(s) => Some(downlink::rgb_image(s, g.width, g.height, g.bands)),
             Samples::F32(s) => {
                 let bytes: Vec<u8> = s.iter().map(|&v| v.clamp(0.0, 255.0) as u8).collect();
-                downlink::rgb_image(&bytes, g.width, g.height, g.bands)
+                Some(downlink::rgb_image(&bytes, g.width, g.height, g.bands))
             }
+            Samples::Scene(_) => None,
         }
     }
 }
@@ -308,13 +314,22 @@ impl Frames<'_> {
                 let index = *next;
                 let image = images.get(index)?;
                 *next += 1;
+                if let Some(geometry) = too_large_to_hold(&image.path) {
+                    let samples = Samples::Scene(image.path.clone());
+                    let delivered = Delivered {
+                        geometry,
+                        samples,
+                        damaged: false,
+                    };
+                    return Some((index, Ok(delivered)));
+                }
                 let delivered = decode_image(&image.path)
                     .map(|d| Delivered {
                         geometry: d.geometry,
                         samples: Samples::U8(d.samples),
                         damaged: false,
                     })
-                    .map_err(|e| FrameFailure::Source(e.to_string()));
+                    .map_err(|e| FrameFailure::Source(e.reason));
                 Some((index, delivered))
             }
             Self::Faulty {
@@ -333,7 +348,7 @@ impl Frames<'_> {
                 let frame = match frame {
                     Ok(None) => return None,
                     Ok(Some(frame)) => frame,
-                    Err(e) => return Some((index, Err(FrameFailure::Source(e.to_string())))),
+                    Err(e) => return Some((index, Err(FrameFailure::Source(e.reason)))),
                 };
                 let capture_us = frame.meta.capture_us;
                 if let Some(previous_us) = last_capture_us.filter(|&p| capture_us <= p) {
@@ -360,6 +375,15 @@ impl Frames<'_> {
 }
 
 /// Run `step` on one frame's samples; its latency, or why it failed.
+/// The geometry of the image at `path` when it has more than [`WHOLE_IMAGE_SAMPLES`] samples
+/// (from its header).
+fn too_large_to_hold(path: &Path) -> Option<FrameGeometry> {
+    let reader = kestrel_host::SceneReader::open(path, &Default::default()).ok()?;
+    let g = reader.geometry();
+    let samples = u64::from(g.width) * u64::from(g.height) * u64::from(g.bands);
+    (samples > WHOLE_IMAGE_SAMPLES).then_some(g)
+}
+
 fn detect_frame<S: Sample, B: Backend>(
     step: &mut DetectorStep<'_, B, TILE_CAP>,
     geometry: FrameGeometry,
@@ -374,6 +398,76 @@ fn detect_frame<S: Sample, B: Backend>(
     })?;
     step.process(view, clock, health, found)
         .map_err(FrameFailure::Step)
+}
+
+/// Images of more samples than this are read a band of rows at a time by the detector eval,
+/// never whole (replay reads every image so): memory then follows their width, not their area.
+/// Below it, an image is decoded whole, so that its objects can be cut out as products.
+const WHOLE_IMAGE_SAMPLES: u64 = 1 << 26;
+
+/// Every object in the image at `path`, read a band of rows at a time (the rows one tile row
+/// needs), into `found`; each row goes to `on_row` as it is read and the tiles done so far to
+/// `on_tiles`. The same boxes as [`DetectorStep::detect`] on the whole image.
+fn detect_streamed<B: Backend>(
+    step: &mut DetectorStep<'_, B, TILE_CAP>,
+    path: &Path,
+    scan: &kestrel_host::ScanOptions,
+    found: &mut FrameDetections,
+    mut on_row: impl FnMut(u32, &[u8]),
+    mut on_tiles: impl FnMut(usize),
+) -> Result<FrameGeometry, FrameFailure<String>> {
+    let source = |e: kestrel_host::ImageError| FrameFailure::Source(e.reason);
+    let reader = kestrel_host::SceneReader::open(path, scan).map_err(source)?;
+    let g = reader.geometry();
+    let grid = step.tiles(g.width, g.height).map_err(FrameFailure::Step)?;
+    let mut strip = kestrel_host::SceneStrip::new(reader);
+    found.clear();
+    let columns = grid.columns() as usize;
+    for row in 0..grid.rows() {
+        let Some(first) = grid.tile(row as usize * columns) else {
+            break;
+        };
+        strip
+            .cover(first.y, first.height, &mut on_row)
+            .map_err(source)?;
+        let (resident, samples, top) = strip.resident();
+        let view = FrameView::new(resident, samples).map_err(FrameFailure::Frame)?;
+        step.detect_tile_row(view, top, &grid, row, found)
+            .map_err(FrameFailure::Step)?;
+        on_tiles((row as usize + 1) * columns);
+    }
+    strip.finish(&mut on_row).map_err(source)?;
+    step.finish_frame(g.width, g.height, found);
+    Ok(g)
+}
+
+/// [`detect_streamed`] for the eval: its latency from `clock`, counted in `health` as
+/// [`DetectorStep::process`] counts a frame.
+fn detect_scene<B: Backend>(
+    step: &mut DetectorStep<'_, B, TILE_CAP>,
+    path: &Path,
+    clock: &HostClock,
+    health: &mut Health,
+    found: &mut FrameDetections,
+) -> Result<u64, FrameFailure<String>> {
+    use kestrel_hal::MonotonicClock;
+    let started = clock.now_us();
+    let scan = kestrel_host::ScanOptions::default();
+    match detect_streamed(step, path, &scan, found, |_, _| {}, |_| {}) {
+        Ok(_) => {
+            let latency = clock.now_us().saturating_sub(started);
+            health.record_done(latency);
+            Ok(latency)
+        }
+        Err(failure) => {
+            health.record_error(match &failure {
+                FrameFailure::Step(e) => e.kind(),
+                FrameFailure::Source(_) => ErrorKind::Source,
+                _ => ErrorKind::Frame,
+            });
+            Err(failure)
+        }
+    }
 }
 
 /// Score a detector on a COCO folder: every image of the split through the tiled detector,
@@ -530,6 +624,7 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
             Samples::F32(samples) => {
                 detect_frame(&mut step, g, samples, &clock, &mut health, &mut found)
             }
+            Samples::Scene(path) => detect_scene(&mut step, path, &clock, &mut health, &mut found),
         };
         match processed {
             Ok(latency) => {
@@ -539,7 +634,9 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                 let reported = reported(&found);
                 let frame = done as u64;
                 let thumbnail = downlink.wants(frame, Thumbnail);
-                let picture = (thumbnail || !reported.is_empty()).then(|| delivered.picture());
+                let picture = (thumbnail || !reported.is_empty())
+                    .then(|| delivered.picture())
+                    .flatten();
                 downlink.detections(frame, &reported, picture.as_ref());
                 if let Some(picture) = picture.as_ref().filter(|_| thumbnail) {
                     downlink.thumbnail(frame, picture);
@@ -588,17 +685,21 @@ pub fn evaluate(opts: &EvalOptions) -> anyhow::Result<()> {
                     let Some(image) = images.get(again) else {
                         continue;
                     };
-                    let Ok(decoded) = decode_image(&image.path) else {
-                        continue;
-                    };
-                    let Ok(view) = FrameView::new(decoded.geometry, &decoded.samples) else {
-                        continue;
-                    };
                     health.scrub.reruns += 1;
-                    if step
-                        .process(view, &clock, &mut Health::default(), &mut found)
-                        .is_ok()
-                    {
+                    let rerun = if too_large_to_hold(&image.path).is_some() {
+                        let (clock, mut health) = (&clock, Health::default());
+                        detect_scene(&mut step, &image.path, clock, &mut health, &mut found).is_ok()
+                    } else {
+                        let Ok(decoded) = decode_image(&image.path) else {
+                            continue;
+                        };
+                        let Ok(view) = FrameView::new(decoded.geometry, &decoded.samples) else {
+                            continue;
+                        };
+                        step.process(view, &clock, &mut Health::default(), &mut found)
+                            .is_ok()
+                    };
+                    if rerun {
                         let rerun = boxes(image, &found);
                         if rerun != scored_by_image[again] {
                             corrected += 1;
@@ -823,30 +924,20 @@ fn replay_image<B: Backend>(
 ) -> anyhow::Result<(u64, image::RgbImage, u32)> {
     use crate::scene::{shrink_factor, Progress, Shrunk};
     let started = Instant::now();
-    let reader = kestrel_host::SceneReader::open(path, &crate::replay::scan_options(args))?;
-    let g = reader.geometry();
-    let grid = step.tiles(g.width, g.height)?;
-    let tiles = grid.len();
+    let scan = crate::replay::scan_options(args);
+    let g = kestrel_host::SceneReader::open(path, &scan)?.geometry();
+    let tiles = step.tiles(g.width, g.height)?.len();
     let mut shrunk = Shrunk::new(g, shrink_factor(g.width, g.height, args.map_side));
-    let mut strip = kestrel_host::SceneStrip::new(reader);
     let mut progress = Progress::new(path.display().to_string(), tiles);
-    found.clear();
-    let columns = grid.columns() as usize;
-    for row in 0..grid.rows() {
-        let Some(first) = grid.tile(row as usize * columns) else {
-            break;
-        };
-        strip.cover(first.y, first.height, |y, samples| {
-            shrunk.push_row(y, samples)
-        })?;
-        let (resident, samples, top) = strip.resident();
-        let view = FrameView::new(resident, samples).with_context(|| path.display().to_string())?;
-        step.detect_tile_row(view, top, &grid, row, found)
-            .with_context(|| format!("{}: tile row at y {}", path.display(), first.y))?;
-        progress.update((row as usize + 1) * columns);
-    }
-    strip.finish(|y, samples| shrunk.push_row(y, samples))?;
-    step.finish_frame(g.width, g.height, found);
+    detect_streamed(
+        step,
+        path,
+        &scan,
+        found,
+        |y, samples| shrunk.push_row(y, samples),
+        |done| progress.update(done),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let factor = shrunk.factor();
     let plain = shrunk.into_image();
     let mut picture = plain.clone();
@@ -922,4 +1013,42 @@ fn replay_image<B: Backend>(
     );
     let raw_bytes = u64::from(g.width) * u64::from(g.height) * u64::from(g.bands);
     Ok((raw_bytes, plain, factor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BackendChoice;
+
+    /// Read a band of rows at a time or decoded whole, a scene gives the same boxes, bit for
+    /// bit, and every row is handed over once.
+    #[test]
+    fn a_scene_read_by_rows_gives_the_boxes_of_the_whole_image() {
+        let scene = Path::new(env!("CARGO_MANIFEST_DIR")).join("sample/nwpu-vhr10/images/017.jpg");
+        let args = ModelArgs::new(models::DEFAULT_DETECTOR.into(), BackendChoice::Int8Cpu);
+        let mut detector = Detector::load(&args).unwrap();
+        let mut step = detector.step(0.05).unwrap();
+        let image = decode_image(&scene).unwrap();
+        let view = FrameView::new(image.geometry, &image.samples).unwrap();
+        let mut whole = FrameDetections::new();
+        step.detect(view, &mut whole).unwrap();
+
+        let mut by_rows = FrameDetections::new();
+        let (mut rows, mut tiles) = (Vec::new(), 0);
+        let scan = kestrel_host::ScanOptions::default();
+        let g = detect_streamed(
+            &mut step,
+            &scene,
+            &scan,
+            &mut by_rows,
+            |y, _| rows.push(y),
+            |done| tiles = done,
+        )
+        .unwrap();
+        assert_eq!(g, image.geometry);
+        assert!(whole.as_slice().len() > 10, "{}", whole.as_slice().len());
+        assert_eq!(whole.as_slice(), by_rows.as_slice());
+        assert_eq!(rows, (0..g.height).collect::<Vec<_>>());
+        assert_eq!(tiles, step.tiles(g.width, g.height).unwrap().len());
+    }
 }
