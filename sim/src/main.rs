@@ -264,7 +264,8 @@ struct ReplayArgs {
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..))]
     bands: Option<Vec<u16>>,
     /// 16-bit images: the sample value that becomes 255 (linear from 0, larger values
-    /// clamped), e.g. 3000 for Sentinel-2 L1C reflectance; the models take 8-bit imagery.
+    /// clamped), e.g. 2750 for Sentinel-2 L1C reflectance as EuroSAT scaled it; the models take
+    /// 8-bit imagery.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     stretch: Option<u16>,
     #[command(flatten)]

@@ -129,7 +129,7 @@ impl SceneReader {
         };
         if bits == 16 && options.stretch.is_none() {
             return Err(fail(
-                "16-bit samples: say which value becomes 255 (--stretch, e.g. 3000 for \
+                "16-bit samples: say which value becomes 255 (--stretch, e.g. 2750 for \
                  Sentinel-2 reflectance), since the models take 8-bit imagery"
                     .into(),
             ));
