@@ -47,8 +47,25 @@ struct Prepared {
     lanes: Option<ChannelLanes>,
 }
 
+/// Products summed into each output below which a layer keeps the `vpmaddwd` strips on a VNNI
+/// CPU: a pixel's byte quads cost about as much to build whatever the output channels, and
+/// with fewer terms per output that cost is not won back. Measured on an AMD EPYC with AVX-512
+/// VNNI (fastest of 4 to 5 interleaved rounds, `layer_speed --steps`): 1x1 layers over 16 to 240
+/// input channels ran 1.1 to 2.5 times slower with quads, over 288 to 960 channels 0.5 to 0.9
+/// times; 3x3 layers over 64 channels (576 terms) 0.64, the 27-term stems 1.4 to 1.6.
+pub const QUADS_MIN_TERMS: usize = 256;
+
+/// Whether `conv`'s outputs sum enough products for byte quads to pay ([`QUADS_MIN_TERMS`]).
+fn quads_pay(conv: &Conv<'_>) -> bool {
+    let g = &conv.geometry;
+    let terms = g.input[0] / g.group.max(1) * g.kernel[0] * g.kernel[1];
+    terms >= QUADS_MIN_TERMS
+}
+
 impl Prepared {
-    fn new(conv: &Conv<'_>, vnni: Option<Vnni>) -> Option<Self> {
+    /// `all_quads`: every layer the byte quads suit takes them, whether or not they pay (to
+    /// test that path on every shape).
+    fn new(conv: &Conv<'_>, vnni: Option<Vnni>, all_quads: bool) -> Option<Self> {
         let mut packed = Packed::new(conv)?;
         let winograd = Winograd::new(conv);
         let few = FewPixels::new(conv);
@@ -57,7 +74,9 @@ impl Prepared {
             packed.weights = Vec::new();
         }
         let quads = match vnni {
-            Some(vnni) if winograd.is_none() && few.is_none() => Quads::new(conv, &packed, vnni),
+            Some(vnni) if winograd.is_none() && few.is_none() && (all_quads || quads_pay(conv)) => {
+                Quads::new(conv, &packed, vnni)
+            }
             _ => None,
         };
         // A one-channel depthwise layer of a few pixels is also a few-pixel layer: that runs it.
@@ -107,19 +126,25 @@ pub struct Avx2 {
 
 impl Avx2 {
     /// Pack the convolutions of a program (`convs[step]`), for `vpdpbusd` where this CPU has
-    /// VNNI; `None` when it lacks AVX2.
+    /// VNNI and the layer sums enough products for it to pay ([`QUADS_MIN_TERMS`]); `None`
+    /// when it lacks AVX2.
     pub fn new(convs: &[Option<Conv<'_>>]) -> Option<Self> {
-        Self::with_vnni(convs, Vnni::detect())
+        Self::prepare(convs, Vnni::detect(), false)
     }
 
     /// [`Avx2::new`] with VNNI's encoding chosen (`None`: `vpmaddwd` only), for tests and
-    /// benchmarks of each path; an encoding this CPU lacks is not used.
+    /// benchmarks of each path: with VNNI, every layer the byte quads suit takes them, even
+    /// where they do not pay ([`QUADS_MIN_TERMS`]); an encoding this CPU lacks is not used.
     pub fn with_vnni(convs: &[Option<Conv<'_>>], vnni: Option<Vnni>) -> Option<Self> {
+        Self::prepare(convs, vnni, true)
+    }
+
+    fn prepare(convs: &[Option<Conv<'_>>], vnni: Option<Vnni>, all_quads: bool) -> Option<Self> {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
         let vnni = vnni.filter(|v| v.available());
-        let layers = prepare_convs(convs, |conv| Prepared::new(conv, vnni));
+        let layers = prepare_convs(convs, |conv| Prepared::new(conv, vnni, all_quads));
         let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
         let widest = convs.iter().flatten().map(|c| c.geometry.output[0]).max();
         Some(Self {
@@ -1206,6 +1231,39 @@ mod tests {
                 assert!(quads > 250, "{vnni:?}: only {quads} layers took vpdpbusd");
             }
         }
+    }
+
+    /// On a VNNI CPU, the table's kernels take byte quads only for layers that sum enough
+    /// products per output ([`QUADS_MIN_TERMS`]); the tests' constructor takes them everywhere.
+    #[test]
+    fn quads_only_where_they_pay() {
+        if !std::arch::is_x86_feature_detected!("avx2") || Vnni::detect().is_none() {
+            eprintln!("not tested here: this CPU has no VNNI");
+            return;
+        }
+        let pointwise = |channels| {
+            check::Dirty::of(ConvGeometry {
+                input: [channels, 8, 8],
+                output: [32, 8, 8],
+                kernel: [1, 1],
+                stride: [1, 1],
+                pad: [0, 0],
+                dilation: [1, 1],
+                group: 1,
+            })
+        };
+        let (thin, wide) = (pointwise(64), pointwise(QUADS_MIN_TERMS));
+        let convs = [Some(thin.conv()), Some(wide.conv())];
+        let takes_quads = |avx2: Avx2| -> Vec<bool> {
+            avx2.layers
+                .iter()
+                .map(|l| l.as_ref().is_some_and(|l| l.quads.is_some()))
+                .collect()
+        };
+        let table = Avx2::new(&convs).expect("AVX2");
+        assert_eq!(takes_quads(table), [false, true]);
+        let tests = Avx2::with_vnni(&convs, Vnni::detect()).expect("AVX2");
+        assert_eq!(takes_quads(tests), [true, true]);
     }
 
     /// Depthwise layers take their own kernel: every random one gives the generic bytes.

@@ -1375,7 +1375,7 @@ pub(crate) mod check {
             })
         }
 
-        fn of(geometry: ConvGeometry) -> Self {
+        pub(crate) fn of(geometry: ConvGeometry) -> Self {
             let [c, h, w] = geometry.input;
             let oc = geometry.output[0];
             let taps = geometry.kernel[0] * geometry.kernel[1];
