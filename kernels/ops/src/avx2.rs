@@ -62,19 +62,34 @@ fn quads_pay(conv: &Conv<'_>) -> bool {
     terms >= QUADS_MIN_TERMS
 }
 
+/// Input channels up to which a 3x3 stride-1 layer whose byte quads pay runs faster on them than
+/// on the (16-bit) Winograd kernel. Same machine and method as [`QUADS_MIN_TERMS`]: quads took
+/// 0.6 to 0.9 of Winograd's time on layers over 32 to 64 channels (SqueezeNet's 27x27 and 13x13,
+/// resnet18's 56x56 and 16x16 planes), Winograd 0.7 to 0.9 of theirs over 128 channels on 8x8
+/// and 512 on 7x7, and the two were level over 128 and 256 channels on 28x28 and 14x14.
+pub const QUADS_OVER_WINOGRAD_MAX_CHANNELS: usize = 64;
+
 impl Prepared {
-    /// `all_quads`: every layer the byte quads suit takes them, whether or not they pay (to
-    /// test that path on every shape).
-    fn new(conv: &Conv<'_>, vnni: Option<Vnni>, all_quads: bool) -> Option<Self> {
+    /// `testing`: every layer the byte quads suit takes them, whether or not they pay, and
+    /// Winograd keeps every layer it suits (so tests reach each path on every shape).
+    fn new(conv: &Conv<'_>, vnni: Option<Vnni>, testing: bool) -> Option<Self> {
         let mut packed = Packed::new(conv)?;
-        let winograd = Winograd::new(conv);
+        let quads_first = vnni.is_some()
+            && !testing
+            && quads_pay(conv)
+            && conv.geometry.input[0] <= QUADS_OVER_WINOGRAD_MAX_CHANNELS;
+        let winograd = if quads_first {
+            None
+        } else {
+            Winograd::new(conv)
+        };
         let few = FewPixels::new(conv);
         if few.is_some() {
             // Its bytes are all that layer reads: the 16-bit packing would only take memory.
             packed.weights = Vec::new();
         }
         let quads = match vnni {
-            Some(vnni) if winograd.is_none() && few.is_none() && (all_quads || quads_pay(conv)) => {
+            Some(vnni) if winograd.is_none() && few.is_none() && (testing || quads_pay(conv)) => {
                 Quads::new(conv, &packed, vnni)
             }
             _ => None,
@@ -139,12 +154,12 @@ impl Avx2 {
         Self::prepare(convs, vnni, true)
     }
 
-    fn prepare(convs: &[Option<Conv<'_>>], vnni: Option<Vnni>, all_quads: bool) -> Option<Self> {
+    fn prepare(convs: &[Option<Conv<'_>>], vnni: Option<Vnni>, testing: bool) -> Option<Self> {
         if !std::arch::is_x86_feature_detected!("avx2") {
             return None;
         }
         let vnni = vnni.filter(|v| v.available());
-        let layers = prepare_convs(convs, |conv| Prepared::new(conv, vnni, all_quads));
+        let layers = prepare_convs(convs, |conv| Prepared::new(conv, vnni, testing));
         let scratch = Scratch::for_needs(layers.iter().flatten().map(Prepared::scratch_len));
         let widest = convs.iter().flatten().map(|c| c.geometry.output[0]).max();
         Some(Self {
@@ -1234,36 +1249,48 @@ mod tests {
     }
 
     /// On a VNNI CPU, the table's kernels take byte quads only for layers that sum enough
-    /// products per output ([`QUADS_MIN_TERMS`]); the tests' constructor takes them everywhere.
+    /// products per output ([`QUADS_MIN_TERMS`]), and over Winograd for 3x3 layers of few
+    /// channels ([`QUADS_OVER_WINOGRAD_MAX_CHANNELS`]); the tests' constructor takes quads
+    /// wherever they suit and Winograd wherever it does.
     #[test]
     fn quads_only_where_they_pay() {
         if !std::arch::is_x86_feature_detected!("avx2") || Vnni::detect().is_none() {
             eprintln!("not tested here: this CPU has no VNNI");
             return;
         }
-        let pointwise = |channels| {
+        let layer = |channels, kernel: usize| {
             check::Dirty::of(ConvGeometry {
                 input: [channels, 8, 8],
                 output: [32, 8, 8],
-                kernel: [1, 1],
+                kernel: [kernel, kernel],
                 stride: [1, 1],
-                pad: [0, 0],
+                pad: [kernel / 2, kernel / 2],
                 dilation: [1, 1],
                 group: 1,
             })
         };
-        let (thin, wide) = (pointwise(64), pointwise(QUADS_MIN_TERMS));
-        let convs = [Some(thin.conv()), Some(wide.conv())];
-        let takes_quads = |avx2: Avx2| -> Vec<bool> {
+        let layers = [
+            layer(64, 1),
+            layer(QUADS_MIN_TERMS, 1),
+            layer(QUADS_OVER_WINOGRAD_MAX_CHANNELS, 3),
+            layer(QUADS_OVER_WINOGRAD_MAX_CHANNELS + 1, 3),
+        ];
+        let convs: Vec<_> = layers.iter().map(|l| Some(l.conv())).collect();
+        let paths = |avx2: Avx2| -> Vec<&str> {
+            let path = |l: &Prepared| match (&l.quads, &l.winograd) {
+                (Some(_), _) => "quads",
+                (None, Some(_)) => "winograd",
+                (None, None) => "strips",
+            };
             avx2.layers
                 .iter()
-                .map(|l| l.as_ref().is_some_and(|l| l.quads.is_some()))
+                .map(|l| l.as_ref().map_or("none", path))
                 .collect()
         };
         let table = Avx2::new(&convs).expect("AVX2");
-        assert_eq!(takes_quads(table), [false, true]);
+        assert_eq!(paths(table), ["strips", "quads", "quads", "winograd"]);
         let tests = Avx2::with_vnni(&convs, Vnni::detect()).expect("AVX2");
-        assert_eq!(takes_quads(tests), [true, true]);
+        assert_eq!(paths(tests), ["quads", "quads", "winograd", "winograd"]);
     }
 
     /// Depthwise layers take their own kernel: every random one gives the generic bytes.
