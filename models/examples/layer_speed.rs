@@ -37,13 +37,15 @@ fn describe(op: &Op) -> Step {
         bytes,
     };
     match op {
-        Op::Conv { geometry: g, .. } => {
+        Op::Conv { geometry: g, .. } | Op::ConvWide { geometry: g, .. } => {
             let [c, h, w] = g.input;
             let [oc, oh, ow] = g.output;
             let [kh, kw] = g.kernel;
             let group = g.group.max(1);
             let macs = (oc * oh * ow * (c / group) * kh * kw) as u64;
-            let kind = if group > 1 && group == c {
+            let kind = if matches!(op, Op::ConvWide { .. }) {
+                "16-bit input (generic)"
+            } else if group > 1 && group == c {
                 "depthwise"
             } else if g.kernel == [1, 1] {
                 "pointwise"
@@ -58,8 +60,10 @@ fn describe(op: &Op) -> Step {
         }
         Op::Gemm { .. } => step("gemm", String::new(), 0, 0),
         Op::Add(_) => step("add", String::new(), 0, 0),
-        Op::Mul(_) => step("mul", String::new(), 0, 0),
-        Op::GlobalAveragePool(_) | Op::AveragePool(_) => step("average pool", String::new(), 0, 0),
+        Op::Mul(_) | Op::MulWide { .. } => step("mul", String::new(), 0, 0),
+        Op::GlobalAveragePool(_) | Op::GlobalAveragePoolWide { .. } | Op::AveragePool(_) => {
+            step("average pool", String::new(), 0, 0)
+        }
         Op::MaxPool(_) => step("max pool", String::new(), 0, 0),
         Op::Resize(_) => step("resize", String::new(), 0, 0),
         Op::Lut { .. } => step("table", String::new(), 0, 0),

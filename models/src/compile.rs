@@ -6,6 +6,7 @@
 //! 4. Load the plan back and run it next to tract's float model on the same images: top-1
 //!    agreement, and accuracy of both when the images sit in class folders named as labels.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -78,7 +79,16 @@ pub struct Options {
     pub max_images: usize,
     /// Which split of the calibration folder to use.
     pub split: Split,
+    /// A function table (Sigmoid, SiLU, HardSwish...) whose int8 output adds at least this
+    /// relative RMS error (its [`LayerError::added`] in an all-int8 plan; 0 takes every
+    /// table) is kept at 16 bits,
+    /// where every reader of it is a Conv, GlobalAveragePool or Mul: they read the function's
+    /// input codes through a 16-bit table instead. `None`: every activation int8.
+    pub widen_above: Option<f64>,
 }
+
+/// [`Options::widen_above`]'s default: a table adding 1% relative RMS error or more.
+pub const WIDEN_ABOVE: f64 = 0.01;
 
 impl Default for Options {
     fn default() -> Self {
@@ -86,6 +96,7 @@ impl Default for Options {
             method: Method::Percentile(0.01),
             max_images: 200,
             split: Split::All,
+            widen_above: Some(WIDEN_ABOVE),
         }
     }
 }
@@ -129,6 +140,106 @@ pub struct Report {
     /// How far each layer's int8 output is from the float graph's, in program order: where the
     /// quantisation error comes from.
     pub layers: Vec<LayerError>,
+    /// The function tables kept at 16 bits ([`Options::widen_above`]), each with the error its
+    /// int8 output added in the all-int8 plan.
+    pub widened: Vec<LayerError>,
+    /// How the plan with the chosen tables at 16 bits compared with the all-int8 plan, when
+    /// any were chosen.
+    pub widening: Option<WideningTrial>,
+}
+
+/// The all-int8 plan against the plan with some function tables at 16 bits, on the
+/// calibration images: the wider plan is kept only where it is closer to float.
+#[derive(Clone, Debug, Serialize)]
+pub struct WideningTrial {
+    /// Tables chosen to be kept at 16 bits.
+    pub tables: usize,
+    /// Top-1 (classifiers) or box (detectors) agreement with tract: all-int8, then wider.
+    pub agreement: [f64; 2],
+    /// Output relative RMS error against tract: all-int8, then wider.
+    pub output_rel_rms: [f64; 2],
+    /// Whether the wider plan is the one written: it agrees with tract at least as often and
+    /// its output is closer.
+    pub kept: bool,
+}
+
+/// A plan's outputs against tract's on the calibration images.
+struct Verification {
+    agree: usize,
+    float_right: usize,
+    int8_right: usize,
+    labelled: usize,
+    float_boxes: usize,
+    boxes_matched: usize,
+    error_squares: f64,
+    float_squares: f64,
+    images: usize,
+    detector: bool,
+}
+
+impl Verification {
+    /// Top-1 agreement (classifiers) or the fraction of tract's boxes found (detectors).
+    fn agreement(&self) -> f64 {
+        if self.detector {
+            self.boxes_matched as f64 / self.float_boxes.max(1) as f64
+        } else {
+            self.agree as f64 / self.images.max(1) as f64
+        }
+    }
+
+    fn output_rel_rms(&self) -> f64 {
+        (self.error_squares / self.float_squares.max(f64::MIN_POSITIVE)).sqrt()
+    }
+
+    /// Agrees with tract at least as often, and its output is closer.
+    fn closer_than(&self, other: &Self) -> bool {
+        self.agreement() >= other.agreement() && self.output_rel_rms() < other.output_rel_rms()
+    }
+}
+
+/// Run `plan` on every input and compare with tract's `float_outputs`.
+fn verify(
+    plan: &[u8],
+    inputs: &[(Vec<f32>, Option<usize>)],
+    float_outputs: &[Vec<f32>],
+    detector: Option<&DetectorConfig>,
+) -> Result<Verification, CompileError> {
+    let mut int8 = Int8Cpu::from_bytes(plan)?;
+    let mut int8_out = vec![0.0; int8.output_len()];
+    let mut v = Verification {
+        agree: 0,
+        float_right: 0,
+        int8_right: 0,
+        labelled: 0,
+        float_boxes: 0,
+        boxes_matched: 0,
+        error_squares: 0.0,
+        float_squares: 0.0,
+        images: inputs.len(),
+        detector: detector.is_some(),
+    };
+    for ((input, label), float_out) in inputs.iter().zip(float_outputs) {
+        int8.run(input, &mut int8_out)
+            .map_err(|e| CompileError::Reference(format!("plan: {e}")))?;
+        for (f, q) in float_out.iter().zip(&int8_out) {
+            v.error_squares += f64::from(q - f).powi(2);
+            v.float_squares += f64::from(*f).powi(2);
+        }
+        if let Some(config) = detector {
+            let float_found = tile_boxes(config, float_out)?;
+            v.float_boxes += float_found.len();
+            v.boxes_matched += matched_boxes(&float_found, &tile_boxes(config, &int8_out)?);
+            continue;
+        }
+        let (f, q) = (argmax(float_out), argmax(&int8_out));
+        v.agree += usize::from(f == q);
+        if let Some(label) = label {
+            v.labelled += 1;
+            v.float_right += usize::from(f == *label);
+            v.int8_right += usize::from(q == *label);
+        }
+    }
+    Ok(v)
 }
 
 /// Verification images the per-layer errors are measured on: the float graph's interpreter is
@@ -387,54 +498,73 @@ pub fn compile(
     for (input, _) in &inputs {
         calibrator.observe_histogram(&graph.run_f32(input));
     }
-    let program = QuantizedGraph::build(&graph, &calibrator.finish(options.method))?;
-
-    let plan = encode(model, &program)?;
+    let params = calibrator.finish(options.method);
+    let mut program = QuantizedGraph::build(&graph, &params)?;
+    let mut plan = encode(model, &program)?;
 
     progress("verifying the plan against tract on the calibration images");
-    let mut int8 = Int8Cpu::from_bytes(&plan)?;
     let mut float = model
         .tract_backend()
         .map_err(|e| CompileError::Reference(e.to_string()))?;
-    let mut float_out = vec![0.0; float.output_len()];
-    let mut int8_out = vec![0.0; int8.output_len()];
-    let (mut agree, mut float_right, mut int8_right, mut labelled) = (0, 0, 0, 0);
-    let detector = model.detector_config();
-    let (mut float_boxes, mut boxes_matched) = (0, 0);
-    let (mut error_squares, mut float_squares) = (0.0f64, 0.0f64);
-    for (input, label) in &inputs {
+    let mut float_outputs = Vec::with_capacity(inputs.len());
+    for (input, _) in &inputs {
+        let mut out = vec![0.0; float.output_len()];
         float
-            .run(input, &mut float_out)
+            .run(input, &mut out)
             .map_err(|e| CompileError::Reference(e.to_string()))?;
-        int8.run(input, &mut int8_out)
-            .map_err(|e| CompileError::Reference(format!("plan: {e}")))?;
-        for (f, q) in float_out.iter().zip(&int8_out) {
-            error_squares += f64::from(q - f).powi(2);
-            float_squares += f64::from(*f).powi(2);
-        }
-        if let Some(config) = &detector {
-            let float_found = tile_boxes(config, &float_out)?;
-            float_boxes += float_found.len();
-            boxes_matched += matched_boxes(&float_found, &tile_boxes(config, &int8_out)?);
-            continue;
-        }
-        let (f, q) = (argmax(&float_out), argmax(&int8_out));
-        agree += usize::from(f == q);
-        if let Some(label) = label {
-            labelled += 1;
-            float_right += usize::from(f == *label);
-            int8_right += usize::from(q == *label);
+        float_outputs.push(out);
+    }
+    let detector = model.detector_config();
+    let verify = |plan: &[u8]| verify(plan, &inputs, &float_outputs, detector.as_ref());
+    let mut verified = verify(&plan)?;
+    let sample = || {
+        inputs
+            .iter()
+            .map(|(input, _)| input)
+            .take(LAYER_ERROR_IMAGES)
+    };
+    progress("measuring each layer's error against the float graph");
+    let mut layers = layer_errors(&graph, &program, &plan, sample())?;
+    let mut widened = Vec::new();
+    let mut widening = None;
+    if let Some(threshold) = options.widen_above {
+        let candidates: Vec<LayerError> = layers
+            .iter()
+            // A table whose output is no further from float than its input adds nothing.
+            .filter(|layer| layer.op == "Lut" && layer.added.max(0.0) >= threshold)
+            .cloned()
+            .collect();
+        let names = candidates.iter().map(|l| l.node.clone()).collect();
+        let wide_program = QuantizedGraph::build_widened(&graph, &params, &names)?;
+        // A table whose readers cannot take 16 bits is still a step of the program.
+        let still_int8: BTreeSet<&str> =
+            wide_program.steps.iter().map(|s| s.name.as_str()).collect();
+        let chosen: Vec<LayerError> = candidates
+            .into_iter()
+            .filter(|l| !still_int8.contains(l.node.as_str()))
+            .collect();
+        if !chosen.is_empty() {
+            progress("verifying the plan with those tables at 16 bits");
+            let wide_plan = encode(model, &wide_program)?;
+            let wide = verify(&wide_plan)?;
+            let trial = WideningTrial {
+                tables: chosen.len(),
+                agreement: [verified.agreement(), wide.agreement()],
+                output_rel_rms: [verified.output_rel_rms(), wide.output_rel_rms()],
+                kept: wide.closer_than(&verified),
+            };
+            if trial.kept {
+                progress("measuring each layer's error with those tables at 16 bits");
+                layers = layer_errors(&graph, &wide_program, &wide_plan, sample())?;
+                (program, plan, verified) = (wide_program, wide_plan, wide);
+                widened = chosen;
+            }
+            widening = Some(trial);
         }
     }
-    progress("measuring each layer's error against the float graph");
-    let sample = inputs
-        .iter()
-        .map(|(input, _)| input)
-        .take(LAYER_ERROR_IMAGES);
-    let layers = layer_errors(&graph, &program, &plan, sample)?;
-    let n = inputs.len() as f64;
-    let accuracy = |right: usize| (labelled > 0).then(|| right as f64 / labelled as f64);
-    let (float_top1, int8_top1) = (accuracy(float_right), accuracy(int8_right));
+    let v = &verified;
+    let accuracy = |right: usize| (v.labelled > 0).then(|| right as f64 / v.labelled as f64);
+    let (float_top1, int8_top1) = (accuracy(v.float_right), accuracy(v.int8_right));
     let report = Report {
         model: model.manifest.name.clone(),
         method: method_name(options.method),
@@ -442,18 +572,18 @@ pub fn compile(
         skipped,
         steps: program.steps.len(),
         plan_bytes: plan.len(),
-        arena_bytes: int8.program().arena_size(),
-        top1_agreement: detector.is_none().then(|| agree as f64 / n),
-        box_agreement: detector
-            .is_some()
-            .then(|| boxes_matched as f64 / float_boxes.max(1) as f64),
-        float_boxes,
-        output_rel_rms: (error_squares / float_squares.max(f64::MIN_POSITIVE)).sqrt(),
+        arena_bytes: OwnedProgram::new(&plan)?.program().arena_size(),
+        top1_agreement: (!v.detector).then(|| v.agreement()),
+        box_agreement: v.detector.then(|| v.agreement()),
+        float_boxes: v.float_boxes,
+        output_rel_rms: v.output_rel_rms(),
         float_top1,
         int8_top1,
         delta_points: float_top1.zip(int8_top1).map(|(f, q)| 100.0 * (q - f)),
         seconds: started.elapsed().as_secs_f64(),
         layers,
+        widened,
+        widening,
     };
     Ok((plan, report))
 }

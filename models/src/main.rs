@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kestrel_eval::Split;
 use models::calibrate::Method;
-use models::compile::{compile, Options};
+use models::compile::{compile, Options, WIDEN_ABOVE};
 use models::ZooModel;
 
 #[derive(Parser)]
@@ -61,7 +61,42 @@ enum Command {
         /// training scripts): calibrate on `train` so validation stays unseen.
         #[arg(long, value_enum, default_value = "all")]
         split: SplitArg,
+        /// Keep a function table (Sigmoid, SiLU, HardSwish...) at 16 bits where its int8
+        /// output adds at least this relative RMS error and every reader of it is a Conv,
+        /// GlobalAveragePool or Mul (they read the function's input through a 16-bit table;
+        /// the CPU runs those layers on its generic kernels). `off`: every activation int8.
+        #[arg(long, default_value_t = WidenAbove(Some(WIDEN_ABOVE)))]
+        widen_above: WidenAbove,
     },
+}
+
+/// `--widen-above`: a threshold or `off`.
+#[derive(Clone, Copy, Debug)]
+struct WidenAbove(Option<f64>);
+
+impl std::str::FromStr for WidenAbove {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        match s.parse::<f64>() {
+            Ok(v) if v >= 0.0 => Ok(Self(Some(v))),
+            _ => Err(format!(
+                "{s:?} is neither `off` nor a relative RMS error of 0 or more"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WidenAbove {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("off"),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -83,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         method,
         max_images,
         split,
+        widen_above,
     } = cli.command;
     let model = ZooModel::load(&model)?;
     let options = Options {
@@ -97,6 +133,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             SplitArg::Train => Split::Train,
             SplitArg::Val => Split::Validation,
         },
+        widen_above: widen_above.0,
     };
     let (plan, summary) = compile(&model, &calib, &options, &mut |phase| {
         eprintln!("{phase}...")
@@ -155,6 +192,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             "  {:+.4} {:.4}  {} ({})",
             layer.added, layer.rel_rms, layer.node, layer.op
         );
+    }
+    if let Some(trial) = &summary.widening {
+        let [int8, wide] = trial.agreement.map(|a| 100.0 * a);
+        let [int8_rms, wide_rms] = trial.output_rel_rms;
+        println!(
+            "16-bit      {} function tables at 16 bits: agreement {int8:.2}% -> {wide:.2}%, output relative RMS error {int8_rms:.4} -> {wide_rms:.4}: {}",
+            trial.tables,
+            if trial.kept {
+                "kept (their int8 output added, in relative RMS):"
+            } else {
+                "not closer to float, so every activation stays int8"
+            }
+        );
+        for layer in &summary.widened {
+            println!("  {:+.4}  {}", layer.added, layer.node);
+        }
     }
     if let Some(path) = report {
         std::fs::write(&path, serde_json::to_string_pretty(&summary)?)

@@ -2,7 +2,13 @@
 //! per-channel weights, int32 biases, fixed-point requantisation, activations fused into the
 //! layer before them, element-wise functions as lookup tables.
 
-use kestrel_ops::int8::{self, build_lut, ConvGeometry, OutputQuant, PoolGeometry, ResizeMode};
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use kestrel_ops::int8::{
+    self, build_lut, build_wide_table, ConvGeometry, OutputQuant, PoolGeometry, ResizeMode,
+    WideTable,
+};
 use kestrel_ops::quant::Requant;
 use kestrel_plan::plan::PlanHeader;
 use kestrel_plan::program::{Op as PlanOp, ProgramBuilder, Step as PlanStep, TensorId};
@@ -28,6 +34,8 @@ pub enum Layer {
         input_zero_point: i32,
         /// Output zero point and clamp.
         output_quant: OutputQuant,
+        /// The input read through this table instead (a widened function's output).
+        input_table: Option<Box<WideTable>>,
     },
     /// Fully connected.
     Gemm {
@@ -44,10 +52,10 @@ pub enum Layer {
     },
     /// Residual sum.
     Add(int8::Add),
-    /// Product.
-    Mul(int8::Mul),
-    /// Channel means.
-    GlobalAveragePool(int8::GlobalAveragePool),
+    /// Product; either input read through its table where it has one.
+    Mul(int8::Mul, [Option<Box<WideTable>>; 2]),
+    /// Channel means; the input read through the table where there is one.
+    GlobalAveragePool(int8::GlobalAveragePool, Option<Box<WideTable>>),
     /// Window maxima.
     MaxPool(int8::MaxPool),
     /// Window means.
@@ -69,12 +77,18 @@ impl Layer {
     /// The operator's name, for reports.
     pub fn kind(&self) -> &'static str {
         match self {
+            Self::Conv {
+                input_table: Some(_),
+                ..
+            } => "Conv (16-bit input)",
             Self::Conv { geometry, .. } if geometry.group > 1 => "Conv (grouped)",
             Self::Conv { .. } => "Conv",
             Self::Gemm { .. } => "Gemm",
             Self::Add(_) => "Add",
-            Self::Mul(_) => "Mul",
-            Self::GlobalAveragePool(_) => "GlobalAveragePool",
+            Self::Mul(_, [None, None]) => "Mul",
+            Self::Mul(..) => "Mul (16-bit input)",
+            Self::GlobalAveragePool(_, None) => "GlobalAveragePool",
+            Self::GlobalAveragePool(..) => "GlobalAveragePool (16-bit input)",
             Self::MaxPool(_) => "MaxPool",
             Self::AveragePool(_) => "AveragePool",
             Self::Resize(_) => "Resize",
@@ -147,7 +161,51 @@ fn code(q: ActivationQuant, real: f32) -> i8 {
     ((real / q.scale).round() + f32::from(q.zero_point)).clamp(-128.0, 127.0) as i8
 }
 
+/// A function's output the compiler keeps at 16 bits: its readers read the function's input
+/// codes through a [`WideTable`] each, and the function gets no step of its own.
+#[derive(Clone)]
+struct Widened {
+    /// The value the function reads (whose codes the readers read).
+    input: usize,
+    /// The function.
+    f: Rc<dyn Fn(f32) -> f32>,
+}
+
+/// Accumulator headroom a widened input's values may take: `2^30`, the other half of the
+/// int32 accumulator left to the bias (as for int8 inputs).
+const WIDE_ACCUMULATOR: f64 = (1u32 << 30) as f64;
+
+impl Widened {
+    /// The table of the function on the codes of its input (quantised by `input`), on the
+    /// finest grid whose values, `terms` of them times a weight of at most 127 in magnitude
+    /// (1 for a Mul or a pool), stay within [`WIDE_ACCUMULATOR`]; and that grid's scale.
+    fn table(&self, input: ActivationQuant, terms: usize, weight: f64) -> (WideTable, f32) {
+        let zero_point = i32::from(input.zero_point);
+        let largest = (i8::MIN..=i8::MAX)
+            .map(|q| (self.f)(input.scale * f32::from(i16::from(q) - input.zero_point as i16)))
+            .filter(|v| v.is_finite())
+            .fold(0.0f32, |m, v| m.max(v.abs()));
+        let steps = (WIDE_ACCUMULATOR / (terms.max(1) as f64 * weight))
+            .floor()
+            .min(f64::from(i16::MAX));
+        let scale = if largest > 0.0 {
+            (f64::from(largest) / steps) as f32
+        } else {
+            1.0
+        };
+        (
+            build_wide_table(input.scale, zero_point, scale, &*self.f),
+            scale,
+        )
+    }
+}
+
 impl QuantizedGraph {
+    /// [`QuantizedGraph::build_widened`] with every function's output int8.
+    pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
+        Self::build_widened(graph, params, &BTreeSet::new())
+    }
+
     /// Quantise `graph` with calibrated `params` (one per value id).
     ///
     /// - A Relu or Clip that is the only reader of a Conv, Gemm or Add becomes that layer's
@@ -157,7 +215,14 @@ impl QuantizedGraph {
     /// - Reshape and Flatten share their input's bytes; MaxPool, Resize and Gather keep its
     ///   quantisation.
     /// - A Softmax must be the last node; it is applied to the dequantised output.
-    pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
+    /// - The function tables of the nodes named in `widen` whose every reader is a Conv, a
+    ///   GlobalAveragePool or a Mul are not rounded to int8: each reader reads the function's
+    ///   input codes through a 16-bit table of the function ([`WideTable`]). Others stay int8.
+    pub fn build_widened(
+        graph: &Graph,
+        params: &[ActivationQuant],
+        widen: &BTreeSet<String>,
+    ) -> Result<Self, ImportError> {
         let mut params = params.to_vec();
         let readers = |id: usize| {
             graph
@@ -180,12 +245,77 @@ impl QuantizedGraph {
         let mut output = graph.output;
         let mut output_softmax = false;
         let mut in_place = vec![None; graph.shapes.len()];
+        let mut widened: Vec<Option<Widened>> = vec![None; graph.shapes.len()];
+        // Whether a function's output at `value` can be widened: every reader takes a table.
+        let widenable = |value: usize| {
+            value != graph.output
+                && readers(value) > 0
+                && graph
+                    .nodes
+                    .iter()
+                    .filter(|n| n.inputs.contains(&value))
+                    .all(|n| matches!(n.op, Op::Conv { .. } | Op::GlobalAveragePool | Op::Mul))
+        };
         for (index, node) in graph.nodes.iter().enumerate() {
             if skip[index] {
                 continue;
             }
-            let inputs: Vec<usize> = node.inputs.iter().map(|&i| alias[i]).collect();
+            // Values as the node names them (a widened function's output among them), and as
+            // the step reads them (that function's input instead).
+            let named: Vec<usize> = node.inputs.iter().map(|&i| alias[i]).collect();
+            let inputs: Vec<usize> = named
+                .iter()
+                .map(|&i| widened[i].as_ref().map_or(i, |w| w.input))
+                .collect();
             let input = inputs[0];
+            // An element-wise function: one table, or none where it is widened.
+            let function: Option<Rc<dyn Fn(f32) -> f32>> = match node.op {
+                Op::Sigmoid => Some(Rc::new(sigmoid)),
+                Op::HardSigmoid { alpha, beta } => {
+                    Some(Rc::new(move |x: f32| hard_sigmoid(x, alpha, beta)))
+                }
+                Op::HardSwish => Some(Rc::new(hard_swish)),
+                Op::Relu => Some(Rc::new(|x: f32| x.max(0.0))),
+                Op::Clip { min, max } => Some(Rc::new(move |x: f32| x.clamp(min, max))),
+                _ => None,
+            };
+            if let Some(f) = function {
+                // x * gate(x) where the gate feeds only this Mul: SiLU, or HardSwish as PyTorch
+                // exports it before opset 14: one table.
+                let gated = reader(node.output).filter(|(_, next)| {
+                    matches!(node.op, Op::Sigmoid | Op::HardSigmoid { .. })
+                        && readers(node.output) == 1
+                        && matches!(next.op, Op::Mul)
+                        && next.inputs.contains(&node.inputs[0])
+                        && next.inputs.contains(&node.output)
+                });
+                let (f, value): (Rc<dyn Fn(f32) -> f32>, usize) = match gated {
+                    Some((i, mul)) => {
+                        skip[i] = true;
+                        (Rc::new(move |x: f32| x * f(x)), mul.output)
+                    }
+                    None => (f, node.output),
+                };
+                if widen.contains(&node.name) && widenable(value) {
+                    widened[value] = Some(Widened { input, f });
+                    continue;
+                }
+                let (q, out) = (params[input], params[value]);
+                let table = build_lut(
+                    q.scale,
+                    i32::from(q.zero_point),
+                    out.scale,
+                    i32::from(out.zero_point),
+                    &*f,
+                );
+                steps.push(Step {
+                    name: node.name.clone(),
+                    layer: Layer::Lut(table.to_vec()),
+                    inputs: vec![input],
+                    output: value,
+                });
+                continue;
+            }
             // An activation that nothing else reads is folded into this layer's clamp.
             let fused = reader(node.output).filter(|(_, next)| {
                 readers(node.output) == 1
@@ -247,14 +377,14 @@ impl QuantizedGraph {
             };
             // Weights per output channel, biases in the accumulator scale, and the
             // accumulator-to-output requantisation of each channel.
-            let quantize_layer = |weight: &[f32], channels: usize, bias: &[f32]| {
-                let q = quantize_weights_per_channel(weight, channels, bias, params[input].scale);
+            let quantize_layer = |weight: &[f32], channels: usize, bias: &[f32], scale: f32| {
+                let q = quantize_weights_per_channel(weight, channels, bias, scale);
                 let requant = q
                     .scales
                     .iter()
                     .map(|s| {
                         requant(
-                            input_scale * f64::from(*s) / f64::from(out.scale),
+                            f64::from(scale) * f64::from(*s) / f64::from(out.scale),
                             &node.name,
                         )
                     })
@@ -272,18 +402,12 @@ impl QuantizedGraph {
                     stride,
                     pad: [pads[0], pads[1]],
                 };
-            let table = |f: &dyn Fn(f32) -> f32| {
-                let q = params[input];
-                Layer::Lut(
-                    build_lut(
-                        q.scale,
-                        i32::from(q.zero_point),
-                        out.scale,
-                        i32::from(out.zero_point),
-                        f,
-                    )
-                    .to_vec(),
-                )
+            // The table of a widened input, and its scale, for `terms` products with weights up
+            // to `weight` in magnitude.
+            let wide = |value: usize, terms: usize, weight: f64| {
+                widened[value]
+                    .as_ref()
+                    .map(|w| w.table(params[w.input], terms, weight))
             };
             let layer = match &node.op {
                 Op::Conv {
@@ -295,7 +419,11 @@ impl QuantizedGraph {
                     dilation,
                     group,
                 } => {
-                    let (weights, bias, requant) = quantize_layer(weight, weight_shape[0], bias)?;
+                    let terms = weight_shape[1] * weight_shape[2] * weight_shape[3];
+                    let table = wide(named[0], terms, 127.0);
+                    let scale = table.map_or(params[input].scale, |(_, scale)| scale);
+                    let (weights, bias, requant) =
+                        quantize_layer(weight, weight_shape[0], bias, scale)?;
                     Layer::Conv {
                         geometry: ConvGeometry {
                             input: [shape[1], shape[2], shape[3]],
@@ -311,6 +439,7 @@ impl QuantizedGraph {
                         requant,
                         input_zero_point,
                         output_quant,
+                        input_table: table.map(|(table, _)| Box::new(table)),
                     }
                 }
                 Op::Gemm {
@@ -318,7 +447,8 @@ impl QuantizedGraph {
                     out_features,
                     bias,
                 } => {
-                    let (weights, bias, requant) = quantize_layer(weight, *out_features, bias)?;
+                    let (weights, bias, requant) =
+                        quantize_layer(weight, *out_features, bias, params[input].scale)?;
                     Layer::Gemm {
                         weights,
                         bias,
@@ -336,60 +466,28 @@ impl QuantizedGraph {
                     })
                 }
                 Op::Mul => {
-                    // x * Sigmoid(x) where the Sigmoid feeds only this Mul: SiLU, done below.
-                    let other = params[inputs[1]];
-                    Layer::Mul(int8::Mul {
-                        input_zero_points: [input_zero_point, i32::from(other.zero_point)],
-                        requant: requant(
-                            input_scale * f64::from(other.scale) / f64::from(out.scale),
-                            &node.name,
-                        )?,
-                        output_quant,
-                    })
-                }
-                Op::Sigmoid | Op::HardSigmoid { .. } => {
-                    let gate: Box<dyn Fn(f32) -> f32> = match node.op {
-                        Op::HardSigmoid { alpha, beta } => {
-                            Box::new(move |x: f32| hard_sigmoid(x, alpha, beta))
-                        }
-                        _ => Box::new(sigmoid),
-                    };
-                    // x * gate(x) where the gate feeds only this Mul: SiLU, or HardSwish as
-                    // PyTorch exports it before opset 14: one table.
-                    let gated = reader(node.output).filter(|(_, next)| {
-                        readers(node.output) == 1
-                            && matches!(next.op, Op::Mul)
-                            && next.inputs.contains(&node.inputs[0])
-                            && next.inputs.contains(&node.output)
+                    // x * Sigmoid(x) where the Sigmoid feeds only this Mul: SiLU, done above.
+                    let tables = [wide(named[0], 1, 1.0), wide(named[1], 1, 1.0)];
+                    let [a, b] = [0, 1].map(|i| {
+                        tables[i].map_or(f64::from(params[inputs[i]].scale), |(_, scale)| {
+                            f64::from(scale)
+                        })
                     });
-                    match gated {
-                        Some((i, mul)) => {
-                            skip[i] = true;
-                            let out = params[mul.output];
-                            let q = params[input];
-                            steps.push(Step {
-                                name: node.name.clone(),
-                                layer: Layer::Lut(
-                                    build_lut(
-                                        q.scale,
-                                        i32::from(q.zero_point),
-                                        out.scale,
-                                        i32::from(out.zero_point),
-                                        |x| x * gate(x),
-                                    )
-                                    .to_vec(),
-                                ),
-                                inputs: vec![input],
-                                output: mul.output,
-                            });
-                            continue;
-                        }
-                        None => table(&*gate),
-                    }
+                    Layer::Mul(
+                        int8::Mul {
+                            input_zero_points: [0, 1]
+                                .map(|i| i32::from(params[inputs[i]].zero_point)),
+                            requant: requant(a * b / f64::from(out.scale), &node.name)?,
+                            output_quant,
+                        },
+                        tables.map(|t| t.map(|(table, _)| Box::new(table))),
+                    )
                 }
-                Op::HardSwish => table(&hard_swish),
-                Op::Relu => table(&|x: f32| x.max(0.0)),
-                Op::Clip { min, max } => table(&|x: f32| x.clamp(*min, *max)),
+                Op::Sigmoid
+                | Op::HardSigmoid { .. }
+                | Op::HardSwish
+                | Op::Relu
+                | Op::Clip { .. } => unreachable!("functions became tables above"),
                 Op::Concat => Layer::Concat(
                     inputs
                         .iter()
@@ -397,13 +495,21 @@ impl QuantizedGraph {
                         .collect::<Result<_, _>>()?,
                 ),
                 Op::GlobalAveragePool => {
-                    let plane = (shape[2] * shape[3]) as f64;
-                    Layer::GlobalAveragePool(int8::GlobalAveragePool {
-                        channels: shape[1],
-                        input_zero_point,
-                        requant: requant(input_scale / (f64::from(out.scale) * plane), &node.name)?,
-                        output_quant,
-                    })
+                    let plane = shape[2] * shape[3];
+                    let table = wide(named[0], plane, 1.0);
+                    let scale = table.map_or(input_scale, |(_, scale)| f64::from(scale));
+                    Layer::GlobalAveragePool(
+                        int8::GlobalAveragePool {
+                            channels: shape[1],
+                            input_zero_point,
+                            requant: requant(
+                                scale / (f64::from(out.scale) * plane as f64),
+                                &node.name,
+                            )?,
+                            output_quant,
+                        },
+                        table.map(|(table, _)| Box::new(table)),
+                    )
                 }
                 Op::MaxPool {
                     kernel,
@@ -558,11 +664,20 @@ impl QuantizedGraph {
                     requant,
                     input_zero_point,
                     output_quant,
+                    input_table,
                 } => {
                     let (weights, channels) =
                         (builder.i8_blob(weights), builder.channels(bias, requant));
                     let (input_zero_point, output_quant) = (*input_zero_point, *output_quant);
-                    if is_one_pixel_pointwise(geometry) {
+                    if let Some(table) = input_table {
+                        PlanOp::ConvWide {
+                            geometry: *geometry,
+                            weights,
+                            channels,
+                            table: builder.i16_blob(&table[..]),
+                            output_quant,
+                        }
+                    } else if is_one_pixel_pointwise(geometry) {
                         // A 1x1 convolution of one pixel (squeeze-excite's, after the global
                         // pooling) is a matrix-vector product, and its weights `[out, in, 1, 1]`
                         // are the Gemm's `[out, in]`: the same bytes out, without a convolution
@@ -596,8 +711,18 @@ impl QuantizedGraph {
                     output_quant: *output_quant,
                 },
                 Layer::Add(add) => PlanOp::Add(*add),
-                Layer::Mul(mul) => PlanOp::Mul(*mul),
-                Layer::GlobalAveragePool(pool) => PlanOp::GlobalAveragePool(*pool),
+                Layer::Mul(mul, [None, None]) => PlanOp::Mul(*mul),
+                Layer::Mul(mul, tables) => PlanOp::MulWide {
+                    mul: *mul,
+                    tables: tables
+                        .each_ref()
+                        .map(|t| builder.i16_blob(t.as_deref().map_or(&[], |t| &t[..]))),
+                },
+                Layer::GlobalAveragePool(pool, None) => PlanOp::GlobalAveragePool(*pool),
+                Layer::GlobalAveragePool(pool, Some(table)) => PlanOp::GlobalAveragePoolWide {
+                    pool: *pool,
+                    table: builder.i16_blob(&table[..]),
+                },
                 Layer::MaxPool(pool) => PlanOp::MaxPool(*pool),
                 Layer::AveragePool(pool) => PlanOp::AveragePool(*pool),
                 Layer::Resize(resize) => PlanOp::Resize(*resize),

@@ -306,3 +306,115 @@ fn every_unsupported_operator_is_listed_in_one_error() {
         "3 nodes use operators the Kestrel compiler does not support: Erf ('erf_1', 'erf_2'); Softplus ('soft')"
     );
 }
+
+#[test]
+fn widened_function_tables_bring_the_plan_closer_to_float() {
+    // The edge model's HardSwish and HardSigmoid outputs kept at 16 bits (every table, a
+    // threshold of 0): the pooling and the squeeze-excite's Mul that read them read
+    // the functions' input codes through 16-bit tables, and the plan's output moves closer to
+    // tract's float output on the committed chips than the all-int8 plan's.
+    let model = ZooModel::load(model_dir().to_str().unwrap()).unwrap();
+    let compile_with = |widen_above| {
+        let options = Options {
+            max_images: 100,
+            widen_above,
+            ..Default::default()
+        };
+        compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap()
+    };
+    let (int8_plan, int8) = compile_with(None);
+    let (plan, widened) = compile_with(Some(0.0));
+    assert!(int8.widened.is_empty());
+    let wide_steps = |plan: &[u8]| {
+        let program = Program::new(plan).unwrap();
+        let steps: Vec<PlanOp> = program.steps().map(|s| s.unwrap().op).collect();
+        let count = |f: fn(&PlanOp) -> bool| steps.iter().filter(|op| f(op)).count();
+        [
+            count(|op| matches!(op, PlanOp::ConvWide { .. })),
+            count(|op| matches!(op, PlanOp::GlobalAveragePoolWide { .. })),
+            count(|op| matches!(op, PlanOp::MulWide { .. })),
+            count(|op| matches!(op, PlanOp::Lut { .. })),
+        ]
+    };
+    let [convs, pools, muls, tables] = wide_steps(&plan);
+    println!(
+        "widened {:?}: {convs} Convs, {pools} pools, {muls} Muls read 16-bit tables, {tables} tables left; \
+         output relative RMS error {:.4} -> {:.4}, agreement {:?} -> {:?}",
+        widened.widened.iter().map(|l| &l.node).collect::<Vec<_>>(),
+        int8.output_rel_rms,
+        widened.output_rel_rms,
+        int8.top1_agreement,
+        widened.top1_agreement,
+    );
+    assert_eq!(wide_steps(&int8_plan)[..3], [0, 0, 0]);
+    // The last HardSwish feeds the pooling and the Mul, the gate the Mul; the first feeds a
+    // MaxPool, which cannot read a table, so it stays int8.
+    assert_eq!([convs, pools, muls, tables], [0, 1, 1, 1]);
+    assert_eq!(
+        tables + widened.widened.len(),
+        wide_steps(&int8_plan)[3],
+        "each table is either kept or widened"
+    );
+    assert!(
+        widened.output_rel_rms < int8.output_rel_rms,
+        "{} against {}",
+        widened.output_rel_rms,
+        int8.output_rel_rms
+    );
+
+    assert_every_executor_runs_it_as_the_generic_one(&plan, &chips(&model));
+}
+
+#[test]
+fn a_sigmoid_read_by_convolutions_is_widened_into_them() {
+    // The ops model's `gate` Sigmoid is read by a 1x1 Conv (`mix`), its squeeze-excite's by the
+    // Mul, and `c * sigmoid(c)` (a SiLU) by a Concat, which cannot read a table.
+    let model = ZooModel::load(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data/ops")
+            .to_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let options = Options {
+        max_images: 40,
+        widen_above: Some(0.0),
+        ..Default::default()
+    };
+    let (plan, report) = compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap();
+    let program = Program::new(&plan).unwrap();
+    let ops: Vec<PlanOp> = program.steps().map(|s| s.unwrap().op).collect();
+    let count = |f: fn(&PlanOp) -> bool| ops.iter().filter(|op| f(op)).count();
+    assert_eq!(
+        [
+            count(|op| matches!(op, PlanOp::ConvWide { .. })),
+            count(|op| matches!(op, PlanOp::MulWide { .. })),
+        ],
+        [1, 1],
+        "{:?}",
+        report.widened
+    );
+    assert_every_executor_runs_it_as_the_generic_one(&plan, &chips(&model));
+}
+
+/// This CPU's kernel table (generic kernels for the 16-bit-input steps) on a few of `inputs`,
+/// and the CUDA kernels on their emulator, run `plan` to the generic executor's bytes.
+fn assert_every_executor_runs_it_as_the_generic_one(plan: &[u8], inputs: &[Vec<f32>]) {
+    let owned = kestrel_plan::program::OwnedProgram::new(plan).unwrap();
+    let program = owned.program();
+    let mut kernels = kestrel_ops::table::KernelTable::for_this_cpu(&program.convs());
+    for input in inputs.iter().step_by(25) {
+        let mut expected = vec![0i8; program.arena_size()];
+        program.quantize_input(input, &mut expected).unwrap();
+        let mut arena = expected.clone();
+        program
+            .run(&mut expected, &mut kestrel_ops::Reference)
+            .unwrap();
+        program.run(&mut arena, &mut kernels).unwrap();
+        assert!(
+            arena == expected,
+            "this CPU's kernels differ from the generic ones"
+        );
+    }
+    common::assert_cuda_emulator_matches_the_generic_executor(plan, &inputs[7]);
+}

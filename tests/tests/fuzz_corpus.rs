@@ -505,7 +505,56 @@ fn every_op_detector() -> Vec<u8> {
     b.finish(&header).unwrap()
 }
 
-/// The plan seeds by file name: two valid plans that run, and cut-short and damaged ones.
+/// The ops that read their input through a 16-bit table: a Conv (t0 -> t1), a
+/// GlobalAveragePool (t1 -> t2) and a per-channel Mul of both (t1 * t2 -> t3), each input
+/// through a SiLU-like table but the Mul's second.
+fn wide_inputs_classifier() -> Vec<u8> {
+    let mut b = ProgramBuilder::default();
+    for (offset, len) in [(0, 32), (32, 32), (64, 2), (80, 32)] {
+        b.tensor(offset, len);
+    }
+    let table: Vec<i16> = (0..=255u8)
+        .map(|q| i16::from(q as i8).max(-8) * 200)
+        .collect();
+    let conv = Op::ConvWide {
+        geometry: ConvGeometry {
+            input: [2, 4, 4],
+            output: [2, 4, 4],
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad: [1, 1],
+            dilation: [1, 1],
+            group: 2,
+        },
+        weights: b.i8_blob(&[3, -1, 2, 5, -7, 1, 0, 4, -2, 1, 1, -3, 6, 2, -5, 0, 3, 1]),
+        channels: b.channels(&[100, -100], &[requant(1e-4); 2]),
+        table: b.i16_blob(&table),
+        output_quant: FULL,
+    };
+    b.push(step(conv, [0, 0], 1)).unwrap();
+    let pool = Op::GlobalAveragePoolWide {
+        pool: GlobalAveragePool {
+            channels: 2,
+            input_zero_point: 0,
+            requant: requant(1.0 / 3200.0),
+            output_quant: FULL,
+        },
+        table: b.i16_blob(&table),
+    };
+    b.push(step(pool, [1, 1], 2)).unwrap();
+    let mul = Op::MulWide {
+        mul: Mul {
+            input_zero_points: [0, 1],
+            requant: requant(1e-3),
+            output_quant: FULL,
+        },
+        tables: [b.i16_blob(&table), b.i16_blob(&[])],
+    };
+    b.push(step(mul, [1, 2], 3)).unwrap();
+    b.finish(&header("wide-inputs", 112, 3, 32)).unwrap()
+}
+
+/// The plan seeds by file name: three valid plans that run, and cut-short and damaged ones.
 fn plan_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let tiny = tiny_classifier();
     let every = every_op_detector();
@@ -517,6 +566,7 @@ fn plan_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("tiny-classifier.plan", tiny.clone()),
         ("every-op-detector.plan", every.clone()),
         ("every-op-detector-upset.plan", flipped),
+        ("wide-inputs-classifier.plan", wide_inputs_classifier()),
         ("tiny-preamble-only.plan", tiny[..16].to_vec()),
         ("tiny-cut-after-table.plan", tiny[..16 + 4 * 16].to_vec()),
         (
@@ -534,7 +584,7 @@ fn plan_seeds_are_current() {
     for (name, bytes) in plan_seeds() {
         let aligned = AlignedBytes::new(&bytes);
         let program = Program::new(aligned.as_bytes());
-        let expect_valid = name.ends_with("detector.plan") || name == "tiny-classifier.plan";
+        let expect_valid = name.ends_with("detector.plan") || name.ends_with("classifier.plan");
         assert_eq!(program.is_ok(), expect_valid, "{name}: {program:?}");
         if let Ok(program) = program {
             let mut arena = vec![0i8; program.arena_size()];

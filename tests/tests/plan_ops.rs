@@ -265,6 +265,9 @@ fn plan_holds_every_int8_op_and_its_header() {
             PlanOp::Rescale { .. } => "Rescale",
             PlanOp::Gather { .. } => "Gather",
             PlanOp::Attention { .. } => "Attention",
+            PlanOp::ConvWide { .. } => "ConvWide",
+            PlanOp::GlobalAveragePoolWide { .. } => "GlobalAveragePoolWide",
+            PlanOp::MulWide { .. } => "MulWide",
         };
         *kinds.entry(kind).or_insert(0) += 1;
     }

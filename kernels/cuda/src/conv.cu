@@ -1,5 +1,6 @@
-// Int8 convolution (and Gemm, as a 1x1 convolution of a 1x1 input): Conv::run of int8.rs, one
-// output value per thread, int32 accumulation that wraps as Rust's does.
+// Int8 convolution (and Gemm, as a 1x1 convolution of a 1x1 input): Conv::run of int8.rs (or
+// Conv::run_wide, with wide_input), one output value per thread, int32 accumulation that wraps
+// as Rust's does.
 extern "C" __global__ void kestrel_conv(ConvArgs a) {
     int i = kestrel_index(a.count);
     if (i < 0) return;
@@ -20,7 +21,8 @@ extern "C" __global__ void kestrel_conv(ConvArgs a) {
             for (int kx = 0; kx < a.kernel_w; ++kx) {
                 int ix = ox * a.stride_x + kx * a.dilation_x - a.pad_x;
                 if (ix < 0 || ix >= a.width) continue;
-                int x = kestrel_wrapping_sub(plane[iy * a.width + ix], a.input_zero_point);
+                int x = kestrel_input_value(plane[iy * a.width + ix], a.input_zero_point,
+                                            a.wide_input, a.wide);
                 acc += (unsigned)x * (unsigned)(int)filter[(ic * a.kernel_h + ky) * a.kernel_w + kx];
             }
         }

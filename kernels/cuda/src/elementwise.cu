@@ -12,13 +12,14 @@ extern "C" __global__ void kestrel_add(ElementwiseArgs a) {
     a.output[item + i] = (signed char)kestrel_clamp((sum >> 16) + a.output_zero_point, a.min, a.max);
 }
 
-// Mul::run: a[i] * b[i / plane], one requantisation.
+// Mul::run_wide: a[i] * b[i / plane], one requantisation (Mul::run where wide_inputs is 0).
 extern "C" __global__ void kestrel_mul(ElementwiseArgs a) {
     int i = kestrel_index(a.count);
     if (i < 0) return;
     long long item = (long long)blockIdx.y * a.batch_stride;
-    unsigned x = (unsigned)kestrel_wrapping_sub(a.a[item + i], a.zero_a);
-    unsigned y = (unsigned)kestrel_wrapping_sub(a.b[item + i / a.plane], a.zero_b);
+    unsigned x = (unsigned)kestrel_input_value(a.a[item + i], a.zero_a, a.wide_inputs & 1, a.wide_a);
+    unsigned y = (unsigned)kestrel_input_value(a.b[item + i / a.plane], a.zero_b,
+                                               a.wide_inputs & 2, a.wide_b);
     a.output[item + i] = kestrel_requantize((int)(x * y), a.multiplier_a, a.shift_a,
                                             a.output_zero_point, a.min, a.max);
 }

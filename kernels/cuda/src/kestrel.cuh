@@ -15,12 +15,14 @@ struct ConvArgs {
     const signed char* shift;
     const int* packed;       // kestrel_conv_dp4a: filters packed by launch.rs's `pack_dp4a`
     const int* packed_bias;  // kestrel_conv_dp4a: bias - input zero point * sum of the filter
+    const short* wide;       // kestrel_conv with wide_input: the input's WideTable
     long long batch_stride;
     int count;
     int channels, height, width;
     int out_channels, out_height, out_width;
     int kernel_h, kernel_w, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x, group;
     int input_zero_point, output_zero_point, min, max;
+    int wide_input;  // read the input through `wide` rather than minus input_zero_point
 };
 
 // Add, Mul, Rescale, Lut and Gather: one output value from one value of `a` (and of `b`).
@@ -29,24 +31,29 @@ struct ElementwiseArgs {
     const signed char* b;
     signed char* output;
     const signed char* table;
+    const short* wide_a;  // Mul: the WideTable of `a`, where wide_inputs has bit 0
+    const short* wide_b;  // Mul: the WideTable of `b`, where wide_inputs has bit 1
     long long batch_stride;
     int count;
     int plane;  // Mul: values of `a` that share one value of `b`; Gather: values per plane
     int zero_a, zero_b;
     int multiplier_a, shift_a, multiplier_b, shift_b;
     int output_zero_point, min, max;
+    int wide_inputs;
 };
 
 // MaxPool, AveragePool and GlobalAveragePool (a window the size of the plane).
 struct PoolArgs {
     const signed char* input;
     signed char* output;
+    const short* wide;  // GlobalAveragePool with wide_input: the input's WideTable
     long long batch_stride;
     int count;
     int channels, height, width, out_height, out_width;
     int kernel_h, kernel_w, stride_y, stride_x, pad_y, pad_x;
     int count_include_pad;
     int input_zero_point, multiplier, shift, output_zero_point, min, max;
+    int wide_input;  // read the input through `wide` rather than minus input_zero_point
 };
 
 struct ResizeArgs {
@@ -127,6 +134,13 @@ __device__ __forceinline__ int kestrel_wrapping_sub(int a, int b) {
 }
 
 // Channel, row and column of value `i` of a CHW tensor `width` wide and `height` high.
+// An input value as int8.rs's kernels read it: minus the zero point, or, for a function the
+// compiler widened, its WideTable entry (`wide_value`).
+__device__ __forceinline__ int kestrel_input_value(signed char code, int zero_point, int wide_input,
+                                                   const short* wide) {
+    return wide_input ? (int)wide[(unsigned char)code] : kestrel_wrapping_sub(code, zero_point);
+}
+
 struct KestrelPosition {
     int c, y, x;
 };

@@ -106,6 +106,7 @@ pub struct ConvArgs {
     pub shift: u64,
     pub packed: u64,
     pub packed_bias: u64,
+    pub wide: u64,
     pub batch_stride: i64,
     pub count: i32,
     pub channels: i32,
@@ -127,6 +128,7 @@ pub struct ConvArgs {
     pub output_zero_point: i32,
     pub min: i32,
     pub max: i32,
+    pub wide_input: i32,
 }
 
 /// `ElementwiseArgs` of `kestrel.cuh`: Add, Mul, Rescale, Lut, Gather.
@@ -138,6 +140,8 @@ pub struct ElementwiseArgs {
     pub b: u64,
     pub output: u64,
     pub table: u64,
+    pub wide_a: u64,
+    pub wide_b: u64,
     pub batch_stride: i64,
     pub count: i32,
     pub plane: i32,
@@ -150,6 +154,7 @@ pub struct ElementwiseArgs {
     pub output_zero_point: i32,
     pub min: i32,
     pub max: i32,
+    pub wide_inputs: i32,
 }
 
 /// `PoolArgs` of `kestrel.cuh`: MaxPool, AveragePool, GlobalAveragePool.
@@ -159,6 +164,7 @@ pub struct ElementwiseArgs {
 pub struct PoolArgs {
     pub input: u64,
     pub output: u64,
+    pub wide: u64,
     pub batch_stride: i64,
     pub count: i32,
     pub channels: i32,
@@ -179,6 +185,7 @@ pub struct PoolArgs {
     pub output_zero_point: i32,
     pub min: i32,
     pub max: i32,
+    pub wide_input: i32,
 }
 
 /// `ResizeArgs` of `kestrel.cuh`.
@@ -352,6 +359,7 @@ impl ConvArgs {
             shift: b.weights + self.shift,
             packed: b.packed + self.packed,
             packed_bias: b.packed + self.packed_bias,
+            wide: b.weights + self.wide,
             batch_stride: b.arena_stride as i64,
             ..self
         }
@@ -365,6 +373,8 @@ impl ElementwiseArgs {
             b: b.arena + self.b,
             output: b.arena + self.output,
             table: b.weights + self.table,
+            wide_a: b.weights + self.wide_a,
+            wide_b: b.weights + self.wide_b,
             batch_stride: b.arena_stride as i64,
             ..self
         }
@@ -376,6 +386,7 @@ impl PoolArgs {
         Self {
             input: b.arena + self.input,
             output: b.arena + self.output,
+            wide: b.weights + self.wide,
             batch_stride: b.arena_stride as i64,
             ..self
         }
@@ -502,8 +513,8 @@ impl From<ProgramError> for PlanningError {
     }
 }
 
-/// Checks every Conv's and Add's buffers without computing anything, so that a dry run of the
-/// program proves every step's shapes at the cost of its cheap steps only.
+/// Checks every Conv's (16-bit input or not) and Add's buffers without computing anything, so
+/// that a dry run of the program proves every step's shapes at the cost of its cheap steps only.
 struct ShapesOnly;
 
 impl Kernels for ShapesOnly {
@@ -511,6 +522,16 @@ impl Kernels for ShapesOnly {
         &mut self,
         _step: usize,
         conv: &Conv<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        conv.check(input.len(), output.len())
+    }
+
+    fn conv_wide(
+        &mut self,
+        conv: &Conv<'_>,
+        _table: &kestrel_ops::int8::WideTable,
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
@@ -714,9 +735,24 @@ fn plan_step(
             geometry: g,
             weights,
             channels: c,
-            input_zero_point,
             output_quant: q,
+            ..
+        }
+        | Op::ConvWide {
+            geometry: g,
+            weights,
+            channels: c,
+            output_quant: q,
+            ..
         } => {
+            // A 16-bit input (read through its table) takes `kestrel_conv`, not the DP4A kernel.
+            let (input_zero_point, wide) = match step.op {
+                Op::Conv {
+                    input_zero_point, ..
+                } => (input_zero_point, None),
+                Op::ConvWide { table, .. } => (0, Some(blob(table))),
+                _ => (0, None),
+            };
             let (bias, multiplier, shift) = channels(c);
             let conv = ConvArgs {
                 input: a_at,
@@ -745,6 +781,8 @@ fn plan_step(
                 output_zero_point: q.zero_point,
                 min: q.min.into(),
                 max: q.max.into(),
+                wide: wide.unwrap_or(0),
+                wide_input: wide.is_some().into(),
                 ..ConvArgs::default()
             };
             // Index arithmetic in the kernel multiplies these: keep every product in range.
@@ -754,7 +792,7 @@ fn plan_step(
                 .try_fold(g.input[0], |p, &v| p.checked_mul(v));
             int(input_len.ok_or(too_large)?)?;
             int(weights_len.ok_or(too_large)?)?;
-            if g.group <= 1 {
+            if g.group <= 1 && wide.is_none() {
                 dense(program, &step.op, conv, packed).ok_or(too_large)?
             } else {
                 Args::Conv(conv)
@@ -816,9 +854,17 @@ fn plan_step(
             };
             Args::Add(args)
         }
-        Op::Mul(mul) => {
+        Op::Mul(mul) | Op::MulWide { mul, .. } => {
             let q = mul.output_quant;
+            // An empty blob: that input has no table.
+            let [wide_a, wide_b] = match step.op {
+                Op::MulWide { tables, .. } => tables,
+                _ => [Blob { offset: 0, len: 0 }; 2],
+            };
             let args = ElementwiseArgs {
+                wide_a: blob(wide_a),
+                wide_b: blob(wide_b),
+                wide_inputs: i32::from(wide_a.len > 0) | i32::from(wide_b.len > 0) << 1,
                 plane: int(a.len() / b.len().max(1))?,
                 zero_a: mul.input_zero_points[0],
                 zero_b: mul.input_zero_points[1],
@@ -900,9 +946,15 @@ fn plan_step(
             };
             Args::AveragePool(args)
         }
-        Op::GlobalAveragePool(pool) => {
+        Op::GlobalAveragePool(pool) | Op::GlobalAveragePoolWide { pool, .. } => {
             let q = pool.output_quant;
+            let wide = match step.op {
+                Op::GlobalAveragePoolWide { table, .. } => Some(blob(table)),
+                _ => None,
+            };
             let args = PoolArgs {
+                wide: wide.unwrap_or(0),
+                wide_input: wide.is_some().into(),
                 input: a_at,
                 output: out_at,
                 count,

@@ -57,7 +57,8 @@ extern "C" __global__ void kestrel_average_pool(PoolArgs a) {
     a.output[item + i] = (signed char)kestrel_clamp(mean + a.output_zero_point, a.min, a.max);
 }
 
-// GlobalAveragePool::run: one thread per channel sums its whole plane (`height` values).
+// GlobalAveragePool::run (run_wide with wide_input): one thread per channel sums its whole plane
+// (`height` values).
 extern "C" __global__ void kestrel_global_average_pool(PoolArgs a) {
     int c = kestrel_index(a.count);
     if (c < 0) return;
@@ -65,7 +66,7 @@ extern "C" __global__ void kestrel_global_average_pool(PoolArgs a) {
     const signed char* plane = a.input + item + (long long)c * a.height;
     unsigned sum = 0;
     for (int k = 0; k < a.height; ++k)
-        sum += (unsigned)kestrel_wrapping_sub(plane[k], a.input_zero_point);
+        sum += (unsigned)kestrel_input_value(plane[k], a.input_zero_point, a.wide_input, a.wide);
     a.output[item + c] = kestrel_requantize((int)sum, a.multiplier, a.shift, a.output_zero_point,
                                             a.min, a.max);
 }

@@ -47,6 +47,28 @@ pub struct OutputQuant {
     pub max: i8,
 }
 
+/// Entries of a wide input table: one per int8 code.
+pub const WIDE_TABLE_LEN: usize = 256;
+
+/// A layer input read through a table of 16-bit values rather than minus a zero point: the
+/// output of a function (Sigmoid, SiLU, HardSwish...) that the compiler widened. The input
+/// tensor holds the function's int8 *input* codes; entry `code as u8` holds the function's value
+/// at that code on a 16-bit grid, so the layer multiplies values up to 256 times finer than an
+/// int8 output of the function would give it, and the tensor still takes one byte per value.
+pub type WideTable = [i16; WIDE_TABLE_LEN];
+
+/// The value of `code` in a [`WideTable`].
+#[inline]
+pub fn wide_value(table: &WideTable, code: i8) -> i32 {
+    // 256 entries: every u8 index is there (as in `Lut::run`).
+    i32::from(
+        table
+            .get(usize::from(code as u8))
+            .copied()
+            .unwrap_or_default(),
+    )
+}
+
 /// Shapes and window of a 2-D convolution (grouped, depthwise, strided, padded, dilated).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConvGeometry {
@@ -139,6 +161,28 @@ impl Conv<'_> {
 
     /// Run the layer on `input` (`C*H*W` codes) into `output`.
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let zero_point = self.input_zero_point;
+        self.run_with(input, output, |x| i32::from(x).wrapping_sub(zero_point))
+    }
+
+    /// Run the layer on `input` read through `table` (see [`WideTable`]; the input zero point
+    /// is not used) into `output`.
+    pub fn run_wide(
+        &self,
+        table: &WideTable,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        self.run_with(input, output, |x| wide_value(table, x))
+    }
+
+    /// The layer with `value` turning each input code into the integer it multiplies.
+    fn run_with(
+        &self,
+        input: &[i8],
+        output: &mut [i8],
+        value: impl Fn(i8) -> i32,
+    ) -> Result<(), ShapeError> {
         self.check(input.len(), output.len())?;
         let g = self.geometry;
         let [c, h, w] = g.input;
@@ -186,8 +230,7 @@ impl Conv<'_> {
                                 let weight = filter
                                     .get((ic * kh + ky) * kw + kx)
                                     .ok_or(missing("weights"))?;
-                                let x = i32::from(*x) - self.input_zero_point;
-                                acc = acc.wrapping_add(x * i32::from(*weight));
+                                acc = acc.wrapping_add(value(*x).wrapping_mul(i32::from(*weight)));
                             }
                         }
                     }
@@ -298,6 +341,40 @@ impl GlobalAveragePool {
     /// `output[c] = mean(input[c, :, :])` in real terms.
     #[inline]
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        self.run_with(input, output, |plane| {
+            // Σ(x − zp) as Σx − n·zp (the same modulo 2^32): a plain sum of codes, which
+            // vectorises.
+            let codes = plane
+                .iter()
+                .fold(0i32, |s, &x| s.wrapping_add(i32::from(x)));
+            let count = plane.len() as i32;
+            codes.wrapping_sub(count.wrapping_mul(self.input_zero_point))
+        })
+    }
+
+    /// [`GlobalAveragePool::run`] on `input` read through `table` (see [`WideTable`]; the
+    /// input zero point is not used).
+    pub fn run_wide(
+        &self,
+        table: &WideTable,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        self.run_with(input, output, |plane| {
+            plane
+                .iter()
+                .fold(0i32, |s, &x| s.wrapping_add(wide_value(table, x)))
+        })
+    }
+
+    /// The layer with `sum` adding up one channel's plane.
+    #[inline]
+    fn run_with(
+        &self,
+        input: &[i8],
+        output: &mut [i8],
+        sum: impl Fn(&[i8]) -> i32,
+    ) -> Result<(), ShapeError> {
         check(
             self.channels > 0 && !input.is_empty() && input.len().is_multiple_of(self.channels),
             "input",
@@ -308,14 +385,7 @@ impl GlobalAveragePool {
             .iter_mut()
             .zip(input.chunks_exact(input.len() / self.channels))
         {
-            // Σ(x − zp) as Σx − n·zp (the same modulo 2^32): a plain sum of codes, which
-            // vectorises.
-            let codes = plane
-                .iter()
-                .fold(0i32, |s, &x| s.wrapping_add(i32::from(x)));
-            let count = plane.len() as i32;
-            let sum = codes.wrapping_sub(count.wrapping_mul(self.input_zero_point));
-            *out = requantize_i8(sum, self.requant, q.zero_point, q.min, q.max);
+            *out = requantize_i8(sum(plane), self.requant, q.zero_point, q.min, q.max);
         }
         Ok(())
     }
@@ -830,6 +900,18 @@ impl Mul {
     /// `output = a * b` in real terms. `b` has `a`'s length, length 1, or one value per
     /// channel (`a.len()` a multiple of `b.len()`: `a[c*plane..(c+1)*plane]` times `b[c]`).
     pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        self.run_wide([None, None], a, b, output)
+    }
+
+    /// [`Mul::run`] with either input read through its table where it has one (see
+    /// [`WideTable`]; that input's zero point is not used).
+    pub fn run_wide(
+        &self,
+        tables: [Option<&WideTable>; 2],
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
         // All three forms are the per-channel one, with a plane of 1 or of all of `a`.
         check(
             !b.is_empty() && b.len() <= a.len() && a.len().is_multiple_of(b.len()),
@@ -838,15 +920,19 @@ impl Mul {
         check(output.len() == a.len(), "output")?;
         let plane = a.len() / b.len();
         let [za, zb] = self.input_zero_points;
+        let value = |table: Option<&WideTable>, zero_point: i32, code: i8| match table {
+            Some(table) => wide_value(table, code),
+            None => i32::from(code).wrapping_sub(zero_point),
+        };
         let q = self.output_quant;
         for ((outs, xs), &y) in output
             .chunks_exact_mut(plane)
             .zip(a.chunks_exact(plane))
             .zip(b)
         {
-            let y = i32::from(y).wrapping_sub(zb);
+            let y = value(tables[1], zb, y);
             for (out, &x) in outs.iter_mut().zip(xs) {
-                let product = i32::from(x).wrapping_sub(za).wrapping_mul(y);
+                let product = value(tables[0], za, x).wrapping_mul(y);
                 *out = requantize_i8(product, self.requant, q.zero_point, q.min, q.max);
             }
         }
@@ -888,21 +974,48 @@ pub fn build_lut(
     f: impl Fn(f32) -> f32,
 ) -> [i8; 256] {
     let mut table = [0i8; 256];
-    // Entry `q as u8` for every code `q`.
     for (slot, index) in table.iter_mut().zip(0..=u8::MAX) {
-        let q = index as i8;
-        let x = input_scale * (i64::from(q) - i64::from(input_zero_point)) as f32;
-        let steps = f64::from(f(x)) / f64::from(output_scale);
-        // By hand because core has no f64::round; `as` truncates and saturates (NaN to 0).
-        let rounded = if steps >= 0.0 {
-            (steps + 0.5) as i64
-        } else {
-            (steps - 0.5) as i64
-        };
-        let code = rounded.saturating_add(i64::from(output_zero_point));
+        let steps = rounded_steps(index as i8, input_scale, input_zero_point, output_scale, &f);
+        let code = steps.saturating_add(i64::from(output_zero_point));
         *slot = code.clamp(i64::from(i8::MIN), i64::from(i8::MAX)) as i8;
     }
     table
+}
+
+/// The [`WideTable`] of `f` read from codes of one quantisation: entry `q as u8` holds
+/// `round(f(in_scale * (q - in_zp)) / value_scale)` (half away from zero), clamped to
+/// ±[`i16::MAX`]. Float, for the compiler and tests; a NaN from `f` maps to 0.
+pub fn build_wide_table(
+    input_scale: f32,
+    input_zero_point: i32,
+    value_scale: f32,
+    f: impl Fn(f32) -> f32,
+) -> WideTable {
+    let mut table = [0i16; WIDE_TABLE_LEN];
+    for (slot, index) in table.iter_mut().zip(0..=u8::MAX) {
+        let steps = rounded_steps(index as i8, input_scale, input_zero_point, value_scale, &f);
+        let limit = i64::from(i16::MAX);
+        *slot = steps.clamp(-limit, limit) as i16;
+    }
+    table
+}
+
+/// `f` at code `q` in steps of `output_scale`, rounded half away from zero.
+fn rounded_steps(
+    q: i8,
+    input_scale: f32,
+    input_zero_point: i32,
+    output_scale: f32,
+    f: impl Fn(f32) -> f32,
+) -> i64 {
+    let x = input_scale * (i64::from(q) - i64::from(input_zero_point)) as f32;
+    let steps = f64::from(f(x)) / f64::from(output_scale);
+    // By hand because core has no f64::round; `as` truncates and saturates (NaN to 0).
+    if steps >= 0.0 {
+        (steps + 0.5) as i64
+    } else {
+        (steps - 0.5) as i64
+    }
 }
 
 /// How [`Resize`] picks its source positions.
@@ -2098,5 +2211,99 @@ mod tests {
                 assert_eq!(r.run(&[0; 12], &mut [0; 48]), err("geometry"), "{r:?}");
             }
         }
+    }
+
+    /// The table of `code - zero_point`: reading an input through it is reading it minus its
+    /// zero point.
+    fn identity_table(zero_point: i32) -> WideTable {
+        core::array::from_fn(|i| (i32::from(i as u8 as i8) - zero_point) as i16)
+    }
+
+    #[test]
+    fn wide_inputs_through_an_identity_table_are_the_int8_layers() {
+        let mut rng = Rng(0x16b1_7ab1_e000_0001);
+        for case in 0..200 {
+            let zero_point = rng.below(256) as i32 - 128;
+            let table = identity_table(zero_point);
+            let group = [1, 2, 4][case % 3];
+            let (c, oc) = (4, 4 * (1 + rng.below(2)));
+            let (kh, kw) = (1 + rng.below(3), 1 + rng.below(3));
+            let (h, w) = (kh + rng.below(5), kw + rng.below(5));
+            let input: Vec<i8> = (0..c * h * w).map(|_| rng.code()).collect();
+            let weights: Vec<i8> = (0..oc * (c / group) * kh * kw)
+                .map(|_| rng.code())
+                .collect();
+            let bias: Vec<i32> = (0..oc).map(|_| (rng.draw() % 2001) as i32 - 1000).collect();
+            let requant = vec![Requant::from_real(0.003).unwrap(); oc];
+            let owned = channels(&bias, &requant);
+            let conv = Conv {
+                geometry: ConvGeometry {
+                    input: [c, h, w],
+                    output: [oc, h - kh + 1, w - kw + 1],
+                    kernel: [kh, kw],
+                    stride: [1, 1],
+                    pad: [0, 0],
+                    dilation: [1, 1],
+                    group,
+                },
+                weights: &weights,
+                channels: owned.view(),
+                input_zero_point: zero_point,
+                output_quant: FULL,
+            };
+            let n = oc * (h - kh + 1) * (w - kw + 1);
+            let (mut int8, mut wide) = (vec![0i8; n], vec![0i8; n]);
+            conv.run(&input, &mut int8).unwrap();
+            conv.run_wide(&table, &input, &mut wide).unwrap();
+            assert_eq!(int8, wide, "conv {case}");
+
+            let pool = GlobalAveragePool {
+                channels: c,
+                input_zero_point: zero_point,
+                requant: Requant::from_real(0.1).unwrap(),
+                output_quant: FULL,
+            };
+            let (mut int8, mut wide) = (vec![0i8; c], vec![0i8; c]);
+            pool.run(&input, &mut int8).unwrap();
+            pool.run_wide(&table, &input, &mut wide).unwrap();
+            assert_eq!(int8, wide, "pool {case}");
+
+            let other = rng.below(256) as i32 - 128;
+            let mul = Mul {
+                input_zero_points: [zero_point, other],
+                requant: Requant::from_real(0.01).unwrap(),
+                output_quant: FULL,
+            };
+            let b: Vec<i8> = (0..c).map(|_| rng.code()).collect();
+            let (mut int8, mut wide) = (vec![0i8; input.len()], vec![0i8; input.len()]);
+            mul.run(&input, &b, &mut int8).unwrap();
+            let tables = [
+                [Some(&table), None],
+                [Some(&table), Some(&identity_table(other))],
+            ];
+            for tables in tables {
+                mul.run_wide(tables, &input, &b, &mut wide).unwrap();
+                assert_eq!(int8, wide, "mul {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_wide_table_holds_the_function_sixteen_bits_fine() {
+        // SiLU from codes of scale 0.05 (zero point -20), on a grid of 1/4096: every entry
+        // within half a step of the function, ±32767 at most, far finer than an int8 output.
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        let table = build_wide_table(0.05, -20, 1.0 / 4096.0, silu);
+        for q in i8::MIN..=i8::MAX {
+            let real = f64::from(silu(0.05 * f32::from(i16::from(q) + 20)));
+            let value = f64::from(wide_value(&table, q)) / 4096.0;
+            assert!(
+                (value - real).abs() <= 0.5 / 4096.0 + 1e-6,
+                "{q}: {value} {real}"
+            );
+        }
+        let clamped = build_wide_table(1.0, 0, 1e-3, |x| x);
+        assert_eq!(wide_value(&clamped, 127), 32767);
+        assert_eq!(wide_value(&clamped, -128), -32767);
     }
 }

@@ -2,7 +2,7 @@
 
 use crate::int8::{
     Add, Attention, AveragePool, Conv, Gather, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale,
-    Resize, ShapeError,
+    Resize, ShapeError, WideTable,
 };
 
 /// The kernels a program's steps run on, one method per op. Every method defaults to the generic
@@ -20,6 +20,42 @@ pub trait Kernels {
     ) -> Result<(), ShapeError> {
         let _ = step;
         conv.run(input, output)
+    }
+
+    /// Run `conv` on `input` read through `table` (a function the compiler widened) into
+    /// `output`. Every set runs the generic kernel: such layers are few.
+    fn conv_wide(
+        &mut self,
+        conv: &Conv<'_>,
+        table: &WideTable,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        conv.run_wide(table, input, output)
+    }
+
+    /// Run `pool` on `input` read through `table` into `output` (generic in every set).
+    fn global_average_pool_wide(
+        &mut self,
+        pool: &GlobalAveragePool,
+        table: &WideTable,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run_wide(table, input, output)
+    }
+
+    /// Run `mul` on `a` and `b`, each read through its table where it has one, into `output`
+    /// (generic in every set).
+    fn mul_wide(
+        &mut self,
+        mul: &Mul,
+        tables: [Option<&WideTable>; 2],
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        mul.run_wide(tables, a, b, output)
     }
 
     /// Visit the weights this set prepared at load (packed, transformed), block by block, for
@@ -142,6 +178,37 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
 
     fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         (**self).gemm(gemm, input, output)
+    }
+
+    fn conv_wide(
+        &mut self,
+        conv: &Conv<'_>,
+        table: &WideTable,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).conv_wide(conv, table, input, output)
+    }
+
+    fn global_average_pool_wide(
+        &mut self,
+        pool: &GlobalAveragePool,
+        table: &WideTable,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).global_average_pool_wide(pool, table, input, output)
+    }
+
+    fn mul_wide(
+        &mut self,
+        mul: &Mul,
+        tables: [Option<&WideTable>; 2],
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).mul_wide(mul, tables, a, b, output)
     }
 
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::plan::{Plan, PlanError, PlanHeader, SectionKind};
 use kestrel_ops::int8::{
     Add, Attention, AveragePool, ChannelQuant, Conv, ConvGeometry, Gather, Gemm, GlobalAveragePool,
-    Lut, MaxPool, Mul, OutputQuant, Rescale, Resize, ShapeError,
+    Lut, MaxPool, Mul, OutputQuant, Rescale, Resize, ShapeError, WideTable,
 };
 use kestrel_ops::Kernels;
 
@@ -111,13 +111,42 @@ pub enum Op {
         /// `i32` exponential table ([`Attention::exp_table`]).
         exp_table: Blob,
     },
+    /// A [`Op::Conv`] whose input is read through a 16-bit table ([`WideTable`]): the output
+    /// of a function (Sigmoid, SiLU, HardSwish...) the compiler kept at 16 bits rather than
+    /// round to int8.
+    ConvWide {
+        /// Shapes and window.
+        geometry: ConvGeometry,
+        /// `i8` `[out, in / group, kh, kw]`.
+        weights: Blob,
+        /// Biases and requantisation.
+        channels: ChannelBlobs,
+        /// `i16` [`WideTable`] of the input.
+        table: Blob,
+        /// Output zero point and clamp.
+        output_quant: OutputQuant,
+    },
+    /// A [`Op::GlobalAveragePool`] whose input is read through a 16-bit table.
+    GlobalAveragePoolWide {
+        /// Channels and requantisation (its input zero point is not used).
+        pool: GlobalAveragePool,
+        /// `i16` [`WideTable`] of the input.
+        table: Blob,
+    },
+    /// A [`Op::Mul`] whose inputs are read through 16-bit tables where they have one.
+    MulWide {
+        /// Zero points (of inputs without a table) and requantisation.
+        mul: Mul,
+        /// `i16` [`WideTable`] of each input; an empty blob where that input has none.
+        tables: [Blob; 2],
+    },
 }
 
 impl Op {
     /// How many input tensors the op reads.
     pub fn arity(&self) -> usize {
         match self {
-            Self::Add(_) | Self::Mul(_) => 2,
+            Self::Add(_) | Self::Mul(_) | Self::MulWide { .. } => 2,
             _ => 1,
         }
     }
@@ -375,6 +404,9 @@ impl<'a> Program<'a> {
             Op::Conv {
                 weights, channels, ..
             }
+            | Op::ConvWide {
+                weights, channels, ..
+            }
             | Op::Gemm {
                 weights, channels, ..
             } => Some((self.bytes_as_i8(weights)?, self.channels(channels)?.bias)),
@@ -409,6 +441,45 @@ impl<'a> Program<'a> {
             }),
             _ => None,
         }
+    }
+
+    /// The convolution of an [`Op::ConvWide`] and its input's table; `None` for other ops.
+    pub fn conv_wide(&self, op: &Op) -> Option<(Conv<'a>, &'a WideTable)> {
+        match *op {
+            Op::ConvWide {
+                geometry,
+                weights,
+                channels,
+                table,
+                output_quant,
+            } => Some((
+                Conv {
+                    geometry,
+                    weights: self.bytes_as_i8(weights)?,
+                    channels: self.channels(channels)?,
+                    input_zero_point: 0,
+                    output_quant,
+                },
+                self.wide_table(table)?,
+            )),
+            _ => None,
+        }
+    }
+
+    /// A [`WideTable`] borrowed from the plan; `None` if the blob is not one.
+    pub fn wide_table(&self, table: Blob) -> Option<&'a WideTable> {
+        let values: &[i16] = bytemuck::try_cast_slice(self.blob(table)?).ok()?;
+        values.try_into().ok()
+    }
+
+    /// The tables of an [`Op::MulWide`]'s inputs (an empty blob: none); `None` if a blob is
+    /// neither empty nor a table.
+    fn mul_tables(&self, tables: [Blob; 2]) -> Option<[Option<&'a WideTable>; 2]> {
+        let table = |blob: Blob| match blob.len {
+            0 => Some(None),
+            _ => self.wide_table(blob).map(Some),
+        };
+        Some([table(tables[0])?, table(tables[1])?])
     }
 
     fn validate(&self) -> Result<(), ProgramError> {
@@ -447,6 +518,9 @@ impl<'a> Program<'a> {
                     weights, channels, ..
                 } => self.blob(weights).is_some() && self.channels(channels).is_some(),
                 Op::Lut { table } => self.blob(table).is_some_and(|t| t.len() == 256),
+                Op::ConvWide { .. } => self.conv_wide(&step.op).is_some(),
+                Op::GlobalAveragePoolWide { table, .. } => self.wide_table(table).is_some(),
+                Op::MulWide { tables, .. } => self.mul_tables(tables).is_some(),
                 Op::Gather { indices, plane } => {
                     let input = self.tensor(step.inputs[0]).map_or(0, |r| r.len());
                     self.gather(indices, plane)
@@ -551,9 +625,21 @@ impl<'a> Program<'a> {
                 };
                 kernels.gemm(&gemm, x, output)
             }
+            Op::ConvWide { .. } => {
+                let (conv, table) = self.conv_wide(&step.op).ok_or(blob_error)?;
+                kernels.conv_wide(&conv, table, x, output)
+            }
             Op::Add(add) => kernels.add(&add, x, y, output),
             Op::Mul(mul) => kernels.mul(&mul, x, y, output),
+            Op::MulWide { mul, tables } => {
+                let tables = self.mul_tables(tables).ok_or(blob_error)?;
+                kernels.mul_wide(&mul, tables, x, y, output)
+            }
             Op::GlobalAveragePool(pool) => kernels.global_average_pool(&pool, x, output),
+            Op::GlobalAveragePoolWide { pool, table } => {
+                let table = self.wide_table(table).ok_or(blob_error)?;
+                kernels.global_average_pool_wide(&pool, table, x, output)
+            }
             Op::MaxPool(pool) => kernels.max_pool(&pool, x, output),
             Op::AveragePool(pool) => kernels.average_pool(&pool, x, output),
             Op::Resize(resize) => kernels.resize(&resize, x, output),
@@ -733,6 +819,12 @@ impl ProgramBuilder {
 
     /// Append `i32` values, little-endian.
     pub fn i32_blob(&mut self, values: &[i32]) -> Blob {
+        let bytes: alloc::vec::Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.blob(&bytes)
+    }
+
+    /// Append `i16` values, little-endian.
+    pub fn i16_blob(&mut self, values: &[i16]) -> Blob {
         let bytes: alloc::vec::Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.blob(&bytes)
     }
@@ -1207,6 +1299,45 @@ mod tests {
                 Program::new(bytes.as_bytes()).unwrap_err(),
                 ProgramError::Blob { step: 0 }
             );
+        }
+        // 16-bit input tables of 255 entries (a byte short, and a value short), and one past
+        // the weights; an empty one is a Mul input without a table.
+        let mul = Mul {
+            input_zero_points: [0, 0],
+            requant: kestrel_ops::quant::Requant {
+                multiplier: 1 << 30,
+                shift: 0,
+            },
+            output_quant: OutputQuant {
+                zero_point: 0,
+                min: -128,
+                max: 127,
+            },
+        };
+        for (table, valid) in [(511, false), (510, false), (512, true), (0, true)] {
+            for offset in [0, 4096] {
+                let bytes = rebuild(&|b| {
+                    b.blob(&[0; 512]);
+                    let blob = Blob { offset, len: table };
+                    let op = Op::MulWide {
+                        mul,
+                        tables: [blob, Blob { offset: 0, len: 0 }],
+                    };
+                    b.push(Step {
+                        op,
+                        inputs: [0, 0],
+                        output: 1,
+                    })
+                    .unwrap();
+                });
+                let loaded = Program::new(bytes.as_bytes()).map(|_| ());
+                let expected = if valid && (offset == 0 || table == 0) {
+                    Ok(())
+                } else {
+                    Err(ProgramError::Blob { step: 0 })
+                };
+                assert_eq!(loaded, expected, "{table} bytes at {offset}");
+            }
         }
     }
 

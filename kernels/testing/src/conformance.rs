@@ -86,6 +86,13 @@ fn codes(rng: &mut Rng, n: usize) -> std::vec::Vec<i8> {
     (0..n).map(|_| rng.code()).collect()
 }
 
+/// A random [`kestrel_ops::int8::WideTable`]: full-range values, so accumulators wrap too.
+fn wide_table(rng: &mut Rng) -> std::vec::Vec<i16> {
+    (0..kestrel_ops::int8::WIDE_TABLE_LEN)
+        .map(|_| rng.draw() as i16)
+        .collect()
+}
+
 fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
     let mut b = ProgramBuilder::default();
     let (name, op, lens) = match kind {
@@ -129,15 +136,36 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
                 .map(|_| (rng.draw() % 40_001) as i32 - 20_000)
                 .collect();
             let requants: std::vec::Vec<Requant> = (0..oc).map(|_| requant(rng)).collect();
-            let op = Op::Conv {
-                geometry,
-                weights: b.i8_blob(&weights),
-                channels: b.channels(&bias, &requants),
-                input_zero_point: zero_point(rng),
-                output_quant: output_quant(rng),
+            let (weights, channels) = (b.i8_blob(&weights), b.channels(&bias, &requants));
+            // Half of them read their input through a 16-bit table.
+            let op = if rng.below(2) == 0 {
+                Op::ConvWide {
+                    geometry,
+                    weights,
+                    channels,
+                    table: b.i16_blob(&wide_table(rng)),
+                    output_quant: output_quant(rng),
+                }
+            } else {
+                Op::Conv {
+                    geometry,
+                    weights,
+                    channels,
+                    input_zero_point: zero_point(rng),
+                    output_quant: output_quant(rng),
+                }
             };
             let out_len = geometry.output.iter().product();
-            (format!("conv {geometry:?}"), op, [c * h * w, 1, out_len])
+            let wide = if matches!(op, Op::ConvWide { .. }) {
+                " (16-bit input)"
+            } else {
+                ""
+            };
+            (
+                format!("conv{wide} {geometry:?}"),
+                op,
+                [c * h * w, 1, out_len],
+            )
         }
         2 => {
             let (n_in, n_out) = (1 + rng.below(80), 1 + rng.below(20));
@@ -167,24 +195,55 @@ fn random_case(rng: &mut Rng, kind: usize) -> Result<Case, postcard::Error> {
             // b the same length as a, one value, or one per channel.
             let (channels, plane) = (1 + rng.below(8), 1 + rng.below(40));
             let b_len = [channels * plane, 1, channels][rng.below(3)];
-            let op = Op::Mul(Mul {
+            let mul = Mul {
                 input_zero_points: [zero_point(rng), zero_point(rng)],
                 requant: requant(rng),
                 output_quant: output_quant(rng),
-            });
+            };
+            // Either input, both or neither read through a 16-bit table.
+            let wide = rng.below(4);
+            let op = if wide == 0 {
+                Op::Mul(mul)
+            } else {
+                let mut table = |bit: usize| match wide & bit {
+                    0 => b.i16_blob(&[]),
+                    _ => b.i16_blob(&wide_table(rng)),
+                };
+                Op::MulWide {
+                    mul,
+                    tables: [table(1), table(2)],
+                }
+            };
             let len = channels * plane;
-            (format!("mul of {len} by {b_len}"), op, [len, b_len, len])
+            (
+                format!("mul of {len} by {b_len}, 16-bit inputs {wide:02b}"),
+                op,
+                [len, b_len, len],
+            )
         }
         5 => {
             let (channels, plane) = (1 + rng.below(16), 1 + rng.below(300));
-            let op = Op::GlobalAveragePool(GlobalAveragePool {
+            let pool = GlobalAveragePool {
                 channels,
                 input_zero_point: zero_point(rng),
                 requant: requant(rng),
                 output_quant: output_quant(rng),
-            });
+            };
+            let op = if rng.below(2) == 0 {
+                Op::GlobalAveragePoolWide {
+                    pool,
+                    table: b.i16_blob(&wide_table(rng)),
+                }
+            } else {
+                Op::GlobalAveragePool(pool)
+            };
+            let wide = if matches!(op, Op::GlobalAveragePool(_)) {
+                ""
+            } else {
+                " (16-bit input)"
+            };
             (
-                format!("global average pool {channels}x{plane}"),
+                format!("global average pool{wide} {channels}x{plane}"),
                 op,
                 [channels * plane, 1, channels],
             )
