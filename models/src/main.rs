@@ -61,10 +61,12 @@ enum Command {
         /// training scripts): calibrate on `train` so validation stays unseen.
         #[arg(long, value_enum, default_value = "all")]
         split: SplitArg,
-        /// Keep a function table (Sigmoid, SiLU, HardSwish...) at 16 bits where its int8
-        /// output adds at least this relative RMS error and every reader of it is a Conv,
+        /// Try keeping the function tables (Sigmoid, SiLU, HardSwish...) whose int8 output adds
+        /// at least this relative RMS error at 16 bits, where every reader is a Conv,
         /// GlobalAveragePool or Mul (they read the function's input through a 16-bit table;
-        /// the CPU runs those layers on its generic kernels). `off`: every activation int8.
+        /// the CPU runs those layers on its generic kernels). The wider plan is written only
+        /// if it agrees with tract on the calibration images at least as often and its output
+        /// is closer. `0`: try every table; `off`: every activation int8.
         #[arg(long, default_value_t = WidenAbove(Some(WIDEN_ABOVE)))]
         widen_above: WidenAbove,
     },
