@@ -650,6 +650,14 @@ impl Downlink {
 
     /// [`Downlink::offer`]; `result`: the item carries a frame's result, followed by the ledger.
     fn offer_as(&mut self, messages: &[Telemetry], worth: f32, result: bool) {
+        self.enqueue(messages, worth, result);
+        if !self.one_pass() {
+            self.pump();
+        }
+    }
+
+    /// Queue `messages` as one item, sending nothing.
+    fn enqueue(&mut self, messages: &[Telemetry], worth: f32, result: bool) {
         let mut writer = ItemWriter::new(&mut self.item);
         let fits = messages.iter().all(|m| writer.push(m).is_ok());
         if fits && result {
@@ -662,13 +670,12 @@ impl Downlink {
             self.queue.stats.refused_too_large += 1;
             self.queue.results.too_large += u64::from(result);
         }
-        if !self.one_pass() {
-            self.pump();
-        }
     }
 
     /// Take what commands asked for: a new budget, acknowledgements and events, a health
-    /// snapshot.
+    /// snapshot. The replies are queued, not sent: `pump`, which calls this, sends them next.
+    /// Offering them would pump from in here, and replies the command thread added meanwhile
+    /// would go down before the rest of these (acknowledgements out of command order).
     fn take_commands(&mut self) {
         if let Some((bytes, window_s)) = lock(&self.controls.budget).take() {
             self.args.downlink_budget = Some(bytes);
@@ -678,7 +685,7 @@ impl Downlink {
         }
         let replies = std::mem::take(&mut *lock(&self.controls.replies));
         for reply in replies {
-            self.offer(&[reply], HOUSEKEEPING);
+            self.enqueue(&[reply], HOUSEKEEPING, false);
         }
         if self.controls.health_now.swap(false, Ordering::Relaxed) {
             let health = Health {
@@ -687,13 +694,13 @@ impl Downlink {
                 frames_done: self.results,
                 ..Health::default()
             };
-            self.send_health(health);
+            self.queue_health(health);
         }
     }
 
-    /// Queue `health` first, with the downlink's own queue depth and drops, and the ledger,
-    /// filled in.
-    fn send_health(&mut self, mut health: Health) {
+    /// Queue `health`, with the downlink's own queue depth and drops, and the ledger, filled
+    /// in; the next `pump` sends it.
+    fn queue_health(&mut self, mut health: Health) {
         health.ledger = ledger_counts(&self.ledger());
         let stats = self.queue.stats;
         let count = |n: u64| n.min(u64::from(u32::MAX)) as u32;
@@ -703,7 +710,7 @@ impl Downlink {
             count(stats.evicted_low_value),
             count(stats.refused_too_large),
         ];
-        self.offer(&[Telemetry::Health(health)], HOUSEKEEPING);
+        self.enqueue(&[Telemetry::Health(health)], HOUSEKEEPING, false);
     }
 
     /// Send what the current window's budget allows, and a heartbeat when one is due.
@@ -737,7 +744,7 @@ impl Downlink {
     /// The end of the run: a last health snapshot, the pass sent best first within its budget,
     /// the link flushed; the figures.
     pub fn finish(mut self, health: Health) -> DownlinkReport {
-        self.send_health(health);
+        self.queue_health(health);
         self.pump();
         if let Some(writer) = &mut self.link.writer {
             if let Err(e) = writer.flush() {
