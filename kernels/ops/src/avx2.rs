@@ -49,11 +49,13 @@ struct Prepared {
 
 /// Products summed into each output below which a layer keeps the `vpmaddwd` strips on a VNNI
 /// CPU: a pixel's byte quads cost about as much to build whatever the output channels, and
-/// with fewer terms per output that cost is not won back. Measured on an AMD EPYC with AVX-512
-/// VNNI (fastest of 4 to 5 interleaved rounds, `layer_speed --steps`): 1x1 layers over 16 to 240
-/// input channels ran 1.1 to 2.5 times slower with quads, over 288 to 960 channels 0.5 to 0.9
-/// times; 3x3 layers over 64 channels (576 terms) 0.64, the 27-term stems 1.4 to 1.6.
-pub const QUADS_MIN_TERMS: usize = 256;
+/// with fewer terms per output that cost is not won back. Measured on an AMD EPYC (Zen 4) with
+/// AVX-512 VNNI, against the former threshold of 256 (fastest of 8 to 16 interleaved rounds,
+/// `layer_speed --steps`, 2026-12-04): 1x1 layers over 24 to 960 input channels took 0.53 to
+/// 0.86 of the strips' time, over 16 channels 0.84 to 1.06, the 27-term 3x3 stems 0.75 to
+/// 0.78. (Before the quads' tiles took their requantisation constants once per call, as the
+/// strips' do, layers under 256 terms were the slower on quads.)
+pub const QUADS_MIN_TERMS: usize = 16;
 
 /// Whether `conv`'s outputs sum enough products for byte quads to pay ([`QUADS_MIN_TERMS`]).
 fn quads_pay(conv: &Conv<'_>) -> bool {
@@ -67,6 +69,8 @@ fn quads_pay(conv: &Conv<'_>) -> bool {
 /// 0.6 to 0.9 of Winograd's time on layers over 32 to 64 channels (SqueezeNet's 27x27 and 13x13,
 /// resnet18's 56x56 and 16x16 planes), Winograd 0.7 to 0.9 of theirs over 128 channels on 8x8
 /// and 512 on 7x7, and the two were level over 128 and 256 channels on 28x28 and 14x14.
+/// Rechecked once the quads' requantisation was hoisted (2026-12-04, quads for every layer up
+/// to 512 channels): Winograd still took 0.75 to 0.93 of their time over 128 to 512 channels.
 pub const QUADS_OVER_WINOGRAD_MAX_CHANNELS: usize = 64;
 
 impl Prepared {
@@ -748,7 +752,8 @@ impl Kernels for Avx2 {
             return Ok(());
         }
         if let Some(quads) = prepared.quads.as_ref().filter(|q| q.accepts(conv, scratch)) {
-            quads.run(conv, &layer, input, scratch, output);
+            let constants = Constants { requants, narrow };
+            quads.run(conv, &layer, input, scratch, constants, output);
             return Ok(());
         }
         packed.for_each_group(conv, input, output, |input, weights, channels, output| {
@@ -774,23 +779,7 @@ fn run_layer(
     out: &mut [i8],
 ) {
     let count = channels.bias.len();
-    let Constants { requants, narrow } = constants;
-    narrow.clear();
-    narrow.extend((0..count).map_while(|o| {
-        let (bias, requant) = channels.get(o);
-        NarrowScale::new(bias, requant, layer.q)
-    }));
-    let narrow = (narrow.len() == count).then_some(&narrow[..]);
-    let clamp = NarrowClamp::new(layer.q);
-    // The general constants only where some channel lacks the compact form.
-    requants.clear();
-    if narrow.is_none() {
-        requants.extend((0..count).map(|o| {
-            let (bias, requant) = channels.get(o);
-            ChannelRequant::new(bias, requant, layer.q)
-        }));
-    }
-    let requants = &requants[..];
+    let scales = BlockScales::prepare(channels, layer.q, constants);
     let span = layer.row_pairs * MR;
     let Scratch { padded, strip, .. } = scratch;
     layer.run_tiles(
@@ -803,36 +792,73 @@ fn run_layer(
         out,
         // The tile's strip, paired once for all its blocks.
         |strip| interleave_pairs(strip),
-        |tile, pairs, first| {
-            let acc = micro_kernel(tile, pairs, layer.row_pairs);
-            let mut codes = [[0i8; NR]; MR];
-            if let Some(narrow) = narrow {
+        |tile, pairs, first| scales.codes(first, micro_kernel(tile, pairs, layer.row_pairs)),
+    );
+}
+
+/// One group's requantisation constants, made once per call: compact ([`NarrowScale`]) where
+/// every channel has that form, else general.
+enum BlockScales<'c> {
+    Narrow(&'c [NarrowScale], NarrowClamp),
+    General(&'c [ChannelRequant]),
+}
+
+impl<'c> BlockScales<'c> {
+    #[target_feature(enable = "avx2")]
+    fn prepare(channels: &ChannelQuant<'_>, q: OutputQuant, constants: Constants<'c>) -> Self {
+        let count = channels.bias.len();
+        let Constants { requants, narrow } = constants;
+        narrow.clear();
+        narrow.extend((0..count).map_while(|o| {
+            let (bias, requant) = channels.get(o);
+            NarrowScale::new(bias, requant, q)
+        }));
+        if narrow.len() == count {
+            return Self::Narrow(narrow, NarrowClamp::new(q));
+        }
+        // The general constants only where some channel lacks the compact form.
+        requants.clear();
+        requants.extend((0..count).map(|o| {
+            let (bias, requant) = channels.get(o);
+            ChannelRequant::new(bias, requant, q)
+        }));
+        Self::General(requants)
+    }
+
+    /// The codes of channels `first..first + MR` (fewer past the group's last) from their sums.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes(&self, first: usize, acc: [[__m256i; 2]; MR]) -> [[i8; NR]; MR] {
+        let mut codes = [[0i8; NR]; MR];
+        match self {
+            Self::Narrow(narrow, clamp) => {
                 let block = narrow.get(first..).unwrap_or_default();
                 if let Some(Ok(block)) = block.get(..MR).map(<&[NarrowScale; MR]>::try_from) {
                     // Unrolled, so the sums stay in registers.
                     let [a, b, c, d] = acc;
                     return [
-                        block[0].codes(a, &clamp),
-                        block[1].codes(b, &clamp),
-                        block[2].codes(c, &clamp),
-                        block[3].codes(d, &clamp),
+                        block[0].codes(a, clamp),
+                        block[1].codes(b, clamp),
+                        block[2].codes(c, clamp),
+                        block[3].codes(d, clamp),
                     ];
                 }
                 for ((scale, acc), row) in block.iter().zip(acc).zip(&mut codes) {
-                    *row = scale.codes(acc, &clamp);
+                    *row = scale.codes(acc, clamp);
                 }
-                return codes;
             }
-            let requants = requants.get(first..).unwrap_or_default();
-            for ((requant, [lo, hi]), row) in requants.iter().zip(acc).zip(&mut codes) {
-                *row = requant.tile(lo, hi);
+            Self::General(requants) => {
+                let requants = requants.get(first..).unwrap_or_default();
+                for ((requant, [lo, hi]), row) in requants.iter().zip(acc).zip(&mut codes) {
+                    *row = requant.tile(lo, hi);
+                }
             }
-            codes
-        },
-    );
+        }
+        codes
+    }
 }
 
-/// The per-call requantisation scratch of [`run_layer`].
+/// The per-call requantisation scratch of [`BlockScales`].
 struct Constants<'c> {
     requants: &'c mut Vec<ChannelRequant>,
     narrow: &'c mut Vec<NarrowScale>,
@@ -1016,19 +1042,6 @@ fn micro_kernel(tile: &[i32], pairs: &[i16], row_pairs: usize) -> [[__m256i; 2];
         step(w, pair);
     }
     acc
-}
-
-/// Add the bias, requantise and clamp 16 sums; codes in pixel order.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn requantize_tile(
-    lo: __m256i,
-    hi: __m256i,
-    bias: i32,
-    requant: Requant,
-    q: OutputQuant,
-) -> [i8; NR] {
-    ChannelRequant::new(bias, requant, q).tile(lo, hi)
 }
 
 /// One output channel's bias and requantisation, broadcast once for all its tiles.
@@ -1270,7 +1283,7 @@ mod tests {
             })
         };
         let layers = [
-            layer(64, 1),
+            layer(QUADS_MIN_TERMS / 2, 1),
             layer(QUADS_MIN_TERMS, 1),
             layer(QUADS_OVER_WINOGRAD_MAX_CHANNELS, 3),
             layer(QUADS_OVER_WINOGRAD_MAX_CHANNELS + 1, 3),

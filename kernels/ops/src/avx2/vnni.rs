@@ -7,12 +7,12 @@
 //! needs into the biases.
 //!
 //! The strips of [`crate::strips`] are filled as for `vpmaddwd` and turned into rows of byte
-//! quads once per tile, in the lane order [`super::requantize_tile`] reads.
+//! quads once per tile, in the lane order [`BlockScales::codes`] reads.
 
 use std::arch::x86_64::*;
 
-use super::requantize_tile;
-use crate::int8::{ChannelQuant, Conv, OutputQuant};
+use super::{BlockScales, Constants};
+use crate::int8::Conv;
 use crate::strips::{ByteQuads, Layer, Packed, Scratch, MR, NR};
 
 /// Which VNNI encoding this CPU has for 256-bit vectors.
@@ -79,124 +79,124 @@ impl Quads {
         layer: &Layer<'_>,
         input: &[i8],
         scratch: &mut Scratch,
+        constants: Constants<'_>,
         output: &mut [i8],
     ) {
-        let packed = &self.packed;
-        packed.for_each_group(
+        let Constants { requants, narrow } = constants;
+        self.packed.for_each_group(
             conv,
             layer,
             input,
             output,
             |input, weights, channels, out| {
+                let constants = Constants {
+                    requants: &mut *requants,
+                    narrow: &mut *narrow,
+                };
                 // SAFETY: `available` checked the CPU has this encoding (and so AVX2) at packing.
-                unsafe { self.run_group(layer, input, weights, channels, scratch, out) }
-            },
-        );
-    }
-
-    #[target_feature(enable = "avx2")]
-    fn run_group(
-        &self,
-        layer: &Layer<'_>,
-        input: &[i8],
-        weights: &[i32],
-        channels: &ChannelQuant<'_>,
-        scratch: &mut Scratch,
-        out: &mut [i8],
-    ) {
-        let count = channels.bias.len();
-        let quad_count = self.packed.quads;
-        let unsigned = _mm256_set1_epi16((self.packed.zero_point + 128) as i16);
-        let span = quad_count * MR;
-        let Scratch {
-            padded,
-            strip,
-            products,
-            ..
-        } = scratch;
-        let Some(quads) = products.get_mut(..self.strip_len()) else {
-            return;
-        };
-        if layer.is_pointwise() {
-            self.run_pointwise(layer, input, weights, channels, quads, out);
-            return;
-        }
-        layer.run_tiles(
-            input,
-            weights,
-            span,
-            count,
-            padded,
-            strip,
-            out,
-            |_| {},
-            |tile, strip, first| {
-                if first == 0 {
-                    // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.
-                    unsafe { to_quads(strip, unsigned, quads) };
+                unsafe {
+                    let scales = BlockScales::prepare(channels, layer.q, constants);
+                    let group = Group {
+                        input,
+                        weights,
+                        count: channels.bias.len(),
+                        scales: &scales,
+                    };
+                    match self.vnni {
+                        Vnni::Avx => group_avx(self, layer, group, scratch, out),
+                        Vnni::Avx512 => group_avx512(self, layer, group, scratch, out),
+                    }
                 }
-                self.tile_codes(layer.q, tile, quads, first, channels)
             },
         );
     }
+}
 
-    /// A pointwise layer's tiles, with the quads made straight from its input codes (its
-    /// column matrix is its input) rather than through the 16-bit strip the other layers fill.
-    #[target_feature(enable = "avx2")]
-    fn run_pointwise(
-        &self,
-        layer: &Layer<'_>,
-        input: &[i8],
-        weights: &[i32],
-        channels: &ChannelQuant<'_>,
-        quads: &mut [i32],
-        out: &mut [i8],
-    ) {
-        let [_, h, w] = layer.geometry.input;
-        let pixels = h * w;
-        let span = self.packed.quads * MR;
-        // Rows past the input's channels read as its zero point, as `to_quads` has them.
-        let padding = (self.packed.zero_point + 128) as u8;
-        layer.for_each_tile(
-            weights,
-            span,
-            channels.bias.len(),
-            quads,
-            out,
-            |quads, p0| {
-                // SAFETY: AVX2 is enabled here; `quads` holds a quad per four input channels.
-                unsafe { pointwise_quads(input, pixels, p0, layer.icg, padding, quads) }
-            },
-            |tile, quads, first| self.tile_codes(layer.q, tile, quads, first, channels),
-        );
-    }
+/// One group of a call: its input, packed weights, output channels and their requantisation.
+struct Group<'g> {
+    input: &'g [i8],
+    weights: &'g [i32],
+    count: usize,
+    scales: &'g BlockScales<'g>,
+}
 
-    /// The codes of channels `first..first + MR` (those of the group) over a tile's quads.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn tile_codes(
-        &self,
-        q: OutputQuant,
-        tile: &[i32],
-        quads: &[i32],
-        first: usize,
-        channels: &ChannelQuant<'_>,
-    ) -> [[i8; NR]; MR] {
-        // SAFETY: `available` checked the encoding; `quads` holds `packed.quads` quads and
-        // `tile` as many MR-word rows.
-        let acc = unsafe {
-            match self.vnni {
-                Vnni::Avx => micro_kernel_avx(tile, quads, self.packed.quads),
-                Vnni::Avx512 => micro_kernel_avx512(tile, quads, self.packed.quads),
+/// A group's tiles in `vpdpbusd` encoding `$dp`, with `$kernel` (made by [`micro_kernel`] for
+/// the same features, so that it is inlined and the sums stay in registers). A pointwise
+/// layer's quads are made straight from its input codes (its column matrix is its input); any
+/// other layer's from the 16-bit strip the `vpmaddwd` kernel fills.
+macro_rules! group_tiles {
+    ($name:ident, $features:literal, $kernel:ident) => {
+        #[target_feature(enable = $features)]
+        fn $name(
+            quads: &Quads,
+            layer: &Layer<'_>,
+            group: Group<'_>,
+            scratch: &mut Scratch,
+            out: &mut [i8],
+        ) {
+            let Group {
+                input,
+                weights,
+                count,
+                scales,
+            } = group;
+            let quad_count = quads.packed.quads;
+            let span = quad_count * MR;
+            let Scratch {
+                padded,
+                strip,
+                products,
+                ..
+            } = scratch;
+            let Some(tile_quads) = products.get_mut(..quads.strip_len()) else {
+                return;
+            };
+            // SAFETY (both kernels): `tile_quads` holds `quad_count` quads of NR words, and
+            // the tiles hand `span` weights, `quad_count` rows of MR.
+            if layer.is_pointwise() {
+                let [_, h, w] = layer.geometry.input;
+                let pixels = h * w;
+                // Rows past the input's channels read as its zero point, as `to_quads` has them.
+                let padding = (quads.packed.zero_point + 128) as u8;
+                layer.for_each_tile(
+                    weights,
+                    span,
+                    count,
+                    tile_quads,
+                    out,
+                    |tile_quads, p0| {
+                        // SAFETY: AVX2 is enabled here; `tile_quads` holds a quad per four
+                        // input channels.
+                        unsafe {
+                            pointwise_quads(input, pixels, p0, layer.icg, padding, tile_quads)
+                        }
+                    },
+                    |tile, tile_quads, first| {
+                        scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
+                    },
+                );
+                return;
             }
-        };
-        let mut codes = [[0i8; NR]; MR];
-        for ((o, [lo, hi]), row) in (first..channels.bias.len()).zip(acc).zip(&mut codes) {
-            let (bias, requant) = channels.get(o);
-            *row = requantize_tile(lo, hi, bias, requant, q);
+            let unsigned = _mm256_set1_epi16((quads.packed.zero_point + 128) as i16);
+            layer.run_tiles(
+                input,
+                weights,
+                span,
+                count,
+                padded,
+                strip,
+                out,
+                |_| {},
+                |tile, strip, first| {
+                    if first == 0 {
+                        // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.
+                        unsafe { to_quads(strip, unsigned, tile_quads) };
+                    }
+                    scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
+                },
+            );
         }
-        codes
-    }
+    };
 }
 
 /// The quads of pixels `p0..p0 + NR` of a pointwise layer's input (`channels` planes of
@@ -213,13 +213,21 @@ unsafe fn pointwise_quads(
 ) {
     let flip = _mm_set1_epi8(i8::MIN);
     let row = |c: usize| {
-        let mut codes = [padding as i8 ^ i8::MIN; NR];
-        if c < channels {
-            let plane = &input[c * pixels..(c + 1) * pixels];
-            let n = NR.min(pixels - p0);
-            codes[..n].copy_from_slice(&plane[p0..p0 + n]);
-        }
-        // SAFETY: 16 bytes, unaligned.
+        let start = c * pixels + p0;
+        let codes = match input.get(start..start + NR) {
+            // A whole tile's codes, loaded where they lie: a variable-length copy is a call.
+            Some(whole) if c < channels && p0 + NR <= pixels => whole,
+            _ => {
+                let mut codes = [padding as i8 ^ i8::MIN; NR];
+                if c < channels {
+                    let n = NR.min(pixels - p0);
+                    codes[..n].copy_from_slice(&input[start..start + n]);
+                }
+                // SAFETY: 16 bytes, unaligned.
+                return _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip);
+            }
+        };
+        // SAFETY: `codes` holds 16 bytes, unaligned.
         _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip)
     };
     for (q, dst) in quads.chunks_exact_mut(NR).enumerate() {
@@ -242,7 +250,7 @@ unsafe fn pointwise_quads(
 
 /// Turn a strip of 16-bit rows (input minus zero point) into byte quads of `x + 128`:
 /// `quads[q]` is 16 words, pixels 0-3 and 8-11 then 4-7 and 12-15 (the order
-/// `vpunpck*wd` leaves them in and [`super::requantize_tile`] reads), each word rows `4q` to
+/// `vpunpck*wd` leaves them in and [`BlockScales::codes`] reads), each word rows `4q` to
 /// `4q + 3` from its low byte up. Rows past the strip's count as the zero point.
 #[target_feature(enable = "avx2")]
 unsafe fn to_quads(strip: &[i16], unsigned: __m256i, quads: &mut [i32]) {
@@ -275,6 +283,7 @@ unsafe fn to_quads(strip: &[i16], unsigned: __m256i, quads: &mut [i32]) {
 /// Sums of [`MR`] channels by 16 pixels over `quads` byte quads, in `vpdpbusd` encoding `$dp`.
 macro_rules! micro_kernel {
     ($name:ident, $features:literal, $dp:ident) => {
+        #[inline]
         #[target_feature(enable = $features)]
         unsafe fn $name(tile: &[i32], strip: &[i32], quads: usize) -> [[__m256i; 2]; MR] {
             let mut acc = [[_mm256_setzero_si256(); 2]; MR];
@@ -304,4 +313,11 @@ micro_kernel!(
     micro_kernel_avx512,
     "avx2,avx512vnni,avx512vl",
     _mm256_dpbusd_epi32
+);
+
+group_tiles!(group_avx, "avx2,avxvnni", micro_kernel_avx);
+group_tiles!(
+    group_avx512,
+    "avx2,avx512vnni,avx512vl",
+    micro_kernel_avx512
 );
