@@ -73,6 +73,12 @@ fn quads_pay(conv: &Conv<'_>) -> bool {
 /// to 512 channels): Winograd still took 0.75 to 0.93 of their time over 128 to 512 channels.
 pub const QUADS_OVER_WINOGRAD_MAX_CHANNELS: usize = 64;
 
+/// Output pixels up to which a layer the few-pixel kernel takes runs faster on it than on byte
+/// quads, on a VNNI CPU (it takes up to [`crate::strips::FEW_PIXELS`]). Same machine and method
+/// as [`QUADS_MIN_TERMS`]: on 2x2 planes quads took 1.1 to 1.7 times as long (MobileNetV2's,
+/// resnet18's), on 3x3 planes 0.5 to 1.0 (SqueezeNet's, 9 pixels of a 16-pixel tile).
+pub const FEW_PIXELS_OVER_QUADS_MAX: usize = 4;
+
 impl Prepared {
     /// `testing`: every layer the byte quads suit takes them, whether or not they pay, and
     /// Winograd keeps every layer it suits (so tests reach each path on every shape).
@@ -87,7 +93,9 @@ impl Prepared {
         } else {
             Winograd::new(conv)
         };
-        let few = FewPixels::new(conv);
+        let [_, oh, ow] = conv.geometry.output;
+        let few =
+            FewPixels::new(conv).filter(|_| vnni.is_none() || oh * ow <= FEW_PIXELS_OVER_QUADS_MAX);
         if few.is_some() {
             // Its bytes are all that layer reads: the 16-bit packing would only take memory.
             packed.weights = Vec::new();

@@ -215,8 +215,10 @@ unsafe fn pointwise_quads(
     let row = |c: usize| {
         let start = c * pixels + p0;
         let codes = match input.get(start..start + NR) {
-            // A whole tile's codes, loaded where they lie: a variable-length copy is a call.
-            Some(whole) if c < channels && p0 + NR <= pixels => whole,
+            // A whole vector's codes, loaded where they lie (a variable-length copy is a
+            // call): past the plane's last pixel they are the next plane's, whose lanes (those
+            // pixels' sums) are never stored.
+            Some(whole) if c < channels => whole,
             _ => {
                 let mut codes = [padding as i8 ^ i8::MIN; NR];
                 if c < channels {
