@@ -674,17 +674,26 @@ impl Layer<'_> {
             }
             return;
         }
+        // A tile over several output rows: each run is copied as a whole vector's worth where
+        // the plane has the values, into a row with room past its end, each later run
+        // overwriting what the one before copied past its own end. Copied value by value (a
+        // loop per run, as for a last run of a few pixels) these were most of the time of
+        // 3x3 layers on planes of 28x28 and less.
+        let mut row = [0i16; 2 * NR];
         for plane in padded.chunks_exact(hp * wp).take(self.icg) {
             for ky in 0..kh {
                 for kx in 0..kw {
                     let Some(dst) = rows.next() else { return };
                     let tap = &plane[ky * dy * wp + kx * dx..];
                     for &(at, offset, n) in &runs[..count] {
-                        copy_run(&tap[offset..], sx, &mut dst[at..at + n]);
+                        let src = &tap[offset..];
+                        match whole_run(src, sx) {
+                            Some(values) => row[at..at + NR].copy_from_slice(&values),
+                            None => copy_run(src, sx, &mut row[at..at + n]),
+                        }
                     }
-                    if covered < NR {
-                        dst[covered..].fill(0);
-                    }
+                    row[covered..NR].fill(0);
+                    dst.copy_from_slice(&row[..NR]);
                 }
             }
         }
@@ -732,23 +741,30 @@ fn centre_in_vectors<const N: usize>(dst: &mut [i16], src: &[i8], zero_point: i1
 /// vector copy or [`every_second_value`]; anything else value by value.
 #[inline(always)]
 fn copy_run(src: &[i16], stride: usize, dst: &mut [i16]) {
-    if dst.len() == NR {
-        match stride {
-            1 => {
-                if let Some(src) = src.get(..NR) {
-                    return dst.copy_from_slice(src);
-                }
-            }
-            2 => {
-                if let Some(Ok(samples)) = src.get(..2 * NR).map(<&[i16; 2 * NR]>::try_from) {
-                    return every_second_value(samples, dst);
-                }
-            }
-            _ => {}
+    if let Ok(dst) = <&mut [i16; NR]>::try_from(&mut *dst) {
+        if let Some(values) = whole_run(src, stride) {
+            *dst = values;
+            return;
         }
     }
     for (d, s) in dst.iter_mut().zip(src.iter().step_by(stride)) {
         *d = *s;
+    }
+}
+
+/// `src[stride * k]` for a whole vector's worth, `k < NR`, at stride 1 or 2 where `src` holds
+/// them.
+#[inline(always)]
+fn whole_run(src: &[i16], stride: usize) -> Option<[i16; NR]> {
+    match stride {
+        1 => src.get(..NR)?.try_into().ok(),
+        2 => {
+            let samples = <&[i16; 2 * NR]>::try_from(src.get(..2 * NR)?).ok()?;
+            let mut values = [0i16; NR];
+            every_second_value(samples, &mut values);
+            Some(values)
+        }
+        _ => None,
     }
 }
 
