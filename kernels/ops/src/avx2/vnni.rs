@@ -6,8 +6,9 @@
 //! input codes `x` are made unsigned as `x + 128`; [`ByteQuads`] folds the correction that
 //! needs into the biases.
 //!
-//! The strips of [`crate::strips`] are filled as for `vpmaddwd` and turned into rows of byte
-//! quads once per tile, in the lane order [`BlockScales::codes`] reads.
+//! A tile's byte quads are made once, in the lane order [`BlockScales::codes`] reads: for a
+//! pointwise layer from its input codes; where every tile lies within one output row from the
+//! strip [`crate::strips`] fills for `vpmaddwd`; elsewhere from the input padded as bytes.
 
 use std::arch::x86_64::*;
 
@@ -156,7 +157,7 @@ macro_rules! group_tiles {
             if layer.is_pointwise() {
                 let [_, h, w] = layer.geometry.input;
                 let pixels = h * w;
-                // Rows past the input's channels read as its zero point, as `to_quads` has them.
+                // Rows past the input's channels read as its zero point.
                 let padding = (quads.packed.zero_point + 128) as u8;
                 layer.for_each_tile(
                     weights,
@@ -177,21 +178,51 @@ macro_rules! group_tiles {
                 );
                 return;
             }
-            let unsigned = _mm256_set1_epi16((quads.packed.zero_point + 128) as i16);
-            layer.run_tiles(
-                input,
+            if layer.geometry.output[2] % NR == 0 {
+                // Every tile within one output row: the 16-bit strip's rows are whole-vector
+                // copies, and turning them into quads was faster than building the quads from
+                // bytes (resnet18's 16x16 and 32x32 planes, MobileNetV3's 112x112 stem: the
+                // byte quads took 1.1 to 1.3 times as long).
+                let unsigned = _mm256_set1_epi16((quads.packed.zero_point + 128) as i16);
+                layer.run_tiles(
+                    input,
+                    weights,
+                    span,
+                    count,
+                    padded,
+                    strip,
+                    out,
+                    |_| {},
+                    |tile, strip, first| {
+                        if first == 0 {
+                            // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows.
+                            unsafe { to_quads(strip, unsigned, tile_quads) };
+                        }
+                        scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
+                    },
+                );
+                return;
+            }
+            // Tiles across output rows: quads from the input padded as bytes `x + 128`, inside
+            // a border of its zero point's byte, each row of a tile a load per run (0.7 to 0.9
+            // of the time of the strips' copies on 15x15 to 3x3 planes).
+            let border = (quads.packed.zero_point + 128) as u8;
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut padded[..]);
+            if !pad_bytes(layer, input, border, bytes) {
+                return;
+            }
+            let bytes: &[u8] = bytes;
+            layer.for_each_tile(
                 weights,
                 span,
                 count,
-                padded,
-                strip,
+                tile_quads,
                 out,
-                |_| {},
-                |tile, strip, first| {
-                    if first == 0 {
-                        // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows of NR.
-                        unsafe { to_quads(strip, unsigned, tile_quads) };
-                    }
+                |tile_quads, p0| {
+                    // SAFETY: AVX2 is enabled here; `tile_quads` holds `quad_count` quads.
+                    unsafe { tile_byte_quads(layer, bytes, p0, border, tile_quads) }
+                },
+                |tile, tile_quads, first| {
                     scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
                 },
             );
@@ -200,7 +231,7 @@ macro_rules! group_tiles {
 }
 
 /// The quads of pixels `p0..p0 + NR` of a pointwise layer's input (`channels` planes of
-/// `pixels` codes), in [`to_quads`]' layout: each code as `x + 128` (its sign bit flipped),
+/// `pixels` codes), in [`store_quad`]'s layout: each code as `x + 128` (its sign bit flipped),
 /// four channels to a word; `padding` past the last channel and pixel.
 #[target_feature(enable = "avx2")]
 unsafe fn pointwise_quads(
@@ -233,19 +264,184 @@ unsafe fn pointwise_quads(
         _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip)
     };
     for (q, dst) in quads.chunks_exact_mut(NR).enumerate() {
-        let [r0, r1, r2, r3] = [0, 1, 2, 3].map(|i| row(4 * q + i));
-        // Byte pairs of rows 0-1 and 2-3 for pixels 0-7 and 8-15, then quads of both.
-        let (low01, high01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
-        let (low23, high23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
-        let words = [
-            _mm_unpacklo_epi16(low01, low23),   // pixels 0-3
-            _mm_unpacklo_epi16(high01, high23), // 8-11
-            _mm_unpackhi_epi16(low01, low23),   // 4-7
-            _mm_unpackhi_epi16(high01, high23), // 12-15
-        ];
-        for (part, quad) in dst.chunks_exact_mut(4).zip(words) {
-            // SAFETY: `part` holds 4 i32, one vector.
-            unsafe { _mm_storeu_si128(part.as_mut_ptr().cast(), quad) };
+        store_quad([0, 1, 2, 3].map(|i| row(4 * q + i)), dst);
+    }
+}
+
+/// Four rows of 16 pixels' bytes (column-matrix rows `4q` to `4q + 3`) as one quad into `dst`:
+/// 16 words, pixels 0-3 and 8-11 then 4-7 and 12-15 (the order `vpunpck*wd` leaves them in
+/// and [`BlockScales::codes`] reads), each word the four rows' bytes from its low byte up.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_quad([r0, r1, r2, r3]: [__m128i; 4], dst: &mut [i32]) {
+    // Byte pairs of rows 0-1 and 2-3 for pixels 0-7 and 8-15, then quads of both.
+    let (low01, high01) = (_mm_unpacklo_epi8(r0, r1), _mm_unpackhi_epi8(r0, r1));
+    let (low23, high23) = (_mm_unpacklo_epi8(r2, r3), _mm_unpackhi_epi8(r2, r3));
+    let halves = [
+        // Pixels 0-3 and 8-11, then 4-7 and 12-15.
+        _mm256_set_m128i(
+            _mm_unpacklo_epi16(high01, high23),
+            _mm_unpacklo_epi16(low01, low23),
+        ),
+        _mm256_set_m128i(
+            _mm_unpackhi_epi16(high01, high23),
+            _mm_unpackhi_epi16(low01, low23),
+        ),
+    ];
+    // Stored as the kernel loads them, a 256-bit vector each: a load that spans two smaller
+    // stores still in flight waits for them to retire rather than taking their bytes.
+    for (part, half) in dst.chunks_exact_mut(8).zip(halves) {
+        // SAFETY: `part` holds 8 i32, one 256-bit vector.
+        unsafe { _mm256_storeu_si256(part.as_mut_ptr().cast(), half) };
+    }
+}
+
+/// A group's input planes padded as bytes `x + 128` (the code's sign bit flipped) inside a
+/// border of `border`, into the start of `scratch`; false where `scratch` is too small.
+#[target_feature(enable = "avx2")]
+fn pad_bytes(layer: &Layer<'_>, input: &[i8], border: u8, scratch: &mut [u8]) -> bool {
+    let g = layer.geometry;
+    let [_, h, w] = g.input;
+    let [hp, wp] = Layer::padded_dims(g);
+    let [top, left] = g.pad;
+    let fits = (top + h) * wp <= hp * wp && left + w <= wp;
+    let Some(padded) = scratch.get_mut(..layer.icg * hp * wp).filter(|_| fits) else {
+        return false;
+    };
+    padded.fill(border);
+    for (plane, dst) in input
+        .chunks_exact((h * w).max(1))
+        .zip(padded.chunks_exact_mut((hp * wp).max(1)))
+    {
+        for (row, src) in dst[top * wp..(top + h) * wp]
+            .chunks_exact_mut(wp.max(1))
+            .zip(plane.chunks_exact(w.max(1)))
+        {
+            flip_signs(src, &mut row[left..left + w]);
+        }
+    }
+    true
+}
+
+/// `dst[i] = src[i] + 128` as bytes (the sign bit flipped), 16 at a time: rows of 16 or fewer
+/// bytes are too short for the compiler's vector loop.
+#[target_feature(enable = "avx2")]
+fn flip_signs(src: &[i8], dst: &mut [u8]) {
+    let flip = _mm_set1_epi8(i8::MIN);
+    let mut src = src.chunks_exact(16);
+    let mut dst = dst.chunks_exact_mut(16);
+    for (s, d) in (&mut src).zip(&mut dst) {
+        // SAFETY: both chunks are 16 bytes; the accesses are unaligned.
+        unsafe {
+            let v = _mm_xor_si128(_mm_loadu_si128(s.as_ptr().cast()), flip);
+            _mm_storeu_si128(d.as_mut_ptr().cast(), v);
+        }
+    }
+    for (d, &s) in dst.into_remainder().iter_mut().zip(src.remainder()) {
+        *d = s as u8 ^ 0x80;
+    }
+}
+
+/// The quads of the tile of output pixels from `p0` on of a layer whose input `pad_bytes` laid
+/// out at the start of `bytes`: column-matrix rows `(ic, ky, kx)` in order, four to a quad,
+/// rows past the last (weighted 0) as `border`. A row's 16 bytes are a load per run of the tile (taking
+/// every second byte at stride 2) blended into place; where a load would leave `bytes` or
+/// the stride is another, they are gathered one by one. Bytes of pixels past the tile's last
+/// output pixel are whatever was read: their sums are never stored.
+///
+/// # Safety
+/// AVX2 must be available; `quads` holds the layer's quads, 16 words each.
+#[target_feature(enable = "avx2")]
+unsafe fn tile_byte_quads(
+    layer: &Layer<'_>,
+    bytes: &[u8],
+    p0: usize,
+    border: u8,
+    quads: &mut [i32],
+) {
+    let g = layer.geometry;
+    let [kh, kw] = g.kernel;
+    let sx = g.stride[1];
+    let [dy, dx] = g.dilation;
+    let [hp, wp] = Layer::padded_dims(g);
+    let mut runs = [(0, 0, 0); NR];
+    let (count, _) = layer.tile_runs(p0, &mut runs);
+    let runs = &runs[..count.min(NR)];
+    let last_tap =
+        (layer.icg.max(1) - 1) * hp * wp + (kh.max(1) - 1) * dy * wp + (kw.max(1) - 1) * dx;
+    // Each run's load starts `at` pixels before its first value, so that lane `at` is it.
+    let vector = matches!(sx, 1 | 2)
+        && runs.iter().all(|&(at, offset, _)| {
+            offset >= at * sx && offset - at * sx + last_tap + sx * NR <= bytes.len()
+        });
+    let lanes = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut from = [(0usize, _mm_setzero_si128()); NR];
+    for (slot, &(at, offset, _)) in from.iter_mut().zip(runs) {
+        // Lanes from `at` on.
+        *slot = (
+            offset.wrapping_sub(at * sx),
+            _mm_cmpgt_epi8(lanes, _mm_set1_epi8(at as i8 - 1)),
+        );
+    }
+    let from = &from[..runs.len()];
+    // Every second byte of 32: the even bytes of each 128-bit half, then the halves' low
+    // words side by side.
+    let evens = _mm256_setr_epi8(
+        0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1, 0, 2, 4, 6, 8, 10, 12, 14, -1,
+        -1, -1, -1, -1, -1, -1, -1,
+    );
+    let load = |at: usize| -> __m128i {
+        // SAFETY: `vector` checked that `at + sx * NR <= bytes.len()` for every tap.
+        unsafe {
+            let p = bytes.as_ptr().add(at);
+            if sx == 1 {
+                _mm_loadu_si128(p.cast())
+            } else {
+                let even = _mm256_shuffle_epi8(_mm256_loadu_si256(p.cast()), evens);
+                _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(even))
+            }
+        }
+    };
+    let row = |tap: usize| -> __m128i {
+        if vector {
+            let mut values = load(tap + from[0].0);
+            for &(start, mask) in &from[1..] {
+                values = _mm_blendv_epi8(values, load(tap + start), mask);
+            }
+            return values;
+        }
+        let mut values = [border; NR];
+        for &(at, offset, n) in runs {
+            for (k, value) in values[at..at + n].iter_mut().enumerate() {
+                *value = bytes.get(offset + tap + k * sx).copied().unwrap_or(border);
+            }
+        }
+        // SAFETY: 16 bytes, unaligned.
+        unsafe { _mm_loadu_si128(values.as_ptr().cast()) }
+    };
+    // Rows in order, four to a quad; those past the last weigh 0 (the padding's value).
+    let mut rows = [_mm_set1_epi8(border as i8); 4];
+    let mut filled = 0;
+    let mut dsts = quads.chunks_exact_mut(NR);
+    for c in 0..layer.icg {
+        for ky in 0..kh {
+            let line = c * hp * wp + ky * dy * wp;
+            for kx in 0..kw {
+                rows[filled] = row(line + kx * dx);
+                filled += 1;
+                if filled == 4 {
+                    let Some(dst) = dsts.next() else { return };
+                    store_quad(rows, dst);
+                    filled = 0;
+                }
+            }
+        }
+    }
+    if filled > 0 {
+        let padding = _mm_set1_epi8(border as i8);
+        rows[filled..].fill(padding);
+        if let Some(dst) = dsts.next() {
+            store_quad(rows, dst);
         }
     }
 }
