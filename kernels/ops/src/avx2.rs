@@ -77,6 +77,8 @@ pub const QUADS_OVER_WINOGRAD_MAX_CHANNELS: usize = 64;
 /// quads, on a VNNI CPU (it takes up to [`crate::strips::FEW_PIXELS`]). Same machine and method
 /// as [`QUADS_MIN_TERMS`]: on 2x2 planes quads took 1.1 to 1.7 times as long (MobileNetV2's,
 /// resnet18's), on 3x3 planes 0.5 to 1.0 (SqueezeNet's, 9 pixels of a 16-pixel tile).
+/// Rechecked once the few-pixel kernel took `vpdpbusd` too: on SqueezeNet-64's 3x3 planes it
+/// was faster on the 3x3 windows (0.85) and slower on the 1x1 ones (1.7), level overall.
 pub const FEW_PIXELS_OVER_QUADS_MAX: usize = 4;
 
 impl Prepared {
@@ -94,8 +96,8 @@ impl Prepared {
             Winograd::new(conv)
         };
         let [_, oh, ow] = conv.geometry.output;
-        let few =
-            FewPixels::new(conv).filter(|_| vnni.is_none() || oh * ow <= FEW_PIXELS_OVER_QUADS_MAX);
+        let few = FewPixels::new(conv, vnni)
+            .filter(|_| vnni.is_none() || oh * ow <= FEW_PIXELS_OVER_QUADS_MAX);
         if few.is_some() {
             // Its bytes are all that layer reads: the 16-bit packing would only take memory.
             packed.weights = Vec::new();

@@ -10,12 +10,18 @@
 //! (16-bit products into 32-bit lanes, added modulo 2^32 as the generic kernel adds them); they
 //! are requantised 16 channels to a vector where that is exact (scales below 1, a zero point
 //! that is a code), else one value at a time.
+//!
+//! On a CPU with VNNI the weights are byte quads instead and each pixel's quad of four
+//! column-matrix rows (as `x + 128`) is broadcast against 8 channels' quads with `vpdpbusd`:
+//! twice the products per instruction, without widening the weights (2x2 planes of MobileNetV2
+//! and resnet18 at 64: 0.58 to 0.79 of the time).
 
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
 use super::interleave_pairs;
 use super::lanes::BlockRequant;
+use super::vnni::{to_quads, Vnni};
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
 use crate::quant::requantize_i8;
 use crate::strips::{suits_few_pixels, Layer, Scratch, FEW_PIXELS as PIXELS, NR};
@@ -35,6 +41,11 @@ pub(super) struct FewPixels {
     /// Where a channel's input plane fits one 16-byte vector: how each tap picks its row of
     /// the strip from it.
     taps: Option<Vec<Tap>>,
+    /// With VNNI: `words` holds byte quads for `vpdpbusd` instead, `[8 channels][quad][channel]`
+    /// (column-matrix rows `4k..4k + 4` of a channel, the first in the low byte), `quads` per
+    /// channel, then each output channel's bias less `(zp + 128) Σ w` (the input is read as
+    /// `x + 128`), so that the scrub's checksum covers both.
+    vnni: Option<(Vnni, usize)>,
 }
 
 /// One tap of the window over an input plane of at most 16 values: for each output pixel,
@@ -78,7 +89,7 @@ fn plane_taps(g: &ConvGeometry) -> Option<Vec<Tap>> {
 
 impl FewPixels {
     /// The packing for `conv` where this kernel takes it ([`suits_few_pixels`]).
-    pub(super) fn new(conv: &Conv<'_>) -> Option<Self> {
+    pub(super) fn new(conv: &Conv<'_>, vnni: Option<Vnni>) -> Option<Self> {
         let g = conv.geometry;
         let rows = g.input[0] * g.kernel[0] * g.kernel[1];
         if !suits_few_pixels(conv, rows) {
@@ -86,6 +97,33 @@ impl FewPixels {
         }
         let oc = g.output[0];
         let (row_pairs, channels) = (rows.div_ceil(2), oc.div_ceil(LANES) * LANES);
+        let zero_point = conv.input_zero_point;
+        let vnni = vnni.filter(|v| v.available() && (-128..=127).contains(&zero_point));
+        if let Some(vnni) = vnni {
+            let quads = rows.div_ceil(4);
+            let mut words = std::vec![0i32; channels * quads + oc];
+            for (o, filter) in conv.weights.chunks_exact(rows).enumerate() {
+                let (group, lane) = (o / LANES, o % LANES);
+                for (k, taps) in filter.chunks(4).enumerate() {
+                    let word = taps
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |word, (i, &w)| word | u32::from(w as u8) << (8 * i));
+                    words[(group * quads + k) * LANES + lane] = word as i32;
+                }
+                let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
+                let (bias, _) = conv.channels.get(o);
+                words[channels * quads + o] =
+                    bias.wrapping_sub((zero_point + 128).wrapping_mul(sum));
+            }
+            return Some(Self {
+                words,
+                row_pairs,
+                channels,
+                taps: plane_taps(&g),
+                vnni: Some((vnni, quads)),
+            });
+        }
         let mut bytes = std::vec![0u8; channels * row_pairs * 2];
         for (o, filter) in conv.weights.chunks_exact(rows).enumerate() {
             let (group, lane) = (o / LANES, o % LANES);
@@ -105,6 +143,7 @@ impl FewPixels {
             row_pairs,
             channels,
             taps: plane_taps(&g),
+            vnni: None,
         })
     }
 
@@ -120,7 +159,7 @@ impl FewPixels {
     /// The sums' scratch (in the products' buffer), with room for the last pixel's last
     /// vector of 16 channels past its 8-channel rounding.
     pub(super) fn sums_len(&self) -> usize {
-        PIXELS * self.channels + 8
+        PIXELS * self.channels + 8 + self.vnni.map_or(0, |(_, quads)| quads * NR)
     }
 
     /// Run `layer` (the strips view of the convolution this was packed from, whose buffers and
@@ -142,21 +181,43 @@ impl FewPixels {
             products,
             ..
         } = scratch;
-        let (Some(strip), Some(sums)) = (
+        let (Some(strip), Some(products)) = (
             strip.get_mut(..2 * self.row_pairs * NR),
             products.get_mut(..self.sums_len()),
         ) else {
             return;
         };
-        // Every pixel in one strip, its rows paired as the strips kernel pairs them.
+        let (quad_strip, sums) = products.split_at_mut(self.vnni.map_or(0, |(_, q)| q * NR));
+        // Every pixel in one strip, its rows paired as the strips kernel pairs them (or, for
+        // the byte quads, in order).
+        let paired = self.vnni.is_none();
         match &self.taps {
-            Some(taps) => gather_strip(taps, input, layer, strip),
+            Some(taps) => gather_strip(taps, input, layer, paired, strip),
             None => {
                 layer.strip_filler(input, padded)(strip, 0);
-                interleave_pairs(strip);
+                if paired {
+                    interleave_pairs(strip);
+                }
             }
         }
-        self.sums(strip, pixels, sums);
+        let biases;
+        let channels = match self.vnni {
+            Some((vnni, quads)) => {
+                let unsigned = _mm256_set1_epi16(layer.zero_point + 128);
+                // SAFETY: AVX2 is enabled here; `quad_strip` holds `quads` quads of 16 words.
+                unsafe { to_quads(strip, unsigned, quad_strip) };
+                self.quad_sums(vnni, quad_strip, pixels, sums);
+                biases = ChannelQuant {
+                    bias: self.words.get(self.channels * quads..).unwrap_or_default(),
+                    ..*channels
+                };
+                &biases
+            }
+            None => {
+                self.sums(strip, pixels, sums);
+                channels
+            }
+        };
         let q = layer.q;
         let count = out.len() / pixels;
         if BlockRequant::exact(channels, q) {
@@ -184,6 +245,45 @@ impl FewPixels {
             for (p, code) in codes.iter_mut().enumerate().take(PIXELS) {
                 let sum = sums.get(p * self.channels + o).copied().unwrap_or(0);
                 *code = requantize_i8(sum.wrapping_add(bias), requant, q.zero_point, q.min, q.max);
+            }
+        }
+    }
+
+    /// [`FewPixels::sums`] from byte quads (`quads`, as [`to_quads`] leaves them) with
+    /// `vpdpbusd` in encoding `vnni`.
+    #[target_feature(enable = "avx2")]
+    fn quad_sums(&self, vnni: Vnni, quads: &[i32], pixels: usize, sums: &mut [i32]) {
+        sums.fill(0);
+        let Some((_, quad_count)) = self.vnni else {
+            return;
+        };
+        if self.words.len() < self.channels * quad_count
+            || quads.len() < quad_count * NR
+            || sums.len() < PIXELS * self.channels
+            || pixels > PIXELS
+        {
+            return;
+        }
+        let groups = self.channels / LANES;
+        for g0 in (0..groups).step_by(2) {
+            for first in (0..pixels).step_by(PIXELS_AT_ONCE) {
+                let at = (g0, first, quad_count);
+                // SAFETY: the reads and writes are inside the lengths checked above; the
+                // encoding was detected at packing.
+                unsafe {
+                    match (vnni, pixels - first) {
+                        (Vnni::Avx, 1) => quad_group_avx::<1>(self, quads, at, sums),
+                        (Vnni::Avx, 2) => quad_group_avx::<2>(self, quads, at, sums),
+                        (Vnni::Avx, 3) => quad_group_avx::<3>(self, quads, at, sums),
+                        (Vnni::Avx, _) => quad_group_avx::<PIXELS_AT_ONCE>(self, quads, at, sums),
+                        (Vnni::Avx512, 1) => quad_group_avx512::<1>(self, quads, at, sums),
+                        (Vnni::Avx512, 2) => quad_group_avx512::<2>(self, quads, at, sums),
+                        (Vnni::Avx512, 3) => quad_group_avx512::<3>(self, quads, at, sums),
+                        (Vnni::Avx512, _) => {
+                            quad_group_avx512::<PIXELS_AT_ONCE>(self, quads, at, sums)
+                        }
+                    }
+                }
             }
         }
     }
@@ -265,6 +365,19 @@ impl FewPixels {
                 }
             }
         }
+        // SAFETY: as the caller vouches.
+        unsafe { self.store_sums(&acc, g0, first, sums) };
+    }
+
+    /// The sums `acc` of channel groups `g0` and `g0 + 1` (if there is one) at pixels `first..`
+    /// into `sums`.
+    ///
+    /// # Safety
+    /// The lengths [`FewPixels::sums`] checks, and `first + acc.len() <= PIXELS`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_sums(&self, acc: &[[__m256i; 2]], g0: usize, first: usize, sums: &mut [i32]) {
+        let second = g0 + 1 < self.channels / LANES;
         for (p, acc) in acc.iter().enumerate() {
             let at = (first + p) * self.channels + g0 * LANES;
             let vectors = if second { 2 } else { 1 };
@@ -283,11 +396,17 @@ impl FewPixels {
 /// per pair of rows an interleaving (element by element, a 3x3 plane's strip was a quarter of
 /// the kernel's instructions).
 #[target_feature(enable = "avx2")]
-fn gather_strip(taps: &[Tap], input: &[i8], layer: &Layer<'_>, strip: &mut [i16]) {
+fn gather_strip(taps: &[Tap], input: &[i8], layer: &Layer<'_>, paired: bool, strip: &mut [i16]) {
     let [_, h, w] = layer.geometry.input;
     let plane = h * w;
     let zero_point = _mm256_set1_epi16(layer.zero_point);
-    let mut pairs = strip.chunks_exact_mut(2 * NR);
+    let (paired_strip, row_strip) = if paired {
+        (strip, &mut [][..])
+    } else {
+        (&mut [][..], strip)
+    };
+    let mut pairs = paired_strip.chunks_exact_mut(2 * NR);
+    let mut rows = row_strip.chunks_exact_mut(NR);
     let mut pending = None;
     for channel in 0..layer.icg {
         let at = channel * plane;
@@ -310,6 +429,13 @@ fn gather_strip(taps: &[Tap], input: &[i8], layer: &Layer<'_>, strip: &mut [i16]
                 let values = _mm256_sub_epi16(_mm256_cvtepi8_epi16(picked), zero_point);
                 _mm256_and_si256(values, _mm256_loadu_si256(tap.keep.as_ptr().cast()))
             };
+            if !paired {
+                if let Some(dst) = rows.next() {
+                    // SAFETY: `dst` holds NR = 16 values, one vector.
+                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), row) };
+                }
+                continue;
+            }
             match pending.take() {
                 None => pending = Some(row),
                 Some(first) => store_pair(pairs.next(), first, row),
@@ -336,3 +462,57 @@ fn store_pair(pair: Option<&mut [i16]>, first: __m256i, second: __m256i) {
         }
     }
 }
+
+/// The sums of channel groups `g0` and `g0 + 1` (if there is one) at pixels `first..first +
+/// P` (`at`: `(g0, first, quads)`) from byte quads, into `sums`, with `vpdpbusd` in encoding
+/// `$dp`: a pixel's quad of four input rows broadcast against 8 channels' quads of weights.
+macro_rules! quad_group {
+    ($name:ident, $features:literal, $dp:ident) => {
+        /// # Safety
+        /// The lengths [`FewPixels::quad_sums`] checks, `first` a multiple of 4 and `first +
+        /// P <= PIXELS`; the CPU has the encoding.
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const P: usize>(
+            few: &FewPixels,
+            quads: &[i32],
+            (g0, first, quad_count): (usize, usize, usize),
+            sums: &mut [i32],
+        ) {
+            // The words of pixels `first..first + 4` (`to_quads` leaves them in this order).
+            let from = [0, 8, 4, 12][first / PIXELS_AT_ONCE % 4];
+            let words = few.words.as_ptr();
+            let second = g0 + 1 < few.channels / LANES;
+            let mut acc = [[_mm256_setzero_si256(); 2]; P];
+            for k in 0..quad_count {
+                // SAFETY: the reads are inside the lengths the caller checked.
+                unsafe {
+                    let weights = |g: usize| {
+                        _mm256_loadu_si256(words.add((g * quad_count + k) * LANES).cast())
+                    };
+                    let w = [
+                        weights(g0),
+                        if second {
+                            weights(g0 + 1)
+                        } else {
+                            _mm256_setzero_si256()
+                        },
+                    ];
+                    for (p, acc) in acc.iter_mut().enumerate() {
+                        let x = _mm256_set1_epi32(*quads.get_unchecked(NR * k + from + p));
+                        acc[0] = $dp(acc[0], x, w[0]);
+                        acc[1] = $dp(acc[1], x, w[1]);
+                    }
+                }
+            }
+            // SAFETY: as the caller vouches.
+            unsafe { few.store_sums(&acc, g0, first, sums) };
+        }
+    };
+}
+
+quad_group!(quad_group_avx, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+quad_group!(
+    quad_group_avx512,
+    "avx2,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32
+);

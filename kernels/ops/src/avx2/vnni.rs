@@ -451,7 +451,7 @@ unsafe fn tile_byte_quads(
 /// `vpunpck*wd` leaves them in and [`BlockScales::codes`] reads), each word rows `4q` to
 /// `4q + 3` from its low byte up. Rows past the strip's count as the zero point.
 #[target_feature(enable = "avx2")]
-unsafe fn to_quads(strip: &[i16], unsigned: __m256i, quads: &mut [i32]) {
+pub(super) unsafe fn to_quads(strip: &[i16], unsigned: __m256i, quads: &mut [i32]) {
     let rows = strip.len() / NR;
     let row = |r: usize| {
         if r < rows {
