@@ -295,12 +295,8 @@ impl ByteQuads {
             let (gi, r) = (o / ocg, o % ocg);
             let tile = (gi * blocks + r / MR) * quads * MR;
             for (q, taps) in filter.chunks(4).enumerate() {
-                let word = taps
-                    .iter()
-                    .enumerate()
-                    .fold(0u32, |word, (i, &w)| word | (u32::from(w as u8) << (8 * i)));
                 let (step, part) = (q / per_step, q % per_step);
-                weights[tile + (step * MR + r % MR) * per_step + part] = word as i32;
+                weights[tile + (step * MR + r % MR) * per_step + part] = quad_word(taps);
             }
             let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
             let (bias, _) = conv.channels.get(o);
@@ -351,6 +347,16 @@ impl ByteQuads {
         let span = self.quads * MR * layer.blocks;
         for_each_group(conv, &channels, &self.weights, span, input, output, run);
     }
+}
+
+/// Up to four weights as one word of bytes, the first in the low byte (0 past the last): a
+/// byte quad as `vpdpbusd` and `sdot` read it.
+pub(crate) fn quad_word(weights: &[i8]) -> i32 {
+    weights
+        .iter()
+        .take(4)
+        .enumerate()
+        .fold(0u32, |word, (i, &w)| word | (u32::from(w as u8) << (8 * i))) as i32
 }
 
 /// One group of a convolution, as the tile loop sees it.

@@ -24,7 +24,7 @@ use super::lanes::BlockRequant;
 use super::vnni::{to_quads, Vnni};
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
 use crate::quant::requantize_i8;
-use crate::strips::{suits_few_pixels, Layer, Scratch, FEW_PIXELS as PIXELS, NR};
+use crate::strips::{quad_word, suits_few_pixels, Layer, Scratch, FEW_PIXELS as PIXELS, NR};
 
 /// Pixels summed at once: two accumulators each, 8 of the 16 vector registers.
 const PIXELS_AT_ONCE: usize = 4;
@@ -99,51 +99,47 @@ impl FewPixels {
         let (row_pairs, channels) = (rows.div_ceil(2), oc.div_ceil(LANES) * LANES);
         let zero_point = conv.input_zero_point;
         let vnni = vnni.filter(|v| v.available() && (-128..=127).contains(&zero_point));
-        if let Some(vnni) = vnni {
-            let quads = rows.div_ceil(4);
-            let mut words = std::vec![0i32; channels * quads + oc];
-            for (o, filter) in conv.weights.chunks_exact(rows).enumerate() {
-                let (group, lane) = (o / LANES, o % LANES);
-                for (k, taps) in filter.chunks(4).enumerate() {
-                    let word = taps
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |word, (i, &w)| word | u32::from(w as u8) << (8 * i));
-                    words[(group * quads + k) * LANES + lane] = word as i32;
+        let filters = conv.weights.chunks_exact(rows).enumerate();
+        let (words, vnni) = match vnni {
+            Some(vnni) => {
+                let quads = rows.div_ceil(4);
+                let mut words = std::vec![0i32; channels * quads + oc];
+                for (o, filter) in filters {
+                    let (group, lane) = (o / LANES, o % LANES);
+                    for (k, taps) in filter.chunks(4).enumerate() {
+                        words[(group * quads + k) * LANES + lane] = quad_word(taps);
+                    }
+                    let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
+                    let (bias, _) = conv.channels.get(o);
+                    words[channels * quads + o] =
+                        bias.wrapping_sub((zero_point + 128).wrapping_mul(sum));
                 }
-                let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
-                let (bias, _) = conv.channels.get(o);
-                words[channels * quads + o] =
-                    bias.wrapping_sub((zero_point + 128).wrapping_mul(sum));
+                (words, Some((vnni, quads)))
             }
-            return Some(Self {
-                words,
-                row_pairs,
-                channels,
-                taps: plane_taps(&g),
-                vnni: Some((vnni, quads)),
-            });
-        }
-        let mut bytes = std::vec![0u8; channels * row_pairs * 2];
-        for (o, filter) in conv.weights.chunks_exact(rows).enumerate() {
-            let (group, lane) = (o / LANES, o % LANES);
-            for (k, pair) in filter.chunks(2).enumerate() {
-                let at = ((group * row_pairs + k) * LANES + lane) * 2;
-                for (i, &w) in pair.iter().enumerate() {
-                    bytes[at + i] = w as u8;
+            None => {
+                let mut bytes = std::vec![0u8; channels * row_pairs * 2];
+                for (o, filter) in filters {
+                    let (group, lane) = (o / LANES, o % LANES);
+                    for (k, pair) in filter.chunks(2).enumerate() {
+                        let at = ((group * row_pairs + k) * LANES + lane) * 2;
+                        for (i, &w) in pair.iter().enumerate() {
+                            bytes[at + i] = w as u8;
+                        }
+                    }
                 }
+                let words = bytes
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                (words, None)
             }
-        }
-        let words = bytes
-            .chunks_exact(4)
-            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        };
         Some(Self {
             words,
             row_pairs,
             channels,
             taps: plane_taps(&g),
-            vnni: None,
+            vnni,
         })
     }
 

@@ -152,13 +152,19 @@ macro_rules! group_tiles {
             let Some(tile_quads) = products.get_mut(..quads.strip_len()) else {
                 return;
             };
-            // SAFETY (both kernels): `tile_quads` holds `quad_count` quads of NR words, and
-            // the tiles hand `span` weights, `quad_count` rows of MR.
+            // The input's zero point as `vpdpbusd` reads it (x + 128): the value of padding
+            // and of rows past the input's channels.
+            let unsigned_zero = quads.packed.zero_point + 128;
+            // A tile's codes from its quads and a block's weights.
+            // SAFETY: `tile_quads` holds `quad_count` quads of NR words, and the tiles hand
+            // `span` weights, `quad_count` rows of MR.
+            let block = |tile: &[i32], tile_quads: &[i32], first| {
+                scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
+            };
             if layer.is_pointwise() {
                 let [_, h, w] = layer.geometry.input;
                 let pixels = h * w;
-                // Rows past the input's channels read as its zero point.
-                let padding = (quads.packed.zero_point + 128) as u8;
+                let padding = unsigned_zero as u8;
                 layer.for_each_tile(
                     weights,
                     span,
@@ -172,9 +178,7 @@ macro_rules! group_tiles {
                             pointwise_quads(input, pixels, p0, layer.icg, padding, tile_quads)
                         }
                     },
-                    |tile, tile_quads, first| {
-                        scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
-                    },
+                    block,
                 );
                 return;
             }
@@ -183,7 +187,7 @@ macro_rules! group_tiles {
                 // copies, and turning them into quads was faster than building the quads from
                 // bytes (resnet18's 16x16 and 32x32 planes, MobileNetV3's 112x112 stem: the
                 // byte quads took 1.1 to 1.3 times as long).
-                let unsigned = _mm256_set1_epi16((quads.packed.zero_point + 128) as i16);
+                let unsigned = _mm256_set1_epi16(unsigned_zero as i16);
                 layer.run_tiles(
                     input,
                     weights,
@@ -198,7 +202,7 @@ macro_rules! group_tiles {
                             // SAFETY: AVX2 is enabled here; the strip has 2 * row_pairs rows.
                             unsafe { to_quads(strip, unsigned, tile_quads) };
                         }
-                        scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
+                        block(tile, tile_quads, first)
                     },
                 );
                 return;
@@ -206,7 +210,7 @@ macro_rules! group_tiles {
             // Tiles across output rows: quads from the input padded as bytes `x + 128`, inside
             // a border of its zero point's byte, each row of a tile a load per run (0.7 to 0.9
             // of the time of the strips' copies on 15x15 to 3x3 planes).
-            let border = (quads.packed.zero_point + 128) as u8;
+            let border = unsigned_zero as u8;
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut padded[..]);
             if !pad_bytes(layer, input, border, bytes) {
                 return;
@@ -222,9 +226,7 @@ macro_rules! group_tiles {
                     // SAFETY: AVX2 is enabled here; `tile_quads` holds `quad_count` quads.
                     unsafe { tile_byte_quads(layer, bytes, p0, border, tile_quads) }
                 },
-                |tile, tile_quads, first| {
-                    scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
-                },
+                block,
             );
         }
     };
