@@ -37,7 +37,9 @@ fn describe(op: &Op) -> Step {
         bytes,
     };
     match op {
-        Op::Conv { geometry: g, .. } | Op::ConvWide { geometry: g, .. } => {
+        Op::Conv { geometry: g, .. }
+        | Op::ConvWide { geometry: g, .. }
+        | Op::Conv16 { geometry: g, .. } => {
             let [c, h, w] = g.input;
             let [oc, oh, ow] = g.output;
             let [kh, kw] = g.kernel;
@@ -45,6 +47,8 @@ fn describe(op: &Op) -> Step {
             let macs = (oc * oh * ow * (c / group) * kh * kw) as u64;
             let kind = if matches!(op, Op::ConvWide { .. }) {
                 "16-bit input (generic)"
+            } else if matches!(op, Op::Conv16 { .. }) {
+                "16-bit activations (generic)"
             } else if group > 1 && group == c {
                 "depthwise"
             } else if g.kernel == [1, 1] {
@@ -70,6 +74,9 @@ fn describe(op: &Op) -> Step {
         Op::Rescale { .. } => step("rescale (concat)", String::new(), 0, 0),
         Op::Gather { .. } => step("gather", String::new(), 0, 0),
         Op::Attention { .. } => step("attention", String::new(), 0, 0),
+        Op::Add16(_) | Op::Mul16(_) | Op::GlobalAveragePool16(_) | Op::Function16 { .. } => {
+            step("16-bit element-wise (generic)", String::new(), 0, 0)
+        }
     }
 }
 

@@ -554,6 +554,88 @@ fn wide_inputs_classifier() -> Vec<u8> {
     b.finish(&header("wide-inputs", 112, 3, 32)).unwrap()
 }
 
+/// The layers on 16-bit activations: a grouped Conv from the int8 input (t0 -> t1), a
+/// SiLU-like function (t1 -> t2), the channel means (t2 -> t3), a per-channel Mul (t2 * t3 ->
+/// t4), a residual Add (t4 + t1 -> t5) and a 1x1 Conv back to int8 (t5 -> t6).
+fn sixteen_bit_classifier() -> Vec<u8> {
+    use kestrel_ops::int16::{
+        build_function16, Add16, GlobalAveragePool16, Mul16, WideOutput, Width,
+    };
+    let mut b = ProgramBuilder::default();
+    for (offset, len) in [
+        (0, 32),
+        (32, 64),
+        (96, 64),
+        (160, 4),
+        (176, 64),
+        (240, 64),
+        (304, 32),
+    ] {
+        b.tensor(offset, len);
+    }
+    let wide = WideOutput {
+        width: Width::I16,
+        zero_point: 0,
+        min: -32767,
+        max: 32767,
+    };
+    let geometry = |kernel: usize, group: usize| ConvGeometry {
+        input: [2, 4, 4],
+        output: [2, 4, 4],
+        kernel: [kernel, kernel],
+        stride: [1, 1],
+        pad: [kernel / 2, kernel / 2],
+        dilation: [1, 1],
+        group,
+    };
+    let conv = Op::Conv16 {
+        geometry: geometry(3, 2),
+        weights: b.i8_blob(&[3, -1, 2, 5, -7, 1, 0, 4, -2, 1, 1, -3, 6, 2, -5, 0, 3, 1]),
+        channels: b.channels(&[100, -100], &[requant(20.0); 2]),
+        input_width: Width::I8,
+        input_zero_point: 1,
+        output: wide,
+    };
+    b.push(step(conv, [0, 0], 1)).unwrap();
+    let scale = 8.0 / 32767.0;
+    let table = build_function16(scale, scale, |x| x / (1.0 + (-x).exp()));
+    let function = Op::Function16 {
+        table: b.i16_blob(&table),
+    };
+    b.push(step(function, [1, 1], 2)).unwrap();
+    let pool = Op::GlobalAveragePool16(GlobalAveragePool16 {
+        channels: 2,
+        requant: requant(1.0 / 16.0),
+        output: wide,
+    });
+    b.push(step(pool, [2, 2], 3)).unwrap();
+    let mul = Op::Mul16(Mul16 {
+        requant: requant(1.0 / 4096.0),
+        output: wide,
+    });
+    b.push(step(mul, [2, 3], 4)).unwrap();
+    let add = Op::Add16(Add16 {
+        requant: [requant(0.5), requant(0.5)],
+        output: wide,
+    });
+    b.push(step(add, [4, 1], 5)).unwrap();
+    let head = Op::Conv16 {
+        geometry: geometry(1, 1),
+        weights: b.i8_blob(&[7, -3, 2, 9]),
+        channels: b.channels(&[0, 50], &[requant(1.0 / 512.0); 2]),
+        input_width: Width::I16,
+        input_zero_point: 0,
+        output: WideOutput {
+            width: Width::I8,
+            zero_point: 1,
+            min: -128,
+            max: 127,
+        },
+    };
+    b.push(step(head, [5, 5], 6)).unwrap();
+    b.finish(&header("sixteen-bit", 336, 6, 32)).unwrap()
+}
+
 /// The plan seeds by file name: three valid plans that run, and cut-short and damaged ones.
 fn plan_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let tiny = tiny_classifier();
@@ -567,6 +649,7 @@ fn plan_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("every-op-detector.plan", every.clone()),
         ("every-op-detector-upset.plan", flipped),
         ("wide-inputs-classifier.plan", wide_inputs_classifier()),
+        ("sixteen-bit-classifier.plan", sixteen_bit_classifier()),
         ("tiny-preamble-only.plan", tiny[..16].to_vec()),
         ("tiny-cut-after-table.plan", tiny[..16 + 4 * 16].to_vec()),
         (

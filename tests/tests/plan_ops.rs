@@ -268,6 +268,11 @@ fn plan_holds_every_int8_op_and_its_header() {
             PlanOp::ConvWide { .. } => "ConvWide",
             PlanOp::GlobalAveragePoolWide { .. } => "GlobalAveragePoolWide",
             PlanOp::MulWide { .. } => "MulWide",
+            PlanOp::Conv16 { .. } => "Conv16",
+            PlanOp::Add16(_) => "Add16",
+            PlanOp::Mul16(_) => "Mul16",
+            PlanOp::GlobalAveragePool16(_) => "GlobalAveragePool16",
+            PlanOp::Function16 { .. } => "Function16",
         };
         *kinds.entry(kind).or_insert(0) += 1;
     }

@@ -86,3 +86,35 @@ extern "C" __global__ void kestrel_conv_dp4a(ConvArgs a) {
             (int)acc[t], a.multiplier[oc], a.shift[oc], a.output_zero_point, a.min, a.max);
     }
 }
+
+// Conv16::run of int16.rs: a convolution (or a Gemm) with an int8 or int16 input and output,
+// one output value per thread, the sum in 64 bits (exact), saturated to int32 to requantise.
+extern "C" __global__ void kestrel_conv16(ConvArgs a) {
+    int i = kestrel_index(a.count);
+    if (i < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    const signed char* input = a.input + item;
+    KestrelPosition at = kestrel_position(i, a.out_width, a.out_height);
+    int oc = at.c, oy = at.y, ox = at.x;
+    int icg = a.channels / a.group;
+    int ocg = a.out_channels / a.group;
+    int first_channel = (oc / ocg) * icg;
+    const signed char* filter = a.weights + (long long)oc * icg * a.kernel_h * a.kernel_w;
+    long long acc = a.bias[oc];
+    for (int ic = 0; ic < icg; ++ic) {
+        long long plane = (long long)(first_channel + ic) * a.height * a.width;
+        for (int ky = 0; ky < a.kernel_h; ++ky) {
+            int iy = oy * a.stride_y + ky * a.dilation_y - a.pad_y;
+            if (iy < 0 || iy >= a.height) continue;
+            for (int kx = 0; kx < a.kernel_w; ++kx) {
+                int ix = ox * a.stride_x + kx * a.dilation_x - a.pad_x;
+                if (ix < 0 || ix >= a.width) continue;
+                int x = kestrel_load(input, plane + iy * a.width + ix, a.input_bytes) -
+                        a.input_zero_point;
+                acc += (long long)x * filter[(ic * a.kernel_h + ky) * a.kernel_w + kx];
+            }
+        }
+    }
+    kestrel_write_wide(a.output + item, i, a.output_bytes, acc, a.multiplier[oc], a.shift[oc],
+                       a.output_zero_point, a.min, a.max);
+}

@@ -244,11 +244,19 @@ impl Session {
         };
         let mut builder = stream.launch_builder(function);
         match &args {
-            Args::Conv(a) | Args::ConvDp4a(a) => builder.arg(a),
-            Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) | Args::Gather(a) => {
-                builder.arg(a)
-            }
-            Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => builder.arg(a),
+            Args::Conv(a) | Args::ConvDp4a(a) | Args::Conv16(a) => builder.arg(a),
+            Args::Add(a)
+            | Args::Mul(a)
+            | Args::Rescale(a)
+            | Args::Lut(a)
+            | Args::Gather(a)
+            | Args::Add16(a)
+            | Args::Mul16(a)
+            | Args::Function16(a) => builder.arg(a),
+            Args::MaxPool(a)
+            | Args::AveragePool(a)
+            | Args::GlobalAveragePool(a)
+            | Args::GlobalAveragePool16(a) => builder.arg(a),
             Args::Resize(a) => builder.arg(a),
             Args::Preprocess(a) => builder.arg(a),
             Args::Decode(a) => builder.arg(a),

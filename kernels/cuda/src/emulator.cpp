@@ -72,6 +72,11 @@ EMULATE(kestrel_resize, ResizeArgs)
 EMULATE(kestrel_preprocess, PreprocessArgs)
 EMULATE(kestrel_decode, DecodeArgs)
 EMULATE(kestrel_attention, AttentionArgs)
+EMULATE(kestrel_conv16, ConvArgs)
+EMULATE(kestrel_add16, ElementwiseArgs)
+EMULATE(kestrel_mul16, ElementwiseArgs)
+EMULATE(kestrel_global_average_pool16, PoolArgs)
+EMULATE(kestrel_function16, ElementwiseArgs)
 
 // Sizes of the argument structs, checked against the Rust mirrors.
 extern "C" unsigned long kestrel_args_sizes(unsigned which) {

@@ -36,6 +36,21 @@ extern "C" {
         block: u32,
         args: *const PreprocessArgs,
     );
+    fn kestrel_conv16_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ConvArgs);
+    fn kestrel_add16_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_mul16_emulated(grid_x: u32, grid_y: u32, block: u32, args: *const ElementwiseArgs);
+    fn kestrel_global_average_pool16_emulated(
+        grid_x: u32,
+        grid_y: u32,
+        block: u32,
+        args: *const PoolArgs,
+    );
+    fn kestrel_function16_emulated(
+        grid_x: u32,
+        grid_y: u32,
+        block: u32,
+        args: *const ElementwiseArgs,
+    );
     fn kestrel_args_sizes(which: u32) -> core::ffi::c_ulong;
 }
 
@@ -190,6 +205,13 @@ impl Emulator {
                 Args::Preprocess(a) => kestrel_preprocess_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Decode(a) => kestrel_decode_emulated(grid_x, grid_y, BLOCK, &a),
                 Args::Attention(a) => kestrel_attention_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Conv16(a) => kestrel_conv16_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Add16(a) => kestrel_add16_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::Mul16(a) => kestrel_mul16_emulated(grid_x, grid_y, BLOCK, &a),
+                Args::GlobalAveragePool16(a) => {
+                    kestrel_global_average_pool16_emulated(grid_x, grid_y, BLOCK, &a)
+                }
+                Args::Function16(a) => kestrel_function16_emulated(grid_x, grid_y, BLOCK, &a),
             }
         }
     }

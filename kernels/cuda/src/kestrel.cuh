@@ -23,6 +23,7 @@ struct ConvArgs {
     int kernel_h, kernel_w, stride_y, stride_x, pad_y, pad_x, dilation_y, dilation_x, group;
     int input_zero_point, output_zero_point, min, max;
     int wide_input;  // read the input through `wide` rather than minus input_zero_point
+    int input_bytes, output_bytes;  // kestrel_conv16: 1 (int8) or 2 (int16) per value
 };
 
 // Add, Mul, Rescale, Lut and Gather: one output value from one value of `a` (and of `b`).
@@ -40,6 +41,7 @@ struct ElementwiseArgs {
     int multiplier_a, shift_a, multiplier_b, shift_b;
     int output_zero_point, min, max;
     int wide_inputs;
+    int output_bytes;  // the 16-bit kernels: 1 (int8) or 2 (int16) per output value
 };
 
 // MaxPool, AveragePool and GlobalAveragePool (a window the size of the plane).
@@ -54,6 +56,7 @@ struct PoolArgs {
     int count_include_pad;
     int input_zero_point, multiplier, shift, output_zero_point, min, max;
     int wide_input;  // read the input through `wide` rather than minus input_zero_point
+    int output_bytes;  // kestrel_global_average_pool16: 1 (int8) or 2 (int16) per output value
 };
 
 struct ResizeArgs {
@@ -157,4 +160,39 @@ __device__ __forceinline__ KestrelPosition kestrel_position(int i, int width, in
 __device__ __forceinline__ int kestrel_index(int count) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     return i < count ? (int)i : -1;
+}
+
+// Value i of a tensor of `bytes`-wide codes (int16.rs's Width::load): 1, int8; 2, little-endian
+// int16.
+__device__ __forceinline__ int kestrel_load(const signed char* t, long long i, int bytes) {
+    if (bytes == 2) {
+        unsigned lo = (unsigned char)t[2 * i], hi = (unsigned char)t[2 * i + 1];
+        return (int)(short)(unsigned short)(lo | (hi << 8));
+    }
+    return t[i];
+}
+
+// WideOutput::store: `steps` plus the zero point (saturated to int32), clamped to [min, max]
+// (lower bound first), then to the width's range, written as value i.
+__device__ __forceinline__ void kestrel_store_wide(signed char* t, long long i, int bytes,
+                                                   long long steps, int zero_point, int min,
+                                                   int max) {
+    long long v = steps + zero_point;
+    v = v < -2147483648LL ? -2147483648LL : (v > 2147483647LL ? 2147483647LL : v);
+    int code = kestrel_clamp(v, min, max);
+    if (bytes == 2) {
+        code = code < -32767 ? -32767 : (code > 32767 ? 32767 : code);
+        t[2 * i] = (signed char)(code & 0xff);
+        t[2 * i + 1] = (signed char)((code >> 8) & 0xff);
+    } else {
+        t[i] = (signed char)(code < -128 ? -128 : (code > 127 ? 127 : code));
+    }
+}
+
+// WideOutput::write: a 64-bit sum saturated to int32, requantised, stored.
+__device__ __forceinline__ void kestrel_write_wide(signed char* t, long long i, int bytes,
+                                                   long long acc, int multiplier, int shift,
+                                                   int zero_point, int min, int max) {
+    int sum = (int)(acc < -2147483648LL ? -2147483648LL : (acc > 2147483647LL ? 2147483647LL : acc));
+    kestrel_store_wide(t, i, bytes, kestrel_apply(sum, multiplier, shift), zero_point, min, max);
 }

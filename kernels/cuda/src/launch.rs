@@ -8,7 +8,7 @@
 //! `kestrel.cuh`.
 
 use kestrel_backend::{PreprocessSpec, MAX_BANDS};
-use kestrel_ops::int8::{Add, Conv, ShapeError};
+use kestrel_ops::int8::{Add, Conv, ConvGeometry, ShapeError};
 use kestrel_ops::Kernels;
 use kestrel_plan::program::{Blob, ChannelBlobs, Op, Program, ProgramError, Step};
 
@@ -51,11 +51,21 @@ pub enum Kernel {
     Decode,
     /// `kestrel_attention`.
     Attention,
+    /// `kestrel_conv16`: Conv and Gemm with 16-bit activations.
+    Conv16,
+    /// `kestrel_add16`.
+    Add16,
+    /// `kestrel_mul16`.
+    Mul16,
+    /// `kestrel_global_average_pool16`.
+    GlobalAveragePool16,
+    /// `kestrel_function16`.
+    Function16,
 }
 
 impl Kernel {
     /// Every kernel, for loading them all from a module.
-    pub const ALL: [Kernel; 14] = [
+    pub const ALL: [Kernel; 19] = [
         Self::Conv,
         Self::ConvDp4a,
         Self::Add,
@@ -70,6 +80,11 @@ impl Kernel {
         Self::Preprocess,
         Self::Decode,
         Self::Attention,
+        Self::Conv16,
+        Self::Add16,
+        Self::Mul16,
+        Self::GlobalAveragePool16,
+        Self::Function16,
     ];
 
     /// The entry point's name in the module.
@@ -89,6 +104,11 @@ impl Kernel {
             Self::Preprocess => "kestrel_preprocess",
             Self::Decode => "kestrel_decode",
             Self::Attention => "kestrel_attention",
+            Self::Conv16 => "kestrel_conv16",
+            Self::Add16 => "kestrel_add16",
+            Self::Mul16 => "kestrel_mul16",
+            Self::GlobalAveragePool16 => "kestrel_global_average_pool16",
+            Self::Function16 => "kestrel_function16",
         }
     }
 }
@@ -129,6 +149,8 @@ pub struct ConvArgs {
     pub min: i32,
     pub max: i32,
     pub wide_input: i32,
+    pub input_bytes: i32,
+    pub output_bytes: i32,
 }
 
 /// `ElementwiseArgs` of `kestrel.cuh`: Add, Mul, Rescale, Lut, Gather.
@@ -155,6 +177,7 @@ pub struct ElementwiseArgs {
     pub min: i32,
     pub max: i32,
     pub wide_inputs: i32,
+    pub output_bytes: i32,
 }
 
 /// `PoolArgs` of `kestrel.cuh`: MaxPool, AveragePool, GlobalAveragePool.
@@ -186,6 +209,7 @@ pub struct PoolArgs {
     pub min: i32,
     pub max: i32,
     pub wide_input: i32,
+    pub output_bytes: i32,
 }
 
 /// `ResizeArgs` of `kestrel.cuh`.
@@ -285,6 +309,11 @@ pub enum Args {
     Preprocess(PreprocessArgs),
     Decode(DecodeArgs),
     Attention(AttentionArgs),
+    Conv16(ConvArgs),
+    Add16(ElementwiseArgs),
+    Mul16(ElementwiseArgs),
+    GlobalAveragePool16(PoolArgs),
+    Function16(ElementwiseArgs),
 }
 
 impl Args {
@@ -305,6 +334,11 @@ impl Args {
             Self::Preprocess(_) => Kernel::Preprocess,
             Self::Decode(_) => Kernel::Decode,
             Self::Attention(_) => Kernel::Attention,
+            Self::Conv16(_) => Kernel::Conv16,
+            Self::Add16(_) => Kernel::Add16,
+            Self::Mul16(_) => Kernel::Mul16,
+            Self::GlobalAveragePool16(_) => Kernel::GlobalAveragePool16,
+            Self::Function16(_) => Kernel::Function16,
         }
     }
 }
@@ -461,6 +495,11 @@ impl Launch {
             Args::Preprocess(a) => Args::Preprocess(a.bind(bases)),
             Args::Decode(a) => Args::Decode(a.bind(bases)),
             Args::Attention(a) => Args::Attention(a.bind(bases)),
+            Args::Conv16(a) => Args::Conv16(a.bind(bases)),
+            Args::Add16(a) => Args::Add16(a.bind(bases)),
+            Args::Mul16(a) => Args::Mul16(a.bind(bases)),
+            Args::GlobalAveragePool16(a) => Args::GlobalAveragePool16(a.bind(bases)),
+            Args::Function16(a) => Args::Function16(a.bind(bases)),
         }
     }
 }
@@ -730,7 +769,103 @@ fn plan_step(
         plane: 1,
         ..ElementwiseArgs::default()
     };
+    // A convolution's tensors, constants and geometry.
+    let conv_args = |g: &ConvGeometry, weights: Blob, c: ChannelBlobs| {
+        // Index arithmetic in the kernel multiplies these: keep every product in range.
+        let input_len = g.input.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
+        let weights_len = [g.output[0], g.kernel[0], g.kernel[1]]
+            .iter()
+            .try_fold(g.input[0], |p, &v| p.checked_mul(v));
+        int(input_len.ok_or(too_large)?)?;
+        int(weights_len.ok_or(too_large)?)?;
+        let (bias, multiplier, shift) = channels(c);
+        Ok::<_, PlanningError>(ConvArgs {
+            input: a_at,
+            output: out_at,
+            weights: blob(weights),
+            bias,
+            multiplier,
+            shift,
+            channels: int(g.input[0])?,
+            height: axis(g.input[1])?,
+            width: axis(g.input[2])?,
+            out_channels: int(g.output[0])?,
+            out_height: axis(g.output[1])?,
+            out_width: axis(g.output[2])?,
+            kernel_h: axis(g.kernel[0])?,
+            kernel_w: axis(g.kernel[1])?,
+            stride_y: axis(g.stride[0])?,
+            stride_x: axis(g.stride[1])?,
+            pad_y: axis(g.pad[0])?,
+            pad_x: axis(g.pad[1])?,
+            dilation_y: axis(g.dilation[0])?,
+            dilation_x: axis(g.dilation[1])?,
+            group: int(g.group.max(1))?,
+            ..ConvArgs::default()
+        })
+    };
     let args = match step.op {
+        Op::Conv16 {
+            geometry: g,
+            weights,
+            channels: c,
+            input_width,
+            input_zero_point,
+            output: o,
+        } => Args::Conv16(ConvArgs {
+            count: int(out.len() / o.width.bytes())?,
+            input_zero_point,
+            output_zero_point: o.zero_point,
+            min: o.min,
+            max: o.max,
+            input_bytes: int(input_width.bytes())?,
+            output_bytes: int(o.width.bytes())?,
+            ..conv_args(&g, weights, c)?
+        }),
+        Op::Add16(add) => Args::Add16(ElementwiseArgs {
+            count: int(out.len() / add.output.width.bytes())?,
+            multiplier_a: add.requant[0].multiplier,
+            shift_a: add.requant[0].shift.into(),
+            multiplier_b: add.requant[1].multiplier,
+            shift_b: add.requant[1].shift.into(),
+            output_zero_point: add.output.zero_point,
+            min: add.output.min,
+            max: add.output.max,
+            output_bytes: int(add.output.width.bytes())?,
+            ..elementwise
+        }),
+        Op::Mul16(mul) => Args::Mul16(ElementwiseArgs {
+            count: int(out.len() / mul.output.width.bytes())?,
+            plane: int(a.len() / b.len().max(1))?,
+            multiplier_a: mul.requant.multiplier,
+            shift_a: mul.requant.shift.into(),
+            output_zero_point: mul.output.zero_point,
+            min: mul.output.min,
+            max: mul.output.max,
+            output_bytes: int(mul.output.width.bytes())?,
+            ..elementwise
+        }),
+        Op::GlobalAveragePool16(pool) => Args::GlobalAveragePool16(PoolArgs {
+            input: a_at,
+            output: out_at,
+            count: int(pool.channels)?,
+            channels: int(pool.channels)?,
+            // The whole plane is one window, summed by one thread.
+            height: int(a.len() / 2 / pool.channels.max(1))?,
+            multiplier: pool.requant.multiplier,
+            shift: pool.requant.shift.into(),
+            output_zero_point: pool.output.zero_point,
+            min: pool.output.min,
+            max: pool.output.max,
+            output_bytes: int(pool.output.width.bytes())?,
+            ..PoolArgs::default()
+        }),
+        Op::Function16 { table } => Args::Function16(ElementwiseArgs {
+            count: int(out.len() / 2)?,
+            table: blob(table),
+            output_bytes: 2,
+            ..elementwise
+        }),
         Op::Conv {
             geometry: g,
             weights,
@@ -753,45 +888,16 @@ fn plan_step(
                 Op::ConvWide { table, .. } => (0, Some(blob(table))),
                 _ => (0, None),
             };
-            let (bias, multiplier, shift) = channels(c);
             let conv = ConvArgs {
-                input: a_at,
-                output: out_at,
-                weights: blob(weights),
-                bias,
-                multiplier,
-                shift,
                 count,
-                channels: int(g.input[0])?,
-                height: axis(g.input[1])?,
-                width: axis(g.input[2])?,
-                out_channels: int(g.output[0])?,
-                out_height: axis(g.output[1])?,
-                out_width: axis(g.output[2])?,
-                kernel_h: axis(g.kernel[0])?,
-                kernel_w: axis(g.kernel[1])?,
-                stride_y: axis(g.stride[0])?,
-                stride_x: axis(g.stride[1])?,
-                pad_y: axis(g.pad[0])?,
-                pad_x: axis(g.pad[1])?,
-                dilation_y: axis(g.dilation[0])?,
-                dilation_x: axis(g.dilation[1])?,
-                group: int(g.group.max(1))?,
                 input_zero_point,
                 output_zero_point: q.zero_point,
                 min: q.min.into(),
                 max: q.max.into(),
                 wide: wide.unwrap_or(0),
                 wide_input: wide.is_some().into(),
-                ..ConvArgs::default()
+                ..conv_args(&g, weights, c)?
             };
-            // Index arithmetic in the kernel multiplies these: keep every product in range.
-            let input_len = g.input.iter().try_fold(1usize, |p, &v| p.checked_mul(v));
-            let weights_len = [g.output[0], g.kernel[0], g.kernel[1]]
-                .iter()
-                .try_fold(g.input[0], |p, &v| p.checked_mul(v));
-            int(input_len.ok_or(too_large)?)?;
-            int(weights_len.ok_or(too_large)?)?;
             if g.group <= 1 && wide.is_none() {
                 dense(program, &step.op, conv, packed).ok_or(too_large)?
             } else {
@@ -988,9 +1094,19 @@ fn plan_step(
         }
     };
     let threads = match args {
-        Args::Conv(a) | Args::ConvDp4a(a) => a.count,
-        Args::Add(a) | Args::Mul(a) | Args::Rescale(a) | Args::Lut(a) | Args::Gather(a) => a.count,
-        Args::MaxPool(a) | Args::AveragePool(a) | Args::GlobalAveragePool(a) => a.count,
+        Args::Conv(a) | Args::ConvDp4a(a) | Args::Conv16(a) => a.count,
+        Args::Add(a)
+        | Args::Mul(a)
+        | Args::Rescale(a)
+        | Args::Lut(a)
+        | Args::Gather(a)
+        | Args::Add16(a)
+        | Args::Mul16(a)
+        | Args::Function16(a) => a.count,
+        Args::MaxPool(a)
+        | Args::AveragePool(a)
+        | Args::GlobalAveragePool(a)
+        | Args::GlobalAveragePool16(a) => a.count,
         Args::Resize(a) => a.count,
         Args::Preprocess(a) => a.count,
         Args::Decode(a) => a.count,

@@ -70,3 +70,16 @@ extern "C" __global__ void kestrel_global_average_pool(PoolArgs a) {
     a.output[item + c] = kestrel_requantize((int)sum, a.multiplier, a.shift, a.output_zero_point,
                                             a.min, a.max);
 }
+
+// GlobalAveragePool16::run of int16.rs: one thread per channel sums its int16 plane (`height`
+// values) in 64 bits.
+extern "C" __global__ void kestrel_global_average_pool16(PoolArgs a) {
+    int c = kestrel_index(a.count);
+    if (c < 0) return;
+    long long item = (long long)blockIdx.y * a.batch_stride;
+    long long first = (long long)c * a.height;
+    long long sum = 0;
+    for (int k = 0; k < a.height; ++k) sum += kestrel_load(a.input + item, first + k, 2);
+    kestrel_write_wide(a.output + item, c, a.output_bytes, sum, a.multiplier, a.shift,
+                       a.output_zero_point, a.min, a.max);
+}

@@ -28,7 +28,7 @@ impl core::fmt::Display for ShapeError {
 #[cfg(feature = "std")]
 impl std::error::Error for ShapeError {}
 
-fn check(ok: bool, buffer: &'static str) -> Result<(), ShapeError> {
+pub(crate) fn check(ok: bool, buffer: &'static str) -> Result<(), ShapeError> {
     if ok {
         Ok(())
     } else {

@@ -1,5 +1,6 @@
 //! The set of kernels a program's steps run on.
 
+use crate::int16::Conv16;
 use crate::int8::{
     Add, Attention, AveragePool, Conv, Gather, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale,
     Resize, ShapeError, WideTable,
@@ -162,6 +163,16 @@ pub trait Kernels {
     ) -> Result<(), ShapeError> {
         attention.run(exp_table, input, output)
     }
+
+    /// Run `conv`, a layer with 16-bit activations, on `input` into `output`.
+    fn conv16(
+        &mut self,
+        conv: &Conv16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        conv.run(input, output)
+    }
 }
 
 /// Borrowed kernels, so a session can run kernels its caller keeps.
@@ -285,6 +296,15 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         (**self).attention(attention, exp_table, input, output)
+    }
+
+    fn conv16(
+        &mut self,
+        conv: &Conv16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).conv16(conv, input, output)
     }
 }
 

@@ -24,6 +24,7 @@
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 #[allow(clippy::indexing_slicing)]
 pub mod avx2;
+pub mod int16;
 pub mod int8;
 mod kernels;
 #[cfg(all(feature = "std", target_arch = "aarch64"))]

@@ -6,6 +6,7 @@
 use std::boxed::Box;
 use std::vec::Vec;
 
+use crate::int16::{Conv16, Conv16Scratch};
 use crate::int8::{
     Add, Attention, AttentionScratch, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool,
     Mul, Rescale, Resize, ShapeError,
@@ -68,6 +69,7 @@ pub struct KernelTable {
     /// Attention runs [`Attention::run_rows`] on every CPU (no plug-in replaces it, so it is
     /// not among [`KernelTable::names`]), with these buffers.
     attention_scratch: AttentionScratch,
+    conv16_scratch: Conv16Scratch,
 }
 
 impl Entry<ConvKernel> {
@@ -102,6 +104,7 @@ impl KernelTable {
             lut: generic(|lut, input, output| lut.run(input, output)),
             rescale: generic(Rescale::run),
             attention_scratch: AttentionScratch::default(),
+            conv16_scratch: Conv16Scratch::default(),
         }
     }
 
@@ -151,6 +154,17 @@ impl Kernels for KernelTable {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         self.conv.kernel.conv(step, conv, input, output)
+    }
+
+    /// Every CPU runs 16-bit layers by rows ([`Conv16::run_rows`]): portable loops the
+    /// compiler vectorises for the target, no per-architecture plug-in.
+    fn conv16(
+        &mut self,
+        conv: &Conv16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        conv.run_rows(input, output, &mut self.conv16_scratch)
     }
 
     fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {

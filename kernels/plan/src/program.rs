@@ -17,6 +17,9 @@ use core::ops::Range;
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Plan, PlanError, PlanHeader, SectionKind};
+use kestrel_ops::int16::{
+    Add16, Conv16, Function16, GlobalAveragePool16, Mul16, WideOutput, Width,
+};
 use kestrel_ops::int8::{
     Add, Attention, AveragePool, ChannelQuant, Conv, ConvGeometry, Gather, Gemm, GlobalAveragePool,
     Lut, MaxPool, Mul, OutputQuant, Rescale, Resize, ShapeError, WideTable,
@@ -140,13 +143,44 @@ pub enum Op {
         /// `i16` [`WideTable`] of each input; an empty blob where that input has none.
         tables: [Blob; 2],
     },
+    /// A convolution, or with a 1x1 geometry over one pixel a fully connected layer, whose
+    /// input, output or both are 16-bit tensors ([`kestrel_ops::int16`]).
+    Conv16 {
+        /// Shapes and window.
+        geometry: ConvGeometry,
+        /// `i8` `[out, in / group, kh, kw]`.
+        weights: Blob,
+        /// Biases and requantisation.
+        channels: ChannelBlobs,
+        /// Element type of the input.
+        input_width: Width,
+        /// Zero point of the input.
+        input_zero_point: i32,
+        /// Width, zero point and clamp of the output.
+        output: WideOutput,
+    },
+    /// Element-wise sum of two 16-bit tensors.
+    Add16(Add16),
+    /// Element-wise or per-channel product of two 16-bit tensors.
+    Mul16(Mul16),
+    /// Channel means of a 16-bit tensor.
+    GlobalAveragePool16(GlobalAveragePool16),
+    /// An element-wise function between 16-bit tensors: `i16` [`Function16`] table.
+    Function16 {
+        /// `i16` table of [`kestrel_ops::int16::FUNCTION16_ENTRIES`] codes.
+        table: Blob,
+    },
 }
 
 impl Op {
     /// How many input tensors the op reads.
     pub fn arity(&self) -> usize {
         match self {
-            Self::Add(_) | Self::Mul(_) | Self::MulWide { .. } => 2,
+            Self::Add(_)
+            | Self::Mul(_)
+            | Self::MulWide { .. }
+            | Self::Add16(_)
+            | Self::Mul16(_) => 2,
             _ => 1,
         }
     }
@@ -409,6 +443,9 @@ impl<'a> Program<'a> {
             }
             | Op::Gemm {
                 weights, channels, ..
+            }
+            | Op::Conv16 {
+                weights, channels, ..
             } => Some((self.bytes_as_i8(weights)?, self.channels(channels)?.bias)),
             _ => None,
         }
@@ -466,6 +503,34 @@ impl<'a> Program<'a> {
         }
     }
 
+    /// The [`Conv16`] of a [`Op::Conv16`] step.
+    pub fn conv16(&self, op: &Op) -> Option<Conv16<'a>> {
+        match *op {
+            Op::Conv16 {
+                geometry,
+                weights,
+                channels,
+                input_width,
+                input_zero_point,
+                output,
+            } => Some(Conv16 {
+                geometry,
+                weights: self.bytes_as_i8(weights)?,
+                channels: self.channels(channels)?,
+                input_width,
+                input_zero_point,
+                output,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The [`Function16`] table at `table`, if it has the right length.
+    pub fn function16(&self, table: Blob) -> Option<Function16<'a>> {
+        let table: &[i16] = bytemuck::try_cast_slice(self.blob(table)?).ok()?;
+        (table.len() == kestrel_ops::int16::FUNCTION16_ENTRIES).then_some(Function16 { table })
+    }
+
     /// A [`WideTable`] borrowed from the plan; `None` if the blob is not one.
     pub fn wide_table(&self, table: Blob) -> Option<&'a WideTable> {
         let values: &[i16] = bytemuck::try_cast_slice(self.blob(table)?).ok()?;
@@ -521,6 +586,8 @@ impl<'a> Program<'a> {
                 Op::ConvWide { .. } => self.conv_wide(&step.op).is_some(),
                 Op::GlobalAveragePoolWide { table, .. } => self.wide_table(table).is_some(),
                 Op::MulWide { tables, .. } => self.mul_tables(tables).is_some(),
+                Op::Conv16 { .. } => self.conv16(&step.op).is_some(),
+                Op::Function16 { table } => self.function16(table).is_some(),
                 Op::Gather { indices, plane } => {
                     let input = self.tensor(step.inputs[0]).map_or(0, |r| r.len());
                     self.gather(indices, plane)
@@ -636,6 +703,15 @@ impl<'a> Program<'a> {
                 kernels.mul_wide(&mul, tables, x, y, output)
             }
             Op::GlobalAveragePool(pool) => kernels.global_average_pool(&pool, x, output),
+            // 16-bit element-wise layers run the generic kernels on every CPU.
+            Op::Conv16 { .. } => {
+                let conv = self.conv16(&step.op).ok_or(blob_error)?;
+                kernels.conv16(&conv, x, output)
+            }
+            Op::Add16(add) => add.run(x, y, output),
+            Op::Mul16(mul) => mul.run(x, y, output),
+            Op::GlobalAveragePool16(pool) => pool.run(x, output),
+            Op::Function16 { table } => self.function16(table).ok_or(blob_error)?.run(x, output),
             Op::GlobalAveragePoolWide { pool, table } => {
                 let table = self.wide_table(table).ok_or(blob_error)?;
                 kernels.global_average_pool_wide(&pool, table, x, output)

@@ -1,0 +1,870 @@
+//! Layers on 16-bit activations: where int8 activations lose too much through a whole network
+//! (EfficientNet's squeeze-excite blocks and SiLU), the compiler keeps its activations as `i16`
+//! codes with zero point 0, weights still int8. A 16-bit tensor is stored as little-endian
+//! `i16` pairs in the same byte arena as int8 ones, so these kernels take byte slices and read
+//! each tensor at its [`Width`].
+//!
+//! Every accumulator is summed in `i64` (exact in any order) and saturated to `i32` before the
+//! usual requantisation; the compiler bounds each 16-bit tensor's codes so that no real sum
+//! saturates (see `models::quantize`). Generic kernels only, for every executor on the CPU.
+
+use serde::{Deserialize, Serialize};
+
+use crate::int8::{check, ChannelQuant, Conv, ConvGeometry, OutputQuant, ShapeError};
+use crate::quant::Requant;
+
+/// The element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Width {
+    /// `i8` codes.
+    I8,
+    /// Little-endian `i16` codes.
+    I16,
+}
+
+impl Width {
+    /// Bytes per value.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::I8 => 1,
+            Self::I16 => 2,
+        }
+    }
+
+    /// The code of value `i` in `bytes` (0 past the end: callers check lengths first).
+    #[inline]
+    pub fn load(self, bytes: &[i8], i: usize) -> i32 {
+        match self {
+            Self::I8 => bytes.get(i).map_or(0, |&b| i32::from(b)),
+            Self::I16 => match (bytes.get(2 * i), bytes.get(2 * i + 1)) {
+                (Some(&lo), Some(&hi)) => i32::from(i16::from_le_bytes([lo as u8, hi as u8])),
+                _ => 0,
+            },
+        }
+    }
+
+    /// Store `code` (already clamped to the width's range by the caller) as value `i`.
+    #[inline]
+    fn store(self, bytes: &mut [i8], i: usize, code: i32) {
+        match self {
+            Self::I8 => {
+                if let Some(b) = bytes.get_mut(i) {
+                    *b = code as i8;
+                }
+            }
+            Self::I16 => {
+                let [lo, hi] = (code as i16).to_le_bytes();
+                if let Some(pair) = bytes.get_mut(2 * i..2 * i + 2) {
+                    pair.copy_from_slice(&[lo as i8, hi as i8]);
+                }
+            }
+        }
+    }
+
+    /// The widest clamp range of the width.
+    pub fn range(self) -> (i32, i32) {
+        match self {
+            Self::I8 => (i32::from(i8::MIN), i32::from(i8::MAX)),
+            Self::I16 => (-i32::from(i16::MAX), i32::from(i16::MAX)),
+        }
+    }
+}
+
+/// Where a layer's output goes: its width, zero point and clamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct WideOutput {
+    /// Element type written.
+    pub width: Width,
+    /// Zero point (0 for 16-bit tensors).
+    pub zero_point: i32,
+    /// Smallest code written.
+    pub min: i32,
+    /// Largest code written.
+    pub max: i32,
+}
+
+impl WideOutput {
+    /// `acc` requantised, offset and clamped to this output, stored as value `i`.
+    #[inline]
+    fn write(&self, output: &mut [i8], i: usize, acc: i64, requant: Requant) {
+        let acc = acc.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
+        self.store(output, i, requant.apply(acc));
+    }
+
+    /// `steps` (in output steps, before the zero point) offset, clamped and stored as value `i`.
+    #[inline]
+    fn store(&self, output: &mut [i8], i: usize, steps: i32) {
+        self.width.store(output, i, self.code(steps));
+    }
+
+    /// The code of `steps`: offset by the zero point, clamped.
+    #[inline]
+    fn code(&self, steps: i32) -> i32 {
+        // `max` then `min`, as `requantize_i8`: an inverted range gives `max`, no panic; the
+        // width's own range bounds what a corrupt plan could ask for.
+        let (lo, hi) = self.width.range();
+        steps
+            .saturating_add(self.zero_point)
+            .max(self.min)
+            .min(self.max)
+            .clamp(lo, hi)
+    }
+
+    /// [`WideOutput::write`] of `sums` as values `first..` (which the caller checked exist).
+    #[cfg(feature = "std")]
+    #[inline(always)]
+    fn store_row(&self, output: &mut [i8], first: usize, sums: &[i32], requant: Requant) {
+        let bytes = self.width.bytes();
+        let Some(out) = output.get_mut(first * bytes..(first + sums.len()) * bytes) else {
+            return;
+        };
+        match self.width {
+            Width::I8 => {
+                for (out, &sum) in out.iter_mut().zip(sums) {
+                    *out = self.code(requant.apply(sum)) as i8;
+                }
+            }
+            Width::I16 => {
+                for (pair, &sum) in out.chunks_exact_mut(2).zip(sums) {
+                    let [lo, hi] = (self.code(requant.apply(sum)) as i16).to_le_bytes();
+                    pair.copy_from_slice(&[lo as i8, hi as i8]);
+                }
+            }
+        }
+    }
+
+    fn bytes(&self, values: usize) -> Option<usize> {
+        values.checked_mul(self.width.bytes())
+    }
+}
+
+/// A convolution (or, with a 1x1 geometry over one pixel, a fully connected layer) whose input
+/// or output or both are 16-bit. Weights int8 `[out, in / group, kh, kw]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv16<'a> {
+    /// Shapes and window.
+    pub geometry: ConvGeometry,
+    /// `[out, in / group, kh, kw]`.
+    pub weights: &'a [i8],
+    /// Bias and requantisation per output channel.
+    pub channels: ChannelQuant<'a>,
+    /// Element type of the input.
+    pub input_width: Width,
+    /// Zero point of the input.
+    pub input_zero_point: i32,
+    /// The output.
+    pub output: WideOutput,
+}
+
+impl Conv16<'_> {
+    /// Check the geometry and buffer sizes (bytes): [`Conv::check`] on the values.
+    pub fn check(&self, input_len: usize, output_len: usize) -> Result<(), ShapeError> {
+        let (input_bytes, output_bytes) = (self.input_width.bytes(), self.output.width.bytes());
+        check(input_len.is_multiple_of(input_bytes), "input")?;
+        check(output_len.is_multiple_of(output_bytes), "output")?;
+        let values = Conv {
+            geometry: self.geometry,
+            weights: self.weights,
+            channels: self.channels,
+            input_zero_point: self.input_zero_point,
+            output_quant: OutputQuant {
+                zero_point: 0,
+                min: i8::MIN,
+                max: i8::MAX,
+            },
+        };
+        values.check(input_len / input_bytes, output_len / output_bytes)
+    }
+
+    /// Run the layer on `input` into `output` (bytes of their widths).
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        self.check(input.len(), output.len())?;
+        let g = self.geometry;
+        let [c, h, w] = g.input;
+        let [oc_total, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let group = g.group.max(1);
+        let (icg, ocg) = (c / group, oc_total / group);
+        let filter_len = icg * kh * kw;
+        for oc in 0..oc_total {
+            let (bias, requant) = self.channels.get(oc);
+            let first_channel = (oc / ocg) * icg;
+            let filter = self
+                .weights
+                .get(oc * filter_len..(oc + 1) * filter_len)
+                .ok_or(ShapeError { buffer: "weights" })?;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = i64::from(bias);
+                    for (tap, &weight) in filter.iter().enumerate() {
+                        let (ic, ky, kx) = (tap / (kh * kw), tap / kw % kh, tap % kw);
+                        let iy = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.pad[0]);
+                        let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1]);
+                        let (Some(iy), Some(ix)) = (iy, ix) else {
+                            continue;
+                        };
+                        if iy >= h || ix >= w {
+                            continue;
+                        }
+                        let at = ((first_channel + ic) * h + iy) * w + ix;
+                        let x = self.input_width.load(input, at) - self.input_zero_point;
+                        acc += i64::from(x) * i64::from(weight);
+                    }
+                    self.output
+                        .write(output, (oc * oh + oy) * ow + ox, acc, requant);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Buffers [`Conv16::run_rows`] reuses from call to call.
+#[cfg(feature = "std")]
+#[derive(Clone, Debug, Default)]
+pub struct Conv16Scratch {
+    /// The input's values minus its zero point (16-bit: the multiply-adds SSE2 has).
+    input: std::vec::Vec<i16>,
+    /// Every output's sum, channel by channel.
+    sums: std::vec::Vec<i32>,
+    /// The weights, widened.
+    filter: std::vec::Vec<i16>,
+    /// One output pixel's inputs, a group's channels by taps (0 where a tap is padding), or
+    /// a depthwise layer's input channels last.
+    column: std::vec::Vec<i16>,
+    /// A depthwise layer's sums at one pixel, channels in a row.
+    pixel: std::vec::Vec<i32>,
+}
+
+/// Products per output value from which [`Conv16::run_rows`] sums each output as one dot
+/// product of its inputs (gathered per pixel) rather than a tap at a time over rows: the dot
+/// product's loop is long enough to vectorise, and the gather is shared by a group's channels.
+const DOT_MIN_TERMS: usize = 16;
+/// Output rows from which a stride-1 depthwise layer runs a tap at a time over whole rows
+/// (which vectorise) rather than with the channels in the lanes.
+const LANES_MAX_WIDTH: usize = 16;
+/// Output channels per group from which the gather pays (not depthwise layers).
+const DOT_MIN_CHANNELS: usize = 4;
+/// Output pixels from which a pointwise layer sums whole planes a weight at a time instead.
+const DOT_MAX_PLANE: usize = 64;
+
+#[cfg(feature = "std")]
+impl Conv16<'_> {
+    /// [`Conv16::run`] a tap at a time over whole output rows in `i32`, loops a compiler
+    /// vectorises: the same bytes, since every partial sum of a channel is bounded by
+    /// `|bias| + sum |w| * largest |x - zero point|`, checked below to stay under `2^31` (the
+    /// compiler bounds its 16-bit codes so that it does). A layer where it would not runs
+    /// [`Conv16::run`].
+    // Every index is into a buffer sized above from the geometry `check` proved, within the
+    // output range computed per tap; the property test against `run` covers odd geometries.
+    pub fn run_rows(
+        &self,
+        input: &[i8],
+        output: &mut [i8],
+        scratch: &mut Conv16Scratch,
+    ) -> Result<(), ShapeError> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: this CPU has AVX2, the only feature the function is compiled for.
+            return unsafe { self.run_rows_avx2(input, output, scratch) };
+        }
+        self.rows(input, output, scratch)
+    }
+
+    /// [`Conv16::rows`] compiled for AVX2: the same loops on 256-bit vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_rows_avx2(
+        &self,
+        input: &[i8],
+        output: &mut [i8],
+        scratch: &mut Conv16Scratch,
+    ) -> Result<(), ShapeError> {
+        self.rows(input, output, scratch)
+    }
+
+    #[allow(clippy::indexing_slicing)]
+    #[inline(always)]
+    fn rows(
+        &self,
+        input: &[i8],
+        output: &mut [i8],
+        scratch: &mut Conv16Scratch,
+    ) -> Result<(), ShapeError> {
+        self.check(input.len(), output.len())?;
+        let g = self.geometry;
+        let [c, h, w] = g.input;
+        let [oc_total, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let group = g.group.max(1);
+        let (icg, ocg) = (c / group, oc_total / group);
+        let (plane, out_plane, terms) = (h * w, oh * ow, icg * kh * kw);
+        let Conv16Scratch {
+            input: values,
+            sums,
+            filter,
+            column,
+            pixel,
+        } = scratch;
+        // The input less its zero point, as 16-bit values where every one fits.
+        let zero_point = self.input_zero_point;
+        let mut all_fit = true;
+        let mut less_zero_point = |x: i32| {
+            let x = x.wrapping_sub(zero_point);
+            all_fit &= i16::try_from(x).is_ok();
+            x as i16
+        };
+        values.clear();
+        match self.input_width {
+            Width::I8 => values.extend(input.iter().map(|&b| less_zero_point(i32::from(b)))),
+            Width::I16 => values.extend(input.chunks_exact(2).map(|pair| {
+                less_zero_point(i32::from(i16::from_le_bytes([
+                    pair[0] as u8,
+                    pair[1] as u8,
+                ])))
+            })),
+        }
+        let largest = values.iter().map(|v| v.unsigned_abs()).max().unwrap_or(0);
+        let fits = (0..oc_total).all(|oc| {
+            let filter = &self.weights[oc * terms..(oc + 1) * terms];
+            let weights: u64 = filter.iter().map(|&w| u64::from(w.unsigned_abs())).sum();
+            let bias = u64::from(self.channels.get(oc).0.unsigned_abs());
+            weights
+                .checked_mul(u64::from(largest))
+                .and_then(|s| s.checked_add(bias))
+                .is_some_and(|bound| bound < 1 << 31)
+        });
+        if !(fits && all_fit) {
+            return self.run(input, output);
+        }
+        // Every output's sum, channel by channel, the bias first.
+        sums.clear();
+        sums.extend(
+            (0..oc_total).flat_map(|oc| core::iter::repeat_n(self.channels.get(oc).0, out_plane)),
+        );
+        // The input value under tap (ky, kx) of output (oy, ox), if not padding.
+        let at = |oy: usize, ox: usize, ky: usize, kx: usize| {
+            let iy = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.pad[0])?;
+            let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])?;
+            (iy < h && ix < w).then_some(iy * w + ix)
+        };
+        let pointwise = g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0];
+        if icg == 1 && ocg == 1 && (g.stride[1] > 1 || ow < LANES_MAX_WIDTH) {
+            // Depthwise: channels in the vectors' lanes (planes are often a few pixels wide),
+            // the input and the filter laid out channels last.
+            let taps = kh * kw;
+            column.resize(plane * c, 0);
+            filter.resize(taps * c, 0);
+            for ch in 0..c {
+                for (p, &x) in values[ch * plane..][..plane].iter().enumerate() {
+                    column[p * c + ch] = x;
+                }
+                for (t, &weight) in self.weights[ch * taps..][..taps].iter().enumerate() {
+                    filter[t * c + ch] = i16::from(weight);
+                }
+            }
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    pixel.clear();
+                    pixel.resize(c, 0);
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let Some(i) = at(oy, ox, ky, kx) else {
+                                continue;
+                            };
+                            let inputs = &column[i * c..][..c];
+                            let weights = &filter[(ky * kw + kx) * c..][..c];
+                            for ((sum, &x), &weight) in pixel.iter_mut().zip(inputs).zip(weights) {
+                                *sum += i32::from(weight) * i32::from(x);
+                            }
+                        }
+                    }
+                    for (ch, &sum) in pixel.iter().enumerate() {
+                        sums[ch * out_plane + oy * ow + ox] += sum;
+                    }
+                }
+            }
+        } else if terms >= DOT_MIN_TERMS
+            && ocg >= DOT_MIN_CHANNELS
+            && !(pointwise && out_plane >= DOT_MAX_PLANE)
+        {
+            // Each output a dot product of its filter and its gathered inputs.
+            filter.clear();
+            filter.extend(self.weights.iter().map(|&w| i16::from(w)));
+            column.resize(terms, 0);
+            for group in 0..group {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut slots = column.iter_mut();
+                        for ic in 0..icg {
+                            let channel = &values[(group * icg + ic) * plane..][..plane];
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    if let Some(slot) = slots.next() {
+                                        *slot = at(oy, ox, ky, kx).map_or(0, |i| channel[i]);
+                                    }
+                                }
+                            }
+                        }
+                        for oc in group * ocg..(group + 1) * ocg {
+                            let weights = &filter[oc * terms..(oc + 1) * terms];
+                            let sum: i32 = weights
+                                .iter()
+                                .zip(column.iter())
+                                .map(|(&w, &x)| i32::from(w) * i32::from(x))
+                                .sum();
+                            sums[oc * out_plane + oy * ow + ox] += sum;
+                        }
+                    }
+                }
+            }
+        } else {
+            // A tap at a time over whole output rows (a pointwise layer's row: the plane).
+            // The output columns whose input column for tap `kx` lies inside the row.
+            let columns = |kx: usize| {
+                let offset = kx * g.dilation[1];
+                let first = g.pad[1].saturating_sub(offset).div_ceil(g.stride[1]);
+                let last = (w + g.pad[1])
+                    .saturating_sub(offset)
+                    .div_ceil(g.stride[1])
+                    .min(ow);
+                (first, last.max(first), offset)
+            };
+            for oc in 0..oc_total {
+                let first_channel = (oc / ocg) * icg;
+                let filter = &self.weights[oc * terms..(oc + 1) * terms];
+                let out_sums = &mut sums[oc * out_plane..][..out_plane];
+                for ic in 0..icg {
+                    let channel = &values[(first_channel + ic) * plane..][..plane];
+                    if pointwise {
+                        let weight = i32::from(filter[ic]);
+                        for (sum, &x) in out_sums.iter_mut().zip(channel) {
+                            *sum += weight * i32::from(x);
+                        }
+                        continue;
+                    }
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let weight = i32::from(filter[(ic * kh + ky) * kw + kx]);
+                            let (first, last, offset) = columns(kx);
+                            if weight == 0 || first == last {
+                                continue;
+                            }
+                            for oy in 0..oh {
+                                let Some(iy) = (oy * g.stride[0] + ky * g.dilation[0])
+                                    .checked_sub(g.pad[0])
+                                    .filter(|&iy| iy < h)
+                                else {
+                                    continue;
+                                };
+                                let row = &channel[iy * w..(iy + 1) * w];
+                                let out = &mut out_sums[oy * ow + first..oy * ow + last];
+                                // Input column of output column `first`.
+                                let start = first * g.stride[1] + offset - g.pad[1];
+                                if g.stride[1] == 1 {
+                                    let inputs = &row[start..start + out.len()];
+                                    for (sum, &x) in out.iter_mut().zip(inputs) {
+                                        *sum += weight * i32::from(x);
+                                    }
+                                } else {
+                                    let inputs = row[start..].iter().step_by(g.stride[1]);
+                                    for (sum, &x) in out.iter_mut().zip(inputs) {
+                                        *sum += weight * i32::from(x);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for oc in 0..oc_total {
+            let requant = self.channels.get(oc).1;
+            let first = oc * out_plane;
+            self.output
+                .store_row(output, first, &sums[first..first + out_plane], requant);
+        }
+        Ok(())
+    }
+}
+
+/// Fractional bits kept while two rescaled 16-bit addends are summed: a code of up to 2^15
+/// shifted by them stays within `i32` before the requantisation.
+pub const ADD16_FRACTION_BITS: u32 = 15;
+
+/// Element-wise sum of two 16-bit tensors (zero points 0) into a 16-bit tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Add16 {
+    /// `input scale / output scale` of each input.
+    pub requant: [Requant; 2],
+    /// The output (16-bit).
+    pub output: WideOutput,
+}
+
+impl Add16 {
+    /// `output = a + b` in real terms (bytes of 16-bit tensors of one length).
+    pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        check(a.len() == b.len() && a.len().is_multiple_of(2), "input")?;
+        check(
+            self.output.bytes(a.len() / 2) == Some(output.len()),
+            "output",
+        )?;
+        let term = |bytes: &[i8], i: usize, requant: Requant| {
+            i64::from(requant.apply(Width::I16.load(bytes, i) << ADD16_FRACTION_BITS))
+        };
+        let half = 1i64 << (ADD16_FRACTION_BITS - 1);
+        for i in 0..a.len() / 2 {
+            let sum = (term(a, i, self.requant[0]) + term(b, i, self.requant[1]) + half)
+                >> ADD16_FRACTION_BITS;
+            // Two terms of at most 2^31 each, shifted back: within i32.
+            self.output.store(output, i, sum as i32);
+        }
+        Ok(())
+    }
+}
+
+/// Element-wise product of two 16-bit tensors (zero points 0), `b` broadcast as in
+/// [`crate::int8::Mul`]: `a`'s length, one value, or one per channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mul16 {
+    /// `a scale * b scale / output scale`.
+    pub requant: Requant,
+    /// The output (16-bit).
+    pub output: WideOutput,
+}
+
+impl Mul16 {
+    /// `output = a * b` in real terms.
+    pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let (a_len, b_len) = (a.len() / 2, b.len() / 2);
+        check(
+            a.len().is_multiple_of(2)
+                && b.len().is_multiple_of(2)
+                && b_len > 0
+                && b_len <= a_len
+                && a_len.is_multiple_of(b_len),
+            "input",
+        )?;
+        check(self.output.bytes(a_len) == Some(output.len()), "output")?;
+        let plane = a_len / b_len;
+        for i in 0..a_len {
+            let product =
+                i64::from(Width::I16.load(a, i)) * i64::from(Width::I16.load(b, i / plane));
+            self.output.write(output, i, product, self.requant);
+        }
+        Ok(())
+    }
+}
+
+/// Channel means of a 16-bit tensor (zero point 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GlobalAveragePool16 {
+    /// Channels.
+    pub channels: usize,
+    /// `input scale / (output scale * plane)`.
+    pub requant: Requant,
+    /// The output.
+    pub output: WideOutput,
+}
+
+impl GlobalAveragePool16 {
+    /// Mean of each channel's plane of `input` into `output`.
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let values = input.len() / 2;
+        check(
+            self.channels > 0 && input.len().is_multiple_of(2) && values > 0,
+            "input",
+        )?;
+        check(values.is_multiple_of(self.channels), "input")?;
+        check(
+            self.output.bytes(self.channels) == Some(output.len()),
+            "output",
+        )?;
+        let plane = values / self.channels;
+        for c in 0..self.channels {
+            let sum: i64 = (c * plane..(c + 1) * plane)
+                .map(|i| i64::from(Width::I16.load(input, i)))
+                .sum();
+            self.output.write(output, c, sum, self.requant);
+        }
+        Ok(())
+    }
+}
+
+/// Input codes per segment of a [`Function16`] table.
+pub const FUNCTION16_SEGMENT: i32 = 64;
+/// Entries of a [`Function16`] table: the function at `-32768 + 64 k`, `k` in `0..=1024`.
+pub const FUNCTION16_ENTRIES: usize = 1025;
+
+/// An element-wise function (SiLU, Sigmoid, HardSwish...) from 16-bit codes to 16-bit codes
+/// (zero points 0), by linear interpolation in a table of its value every
+/// [`FUNCTION16_SEGMENT`] input codes. Build the table with [`build_function16`].
+#[derive(Clone, Copy, Debug)]
+pub struct Function16<'a> {
+    /// [`FUNCTION16_ENTRIES`] output codes.
+    pub table: &'a [i16],
+}
+
+impl Function16<'_> {
+    /// The output code of input code `x`.
+    #[inline]
+    pub fn code(&self, x: i32) -> i32 {
+        let from_bottom = x.clamp(i32::from(i16::MIN), i32::from(i16::MAX)) - i32::from(i16::MIN);
+        let (k, fraction) = (
+            (from_bottom / FUNCTION16_SEGMENT) as usize,
+            from_bottom % FUNCTION16_SEGMENT,
+        );
+        let at = |k: usize| i32::from(self.table.get(k).copied().unwrap_or_default());
+        let (low, high) = (at(k), at(k + 1));
+        // Rounded half up; an arithmetic shift floors negative steps the same way everywhere.
+        low + (((high - low) * fraction + FUNCTION16_SEGMENT / 2) >> FUNCTION16_SEGMENT.ilog2())
+    }
+
+    /// Apply the function to every value of `input` (16-bit) into `output` (16-bit).
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        check(self.table.len() == FUNCTION16_ENTRIES, "table")?;
+        check(input.len().is_multiple_of(2), "input")?;
+        check(output.len() == input.len(), "output")?;
+        let (lo, hi) = Width::I16.range();
+        for i in 0..input.len() / 2 {
+            let code = self.code(Width::I16.load(input, i)).clamp(lo, hi);
+            Width::I16.store(output, i, code);
+        }
+        Ok(())
+    }
+}
+
+/// The [`Function16`] table of `f` between two 16-bit grids (zero points 0): entry `k` holds
+/// `round(f(input_scale * (-32768 + 64 k)) / output_scale)`, clamped to ±[`i16::MAX`] (a NaN
+/// to 0). Float, for the compiler and tests.
+pub fn build_function16(
+    input_scale: f32,
+    output_scale: f32,
+    f: impl Fn(f32) -> f32,
+) -> [i16; FUNCTION16_ENTRIES] {
+    let mut table = [0i16; FUNCTION16_ENTRIES];
+    for (k, slot) in table.iter_mut().enumerate() {
+        let x = input_scale * (i32::from(i16::MIN) + FUNCTION16_SEGMENT * k as i32) as f32;
+        let steps = f64::from(f(x)) / f64::from(output_scale);
+        // By hand because core has no f64::round; `as` saturates (NaN to 0).
+        let rounded = if steps >= 0.0 {
+            steps + 0.5
+        } else {
+            steps - 0.5
+        } as i64;
+        let limit = i64::from(i16::MAX);
+        *slot = rounded.clamp(-limit, limit) as i16;
+    }
+    table
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+
+    fn wide(values: &[i16]) -> Vec<i8> {
+        values
+            .iter()
+            .flat_map(|v| v.to_le_bytes().map(|b| b as i8))
+            .collect()
+    }
+
+    fn narrow(bytes: &[i8]) -> Vec<i16> {
+        (0..bytes.len() / 2)
+            .map(|i| Width::I16.load(bytes, i) as i16)
+            .collect()
+    }
+
+    const FULL: WideOutput = WideOutput {
+        width: Width::I16,
+        zero_point: 0,
+        min: -32767,
+        max: 32767,
+    };
+
+    #[test]
+    fn function_table_interpolates_silu_within_a_code() {
+        let (input_scale, output_scale) = (10.0 / 32767.0, 10.0 / 32767.0);
+        let silu = |x: f32| x / (1.0 + (-x).exp());
+        let table = build_function16(input_scale, output_scale, silu);
+        let f = Function16 { table: &table };
+        for x in (-32768..=32767).step_by(7) {
+            let exact = silu(input_scale * x as f32) / output_scale;
+            let got = f.code(x);
+            assert!(
+                (got as f32 - exact).abs() <= 1.5,
+                "x {x}: {got} against {exact}"
+            );
+        }
+        // The table's own points come back exactly.
+        assert_eq!(f.code(-32768), i32::from(table[0]));
+        assert_eq!(f.code(-32768 + 64 * 700), i32::from(table[700]));
+    }
+
+    #[test]
+    fn conv_reads_and_writes_both_widths() {
+        // One output channel, 2x2 input, 1x1 kernel, weight 3, bias 5; unit requantisation.
+        let one = Requant::from_real(1.0).unwrap();
+        let geometry = ConvGeometry {
+            input: [1, 2, 2],
+            output: [1, 2, 2],
+            kernel: [1, 1],
+            stride: [1, 1],
+            pad: [0, 0],
+            dilation: [1, 1],
+            group: 1,
+        };
+        let (bias, multiplier, shift) = ([5], [one.multiplier], [one.shift]);
+        let channels = ChannelQuant {
+            bias: &bias,
+            multiplier: &multiplier,
+            shift: &shift,
+        };
+        let conv = Conv16 {
+            geometry,
+            weights: &[3],
+            channels,
+            input_width: Width::I16,
+            input_zero_point: 0,
+            output: FULL,
+        };
+        let input = wide(&[1000, -1000, 20000, -3]);
+        let mut output = vec![0i8; 8];
+        conv.run(&input, &mut output).unwrap();
+        // 3 * 20000 + 5 clamps to 32767.
+        assert_eq!(narrow(&output), [3005, -2995, 32767, -4]);
+        let to_int8 = Conv16 {
+            input_width: Width::I8,
+            input_zero_point: 1,
+            output: WideOutput {
+                width: Width::I8,
+                zero_point: -2,
+                min: -128,
+                max: 127,
+            },
+            ..conv
+        };
+        let mut output = vec![0i8; 4];
+        to_int8.run(&[1, 2, 50, -100], &mut output).unwrap();
+        assert_eq!(output, [3, 6, 127, -128]);
+        assert!(to_int8.run(&[1, 2, 50], &mut output).is_err());
+    }
+
+    #[test]
+    fn rows_kernel_writes_the_generic_bytes_on_random_layers() {
+        use kestrel_testing::Rng;
+        let mut rng = Rng(0x16b1_7c0d_e5ee_d001);
+        let mut scratch = Conv16Scratch::default();
+        for case in 0..300 {
+            let pick = |rng: &mut Rng, n: usize| rng.below(n);
+            let group = [1, 1, 2, 4][pick(&mut rng, 4)];
+            let (icg, ocg) = (1 + pick(&mut rng, 4), 1 + pick(&mut rng, 3));
+            let (c, oc) = (icg * group, ocg * group);
+            let (h, w) = (1 + pick(&mut rng, 9), 1 + pick(&mut rng, 9));
+            let kernel = [1 + pick(&mut rng, 5), 1 + pick(&mut rng, 5)];
+            let stride = [1 + pick(&mut rng, 3), 1 + pick(&mut rng, 3)];
+            let dilation = [1 + pick(&mut rng, 2), 1 + pick(&mut rng, 2)];
+            let pad = [pick(&mut rng, 3), pick(&mut rng, 3)];
+            let extent = |i: usize| (kernel[i] - 1) * dilation[i] + 1;
+            let (Some(hh), Some(ww)) = (
+                (h + 2 * pad[0]).checked_sub(extent(0)),
+                (w + 2 * pad[1]).checked_sub(extent(1)),
+            ) else {
+                continue;
+            };
+            let output = [oc, hh / stride[0] + 1, ww / stride[1] + 1];
+            let widths = [Width::I8, Width::I16];
+            let (input_width, output_width) =
+                (widths[pick(&mut rng, 2)], widths[pick(&mut rng, 2)]);
+            let weights: Vec<i8> = (0..oc * icg * kernel[0] * kernel[1])
+                .map(|_| rng.code())
+                .collect();
+            // Near the bound now and then, so that both paths run.
+            let big = case % 5 == 0;
+            let bias: Vec<i32> = (0..oc)
+                .map(|_| {
+                    if big {
+                        i32::MAX - rng.below(1000) as i32
+                    } else {
+                        rng.below(200_000) as i32 - 100_000
+                    }
+                })
+                .collect();
+            let multiplier: Vec<i32> = (0..oc)
+                .map(|_| (1 << 30) + rng.below(1 << 30) as i32)
+                .collect();
+            let shift: Vec<i8> = (0..oc).map(|_| -(rng.below(12) as i8)).collect();
+            let values = c * h * w;
+            let input: Vec<i8> = (0..values * input_width.bytes())
+                .map(|_| rng.code())
+                .collect();
+            let (lo, hi) = output_width.range();
+            let conv = Conv16 {
+                geometry: ConvGeometry {
+                    input: [c, h, w],
+                    output,
+                    kernel,
+                    stride,
+                    pad,
+                    dilation,
+                    group,
+                },
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_width,
+                input_zero_point: rng.below(9) as i32 - 4,
+                output: WideOutput {
+                    width: output_width,
+                    zero_point: rng.below(9) as i32 - 4,
+                    min: lo / 2,
+                    max: hi,
+                },
+            };
+            let len = output.iter().product::<usize>() * output_width.bytes();
+            let (mut expected, mut got) = (vec![0i8; len], vec![1i8; len]);
+            conv.run(&input, &mut expected).unwrap();
+            conv.run_rows(&input, &mut got, &mut scratch).unwrap();
+            assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
+        }
+    }
+
+    #[test]
+    fn add_mul_and_pool_on_16_bit_codes() {
+        let half = Requant::from_real(0.5).unwrap();
+        let one = Requant::from_real(1.0).unwrap();
+        let add = Add16 {
+            requant: [half, one],
+            output: FULL,
+        };
+        let mut out = vec![0i8; 4];
+        add.run(&wide(&[1001, -30000]), &wide(&[7, -20000]), &mut out)
+            .unwrap();
+        assert_eq!(narrow(&out), [508, -32767]);
+
+        let mul = Mul16 {
+            requant: Requant::from_real(1.0 / 1024.0).unwrap(),
+            output: FULL,
+        };
+        let mut out = vec![0i8; 8];
+        // Per channel: two channels of two values.
+        mul.run(&wide(&[1024, 2048, -512, 100]), &wide(&[3, -4]), &mut out)
+            .unwrap();
+        assert_eq!(narrow(&out), [3, 6, 2, 0]);
+
+        let pool = GlobalAveragePool16 {
+            channels: 2,
+            requant: Requant::from_real(0.5).unwrap(),
+            output: FULL,
+        };
+        let mut out = vec![0i8; 4];
+        pool.run(&wide(&[100, 301, -7, -9]), &mut out).unwrap();
+        assert_eq!(narrow(&out), [201, -8]);
+        assert!(pool.run(&wide(&[1, 2, 3]), &mut out).is_err());
+    }
+}
