@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kestrel_eval::Split;
 use models::calibrate::Method;
-use models::compile::{compile, Options, WIDEN_ABOVE};
+use models::compile::{compile, Options, INT16_ABOVE, WIDEN_ABOVE};
 use models::ZooModel;
 
 #[derive(Parser)]
@@ -69,6 +69,14 @@ enum Command {
         /// is closer. `0`: try every table; `off`: every activation int8.
         #[arg(long, default_value_t = WidenAbove(Some(WIDEN_ABOVE)))]
         widen_above: WidenAbove,
+        /// Where the int8 plan's output is at least this relative RMS error away from tract's
+        /// on the calibration images, try a plan with 16-bit activations (weights stay int8)
+        /// wherever every layer around a tensor has a 16-bit kernel (Conv, Gemm, Add, Mul,
+        /// GlobalAveragePool, Sigmoid/SiLU/HardSwish...): written only if it agrees with tract
+        /// at least as often and its output is closer. 16-bit layers run the generic kernels
+        /// on the CPU (several times slower) and not yet on the GPU. `off`: never.
+        #[arg(long, default_value_t = WidenAbove(Some(INT16_ABOVE)))]
+        int16_above: WidenAbove,
     },
 }
 
@@ -121,6 +129,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         max_images,
         split,
         widen_above,
+        int16_above,
     } = cli.command;
     let model = ZooModel::load(&model)?;
     let options = Options {
@@ -136,6 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             SplitArg::Val => Split::Validation,
         },
         widen_above: widen_above.0,
+        int16_above: int16_above.0,
     };
     let (plan, summary) = compile(&model, &calib, &options, &mut |phase| {
         eprintln!("{phase}...")
@@ -209,6 +219,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
         for layer in &summary.widened {
             println!("  {:+.4}  {}", layer.added, layer.node);
+        }
+    }
+    if let Some(trial) = &summary.int16 {
+        let [int8, wide] = trial.agreement.map(|a| 100.0 * a);
+        let [int8_rms, wide_rms] = trial.output_rel_rms;
+        match &trial.failed {
+            Some(reason) => println!("16-bit      activations not built: {reason}"),
+            None => println!(
+                "16-bit      activations ({} tensors): agreement {int8:.2}% -> {wide:.2}%, output relative RMS error {int8_rms:.4} -> {wide_rms:.4}: {}",
+                trial.tensors,
+                if trial.kept {
+                    "kept (those layers run the generic kernels on the CPU)"
+                } else {
+                    "not closer to float, so the int8 plan is written"
+                }
+            ),
         }
     }
     if let Some(path) = report {

@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::rc::Rc;
 
+use kestrel_ops::int16::{self, build_function16, WideOutput, Width};
 use kestrel_ops::int8::{
     self, build_lut, build_wide_table, ConvGeometry, OutputQuant, PoolGeometry, ResizeMode,
     WideTable,
@@ -71,6 +72,32 @@ pub enum Layer {
     Gather(Vec<u32>, usize),
     /// Self-attention over pixels; the plan carries [`int8::Attention::exp_table`] with it.
     Attention(int8::Attention),
+    /// A Conv (or a Gemm, as a 1x1 convolution of one pixel) with a 16-bit input, output or
+    /// both.
+    Conv16 {
+        /// Shapes and window.
+        geometry: ConvGeometry,
+        /// `[out, in / group, kh, kw]`.
+        weights: Vec<i8>,
+        /// Per output channel.
+        bias: Vec<i32>,
+        /// Per output channel.
+        requant: Vec<Requant>,
+        /// Element type of the input.
+        input_width: Width,
+        /// Input zero point.
+        input_zero_point: i32,
+        /// The output.
+        output: WideOutput,
+    },
+    /// Residual sum of 16-bit tensors.
+    Add16(int16::Add16),
+    /// Product of 16-bit tensors.
+    Mul16(int16::Mul16),
+    /// Channel means of a 16-bit tensor.
+    GlobalAveragePool16(int16::GlobalAveragePool16),
+    /// Element-wise function between 16-bit tensors: its interpolation table.
+    Function16(Vec<i16>),
 }
 
 impl Layer {
@@ -96,6 +123,11 @@ impl Layer {
             Self::Concat(_) => "Concat",
             Self::Gather(..) => "Gather",
             Self::Attention(_) => "Attention",
+            Self::Conv16 { .. } => "Conv (16-bit)",
+            Self::Add16(_) => "Add (16-bit)",
+            Self::Mul16(_) => "Mul (16-bit)",
+            Self::GlobalAveragePool16(_) => "GlobalAveragePool (16-bit)",
+            Self::Function16(_) => "Lut (16-bit)",
         }
     }
 }
@@ -120,8 +152,10 @@ pub struct QuantizedGraph {
     pub steps: Vec<Step>,
     /// Quantisation of every value by id.
     pub params: Vec<ActivationQuant>,
-    /// Elements of every value by id.
+    /// Bytes of every value by id: its elements times its width.
     pub sizes: Vec<usize>,
+    /// Per value id: whether it is a 16-bit tensor (zero point 0).
+    pub wide: Vec<bool>,
     /// Id of the output value (before a final Softmax).
     pub output: usize,
     /// The model ends in a Softmax, applied to the dequantised output.
@@ -200,6 +234,110 @@ impl Widened {
     }
 }
 
+/// Accumulator headroom of a 16-bit input: its codes times a reader's weights stay within
+/// `2^30`, the other half of the `i32` accumulator left to the bias (whose steps
+/// `quantize_weights_per_channel` bounds by the same `2^30`).
+const ACCUMULATOR_HALF: f64 = (1u32 << 30) as f64;
+
+/// Which values can be 16-bit tensors: those every producer and reader of which has a 16-bit
+/// kernel (Conv, Gemm, Add, Mul, GlobalAveragePool, element-wise functions; a Reshape passes
+/// its input's width on), and where the element-wise ones (which read and write one width)
+/// see only 16-bit neighbours. Never the graph's input or output. `alias` resolves Reshapes.
+fn sixteen_bit_values(graph: &Graph, alias: &[usize]) -> Vec<bool> {
+    let elementwise = |op: &Op| {
+        matches!(
+            op,
+            Op::Add
+                | Op::Mul
+                | Op::GlobalAveragePool
+                | Op::Sigmoid
+                | Op::HardSigmoid { .. }
+                | Op::HardSwish
+                | Op::Relu
+                | Op::Clip { .. }
+        )
+    };
+    let takes_16 = |op: &Op| elementwise(op) || matches!(op, Op::Conv { .. } | Op::Gemm { .. });
+    let mut wide = vec![true; graph.shapes.len()];
+    wide[0] = false;
+    wide[alias[graph.output]] = false;
+    let mut produced = vec![false; graph.shapes.len()];
+    for node in &graph.nodes {
+        if matches!(node.op, Op::Reshape) {
+            continue;
+        }
+        produced[node.output] = true;
+        if !takes_16(&node.op) {
+            wide[node.output] = false;
+            node.inputs.iter().for_each(|&i| wide[alias[i]] = false);
+        }
+    }
+    for (value, made) in produced.iter().enumerate() {
+        wide[value] &= *made;
+    }
+    // An element-wise node reads and writes one width: any int8 neighbour makes all int8.
+    loop {
+        let mut changed = false;
+        for node in graph.nodes.iter().filter(|n| elementwise(&n.op)) {
+            let values: Vec<usize> = node
+                .inputs
+                .iter()
+                .chain([&node.output])
+                .map(|&i| alias[i])
+                .collect();
+            if values.iter().any(|&v| !wide[v]) {
+                for v in values {
+                    changed |= wide[v];
+                    wide[v] = false;
+                }
+            }
+        }
+        if !changed {
+            return wide;
+        }
+    }
+}
+
+/// The largest code a 16-bit value may take so that every reader's accumulator keeps within
+/// [`ACCUMULATOR_HALF`]: a Conv or Gemm by its largest per-channel sum of weight magnitudes, a
+/// pooling by its plane, the rest by the `i16` range.
+fn code_limit(graph: &Graph, alias: &[usize], value: usize) -> i32 {
+    let mut limit = f64::from(i16::MAX);
+    for node in &graph.nodes {
+        if !node.inputs.iter().any(|&i| alias[i] == value) {
+            continue;
+        }
+        let terms = match &node.op {
+            Op::Conv {
+                weight,
+                weight_shape,
+                ..
+            } => largest_weight_sum(weight, weight_shape[0]),
+            Op::Gemm {
+                weight,
+                out_features,
+                ..
+            } => largest_weight_sum(weight, *out_features),
+            Op::GlobalAveragePool => {
+                graph.shapes[node.inputs[0]][2..].iter().product::<usize>() as f64
+            }
+            _ => 1.0,
+        };
+        limit = limit.min((ACCUMULATOR_HALF / terms.max(1.0)).floor());
+    }
+    limit.max(1.0) as i32
+}
+
+/// The largest sum of one output channel's int8 weight magnitudes (per-channel scales, as the
+/// compiler quantises them when no bias forces a coarser scale).
+fn largest_weight_sum(weight: &[f32], channels: usize) -> f64 {
+    let q = quantize_weights_per_channel(weight, channels, &[], 1.0);
+    q.values
+        .chunks(q.values.len() / channels.max(1))
+        .map(|c| c.iter().map(|&w| f64::from(w.unsigned_abs())).sum::<f64>())
+        .fold(0.0, f64::max)
+}
+
 impl QuantizedGraph {
     /// [`QuantizedGraph::build_widened`] with every function's output int8.
     pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
@@ -222,6 +360,29 @@ impl QuantizedGraph {
         graph: &Graph,
         params: &[ActivationQuant],
         widen: &BTreeSet<String>,
+    ) -> Result<Self, ImportError> {
+        Self::build_all(graph, params, widen, None)
+    }
+
+    /// [`QuantizedGraph::build`] with 16-bit activations wherever every layer that writes and
+    /// reads a value has a 16-bit kernel ([`kestrel_ops::int16`]; Conv, Gemm, Add, Mul,
+    /// GlobalAveragePool and element-wise functions), zero point 0, the scale from the
+    /// value's observed range (`minmax`, one per value id) over the largest code its readers'
+    /// accumulators allow. Other values keep their int8 `params`; the graph's input and output
+    /// are always int8.
+    pub fn build_16_bit(
+        graph: &Graph,
+        params: &[ActivationQuant],
+        minmax: &[ActivationQuant],
+    ) -> Result<Self, ImportError> {
+        Self::build_all(graph, params, &BTreeSet::new(), Some(minmax))
+    }
+
+    fn build_all(
+        graph: &Graph,
+        params: &[ActivationQuant],
+        widen: &BTreeSet<String>,
+        minmax: Option<&[ActivationQuant]>,
     ) -> Result<Self, ImportError> {
         let mut params = params.to_vec();
         let readers = |id: usize| {
@@ -246,6 +407,27 @@ impl QuantizedGraph {
         let mut output_softmax = false;
         let mut in_place = vec![None; graph.shapes.len()];
         let mut widened: Vec<Option<Widened>> = vec![None; graph.shapes.len()];
+        // 16-bit values, their largest codes, and their scales on params.
+        let mut is16 = vec![false; graph.shapes.len()];
+        let mut limits = vec![i32::from(i16::MAX); graph.shapes.len()];
+        if let Some(minmax) = minmax {
+            let mut views: Vec<usize> = (0..graph.shapes.len()).collect();
+            for node in graph.nodes.iter().filter(|n| matches!(n.op, Op::Reshape)) {
+                views[node.output] = views[node.inputs[0]];
+            }
+            is16 = sixteen_bit_values(graph, &views);
+            for value in (0..is16.len()).filter(|&v| is16[v]) {
+                limits[value] = code_limit(graph, &views, value);
+                let q = minmax[value];
+                let largest = q.scale
+                    * f32::from(i16::from(q.zero_point) + 128)
+                        .max(f32::from(127 - i16::from(q.zero_point)));
+                params[value] = ActivationQuant {
+                    scale: largest.max(f32::MIN_POSITIVE) / limits[value] as f32,
+                    zero_point: 0,
+                };
+            }
+        }
         // Whether a function's output at `value` can be widened: every reader takes a table.
         let widenable = |value: usize| {
             value != graph.output
@@ -298,6 +480,23 @@ impl QuantizedGraph {
                 };
                 if widen.contains(&node.name) && widenable(value) {
                     widened[value] = Some(Widened { input, f });
+                    continue;
+                }
+                if is16[input] {
+                    // Both ends 16-bit (an element-wise node sees one width); the table's
+                    // codes within the output's limit, so interpolated ones are too.
+                    let limit = limits[value] as i16;
+                    let mut table =
+                        build_function16(params[input].scale, params[value].scale, &*f).to_vec();
+                    table
+                        .iter_mut()
+                        .for_each(|t| *t = (*t).clamp(-limit, limit));
+                    steps.push(Step {
+                        name: node.name.clone(),
+                        layer: Layer::Function16(table),
+                        inputs: vec![input],
+                        output: value,
+                    });
                     continue;
                 }
                 let (q, out) = (params[input], params[value]);
@@ -363,6 +562,42 @@ impl QuantizedGraph {
                 min,
                 max,
             };
+            let output16 = if is16[out_id] {
+                let limit = limits[out_id];
+                let code16 = |real: f32| {
+                    ((real / out.scale).round() as i64).clamp(-i64::from(limit), i64::from(limit))
+                        as i32
+                };
+                let (min, max) = match fused.map(|(_, n)| &n.op) {
+                    Some(Op::Relu) => (0, limit),
+                    Some(Op::Clip { min, max }) => (code16(*min), code16(*max)),
+                    _ => (-limit, limit),
+                };
+                WideOutput {
+                    width: Width::I16,
+                    zero_point: 0,
+                    min,
+                    max,
+                }
+            } else {
+                WideOutput {
+                    width: Width::I8,
+                    zero_point: output_quant.zero_point,
+                    min: i32::from(min),
+                    max: i32::from(max),
+                }
+            };
+            let input_width = if is16[input] { Width::I16 } else { Width::I8 };
+            let sixteen = is16[input] || is16[out_id];
+            let conv16 = |geometry, weights, bias, requant| Layer::Conv16 {
+                geometry,
+                weights,
+                bias,
+                requant,
+                input_width,
+                input_zero_point: i32::from(params[input].zero_point),
+                output: output16,
+            };
             let input_scale = f64::from(params[input].scale);
             let input_zero_point = i32::from(params[input].zero_point);
             let rescale = |from: usize| -> Result<int8::Rescale, ImportError> {
@@ -424,22 +659,27 @@ impl QuantizedGraph {
                     let scale = table.map_or(params[input].scale, |(_, scale)| scale);
                     let (weights, bias, requant) =
                         quantize_layer(weight, weight_shape[0], bias, scale)?;
-                    Layer::Conv {
-                        geometry: ConvGeometry {
-                            input: [shape[1], shape[2], shape[3]],
-                            output: [out_shape[1], out_shape[2], out_shape[3]],
-                            kernel: [weight_shape[2], weight_shape[3]],
-                            stride: *stride,
-                            pad: [pads[0], pads[1]],
-                            dilation: *dilation,
-                            group: *group,
-                        },
-                        weights,
-                        bias,
-                        requant,
-                        input_zero_point,
-                        output_quant,
-                        input_table: table.map(|(table, _)| Box::new(table)),
+                    let geometry = ConvGeometry {
+                        input: [shape[1], shape[2], shape[3]],
+                        output: [out_shape[1], out_shape[2], out_shape[3]],
+                        kernel: [weight_shape[2], weight_shape[3]],
+                        stride: *stride,
+                        pad: [pads[0], pads[1]],
+                        dilation: *dilation,
+                        group: *group,
+                    };
+                    if sixteen {
+                        conv16(geometry, weights, bias, requant)
+                    } else {
+                        Layer::Conv {
+                            geometry,
+                            weights,
+                            bias,
+                            requant,
+                            input_zero_point,
+                            output_quant,
+                            input_table: table.map(|(table, _)| Box::new(table)),
+                        }
                     }
                 }
                 Op::Gemm {
@@ -449,13 +689,58 @@ impl QuantizedGraph {
                 } => {
                     let (weights, bias, requant) =
                         quantize_layer(weight, *out_features, bias, params[input].scale)?;
-                    Layer::Gemm {
-                        weights,
-                        bias,
-                        requant,
-                        input_zero_point,
-                        output_quant,
+                    if sixteen {
+                        // A 1x1 convolution of one pixel: the same weights, `[out, in, 1, 1]`.
+                        let geometry = ConvGeometry {
+                            input: [shape[1], 1, 1],
+                            output: [*out_features, 1, 1],
+                            kernel: [1, 1],
+                            stride: [1, 1],
+                            pad: [0, 0],
+                            dilation: [1, 1],
+                            group: 1,
+                        };
+                        conv16(geometry, weights, bias, requant)
+                    } else {
+                        Layer::Gemm {
+                            weights,
+                            bias,
+                            requant,
+                            input_zero_point,
+                            output_quant,
+                        }
                     }
+                }
+                Op::Add if sixteen => {
+                    let rescale = |from: usize| {
+                        requant(
+                            f64::from(params[from].scale) / f64::from(out.scale),
+                            &node.name,
+                        )
+                    };
+                    Layer::Add16(int16::Add16 {
+                        requant: [rescale(inputs[0])?, rescale(inputs[1])?],
+                        output: output16,
+                    })
+                }
+                Op::Mul if sixteen => Layer::Mul16(int16::Mul16 {
+                    requant: requant(
+                        f64::from(params[inputs[0]].scale) * f64::from(params[inputs[1]].scale)
+                            / f64::from(out.scale),
+                        &node.name,
+                    )?,
+                    output: output16,
+                }),
+                Op::GlobalAveragePool if sixteen => {
+                    let plane = shape[2] * shape[3];
+                    Layer::GlobalAveragePool16(int16::GlobalAveragePool16 {
+                        channels: shape[1],
+                        requant: requant(
+                            input_scale / (f64::from(out.scale) * plane as f64),
+                            &node.name,
+                        )?,
+                        output: output16,
+                    })
                 }
                 Op::Add => {
                     let [a, b] = [rescale(inputs[0])?, rescale(inputs[1])?];
@@ -600,6 +885,7 @@ impl QuantizedGraph {
                 Op::Reshape => {
                     alias[node.output] = input;
                     params[node.output] = params[input];
+                    is16[node.output] = is16[input];
                     if node.output == graph.output {
                         output = input;
                     }
@@ -613,11 +899,17 @@ impl QuantizedGraph {
                 output: out_id,
             });
         }
-        let sizes = graph.shapes.iter().map(|s| s.iter().product()).collect();
+        let sizes = graph
+            .shapes
+            .iter()
+            .zip(&is16)
+            .map(|(s, &wide)| s.iter().product::<usize>() * if wide { 2 } else { 1 })
+            .collect();
         Ok(Self {
             steps,
             params,
             sizes,
+            wide: is16,
             output: alias[output],
             output_softmax,
             in_place,
@@ -732,6 +1024,28 @@ impl QuantizedGraph {
                 Layer::Gather(indices, plane) => PlanOp::Gather {
                     indices: builder.u32_blob(indices),
                     plane: u32::try_from(*plane).map_err(|_| too_big("gather"))?,
+                },
+                Layer::Conv16 {
+                    geometry,
+                    weights,
+                    bias,
+                    requant,
+                    input_width,
+                    input_zero_point,
+                    output,
+                } => PlanOp::Conv16 {
+                    geometry: *geometry,
+                    weights: builder.i8_blob(weights),
+                    channels: builder.channels(bias, requant),
+                    input_width: *input_width,
+                    input_zero_point: *input_zero_point,
+                    output: *output,
+                },
+                Layer::Add16(add) => PlanOp::Add16(*add),
+                Layer::Mul16(mul) => PlanOp::Mul16(*mul),
+                Layer::GlobalAveragePool16(pool) => PlanOp::GlobalAveragePool16(*pool),
+                Layer::Function16(table) => PlanOp::Function16 {
+                    table: builder.i16_blob(table),
                 },
                 Layer::Attention(attention) => PlanOp::Attention {
                     attention: *attention,

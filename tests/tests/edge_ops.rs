@@ -424,3 +424,71 @@ fn assert_every_executor_runs_it_as_the_generic_one(plan: &[u8], inputs: &[Vec<f
     }
     common::assert_cuda_emulator_matches_the_generic_executor(plan, &inputs[7]);
 }
+
+#[test]
+fn sixteen_bit_activations_bring_an_efficientnet_closer_to_float_on_every_executor() {
+    // A small EfficientNet of torchvision's MBConv blocks (`tests/data/mbconv`), whose int8
+    // output is far from float: by default the compiler tries 16-bit activations and keeps
+    // them. Every tensor that only Convs, the Gemm, Adds, Muls, global pooling and the SiLU and
+    // Sigmoid tables write and read is 16-bit; the model's input and output stay int8.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mbconv");
+    let model = ZooModel::load(dir.to_str().unwrap()).unwrap();
+    let compile_with = |int16_above| {
+        let options = Options {
+            max_images: 100,
+            int16_above,
+            ..Default::default()
+        };
+        compile(&model, &sample_dir(), &options, &mut |_| {}).unwrap()
+    };
+    let (int8_plan, int8) = compile_with(None);
+    let (plan, wide) = compile_with(Options::default().int16_above);
+    assert!(int8.int16.is_none());
+    let trial = wide.int16.as_ref().unwrap();
+    let ops = |plan: &[u8]| -> Vec<PlanOp> {
+        let program = Program::new(plan).unwrap();
+        program.steps().map(|s| s.unwrap().op).collect()
+    };
+    let kinds = |plan: &[u8]| {
+        let ops = ops(plan);
+        let count = |f: fn(&PlanOp) -> bool| ops.iter().filter(|op| f(op)).count();
+        [
+            count(|op| matches!(op, PlanOp::Conv16 { .. })),
+            count(|op| matches!(op, PlanOp::Function16 { .. })),
+            count(|op| matches!(op, PlanOp::Mul16(_))),
+            count(|op| matches!(op, PlanOp::GlobalAveragePool16(_))),
+            count(|op| matches!(op, PlanOp::Add16(_))),
+        ]
+    };
+    println!(
+        "16-bit: {} tensors, [Conv16, Function16, Mul16, GlobalAveragePool16, Add16] {:?}; \
+         output relative RMS error {:.4} -> {:.4}, agreement {:?} -> {:?}",
+        trial.tensors,
+        kinds(&plan),
+        int8.output_rel_rms,
+        wide.output_rel_rms,
+        int8.top1_agreement,
+        wide.top1_agreement,
+    );
+    assert!(trial.kept && trial.failed.is_none(), "{trial:?}");
+    assert_eq!(
+        trial.output_rel_rms,
+        [int8.output_rel_rms, wide.output_rel_rms]
+    );
+    assert!(int8.output_rel_rms >= models::compile::INT16_ABOVE);
+    assert!(
+        wide.output_rel_rms < 0.5 * int8.output_rel_rms,
+        "{} against {}",
+        wide.output_rel_rms,
+        int8.output_rel_rms
+    );
+    assert!(wide.top1_agreement >= int8.top1_agreement);
+    assert_eq!(kinds(&int8_plan), [0; 5]);
+    // Every Conv (the stem reads the int8 input), the classifier, every table, squeeze-excite
+    // Mul and pooling, and the residual Adds: one plan step each, as in the int8 plan.
+    let [convs, tables, muls, pools, adds] = kinds(&plan);
+    assert_eq!(ops(&plan).len(), ops(&int8_plan).len());
+    assert_eq!(convs + tables + muls + pools + adds, ops(&plan).len());
+    assert!(adds > 0 && muls > 0 && pools > 0, "{:?}", kinds(&plan));
+    assert_every_executor_runs_it_as_the_generic_one(&plan, &chips(&model));
+}
