@@ -230,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "16-bit      activations ({} tensors): agreement {int8:.2}% -> {wide:.2}%, output relative RMS error {int8_rms:.4} -> {wide_rms:.4}: {}",
                 trial.tensors,
                 if trial.kept {
-                    "kept (those layers run the generic kernels on the CPU)"
+                    "kept (slower: those layers run portable kernels on the CPU, not the SIMD ones)"
                 } else {
                     "not closer to float, so the int8 plan is written"
                 }
