@@ -71,6 +71,14 @@ impl Width {
     }
 }
 
+/// The values of a 16-bit tensor's bytes, in order.
+fn codes16(bytes: &[i8]) -> impl Iterator<Item = i32> + '_ {
+    bytes.chunks_exact(2).map(|pair| match *pair {
+        [lo, hi] => i32::from(i16::from_le_bytes([lo as u8, hi as u8])),
+        _ => 0,
+    })
+}
+
 /// Where a layer's output goes: its width, zero point and clamp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -97,6 +105,25 @@ impl WideOutput {
     #[inline]
     fn store(&self, output: &mut [i8], i: usize, steps: i32) {
         self.width.store(output, i, self.code(steps));
+    }
+
+    /// Each of `steps` (in output steps, before the zero point) offset, clamped and stored in
+    /// turn from value 0 of `output`.
+    #[inline]
+    fn store_all(&self, output: &mut [i8], steps: impl Iterator<Item = i32>) {
+        match self.width {
+            Width::I8 => {
+                for (out, steps) in output.iter_mut().zip(steps) {
+                    *out = self.code(steps) as i8;
+                }
+            }
+            Width::I16 => {
+                for (pair, steps) in output.chunks_exact_mut(2).zip(steps) {
+                    let [lo, hi] = (self.code(steps) as i16).to_le_bytes();
+                    pair.copy_from_slice(&[lo as i8, hi as i8]);
+                }
+            }
+        }
     }
 
     /// The code of `steps`: offset by the zero point, clamped.
@@ -432,6 +459,12 @@ impl Conv16<'_> {
                     .min(ow);
                 (first, last.max(first), offset)
             };
+            // A pointwise layer's whole blocks of output channels and pixels, sums in registers.
+            let blocked = if pointwise {
+                self.pointwise_blocks(values, sums, plane, ocg, icg)
+            } else {
+                0
+            };
             for oc in 0..oc_total {
                 let first_channel = (oc / ocg) * icg;
                 let filter = &self.weights[oc * terms..(oc + 1) * terms];
@@ -439,8 +472,14 @@ impl Conv16<'_> {
                 for ic in 0..icg {
                     let channel = &values[(first_channel + ic) * plane..][..plane];
                     if pointwise {
+                        // The pixels past the blocks (all of them for channels past the blocks).
+                        let from = if oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
+                            blocked
+                        } else {
+                            0
+                        };
                         let weight = i32::from(filter[ic]);
-                        for (sum, &x) in out_sums.iter_mut().zip(channel) {
+                        for (sum, &x) in out_sums[from..].iter_mut().zip(&channel[from..]) {
                             *sum += weight * i32::from(x);
                         }
                         continue;
@@ -490,6 +529,60 @@ impl Conv16<'_> {
     }
 }
 
+/// Output channels and pixels of one block of [`Conv16::pointwise_blocks`].
+#[cfg(feature = "std")]
+const BLOCK_CHANNELS: usize = 4;
+#[cfg(feature = "std")]
+const BLOCK_PIXELS: usize = 16;
+
+#[cfg(feature = "std")]
+impl Conv16<'_> {
+    /// Add a pointwise layer's products to `sums` for each block of [`BLOCK_CHANNELS`] output
+    /// channels of a group and [`BLOCK_PIXELS`] pixels, the block's sums kept in registers
+    /// while every input channel passes (each input value read once per four channels).
+    /// Returns the pixels covered (from 0, in every channel of a whole block).
+    #[allow(clippy::indexing_slicing)]
+    #[inline(always)]
+    fn pointwise_blocks(
+        &self,
+        values: &[i16],
+        sums: &mut [i32],
+        plane: usize,
+        ocg: usize,
+        icg: usize,
+    ) -> usize {
+        let groups = self.geometry.group.max(1);
+        let pixels = plane / BLOCK_PIXELS * BLOCK_PIXELS;
+        for group in 0..groups {
+            for block in 0..ocg / BLOCK_CHANNELS {
+                let first = group * ocg + block * BLOCK_CHANNELS;
+                for p in (0..pixels).step_by(BLOCK_PIXELS) {
+                    let mut acc = [[0i32; BLOCK_PIXELS]; BLOCK_CHANNELS];
+                    for ic in 0..icg {
+                        let channel = (group * icg + ic) * plane + p;
+                        let xs: &[i16; BLOCK_PIXELS] = values[channel..channel + BLOCK_PIXELS]
+                            .try_into()
+                            .unwrap_or(&[0; BLOCK_PIXELS]);
+                        for (k, row) in acc.iter_mut().enumerate() {
+                            let weight = i32::from(self.weights[(first + k) * icg + ic]);
+                            for (sum, &x) in row.iter_mut().zip(xs) {
+                                *sum += weight * i32::from(x);
+                            }
+                        }
+                    }
+                    for (k, row) in acc.iter().enumerate() {
+                        let out = &mut sums[(first + k) * plane + p..][..BLOCK_PIXELS];
+                        for (sum, &add) in out.iter_mut().zip(row) {
+                            *sum += add;
+                        }
+                    }
+                }
+            }
+        }
+        pixels
+    }
+}
+
 /// Fractional bits kept while two rescaled 16-bit addends are summed: a code of up to 2^15
 /// shifted by them stays within `i32` before the requantisation.
 pub const ADD16_FRACTION_BITS: u32 = 15;
@@ -511,16 +604,14 @@ impl Add16 {
             self.output.bytes(a.len() / 2) == Some(output.len()),
             "output",
         )?;
-        let term = |bytes: &[i8], i: usize, requant: Requant| {
-            i64::from(requant.apply(Width::I16.load(bytes, i) << ADD16_FRACTION_BITS))
-        };
+        let [requant_a, requant_b] = self.requant;
+        let term = |x: i32, requant: Requant| i64::from(requant.apply(x << ADD16_FRACTION_BITS));
         let half = 1i64 << (ADD16_FRACTION_BITS - 1);
-        for i in 0..a.len() / 2 {
-            let sum = (term(a, i, self.requant[0]) + term(b, i, self.requant[1]) + half)
-                >> ADD16_FRACTION_BITS;
+        let sums = codes16(a).zip(codes16(b)).map(|(x, y)| {
             // Two terms of at most 2^31 each, shifted back: within i32.
-            self.output.store(output, i, sum as i32);
-        }
+            ((term(x, requant_a) + term(y, requant_b) + half) >> ADD16_FRACTION_BITS) as i32
+        });
+        self.output.store_all(output, sums);
         Ok(())
     }
 }
@@ -549,10 +640,15 @@ impl Mul16 {
         )?;
         check(self.output.bytes(a_len) == Some(output.len()), "output")?;
         let plane = a_len / b_len;
-        for i in 0..a_len {
-            let product =
-                i64::from(Width::I16.load(a, i)) * i64::from(Width::I16.load(b, i / plane));
-            self.output.write(output, i, product, self.requant);
+        let out_plane = plane * self.output.width.bytes();
+        for ((xs, y), out) in a
+            .chunks_exact(2 * plane)
+            .zip(codes16(b))
+            .zip(output.chunks_exact_mut(out_plane))
+        {
+            // Codes of at most 2^15 in magnitude: the product is within i32.
+            let products = codes16(xs).map(|x| self.requant.apply(x * y));
+            self.output.store_all(out, products);
         }
         Ok(())
     }
@@ -583,10 +679,8 @@ impl GlobalAveragePool16 {
             "output",
         )?;
         let plane = values / self.channels;
-        for c in 0..self.channels {
-            let sum: i64 = (c * plane..(c + 1) * plane)
-                .map(|i| i64::from(Width::I16.load(input, i)))
-                .sum();
+        for (c, channel) in input.chunks_exact(2 * plane).enumerate() {
+            let sum: i64 = codes16(channel).map(i64::from).sum();
             self.output.write(output, c, sum, self.requant);
         }
         Ok(())
@@ -628,9 +722,9 @@ impl Function16<'_> {
         check(input.len().is_multiple_of(2), "input")?;
         check(output.len() == input.len(), "output")?;
         let (lo, hi) = Width::I16.range();
-        for i in 0..input.len() / 2 {
-            let code = self.code(Width::I16.load(input, i)).clamp(lo, hi);
-            Width::I16.store(output, i, code);
+        for (pair, x) in output.chunks_exact_mut(2).zip(codes16(input)) {
+            let [low, high] = (self.code(x).clamp(lo, hi) as i16).to_le_bytes();
+            pair.copy_from_slice(&[low as i8, high as i8]);
         }
         Ok(())
     }
@@ -757,16 +851,21 @@ mod tests {
         use kestrel_testing::Rng;
         let mut rng = Rng(0x16b1_7c0d_e5ee_d001);
         let mut scratch = Conv16Scratch::default();
-        for case in 0..300 {
+        for case in 0..600 {
             let pick = |rng: &mut Rng, n: usize| rng.below(n);
             let group = [1, 1, 2, 4][pick(&mut rng, 4)];
-            let (icg, ocg) = (1 + pick(&mut rng, 4), 1 + pick(&mut rng, 3));
+            let (icg, ocg) = (1 + pick(&mut rng, 4), 1 + pick(&mut rng, 9));
             let (c, oc) = (icg * group, ocg * group);
-            let (h, w) = (1 + pick(&mut rng, 9), 1 + pick(&mut rng, 9));
-            let kernel = [1 + pick(&mut rng, 5), 1 + pick(&mut rng, 5)];
-            let stride = [1 + pick(&mut rng, 3), 1 + pick(&mut rng, 3)];
+            let (h, w) = (1 + pick(&mut rng, 12), 1 + pick(&mut rng, 12));
+            let mut kernel = [1 + pick(&mut rng, 5), 1 + pick(&mut rng, 5)];
+            let mut stride = [1 + pick(&mut rng, 3), 1 + pick(&mut rng, 3)];
             let dilation = [1 + pick(&mut rng, 2), 1 + pick(&mut rng, 2)];
-            let pad = [pick(&mut rng, 3), pick(&mut rng, 3)];
+            let mut pad = [pick(&mut rng, 3), pick(&mut rng, 3)];
+            // Pointwise layers (every third case), whose planes of 64 pixels and more and
+            // blocks of channels take paths of their own.
+            if case % 3 == 0 {
+                (kernel, stride, pad) = ([1, 1], [1, 1], [0, 0]);
+            }
             let extent = |i: usize| (kernel[i] - 1) * dilation[i] + 1;
             let (Some(hh), Some(ww)) = (
                 (h + 2 * pad[0]).checked_sub(extent(0)),
