@@ -552,8 +552,9 @@ impl From<ProgramError> for PlanningError {
     }
 }
 
-/// Checks every Conv's (16-bit input or not) and Add's buffers without computing anything, so
-/// that a dry run of the program proves every step's shapes at the cost of its cheap steps only.
+/// Checks every Conv's (16-bit input, 16-bit activations or neither) and Add's buffers without
+/// computing anything, so that a dry run of the program proves every step's shapes at the cost
+/// of its cheap steps only.
 struct ShapesOnly;
 
 impl Kernels for ShapesOnly {
@@ -579,6 +580,15 @@ impl Kernels for ShapesOnly {
 
     fn add(&mut self, add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
         add.check(a.len(), b.len(), output.len())
+    }
+
+    fn conv16(
+        &mut self,
+        conv: &kestrel_ops::int16::Conv16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        conv.check(input.len(), output.len())
     }
 
     fn attention(
