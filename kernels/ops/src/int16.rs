@@ -263,6 +263,9 @@ pub struct Conv16Scratch {
     column: std::vec::Vec<i16>,
     /// A depthwise layer's sums at one pixel, channels in a row.
     pixel: std::vec::Vec<i32>,
+    /// A pointwise layer's weights paired for `vpmaddwd`: per output channel, each two input
+    /// channels' weights in the low and high halves of one `i32`.
+    pairs: std::vec::Vec<i32>,
 }
 
 /// Products per output value from which [`Conv16::run_rows`] sums each output as one dot
@@ -274,8 +277,9 @@ const DOT_MIN_TERMS: usize = 16;
 const LANES_MAX_WIDTH: usize = 16;
 /// Output channels per group from which the gather pays (not depthwise layers).
 const DOT_MIN_CHANNELS: usize = 4;
-/// Output pixels from which a pointwise layer sums whole planes a weight at a time instead.
-const DOT_MAX_PLANE: usize = 64;
+/// Output pixels from which a pointwise layer sums blocks of pixels for blocks of output
+/// channels instead ([`Conv16::pointwise_blocks`]).
+const DOT_MAX_PLANE: usize = 16;
 
 #[cfg(feature = "std")]
 impl Conv16<'_> {
@@ -297,7 +301,7 @@ impl Conv16<'_> {
             // SAFETY: this CPU has AVX2, the only feature the function is compiled for.
             return unsafe { self.run_rows_avx2(input, output, scratch) };
         }
-        self.rows(input, output, scratch)
+        self.rows::<false>(input, output, scratch)
     }
 
     /// [`Conv16::rows`] compiled for AVX2: the same loops on 256-bit vectors.
@@ -309,12 +313,14 @@ impl Conv16<'_> {
         output: &mut [i8],
         scratch: &mut Conv16Scratch,
     ) -> Result<(), ShapeError> {
-        self.rows(input, output, scratch)
+        self.rows::<true>(input, output, scratch)
     }
 
+    /// The body of [`Conv16::run_rows`]; `AVX2`: the caller is compiled for AVX2 and the CPU
+    /// has it.
     #[allow(clippy::indexing_slicing)]
     #[inline(always)]
-    fn rows(
+    fn rows<const AVX2: bool>(
         &self,
         input: &[i8],
         output: &mut [i8],
@@ -334,6 +340,7 @@ impl Conv16<'_> {
             filter,
             column,
             pixel,
+            pairs,
         } = scratch;
         // The input less its zero point, as 16-bit values: every one fits for an int8 input
         // (whose zero point is an int8 code) and a 16-bit one with zero point 0, as the
@@ -465,7 +472,7 @@ impl Conv16<'_> {
             };
             // A pointwise layer's whole blocks of output channels and pixels, sums in registers.
             let blocked = if pointwise {
-                self.pointwise_blocks(values, sums, plane, ocg, icg)
+                self.pointwise_blocks::<AVX2>(values, sums, pairs, plane, ocg, icg)
             } else {
                 0
             };
@@ -473,15 +480,18 @@ impl Conv16<'_> {
                 let first_channel = (oc / ocg) * icg;
                 let filter = &self.weights[oc * terms..(oc + 1) * terms];
                 let out_sums = &mut sums[oc * out_plane..][..out_plane];
+                // A pointwise layer's pixels past the blocks (all of them for channels past the
+                // blocks); none left: nothing to do for this channel.
+                let from = match oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
+                    true => blocked,
+                    false => 0,
+                };
+                if pointwise && from == out_plane {
+                    continue;
+                }
                 for ic in 0..icg {
                     let channel = &values[(first_channel + ic) * plane..][..plane];
                     if pointwise {
-                        // The pixels past the blocks (all of them for channels past the blocks).
-                        let from = if oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
-                            blocked
-                        } else {
-                            0
-                        };
                         let weight = i32::from(filter[ic]);
                         for (sum, &x) in out_sums[from..].iter_mut().zip(&channel[from..]) {
                             *sum += weight * i32::from(x);
@@ -547,22 +557,51 @@ impl Conv16<'_> {
     /// Returns the pixels covered (from 0, in every channel of a whole block).
     #[allow(clippy::indexing_slicing)]
     #[inline(always)]
-    fn pointwise_blocks(
+    fn pointwise_blocks<const AVX2: bool>(
         &self,
         values: &[i16],
         sums: &mut [i32],
+        pairs: &mut std::vec::Vec<i32>,
         plane: usize,
         ocg: usize,
         icg: usize,
     ) -> usize {
         let groups = self.geometry.group.max(1);
         let pixels = plane / BLOCK_PIXELS * BLOCK_PIXELS;
+        let pairs_per_channel = icg.div_ceil(2);
+        if AVX2 {
+            // A last input channel without a partner is paired with a zero weight.
+            let half = |w: Option<&i8>| i32::from(w.map_or(0, |&w| i16::from(w)) as u16);
+            pairs.clear();
+            pairs.resize(
+                self.weights.len().div_ceil(icg.max(1)) * pairs_per_channel,
+                0,
+            );
+            for (filter, out) in self
+                .weights
+                .chunks_exact(icg)
+                .zip(pairs.chunks_exact_mut(pairs_per_channel))
+            {
+                for (p, pair) in out.iter_mut().enumerate() {
+                    *pair = half(filter.get(2 * p)) | (half(filter.get(2 * p + 1)) << 16);
+                }
+            }
+        }
         for group in 0..groups {
             for block in 0..ocg / BLOCK_CHANNELS {
                 let first = group * ocg + block * BLOCK_CHANNELS;
                 for p in (0..pixels).step_by(BLOCK_PIXELS) {
                     let mut acc = [[0i32; BLOCK_PIXELS]; BLOCK_CHANNELS];
-                    for ic in 0..icg {
+                    #[cfg(target_arch = "x86_64")]
+                    if AVX2 {
+                        let weights = &pairs[first * pairs_per_channel..]
+                            [..BLOCK_CHANNELS * pairs_per_channel];
+                        let inputs = &values[group * icg * plane..(group + 1) * icg * plane];
+                        // SAFETY: AVX2 is true only where the CPU has AVX2; the slices hold
+                        // the block's weight pairs and the group's input channels.
+                        unsafe { pointwise_block_avx2(inputs, weights, plane, p, &mut acc) };
+                    }
+                    for ic in (0..icg).filter(|_| !(AVX2 && cfg!(target_arch = "x86_64"))) {
                         let channel = (group * icg + ic) * plane + p;
                         let xs: &[i16; BLOCK_PIXELS] = values[channel..channel + BLOCK_PIXELS]
                             .try_into()
@@ -584,6 +623,64 @@ impl Conv16<'_> {
             }
         }
         pixels
+    }
+}
+
+/// One block of [`Conv16::pointwise_blocks`] with `vpmaddwd`: the block's 4 output channels'
+/// sums over pixels `p..p + 16` of `inputs` (a group's input channels, `plane` values each)
+/// into `acc`, two input channels per multiply-add (their values interleaved per pixel, against
+/// `pairs`, each channel's weight pairs in turn). Each pair's products are exact in `i32`, and so are the sums
+/// (`run_rows` checked the bound).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::indexing_slicing)]
+unsafe fn pointwise_block_avx2(
+    inputs: &[i16],
+    pairs: &[i32],
+    plane: usize,
+    p: usize,
+    acc: &mut [[i32; BLOCK_PIXELS]; BLOCK_CHANNELS],
+) {
+    use core::arch::x86_64::*;
+    let icg = inputs.len() / plane.max(1);
+    let pairs_per_channel = pairs.len() / BLOCK_CHANNELS;
+    let load = |ic: usize| {
+        let values = &inputs[ic * plane + p..ic * plane + p + BLOCK_PIXELS];
+        // SAFETY: 16 values, 32 bytes, read unaligned.
+        unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
+    };
+    let pair = |k: usize, ic: usize| _mm256_set1_epi32(pairs[k * pairs_per_channel + ic / 2]);
+    let (mut low, mut high) = (
+        [_mm256_setzero_si256(); BLOCK_CHANNELS],
+        [_mm256_setzero_si256(); BLOCK_CHANNELS],
+    );
+    for ic in (0..icg).step_by(2) {
+        let a = load(ic);
+        // A last channel without a partner meets a zero weight (and zero values).
+        let b = if ic + 1 < icg {
+            load(ic + 1)
+        } else {
+            _mm256_setzero_si256()
+        };
+        // Within each 128-bit lane: pixels 0-3 (8-11) in `lo`, 4-7 (12-15) in `hi`.
+        let (lo, hi) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
+        for k in 0..BLOCK_CHANNELS {
+            let w = pair(k, ic);
+            low[k] = _mm256_add_epi32(low[k], _mm256_madd_epi16(lo, w));
+            high[k] = _mm256_add_epi32(high[k], _mm256_madd_epi16(hi, w));
+        }
+    }
+    for (k, row) in acc.iter_mut().enumerate() {
+        let first = _mm256_permute2x128_si256::<0x20>(low[k], high[k]);
+        let second = _mm256_permute2x128_si256::<0x31>(low[k], high[k]);
+        // SAFETY: `row` holds 16 i32, 64 bytes.
+        unsafe {
+            _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
+            _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
+        }
     }
 }
 
