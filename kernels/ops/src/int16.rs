@@ -6,7 +6,8 @@
 //!
 //! Every accumulator is summed in `i64` (exact in any order) and saturated to `i32` before the
 //! usual requantisation; the compiler bounds each 16-bit tensor's codes so that no real sum
-//! saturates (see `models::quantize`). Generic kernels only, for every executor on the CPU.
+//! saturates (see `models::quantize`). These are the generic kernels (the oracle);
+//! [`Conv16::run_rows`] is the host kernel table's faster convolution.
 
 use serde::{Deserialize, Serialize};
 
