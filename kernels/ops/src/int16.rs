@@ -389,7 +389,9 @@ impl Conv16<'_> {
             let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])?;
             (iy < h && ix < w).then_some(iy * w + ix)
         };
-        let pointwise = g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0];
+        // A 1x1 window over the same plane (an odd geometry's output may be larger: padding).
+        let pointwise =
+            g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && [oh, ow] == [h, w];
         if icg == 1 && ocg == 1 && (g.stride[1] > 1 || ow < LANES_MAX_WIDTH) {
             // Depthwise: channels in the vectors' lanes (planes are often a few pixels wide),
             // the input and the filter laid out channels last.
@@ -1037,6 +1039,70 @@ mod tests {
             conv.run_rows(&input, &mut got, &mut scratch).unwrap();
             assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
         }
+    }
+
+    #[test]
+    fn odd_geometry_never_panics() {
+        // Geometry no real layer has, with buffers that match it: both kernels answer alike
+        // (a result or the same error), and neither panics.
+        let mut rng = kestrel_testing::Rng(0x0dd_9e0_16b);
+        let mut scratch = Conv16Scratch::default();
+        let mut ran = 0;
+        for case in 0..20_000 {
+            let extremes = if case % 10 == 0 { 2 } else { 0 };
+            let mut pick =
+                |n: usize| [1, 2, 3, 7, 0, 5000, usize::MAX / 3][rng.below(n + extremes)];
+            let geometry = ConvGeometry {
+                input: [pick(4), pick(4), pick(4)],
+                output: [pick(4), pick(4), pick(4)],
+                kernel: [pick(4), pick(4)],
+                stride: [pick(4), pick(4)],
+                pad: [pick(5), pick(5)],
+                dilation: [pick(4), pick(4)],
+                group: pick(5),
+            };
+            let len = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+            let (Some(input_len), Some(output_len)) = (len(&geometry.input), len(&geometry.output))
+            else {
+                continue;
+            };
+            let icg = geometry.input[0] / geometry.group.max(1);
+            let weights_len = len(&[
+                geometry.output[0],
+                icg,
+                geometry.kernel[0],
+                geometry.kernel[1],
+            ]);
+            if input_len > 1 << 14
+                || output_len > 1 << 14
+                || weights_len.is_none_or(|n| n > 1 << 14)
+            {
+                continue;
+            }
+            let oc = geometry.output[0];
+            let (bias, multiplier, shift) = (vec![0; oc], vec![1 << 30; oc], vec![0i8; oc]);
+            let weights = vec![1i8; weights_len.unwrap_or(0)];
+            let conv = Conv16 {
+                geometry,
+                weights: &weights,
+                channels: ChannelQuant {
+                    bias: &bias,
+                    multiplier: &multiplier,
+                    shift: &shift,
+                },
+                input_width: Width::I16,
+                input_zero_point: 0,
+                output: FULL,
+            };
+            let input = vec![1i8; 2 * input_len];
+            let (mut expected, mut got) = (vec![0i8; 2 * output_len], vec![0i8; 2 * output_len]);
+            let reference = conv.run(&input, &mut expected);
+            let result = conv.run_rows(&input, &mut got, &mut scratch);
+            assert_eq!(result, reference, "{geometry:?}");
+            assert_eq!(got, expected, "{geometry:?}");
+            ran += usize::from(result.is_ok());
+        }
+        assert!(ran > 50, "only {ran} geometries ran");
     }
 
     #[test]
