@@ -48,7 +48,7 @@ fn describe(op: &Op) -> Step {
             let kind = if matches!(op, Op::ConvWide { .. }) {
                 "16-bit input (generic)"
             } else if matches!(op, Op::Conv16 { .. }) {
-                "16-bit activations (generic)"
+                "16-bit activations"
             } else if group > 1 && group == c {
                 "depthwise"
             } else if g.kernel == [1, 1] {
@@ -75,7 +75,7 @@ fn describe(op: &Op) -> Step {
         Op::Gather { .. } => step("gather", String::new(), 0, 0),
         Op::Attention { .. } => step("attention", String::new(), 0, 0),
         Op::Add16(_) | Op::Mul16(_) | Op::GlobalAveragePool16(_) | Op::Function16 { .. } => {
-            step("16-bit element-wise (generic)", String::new(), 0, 0)
+            step("16-bit element-wise", String::new(), 0, 0)
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The set of kernels a program's steps run on.
 
-use crate::int16::Conv16;
+use crate::int16::{Add16, Conv16, Function16, GlobalAveragePool16, Mul16};
 use crate::int8::{
     Add, Attention, AveragePool, Conv, Gather, Gemm, GlobalAveragePool, Lut, MaxPool, Mul, Rescale,
     Resize, ShapeError, WideTable,
@@ -173,6 +173,48 @@ pub trait Kernels {
     ) -> Result<(), ShapeError> {
         conv.run(input, output)
     }
+
+    /// Run `add` on 16-bit `a` and `b` into `output`.
+    fn add16(
+        &mut self,
+        add: &Add16,
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        add.run(a, b, output)
+    }
+
+    /// Run `mul` on 16-bit `a` and `b` into `output`.
+    fn mul16(
+        &mut self,
+        mul: &Mul16,
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        mul.run(a, b, output)
+    }
+
+    /// Run `pool` on 16-bit `input` into `output`.
+    fn global_average_pool16(
+        &mut self,
+        pool: &GlobalAveragePool16,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        pool.run(input, output)
+    }
+
+    /// Run `function` on 16-bit `input` into `output`.
+    fn function16(
+        &mut self,
+        function: &Function16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        function.run(input, output)
+    }
 }
 
 /// Borrowed kernels, so a session can run kernels its caller keeps.
@@ -305,6 +347,44 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         (**self).conv16(conv, input, output)
+    }
+
+    fn add16(
+        &mut self,
+        add: &Add16,
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).add16(add, a, b, output)
+    }
+
+    fn mul16(
+        &mut self,
+        mul: &Mul16,
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).mul16(mul, a, b, output)
+    }
+
+    fn global_average_pool16(
+        &mut self,
+        pool: &GlobalAveragePool16,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).global_average_pool16(pool, input, output)
+    }
+
+    fn function16(
+        &mut self,
+        function: &Function16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        (**self).function16(function, input, output)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::boxed::Box;
 use std::vec::Vec;
 
-use crate::int16::{Conv16, Conv16Scratch};
+use crate::int16::{host, Add16, Conv16, Conv16Scratch, Function16, GlobalAveragePool16, Mul16};
 use crate::int8::{
     Add, Attention, AttentionScratch, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool,
     Mul, Rescale, Resize, ShapeError,
@@ -165,6 +165,44 @@ impl Kernels for KernelTable {
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
         conv.run_rows(input, output, &mut self.conv16_scratch)
+    }
+
+    fn add16(
+        &mut self,
+        add: &Add16,
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        host::add16(add, a, b, output)
+    }
+
+    fn mul16(
+        &mut self,
+        mul: &Mul16,
+        a: &[i8],
+        b: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        host::mul16(mul, a, b, output)
+    }
+
+    fn global_average_pool16(
+        &mut self,
+        pool: &GlobalAveragePool16,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        host::global_average_pool16(pool, input, output)
+    }
+
+    fn function16(
+        &mut self,
+        function: &Function16<'_>,
+        input: &[i8],
+        output: &mut [i8],
+    ) -> Result<(), ShapeError> {
+        host::function16(function, input, output)
     }
 
     fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {

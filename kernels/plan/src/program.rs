@@ -703,15 +703,17 @@ impl<'a> Program<'a> {
                 kernels.mul_wide(&mul, tables, x, y, output)
             }
             Op::GlobalAveragePool(pool) => kernels.global_average_pool(&pool, x, output),
-            // 16-bit element-wise layers run the generic kernels on every CPU.
             Op::Conv16 { .. } => {
                 let conv = self.conv16(&step.op).ok_or(blob_error)?;
                 kernels.conv16(&conv, x, output)
             }
-            Op::Add16(add) => add.run(x, y, output),
-            Op::Mul16(mul) => mul.run(x, y, output),
-            Op::GlobalAveragePool16(pool) => pool.run(x, output),
-            Op::Function16 { table } => self.function16(table).ok_or(blob_error)?.run(x, output),
+            Op::Add16(add) => kernels.add16(&add, x, y, output),
+            Op::Mul16(mul) => kernels.mul16(&mul, x, y, output),
+            Op::GlobalAveragePool16(pool) => kernels.global_average_pool16(&pool, x, output),
+            Op::Function16 { table } => {
+                let function = self.function16(table).ok_or(blob_error)?;
+                kernels.function16(&function, x, output)
+            }
             Op::GlobalAveragePoolWide { pool, table } => {
                 let table = self.wide_table(table).ok_or(blob_error)?;
                 kernels.global_average_pool_wide(&pool, table, x, output)
