@@ -146,21 +146,8 @@ impl WideOutput {
     #[inline(always)]
     fn store_row(&self, output: &mut [i8], first: usize, sums: &[i32], requant: Requant) {
         let bytes = self.width.bytes();
-        let Some(out) = output.get_mut(first * bytes..(first + sums.len()) * bytes) else {
-            return;
-        };
-        match self.width {
-            Width::I8 => {
-                for (out, &sum) in out.iter_mut().zip(sums) {
-                    *out = self.code(requant.apply(sum)) as i8;
-                }
-            }
-            Width::I16 => {
-                for (pair, &sum) in out.chunks_exact_mut(2).zip(sums) {
-                    let [lo, hi] = (self.code(requant.apply(sum)) as i16).to_le_bytes();
-                    pair.copy_from_slice(&[lo as i8, hi as i8]);
-                }
-            }
+        if let Some(out) = output.get_mut(first * bytes..(first + sums.len()) * bytes) {
+            self.store_all(out, sums.iter().map(|&sum| requant.apply(sum)));
         }
     }
 
@@ -573,6 +560,10 @@ impl Conv16<'_> {
         let groups = self.geometry.group.max(1);
         let pixels = plane / BLOCK_PIXELS * BLOCK_PIXELS;
         let pairs_per_channel = icg.div_ceil(2);
+        if ocg < BLOCK_CHANNELS || pixels == 0 {
+            // No whole block: nothing to pair the weights for.
+            return 0;
+        }
         if AVX2 {
             // A last input channel without a partner is paired with a zero weight.
             let half = |w: Option<&i8>| i32::from(w.map_or(0, |&w| i16::from(w)) as u16);
@@ -876,11 +867,14 @@ impl Function16<'_> {
         check(self.table.len() == FUNCTION16_ENTRIES, "table")?;
         check(input.len().is_multiple_of(2), "input")?;
         check(output.len() == input.len(), "output")?;
-        let (lo, hi) = Width::I16.range();
-        for (pair, x) in output.chunks_exact_mut(2).zip(codes16(input)) {
-            let [low, high] = (self.code(x).clamp(lo, hi) as i16).to_le_bytes();
-            pair.copy_from_slice(&[low as i8, high as i8]);
-        }
+        let (min, max) = Width::I16.range();
+        let output_codes = WideOutput {
+            width: Width::I16,
+            zero_point: 0,
+            min,
+            max,
+        };
+        output_codes.store_all(output, codes16(input).map(|x| self.code(x)));
         Ok(())
     }
 }
@@ -1096,43 +1090,13 @@ mod tests {
     fn odd_geometry_never_panics() {
         // Geometry no real layer has, with buffers that match it: both kernels answer alike
         // (a result or the same error), and neither panics.
-        let mut rng = kestrel_testing::Rng(0x0dd_9e0_16b);
         let mut scratch = Conv16Scratch::default();
         let mut ran = 0;
-        for case in 0..20_000 {
-            let extremes = if case % 10 == 0 { 2 } else { 0 };
-            let mut pick =
-                |n: usize| [1, 2, 3, 7, 0, 5000, usize::MAX / 3][rng.below(n + extremes)];
-            let geometry = ConvGeometry {
-                input: [pick(4), pick(4), pick(4)],
-                output: [pick(4), pick(4), pick(4)],
-                kernel: [pick(4), pick(4)],
-                stride: [pick(4), pick(4)],
-                pad: [pick(5), pick(5)],
-                dilation: [pick(4), pick(4)],
-                group: pick(5),
-            };
-            let len = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-            let (Some(input_len), Some(output_len)) = (len(&geometry.input), len(&geometry.output))
-            else {
-                continue;
-            };
-            let icg = geometry.input[0] / geometry.group.max(1);
-            let weights_len = len(&[
-                geometry.output[0],
-                icg,
-                geometry.kernel[0],
-                geometry.kernel[1],
-            ]);
-            if input_len > 1 << 14
-                || output_len > 1 << 14
-                || weights_len.is_none_or(|n| n > 1 << 14)
-            {
-                continue;
-            }
+        let odd = crate::strips::check::odd_geometries(0x0dd_9e0_16b, 1 << 14);
+        for (geometry, [input_len, output_len, weights_len]) in odd {
             let oc = geometry.output[0];
             let (bias, multiplier, shift) = (vec![0; oc], vec![1 << 30; oc], vec![0i8; oc]);
-            let weights = vec![1i8; weights_len.unwrap_or(0)];
+            let weights = vec![1i8; weights_len];
             let conv = Conv16 {
                 geometry,
                 weights: &weights,

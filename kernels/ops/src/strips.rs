@@ -1512,13 +1512,15 @@ pub(crate) mod check {
         );
     }
 
-    /// Geometry no real layer has, with buffers that match it: the fast path either declines
-    /// or answers exactly as the generic kernel does (result and bytes), and never panics.
-    pub(crate) fn odd_geometry(seed: u64, fast: &mut Fast<'_>) {
+    /// Geometry no real layer has, drawn 20,000 times from `seed` (mostly small sizes, zero
+    /// among them, one draw in ten from the extremes as well), with the input, output and
+    /// weight lengths it needs where each is at most `max_len`.
+    pub(crate) fn odd_geometries(
+        seed: u64,
+        max_len: usize,
+    ) -> impl Iterator<Item = (ConvGeometry, [usize; 3])> {
         let mut rng = Rng(seed);
-        let mut compared = 0;
-        for case in 0..20_000 {
-            // Mostly small sizes, one draw in ten from the extremes as well.
+        (0..20_000).filter_map(move |case| {
             let extremes = if case % 10 == 0 { 2 } else { 0 };
             let mut pick =
                 |n: usize| [1, 2, 3, 7, 0, 5000, usize::MAX / 3][rng.below(n + extremes)];
@@ -1532,26 +1534,32 @@ pub(crate) mod check {
                 group: pick(5),
             };
             let len = |d: &[usize]| d.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
-            let (Some(input_len), Some(output_len)) = (len(&geometry.input), len(&geometry.output))
-            else {
-                continue;
-            };
             let icg = geometry.input[0] / geometry.group.max(1);
-            let weights_len = len(&[
-                geometry.output[0],
-                icg,
-                geometry.kernel[0],
-                geometry.kernel[1],
-            ]);
-            if input_len > 1 << 16
-                || output_len > 1 << 16
-                || weights_len.is_none_or(|n| n > 1 << 16)
-            {
-                continue;
-            }
+            let lengths = [
+                len(&geometry.input)?,
+                len(&geometry.output)?,
+                len(&[
+                    geometry.output[0],
+                    icg,
+                    geometry.kernel[0],
+                    geometry.kernel[1],
+                ])?,
+            ];
+            lengths
+                .iter()
+                .all(|&n| n <= max_len)
+                .then_some((geometry, lengths))
+        })
+    }
+
+    /// Geometry no real layer has, with buffers that match it: the fast path either declines
+    /// or answers exactly as the generic kernel does (result and bytes), and never panics.
+    pub(crate) fn odd_geometry(seed: u64, fast: &mut Fast<'_>) {
+        let mut compared = 0;
+        for (geometry, [input_len, output_len, weights_len]) in odd_geometries(seed, 1 << 16) {
             let oc = geometry.output[0];
             let (bias, multiplier, shift) = (vec![0; oc], vec![1 << 30; oc], vec![0; oc]);
-            let weights = vec![1i8; weights_len.unwrap_or(0)];
+            let weights = vec![1i8; weights_len];
             let conv = Conv {
                 geometry,
                 weights: &weights,
