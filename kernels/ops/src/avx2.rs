@@ -15,6 +15,7 @@ mod depthwise;
 mod few;
 mod lanes;
 mod vnni;
+pub(crate) mod wide;
 mod winograd;
 use few::FewPixels;
 use lanes::ChannelLanes;
@@ -1166,6 +1167,12 @@ impl Lanes {
     /// bits.
     #[target_feature(enable = "avx2")]
     fn new(requant: Requant, q: OutputQuant) -> Self {
+        Self::with_range(requant, q.zero_point, i32::from(q.min), i32::from(q.max))
+    }
+
+    /// [`Lanes::new`] for an output clamped to `[min, max]` of any width.
+    #[target_feature(enable = "avx2")]
+    fn with_range(requant: Requant, zero_point: i32, min: i32, max: i32) -> Self {
         let shift = requant.shift.clamp(Requant::MIN_SHIFT, Requant::MAX_SHIFT);
         let right = 31 - i64::from(shift);
         Self {
@@ -1173,9 +1180,9 @@ impl Lanes {
             round: _mm256_set1_epi64x(1 << (right - 1)),
             right: _mm_cvtsi64_si128(right),
             high_right: (right >= 32).then(|| _mm_cvtsi64_si128(right - 32)),
-            low: _mm256_set1_epi32(i32::from(q.min).saturating_sub(q.zero_point)),
-            high: _mm256_set1_epi32(i32::from(q.max).saturating_sub(q.zero_point)),
-            zero_point: _mm256_set1_epi32(q.zero_point),
+            low: _mm256_set1_epi32(min.saturating_sub(zero_point)),
+            high: _mm256_set1_epi32(max.saturating_sub(zero_point)),
+            zero_point: _mm256_set1_epi32(zero_point),
         }
     }
 }

@@ -47,7 +47,7 @@ impl Width {
 
     /// Store `code` (already clamped to the width's range by the caller) as value `i`.
     #[inline]
-    fn store(self, bytes: &mut [i8], i: usize, code: i32) {
+    pub(crate) fn store(self, bytes: &mut [i8], i: usize, code: i32) {
         match self {
             Self::I8 => {
                 if let Some(b) = bytes.get_mut(i) {
@@ -130,7 +130,7 @@ impl WideOutput {
 
     /// The code of `steps`: offset by the zero point, clamped.
     #[inline(always)]
-    fn code(&self, steps: i32) -> i32 {
+    pub(crate) fn code(&self, steps: i32) -> i32 {
         // `max` then `min`, as `requantize_i8`: an inverted range gives `max`, no panic; the
         // width's own range bounds what a corrupt plan could ask for.
         let (lo, hi) = self.width.range();
@@ -237,6 +237,17 @@ impl Conv16<'_> {
     }
 }
 
+/// Whether every partial sum of an output channel with `bias` and weights of absolute sum
+/// `weights` stays inside `i32` for inputs up to `largest` in size: `|bias| + weights * largest`
+/// under `2^31`. Where it does, the fast kernels' `i32` sums are the generic kernel's.
+#[cfg(feature = "std")]
+pub(crate) fn sums_fit(weights: u64, bias: i32, largest: u16) -> bool {
+    weights
+        .checked_mul(u64::from(largest))
+        .and_then(|s| s.checked_add(u64::from(bias.unsigned_abs())))
+        .is_some_and(|bound| bound < 1 << 31)
+}
+
 /// Buffers [`Conv16::run_rows`] reuses from call to call.
 #[cfg(feature = "std")]
 #[derive(Clone, Debug, Default)]
@@ -245,16 +256,18 @@ pub struct Conv16Scratch {
     input: std::vec::Vec<i16>,
     /// Every output's sum, channel by channel.
     sums: std::vec::Vec<i32>,
-    /// The weights, widened.
+    /// A depthwise layer's weights, widened, channels last.
     filter: std::vec::Vec<i16>,
-    /// One output pixel's inputs, a group's channels by taps (0 where a tap is padding), or
-    /// a depthwise layer's input channels last.
+    /// A block of output pixels' inputs, a row per pixel of a group's channels by taps (0
+    /// where a tap is padding), or a depthwise layer's input channels last.
     column: std::vec::Vec<i16>,
     /// A depthwise layer's sums at one pixel, channels in a row.
     pixel: std::vec::Vec<i32>,
     /// A pointwise layer's weights paired for `vpmaddwd`: per output channel, each two input
     /// channels' weights in the low and high halves of one `i32`.
     pairs: std::vec::Vec<i32>,
+    /// The last rows of a dot-product layer's weights, padded to whole vectors.
+    tail: std::vec::Vec<i8>,
 }
 
 /// Products per output value from which [`Conv16::run_rows`] sums each output as one dot
@@ -266,8 +279,10 @@ const DOT_MIN_TERMS: usize = 16;
 const LANES_MAX_WIDTH: usize = 16;
 /// Output channels per group from which the gather pays (not depthwise layers).
 const DOT_MIN_CHANNELS: usize = 4;
-/// Output pixels from which a pointwise layer sums blocks of pixels for blocks of output
-/// channels instead ([`Conv16::pointwise_blocks`]).
+/// Output pixels up to which a pointwise layer sums dot products; on larger planes, blocks of
+/// pixels for blocks of output channels ([`Conv16::pointwise_blocks`]). With AVX2 on an AMD
+/// EPYC (Zen 4), EfficientNet-B0-64's 4x4 layers took 0.69 of the blocks' time as dot products,
+/// its 8x8 layers 1.7 times as long (`layer_speed --steps`, 2026-12-04).
 const DOT_MAX_PLANE: usize = 16;
 
 #[cfg(feature = "std")]
@@ -330,6 +345,7 @@ impl Conv16<'_> {
             column,
             pixel,
             pairs,
+            tail,
         } = scratch;
         // The input less its zero point, as 16-bit values: every one fits for an int8 input
         // (whose zero point is an int8 code) and a 16-bit one with zero point 0, as the
@@ -353,15 +369,20 @@ impl Conv16<'_> {
             _ => return self.run(input, output),
         }
         let largest = values.iter().fold(0u16, |m, v| m.max(v.unsigned_abs()));
-        let fits = (0..oc_total).all(|oc| {
-            let filter = &self.weights[oc * terms..(oc + 1) * terms];
-            let weights: u64 = filter.iter().map(|&w| u64::from(w.unsigned_abs())).sum();
-            let bias = u64::from(self.channels.get(oc).0.unsigned_abs());
-            weights
-                .checked_mul(u64::from(largest))
-                .and_then(|s| s.checked_add(bias))
-                .is_some_and(|bound| bound < 1 << 31)
-        });
+        let pointwise =
+            g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && [oh, ow] == [h, w];
+        let dot = terms >= DOT_MIN_TERMS
+            && ocg >= DOT_MIN_CHANNELS
+            && !(pointwise && out_plane > DOT_MAX_PLANE);
+        // The AVX2 dot products check each channel as they read its weights (its row is
+        // then in L1; checked here, a layer's weights were read twice from memory).
+        let checked_later = dot && AVX2 && cfg!(target_arch = "x86_64");
+        let fits = checked_later
+            || (0..oc_total).all(|oc| {
+                let filter = &self.weights[oc * terms..(oc + 1) * terms];
+                let weights: u64 = filter.iter().map(|&w| u64::from(w.unsigned_abs())).sum();
+                sums_fit(weights, self.channels.get(oc).0, largest)
+            });
         if !fits {
             return self.run(input, output);
         }
@@ -377,9 +398,6 @@ impl Conv16<'_> {
             let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])?;
             (iy < h && ix < w).then_some(iy * w + ix)
         };
-        // A 1x1 window over the same plane (an odd geometry's output may be larger: padding).
-        let pointwise =
-            g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && [oh, ow] == [h, w];
         if icg == 1 && ocg == 1 && (g.stride[1] > 1 || ow < LANES_MAX_WIDTH) {
             // Depthwise: channels in the vectors' lanes (planes are often a few pixels wide),
             // the input and the filter laid out channels last.
@@ -415,20 +433,32 @@ impl Conv16<'_> {
                     }
                 }
             }
-        } else if terms >= DOT_MIN_TERMS
-            && ocg >= DOT_MIN_CHANNELS
-            && !(pointwise && out_plane >= DOT_MAX_PLANE)
-        {
-            // Each output a dot product of its filter and its gathered inputs.
-            filter.clear();
-            filter.extend(self.weights.iter().map(|&w| i16::from(w)));
-            column.resize(terms, 0);
+        } else if dot {
+            // Each output a dot product of its filter and its inputs, gathered a block of
+            // pixels at a time, each pixel's as a row (the input channels last).
+            let stride = terms.next_multiple_of(DOT_LANES);
             for group in 0..group {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let mut slots = column.iter_mut();
-                        for ic in 0..icg {
-                            let channel = &values[(group * icg + ic) * plane..][..plane];
+                let weights = &self.weights[group * ocg * terms..][..ocg * terms];
+                let group_sums = &mut sums[group * ocg * out_plane..][..ocg * out_plane];
+                for first in (0..out_plane).step_by(DOT_BLOCK) {
+                    let valid = DOT_BLOCK.min(out_plane - first);
+                    column.clear();
+                    column.resize(valid.next_multiple_of(DOT_PIXELS) * stride, 0);
+                    let inputs = &values[group * icg * plane..][..icg * plane];
+                    if pointwise {
+                        // The block's pixels of each input channel, transposed.
+                        for (ic, channel) in inputs.chunks_exact(plane.max(1)).enumerate() {
+                            let pixels = &channel[first..first + valid];
+                            for (row, &x) in column.chunks_exact_mut(stride).zip(pixels) {
+                                row[ic] = x;
+                            }
+                        }
+                    }
+                    let gathered = if pointwise { 0 } else { valid };
+                    for (q, row) in column.chunks_exact_mut(stride).take(gathered).enumerate() {
+                        let (oy, ox) = ((first + q) / ow, (first + q) % ow);
+                        let mut slots = row.iter_mut();
+                        for channel in inputs.chunks_exact(plane.max(1)) {
                             for ky in 0..kh {
                                 for kx in 0..kw {
                                     if let Some(slot) = slots.next() {
@@ -437,14 +467,40 @@ impl Conv16<'_> {
                                 }
                             }
                         }
-                        for oc in group * ocg..(group + 1) * ocg {
-                            let weights = &filter[oc * terms..(oc + 1) * terms];
-                            let sum: i32 = weights
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    if AVX2 {
+                        let biases = &self.channels.bias[group * ocg..][..ocg];
+                        // SAFETY: AVX2 is true only where the CPU has AVX2.
+                        let block = crate::avx2::wide::DotProducts {
+                            columns: column,
+                            stride,
+                            weights,
+                            terms,
+                            out_plane,
+                            first_pixel: first,
+                            valid,
+                            biases,
+                            largest,
+                        };
+                        // SAFETY: AVX2 is true only where the CPU has AVX2.
+                        let fits = unsafe { block.add_to(tail, group_sums) };
+                        if !fits {
+                            return self.run(input, output);
+                        }
+                        continue;
+                    }
+                    for (filter, channel_sums) in weights
+                        .chunks_exact(terms)
+                        .zip(group_sums.chunks_exact_mut(out_plane))
+                    {
+                        let block = &mut channel_sums[first..first + valid];
+                        for (sum, row) in block.iter_mut().zip(column.chunks_exact(stride)) {
+                            *sum += filter
                                 .iter()
-                                .zip(column.iter())
+                                .zip(row)
                                 .map(|(&w, &x)| i32::from(w) * i32::from(x))
-                                .sum();
-                            sums[oc * out_plane + oy * ow + ox] += sum;
+                                .sum::<i32>();
                         }
                     }
                 }
@@ -524,11 +580,21 @@ impl Conv16<'_> {
                 }
             }
         }
-        for oc in 0..oc_total {
+        let bytes = self.output.width.bytes();
+        for (oc, sums) in sums.chunks_exact(out_plane.max(1)).enumerate() {
             let requant = self.channels.get(oc).1;
-            let first = oc * out_plane;
-            self.output
-                .store_row(output, first, &sums[first..first + out_plane], requant);
+            let out = &mut output[oc * out_plane * bytes..][..out_plane * bytes];
+            // Rows of a whole vector and more in vectors (a vector's constants cost more than a
+            // few values' scalar arithmetic).
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 is true only where the CPU has AVX2.
+            if AVX2
+                && out_plane >= 8
+                && unsafe { crate::avx2::wide::store_row(&self.output, out, sums, requant) }
+            {
+                continue;
+            }
+            self.output.store_row(out, 0, sums, requant);
         }
         Ok(())
     }
@@ -536,9 +602,19 @@ impl Conv16<'_> {
 
 /// Output channels and pixels of one block of [`Conv16::pointwise_blocks`].
 #[cfg(feature = "std")]
-const BLOCK_CHANNELS: usize = 4;
+pub(crate) const BLOCK_CHANNELS: usize = 4;
 #[cfg(feature = "std")]
-const BLOCK_PIXELS: usize = 16;
+pub(crate) const BLOCK_PIXELS: usize = 16;
+/// Values per `vpmaddwd`: the rows of a dot-product layer's columns are padded to a multiple.
+#[cfg(feature = "std")]
+pub(crate) const DOT_LANES: usize = 16;
+/// Output pixels per block of the dot-product kernel: a block of columns holds a multiple.
+#[cfg(feature = "std")]
+pub(crate) const DOT_PIXELS: usize = 4;
+/// Output pixels whose columns a dot-product layer gathers at a time (a stem's 64 rows of 32
+/// values: 4 KiB, in L1 while every output channel reads them).
+#[cfg(feature = "std")]
+const DOT_BLOCK: usize = 64;
 
 #[cfg(feature = "std")]
 impl Conv16<'_> {
@@ -592,9 +668,10 @@ impl Conv16<'_> {
                         let weights = &pairs[first * pairs_per_channel..]
                             [..BLOCK_CHANNELS * pairs_per_channel];
                         let inputs = &values[group * icg * plane..(group + 1) * icg * plane];
-                        // SAFETY: AVX2 is true only where the CPU has AVX2; the slices hold
-                        // the block's weight pairs and the group's input channels.
-                        unsafe { pointwise_block_avx2(inputs, weights, plane, p, &mut acc) };
+                        // SAFETY: AVX2 is true only where the CPU has AVX2.
+                        unsafe {
+                            crate::avx2::wide::pointwise_block(inputs, weights, plane, p, &mut acc)
+                        };
                     }
                     for ic in (0..icg).filter(|_| !(AVX2 && cfg!(target_arch = "x86_64"))) {
                         let channel = (group * icg + ic) * plane + p;
@@ -618,64 +695,6 @@ impl Conv16<'_> {
             }
         }
         pixels
-    }
-}
-
-/// One block of [`Conv16::pointwise_blocks`] with `vpmaddwd`: the block's 4 output channels'
-/// sums over pixels `p..p + 16` of `inputs` (a group's input channels, `plane` values each)
-/// into `acc`, two input channels per multiply-add (their values interleaved per pixel, against
-/// `pairs`, each channel's weight pairs in turn). Each pair's products are exact in `i32`, and so are the sums
-/// (`run_rows` checked the bound).
-///
-/// # Safety
-/// The CPU must have AVX2.
-#[cfg(all(feature = "std", target_arch = "x86_64"))]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::indexing_slicing)]
-unsafe fn pointwise_block_avx2(
-    inputs: &[i16],
-    pairs: &[i32],
-    plane: usize,
-    p: usize,
-    acc: &mut [[i32; BLOCK_PIXELS]; BLOCK_CHANNELS],
-) {
-    use core::arch::x86_64::*;
-    let icg = inputs.len() / plane.max(1);
-    let pairs_per_channel = pairs.len() / BLOCK_CHANNELS;
-    let load = |ic: usize| {
-        let values = &inputs[ic * plane + p..ic * plane + p + BLOCK_PIXELS];
-        // SAFETY: 16 values, 32 bytes, read unaligned.
-        unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
-    };
-    let pair = |k: usize, ic: usize| _mm256_set1_epi32(pairs[k * pairs_per_channel + ic / 2]);
-    let (mut low, mut high) = (
-        [_mm256_setzero_si256(); BLOCK_CHANNELS],
-        [_mm256_setzero_si256(); BLOCK_CHANNELS],
-    );
-    for ic in (0..icg).step_by(2) {
-        let a = load(ic);
-        // A last channel without a partner meets a zero weight (and zero values).
-        let b = if ic + 1 < icg {
-            load(ic + 1)
-        } else {
-            _mm256_setzero_si256()
-        };
-        // Within each 128-bit lane: pixels 0-3 (8-11) in `lo`, 4-7 (12-15) in `hi`.
-        let (lo, hi) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
-        for k in 0..BLOCK_CHANNELS {
-            let w = pair(k, ic);
-            low[k] = _mm256_add_epi32(low[k], _mm256_madd_epi16(lo, w));
-            high[k] = _mm256_add_epi32(high[k], _mm256_madd_epi16(hi, w));
-        }
-    }
-    for (k, row) in acc.iter_mut().enumerate() {
-        let first = _mm256_permute2x128_si256::<0x20>(low[k], high[k]);
-        let second = _mm256_permute2x128_si256::<0x31>(low[k], high[k]);
-        // SAFETY: `row` holds 16 i32, 64 bytes.
-        unsafe {
-            _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
-            _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
-        }
     }
 }
 
@@ -1003,7 +1022,9 @@ mod tests {
         for case in 0..600 {
             let pick = |rng: &mut Rng, n: usize| rng.below(n);
             let group = [1, 1, 2, 4][pick(&mut rng, 4)];
-            let (icg, ocg) = (1 + pick(&mut rng, 4), 1 + pick(&mut rng, 9));
+            // Now and then enough input channels for the dot products' whole vectors.
+            let icg = 1 + pick(&mut rng, if case % 7 == 3 { 40 } else { 4 });
+            let ocg = 1 + pick(&mut rng, 9);
             let (c, oc) = (icg * group, ocg * group);
             let (h, w) = (1 + pick(&mut rng, 12), 1 + pick(&mut rng, 12));
             let mut kernel = [1 + pick(&mut rng, 5), 1 + pick(&mut rng, 5)];
@@ -1043,7 +1064,13 @@ mod tests {
             let multiplier: Vec<i32> = (0..oc)
                 .map(|_| (1 << 30) + rng.below(1 << 30) as i32)
                 .collect();
-            let shift: Vec<i8> = (0..oc).map(|_| -(rng.below(12) as i8)).collect();
+            // Scales of 1 and more now and then: the vector requantisation declines them.
+            let shift: Vec<i8> = (0..oc)
+                .map(|_| match case % 11 {
+                    0 => rng.below(3) as i8,
+                    _ => -(rng.below(12) as i8),
+                })
+                .collect();
             let values = c * h * w;
             let input: Vec<i8> = (0..values * input_width.bytes())
                 .map(|_| rng.code())

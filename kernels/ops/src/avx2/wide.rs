@@ -1,0 +1,283 @@
+//! AVX2 pieces of the 16-bit activation kernels ([`crate::int16::Conv16::run_rows`]): the
+//! layer's values are `i16` (minus the input zero point) by then, so `vpmaddwd` multiplies them
+//! by the widened int8 weights exactly, two products to an `i32` lane. Sums stay exact in `i32`
+//! where each output channel's `|bias| + sum |w| * largest |x|` is under `2^31`
+//! ([`crate::int16::sums_fit`], checked first or as a channel's weights are read): every
+//! partial sum in a lane is smaller.
+
+use std::arch::x86_64::*;
+use std::vec::Vec;
+
+use super::{requantize8, Lanes};
+use crate::int16::{
+    sums_fit, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS, DOT_LANES, DOT_PIXELS,
+};
+use crate::quant::Requant;
+
+/// One block of a layer's output pixels as dot products: pixel `first_pixel + q` of output
+/// channel `o` is row `q` of `columns` (the pixel's inputs, `stride` values, a multiple of
+/// [`DOT_LANES`], zero past `terms`) times row `o` of `weights` (`terms` int8 weights per
+/// channel), for `q` below `valid`. `columns` holds a multiple of [`DOT_PIXELS`] rows, those
+/// from `valid` on zero. Each channel's sums must fit `i32` ([`sums_fit`] with its bias in
+/// `biases` and inputs up to `largest`).
+pub(crate) struct DotProducts<'a> {
+    pub(crate) columns: &'a [i16],
+    pub(crate) stride: usize,
+    pub(crate) weights: &'a [i8],
+    pub(crate) terms: usize,
+    pub(crate) out_plane: usize,
+    pub(crate) first_pixel: usize,
+    pub(crate) valid: usize,
+    pub(crate) biases: &'a [i32],
+    pub(crate) largest: u16,
+}
+
+impl DotProducts<'_> {
+    /// Add each output's dot product to `sums` (`[channel][out_plane]`, one group's channels),
+    /// with `tail` as scratch for rows that end too near the end of `weights` to be read a
+    /// whole vector at a time. Each channel's bound is checked as its row is read: `false`
+    /// where one does not fit (its sums, and those of later channels, are then not added), or
+    /// nothing added where the buffers do not hold what they should; the caller then runs the
+    /// generic kernel.
+    ///
+    /// Blocks of 2 channels by 4 pixels (4 channels of one pixel where there is one): per 16
+    /// terms, a widened load of each channel's weights, a load of each pixel's columns and 8
+    /// multiply-adds. A row's values past its terms meet the columns' zeros, so whole vectors
+    /// are read even where they run into the next row.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn add_to(&self, tail: &mut Vec<i8>, sums: &mut [i32]) -> bool {
+        let pixels = self.columns.len() / self.stride.max(1);
+        let channels = sums.len() / self.out_plane.max(1);
+        let holds = self.stride.is_multiple_of(DOT_LANES)
+            && self.stride >= self.terms
+            && pixels.is_multiple_of(DOT_PIXELS)
+            && self.valid <= pixels
+            && self.first_pixel + self.valid <= self.out_plane
+            && self.weights.len() >= channels * self.terms
+            && self.biases.len() >= channels;
+        if !holds {
+            return false;
+        }
+        match self.valid {
+            1 => self.blocks::<4, 1>(tail, sums),
+            _ => self.blocks::<2, DOT_PIXELS>(tail, sums),
+        }
+    }
+
+    /// [`DotProducts::add_to`] in blocks of `C` channels by `P` pixels (`C * P` is 8: the vectors
+    /// summed, four at a time, at the end of a block).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn blocks<const C: usize, const P: usize>(&self, tail: &mut Vec<i8>, sums: &mut [i32]) -> bool {
+        let (stride, terms) = (self.stride, self.terms);
+        let weights = self.weights;
+        let channels = sums.len() / self.out_plane.max(1);
+        // Rows whose whole vectors would run past `weights` (`oc * terms + stride` past its
+        // end): copied, zero-padded, into `tail`.
+        let copied_from = match weights.len().checked_sub(stride) {
+            Some(room) => room / terms.max(1) + 1,
+            None => 0,
+        };
+        tail.clear();
+        tail.resize(C * stride, 0);
+        for o in (0..channels).step_by(C) {
+            // A last block past the last channel repeats it (and adds nothing for it).
+            let block: [usize; C] = core::array::from_fn(|k| (o + k).min(channels - 1));
+            for (slot, &oc) in block.iter().enumerate() {
+                let row = &weights[oc * terms..][..terms];
+                if !sums_fit(abs_sum(row), self.biases[oc], self.largest) {
+                    return false;
+                }
+                if oc >= copied_from {
+                    let dst = &mut tail[slot * stride..][..stride];
+                    dst.fill(0);
+                    dst[..terms].copy_from_slice(row);
+                }
+            }
+            let rows: [&[i8]; C] = core::array::from_fn(|slot| match block[slot] >= copied_from {
+                true => &tail[slot * stride..][..stride],
+                false => &weights[block[slot] * terms..][..stride],
+            });
+            for p in (0..self.valid).step_by(P) {
+                let mut acc = [[_mm256_setzero_si256(); P]; C];
+                let pixels = &self.columns[p * stride..][..P * stride];
+                for k in (0..stride).step_by(DOT_LANES) {
+                    // SAFETY: each row holds `stride` values, each column row too, and
+                    // `k + 16 <= stride`.
+                    let w = rows.map(|row| unsafe {
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(row.as_ptr().add(k).cast()))
+                    });
+                    for (q, column) in pixels.chunks_exact(stride).enumerate() {
+                        // SAFETY: as above.
+                        let x = unsafe { _mm256_loadu_si256(column.as_ptr().add(k).cast()) };
+                        for (acc, &w) in acc.iter_mut().zip(&w) {
+                            acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(w, x));
+                        }
+                    }
+                }
+                // The block's totals, channel by channel, pixel by pixel.
+                let mut totals = [[0i32; P]; C];
+                let flat = acc.as_flattened();
+                for (quad, out) in flat
+                    .chunks_exact(4)
+                    .zip(totals.as_flattened_mut().chunks_exact_mut(4))
+                {
+                    if let (Ok(quad), Ok(out)) = (quad.try_into(), <&mut [i32; 4]>::try_from(out)) {
+                        *out = horizontal_sums(quad);
+                    }
+                }
+                for (&oc, totals) in block.iter().zip(&totals).take(channels - o) {
+                    let row = &mut sums[oc * self.out_plane + self.first_pixel..][..self.valid];
+                    for (sum, &total) in row.iter_mut().skip(p).zip(totals) {
+                        *sum += total;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The sum of the weights' absolute values, 32 at a time.
+#[target_feature(enable = "avx2")]
+fn abs_sum(weights: &[i8]) -> u64 {
+    let chunks = weights.chunks_exact(32);
+    let rest: u64 = chunks
+        .remainder()
+        .iter()
+        .map(|&w| u64::from(w.unsigned_abs()))
+        .sum();
+    let mut sums = _mm256_setzero_si256();
+    for chunk in chunks {
+        // SAFETY: 32 bytes.
+        let w = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
+        // `vpabsb` leaves -128 as the byte 0x80: 128 to `vpsadbw`, which sums unsigned bytes.
+        sums = _mm256_add_epi64(
+            sums,
+            _mm256_sad_epu8(_mm256_abs_epi8(w), _mm256_setzero_si256()),
+        );
+    }
+    let mut lanes = [0u64; 4];
+    // SAFETY: 4 u64, 32 bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums) };
+    lanes.iter().sum::<u64>() + rest
+}
+
+/// The sum of each of four vectors' lanes.
+#[target_feature(enable = "avx2")]
+fn horizontal_sums(vectors: &[__m256i; 4]) -> [i32; 4] {
+    let [a, b, c, d] = *vectors;
+    // Within each 128-bit half: a's, b's, c's and d's sums, in that order.
+    let pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    let sums = _mm_add_epi32(
+        _mm256_castsi256_si128(pairs),
+        _mm256_extracti128_si256::<1>(pairs),
+    );
+    let mut out = [0i32; 4];
+    // SAFETY: 4 i32, 16 bytes.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), sums) };
+    out
+}
+
+/// [`WideOutput::store_row`]'s work eight values at a time: each of `sums` requantised by
+/// `requant` into `out` (their bytes at `output`'s width). `false`, nothing written, where the
+/// vector requantisation is not exact (a scale of 1 or more, whose products may not fit 32
+/// bits) or `out` is not `sums`' size.
+#[target_feature(enable = "avx2")]
+pub(crate) fn store_row(
+    output: &WideOutput,
+    out: &mut [i8],
+    sums: &[i32],
+    requant: Requant,
+) -> bool {
+    let bytes = output.width.bytes();
+    // A zero point this small keeps every clamped value and its offset inside 32 bits (the
+    // compiler's are 0 or int8 codes).
+    let small = output.zero_point.unsigned_abs() <= 1 << 16;
+    if requant.shift > 0 || !small || out.len() != sums.len() * bytes {
+        return false;
+    }
+    // The width's range folded into the clamp: the same codes as clamping to both in turn.
+    let (lo, hi) = output.width.range();
+    let (min, max) = (output.min.clamp(lo, hi), output.max.clamp(lo, hi));
+    let lanes = Lanes::with_range(requant, output.zero_point, min, max);
+    let whole = sums.len() / 8 * 8;
+    for (chunk, dst) in sums[..whole]
+        .chunks_exact(8)
+        .zip(out.chunks_exact_mut(8 * bytes))
+    {
+        // SAFETY: 8 i32, 32 bytes.
+        let sums = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
+        let codes = requantize8(sums, &lanes);
+        // Within each 128-bit half: the half's four codes twice, as `i16`; then the two halves'
+        // first copies side by side.
+        let packed = _mm256_packs_epi32(codes, codes);
+        let words = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed));
+        // SAFETY: `dst` holds 8 values of `bytes` each: 16 bytes, or 8 (the low half of the
+        // narrowed vector).
+        unsafe {
+            match output.width {
+                Width::I16 => _mm_storeu_si128(dst.as_mut_ptr().cast(), words),
+                Width::I8 => {
+                    _mm_storel_epi64(dst.as_mut_ptr().cast(), _mm_packs_epi16(words, words))
+                }
+            }
+        }
+    }
+    for (i, &sum) in sums.iter().enumerate().skip(whole) {
+        output.width.store(out, i, output.code(requant.apply(sum)));
+    }
+    true
+}
+
+/// One block of [`crate::int16::Conv16`]'s pointwise layers on large planes: the block's 4 output channels' sums over
+/// pixels `p..p + 16` of `inputs` (a group's input channels, `plane` values each) into `acc`,
+/// two input channels per multiply-add (their values interleaved per pixel, against `pairs`,
+/// each channel's weight pairs in turn).
+#[target_feature(enable = "avx2")]
+#[allow(clippy::indexing_slicing)]
+pub(crate) fn pointwise_block(
+    inputs: &[i16],
+    pairs: &[i32],
+    plane: usize,
+    p: usize,
+    acc: &mut [[i32; BLOCK_PIXELS]; BLOCK_CHANNELS],
+) {
+    let icg = inputs.len() / plane.max(1);
+    let pairs_per_channel = pairs.len() / BLOCK_CHANNELS;
+    let load = |ic: usize| {
+        let values = &inputs[ic * plane + p..ic * plane + p + BLOCK_PIXELS];
+        // SAFETY: 16 values, 32 bytes, read unaligned.
+        unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
+    };
+    let pair = |k: usize, ic: usize| _mm256_set1_epi32(pairs[k * pairs_per_channel + ic / 2]);
+    let (mut low, mut high) = (
+        [_mm256_setzero_si256(); BLOCK_CHANNELS],
+        [_mm256_setzero_si256(); BLOCK_CHANNELS],
+    );
+    for ic in (0..icg).step_by(2) {
+        let a = load(ic);
+        // A last channel without a partner meets a zero weight (and zero values).
+        let b = if ic + 1 < icg {
+            load(ic + 1)
+        } else {
+            _mm256_setzero_si256()
+        };
+        // Within each 128-bit lane: pixels 0-3 (8-11) in `lo`, 4-7 (12-15) in `hi`.
+        let (lo, hi) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
+        for k in 0..BLOCK_CHANNELS {
+            let w = pair(k, ic);
+            low[k] = _mm256_add_epi32(low[k], _mm256_madd_epi16(lo, w));
+            high[k] = _mm256_add_epi32(high[k], _mm256_madd_epi16(hi, w));
+        }
+    }
+    for (k, row) in acc.iter_mut().enumerate() {
+        let first = _mm256_permute2x128_si256::<0x20>(low[k], high[k]);
+        let second = _mm256_permute2x128_si256::<0x31>(low[k], high[k]);
+        // SAFETY: `row` holds 16 i32, 64 bytes.
+        unsafe {
+            _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
+            _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
+        }
+    }
+}
