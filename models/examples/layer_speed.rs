@@ -74,9 +74,10 @@ fn describe(op: &Op) -> Step {
         Op::Rescale { .. } => step("rescale (concat)", String::new(), 0, 0),
         Op::Gather { .. } => step("gather", String::new(), 0, 0),
         Op::Attention { .. } => step("attention", String::new(), 0, 0),
-        Op::Add16(_) | Op::Mul16(_) | Op::GlobalAveragePool16(_) | Op::Function16 { .. } => {
-            step("16-bit element-wise", String::new(), 0, 0)
-        }
+        Op::Add16(_) => step("16-bit element-wise", "Add".into(), 0, 0),
+        Op::Mul16(_) => step("16-bit element-wise", "Mul".into(), 0, 0),
+        Op::GlobalAveragePool16(_) => step("16-bit element-wise", "GlobalAveragePool".into(), 0, 0),
+        Op::Function16 { .. } => step("16-bit element-wise", "function table".into(), 0, 0),
     }
 }
 

@@ -398,7 +398,20 @@ impl Conv16<'_> {
             let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])?;
             (iy < h && ix < w).then_some(iy * w + ix)
         };
-        if icg == 1 && ocg == 1 && (g.stride[1] > 1 || ow < LANES_MAX_WIDTH) {
+        if icg == 1 && ocg == 1 && AVX2 && cfg!(target_arch = "x86_64") {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let layer = crate::avx2::wide::Depthwise {
+                    geometry: &g,
+                    values,
+                    weights: self.weights,
+                };
+                // SAFETY: AVX2 is true only where the CPU has AVX2.
+                if !unsafe { layer.add_to(column, pairs, pixel, sums) } {
+                    return self.run(input, output);
+                }
+            }
+        } else if icg == 1 && ocg == 1 && (g.stride[1] > 1 || ow < LANES_MAX_WIDTH) {
             // Depthwise: channels in the vectors' lanes (planes are often a few pixels wide),
             // the input and the filter laid out channels last.
             let taps = kh * kw;
@@ -705,10 +718,11 @@ pub mod host {
     use super::{Add16, Function16, GlobalAveragePool16, Mul16};
     use crate::int8::ShapeError;
 
-    /// `$name` runs `$body` (the generic kernel, inlined) compiled for AVX2 on a CPU that has
-    /// it, as it is elsewhere.
+    /// `$name` runs `$avx2_body` (the generic kernel inlined, or an AVX2 one) compiled for AVX2
+    /// on a CPU that has it, `$body` (the generic kernel) elsewhere.
     macro_rules! twins {
-        ($(#[$doc:meta] $name:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) => $body:expr;)*) => {$(
+        ($(#[$doc:meta] $name:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)
+            => $body:expr, $avx2_body:expr;)*) => {$(
             #[$doc]
             pub fn $name($($arg: $ty),*) -> Result<(), ShapeError> {
                 #[cfg(target_arch = "x86_64")]
@@ -722,7 +736,7 @@ pub mod host {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
             unsafe fn $avx2($($arg: $ty),*) -> Result<(), ShapeError> {
-                $body
+                $avx2_body
             }
         )*};
     }
@@ -730,17 +744,17 @@ pub mod host {
     twins! {
         /// [`Add16::run`].
         add16, add16_avx2, (add: &Add16, a: &[i8], b: &[i8], output: &mut [i8])
-            => add.run(a, b, output);
-        /// [`Mul16::run`].
+            => add.run(a, b, output), add.run(a, b, output);
+        /// [`Mul16::run`] (with AVX2, eight values to a vector).
         mul16, mul16_avx2, (mul: &Mul16, a: &[i8], b: &[i8], output: &mut [i8])
-            => mul.run(a, b, output);
+            => mul.run(a, b, output), crate::avx2::wide::mul16(mul, a, b, output);
         /// [`GlobalAveragePool16::run`].
         global_average_pool16, global_average_pool16_avx2,
             (pool: &GlobalAveragePool16, input: &[i8], output: &mut [i8])
-            => pool.run(input, output);
-        /// [`Function16::run`].
+            => pool.run(input, output), pool.run(input, output);
+        /// [`Function16::run`] (with AVX2, eight values to a gather).
         function16, function16_avx2, (function: &Function16<'_>, input: &[i8], output: &mut [i8])
-            => function.run(input, output);
+            => function.run(input, output), crate::avx2::wide::function16(function, input, output);
     }
 }
 
@@ -789,9 +803,9 @@ pub struct Mul16 {
 }
 
 impl Mul16 {
-    /// `output = a * b` in real terms.
-    #[inline(always)]
-    pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    /// Check the buffers' sizes (bytes): `b` one value per plane of `a`, `output` `a`'s values
+    /// at the output's width. The plane's values.
+    pub(crate) fn plane(&self, a: &[i8], b: &[i8], output: &[i8]) -> Result<usize, ShapeError> {
         let (a_len, b_len) = (a.len() / 2, b.len() / 2);
         check(
             a.len().is_multiple_of(2)
@@ -802,7 +816,13 @@ impl Mul16 {
             "input",
         )?;
         check(self.output.bytes(a_len) == Some(output.len()), "output")?;
-        let plane = a_len / b_len;
+        Ok(a_len / b_len)
+    }
+
+    /// `output = a * b` in real terms.
+    #[inline(always)]
+    pub fn run(&self, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let plane = self.plane(a, b, output)?;
         let out_plane = plane * self.output.width.bytes();
         for ((xs, y), out) in a
             .chunks_exact(2 * plane)
@@ -880,12 +900,17 @@ impl Function16<'_> {
         low + (((high - low) * fraction + FUNCTION16_SEGMENT / 2) >> FUNCTION16_SEGMENT.ilog2())
     }
 
+    /// Check the table and the buffers' sizes (bytes).
+    pub(crate) fn check(&self, input: &[i8], output: &[i8]) -> Result<(), ShapeError> {
+        check(self.table.len() == FUNCTION16_ENTRIES, "table")?;
+        check(input.len().is_multiple_of(2), "input")?;
+        check(output.len() == input.len(), "output")
+    }
+
     /// Apply the function to every value of `input` (16-bit) into `output` (16-bit).
     #[inline(always)]
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        check(self.table.len() == FUNCTION16_ENTRIES, "table")?;
-        check(input.len().is_multiple_of(2), "input")?;
-        check(output.len() == input.len(), "output")?;
+        self.check(input, output)?;
         let (min, max) = Width::I16.range();
         let output_codes = WideOutput {
             width: Width::I16,
@@ -1021,10 +1046,14 @@ mod tests {
         let mut scratch = Conv16Scratch::default();
         for case in 0..600 {
             let pick = |rng: &mut Rng, n: usize| rng.below(n);
-            let group = [1, 1, 2, 4][pick(&mut rng, 4)];
+            let mut group = [1, 1, 2, 4][pick(&mut rng, 4)];
             // Now and then enough input channels for the dot products' whole vectors.
-            let icg = 1 + pick(&mut rng, if case % 7 == 3 { 40 } else { 4 });
-            let ocg = 1 + pick(&mut rng, 9);
+            let mut icg = 1 + pick(&mut rng, if case % 7 == 3 { 40 } else { 4 });
+            let mut ocg = 1 + pick(&mut rng, 9);
+            // Depthwise layers over blocks of 16 channels and a last partial one.
+            if case % 6 == 5 {
+                (group, icg, ocg) = (1 + pick(&mut rng, 40), 1, 1);
+            }
             let (c, oc) = (icg * group, ocg * group);
             let (h, w) = (1 + pick(&mut rng, 12), 1 + pick(&mut rng, 12));
             let mut kernel = [1 + pick(&mut rng, 5), 1 + pick(&mut rng, 5)];
@@ -1145,6 +1174,59 @@ mod tests {
             ran += usize::from(result.is_ok());
         }
         assert!(ran > 50, "only {ran} geometries ran");
+    }
+
+    #[test]
+    fn host_element_wise_kernels_write_the_generic_bytes() {
+        use kestrel_testing::Rng;
+        let mut rng = Rng(0x16b1_e1e3_e575_0001);
+        for case in 0..300 {
+            let (channels, plane) = (1 + rng.below(20), 1 + rng.below(40));
+            let bytes =
+                |rng: &mut Rng, n: usize| -> Vec<i8> { (0..n).map(|_| rng.code()).collect() };
+            let (a, b) = (
+                bytes(&mut rng, 2 * channels * plane),
+                bytes(&mut rng, 2 * channels),
+            );
+            let width = [Width::I8, Width::I16][case % 2];
+            let (lo, hi) = width.range();
+            let mul = Mul16 {
+                // Scales of 1 and more now and then: the vector requantisation declines them.
+                requant: Requant {
+                    multiplier: (1 << 30) + rng.below(1 << 30) as i32,
+                    shift: rng.below(20) as i8 - 17,
+                },
+                output: WideOutput {
+                    width,
+                    zero_point: rng.below(9) as i32 - 4,
+                    min: lo + rng.below(50) as i32,
+                    max: hi - rng.below(50) as i32,
+                },
+            };
+            let len = channels * plane * width.bytes();
+            let (mut expected, mut got) = (vec![0i8; len], vec![1i8; len]);
+            mul.run(&a, &b, &mut expected).unwrap();
+            host::mul16(&mul, &a, &b, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}: {mul:?}");
+
+            let table: Vec<i16> = (0..FUNCTION16_ENTRIES)
+                .map(|_| rng.below(65535) as i16 + i16::MIN + 1)
+                .collect();
+            let function = Function16 { table: &table };
+            let (mut expected, mut got) = (vec![0i8; a.len()], vec![1i8; a.len()]);
+            function.run(&a, &mut expected).unwrap();
+            host::function16(&function, &a, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}");
+        }
+        // Either kernel refuses what the other does.
+        let mul = Mul16 {
+            requant: Requant::from_real(0.5).unwrap(),
+            output: FULL,
+        };
+        assert!(host::mul16(&mul, &[0; 6], &[0; 4], &mut [0; 6]).is_err());
+        let table = vec![0i16; FUNCTION16_ENTRIES - 1];
+        let function = Function16 { table: &table };
+        assert!(host::function16(&function, &[0; 4], &mut [0; 4]).is_err());
     }
 
     #[test]

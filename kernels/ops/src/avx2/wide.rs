@@ -10,8 +10,11 @@ use std::vec::Vec;
 
 use super::{requantize8, Lanes};
 use crate::int16::{
-    sums_fit, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS, DOT_LANES, DOT_PIXELS,
+    sums_fit, Function16, Mul16, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS, DOT_LANES,
+    DOT_PIXELS, FUNCTION16_SEGMENT,
 };
+use crate::int8::ConvGeometry;
+use crate::int8::ShapeError;
 use crate::quant::Requant;
 
 /// One block of a layer's output pixels as dot products: pixel `first_pixel + q` of output
@@ -179,10 +182,52 @@ fn horizontal_sums(vectors: &[__m256i; 4]) -> [i32; 4] {
     out
 }
 
+/// The vector requantisation of `requant` into `output`, where it gives the scalar codes
+/// exactly: a scale below 1 (so every product fits 32 bits) and a zero point small enough that
+/// every clamped value and its offset stay inside 32 bits (the compiler's are 0 or int8 codes).
+/// The width's range is folded into the clamp: the same codes as clamping to both in turn.
+#[target_feature(enable = "avx2")]
+fn output_lanes(output: &WideOutput, requant: Requant) -> Option<Lanes> {
+    if requant.shift > 0 || output.zero_point.unsigned_abs() > 1 << 16 {
+        return None;
+    }
+    let (lo, hi) = output.width.range();
+    let (min, max) = (output.min.clamp(lo, hi), output.max.clamp(lo, hi));
+    Some(Lanes::with_range(requant, output.zero_point, min, max))
+}
+
+/// Store 8 codes (each within `width`'s range) as the first 8 values of `dst`.
+#[target_feature(enable = "avx2")]
+fn store_codes(codes: __m256i, width: Width, dst: &mut [i8]) {
+    if dst.len() < 8 * width.bytes() {
+        return;
+    }
+    // Within each 128-bit half: the half's four codes twice, as `i16`; then the two halves'
+    // first copies side by side.
+    let packed = _mm256_packs_epi32(codes, codes);
+    let words = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed));
+    // SAFETY: `dst` holds 8 values: 16 bytes, or 8 (the low half of the narrowed vector).
+    unsafe {
+        match width {
+            Width::I16 => _mm_storeu_si128(dst.as_mut_ptr().cast(), words),
+            Width::I8 => _mm_storel_epi64(dst.as_mut_ptr().cast(), _mm_packs_epi16(words, words)),
+        }
+    }
+}
+
+/// Eight 16-bit codes from the first 16 bytes of `bytes`, widened to `i32`.
+#[target_feature(enable = "avx2")]
+fn load_codes16(bytes: &[i8]) -> __m256i {
+    match bytes.get(..16) {
+        // SAFETY: 16 bytes.
+        Some(bytes) => _mm256_cvtepi16_epi32(unsafe { _mm_loadu_si128(bytes.as_ptr().cast()) }),
+        None => _mm256_setzero_si256(),
+    }
+}
+
 /// [`WideOutput::store_row`]'s work eight values at a time: each of `sums` requantised by
 /// `requant` into `out` (their bytes at `output`'s width). `false`, nothing written, where the
-/// vector requantisation is not exact (a scale of 1 or more, whose products may not fit 32
-/// bits) or `out` is not `sums`' size.
+/// vector requantisation is not exact ([`output_lanes`]) or `out` is not `sums`' size.
 #[target_feature(enable = "avx2")]
 pub(crate) fn store_row(
     output: &WideOutput,
@@ -191,16 +236,10 @@ pub(crate) fn store_row(
     requant: Requant,
 ) -> bool {
     let bytes = output.width.bytes();
-    // A zero point this small keeps every clamped value and its offset inside 32 bits (the
-    // compiler's are 0 or int8 codes).
-    let small = output.zero_point.unsigned_abs() <= 1 << 16;
-    if requant.shift > 0 || !small || out.len() != sums.len() * bytes {
+    let Some(lanes) = output_lanes(output, requant).filter(|_| out.len() == sums.len() * bytes)
+    else {
         return false;
-    }
-    // The width's range folded into the clamp: the same codes as clamping to both in turn.
-    let (lo, hi) = output.width.range();
-    let (min, max) = (output.min.clamp(lo, hi), output.max.clamp(lo, hi));
-    let lanes = Lanes::with_range(requant, output.zero_point, min, max);
+    };
     let whole = sums.len() / 8 * 8;
     for (chunk, dst) in sums[..whole]
         .chunks_exact(8)
@@ -208,26 +247,89 @@ pub(crate) fn store_row(
     {
         // SAFETY: 8 i32, 32 bytes.
         let sums = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
-        let codes = requantize8(sums, &lanes);
-        // Within each 128-bit half: the half's four codes twice, as `i16`; then the two halves'
-        // first copies side by side.
-        let packed = _mm256_packs_epi32(codes, codes);
-        let words = _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed));
-        // SAFETY: `dst` holds 8 values of `bytes` each: 16 bytes, or 8 (the low half of the
-        // narrowed vector).
-        unsafe {
-            match output.width {
-                Width::I16 => _mm_storeu_si128(dst.as_mut_ptr().cast(), words),
-                Width::I8 => {
-                    _mm_storel_epi64(dst.as_mut_ptr().cast(), _mm_packs_epi16(words, words))
-                }
-            }
-        }
+        store_codes(requantize8(sums, &lanes), output.width, dst);
     }
     for (i, &sum) in sums.iter().enumerate().skip(whole) {
         output.width.store(out, i, output.code(requant.apply(sum)));
     }
     true
+}
+
+/// [`Mul16::run`] eight values at a time where the vector requantisation is exact
+/// ([`output_lanes`]; a product of two 16-bit codes fits 32 bits), else the generic kernel.
+#[target_feature(enable = "avx2")]
+pub(crate) fn mul16(mul: &Mul16, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    let plane = mul.plane(a, b, output)?;
+    let Some(lanes) = output_lanes(&mul.output, mul.requant) else {
+        return mul.run(a, b, output);
+    };
+    let bytes = mul.output.width.bytes();
+    let whole = plane / 8 * 8;
+    for ((xs, y), out) in a
+        .chunks_exact(2 * plane)
+        .zip(b.chunks_exact(2))
+        .zip(output.chunks_exact_mut(plane * bytes))
+    {
+        let y = match *y {
+            [lo, hi] => i32::from(i16::from_le_bytes([lo as u8, hi as u8])),
+            _ => 0,
+        };
+        let factor = _mm256_set1_epi32(y);
+        for (x, dst) in xs[..2 * whole]
+            .chunks_exact(16)
+            .zip(out.chunks_exact_mut(8 * bytes))
+        {
+            let products = _mm256_mullo_epi32(load_codes16(x), factor);
+            store_codes(requantize8(products, &lanes), mul.output.width, dst);
+        }
+        for i in whole..plane {
+            let x = Width::I16.load(xs, i);
+            mul.output
+                .width
+                .store(out, i, mul.output.code(mul.requant.apply(x * y)));
+        }
+    }
+    Ok(())
+}
+
+/// [`Function16::run`] eight values at a time: one gather reads both table entries around each
+/// value (its 32 bits at entry `k` are entries `k` and `k + 1`), then the same integer
+/// interpolation.
+#[target_feature(enable = "avx2")]
+pub(crate) fn function16(
+    function: &Function16<'_>,
+    input: &[i8],
+    output: &mut [i8],
+) -> Result<(), ShapeError> {
+    function.check(input, output)?;
+    let table = function.table;
+    let whole = input.len() / 16 * 16;
+    let bottom = _mm256_set1_epi32(-i32::from(i16::MIN));
+    let (mask, half) = (
+        _mm256_set1_epi32(FUNCTION16_SEGMENT - 1),
+        _mm256_set1_epi32(FUNCTION16_SEGMENT / 2),
+    );
+    for (x, dst) in input[..whole]
+        .chunks_exact(16)
+        .zip(output.chunks_exact_mut(16))
+    {
+        let from_bottom = _mm256_add_epi32(load_codes16(x), bottom);
+        // Segment `k` (0 to 1023 for codes of 16 bits) and the place in it.
+        let k = _mm256_srli_epi32::<6>(from_bottom);
+        let fraction = _mm256_and_si256(from_bottom, mask);
+        // SAFETY: entry `k + 1` is at most 1024, the table's last (`check`): the 4 bytes read
+        // at entry `k` are inside it.
+        let pair = unsafe { _mm256_i32gather_epi32::<2>(table.as_ptr().cast(), k) };
+        let low = _mm256_srai_epi32::<16>(_mm256_slli_epi32::<16>(pair));
+        let high = _mm256_srai_epi32::<16>(pair);
+        let step = _mm256_mullo_epi32(_mm256_sub_epi32(high, low), fraction);
+        let codes = _mm256_add_epi32(low, _mm256_srai_epi32::<6>(_mm256_add_epi32(step, half)));
+        store_codes(codes, Width::I16, dst);
+    }
+    for i in whole / 2..input.len() / 2 {
+        Width::I16.store(output, i, function.code(Width::I16.load(input, i)));
+    }
+    Ok(())
 }
 
 /// One block of [`crate::int16::Conv16`]'s pointwise layers on large planes: the block's 4 output channels' sums over
@@ -279,5 +381,167 @@ pub(crate) fn pointwise_block(
             _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
             _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
         }
+    }
+}
+
+/// Channels per block of [`Depthwise::add_to`]: one 16-bit vector's lanes.
+const CHANNEL_LANES: usize = 16;
+
+/// A depthwise layer (one input and one output channel per group) on 16-bit values: the
+/// layer's geometry, its input values (`[channel][h][w]`, minus the zero point) and weights
+/// (`[channel][kh][kw]`).
+pub(crate) struct Depthwise<'a> {
+    pub(crate) geometry: &'a ConvGeometry,
+    pub(crate) values: &'a [i16],
+    pub(crate) weights: &'a [i8],
+}
+
+impl Depthwise<'_> {
+    /// Add each output's sum to `sums` (`[channel][oh][ow]`), 16 channels at a time in the
+    /// lanes: a block's input laid out pixel by pixel inside a zero border (`laid_out`), each
+    /// two taps' values interleaved for `vpmaddwd` against the two taps' weights (`words`,
+    /// built per block), every output pixel's 16 sums into `pixel_sums`, then added to their
+    /// channels' planes. `false`, nothing added, where the buffers do not fit the geometry.
+    #[target_feature(enable = "avx2")]
+    pub(crate) fn add_to(
+        &self,
+        laid_out: &mut Vec<i16>,
+        words: &mut Vec<i32>,
+        pixel_sums: &mut Vec<i32>,
+        sums: &mut [i32],
+    ) -> bool {
+        let g = self.geometry;
+        let [c, h, w] = g.input;
+        let [oc, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let [sy, sx] = g.stride;
+        let [dy, dx] = g.dilation;
+        let (taps, out_plane) = (kh * kw, oh * ow);
+        if oc != c
+            || g.group.max(1) != c
+            || self.values.len() != c * h * w
+            || self.weights.len() != c * taps
+            || sums.len() != c * out_plane
+            || out_plane == 0
+            || taps == 0
+        {
+            return false;
+        }
+        // The padded plane reaches the last tap of the last output pixel; input rows and
+        // columns past it are never read. A real layer's is at most the input and its padding
+        // on both sides: one larger (an odd geometry's) runs the generic kernel.
+        let [top, left] = g.pad;
+        let reach = |out: usize, s: usize, k: usize, d: usize, size: usize, pad: usize| {
+            let span = (out - 1)
+                .checked_mul(s)?
+                .checked_add((k - 1).checked_mul(d)?)?
+                + 1;
+            (span <= size.checked_add(pad.checked_mul(2)?)?).then_some(span)
+        };
+        let (Some(hp), Some(wp)) = (
+            reach(oh, sy, kh, dy, h, top),
+            reach(ow, sx, kw, dx, w, left),
+        ) else {
+            return false;
+        };
+        let offsets: Vec<usize> = (0..taps)
+            .map(|t| (t / kw) * dy * wp + (t % kw) * dx)
+            .collect();
+        let pairs = taps.div_ceil(2);
+        laid_out.clear();
+        laid_out.resize(hp * wp * CHANNEL_LANES, 0);
+        pixel_sums.clear();
+        pixel_sums.resize(out_plane * CHANNEL_LANES, 0);
+        words.clear();
+        words.resize(pairs * CHANNEL_LANES, 0);
+        for first in (0..c).step_by(CHANNEL_LANES) {
+            let count = CHANNEL_LANES.min(c - first);
+            // The block's input, inside the border (which stays zero: every block writes the
+            // same places, and a last block's unused lanes only feed sums never added).
+            for lane in 0..count {
+                let plane = &self.values[(first + lane) * h * w..][..h * w];
+                for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
+                    let py = y + top;
+                    if py >= hp {
+                        break;
+                    }
+                    for (x, &value) in row.iter().enumerate() {
+                        let px = x + left;
+                        if px >= wp {
+                            break;
+                        }
+                        laid_out[(py * wp + px) * CHANNEL_LANES + lane] = value;
+                    }
+                }
+            }
+            // Each pair of taps' weights, per channel the even tap's in the low half, in the
+            // order the unpacks leave the channels: 0-3 and 8-11 in the low vector's lanes,
+            // 4-7 and 12-15 in the high one's.
+            const ORDER: [usize; CHANNEL_LANES] =
+                [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
+            for (pair, block) in words.chunks_exact_mut(CHANNEL_LANES).enumerate() {
+                for (word, &lane) in block.iter_mut().zip(&ORDER) {
+                    let weight = |t: usize| match (lane < count && t < taps, first + lane) {
+                        (true, ch) => i32::from(self.weights[ch * taps + t]) as u16 as i32,
+                        (false, _) => 0,
+                    };
+                    *word = weight(2 * pair) | weight(2 * pair + 1) << 16;
+                }
+            }
+            let load = |values: &[i16], at: usize| {
+                let lanes = &values[at * CHANNEL_LANES..][..CHANNEL_LANES];
+                // SAFETY: 16 values, 32 bytes, read unaligned.
+                unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
+            };
+            let word_vectors = |pair: usize| {
+                let block = &words[pair * CHANNEL_LANES..][..CHANNEL_LANES];
+                // SAFETY: 16 i32, two vectors of 32 bytes.
+                unsafe {
+                    (
+                        _mm256_loadu_si256(block.as_ptr().cast()),
+                        _mm256_loadu_si256(block.as_ptr().add(8).cast()),
+                    )
+                }
+            };
+            for (p, out) in pixel_sums.chunks_exact_mut(CHANNEL_LANES).enumerate() {
+                let origin = (p / ow) * sy * wp + (p % ow) * sx;
+                let (mut low, mut high) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                for pair in 0..pairs {
+                    let a = load(laid_out, origin + offsets[2 * pair]);
+                    let b = match offsets.get(2 * pair + 1) {
+                        Some(&offset) => load(laid_out, origin + offset),
+                        None => _mm256_setzero_si256(),
+                    };
+                    let (w_low, w_high) = word_vectors(pair);
+                    low = _mm256_add_epi32(
+                        low,
+                        _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), w_low),
+                    );
+                    high = _mm256_add_epi32(
+                        high,
+                        _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), w_high),
+                    );
+                }
+                // Channels 0-7, then 8-15.
+                // SAFETY: `out` holds 16 i32, two vectors of 32 bytes.
+                unsafe {
+                    _mm256_storeu_si256(
+                        out.as_mut_ptr().cast(),
+                        _mm256_permute2x128_si256::<0x20>(low, high),
+                    );
+                    _mm256_storeu_si256(
+                        out.as_mut_ptr().add(8).cast(),
+                        _mm256_permute2x128_si256::<0x31>(low, high),
+                    );
+                }
+            }
+            for lane in 0..count {
+                let plane = &mut sums[(first + lane) * out_plane..][..out_plane];
+                for (sum, pixel) in plane.iter_mut().zip(pixel_sums.chunks_exact(CHANNEL_LANES)) {
+                    *sum += pixel[lane];
+                }
+            }
+        }
+        true
     }
 }
