@@ -197,7 +197,7 @@ fn main() -> Result<()> {
     let owned = OwnedProgram::new(&bytes).context("not a loadable plan")?;
     let program = owned.program();
     // The table `Int8Cpu` runs with: the fastest kernels this CPU has.
-    let mut kernels = KernelTable::for_this_cpu(&program.convs());
+    let mut kernels = KernelTable::for_this_cpu(&program.convs(), &program.convs16());
     let kernel = kernels.conv.name;
     let steps: Vec<Step> = program
         .steps()

@@ -669,7 +669,7 @@ fn layer_errors<'i>(
         .steps()
         .map(|step| step.map(|s| usize::from(s.output)))
         .collect::<Result<_, _>>()?;
-    let mut kernels = KernelTable::for_this_cpu(&plan_program.convs());
+    let mut kernels = KernelTable::for_this_cpu(&plan_program.convs(), &plan_program.convs16());
     let mut arena = vec![0i8; plan_program.arena_size()];
     // Squared error and squared float value, per value id.
     let mut sums = vec![(0.0f64, 0.0f64); graph.shapes.len()];

@@ -408,7 +408,8 @@ fn a_sigmoid_read_by_convolutions_is_widened_into_them() {
 fn assert_every_executor_runs_it_as_the_generic_one(plan: &[u8], inputs: &[Vec<f32>]) {
     let owned = kestrel_plan::program::OwnedProgram::new(plan).unwrap();
     let program = owned.program();
-    let mut kernels = kestrel_ops::table::KernelTable::for_this_cpu(&program.convs());
+    let mut kernels =
+        kestrel_ops::table::KernelTable::for_this_cpu(&program.convs(), &program.convs16());
     for input in inputs.iter().step_by(25) {
         let mut expected = vec![0i8; program.arena_size()];
         program.quantize_input(input, &mut expected).unwrap();

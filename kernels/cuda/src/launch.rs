@@ -584,6 +584,7 @@ impl Kernels for ShapesOnly {
 
     fn conv16(
         &mut self,
+        _step: usize,
         conv: &kestrel_ops::int16::Conv16<'_>,
         input: &[i8],
         output: &mut [i8],

@@ -248,10 +248,158 @@ pub(crate) fn sums_fit(weights: u64, bias: i32, largest: u16) -> bool {
         .is_some_and(|bound| bound < 1 << 31)
 }
 
-/// Buffers [`Conv16::run_rows`] reuses from call to call.
+/// What [`Conv16::run_rows`] needs from a layer's weights besides the weights: each output
+/// channel's sum of weight magnitudes (for the `i32` bound, [`sums_fit`]) and the weights in the
+/// order its vector kernel reads them (a depthwise layer's tap pairs, a pointwise layer's
+/// input-channel pairs, two `i16` to a word). Made once where the kernel table is made for a
+/// program ([`crate::table::KernelTable::for_this_cpu`]), its words then under the scrub's
+/// checksum of prepared weights; else per call.
 #[cfg(feature = "std")]
 #[derive(Clone, Debug, Default)]
+pub struct Conv16Prepared {
+    /// Per output channel, the sum of its weights' magnitudes (saturated).
+    magnitudes: std::vec::Vec<i32>,
+    /// The weights as the layer's vector kernel reads them (none for other layers).
+    words: std::vec::Vec<i32>,
+}
+
+/// The lane order `vpunpcklwd` / `vpunpckhwd` leave 16 channels in, in their 32-bit lanes: the
+/// low vector holds channels 0-3 and 8-11, the high one 4-7 and 12-15 (its own inverse).
+#[cfg(feature = "std")]
+pub(crate) const UNPACK_ORDER: [usize; 16] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
+
+/// Two weights as one word for `vpmaddwd`, the first in the low half (a missing one is 0).
+#[cfg(feature = "std")]
+fn pair_word(first: Option<&i8>, second: Option<&i8>) -> i32 {
+    let half = |w: Option<&i8>| i32::from(w.map_or(0, |&w| i16::from(w)) as u16);
+    half(first) | half(second) << 16
+}
+
+#[cfg(feature = "std")]
+impl Conv16Prepared {
+    /// The words, for the scrub's checksum (the magnitudes only choose a path: a flipped one
+    /// is caught by the same checksum).
+    pub fn blocks(&self) -> [&[i32]; 2] {
+        [&self.magnitudes, &self.words]
+    }
+
+    /// The same, to flip a bit of (fault injection).
+    pub fn blocks_mut(&mut self) -> [&mut [i32]; 2] {
+        [&mut self.magnitudes, &mut self.words]
+    }
+
+    /// Whether this was prepared from a layer of `conv`'s shape.
+    fn suits(&self, conv: &Conv16<'_>) -> bool {
+        self.magnitudes.len() == conv.geometry.output[0] && self.words.len() == conv.words_len()
+    }
+}
+
+#[cfg(feature = "std")]
+impl Conv16<'_> {
+    /// A depthwise layer (one input and one output channel per group).
+    fn is_depthwise(&self) -> bool {
+        let g = &self.geometry;
+        let group = g.group.max(1);
+        g.input[0] == group && g.output[0] == group
+    }
+
+    /// A 1x1 window over the same plane (an odd geometry's output may be larger: padding).
+    fn is_pointwise(&self) -> bool {
+        let g = &self.geometry;
+        g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && g.input[1..] == g.output[1..]
+    }
+
+    /// Whether each output is summed as one dot product of its inputs, gathered per pixel:
+    /// long enough to vectorise, the gather shared by enough channels, and for a pointwise
+    /// layer, a small plane.
+    fn takes_dot_products(&self) -> bool {
+        let g = &self.geometry;
+        let group = g.group.max(1);
+        let terms = g.input[0] / group * g.kernel[0] * g.kernel[1];
+        terms >= DOT_MIN_TERMS
+            && g.output[0] / group >= DOT_MIN_CHANNELS
+            && !(self.is_pointwise() && g.output[1] * g.output[2] > DOT_MAX_PLANE)
+    }
+
+    /// A pointwise layer [`Conv16::pointwise_blocks`] takes: a whole block of pixels and of
+    /// output channels per group, and no dot products.
+    fn has_pointwise_blocks(&self) -> bool {
+        let g = &self.geometry;
+        self.is_pointwise()
+            && !self.takes_dot_products()
+            && g.output[1] * g.output[2] >= BLOCK_PIXELS
+            && g.output[0] / g.group.max(1) >= BLOCK_CHANNELS
+    }
+
+    /// How many words [`Conv16Prepared`] holds for this layer.
+    fn words_len(&self) -> usize {
+        let g = &self.geometry;
+        let icg = g.input[0] / g.group.max(1);
+        let taps = g.kernel[0] * g.kernel[1];
+        if self.is_depthwise() {
+            g.input[0].div_ceil(16) * taps.div_ceil(2) * 16
+        } else if self.has_pointwise_blocks() {
+            g.output[0] * icg.div_ceil(2)
+        } else {
+            0
+        }
+    }
+
+    /// Prepare what [`Conv16::run_rows`] needs from the weights ([`Conv16Prepared`]).
+    pub fn prepare(&self) -> Conv16Prepared {
+        let oc = self.geometry.output[0];
+        let terms = self.weights.len() / oc.max(1);
+        let magnitudes = self
+            .weights
+            .chunks_exact(terms.max(1))
+            .take(oc)
+            .map(|filter| {
+                filter.iter().fold(0i32, |sum, &w| {
+                    sum.saturating_add(i32::from(w.unsigned_abs()))
+                })
+            })
+            .collect();
+        let mut words = std::vec![0i32; self.words_len()];
+        let g = &self.geometry;
+        let taps = g.kernel[0] * g.kernel[1];
+        if self.is_depthwise() && taps > 0 {
+            // Per block of 16 channels, per pair of taps, the channels' words in unpack order.
+            let pairs = taps.div_ceil(2);
+            let lanes = UNPACK_ORDER.iter().cycle();
+            for ((ch, filter), &lane) in self.weights.chunks_exact(taps).enumerate().zip(lanes) {
+                let block = ch / 16;
+                for (pair, two) in filter.chunks(2).enumerate() {
+                    if let Some(word) = words.get_mut((block * pairs + pair) * 16 + lane) {
+                        *word = pair_word(two.first(), two.get(1));
+                    }
+                }
+            }
+        } else if self.has_pointwise_blocks() {
+            // Per output channel, its input channels' weights two to a word.
+            let icg = g.input[0] / g.group.max(1);
+            let per_channel = icg.div_ceil(2);
+            for (filter, out) in self
+                .weights
+                .chunks_exact(icg.max(1))
+                .zip(words.chunks_exact_mut(per_channel.max(1)))
+            {
+                for (word, two) in out.iter_mut().zip(filter.chunks(2)) {
+                    *word = pair_word(two.first(), two.get(1));
+                }
+            }
+        }
+        Conv16Prepared { magnitudes, words }
+    }
+}
+
+/// Buffers [`Conv16::run_rows`] reuses from call to call, and the multiply-add encoding its
+/// x86-64 dot products use.
+#[cfg(feature = "std")]
+#[derive(Clone, Debug)]
 pub struct Conv16Scratch {
+    /// The 16-bit dot products' encoding: `vpdpwssd` (VNNI) where the CPU has it, found once.
+    #[cfg(target_arch = "x86_64")]
+    vnni: Option<crate::avx2::Vnni>,
     /// The input's values minus its zero point (16-bit: the multiply-adds SSE2 has).
     input: std::vec::Vec<i16>,
     /// Every output's sum, channel by channel.
@@ -263,11 +411,36 @@ pub struct Conv16Scratch {
     column: std::vec::Vec<i16>,
     /// A depthwise layer's sums at one pixel, channels in a row.
     pixel: std::vec::Vec<i32>,
-    /// A pointwise layer's weights paired for `vpmaddwd`: per output channel, each two input
-    /// channels' weights in the low and high halves of one `i32`.
-    pairs: std::vec::Vec<i32>,
     /// The last rows of a dot-product layer's weights, padded to whole vectors.
     tail: std::vec::Vec<i8>,
+}
+
+#[cfg(feature = "std")]
+impl Default for Conv16Scratch {
+    fn default() -> Self {
+        Self {
+            #[cfg(target_arch = "x86_64")]
+            vnni: crate::avx2::Vnni::detect(),
+            input: std::vec::Vec::new(),
+            sums: std::vec::Vec::new(),
+            filter: std::vec::Vec::new(),
+            column: std::vec::Vec::new(),
+            pixel: std::vec::Vec::new(),
+            tail: std::vec::Vec::new(),
+        }
+    }
+}
+
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+impl Conv16Scratch {
+    /// Scratch whose dot products use `vnni`'s encoding (`None`: `vpmaddwd`), for tests of
+    /// each; one this CPU lacks is not used.
+    pub fn with_vnni(vnni: Option<crate::avx2::Vnni>) -> Self {
+        Self {
+            vnni: vnni.filter(|v| v.available()),
+            ..Self::default()
+        }
+    }
 }
 
 /// Products per output value from which [`Conv16::run_rows`] sums each output as one dot
@@ -299,13 +472,14 @@ impl Conv16<'_> {
         input: &[i8],
         output: &mut [i8],
         scratch: &mut Conv16Scratch,
+        prepared: Option<&Conv16Prepared>,
     ) -> Result<(), ShapeError> {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: this CPU has AVX2, the only feature the function is compiled for.
-            return unsafe { self.run_rows_avx2(input, output, scratch) };
+            return unsafe { self.run_rows_avx2(input, output, scratch, prepared) };
         }
-        self.rows::<false>(input, output, scratch)
+        self.rows::<false>(input, output, scratch, prepared)
     }
 
     /// [`Conv16::rows`] compiled for AVX2: the same loops on 256-bit vectors.
@@ -316,8 +490,9 @@ impl Conv16<'_> {
         input: &[i8],
         output: &mut [i8],
         scratch: &mut Conv16Scratch,
+        prepared: Option<&Conv16Prepared>,
     ) -> Result<(), ShapeError> {
-        self.rows::<true>(input, output, scratch)
+        self.rows::<true>(input, output, scratch, prepared)
     }
 
     /// The body of [`Conv16::run_rows`]; `AVX2`: the caller is compiled for AVX2 and the CPU
@@ -329,6 +504,7 @@ impl Conv16<'_> {
         input: &[i8],
         output: &mut [i8],
         scratch: &mut Conv16Scratch,
+        prepared: Option<&Conv16Prepared>,
     ) -> Result<(), ShapeError> {
         self.check(input.len(), output.len())?;
         let g = self.geometry;
@@ -339,12 +515,13 @@ impl Conv16<'_> {
         let (icg, ocg) = (c / group, oc_total / group);
         let (plane, out_plane, terms) = (h * w, oh * ow, icg * kh * kw);
         let Conv16Scratch {
+            #[cfg(target_arch = "x86_64")]
+            vnni,
             input: values,
             sums,
             filter,
             column,
             pixel,
-            pairs,
             tail,
         } = scratch;
         // The input less its zero point, as 16-bit values: every one fits for an int8 input
@@ -369,20 +546,17 @@ impl Conv16<'_> {
             _ => return self.run(input, output),
         }
         let largest = values.iter().fold(0u16, |m, v| m.max(v.unsigned_abs()));
-        let pointwise =
-            g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && [oh, ow] == [h, w];
-        let dot = terms >= DOT_MIN_TERMS
-            && ocg >= DOT_MIN_CHANNELS
-            && !(pointwise && out_plane > DOT_MAX_PLANE);
-        // The AVX2 dot products check each channel as they read its weights (its row is
-        // then in L1; checked here, a layer's weights were read twice from memory).
-        let checked_later = dot && AVX2 && cfg!(target_arch = "x86_64");
-        let fits = checked_later
-            || (0..oc_total).all(|oc| {
-                let filter = &self.weights[oc * terms..(oc + 1) * terms];
-                let weights: u64 = filter.iter().map(|&w| u64::from(w.unsigned_abs())).sum();
-                sums_fit(weights, self.channels.get(oc).0, largest)
-            });
+        let (pointwise, dot) = (self.is_pointwise(), self.takes_dot_products());
+        let built;
+        let prepared = match prepared.filter(|p| p.suits(self)) {
+            Some(prepared) => prepared,
+            None => {
+                built = self.prepare();
+                &built
+            }
+        };
+        let fits = (prepared.magnitudes.iter().enumerate())
+            .all(|(oc, &m)| sums_fit(m.unsigned_abs().into(), self.channels.get(oc).0, largest));
         if !fits {
             return self.run(input, output);
         }
@@ -407,7 +581,7 @@ impl Conv16<'_> {
                     weights: self.weights,
                 };
                 // SAFETY: AVX2 is true only where the CPU has AVX2.
-                if !unsafe { layer.add_to(column, pairs, pixel, sums) } {
+                if !unsafe { layer.add_to(&prepared.words, column, pixel, sums) } {
                     return self.run(input, output);
                 }
             }
@@ -483,7 +657,6 @@ impl Conv16<'_> {
                     }
                     #[cfg(target_arch = "x86_64")]
                     if AVX2 {
-                        let biases = &self.channels.bias[group * ocg..][..ocg];
                         // SAFETY: AVX2 is true only where the CPU has AVX2.
                         let block = crate::avx2::wide::DotProducts {
                             columns: column,
@@ -493,12 +666,10 @@ impl Conv16<'_> {
                             out_plane,
                             first_pixel: first,
                             valid,
-                            biases,
-                            largest,
                         };
-                        // SAFETY: AVX2 is true only where the CPU has AVX2.
-                        let fits = unsafe { block.add_to(tail, group_sums) };
-                        if !fits {
+                        // SAFETY: AVX2 is true only where the CPU has AVX2; the scratch's
+                        // encoding is one it has (`Conv16Scratch::with_vnni`).
+                        if !unsafe { block.add_to(*vnni, tail, group_sums) } {
                             return self.run(input, output);
                         }
                         continue;
@@ -532,7 +703,7 @@ impl Conv16<'_> {
             };
             // A pointwise layer's whole blocks of output channels and pixels, sums in registers.
             let blocked = if pointwise {
-                self.pointwise_blocks::<AVX2>(values, sums, pairs, plane, ocg, icg)
+                self.pointwise_blocks::<AVX2>(values, sums, &prepared.words, plane, ocg, icg)
             } else {
                 0
             };
@@ -641,7 +812,7 @@ impl Conv16<'_> {
         &self,
         values: &[i16],
         sums: &mut [i32],
-        pairs: &mut std::vec::Vec<i32>,
+        pairs: &[i32],
         plane: usize,
         ocg: usize,
         icg: usize,
@@ -649,27 +820,12 @@ impl Conv16<'_> {
         let groups = self.geometry.group.max(1);
         let pixels = plane / BLOCK_PIXELS * BLOCK_PIXELS;
         let pairs_per_channel = icg.div_ceil(2);
-        if ocg < BLOCK_CHANNELS || pixels == 0 {
-            // No whole block: nothing to pair the weights for.
+        if ocg < BLOCK_CHANNELS
+            || pixels == 0
+            || (AVX2 && pairs.len() < groups * ocg * pairs_per_channel)
+        {
+            // No whole block (or no weight pairs for one): the caller sums every pixel.
             return 0;
-        }
-        if AVX2 {
-            // A last input channel without a partner is paired with a zero weight.
-            let half = |w: Option<&i8>| i32::from(w.map_or(0, |&w| i16::from(w)) as u16);
-            pairs.clear();
-            pairs.resize(
-                self.weights.len().div_ceil(icg.max(1)) * pairs_per_channel,
-                0,
-            );
-            for (filter, out) in self
-                .weights
-                .chunks_exact(icg)
-                .zip(pairs.chunks_exact_mut(pairs_per_channel))
-            {
-                for (p, pair) in out.iter_mut().enumerate() {
-                    *pair = half(filter.get(2 * p)) | (half(filter.get(2 * p + 1)) << 16);
-                }
-            }
         }
         for group in 0..groups {
             for block in 0..ocg / BLOCK_CHANNELS {
@@ -1041,9 +1197,24 @@ mod tests {
 
     #[test]
     fn rows_kernel_writes_the_generic_bytes_on_random_layers() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::avx2::Vnni;
+            for vnni in [None, Some(Vnni::Avx), Some(Vnni::Avx512)] {
+                if vnni.is_some_and(|v| !v.available()) {
+                    println!("this CPU lacks {vnni:?}: its 16-bit dot products are not tested");
+                    continue;
+                }
+                rows_match_generic(Conv16Scratch::with_vnni(vnni));
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        rows_match_generic(Conv16Scratch::default());
+    }
+
+    fn rows_match_generic(mut scratch: Conv16Scratch) {
         use kestrel_testing::Rng;
         let mut rng = Rng(0x16b1_7c0d_e5ee_d001);
-        let mut scratch = Conv16Scratch::default();
         for case in 0..600 {
             let pick = |rng: &mut Rng, n: usize| rng.below(n);
             let mut group = [1, 1, 2, 4][pick(&mut rng, 4)];
@@ -1137,7 +1308,11 @@ mod tests {
             let len = output.iter().product::<usize>() * output_width.bytes();
             let (mut expected, mut got) = (vec![0i8; len], vec![1i8; len]);
             conv.run(&input, &mut expected).unwrap();
-            conv.run_rows(&input, &mut got, &mut scratch).unwrap();
+            // Prepared once (as at load) or per call.
+            let prepared = conv.prepare();
+            let prepared = (case % 2 == 0).then_some(&prepared);
+            conv.run_rows(&input, &mut got, &mut scratch, prepared)
+                .unwrap();
             assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
         }
     }
@@ -1168,7 +1343,7 @@ mod tests {
             let input = vec![1i8; 2 * input_len];
             let (mut expected, mut got) = (vec![0i8; 2 * output_len], vec![0i8; 2 * output_len]);
             let reference = conv.run(&input, &mut expected);
-            let result = conv.run_rows(&input, &mut got, &mut scratch);
+            let result = conv.run_rows(&input, &mut got, &mut scratch, None);
             assert_eq!(result, reference, "{geometry:?}");
             assert_eq!(got, expected, "{geometry:?}");
             ran += usize::from(result.is_ok());

@@ -164,13 +164,16 @@ pub trait Kernels {
         attention.run(exp_table, input, output)
     }
 
-    /// Run `conv`, a layer with 16-bit activations, on `input` into `output`.
+    /// Run `conv`, a layer with 16-bit activations (the layer of step `step`), on `input` into
+    /// `output`.
     fn conv16(
         &mut self,
+        step: usize,
         conv: &Conv16<'_>,
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
+        let _ = step;
         conv.run(input, output)
     }
 
@@ -342,11 +345,12 @@ impl<K: Kernels + ?Sized> Kernels for &mut K {
 
     fn conv16(
         &mut self,
+        step: usize,
         conv: &Conv16<'_>,
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        (**self).conv16(conv, input, output)
+        (**self).conv16(step, conv, input, output)
     }
 
     fn add16(

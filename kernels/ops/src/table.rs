@@ -6,11 +6,14 @@
 use std::boxed::Box;
 use std::vec::Vec;
 
-use crate::int16::{host, Add16, Conv16, Conv16Scratch, Function16, GlobalAveragePool16, Mul16};
+use crate::int16::{
+    host, Add16, Conv16, Conv16Prepared, Conv16Scratch, Function16, GlobalAveragePool16, Mul16,
+};
 use crate::int8::{
     Add, Attention, AttentionScratch, AveragePool, Conv, Gemm, GlobalAveragePool, Lut, MaxPool,
     Mul, Rescale, Resize, ShapeError,
 };
+use crate::strips::flip_bit;
 use crate::{Kernels, Reference};
 
 /// Convolution kernels prepared for one program (packed weights, scratch): only their `conv`
@@ -70,6 +73,8 @@ pub struct KernelTable {
     /// not among [`KernelTable::names`]), with these buffers.
     attention_scratch: AttentionScratch,
     conv16_scratch: Conv16Scratch,
+    /// Per step, what its 16-bit convolution's kernel prepared at setup (none: per call).
+    conv16_prepared: Vec<Option<Conv16Prepared>>,
 }
 
 impl Entry<ConvKernel> {
@@ -105,16 +110,22 @@ impl KernelTable {
             rescale: generic(Rescale::run),
             attention_scratch: AttentionScratch::default(),
             conv16_scratch: Conv16Scratch::default(),
+            conv16_prepared: Vec::new(),
         }
     }
 
     /// The generic table with every plug-in this build has applied: the fastest kernels this
-    /// CPU runs for a program whose step `i` is the convolution `convs[i]` (or none).
-    pub fn for_this_cpu(convs: &[Option<Conv<'_>>]) -> Self {
+    /// CPU runs for a program whose step `i` is the convolution `convs[i]` or the 16-bit one
+    /// `convs16[i]` (or neither), their weights prepared for them.
+    pub fn for_this_cpu(convs: &[Option<Conv<'_>>], convs16: &[Option<Conv16<'_>>]) -> Self {
         let mut table = Self::generic();
         for plug in PLUG_INS {
             plug(&mut table, convs);
         }
+        table.conv16_prepared = convs16
+            .iter()
+            .map(|conv| conv.as_ref().map(Conv16::prepare))
+            .collect();
         table
     }
 
@@ -156,15 +167,18 @@ impl Kernels for KernelTable {
         self.conv.kernel.conv(step, conv, input, output)
     }
 
-    /// Every CPU runs 16-bit layers by rows ([`Conv16::run_rows`]): portable loops the
-    /// compiler vectorises for the target, no per-architecture plug-in.
+    /// Every CPU runs 16-bit layers by rows ([`Conv16::run_rows`]: AVX2 kernels where the CPU
+    /// has AVX2, portable loops the compiler vectorises elsewhere), with what was prepared for
+    /// the step at setup.
     fn conv16(
         &mut self,
+        step: usize,
         conv: &Conv16<'_>,
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        conv.run_rows(input, output, &mut self.conv16_scratch)
+        let prepared = self.conv16_prepared.get(step).and_then(Option::as_ref);
+        conv.run_rows(input, output, &mut self.conv16_scratch, prepared)
     }
 
     fn add16(
@@ -206,11 +220,28 @@ impl Kernels for KernelTable {
     }
 
     fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
-        self.conv.kernel.prepared_weights(visit)
+        self.conv.kernel.prepared_weights(visit);
+        for prepared in self.conv16_prepared.iter().flatten() {
+            for block in prepared.blocks() {
+                visit(block);
+            }
+        }
     }
 
     fn flip_prepared_bit(&mut self, bit: u64) -> bool {
-        self.conv.kernel.flip_prepared_bit(bit)
+        // The convolutions' own first, then the 16-bit layers', as `prepared_weights` visits.
+        let mut conv_bits = 0;
+        self.conv
+            .kernel
+            .prepared_weights(&mut |block| conv_bits += block.len() as u64 * 32);
+        if bit < conv_bits {
+            return self.conv.kernel.flip_prepared_bit(bit);
+        }
+        let blocks = self.conv16_prepared.iter_mut().flatten();
+        flip_bit(
+            blocks.flat_map(Conv16Prepared::blocks_mut).collect(),
+            bit - conv_bits,
+        )
     }
 
     fn gemm(&mut self, gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {

@@ -74,7 +74,7 @@ impl Int8Cpu {
         let kernels = if generic {
             KernelTable::generic()
         } else {
-            KernelTable::for_this_cpu(&program.convs())
+            KernelTable::for_this_cpu(&program.convs(), &program.convs16())
         };
         Ok(Self {
             arena,
@@ -242,7 +242,7 @@ mod tests {
             .names()
             .iter()
             .all(|&(_, name)| name == "generic"));
-        let table = KernelTable::for_this_cpu(&program.convs());
+        let table = KernelTable::for_this_cpu(&program.convs(), &program.convs16());
         let names = table.names();
         let plugged: Vec<_> = names.iter().filter(|(_, n)| *n != "generic").collect();
         #[cfg(target_arch = "x86_64")]
@@ -292,7 +292,7 @@ mod tests {
         program.quantize_input(&input, &mut arenas[0]).unwrap();
         program.quantize_input(&input, &mut arenas[1]).unwrap();
         program.run(&mut arenas[0], &mut Reference).unwrap();
-        let mut table = KernelTable::for_this_cpu(&program.convs());
+        let mut table = KernelTable::for_this_cpu(&program.convs(), &program.convs16());
         program.run(&mut arenas[1], &mut table).unwrap();
         assert!(
             arenas[0] == arenas[1],
@@ -372,5 +372,38 @@ mod tests {
             Scrub::Clean,
             "activations are not the scrub's to see"
         );
+    }
+
+    #[test]
+    fn a_16_bit_layer_s_prepared_weights_are_scrubbed() {
+        let bytes = AlignedBytes::new(include_bytes!(
+            "../../../fuzz/corpus/plan_load/sixteen-bit-classifier.plan"
+        ));
+        let mut cpu = Int8Cpu::from_bytes(bytes.as_bytes()).unwrap();
+        let program = Program::new(bytes.as_bytes()).unwrap();
+        let channels: usize = (program.convs16().iter().flatten())
+            .map(|conv| conv.geometry.output[0])
+            .sum();
+        assert!(channels > 0, "a plan with 16-bit convolutions");
+        let input: Vec<f32> = (0..cpu.input_len())
+            .map(|i| (i % 5) as f32 / 2.0 - 1.0)
+            .collect();
+        let mut clean = vec![0.0; cpu.output_len()];
+        cpu.run(&input, &mut clean).unwrap();
+        assert_eq!(cpu.scrub(), Scrub::Clean);
+        // At least a magnitude per output channel; the 16-bit layers' words are visited last.
+        let plan_bits = bytes.as_bytes().len() as u64 * 8;
+        let prepared = prepared_bits(&cpu.kernels);
+        assert!(prepared >= 32 * channels as u64, "{prepared} prepared bits");
+        for back in [1, 32 * channels as u64 / 2, 32 * channels as u64] {
+            let bit = plan_bits + prepared - back;
+            assert_eq!(cpu.upset(Upset::Model { bit }), Landed::Checked);
+            assert_eq!(cpu.scrub(), Scrub::Corrupt, "{back} bits from the end");
+            cpu.restore().unwrap();
+            assert_eq!(cpu.scrub(), Scrub::Clean);
+            let mut output = vec![0.0; cpu.output_len()];
+            cpu.run(&input, &mut output).unwrap();
+            assert_eq!(output, clean, "restored bit for bit");
+        }
     }
 }

@@ -121,7 +121,7 @@ fn runs_alike(program: &Program<'_>) {
         return;
     }
     let input = vec![0.0f32; program.input_len()];
-    let mut table = KernelTable::for_this_cpu(&program.convs());
+    let mut table = KernelTable::for_this_cpu(&program.convs(), &program.convs16());
     let mut arenas = [vec![0i8; size], vec![0i8; size]];
     let [fast, generic] = &mut arenas;
     let quantized = program.quantize_input(&input, fast);

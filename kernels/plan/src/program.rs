@@ -460,6 +460,13 @@ impl<'a> Program<'a> {
             .collect()
     }
 
+    /// Every step's 16-bit convolution (`None` for other ops), for kernels to prepare.
+    pub fn convs16(&self) -> alloc::vec::Vec<Option<Conv16<'a>>> {
+        self.steps()
+            .map(|step| step.ok().and_then(|s| self.conv16(&s.op)))
+            .collect()
+    }
+
     /// The convolution `op` describes, constants borrowed from the plan; `None` for other ops.
     pub fn conv(&self, op: &Op) -> Option<Conv<'a>> {
         match *op {
@@ -705,7 +712,7 @@ impl<'a> Program<'a> {
             Op::GlobalAveragePool(pool) => kernels.global_average_pool(&pool, x, output),
             Op::Conv16 { .. } => {
                 let conv = self.conv16(&step.op).ok_or(blob_error)?;
-                kernels.conv16(&conv, x, output)
+                kernels.conv16(index, &conv, x, output)
             }
             Op::Add16(add) => kernels.add16(&add, x, y, output),
             Op::Mul16(mul) => kernels.mul16(&mul, x, y, output),

@@ -8,10 +8,10 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
-use super::{requantize8, Lanes};
+use super::{requantize8, Lanes, Vnni};
 use crate::int16::{
-    sums_fit, Function16, Mul16, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS, DOT_LANES,
-    DOT_PIXELS, FUNCTION16_SEGMENT,
+    Function16, Mul16, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS, DOT_LANES, DOT_PIXELS,
+    FUNCTION16_SEGMENT,
 };
 use crate::int8::ConvGeometry;
 use crate::int8::ShapeError;
@@ -21,8 +21,7 @@ use crate::quant::Requant;
 /// channel `o` is row `q` of `columns` (the pixel's inputs, `stride` values, a multiple of
 /// [`DOT_LANES`], zero past `terms`) times row `o` of `weights` (`terms` int8 weights per
 /// channel), for `q` below `valid`. `columns` holds a multiple of [`DOT_PIXELS`] rows, those
-/// from `valid` on zero. Each channel's sums must fit `i32` ([`sums_fit`] with its bias in
-/// `biases` and inputs up to `largest`).
+/// from `valid` on zero.
 pub(crate) struct DotProducts<'a> {
     pub(crate) columns: &'a [i16],
     pub(crate) stride: usize,
@@ -31,24 +30,31 @@ pub(crate) struct DotProducts<'a> {
     pub(crate) out_plane: usize,
     pub(crate) first_pixel: usize,
     pub(crate) valid: usize,
-    pub(crate) biases: &'a [i32],
-    pub(crate) largest: u16,
 }
 
 impl DotProducts<'_> {
     /// Add each output's dot product to `sums` (`[channel][out_plane]`, one group's channels),
     /// with `tail` as scratch for rows that end too near the end of `weights` to be read a
-    /// whole vector at a time. Each channel's bound is checked as its row is read: `false`
-    /// where one does not fit (its sums, and those of later channels, are then not added), or
-    /// nothing added where the buffers do not hold what they should; the caller then runs the
-    /// generic kernel.
+    /// whole vector at a time. `false`, nothing added, where the buffers do not hold what they
+    /// should; the caller then runs the generic kernel.
     ///
     /// Blocks of 2 channels by 4 pixels (4 channels of one pixel where there is one): per 16
     /// terms, a widened load of each channel's weights, a load of each pixel's columns and 8
-    /// multiply-adds. A row's values past its terms meet the columns' zeros, so whole vectors
-    /// are read even where they run into the next row.
+    /// multiply-adds. With `vnni` (whose CPU must have it), each multiply-add is one
+    /// `vpdpwssd`, and with AVX-512's 32 vector registers the blocks are 4 channels by 4
+    /// pixels (on EfficientNet-B0-64's 4x4 and 2x2 pointwise layers, 0.80 of the `vpmaddwd`
+    /// blocks' time, `layer_speed --steps` on a Zen 4). A row's values past its terms meet the
+    /// columns' zeros, so whole vectors are read even where they run into the next row.
+    ///
+    /// # Safety
+    /// The CPU must have `vnni`'s encoding, where one is given.
     #[target_feature(enable = "avx2")]
-    pub(crate) fn add_to(&self, tail: &mut Vec<i8>, sums: &mut [i32]) -> bool {
+    pub(crate) unsafe fn add_to(
+        &self,
+        vnni: Option<Vnni>,
+        tail: &mut Vec<i8>,
+        sums: &mut [i32],
+    ) -> bool {
         let pixels = self.columns.len() / self.stride.max(1);
         let channels = sums.len() / self.out_plane.max(1);
         let holds = self.stride.is_multiple_of(DOT_LANES)
@@ -56,115 +62,121 @@ impl DotProducts<'_> {
             && pixels.is_multiple_of(DOT_PIXELS)
             && self.valid <= pixels
             && self.first_pixel + self.valid <= self.out_plane
-            && self.weights.len() >= channels * self.terms
-            && self.biases.len() >= channels;
+            && self.weights.len() >= channels * self.terms;
         if !holds {
             return false;
         }
-        match self.valid {
-            1 => self.blocks::<4, 1>(tail, sums),
-            _ => self.blocks::<2, DOT_PIXELS>(tail, sums),
+        // SAFETY (the VNNI forms): the caller found that this CPU has the encoding.
+        match (self.valid, vnni) {
+            (1, None) => blocks_avx2::<4, 1>(self, tail, sums),
+            (_, None) => blocks_avx2::<2, DOT_PIXELS>(self, tail, sums),
+            (1, Some(Vnni::Avx)) => unsafe { blocks_avx_vnni::<4, 1>(self, tail, sums) },
+            (_, Some(Vnni::Avx)) => unsafe { blocks_avx_vnni::<2, DOT_PIXELS>(self, tail, sums) },
+            (1, Some(Vnni::Avx512)) => unsafe { blocks_avx512_vnni::<4, 1>(self, tail, sums) },
+            (_, Some(Vnni::Avx512)) => unsafe {
+                blocks_avx512_vnni::<4, DOT_PIXELS>(self, tail, sums)
+            },
         }
     }
+}
 
-    /// [`DotProducts::add_to`] in blocks of `C` channels by `P` pixels (`C * P` is 8: the vectors
-    /// summed, four at a time, at the end of a block).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn blocks<const C: usize, const P: usize>(&self, tail: &mut Vec<i8>, sums: &mut [i32]) -> bool {
-        let (stride, terms) = (self.stride, self.terms);
-        let weights = self.weights;
-        let channels = sums.len() / self.out_plane.max(1);
-        // Rows whose whole vectors would run past `weights` (`oc * terms + stride` past its
-        // end): copied, zero-padded, into `tail`.
-        let copied_from = match weights.len().checked_sub(stride) {
-            Some(room) => room / terms.max(1) + 1,
-            None => 0,
-        };
-        tail.clear();
-        tail.resize(C * stride, 0);
-        for o in (0..channels).step_by(C) {
-            // A last block past the last channel repeats it (and adds nothing for it).
-            let block: [usize; C] = core::array::from_fn(|k| (o + k).min(channels - 1));
-            for (slot, &oc) in block.iter().enumerate() {
-                let row = &weights[oc * terms..][..terms];
-                if !sums_fit(abs_sum(row), self.biases[oc], self.largest) {
-                    return false;
+/// `acc` plus `a` times `b`, 16-bit pairs multiplied and summed into 32-bit lanes
+/// (`vpmaddwd`, then `vpaddd`); `vpdpwssd` does both in one instruction on a VNNI CPU.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn multiply_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+}
+
+/// [`DotProducts::add_to`] in blocks of `C` channels by `P` pixels (`C * P` is 8: the vectors
+/// summed, four at a time, at the end of a block), compiled for `$features` with `$dot` as the
+/// multiply-add (every form is exact and wraps alike: the same sums).
+macro_rules! dot_blocks {
+    ($name:ident, $features:literal, $dot:path) => {
+        #[target_feature(enable = $features)]
+        fn $name<const C: usize, const P: usize>(
+            layer: &DotProducts<'_>,
+            tail: &mut Vec<i8>,
+            sums: &mut [i32],
+        ) -> bool {
+            let (stride, terms) = (layer.stride, layer.terms);
+            let weights = layer.weights;
+            let channels = sums.len() / layer.out_plane.max(1);
+            // Rows whose whole vectors would run past `weights` (`oc * terms + stride` past its
+            // end): copied, zero-padded, into `tail`.
+            let copied_from = match weights.len().checked_sub(stride) {
+                Some(room) => room / terms.max(1) + 1,
+                None => 0,
+            };
+            tail.clear();
+            tail.resize(C * stride, 0);
+            for o in (0..channels).step_by(C) {
+                // A last block past the last channel repeats it (and adds nothing for it).
+                let block: [usize; C] = core::array::from_fn(|k| (o + k).min(channels - 1));
+                for (slot, &oc) in block.iter().enumerate() {
+                    let row = &weights[oc * terms..][..terms];
+                    if oc >= copied_from {
+                        let dst = &mut tail[slot * stride..][..stride];
+                        dst.fill(0);
+                        dst[..terms].copy_from_slice(row);
+                    }
                 }
-                if oc >= copied_from {
-                    let dst = &mut tail[slot * stride..][..stride];
-                    dst.fill(0);
-                    dst[..terms].copy_from_slice(row);
-                }
-            }
-            let rows: [&[i8]; C] = core::array::from_fn(|slot| match block[slot] >= copied_from {
-                true => &tail[slot * stride..][..stride],
-                false => &weights[block[slot] * terms..][..stride],
-            });
-            for p in (0..self.valid).step_by(P) {
-                let mut acc = [[_mm256_setzero_si256(); P]; C];
-                let pixels = &self.columns[p * stride..][..P * stride];
-                for k in (0..stride).step_by(DOT_LANES) {
-                    // SAFETY: each row holds `stride` values, each column row too, and
-                    // `k + 16 <= stride`.
-                    let w = rows.map(|row| unsafe {
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(row.as_ptr().add(k).cast()))
+                let rows: [&[i8]; C] =
+                    core::array::from_fn(|slot| match block[slot] >= copied_from {
+                        true => &tail[slot * stride..][..stride],
+                        false => &weights[block[slot] * terms..][..stride],
                     });
-                    for (q, column) in pixels.chunks_exact(stride).enumerate() {
-                        // SAFETY: as above.
-                        let x = unsafe { _mm256_loadu_si256(column.as_ptr().add(k).cast()) };
-                        for (acc, &w) in acc.iter_mut().zip(&w) {
-                            acc[q] = _mm256_add_epi32(acc[q], _mm256_madd_epi16(w, x));
+                for p in (0..layer.valid).step_by(P) {
+                    let mut acc = [[_mm256_setzero_si256(); P]; C];
+                    let pixels = &layer.columns[p * stride..][..P * stride];
+                    for k in (0..stride).step_by(DOT_LANES) {
+                        // SAFETY: each row holds `stride` values, each column row too, and
+                        // `k + 16 <= stride`.
+                        let w = rows.map(|row| unsafe {
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(row.as_ptr().add(k).cast()))
+                        });
+                        for (q, column) in pixels.chunks_exact(stride).enumerate() {
+                            // SAFETY: as above.
+                            let x = unsafe { _mm256_loadu_si256(column.as_ptr().add(k).cast()) };
+                            for (acc, &w) in acc.iter_mut().zip(&w) {
+                                acc[q] = $dot(acc[q], w, x);
+                            }
+                        }
+                    }
+                    // The block's totals, channel by channel, pixel by pixel.
+                    let mut totals = [[0i32; P]; C];
+                    let flat = acc.as_flattened();
+                    for (quad, out) in flat
+                        .chunks_exact(4)
+                        .zip(totals.as_flattened_mut().chunks_exact_mut(4))
+                    {
+                        if let (Ok(quad), Ok(out)) =
+                            (quad.try_into(), <&mut [i32; 4]>::try_from(out))
+                        {
+                            *out = horizontal_sums(quad);
+                        }
+                    }
+                    for (&oc, totals) in block.iter().zip(&totals).take(channels - o) {
+                        let row =
+                            &mut sums[oc * layer.out_plane + layer.first_pixel..][..layer.valid];
+                        for (sum, &total) in row.iter_mut().skip(p).zip(totals) {
+                            *sum += total;
                         }
                     }
                 }
-                // The block's totals, channel by channel, pixel by pixel.
-                let mut totals = [[0i32; P]; C];
-                let flat = acc.as_flattened();
-                for (quad, out) in flat
-                    .chunks_exact(4)
-                    .zip(totals.as_flattened_mut().chunks_exact_mut(4))
-                {
-                    if let (Ok(quad), Ok(out)) = (quad.try_into(), <&mut [i32; 4]>::try_from(out)) {
-                        *out = horizontal_sums(quad);
-                    }
-                }
-                for (&oc, totals) in block.iter().zip(&totals).take(channels - o) {
-                    let row = &mut sums[oc * self.out_plane + self.first_pixel..][..self.valid];
-                    for (sum, &total) in row.iter_mut().skip(p).zip(totals) {
-                        *sum += total;
-                    }
-                }
             }
+            true
         }
-        true
-    }
+    };
 }
 
-/// The sum of the weights' absolute values, 32 at a time.
-#[target_feature(enable = "avx2")]
-fn abs_sum(weights: &[i8]) -> u64 {
-    let chunks = weights.chunks_exact(32);
-    let rest: u64 = chunks
-        .remainder()
-        .iter()
-        .map(|&w| u64::from(w.unsigned_abs()))
-        .sum();
-    let mut sums = _mm256_setzero_si256();
-    for chunk in chunks {
-        // SAFETY: 32 bytes.
-        let w = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
-        // `vpabsb` leaves -128 as the byte 0x80: 128 to `vpsadbw`, which sums unsigned bytes.
-        sums = _mm256_add_epi64(
-            sums,
-            _mm256_sad_epu8(_mm256_abs_epi8(w), _mm256_setzero_si256()),
-        );
-    }
-    let mut lanes = [0u64; 4];
-    // SAFETY: 4 u64, 32 bytes.
-    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums) };
-    lanes.iter().sum::<u64>() + rest
-}
+dot_blocks!(blocks_avx2, "avx2", multiply_add);
+dot_blocks!(blocks_avx_vnni, "avx2,avxvnni", _mm256_dpwssd_avx_epi32);
+dot_blocks!(
+    blocks_avx512_vnni,
+    "avx2,avx512vnni,avx512vl",
+    _mm256_dpwssd_epi32
+);
 
 /// The sum of each of four vectors' lanes.
 #[target_feature(enable = "avx2")]
@@ -399,14 +411,15 @@ pub(crate) struct Depthwise<'a> {
 impl Depthwise<'_> {
     /// Add each output's sum to `sums` (`[channel][oh][ow]`), 16 channels at a time in the
     /// lanes: a block's input laid out pixel by pixel inside a zero border (`laid_out`), each
-    /// two taps' values interleaved for `vpmaddwd` against the two taps' weights (`words`,
-    /// built per block), every output pixel's 16 sums into `pixel_sums`, then added to their
-    /// channels' planes. `false`, nothing added, where the buffers do not fit the geometry.
+    /// two taps' values interleaved for `vpmaddwd` against the two taps' weights (`words`, as
+    /// [`crate::int16::Conv16Prepared`] orders them), every output pixel's 16 sums into
+    /// `pixel_sums`, then added to their channels' planes. `false`, nothing added, where the
+    /// buffers do not fit the geometry.
     #[target_feature(enable = "avx2")]
     pub(crate) fn add_to(
         &self,
+        words: &[i32],
         laid_out: &mut Vec<i16>,
-        words: &mut Vec<i32>,
         pixel_sums: &mut Vec<i32>,
         sums: &mut [i32],
     ) -> bool {
@@ -447,13 +460,20 @@ impl Depthwise<'_> {
         let offsets: Vec<usize> = (0..taps)
             .map(|t| (t / kw) * dy * wp + (t % kw) * dx)
             .collect();
+        // Each pair of taps' offsets; a last tap without a partner is read twice, against a
+        // zero weight the second time.
+        let tap_pairs: Vec<(usize, usize)> = offsets
+            .chunks(2)
+            .map(|two| (two[0], *two.last().unwrap_or(&two[0])))
+            .collect();
         let pairs = taps.div_ceil(2);
         laid_out.clear();
         laid_out.resize(hp * wp * CHANNEL_LANES, 0);
         pixel_sums.clear();
         pixel_sums.resize(out_plane * CHANNEL_LANES, 0);
-        words.clear();
-        words.resize(pairs * CHANNEL_LANES, 0);
+        if words.len() != c.div_ceil(CHANNEL_LANES) * pairs * CHANNEL_LANES {
+            return false;
+        }
         for first in (0..c).step_by(CHANNEL_LANES) {
             let count = CHANNEL_LANES.min(c - first);
             // The block's input, inside the border (which stays zero: every block writes the
@@ -474,52 +494,39 @@ impl Depthwise<'_> {
                     }
                 }
             }
-            // Each pair of taps' weights, per channel the even tap's in the low half, in the
-            // order the unpacks leave the channels: 0-3 and 8-11 in the low vector's lanes,
-            // 4-7 and 12-15 in the high one's.
-            const ORDER: [usize; CHANNEL_LANES] =
-                [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
-            for (pair, block) in words.chunks_exact_mut(CHANNEL_LANES).enumerate() {
-                for (word, &lane) in block.iter_mut().zip(&ORDER) {
-                    let weight = |t: usize| match (lane < count && t < taps, first + lane) {
-                        (true, ch) => i32::from(self.weights[ch * taps + t]) as u16 as i32,
-                        (false, _) => 0,
-                    };
-                    *word = weight(2 * pair) | weight(2 * pair + 1) << 16;
-                }
-            }
             let load = |values: &[i16], at: usize| {
                 let lanes = &values[at * CHANNEL_LANES..][..CHANNEL_LANES];
                 // SAFETY: 16 values, 32 bytes, read unaligned.
                 unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
             };
-            let word_vectors = |pair: usize| {
-                let block = &words[pair * CHANNEL_LANES..][..CHANNEL_LANES];
-                // SAFETY: 16 i32, two vectors of 32 bytes.
-                unsafe {
-                    (
-                        _mm256_loadu_si256(block.as_ptr().cast()),
-                        _mm256_loadu_si256(block.as_ptr().add(8).cast()),
-                    )
-                }
-            };
-            for (p, out) in pixel_sums.chunks_exact_mut(CHANNEL_LANES).enumerate() {
-                let origin = (p / ow) * sy * wp + (p % ow) * sx;
+            // The block's weight vectors, once (the low and high unpacks' channels).
+            let block_words = &words[first * pairs..][..pairs * CHANNEL_LANES];
+            let vectors: Vec<[__m256i; 2]> = block_words
+                .chunks_exact(CHANNEL_LANES)
+                .map(|block| {
+                    // SAFETY: 16 i32, two vectors of 32 bytes.
+                    unsafe {
+                        [
+                            _mm256_loadu_si256(block.as_ptr().cast()),
+                            _mm256_loadu_si256(block.as_ptr().add(8).cast()),
+                        ]
+                    }
+                })
+                .collect();
+            // Each output pixel's window's first tap, row by row (no division per pixel).
+            let origins = (0..oh).flat_map(|oy| (0..ow).map(move |ox| oy * sy * wp + ox * sx));
+            for (origin, out) in origins.zip(pixel_sums.chunks_exact_mut(CHANNEL_LANES)) {
                 let (mut low, mut high) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                for pair in 0..pairs {
-                    let a = load(laid_out, origin + offsets[2 * pair]);
-                    let b = match offsets.get(2 * pair + 1) {
-                        Some(&offset) => load(laid_out, origin + offset),
-                        None => _mm256_setzero_si256(),
-                    };
-                    let (w_low, w_high) = word_vectors(pair);
+                for (&(first_tap, second_tap), [w_low, w_high]) in tap_pairs.iter().zip(&vectors) {
+                    let a = load(laid_out, origin + first_tap);
+                    let b = load(laid_out, origin + second_tap);
                     low = _mm256_add_epi32(
                         low,
-                        _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), w_low),
+                        _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), *w_low),
                     );
                     high = _mm256_add_epi32(
                         high,
-                        _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), w_high),
+                        _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), *w_high),
                     );
                 }
                 // Channels 0-7, then 8-15.
