@@ -392,14 +392,20 @@ impl Conv16<'_> {
     }
 }
 
+/// The multiply-add encoding of the x86-64 16-bit kernels (`None`: `vpmaddwd`); nothing on
+/// other CPUs.
+#[cfg(all(feature = "std", target_arch = "x86_64"))]
+type Encoding = Option<crate::avx2::Vnni>;
+#[cfg(all(feature = "std", not(target_arch = "x86_64")))]
+type Encoding = ();
+
 /// Buffers [`Conv16::run_rows`] reuses from call to call, and the multiply-add encoding its
 /// x86-64 dot products use.
 #[cfg(feature = "std")]
 #[derive(Clone, Debug)]
 pub struct Conv16Scratch {
-    /// The 16-bit dot products' encoding: `vpdpwssd` (VNNI) where the CPU has it, found once.
-    #[cfg(target_arch = "x86_64")]
-    vnni: Option<crate::avx2::Vnni>,
+    /// The multiply-adds' encoding: `vpdpwssd` (VNNI) where the CPU has it, found once.
+    vnni: Encoding,
     /// The input's values minus its zero point (16-bit: the multiply-adds SSE2 has).
     input: std::vec::Vec<i16>,
     /// Every output's sum, channel by channel.
@@ -421,6 +427,8 @@ impl Default for Conv16Scratch {
         Self {
             #[cfg(target_arch = "x86_64")]
             vnni: crate::avx2::Vnni::detect(),
+            #[cfg(not(target_arch = "x86_64"))]
+            vnni: (),
             input: std::vec::Vec::new(),
             sums: std::vec::Vec::new(),
             filter: std::vec::Vec::new(),
@@ -515,7 +523,6 @@ impl Conv16<'_> {
         let (icg, ocg) = (c / group, oc_total / group);
         let (plane, out_plane, terms) = (h * w, oh * ow, icg * kh * kw);
         let Conv16Scratch {
-            #[cfg(target_arch = "x86_64")]
             vnni,
             input: values,
             sums,
@@ -572,6 +579,8 @@ impl Conv16<'_> {
             let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])?;
             (iy < h && ix < w).then_some(iy * w + ix)
         };
+        // A pointwise layer's pixels summed in blocks, and whether those were stored already.
+        let (mut blocked, mut stored) = (0, false);
         if icg == 1 && ocg == 1 && AVX2 && cfg!(target_arch = "x86_64") {
             #[cfg(target_arch = "x86_64")]
             {
@@ -702,11 +711,11 @@ impl Conv16<'_> {
                 (first, last.max(first), offset)
             };
             // A pointwise layer's whole blocks of output channels and pixels, sums in registers.
-            let blocked = if pointwise {
-                self.pointwise_blocks::<AVX2>(values, sums, &prepared.words, plane, ocg, icg)
-            } else {
-                0
-            };
+            if pointwise {
+                let words = &prepared.words;
+                let blocks = self.pointwise_blocks::<AVX2>(*vnni, values, sums, words, output);
+                (blocked, stored) = (blocks.pixels, blocks.stored);
+            }
             for oc in 0..oc_total {
                 let first_channel = (oc / ocg) * icg;
                 let filter = &self.weights[oc * terms..(oc + 1) * terms];
@@ -768,6 +777,12 @@ impl Conv16<'_> {
         for (oc, sums) in sums.chunks_exact(out_plane.max(1)).enumerate() {
             let requant = self.channels.get(oc).1;
             let out = &mut output[oc * out_plane * bytes..][..out_plane * bytes];
+            // A pointwise layer's blocks stored already: the pixels past them.
+            let done = match stored && oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
+                true => blocked,
+                false => 0,
+            };
+            let (out, sums) = (&mut out[done * bytes..], &sums[done..]);
             // Rows of a whole vector and more in vectors (a vector's constants cost more than a
             // few values' scalar arithmetic).
             #[cfg(target_arch = "x86_64")]
@@ -810,14 +825,15 @@ impl Conv16<'_> {
     #[inline(always)]
     fn pointwise_blocks<const AVX2: bool>(
         &self,
+        encoding: Encoding,
         values: &[i16],
         sums: &mut [i32],
         pairs: &[i32],
-        plane: usize,
-        ocg: usize,
-        icg: usize,
-    ) -> usize {
+        output: &mut [i8],
+    ) -> Blocks {
         let groups = self.geometry.group.max(1);
+        let [c, h, w] = self.geometry.input;
+        let (plane, icg, ocg) = (h * w, c / groups, self.geometry.output[0] / groups);
         let pixels = plane / BLOCK_PIXELS * BLOCK_PIXELS;
         let pairs_per_channel = icg.div_ceil(2);
         if ocg < BLOCK_CHANNELS
@@ -825,8 +841,16 @@ impl Conv16<'_> {
             || (AVX2 && pairs.len() < groups * ocg * pairs_per_channel)
         {
             // No whole block (or no weight pairs for one): the caller sums every pixel.
-            return 0;
+            return Blocks {
+                pixels: 0,
+                stored: false,
+            };
         }
+        // With AVX2, blocks are requantised straight into the output where that is exact.
+        #[cfg(target_arch = "x86_64")]
+        let stored = AVX2 && crate::avx2::wide::stores_exactly(&self.output, &self.channels);
+        #[cfg(not(target_arch = "x86_64"))]
+        let stored = false;
         for group in 0..groups {
             for block in 0..ocg / BLOCK_CHANNELS {
                 let first = group * ocg + block * BLOCK_CHANNELS;
@@ -837,9 +861,12 @@ impl Conv16<'_> {
                         let weights = &pairs[first * pairs_per_channel..]
                             [..BLOCK_CHANNELS * pairs_per_channel];
                         let inputs = &values[group * icg * plane..(group + 1) * icg * plane];
-                        // SAFETY: AVX2 is true only where the CPU has AVX2.
+                        // SAFETY: AVX2 is true only where the CPU has AVX2; the encoding is
+                        // one it has (`Conv16Scratch::with_vnni`).
                         unsafe {
-                            crate::avx2::wide::pointwise_block(inputs, weights, plane, p, &mut acc)
+                            crate::avx2::wide::pointwise_block(
+                                encoding, inputs, weights, plane, p, &mut acc,
+                            )
                         };
                     }
                     for ic in (0..icg).filter(|_| !(AVX2 && cfg!(target_arch = "x86_64"))) {
@@ -854,6 +881,22 @@ impl Conv16<'_> {
                             }
                         }
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    if stored {
+                        // SAFETY: `stored` only where AVX2 is true: the CPU has AVX2.
+                        unsafe {
+                            crate::avx2::wide::store_block(
+                                &self.output,
+                                &self.channels,
+                                first,
+                                &acc,
+                                output,
+                                plane,
+                                p,
+                            )
+                        };
+                        continue;
+                    }
                     for (k, row) in acc.iter().enumerate() {
                         let out = &mut sums[(first + k) * plane + p..][..BLOCK_PIXELS];
                         for (sum, &add) in out.iter_mut().zip(row) {
@@ -863,8 +906,16 @@ impl Conv16<'_> {
                 }
             }
         }
-        pixels
+        Blocks { pixels, stored }
     }
+}
+
+/// What [`Conv16::pointwise_blocks`] covered: pixels `0..pixels` of every channel of a whole
+/// block, added to the sums, or requantised into the output already (`stored`).
+#[cfg(feature = "std")]
+struct Blocks {
+    pixels: usize,
+    stored: bool,
 }
 
 /// The element-wise 16-bit kernels for the host's kernel table: the generic code, compiled for

@@ -14,7 +14,7 @@ use crate::int16::{
     FUNCTION16_SEGMENT,
 };
 use crate::int8::ConvGeometry;
-use crate::int8::ShapeError;
+use crate::int8::{ChannelQuant, ShapeError};
 use crate::quant::Requant;
 
 /// One block of a layer's output pixels as dot products: pixel `first_pixel + q` of output
@@ -267,6 +267,45 @@ pub(crate) fn store_row(
     true
 }
 
+/// Whether every channel's requantisation into `output` is exact in vectors
+/// ([`output_lanes`]): then [`store_block`] may write a layer's blocks.
+pub(crate) fn stores_exactly(output: &WideOutput, channels: &ChannelQuant<'_>) -> bool {
+    output.zero_point.unsigned_abs() <= 1 << 16 && channels.shift.iter().all(|&s| s <= 0)
+}
+
+/// One block of a pointwise layer's sums (`acc`, channels `first..first + 4` by pixels
+/// `p..p + 16`, without their bias) with each channel's bias added, requantised and stored
+/// into `out` (the layer's output bytes, `plane` values per channel), skipping the round trip
+/// through the sums' buffer. The caller checked [`stores_exactly`].
+#[target_feature(enable = "avx2")]
+pub(crate) fn store_block(
+    output: &WideOutput,
+    channels: &ChannelQuant<'_>,
+    first: usize,
+    acc: &[[i32; BLOCK_PIXELS]; BLOCK_CHANNELS],
+    out: &mut [i8],
+    plane: usize,
+    p: usize,
+) {
+    let bytes = output.width.bytes();
+    for (k, row) in acc.iter().enumerate() {
+        let (bias, requant) = channels.get(first + k);
+        let Some(lanes) = output_lanes(output, requant) else {
+            return;
+        };
+        let bias = _mm256_set1_epi32(bias);
+        let Some(dst) = out.get_mut(((first + k) * plane + p) * bytes..) else {
+            return;
+        };
+        for (half, dst) in row.chunks_exact(8).zip(dst.chunks_exact_mut(8 * bytes)) {
+            // SAFETY: 8 i32, 32 bytes.
+            let sums = unsafe { _mm256_loadu_si256(half.as_ptr().cast()) };
+            let codes = requantize8(_mm256_add_epi32(sums, bias), &lanes);
+            store_codes(codes, output.width, dst);
+        }
+    }
+}
+
 /// [`Mul16::run`] eight values at a time where the vector requantisation is exact
 /// ([`output_lanes`]; a product of two 16-bit codes fits 32 bits), else the generic kernel.
 #[target_feature(enable = "avx2")]
@@ -344,57 +383,96 @@ pub(crate) fn function16(
     Ok(())
 }
 
-/// One block of [`crate::int16::Conv16`]'s pointwise layers on large planes: the block's 4 output channels' sums over
-/// pixels `p..p + 16` of `inputs` (a group's input channels, `plane` values each) into `acc`,
-/// two input channels per multiply-add (their values interleaved per pixel, against `pairs`,
-/// each channel's weight pairs in turn).
-#[target_feature(enable = "avx2")]
-#[allow(clippy::indexing_slicing)]
-pub(crate) fn pointwise_block(
+/// One block of [`crate::int16::Conv16`]'s pointwise layers on large planes: the block's 4
+/// output channels' sums over pixels `p..p + 16` of `inputs` (a group's input channels, `plane`
+/// values each) into `acc`, two input channels per multiply-add (their values interleaved per
+/// pixel, against `pairs`, each channel's weight pairs in turn), `vpdpwssd` with `vnni`.
+///
+/// # Safety
+/// The CPU must have AVX2, and `vnni`'s encoding where one is given.
+pub(crate) unsafe fn pointwise_block(
+    vnni: Option<Vnni>,
     inputs: &[i16],
     pairs: &[i32],
     plane: usize,
     p: usize,
     acc: &mut [[i32; BLOCK_PIXELS]; BLOCK_CHANNELS],
 ) {
-    let icg = inputs.len() / plane.max(1);
-    let pairs_per_channel = pairs.len() / BLOCK_CHANNELS;
-    let load = |ic: usize| {
-        let values = &inputs[ic * plane + p..ic * plane + p + BLOCK_PIXELS];
-        // SAFETY: 16 values, 32 bytes, read unaligned.
-        unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
-    };
-    let pair = |k: usize, ic: usize| _mm256_set1_epi32(pairs[k * pairs_per_channel + ic / 2]);
-    let (mut low, mut high) = (
-        [_mm256_setzero_si256(); BLOCK_CHANNELS],
-        [_mm256_setzero_si256(); BLOCK_CHANNELS],
-    );
-    for ic in (0..icg).step_by(2) {
-        let a = load(ic);
-        // A last channel without a partner meets a zero weight (and zero values).
-        let b = if ic + 1 < icg {
-            load(ic + 1)
-        } else {
-            _mm256_setzero_si256()
-        };
-        // Within each 128-bit lane: pixels 0-3 (8-11) in `lo`, 4-7 (12-15) in `hi`.
-        let (lo, hi) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
-        for k in 0..BLOCK_CHANNELS {
-            let w = pair(k, ic);
-            low[k] = _mm256_add_epi32(low[k], _mm256_madd_epi16(lo, w));
-            high[k] = _mm256_add_epi32(high[k], _mm256_madd_epi16(hi, w));
-        }
-    }
-    for (k, row) in acc.iter_mut().enumerate() {
-        let first = _mm256_permute2x128_si256::<0x20>(low[k], high[k]);
-        let second = _mm256_permute2x128_si256::<0x31>(low[k], high[k]);
-        // SAFETY: `row` holds 16 i32, 64 bytes.
-        unsafe {
-            _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
-            _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
+    // SAFETY: as the caller promises.
+    unsafe {
+        match vnni {
+            None => pointwise_block_avx2(inputs, pairs, plane, p, acc),
+            Some(Vnni::Avx) => pointwise_block_avx_vnni(inputs, pairs, plane, p, acc),
+            Some(Vnni::Avx512) => pointwise_block_avx512_vnni(inputs, pairs, plane, p, acc),
         }
     }
 }
+
+/// [`pointwise_block`] compiled for `$features` with `$dot` as the multiply-add.
+macro_rules! pointwise_block {
+    ($name:ident, $features:literal, $dot:path) => {
+        #[target_feature(enable = $features)]
+        #[allow(clippy::indexing_slicing)]
+        fn $name(
+            inputs: &[i16],
+            pairs: &[i32],
+            plane: usize,
+            p: usize,
+            acc: &mut [[i32; BLOCK_PIXELS]; BLOCK_CHANNELS],
+        ) {
+            let icg = inputs.len() / plane.max(1);
+            let pairs_per_channel = pairs.len() / BLOCK_CHANNELS;
+            let load = |ic: usize| {
+                let values = &inputs[ic * plane + p..ic * plane + p + BLOCK_PIXELS];
+                // SAFETY: 16 values, 32 bytes, read unaligned.
+                unsafe { _mm256_loadu_si256(values.as_ptr().cast()) }
+            };
+            let pair =
+                |k: usize, ic: usize| _mm256_set1_epi32(pairs[k * pairs_per_channel + ic / 2]);
+            let (mut low, mut high) = (
+                [_mm256_setzero_si256(); BLOCK_CHANNELS],
+                [_mm256_setzero_si256(); BLOCK_CHANNELS],
+            );
+            for ic in (0..icg).step_by(2) {
+                let a = load(ic);
+                // A last channel without a partner meets a zero weight (and zero values).
+                let b = if ic + 1 < icg {
+                    load(ic + 1)
+                } else {
+                    _mm256_setzero_si256()
+                };
+                // Within each 128-bit lane: pixels 0-3 (8-11) in `lo`, 4-7 (12-15) in `hi`.
+                let (lo, hi) = (_mm256_unpacklo_epi16(a, b), _mm256_unpackhi_epi16(a, b));
+                for k in 0..BLOCK_CHANNELS {
+                    let w = pair(k, ic);
+                    low[k] = $dot(low[k], lo, w);
+                    high[k] = $dot(high[k], hi, w);
+                }
+            }
+            for (k, row) in acc.iter_mut().enumerate() {
+                let first = _mm256_permute2x128_si256::<0x20>(low[k], high[k]);
+                let second = _mm256_permute2x128_si256::<0x31>(low[k], high[k]);
+                // SAFETY: `row` holds 16 i32, 64 bytes.
+                unsafe {
+                    _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
+                    _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
+                }
+            }
+        }
+    };
+}
+
+pointwise_block!(pointwise_block_avx2, "avx2", multiply_add);
+pointwise_block!(
+    pointwise_block_avx_vnni,
+    "avx2,avxvnni",
+    _mm256_dpwssd_avx_epi32
+);
+pointwise_block!(
+    pointwise_block_avx512_vnni,
+    "avx2,avx512vnni,avx512vl",
+    _mm256_dpwssd_epi32
+);
 
 /// Channels per block of [`Depthwise::add_to`]: one 16-bit vector's lanes.
 const CHANNEL_LANES: usize = 16;
