@@ -397,7 +397,12 @@ impl Conv16<'_> {
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 type Encoding = Option<crate::avx2::Vnni>;
 #[cfg(all(feature = "std", not(target_arch = "x86_64")))]
-type Encoding = ();
+type Encoding = NoEncoding;
+
+/// Other CPUs' encoding: the one their portable loops have.
+#[cfg(all(feature = "std", not(target_arch = "x86_64")))]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoEncoding;
 
 /// Buffers [`Conv16::run_rows`] reuses from call to call, and the multiply-add encoding its
 /// x86-64 dot products use.
@@ -422,13 +427,15 @@ pub struct Conv16Scratch {
 }
 
 #[cfg(feature = "std")]
+// Derivable only where there is no encoding to detect (not x86-64).
+#[allow(clippy::derivable_impls)]
 impl Default for Conv16Scratch {
     fn default() -> Self {
         Self {
             #[cfg(target_arch = "x86_64")]
             vnni: crate::avx2::Vnni::detect(),
             #[cfg(not(target_arch = "x86_64"))]
-            vnni: (),
+            vnni: NoEncoding,
             input: std::vec::Vec::new(),
             sums: std::vec::Vec::new(),
             filter: std::vec::Vec::new(),
@@ -454,16 +461,20 @@ impl Conv16Scratch {
 /// Products per output value from which [`Conv16::run_rows`] sums each output as one dot
 /// product of its inputs (gathered per pixel) rather than a tap at a time over rows: the dot
 /// product's loop is long enough to vectorise, and the gather is shared by a group's channels.
+#[cfg(feature = "std")]
 const DOT_MIN_TERMS: usize = 16;
 /// Output rows from which a stride-1 depthwise layer runs a tap at a time over whole rows
 /// (which vectorise) rather than with the channels in the lanes.
+#[cfg(feature = "std")]
 const LANES_MAX_WIDTH: usize = 16;
 /// Output channels per group from which the gather pays (not depthwise layers).
+#[cfg(feature = "std")]
 const DOT_MIN_CHANNELS: usize = 4;
 /// Output pixels up to which a pointwise layer sums dot products; on larger planes, blocks of
 /// pixels for blocks of output channels ([`Conv16::pointwise_blocks`]). With AVX2 on an AMD
 /// EPYC (Zen 4), EfficientNet-B0-64's 4x4 layers took 0.69 of the blocks' time as dot products,
 /// its 8x8 layers 1.7 times as long (`layer_speed --steps`, 2026-12-04).
+#[cfg(feature = "std")]
 const DOT_MAX_PLANE: usize = 16;
 
 #[cfg(feature = "std")]
@@ -506,6 +517,8 @@ impl Conv16<'_> {
     /// The body of [`Conv16::run_rows`]; `AVX2`: the caller is compiled for AVX2 and the CPU
     /// has it.
     #[allow(clippy::indexing_slicing)]
+    // The x86-64 kernels' arguments and scratch are unused elsewhere.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     #[inline(always)]
     fn rows<const AVX2: bool>(
         &self,
@@ -822,6 +835,7 @@ impl Conv16<'_> {
     /// while every input channel passes (each input value read once per four channels).
     /// Returns the pixels covered (from 0, in every channel of a whole block).
     #[allow(clippy::indexing_slicing)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     #[inline(always)]
     fn pointwise_blocks<const AVX2: bool>(
         &self,

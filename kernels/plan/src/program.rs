@@ -461,6 +461,7 @@ impl<'a> Program<'a> {
     }
 
     /// Every step's 16-bit convolution (`None` for other ops), for kernels to prepare.
+    #[cfg(feature = "alloc")]
     pub fn convs16(&self) -> alloc::vec::Vec<Option<Conv16<'a>>> {
         self.steps()
             .map(|step| step.ok().and_then(|s| self.conv16(&s.op)))

@@ -474,6 +474,62 @@ pointwise_block!(
     _mm256_dpwssd_epi32
 );
 
+/// Eight pixels (from `at` in each plane, `plane` values apart) of 16 channels (`planes`),
+/// transposed into `out`: pixel by pixel, each pixel's 16 channels side by side. Nothing where
+/// the buffers are too short.
+#[target_feature(enable = "avx2")]
+fn transpose_16x8(planes: &[i16], plane: usize, at: usize, out: &mut [i16]) {
+    if planes.len() < 15 * plane + at + 8 || out.len() < 8 * 16 {
+        return;
+    }
+    // Row `k`: channel `k`'s 8 values in the low half, channel `k + 8`'s in the high half; the
+    // same unpacks on both halves then transpose two 8x8 blocks at once.
+    let row = |k: usize| {
+        // SAFETY: 8 values of each plane from `at` (checked above), 16 bytes each.
+        unsafe {
+            let low = _mm_loadu_si128(planes.as_ptr().add(k * plane + at).cast());
+            let high = _mm_loadu_si128(planes.as_ptr().add((k + 8) * plane + at).cast());
+            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(low), high)
+        }
+    };
+    let r: [__m256i; 8] = core::array::from_fn(row);
+    // Pairs of channels, then quads, then all eight, per pixel.
+    let t = [
+        _mm256_unpacklo_epi16(r[0], r[1]),
+        _mm256_unpackhi_epi16(r[0], r[1]),
+        _mm256_unpacklo_epi16(r[2], r[3]),
+        _mm256_unpackhi_epi16(r[2], r[3]),
+        _mm256_unpacklo_epi16(r[4], r[5]),
+        _mm256_unpackhi_epi16(r[4], r[5]),
+        _mm256_unpacklo_epi16(r[6], r[7]),
+        _mm256_unpackhi_epi16(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_unpacklo_epi32(t[0], t[2]),
+        _mm256_unpackhi_epi32(t[0], t[2]),
+        _mm256_unpacklo_epi32(t[1], t[3]),
+        _mm256_unpackhi_epi32(t[1], t[3]),
+        _mm256_unpacklo_epi32(t[4], t[6]),
+        _mm256_unpackhi_epi32(t[4], t[6]),
+        _mm256_unpacklo_epi32(t[5], t[7]),
+        _mm256_unpackhi_epi32(t[5], t[7]),
+    ];
+    let pixels = [
+        _mm256_unpacklo_epi64(u[0], u[4]),
+        _mm256_unpackhi_epi64(u[0], u[4]),
+        _mm256_unpacklo_epi64(u[1], u[5]),
+        _mm256_unpackhi_epi64(u[1], u[5]),
+        _mm256_unpacklo_epi64(u[2], u[6]),
+        _mm256_unpackhi_epi64(u[2], u[6]),
+        _mm256_unpacklo_epi64(u[3], u[7]),
+        _mm256_unpackhi_epi64(u[3], u[7]),
+    ];
+    for (pixel, dst) in pixels.iter().zip(out.chunks_exact_mut(16)) {
+        // SAFETY: 16 values, 32 bytes.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), *pixel) };
+    }
+}
+
 /// Channels per block of [`Depthwise::add_to`]: one 16-bit vector's lanes.
 const CHANNEL_LANES: usize = 16;
 
@@ -555,20 +611,38 @@ impl Depthwise<'_> {
         for first in (0..c).step_by(CHANNEL_LANES) {
             let count = CHANNEL_LANES.min(c - first);
             // The block's input, inside the border (which stays zero: every block writes the
-            // same places, and a last block's unused lanes only feed sums never added).
-            for lane in 0..count {
-                let plane = &self.values[(first + lane) * h * w..][..h * w];
-                for (y, row) in plane.chunks_exact(w.max(1)).enumerate() {
-                    let py = y + top;
-                    if py >= hp {
-                        break;
+            // same places, and a last block's unused lanes only feed sums never added). A whole
+            // block's values 8 pixels at a time by transposes, whatever the rows; the rest
+            // value by value.
+            let planes = &self.values[first * h * w..][..count * h * w];
+            let plane = h * w;
+            let transposed = match count {
+                CHANNEL_LANES => plane / 8 * 8,
+                _ => 0,
+            };
+            // Where input pixel `(y, x)` goes, if inside the padded plane.
+            let place = |y: usize, x: usize| {
+                let (py, px) = (y + top, x + left);
+                (py < hp && px < wp).then_some((py * wp + px) * CHANNEL_LANES)
+            };
+            let mut eight = [0i16; 8 * CHANNEL_LANES];
+            let (mut y, mut x) = (0, 0);
+            for at in (0..transposed).step_by(8) {
+                transpose_16x8(planes, plane, at, &mut eight);
+                for pixel in eight.chunks_exact(CHANNEL_LANES) {
+                    if let Some(to) = place(y, x) {
+                        laid_out[to..][..CHANNEL_LANES].copy_from_slice(pixel);
                     }
-                    for (x, &value) in row.iter().enumerate() {
-                        let px = x + left;
-                        if px >= wp {
-                            break;
-                        }
-                        laid_out[(py * wp + px) * CHANNEL_LANES + lane] = value;
+                    x += 1;
+                    if x == w {
+                        (y, x) = (y + 1, 0);
+                    }
+                }
+            }
+            for (lane, values) in planes.chunks_exact(plane.max(1)).enumerate() {
+                for (i, &value) in values.iter().enumerate().skip(transposed) {
+                    if let Some(to) = place(i / w, i % w) {
+                        laid_out[to + lane] = value;
                     }
                 }
             }
