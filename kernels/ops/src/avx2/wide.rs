@@ -306,6 +306,109 @@ pub(crate) fn store_block(
     }
 }
 
+/// Every channel's sums of a layer whose planes are smaller than a vector (`out_plane` below
+/// 8) requantised into `out` eight values at a time across channels, each lane by its own
+/// channel's multiplier and shift (read from the plan's slices eight channels at a time and
+/// spread over the lanes by a permute). `false` where the buffers do not match (the caller
+/// then writes every value itself); the caller checked [`stores_exactly`].
+#[target_feature(enable = "avx2")]
+pub(crate) fn store_small_planes(
+    output: &WideOutput,
+    out: &mut [i8],
+    sums: &[i32],
+    channels: &ChannelQuant<'_>,
+    out_plane: usize,
+) -> bool {
+    let bytes = output.width.bytes();
+    let unit = Requant {
+        multiplier: 1 << 30,
+        shift: 0,
+    };
+    let count = sums.len() / out_plane.max(1);
+    let Some(lanes) = output_lanes(output, unit).filter(|_| {
+        (1..8).contains(&out_plane)
+            && out.len() == sums.len() * bytes
+            && channels.fits(count)
+            && sums.len() == count * out_plane
+    }) else {
+        return false;
+    };
+    // For a chunk starting `r` values into a channel's plane: each lane's channel, counted
+    // from the chunk's first.
+    let spread: Vec<__m256i> = (0..out_plane)
+        .map(|r| {
+            let lane = |j: i32| (r as i32 + j) / out_plane as i32;
+            _mm256_setr_epi32(
+                lane(0),
+                lane(1),
+                lane(2),
+                lane(3),
+                lane(4),
+                lane(5),
+                lane(6),
+                lane(7),
+            )
+        })
+        .collect();
+    let (one, thirty_one) = (_mm256_set1_epi64x(1), _mm256_set1_epi32(31));
+    // The chunks whose eight channels' constants are all there to load.
+    let whole = (count.saturating_sub(8) * out_plane + 1).min(sums.len()) / 8 * 8;
+    for (i, (chunk, dst)) in sums[..whole]
+        .chunks_exact(8)
+        .zip(out.chunks_exact_mut(8 * bytes))
+        .enumerate()
+    {
+        let first = 8 * i;
+        let channel = first / out_plane;
+        let (Some(multipliers), Some(shifts)) = (
+            channels.multiplier.get(channel..channel + 8),
+            channels.shift.get(channel..channel + 8),
+        ) else {
+            return false;
+        };
+        let spread = spread[first % out_plane];
+        // SAFETY: 8 i32 (32 bytes) each; 8 i8 (8 bytes).
+        let (sums, multipliers, shifts) = unsafe {
+            (
+                _mm256_loadu_si256(chunk.as_ptr().cast()),
+                _mm256_loadu_si256(multipliers.as_ptr().cast()),
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64(shifts.as_ptr().cast())),
+            )
+        };
+        let multipliers = _mm256_permutevar8x32_epi32(multipliers, spread);
+        // Right shifts of 31 to 62 (the caller checked shifts of 0 and below; clamped at the
+        // smallest as `Requant::apply` does).
+        let shifts = _mm256_max_epi32(shifts, _mm256_set1_epi32(i32::from(Requant::MIN_SHIFT)));
+        let right = _mm256_sub_epi32(thirty_one, _mm256_permutevar8x32_epi32(shifts, spread));
+        // `round(acc * m * 2^-right)`, rounding half up, as `Requant::apply`: exact in 64 bits,
+        // within 32 bits for a right shift of 31 or more. Even lanes, then odd ones.
+        let scale = |acc: __m256i, m: __m256i, right: __m256i| {
+            let right = _mm256_and_si256(right, _mm256_set1_epi64x(0xff));
+            let round = _mm256_sllv_epi64(one, _mm256_sub_epi64(right, one));
+            let v = _mm256_add_epi64(_mm256_mul_epi32(acc, m), round);
+            let sign = _mm256_cmpgt_epi64(_mm256_setzero_si256(), v);
+            _mm256_xor_si256(_mm256_srlv_epi64(_mm256_xor_si256(v, sign), right), sign)
+        };
+        let even = scale(sums, multipliers, right);
+        let odd = scale(
+            _mm256_srli_epi64::<32>(sums),
+            _mm256_srli_epi64::<32>(multipliers),
+            _mm256_srli_epi64::<32>(right),
+        );
+        let scaled = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+        let codes = _mm256_add_epi32(
+            _mm256_min_epi32(_mm256_max_epi32(scaled, lanes.low), lanes.high),
+            lanes.zero_point,
+        );
+        store_codes(codes, output.width, dst);
+    }
+    for (i, &sum) in sums.iter().enumerate().skip(whole) {
+        let requant = channels.get(i / out_plane).1;
+        output.width.store(out, i, output.code(requant.apply(sum)));
+    }
+    true
+}
+
 /// [`Mul16::run`] eight values at a time where the vector requantisation is exact
 /// ([`output_lanes`]; a product of two 16-bit codes fits 32 bits), else the generic kernel.
 #[target_feature(enable = "avx2")]
@@ -640,9 +743,15 @@ impl Depthwise<'_> {
                 }
             }
             for (lane, values) in planes.chunks_exact(plane.max(1)).enumerate() {
-                for (i, &value) in values.iter().enumerate().skip(transposed) {
-                    if let Some(to) = place(i / w, i % w) {
+                // From where the transposes stopped, a row at a time (no division per value).
+                let (mut y, mut x) = (transposed / w.max(1), transposed % w.max(1));
+                for &value in values.iter().skip(transposed) {
+                    if let Some(to) = place(y, x) {
                         laid_out[to + lane] = value;
+                    }
+                    x += 1;
+                    if x == w {
+                        (y, x) = (y + 1, 0);
                     }
                 }
             }
