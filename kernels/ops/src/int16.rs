@@ -98,7 +98,7 @@ pub struct WideOutput {
 impl WideOutput {
     /// `acc` requantised, offset and clamped to this output, stored as value `i`.
     #[inline]
-    fn write(&self, output: &mut [i8], i: usize, acc: i64, requant: Requant) {
+    pub(crate) fn write(&self, output: &mut [i8], i: usize, acc: i64, requant: Requant) {
         let acc = acc.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32;
         self.store(output, i, requant.apply(acc));
     }
@@ -424,6 +424,8 @@ pub struct Conv16Scratch {
     pixel: std::vec::Vec<i32>,
     /// The last rows of a dot-product layer's weights, padded to whole vectors.
     tail: std::vec::Vec<i8>,
+    /// A group's input inside a border of zeros.
+    padded: std::vec::Vec<i16>,
 }
 
 #[cfg(feature = "std")]
@@ -442,6 +444,7 @@ impl Default for Conv16Scratch {
             column: std::vec::Vec::new(),
             pixel: std::vec::Vec::new(),
             tail: std::vec::Vec::new(),
+            padded: std::vec::Vec::new(),
         }
     }
 }
@@ -543,6 +546,7 @@ impl Conv16<'_> {
             column,
             pixel,
             tail,
+            padded,
         } = scratch;
         // The input less its zero point, as 16-bit values: every one fits for an int8 input
         // (whose zero point is an int8 code) and a 16-bit one with zero point 0, as the
@@ -647,6 +651,14 @@ impl Conv16<'_> {
             // pixels at a time, each pixel's as a row (the input channels last).
             let stride = terms.next_multiple_of(DOT_LANES);
             for group in 0..group {
+                // A window's group input padded with zeros on every side it reaches, and each
+                // term's offset in it from the window's first: then gathering needs no bounds
+                // logic. (Planes larger than the input and its padding, odd geometries only,
+                // gather tap by tap instead.)
+                let padded_taps = match pointwise {
+                    true => None,
+                    false => self.pad_group(&values[group * icg * plane..][..icg * plane], padded),
+                };
                 let weights = &self.weights[group * ocg * terms..][..ocg * terms];
                 let group_sums = &mut sums[group * ocg * out_plane..][..ocg * out_plane];
                 for first in (0..out_plane).step_by(DOT_BLOCK) {
@@ -663,7 +675,24 @@ impl Conv16<'_> {
                             }
                         }
                     }
-                    let gathered = if pointwise { 0 } else { valid };
+                    let gathered = match pointwise || padded_taps.is_some() {
+                        true => 0,
+                        false => valid,
+                    };
+                    if let (Some((wp, offsets)), false) = (&padded_taps, pointwise) {
+                        // Each pixel's taps from the padded input: one index each.
+                        let (mut oy, mut ox) = (first / ow, first % ow);
+                        for row in column.chunks_exact_mut(stride).take(valid) {
+                            let origin = oy * g.stride[0] * wp + ox * g.stride[1];
+                            ox += 1;
+                            if ox == ow {
+                                (oy, ox) = (oy + 1, 0);
+                            }
+                            for (slot, &offset) in row.iter_mut().zip(offsets) {
+                                *slot = padded[origin + offset];
+                            }
+                        }
+                    }
                     for (q, row) in column.chunks_exact_mut(stride).take(gathered).enumerate() {
                         let (oy, ox) = ((first + q) / ow, (first + q) % ow);
                         let mut slots = row.iter_mut();
@@ -942,6 +971,63 @@ impl Conv16<'_> {
     }
 }
 
+#[cfg(feature = "std")]
+impl Conv16<'_> {
+    /// One group's input values (`icg` planes) padded into `padded` with zeros on every side
+    /// the layer's windows reach, and each of a window's terms (channel, row, column) as an
+    /// offset from its first in the padded planes, with the padded width: `None` where the
+    /// reach is larger than the input and its padding (no real layer's).
+    fn pad_group(
+        &self,
+        values: &[i16],
+        padded: &mut std::vec::Vec<i16>,
+    ) -> Option<(usize, std::vec::Vec<usize>)> {
+        let g = &self.geometry;
+        let [c, h, w] = g.input;
+        let [_, oh, ow] = g.output;
+        let [kh, kw] = g.kernel;
+        let [top, left] = g.pad;
+        let icg = c / g.group.max(1);
+        let reach = |out: usize, s: usize, k: usize, d: usize, size: usize, pad: usize| {
+            let span = (out.checked_sub(1)?)
+                .checked_mul(s)?
+                .checked_add((k.checked_sub(1)?).checked_mul(d)?)?
+                + 1;
+            (span <= size.checked_add(pad.checked_mul(2)?)?).then_some(span)
+        };
+        let hp = reach(oh, g.stride[0], kh, g.dilation[0], h, top)?;
+        let wp = reach(ow, g.stride[1], kw, g.dilation[1], w, left)?;
+        padded.clear();
+        padded.resize(icg * hp * wp, 0);
+        for (src, dst) in values
+            .chunks_exact((h * w).max(1))
+            .zip(padded.chunks_exact_mut(hp * wp))
+        {
+            for (y, row) in src
+                .chunks_exact(w.max(1))
+                .enumerate()
+                .take(hp.saturating_sub(top))
+            {
+                let columns = w.min(wp.saturating_sub(left));
+                let at = (y + top) * wp + left;
+                if let (Some(dst), Some(row)) = (dst.get_mut(at..at + columns), row.get(..columns))
+                {
+                    dst.copy_from_slice(row);
+                }
+            }
+        }
+        let mut offsets = std::vec::Vec::with_capacity(icg * kh * kw);
+        for ic in 0..icg {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    offsets.push(ic * hp * wp + ky * g.dilation[0] * wp + kx * g.dilation[1]);
+                }
+            }
+        }
+        Some((wp, offsets))
+    }
+}
+
 /// What [`Conv16::pointwise_blocks`] covered: pixels `0..pixels` of every channel of a whole
 /// block, added to the sums, or requantised into the output already (`stored`).
 #[cfg(feature = "std")]
@@ -987,10 +1073,11 @@ pub mod host {
         /// [`Mul16::run`] (with AVX2, eight values to a vector).
         mul16, mul16_avx2, (mul: &Mul16, a: &[i8], b: &[i8], output: &mut [i8])
             => mul.run(a, b, output), crate::avx2::wide::mul16(mul, a, b, output);
-        /// [`GlobalAveragePool16::run`].
+        /// [`GlobalAveragePool16::run`] (with AVX2, sums sixteen values to a vector).
         global_average_pool16, global_average_pool16_avx2,
             (pool: &GlobalAveragePool16, input: &[i8], output: &mut [i8])
-            => pool.run(input, output), pool.run(input, output);
+            => pool.run(input, output),
+            crate::avx2::wide::global_average_pool16(pool, input, output);
         /// [`Function16::run`] (with AVX2, eight values to a gather).
         function16, function16_avx2, (function: &Function16<'_>, input: &[i8], output: &mut [i8])
             => function.run(input, output), crate::avx2::wide::function16(function, input, output);
@@ -1088,9 +1175,9 @@ pub struct GlobalAveragePool16 {
 }
 
 impl GlobalAveragePool16 {
-    /// Mean of each channel's plane of `input` into `output`.
-    #[inline(always)]
-    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+    /// Check the buffers' sizes (bytes): a plane of values per channel in, a value per channel
+    /// out. The plane's values.
+    pub(crate) fn plane(&self, input: &[i8], output: &[i8]) -> Result<usize, ShapeError> {
         let values = input.len() / 2;
         check(
             self.channels > 0 && input.len().is_multiple_of(2) && values > 0,
@@ -1101,7 +1188,13 @@ impl GlobalAveragePool16 {
             self.output.bytes(self.channels) == Some(output.len()),
             "output",
         )?;
-        let plane = values / self.channels;
+        Ok(values / self.channels)
+    }
+
+    /// Mean of each channel's plane of `input` into `output`.
+    #[inline(always)]
+    pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
+        let plane = self.plane(input, output)?;
         for (c, channel) in input.chunks_exact(2 * plane).enumerate() {
             let sum: i64 = codes16(channel).map(i64::from).sum();
             self.output.write(output, c, sum, self.requant);
@@ -1466,6 +1559,19 @@ mod tests {
             mul.run(&a, &b, &mut expected).unwrap();
             host::mul16(&mul, &a, &b, &mut got).unwrap();
             assert_eq!(got, expected, "case {case}: {mul:?}");
+
+            let pool = GlobalAveragePool16 {
+                channels,
+                requant: mul.requant,
+                output: mul.output,
+            };
+            let (mut expected, mut got) = (
+                vec![0i8; channels * width.bytes()],
+                vec![1i8; channels * width.bytes()],
+            );
+            pool.run(&a, &mut expected).unwrap();
+            host::global_average_pool16(&pool, &a, &mut got).unwrap();
+            assert_eq!(got, expected, "case {case}: {pool:?}");
 
             let table: Vec<i16> = (0..FUNCTION16_ENTRIES)
                 .map(|_| (rng.below(65535) as i32 - 32767) as i16)

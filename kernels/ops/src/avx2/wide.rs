@@ -10,8 +10,8 @@ use std::vec::Vec;
 
 use super::{requantize8, Lanes, Vnni};
 use crate::int16::{
-    Function16, Mul16, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS, DOT_LANES, DOT_PIXELS,
-    FUNCTION16_SEGMENT,
+    Function16, GlobalAveragePool16, Mul16, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS,
+    DOT_LANES, DOT_PIXELS, FUNCTION16_SEGMENT,
 };
 use crate::int8::ConvGeometry;
 use crate::int8::{ChannelQuant, ShapeError};
@@ -407,6 +407,42 @@ pub(crate) fn store_small_planes(
         output.width.store(out, i, output.code(requant.apply(sum)));
     }
     true
+}
+
+/// [`GlobalAveragePool16::run`] with each channel's sum made sixteen values to a vector
+/// (`vpmaddwd` by ones: pairs summed into `i32` lanes, exact for planes under 2^16 values; the
+/// generic kernel for larger planes and those under 16 values), then requantised as the
+/// generic kernel does.
+#[target_feature(enable = "avx2")]
+pub(crate) fn global_average_pool16(
+    pool: &GlobalAveragePool16,
+    input: &[i8],
+    output: &mut [i8],
+) -> Result<(), ShapeError> {
+    let plane = pool.plane(input, output)?;
+    // Planes under a vector: the generic sums (a vector's setup would cost more).
+    if !(16..1 << 16).contains(&plane) {
+        return pool.run(input, output);
+    }
+    let ones = _mm256_set1_epi16(1);
+    let whole = plane / 16 * 16;
+    for (c, channel) in input.chunks_exact(2 * plane).enumerate() {
+        let mut sums = _mm256_setzero_si256();
+        for values in channel[..2 * whole].chunks_exact(32) {
+            // SAFETY: 16 values, 32 bytes.
+            let values = unsafe { _mm256_loadu_si256(values.as_ptr().cast()) };
+            sums = _mm256_add_epi32(sums, _mm256_madd_epi16(values, ones));
+        }
+        let mut lanes = [0i32; 8];
+        // SAFETY: 8 i32, 32 bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums) };
+        let rest: i64 = (whole..plane)
+            .map(|i| i64::from(Width::I16.load(channel, i)))
+            .sum();
+        let sum = lanes.iter().map(|&s| i64::from(s)).sum::<i64>() + rest;
+        pool.output.write(output, c, sum, pool.requant);
+    }
+    Ok(())
 }
 
 /// [`Mul16::run`] eight values at a time where the vector requantisation is exact
