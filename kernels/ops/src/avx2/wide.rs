@@ -632,37 +632,29 @@ fn transpose_16x8(planes: &[i16], plane: usize, at: usize, out: &mut [i16]) {
         }
     };
     let r: [__m256i; 8] = core::array::from_fn(row);
-    // Pairs of channels, then quads, then all eight, per pixel.
-    let t = [
-        _mm256_unpacklo_epi16(r[0], r[1]),
-        _mm256_unpackhi_epi16(r[0], r[1]),
-        _mm256_unpacklo_epi16(r[2], r[3]),
-        _mm256_unpackhi_epi16(r[2], r[3]),
-        _mm256_unpacklo_epi16(r[4], r[5]),
-        _mm256_unpackhi_epi16(r[4], r[5]),
-        _mm256_unpacklo_epi16(r[6], r[7]),
-        _mm256_unpackhi_epi16(r[6], r[7]),
-    ];
-    let u = [
-        _mm256_unpacklo_epi32(t[0], t[2]),
-        _mm256_unpackhi_epi32(t[0], t[2]),
-        _mm256_unpacklo_epi32(t[1], t[3]),
-        _mm256_unpackhi_epi32(t[1], t[3]),
-        _mm256_unpacklo_epi32(t[4], t[6]),
-        _mm256_unpackhi_epi32(t[4], t[6]),
-        _mm256_unpacklo_epi32(t[5], t[7]),
-        _mm256_unpackhi_epi32(t[5], t[7]),
-    ];
-    let pixels = [
-        _mm256_unpacklo_epi64(u[0], u[4]),
-        _mm256_unpackhi_epi64(u[0], u[4]),
-        _mm256_unpacklo_epi64(u[1], u[5]),
-        _mm256_unpackhi_epi64(u[1], u[5]),
-        _mm256_unpacklo_epi64(u[2], u[6]),
-        _mm256_unpackhi_epi64(u[2], u[6]),
-        _mm256_unpacklo_epi64(u[3], u[7]),
-        _mm256_unpackhi_epi64(u[3], u[7]),
-    ];
+    // Pairs of channels, then quads, then all eight, per pixel: at each stage, the low and
+    // high halves' interleaving of two vectors side by side.
+    let t: [__m256i; 8] = core::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        match i % 2 {
+            0 => _mm256_unpacklo_epi16(a, b),
+            _ => _mm256_unpackhi_epi16(a, b),
+        }
+    });
+    let u: [__m256i; 8] = core::array::from_fn(|i| {
+        let (a, b) = (t[i / 4 * 4 + i % 4 / 2], t[i / 4 * 4 + i % 4 / 2 + 2]);
+        match i % 2 {
+            0 => _mm256_unpacklo_epi32(a, b),
+            _ => _mm256_unpackhi_epi32(a, b),
+        }
+    });
+    let pixels: [__m256i; 8] = core::array::from_fn(|i| {
+        let (a, b) = (u[i / 2], u[i / 2 + 4]);
+        match i % 2 {
+            0 => _mm256_unpacklo_epi64(a, b),
+            _ => _mm256_unpackhi_epi64(a, b),
+        }
+    });
     for (pixel, dst) in pixels.iter().zip(out.chunks_exact_mut(16)) {
         // SAFETY: 16 values, 32 bytes.
         unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), *pixel) };
