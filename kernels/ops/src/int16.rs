@@ -449,6 +449,25 @@ impl Default for Conv16Scratch {
     }
 }
 
+#[cfg(feature = "std")]
+impl Conv16Scratch {
+    /// The name of the convolution kernels [`Conv16::run_rows`] runs with this scratch: the
+    /// multiply-add encoding on an x86-64 CPU with AVX2 (`avx2`, `avx-vnni`, `avx512-vnni`),
+    /// else `rows` (portable loops).
+    pub fn kernel_name(&self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            use crate::avx2::Vnni;
+            return match self.vnni {
+                None => "avx2",
+                Some(Vnni::Avx) => "avx-vnni",
+                Some(Vnni::Avx512) => "avx512-vnni",
+            };
+        }
+        "rows"
+    }
+}
+
 #[cfg(all(feature = "std", target_arch = "x86_64"))]
 impl Conv16Scratch {
     /// Scratch whose dot products use `vnni`'s encoding (`None`: `vpmaddwd`), for tests of
@@ -1064,6 +1083,15 @@ pub mod host {
                 $avx2_body
             }
         )*};
+    }
+
+    /// The name of the kernels these run on this CPU: `avx2` where it has AVX2, else `generic`.
+    pub fn name() -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            return "avx2";
+        }
+        "generic"
     }
 
     twins! {

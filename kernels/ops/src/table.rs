@@ -75,6 +75,9 @@ pub struct KernelTable {
     conv16_scratch: Conv16Scratch,
     /// Per step, what its 16-bit convolution's kernel prepared at setup (none: per call).
     conv16_prepared: Vec<Option<Conv16Prepared>>,
+    /// Whether 16-bit layers run the host's kernels ([`Conv16::run_rows`], [`host`]) rather
+    /// than the generic ones.
+    fast16: bool,
 }
 
 impl Entry<ConvKernel> {
@@ -111,6 +114,7 @@ impl KernelTable {
             attention_scratch: AttentionScratch::default(),
             conv16_scratch: Conv16Scratch::default(),
             conv16_prepared: Vec::new(),
+            fast16: false,
         }
     }
 
@@ -122,6 +126,7 @@ impl KernelTable {
         for plug in PLUG_INS {
             plug(&mut table, convs);
         }
+        table.fast16 = true;
         table.conv16_prepared = convs16
             .iter()
             .map(|conv| conv.as_ref().map(Conv16::prepare))
@@ -142,6 +147,20 @@ impl KernelTable {
             ("resize", self.resize.name),
             ("lut", self.lut.name),
             ("rescale", self.rescale.name),
+            (
+                "conv16",
+                match self.fast16 {
+                    true => self.conv16_scratch.kernel_name(),
+                    false => "generic",
+                }
+            ),
+            (
+                "elementwise16",
+                match self.fast16 {
+                    true => host::name(),
+                    false => "generic",
+                }
+            ),
         ]
     }
 }
@@ -167,9 +186,9 @@ impl Kernels for KernelTable {
         self.conv.kernel.conv(step, conv, input, output)
     }
 
-    /// Every CPU runs 16-bit layers by rows ([`Conv16::run_rows`]: AVX2 kernels where the CPU
-    /// has AVX2, portable loops the compiler vectorises elsewhere), with what was prepared for
-    /// the step at setup.
+    /// A table for this CPU runs 16-bit layers by rows ([`Conv16::run_rows`]: AVX2 kernels
+    /// where the CPU has AVX2, portable loops the compiler vectorises elsewhere), with what was
+    /// prepared for the step at setup; the generic table the generic kernel.
     fn conv16(
         &mut self,
         step: usize,
@@ -177,6 +196,9 @@ impl Kernels for KernelTable {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
+        if !self.fast16 {
+            return conv.run(input, output);
+        }
         let prepared = self.conv16_prepared.get(step).and_then(Option::as_ref);
         conv.run_rows(input, output, &mut self.conv16_scratch, prepared)
     }
@@ -188,7 +210,10 @@ impl Kernels for KernelTable {
         b: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        host::add16(add, a, b, output)
+        match self.fast16 {
+            true => host::add16(add, a, b, output),
+            false => add.run(a, b, output),
+        }
     }
 
     fn mul16(
@@ -198,7 +223,10 @@ impl Kernels for KernelTable {
         b: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        host::mul16(mul, a, b, output)
+        match self.fast16 {
+            true => host::mul16(mul, a, b, output),
+            false => mul.run(a, b, output),
+        }
     }
 
     fn global_average_pool16(
@@ -207,7 +235,10 @@ impl Kernels for KernelTable {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        host::global_average_pool16(pool, input, output)
+        match self.fast16 {
+            true => host::global_average_pool16(pool, input, output),
+            false => pool.run(input, output),
+        }
     }
 
     fn function16(
@@ -216,7 +247,10 @@ impl Kernels for KernelTable {
         input: &[i8],
         output: &mut [i8],
     ) -> Result<(), ShapeError> {
-        host::function16(function, input, output)
+        match self.fast16 {
+            true => host::function16(function, input, output),
+            false => function.run(input, output),
+        }
     }
 
     fn prepared_weights(&self, visit: &mut dyn FnMut(&[i32])) {
