@@ -624,8 +624,10 @@ impl Conv16<'_> {
                     geometry: &g,
                     values,
                     weights: self.weights,
+                    vnni: *vnni,
                 };
-                // SAFETY: AVX2 is true only where the CPU has AVX2.
+                // SAFETY: AVX2 is true only where the CPU has AVX2; the scratch's encoding is
+                // one it has (`Conv16Scratch::with_vnni`).
                 if !unsafe { layer.add_to(&prepared.words, column, pixel, sums) } {
                     return self.run(input, output);
                 }

@@ -671,6 +671,8 @@ pub(crate) struct Depthwise<'a> {
     pub(crate) geometry: &'a ConvGeometry,
     pub(crate) values: &'a [i16],
     pub(crate) weights: &'a [i8],
+    /// `vpdpwssd`'s encoding, where the CPU has one.
+    pub(crate) vnni: Option<Vnni>,
 }
 
 impl Depthwise<'_> {
@@ -680,8 +682,11 @@ impl Depthwise<'_> {
     /// [`crate::int16::Conv16Prepared`] orders them), every output pixel's 16 sums into
     /// `pixel_sums`, then added to their channels' planes. `false`, nothing added, where the
     /// buffers do not fit the geometry.
+    ///
+    /// # Safety
+    /// The CPU must have [`Depthwise::vnni`]'s encoding, where one is given.
     #[target_feature(enable = "avx2")]
-    pub(crate) fn add_to(
+    pub(crate) unsafe fn add_to(
         &self,
         words: &[i32],
         laid_out: &mut Vec<i16>,
@@ -734,6 +739,12 @@ impl Depthwise<'_> {
         let pairs = taps.div_ceil(2);
         laid_out.clear();
         laid_out.resize(hp * wp * CHANNEL_LANES, 0);
+        // The last window's last tap: inside the padded plane, so every tap of every window is
+        // (the loads below rely on it).
+        let last = (oh - 1) * sy * wp + (ow - 1) * sx + offsets.iter().max().copied().unwrap_or(0);
+        if (last + 1) * CHANNEL_LANES > laid_out.len() {
+            return false;
+        }
         pixel_sums.clear();
         pixel_sums.resize(out_plane * CHANNEL_LANES, 0);
         if words.len() != c.div_ceil(CHANNEL_LANES) * pairs * CHANNEL_LANES {
@@ -783,11 +794,6 @@ impl Depthwise<'_> {
                     }
                 }
             }
-            let load = |values: &[i16], at: usize| {
-                let lanes = &values[at * CHANNEL_LANES..][..CHANNEL_LANES];
-                // SAFETY: 16 values, 32 bytes, read unaligned.
-                unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
-            };
             // The block's weight vectors, once (the low and high unpacks' channels).
             let block_words = &words[first * pairs..][..pairs * CHANNEL_LANES];
             let vectors: Vec<[__m256i; 2]> = block_words
@@ -802,21 +808,72 @@ impl Depthwise<'_> {
                     }
                 })
                 .collect();
+            let windows = Windows {
+                laid_out,
+                size: [oh, ow],
+                steps: [sy * wp, sx],
+                tap_pairs: &tap_pairs,
+                vectors: &vectors,
+            };
+            // SAFETY: every window's taps lie inside the padded plane (checked above); the
+            // caller promised the encoding.
+            unsafe {
+                match self.vnni {
+                    None => windows_avx2(&windows, pixel_sums),
+                    Some(Vnni::Avx) => windows_avx_vnni(&windows, pixel_sums),
+                    Some(Vnni::Avx512) => windows_avx512_vnni(&windows, pixel_sums),
+                }
+            }
+            for lane in 0..count {
+                let plane = &mut sums[(first + lane) * out_plane..][..out_plane];
+                for (sum, pixel) in plane.iter_mut().zip(pixel_sums.chunks_exact(CHANNEL_LANES)) {
+                    *sum += pixel[lane];
+                }
+            }
+        }
+        true
+    }
+}
+
+/// One block of a depthwise layer's windows over its laid-out input (`laid_out`, 16 channels
+/// per padded pixel): `size` output rows and columns, the padded pixels between windows' first
+/// taps from row to row and column to column (`steps`), each pair of taps' offsets from the
+/// first and their weight vectors.
+struct Windows<'a> {
+    laid_out: &'a [i16],
+    size: [usize; 2],
+    steps: [usize; 2],
+    tap_pairs: &'a [(usize, usize)],
+    vectors: &'a [[__m256i; 2]],
+}
+
+/// Each window's 16 sums of [`Windows`] into `pixel_sums` (16 per output pixel, channels in
+/// order), compiled for `$features` with `$dot` as the multiply-add.
+///
+/// # Safety
+/// The CPU must have `$features`, and every window's taps must lie inside `laid_out`.
+macro_rules! windows {
+    ($name:ident, $features:literal, $dot:path) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name(windows: &Windows<'_>, pixel_sums: &mut [i32]) {
+            let base = windows.laid_out.as_ptr();
+            // SAFETY: inside `laid_out` (the caller's promise), 16 values, 32 bytes, read
+            // unaligned.
+            let load =
+                |at: usize| unsafe { _mm256_loadu_si256(base.add(at * CHANNEL_LANES).cast()) };
+            let [oh, ow] = windows.size;
+            let [row_step, column_step] = windows.steps;
             // Each output pixel's window's first tap, row by row (no division per pixel).
-            let origins = (0..oh).flat_map(|oy| (0..ow).map(move |ox| oy * sy * wp + ox * sx));
+            let origins =
+                (0..oh).flat_map(|oy| (0..ow).map(move |ox| oy * row_step + ox * column_step));
             for (origin, out) in origins.zip(pixel_sums.chunks_exact_mut(CHANNEL_LANES)) {
                 let (mut low, mut high) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                for (&(first_tap, second_tap), [w_low, w_high]) in tap_pairs.iter().zip(&vectors) {
-                    let a = load(laid_out, origin + first_tap);
-                    let b = load(laid_out, origin + second_tap);
-                    low = _mm256_add_epi32(
-                        low,
-                        _mm256_madd_epi16(_mm256_unpacklo_epi16(a, b), *w_low),
-                    );
-                    high = _mm256_add_epi32(
-                        high,
-                        _mm256_madd_epi16(_mm256_unpackhi_epi16(a, b), *w_high),
-                    );
+                for (&(first, second), [w_low, w_high]) in
+                    windows.tap_pairs.iter().zip(windows.vectors)
+                {
+                    let (a, b) = (load(origin + first), load(origin + second));
+                    low = $dot(low, _mm256_unpacklo_epi16(a, b), *w_low);
+                    high = $dot(high, _mm256_unpackhi_epi16(a, b), *w_high);
                 }
                 // Channels 0-7, then 8-15.
                 // SAFETY: `out` holds 16 i32, two vectors of 32 bytes.
@@ -831,13 +888,14 @@ impl Depthwise<'_> {
                     );
                 }
             }
-            for lane in 0..count {
-                let plane = &mut sums[(first + lane) * out_plane..][..out_plane];
-                for (sum, pixel) in plane.iter_mut().zip(pixel_sums.chunks_exact(CHANNEL_LANES)) {
-                    *sum += pixel[lane];
-                }
-            }
         }
-        true
-    }
+    };
 }
+
+windows!(windows_avx2, "avx2", multiply_add);
+windows!(windows_avx_vnni, "avx2,avxvnni", _mm256_dpwssd_avx_epi32);
+windows!(
+    windows_avx512_vnni,
+    "avx2,avx512vnni,avx512vl",
+    _mm256_dpwssd_epi32
+);
