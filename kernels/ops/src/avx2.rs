@@ -616,6 +616,59 @@ fn load8(codes: &[i8]) -> __m256i {
     _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(eight)))
 }
 
+/// Quantise float inputs to int8 codes eight at a time on a CPU with AVX2: `x * inverse`
+/// rounded half away from zero, offset by `zero_point`, clamped to `[-128, 127]` (NaN to
+/// `zero_point as i8`), the same arithmetic as the plan's scalar quantiser step for step, so
+/// the same codes (its test compares the two on edge values and random floats). Returns how
+/// many leading values it wrote (whole vectors; none without AVX2); the caller does the rest.
+pub fn quantize_input(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> usize {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return 0;
+    }
+    // SAFETY: this CPU has AVX2, the only feature the function is compiled for.
+    unsafe { quantize8(input, codes, inverse, zero_point) }
+}
+
+#[target_feature(enable = "avx2")]
+fn quantize8(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> usize {
+    let whole = input.len().min(codes.len()) / 8 * 8;
+    let inverse = _mm256_set1_ps(inverse);
+    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+    // From 2^23 in size every float is an integer: it is its own rounding.
+    let exact = _mm256_set1_ps(8_388_608.0);
+    let sign = _mm256_set1_ps(-0.0);
+    let offset = _mm256_set1_ps(zero_point as f32);
+    let (low, high) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    let nan_code = _mm256_set1_epi32(i32::from(zero_point as i8));
+    for (x, dst) in input[..whole]
+        .chunks_exact(8)
+        .zip(codes[..whole].chunks_exact_mut(8))
+    {
+        // SAFETY: 8 f32, 32 bytes.
+        let q = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr()) }, inverse);
+        let whole_part = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(q);
+        let fraction = _mm256_sub_ps(q, whole_part);
+        let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(fraction, half), one);
+        let down = _mm256_and_ps(
+            _mm256_cmp_ps::<_CMP_LE_OQ>(fraction, _mm256_sub_ps(_mm256_setzero_ps(), half)),
+            one,
+        );
+        let rounded = _mm256_sub_ps(_mm256_add_ps(whole_part, up), down);
+        // Small values rounded, the rest (huge, infinite, NaN) as they are.
+        let small = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, q), exact);
+        let code = _mm256_add_ps(_mm256_blendv_ps(q, rounded, small), offset);
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(code, code);
+        let clamped = _mm256_min_ps(_mm256_max_ps(code, low), high);
+        let ints = _mm256_blendv_epi8(
+            _mm256_cvtps_epi32(clamped),
+            nan_code,
+            _mm256_castps_si256(nan),
+        );
+        store8(ints, dst);
+    }
+    whole
+}
+
 /// Eight 32-bit lanes already clamped to int8 codes, narrowed into `dst`.
 #[target_feature(enable = "avx2")]
 fn store8(codes: __m256i, dst: &mut [i8]) {

@@ -797,7 +797,13 @@ impl<'a> Program<'a> {
         }
         let h = self.header();
         let inverse = 1.0 / h.input_scale;
-        for (code, &x) in codes.iter_mut().zip(input) {
+        // Eight at a time where the CPU has AVX2 (a 224x224 input took a tenth of a small
+        // model's time value by value), the same codes; the rest value by value.
+        #[cfg(all(feature = "std", target_arch = "x86_64"))]
+        let done = kestrel_ops::avx2::quantize_input(input, codes, inverse, h.input_zero_point);
+        #[cfg(not(all(feature = "std", target_arch = "x86_64")))]
+        let done = 0;
+        for (code, &x) in codes.iter_mut().zip(input).skip(done) {
             *code = input_code(x * inverse, h.input_zero_point);
         }
         Ok(())
@@ -1165,6 +1171,25 @@ mod tests {
                     input_code_by_roundf(q, zero_point),
                     "{q} with zero point {zero_point}"
                 );
+            }
+            // The vector quantiser, eight at a time, writes the same codes.
+            #[cfg(all(feature = "std", target_arch = "x86_64"))]
+            for inverse in [1.0f32, 0.37, 13.3] {
+                let mut codes = vec![0i8; edges.len()];
+                let done =
+                    kestrel_ops::avx2::quantize_input(&edges, &mut codes, inverse, zero_point);
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    assert_eq!(done, edges.len() / 8 * 8);
+                } else {
+                    println!("this CPU has no AVX2: the vector quantiser is not tested");
+                }
+                for (i, (&code, &x)) in codes.iter().zip(&edges).enumerate().take(done) {
+                    let expected = input_code(x * inverse, zero_point);
+                    assert_eq!(
+                        code, expected,
+                        "{x} * {inverse} with zero point {zero_point} ({i})"
+                    );
+                }
             }
         }
     }
