@@ -493,8 +493,8 @@ const LANES_MAX_WIDTH: usize = 16;
 #[cfg(feature = "std")]
 const DOT_MIN_CHANNELS: usize = 4;
 /// Output pixels up to which a pointwise layer sums dot products; on larger planes, blocks of
-/// pixels for blocks of output channels ([`Conv16::pointwise_blocks`]). With AVX2 on an AMD
-/// EPYC (Zen 4), EfficientNet-B0-64's 4x4 layers took 0.69 of the blocks' time as dot products,
+/// pixels for blocks of output channels ([`Conv16::pointwise_blocks`]). With AVX2 on an Intel
+/// Xeon (AVX-512 VNNI), EfficientNet-B0-64's 4x4 layers took 0.69 of the blocks' time as dot products,
 /// its 8x8 layers 1.7 times as long (`layer_speed --steps`, 2026-12-04).
 #[cfg(feature = "std")]
 const DOT_MAX_PLANE: usize = 16;

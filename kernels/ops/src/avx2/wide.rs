@@ -43,7 +43,7 @@ impl DotProducts<'_> {
     /// multiply-adds. With `vnni` (whose CPU must have it), each multiply-add is one
     /// `vpdpwssd`, and with AVX-512's 32 vector registers the blocks are 4 channels by 4
     /// pixels (on EfficientNet-B0-64's 4x4 and 2x2 pointwise layers, 0.80 of the `vpmaddwd`
-    /// blocks' time, `layer_speed --steps` on a Zen 4). A row's values past its terms meet the
+    /// blocks' time, `layer_speed --steps` on an Intel Xeon with AVX-512 VNNI). A row's values past its terms meet the
     /// columns' zeros, so whole vectors are read even where they run into the next row.
     ///
     /// # Safety
