@@ -38,3 +38,20 @@ mod strips;
 pub mod table;
 
 pub use kernels::{Kernels, Reference};
+
+/// Quantise float inputs to int8 codes (`x * inverse` rounded half away from zero, offset by
+/// `zero_point`, clamped, NaN to `zero_point as i8`) with this CPU's vectors, as the plan's
+/// scalar quantiser does: how many leading values it wrote (none where the CPU has no vector
+/// quantiser); the caller quantises the rest.
+#[cfg(feature = "std")]
+pub fn quantize_input(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    return avx2::quantize_input(input, codes, inverse, zero_point);
+    #[cfg(target_arch = "aarch64")]
+    return neon::quantize_input(input, codes, inverse, zero_point);
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (input, codes, inverse, zero_point);
+        0
+    }
+}

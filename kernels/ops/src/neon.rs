@@ -684,6 +684,54 @@ fn micro_kernel(tile: &[i32], strip: &[i16], row_pairs: usize) -> [[i32; NR]; MR
     sums
 }
 
+/// Quantise float inputs to int8 codes four at a time with NEON: `x * inverse` rounded half away
+/// from zero, offset by `zero_point`, clamped to `[-128, 127]` (NaN to `zero_point as i8`), the
+/// same arithmetic as the plan's scalar quantiser step for step, so the same codes. Returns how
+/// many leading values it wrote (whole vectors); the caller does the rest.
+pub fn quantize_input(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> usize {
+    if !std::arch::is_aarch64_feature_detected!("neon") {
+        return 0;
+    }
+    // SAFETY: this CPU has NEON, the only feature the function is compiled for.
+    unsafe { quantize4(input, codes, inverse, zero_point) }
+}
+
+#[target_feature(enable = "neon")]
+fn quantize4(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> usize {
+    let whole = input.len().min(codes.len()) / 4 * 4;
+    let inverse = vdupq_n_f32(inverse);
+    let (half, one, zero) = (vdupq_n_f32(0.5), vdupq_n_f32(1.0), vdupq_n_f32(0.0));
+    // From 2^23 in size every float is an integer: it is its own rounding.
+    let exact = vdupq_n_f32(8_388_608.0);
+    let offset = vdupq_n_f32(zero_point as f32);
+    let (low, high) = (vdupq_n_f32(-128.0), vdupq_n_f32(127.0));
+    let nan_code = vdupq_n_s32(i32::from(zero_point as i8));
+    for (x, dst) in input[..whole]
+        .chunks_exact(4)
+        .zip(codes[..whole].chunks_exact_mut(4))
+    {
+        // SAFETY: 4 f32, 16 bytes.
+        let q = vmulq_f32(unsafe { vld1q_f32(x.as_ptr()) }, inverse);
+        let whole_part = vrndq_f32(q);
+        let fraction = vsubq_f32(q, whole_part);
+        let up = vbslq_f32(vcgeq_f32(fraction, half), one, zero);
+        let down = vbslq_f32(vcleq_f32(fraction, vnegq_f32(half)), one, zero);
+        let rounded = vsubq_f32(vaddq_f32(whole_part, up), down);
+        // Small values rounded, the rest (huge, infinite, NaN) as they are.
+        let small = vcltq_f32(vabsq_f32(q), exact);
+        let code = vaddq_f32(vbslq_f32(small, rounded, q), offset);
+        let number = vceqq_f32(code, code);
+        let clamped = vminq_f32(vmaxq_f32(code, low), high);
+        let ints = vbslq_s32(number, vcvtq_s32_f32(clamped), nan_code);
+        let narrow = vqmovn_s16(vcombine_s16(vqmovn_s32(ints), vqmovn_s32(ints)));
+        let mut eight = [0i8; 8];
+        // SAFETY: 8 bytes.
+        unsafe { vst1_s8(eight.as_mut_ptr(), narrow) };
+        dst.copy_from_slice(&eight[..4]);
+    }
+    whole
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
