@@ -501,11 +501,14 @@ const DOT_MAX_PLANE: usize = 16;
 
 #[cfg(feature = "std")]
 impl Conv16<'_> {
-    /// [`Conv16::run`] a tap at a time over whole output rows in `i32`, loops a compiler
-    /// vectorises: the same bytes, since every partial sum of a channel is bounded by
-    /// `|bias| + sum |w| * largest |x - zero point|`, checked below to stay under `2^31` (the
-    /// compiler bounds its 16-bit codes so that it does). A layer where it would not runs
-    /// [`Conv16::run`].
+    /// [`Conv16::run`] with `i32` sums: on x86-64 with AVX2 the kernels of
+    /// `crate::avx2::wide` (depthwise layers 16 channels to a vector, dot products of gathered
+    /// inputs for small pointwise planes and dense windows, blocks for larger pointwise planes),
+    /// elsewhere a tap at a time over whole output rows in loops a compiler vectorises. The same
+    /// bytes, since every partial sum of a channel is bounded by `|bias| + sum |w| * largest
+    /// |x - zero point|`, checked below to stay under `2^31` (the compiler bounds its 16-bit
+    /// codes so that it does). A layer where it would not runs [`Conv16::run`]. `prepared`:
+    /// what [`Conv16::prepare`] made for this layer at load (else it is made per call).
     // Every index is into a buffer sized above from the geometry `check` proved, within the
     // output range computed per tap; the property test against `run` covers odd geometries.
     pub fn run_rows(
