@@ -212,4 +212,24 @@ fn flight_loop() {
     assert_eq!(report.products, 0, "nothing found, nothing cut");
     let [from, to] = [0, 1].map(|i| counts[i].load(Ordering::SeqCst));
     assert_eq!(to - from, 0, "detector frames 10 to 15 allocated");
+
+    // A plan with 16-bit activations (the fuzz corpus's, every 16-bit op, depthwise and
+    // pointwise layers among them) on the host's kernels: once warm, its runs allocate nothing.
+    let bytes = std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fuzz/corpus/plan_load/sixteen-bit-classifier.plan"),
+    )
+    .unwrap();
+    let mut cpu = kestrel_plan::cpu::Int8Cpu::from_bytes(&bytes).unwrap();
+    let input: Vec<f32> = (0..cpu.input_len()).map(|i| (i % 11) as f32 / 4.0 - 1.0).collect();
+    let mut output = vec![0.0; cpu.output_len()];
+    for _ in 0..2 {
+        cpu.run(&input, &mut output).unwrap();
+    }
+    let before = ALLOCATIONS.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        cpu.run(&input, &mut output).unwrap();
+    }
+    let allocated = ALLOCATIONS.load(Ordering::SeqCst) - before;
+    assert_eq!(allocated, 0, "20 runs of a 16-bit plan allocated");
 }

@@ -426,6 +426,8 @@ pub struct Conv16Scratch {
     tail: std::vec::Vec<i8>,
     /// A group's input inside a border of zeros.
     padded: std::vec::Vec<i16>,
+    /// Each of a window's terms' offset in `padded` from the window's first.
+    term_offsets: std::vec::Vec<usize>,
 }
 
 #[cfg(feature = "std")]
@@ -445,6 +447,7 @@ impl Default for Conv16Scratch {
             pixel: std::vec::Vec::new(),
             tail: std::vec::Vec::new(),
             padded: std::vec::Vec::new(),
+            term_offsets: std::vec::Vec::new(),
         }
     }
 }
@@ -569,6 +572,7 @@ impl Conv16<'_> {
             pixel,
             tail,
             padded,
+            term_offsets,
         } = scratch;
         // The input less its zero point, as 16-bit values: every one fits for an int8 input
         // (whose zero point is an int8 code) and a 16-bit one with zero point 0, as the
@@ -679,9 +683,13 @@ impl Conv16<'_> {
                 // term's offset in it from the window's first: then gathering needs no bounds
                 // logic. (Planes larger than the input and its padding, odd geometries only,
                 // gather tap by tap instead.)
-                let padded_taps = match pointwise {
+                let padded_width = match pointwise {
                     true => None,
-                    false => self.pad_group(&values[group * icg * plane..][..icg * plane], padded),
+                    false => self.pad_group(
+                        &values[group * icg * plane..][..icg * plane],
+                        padded,
+                        term_offsets,
+                    ),
                 };
                 let weights = &self.weights[group * ocg * terms..][..ocg * terms];
                 let group_sums = &mut sums[group * ocg * out_plane..][..ocg * out_plane];
@@ -699,11 +707,11 @@ impl Conv16<'_> {
                             }
                         }
                     }
-                    let gathered = match pointwise || padded_taps.is_some() {
+                    let gathered = match pointwise || padded_width.is_some() {
                         true => 0,
                         false => valid,
                     };
-                    if let (Some((wp, offsets)), false) = (&padded_taps, pointwise) {
+                    if let (Some(wp), false) = (padded_width, pointwise) {
                         // Each pixel's taps from the padded input: one index each.
                         let (mut oy, mut ox) = (first / ow, first % ow);
                         for row in column.chunks_exact_mut(stride).take(valid) {
@@ -712,7 +720,7 @@ impl Conv16<'_> {
                             if ox == ow {
                                 (oy, ox) = (oy + 1, 0);
                             }
-                            for (slot, &offset) in row.iter_mut().zip(offsets) {
+                            for (slot, &offset) in row.iter_mut().zip(term_offsets.iter()) {
                                 *slot = padded[origin + offset];
                             }
                         }
@@ -999,13 +1007,14 @@ impl Conv16<'_> {
 impl Conv16<'_> {
     /// One group's input values (`icg` planes) padded into `padded` with zeros on every side
     /// the layer's windows reach, and each of a window's terms (channel, row, column) as an
-    /// offset from its first in the padded planes, with the padded width: `None` where the
-    /// reach is larger than the input and its padding (no real layer's).
+    /// offset from its first in the padded planes into `offsets`; the padded width. `None`
+    /// where the reach is larger than the input and its padding (no real layer's).
     fn pad_group(
         &self,
         values: &[i16],
         padded: &mut std::vec::Vec<i16>,
-    ) -> Option<(usize, std::vec::Vec<usize>)> {
+        offsets: &mut std::vec::Vec<usize>,
+    ) -> Option<usize> {
         let g = &self.geometry;
         let [c, h, w] = g.input;
         let [_, oh, ow] = g.output;
@@ -1040,7 +1049,7 @@ impl Conv16<'_> {
                 }
             }
         }
-        let mut offsets = std::vec::Vec::with_capacity(icg * kh * kw);
+        offsets.clear();
         for ic in 0..icg {
             for ky in 0..kh {
                 for kx in 0..kw {
@@ -1048,7 +1057,7 @@ impl Conv16<'_> {
                 }
             }
         }
-        Some((wp, offsets))
+        Some(wp)
     }
 }
 

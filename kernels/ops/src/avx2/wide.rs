@@ -335,21 +335,19 @@ pub(crate) fn store_small_planes(
     };
     // For a chunk starting `r` values into a channel's plane: each lane's channel, counted
     // from the chunk's first.
-    let spread: Vec<__m256i> = (0..out_plane)
-        .map(|r| {
-            let lane = |j: i32| (r as i32 + j) / out_plane as i32;
-            _mm256_setr_epi32(
-                lane(0),
-                lane(1),
-                lane(2),
-                lane(3),
-                lane(4),
-                lane(5),
-                lane(6),
-                lane(7),
-            )
-        })
-        .collect();
+    let spread: [__m256i; 8] = core::array::from_fn(|r| {
+        let lane = |j: i32| (r as i32 + j) / out_plane as i32;
+        _mm256_setr_epi32(
+            lane(0),
+            lane(1),
+            lane(2),
+            lane(3),
+            lane(4),
+            lane(5),
+            lane(6),
+            lane(7),
+        )
+    });
     let (one, thirty_one) = (_mm256_set1_epi64x(1), _mm256_set1_epi32(31));
     // The chunks whose eight channels' constants are all there to load.
     let whole = (count.saturating_sub(8) * out_plane + 1).min(sums.len()) / 8 * 8;
@@ -663,6 +661,8 @@ fn transpose_16x8(planes: &[i16], plane: usize, at: usize, out: &mut [i16]) {
 
 /// Channels per block of [`Depthwise::add_to`]: one 16-bit vector's lanes.
 const CHANNEL_LANES: usize = 16;
+/// Most taps a depthwise window may have for [`Depthwise::add_to`] (an 8x8 window).
+const MAX_TAPS: usize = 64;
 
 /// A depthwise layer (one input and one output channel per group) on 16-bit values: the
 /// layer's geometry, its input values (`[channel][h][w]`, minus the zero point) and weights
@@ -727,16 +727,21 @@ impl Depthwise<'_> {
         ) else {
             return false;
         };
-        let offsets: Vec<usize> = (0..taps)
-            .map(|t| (t / kw) * dy * wp + (t % kw) * dx)
-            .collect();
-        // Each pair of taps' offsets; a last tap without a partner is read twice, against a
-        // zero weight the second time.
-        let tap_pairs: Vec<(usize, usize)> = offsets
-            .chunks(2)
-            .map(|two| (two[0], *two.last().unwrap_or(&two[0])))
-            .collect();
+        // Each tap's offset, then each pair of taps' (a last tap without a partner read twice,
+        // against a zero weight the second time): on the stack, as nothing here allocates per
+        // call. Windows of more taps (no real layer's) run the generic kernel.
+        if taps > MAX_TAPS {
+            return false;
+        }
         let pairs = taps.div_ceil(2);
+        let offsets: [usize; MAX_TAPS] =
+            core::array::from_fn(|t| (t / kw) * dy * wp + (t % kw) * dx);
+        let offsets = &offsets[..taps];
+        let tap_pairs: [(usize, usize); MAX_TAPS / 2] = core::array::from_fn(|pair| {
+            let first = offsets.get(2 * pair).copied().unwrap_or(0);
+            (first, offsets.get(2 * pair + 1).copied().unwrap_or(first))
+        });
+        let tap_pairs = &tap_pairs[..pairs];
         laid_out.clear();
         laid_out.resize(hp * wp * CHANNEL_LANES, 0);
         // The last window's last tap: inside the padded plane, so every tap of every window is
@@ -796,24 +801,25 @@ impl Depthwise<'_> {
             }
             // The block's weight vectors, once (the low and high unpacks' channels).
             let block_words = &words[first * pairs..][..pairs * CHANNEL_LANES];
-            let vectors: Vec<[__m256i; 2]> = block_words
-                .chunks_exact(CHANNEL_LANES)
-                .map(|block| {
-                    // SAFETY: 16 i32, two vectors of 32 bytes.
-                    unsafe {
-                        [
-                            _mm256_loadu_si256(block.as_ptr().cast()),
-                            _mm256_loadu_si256(block.as_ptr().add(8).cast()),
-                        ]
-                    }
-                })
-                .collect();
+            let mut vectors = [[_mm256_setzero_si256(); 2]; MAX_TAPS / 2];
+            for (vector, block) in vectors
+                .iter_mut()
+                .zip(block_words.chunks_exact(CHANNEL_LANES))
+            {
+                // SAFETY: 16 i32, two vectors of 32 bytes.
+                *vector = unsafe {
+                    [
+                        _mm256_loadu_si256(block.as_ptr().cast()),
+                        _mm256_loadu_si256(block.as_ptr().add(8).cast()),
+                    ]
+                };
+            }
             let windows = Windows {
                 laid_out,
                 size: [oh, ow],
                 steps: [sy * wp, sx],
-                tap_pairs: &tap_pairs,
-                vectors: &vectors,
+                tap_pairs,
+                vectors: &vectors[..pairs],
             };
             // SAFETY: every window's taps lie inside the padded plane (checked above); the
             // caller promised the encoding.
