@@ -75,7 +75,7 @@ enum Command {
         /// GlobalAveragePool, Sigmoid/SiLU/HardSwish...): written only if it agrees with tract
         /// at least as often and its output is closer. 16-bit layers are slower than int8 ones
         /// (twice the bytes, half the products per instruction: EfficientNet-B0 at 64x64 about
-        /// 1.8x its int8 plan's time on an AVX-512 VNNI CPU). `off`: never.
+        /// 1.7x its int8 plan's time on an AVX-512 VNNI CPU). `off`: never.
         #[arg(long, default_value_t = WidenAbove(Some(INT16_ABOVE)))]
         int16_above: WidenAbove,
     },

@@ -221,7 +221,9 @@ fn flight_loop() {
     )
     .unwrap();
     let mut cpu = kestrel_plan::cpu::Int8Cpu::from_bytes(&bytes).unwrap();
-    let input: Vec<f32> = (0..cpu.input_len()).map(|i| (i % 11) as f32 / 4.0 - 1.0).collect();
+    let input: Vec<f32> = (0..cpu.input_len())
+        .map(|i| (i % 11) as f32 / 4.0 - 1.0)
+        .collect();
     let mut output = vec![0.0; cpu.output_len()];
     for _ in 0..2 {
         cpu.run(&input, &mut output).unwrap();
