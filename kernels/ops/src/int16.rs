@@ -141,14 +141,11 @@ impl WideOutput {
             .clamp(lo, hi)
     }
 
-    /// [`WideOutput::write`] of `sums` as values `first..` (which the caller checked exist).
+    /// [`WideOutput::write`] of each of `sums` in turn into `output` (a row of their values).
     #[cfg(feature = "std")]
     #[inline(always)]
-    fn store_row(&self, output: &mut [i8], first: usize, sums: &[i32], requant: Requant) {
-        let bytes = self.width.bytes();
-        if let Some(out) = output.get_mut(first * bytes..(first + sums.len()) * bytes) {
-            self.store_all(out, sums.iter().map(|&sum| requant.apply(sum)));
-        }
+    fn store_row(&self, output: &mut [i8], sums: &[i32], requant: Requant) {
+        self.store_all(output, sums.iter().map(|&sum| requant.apply(sum)));
     }
 
     fn bytes(&self, values: usize) -> Option<usize> {
@@ -270,7 +267,7 @@ pub(crate) const UNPACK_ORDER: [usize; 16] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6,
 
 /// Two weights as one word for `vpmaddwd`, the first in the low half (a missing one is 0).
 #[cfg(feature = "std")]
-fn pair_word(first: Option<&i8>, second: Option<&i8>) -> i32 {
+pub(crate) fn pair_word(first: Option<&i8>, second: Option<&i8>) -> i32 {
     let half = |w: Option<&i8>| i32::from(w.map_or(0, |&w| i16::from(w)) as u16);
     half(first) | half(second) << 16
 }
@@ -303,12 +300,6 @@ impl Conv16<'_> {
         g.input[0] == group && g.output[0] == group
     }
 
-    /// A 1x1 window over the same plane (an odd geometry's output may be larger: padding).
-    fn is_pointwise(&self) -> bool {
-        let g = &self.geometry;
-        g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && g.input[1..] == g.output[1..]
-    }
-
     /// Whether each output is summed as one dot product of its inputs, gathered per pixel:
     /// long enough to vectorise, the gather shared by enough channels, and for a pointwise
     /// layer, a small plane.
@@ -318,14 +309,14 @@ impl Conv16<'_> {
         let terms = g.input[0] / group * g.kernel[0] * g.kernel[1];
         terms >= DOT_MIN_TERMS
             && g.output[0] / group >= DOT_MIN_CHANNELS
-            && !(self.is_pointwise() && g.output[1] * g.output[2] > DOT_MAX_PLANE)
+            && !(g.is_pointwise() && g.output[1] * g.output[2] > DOT_MAX_PLANE)
     }
 
     /// A pointwise layer [`Conv16::pointwise_blocks`] takes: a whole block of pixels and of
     /// output channels per group, and no dot products.
     fn has_pointwise_blocks(&self) -> bool {
         let g = &self.geometry;
-        self.is_pointwise()
+        g.is_pointwise()
             && !self.takes_dot_products()
             && g.output[1] * g.output[2] >= BLOCK_PIXELS
             && g.output[0] / g.group.max(1) >= BLOCK_CHANNELS
@@ -596,7 +587,7 @@ impl Conv16<'_> {
             _ => return self.run(input, output),
         }
         let largest = values.iter().fold(0u16, |m, v| m.max(v.unsigned_abs()));
-        let (pointwise, dot) = (self.is_pointwise(), self.takes_dot_products());
+        let (pointwise, dot) = (g.is_pointwise(), self.takes_dot_products());
         let built;
         let prepared = match prepared.filter(|p| p.suits(self)) {
             Some(prepared) => prepared,
@@ -683,13 +674,10 @@ impl Conv16<'_> {
                 // term's offset in it from the window's first: then gathering needs no bounds
                 // logic. (Planes larger than the input and its padding, odd geometries only,
                 // gather tap by tap instead.)
+                let inputs = &values[group * icg * plane..][..icg * plane];
                 let padded_width = match pointwise {
                     true => None,
-                    false => self.pad_group(
-                        &values[group * icg * plane..][..icg * plane],
-                        padded,
-                        term_offsets,
-                    ),
+                    false => self.pad_group(inputs, padded, term_offsets),
                 };
                 let weights = &self.weights[group * ocg * terms..][..ocg * terms];
                 let group_sums = &mut sums[group * ocg * out_plane..][..ocg * out_plane];
@@ -697,42 +685,44 @@ impl Conv16<'_> {
                     let valid = DOT_BLOCK.min(out_plane - first);
                     column.clear();
                     column.resize(valid.next_multiple_of(DOT_PIXELS) * stride, 0);
-                    let inputs = &values[group * icg * plane..][..icg * plane];
-                    if pointwise {
+                    match padded_width {
                         // The block's pixels of each input channel, transposed.
-                        for (ic, channel) in inputs.chunks_exact(plane.max(1)).enumerate() {
-                            let pixels = &channel[first..first + valid];
-                            for (row, &x) in column.chunks_exact_mut(stride).zip(pixels) {
-                                row[ic] = x;
+                        _ if pointwise => {
+                            for (ic, channel) in inputs.chunks_exact(plane.max(1)).enumerate() {
+                                let pixels = &channel[first..first + valid];
+                                for (row, &x) in column.chunks_exact_mut(stride).zip(pixels) {
+                                    row[ic] = x;
+                                }
                             }
                         }
-                    }
-                    let gathered = match pointwise || padded_width.is_some() {
-                        true => 0,
-                        false => valid,
-                    };
-                    if let (Some(wp), false) = (padded_width, pointwise) {
                         // Each pixel's taps from the padded input: one index each.
-                        let (mut oy, mut ox) = (first / ow, first % ow);
-                        for row in column.chunks_exact_mut(stride).take(valid) {
-                            let origin = oy * g.stride[0] * wp + ox * g.stride[1];
-                            ox += 1;
-                            if ox == ow {
-                                (oy, ox) = (oy + 1, 0);
-                            }
-                            for (slot, &offset) in row.iter_mut().zip(term_offsets.iter()) {
-                                *slot = padded[origin + offset];
+                        Some(wp) => {
+                            let (mut oy, mut ox) = (first / ow, first % ow);
+                            for row in column.chunks_exact_mut(stride).take(valid) {
+                                let origin = oy * g.stride[0] * wp + ox * g.stride[1];
+                                ox += 1;
+                                if ox == ow {
+                                    (oy, ox) = (oy + 1, 0);
+                                }
+                                for (slot, &offset) in row.iter_mut().zip(term_offsets.iter()) {
+                                    *slot = padded[origin + offset];
+                                }
                             }
                         }
-                    }
-                    for (q, row) in column.chunks_exact_mut(stride).take(gathered).enumerate() {
-                        let (oy, ox) = ((first + q) / ow, (first + q) % ow);
-                        let mut slots = row.iter_mut();
-                        for channel in inputs.chunks_exact(plane.max(1)) {
-                            for ky in 0..kh {
-                                for kx in 0..kw {
-                                    if let Some(slot) = slots.next() {
-                                        *slot = at(oy, ox, ky, kx).map_or(0, |i| channel[i]);
+                        // Tap by tap, padding as 0.
+                        None => {
+                            let rows = column.chunks_exact_mut(stride).take(valid);
+                            for (q, row) in rows.enumerate() {
+                                let (oy, ox) = ((first + q) / ow, (first + q) % ow);
+                                let mut slots = row.iter_mut();
+                                for channel in inputs.chunks_exact(plane.max(1)) {
+                                    for ky in 0..kh {
+                                        for kx in 0..kw {
+                                            if let Some(slot) = slots.next() {
+                                                *slot =
+                                                    at(oy, ox, ky, kx).map_or(0, |i| channel[i]);
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -885,7 +875,7 @@ impl Conv16<'_> {
             {
                 continue;
             }
-            self.output.store_row(out, 0, sums, requant);
+            self.output.store_row(out, sums, requant);
         }
         Ok(())
     }
@@ -1003,6 +993,25 @@ impl Conv16<'_> {
     }
 }
 
+/// The padded plane a layer's windows reach, rows and columns: from the first window's first
+/// tap to the last window's last. `None` where that is larger than the input and its padding
+/// on both sides (no real layer's: an odd geometry's), or there is no window.
+#[cfg(feature = "std")]
+pub(crate) fn window_reach(g: &ConvGeometry) -> Option<[usize; 2]> {
+    let reach = |out: usize, s: usize, k: usize, d: usize, size: usize, pad: usize| {
+        let span = (out.checked_sub(1)?)
+            .checked_mul(s)?
+            .checked_add((k.checked_sub(1)?).checked_mul(d)?)?
+            + 1;
+        (span <= size.checked_add(pad.checked_mul(2)?)?).then_some(span)
+    };
+    let ([_, h, w], [_, oh, ow]) = (g.input, g.output);
+    Some([
+        reach(oh, g.stride[0], g.kernel[0], g.dilation[0], h, g.pad[0])?,
+        reach(ow, g.stride[1], g.kernel[1], g.dilation[1], w, g.pad[1])?,
+    ])
+}
+
 #[cfg(feature = "std")]
 impl Conv16<'_> {
     /// One group's input values (`icg` planes) padded into `padded` with zeros on every side
@@ -1017,19 +1026,10 @@ impl Conv16<'_> {
     ) -> Option<usize> {
         let g = &self.geometry;
         let [c, h, w] = g.input;
-        let [_, oh, ow] = g.output;
         let [kh, kw] = g.kernel;
         let [top, left] = g.pad;
         let icg = c / g.group.max(1);
-        let reach = |out: usize, s: usize, k: usize, d: usize, size: usize, pad: usize| {
-            let span = (out.checked_sub(1)?)
-                .checked_mul(s)?
-                .checked_add((k.checked_sub(1)?).checked_mul(d)?)?
-                + 1;
-            (span <= size.checked_add(pad.checked_mul(2)?)?).then_some(span)
-        };
-        let hp = reach(oh, g.stride[0], kh, g.dilation[0], h, top)?;
-        let wp = reach(ow, g.stride[1], kw, g.dilation[1], w, left)?;
+        let [hp, wp] = window_reach(g)?;
         padded.clear();
         padded.resize(icg * hp * wp, 0);
         for (src, dst) in values

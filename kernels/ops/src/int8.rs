@@ -88,6 +88,17 @@ pub struct ConvGeometry {
     pub group: usize,
 }
 
+impl ConvGeometry {
+    /// A 1x1 window of stride 1 without padding over the same plane: a matrix product of the
+    /// weights and the input, whose channel planes are already the column matrix's rows.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1]
+            && self.stride == [1, 1]
+            && self.pad == [0, 0]
+            && self.input[1..] == self.output[1..]
+    }
+}
+
 /// Per-output-channel bias and requantisation, borrowed from a plan's weights in place.
 #[derive(Clone, Copy, Debug)]
 pub struct ChannelQuant<'a> {

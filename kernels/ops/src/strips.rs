@@ -604,11 +604,9 @@ impl Layer<'_> {
         offsets
     }
 
-    /// A 1x1 convolution of stride 1 without padding: a matrix product of the weights and
-    /// the input, whose channel planes are already the column matrix's rows.
+    /// [`ConvGeometry::is_pointwise`] of this layer.
     pub(crate) fn is_pointwise(&self) -> bool {
-        let g = self.geometry;
-        g.kernel == [1, 1] && g.stride == [1, 1] && g.pad == [0, 0] && g.input[1..] == g.output[1..]
+        self.geometry.is_pointwise()
     }
 
     /// A pointwise layer's strip for output pixels `p0..p0 + NR`: each input channel's codes

@@ -14,6 +14,9 @@ use std::arch::x86_64::*;
 use std::vec::Vec;
 
 use super::is_code;
+// `ORDER`: the channel order within 16 that `vpunpcklwd` / `vpunpckhwd` leave in their
+// 32-bit lanes (the 16-bit layers' depthwise kernel packs its words the same way).
+use crate::int16::{pair_word, UNPACK_ORDER as ORDER};
 use crate::int8::{ChannelQuant, Conv, ConvGeometry, OutputQuant};
 use crate::quant::{requantize_i8, Requant};
 use crate::strips::{
@@ -22,9 +25,6 @@ use crate::strips::{
 
 /// Channels per pair of vectors.
 const LANES: usize = 16;
-/// The channel order within 16 that `vpunpcklwd` / `vpunpckhwd` leave in their 32-bit lanes:
-/// the low vector holds channels 0-3 and 8-11, the high one 4-7 and 12-15.
-const ORDER: [usize; 16] = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15];
 
 /// One depthwise layer's weights for this kernel: `[tap pair][16 channels][lane]`, each word
 /// the two taps' weights of one channel (the even tap in the low half), in [`ORDER`].
@@ -49,10 +49,9 @@ impl ChannelLanes {
         for (ch, filter) in conv.weights.chunks_exact(taps).enumerate() {
             let (block, lane) = (ch / LANES, ORDER.iter().position(|&o| o == ch % LANES)?);
             for (pair, w) in filter.chunks(2).enumerate() {
-                let half = |i: usize| w.get(i).map_or(0, |&v| i16::from(v) as u16 as u32);
                 if let Some(word) = words.get_mut((pair * channels / LANES + block) * LANES + lane)
                 {
-                    *word = (half(0) | half(1) << 16) as i32;
+                    *word = pair_word(w.first(), w.get(1));
                 }
             }
         }

@@ -2,16 +2,16 @@
 //! layer's values are `i16` (minus the input zero point) by then, so `vpmaddwd` multiplies them
 //! by the widened int8 weights exactly, two products to an `i32` lane. Sums stay exact in `i32`
 //! where each output channel's `|bias| + sum |w| * largest |x|` is under `2^31`
-//! ([`crate::int16::sums_fit`], checked first or as a channel's weights are read): every
-//! partial sum in a lane is smaller.
+//! ([`crate::int16::sums_fit`], which `run_rows` checks first): every partial sum in a lane is
+//! smaller.
 
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
 use super::{requantize8, Lanes, Vnni};
 use crate::int16::{
-    Function16, GlobalAveragePool16, Mul16, WideOutput, Width, BLOCK_CHANNELS, BLOCK_PIXELS,
-    DOT_LANES, DOT_PIXELS, FUNCTION16_SEGMENT,
+    window_reach, Function16, GlobalAveragePool16, Mul16, WideOutput, Width, BLOCK_CHANNELS,
+    BLOCK_PIXELS, DOT_LANES, DOT_PIXELS, FUNCTION16_SEGMENT,
 };
 use crate::int8::ConvGeometry;
 use crate::int8::{ChannelQuant, ShapeError};
@@ -80,6 +80,26 @@ impl DotProducts<'_> {
     }
 }
 
+/// Store the sums of the two halves `vpunpcklwd` and `vpunpckhwd` made (`low`: lanes 0-3 and
+/// 8-11 of the 16 interleaved, `high`: 4-7 and 12-15) into `out`'s first 16 values, in order.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn store_unpacked(low: __m256i, high: __m256i, out: &mut [i32]) {
+    if let Some(out) = out.get_mut(..16) {
+        // SAFETY: 16 i32, two vectors of 32 bytes.
+        unsafe {
+            _mm256_storeu_si256(
+                out.as_mut_ptr().cast(),
+                _mm256_permute2x128_si256::<0x20>(low, high),
+            );
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(8).cast(),
+                _mm256_permute2x128_si256::<0x31>(low, high),
+            );
+        }
+    }
+}
+
 /// `acc` plus `a` times `b`, 16-bit pairs multiplied and summed into 32-bit lanes
 /// (`vpmaddwd`, then `vpaddd`); `vpdpwssd` does both in one instruction on a VNNI CPU.
 #[target_feature(enable = "avx2")]
@@ -88,8 +108,8 @@ fn multiply_add(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
     _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
 }
 
-/// [`DotProducts::add_to`] in blocks of `C` channels by `P` pixels (`C * P` is 8: the vectors
-/// summed, four at a time, at the end of a block), compiled for `$features` with `$dot` as the
+/// [`DotProducts::add_to`] in blocks of `C` channels by `P` pixels (`C * P` a multiple of 4:
+/// the vectors summed, four at a time, at the end of a block), compiled for `$features` with `$dot` as the
 /// multiply-add (every form is exact and wraps alike: the same sums).
 macro_rules! dot_blocks {
     ($name:ident, $features:literal, $dot:path) => {
@@ -194,13 +214,19 @@ fn horizontal_sums(vectors: &[__m256i; 4]) -> [i32; 4] {
     out
 }
 
-/// The vector requantisation of `requant` into `output`, where it gives the scalar codes
-/// exactly: a scale below 1 (so every product fits 32 bits) and a zero point small enough that
-/// every clamped value and its offset stay inside 32 bits (the compiler's are 0 or int8 codes).
-/// The width's range is folded into the clamp: the same codes as clamping to both in turn.
+/// Whether the vector requantisation by a scale of `shift` into `output` gives the scalar
+/// codes exactly: a scale below 1 (so every product fits 32 bits) and a zero point small enough
+/// that every clamped value and its offset stay inside 32 bits (the compiler's are 0 or int8
+/// codes).
+fn exact(output: &WideOutput, shift: i8) -> bool {
+    shift <= 0 && output.zero_point.unsigned_abs() <= 1 << 16
+}
+
+/// The vector requantisation of `requant` into `output`, where it is [`exact`]. The width's
+/// range is folded into the clamp: the same codes as clamping to both in turn.
 #[target_feature(enable = "avx2")]
 fn output_lanes(output: &WideOutput, requant: Requant) -> Option<Lanes> {
-    if requant.shift > 0 || output.zero_point.unsigned_abs() > 1 << 16 {
+    if !exact(output, requant.shift) {
         return None;
     }
     let (lo, hi) = output.width.range();
@@ -267,10 +293,10 @@ pub(crate) fn store_row(
     true
 }
 
-/// Whether every channel's requantisation into `output` is exact in vectors
-/// ([`output_lanes`]): then [`store_block`] may write a layer's blocks.
+/// Whether every channel's requantisation into `output` is [`exact`] in vectors: then
+/// [`store_block`] may write a layer's blocks.
 pub(crate) fn stores_exactly(output: &WideOutput, channels: &ChannelQuant<'_>) -> bool {
-    output.zero_point.unsigned_abs() <= 1 << 16 && channels.shift.iter().all(|&s| s <= 0)
+    channels.shift.iter().all(|&shift| exact(output, shift))
 }
 
 /// One block of a pointwise layer's sums (`acc`, channels `first..first + 4` by pixels
@@ -587,13 +613,7 @@ macro_rules! pointwise_block {
                 }
             }
             for (k, row) in acc.iter_mut().enumerate() {
-                let first = _mm256_permute2x128_si256::<0x20>(low[k], high[k]);
-                let second = _mm256_permute2x128_si256::<0x31>(low[k], high[k]);
-                // SAFETY: `row` holds 16 i32, 64 bytes.
-                unsafe {
-                    _mm256_storeu_si256(row.as_mut_ptr().cast(), first);
-                    _mm256_storeu_si256(row.as_mut_ptr().add(8).cast(), second);
-                }
+                store_unpacked(low[k], high[k], row);
             }
         }
     };
@@ -710,21 +730,10 @@ impl Depthwise<'_> {
         {
             return false;
         }
-        // The padded plane reaches the last tap of the last output pixel; input rows and
-        // columns past it are never read. A real layer's is at most the input and its padding
-        // on both sides: one larger (an odd geometry's) runs the generic kernel.
+        // The padded plane the windows reach (an odd geometry's, larger than the input and
+        // its padding, runs the generic kernel).
         let [top, left] = g.pad;
-        let reach = |out: usize, s: usize, k: usize, d: usize, size: usize, pad: usize| {
-            let span = (out - 1)
-                .checked_mul(s)?
-                .checked_add((k - 1).checked_mul(d)?)?
-                + 1;
-            (span <= size.checked_add(pad.checked_mul(2)?)?).then_some(span)
-        };
-        let (Some(hp), Some(wp)) = (
-            reach(oh, sy, kh, dy, h, top),
-            reach(ow, sx, kw, dx, w, left),
-        ) else {
+        let Some([hp, wp]) = window_reach(g) else {
             return false;
         };
         // Each tap's offset, then each pair of taps' (a last tap without a partner read twice,
@@ -882,17 +891,7 @@ macro_rules! windows {
                     high = $dot(high, _mm256_unpackhi_epi16(a, b), *w_high);
                 }
                 // Channels 0-7, then 8-15.
-                // SAFETY: `out` holds 16 i32, two vectors of 32 bytes.
-                unsafe {
-                    _mm256_storeu_si256(
-                        out.as_mut_ptr().cast(),
-                        _mm256_permute2x128_si256::<0x20>(low, high),
-                    );
-                    _mm256_storeu_si256(
-                        out.as_mut_ptr().add(8).cast(),
-                        _mm256_permute2x128_si256::<0x31>(low, high),
-                    );
-                }
+                store_unpacked(low, high, out);
             }
         }
     };
