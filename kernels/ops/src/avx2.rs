@@ -14,11 +14,13 @@ use std::vec::Vec;
 mod depthwise;
 mod few;
 mod lanes;
+mod row_quads;
 mod vnni;
 pub(crate) mod wide;
 mod winograd;
 use few::FewPixels;
 use lanes::ChannelLanes;
+use row_quads::RowQuads;
 use vnni::Quads;
 pub use vnni::Vnni;
 use winograd::Winograd;
@@ -46,6 +48,8 @@ struct Prepared {
     few: Option<FewPixels>,
     /// Channels in the lanes, for depthwise layers on small planes.
     lanes: Option<ChannelLanes>,
+    /// Window rows as byte quads, for the other depthwise layers, on a CPU with VNNI.
+    row_quads: Option<RowQuads>,
 }
 
 /// Products summed into each output below which a layer keeps the `vpmaddwd` strips on a VNNI
@@ -110,13 +114,20 @@ impl Prepared {
             _ => None,
         };
         // A one-channel depthwise layer of a few pixels is also a few-pixel layer: that runs it.
-        let lanes = few.is_none().then(|| ChannelLanes::new(conv)).flatten();
+        let row_quads = match vnni {
+            Some(vnni) if few.is_none() => RowQuads::new(conv, vnni),
+            _ => None,
+        };
+        let lanes = (few.is_none() && row_quads.is_none())
+            .then(|| ChannelLanes::new(conv))
+            .flatten();
         Some(Self {
             packed,
             winograd,
             quads,
             few,
             lanes,
+            row_quads,
         })
     }
 
@@ -129,7 +140,8 @@ impl Prepared {
         let laid_out = (self.lanes.as_ref()).map_or(0, |l| l.input_len(&self.packed.geometry));
         let quads = self.quads.as_ref().map_or(0, Quads::strip_len);
         [
-            padded + depthwise::SLACK,
+            (padded + depthwise::SLACK)
+                .max(self.row_quads.as_ref().map_or(0, RowQuads::padded_len)),
             strip,
             transformed.max(laid_out),
             products
@@ -700,6 +712,9 @@ impl Kernels for Avx2 {
             if let Some(lanes) = &prepared.lanes {
                 visit(lanes.words());
             }
+            for block in prepared.row_quads.iter().flat_map(RowQuads::blocks) {
+                visit(block);
+            }
         }
     }
 
@@ -711,12 +726,14 @@ impl Kernels for Avx2 {
             .flat_map(|p| {
                 let winograd = p.winograd.as_mut().map(Winograd::weights_mut);
                 let quads = p.quads.iter_mut().flat_map(|q| q.packed.blocks_mut());
+                let row_quads = p.row_quads.iter_mut().flat_map(RowQuads::blocks_mut);
                 let few = p.few.as_mut().map(FewPixels::words_mut);
                 let lanes = p.lanes.as_mut().map(ChannelLanes::words_mut);
                 [Some(p.packed.weights.as_mut_slice()), winograd, few, lanes]
                     .into_iter()
                     .flatten()
                     .chain(quads)
+                    .chain(row_quads)
             })
             .collect();
         flip_bit(blocks, bit)
@@ -793,6 +810,15 @@ impl Kernels for Avx2 {
             } = scratch;
             // SAFETY: AVX2 was detected in `new`; the buffers' sizes were checked above.
             unsafe { lanes.run(&layer, input, &conv.channels, transformed, products, output) };
+            return Ok(());
+        }
+        if let Some(row_quads) = prepared
+            .row_quads
+            .as_ref()
+            .filter(|q| q.accepts(conv, scratch))
+        {
+            // SAFETY: AVX2 was detected in `new`; `accepts` checked the scratch.
+            unsafe { row_quads.run(conv, &layer, input, scratch, output) };
             return Ok(());
         }
         if conv.geometry.group > 1 && depthwise::takes(&layer, scratch.padded.len()) {
@@ -1416,10 +1442,61 @@ mod tests {
             return;
         }
         for vnni in paths() {
+            let mut row_quads = 0;
             check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
-                Avx2::for_conv(conv, vnni).map(|mut fast| fast.conv(0, conv, input, output))
+                let mut fast = Avx2::for_conv(conv, vnni)?;
+                row_quads += usize::from(fast.layers[0].as_ref()?.row_quads.is_some());
+                Some(fast.conv(0, conv, input, output))
             });
+            if vnni.is_some() {
+                assert!(
+                    row_quads > 100,
+                    "{vnni:?}: only {row_quads} layers took row quads"
+                );
+            }
         }
+    }
+
+    /// A depthwise layer's row quads are prepared weights: the scrub visits them, and fault
+    /// injection reaches them (the layer's last block) and changes what the layer computes.
+    #[test]
+    fn row_quads_are_scrubbed_and_upset() {
+        let Some(vnni) = Vnni::detect().filter(|_| std::arch::is_x86_feature_detected!("avx2"))
+        else {
+            eprintln!("not tested here: this CPU has no VNNI");
+            return;
+        };
+        let layer = check::Dirty::of(ConvGeometry {
+            input: [8, 20, 20],
+            output: [8, 20, 20],
+            kernel: [3, 3],
+            stride: [1, 1],
+            pad: [1, 1],
+            dilation: [1, 1],
+            group: 8,
+        });
+        let conv = layer.conv();
+        let mut fast = Avx2::with_vnni(&[Some(conv)], Some(vnni)).expect("AVX2");
+        let prepared = fast.layers[0].as_ref().expect("a prepared layer");
+        let [words, biases] = prepared.row_quads.as_ref().expect("row quads").blocks();
+        let (words, biases) = (words.to_vec(), biases.to_vec());
+        let mut visited = Vec::new();
+        fast.prepared_weights(&mut |block| visited.push(block.to_vec()));
+        assert!(visited.contains(&words) && visited.contains(&biases));
+        let bits: u64 = visited.iter().map(|b| 32 * b.len() as u64).sum();
+        let input: Vec<i8> = (0..8 * 20 * 20)
+            .map(|i| (i * 37 % 256) as u8 as i8)
+            .collect();
+        let mut expected = vec![0i8; 8 * 20 * 20];
+        conv.run(&input, &mut expected).unwrap();
+        let mut got = vec![0i8; expected.len()];
+        fast.conv(0, &conv, &input, &mut got).unwrap();
+        assert_eq!(got, expected);
+        // The last bit: the sign of the last channel's corrected bias.
+        assert!(fast.flip_prepared_bit(bits - 1));
+        fast.conv(0, &conv, &input, &mut got).unwrap();
+        assert_eq!(got[..7 * 400], expected[..7 * 400]);
+        assert_ne!(got[7 * 400..], expected[7 * 400..], "the upset shows");
     }
 
     /// Depthwise layers pad each channel (or lay out each block of channels) into the same
@@ -1431,9 +1508,12 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        for dirty in [check::Dirty::new(), check::Dirty::depthwise()] {
+        for (dirty, vnni) in [check::Dirty::new(), check::Dirty::depthwise()]
+            .iter()
+            .flat_map(|dirty| paths().into_iter().map(move |vnni| (dirty, vnni)))
+        {
             let mut run = |conv: &Conv<'_>, input: &[i8], output: &mut [i8]| {
-                let mut fast = Avx2::with_vnni(&[Some(dirty.conv()), Some(*conv)], None)?;
+                let mut fast = Avx2::with_vnni(&[Some(dirty.conv()), Some(*conv)], vnni)?;
                 dirty.run(&mut fast, 0);
                 Some(fast.conv(1, conv, input, output))
             };

@@ -298,9 +298,7 @@ impl ByteQuads {
                 let (step, part) = (q / per_step, q % per_step);
                 weights[tile + (step * MR + r % MR) * per_step + part] = quad_word(taps);
             }
-            let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
-            let (bias, _) = conv.channels.get(o);
-            biases.push(bias.wrapping_sub(offset.wrapping_mul(sum)));
+            biases.push(corrected_bias(conv, o, filter, offset));
         }
         Some(Self {
             weights,
@@ -347,6 +345,15 @@ impl ByteQuads {
         let span = self.quads * MR * layer.blocks;
         for_each_group(conv, &channels, &self.weights, span, input, output, run);
     }
+}
+
+/// Output channel `o`'s bias for instructions that read the input as `x + k`, its `filter`
+/// summing `Σ w·(x + k)`: the bias minus `offset·Σ w`, `offset` being `zp + k`
+/// ([`ByteQuads`]).
+pub(crate) fn corrected_bias(conv: &Conv<'_>, o: usize, filter: &[i8], offset: i32) -> i32 {
+    let sum: i32 = filter.iter().map(|&w| i32::from(w)).sum();
+    let (bias, _) = conv.channels.get(o);
+    bias.wrapping_sub(offset.wrapping_mul(sum))
 }
 
 /// Up to four weights as one word of bytes, the first in the low byte (0 past the last): a

@@ -325,22 +325,42 @@ fn pad_bytes(layer: &Layer<'_>, input: &[i8], border: u8, scratch: &mut [u8]) ->
     true
 }
 
-/// `dst[i] = src[i] + 128` as bytes (the sign bit flipped), 16 at a time: rows of 16 or fewer
-/// bytes are too short for the compiler's vector loop.
+/// `dst[i] = src[i] + 128` as bytes (the sign bit flipped), for the first `min(len)` of
+/// each: 16 at a time, the last 16 (or 8, in rows of 8 to 15) overlapping the ones before
+/// rather than a byte at a time (rows are often 14 or 28 bytes, too short for the compiler's
+/// vector loop).
 #[target_feature(enable = "avx2")]
-fn flip_signs(src: &[i8], dst: &mut [u8]) {
+pub(super) fn flip_signs(src: &[i8], dst: &mut [u8]) {
+    let n = src.len().min(dst.len());
+    let (src, dst) = (src.as_ptr(), dst.as_mut_ptr());
     let flip = _mm_set1_epi8(i8::MIN);
-    let mut src = src.chunks_exact(16);
-    let mut dst = dst.chunks_exact_mut(16);
-    for (s, d) in (&mut src).zip(&mut dst) {
-        // SAFETY: both chunks are 16 bytes; the accesses are unaligned.
-        unsafe {
-            let v = _mm_xor_si128(_mm_loadu_si128(s.as_ptr().cast()), flip);
-            _mm_storeu_si128(d.as_mut_ptr().cast(), v);
+    // SAFETY: every access below is of `n` bytes or fewer from the start of both.
+    unsafe {
+        let flip16 = |at: usize| {
+            let v = _mm_xor_si128(_mm_loadu_si128(src.add(at).cast()), flip);
+            _mm_storeu_si128(dst.add(at).cast(), v);
+        };
+        let flip8 = |at: usize| {
+            let v = src.add(at).cast::<u64>().read_unaligned() ^ 0x8080_8080_8080_8080;
+            dst.add(at).cast::<u64>().write_unaligned(v);
+        };
+        match n {
+            16.. => {
+                for at in (0..n - 16).step_by(16) {
+                    flip16(at);
+                }
+                flip16(n - 16);
+            }
+            8.. => {
+                flip8(0);
+                flip8(n - 8);
+            }
+            _ => {
+                for i in 0..n {
+                    *dst.add(i) = *src.add(i) as u8 ^ 0x80;
+                }
+            }
         }
-    }
-    for (d, &s) in dst.into_remainder().iter_mut().zip(src.remainder()) {
-        *d = s as u8 ^ 0x80;
     }
 }
 
