@@ -78,6 +78,26 @@ fn quads_pay(conv: &Conv<'_>) -> bool {
 /// to 512 channels): Winograd still took 0.75 to 0.93 of their time over 128 to 512 channels.
 pub const QUADS_OVER_WINOGRAD_MAX_CHANNELS: usize = 64;
 
+/// [`QUADS_OVER_WINOGRAD_MAX_CHANNELS`] for this CPU: on Intel's, byte quads at every channel
+/// count, the opposite of the AMD Zen 4's order. Measured on a virtual Intel Xeon with AVX-512
+/// VNNI and AVX-VNNI (reported as family 6 model 167; `layer_speed --steps`, the two choices'
+/// binaries alternating, 2026-12-04): resnet18-224's 3x3 layers took 0.55 to 0.94 of
+/// Winograd's time on quads (64 channels on 56x56 0.94, 128 on 28x28 0.72, 256 on 14x14 0.64,
+/// 512 on 7x7 0.55), the whole run 20.0 -> 13.5 ms.
+fn quads_over_winograd_max_channels() -> usize {
+    if is_intel() {
+        usize::MAX
+    } else {
+        QUADS_OVER_WINOGRAD_MAX_CHANNELS
+    }
+}
+
+/// Whether this CPU's vendor string is Intel's.
+fn is_intel() -> bool {
+    let id = __cpuid(0);
+    [id.ebx, id.edx, id.ecx] == [*b"Genu", *b"ineI", *b"ntel"].map(u32::from_le_bytes)
+}
+
 /// Output pixels up to which a layer the few-pixel kernel takes runs faster on it than on byte
 /// quads, on a VNNI CPU (it takes up to [`crate::strips::FEW_PIXELS`]). Same machine and method
 /// as [`QUADS_MIN_TERMS`]: on 2x2 planes quads took 1.1 to 1.7 times as long (MobileNetV2's,
@@ -94,7 +114,7 @@ impl Prepared {
         let quads_first = vnni.is_some()
             && !testing
             && quads_pay(conv)
-            && conv.geometry.input[0] <= QUADS_OVER_WINOGRAD_MAX_CHANNELS;
+            && conv.geometry.input[0] <= quads_over_winograd_max_channels();
         let winograd = if quads_first {
             None
         } else {
@@ -1359,7 +1379,8 @@ mod tests {
 
     /// On a VNNI CPU, the table's kernels take byte quads only for layers that sum enough
     /// products per output ([`QUADS_MIN_TERMS`]), and over Winograd for 3x3 layers of few
-    /// channels ([`QUADS_OVER_WINOGRAD_MAX_CHANNELS`]); the tests' constructor takes quads
+    /// channels ([`QUADS_OVER_WINOGRAD_MAX_CHANNELS`], on CPUs other than Intel's); the tests'
+    /// constructor takes quads
     /// wherever they suit and Winograd wherever it does.
     #[test]
     fn quads_only_where_they_pay() {
@@ -1397,7 +1418,12 @@ mod tests {
                 .collect()
         };
         let table = Avx2::new(&convs).expect("AVX2");
-        assert_eq!(paths(table), ["strips", "quads", "quads", "winograd"]);
+        let above = if quads_over_winograd_max_channels() > QUADS_OVER_WINOGRAD_MAX_CHANNELS {
+            "quads"
+        } else {
+            "winograd"
+        };
+        assert_eq!(paths(table), ["strips", "quads", "quads", above]);
         let tests = Avx2::with_vnni(&convs, Vnni::detect()).expect("AVX2");
         assert_eq!(paths(tests), ["quads", "quads", "winograd", "winograd"]);
     }
