@@ -13,10 +13,11 @@
 //! [`super::depthwise`]'s `vpmaddwd` takes 36 for 16, and a byte plane to pad instead of a
 //! 16-bit one. A byte shuffle puts the requantised codes back in pixel order.
 //!
-//! Rows of 9 to 16 output pixels would fill half of each vector. At stride 2 a block takes two
-//! rows instead, two vectors each. At stride 1 the plane is laid out 16 bytes to a row where
-//! its rows fit (a row's right padding then shares bytes with the next row's left padding,
-//! both the zero point's): each 32-byte load then holds two rows' windows.
+//! Rows of 5 to 16 output pixels would fill half of each vector or less. At stride 2 a block
+//! takes two rows instead, two vectors each. At stride 1 the plane is laid out 16 bytes to a
+//! row where its rows fit (a row's right padding then shares bytes with the next row's left
+//! padding, both the zero point's): each 32-byte load then holds two rows' windows; rows of up
+//! to 8 pixels that fit 8 bytes, four.
 
 use std::arch::x86_64::*;
 use std::vec::Vec;
@@ -197,9 +198,9 @@ struct Layout {
 }
 
 impl Layout {
-    /// The layout for `g`'s stride and output rows; `None` for strides other than 1 and 2
-    /// along rows, and at stride 1 for rows of up to 16 pixels that do not fit 16 bytes (or,
-    /// up to 8, 8 bytes).
+    /// The layout for `g`'s stride and output rows; `None` for rows of 4 pixels or fewer,
+    /// strides other than 1 and 2 along rows, and at stride 1 for rows of up to 16 pixels that
+    /// do not fit 16 bytes (or, up to 8, 8 bytes).
     fn of(g: &ConvGeometry) -> Option<Self> {
         let [hp, wp] = Layer::padded_dims(g);
         let [_, _, w] = g.input;
@@ -227,9 +228,11 @@ impl Layout {
         match sx {
             1 if ow > NR => Some(rows([0, 1, 2, 3], BLOCK, 1)),
             2 if ow > NR => Some(rows([0, 2, 2 * NR, 2 * NR + 2], BLOCK, 1)),
-            2 if ow > NR / 2 => Some(rows([0, 2, sy * wp, sy * wp + 2], NR, 2)),
+            2 if ow > NR / 4 => Some(rows([0, 2, sy * wp, sy * wp + 2], NR, 2)),
             1 if ow > NR / 2 => stacked(NR),
-            // Rows of 5 to 8 pixels, four to a block (fewer fill too little of it).
+            // Rows of 5 to 8 pixels, four to a block (fewer fill too little of it; two rows
+            // of 7 to a block, for 5x5 windows on 7x7 planes, took 1.14 times the channel-lanes
+            // kernel's time).
             1 if ow > NR / 4 => stacked(NR / 2),
             _ => None,
         }
