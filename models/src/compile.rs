@@ -89,8 +89,12 @@ pub struct Options {
     /// Where the (possibly widened) int8 plan's output is at least this relative RMS error
     /// away from tract's on the calibration images, a plan with 16-bit activations
     /// ([`QuantizedGraph::build_16_bit`]) is tried and kept if it agrees with tract at least
-    /// as often and its output is closer. `None`: never.
+    /// as often and its output's error is at least [`Options::min_error_reduction`] lower.
+    /// `None`: never.
     pub int16_above: Option<f64>,
+    /// How much lower (relative) a wider plan's output error against tract's must be than the
+    /// int8 plan's for the compiler to write it ([`MIN_ERROR_REDUCTION`]; 0: any closer plan).
+    pub min_error_reduction: f64,
 }
 
 /// [`Options::widen_above`]'s default: a table adding 1% relative RMS error or more.
@@ -109,6 +113,7 @@ impl Default for Options {
             split: Split::All,
             widen_above: Some(WIDEN_ABOVE),
             int16_above: Some(INT16_ABOVE),
+            min_error_reduction: MIN_ERROR_REDUCTION,
         }
     }
 }
@@ -162,8 +167,17 @@ pub struct Report {
     pub int16: Option<Int16Trial>,
 }
 
+/// [`Options::min_error_reduction`]'s default. How much lower (relative) a wider plan's output
+/// error against tract's must be than the int8 plan's for the compiler to write it: the wider
+/// layers are slower (16-bit-input layers
+/// run the generic kernels on the CPU: YOLOv8n at 640 kept one Sigmoid at 16 bits for an error
+/// 0.1275 -> 0.1274 and its next Conv took 133 ms of the plan's 177), so a plan closer by a hair
+/// is not worth them.
+pub const MIN_ERROR_REDUCTION: f64 = 0.05;
+
 /// The all-int8 plan against the plan with some function tables at 16 bits, on the
-/// calibration images: the wider plan is kept only where it is closer to float.
+/// calibration images: the wider plan is kept only where it is closer to float
+/// ([`Options::min_error_reduction`]).
 #[derive(Clone, Debug, Serialize)]
 pub struct WideningTrial {
     /// Tables chosen to be kept at 16 bits.
@@ -173,7 +187,7 @@ pub struct WideningTrial {
     /// Output relative RMS error against tract: all-int8, then wider.
     pub output_rel_rms: [f64; 2],
     /// Whether the wider plan is the one written: it agrees with tract at least as often and
-    /// its output is closer.
+    /// its output's error is at least [`Options::min_error_reduction`] lower.
     pub kept: bool,
 }
 
@@ -220,9 +234,12 @@ impl Verification {
         (self.error_squares / self.float_squares.max(f64::MIN_POSITIVE)).sqrt()
     }
 
-    /// Agrees with tract at least as often, and its output is closer.
-    fn closer_than(&self, other: &Self) -> bool {
-        self.agreement() >= other.agreement() && self.output_rel_rms() < other.output_rel_rms()
+    /// Agrees with tract at least as often, and its output's error is at least `reduction`
+    /// (relative) lower.
+    fn closer_than(&self, other: &Self, reduction: f64) -> bool {
+        self.agreement() >= other.agreement()
+            && self.output_rel_rms() < other.output_rel_rms()
+            && self.output_rel_rms() <= (1.0 - reduction) * other.output_rel_rms()
     }
 }
 
@@ -580,7 +597,7 @@ pub fn compile(
                 tables: chosen.len(),
                 agreement: [verified.agreement(), wide.agreement()],
                 output_rel_rms: [verified.output_rel_rms(), wide.output_rel_rms()],
-                kept: wide.closer_than(&verified),
+                kept: wide.closer_than(&verified, options.min_error_reduction),
             };
             if trial.kept {
                 progress("measuring each layer's error with those tables at 16 bits");
@@ -616,7 +633,8 @@ pub fn compile(
                 trial.tensors = wide_program.wide.iter().filter(|&&w| w).count();
                 trial.agreement[1] = wide.agreement();
                 trial.output_rel_rms[1] = wide.output_rel_rms();
-                trial.kept = trial.tensors > 0 && wide.closer_than(&verified);
+                trial.kept =
+                    trial.tensors > 0 && wide.closer_than(&verified, options.min_error_reduction);
                 if trial.kept {
                     progress("measuring each layer's error with 16-bit activations");
                     layers = layer_errors(&graph, &wide_program, &wide_plan, sample())?;

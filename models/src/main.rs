@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use kestrel_eval::Split;
 use models::calibrate::Method;
-use models::compile::{compile, Options, INT16_ABOVE, WIDEN_ABOVE};
+use models::compile::{compile, Options, INT16_ABOVE, MIN_ERROR_REDUCTION, WIDEN_ABOVE};
 use models::ZooModel;
 
 #[derive(Parser)]
@@ -65,19 +65,27 @@ enum Command {
         /// at least this relative RMS error at 16 bits, where every reader is a Conv,
         /// GlobalAveragePool or Mul (they read the function's input through a 16-bit table;
         /// the CPU runs those layers on its generic kernels). The wider plan is written only
-        /// if it agrees with tract on the calibration images at least as often and its output
-        /// is closer. `0`: try every table; `off`: every activation int8.
+        /// if it agrees with tract on the calibration images at least as often and its
+        /// output's relative RMS error is lower by `--min-error-reduction`. `0`: try every
+        /// table; `off`: every activation int8.
         #[arg(long, default_value_t = WidenAbove(Some(WIDEN_ABOVE)))]
         widen_above: WidenAbove,
         /// Where the int8 plan's output is at least this relative RMS error away from tract's
         /// on the calibration images, try a plan with 16-bit activations (weights stay int8)
         /// wherever every layer around a tensor has a 16-bit kernel (Conv, Gemm, Add, Mul,
         /// GlobalAveragePool, Sigmoid/SiLU/HardSwish...): written only if it agrees with tract
-        /// at least as often and its output is closer. 16-bit layers are slower than int8 ones
+        /// at least as often and its output's relative RMS error is lower by
+        /// `--min-error-reduction`. 16-bit layers are slower than int8 ones
         /// (twice the bytes, half the products per instruction: EfficientNet-B0 at 64x64 about
         /// 1.7x its int8 plan's time on an AVX-512 VNNI CPU). `off`: never.
         #[arg(long, default_value_t = WidenAbove(Some(INT16_ABOVE)))]
         int16_above: WidenAbove,
+        /// How much lower (relative) the output's error against tract's must be in a wider
+        /// plan (`--widen-above`, `--int16-above`) than in the int8 plan for the compiler to
+        /// write the wider one, which is slower: 0.05 asks for 5% less error; 0 writes any
+        /// closer plan.
+        #[arg(long, default_value_t = MIN_ERROR_REDUCTION, value_parser = reduction)]
+        min_error_reduction: f64,
     },
 }
 
@@ -110,6 +118,16 @@ impl std::fmt::Display for WidenAbove {
     }
 }
 
+/// `--min-error-reduction`: a fraction in `[0, 1)`.
+fn reduction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a fraction from 0 up to (not including) 1"
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         split,
         widen_above,
         int16_above,
+        min_error_reduction,
     } = cli.command;
     let model = ZooModel::load(&model)?;
     let options = Options {
@@ -147,6 +166,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         },
         widen_above: widen_above.0,
         int16_above: int16_above.0,
+        min_error_reduction,
     };
     let (plan, summary) = compile(&model, &calib, &options, &mut |phase| {
         eprintln!("{phase}...")
@@ -215,7 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if trial.kept {
                 "kept (their int8 output added, in relative RMS):"
             } else {
-                "not closer to float, so every activation stays int8"
+                "not closer to float by --min-error-reduction, so every activation stays int8"
             }
         );
         for layer in &summary.widened {
@@ -233,7 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if trial.kept {
                     "kept (slower: 16-bit layers move twice the bytes of int8 ones)"
                 } else {
-                    "not closer to float, so the int8 plan is written"
+                    "not closer to float by --min-error-reduction, so the int8 plan is written"
                 }
             ),
         }
