@@ -1354,7 +1354,12 @@ pub(crate) mod check {
             let multiplier = if case % 5 == 0 { 2 } else { 1 };
             let k = [[3, 3], [5, 5], [3, 3], [1, 7], [7, 7]][case % 5];
             let stride = [1 + rng.below(2), 1 + rng.below(2 + case % 2)];
-            let dilation = if case % 9 == 0 { [2, 2] } else { [1, 1] };
+            // Dilated both ways, or only down the columns (the row-quad kernels take that).
+            let dilation = match case % 9 {
+                0 => [2, 2],
+                4 => [2, 1],
+                _ => [1, 1],
+            };
             let pad = [(k[0] - 1) * dilation[0] / 2, (k[1] - 1) * dilation[1] / 2];
             let (h, w) = (1 + rng.below(max[0]), 1 + rng.below(max[1]));
             let (Some(oh), Some(ow)) = (
