@@ -17,7 +17,10 @@
 //! takes two rows instead, two vectors each. At stride 1 the plane is laid out 16 bytes to a
 //! row where its rows fit (a row's right padding then shares bytes with the next row's left
 //! padding, both the zero point's): each 32-byte load then holds two rows' windows; rows of up
-//! to 8 pixels that fit 8 bytes, four.
+//! to 8 pixels that fit 8 bytes, four. Rows that fit neither (5x5 windows on 7x7 planes, 3x3
+//! on 16x16) are laid out as narrow as their windows allow, on a CPU with AVX-512 VBMI2: a
+//! block is then 32 consecutive positions of the plane, and `vpcompressb` keeps those that are
+//! pixels.
 
 use std::arch::x86_64::*;
 use std::vec::Vec;
@@ -66,7 +69,10 @@ impl RowQuads {
             && (-128..=127).contains(&conv.input_zero_point)
             && conv.weights.len() == oc * kh * kw
             && conv.channels.fits(oc);
-        let layout = Layout::of(&g).filter(|_| takes)?;
+        let compress = vnni == Vnni::Avx512
+            && std::arch::is_x86_feature_detected!("avx512vbmi2")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        let layout = Layout::of(&g, compress).filter(|_| takes)?;
         let offset = conv.input_zero_point + 128;
         let mut words = Vec::with_capacity(oc * kh * per_row);
         let mut biases = Vec::with_capacity(oc);
@@ -193,15 +199,45 @@ struct Layout {
     /// Pixels of a row a block computes.
     width: usize,
     /// Output rows a block computes: 1 (up to 32 pixels of a row), 2 (16 codes each) or 4
-    /// (8 codes each).
+    /// (8 codes each); 0 for the flat layout, whose blocks are 32 consecutive positions of the
+    /// plane, the valid ones compressed into the output ([`Flat`]).
     rows_per_block: usize,
+    /// Which positions of a block hold output pixels, by the block's first position modulo
+    /// the pitch (the flat layout).
+    flat: Flat,
+}
+
+/// The flat layout's validity masks: position `p` of a plane laid out `pitch` bytes to a row
+/// is output pixel `(p / pitch, p % pitch)` where `p % pitch` is below the output width.
+#[derive(Clone, Copy)]
+struct Flat {
+    /// `masks[r]`: bit `i` set where position `r + i` (modulo the pitch) is a pixel.
+    masks: [u32; MAX_FLAT_PITCH],
+}
+
+/// Widest pitch of the flat layout.
+const MAX_FLAT_PITCH: usize = 32;
+
+impl Flat {
+    fn new(pitch: usize, ow: usize) -> Self {
+        let mut masks = [0u32; MAX_FLAT_PITCH];
+        for (r, mask) in masks.iter_mut().enumerate().take(pitch) {
+            for i in 0..BLOCK {
+                if (r + i) % pitch.max(1) < ow {
+                    *mask |= 1 << i;
+                }
+            }
+        }
+        Self { masks }
+    }
 }
 
 impl Layout {
     /// The layout for `g`'s stride and output rows; `None` for rows of 4 pixels or fewer,
     /// strides other than 1 and 2 along rows, and at stride 1 for rows of up to 16 pixels that
-    /// do not fit 16 bytes (or, up to 8, 8 bytes).
-    fn of(g: &ConvGeometry) -> Option<Self> {
+    /// do not fit 16 bytes (or, up to 8, 8 bytes). Where the CPU can `compress` bytes (AVX-512
+    /// VBMI2), stride-1 rows of up to 16 pixels take the flat layout instead.
+    fn of(g: &ConvGeometry, compress: bool) -> Option<Self> {
         let [hp, wp] = Layer::padded_dims(g);
         let [_, _, w] = g.input;
         let [_, _, ow] = g.output;
@@ -213,6 +249,23 @@ impl Layout {
             vectors,
             width,
             rows_per_block,
+            flat: Flat::new(0, 0),
+        };
+        // The narrowest rows in which every window's bytes past its row's input are the row's
+        // right padding or the next row's left padding, for rows that fit neither 8 nor 16
+        // bytes: 7x7 planes with 5x5 windows fill 7 of every 9 positions (0.82 of the
+        // channel-lanes kernel's time), 16x16 ones with 3x3 windows 16 of 17. Where a stacked
+        // layout fits, it was the faster (5x5 windows on 14x14: flat took 1.05 times as long).
+        let flat_pitch = (left + w).max(ow + g.kernel[1] - 1 - left.min(ow + g.kernel[1] - 1));
+        let flat = || {
+            (compress && sy == 1 && flat_pitch <= MAX_FLAT_PITCH).then_some(Self {
+                pitch: flat_pitch,
+                rows: hp + 1,
+                vectors: [0, 1, 2, 3],
+                width: 1,
+                rows_per_block: 0,
+                flat: Flat::new(flat_pitch, ow),
+            })
         };
         // Rows of `pitch` bytes: every window's bytes past its row's input are the row's
         // right padding or the next row's left padding (one row more for the last row's).
@@ -223,17 +276,18 @@ impl Layout {
                 vectors: [0, 1, 2, 3],
                 width: pitch,
                 rows_per_block: BLOCK / pitch,
+                flat: Flat::new(0, 0),
             })
         };
         match sx {
             1 if ow > NR => Some(rows([0, 1, 2, 3], BLOCK, 1)),
             2 if ow > NR => Some(rows([0, 2, 2 * NR, 2 * NR + 2], BLOCK, 1)),
             2 if ow > NR / 4 => Some(rows([0, 2, sy * wp, sy * wp + 2], NR, 2)),
-            1 if ow > NR / 2 => stacked(NR),
+            1 if ow > NR / 2 => stacked(NR).or_else(flat),
             // Rows of 5 to 8 pixels, four to a block (fewer fill too little of it; two rows
             // of 7 to a block, for 5x5 windows on 7x7 planes, took 1.14 times the channel-lanes
             // kernel's time).
-            1 if ow > NR / 4 => stacked(NR / 2),
+            1 if ow > NR / 4 => stacked(NR / 2).or_else(flat),
             _ => None,
         }
     }
@@ -331,6 +385,30 @@ fn store(out: &mut [i8], at: usize, n: usize, codes: __m128i) {
             unsafe { _mm_storeu_si128(last.as_mut_ptr().cast(), codes) };
             if let Some(dst) = out.get_mut(at..at + n.min(NR)) {
                 dst.copy_from_slice(&last[..dst.len()]);
+            }
+        }
+    }
+}
+
+/// Store the codes of a block of the flat layout whose positions `mask` says are pixels, at
+/// `at` in `out`, one after the other: a whole 32-byte store where the plane has room (the
+/// bytes past the block's pixels are the next block's to write).
+///
+/// # Safety
+/// The CPU must have AVX-512 VBMI2, BW and VL.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vbmi2")]
+unsafe fn store_compressed(out: &mut [i8], at: usize, mask: u32, [lo, hi]: [__m128i; 2]) {
+    let codes = _mm256_maskz_compress_epi8(mask, _mm256_set_m128i(hi, lo));
+    match out.get_mut(at..at + BLOCK) {
+        // SAFETY: `dst` is 32 bytes, one 256-bit store.
+        Some(dst) => unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), codes) },
+        None => {
+            let mut last = [0i8; BLOCK];
+            // SAFETY: `last` holds 32 bytes, one 256-bit store.
+            unsafe { _mm256_storeu_si256(last.as_mut_ptr().cast(), codes) };
+            let n = mask.count_ones() as usize;
+            if let Some(dst) = out.get_mut(at..at + n) {
+                dst.copy_from_slice(&last[..n]);
             }
         }
     }
@@ -459,6 +537,28 @@ macro_rules! group_rows {
                 };
                 in_pixel_order(codes(a, b), codes(c, d), sx)
             };
+            if layout.rows_per_block == 0 {
+                // Blocks of 32 positions from the plane's start (a pixel's window starts at
+                // its position), each block's pixels following the last block's in the output.
+                let positions = (oh.max(1) - 1) * layout.pitch + ow;
+                let (mut residue, mut at) = (0, 0);
+                for first in (0..positions).step_by(BLOCK) {
+                    let mut mask = layout.flat.masks[residue];
+                    if positions - first < BLOCK {
+                        mask &= (1 << (positions - first)) - 1;
+                    }
+                    let codes = block(first);
+                    // SAFETY: the flat layout is made only where the CPU has AVX-512 VBMI2
+                    // and BW (`RowQuads::new`).
+                    unsafe { store_compressed(out, at, mask, codes) };
+                    at += mask.count_ones() as usize;
+                    residue += BLOCK;
+                    while residue >= layout.pitch {
+                        residue -= layout.pitch;
+                    }
+                }
+                return;
+            }
             if layout.rows_per_block > 1 {
                 for oy in (0..oh).step_by(layout.rows_per_block) {
                     let codes = block(oy * sy * layout.pitch);
