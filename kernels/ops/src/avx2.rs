@@ -127,15 +127,20 @@ impl Prepared {
             // Its bytes are all that layer reads: the 16-bit packing would only take memory.
             packed.weights = Vec::new();
         }
-        let quads = match vnni {
-            Some(vnni) if winograd.is_none() && few.is_none() && (testing || quads_pay(conv)) => {
-                Quads::new(conv, &packed, vnni)
-            }
-            _ => None,
-        };
         // A one-channel depthwise layer of a few pixels is also a few-pixel layer: that runs it.
         let row_quads = match vnni {
-            Some(vnni) if few.is_none() => RowQuads::new(conv, vnni),
+            Some(vnni) if winograd.is_none() && few.is_none() => RowQuads::new(conv, vnni),
+            _ => None,
+        };
+        let quads = match vnni {
+            Some(vnni)
+                if winograd.is_none()
+                    && few.is_none()
+                    && row_quads.is_none()
+                    && (testing || quads_pay(conv)) =>
+            {
+                Quads::new(conv, &packed, vnni)
+            }
             _ => None,
         };
         let lanes = (few.is_none() && row_quads.is_none())
@@ -1478,6 +1483,30 @@ mod tests {
                 assert!(
                     row_quads > 100,
                     "{vnni:?}: only {row_quads} layers took row quads"
+                );
+            }
+        }
+    }
+
+    /// Stems (dense over up to 3 channels, to up to 16) take row quads on a VNNI CPU: every
+    /// random one gives the generic bytes.
+    #[test]
+    fn stems_match_the_generic_kernel_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        for vnni in paths() {
+            let mut row_quads = 0;
+            check::random_stems(0x57e3_2026_1204, &mut |conv, input, output| {
+                let mut fast = Avx2::for_conv(conv, vnni)?;
+                row_quads += usize::from(fast.layers[0].as_ref()?.row_quads.is_some());
+                Some(fast.conv(0, conv, input, output))
+            });
+            if vnni.is_some() {
+                assert!(
+                    row_quads > 40,
+                    "{vnni:?}: only {row_quads} stems took row quads"
                 );
             }
         }

@@ -835,6 +835,16 @@ mod tests {
         }
     }
 
+    /// Networks' stems (dense over an image's few channels) on every path.
+    #[test]
+    fn stems_match_the_generic_kernel_bit_for_bit() {
+        for dot in paths() {
+            check::random_stems(0x57e3_2026_1204, &mut |conv, input, output| {
+                Neon::for_conv(conv, dot).map(|mut fast| fast.conv(0, conv, input, output))
+            });
+        }
+    }
+
     #[test]
     fn max_pool_matches_the_generic_kernel_bit_for_bit() {
         check::max_pools(max_pool_by_rows);

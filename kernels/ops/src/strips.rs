@@ -1331,6 +1331,34 @@ pub(crate) mod check {
         assert_eq!(got, expected, "case {case}: {:?}", conv.geometry);
     }
 
+    /// Networks' stems: dense layers over an image's 3 channels (or 1 or 2) to a few output
+    /// channels, 3x3 and 5x5 windows at strides 1 and 2, on planes up to 70 pixels wide.
+    pub(crate) fn random_stems(seed: u64, fast: &mut Fast<'_>) {
+        let mut rng = Rng(seed);
+        for case in 0..120 {
+            let k = [[3, 3], [5, 5], [3, 3], [7, 7]][case % 4];
+            let stride = [1 + rng.below(2), 1 + rng.below(2)];
+            let pad = [k[0] / 2, k[1] / 2];
+            let (h, w) = (1 + rng.below(40), 1 + rng.below(70));
+            let (Some(oh), Some(ow)) = (
+                span(h, k[0], stride[0], 1, pad[0]),
+                span(w, k[1], stride[1], 1, pad[1]),
+            ) else {
+                continue;
+            };
+            let geometry = ConvGeometry {
+                input: [1 + rng.below(3), h, w],
+                output: [1 + rng.below(16), oh, ow],
+                kernel: k,
+                stride,
+                pad,
+                dilation: [1, 1],
+                group: 1,
+            };
+            compare(&mut rng, geometry, case, fast);
+        }
+    }
+
     /// Random depthwise layers as MobileNets and EfficientNets have them (3x3 and 5x5, strides
     /// 1 and 2, "same" padding) and odder ones (channel multipliers, strides to 3, dilation,
     /// 1x7 windows), rows from 1 to 70 pixels wide: every output byte equals the generic
