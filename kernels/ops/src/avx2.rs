@@ -670,38 +670,55 @@ pub fn quantize_input(input: &[f32], codes: &mut [i8], inverse: f32, zero_point:
 fn quantize8(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> usize {
     let whole = input.len().min(codes.len()) / 8 * 8;
     let inverse = _mm256_set1_ps(inverse);
-    let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
     // From 2^23 in size every float is an integer: it is its own rounding.
     let exact = _mm256_set1_ps(8_388_608.0);
     let sign = _mm256_set1_ps(-0.0);
     let offset = _mm256_set1_ps(zero_point as f32);
     let (low, high) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
     let nan_code = _mm256_set1_epi32(i32::from(zero_point as i8));
-    for (x, dst) in input[..whole]
-        .chunks_exact(8)
-        .zip(codes[..whole].chunks_exact_mut(8))
-    {
-        // SAFETY: 8 f32, 32 bytes.
+    // Eight floats to eight codes in 32-bit lanes.
+    let codes8 = |x: &[f32]| {
+        // SAFETY: `x` holds 8 f32, 32 bytes.
         let q = _mm256_mul_ps(unsafe { _mm256_loadu_ps(x.as_ptr()) }, inverse);
-        let whole_part = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(q);
+        // Half away from zero: the whole part, plus the whole part of twice the fraction
+        // (1 from a half up, -1 from a half down, else 0). Both steps are exact below 2^23:
+        // the fraction of a float is a float, and doubling it only moves its exponent.
+        let truncate = |v| _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+        let whole_part = truncate(q);
         let fraction = _mm256_sub_ps(q, whole_part);
-        let up = _mm256_and_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(fraction, half), one);
-        let down = _mm256_and_ps(
-            _mm256_cmp_ps::<_CMP_LE_OQ>(fraction, _mm256_sub_ps(_mm256_setzero_ps(), half)),
-            one,
-        );
-        let rounded = _mm256_sub_ps(_mm256_add_ps(whole_part, up), down);
+        let rounded = _mm256_add_ps(whole_part, truncate(_mm256_add_ps(fraction, fraction)));
         // Small values rounded, the rest (huge, infinite, NaN) as they are.
         let small = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_andnot_ps(sign, q), exact);
         let code = _mm256_add_ps(_mm256_blendv_ps(q, rounded, small), offset);
         let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(code, code);
         let clamped = _mm256_min_ps(_mm256_max_ps(code, low), high);
-        let ints = _mm256_blendv_epi8(
+        _mm256_blendv_epi8(
             _mm256_cvtps_epi32(clamped),
             nan_code,
             _mm256_castps_si256(nan),
-        );
-        store8(ints, dst);
+        )
+    };
+    // 32 at a time, packed into one store (the codes are in range, so the saturating packs
+    // keep them; the packs interleave the four vectors' halves, the permutation undoes it),
+    // then 8 at a time: a store of 8 bytes per 8 floats was a third of the time.
+    let blocks = whole / 32 * 32;
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (x, dst) in input[..blocks]
+        .chunks_exact(32)
+        .zip(codes[..blocks].chunks_exact_mut(32))
+    {
+        let [a, b, c, d] = [0, 8, 16, 24].map(|at| codes8(&x[at..at + 8]));
+        let words = [_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)];
+        let bytes = _mm256_packs_epi16(words[0], words[1]);
+        let bytes = _mm256_permutevar8x32_epi32(bytes, order);
+        // SAFETY: `dst` holds 32 bytes, one 256-bit store.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), bytes) };
+    }
+    for (x, dst) in input[blocks..whole]
+        .chunks_exact(8)
+        .zip(codes[blocks..whole].chunks_exact_mut(8))
+    {
+        store8(codes8(x), dst);
     }
     whole
 }
