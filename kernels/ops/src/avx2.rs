@@ -727,14 +727,23 @@ fn quantize8(input: &[f32], codes: &mut [i8], inverse: f32, zero_point: i32) -> 
 #[target_feature(enable = "avx2")]
 fn store8(codes: __m256i, dst: &mut [i8]) {
     // The saturating packs keep codes in [-128, 127]; each 128-bit half then holds four of
-    // them in its low bytes.
+    // them in its low bytes, which the permutation puts side by side.
     let words = _mm256_packs_epi32(codes, codes);
     let bytes = _mm256_packs_epi16(words, words);
-    let low = _mm_cvtsi128_si32(_mm256_castsi256_si128(bytes)) as u32;
-    let high = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(bytes)) as u32;
-    let packed = (u64::from(high) << 32 | u64::from(low)).to_le_bytes();
-    for (d, &b) in dst.iter_mut().zip(&packed) {
-        *d = b as i8;
+    let low = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+    match <&mut [i8; 8]>::try_from(&mut *dst) {
+        // SAFETY: `whole` is 8 bytes, one 64-bit store.
+        Ok(whole) => unsafe {
+            _mm_storel_epi64(whole.as_mut_ptr().cast(), _mm256_castsi256_si128(low))
+        },
+        Err(_) => {
+            let mut eight = [0i8; 8];
+            // SAFETY: `eight` is 8 bytes, one 64-bit store.
+            unsafe { _mm_storel_epi64(eight.as_mut_ptr().cast(), _mm256_castsi256_si128(low)) };
+            for (d, &b) in dst.iter_mut().zip(&eight) {
+                *d = b;
+            }
+        }
     }
 }
 
