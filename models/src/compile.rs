@@ -169,10 +169,9 @@ pub struct Report {
 
 /// [`Options::min_error_reduction`]'s default. How much lower (relative) a wider plan's output
 /// error against tract's must be than the int8 plan's for the compiler to write it: the wider
-/// layers are slower (16-bit-input layers
-/// run the generic kernels on the CPU: YOLOv8n at 640 kept one Sigmoid at 16 bits for an error
-/// 0.1275 -> 0.1274 and its next Conv took 133 ms of the plan's 177), so a plan closer by a hair
-/// is not worth them.
+/// layers are slower (16-bit-input layers run the generic kernels on the CPU: YOLOv8n at 640
+/// kept one Sigmoid at 16 bits for an error 0.1275 -> 0.1274 and its next Conv took 133 ms of
+/// the plan's 177), so a plan closer by a hair is not worth them.
 pub const MIN_ERROR_REDUCTION: f64 = 0.05;
 
 /// The all-int8 plan against the plan with some function tables at 16 bits, on the

@@ -48,7 +48,8 @@ struct Prepared {
     few: Option<FewPixels>,
     /// Channels in the lanes, for depthwise layers on small planes.
     lanes: Option<ChannelLanes>,
-    /// Window rows as byte quads, for the other depthwise layers, on a CPU with VNNI.
+    /// Window rows as byte quads, for the other depthwise layers and small stems, on a CPU
+    /// with VNNI.
     row_quads: Option<RowQuads>,
 }
 
@@ -1492,50 +1493,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn depthwise_matches_the_generic_kernel_bit_for_bit() {
+    /// Every layer of `layers` (a property test's generator, from `seed`) gives the generic
+    /// bytes on every path, and on each VNNI path more than `min` of them took the row quads.
+    fn row_quads_match_the_generic_kernel(
+        layers: fn(u64, &mut check::Fast<'_>),
+        seed: u64,
+        min: usize,
+    ) {
         if !std::arch::is_x86_feature_detected!("avx2") {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
         for vnni in paths() {
             let mut row_quads = 0;
-            check::random_depthwise(0xdee9_2026_1201, &mut |conv, input, output| {
+            layers(seed, &mut |conv, input, output| {
                 let mut fast = Avx2::for_conv(conv, vnni)?;
                 row_quads += usize::from(fast.layers[0].as_ref()?.row_quads.is_some());
                 Some(fast.conv(0, conv, input, output))
             });
             if vnni.is_some() {
                 assert!(
-                    row_quads > 100,
+                    row_quads > min,
                     "{vnni:?}: only {row_quads} layers took row quads"
                 );
             }
         }
     }
 
+    #[test]
+    fn depthwise_matches_the_generic_kernel_bit_for_bit() {
+        row_quads_match_the_generic_kernel(check::random_depthwise, 0xdee9_2026_1201, 100);
+    }
+
     /// Stems (dense over up to 3 channels, to up to 16) take row quads on a VNNI CPU: every
     /// random one gives the generic bytes.
     #[test]
     fn stems_match_the_generic_kernel_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: this CPU has no AVX2");
-            return;
-        }
-        for vnni in paths() {
-            let mut row_quads = 0;
-            check::random_stems(0x57e3_2026_1204, &mut |conv, input, output| {
-                let mut fast = Avx2::for_conv(conv, vnni)?;
-                row_quads += usize::from(fast.layers[0].as_ref()?.row_quads.is_some());
-                Some(fast.conv(0, conv, input, output))
-            });
-            if vnni.is_some() {
-                assert!(
-                    row_quads > 40,
-                    "{vnni:?}: only {row_quads} stems took row quads"
-                );
-            }
-        }
+        row_quads_match_the_generic_kernel(check::random_stems, 0x57e3_2026_1204, 40);
     }
 
     /// A depthwise layer's row quads are prepared weights: the scrub visits them, and fault

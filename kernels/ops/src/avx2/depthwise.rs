@@ -289,21 +289,7 @@ impl Channel<'_> {
                     Some((scale, clamp)) => scale.codes_vector([lo, hi], clamp),
                     None => self.requant.tile_vector(lo, hi),
                 };
-                let at = oy * ow + x;
-                // A whole 16-byte store where the plane has room: codes past the row's end
-                // land on the next row's first pixels, which are written after them.
-                match out.get_mut(at..at + NR) {
-                    // SAFETY: `dst` is 16 bytes, one 128-bit store.
-                    Some(dst) => unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) },
-                    None => {
-                        let mut last = [0i8; NR];
-                        // SAFETY: `last` holds 16 bytes, one 128-bit store.
-                        unsafe { _mm_storeu_si128(last.as_mut_ptr().cast(), codes) };
-                        if let Some(dst) = out.get_mut(at..at + n) {
-                            store_codes(dst, &last);
-                        }
-                    }
-                }
+                store_vector(out, oy * ow + x, n, codes);
             }
         }
     }
@@ -339,6 +325,26 @@ impl Channel<'_> {
             hi = _mm256_add_epi32(hi, _mm256_madd_epi16(ph, weight));
         }
         (lo, hi)
+    }
+}
+
+/// Store `codes`, 16 of a row, at `at` in `out`, `n` of them: a whole 16-byte store where the
+/// plane has room (codes past the row's end land on the next row's first pixels, which are
+/// written after them).
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn store_vector(out: &mut [i8], at: usize, n: usize, codes: __m128i) {
+    match out.get_mut(at..at + NR) {
+        // SAFETY: `dst` is 16 bytes, one 128-bit store.
+        Some(dst) => unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) },
+        None => {
+            let mut last = [0i8; NR];
+            // SAFETY: `last` holds 16 bytes, one 128-bit store.
+            unsafe { _mm_storeu_si128(last.as_mut_ptr().cast(), codes) };
+            if let Some(dst) = out.get_mut(at..at + n.min(NR)) {
+                store_codes(dst, &last);
+            }
+        }
     }
 }
 

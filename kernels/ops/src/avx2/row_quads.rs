@@ -27,6 +27,7 @@
 use std::arch::x86_64::*;
 use std::vec::Vec;
 
+use super::depthwise::store_vector;
 use super::vnni::{flip_signs, Vnni};
 use super::{ChannelRequant, NarrowClamp, NarrowScale};
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
@@ -277,33 +278,30 @@ impl Layout {
             rows_per_block,
             flat: Flat::new(0, 0),
         };
-        // The narrowest rows in which every window's bytes past its row's input are the row's
-        // right padding or the next row's left padding, for rows that fit neither 8 nor 16
-        // bytes: 7x7 planes with 5x5 windows fill 7 of every 9 positions (0.82 of the
-        // channel-lanes kernel's time), 16x16 ones with 3x3 windows 16 of 17. Where a stacked
-        // layout fits, it was the faster (5x5 windows on 14x14: flat took 1.05 times as long).
-        let flat_pitch = (left + w).max(ow + g.kernel[1] - 1 - left.min(ow + g.kernel[1] - 1));
-        let flat = || {
-            (compress && sy == 1 && flat_pitch <= MAX_FLAT_PITCH).then_some(Self {
-                pitch: flat_pitch,
-                rows: hp + 1,
-                vectors: [0, 1, 2, 3],
-                width: 1,
-                rows_per_block: 0,
-                flat: Flat::new(flat_pitch, ow),
-            })
-        };
-        // Rows of `pitch` bytes: every window's bytes past its row's input are the row's
-        // right padding or the next row's left padding (one row more for the last row's).
-        let stacked = |pitch: usize| {
-            (sy == 1 && left + w <= pitch && ow + g.kernel[1] - 2 < pitch + left).then_some(Self {
+        // Rows of at least this many bytes, one after the other, leave every window's bytes
+        // past its row's input in the row's right padding or the next row's left padding
+        // (one row more for the last row's).
+        let narrowest = (left + w).max((ow + g.kernel[1] - 1).saturating_sub(left));
+        let packed = |pitch, width, rows_per_block, flat| {
+            (sy == 1 && narrowest <= pitch).then_some(Self {
                 pitch,
                 rows: hp + 1,
                 vectors: [0, 1, 2, 3],
-                width: pitch,
-                rows_per_block: BLOCK / pitch,
-                flat: Flat::new(0, 0),
+                width,
+                rows_per_block,
+                flat,
             })
+        };
+        // Rows of 8 or 16 bytes, so that a block holds 4 or 2 whole rows.
+        let stacked = |pitch: usize| packed(pitch, pitch, BLOCK / pitch, Flat::new(0, 0));
+        // The narrowest rows, for rows that fit neither 8 nor 16 bytes: 7x7 planes with 5x5
+        // windows fill 7 of every 9 positions (0.82 of the channel-lanes kernel's time), 16x16
+        // ones with 3x3 windows 16 of 17. Where a stacked layout fits, it was the faster (5x5
+        // windows on 14x14: flat took 1.05 times as long).
+        let flat = || {
+            (compress && narrowest <= MAX_FLAT_PITCH)
+                .then(|| packed(narrowest, 1, 0, Flat::new(narrowest, ow)))
+                .flatten()
         };
         match sx {
             1 if ow > NR => Some(rows([0, 1, 2, 3], BLOCK, 1)),
@@ -409,26 +407,6 @@ fn in_pixel_order(first: __m128i, second: __m128i, stride: usize) -> [__m128i; 2
     ]
 }
 
-/// Store `codes` (16 of a row) at `at` in `out`, `n` of them: a whole 16-byte store where
-/// the plane has room (codes past the row's end land on the next row's first pixels, which
-/// are written after them).
-#[inline]
-#[target_feature(enable = "avx2")]
-fn store(out: &mut [i8], at: usize, n: usize, codes: __m128i) {
-    match out.get_mut(at..at + NR) {
-        // SAFETY: `dst` is 16 bytes, one 128-bit store.
-        Some(dst) => unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), codes) },
-        None => {
-            let mut last = [0i8; NR];
-            // SAFETY: `last` holds 16 bytes, one 128-bit store.
-            unsafe { _mm_storeu_si128(last.as_mut_ptr().cast(), codes) };
-            if let Some(dst) = out.get_mut(at..at + n.min(NR)) {
-                dst.copy_from_slice(&last[..dst.len()]);
-            }
-        }
-    }
-}
-
 /// Store the codes of a block of the flat layout whose positions `mask` says are pixels, at
 /// `at` in `out`, one after the other: a whole 32-byte store where the plane has room (the
 /// bytes past the block's pixels are the next block's to write).
@@ -459,14 +437,14 @@ unsafe fn store_compressed(out: &mut [i8], at: usize, mask: u32, [lo, hi]: [__m1
 #[target_feature(enable = "avx2")]
 fn store_rows(out: &mut [i8], oy: usize, [oh, ow]: [usize; 2], rows: usize, codes: [__m128i; 2]) {
     if rows == 2 {
-        store(out, oy * ow, ow, codes[0]);
+        store_vector(out, oy * ow, ow, codes[0]);
         if oy + 1 < oh {
-            store(out, (oy + 1) * ow, ow, codes[1]);
+            store_vector(out, (oy + 1) * ow, ow, codes[1]);
         }
         return;
     }
-    // Four rows of up to 8 codes: each a 64-bit half. Stored as [`store`] does, whole where
-    // the plane has room.
+    // Four rows of up to 8 codes: each a 64-bit half. Stored as [`store_vector`] does, whole
+    // where the plane has room.
     let halves = codes.map(|c| {
         // SAFETY: AVX2 is enabled here, and with it SSE4.1.
         let (low, high) = (_mm_cvtsi128_si64(c), _mm_extract_epi64::<1>(c));
@@ -614,8 +592,8 @@ macro_rules! group_rows {
                     let n = ow - x;
                     let [a, b] = block(oy * sy * layout.pitch + x * sx);
                     let at = oy * ow + x;
-                    store(out, at, n, a);
-                    store(out, at + NR, n.saturating_sub(NR), b);
+                    store_vector(out, at, n, a);
+                    store_vector(out, at + NR, n.saturating_sub(NR), b);
                 }
             }
         }
