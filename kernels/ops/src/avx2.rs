@@ -976,14 +976,19 @@ impl<'c> BlockScales<'c> {
             Self::Narrow(narrow, clamp) => {
                 let block = narrow.get(first..).unwrap_or_default();
                 if let Some(Ok(block)) = block.get(..MR).map(<&[NarrowScale; MR]>::try_from) {
-                    // Unrolled, so the sums stay in registers.
+                    // Unrolled, so the sums stay in registers; two channels' codes a vector.
                     let [a, b, c, d] = acc;
-                    return [
-                        block[0].codes(a, clamp),
-                        block[1].codes(b, clamp),
-                        block[2].codes(c, clamp),
-                        block[3].codes(d, clamp),
+                    let halves = [
+                        pair_codes([&block[0], &block[1]], [a, b], clamp),
+                        pair_codes([&block[2], &block[3]], [c, d], clamp),
                     ];
+                    // SAFETY: `codes` is 64 bytes, two 256-bit stores.
+                    unsafe {
+                        let at = codes.as_mut_ptr().cast::<__m256i>();
+                        _mm256_storeu_si256(at, halves[0]);
+                        _mm256_storeu_si256(at.add(1), halves[1]);
+                    }
+                    return codes;
                 }
                 for ((scale, acc), row) in block.iter().zip(acc).zip(&mut codes) {
                     *row = scale.codes(acc, clamp);
@@ -1000,35 +1005,75 @@ impl<'c> BlockScales<'c> {
     }
 }
 
+/// Two channels' 16 codes each from their sums (in the lane order `vpunpck*wd` leaves), in
+/// pixel order, the first channel's in the low 128 bits: one clamp for both.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn pair_codes(
+    [x, y]: [&NarrowScale; 2],
+    [[x_lo, x_hi], [y_lo, y_hi]]: [[__m256i; 2]; 2],
+    clamp: &NarrowClamp,
+) -> __m256i {
+    // Each 128-bit half of the words holds 8 pixels in order.
+    let x_words = _mm256_packs_epi32(x.values(x_lo), x.values(x_hi));
+    let y_words = _mm256_packs_epi32(y.values(y_lo), y.values(y_hi));
+    let bytes = clamp.bytes(_mm256_packs_epi16(x_words, y_words));
+    _mm256_permute4x64_epi64::<0b11_01_10_00>(bytes)
+}
+
 /// The per-call requantisation scratch of [`BlockScales`].
 struct Constants<'c> {
     requants: &'c mut Vec<ChannelRequant>,
     narrow: &'c mut Vec<NarrowScale>,
 }
 
-/// A channel's requantisation in the common case, compactly: a scale below 1/2 (a right shift
-/// of at least 32) and an output zero point that is a code. [`ChannelRequant`]'s vector path
-/// for such a channel, with the layer's clamp taken once per call ([`NarrowClamp`]) and applied
-/// to 16-bit words: a value the pack saturates is beyond every code either way, and so is its
-/// sum with the zero point, so the codes are the same.
+/// A channel's requantisation in the common case, compactly: a scale below 1/4 (a right shift
+/// of at least 33) and an output zero point that is a code. With a shift of 32 + `s`, `s >= 1`,
+/// the rounding half `2^(31 + s)` is a multiple of 2^32, so the rounded product shifted right
+/// by 32 is the product's high half plus `2^(s - 1)` exactly (floor divisions compose); adding
+/// the zero point times `2^s` there too adds it to the result exactly. What is left per value
+/// is the high half of a 32x32-bit product, an add and a 32-bit shift, where
+/// [`ChannelRequant`]'s vector path adds and shifts 64-bit products. The clamp is applied to
+/// the codes' bytes ([`NarrowClamp`]): the packs saturate to `[-128, 127]`, which holds the
+/// clamp's range, and saturation keeps order, so the codes are the same.
 #[derive(Clone, Copy)]
 struct NarrowScale {
     bias: i32,
     multiplier: i32,
-    round: i64,
-    /// The right shift less 32.
+    /// `(2·zp + 1)·2^(s - 1)`: the rounding half and the zero point, at the high half's scale.
+    offset: i32,
+    /// `s`: the right shift less 32.
     high_right: i64,
 }
 
 impl NarrowScale {
     fn new(bias: i32, requant: Requant, q: OutputQuant) -> Option<Self> {
         let right = 31 - i64::from(requant.shift.clamp(Requant::MIN_SHIFT, Requant::MAX_SHIFT));
-        (right >= 32 && is_code(q.zero_point)).then_some(Self {
+        let s = right - 32;
+        let offset = (2 * i64::from(q.zero_point) + 1) << (s - 1).max(0);
+        // The high half of a product with a multiplier below 2^31 is within ±2^30; with an
+        // offset within ±2^30 their sum fits 32 bits.
+        (s >= 1 && is_code(q.zero_point) && offset.abs() < 1 << 30).then_some(Self {
             bias,
             multiplier: requant.multiplier,
-            round: 1 << (right - 1),
-            high_right: right - 32,
+            offset: offset as i32,
+            high_right: s,
         })
+    }
+
+    /// `round(sums + bias, scaled) + zp` in 32-bit lanes, for every `i32` sum.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn values(&self, sums: __m256i) -> __m256i {
+        let x = _mm256_add_epi32(sums, _mm256_set1_epi32(self.bias));
+        let multiplier = _mm256_set1_epi32(self.multiplier);
+        // `vpmuldq` multiplies the even lanes: the odd ones are moved down for a second.
+        let even = _mm256_mul_epi32(x, multiplier);
+        let odd = _mm256_mul_epi32(_mm256_shuffle_epi32::<0b11_11_01_01>(x), multiplier);
+        let high =
+            _mm256_blend_epi32::<0b1010_1010>(_mm256_shuffle_epi32::<0b11_11_01_01>(even), odd);
+        let shifted = _mm256_add_epi32(high, _mm256_set1_epi32(self.offset));
+        _mm256_sra_epi32(shifted, _mm_cvtsi64_si128(self.high_right))
     }
 
     /// The codes of 16 sums in the lane order `vpunpck*wd` leaves them in, in pixel order.
@@ -1045,23 +1090,24 @@ impl NarrowScale {
     #[inline]
     #[target_feature(enable = "avx2")]
     fn codes_vector(&self, [lo, hi]: [__m256i; 2], clamp: &NarrowClamp) -> __m128i {
-        let bias = _mm256_set1_epi32(self.bias);
-        let multiplier = _mm256_set1_epi32(self.multiplier);
-        let round = _mm256_set1_epi64x(self.round);
-        let right = _mm_cvtsi64_si128(self.high_right);
-        let lo = scale_high(_mm256_add_epi32(lo, bias), multiplier, round, right);
-        let hi = scale_high(_mm256_add_epi32(hi, bias), multiplier, round, right);
-        let words = _mm256_packs_epi32(lo, hi);
-        let words = _mm256_adds_epi16(words, clamp.zero_point);
-        let words = _mm256_min_epi16(_mm256_max_epi16(words, clamp.min), clamp.max);
-        let bytes = _mm256_packs_epi16(words, words);
+        let words = _mm256_packs_epi32(self.values(lo), self.values(hi));
+        let bytes = clamp.bytes(_mm256_packs_epi16(words, words));
         _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b00_00_10_00>(bytes))
+    }
+
+    /// The codes of four vectors of sums `a`, `b`, `c`, `d` (one channel's), clamped once: lanes
+    /// 0-3 of each in turn in the low 128 bits, lanes 4-7 in the high.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes32(&self, [a, b, c, d]: [__m256i; 4], clamp: &NarrowClamp) -> __m256i {
+        let ab = _mm256_packs_epi32(self.values(a), self.values(b));
+        let cd = _mm256_packs_epi32(self.values(c), self.values(d));
+        clamp.bytes(_mm256_packs_epi16(ab, cd))
     }
 }
 
-/// A layer's output zero point and clamp in 16-bit lanes, for [`NarrowScale::codes`].
+/// A layer's output clamp in byte lanes, for [`NarrowScale`].
 struct NarrowClamp {
-    zero_point: __m256i,
     min: __m256i,
     max: __m256i,
 }
@@ -1070,10 +1116,16 @@ impl NarrowClamp {
     #[target_feature(enable = "avx2")]
     fn new(q: OutputQuant) -> Self {
         Self {
-            zero_point: _mm256_set1_epi16(q.zero_point.clamp(-128, 127) as i16),
-            min: _mm256_set1_epi16(i16::from(q.min)),
-            max: _mm256_set1_epi16(i16::from(q.max)),
+            min: _mm256_set1_epi8(q.min),
+            max: _mm256_set1_epi8(q.max),
         }
+    }
+
+    /// `bytes` clamped, `max` last as [`requantize_i8`] does.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn bytes(&self, bytes: __m256i) -> __m256i {
+        _mm256_min_epi8(_mm256_max_epi8(bytes, self.min), self.max)
     }
 }
 

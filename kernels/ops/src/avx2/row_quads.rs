@@ -30,8 +30,10 @@ use std::vec::Vec;
 use super::depthwise::store_vector;
 use super::vnni::{flip_signs, Vnni};
 use super::{ChannelRequant, NarrowClamp, NarrowScale};
+use crate::int8::OutputQuant;
 use crate::int8::{ChannelQuant, Conv, ConvGeometry};
-use crate::strips::{corrected_bias, for_each_group, quad_word, Layer, Scratch, NR};
+use crate::quant::Requant;
+use crate::strips::{corrected_bias, quad_word, Layer, Scratch, NR};
 
 /// Most quads a window may have (rows times quads per row): 7x7 windows take 14.
 const MAX_QUADS: usize = 16;
@@ -51,9 +53,17 @@ pub(super) struct RowQuads {
     zero_point: i32,
     layout: Layout,
     taps: Taps,
-    /// Bytes from the plane's start to the end of the furthest load.
+    /// Groups padded and computed together: a depthwise layer's channels go through the
+    /// kernel [`CHUNK_BYTES`] of planes at a time, a stem is one group.
+    chunk: usize,
+    /// Bytes from the first plane's start to the end of the furthest load of a chunk.
     reach: usize,
 }
+
+/// Bytes of padded planes a depthwise chunk lays out at once: few enough to stay in L1 while
+/// they are read. Padding and computing a channel at a time, each channel's setup (the
+/// group's slices, its constants) cost more than its arithmetic on 7x7 planes.
+const CHUNK_BYTES: usize = 16 * 1024;
 
 impl RowQuads {
     /// Pack `conv` for `vnni`, where this CPU has it and the layer is one this kernel takes:
@@ -95,13 +105,19 @@ impl RowQuads {
             biases.push(corrected_bias(conv, o, filter, offset));
         }
         let taps = Taps::of(&g, &layout, per_row);
+        let chunk = if depthwise {
+            (CHUNK_BYTES / layout.plane().max(1)).clamp(1, group)
+        } else {
+            1
+        };
         Some(Self {
             vnni,
             words,
             biases,
             zero_point: conv.input_zero_point,
             layout,
-            reach: layout.reach(&g, &taps),
+            reach: (chunk - 1) * layout.plane() + layout.reach(&g, &taps),
+            chunk,
             taps,
         })
     }
@@ -139,55 +155,63 @@ impl RowQuads {
         scratch: &mut Scratch,
         output: &mut [i8],
     ) {
-        let channels = ChannelQuant {
-            bias: &self.biases,
-            ..conv.channels
-        };
         let g = layer.geometry;
-        let span = g.output[0] / g.group.max(1) * self.taps.count;
+        let [c, h, w] = g.input;
+        let [oc, oh, ow] = g.output;
+        let group = g.group.max(1);
+        let (icg, ocg) = (c / group, oc / group);
         let border = (self.zero_point + 128) as u8;
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut scratch.padded[..]);
-        let mut border_filled = false;
-        for_each_group(
-            conv,
-            &channels,
-            &self.words,
-            span,
-            input,
-            output,
-            |input, words, channels, out| {
-                // The border is the same byte for every group: one fill per call.
-                self.layout.pad(g, input, border, bytes, border_filled);
-                border_filled = true;
-                let group = Group {
-                    layer,
-                    layout: &self.layout,
-                    taps: &self.taps,
-                    words,
-                    channels,
-                };
-                // SAFETY: `new` checked the CPU has this encoding (and so AVX2); `accepts`
-                // checked the scratch holds every load of the plane `pad` laid out.
-                unsafe {
-                    match self.vnni {
-                        Vnni::Avx => group_avx(&group, bytes, out),
-                        Vnni::Avx512 => group_avx512(&group, bytes, out),
-                    }
+        let chunk = self.chunk.max(1);
+        let inputs = input.chunks((chunk * icg * h * w).max(1));
+        let outputs = output.chunks_mut((chunk * ocg * oh * ow).max(1));
+        let words = self.words.chunks((chunk * ocg * self.taps.count).max(1));
+        let per_chunk = chunk * ocg;
+        for (i, ((input, out), words)) in inputs.zip(outputs).zip(words).enumerate() {
+            let range = i * per_chunk..(i + 1) * per_chunk;
+            let (Some(bias), Some(multiplier), Some(shift)) = (
+                self.biases.get(range.start..range.end.min(oc)),
+                conv.channels.multiplier.get(range.start..range.end.min(oc)),
+                conv.channels.shift.get(range.start..range.end.min(oc)),
+            ) else {
+                return;
+            };
+            let channels = ChannelQuant {
+                bias,
+                multiplier,
+                shift,
+            };
+            // The border is the same byte for every chunk: one fill per call.
+            self.layout.pad(g, input, border, bytes, i > 0);
+            let group = Group {
+                layer,
+                layout: &self.layout,
+                taps: &self.taps,
+                words,
+                channels: &channels,
+                ocg,
+            };
+            // SAFETY: `new` checked the CPU has this encoding (and so AVX2); `accepts`
+            // checked the scratch holds every load of the planes `pad` laid out.
+            unsafe {
+                match self.vnni {
+                    Vnni::Avx => group_avx(&group, bytes, out),
+                    Vnni::Avx512 => group_avx512(&group, bytes, out),
                 }
-            },
-        );
+            }
+        }
     }
 }
 
 /// Whether `g` is a network's stem this kernel takes: dense over 3 input channels or fewer
 /// (their quads fit [`MAX_QUADS`]), windows of at least 3 taps a row (they fill most of
-/// their quads), and at most 16 output channels. Each channel rereads the input planes, where
-/// the strips' byte quads build each tile's once for all channels, so those win over more
-/// channels: on 3x224x224 inputs, 3x3 stride 2 (`layer_speed`, alternating runs), 16 channels
-/// took 0.87 of the quads' time here (MobileNetV3-small), 24 1.01 (ShuffleNetV2), 32 1.10
-/// (MobileNetV2, EfficientNet-B0).
+/// their quads), and at most 64 output channels. Where its blocks are rows, channels share
+/// each block's loads four at a time (two with AVX-VNNI's 16 registers). On 3x224x224 inputs,
+/// 3x3 stride 2, against the strips' byte quads (alternating runs, AVX-512 VNNI): 16 channels
+/// 0.74 of their time (MobileNetV3-small), 24 0.72 (ShuffleNetV2), 32 0.82 (MobileNetV2,
+/// EfficientNet-B0), 64 0.92 (SqueezeNet); with AVX-VNNI's two at a time, 32 channels 0.99.
 fn stem(g: &ConvGeometry) -> bool {
-    g.group.max(1) == 1 && g.input[0] <= 3 && g.kernel[1] >= 3 && g.output[0] <= 16
+    g.group.max(1) == 1 && g.input[0] <= 3 && g.kernel[1] >= 3 && g.output[0] <= 64
 }
 
 /// Offset of each quad's first tap from a window's start in the byte planes, `[ic][ky][q]`.
@@ -337,10 +361,10 @@ impl Layout {
         self.rows * self.pitch
     }
 
-    /// A group's `input` planes as bytes `x + 128`, one after the other, row `y` from
-    /// `(top + y) * pitch + left` of its plane, inside a border of `border` (left as it is
-    /// where `border_filled`: an earlier group of the same call padded into the same scratch);
-    /// nothing where `bytes` is too small.
+    /// The `input` planes (a group's, or a depthwise chunk's) as bytes `x + 128`, one after
+    /// the other, row `y` from `(top + y) * pitch + left` of its plane, inside a border of
+    /// `border` (left as it is where `border_filled`: an earlier chunk of the same call, as
+    /// large or larger, padded into the same scratch); nothing where `bytes` is too small.
     #[target_feature(enable = "avx2")]
     fn pad(
         &self,
@@ -350,10 +374,10 @@ impl Layout {
         bytes: &mut [u8],
         border_filled: bool,
     ) {
-        let [c, h, w] = g.input;
+        let [_, h, w] = g.input;
         let [top, left] = g.pad;
         let plane = self.plane();
-        let Some(planes) = bytes.get_mut(..c / g.group.max(1) * plane) else {
+        let Some(planes) = bytes.get_mut(..input.len() / (h * w).max(1) * plane) else {
             return;
         };
         if !border_filled {
@@ -373,37 +397,84 @@ impl Layout {
     }
 }
 
-/// One group of a call: its output channels' quads and constants.
+/// A channel's requantisation of a block's four vectors of sums, into codes in the order
+/// [`in_pixel_order`] reads.
+// Made per channel on the stack, where a box for the general form would allocate per call.
+#[allow(clippy::large_enum_variant)]
+enum BlockRequant {
+    Narrow(NarrowScale),
+    General(ChannelRequant),
+}
+
+impl BlockRequant {
+    #[target_feature(enable = "avx2")]
+    fn new(bias: i32, requant: Requant, q: OutputQuant) -> Self {
+        match NarrowScale::new(bias, requant, q) {
+            Some(narrow) => Self::Narrow(narrow),
+            None => Self::General(ChannelRequant::new(bias, requant, q)),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn codes(&self, [a, b, c, d]: [__m256i; 4], clamp: &NarrowClamp) -> __m256i {
+        match self {
+            Self::Narrow(narrow) => narrow.codes32([a, b, c, d], clamp),
+            Self::General(requant) => {
+                // Each pair's codes are lanes 0-3 of both vectors, then 4-7.
+                let (first, second) = (requant.tile_vector(a, b), requant.tile_vector(c, d));
+                _mm256_set_m128i(
+                    _mm_unpackhi_epi64(first, second),
+                    _mm_unpacklo_epi64(first, second),
+                )
+            }
+        }
+    }
+}
+
+/// One group of a call, or a chunk of a depthwise layer's: its output channels' quads and
+/// constants.
 struct Group<'g> {
     layer: &'g Layer<'g>,
     layout: &'g Layout,
     taps: &'g Taps,
     words: &'g [i32],
     channels: &'g ChannelQuant<'g>,
+    /// Output channels per group: those reading each laid-out plane (a stem's read them all).
+    ocg: usize,
 }
 
-/// The 32 codes of a block whose two pairs of vectors of sums requantised to `first` and
-/// `second`, in pixel order (two rows' 16 in turn for blocks of two rows); `stride` is the
-/// layer's along rows. The requantisation reads a pair as pixels 0-3 and 8-11, then 4-7 and
-/// 12-15 (the order `vpunpck*wd` leaves): its bytes are lanes 0-3 of the first vector, 0-3 of
-/// the second, 4-7 of the first, 4-7 of the second.
+/// The 32 codes of a block in pixel order (two rows' 16 in turn for blocks of two rows), from
+/// its four vectors' codes as [`NarrowScale::codes32`] leaves them (lanes 0-3 of each vector
+/// in turn, then lanes 4-7); `stride` is the layer's along rows.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn in_pixel_order(first: __m128i, second: __m128i, stride: usize) -> [__m128i; 2] {
+fn in_pixel_order(codes: __m256i, stride: usize) -> __m256i {
     if stride == 1 {
-        // Vector r's lane j is pixel 4j + r: lanes 0-3 of the four vectors are a 4x4
-        // transpose of pixels 0-15, lanes 4-7 of pixels 16-31.
-        let transpose = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-        return [
-            _mm_shuffle_epi8(_mm_unpacklo_epi64(first, second), transpose),
-            _mm_shuffle_epi8(_mm_unpackhi_epi64(first, second), transpose),
-        ];
+        // Vector r's lane j is pixel 4j + r: each half is a 4x4 transpose of 16 pixels.
+        let transpose = _mm256_setr_epi8(
+            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, //
+            0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+        );
+        return _mm256_shuffle_epi8(codes, transpose);
     }
-    // Stride 2: each pair of vectors holds the even and the odd pixels of 16.
-    let interleave = _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    // Stride 2: vectors 0 and 1 hold the even and the odd of pixels 0-15, 2 and 3 of 16-31;
+    // their lanes 0-3 and 4-7 are gathered into each half, then interleaved.
+    let halves = _mm256_permute4x64_epi64::<0b11_01_10_00>(codes);
+    let interleave = _mm256_setr_epi8(
+        0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15, //
+        0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15,
+    );
+    _mm256_shuffle_epi8(halves, interleave)
+}
+
+/// A block's 32 codes as two halves of 16.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn halves(codes: __m256i) -> [__m128i; 2] {
     [
-        _mm_shuffle_epi8(first, interleave),
-        _mm_shuffle_epi8(second, interleave),
+        _mm256_castsi256_si128(codes),
+        _mm256_extracti128_si256::<1>(codes),
     ]
 }
 
@@ -414,8 +485,8 @@ fn in_pixel_order(first: __m128i, second: __m128i, stride: usize) -> [__m128i; 2
 /// # Safety
 /// The CPU must have AVX-512 VBMI2, BW and VL.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vbmi2")]
-unsafe fn store_compressed(out: &mut [i8], at: usize, mask: u32, [lo, hi]: [__m128i; 2]) {
-    let codes = _mm256_maskz_compress_epi8(mask, _mm256_set_m128i(hi, lo));
+unsafe fn store_compressed(out: &mut [i8], at: usize, mask: u32, codes: __m256i) {
+    let codes = _mm256_maskz_compress_epi8(mask, codes);
     match out.get_mut(at..at + BLOCK) {
         // SAFETY: `dst` is 32 bytes, one 256-bit store.
         Some(dst) => unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), codes) },
@@ -435,7 +506,8 @@ unsafe fn store_compressed(out: &mut [i8], at: usize, mask: u32, [lo, hi]: [__m1
 /// whose 32 codes are `codes`: each row's are the next `32 / rows` of them.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn store_rows(out: &mut [i8], oy: usize, [oh, ow]: [usize; 2], rows: usize, codes: [__m128i; 2]) {
+fn store_rows(out: &mut [i8], oy: usize, [oh, ow]: [usize; 2], rows: usize, codes: __m256i) {
+    let codes = halves(codes);
     if rows == 2 {
         store_vector(out, oy * ow, ow, codes[0]);
         if oy + 1 < oh {
@@ -475,7 +547,15 @@ fn store_rows(out: &mut [i8], oy: usize, [oh, ow]: [usize; 2], rows: usize, code
 /// in `vpdpbusd` encoding `$dp`; `$sums` is made for the same features, so that it is inlined
 /// and the sums stay in registers.
 macro_rules! group_rows {
-    ($name:ident, $channel:ident, $sums:ident, $features:literal, $dp:ident) => {
+    (
+        $name:ident,
+        $channel:ident,
+        $stem_rows:ident,
+        $sums:ident,
+        $stem_channels:literal,
+        $features:literal,
+        $dp:ident
+    ) => {
         /// The sums of one block from the window starting at `at`: `count` quads (`QUADS` where
         /// not 0, so that the loop unrolls with the weights in registers).
         #[inline]
@@ -520,8 +600,9 @@ macro_rules! group_rows {
             even
         }
 
-        /// One output channel from its `words`, its sums' codes made by `codes` (the
-        /// channel's requantisation, a closure so that it is inlined).
+        /// One output channel from its `words`, a block's sums' codes made by `codes` (the
+        /// channel's requantisation, a closure so that it is inlined) in the order
+        /// [`in_pixel_order`] reads.
         ///
         /// # Safety
         /// As for the group's function.
@@ -532,7 +613,7 @@ macro_rules! group_rows {
             plane: *const u8,
             words: &[i32; MAX_QUADS],
             out: &mut [i8],
-            codes: impl Fn(__m256i, __m256i) -> __m128i,
+            codes: impl Fn([__m256i; 4]) -> __m256i,
         ) {
             let Group {
                 layer,
@@ -545,7 +626,7 @@ macro_rules! group_rows {
             let [sy, sx] = g.stride;
             let block = |at: usize| {
                 // SAFETY: as for this function.
-                let [a, b, c, d] = unsafe {
+                let sums = unsafe {
                     match taps.count {
                         3 => $sums::<3>(plane, at, taps, layout.vectors, words),
                         9 => $sums::<9>(plane, at, taps, layout.vectors, words),
@@ -553,7 +634,7 @@ macro_rules! group_rows {
                         _ => $sums::<0>(plane, at, taps, layout.vectors, words),
                     }
                 };
-                in_pixel_order(codes(a, b), codes(c, d), sx)
+                in_pixel_order(codes(sums), sx)
             };
             if layout.rows_per_block == 0 {
                 // Blocks of 32 positions from the plane's start (a pixel's window starts at
@@ -590,10 +671,78 @@ macro_rules! group_rows {
                     // is shorter than a block.
                     let x = (v * BLOCK).min(ow.saturating_sub(BLOCK));
                     let n = ow - x;
-                    let [a, b] = block(oy * sy * layout.pitch + x * sx);
+                    let [a, b] = halves(block(oy * sy * layout.pitch + x * sx));
                     let at = oy * ow + x;
                     store_vector(out, at, n, a);
                     store_vector(out, at + NR, n.saturating_sub(NR), b);
+                }
+            }
+        }
+
+        /// `CB` output channels of a stem whose blocks are rows of 32 pixels (or fewer), their
+        /// quads `words[j]` and requantisations `requants[j]`, into the first `CB` planes of
+        /// `out`: each block's loads are shared by the channels, where a channel at a time
+        /// loads each input byte again for every channel.
+        ///
+        /// # Safety
+        /// As for the group's function.
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn $stem_rows<const CB: usize>(
+            group: &Group<'_>,
+            plane: *const u8,
+            words: &[[i32; MAX_QUADS]; CB],
+            requants: &[BlockRequant; CB],
+            clamp: &NarrowClamp,
+            out: &mut [i8],
+        ) {
+            let Group {
+                layer,
+                layout,
+                taps,
+                ..
+            } = *group;
+            let g = layer.geometry;
+            let [_, oh, ow] = g.output;
+            let [sy, sx] = g.stride;
+            let plane_len = (oh * ow).max(1);
+            let count = taps.count.min(MAX_QUADS);
+            for oy in 0..oh {
+                for v in 0..ow.div_ceil(BLOCK) {
+                    // As in the one-channel kernel: the last block of a row ends at its end.
+                    let x = (v * BLOCK).min(ow.saturating_sub(BLOCK));
+                    let n = ow - x;
+                    let start = oy * sy * layout.pitch + x * sx;
+                    let mut sums = [[_mm256_setzero_si256(); 4]; CB];
+                    for i in 0..count {
+                        let offset = taps.offsets[i];
+                        // SAFETY: the caller vouches for every load of the block.
+                        let bytes = layout.vectors.map(|vector| unsafe {
+                            _mm256_loadu_si256(plane.add(start + offset + vector).cast())
+                        });
+                        for (sums, words) in sums.iter_mut().zip(words) {
+                            let weight = _mm256_set1_epi32(words[i]);
+                            for (sum, &bytes) in sums.iter_mut().zip(&bytes) {
+                                *sum = $dp(*sum, bytes, weight);
+                            }
+                        }
+                    }
+                    let at = oy * ow + x;
+                    for (j, (sums, requant)) in sums.into_iter().zip(requants).enumerate() {
+                        let [a, b] = halves(in_pixel_order(requant.codes(sums, clamp), sx));
+                        // Within the channel's plane but for the last channel's: a store
+                        // past a plane's end would land on the next one's codes, written
+                        // already.
+                        let end = if j + 1 < CB {
+                            (j + 1) * plane_len
+                        } else {
+                            out.len()
+                        };
+                        if let Some(plane_out) = out.get_mut(j * plane_len..end) {
+                            store_vector(plane_out, at, n, a);
+                            store_vector(plane_out, at + NR, n.saturating_sub(NR), b);
+                        }
+                    }
                 }
             }
         }
@@ -602,40 +751,71 @@ macro_rules! group_rows {
         /// The CPU must have the features; `plane` must hold every load [`RowQuads::reach`]
         /// counts.
         #[target_feature(enable = $features)]
-        unsafe fn $name(group: &Group<'_>, plane: &[u8], out: &mut [i8]) {
+        unsafe fn $name(group: &Group<'_>, planes: &[u8], out: &mut [i8]) {
             let Group {
                 layer,
+                layout,
                 taps,
                 words,
                 channels,
-                ..
+                ocg,
             } = *group;
             let [_, oh, ow] = layer.geometry.output;
             let clamp = NarrowClamp::new(layer.q);
-            let plane = plane.as_ptr();
-            for (r, out) in out.chunks_exact_mut((oh * ow).max(1)).enumerate() {
+            let plane_len = (oh * ow).max(1);
+            let channel = |r: usize| {
                 let mut channel_words = [0; MAX_QUADS];
                 let first = r * taps.count;
-                for (w, &word) in channel_words
-                    .iter_mut()
-                    .zip(&words[first..first + taps.count])
-                {
-                    *w = word;
+                if let Some(words) = words.get(first..first + taps.count) {
+                    channel_words[..words.len()].copy_from_slice(words);
                 }
-                let words = &channel_words;
                 let (bias, requant) = channels.get(r);
+                (channel_words, BlockRequant::new(bias, requant, layer.q))
+            };
+            let channels_out = out.len() / plane_len;
+            let mut r = 0;
+            // A stem's channels `$stem_channels` at a time where its blocks are rows.
+            if layer.geometry.group.max(1) == 1 && layout.rows_per_block == 1 {
+                while r + $stem_channels <= channels_out {
+                    let mut words = [[0; MAX_QUADS]; $stem_channels];
+                    let requants: [_; $stem_channels] = core::array::from_fn(|j| {
+                        let (channel_words, requant) = channel(r + j);
+                        words[j] = channel_words;
+                        requant
+                    });
+                    if let Some(out) = out.get_mut(r * plane_len..) {
+                        // SAFETY: as for this function; a stem's channels read the same
+                        // planes, from the first.
+                        unsafe {
+                            $stem_rows(group, planes.as_ptr(), &words, &requants, &clamp, out)
+                        };
+                    }
+                    r += $stem_channels;
+                }
+            }
+            for r in r..channels_out {
+                // The channel's plane and the later channels': a block's whole-vector store
+                // past the plane's end lands on the next plane's first codes, written after
+                // it, where a store cut at the plane's end went through the stack.
+                let Some(out) = out.get_mut(r * plane_len..) else {
+                    break;
+                };
+                // A group's channels read its planes; a depthwise chunk's groups have one each,
+                // one after the other.
+                let index = if ocg == 1 { r } else { r / ocg.max(1) };
+                let plane = planes.as_ptr().wrapping_add(index * layout.plane());
+                let (words, requant) = channel(r);
                 // SAFETY: as for this function.
                 unsafe {
-                    match NarrowScale::new(bias, requant, layer.q) {
-                        Some(narrow) => $channel(group, plane, words, out, |lo, hi| {
-                            narrow.codes_vector([lo, hi], &clamp)
-                        }),
-                        None => {
-                            let requant = ChannelRequant::new(bias, requant, layer.q);
-                            $channel(group, plane, words, out, |lo, hi| {
-                                requant.tile_vector(lo, hi)
+                    match requant {
+                        BlockRequant::Narrow(narrow) => {
+                            $channel(group, plane, &words, out, |sums| {
+                                narrow.codes32(sums, &clamp)
                             })
                         }
+                        general => $channel(group, plane, &words, out, |sums| {
+                            general.codes(sums, &clamp)
+                        }),
                     }
                 }
             }
@@ -646,14 +826,18 @@ macro_rules! group_rows {
 group_rows!(
     group_avx,
     channel_avx,
+    stem_rows_avx,
     sums_avx,
+    2,
     "avx2,avxvnni",
     _mm256_dpbusd_avx_epi32
 );
 group_rows!(
     group_avx512,
     channel_avx512,
+    stem_rows_avx512,
     sums_avx512,
+    4,
     "avx2,avx512vnni,avx512vl",
     _mm256_dpbusd_epi32
 );

@@ -355,6 +355,15 @@ pub(super) fn flip_signs(src: &[i8], dst: &mut [u8]) {
                 flip8(0);
                 flip8(n - 8);
             }
+            // 7x7 planes' rows: a byte at a time, padding was 0.4 of a 5x5 layer's time.
+            4.. => {
+                let flip4 = |at: usize| {
+                    let v = src.add(at).cast::<u32>().read_unaligned() ^ 0x8080_8080;
+                    dst.add(at).cast::<u32>().write_unaligned(v);
+                };
+                flip4(0);
+                flip4(n - 4);
+            }
             _ => {
                 for i in 0..n {
                     *dst.add(i) = *src.add(i) as u8 ^ 0x80;
