@@ -427,6 +427,12 @@ fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
         );
         return;
     }
+    if plane >= NR {
+        if let Some(narrow) = NarrowScale::new(0, mul.requant, mul.output_quant) {
+            mul_planes16(&narrow, mul, a, b, output);
+            return;
+        }
+    }
     for ((xs, y), outs) in a
         .chunks_exact(plane)
         .zip(b)
@@ -444,6 +450,48 @@ fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
                 &mut outs[start..start + 8],
             );
             at = start + 8;
+        }
+    }
+}
+
+/// [`mul8`] for one factor per plane of at least 16 codes (squeeze-excite's gates), with a
+/// [`NarrowScale`]: 16 codes at a time in 16-bit lanes. Centred codes are within ±255, so
+/// `vpmullw` and `vpmulhw` give each product's two 16-bit halves exactly, and interleaved they
+/// are the 32-bit products in the lane order [`NarrowScale::codes_vector`] reads.
+#[target_feature(enable = "avx2")]
+fn mul_planes16(narrow: &NarrowScale, mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
+    let clamp = NarrowClamp::new(mul.output_quant);
+    let [za, zb] = mul.input_zero_points;
+    let za = _mm256_set1_epi16(za as i16);
+    let plane = a.len() / b.len().max(1);
+    for ((xs, &y), outs) in a
+        .chunks_exact(plane)
+        .zip(b)
+        .zip(output.chunks_exact_mut(plane))
+    {
+        let factor = _mm256_set1_epi16((i32::from(y) - zb) as i16);
+        // Whole vectors from the start, then the plane's last 16 codes, overlapping the
+        // vector before (the same codes again).
+        let mut at = 0;
+        while at < plane {
+            let start = at.min(plane - NR);
+            let (Some(x), Some(dst)) = (xs.get(start..start + NR), outs.get_mut(start..start + NR))
+            else {
+                return;
+            };
+            // SAFETY: `x` and `dst` are 16 bytes, one 128-bit load and store.
+            unsafe {
+                let x = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.as_ptr().cast()));
+                let x = _mm256_sub_epi16(x, za);
+                let (low, high) = (_mm256_mullo_epi16(x, factor), _mm256_mulhi_epi16(x, factor));
+                let products = [
+                    _mm256_unpacklo_epi16(low, high),
+                    _mm256_unpackhi_epi16(low, high),
+                ];
+                let codes = narrow.codes_vector(products, &clamp);
+                _mm_storeu_si128(dst.as_mut_ptr().cast(), codes);
+            }
+            at = start + NR;
         }
     }
 }
@@ -1815,7 +1863,7 @@ mod tests {
             return;
         }
         let mut rng = Rng(0x0a11_2026_1201);
-        let mut vector = 0;
+        let (mut vector, mut sixteen) = (0, 0);
         for case in 0..600 {
             // Element-wise, one value per plane (squeeze-excite), one value for all.
             let channels = 1 + rng.below(6);
@@ -1837,6 +1885,8 @@ mod tests {
                 },
             };
             vector += usize::from(mul.requant.shift <= 15 && a_len / b_len >= 8);
+            let narrow = NarrowScale::new(0, mul.requant, mul.output_quant).is_some();
+            sixteen += usize::from(narrow && a_len / b_len >= NR);
             let mut expected = vec![0i8; a_len];
             mul.run(&a, &b, &mut expected).unwrap();
             let mut got = vec![0i8; a_len];
@@ -1844,8 +1894,8 @@ mod tests {
             assert_eq!(got, expected, "case {case}: {mul:?} a {a_len} b {b_len}");
         }
         assert!(
-            vector > 100,
-            "only {vector} cases took the per-plane vector path"
+            vector > 100 && sixteen > 30,
+            "only {vector} cases took the per-plane vector path, {sixteen} its 16-bit form"
         );
         // Wrong buffers are the generic kernel's errors.
         let mul = Mul {
