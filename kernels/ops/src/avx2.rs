@@ -1019,25 +1019,37 @@ impl<'c> BlockScales<'c> {
     #[inline]
     #[target_feature(enable = "avx2")]
     fn codes(&self, first: usize, acc: [[__m256i; 2]; MR]) -> [[i8; NR]; MR] {
+        if let Self::Narrow(narrow, clamp) = self {
+            let block = narrow.get(first..).unwrap_or_default();
+            if let Some(Ok(block)) = block.get(..MR).map(<&[NarrowScale; MR]>::try_from) {
+                // Unrolled, so the sums stay in registers; two channels' codes a vector.
+                let [a, b, c, d] = acc;
+                let halves = [
+                    pair_codes([&block[0], &block[1]], [a, b], clamp),
+                    pair_codes([&block[2], &block[3]], [c, d], clamp),
+                ];
+                let mut codes = [[0i8; NR]; MR];
+                // SAFETY: `codes` is 64 bytes, two 256-bit stores.
+                unsafe {
+                    let at = codes.as_mut_ptr().cast::<__m256i>();
+                    _mm256_storeu_si256(at, halves[0]);
+                    _mm256_storeu_si256(at.add(1), halves[1]);
+                }
+                return codes;
+            }
+        }
+        self.other_codes(first, acc)
+    }
+
+    /// [`BlockScales::codes`] for general scales and a group's last channels: apart, so that
+    /// the common case is small enough to inline into the micro-kernel's loop.
+    #[inline(never)]
+    #[target_feature(enable = "avx2")]
+    fn other_codes(&self, first: usize, acc: [[__m256i; 2]; MR]) -> [[i8; NR]; MR] {
         let mut codes = [[0i8; NR]; MR];
         match self {
             Self::Narrow(narrow, clamp) => {
                 let block = narrow.get(first..).unwrap_or_default();
-                if let Some(Ok(block)) = block.get(..MR).map(<&[NarrowScale; MR]>::try_from) {
-                    // Unrolled, so the sums stay in registers; two channels' codes a vector.
-                    let [a, b, c, d] = acc;
-                    let halves = [
-                        pair_codes([&block[0], &block[1]], [a, b], clamp),
-                        pair_codes([&block[2], &block[3]], [c, d], clamp),
-                    ];
-                    // SAFETY: `codes` is 64 bytes, two 256-bit stores.
-                    unsafe {
-                        let at = codes.as_mut_ptr().cast::<__m256i>();
-                        _mm256_storeu_si256(at, halves[0]);
-                        _mm256_storeu_si256(at.add(1), halves[1]);
-                    }
-                    return codes;
-                }
                 for ((scale, acc), row) in block.iter().zip(acc).zip(&mut codes) {
                     *row = scale.codes(acc, clamp);
                 }
