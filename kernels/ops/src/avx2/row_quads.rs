@@ -767,7 +767,9 @@ macro_rules! group_rows {
                 let mut channel_words = [0; MAX_QUADS];
                 let first = r * taps.count;
                 if let Some(words) = words.get(first..first + taps.count) {
-                    channel_words[..words.len()].copy_from_slice(words);
+                    for (w, &word) in channel_words.iter_mut().zip(words) {
+                        *w = word;
+                    }
                 }
                 let (bias, requant) = channels.get(r);
                 (channel_words, BlockRequant::new(bias, requant, layer.q))
