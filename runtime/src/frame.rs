@@ -6,12 +6,16 @@ use crate::FrameGeometry;
 pub trait Sample: Copy + Send + Sync + 'static {
     /// The zero sample, for initialising buffers.
     const ZERO: Self;
+    /// The largest magnitude a sample can have as a float; infinite where any float can be
+    /// (then preprocessing checks every value it makes for NaN and infinity).
+    const MAX_MAGNITUDE: f32;
     /// The sample as a float in its raw units.
     fn to_f32(self) -> f32;
 }
 
 impl Sample for u8 {
     const ZERO: Self = 0;
+    const MAX_MAGNITUDE: f32 = 255.0;
     #[inline]
     fn to_f32(self) -> f32 {
         f32::from(self)
@@ -21,6 +25,7 @@ impl Sample for u8 {
 /// Float samples: a calibrated product (radiance, reflectance) rather than raw counts.
 impl Sample for f32 {
     const ZERO: Self = 0.0;
+    const MAX_MAGNITUDE: f32 = f32::INFINITY;
     #[inline]
     fn to_f32(self) -> f32 {
         self
@@ -29,6 +34,7 @@ impl Sample for f32 {
 
 impl Sample for u16 {
     const ZERO: Self = 0;
+    const MAX_MAGNITUDE: f32 = 65535.0;
     #[inline]
     fn to_f32(self) -> f32 {
         f32::from(self)

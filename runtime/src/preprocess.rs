@@ -112,6 +112,12 @@ pub fn prepare_input<S: Sample>(
     // `input` holds exactly `bands` planes of `plane` values (checked above).
     for (band, out_plane) in input.chunks_exact_mut(plane.max(1)).enumerate() {
         let (mean, std) = (spec.mean(band), spec.std(band));
+        // Each value blends samples (or the mean, outside the frame) with weights summing to
+        // 1, so it is within the samples' magnitude, and its normalised value within this
+        // bound: where the bound is finite, no value can be NaN or infinite, and checking
+        // each (a fifth of the preprocessing's time) is left out.
+        let bound = 2.0 * (S::MAX_MAGNITUDE + mean.abs()) / std.abs();
+        let check = !bound.is_finite();
         for first in (0..out_w).step_by(CHUNK) {
             let columns = ColumnSources::new(&x_axis, rule, first, (out_w - first).min(CHUNK));
             let mut rows = RowCache::new();
@@ -123,10 +129,16 @@ pub fn prepare_input<S: Sample>(
                 let out = out_row
                     .get_mut(first..first + columns.len)
                     .unwrap_or_default();
-                for ((cell, &t), &b) in out.iter_mut().zip(top).zip(bottom) {
-                    let value = t * (1.0 - wy) + b * wy;
-                    *cell = (value - mean) / std;
-                    finite &= cell.is_finite();
+                let cells = out.iter_mut().zip(top).zip(bottom);
+                if check {
+                    for ((cell, &t), &b) in cells {
+                        *cell = (t * (1.0 - wy) + b * wy - mean) / std;
+                        finite &= cell.is_finite();
+                    }
+                } else {
+                    for ((cell, &t), &b) in cells {
+                        *cell = (t * (1.0 - wy) + b * wy - mean) / std;
+                    }
                 }
             }
         }
@@ -339,6 +351,36 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Integer samples skip the per-value check only where no value can overflow: a standard
+    /// deviation so small that some do is still refused, as are a float frame's NaN samples.
+    #[test]
+    fn values_that_are_not_finite_are_refused_with_or_without_the_per_value_check() {
+        let geometry = FrameGeometry {
+            width: 4,
+            height: 4,
+            bands: 1,
+        };
+        let bytes = [255u8; 16];
+        let frame = FrameView::new(geometry, &bytes[..]).unwrap();
+        let whole = Region::whole(4, 4);
+        let tiny = PreprocessSpec::new(8, 8, &[10.0], &[1e-38], ResizeRule::Bilinear).unwrap();
+        let mut input = vec![0.0; tiny.input_len()];
+        assert_eq!(
+            prepare_input(frame, whole, &tiny, &mut input),
+            Err(PreprocessError::NotFinite)
+        );
+        let usual = spec(8, 1, ResizeRule::Bilinear);
+        assert_eq!(prepare_input(frame, whole, &usual, &mut input), Ok(()));
+        assert!(input.iter().all(|v| *v == (255.0 - 10.0) / 2.0));
+        let mut floats = [1.0f32; 16];
+        floats[5] = f32::NAN;
+        let frame = FrameView::new(geometry, &floats[..]).unwrap();
+        assert_eq!(
+            prepare_input(frame, whole, &usual, &mut input),
+            Err(PreprocessError::NotFinite)
+        );
     }
 
     #[test]
