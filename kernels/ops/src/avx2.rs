@@ -1637,7 +1637,7 @@ mod tests {
         row_quads_match_the_generic_kernel(check::random_depthwise, 0xdee9_2026_1201, 100);
     }
 
-    /// Stems (dense over up to 3 channels, to up to 16) take row quads on a VNNI CPU: every
+    /// Stems (dense over up to 3 channels, to up to 64) take row quads on a VNNI CPU: every
     /// random one gives the generic bytes.
     #[test]
     fn stems_match_the_generic_kernel_bit_for_bit() {

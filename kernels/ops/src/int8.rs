@@ -110,7 +110,16 @@ pub struct ChannelQuant<'a> {
     pub shift: &'a [i8],
 }
 
-impl ChannelQuant<'_> {
+impl<'a> ChannelQuant<'a> {
+    /// Channels `range` of these (a group's, a chunk's), or `None` where some list is shorter.
+    pub fn range(&self, range: core::ops::Range<usize>) -> Option<ChannelQuant<'a>> {
+        Some(ChannelQuant {
+            bias: self.bias.get(range.clone())?,
+            multiplier: self.multiplier.get(range.clone())?,
+            shift: self.shift.get(range)?,
+        })
+    }
+
     /// Whether there are exactly `channels` of each.
     pub fn fits(&self, channels: usize) -> bool {
         self.bias.len() == channels

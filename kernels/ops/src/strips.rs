@@ -238,10 +238,8 @@ pub(crate) fn for_each_group(
         .zip(output.chunks_exact_mut((ocg * oh * ow).max(1)))
         .zip(weights.chunks_exact(span.max(1)));
     for (gi, ((input, output), weights)) in parts.enumerate().take(group) {
-        let channels = ChannelQuant {
-            bias: &channels.bias[gi * ocg..(gi + 1) * ocg],
-            multiplier: &channels.multiplier[gi * ocg..(gi + 1) * ocg],
-            shift: &channels.shift[gi * ocg..(gi + 1) * ocg],
+        let Some(channels) = channels.range(gi * ocg..(gi + 1) * ocg) else {
+            return;
         };
         run(input, weights, &channels, output);
     }

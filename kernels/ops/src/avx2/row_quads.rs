@@ -167,19 +167,13 @@ impl RowQuads {
         let outputs = output.chunks_mut((chunk * ocg * oh * ow).max(1));
         let words = self.words.chunks((chunk * ocg * self.taps.count).max(1));
         let per_chunk = chunk * ocg;
+        let all = ChannelQuant {
+            bias: &self.biases,
+            ..conv.channels
+        };
         for (i, ((input, out), words)) in inputs.zip(outputs).zip(words).enumerate() {
-            let range = i * per_chunk..(i + 1) * per_chunk;
-            let (Some(bias), Some(multiplier), Some(shift)) = (
-                self.biases.get(range.start..range.end.min(oc)),
-                conv.channels.multiplier.get(range.start..range.end.min(oc)),
-                conv.channels.shift.get(range.start..range.end.min(oc)),
-            ) else {
+            let Some(channels) = all.range(i * per_chunk..((i + 1) * per_chunk).min(oc)) else {
                 return;
-            };
-            let channels = ChannelQuant {
-                bias,
-                multiplier,
-                shift,
             };
             // The border is the same byte for every chunk: one fill per call.
             self.layout.pad(g, input, border, bytes, i > 0);
