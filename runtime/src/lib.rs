@@ -42,6 +42,8 @@ pub mod threaded;
 pub mod tile;
 #[cfg(feature = "std")]
 pub mod tmr;
+#[cfg(feature = "std")]
+pub mod waits;
 
 pub use kestrel_backend::{Backend, BackendError, PreprocessSpec, ResizeRule};
 pub use kestrel_hal::{Frame, FrameGeometry, FrameMeta, FrameSource, MonotonicClock};

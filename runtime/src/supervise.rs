@@ -18,11 +18,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use std::vec::Vec;
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use kestrel_backend::{Backend, BackendError, Landed, Scrub, Upset};
 
 use crate::faults::{BackendFaults, FaultSpec, FaultyBackend};
 use crate::tmr::{Guard, TmrBackend, Votes};
+use crate::waits::{prime_thread, primed_channel};
 
 /// Builds a fresh backend for a restarted worker (loads the plan again, opens a new device
 /// context). Called on the new worker's thread, so a load that hangs blocks nothing.
@@ -224,11 +225,16 @@ fn spawn(
     backend: Option<Box<dyn Backend + Send>>,
     factory: Factory,
 ) -> Result<Worker, BackendError> {
-    let (requests, inbox) = bounded::<Request>(1);
-    let (outbox, replies) = bounded::<Reply>(1);
+    // The worker waits on requests, the caller on replies: both waits made once here and at
+    // the worker's start (`waits`). Neither channel fills: one call is in flight at a time.
+    let (requests, inbox) = primed_channel::<Request>(1, None);
+    let (outbox, replies) = primed_channel::<Reply>(1, None);
     let thread = std::thread::Builder::new()
         .name("kestrel-backend".into())
-        .spawn(move || serve(backend, &*factory, inbox, outbox))
+        .spawn(move || {
+            prime_thread();
+            serve(backend, &*factory, inbox, outbox)
+        })
         .map_err(|_| BackendError::NotAvailable)?;
     Ok(Worker {
         requests,

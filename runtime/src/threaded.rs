@@ -8,7 +8,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use kestrel_backend::{BackendError, Scrub};
 
 use crate::classify::Classification;
@@ -17,6 +17,7 @@ use crate::health::{ErrorKind, Health};
 use crate::ledger::{DropReason, Ledger, RejectReason};
 use crate::preprocess::PreprocessError;
 use crate::step::{FrameStep, StepError};
+use crate::waits::{prime_thread, primed_channel};
 use crate::{Frame, FrameGeometry, FrameMeta, FrameSource, MonotonicClock};
 
 /// What the ingest thread does with a new frame when the inference queue is full.
@@ -183,15 +184,30 @@ where
     // One buffer per queue slot, one being filled, one being classified, one with the output
     // callback and one on its way there: never short in the steady state.
     let buffers = depth + 4;
-    let (free_tx, free_rx) = bounded::<Vec<S>>(buffers);
+    // The steady state's waits made once here (`waits`): ingest's on free buffers and on a
+    // full queue (`DropPolicy::Block`), inference's on the queue, the output's on both of its
+    // channels. Processed frames cannot fill theirs (a slot per buffer); outcomes without a
+    // frame fill theirs only if the output falls 2 x depth + 4 behind, a wait not primed.
+    let (free_tx, free_rx) = primed_channel::<Vec<S>>(buffers, None);
     for _ in 0..buffers {
         // Cannot fail: the channel has room for exactly this many.
         let _ = free_tx.send(vec![S::ZERO; config.max_frame_samples]);
     }
-    let (work_tx, work_rx) = bounded::<Job<S>>(depth);
-    let (outcome_tx, outcome_rx) = bounded::<Outcome<Src::Error, T>>(2 * depth + 4);
+    let empty_job = || Job {
+        sequence: 0,
+        geometry: FrameGeometry {
+            width: 0,
+            height: 0,
+            bands: 0,
+        },
+        meta: FrameMeta::default(),
+        samples: Vec::new(),
+    };
+    let (work_tx, work_rx) = primed_channel::<Job<S>>(depth, Some(&empty_job));
+    let (outcome_tx, outcome_rx) = primed_channel::<Outcome<Src::Error, T>>(2 * depth + 4, None);
     // Processed frames reach the output with their samples, which it returns to the pool.
-    let (processed_tx, processed_rx) = bounded::<(Outcome<Src::Error, T>, Job<S>)>(buffers);
+    let (processed_tx, processed_rx) =
+        primed_channel::<(Outcome<Src::Error, T>, Job<S>)>(buffers, None);
 
     std::thread::scope(|scope| {
         let ingest = {
@@ -200,6 +216,7 @@ where
             // closes with both.
             let outcome_tx = outcome_tx.clone();
             scope.spawn(move || {
+                prime_thread();
                 let queue = Queue {
                     work: work_tx,
                     oldest,
@@ -211,6 +228,7 @@ where
         };
         let reruns = outcome_tx;
         let inference = scope.spawn(move || {
+            prime_thread();
             let mut health = Health::default();
             let mut scrubber = Scrubber::new(config.scrub_every);
             for job in work_rx {

@@ -5,6 +5,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::Path;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use kestrel_backend::Backend;
 use kestrel_host::{decode_image, HostClock};
@@ -15,6 +18,7 @@ use kestrel_runtime::frame::FrameView;
 use kestrel_runtime::health::Health;
 use kestrel_runtime::preprocess::{prepare_input, Region};
 use kestrel_runtime::step::ClassifierStep;
+use kestrel_runtime::waits::{prime_thread, primed_channel};
 use models::ZooModel;
 
 /// Counts the allocations made by the current thread (tests run on several threads).
@@ -369,4 +373,56 @@ fn telemetry_and_commands_allocate_nothing() {
         }
     });
     assert_eq!(count, 0);
+}
+
+/// A wait that blocks: the receive times out on an empty channel, the send on a full one,
+/// each after crossbeam's spinning (well within the timeout), so each registers as a waiter.
+fn wait_on(sender: &Sender<u32>, receiver: &Receiver<u32>) {
+    let wait = Duration::from_millis(200);
+    assert!(
+        receiver.recv_timeout(wait).is_err(),
+        "the channel starts empty"
+    );
+    while sender.try_send(7).is_ok() {}
+    assert!(sender.send_timeout(8, wait).is_err(), "the channel is full");
+    while receiver.try_recv().is_ok() {}
+}
+
+#[test]
+fn a_first_wait_on_a_channel_allocates_unless_primed() {
+    // Each case on a fresh thread: crossbeam's wait context is per thread.
+    let first_wait = std::thread::spawn(|| {
+        let (sender, receiver) = bounded::<u32>(2);
+        allocations_during(|| wait_on(&sender, &receiver))
+    });
+    assert!(
+        first_wait.join().unwrap() > 0,
+        "crossbeam allocates on a first wait"
+    );
+
+    let primed = std::thread::spawn(|| {
+        prime_thread();
+        let (sender, receiver) = primed_channel::<u32>(2, Some(&|| 0));
+        let during = allocations_during(|| wait_on(&sender, &receiver));
+        (during, receiver.is_empty())
+    });
+    assert_eq!(
+        primed.join().unwrap(),
+        (0, true),
+        "no allocation once primed, and the channel left empty"
+    );
+
+    // Without a filler only the receivers' waits are made: a first wait to send allocates.
+    let receivers_only = std::thread::spawn(|| {
+        prime_thread();
+        let (sender, receiver) = primed_channel::<u32>(2, None);
+        let wait = Duration::from_millis(200);
+        let receive = allocations_during(|| assert!(receiver.recv_timeout(wait).is_err()));
+        while sender.try_send(7).is_ok() {}
+        let send = allocations_during(|| assert!(sender.send_timeout(8, wait).is_err()));
+        (receive, send)
+    });
+    let (receive, send) = receivers_only.join().unwrap();
+    assert_eq!(receive, 0, "the receivers' waits were made");
+    assert!(send > 0, "the senders' were not");
 }
