@@ -21,7 +21,8 @@ use crate::strips::{ByteQuads, Layer, Packed, Scratch, MR, NR};
 pub enum Vnni {
     /// AVX-VNNI (VEX-encoded; Alder Lake and later, Zen 5).
     Avx,
-    /// AVX-512 VNNI with 256-bit vectors (EVEX-encoded; Ice Lake, Zen 4 and later).
+    /// AVX-512 VNNI (EVEX-encoded; Ice Lake, Zen 4 and later): 256-bit vectors, and 512-bit
+    /// ones in the byte quads' micro-kernel.
     Avx512,
 }
 
@@ -121,8 +122,9 @@ struct Group<'g> {
     scales: &'g BlockScales<'g>,
 }
 
-/// A group's tiles in `vpdpbusd` encoding `$dp`, with `$kernel` (made by [`micro_kernel`] for
-/// the same features, so that it is inlined and the sums stay in registers). A pointwise
+/// A group's tiles with micro-kernel `$kernel` ([`micro_kernel_avx`] or
+/// [`micro_kernel_avx512`], compiled for the same features so that it is inlined and the sums
+/// stay in registers). A pointwise
 /// layer's quads are made straight from its input codes (its column matrix is its input); any
 /// other layer's from the 16-bit strip the `vpmaddwd` kernel fills.
 macro_rules! group_tiles {
@@ -509,66 +511,74 @@ pub(super) unsafe fn to_quads(strip: &[i16], unsigned: __m256i, quads: &mut [i32
     }
 }
 
-/// Sums of [`MR`] channels by 16 pixels over `quads` byte quads, in `vpdpbusd` encoding `$dp`,
-/// each sum in `$chains` (1 or 2) parts added at the end, quad `q` in part `q % $chains`: a
-/// `vpdpbusd` takes 5 cycles before its sum is ready for the next, so 8 chains issue at most
-/// 1.6 a cycle where the CPU can take 2. 16 need AVX-512's 32 registers (with AVX-VNNI's 16
-/// they would spill). Measured on this session's Intel Xeon (`layer_speed`, 2026-12-04): two
-/// parts took resnet18-224's 3x3 layers 13.75 -> 11.77 ms, MobileNetV2-224's pointwise ones
-/// 3.08 -> 2.86 ms.
-macro_rules! micro_kernel {
-    ($name:ident, $features:literal, $dp:ident, $chains:literal) => {
-        #[inline]
-        #[target_feature(enable = $features)]
-        unsafe fn $name(tile: &[i32], strip: &[i32], quads: usize) -> [[__m256i; 2]; MR] {
-            let mut even = [[_mm256_setzero_si256(); 2]; MR];
-            let mut odd = [[_mm256_setzero_si256(); 2]; MR];
-            let base = strip.as_ptr();
-            let step = |q: usize, acc: &mut [[__m256i; 2]; MR]| {
-                // SAFETY: the strip holds `quads` quads of 16 words.
-                let (lo, hi) = unsafe {
-                    (
-                        _mm256_loadu_si256(base.add(q * NR).cast()),
-                        _mm256_loadu_si256(base.add(q * NR + 8).cast()),
-                    )
-                };
-                let w = &tile[q * MR..q * MR + MR];
-                for (r, sums) in acc.iter_mut().enumerate() {
-                    let weight = _mm256_set1_epi32(w[r]);
-                    sums[0] = $dp(sums[0], lo, weight);
-                    sums[1] = $dp(sums[1], hi, weight);
-                }
-            };
-            let paired = if $chains == 2 { quads / 2 * 2 } else { 0 };
-            for q in (0..paired).step_by(2) {
-                step(q, &mut even);
-                step(q + 1, &mut odd);
-            }
-            for q in paired..quads {
-                step(q, &mut even);
-            }
-            if $chains == 2 {
-                for (s, o) in even.iter_mut().zip(odd) {
-                    s[0] = _mm256_add_epi32(s[0], o[0]);
-                    s[1] = _mm256_add_epi32(s[1], o[1]);
-                }
-            }
-            even
+/// Sums of [`MR`] channels by 16 pixels over `quads` byte quads, with AVX-VNNI's 256-bit
+/// `vpdpbusd` (its 16 registers hold one chain of sums per channel and half).
+#[inline]
+#[target_feature(enable = "avx2,avxvnni")]
+unsafe fn micro_kernel_avx(tile: &[i32], strip: &[i32], quads: usize) -> [[__m256i; 2]; MR] {
+    let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+    let base = strip.as_ptr();
+    for q in 0..quads {
+        // SAFETY: the strip holds `quads` quads of 16 words.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_loadu_si256(base.add(q * NR).cast()),
+                _mm256_loadu_si256(base.add(q * NR + 8).cast()),
+            )
+        };
+        let w = &tile[q * MR..q * MR + MR];
+        for (r, sums) in acc.iter_mut().enumerate() {
+            let weight = _mm256_set1_epi32(w[r]);
+            sums[0] = _mm256_dpbusd_avx_epi32(sums[0], lo, weight);
+            sums[1] = _mm256_dpbusd_avx_epi32(sums[1], hi, weight);
         }
-    };
+    }
+    acc
 }
 
-micro_kernel!(micro_kernel_avx, "avx2,avxvnni", _mm256_dpbusd_avx_epi32, 1);
-micro_kernel!(
-    micro_kernel_avx512,
-    "avx2,avx512vnni,avx512vl",
-    _mm256_dpbusd_epi32,
-    2
-);
+/// [`micro_kernel_avx`] with AVX-512 VNNI in 512-bit vectors: a quad's 16 words are one
+/// load and each channel's products one `vpdpbusd`, half the instructions of the 256-bit form
+/// (this session's Intel Xeon issues two of either width a cycle: 7.1 G/s 256-bit, 6.7 G/s
+/// 512-bit in a loop of independent ones), the same sums lane for lane, halved at the end
+/// into the 256-bit pairs the requantisation reads. Each sum in two chains (even and odd
+/// quads) added at the end: a `vpdpbusd` takes 5 cycles before its sum is ready for the next,
+/// so 4 chains would issue under one a cycle. `layer_speed`, whole runs, three alternating
+/// rounds against the 256-bit form (two chains): MobileNetV2-224 4.56 -> 4.21 ms,
+/// MobileNetV3-small-224 1.20 -> 1.13, resnet18-224 13.07 -> 12.4.
+#[inline]
+#[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
+unsafe fn micro_kernel_avx512(tile: &[i32], strip: &[i32], quads: usize) -> [[__m256i; 2]; MR] {
+    let mut even = [_mm512_setzero_si512(); MR];
+    let mut odd = [_mm512_setzero_si512(); MR];
+    let base = strip.as_ptr();
+    let step = |q: usize, acc: &mut [__m512i; MR]| {
+        // SAFETY: the strip holds `quads` quads of 16 words.
+        let bytes = unsafe { _mm512_loadu_si512(base.add(q * NR).cast()) };
+        let w = &tile[q * MR..q * MR + MR];
+        for (r, sums) in acc.iter_mut().enumerate() {
+            *sums = _mm512_dpbusd_epi32(*sums, bytes, _mm512_set1_epi32(w[r]));
+        }
+    };
+    let paired = quads / 2 * 2;
+    for q in (0..paired).step_by(2) {
+        step(q, &mut even);
+        step(q + 1, &mut odd);
+    }
+    for q in paired..quads {
+        step(q, &mut even);
+    }
+    core::array::from_fn(|r| {
+        let sums = _mm512_add_epi32(even[r], odd[r]);
+        [
+            _mm512_castsi512_si256(sums),
+            _mm512_extracti64x4_epi64::<1>(sums),
+        ]
+    })
+}
 
 group_tiles!(group_avx, "avx2,avxvnni", micro_kernel_avx);
 group_tiles!(
     group_avx512,
-    "avx2,avx512vnni,avx512vl",
+    "avx2,avx512f,avx512vnni,avx512vl",
     micro_kernel_avx512
 );
