@@ -64,9 +64,10 @@ impl Quads {
         })
     }
 
-    /// The byte-quad strip's size in i32 (kept in [`Scratch::products`]).
+    /// The byte-quad strip's size in i32 (kept in [`Scratch::products`]), with room to start
+    /// it on a 64-byte boundary.
     pub(super) fn strip_len(&self) -> usize {
-        self.packed.strip_len()
+        self.packed.strip_len() + ALIGN_SLACK
     }
 
     /// Whether a call of `conv` can take these quads (the strips kernel accepted it already).
@@ -114,6 +115,9 @@ impl Quads {
     }
 }
 
+/// Words a strip may start past the scratch's start, to start on a 64-byte boundary.
+const ALIGN_SLACK: usize = 15;
+
 /// One group of a call: its input, packed weights, output channels and their requantisation.
 struct Group<'g> {
     input: &'g [i8],
@@ -151,7 +155,10 @@ macro_rules! group_tiles {
                 products,
                 ..
             } = scratch;
-            let Some(tile_quads) = products.get_mut(..quads.strip_len()) else {
+            // The strip from a 64-byte boundary: a 512-bit load across two cache lines costs
+            // two.
+            let start = products.as_ptr().align_offset(64).min(ALIGN_SLACK);
+            let Some(tile_quads) = products.get_mut(start..start + quads.packed.strip_len()) else {
                 return;
             };
             // The input's zero point as `vpdpbusd` reads it (x + 128): the value of padding
