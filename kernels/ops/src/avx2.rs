@@ -1041,6 +1041,40 @@ impl<'c> BlockScales<'c> {
         self.other_codes(first, acc)
     }
 
+    /// [`BlockScales::codes`] from 512-bit sums (each channel's 16 in the lane order of its
+    /// two 256-bit halves, low then high), for AVX-512's micro-kernel: four narrow channels'
+    /// codes in 512-bit vectors, so that no 256-bit instruction takes the port the 512-bit
+    /// `vpdpbusd` share; the rest as [`BlockScales::codes`] does.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn codes512(&self, first: usize, acc: [__m512i; MR]) -> [[i8; NR]; MR] {
+        if let Self::Narrow(narrow, clamp) = self {
+            let block = narrow.get(first..).unwrap_or_default();
+            if let Some(Ok(block)) = block.get(..MR).map(<&[NarrowScale; MR]>::try_from) {
+                let [a, b, c, d] = acc;
+                // Within each 128-bit lane (pixels 0-3, 8-11, 4-7, 12-15 in turn): the four
+                // channels' four codes in turn, saturated to bytes.
+                let ab = _mm512_packs_epi32(block[0].values512(a), block[1].values512(b));
+                let cd = _mm512_packs_epi32(block[2].values512(c), block[3].values512(d));
+                let bytes = _mm512_packs_epi16(ab, cd);
+                // Channel k's pixels 4g..4g + 4 are word k of lane [0, 2, 1, 3][g].
+                let order = _mm512_setr_epi32(0, 8, 4, 12, 1, 9, 5, 13, 2, 10, 6, 14, 3, 11, 7, 15);
+                let codes = clamp.bytes512(_mm512_permutexvar_epi32(order, bytes));
+                let mut out = [[0i8; NR]; MR];
+                // SAFETY: `out` is 64 bytes, one 512-bit store.
+                unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), codes) };
+                return out;
+            }
+        }
+        let halves = acc.map(|sums| {
+            [
+                _mm512_castsi512_si256(sums),
+                _mm512_extracti64x4_epi64::<1>(sums),
+            ]
+        });
+        self.other_codes(first, halves)
+    }
+
     /// [`BlockScales::codes`] for general scales and a group's last channels: apart, so that
     /// the common case is small enough to inline into the micro-kernel's loop.
     #[inline(never)]
@@ -1136,6 +1170,19 @@ impl NarrowScale {
         _mm256_sra_epi32(shifted, _mm_cvtsi64_si128(self.high_right))
     }
 
+    /// [`NarrowScale::values`] for 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f")]
+    fn values512(&self, sums: __m512i) -> __m512i {
+        let x = _mm512_add_epi32(sums, _mm512_set1_epi32(self.bias));
+        let multiplier = _mm512_set1_epi32(self.multiplier);
+        let even = _mm512_mul_epi32(x, multiplier);
+        let odd = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), multiplier);
+        let high = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(even), odd);
+        let shifted = _mm512_add_epi32(high, _mm512_set1_epi32(self.offset));
+        _mm512_sra_epi32(shifted, _mm_cvtsi64_si128(self.high_right))
+    }
+
     /// The codes of 16 sums in the lane order `vpunpck*wd` leaves them in, in pixel order.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -1186,6 +1233,14 @@ impl NarrowClamp {
     #[target_feature(enable = "avx2")]
     fn bytes(&self, bytes: __m256i) -> __m256i {
         _mm256_min_epi8(_mm256_max_epi8(bytes, self.min), self.max)
+    }
+
+    /// [`NarrowClamp::bytes`] for 64 bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn bytes512(&self, bytes: __m512i) -> __m512i {
+        let [min, max] = [self.min, self.max].map(|v| _mm512_broadcast_i64x4(v));
+        _mm512_min_epi8(_mm512_max_epi8(bytes, min), max)
     }
 }
 

@@ -40,6 +40,7 @@ impl Vnni {
             Self::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
             }
             Self::Avx => std::arch::is_x86_feature_detected!("avxvnni"),
         }
@@ -132,7 +133,7 @@ struct Group<'g> {
 /// layer's quads are made straight from its input codes (its column matrix is its input); any
 /// other layer's from the 16-bit strip the `vpmaddwd` kernel fills.
 macro_rules! group_tiles {
-    ($name:ident, $features:literal, $kernel:ident) => {
+    ($name:ident, $features:literal, $kernel:ident, $codes:ident) => {
         #[target_feature(enable = $features)]
         fn $name(
             quads: &Quads,
@@ -168,7 +169,7 @@ macro_rules! group_tiles {
             // SAFETY: `tile_quads` holds `quad_count` quads of NR words, and the tiles hand
             // `span` weights, `quad_count` rows of MR.
             let block = |tile: &[i32], tile_quads: &[i32], first| {
-                scales.codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
+                scales.$codes(first, unsafe { $kernel(tile, tile_quads, quad_count) })
             };
             if layer.is_pointwise() {
                 let [_, h, w] = layer.geometry.input;
@@ -546,15 +547,16 @@ unsafe fn micro_kernel_avx(tile: &[i32], strip: &[i32], quads: usize) -> [[__m25
 /// [`micro_kernel_avx`] with AVX-512 VNNI in 512-bit vectors: a quad's 16 words are one
 /// load and each channel's products one `vpdpbusd`, half the instructions of the 256-bit form
 /// (this session's Intel Xeon issues two of either width a cycle: 7.1 G/s 256-bit, 6.7 G/s
-/// 512-bit in a loop of independent ones), the same sums lane for lane, halved at the end
-/// into the 256-bit pairs the requantisation reads. Each sum in two chains (even and odd
+/// 512-bit in a loop of independent ones), the same sums lane for lane (each channel's 16
+/// in the order of the 256-bit pair: [`BlockScales::codes512`] reads them). Each sum in two
+/// chains (even and odd
 /// quads) added at the end: a `vpdpbusd` takes 5 cycles before its sum is ready for the next,
 /// so 4 chains would issue under one a cycle. `layer_speed`, whole runs, three alternating
 /// rounds against the 256-bit form (two chains): MobileNetV2-224 4.56 -> 4.21 ms,
 /// MobileNetV3-small-224 1.20 -> 1.13, resnet18-224 13.07 -> 12.4.
 #[inline]
 #[target_feature(enable = "avx2,avx512f,avx512vnni,avx512vl")]
-unsafe fn micro_kernel_avx512(tile: &[i32], strip: &[i32], quads: usize) -> [[__m256i; 2]; MR] {
+unsafe fn micro_kernel_avx512(tile: &[i32], strip: &[i32], quads: usize) -> [__m512i; MR] {
     let mut even = [_mm512_setzero_si512(); MR];
     let mut odd = [_mm512_setzero_si512(); MR];
     let base = strip.as_ptr();
@@ -574,18 +576,13 @@ unsafe fn micro_kernel_avx512(tile: &[i32], strip: &[i32], quads: usize) -> [[__
     for q in paired..quads {
         step(q, &mut even);
     }
-    core::array::from_fn(|r| {
-        let sums = _mm512_add_epi32(even[r], odd[r]);
-        [
-            _mm512_castsi512_si256(sums),
-            _mm512_extracti64x4_epi64::<1>(sums),
-        ]
-    })
+    core::array::from_fn(|r| _mm512_add_epi32(even[r], odd[r]))
 }
 
-group_tiles!(group_avx, "avx2,avxvnni", micro_kernel_avx);
+group_tiles!(group_avx, "avx2,avxvnni", micro_kernel_avx, codes);
 group_tiles!(
     group_avx512,
-    "avx2,avx512f,avx512vnni,avx512vl",
-    micro_kernel_avx512
+    "avx2,avx512f,avx512bw,avx512vnni,avx512vl",
+    micro_kernel_avx512,
+    codes512
 );
