@@ -204,6 +204,7 @@ impl RowQuads {
 /// 3x3 stride 2, against the strips' byte quads (alternating runs, AVX-512 VNNI): 16 channels
 /// 0.74 of their time (MobileNetV3-small), 24 0.72 (ShuffleNetV2), 32 0.82 (MobileNetV2,
 /// EfficientNet-B0), 64 0.92 (SqueezeNet); with AVX-VNNI's two at a time, 32 channels 0.99.
+/// With AVX-512, sixteen channels at a time go in the lanes instead ([`stem_lanes_avx512`]).
 fn stem(g: &ConvGeometry) -> bool {
     g.group.max(1) == 1 && g.input[0] <= 3 && g.kernel[1] >= 3 && g.output[0] <= 64
 }
@@ -548,7 +549,8 @@ macro_rules! group_rows {
         $sums:ident,
         $stem_channels:literal,
         $features:literal,
-        $dp:ident
+        $dp:ident,
+        $stem_lanes:ident
     ) => {
         /// The sums of one block from the window starting at `at`: `count` quads (`QUADS` where
         /// not 0, so that the loop unrolls with the weights in registers).
@@ -770,8 +772,19 @@ macro_rules! group_rows {
             };
             let channels_out = out.len() / plane_len;
             let mut r = 0;
-            // A stem's channels `$stem_channels` at a time where its blocks are rows.
+            // A stem's channels `$stem_channels` at a time where its blocks are rows, or
+            // sixteen at a time in the lanes where `$stem_lanes` takes them.
             if layer.geometry.group.max(1) == 1 && layout.rows_per_block == 1 {
+                while r + STEM_LANES <= channels_out {
+                    let Some(out) = out.get_mut(r * plane_len..) else {
+                        break;
+                    };
+                    // SAFETY: as for this function; a stem's channels read the same planes.
+                    if !unsafe { $stem_lanes(group, planes.as_ptr(), r, &clamp, out) } {
+                        break;
+                    }
+                    r += STEM_LANES;
+                }
                 while r + $stem_channels <= channels_out {
                     let mut words = [[0; MAX_QUADS]; $stem_channels];
                     let requants: [_; $stem_channels] = core::array::from_fn(|j| {
@@ -819,6 +832,185 @@ macro_rules! group_rows {
     };
 }
 
+/// Output channels [`stem_lanes_avx512`] computes at a time.
+const STEM_LANES: usize = 16;
+
+/// With AVX-VNNI: none (16 registers of 8 lanes).
+#[inline(always)]
+unsafe fn no_stem_lanes(
+    _group: &Group<'_>,
+    _plane: *const u8,
+    _first: usize,
+    _clamp: &NarrowClamp,
+    _out: &mut [i8],
+) -> bool {
+    false
+}
+
+/// Output channels `first..first + 16` of a stem whose blocks are rows, with the channels in
+/// the lanes of 512-bit vectors, into the first 16 planes of `out`; `false`, nothing written,
+/// where a channel's scale lacks [`NarrowScale`]'s form or the rows are under 16 pixels.
+///
+/// Each output pixel's quads are one 32-bit load each from the padded planes (the quad's
+/// bytes as they lie, as [`RowQuads`]' lanes hold them), broadcast, and one `vpdpbusd`
+/// against the 16 channels' words of that quad: 9 for a 3x3 window over 3 planes, where the
+/// row blocks took 9 loads of 256-bit vectors and 36 `vpdpbusd` for 32 pixels of 4 channels.
+/// The codes are made 16 channels to a vector (each lane its channel's constants), saturated
+/// to bytes, and 16 pixels' codes transposed into 16 channels' rows. `layer_speed --steps`,
+/// alternating runs on this session's Intel Xeon, 3x224x224 3x3 stride 2 stems, against the
+/// four-channel row blocks: 16 channels (MobileNetV3-small) 105 -> 79 us, 24 (ShuffleNetV2;
+/// its last 8 on the row blocks) 151 -> 125, 32 (MobileNetV2, EfficientNet-B0) 202 -> 149,
+/// 64 (SqueezeNet) 380 -> 282.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and BW; `plane` must hold every load [`RowQuads::reach`]
+/// counts (each pixel's quads lie inside its row block's loads).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni,avx512vl")]
+unsafe fn stem_lanes_avx512(
+    group: &Group<'_>,
+    plane: *const u8,
+    first: usize,
+    clamp: &NarrowClamp,
+    out: &mut [i8],
+) -> bool {
+    let Group {
+        layer,
+        layout,
+        taps,
+        words,
+        channels,
+        ..
+    } = *group;
+    let g = layer.geometry;
+    let [_, oh, ow] = g.output;
+    let [sy, sx] = g.stride;
+    let plane_len = oh * ow;
+    let count = taps.count.min(MAX_QUADS);
+    if ow < STEM_LANES || out.len() < STEM_LANES * plane_len {
+        return false;
+    }
+    // Each lane's channel: its quads' words, and its scale's constants.
+    let mut lane_words = [[0i32; STEM_LANES]; MAX_QUADS];
+    let mut constants = [[0i32; STEM_LANES]; 4];
+    for j in 0..STEM_LANES {
+        let r = first + j;
+        let (bias, requant) = channels.get(r);
+        let Some(scale) = NarrowScale::new(bias, requant, layer.q) else {
+            return false;
+        };
+        let Some(channel_words) = words.get(r * taps.count..(r + 1) * taps.count) else {
+            return false;
+        };
+        for (lane, &word) in lane_words.iter_mut().zip(channel_words) {
+            lane[j] = word;
+        }
+        constants[0][j] = scale.bias;
+        constants[1][j] = scale.multiplier;
+        constants[2][j] = scale.offset;
+        constants[3][j] = scale.high_right as i32;
+    }
+    // SAFETY: 16 i32 each, 64 bytes.
+    let load = |lanes: &[i32; STEM_LANES]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+    let quad_words = lane_words.each_ref().map(load);
+    let [bias, multiplier, offset, right] = constants.each_ref().map(load);
+    let odd_multiplier = _mm512_srli_epi64::<32>(multiplier);
+    let (min, max) = (
+        _mm256_castsi256_si128(clamp.min),
+        _mm256_castsi256_si128(clamp.max),
+    );
+    // 16 channels' codes from their sums, as `NarrowScale::values` and the packs make them,
+    // each lane with its own channel's constants; clamped after the saturation, `max` last.
+    let codes = |sums: __m512i| {
+        let x = _mm512_add_epi32(sums, bias);
+        let even = _mm512_mul_epi32(x, multiplier);
+        let odd = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), odd_multiplier);
+        let high = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(even), odd);
+        let values = _mm512_srav_epi32(_mm512_add_epi32(high, offset), right);
+        _mm_min_epi8(_mm_max_epi8(_mm512_cvtsepi32_epi8(values), min), max)
+    };
+    for oy in 0..oh {
+        let row_start = oy * sy * layout.pitch;
+        for v in 0..ow.div_ceil(STEM_LANES) {
+            // The last 16 pixels of a row end at its end.
+            let x = (v * STEM_LANES).min(ow - STEM_LANES);
+            let mut pixels = [_mm_setzero_si128(); STEM_LANES];
+            // Eight pixels at a time, eight chains of sums (four were slower: a `vpdpbusd`'s
+            // sum is ready for the next after 5 cycles; sixteen spilled registers).
+            for (half, pixels) in pixels.chunks_exact_mut(8).enumerate() {
+                let window = row_start + (x + 8 * half) * sx;
+                let mut sums = [_mm512_setzero_si512(); 8];
+                for (&words, &offset) in quad_words.iter().zip(&taps.offsets).take(count) {
+                    for (p, sum) in sums.iter_mut().enumerate() {
+                        // SAFETY: the quad's 4 bytes lie inside the loads the row blocks make.
+                        let quad = unsafe {
+                            plane
+                                .add(window + p * sx + offset)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        *sum = _mm512_dpbusd_epi32(*sum, _mm512_set1_epi32(quad), words);
+                    }
+                }
+                for (pixel, sums) in pixels.iter_mut().zip(sums) {
+                    *pixel = codes(sums);
+                }
+            }
+            for (j, channel) in transpose_16x16(pixels).into_iter().enumerate() {
+                let at = j * plane_len + oy * ow + x;
+                if let Some(dst) = out.get_mut(at..at + STEM_LANES) {
+                    // SAFETY: 16 bytes.
+                    unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), channel) };
+                }
+            }
+        }
+    }
+    true
+}
+
+/// The 16x16 byte matrix `rows` transposed: byte `j` of row `p` becomes byte `p` of row `j`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose_16x16(rows: [__m128i; 16]) -> [__m128i; 16] {
+    // Bytes 8h.. of rows 2m and 2m + 1 interleaved: `a[2m + h]`.
+    let a: [__m128i; 16] = core::array::from_fn(|k| {
+        let (x, y) = (rows[k / 2 * 2], rows[k / 2 * 2 + 1]);
+        if k % 2 == 0 {
+            _mm_unpacklo_epi8(x, y)
+        } else {
+            _mm_unpackhi_epi8(x, y)
+        }
+    });
+    // Bytes 4g..4g + 4 of rows 4n..4n + 4, a 32-bit word each: `b[4n + g]` (g = 2h + half).
+    let b: [__m128i; 16] = core::array::from_fn(|k| {
+        let (n, g) = (k / 4, k % 4);
+        let (x, y) = (a[4 * n + g / 2], a[4 * n + 2 + g / 2]);
+        if g % 2 == 0 {
+            _mm_unpacklo_epi16(x, y)
+        } else {
+            _mm_unpackhi_epi16(x, y)
+        }
+    });
+    // Bytes 2e..2e + 2 of rows 8t..8t + 8, a 64-bit word each: `c[8t + e]` (e = 2g + half).
+    let c: [__m128i; 16] = core::array::from_fn(|k| {
+        let (t, e) = (k / 8, k % 8);
+        let (x, y) = (b[8 * t + e / 2], b[8 * t + 4 + e / 2]);
+        if e % 2 == 0 {
+            _mm_unpacklo_epi32(x, y)
+        } else {
+            _mm_unpackhi_epi32(x, y)
+        }
+    });
+    // Byte j of all 16 rows.
+    core::array::from_fn(|j| {
+        let (x, y) = (c[j / 2], c[8 + j / 2]);
+        if j % 2 == 0 {
+            _mm_unpacklo_epi64(x, y)
+        } else {
+            _mm_unpackhi_epi64(x, y)
+        }
+    })
+}
+
 group_rows!(
     group_avx,
     channel_avx,
@@ -826,7 +1018,8 @@ group_rows!(
     sums_avx,
     2,
     "avx2,avxvnni",
-    _mm256_dpbusd_avx_epi32
+    _mm256_dpbusd_avx_epi32,
+    no_stem_lanes
 );
 group_rows!(
     group_avx512,
@@ -834,6 +1027,7 @@ group_rows!(
     stem_rows_avx512,
     sums_avx512,
     4,
-    "avx2,avx512vnni,avx512vl",
-    _mm256_dpbusd_epi32
+    "avx2,avx512f,avx512bw,avx512vnni,avx512vl",
+    _mm256_dpbusd_epi32,
+    stem_lanes_avx512
 );
