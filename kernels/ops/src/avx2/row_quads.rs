@@ -620,18 +620,23 @@ macro_rules! group_rows {
             let g = layer.geometry;
             let [_, oh, ow] = g.output;
             let [sy, sx] = g.stride;
-            let block = |at: usize| {
-                // SAFETY: as for this function.
-                let sums = unsafe {
-                    match taps.count {
-                        3 => $sums::<3>(plane, at, taps, layout.vectors, words),
-                        9 => $sums::<9>(plane, at, taps, layout.vectors, words),
-                        10 => $sums::<10>(plane, at, taps, layout.vectors, words),
-                        _ => $sums::<0>(plane, at, taps, layout.vectors, words),
-                    }
-                };
-                in_pixel_order(codes(sums), sx)
-            };
+            // A macro, not a closure: the closure was not inlined (a call per block, its
+            // captures reloaded each time).
+            macro_rules! block {
+                ($at:expr) => {{
+                    let at = $at;
+                    // SAFETY: as for this function.
+                    let sums = unsafe {
+                        match taps.count {
+                            3 => $sums::<3>(plane, at, taps, layout.vectors, words),
+                            9 => $sums::<9>(plane, at, taps, layout.vectors, words),
+                            10 => $sums::<10>(plane, at, taps, layout.vectors, words),
+                            _ => $sums::<0>(plane, at, taps, layout.vectors, words),
+                        }
+                    };
+                    in_pixel_order(codes(sums), sx)
+                }};
+            }
             if layout.rows_per_block == 0 {
                 // Blocks of 32 positions from the plane's start (a pixel's window starts at
                 // its position), each block's pixels following the last block's in the output.
@@ -642,7 +647,7 @@ macro_rules! group_rows {
                     if positions - first < BLOCK {
                         mask &= (1 << (positions - first)) - 1;
                     }
-                    let codes = block(first);
+                    let codes = block!(first);
                     // SAFETY: the flat layout is made only where the CPU has AVX-512 VBMI2
                     // and BW (`RowQuads::new`).
                     unsafe { store_compressed(out, at, mask, codes) };
@@ -656,7 +661,7 @@ macro_rules! group_rows {
             }
             if layout.rows_per_block > 1 {
                 for oy in (0..oh).step_by(layout.rows_per_block) {
-                    let codes = block(oy * sy * layout.pitch);
+                    let codes = block!(oy * sy * layout.pitch);
                     store_rows(out, oy, [oh, ow], layout.rows_per_block, codes);
                 }
                 return;
@@ -667,7 +672,7 @@ macro_rules! group_rows {
                     // is shorter than a block.
                     let x = (v * BLOCK).min(ow.saturating_sub(BLOCK));
                     let n = ow - x;
-                    let [a, b] = halves(block(oy * sy * layout.pitch + x * sx));
+                    let [a, b] = halves(block!(oy * sy * layout.pitch + x * sx));
                     let at = oy * ow + x;
                     store_vector(out, at, n, a);
                     store_vector(out, at + NR, n.saturating_sub(NR), b);
