@@ -255,28 +255,34 @@ unsafe fn pointwise_quads(
     quads: &mut [i32],
 ) {
     let flip = _mm_set1_epi8(i8::MIN);
-    let row = |c: usize| {
-        let start = c * pixels + p0;
-        let codes = match input.get(start..start + NR) {
-            // A whole vector's codes, loaded where they lie (a variable-length copy is a
-            // call): past the plane's last pixel they are the next plane's, whose lanes (those
-            // pixels' sums) are never stored.
-            Some(whole) if c < channels => whole,
-            _ => {
-                let mut codes = [padding as i8 ^ i8::MIN; NR];
-                if c < channels {
-                    let n = NR.min(pixels - p0);
-                    codes[..n].copy_from_slice(&input[start..start + n]);
-                }
+    // A macro, not a closure: the closure was not inlined (a call per row of 16 codes).
+    macro_rules! row {
+        ($c:expr) => {{
+            let c = $c;
+            let start = c * pixels + p0;
+            match input.get(start..start + NR) {
+                // A whole vector's codes, loaded where they lie (a variable-length copy is a
+                // call): past the plane's last pixel they are the next plane's, whose lanes
+                // (those pixels' sums) are never stored.
                 // SAFETY: 16 bytes, unaligned.
-                return _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip);
+                Some(whole) if c < channels => {
+                    _mm_xor_si128(unsafe { _mm_loadu_si128(whole.as_ptr().cast()) }, flip)
+                }
+                _ => {
+                    let mut codes = [padding as i8 ^ i8::MIN; NR];
+                    if c < channels {
+                        let n = NR.min(pixels - p0);
+                        codes[..n].copy_from_slice(&input[start..start + n]);
+                    }
+                    // SAFETY: 16 bytes, unaligned.
+                    _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip)
+                }
             }
-        };
-        // SAFETY: `codes` holds 16 bytes, unaligned.
-        _mm_xor_si128(unsafe { _mm_loadu_si128(codes.as_ptr().cast()) }, flip)
-    };
+        }};
+    }
     for (q, dst) in quads.chunks_exact_mut(NR).enumerate() {
-        store_quad([0, 1, 2, 3].map(|i| row(4 * q + i)), dst);
+        let c = 4 * q;
+        store_quad([row!(c), row!(c + 1), row!(c + 2), row!(c + 3)], dst);
     }
 }
 
