@@ -294,8 +294,13 @@ fn add(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) -> Result<(), ShapeErro
     if !exact || a.len() != b.len() || output.len() != a.len() {
         return add.run(a, b, output);
     }
-    // SAFETY: AVX2 was detected before this function could be reached (see above).
-    unsafe { add8(add, a, b, output) };
+    if has_avx512bw() {
+        // SAFETY: AVX-512 F and BW were detected.
+        unsafe { add16(add, a, b, output) };
+    } else {
+        // SAFETY: AVX2 was detected before this function could be reached (see above).
+        unsafe { add8(add, a, b, output) };
+    }
     Ok(())
 }
 
@@ -1356,6 +1361,71 @@ fn add8(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
     let _ = add.run(&a[whole..], &b[whole..], &mut output[whole..]);
 }
 
+/// [`add8`] sixteen codes at a time in 512-bit vectors: the same terms, each product rounded
+/// and shifted by `vpsraq` (AVX-512's 64-bit arithmetic shift, where AVX2 flips signs around a
+/// logical one), the codes saturated to bytes by `vpmovsdb` after the clamp.
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+fn add16(add: &Add, a: &[i8], b: &[i8], output: &mut [i8]) {
+    let term = |i: usize| {
+        let r = add.requant[i];
+        let right = 31 - i64::from(r.shift.max(Requant::MIN_SHIFT));
+        (
+            _mm512_set1_epi32(add.input_zero_points[i]),
+            _mm512_set1_epi64(i64::from(r.multiplier)),
+            _mm512_set1_epi64(1 << (right - 1)),
+            _mm_cvtsi64_si128(right),
+        )
+    };
+    let terms = [term(0), term(1)];
+    let q = add.output_quant;
+    let half = _mm512_set1_epi32(1 << (ADD_FRACTION_BITS - 1));
+    let zero_point = _mm512_set1_epi32(q.zero_point);
+    let (low, high) = (
+        _mm512_set1_epi32(q.min.into()),
+        _mm512_set1_epi32(q.max.into()),
+    );
+    // `round(centred * 2^F * m * 2^-right)` for 16 codes, as `scale8` for 8.
+    let scaled =
+        |codes: __m128i, (zero, multiplier, round, right): (__m512i, __m512i, __m512i, __m128i)| {
+            let x = _mm512_slli_epi32::<{ ADD_FRACTION_BITS }>(_mm512_sub_epi32(
+                _mm512_cvtepi8_epi32(codes),
+                zero,
+            ));
+            let shift = |v: __m512i| {
+                _mm512_sra_epi64(
+                    _mm512_add_epi64(_mm512_mul_epi32(v, multiplier), round),
+                    right,
+                )
+            };
+            let (even, odd) = (shift(x), shift(_mm512_srli_epi64::<32>(x)));
+            _mm512_mask_blend_epi32(0xaaaa, even, _mm512_slli_epi64::<32>(odd))
+        };
+    let whole = a.len() / 16 * 16;
+    for ((x, y), out) in a[..whole]
+        .chunks_exact(16)
+        .zip(b[..whole].chunks_exact(16))
+        .zip(output[..whole].chunks_exact_mut(16))
+    {
+        // SAFETY: 16 bytes each, unaligned.
+        let (x, y) = unsafe {
+            (
+                _mm_loadu_si128(x.as_ptr().cast()),
+                _mm_loadu_si128(y.as_ptr().cast()),
+            )
+        };
+        let sum = _mm512_add_epi32(
+            _mm512_add_epi32(scaled(x, terms[0]), scaled(y, terms[1])),
+            half,
+        );
+        let code = _mm512_add_epi32(_mm512_srai_epi32::<{ ADD_FRACTION_BITS }>(sum), zero_point);
+        let codes = _mm512_cvtsepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(code, low), high));
+        // SAFETY: 16 bytes.
+        unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), codes) };
+    }
+    // The tail, and the generic kernel's exact arithmetic for it.
+    let _ = add.run(&a[whole..], &b[whole..], &mut output[whole..]);
+}
+
 /// Rows `2k` and `2k + 1` of a strip (`[row][NR]`, an even number of rows) turned in place into
 /// the pairs [`micro_kernel`] reads: `vpunpcklwd` of the two rows, then `vpunpckhwd`. Done once
 /// per strip, not once per block of channels.
@@ -2023,7 +2093,10 @@ mod tests {
             "only {vector} cases took the per-plane vector path, {sixteen} its 16-bit form"
         );
         if has_avx512bw() {
-            assert!(thirty_two > 20, "only {thirty_two} cases took the 512-bit form");
+            assert!(
+                thirty_two > 20,
+                "only {thirty_two} cases took the 512-bit form"
+            );
         } else {
             eprintln!("the 512-bit form untested: this CPU has no AVX-512 BW");
         }
