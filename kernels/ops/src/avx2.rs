@@ -449,17 +449,12 @@ fn mul8(mul: &Mul, a: &[i8], b: &[i8], output: &mut [i8]) {
         .zip(output.chunks_exact_mut(plane))
     {
         let scale = _mm256_set1_epi32(i32::from(*y) - mul.input_zero_points[1]);
-        // Whole vectors from the start, then the plane's last eight codes, overlapping the
-        // vector before (the same codes again): no scalar tail per plane.
-        let mut at = 0;
-        while at < plane {
-            let start = at.min(plane - 8);
+        for start in vector_starts(plane, 8) {
             let x = _mm256_sub_epi32(load8(&xs[start..start + 8]), za);
             store8(
                 requantize8(_mm256_mullo_epi32(x, scale), &lanes),
                 &mut outs[start..start + 8],
             );
-            at = start + 8;
         }
     }
 }
@@ -480,11 +475,7 @@ fn mul_planes16(narrow: &NarrowScale, mul: &Mul, a: &[i8], b: &[i8], output: &mu
         .zip(output.chunks_exact_mut(plane))
     {
         let factor = _mm256_set1_epi16((i32::from(y) - zb) as i16);
-        // Whole vectors from the start, then the plane's last 16 codes, overlapping the
-        // vector before (the same codes again).
-        let mut at = 0;
-        while at < plane {
-            let start = at.min(plane - NR);
+        for start in vector_starts(plane, NR) {
             let (Some(x), Some(dst)) = (xs.get(start..start + NR), outs.get_mut(start..start + NR))
             else {
                 return;
@@ -501,7 +492,6 @@ fn mul_planes16(narrow: &NarrowScale, mul: &Mul, a: &[i8], b: &[i8], output: &mu
                 let codes = narrow.codes_vector(products, &clamp);
                 _mm_storeu_si128(dst.as_mut_ptr().cast(), codes);
             }
-            at = start + NR;
         }
     }
 }
@@ -524,11 +514,7 @@ fn mul_planes32(narrow: &NarrowScale, mul: &Mul, a: &[i8], b: &[i8], output: &mu
         .zip(output.chunks_exact_mut(plane))
     {
         let factor = _mm512_set1_epi16((i32::from(y) - zb) as i16);
-        // Whole vectors from the start, then the plane's last 32 codes, overlapping the
-        // vector before (the same codes again).
-        let mut at = 0;
-        while at < plane {
-            let start = at.min(plane - width);
+        for start in vector_starts(plane, width) {
             let (Some(x), Some(dst)) = (
                 xs.get(start..start + width),
                 outs.get_mut(start..start + width),
@@ -547,9 +533,16 @@ fn mul_planes32(narrow: &NarrowScale, mul: &Mul, a: &[i8], b: &[i8], output: &mu
                 let codes = clamp.bytes(_mm512_cvtsepi16_epi8(words));
                 _mm256_storeu_si256(dst.as_mut_ptr().cast(), codes);
             }
-            at = start + width;
         }
     }
+}
+
+/// Where a plane of `len` codes (at least `width`) is read `width` at a time: whole vectors
+/// from the start, then the last `width` codes, overlapping the vector before (the same codes
+/// again): no scalar tail per plane.
+fn vector_starts(len: usize, width: usize) -> impl Iterator<Item = usize> {
+    let last = len.saturating_sub(width);
+    (0..len).step_by(width.max(1)).map(move |at| at.min(last))
 }
 
 /// Whether this CPU has AVX-512 F and BW (512-bit vectors of bytes and words).

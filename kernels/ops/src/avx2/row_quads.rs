@@ -972,48 +972,38 @@ unsafe fn stem_lanes_avx512(
     true
 }
 
+/// The first of the two rows `d` apart that slot `k` of a transpose stage interleaves (slots
+/// `2m` and `2m + 1` take pair `m`'s low and high halves).
+#[inline]
+fn first_of_pair(k: usize, d: usize) -> usize {
+    let pair = k / 2;
+    pair % d + pair / d * 2 * d
+}
+
 /// The 16x16 byte matrix `rows` transposed: byte `j` of row `p` becomes byte `p` of row `j`.
+/// Four stages interleave rows `d` apart (1, 2, 4 and 8) at 1, 2, 4 and 8 bytes, low halves
+/// into even slots and high halves into odd ones.
 #[inline]
 #[target_feature(enable = "avx2")]
 fn transpose_16x16(rows: [__m128i; 16]) -> [__m128i; 16] {
-    // Bytes 8h.. of rows 2m and 2m + 1 interleaved: `a[2m + h]`.
-    let a: [__m128i; 16] = core::array::from_fn(|k| {
-        let (x, y) = (rows[k / 2 * 2], rows[k / 2 * 2 + 1]);
-        if k % 2 == 0 {
-            _mm_unpacklo_epi8(x, y)
-        } else {
-            _mm_unpackhi_epi8(x, y)
-        }
-    });
-    // Bytes 4g..4g + 4 of rows 4n..4n + 4, a 32-bit word each: `b[4n + g]` (g = 2h + half).
-    let b: [__m128i; 16] = core::array::from_fn(|k| {
-        let (n, g) = (k / 4, k % 4);
-        let (x, y) = (a[4 * n + g / 2], a[4 * n + 2 + g / 2]);
-        if g % 2 == 0 {
-            _mm_unpacklo_epi16(x, y)
-        } else {
-            _mm_unpackhi_epi16(x, y)
-        }
-    });
-    // Bytes 2e..2e + 2 of rows 8t..8t + 8, a 64-bit word each: `c[8t + e]` (e = 2g + half).
-    let c: [__m128i; 16] = core::array::from_fn(|k| {
-        let (t, e) = (k / 8, k % 8);
-        let (x, y) = (b[8 * t + e / 2], b[8 * t + 4 + e / 2]);
-        if e % 2 == 0 {
-            _mm_unpacklo_epi32(x, y)
-        } else {
-            _mm_unpackhi_epi32(x, y)
-        }
-    });
-    // Byte j of all 16 rows.
-    core::array::from_fn(|j| {
-        let (x, y) = (c[j / 2], c[8 + j / 2]);
-        if j % 2 == 0 {
-            _mm_unpacklo_epi64(x, y)
-        } else {
-            _mm_unpackhi_epi64(x, y)
-        }
-    })
+    macro_rules! stage {
+        ($src:expr, $d:expr, $low:ident, $high:ident) => {{
+            let src: [__m128i; 16] = $src;
+            core::array::from_fn(|k| {
+                let i = first_of_pair(k, $d);
+                let (x, y) = (src[i], src[i + $d]);
+                if k % 2 == 0 {
+                    $low(x, y)
+                } else {
+                    $high(x, y)
+                }
+            })
+        }};
+    }
+    let pairs = stage!(rows, 1, _mm_unpacklo_epi8, _mm_unpackhi_epi8);
+    let quads = stage!(pairs, 2, _mm_unpacklo_epi16, _mm_unpackhi_epi16);
+    let octets = stage!(quads, 4, _mm_unpacklo_epi32, _mm_unpackhi_epi32);
+    stage!(octets, 8, _mm_unpacklo_epi64, _mm_unpackhi_epi64)
 }
 
 group_rows!(
