@@ -361,14 +361,25 @@ impl GlobalAveragePool {
     /// `output[c] = mean(input[c, :, :])` in real terms.
     #[inline]
     pub fn run(&self, input: &[i8], output: &mut [i8]) -> Result<(), ShapeError> {
-        self.run_with(input, output, |plane| {
-            // Σ(x − zp) as Σx − n·zp (the same modulo 2^32): a plain sum of codes, which
-            // vectorises.
-            let codes = plane
+        self.run_summing(input, output, |plane| {
+            plane
                 .iter()
-                .fold(0i32, |s, &x| s.wrapping_add(i32::from(x)));
+                .fold(0i32, |s, &x| s.wrapping_add(i32::from(x)))
+        })
+    }
+
+    /// [`GlobalAveragePool::run`] with `codes` summing a plane's codes (modulo 2^32): Σ(x − zp)
+    /// as Σx − n·zp, a plain sum of codes, which vectorises.
+    #[inline]
+    pub(crate) fn run_summing(
+        &self,
+        input: &[i8],
+        output: &mut [i8],
+        codes: impl Fn(&[i8]) -> i32,
+    ) -> Result<(), ShapeError> {
+        self.run_with(input, output, |plane| {
             let count = plane.len() as i32;
-            codes.wrapping_sub(count.wrapping_mul(self.input_zero_point))
+            codes(plane).wrapping_sub(count.wrapping_mul(self.input_zero_point))
         })
     }
 
