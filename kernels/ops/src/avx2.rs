@@ -1838,6 +1838,13 @@ mod tests {
         row_quads_match_the_generic_kernel(check::random_depthwise, 0xdee9_2026_1201, 100);
     }
 
+    /// Small-plane depthwise layers with compact scales (the channels-in-lanes path where the
+    /// CPU has AVX-512): every one gives the generic bytes.
+    #[test]
+    fn lane_depthwise_matches_the_generic_kernel_bit_for_bit() {
+        row_quads_match_the_generic_kernel(check::random_lane_depthwise, 0x1a7e_2026_1204, 60);
+    }
+
     /// Stems (dense over up to 3 channels, to up to 64) take row quads on a VNNI CPU: every
     /// random one gives the generic bytes.
     #[test]

@@ -1280,6 +1280,17 @@ pub(crate) mod check {
     /// with or without a fused ReLU) on a random input: `fast` must give the generic kernel's
     /// bytes.
     fn compare(rng: &mut Rng, geometry: ConvGeometry, case: usize, fast: &mut Fast<'_>) {
+        compare_scales(rng, geometry, case, case % 4 == 1, fast);
+    }
+
+    /// [`compare`], every scale below 1/4 where `narrow`.
+    fn compare_scales(
+        rng: &mut Rng,
+        geometry: ConvGeometry,
+        case: usize,
+        narrow: bool,
+        fast: &mut Fast<'_>,
+    ) {
         let [c, h, w] = geometry.input;
         let [oc, oh, ow] = geometry.output;
         let [kh, kw] = geometry.kernel;
@@ -1291,13 +1302,14 @@ pub(crate) mod check {
             .collect();
         // Mostly scales below 1 (the vector path), some at or above 1 (the scalar path), one
         // in sixteen from 2^-12 down past the smallest, 2^-32 (right shifts up to 62). Every
-        // fourth layer all below 1/4, as a trained network's nearly all are: the kernels'
-        // compact forms for whole blocks of channels take only those.
-        let narrow = case % 4 == 1;
+        // fourth layer (`compare`) all below 1/4, as a trained network's nearly all are: the
+        // kernels' compact forms for whole blocks of channels take only those.
         let requant: Vec<Requant> = (0..oc)
             .map(|_| {
+                // From 2^-2.5 to 2^-18.5: random layers' sums (tens of thousands) saturate
+                // the codes at the larger scales; the smaller ones leave them inside.
                 let real = if narrow {
-                    2f64.powf(-(rng.below(1000) as f64) / 100.0 - 2.5)
+                    2f64.powf(-(rng.below(1600) as f64) / 100.0 - 2.5)
                 } else if rng.below(16) == 0 {
                     2f64.powf(-(rng.below(2200) as f64) / 100.0 - 12.0)
                 } else {
@@ -1377,6 +1389,29 @@ pub(crate) mod check {
     pub(crate) fn random_small_depthwise(seed: u64, fast: &mut Fast<'_>) {
         random_depthwise_planes(seed, [8, 8], fast);
         random_depthwise_planes(seed ^ 0x5eed, [16, 16], fast);
+    }
+
+    /// Depthwise layers of 16 to 75 channels, stride 1, 3x3 and 5x5 windows, on planes of 6x6 to
+    /// 16x16, every scale below 1/4: the small planes of trained networks' last stages, as the
+    /// channels-in-lanes kernels take them.
+    pub(crate) fn random_lane_depthwise(seed: u64, fast: &mut Fast<'_>) {
+        let mut rng = Rng(seed);
+        for case in 0..120 {
+            let group = 16 + rng.below(60);
+            let k = [[3, 3], [5, 5]][case % 2];
+            let pad = [k[0] / 2, k[1] / 2];
+            let (h, w) = (6 + rng.below(11), 6 + rng.below(11));
+            let geometry = ConvGeometry {
+                input: [group, h, w],
+                output: [group, h, w],
+                kernel: k,
+                stride: [1, 1],
+                pad,
+                dilation: [1, 1],
+                group,
+            };
+            compare_scales(&mut rng, geometry, case, true, fast);
+        }
     }
 
     /// Depthwise layers on planes of up to `max` input pixels (height, width).

@@ -25,6 +25,7 @@
 //! pixels.
 
 use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
 use std::vec::Vec;
 
 use super::depthwise::store_vector;
@@ -550,7 +551,8 @@ macro_rules! group_rows {
         $stem_channels:literal,
         $features:literal,
         $dp:ident,
-        $stem_lanes:ident
+        $stem_lanes:ident,
+        $depthwise_lanes:ident
     ) => {
         /// The sums of one block from the window starting at `at`: `count` quads (`QUADS` where
         /// not 0, so that the loop unrolls with the weights in registers).
@@ -807,6 +809,17 @@ macro_rules! group_rows {
                     r += $stem_channels;
                 }
             }
+            // A depthwise chunk's channels sixteen at a time in the lanes where
+            // `$depthwise_lanes` takes them.
+            if ocg == 1 && layer.geometry.group.max(1) > 1 {
+                while r + DEPTHWISE_LANES <= channels_out {
+                    // SAFETY: as for this function: the chunk's planes, one after the other.
+                    if !unsafe { $depthwise_lanes(group, planes, r, &clamp, out) } {
+                        break;
+                    }
+                    r += DEPTHWISE_LANES;
+                }
+            }
             for r in r..channels_out {
                 // The channel's plane and the later channels': a block's whole-vector store
                 // past the plane's end lands on the next plane's first codes, written after
@@ -972,6 +985,185 @@ unsafe fn stem_lanes_avx512(
     true
 }
 
+/// Depthwise channels [`depthwise_lanes_avx512`] computes at a time.
+const DEPTHWISE_LANES: usize = 16;
+
+/// Most rows and quad positions of a row [`depthwise_lanes_avx512`] lays out: planes to 16
+/// pixels a side with windows to 5x5.
+const LANES_ROWS: usize = 20;
+const LANES_COLUMNS: usize = 20;
+
+/// With AVX-VNNI: none.
+#[inline(always)]
+unsafe fn no_depthwise_lanes(
+    _group: &Group<'_>,
+    _planes: &[u8],
+    _first: usize,
+    _clamp: &NarrowClamp,
+    _out: &mut [i8],
+) -> bool {
+    false
+}
+
+/// Channels `first..first + 16` of a depthwise chunk at stride 1 on planes of at most 16
+/// pixels a side (7x7 and 14x14 with 5x5 windows: a row block would hold a fraction of a
+/// plane), with the channels in the lanes of 512-bit vectors; `false`, nothing written, where
+/// the layer is another, a channel's scale lacks [`NarrowScale`]'s form, or a plane has fewer
+/// than 32 pixels (on 4x4 planes the row blocks were slightly faster).
+///
+/// Each padded row's quads at every window column are gathered once, 16 channels to a vector
+/// (`vpgatherdd` of the 32-bit word at that column of each channel's plane: the quad's bytes
+/// as they lie, as the row blocks load them); then each output pixel is one `vpdpbusd` per
+/// quad of its window against the 16 channels' words, where a window row is reused by every
+/// pixel below it. The codes are made 16 channels to a vector with each lane's constants, and
+/// 16 pixels' codes transposed into 16 channels' rows.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and BW; `planes` holds the chunk's padded planes
+/// ([`Layout::plane`] bytes each, one after the other).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni,avx512vl")]
+unsafe fn depthwise_lanes_avx512(
+    group: &Group<'_>,
+    planes: &[u8],
+    first: usize,
+    clamp: &NarrowClamp,
+    out: &mut [i8],
+) -> bool {
+    let Group {
+        layer,
+        layout,
+        taps,
+        words,
+        channels,
+        ..
+    } = *group;
+    let g = layer.geometry;
+    let [_, oh, ow] = g.output;
+    let [kh, kw] = g.kernel;
+    let per_row = kw.div_ceil(4);
+    let plane_len = oh * ow;
+    let count = taps.count.min(MAX_QUADS);
+    let (rows, columns) = (oh + kh - 1, ow + 4 * (per_row - 1));
+    let pitch = layout.pitch;
+    // Each gathered word's 4 bytes lie in its plane: the rows laid out run one past the
+    // window's (the packed layouts), and a word starts at most 4 * per_row - 1 bytes before
+    // the end of its row's span.
+    let fits = g.stride == [1, 1]
+        && g.dilation == [1, 1]
+        && matches!((kh, per_row), (3, 1) | (5, 2))
+        && layout.rows_per_block != 1
+        && layout.rows > rows
+        && rows <= LANES_ROWS
+        && columns <= LANES_COLUMNS
+        && (2 * DEPTHWISE_LANES..=16 * 16).contains(&plane_len)
+        && count == kh * per_row
+        && out.len() >= (first + DEPTHWISE_LANES) * plane_len
+        && planes.len() >= (first + DEPTHWISE_LANES) * layout.plane()
+        && i32::try_from(DEPTHWISE_LANES * layout.plane()).is_ok();
+    if !fits {
+        return false;
+    }
+    // Each lane's channel: its quads' words, and its scale's constants.
+    let mut lane_words = [[0i32; DEPTHWISE_LANES]; MAX_QUADS];
+    let mut constants = [[0i32; DEPTHWISE_LANES]; 4];
+    for j in 0..DEPTHWISE_LANES {
+        let r = first + j;
+        let (bias, requant) = channels.get(r);
+        let Some(scale) = NarrowScale::new(bias, requant, layer.q) else {
+            return false;
+        };
+        let Some(channel_words) = words.get(r * taps.count..(r + 1) * taps.count) else {
+            return false;
+        };
+        for (lane, &word) in lane_words.iter_mut().zip(channel_words) {
+            lane[j] = word;
+        }
+        constants[0][j] = scale.bias;
+        constants[1][j] = scale.multiplier;
+        constants[2][j] = scale.offset;
+        constants[3][j] = scale.high_right as i32;
+    }
+    // SAFETY: 16 i32 each, 64 bytes.
+    let load =
+        |lanes: &[i32; DEPTHWISE_LANES]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+    let quad_words = lane_words.each_ref().map(load);
+    let [bias, multiplier, offset, right] = constants.each_ref().map(load);
+    let odd_multiplier = _mm512_srli_epi64::<32>(multiplier);
+    let (min, max) = (
+        _mm256_castsi256_si128(clamp.min),
+        _mm256_castsi256_si128(clamp.max),
+    );
+    // Every padded row's words at every window column, 16 channels to a vector; written
+    // before any is read (`rows` by `columns` of them), so not cleared.
+    let plane = layout.plane() as i32;
+    let lanes = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(plane),
+    );
+    let base = planes.as_ptr().wrapping_add(first * layout.plane());
+    let mut quads = [MaybeUninit::<__m512i>::uninit(); LANES_ROWS * LANES_COLUMNS];
+    for y in 0..rows {
+        for (x, slot) in quads[y * LANES_COLUMNS..][..columns].iter_mut().enumerate() {
+            // SAFETY: each lane's word lies inside its plane (`fits`).
+            slot.write(unsafe {
+                _mm512_i32gather_epi32::<1>(lanes, base.add(y * pitch + x).cast())
+            });
+        }
+    }
+    // One pixel's codes, its window's quads summed in two chains (quads 0 and 1 of each row),
+    // `$kh` rows of `$per_row` quads, constants so that the loops unroll.
+    macro_rules! pixel {
+        ($oy:expr, $ox:expr, $kh:literal, $per_row:literal) => {{
+            let (mut even, mut odd) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for ky in 0..$kh {
+                for q in 0..$per_row {
+                    let at = ($oy + ky) * LANES_COLUMNS + $ox + 4 * q;
+                    // SAFETY: `oy + ky < rows` and `ox + 4q < columns`: written above.
+                    let v = unsafe { quads.get_unchecked(at).assume_init() };
+                    let words = quad_words[ky * $per_row + q];
+                    if q == 0 {
+                        even = _mm512_dpbusd_epi32(even, v, words);
+                    } else {
+                        odd = _mm512_dpbusd_epi32(odd, v, words);
+                    }
+                }
+            }
+            // As `NarrowScale::values`, each lane with its own channel's constants.
+            let x = _mm512_add_epi32(_mm512_add_epi32(even, odd), bias);
+            let products = _mm512_mul_epi32(x, multiplier);
+            let odd_products = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), odd_multiplier);
+            let high =
+                _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(products), odd_products);
+            let values = _mm512_srav_epi32(_mm512_add_epi32(high, offset), right);
+            _mm_min_epi8(_mm_max_epi8(_mm512_cvtsepi32_epi8(values), min), max)
+        }};
+    }
+    // 16 pixels at a time into the 16 channels' planes, the last 16 ending at the plane's end.
+    for start in (0..plane_len).step_by(16) {
+        let start = start.min(plane_len - 16);
+        let (mut oy, mut ox) = (start / ow, start % ow);
+        let mut tile = [_mm_setzero_si128(); 16];
+        for codes in &mut tile {
+            *codes = match (kh, per_row) {
+                (3, 1) => pixel!(oy, ox, 3, 1),
+                _ => pixel!(oy, ox, 5, 2),
+            };
+            ox += 1;
+            if ox == ow {
+                (oy, ox) = (oy + 1, 0);
+            }
+        }
+        for (j, channel) in transpose_16x16(tile).into_iter().enumerate() {
+            let at = (first + j) * plane_len + start;
+            if let Some(dst) = out.get_mut(at..at + 16) {
+                // SAFETY: 16 bytes.
+                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), channel) };
+            }
+        }
+    }
+    true
+}
+
 /// The first of the two rows `d` apart that slot `k` of a transpose stage interleaves (slots
 /// `2m` and `2m + 1` take pair `m`'s low and high halves).
 #[inline]
@@ -1014,7 +1206,8 @@ group_rows!(
     2,
     "avx2,avxvnni",
     _mm256_dpbusd_avx_epi32,
-    no_stem_lanes
+    no_stem_lanes,
+    no_depthwise_lanes
 );
 group_rows!(
     group_avx512,
@@ -1024,5 +1217,6 @@ group_rows!(
     4,
     "avx2,avx512f,avx512bw,avx512vnni,avx512vl",
     _mm256_dpbusd_epi32,
-    stem_lanes_avx512
+    stem_lanes_avx512,
+    depthwise_lanes_avx512
 );
