@@ -1391,21 +1391,26 @@ pub(crate) mod check {
         random_depthwise_planes(seed ^ 0x5eed, [16, 16], fast);
     }
 
-    /// Depthwise layers of 16 to 75 channels, stride 1, 3x3 and 5x5 windows, on planes of 6x6 to
-    /// 16x16, every scale below 1/4: the small planes of trained networks' last stages, as the
-    /// channels-in-lanes kernels take them.
+    /// Depthwise layers of 16 to 75 channels, 3x3 and 5x5 windows, stride 1 on planes of 6x6 to
+    /// 16x16 and stride 2 on planes of 12x12 to 32x32, every scale below 1/4: the small planes
+    /// of trained networks' last stages, as the channels-in-lanes kernels take them.
     pub(crate) fn random_lane_depthwise(seed: u64, fast: &mut Fast<'_>) {
         let mut rng = Rng(seed);
-        for case in 0..120 {
+        for case in 0..180 {
             let group = 16 + rng.below(60);
             let k = [[3, 3], [5, 5]][case % 2];
             let pad = [k[0] / 2, k[1] / 2];
-            let (h, w) = (6 + rng.below(11), 6 + rng.below(11));
+            let s = 1 + case % 3 / 2;
+            let (h, w) = (s * (6 + rng.below(11)), s * (6 + rng.below(11)));
+            let (Some(oh), Some(ow)) = (span(h, k[0], s, 1, pad[0]), span(w, k[1], s, 1, pad[1]))
+            else {
+                continue;
+            };
             let geometry = ConvGeometry {
                 input: [group, h, w],
-                output: [group, h, w],
+                output: [group, oh, ow],
                 kernel: k,
-                stride: [1, 1],
+                stride: [s, s],
                 pad,
                 dilation: [1, 1],
                 group,

@@ -988,8 +988,10 @@ unsafe fn stem_lanes_avx512(
 /// Depthwise channels [`depthwise_lanes_avx512`] computes at a time.
 const DEPTHWISE_LANES: usize = 16;
 
-/// Most rows and quad positions of a row [`depthwise_lanes_avx512`] lays out: planes to 16
-/// pixels a side with windows to 5x5.
+/// Most rows and quad positions of a row [`depthwise_lanes_avx512`] lays out (25.6 KB of
+/// vectors, inside L1): 16x16 outputs with 5x5 windows at stride 1, 8x8 at stride 2. With 32
+/// (the 28x28 -> 14x14 stride-2 layers: 61 KB) those layers took 1.4 times as long as on the
+/// row blocks.
 const LANES_ROWS: usize = 20;
 const LANES_COLUMNS: usize = 20;
 
@@ -1043,22 +1045,23 @@ unsafe fn depthwise_lanes_avx512(
     let per_row = kw.div_ceil(4);
     let plane_len = oh * ow;
     let count = taps.count.min(MAX_QUADS);
-    let (rows, columns) = (oh + kh - 1, ow + 4 * (per_row - 1));
+    let s = g.stride[0];
+    let (rows, columns) = (s * (oh - 1) + kh, s * (ow - 1) + 4 * (per_row - 1) + 1);
     let pitch = layout.pitch;
-    // Each gathered word's 4 bytes lie in its plane: the rows laid out run one past the
-    // window's (the packed layouts), and a word starts at most 4 * per_row - 1 bytes before
-    // the end of its row's span.
-    let fits = g.stride == [1, 1]
+    // Each gathered word's bytes lie in the chunk's planes: a word starts inside a row the
+    // windows read and runs at most 3 bytes past it (bytes weighted 0), into the next row, the
+    // next channel's plane, or the 4 bytes past the last plane asked for here.
+    let fits = matches!(g.stride, [1, 1] | [2, 2])
         && g.dilation == [1, 1]
         && matches!((kh, per_row), (3, 1) | (5, 2))
         && layout.rows_per_block != 1
-        && layout.rows > rows
+        && layout.rows >= rows
         && rows <= LANES_ROWS
         && columns <= LANES_COLUMNS
         && (2 * DEPTHWISE_LANES..=16 * 16).contains(&plane_len)
         && count == kh * per_row
         && out.len() >= (first + DEPTHWISE_LANES) * plane_len
-        && planes.len() >= (first + DEPTHWISE_LANES) * layout.plane()
+        && planes.len() >= (first + DEPTHWISE_LANES) * layout.plane() + 4
         && i32::try_from(DEPTHWISE_LANES * layout.plane()).is_ok();
     if !fits {
         return false;
@@ -1113,11 +1116,11 @@ unsafe fn depthwise_lanes_avx512(
     // One pixel's codes, its window's quads summed in two chains (quads 0 and 1 of each row),
     // `$kh` rows of `$per_row` quads, constants so that the loops unroll.
     macro_rules! pixel {
-        ($oy:expr, $ox:expr, $kh:literal, $per_row:literal) => {{
+        ($oy:expr, $ox:expr, $kh:literal, $per_row:literal, $s:literal) => {{
             let (mut even, mut odd) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for ky in 0..$kh {
                 for q in 0..$per_row {
-                    let at = ($oy + ky) * LANES_COLUMNS + $ox + 4 * q;
+                    let at = ($s * $oy + ky) * LANES_COLUMNS + $s * $ox + 4 * q;
                     // SAFETY: `oy + ky < rows` and `ox + 4q < columns`: written above.
                     let v = unsafe { quads.get_unchecked(at).assume_init() };
                     let words = quad_words[ky * $per_row + q];
@@ -1144,9 +1147,11 @@ unsafe fn depthwise_lanes_avx512(
         let (mut oy, mut ox) = (start / ow, start % ow);
         let mut tile = [_mm_setzero_si128(); 16];
         for codes in &mut tile {
-            *codes = match (kh, per_row) {
-                (3, 1) => pixel!(oy, ox, 3, 1),
-                _ => pixel!(oy, ox, 5, 2),
+            *codes = match (kh, per_row, s) {
+                (3, 1, 1) => pixel!(oy, ox, 3, 1, 1),
+                (5, 2, 1) => pixel!(oy, ox, 5, 2, 1),
+                (3, 1, _) => pixel!(oy, ox, 3, 1, 2),
+                _ => pixel!(oy, ox, 5, 2, 2),
             };
             ox += 1;
             if ox == ow {
