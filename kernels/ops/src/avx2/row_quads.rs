@@ -895,8 +895,6 @@ unsafe fn stem_lanes_avx512(
         layer,
         layout,
         taps,
-        words,
-        channels,
         ..
     } = *group;
     let g = layer.geometry;
@@ -907,44 +905,8 @@ unsafe fn stem_lanes_avx512(
     if ow < STEM_LANES || out.len() < STEM_LANES * plane_len {
         return false;
     }
-    // Each lane's channel: its quads' words, and its scale's constants.
-    let mut lane_words = [[0i32; STEM_LANES]; MAX_QUADS];
-    let mut constants = [[0i32; STEM_LANES]; 4];
-    for j in 0..STEM_LANES {
-        let r = first + j;
-        let (bias, requant) = channels.get(r);
-        let Some(scale) = NarrowScale::new(bias, requant, layer.q) else {
-            return false;
-        };
-        let Some(channel_words) = words.get(r * taps.count..(r + 1) * taps.count) else {
-            return false;
-        };
-        for (lane, &word) in lane_words.iter_mut().zip(channel_words) {
-            lane[j] = word;
-        }
-        constants[0][j] = scale.bias;
-        constants[1][j] = scale.multiplier;
-        constants[2][j] = scale.offset;
-        constants[3][j] = scale.high_right as i32;
-    }
-    // SAFETY: 16 i32 each, 64 bytes.
-    let load = |lanes: &[i32; STEM_LANES]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-    let quad_words = lane_words.each_ref().map(load);
-    let [bias, multiplier, offset, right] = constants.each_ref().map(load);
-    let odd_multiplier = _mm512_srli_epi64::<32>(multiplier);
-    let (min, max) = (
-        _mm256_castsi256_si128(clamp.min),
-        _mm256_castsi256_si128(clamp.max),
-    );
-    // 16 channels' codes from their sums, as `NarrowScale::values` and the packs make them,
-    // each lane with its own channel's constants; clamped after the saturation, `max` last.
-    let codes = |sums: __m512i| {
-        let x = _mm512_add_epi32(sums, bias);
-        let even = _mm512_mul_epi32(x, multiplier);
-        let odd = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), odd_multiplier);
-        let high = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(even), odd);
-        let values = _mm512_srav_epi32(_mm512_add_epi32(high, offset), right);
-        _mm_min_epi8(_mm_max_epi8(_mm512_cvtsepi32_epi8(values), min), max)
+    let Some(lanes) = LaneConstants::new(group, first, clamp) else {
+        return false;
     };
     for oy in 0..oh {
         let row_start = oy * sy * layout.pitch;
@@ -957,7 +919,7 @@ unsafe fn stem_lanes_avx512(
             for (half, pixels) in pixels.chunks_exact_mut(8).enumerate() {
                 let window = row_start + (x + 8 * half) * sx;
                 let mut sums = [_mm512_setzero_si512(); 8];
-                for (&words, &offset) in quad_words.iter().zip(&taps.offsets).take(count) {
+                for (&words, &offset) in lanes.words.iter().zip(&taps.offsets).take(count) {
                     for (p, sum) in sums.iter_mut().enumerate() {
                         // SAFETY: the quad's 4 bytes lie inside the loads the row blocks make.
                         let quad = unsafe {
@@ -970,16 +932,10 @@ unsafe fn stem_lanes_avx512(
                     }
                 }
                 for (pixel, sums) in pixels.iter_mut().zip(sums) {
-                    *pixel = codes(sums);
+                    *pixel = lanes.codes(sums);
                 }
             }
-            for (j, channel) in transpose_16x16(pixels).into_iter().enumerate() {
-                let at = j * plane_len + oy * ow + x;
-                if let Some(dst) = out.get_mut(at..at + STEM_LANES) {
-                    // SAFETY: 16 bytes.
-                    unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), channel) };
-                }
-            }
+            store_channel_rows(pixels, out, plane_len, oy * ow + x);
         }
     }
     true
@@ -1007,9 +963,10 @@ unsafe fn no_depthwise_lanes(
     false
 }
 
-/// Channels `first..first + 16` of a depthwise chunk at stride 1 on planes of at most 16
-/// pixels a side (7x7 and 14x14 with 5x5 windows: a row block would hold a fraction of a
-/// plane), with the channels in the lanes of 512-bit vectors; `false`, nothing written, where
+/// Channels `first..first + 16` of a depthwise chunk, 3x3 or 5x5 windows, at stride 1 on
+/// planes of at most 16 pixels a side or stride 2 to outputs of 8x8 (7x7 and 14x14 planes: a
+/// row block would hold a fraction of a plane), with the channels in the lanes of 512-bit
+/// vectors; `false`, nothing written, where
 /// the layer is another, a channel's scale lacks [`NarrowScale`]'s form, or a plane has fewer
 /// than 32 pixels (on 4x4 planes the row blocks were slightly faster).
 ///
@@ -1035,8 +992,6 @@ unsafe fn depthwise_lanes_avx512(
         layer,
         layout,
         taps,
-        words,
-        channels,
         ..
     } = *group;
     let g = layer.geometry;
@@ -1066,40 +1021,13 @@ unsafe fn depthwise_lanes_avx512(
     if !fits {
         return false;
     }
-    // Each lane's channel: its quads' words, and its scale's constants.
-    let mut lane_words = [[0i32; DEPTHWISE_LANES]; MAX_QUADS];
-    let mut constants = [[0i32; DEPTHWISE_LANES]; 4];
-    for j in 0..DEPTHWISE_LANES {
-        let r = first + j;
-        let (bias, requant) = channels.get(r);
-        let Some(scale) = NarrowScale::new(bias, requant, layer.q) else {
-            return false;
-        };
-        let Some(channel_words) = words.get(r * taps.count..(r + 1) * taps.count) else {
-            return false;
-        };
-        for (lane, &word) in lane_words.iter_mut().zip(channel_words) {
-            lane[j] = word;
-        }
-        constants[0][j] = scale.bias;
-        constants[1][j] = scale.multiplier;
-        constants[2][j] = scale.offset;
-        constants[3][j] = scale.high_right as i32;
-    }
-    // SAFETY: 16 i32 each, 64 bytes.
-    let load =
-        |lanes: &[i32; DEPTHWISE_LANES]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-    let quad_words = lane_words.each_ref().map(load);
-    let [bias, multiplier, offset, right] = constants.each_ref().map(load);
-    let odd_multiplier = _mm512_srli_epi64::<32>(multiplier);
-    let (min, max) = (
-        _mm256_castsi256_si128(clamp.min),
-        _mm256_castsi256_si128(clamp.max),
-    );
+    let Some(lanes) = LaneConstants::new(group, first, clamp) else {
+        return false;
+    };
     // Every padded row's words at every window column, 16 channels to a vector; written
     // before any is read (`rows` by `columns` of them), so not cleared.
     let plane = layout.plane() as i32;
-    let lanes = _mm512_mullo_epi32(
+    let planes_apart = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
         _mm512_set1_epi32(plane),
     );
@@ -1109,7 +1037,7 @@ unsafe fn depthwise_lanes_avx512(
         for (x, slot) in quads[y * LANES_COLUMNS..][..columns].iter_mut().enumerate() {
             // SAFETY: each lane's word lies inside its plane (`fits`).
             slot.write(unsafe {
-                _mm512_i32gather_epi32::<1>(lanes, base.add(y * pitch + x).cast())
+                _mm512_i32gather_epi32::<1>(planes_apart, base.add(y * pitch + x).cast())
             });
         }
     }
@@ -1123,7 +1051,7 @@ unsafe fn depthwise_lanes_avx512(
                     let at = ($s * $oy + ky) * LANES_COLUMNS + $s * $ox + 4 * q;
                     // SAFETY: `oy + ky < rows` and `ox + 4q < columns`: written above.
                     let v = unsafe { quads.get_unchecked(at).assume_init() };
-                    let words = quad_words[ky * $per_row + q];
+                    let words = lanes.words[ky * $per_row + q];
                     if q == 0 {
                         even = _mm512_dpbusd_epi32(even, v, words);
                     } else {
@@ -1131,14 +1059,7 @@ unsafe fn depthwise_lanes_avx512(
                     }
                 }
             }
-            // As `NarrowScale::values`, each lane with its own channel's constants.
-            let x = _mm512_add_epi32(_mm512_add_epi32(even, odd), bias);
-            let products = _mm512_mul_epi32(x, multiplier);
-            let odd_products = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), odd_multiplier);
-            let high =
-                _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(products), odd_products);
-            let values = _mm512_srav_epi32(_mm512_add_epi32(high, offset), right);
-            _mm_min_epi8(_mm_max_epi8(_mm512_cvtsepi32_epi8(values), min), max)
+            lanes.codes(_mm512_add_epi32(even, odd))
         }};
     }
     // 16 pixels at a time into the 16 channels' planes, the last 16 ending at the plane's end.
@@ -1158,15 +1079,100 @@ unsafe fn depthwise_lanes_avx512(
                 (oy, ox) = (oy + 1, 0);
             }
         }
-        for (j, channel) in transpose_16x16(tile).into_iter().enumerate() {
-            let at = (first + j) * plane_len + start;
-            if let Some(dst) = out.get_mut(at..at + 16) {
-                // SAFETY: 16 bytes.
-                unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), channel) };
-            }
+        if let Some(out) = out.get_mut(first * plane_len..) {
+            store_channel_rows(tile, out, plane_len, start);
         }
     }
     true
+}
+
+/// Sixteen channels of a group, one to a lane of 512-bit vectors, for the lanes kernels: their
+/// quads' words and their compact scales' constants ([`NarrowScale`]).
+struct LaneConstants {
+    /// Quad `i`'s words of the 16 channels.
+    words: [__m512i; MAX_QUADS],
+    bias: __m512i,
+    multiplier: __m512i,
+    /// The multipliers moved to the odd lanes' low halves, for their products.
+    odd_multiplier: __m512i,
+    offset: __m512i,
+    right: __m512i,
+    min: __m128i,
+    max: __m128i,
+}
+
+impl LaneConstants {
+    /// Channels `first..first + 16` of `group`; `None` where one's scale lacks the compact form
+    /// or its words are not there.
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn new(group: &Group<'_>, first: usize, clamp: &NarrowClamp) -> Option<Self> {
+        let Group {
+            layer,
+            taps,
+            words,
+            channels,
+            ..
+        } = *group;
+        let mut lane_words = [[0i32; 16]; MAX_QUADS];
+        let mut constants = [[0i32; 16]; 4];
+        for j in 0..16 {
+            let r = first + j;
+            let (bias, requant) = channels.get(r);
+            let scale = NarrowScale::new(bias, requant, layer.q)?;
+            let channel_words = words.get(r * taps.count..(r + 1) * taps.count)?;
+            for (lane, &word) in lane_words.iter_mut().zip(channel_words) {
+                lane[j] = word;
+            }
+            constants[0][j] = scale.bias;
+            constants[1][j] = scale.multiplier;
+            constants[2][j] = scale.offset;
+            constants[3][j] = scale.high_right as i32;
+        }
+        // SAFETY: 16 i32 each, 64 bytes.
+        let load = |lanes: &[i32; 16]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+        let [bias, multiplier, offset, right] = constants.each_ref().map(load);
+        Some(Self {
+            words: lane_words.each_ref().map(load),
+            bias,
+            multiplier,
+            odd_multiplier: _mm512_srli_epi64::<32>(multiplier),
+            offset,
+            right,
+            min: _mm256_castsi256_si128(clamp.min),
+            max: _mm256_castsi256_si128(clamp.max),
+        })
+    }
+
+    /// The 16 channels' codes from their sums, as `NarrowScale::values` and the packs make
+    /// them, each lane with its own channel's constants; clamped after the saturation, `max`
+    /// last.
+    #[inline]
+    #[target_feature(enable = "avx2,avx512f,avx512bw")]
+    fn codes(&self, sums: __m512i) -> __m128i {
+        let x = _mm512_add_epi32(sums, self.bias);
+        let even = _mm512_mul_epi32(x, self.multiplier);
+        let odd = _mm512_mul_epi32(_mm512_srli_epi64::<32>(x), self.odd_multiplier);
+        let high = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64::<32>(even), odd);
+        let values = _mm512_srav_epi32(_mm512_add_epi32(high, self.offset), self.right);
+        _mm_min_epi8(
+            _mm_max_epi8(_mm512_cvtsepi32_epi8(values), self.min),
+            self.max,
+        )
+    }
+}
+
+/// Sixteen pixels' codes, 16 channels each, into the first 16 planes (`plane_len` codes each)
+/// of `out` at positions `at..at + 16`: transposed into the channels' rows.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_channel_rows(pixels: [__m128i; 16], out: &mut [i8], plane_len: usize, at: usize) {
+    for (j, channel) in transpose_16x16(pixels).into_iter().enumerate() {
+        let at = j * plane_len + at;
+        if let Some(dst) = out.get_mut(at..at + 16) {
+            // SAFETY: 16 bytes.
+            unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), channel) };
+        }
+    }
 }
 
 /// The first of the two rows `d` apart that slot `k` of a transpose stage interleaves (slots
