@@ -8,12 +8,18 @@ use crossbeam_channel::{bounded, never, Receiver, Select, Sender};
 
 /// The calling thread's wait context.
 pub fn prime_thread() {
-    let nothing = never::<()>();
+    // `never` has no messages: nothing is received, but the thread's context is made.
+    wait_once(&never::<()>());
+}
+
+/// One receive on `receiver` that does not wait: it registers the calling thread as a waiter
+/// on it (making its context and the receivers' waiter list) and takes the message where
+/// there is one (none where the caller primes an empty channel).
+fn wait_once<T>(receiver: &Receiver<T>) {
     let mut select = Select::new();
-    select.recv(&nothing);
-    // `never` has no messages: nothing is selected, but the thread's context is made.
+    select.recv(receiver);
     if let Ok(operation) = select.try_select() {
-        let _ = operation.recv(&nothing);
+        let _ = operation.recv(receiver);
     };
 }
 
@@ -26,12 +32,8 @@ pub fn primed_channel<T>(
 ) -> (Sender<T>, Receiver<T>) {
     let (sender, receiver) = bounded(capacity);
     // No other handle to the channel exists: the receive finds nothing and registers as a
-    // waiter. (Should it find something, completing the operation keeps crossbeam's contract.)
-    let mut select = Select::new();
-    select.recv(&receiver);
-    if let Ok(operation) = select.try_select() {
-        let _ = operation.recv(&receiver);
-    }
+    // waiter.
+    wait_once(&receiver);
     if let Some(filler) = filler.filter(|_| capacity > 0) {
         while sender.try_send(filler()).is_ok() {}
         let mut select = Select::new();

@@ -601,9 +601,7 @@ fn gemm16(gemm: &Gemm<'_>, input: &[i8], output: &mut [i8]) {
 
 /// Whether this CPU has AVX-512 VBMI's byte permutes (with the AVX-512 they extend).
 fn has_vbmi() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vbmi")
+    has_avx512bw() && std::arch::is_x86_feature_detected!("avx512vbmi")
 }
 
 /// Table lookups 64 codes at a time where the CPU has AVX-512 VBMI, else the generic kernel.
@@ -2150,16 +2148,12 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2");
             return;
         }
-        let mut rng = Rng(0x9a70_2026_1204);
-        for case in 0..300 {
-            // Planes from 1 to 700 codes (whole vectors and a tail), to 96 channels.
-            let (channels, plane) = (1 + rng.below(96), 1 + rng.below(700));
-            let input: Vec<i8> = (0..channels * plane).map(|_| rng.draw() as i8).collect();
-            let zero_point = rng.below(256) as i32 - 128;
+        // The generic kernel's and this one's codes for `input`, `channels` planes of it.
+        let both = |channels, input_zero_point, real, zero_point, input: &[i8]| {
             let pool = GlobalAveragePool {
                 channels,
-                input_zero_point: rng.below(256) as i32 - 128,
-                requant: Requant::from_real(2f64.powf(-(rng.below(1500) as f64) / 100.0)).unwrap(),
+                input_zero_point,
+                requant: Requant::from_real(real).unwrap(),
                 output_quant: OutputQuant {
                     zero_point,
                     min: -128,
@@ -2167,26 +2161,24 @@ mod tests {
                 },
             };
             let (mut expected, mut got) = (vec![0i8; channels], vec![1i8; channels]);
-            pool.run(&input, &mut expected).unwrap();
-            global_average_pool(&pool, &input, &mut got).unwrap();
+            pool.run(input, &mut expected).unwrap();
+            global_average_pool(&pool, input, &mut got).unwrap();
+            (expected, got)
+        };
+        let mut rng = Rng(0x9a70_2026_1204);
+        for case in 0..300 {
+            // Planes from 1 to 700 codes (whole vectors and a tail), to 96 channels.
+            let (channels, plane) = (1 + rng.below(96), 1 + rng.below(700));
+            let input: Vec<i8> = (0..channels * plane).map(|_| rng.draw() as i8).collect();
+            let zero_point = rng.below(256) as i32 - 128;
+            let input_zero_point = rng.below(256) as i32 - 128;
+            let real = 2f64.powf(-(rng.below(1500) as f64) / 100.0);
+            let (expected, got) = both(channels, input_zero_point, real, zero_point, &input);
             assert_eq!(got, expected, "case {case}: {channels} planes of {plane}");
         }
         // Codes of one sign only: the unsigned sums and their correction at the extremes.
         for code in [i8::MIN, i8::MAX] {
-            let pool = GlobalAveragePool {
-                channels: 1,
-                input_zero_point: 0,
-                requant: Requant::from_real(1.0 / 1000.0).unwrap(),
-                output_quant: OutputQuant {
-                    zero_point: 0,
-                    min: -128,
-                    max: 127,
-                },
-            };
-            let input = vec![code; 1000];
-            let (mut expected, mut got) = ([0i8], [1i8]);
-            pool.run(&input, &mut expected).unwrap();
-            global_average_pool(&pool, &input, &mut got).unwrap();
+            let (expected, got) = both(1, 0, 1.0 / 1000.0, 0, &[code; 1000]);
             assert_eq!(got, expected, "1000 codes of {code}");
         }
     }

@@ -782,15 +782,15 @@ macro_rules! group_rows {
             // A stem's channels `$stem_channels` at a time where its blocks are rows, or
             // sixteen at a time in the lanes where `$stem_lanes` takes them.
             if layer.geometry.group.max(1) == 1 && layout.rows_per_block == 1 {
-                while r + STEM_LANES <= channels_out {
+                while r + LANES <= channels_out {
                     let Some(out) = out.get_mut(r * plane_len..) else {
                         break;
                     };
                     // SAFETY: as for this function; a stem's channels read the same planes.
-                    if !unsafe { $stem_lanes(group, planes.as_ptr(), r, &clamp, out) } {
+                    if !unsafe { $stem_lanes(group, planes, r, &clamp, out) } {
                         break;
                     }
-                    r += STEM_LANES;
+                    r += LANES;
                 }
                 while r + $stem_channels <= channels_out {
                     let mut words = [[0; MAX_QUADS]; $stem_channels];
@@ -812,12 +812,12 @@ macro_rules! group_rows {
             // A depthwise chunk's channels sixteen at a time in the lanes where
             // `$depthwise_lanes` takes them.
             if ocg == 1 && layer.geometry.group.max(1) > 1 {
-                while r + DEPTHWISE_LANES <= channels_out {
+                while r + LANES <= channels_out {
                     // SAFETY: as for this function: the chunk's planes, one after the other.
                     if !unsafe { $depthwise_lanes(group, planes, r, &clamp, out) } {
                         break;
                     }
-                    r += DEPTHWISE_LANES;
+                    r += LANES;
                 }
             }
             for r in r..channels_out {
@@ -850,14 +850,16 @@ macro_rules! group_rows {
     };
 }
 
-/// Output channels [`stem_lanes_avx512`] computes at a time.
-const STEM_LANES: usize = 16;
+/// Channels the lanes kernels ([`stem_lanes_avx512`], [`depthwise_lanes_avx512`]) compute at
+/// a time, one to each 32-bit lane of a 512-bit vector; also the pixels of the tiles
+/// [`store_channel_rows`] transposes.
+const LANES: usize = 16;
 
-/// With AVX-VNNI: none (16 registers of 8 lanes).
+/// The lanes kernels with AVX-VNNI: none (16 registers of 8 lanes).
 #[inline(always)]
-unsafe fn no_stem_lanes(
+unsafe fn no_lanes(
     _group: &Group<'_>,
-    _plane: *const u8,
+    _planes: &[u8],
     _first: usize,
     _clamp: &NarrowClamp,
     _out: &mut [i8],
@@ -881,12 +883,12 @@ unsafe fn no_stem_lanes(
 /// 64 (SqueezeNet) 380 -> 282.
 ///
 /// # Safety
-/// The CPU must have AVX-512 VNNI and BW; `plane` must hold every load [`RowQuads::reach`]
+/// The CPU must have AVX-512 VNNI and BW; `planes` must hold every load [`RowQuads::reach`]
 /// counts (each pixel's quads lie inside its row block's loads).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni,avx512vl")]
 unsafe fn stem_lanes_avx512(
     group: &Group<'_>,
-    plane: *const u8,
+    planes: &[u8],
     first: usize,
     clamp: &NarrowClamp,
     out: &mut [i8],
@@ -902,7 +904,7 @@ unsafe fn stem_lanes_avx512(
     let [sy, sx] = g.stride;
     let plane_len = oh * ow;
     let count = taps.count.min(MAX_QUADS);
-    if ow < STEM_LANES || out.len() < STEM_LANES * plane_len {
+    if ow < LANES || out.len() < LANES * plane_len {
         return false;
     }
     let Some(lanes) = LaneConstants::new(group, first, clamp) else {
@@ -910,10 +912,10 @@ unsafe fn stem_lanes_avx512(
     };
     for oy in 0..oh {
         let row_start = oy * sy * layout.pitch;
-        for v in 0..ow.div_ceil(STEM_LANES) {
+        for v in 0..ow.div_ceil(LANES) {
             // The last 16 pixels of a row end at its end.
-            let x = (v * STEM_LANES).min(ow - STEM_LANES);
-            let mut pixels = [_mm_setzero_si128(); STEM_LANES];
+            let x = (v * LANES).min(ow - LANES);
+            let mut pixels = [_mm_setzero_si128(); LANES];
             // Eight pixels at a time, eight chains of sums (four were slower: a `vpdpbusd`'s
             // sum is ready for the next after 5 cycles; sixteen spilled registers).
             for (half, pixels) in pixels.chunks_exact_mut(8).enumerate() {
@@ -923,7 +925,8 @@ unsafe fn stem_lanes_avx512(
                     for (p, sum) in sums.iter_mut().enumerate() {
                         // SAFETY: the quad's 4 bytes lie inside the loads the row blocks make.
                         let quad = unsafe {
-                            plane
+                            planes
+                                .as_ptr()
                                 .add(window + p * sx + offset)
                                 .cast::<i32>()
                                 .read_unaligned()
@@ -941,9 +944,6 @@ unsafe fn stem_lanes_avx512(
     true
 }
 
-/// Depthwise channels [`depthwise_lanes_avx512`] computes at a time.
-const DEPTHWISE_LANES: usize = 16;
-
 /// Most rows and quad positions of a row [`depthwise_lanes_avx512`] lays out (25.6 KB of
 /// vectors, inside L1): 16x16 outputs with 5x5 windows at stride 1, 8x8 at stride 2. With 32
 /// (the 28x28 -> 14x14 stride-2 layers: 61 KB) those layers took 1.4 times as long as on the
@@ -951,24 +951,12 @@ const DEPTHWISE_LANES: usize = 16;
 const LANES_ROWS: usize = 20;
 const LANES_COLUMNS: usize = 20;
 
-/// With AVX-VNNI: none.
-#[inline(always)]
-unsafe fn no_depthwise_lanes(
-    _group: &Group<'_>,
-    _planes: &[u8],
-    _first: usize,
-    _clamp: &NarrowClamp,
-    _out: &mut [i8],
-) -> bool {
-    false
-}
-
 /// Channels `first..first + 16` of a depthwise chunk, 3x3 or 5x5 windows, at stride 1 on
 /// planes of at most 16 pixels a side or stride 2 to outputs of 8x8 (7x7 and 14x14 planes: a
 /// row block would hold a fraction of a plane), with the channels in the lanes of 512-bit
-/// vectors; `false`, nothing written, where
-/// the layer is another, a channel's scale lacks [`NarrowScale`]'s form, or a plane has fewer
-/// than 32 pixels (on 4x4 planes the row blocks were slightly faster).
+/// vectors; `false`, nothing written, where the layer is another, a channel's scale lacks
+/// [`NarrowScale`]'s form, or a plane has fewer than 32 pixels (on 4x4 planes the row blocks
+/// were slightly faster).
 ///
 /// Each padded row's quads at every window column are gathered once, 16 channels to a vector
 /// (`vpgatherdd` of the 32-bit word at that column of each channel's plane: the quad's bytes
@@ -1013,11 +1001,11 @@ unsafe fn depthwise_lanes_avx512(
         && layout.rows >= rows
         && rows <= LANES_ROWS
         && columns <= LANES_COLUMNS
-        && (2 * DEPTHWISE_LANES..=16 * 16).contains(&plane_len)
+        && (2 * LANES..=LANES * LANES).contains(&plane_len)
         && count == kh * per_row
-        && out.len() >= (first + DEPTHWISE_LANES) * plane_len
-        && planes.len() >= (first + DEPTHWISE_LANES) * layout.plane() + 4
-        && i32::try_from(DEPTHWISE_LANES * layout.plane()).is_ok();
+        && out.len() >= (first + LANES) * plane_len
+        && planes.len() >= (first + LANES) * layout.plane() + 4
+        && i32::try_from(LANES * layout.plane()).is_ok();
     if !fits {
         return false;
     }
@@ -1063,10 +1051,10 @@ unsafe fn depthwise_lanes_avx512(
         }};
     }
     // 16 pixels at a time into the 16 channels' planes, the last 16 ending at the plane's end.
-    for start in (0..plane_len).step_by(16) {
-        let start = start.min(plane_len - 16);
+    for start in (0..plane_len).step_by(LANES) {
+        let start = start.min(plane_len - LANES);
         let (mut oy, mut ox) = (start / ow, start % ow);
-        let mut tile = [_mm_setzero_si128(); 16];
+        let mut tile = [_mm_setzero_si128(); LANES];
         for codes in &mut tile {
             *codes = match (kh, per_row, s) {
                 (3, 1, 1) => pixel!(oy, ox, 3, 1, 1),
@@ -1113,9 +1101,9 @@ impl LaneConstants {
             channels,
             ..
         } = *group;
-        let mut lane_words = [[0i32; 16]; MAX_QUADS];
-        let mut constants = [[0i32; 16]; 4];
-        for j in 0..16 {
+        let mut lane_words = [[0i32; LANES]; MAX_QUADS];
+        let mut constants = [[0i32; LANES]; 4];
+        for j in 0..LANES {
             let r = first + j;
             let (bias, requant) = channels.get(r);
             let scale = NarrowScale::new(bias, requant, layer.q)?;
@@ -1129,7 +1117,7 @@ impl LaneConstants {
             constants[3][j] = scale.high_right as i32;
         }
         // SAFETY: 16 i32 each, 64 bytes.
-        let load = |lanes: &[i32; 16]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+        let load = |lanes: &[i32; LANES]| unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
         let [bias, multiplier, offset, right] = constants.each_ref().map(load);
         Some(Self {
             words: lane_words.each_ref().map(load),
@@ -1165,10 +1153,10 @@ impl LaneConstants {
 /// of `out` at positions `at..at + 16`: transposed into the channels' rows.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn store_channel_rows(pixels: [__m128i; 16], out: &mut [i8], plane_len: usize, at: usize) {
+fn store_channel_rows(pixels: [__m128i; LANES], out: &mut [i8], plane_len: usize, at: usize) {
     for (j, channel) in transpose_16x16(pixels).into_iter().enumerate() {
         let at = j * plane_len + at;
-        if let Some(dst) = out.get_mut(at..at + 16) {
+        if let Some(dst) = out.get_mut(at..at + LANES) {
             // SAFETY: 16 bytes.
             unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), channel) };
         }
@@ -1217,8 +1205,8 @@ group_rows!(
     2,
     "avx2,avxvnni",
     _mm256_dpbusd_avx_epi32,
-    no_stem_lanes,
-    no_depthwise_lanes
+    no_lanes,
+    no_lanes
 );
 group_rows!(
     group_avx512,

@@ -555,9 +555,8 @@ unsafe fn micro_kernel_avx(tile: &[i32], strip: &[i32], quads: usize) -> [[__m25
 /// (this session's Intel Xeon issues two of either width a cycle: 7.1 G/s 256-bit, 6.7 G/s
 /// 512-bit in a loop of independent ones), the same sums lane for lane (each channel's 16
 /// in the order of the 256-bit pair: [`BlockScales::codes512`] reads them). Each sum in two
-/// chains (even and odd
-/// quads) added at the end: a `vpdpbusd` takes 5 cycles before its sum is ready for the next,
-/// so 4 chains would issue under one a cycle. `layer_speed`, whole runs, three alternating
+/// chains (even and odd quads) added at the end: a `vpdpbusd` takes 5 cycles before its sum
+/// is ready for the next, so 4 chains would issue under one a cycle. `layer_speed`, whole runs, three alternating
 /// rounds against the 256-bit form (two chains): MobileNetV2-224 4.56 -> 4.21 ms,
 /// MobileNetV3-small-224 1.20 -> 1.13, resnet18-224 13.07 -> 12.4.
 #[inline]
