@@ -19,9 +19,12 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum CalibrationMethod {
+    /// Calibrate by percentile and by minmax, verify both plans against tract and keep
+    /// minmax's only where it agrees with tract at least as often and its output is closer
+    Auto,
     /// Observed minimum and maximum.
     Minmax,
-    /// Clip 0.01% of values at each end (the default).
+    /// Clip 0.01% of values at each end.
     Percentile,
     /// Minimise the KL divergence of the int8 histogram (TensorRT's entropy calibration).
     Entropy,
@@ -52,7 +55,7 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
         /// How activation ranges are chosen.
-        #[arg(long, value_enum, default_value = "percentile")]
+        #[arg(long, value_enum, default_value = "auto")]
         method: CalibrationMethod,
         /// Calibrate on at most this many images, spread evenly over the folder.
         #[arg(long, default_value_t = 200)]
@@ -154,9 +157,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let model = ZooModel::load(&model)?;
     let options = Options {
         method: match method {
-            CalibrationMethod::Minmax => Method::MinMax,
-            CalibrationMethod::Percentile => Method::Percentile(0.01),
-            CalibrationMethod::Entropy => Method::Entropy,
+            CalibrationMethod::Auto => None,
+            CalibrationMethod::Minmax => Some(Method::MinMax),
+            CalibrationMethod::Percentile => Some(Method::Percentile(0.01)),
+            CalibrationMethod::Entropy => Some(Method::Entropy),
         },
         max_images,
         split: match split {
@@ -197,6 +201,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     for skipped in &summary.skipped {
         println!("  skipped   {skipped}");
     }
+    if let Some(trial) = &summary.ranges {
+        match &trial.failed {
+            Some(reason) => println!("ranges      minmax plan not built: {reason}"),
+            None => println!(
+                "ranges      {}",
+                comparison(
+                    "percentile -> minmax",
+                    trial.agreement,
+                    trial.output_rel_rms,
+                    if trial.minmax_kept {
+                        "minmax kept"
+                    } else {
+                        "percentile kept"
+                    }
+                )
+            ),
+        }
+    }
     match (summary.top1_agreement, summary.box_agreement) {
         (Some(top1), _) => println!(
             "agreement   {:.2}% top-1 with tract, output relative RMS error {:.4}",
@@ -227,34 +249,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
     }
     if let Some(trial) = &summary.widening {
-        let [int8, wide] = trial.agreement.map(|a| 100.0 * a);
-        let [int8_rms, wide_rms] = trial.output_rel_rms;
         println!(
-            "16-bit      {} function tables at 16 bits: agreement {int8:.2}% -> {wide:.2}%, output relative RMS error {int8_rms:.4} -> {wide_rms:.4}: {}",
-            trial.tables,
-            if trial.kept {
-                "kept (their int8 output added, in relative RMS):"
-            } else {
-                "not closer to float by --min-error-reduction, so every activation stays int8"
-            }
+            "16-bit      {}",
+            comparison(
+                &format!("{} function tables at 16 bits", trial.tables),
+                trial.agreement,
+                trial.output_rel_rms,
+                if trial.kept {
+                    "kept (their int8 output added, in relative RMS):"
+                } else {
+                    "not closer to float by --min-error-reduction, so every activation stays int8"
+                }
+            )
         );
         for layer in &summary.widened {
             println!("  {:+.4}  {}", layer.added, layer.node);
         }
     }
     if let Some(trial) = &summary.int16 {
-        let [int8, wide] = trial.agreement.map(|a| 100.0 * a);
-        let [int8_rms, wide_rms] = trial.output_rel_rms;
         match &trial.failed {
             Some(reason) => println!("16-bit      activations not built: {reason}"),
             None => println!(
-                "16-bit      activations ({} tensors): agreement {int8:.2}% -> {wide:.2}%, output relative RMS error {int8_rms:.4} -> {wide_rms:.4}: {}",
-                trial.tensors,
-                if trial.kept {
-                    "kept (slower: 16-bit layers move twice the bytes of int8 ones)"
-                } else {
-                    "not closer to float by --min-error-reduction, so the int8 plan is written"
-                }
+                "16-bit      {}",
+                comparison(
+                    &format!("activations ({} tensors)", trial.tensors),
+                    trial.agreement,
+                    trial.output_rel_rms,
+                    if trial.kept {
+                        "kept (slower: 16-bit layers move twice the bytes of int8 ones)"
+                    } else {
+                        "not closer to float by --min-error-reduction, so the int8 plan is written"
+                    }
+                )
             ),
         }
     }
@@ -263,4 +289,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// Two plans the compiler verified against tract, side by side: `what` was tried, the top-1
+/// (or box) agreement and output relative RMS error before -> after, and what was decided.
+fn comparison(what: &str, agreement: [f64; 2], output_rel_rms: [f64; 2], decision: &str) -> String {
+    let [before, after] = agreement.map(|a| 100.0 * a);
+    let [before_rms, after_rms] = output_rel_rms;
+    format!(
+        "{what}: agreement {before:.2}% -> {after:.2}%, output relative RMS error {before_rms:.4} -> {after_rms:.4}: {decision}"
+    )
 }

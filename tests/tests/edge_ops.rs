@@ -22,6 +22,7 @@ use kestrel_backend::Backend;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::program::{Op as PlanOp, Program};
 use kestrel_tests::{argmax, sorted_files, whole_image_input};
+use models::calibrate::Method;
 use models::compile::{compile, Options};
 use models::graph::{Graph, ImportError, Op};
 use models::ZooModel;
@@ -316,6 +317,10 @@ fn widened_function_tables_bring_the_plan_closer_to_float() {
     let model = ZooModel::load(model_dir().to_str().unwrap()).unwrap();
     let compile_with = |widen_above| {
         let options = Options {
+            // Percentile's ranges, where the tables add the most error (measured: output error
+            // 0.036, 0.032 widened); min-max's all-int8 plan is at 0.033 and widening its
+            // tables brings it less than `min_error_reduction` closer.
+            method: Some(Method::Percentile(0.01)),
             max_images: 100,
             widen_above,
             ..Default::default()

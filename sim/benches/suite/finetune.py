@@ -53,17 +53,19 @@ def evaluate(model, x, y, batch=500):
     return correct / len(x)
 
 
-def ort_top1(path, x, y):
+def ort_predictions(path, x):
+    """ONNX Runtime's top-1 class for each chip, one thread, batch 1."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     inputs = normalise(x).numpy()
-    correct = 0
-    for i in range(len(inputs)):
-        logits = session.run(None, {name: inputs[i:i + 1]})[0]
-        correct += int(logits.argmax() == int(y[i]))
-    return correct / len(inputs)
+    return np.array([session.run(None, {name: inputs[i:i + 1]})[0].argmax()
+                     for i in range(len(inputs))])
+
+
+def ort_top1(path, x, y):
+    return float((ort_predictions(path, x) == y.numpy()).mean())
 
 
 def train(name, train_x, train_y, val_x, val_y, args):

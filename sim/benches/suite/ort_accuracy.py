@@ -1,6 +1,6 @@
 """Score a fine-tuned suite classifier (suite/finetune.py's folder) with ONNX Runtime, f32 and
 static int8 (QDQ, per-channel weights, calibrated on the same 200 training-split chips as
-finetune.py), on either split: the training split lets two int8 models be compared on four
+finetune.py), on either split, and how often the int8 model's top-1 equals the f32 one's: the training split lets two int8 models be compared on four
 times the chips without touching the validation split.
 
     python sim/benches/suite/ort_accuracy.py --model target/suite-trained/resnet18-64 \\
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "models", "train"))
 from eurosat_split import is_validation  # noqa: E402
 from eurosat_train import load_dataset  # noqa: E402
-from finetune import normalise, ort_top1  # noqa: E402
+from finetune import normalise, ort_predictions  # noqa: E402
 from ort_latency import quantize_qdq  # noqa: E402
 
 
@@ -48,10 +48,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         qdq = os.path.join(tmp, "qdq.onnx")
         quantize_qdq(path, qdq, "input", [calibration[i:i + 1] for i in range(len(calibration))])
-        int8 = ort_top1(qdq, x, y)
-    f32 = ort_top1(path, x, y)
+        int8 = ort_predictions(qdq, x)
+    f32 = ort_predictions(path, x)
+    truth = y.numpy()
     print(json.dumps({"model": path, "split": args.split, "chips": len(x),
-                      "onnxruntime_f32": f32, "onnxruntime_int8_qdq": int8}))
+                      "onnxruntime_f32": float((f32 == truth).mean()),
+                      "onnxruntime_int8_qdq": float((int8 == truth).mean()),
+                      # How often the int8 model's top-1 is the float model's.
+                      "int8_equals_f32": float((int8 == f32).mean())}))
 
 
 if __name__ == "__main__":
