@@ -17,6 +17,9 @@ pub enum Method {
     Percentile(f64),
     /// The range whose int8 rendering of the histogram loses least information (KL divergence).
     Entropy,
+    /// The range whose int8 rendering of the values has the least squared error: rounding
+    /// inside it, clipping outside.
+    Mse,
 }
 
 /// Asymmetric int8 parameters of one tensor: `real = scale * (q - zero_point)`.
@@ -53,6 +56,8 @@ struct Tensor {
     min: f32,
     max: f32,
     bins: Vec<u64>,
+    /// Values exactly zero (ReLU outputs, padding): exact in int8 whatever the range.
+    zeros: u64,
 }
 
 /// Collects statistics of every tensor of a graph over calibration images.
@@ -69,6 +74,7 @@ impl Calibrator {
             min: f32::INFINITY,
             max: f32::NEG_INFINITY,
             bins: Vec::new(),
+            zeros: 0,
         };
         Self {
             tensors: vec![empty; tensors],
@@ -104,6 +110,7 @@ impl Calibrator {
             for &x in v.iter().filter(|x| x.is_finite()) {
                 let bin = (((x - lo) / width) as usize).min(BINS - 1);
                 t.bins[bin] += 1;
+                t.zeros += u64::from(x == 0.0);
             }
         }
     }
@@ -123,6 +130,7 @@ impl Calibrator {
                     _ if t.bins.iter().all(|&c| c == 0) => (lo, hi),
                     Method::Percentile(p) => percentile_range(&t.bins, lo, hi, p),
                     Method::Entropy => entropy_range(&t.bins, lo, hi),
+                    Method::Mse => mse_range(&t.bins, t.zeros, lo, hi),
                 };
                 ActivationQuant::from_range(lo, hi)
             })
@@ -208,6 +216,53 @@ fn entropy_range(bins: &[u64], lo: f32, hi: f32) -> (f32, f32) {
     (lo, edge(lo, hi, best))
 }
 
+/// Range ends [`mse_range`] tries: every this many bins (and the histogram's own ends).
+const MSE_GRID: usize = 8;
+
+/// The range with the least squared error over the histogram's values: each value inside it
+/// off by a uniform rounding error (a step squared over 12) but the `zeros` values exactly
+/// zero, which int8 holds exactly, and each outside by its distance to the nearer end (a bin's
+/// values at its centre). Both ends are searched on a grid of [`MSE_GRID`] bins, each on its
+/// side of zero.
+fn mse_range(bins: &[u64], zeros: u64, lo: f32, hi: f32) -> (f32, f32) {
+    let width = (f64::from(hi) - f64::from(lo)) / BINS as f64;
+    let at = |edge: usize| f64::from(lo) + edge as f64 * width;
+    // Running sums of count, count * value and count * value^2, bin by bin.
+    let mut sums = vec![[0.0f64; 3]; BINS + 1];
+    for (b, &count) in bins.iter().enumerate() {
+        let (n, x) = (count as f64, at(b) + 0.5 * width);
+        let [c, cx, cxx] = sums[b];
+        sums[b + 1] = [c + n, cx + n * x, cxx + n * x * x];
+    }
+    // Squared distance of the values in bins `from..to` to `end`.
+    let clipped = |from: usize, to: usize, end: f64| {
+        let [c, cx, cxx] = [0, 1, 2].map(|i| sums[to][i] - sums[from][i]);
+        (cxx - 2.0 * end * cx + end * end * c).max(0.0)
+    };
+    let error = |low: usize, high: usize| {
+        let (a, b) = (at(low), at(high));
+        let step = (b - a) / 255.0;
+        let inside = sums[high][0] - sums[low][0] - zeros as f64;
+        inside.max(0.0) * step * step / 12.0 + clipped(0, low, a) + clipped(high, BINS, b)
+    };
+    // Edges at or below zero for the low end, at or above it for the high end.
+    let zero = -f64::from(lo) / width;
+    let lows = (0..=(zero.floor() as usize).min(BINS)).step_by(MSE_GRID);
+    let highs: Vec<usize> = ((zero.ceil() as usize).min(BINS)..=BINS)
+        .step_by(MSE_GRID)
+        .chain(std::iter::once(BINS))
+        .collect();
+    let best = lows
+        .flat_map(|low| highs.iter().map(move |&high| (low, high)))
+        .filter(|&(low, high)| high > low)
+        .map(|(low, high)| ((low, high), error(low, high)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    match best {
+        Some(((low, high), _)) => (at(low) as f32, at(high) as f32),
+        None => (lo, hi),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,9 +335,50 @@ mod tests {
     }
 
     #[test]
+    fn mse_ranges_round_the_values_with_the_least_squared_error() {
+        // The values' own squared error through int8 codes of the range each method picks.
+        let squared_error = |values: &[f32], method| {
+            let mut c = Calibrator::new(1);
+            let images = vec![values.to_vec()];
+            c.observe_range(&images);
+            c.observe_histogram(&images);
+            let q = c.finish(method)[0];
+            values
+                .iter()
+                .map(|&x| {
+                    let code = (x / q.scale + f32::from(q.zero_point))
+                        .round()
+                        .clamp(-128.0, 127.0);
+                    f64::from(x - q.scale * (code - f32::from(q.zero_point))).powi(2)
+                })
+                .sum::<f64>()
+        };
+        let mut two_sided = relu_like();
+        for (i, x) in two_sided.iter_mut().enumerate().step_by(3) {
+            *x = -*x * if i % 2 == 0 { 0.5 } else { 2.0 };
+        }
+        // Half of a ReLU's outputs are zero: exact in int8, whatever the range.
+        let mut zero_heavy = relu_like();
+        zero_heavy.extend(std::iter::repeat_n(0.0, 400_000));
+        for values in [relu_like(), two_sided, zero_heavy] {
+            let mse = squared_error(&values, Method::Mse);
+            for other in [Method::MinMax, Method::Percentile(0.01), Method::Entropy] {
+                let theirs = squared_error(&values, other);
+                // The search's grid and the histogram's bins: within 2%.
+                assert!(mse <= 1.02 * theirs, "mse {mse} against {other:?} {theirs}");
+            }
+        }
+    }
+
+    #[test]
     fn uniform_data_keeps_its_full_range_under_every_method() {
         let values: Vec<f32> = (0..100_000).map(|i| i as f32 / 1000.0).collect();
-        for method in [Method::MinMax, Method::Percentile(0.01), Method::Entropy] {
+        for method in [
+            Method::MinMax,
+            Method::Percentile(0.01),
+            Method::Entropy,
+            Method::Mse,
+        ] {
             let (_, hi) = calibrated(values.clone(), method);
             assert!(hi > 95.0, "{method:?} clipped uniform data to {hi}");
         }
