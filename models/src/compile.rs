@@ -212,7 +212,8 @@ pub struct RangeTrial {
     pub agreement: f64,
     /// Output relative RMS error against tract.
     pub output_rel_rms: f64,
-    /// Whether this is the plan carried on (to the wider trials, then written).
+    /// Whether this is the int8 plan carried on: to the wider trials, and written unless one
+    /// of them is.
     pub kept: bool,
     /// Why no plan could be built with these ranges, where it could not.
     pub failed: Option<String>,
