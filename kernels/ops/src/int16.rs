@@ -322,6 +322,18 @@ impl Conv16<'_> {
             && g.output[0] / g.group.max(1) >= BLOCK_CHANNELS
     }
 
+    /// A pointwise layer of one group on a plane of 4, 8, 12 or 16 pixels that takes dot
+    /// products: on x86-64 with AVX-512 VNNI, its output channels in the lanes instead
+    /// ([`crate::avx2::wide::pointwise_lanes`]; other CPUs keep no weights for it).
+    fn has_pointwise_lanes(&self) -> bool {
+        let g = &self.geometry;
+        cfg!(target_arch = "x86_64")
+            && g.is_pointwise()
+            && g.group.max(1) == 1
+            && self.takes_dot_products()
+            && matches!(g.output[1] * g.output[2], 4 | 8 | 12 | 16)
+    }
+
     /// How many words [`Conv16Prepared`] holds for this layer.
     fn words_len(&self) -> usize {
         let g = &self.geometry;
@@ -329,6 +341,9 @@ impl Conv16<'_> {
         let taps = g.kernel[0] * g.kernel[1];
         if self.is_depthwise() {
             g.input[0].div_ceil(16) * taps.div_ceil(2) * 16
+        } else if self.has_pointwise_lanes() {
+            // Two bytes per pair of input channels and output channel, four to a word.
+            icg.div_ceil(2) * g.output[0].div_ceil(16) * 8
         } else if self.has_pointwise_blocks() {
             g.output[0] * icg.div_ceil(2)
         } else {
@@ -363,6 +378,28 @@ impl Conv16<'_> {
                     if let Some(word) = words.get_mut((block * pairs + pair) * 16 + lane) {
                         *word = pair_word(two.first(), two.get(1));
                     }
+                }
+            }
+        } else if self.has_pointwise_lanes() {
+            // Per vector of 16 output channels (the last padded with zeros), per pair of input
+            // channels, each channel's two weights as two bytes (a missing one 0): each
+            // vector's weights one stream. Four bytes to a word, the first in the low byte.
+            let (icg, oc) = (g.input[0], g.output[0]);
+            let pairs = icg.div_ceil(2);
+            let mut bytes = std::vec![0u8; words.len() * 4];
+            for (o, filter) in self.weights.chunks_exact(icg.max(1)).enumerate().take(oc) {
+                for (pair, two) in filter.chunks(2).enumerate() {
+                    for (k, &weight) in two.iter().enumerate() {
+                        let at = ((o / 16 * pairs + pair) * 16 + o % 16) * 2 + k;
+                        if let Some(byte) = bytes.get_mut(at) {
+                            *byte = weight as u8;
+                        }
+                    }
+                }
+            }
+            for (word, four) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+                if let Ok(four) = four.try_into() {
+                    *word = i32::from_le_bytes(four);
                 }
             }
         } else if self.has_pointwise_blocks() {
@@ -413,6 +450,8 @@ pub struct Conv16Scratch {
     column: std::vec::Vec<i16>,
     /// A depthwise layer's sums at one pixel, channels in a row.
     pixel: std::vec::Vec<i32>,
+    /// A small-plane pointwise layer's input, two channels' values to a word.
+    pairs: std::vec::Vec<i32>,
     /// The last rows of a dot-product layer's weights, padded to whole vectors.
     tail: std::vec::Vec<i8>,
     /// A group's input inside a border of zeros.
@@ -436,6 +475,7 @@ impl Default for Conv16Scratch {
             filter: std::vec::Vec::new(),
             column: std::vec::Vec::new(),
             pixel: std::vec::Vec::new(),
+            pairs: std::vec::Vec::new(),
             tail: std::vec::Vec::new(),
             padded: std::vec::Vec::new(),
             term_offsets: std::vec::Vec::new(),
@@ -561,6 +601,7 @@ impl Conv16<'_> {
             filter,
             column,
             pixel,
+            pairs,
             tail,
             padded,
             term_offsets,
@@ -615,6 +656,11 @@ impl Conv16<'_> {
         };
         // A pointwise layer's pixels summed in blocks, and whether those were stored already.
         let (mut blocked, mut stored) = (0, false);
+        // A small-plane pointwise layer with its output channels in 512-bit lanes.
+        #[cfg(target_arch = "x86_64")]
+        let lanes = AVX2 && *vnni == Some(crate::avx2::Vnni::Avx512) && self.has_pointwise_lanes();
+        #[cfg(not(target_arch = "x86_64"))]
+        let lanes = false;
         if icg == 1 && ocg == 1 && AVX2 && cfg!(target_arch = "x86_64") {
             #[cfg(target_arch = "x86_64")]
             {
@@ -663,6 +709,17 @@ impl Conv16<'_> {
                     for (ch, &sum) in pixel.iter().enumerate() {
                         sums[ch * out_plane + oy * ow + ox] += sum;
                     }
+                }
+            }
+        } else if dot && lanes {
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: the scratch's encoding is one the CPU has (`with_vnni`): AVX-512 VNNI
+                // and BW.
+                if !unsafe {
+                    crate::avx2::wide::pointwise_lanes(&g, values, &prepared.words, pairs, sums)
+                } {
+                    return self.run(input, output);
                 }
             }
         } else if dot {
@@ -1443,15 +1500,24 @@ mod tests {
             if case % 6 == 5 {
                 (group, icg, ocg) = (1 + pick(&mut rng, 40), 1, 1);
             }
+            // Pointwise layers on small planes with many output channels: the channel lanes'
+            // whole and partial blocks of vectors.
+            let lanes = case % 13 == 6;
+            if lanes {
+                (group, icg, ocg) = (1, 16 + pick(&mut rng, 70), 16 + pick(&mut rng, 90));
+            }
             let (c, oc) = (icg * group, ocg * group);
-            let (h, w) = (1 + pick(&mut rng, 12), 1 + pick(&mut rng, 12));
+            let (mut h, mut w) = (1 + pick(&mut rng, 12), 1 + pick(&mut rng, 12));
+            if lanes {
+                (h, w) = [(2, 2), (4, 4), (2, 4), (3, 4), (2, 8), (1, 1)][pick(&mut rng, 6)];
+            }
             let mut kernel = [1 + pick(&mut rng, 5), 1 + pick(&mut rng, 5)];
             let mut stride = [1 + pick(&mut rng, 3), 1 + pick(&mut rng, 3)];
             let dilation = [1 + pick(&mut rng, 2), 1 + pick(&mut rng, 2)];
             let mut pad = [pick(&mut rng, 3), pick(&mut rng, 3)];
             // Pointwise layers (every third case), whose planes of 64 pixels and more and
             // blocks of channels take paths of their own.
-            if case % 3 == 0 {
+            if case % 3 == 0 || lanes {
                 (kernel, stride, pad) = ([1, 1], [1, 1], [0, 0]);
             }
             let extent = |i: usize| (kernel[i] - 1) * dilation[i] + 1;

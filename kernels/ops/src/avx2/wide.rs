@@ -80,6 +80,142 @@ impl DotProducts<'_> {
     }
 }
 
+/// A pointwise layer of one group on a plane of 4, 8, 12 or 16 pixels (`geometry`), 16 output
+/// channels to a 512-bit vector and every pixel at once: per pair of input channels, each
+/// pixel's two values broadcast as one word (`pairs`, laid out pair by pair), and one
+/// `vpdpwssd` per pixel against 16 channels' weight pairs, widened from the bytes of `words`
+/// (per vector of 16 output channels, the channels padded to whole vectors, per pair of input
+/// channels, each channel's two weights: one stream per vector, as
+/// [`crate::int16::Conv16Prepared`] lays them out). Each weight is read once
+/// per layer (a small plane's layer is bound by reading its weights) and no sum is reduced
+/// across lanes. Each sum is added to `sums` (`[channel][plane]`). `false`, nothing added,
+/// where the buffers do not fit the geometry.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and BW.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::indexing_slicing)]
+pub(crate) unsafe fn pointwise_lanes(
+    geometry: &ConvGeometry,
+    values: &[i16],
+    words: &[i32],
+    pairs: &mut Vec<i32>,
+    sums: &mut [i32],
+) -> bool {
+    let [icg, h, w] = geometry.input;
+    let oc = geometry.output[0];
+    let plane = h * w;
+    let (pair_count, lanes) = (icg.div_ceil(2), oc.div_ceil(16) * 16);
+    if values.len() != icg * plane
+        || sums.len() != oc * plane
+        || words.len() * 2 != pair_count * lanes
+        || !matches!(plane, 4 | 8 | 12 | 16)
+    {
+        return false;
+    }
+    // Pair by pair of input channels, each pixel's two values as a word, the first in the
+    // low half (a last channel without a partner beside a zero, which meets a zero weight):
+    // broadcast straight from memory.
+    pairs.clear();
+    pairs.resize(pair_count * plane, 0);
+    for (ic, channel) in values.chunks_exact(plane).enumerate() {
+        let (row, shift) = ((ic / 2) * plane, 16 * (ic % 2));
+        for (word, &x) in pairs[row..row + plane].iter_mut().zip(channel) {
+            *word |= i32::from(x as u16) << shift;
+        }
+    }
+    let layer = LanesLayer {
+        pairs,
+        pair_count,
+        words,
+        lanes,
+        channels: oc,
+    };
+    // SAFETY (each arm): as the caller promises.
+    unsafe {
+        match plane {
+            4 => lanes_blocks::<4, 4>(&layer, sums),
+            8 => lanes_blocks::<2, 8>(&layer, sums),
+            12 => lanes_blocks::<1, 12>(&layer, sums),
+            _ => lanes_blocks::<1, 16>(&layer, sums),
+        }
+    }
+    true
+}
+
+/// What [`lanes_block`] reads of a layer [`pointwise_lanes`] runs.
+struct LanesLayer<'a> {
+    /// Pair by pair of input channels, each pixel's two values as a word.
+    pairs: &'a [i32],
+    pair_count: usize,
+    /// Per vector of 16 output channels, per pair of input channels, the 16 channels' two
+    /// weights (bytes, four to a word).
+    words: &'a [i32],
+    lanes: usize,
+    channels: usize,
+}
+
+/// Every output channel of [`pointwise_lanes`]' layer on a plane of `P` pixels: blocks of `V`
+/// vectors of channels, then single vectors.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and BW.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn lanes_blocks<const V: usize, const P: usize>(layer: &LanesLayer<'_>, sums: &mut [i32]) {
+    let whole = layer.lanes / (16 * V) * (16 * V);
+    for first in (0..whole).step_by(16 * V) {
+        // SAFETY: as the caller promises.
+        unsafe { lanes_block::<V, P>(layer, first, sums) };
+    }
+    for first in (whole..layer.lanes).step_by(16) {
+        // SAFETY: as the caller promises.
+        unsafe { lanes_block::<1, P>(layer, first, sums) };
+    }
+}
+
+/// The sums of output channels `first..first + 16 * V` over a plane of `P` pixels, added to
+/// `sums`; `V` and `P` constants (`V * P` at most 16) so that the accumulators stay in
+/// registers.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and BW.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+#[inline]
+#[allow(clippy::indexing_slicing)]
+unsafe fn lanes_block<const V: usize, const P: usize>(
+    layer: &LanesLayer<'_>,
+    first: usize,
+    sums: &mut [i32],
+) {
+    let mut acc = [[_mm512_setzero_si512(); P]; V];
+    for j in 0..layer.pair_count {
+        let pixels = &layer.pairs[j * P..][..P];
+        let x: [__m512i; P] = core::array::from_fn(|q| _mm512_set1_epi32(pixels[q]));
+        for (v, acc) in acc.iter_mut().enumerate() {
+            // The vector's 16 channels' two weights for this pair: 32 bytes, 8 words.
+            let row = &layer.words[((first / 16 + v) * layer.pair_count + j) * 8..][..8];
+            // SAFETY: 8 i32 of `row`, 32 bytes, read unaligned.
+            let bytes = unsafe { _mm256_loadu_si256(row.as_ptr().cast()) };
+            let weights = _mm512_cvtepi8_epi16(bytes);
+            for (acc, &x) in acc.iter_mut().zip(&x) {
+                *acc = _mm512_dpwssd_epi32(*acc, x, weights);
+            }
+        }
+    }
+    for (v, acc) in acc.iter().enumerate() {
+        for (q, &vector) in acc.iter().enumerate() {
+            let mut lane_sums = [0i32; 16];
+            // SAFETY: 16 i32, 64 bytes.
+            unsafe { _mm512_storeu_si512(lane_sums.as_mut_ptr().cast(), vector) };
+            let channels = (first + v * 16..layer.channels).take(16);
+            for (o, &sum) in channels.zip(&lane_sums) {
+                sums[o * P + q] += sum;
+            }
+        }
+    }
+}
+
 /// Store the sums of the two halves `vpunpcklwd` and `vpunpckhwd` made (`low`: lanes 0-3 and
 /// 8-11 of the 16 interleaved, `high`: 4-7 and 12-15) into `out`'s first 16 values, in order.
 #[target_feature(enable = "avx2")]
