@@ -642,11 +642,15 @@ impl Conv16<'_> {
         if !fits {
             return self.run(input, output);
         }
-        // Every output's sum, channel by channel, the bias first.
-        sums.clear();
+        // Every output's sum, channel by channel, the bias first: here, or for a pointwise
+        // layer on rows, after its blocks of pixels (which need none where they go straight to
+        // the output: a plane's worth of writes saved).
+        let rows_pointwise = pointwise && !dot && !(icg == 1 && ocg == 1);
         sums.resize(oc_total * out_plane, 0);
-        for (oc, channel) in sums.chunks_exact_mut(out_plane.max(1)).enumerate() {
-            channel.fill(self.channels.get(oc).0);
+        if !rows_pointwise {
+            for (oc, channel) in sums.chunks_exact_mut(out_plane.max(1)).enumerate() {
+                channel.fill(self.channels.get(oc).0);
+            }
         }
         // The input value under tap (ky, kx) of output (oy, ox), if not padding.
         let at = |oy: usize, ox: usize, ky: usize, kx: usize| {
@@ -832,10 +836,18 @@ impl Conv16<'_> {
                 (first, last.max(first), offset)
             };
             // A pointwise layer's whole blocks of output channels and pixels, sums in registers.
-            if pointwise {
+            if rows_pointwise {
                 let words = &prepared.words;
                 let blocks = self.pointwise_blocks::<AVX2>(*vnni, values, sums, words, output);
                 (blocked, stored) = (blocks.pixels, blocks.stored);
+                // The bias of every sum the blocks did not write.
+                for (oc, channel) in sums.chunks_exact_mut(out_plane.max(1)).enumerate() {
+                    let from = match oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
+                        true => blocked,
+                        false => 0,
+                    };
+                    channel[from..].fill(self.channels.get(oc).0);
+                }
             }
             for oc in 0..oc_total {
                 let first_channel = (oc / ocg) * icg;
@@ -956,10 +968,11 @@ const DOT_BLOCK: usize = 64;
 
 #[cfg(feature = "std")]
 impl Conv16<'_> {
-    /// Add a pointwise layer's products to `sums` for each block of [`BLOCK_CHANNELS`] output
-    /// channels of a group and [`BLOCK_PIXELS`] pixels, the block's sums kept in registers
-    /// while every input channel passes (each input value read once per four channels).
-    /// Returns the pixels covered (from 0, in every channel of a whole block).
+    /// A pointwise layer's sums for each block of [`BLOCK_CHANNELS`] output channels of a group
+    /// and [`BLOCK_PIXELS`] pixels, the block's sums kept in registers while every input
+    /// channel passes (each input value read once per four channels): requantised into
+    /// `output` where that is exact, else written to `sums` with their bias. Returns the pixels
+    /// covered (from 0, in every channel of a whole block).
     #[allow(clippy::indexing_slicing)]
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     #[inline(always)]
@@ -991,22 +1004,42 @@ impl Conv16<'_> {
         let stored = AVX2 && crate::avx2::wide::stores_exactly(&self.output, &self.channels);
         #[cfg(not(target_arch = "x86_64"))]
         let stored = false;
+        // With AVX-512 VNNI, two blocks of pixels at a time in 512-bit vectors.
+        #[cfg(target_arch = "x86_64")]
+        let wide = AVX2 && encoding == Some(crate::avx2::Vnni::Avx512);
+        #[cfg(not(target_arch = "x86_64"))]
+        let wide = false;
         for group in 0..groups {
             for block in 0..ocg / BLOCK_CHANNELS {
                 let first = group * ocg + block * BLOCK_CHANNELS;
-                for p in (0..pixels).step_by(BLOCK_PIXELS) {
-                    let mut acc = [[0i32; BLOCK_PIXELS]; BLOCK_CHANNELS];
+                let mut p = 0;
+                while p < pixels {
+                    let span = match wide && p + 2 * BLOCK_PIXELS <= pixels {
+                        true => 2,
+                        false => 1,
+                    };
+                    let mut accs = [[[0i32; BLOCK_PIXELS]; BLOCK_CHANNELS]; 2];
                     #[cfg(target_arch = "x86_64")]
                     if AVX2 {
                         let weights = &pairs[first * pairs_per_channel..]
                             [..BLOCK_CHANNELS * pairs_per_channel];
                         let inputs = &values[group * icg * plane..(group + 1) * icg * plane];
                         // SAFETY: AVX2 is true only where the CPU has AVX2; the encoding is
-                        // one it has (`Conv16Scratch::with_vnni`).
+                        // one it has (`Conv16Scratch::with_vnni`): AVX-512 VNNI where `wide`.
                         unsafe {
-                            crate::avx2::wide::pointwise_block(
-                                encoding, inputs, weights, plane, p, &mut acc,
-                            )
+                            match span {
+                                2 => crate::avx2::wide::pointwise_block_pair(
+                                    inputs, weights, plane, p, &mut accs,
+                                ),
+                                _ => crate::avx2::wide::pointwise_block(
+                                    encoding,
+                                    inputs,
+                                    weights,
+                                    plane,
+                                    p,
+                                    &mut accs[0],
+                                ),
+                            }
                         };
                     }
                     for ic in (0..icg).filter(|_| !(AVX2 && cfg!(target_arch = "x86_64"))) {
@@ -1014,35 +1047,40 @@ impl Conv16<'_> {
                         let xs: &[i16; BLOCK_PIXELS] = values[channel..channel + BLOCK_PIXELS]
                             .try_into()
                             .unwrap_or(&[0; BLOCK_PIXELS]);
-                        for (k, row) in acc.iter_mut().enumerate() {
+                        for (k, row) in accs[0].iter_mut().enumerate() {
                             let weight = i32::from(self.weights[(first + k) * icg + ic]);
                             for (sum, &x) in row.iter_mut().zip(xs) {
                                 *sum += weight * i32::from(x);
                             }
                         }
                     }
-                    #[cfg(target_arch = "x86_64")]
-                    if stored {
-                        // SAFETY: `stored` only where AVX2 is true: the CPU has AVX2.
-                        unsafe {
-                            crate::avx2::wide::store_block(
-                                &self.output,
-                                &self.channels,
-                                first,
-                                &acc,
-                                output,
-                                plane,
-                                p,
-                            )
-                        };
-                        continue;
-                    }
-                    for (k, row) in acc.iter().enumerate() {
-                        let out = &mut sums[(first + k) * plane + p..][..BLOCK_PIXELS];
-                        for (sum, &add) in out.iter_mut().zip(row) {
-                            *sum += add;
+                    for (half, acc) in accs.iter().enumerate().take(span) {
+                        let p = p + half * BLOCK_PIXELS;
+                        #[cfg(target_arch = "x86_64")]
+                        if stored {
+                            // SAFETY: `stored` only where AVX2 is true: the CPU has AVX2.
+                            unsafe {
+                                crate::avx2::wide::store_block(
+                                    &self.output,
+                                    &self.channels,
+                                    first,
+                                    acc,
+                                    output,
+                                    plane,
+                                    p,
+                                )
+                            };
+                            continue;
+                        }
+                        for (k, row) in acc.iter().enumerate() {
+                            let bias = self.channels.get(first + k).0;
+                            let out = &mut sums[(first + k) * plane + p..][..BLOCK_PIXELS];
+                            for (sum, &add) in out.iter_mut().zip(row) {
+                                *sum = bias + add;
+                            }
                         }
                     }
+                    p += span * BLOCK_PIXELS;
                 }
             }
         }

@@ -767,6 +767,60 @@ pointwise_block!(
     _mm256_dpwssd_epi32
 );
 
+/// [`pointwise_block`] for two blocks of pixels at once (`p..p + 32`, into `accs[0]` and
+/// `accs[1]`) in 512-bit vectors: each multiply-add covers 32 pixels' pairs where the 256-bit
+/// form covers 16.
+///
+/// # Safety
+/// The CPU must have AVX-512 VNNI and BW.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::indexing_slicing)]
+pub(crate) unsafe fn pointwise_block_pair(
+    inputs: &[i16],
+    pairs: &[i32],
+    plane: usize,
+    p: usize,
+    accs: &mut [[[i32; BLOCK_PIXELS]; BLOCK_CHANNELS]; 2],
+) {
+    let icg = inputs.len() / plane.max(1);
+    let pairs_per_channel = pairs.len() / BLOCK_CHANNELS;
+    let load = |ic: usize| {
+        let values = &inputs[ic * plane + p..ic * plane + p + 2 * BLOCK_PIXELS];
+        // SAFETY: 32 values, 64 bytes, read unaligned.
+        unsafe { _mm512_loadu_si512(values.as_ptr().cast()) }
+    };
+    let (mut low, mut high) = (
+        [_mm512_setzero_si512(); BLOCK_CHANNELS],
+        [_mm512_setzero_si512(); BLOCK_CHANNELS],
+    );
+    for ic in (0..icg).step_by(2) {
+        let a = load(ic);
+        // A last channel without a partner meets a zero weight (and zero values).
+        let b = if ic + 1 < icg {
+            load(ic + 1)
+        } else {
+            _mm512_setzero_si512()
+        };
+        // Within each 128-bit lane `i`: pixels 8i to 8i + 3 in `lo`, 8i + 4 to 8i + 7 in `hi`.
+        let (lo, hi) = (_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b));
+        for k in 0..BLOCK_CHANNELS {
+            let w = _mm512_set1_epi32(pairs[k * pairs_per_channel + ic / 2]);
+            low[k] = _mm512_dpwssd_epi32(low[k], lo, w);
+            high[k] = _mm512_dpwssd_epi32(high[k], hi, w);
+        }
+    }
+    // Pixels in order: lanes 0 of `lo` and `hi`, then 1 of each (the first 16), then 2 and 3.
+    let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    let second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for k in 0..BLOCK_CHANNELS {
+        for (acc, order) in accs.iter_mut().zip([first, second]) {
+            let sums = _mm512_permutex2var_epi32(low[k], order, high[k]);
+            // SAFETY: 16 i32, 64 bytes.
+            unsafe { _mm512_storeu_si512(acc[k].as_mut_ptr().cast(), sums) };
+        }
+    }
+}
+
 /// Eight pixels (from `at` in each plane, `plane` values apart) of 16 channels (`planes`),
 /// transposed into `out`: pixel by pixel, each pixel's 16 channels side by side. Nothing where
 /// the buffers are too short.
