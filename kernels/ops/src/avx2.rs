@@ -546,7 +546,7 @@ fn vector_starts(len: usize, width: usize) -> impl Iterator<Item = usize> {
 }
 
 /// Whether this CPU has AVX-512 F and BW (512-bit vectors of bytes and words).
-fn has_avx512bw() -> bool {
+pub(crate) fn has_avx512bw() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
 }

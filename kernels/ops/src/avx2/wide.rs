@@ -652,6 +652,11 @@ pub(crate) fn function16(
     output: &mut [i8],
 ) -> Result<(), ShapeError> {
     function.check(input, output)?;
+    if super::has_avx512bw() {
+        // SAFETY: the CPU has AVX-512 F and BW.
+        unsafe { function16_avx512(function, input, output) };
+        return Ok(());
+    }
     let table = function.table;
     let whole = input.len() / 16 * 16;
     let bottom = _mm256_set1_epi32(-i32::from(i16::MIN));
@@ -680,6 +685,45 @@ pub(crate) fn function16(
         Width::I16.store(output, i, function.code(Width::I16.load(input, i)));
     }
     Ok(())
+}
+
+/// [`function16`] sixteen values to a gather, in 512-bit vectors, for buffers it checked.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW.
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+unsafe fn function16_avx512(function: &Function16<'_>, input: &[i8], output: &mut [i8]) {
+    let table = function.table;
+    let whole = input.len() / 32 * 32;
+    let bottom = _mm512_set1_epi32(-i32::from(i16::MIN));
+    let (mask, half) = (
+        _mm512_set1_epi32(FUNCTION16_SEGMENT - 1),
+        _mm512_set1_epi32(FUNCTION16_SEGMENT / 2),
+    );
+    for (x, dst) in input[..whole]
+        .chunks_exact(32)
+        .zip(output.chunks_exact_mut(32))
+    {
+        // SAFETY: 16 codes, 32 bytes.
+        let codes = _mm512_cvtepi16_epi32(unsafe { _mm256_loadu_si256(x.as_ptr().cast()) });
+        let from_bottom = _mm512_add_epi32(codes, bottom);
+        // Segment `k` (0 to 1023 for codes of 16 bits) and the place in it.
+        let k = _mm512_srli_epi32::<6>(from_bottom);
+        let fraction = _mm512_and_si512(from_bottom, mask);
+        // SAFETY: entry `k + 1` is at most 1024, the table's last (`check`): the 4 bytes read
+        // at entry `k` are inside it.
+        let pair = unsafe { _mm512_i32gather_epi32::<2>(k, table.as_ptr().cast()) };
+        let low = _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(pair));
+        let high = _mm512_srai_epi32::<16>(pair);
+        let step = _mm512_mullo_epi32(_mm512_sub_epi32(high, low), fraction);
+        let codes = _mm512_add_epi32(low, _mm512_srai_epi32::<6>(_mm512_add_epi32(step, half)));
+        // Each code lies between two table entries: narrowing to 16 bits keeps it.
+        // SAFETY: 16 codes of 16 bits, 32 bytes.
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), _mm512_cvtepi32_epi16(codes)) };
+    }
+    for i in whole / 2..input.len() / 2 {
+        Width::I16.store(output, i, function.code(Width::I16.load(input, i)));
+    }
 }
 
 /// One block of [`crate::int16::Conv16`]'s pointwise layers on large planes: the block's 4
