@@ -323,12 +323,15 @@ impl Conv16<'_> {
     }
 
     /// A pointwise layer of one group on a plane of 4, 8, 12 or 16 pixels that takes dot
-    /// products: on x86-64 with AVX-512 VNNI, its output channels in the lanes instead
+    /// products, on a CPU with AVX-512 VNNI: its output channels in the lanes instead
     /// ([`crate::avx2::wide::pointwise_lanes`]; other CPUs keep no weights for it).
     fn has_pointwise_lanes(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let cpu = crate::avx2::Vnni::Avx512.available();
+        #[cfg(not(target_arch = "x86_64"))]
+        let cpu = false;
         let g = &self.geometry;
-        cfg!(target_arch = "x86_64")
-            && g.is_pointwise()
+        cpu && g.is_pointwise()
             && g.group.max(1) == 1
             && self.takes_dot_products()
             && matches!(g.output[1] * g.output[2], 4 | 8 | 12 | 16)
