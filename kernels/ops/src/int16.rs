@@ -645,15 +645,26 @@ impl Conv16<'_> {
         if !fits {
             return self.run(input, output);
         }
-        // Every output's sum, channel by channel, the bias first: here, or for a pointwise
-        // layer on rows, after its blocks of pixels (which need none where they go straight to
-        // the output: a plane's worth of writes saved).
-        let rows_pointwise = pointwise && !dot && !(icg == 1 && ocg == 1);
+        // A pointwise layer on rows: its whole blocks of output channels and pixels first, sums
+        // in registers, requantised straight into the output where that is exact, else
+        // written to `sums` with their bias; and whether they were stored already.
         sums.resize(oc_total * out_plane, 0);
-        if !rows_pointwise {
-            for (oc, channel) in sums.chunks_exact_mut(out_plane.max(1)).enumerate() {
-                channel.fill(self.channels.get(oc).0);
-            }
+        let (mut blocked, mut stored) = (0, false);
+        if pointwise && !dot && !(icg == 1 && ocg == 1) {
+            let words = &prepared.words;
+            let blocks = self.pointwise_blocks::<AVX2>(*vnni, values, sums, words, output);
+            (blocked, stored) = (blocks.pixels, blocks.stored);
+        }
+        // The pixels of channel `oc` the blocks covered (from 0); no division per channel
+        // where there were none.
+        let covered =
+            |oc: usize| match blocked > 0 && oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
+                true => blocked,
+                false => 0,
+            };
+        // Every other output's sum, channel by channel, the bias first.
+        for (oc, channel) in sums.chunks_exact_mut(out_plane.max(1)).enumerate() {
+            channel[covered(oc)..].fill(self.channels.get(oc).0);
         }
         // The input value under tap (ky, kx) of output (oy, ox), if not padding.
         let at = |oy: usize, ox: usize, ky: usize, kx: usize| {
@@ -661,8 +672,6 @@ impl Conv16<'_> {
             let ix = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.pad[1])?;
             (iy < h && ix < w).then_some(iy * w + ix)
         };
-        // A pointwise layer's pixels summed in blocks, and whether those were stored already.
-        let (mut blocked, mut stored) = (0, false);
         // A small-plane pointwise layer with its output channels in 512-bit lanes.
         #[cfg(target_arch = "x86_64")]
         let lanes = AVX2 && *vnni == Some(crate::avx2::Vnni::Avx512) && self.has_pointwise_lanes();
@@ -839,29 +848,13 @@ impl Conv16<'_> {
                 (first, last.max(first), offset)
             };
             // A pointwise layer's whole blocks of output channels and pixels, sums in registers.
-            if rows_pointwise {
-                let words = &prepared.words;
-                let blocks = self.pointwise_blocks::<AVX2>(*vnni, values, sums, words, output);
-                (blocked, stored) = (blocks.pixels, blocks.stored);
-                // The bias of every sum the blocks did not write.
-                for (oc, channel) in sums.chunks_exact_mut(out_plane.max(1)).enumerate() {
-                    let from = match oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
-                        true => blocked,
-                        false => 0,
-                    };
-                    channel[from..].fill(self.channels.get(oc).0);
-                }
-            }
             for oc in 0..oc_total {
                 let first_channel = (oc / ocg) * icg;
                 let filter = &self.weights[oc * terms..(oc + 1) * terms];
                 let out_sums = &mut sums[oc * out_plane..][..out_plane];
                 // A pointwise layer's pixels past the blocks (all of them for channels past the
                 // blocks); none left: nothing to do for this channel.
-                let from = match oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
-                    true => blocked,
-                    false => 0,
-                };
+                let from = covered(oc);
                 if pointwise && from == out_plane {
                     continue;
                 }
@@ -932,8 +925,8 @@ impl Conv16<'_> {
             let requant = self.channels.get(oc).1;
             let out = &mut output[oc * out_plane * bytes..][..out_plane * bytes];
             // A pointwise layer's blocks stored already: the pixels past them.
-            let done = match stored && oc % ocg < ocg / BLOCK_CHANNELS * BLOCK_CHANNELS {
-                true => blocked,
+            let done = match stored {
+                true => covered(oc),
                 false => 0,
             };
             let (out, sums) = (&mut out[done * bytes..], &sums[done..]);
