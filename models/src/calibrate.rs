@@ -49,6 +49,16 @@ impl ActivationQuant {
         let zero_point = (-128.0 - lo / scale).round().clamp(-128.0, 127.0) as i8;
         Self { scale, zero_point }
     }
+
+    /// The code of `real` on this grid, clamped to int8.
+    pub fn code(self, real: f32) -> i8 {
+        ((real / self.scale).round() + f32::from(self.zero_point)).clamp(-128.0, 127.0) as i8
+    }
+
+    /// The real value int8 carries for `real`: rounded to the grid, clipped to its range.
+    pub fn represented(self, real: f32) -> f32 {
+        self.scale * (f32::from(self.code(real)) - f32::from(self.zero_point))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -267,6 +277,24 @@ fn mse_range(bins: &[u64], zeros: u64, lo: f32, hi: f32) -> (f32, f32) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn channel_means_average_each_channel_over_pixels_and_images() {
+        // Two tensors: a [1, 2, 1, 2] image and a [1, 3] vector.
+        let mut means = ChannelMeans::new(&[vec![1, 2, 1, 2], vec![1, 3]]);
+        means.observe(&[vec![1.0, 3.0, 10.0, 20.0], vec![1.0, 2.0, 3.0]]);
+        means.observe(&[vec![3.0, 5.0, 0.0, 0.0], vec![3.0, 2.0, 1.0]]);
+        assert_eq!(means.means(), [vec![3.0, 7.5], vec![2.0, 2.0, 2.0]]);
+        // As int8 carries them on a grid of step 2 from -256 to 254 (zero point 0): 1.0 and
+        // 3.0 round to 2.0 and 4.0 (half away from zero); 300 clips to 254.
+        let step2 = ActivationQuant {
+            scale: 2.0,
+            zero_point: 0,
+        };
+        let mut int8 = ChannelMeans::new(&[vec![1, 1, 1, 3]]);
+        int8.observe_as_int8(&[vec![1.0, 3.0, 300.0]], &[step2]);
+        assert_eq!(int8.means(), [vec![(2.0 + 4.0 + 254.0) / 3.0]]);
+    }
+
     fn calibrated(values: Vec<f32>, method: Method) -> (f32, f32) {
         let mut c = Calibrator::new(1);
         let images = vec![values];
@@ -382,6 +410,70 @@ mod tests {
             let (_, hi) = calibrated(values.clone(), method);
             assert!(hi > 95.0, "{method:?} clipped uniform data to {hi}");
         }
+    }
+}
+
+/// The mean of every channel of every tensor over calibration images (NCHW or `[N, F]`,
+/// batch 1), for [`crate::quantize::bias_corrected`].
+#[derive(Clone, Debug)]
+pub struct ChannelMeans {
+    sums: Vec<Vec<f64>>,
+    /// Values per channel in one image: the product of the dimensions after the channels.
+    plane: Vec<usize>,
+    images: usize,
+}
+
+impl ChannelMeans {
+    /// Sums for tensors of these shapes (a graph's, by value id).
+    pub fn new(shapes: &[Vec<usize>]) -> Self {
+        Self {
+            sums: shapes
+                .iter()
+                .map(|s| vec![0.0; s.get(1).copied().unwrap_or(1)])
+                .collect(),
+            plane: shapes
+                .iter()
+                .map(|s| s.iter().skip(2).product::<usize>().max(1))
+                .collect(),
+            images: 0,
+        }
+    }
+
+    /// Add one image's values (by tensor id).
+    pub fn observe(&mut self, values: &[Vec<f32>]) {
+        self.observe_mapped(values, |_, x| x);
+    }
+
+    /// Add one image's values as int8 carries them with `params` (by tensor id): what a
+    /// plan's layers read in place of the float values.
+    pub fn observe_as_int8(&mut self, values: &[Vec<f32>], params: &[ActivationQuant]) {
+        self.observe_mapped(values, |tensor, x| {
+            params.get(tensor).map_or(x, |q| q.represented(x))
+        });
+    }
+
+    fn observe_mapped(&mut self, values: &[Vec<f32>], map: impl Fn(usize, f32) -> f32) {
+        let tensors = self.sums.iter_mut().zip(&self.plane).zip(values);
+        for (tensor, ((sums, &plane), v)) in tensors.enumerate() {
+            for (sum, channel) in sums.iter_mut().zip(v.chunks(plane)) {
+                *sum += channel
+                    .iter()
+                    .filter(|x| x.is_finite())
+                    .map(|&x| f64::from(map(tensor, x)))
+                    .sum::<f64>()
+                    / plane as f64;
+            }
+        }
+        self.images += 1;
+    }
+
+    /// Each tensor's channel means, by tensor id (zeros before any image).
+    pub fn means(&self) -> Vec<Vec<f64>> {
+        let images = self.images.max(1) as f64;
+        self.sums
+            .iter()
+            .map(|sums| sums.iter().map(|s| s / images).collect())
+            .collect()
     }
 }
 

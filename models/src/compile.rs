@@ -6,6 +6,7 @@
 //! 4. Load the plan back and run it next to tract's float model on the same images: top-1
 //!    agreement, and accuracy of both when the images sit in class folders named as labels.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,9 +26,9 @@ use kestrel_runtime::step::DetectorConfig;
 use kestrel_runtime::FrameGeometry;
 use serde::Serialize;
 
-use crate::calibrate::{Calibrator, Method};
+use crate::calibrate::{Calibrator, ChannelMeans, Method};
 use crate::graph::{Graph, ImportError};
-use crate::quantize::QuantizedGraph;
+use crate::quantize::{bias_corrected, QuantizedGraph};
 use crate::{ModelError, ZooModel};
 
 /// Why a plan could not be compiled.
@@ -136,6 +137,9 @@ pub struct Report {
     pub method: String,
     /// The range methods compared, where none was named ([`Options::method`]).
     pub ranges: Vec<RangeTrial>,
+    /// The plan with bias correction against the plan without
+    /// ([`crate::quantize::bias_corrected`]).
+    pub bias_correction: BiasCorrectionTrial,
     /// Images calibrated and verified on.
     pub calibration_images: usize,
     /// Images that could not be used, with the reason.
@@ -198,6 +202,20 @@ pub struct WideningTrial {
     pub output_rel_rms: [f64; 2],
     /// Whether the wider plan is the one written: it agrees with tract at least as often and
     /// its output's error is at least [`Options::min_error_reduction`] lower.
+    pub kept: bool,
+}
+
+/// The plan without bias correction against the plan with it
+/// ([`crate::quantize::bias_corrected`]), both with the chosen ranges, on the calibration
+/// images. The corrected plan is kept where it agrees with tract at least as often and its
+/// output is closer: it costs nothing at run time.
+#[derive(Clone, Debug, Serialize)]
+pub struct BiasCorrectionTrial {
+    /// Top-1 (classifiers) or box (detectors) agreement with tract: without, then with.
+    pub agreement: [f64; 2],
+    /// Output relative RMS error against tract: without, then with.
+    pub output_rel_rms: [f64; 2],
+    /// Whether the corrected plan is the one written.
     pub kept: bool,
 }
 
@@ -567,8 +585,11 @@ pub fn compile(
 
     progress("calibrating activations (two passes over the float graph)");
     let mut calibrator = Calibrator::new(graph.shapes.len());
+    let mut means = ChannelMeans::new(&graph.shapes);
     for (input, _) in &inputs {
-        calibrator.observe_range(&graph.run_f32(input));
+        let values = graph.run_f32(input);
+        calibrator.observe_range(&values);
+        means.observe(&values);
     }
     for (input, _) in &inputs {
         calibrator.observe_histogram(&graph.run_f32(input));
@@ -635,6 +656,35 @@ pub fn compile(
             ranges.push(trial);
         }
     }
+    // The graph the plans are quantised from: `graph`, or with its biases corrected for the
+    // mean error of the int8 weights where that brings the plan closer to tract.
+    let mut source = Cow::Borrowed(&graph);
+    progress(
+        "verifying a plan with biases corrected for the mean error of int8 weights and inputs",
+    );
+    let mut int8_means = ChannelMeans::new(&graph.shapes);
+    for (input, _) in &inputs {
+        int8_means.observe_as_int8(&graph.run_f32(input), &params);
+    }
+    let float_means = means.means();
+    let corrected = bias_corrected(&graph, &float_means, &int8_means.means());
+    let mut bias_correction = BiasCorrectionTrial {
+        agreement: [verified.agreement(); 2],
+        output_rel_rms: [verified.output_rel_rms(); 2],
+        kept: false,
+    };
+    let built = QuantizedGraph::build(&corrected, &params)
+        .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
+    if let Ok((corrected_program, corrected_plan)) = built {
+        let v = verify(&corrected_plan)?;
+        bias_correction.agreement[1] = v.agreement();
+        bias_correction.output_rel_rms[1] = v.output_rel_rms();
+        bias_correction.kept = v.closer_than(&verified, 0.0);
+        if bias_correction.kept {
+            source = Cow::Owned(corrected);
+            (program, plan, verified) = (corrected_program, corrected_plan, v);
+        }
+    }
     let sample = || {
         inputs
             .iter()
@@ -653,7 +703,7 @@ pub fn compile(
             .cloned()
             .collect();
         let names = candidates.iter().map(|l| l.node.clone()).collect();
-        let wide_program = QuantizedGraph::build_widened(&graph, &params, &names)?;
+        let wide_program = QuantizedGraph::build_widened(&source, &params, &names)?;
         // A table whose readers cannot take 16 bits is still a step of the program.
         let still_int8: BTreeSet<&str> =
             wide_program.steps.iter().map(|s| s.name.as_str()).collect();
@@ -697,7 +747,10 @@ pub fn compile(
             kept: false,
             failed: None,
         };
-        let built = QuantizedGraph::build_16_bit(&graph, &params, &minmax)
+        // 16-bit activations carry the float means (to 1/65,536 of their range): only the
+        // int8 weights' mean error is left to correct.
+        let weights_corrected = bias_corrected(&graph, &float_means, &float_means);
+        let built = QuantizedGraph::build_16_bit(&weights_corrected, &params, &minmax)
             .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
         match built {
             Ok((wide_program, wide_plan)) => {
@@ -725,6 +778,7 @@ pub fn compile(
         model: model.manifest.name.clone(),
         method: method_name(method),
         ranges,
+        bias_correction,
         calibration_images: inputs.len(),
         skipped,
         steps: program.steps.len(),

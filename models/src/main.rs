@@ -218,6 +218,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ),
         }
     }
+    let trial = &summary.bias_correction;
+    println!(
+        "bias        {}",
+        comparison(
+            "corrected for the mean error of int8 weights and inputs",
+            trial.agreement,
+            trial.output_rel_rms,
+            if trial.kept {
+                "kept"
+            } else {
+                "not closer to float, so the biases are float's"
+            }
+        )
+    );
     match (summary.top1_agreement, summary.box_agreement) {
         (Some(top1), _) => println!(
             "agreement   {:.2}% top-1 with tract, output relative RMS error {:.4}",

@@ -190,11 +190,6 @@ fn is_one_pixel_pointwise(g: &ConvGeometry) -> bool {
         && g.output[1..] == [1, 1]
 }
 
-/// The code of `real` on a tensor's grid, clamped to int8.
-fn code(q: ActivationQuant, real: f32) -> i8 {
-    ((real / q.scale).round() + f32::from(q.zero_point)).clamp(-128.0, 127.0) as i8
-}
-
 /// A function's output the compiler keeps at 16 bits: its readers read the function's input
 /// codes through a [`WideTable`] each, and the function gets no step of its own.
 #[derive(Clone)]
@@ -336,6 +331,97 @@ fn largest_weight_sum(weight: &[f32], channels: usize) -> f64 {
         .chunks(q.values.len() / channels.max(1))
         .map(|c| c.iter().map(|&w| f64::from(w.unsigned_abs())).sum::<f64>())
         .fold(0.0, f64::max)
+}
+
+/// `graph` with each Conv's and Gemm's biases moved against the mean error its int8 weights
+/// add to each output channel, so that on average the int8 layer's output is float's (bias
+/// correction, as in Nagel et al., "Data-Free Quantization", 2019). For output channel `o` the
+/// error is the sum over its taps of (int8 weight - float weight) times the mean of the input
+/// channel the tap reads, each tap weighted by the share of output pixels where it reads the
+/// input rather than padding. `means` are the float graph's channel means, by value id
+/// ([`crate::calibrate::ChannelMeans`]).
+pub fn bias_corrected(graph: &Graph, means: &[Vec<f64>], int8_means: &[Vec<f64>]) -> Graph {
+    let mut corrected = graph.clone();
+    for node in &mut corrected.nodes {
+        let mean = |means: &[Vec<f64>], channel: usize| {
+            means
+                .get(node.inputs[0])
+                .and_then(|m| m.get(channel))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let (weight, bias, out, group, shares) = match &mut node.op {
+            Op::Conv {
+                weight,
+                weight_shape,
+                bias,
+                stride,
+                pads,
+                dilation,
+                group,
+            } => {
+                let input = &graph.shapes[node.inputs[0]];
+                let output = &graph.shapes[node.output];
+                let [_, _, kh, kw] = *weight_shape;
+                let rows = tap_shares(input[2], output[2], kh, stride[0], pads[0], dilation[0]);
+                let cols = tap_shares(input[3], output[3], kw, stride[1], pads[1], dilation[1]);
+                let shares: Vec<f64> = rows
+                    .iter()
+                    .flat_map(|r| cols.iter().map(move |c| r * c))
+                    .collect();
+                (weight, bias, weight_shape[0], (*group).max(1), shares)
+            }
+            Op::Gemm {
+                weight,
+                out_features,
+                bias,
+            } => (weight, bias, *out_features, 1, vec![1.0]),
+            _ => continue,
+        };
+        let q = quantize_weights_per_channel(weight, out, &[], 1.0);
+        let per_out = weight.len() / out.max(1);
+        let inputs_per_group = per_out / shares.len();
+        let outs_per_group = (out / group).max(1);
+        bias.resize(out, 0.0);
+        for (o, b) in bias.iter_mut().enumerate() {
+            let first_input = (o / outs_per_group) * inputs_per_group;
+            let scale = f64::from(q.scales[o]);
+            let error: f64 = (o * per_out..(o + 1) * per_out)
+                .map(|at| {
+                    let tap = at - o * per_out;
+                    let channel = first_input + tap / shares.len();
+                    (f64::from(q.values[at]) * scale * mean(int8_means, channel)
+                        - f64::from(weight[at]) * mean(means, channel))
+                        * shares[tap % shares.len()]
+                })
+                .sum();
+            *b -= error as f32;
+        }
+    }
+    corrected
+}
+
+/// For each of a window's `kernel` taps along one axis, the share of the `output` positions at
+/// which it reads one of the `input` positions rather than padding.
+fn tap_shares(
+    input: usize,
+    output: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    dilation: usize,
+) -> Vec<f64> {
+    (0..kernel)
+        .map(|k| {
+            let inside = (0..output)
+                .filter(|o| {
+                    let at = o * stride + k * dilation;
+                    at >= pad && at - pad < input
+                })
+                .count();
+            inside as f64 / output.max(1) as f64
+        })
+        .collect()
 }
 
 impl QuantizedGraph {
@@ -554,7 +640,7 @@ impl QuantizedGraph {
             let out = params[out_id];
             let (min, max) = match fused.map(|(_, n)| &n.op) {
                 Some(Op::Relu) => (out.zero_point, 127),
-                Some(Op::Clip { min, max }) => (code(out, *min), code(out, *max)),
+                Some(Op::Clip { min, max }) => (out.code(*min), out.code(*max)),
                 _ => (-128, 127),
             };
             let output_quant = OutputQuant {
@@ -1094,5 +1180,87 @@ impl QuantizedGraph {
         builder
             .finish(&header)
             .map_err(|e| too_big(&format!("header ({e})")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_node(op: Op, input: Vec<usize>, output: Vec<usize>) -> Graph {
+        Graph {
+            shapes: vec![input, output],
+            names: vec!["x".into(), "y".into()],
+            nodes: vec![Node {
+                name: "layer".into(),
+                op,
+                inputs: vec![0],
+                output: 1,
+            }],
+            output: 1,
+        }
+    }
+
+    fn bias(graph: &Graph) -> Vec<f32> {
+        match &graph.nodes[0].op {
+            Op::Conv { bias, .. } | Op::Gemm { bias, .. } => bias.clone(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn taps_are_weighted_by_the_share_of_outputs_they_read_the_input_at() {
+        // 3 taps, padding 1 on a 2-pixel axis: the outer taps read padding at one of 2 outputs.
+        assert_eq!(tap_shares(2, 2, 3, 1, 1, 1), [0.5, 1.0, 0.5]);
+        // Stride 2 over 4 pixels: only the first tap ever reads the padding (at output 0).
+        assert_eq!(tap_shares(4, 2, 3, 2, 1, 1), [0.5, 1.0, 1.0]);
+        // Dilation 2, no padding, 5 pixels to 1 output: every tap inside.
+        assert_eq!(tap_shares(5, 1, 3, 1, 0, 2), [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn the_bias_takes_the_mean_error_of_the_int8_weights_and_inputs() {
+        // Scale 1/127 (the largest weight, 1.0): 0.3 rounds to 38/127.
+        let gemm = Op::Gemm {
+            weight: vec![1.0, 0.3],
+            out_features: 1,
+            bias: vec![0.5],
+        };
+        let graph = one_node(gemm, vec![1, 2], vec![1, 1]);
+        let rounding = 38.0 / 127.0 - 0.3;
+        let means = vec![vec![2.0, 5.0], vec![0.0]];
+        let corrected = bias(&bias_corrected(&graph, &means, &means));
+        assert!((f64::from(corrected[0]) - (0.5 - rounding * 5.0)).abs() < 1e-6);
+        // The int8 input carries 2.1 for the first feature's mean 2.0: 0.1 more, times 1.0.
+        let int8 = vec![vec![2.1, 5.0], vec![0.0]];
+        let corrected = bias(&bias_corrected(&graph, &means, &int8));
+        let expected = 0.5 - (2.1 - 2.0) - (38.0 / 127.0 * 5.0 - 0.3 * 5.0);
+        assert!((f64::from(corrected[0]) - expected).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_depthwise_tap_that_reads_padding_half_the_time_counts_half() {
+        // Depthwise 3x1 over a 2x1 plane, padding 1 above and below, two channels: channel 0's
+        // top tap (0.2 -> 25/127 at scale 1/127) reads the input at one of the two outputs.
+        let conv = Op::Conv {
+            weight: vec![0.2, 1.0, 0.0, 0.0, 1.0, 0.0],
+            weight_shape: [2, 1, 3, 1],
+            bias: vec![],
+            stride: [1, 1],
+            pads: [1, 0, 1, 0],
+            dilation: [1, 1],
+            group: 2,
+        };
+        let graph = one_node(conv, vec![1, 2, 2, 1], vec![1, 2, 2, 1]);
+        let means = vec![vec![3.0, 7.0], vec![0.0, 0.0]];
+        let corrected = bias(&bias_corrected(&graph, &means, &means));
+        let expected = -(25.0 / 127.0 - 0.2) * 3.0 * 0.5;
+        assert!(
+            (f64::from(corrected[0]) - expected).abs() < 1e-7,
+            "{corrected:?}"
+        );
+        // Channel 1 reads only its own mean (7.0); its weights round exactly (to the f32
+        // rounding of their scale).
+        assert!(corrected[1].abs() < 1e-6, "{corrected:?}");
     }
 }
