@@ -3,9 +3,12 @@
 //! spread) and prints, per plan, how often its top-1 equals tract's, its own top-1 accuracy
 //! and its output's relative RMS error against tract's: the figures `models compile` reports
 //! on its calibration images, here on others. `train` leaves out the 200 chips `models compile
-//! --split train` calibrates on.
+//! --split train` calibrates on. `--predictions FILE` also writes each image's file name, label
+//! and top-1 of tract and of each plan (CSV), to pair with another runtime's predictions
+//! (`sim/benches/suite/ort_accuracy.py --predictions`).
 //!
-//!     cargo run --release -p models --example plan_agreement -- MODEL FOLDER train|val IMAGES PLAN...
+//!     cargo run --release -p models --example plan_agreement -- MODEL FOLDER train|val IMAGES \
+//!         PLAN... [--predictions FILE]
 
 use std::path::Path;
 
@@ -31,8 +34,13 @@ struct Tally {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [model, folder, split, images, plans @ ..] = args.as_slice() else {
-        bail!("usage: plan_agreement MODEL FOLDER train|val IMAGES PLAN...");
+    let usage = "usage: plan_agreement MODEL FOLDER train|val IMAGES PLAN... [--predictions FILE]";
+    let (args, predictions_path) = match args.iter().position(|a| a == "--predictions") {
+        Some(at) => (&args[..at], Some(args.get(at + 1).context(usage)?)),
+        None => (&args[..], None),
+    };
+    let [model, folder, split, images, plans @ ..] = args else {
+        bail!(usage);
     };
     let split = match split.as_str() {
         "train" => Split::Train,
@@ -66,13 +74,17 @@ fn main() -> Result<()> {
     let mut tallies: Vec<Tally> = plans.iter().map(|_| Tally::default()).collect();
     let (mut float, mut quantised) = (vec![0.0; tract.output_len()], vec![0.0; tract.output_len()]);
     let mut float_right = 0;
+    let mut predictions = format!("file,label,tract,{}\n", plans.join(","));
     for image in &chosen {
         let label = image.label.context("images must sit in class folders")?;
         let input = calibration_input(&model, &spec, &image.path).map_err(anyhow::Error::msg)?;
         tract.run(&input, &mut float)?;
         float_right += usize::from(argmax(&float) == label);
+        let name = image.path.file_name().unwrap_or_default().to_string_lossy();
+        predictions += &format!("{name},{label},{}", argmax(&float));
         for (executor, tally) in executors.iter_mut().zip(&mut tallies) {
             executor.run(&input, &mut quantised)?;
+            predictions += &format!(",{}", argmax(&quantised));
             tally.agree += usize::from(argmax(&quantised) == argmax(&float));
             tally.right += usize::from(argmax(&quantised) == label);
             for (f, q) in float.iter().zip(&quantised) {
@@ -80,6 +92,10 @@ fn main() -> Result<()> {
                 tally.float_squares += f64::from(*f).powi(2);
             }
         }
+        predictions.push('\n');
+    }
+    if let Some(path) = predictions_path {
+        std::fs::write(path, predictions).with_context(|| path.clone())?;
     }
     let n = chosen.len();
     println!(

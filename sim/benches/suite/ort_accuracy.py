@@ -5,6 +5,9 @@ times the chips without touching the validation split.
 
     python sim/benches/suite/ort_accuracy.py --model target/suite-trained/resnet18-64 \\
         --data ../shared/data/eurosat-rgb --split train
+
+`--predictions FILE` also writes each chip's file name, label and the two top-1s (CSV), to pair
+with Kestrel's (`models/examples/plan_agreement.rs --predictions`).
 """
 import argparse
 import json
@@ -32,6 +35,7 @@ def main():
     p.add_argument("--split", choices=["train", "val"], default="val")
     p.add_argument("--cache", default="target/suite-trained/images.npz",
                    help="finetune.py's decoded-chip cache (made here if absent)")
+    p.add_argument("--predictions", help="write each chip's label and top-1s here (CSV)")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -51,6 +55,12 @@ def main():
         int8 = ort_predictions(qdq, x)
     f32 = ort_predictions(path, x)
     truth = y.numpy()
+    if args.predictions:
+        chosen_names = [os.path.basename(n) for n, c in zip(names, chosen) if c]
+        with open(args.predictions, "w") as f:
+            f.write("file,label,onnxruntime_f32,onnxruntime_int8_qdq\n")
+            for row in zip(chosen_names, truth, f32, int8):
+                f.write(",".join(str(v) for v in row) + "\n")
     print(json.dumps({"model": path, "split": args.split, "chips": len(x),
                       "onnxruntime_f32": float((f32 == truth).mean()),
                       "onnxruntime_int8_qdq": float((int8 == truth).mean()),
