@@ -97,6 +97,11 @@ pub struct Options {
     /// How much lower (relative) a wider plan's output error against tract's must be than the
     /// int8 plan's for the compiler to write it ([`MIN_ERROR_REDUCTION`]; 0: any closer plan).
     pub min_error_reduction: f64,
+    /// Verify a plan whose biases are corrected for the mean error of the int8 weights and
+    /// inputs ([`crate::quantize::bias_corrected`]) and write it where it agrees with tract at
+    /// least as often and is closer ([`BiasCorrectionTrial`]; a 16-bit plan takes the weights'
+    /// term only). `false`: the model's own biases.
+    pub bias_correction: bool,
 }
 
 /// The range methods the compiler tries when none is named: percentile clipping (it gives the
@@ -124,6 +129,7 @@ impl Default for Options {
             widen_above: Some(WIDEN_ABOVE),
             int16_above: Some(INT16_ABOVE),
             min_error_reduction: MIN_ERROR_REDUCTION,
+            bias_correction: true,
         }
     }
 }
@@ -138,8 +144,8 @@ pub struct Report {
     /// The range methods compared, where none was named ([`Options::method`]).
     pub ranges: Vec<RangeTrial>,
     /// The plan with bias correction against the plan without
-    /// ([`crate::quantize::bias_corrected`]).
-    pub bias_correction: BiasCorrectionTrial,
+    /// ([`crate::quantize::bias_corrected`]), unless [`Options::bias_correction`] is off.
+    pub bias_correction: Option<BiasCorrectionTrial>,
     /// Images calibrated and verified on.
     pub calibration_images: usize,
     /// Images that could not be used, with the reason.
@@ -657,33 +663,37 @@ pub fn compile(
         }
     }
     // The graph the plans are quantised from: `graph`, or with its biases corrected for the
-    // mean error of the int8 weights where that brings the plan closer to tract.
+    // mean error of the int8 weights and inputs where that brings the plan closer to tract.
     let mut source = Cow::Borrowed(&graph);
-    progress(
-        "verifying a plan with biases corrected for the mean error of int8 weights and inputs",
-    );
-    let mut int8_means = ChannelMeans::new(&graph.shapes);
-    for (input, _) in &inputs {
-        int8_means.observe_as_int8(&graph.run_f32(input), &params);
-    }
     let float_means = means.means();
-    let corrected = bias_corrected(&graph, &float_means, &int8_means.means());
-    let mut bias_correction = BiasCorrectionTrial {
-        agreement: [verified.agreement(); 2],
-        output_rel_rms: [verified.output_rel_rms(); 2],
-        kept: false,
-    };
-    let built = QuantizedGraph::build(&corrected, &params)
-        .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
-    if let Ok((corrected_program, corrected_plan)) = built {
-        let v = verify(&corrected_plan)?;
-        bias_correction.agreement[1] = v.agreement();
-        bias_correction.output_rel_rms[1] = v.output_rel_rms();
-        bias_correction.kept = v.closer_than(&verified, 0.0);
-        if bias_correction.kept {
-            source = Cow::Owned(corrected);
-            (program, plan, verified) = (corrected_program, corrected_plan, v);
+    let mut bias_correction = None;
+    if options.bias_correction {
+        progress(
+            "verifying a plan with biases corrected for the mean error of int8 weights and inputs",
+        );
+        let mut int8_means = ChannelMeans::new(&graph.shapes);
+        for (input, _) in &inputs {
+            int8_means.observe_as_int8(&graph.run_f32(input), &params);
         }
+        let corrected = bias_corrected(&graph, &float_means, &int8_means.means());
+        let mut trial = BiasCorrectionTrial {
+            agreement: [verified.agreement(); 2],
+            output_rel_rms: [verified.output_rel_rms(); 2],
+            kept: false,
+        };
+        let built = QuantizedGraph::build(&corrected, &params)
+            .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
+        if let Ok((corrected_program, corrected_plan)) = built {
+            let v = verify(&corrected_plan)?;
+            trial.agreement[1] = v.agreement();
+            trial.output_rel_rms[1] = v.output_rel_rms();
+            trial.kept = v.closer_than(&verified, 0.0);
+            if trial.kept {
+                source = Cow::Owned(corrected);
+                (program, plan, verified) = (corrected_program, corrected_plan, v);
+            }
+        }
+        bias_correction = Some(trial);
     }
     let sample = || {
         inputs
@@ -749,7 +759,11 @@ pub fn compile(
         };
         // 16-bit activations carry the float means (to 1/65,536 of their range): only the
         // int8 weights' mean error is left to correct.
-        let weights_corrected = bias_corrected(&graph, &float_means, &float_means);
+        let weights_corrected = if options.bias_correction {
+            Cow::Owned(bias_corrected(&graph, &float_means, &float_means))
+        } else {
+            Cow::Borrowed(&graph)
+        };
         let built = QuantizedGraph::build_16_bit(&weights_corrected, &params, &minmax)
             .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
         match built {

@@ -92,6 +92,12 @@ enum Command {
         /// closer plan.
         #[arg(long, default_value_t = MIN_ERROR_REDUCTION, value_parser = reduction)]
         min_error_reduction: f64,
+        /// Keep the model's own biases. By default the compiler also verifies a plan whose
+        /// Conv and Gemm biases are moved against the mean error that int8 weights and inputs
+        /// add to each channel (measured on the calibration images), and writes it where it
+        /// agrees with tract at least as often and its output is closer.
+        #[arg(long)]
+        no_bias_correction: bool,
     },
 }
 
@@ -156,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         widen_above,
         int16_above,
         min_error_reduction,
+        no_bias_correction,
     } = cli.command;
     let model = ZooModel::load(&model)?;
     let options = Options {
@@ -175,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         widen_above: widen_above.0,
         int16_above: int16_above.0,
         min_error_reduction,
+        bias_correction: !no_bias_correction,
     };
     let (plan, summary) = compile(&model, &calib, &options, &mut |phase| {
         eprintln!("{phase}...")
@@ -218,20 +226,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ),
         }
     }
-    let trial = &summary.bias_correction;
-    println!(
-        "bias        {}",
-        comparison(
-            "corrected for the mean error of int8 weights and inputs",
-            trial.agreement,
-            trial.output_rel_rms,
-            if trial.kept {
-                "kept"
-            } else {
-                "not closer to float, so the biases are float's"
-            }
-        )
-    );
+    if let Some(trial) = &summary.bias_correction {
+        println!(
+            "bias        {}",
+            comparison(
+                "corrected for the mean error of int8 weights and inputs",
+                trial.agreement,
+                trial.output_rel_rms,
+                if trial.kept {
+                    "kept"
+                } else {
+                    "not closer to float, so the biases are the model's"
+                }
+            )
+        );
+    }
     match (summary.top1_agreement, summary.box_agreement) {
         (Some(top1), _) => println!(
             "agreement   {:.2}% top-1 with tract, output relative RMS error {:.4}",

@@ -343,9 +343,12 @@ fn largest_weight_sum(weight: &[f32], channels: usize) -> f64 {
 pub fn bias_corrected(graph: &Graph, means: &[Vec<f64>], int8_means: &[Vec<f64>]) -> Graph {
     let mut corrected = graph.clone();
     for node in &mut corrected.nodes {
+        let Some(&input) = node.inputs.first() else {
+            continue;
+        };
         let mean = |means: &[Vec<f64>], channel: usize| {
             means
-                .get(node.inputs[0])
+                .get(input)
                 .and_then(|m| m.get(channel))
                 .copied()
                 .unwrap_or(0.0)
@@ -360,11 +363,16 @@ pub fn bias_corrected(graph: &Graph, means: &[Vec<f64>], int8_means: &[Vec<f64>]
                 dilation,
                 group,
             } => {
-                let input = &graph.shapes[node.inputs[0]];
-                let output = &graph.shapes[node.output];
+                let plane = |value: usize| match graph.shapes.get(value).map(Vec::as_slice) {
+                    Some(&[_, _, h, w]) => Some([h, w]),
+                    _ => None,
+                };
+                let (Some([h, w]), Some([oh, ow])) = (plane(input), plane(node.output)) else {
+                    continue;
+                };
                 let [_, _, kh, kw] = *weight_shape;
-                let rows = tap_shares(input[2], output[2], kh, stride[0], pads[0], dilation[0]);
-                let cols = tap_shares(input[3], output[3], kw, stride[1], pads[1], dilation[1]);
+                let rows = tap_shares(h, oh, kh, stride[0], pads[0], dilation[0]);
+                let cols = tap_shares(w, ow, kw, stride[1], pads[1], dilation[1]);
                 let shares: Vec<f64> = rows
                     .iter()
                     .flat_map(|r| cols.iter().map(move |c| r * c))
@@ -380,12 +388,17 @@ pub fn bias_corrected(graph: &Graph, means: &[Vec<f64>], int8_means: &[Vec<f64>]
         };
         let q = quantize_weights_per_channel(weight, out, &[], 1.0);
         let per_out = weight.len() / out.max(1);
+        // A layer whose weights do not fit its shape is left for the quantiser to refuse.
+        if shares.is_empty() || per_out == 0 || per_out % shares.len() != 0 || q.scales.len() != out
+        {
+            continue;
+        }
         let inputs_per_group = per_out / shares.len();
         let outs_per_group = (out / group).max(1);
         bias.resize(out, 0.0);
-        for (o, b) in bias.iter_mut().enumerate() {
+        for ((o, b), &scale) in bias.iter_mut().enumerate().zip(&q.scales) {
             let first_input = (o / outs_per_group) * inputs_per_group;
-            let scale = f64::from(q.scales[o]);
+            let scale = f64::from(scale);
             let error: f64 = (o * per_out..(o + 1) * per_out)
                 .map(|at| {
                     let tap = at - o * per_out;
