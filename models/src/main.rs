@@ -92,10 +92,11 @@ enum Command {
         /// closer plan.
         #[arg(long, default_value_t = MIN_ERROR_REDUCTION, value_parser = reduction)]
         min_error_reduction: f64,
-        /// Keep the model's own biases. By default the compiler also verifies a plan whose
+        /// Keep the model's own biases. By default the compiler also verifies two plans whose
         /// Conv and Gemm biases are moved against the mean error that int8 weights and inputs
-        /// add to each channel (measured on the calibration images), and writes it where it
-        /// agrees with tract at least as often and its output is closer.
+        /// add to each channel (the inputs' means estimated from the float values, or measured
+        /// on the plan layer by layer: a plan build and run per layer), and writes the closer
+        /// where it agrees with tract at least as often and its output is closer.
         #[arg(long)]
         no_bias_correction: bool,
     },
@@ -226,20 +227,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ),
         }
     }
+    // Biases corrected for the int8 inputs' channel means, estimated or measured on the plan.
     if let Some(trial) = &summary.bias_correction {
-        println!(
-            "bias        {}",
-            comparison(
-                "corrected for the mean error of int8 weights and inputs",
-                trial.agreement,
-                trial.output_rel_rms,
-                if trial.kept {
-                    "kept"
-                } else {
-                    "not closer to float, so the biases are the model's"
-                }
-            )
-        );
+        for (index, means) in [(1, "estimated"), (2, "measured")] {
+            println!(
+                "bias        {}",
+                comparison(
+                    &format!("corrected by {means} means"),
+                    [trial.agreement[0], trial.agreement[index]],
+                    [trial.output_rel_rms[0], trial.output_rel_rms[index]],
+                    if trial.written == index {
+                        "written"
+                    } else {
+                        "not written"
+                    }
+                )
+            );
+        }
     }
     match (summary.top1_agreement, summary.box_agreement) {
         (Some(top1), _) => println!(

@@ -544,6 +544,25 @@ fn by_default_the_plan_is_the_closest_of_the_range_methods() {
     );
 }
 
+/// Of the two corrected plans, the one written is the closer of those that agree with tract
+/// at least as often as the uncorrected plan and are closer than it; else the uncorrected one.
+/// The report's figures are the written plan's.
+fn assert_written_bias_rule(report: &Report) {
+    let bias = report.bias_correction.clone().expect("tried by default");
+    let eligible = (1..3).filter(|&i| {
+        bias.agreement[i] >= bias.agreement[0] && bias.output_rel_rms[i] < bias.output_rel_rms[0]
+    });
+    let expected = eligible
+        .min_by(|&a, &b| bias.output_rel_rms[a].total_cmp(&bias.output_rel_rms[b]))
+        .unwrap_or(0);
+    assert_eq!(bias.written, expected, "{bias:?}");
+    let agreement = report.top1_agreement.or(report.box_agreement).unwrap();
+    assert_eq!(
+        (agreement, report.output_rel_rms),
+        (bias.agreement[expected], bias.output_rel_rms[expected])
+    );
+}
+
 /// `model` compiled with no range method named (and no wider layers tried) is, byte for byte,
 /// its plan compiled with the method whose plan, of those agreeing with tract at least as often
 /// as percentile's, has the lowest output error; the report's trials hold each plan's numbers.
@@ -575,17 +594,7 @@ fn closest_ranges(model: &ZooModel, calibration: &Path, max_images: usize) -> Me
             (&alone.method, agreement(alone), error(alone))
         );
     }
-    // The corrected plan is written where it agrees at least as often and is closer.
-    let bias = bias(&report);
-    let closer =
-        bias.agreement[1] >= bias.agreement[0] && bias.output_rel_rms[1] < bias.output_rel_rms[0];
-    assert_eq!(bias.kept, closer);
-    let written = report.top1_agreement.or(report.box_agreement).unwrap();
-    let index = usize::from(bias.kept);
-    assert_eq!(
-        (written, report.output_rel_rms),
-        (bias.agreement[index], bias.output_rel_rms[index])
-    );
+    assert_written_bias_rule(&report);
     let baseline = agreement(&methods[0].1 .1);
     let (method, (expected_plan, expected)) = methods
         .iter()
@@ -707,9 +716,10 @@ fn bias_correction_cancels_the_mean_error_of_int8_weights() {
 
 #[test]
 fn the_bias_corrected_plan_is_written_where_it_verifies_closer() {
-    // The zoo's EuroSAT classifier on 100 sample chips keeps the corrected plan (measured:
-    // agreement 100% both ways, output error 0.0174 -> 0.0165); with the correction off, the
-    // plan written is the one the trial compared it with.
+    // The zoo's EuroSAT classifier on 100 sample chips keeps a corrected plan (measured:
+    // agreement 100% every way, output error 0.0174 -> 0.0165 by estimated means, 0.0173 by
+    // measured ones); with the correction off, the plan written is the one the trial compared
+    // them with.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = ZooModel::load(dir.join("../models/zoo/eurosat-rgb").to_str().unwrap()).unwrap();
     let with = |bias_correction| {
@@ -723,16 +733,13 @@ fn the_bias_corrected_plan_is_written_where_it_verifies_closer() {
     let (corrected_plan, corrected) = with(true);
     let (plain_plan, plain) = with(false);
     let trial = corrected.bias_correction.clone().unwrap();
+    eprintln!("{trial:?}");
     assert!(plain.bias_correction.is_none());
-    assert!(trial.kept, "{trial:?}");
-    assert!(trial.output_rel_rms[1] < trial.output_rel_rms[0]);
+    assert_ne!(trial.written, 0, "{trial:?}");
+    assert_written_bias_rule(&corrected);
     assert_eq!(
         (plain.top1_agreement, plain.output_rel_rms),
         (Some(trial.agreement[0]), trial.output_rel_rms[0])
-    );
-    assert_eq!(
-        (corrected.top1_agreement, corrected.output_rel_rms),
-        (Some(trial.agreement[1]), trial.output_rel_rms[1])
     );
     assert!(corrected_plan != plain_plan);
 }
