@@ -215,7 +215,7 @@ pub struct WideningTrial {
 /// The plan with the model's biases against two plans with corrected biases
 /// ([`crate::quantize::bias_corrected`]), all with the chosen ranges, on the calibration
 /// images: the int8 inputs' channel means estimated (the float values rounded to their int8
-/// grids), or measured on the plan itself, layer by layer ([`measured_bias_correction`]).
+/// grids), or measured on the plan itself, layer by layer (`measured_bias_correction`).
 /// Of the corrected plans that agree with tract at least as often as the uncorrected one and
 /// are closer, the closest is written: correction costs nothing at run time.
 #[derive(Clone, Debug, Serialize)]
@@ -229,9 +229,11 @@ pub struct BiasCorrectionTrial {
     pub written: usize,
 }
 
-/// Calibration images at most over which [`measured_bias_correction`] measures a plan's
-/// channel means, once per layer with weights: enough for a mean, while the compile of a
-/// model of a hundred layers stays within a minute or so.
+/// Calibration images at most over which `measured_bias_correction` measures a plan's
+/// channel means, once per layer with weights (a plan run per image and layer: the fine-tuned
+/// MobileNetV2-64's 53 layers on 200 images took its compile from 17 s to 47 s). On 64 images,
+/// the class-spread sample, ShuffleNet's and MobileNetV3-small's measured plans verified no
+/// closer than their uncorrected ones; on 200 both did.
 pub const MEASURED_MEAN_IMAGES: usize = 200;
 
 /// The plan calibrated by one of [`RANGE_METHODS`], on the calibration images. The plan written
