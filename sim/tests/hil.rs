@@ -51,7 +51,12 @@ fn free_port() -> u16 {
 
 /// A flight configuration for `model` on frame-link and telemetry ports of its own.
 fn config(dir: &Path, model: &str, framing: &str) -> (PathBuf, u16) {
-    let (frames, telemetry) = (free_port(), free_port());
+    config_on(dir, model, framing, free_port())
+}
+
+/// [`config`] with the board's frame link on port `frames`.
+fn config_on(dir: &Path, model: &str, framing: &str, frames: u16) -> (PathBuf, u16) {
+    let telemetry = free_port();
     let path = dir.join(format!("{model}-{framing}.toml"));
     std::fs::write(
         &path,
@@ -158,10 +163,9 @@ fn a_spawned_board_detects_as_the_in_process_run_does() {
     assert!(map50 > 0.3, "mAP@0.5 {map50}");
 }
 
-/// A board that takes `take` frames, answers none, then hangs up (`hang_up`) or stays
-/// connected and silent.
-fn fake_board(frames: u16, telemetry: u16, take: usize, hang_up: bool) {
-    let listener = TcpListener::bind(("127.0.0.1", frames)).unwrap();
+/// A board listening on `listener` that takes `take` frames, answers none, then hangs up
+/// (`hang_up`) or stays connected and silent.
+fn fake_board(listener: TcpListener, telemetry: u16, take: usize, hang_up: bool) {
     let started = Instant::now();
     let _telemetry = loop {
         match TcpStream::connect(("127.0.0.1", telemetry)) {
@@ -191,7 +195,11 @@ fn fake_board(frames: u16, telemetry: u16, take: usize, hang_up: bool) {
 fn a_board_that_hangs_up_or_falls_silent_is_reported_in_bounded_time() {
     let dir = tempfile::tempdir().unwrap();
     for hang_up in [true, false] {
-        let (config, frames) = config(dir.path(), "eurosat-rgb", "ccsds");
+        // The board's port is bound before the configuration names it: a port found free
+        // and bound later can be taken in between by another test.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (config, frames) = config_on(dir.path(), "eurosat-rgb", "ccsds", port);
         let text = std::fs::read_to_string(&config).unwrap();
         let telemetry: u16 = text
             .split("tcp://127.0.0.1:")
@@ -200,7 +208,7 @@ fn a_board_that_hangs_up_or_falls_silent_is_reported_in_bounded_time() {
             .unwrap()
             .parse()
             .unwrap();
-        let board = std::thread::spawn(move || fake_board(frames, telemetry, 3, hang_up));
+        let board = std::thread::spawn(move || fake_board(listener, telemetry, 3, hang_up));
         let out_path = dir.path().join("hil-fault.json");
         let started = Instant::now();
         let board_address = format!("tcp://127.0.0.1:{frames}");
