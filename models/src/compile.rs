@@ -602,11 +602,8 @@ pub fn compile(
 
     progress("calibrating activations (two passes over the float graph)");
     let mut calibrator = Calibrator::new(graph.shapes.len());
-    let mut means = ChannelMeans::new(&graph.shapes);
     for (input, _) in &inputs {
-        let values = graph.run_f32(input);
-        calibrator.observe_range(&values);
-        means.observe(&values);
+        calibrator.observe_range(&graph.run_f32(input));
     }
     for (input, _) in &inputs {
         calibrator.observe_histogram(&graph.run_f32(input));
@@ -676,15 +673,13 @@ pub fn compile(
     // The graph the plans are quantised from: `graph`, or with its biases corrected for the
     // mean error of the int8 weights and inputs where that brings the plan closer to tract.
     let mut source = Cow::Borrowed(&graph);
-    let float_means = means.means();
+    // The float graph's channel means over the calibration images, where biases are corrected.
+    let mut float_means = None;
     let mut bias_correction = None;
     if options.bias_correction {
         progress("verifying plans with biases corrected for the mean error of int8 weights and inputs: estimated means");
-        let mut estimated = ChannelMeans::new(&graph.shapes);
-        for (input, _) in &inputs {
-            estimated.observe_as_int8(&graph.run_f32(input), &params);
-        }
-        let estimated = estimated.means();
+        let all: Vec<&Vec<f32>> = inputs.iter().map(|(input, _)| input).collect();
+        let (float, estimated) = channel_means(&graph, &params, &all);
         let mut trial = BiasCorrectionTrial {
             agreement: [verified.agreement(); 3],
             output_rel_rms: [verified.output_rel_rms(); 3],
@@ -697,9 +692,21 @@ pub fn compile(
             .map(|(input, _)| input)
             .take(MEASURED_MEAN_IMAGES)
             .collect();
+        // The same means where the measured correction takes every image.
+        let subset = (images.len() < all.len()).then(|| channel_means(&graph, &params, &images));
+        let (subset_float, subset_estimated) = subset
+            .as_ref()
+            .map_or((&float, &estimated), |(f, e)| (f, e));
         let candidates = [
-            Ok(bias_corrected(&graph, &float_means, &estimated)),
-            measured_bias_correction(model, &graph, &params, &images, &mut *progress),
+            Ok(bias_corrected(&graph, &float, &estimated)),
+            measured_bias_correction(
+                model,
+                &graph,
+                &params,
+                &images,
+                [subset_float, subset_estimated],
+                &mut *progress,
+            ),
         ];
         let mut best = None;
         for (index, candidate) in candidates.into_iter().enumerate() {
@@ -729,6 +736,7 @@ pub fn compile(
             (program, plan, verified) = (corrected_program, corrected_plan, v);
         }
         bias_correction = Some(trial);
+        float_means = Some(float);
     }
     let sample = || {
         inputs
@@ -794,10 +802,9 @@ pub fn compile(
         };
         // 16-bit activations carry the float means (to 1/65,536 of their range): only the
         // int8 weights' mean error is left to correct.
-        let weights_corrected = if options.bias_correction {
-            Cow::Owned(bias_corrected(&graph, &float_means, &float_means))
-        } else {
-            Cow::Borrowed(&graph)
+        let weights_corrected = match &float_means {
+            Some(float) => Cow::Owned(bias_corrected(&graph, float, float)),
+            None => Cow::Borrowed(&graph),
         };
         let built = QuantizedGraph::build_16_bit(&weights_corrected, &params, &minmax)
             .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
@@ -849,30 +856,40 @@ pub fn compile(
     Ok((plan, report))
 }
 
-/// `graph` with its biases corrected ([`bias_corrected`]) for the channel means its int8 plan's
-/// layers actually read, measured on the plan over `images`: layer by layer in order, each
-/// from the plan with every layer before it already corrected, so that a layer also takes up
-/// the mean its input drifted by through the rounding and clipping upstream. Float means are
-/// taken over the same images; the int8 means of inputs no step writes whole are estimated
-/// (the float values rounded to their int8 grids).
-fn measured_bias_correction(
-    model: &ZooModel,
+/// Each value's channel means over `images` in the float graph, and as int8 carries them with
+/// `params` (the float values rounded to their grids): [`ChannelMeans`], by value id.
+fn channel_means(
     graph: &Graph,
     params: &[ActivationQuant],
     images: &[&Vec<f32>],
-    progress: &mut dyn FnMut(&str),
-) -> Result<Graph, CompileError> {
-    let (mut float, mut estimated) = (
+) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
+    let (mut float, mut int8) = (
         ChannelMeans::new(&graph.shapes),
         ChannelMeans::new(&graph.shapes),
     );
     for image in images {
         let values = graph.run_f32(image);
         float.observe(&values);
-        estimated.observe_as_int8(&values, params);
+        int8.observe_as_int8(&values, params);
     }
-    let (float_means, mut int8) = (float.means(), estimated.means());
-    let float_means = &float_means;
+    (float.means(), int8.means())
+}
+
+/// `graph` with its biases corrected ([`bias_corrected`]) for the channel means its int8 plan's
+/// layers actually read, measured on the plan over `images`: layer by layer in order, each
+/// from the plan with every layer before it already corrected, so that a layer also takes up
+/// the mean its input drifted by through the rounding and clipping upstream. `[float,
+/// estimated]` are [`channel_means`] over the same images; the int8 means of inputs no step
+/// writes whole stay estimated.
+fn measured_bias_correction(
+    model: &ZooModel,
+    graph: &Graph,
+    params: &[ActivationQuant],
+    images: &[&Vec<f32>],
+    [float_means, estimated]: [&Vec<Vec<f64>>; 2],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Graph, CompileError> {
+    let mut int8 = estimated.clone();
     let mut corrected = bias_corrected(graph, float_means, &int8);
     let mut measured = vec![false; graph.shapes.len()];
     let inputs: Vec<usize> = graph
@@ -1074,9 +1091,7 @@ mod tests {
         // measured on: the root mean square over channels of (plan's mean - float's mean).
         let (model, graph, params, images) = zoo_classifier();
         let images: Vec<&Vec<f32>> = images.iter().collect();
-        let mut float = ChannelMeans::new(&graph.shapes);
-        images.iter().for_each(|i| float.observe(&graph.run_f32(i)));
-        let float = float.means();
+        let (float, estimated) = channel_means(&graph, &params, &images);
         let layers: Vec<usize> = graph
             .nodes
             .iter()
@@ -1097,8 +1112,9 @@ mod tests {
                 })
                 .collect::<Vec<f64>>()
         };
+        let means = [&float, &estimated];
         let corrected =
-            measured_bias_correction(&model, &graph, &params, &images, &mut |_| {}).unwrap();
+            measured_bias_correction(&model, &graph, &params, &images, means, &mut |_| {}).unwrap();
         let (before, after) = (mean_errors(&graph), mean_errors(&corrected));
         eprintln!("channel mean errors at the layers the plan holds: {before:.4?} -> {after:.4?}");
         assert!(before.len() >= 4, "{before:?}");
