@@ -685,12 +685,11 @@ pub fn compile(
             output_rel_rms: [verified.output_rel_rms(); 3],
             written: 0,
         };
-        // Spread over the calibration images, which come class by class.
-        let images: Vec<&Vec<f32>> = inputs
-            .iter()
-            .step_by((inputs.len() / MEASURED_MEAN_IMAGES).max(1))
-            .map(|(input, _)| input)
-            .take(MEASURED_MEAN_IMAGES)
+        // Spread evenly over the calibration images, which come class by class (a whole
+        // stride would take the first classes only from 201 to 399 images).
+        let count = inputs.len().min(MEASURED_MEAN_IMAGES);
+        let images: Vec<&Vec<f32>> = (0..count)
+            .map(|i| &inputs[i * inputs.len() / count].0)
             .collect();
         // The same means where the measured correction takes every image.
         let subset = (images.len() < all.len()).then(|| channel_means(&graph, &params, &images));
