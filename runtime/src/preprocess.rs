@@ -106,6 +106,7 @@ pub fn prepare_input<S: Sample>(
     let x_axis = Axis::new(region.x, region.width, out_w);
     let y_axis = Axis::new(region.y, region.height, out_h);
     let mut finite = true;
+    let mut span = [0.0; SPAN];
     // Separable: each source row a band needs is resampled along x once per chunk of output
     // columns and kept while consecutive output rows blend it, then rows blend along y. The
     // arithmetic per output value is the same as blending its four samples directly.
@@ -124,7 +125,7 @@ pub fn prepare_input<S: Sample>(
             for (oy, out_row) in out_plane.chunks_exact_mut(out_w.max(1)).enumerate() {
                 let (y0, y1, wy) = y_axis.source(oy, rule);
                 let (top, bottom) = rows.rows(y0, y1, |y, row| {
-                    columns.resample(frame, y, band, mean, row);
+                    columns.resample(frame, y, band, mean, &mut span, row);
                 });
                 let out = out_row
                     .get_mut(first..first + columns.len)
@@ -149,8 +150,12 @@ pub fn prepare_input<S: Sample>(
     Ok(())
 }
 
-/// Output columns resampled together: bounds the stack this needs (about 2.5 KB).
+/// Output columns resampled together: bounds the stack this needs (about 3.5 KB).
 const CHUNK: usize = 128;
+
+/// Source columns a chunk converts to floats once before blending (an upscale, or a downscale
+/// by up to 2, reads no more); a chunk reading a wider span reads each sample where it blends.
+const SPAN: usize = 2 * CHUNK + 2;
 
 /// Where each output column of a chunk reads the source row, and the blend weight.
 struct ColumnSources {
@@ -158,6 +163,9 @@ struct ColumnSources {
     x1: [u32; CHUNK],
     weight: [f32; CHUNK],
     len: usize,
+    /// The first source column any output column reads, and how many follow up to the last.
+    first_source: u32,
+    sources: usize,
 }
 
 impl ColumnSources {
@@ -167,6 +175,8 @@ impl ColumnSources {
             x1: [0; CHUNK],
             weight: [0.0; CHUNK],
             len,
+            first_source: 0,
+            sources: 0,
         };
         let slots = sources
             .x0
@@ -180,6 +190,14 @@ impl ColumnSources {
             *x1_slot = u32::try_from(x1).unwrap_or(u32::MAX);
             *weight_slot = w;
         }
+        let read = sources
+            .x0
+            .iter()
+            .take(len)
+            .chain(sources.x1.iter().take(len));
+        let (first, last) = read.fold((u32::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        sources.first_source = first;
+        sources.sources = (last.saturating_sub(first) as usize).saturating_add(1);
         sources
     }
 
@@ -190,6 +208,7 @@ impl ColumnSources {
         y: usize,
         band: usize,
         mean: f32,
+        span: &mut [f32; SPAN],
         out: &mut [f32; CHUNK],
     ) {
         let g = frame.geometry();
@@ -209,8 +228,21 @@ impl ColumnSources {
             inside.map_or(mean, |s| s.to_f32())
         };
         let sources = self.x0.iter().zip(&self.x1).zip(&self.weight);
-        for (cell, ((&x0, &x1), &w)) in out.iter_mut().zip(sources).take(self.len) {
-            *cell = sample(x0) * (1.0 - w) + sample(x1) * w;
+        let cells = out.iter_mut().zip(sources).take(self.len);
+        if self.sources > SPAN {
+            for (cell, ((&x0, &x1), &w)) in cells {
+                *cell = sample(x0) * (1.0 - w) + sample(x1) * w;
+            }
+            return;
+        }
+        // An upscale reads each sample for several output columns: convert the span once.
+        let first = self.first_source;
+        for (offset, slot) in (0u32..).zip(span.iter_mut().take(self.sources)) {
+            *slot = sample(first.wrapping_add(offset));
+        }
+        let at = |x: u32| span.get(x.wrapping_sub(first) as usize).copied();
+        for (cell, ((&x0, &x1), &w)) in cells {
+            *cell = at(x0).unwrap_or(mean) * (1.0 - w) + at(x1).unwrap_or(mean) * w;
         }
     }
 }
@@ -415,6 +447,13 @@ mod tests {
                 y: 0,
                 width: 1,
                 height: 1,
+            },
+            // Wider than a chunk's converted span: each sample read where it blends.
+            Region {
+                x: 10,
+                y: 2,
+                width: 1000,
+                height: 30,
             },
         ];
         let sizes = [(224, 224), (300, 7), (16, 16), (150, 37), (1, 1)];
