@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,9 +46,10 @@ def kestrel_top1(model, data, chips, names, labels, workdir):
                    os.path.join(calib, label, names[i]))
     plan = os.path.join(workdir, "model.plan")
     release = os.path.join(ROOT, "target", "release")
-    subprocess.run([os.path.join(release, "models"), "compile", model, "--calib", calib,
-                    "--max-images", str(len(chips)), "--out", plan],
-                   check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(workdir, "compile.log"), "w") as log:
+        subprocess.run([os.path.join(release, "models"), "compile", model, "--calib", calib,
+                        "--max-images", str(len(chips)), "--out", plan],
+                       check=True, stdout=log, stderr=subprocess.STDOUT)
     scored = subprocess.run([os.path.join(release, "examples", "plan_agreement"), model, data,
                              "val", "100000", plan], check=True, capture_output=True, text=True)
     first, last = scored.stdout.strip().splitlines()[0], scored.stdout.strip().splitlines()[-1]
@@ -63,6 +65,7 @@ def main():
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--chips", type=int, default=200, help="calibration chips per draw")
     p.add_argument("--seed", type=int, default=1, help="the first draw's seed; draw k uses seed + k")
+    p.add_argument("--keep", help="keep each draw's plan and compile log in KEEP/seed-N/")
     p.add_argument("--cache", default="target/suite-trained/images.npz",
                    help="finetune.py's decoded-chip cache (made here if absent)")
     args = p.parse_args()
@@ -85,6 +88,11 @@ def main():
             qdq = os.path.join(tmp, "qdq.onnx")
             quantize_qdq(path, qdq, "input", [calibration[i:i + 1] for i in range(len(calibration))])
             ort_int8 = float((ort_predictions(qdq, val_x) == val_y).mean())
+            if args.keep:
+                kept = os.path.join(args.keep, f"seed-{args.seed + draw}")
+                os.makedirs(kept, exist_ok=True)
+                for name in ("model.plan", "compile.log"):
+                    shutil.copy(os.path.join(tmp, name), kept)
         rows.append({"seed": args.seed + draw, "kestrel_int8": kestrel,
                      "kestrel_equals_tract": kestrel_agree, "onnxruntime_int8_qdq": ort_int8})
         print(json.dumps(rows[-1]), f"({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
