@@ -805,7 +805,9 @@ pub fn compile(
             Some(float) => Cow::Owned(bias_corrected(&graph, float, float)),
             None => Cow::Borrowed(&graph),
         };
-        let built = QuantizedGraph::build_16_bit(&weights_corrected, &params, &minmax)
+        // A classifier's logits 16-bit as well; a detector's head int8 (GPU peak search).
+        let wide_output = detector.is_none();
+        let built = QuantizedGraph::build_16_bit(&weights_corrected, &params, &minmax, wide_output)
             .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
         match built {
             Ok((wide_program, wide_plan)) => {

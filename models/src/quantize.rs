@@ -237,8 +237,9 @@ const ACCUMULATOR_HALF: f64 = (1u32 << 30) as f64;
 /// Which values can be 16-bit tensors: those every producer and reader of which has a 16-bit
 /// kernel (Conv, Gemm, Add, Mul, GlobalAveragePool, element-wise functions; a Reshape passes
 /// its input's width on), and where the element-wise ones (which read and write one width)
-/// see only 16-bit neighbours. Never the graph's input or output. `alias` resolves Reshapes.
-fn sixteen_bit_values(graph: &Graph, alias: &[usize]) -> Vec<bool> {
+/// see only 16-bit neighbours. Never the graph's input; its output only where `wide_output`.
+/// `alias` resolves Reshapes.
+fn sixteen_bit_values(graph: &Graph, alias: &[usize], wide_output: bool) -> Vec<bool> {
     let elementwise = |op: &Op| {
         matches!(
             op,
@@ -255,7 +256,9 @@ fn sixteen_bit_values(graph: &Graph, alias: &[usize]) -> Vec<bool> {
     let takes_16 = |op: &Op| elementwise(op) || matches!(op, Op::Conv { .. } | Op::Gemm { .. });
     let mut wide = vec![true; graph.shapes.len()];
     wide[0] = false;
-    wide[alias[graph.output]] = false;
+    if !wide_output {
+        wide[alias[graph.output]] = false;
+    }
     let mut produced = vec![false; graph.shapes.len()];
     for node in &graph.nodes {
         if matches!(node.op, Op::Reshape) {
@@ -467,21 +470,24 @@ impl QuantizedGraph {
     /// reads a value has a 16-bit kernel ([`kestrel_ops::int16`]; Conv, Gemm, Add, Mul,
     /// GlobalAveragePool and element-wise functions), zero point 0, the scale from the
     /// value's observed range (`minmax`, one per value id) over the largest code its readers'
-    /// accumulators allow. Other values keep their int8 `params`; the graph's input and output
-    /// are always int8.
+    /// accumulators allow. Other values keep their int8 `params`; the graph's input is always
+    /// int8, and its output too unless `wide_output` (a classifier's logits, whose int8 steps
+    /// can round near-tied classes together; a detector's head stays int8, as the GPU's peak
+    /// search reads its codes).
     pub fn build_16_bit(
         graph: &Graph,
         params: &[ActivationQuant],
         minmax: &[ActivationQuant],
+        wide_output: bool,
     ) -> Result<Self, ImportError> {
-        Self::build_all(graph, params, &BTreeSet::new(), Some(minmax))
+        Self::build_all(graph, params, &BTreeSet::new(), Some((minmax, wide_output)))
     }
 
     fn build_all(
         graph: &Graph,
         params: &[ActivationQuant],
         widen: &BTreeSet<String>,
-        minmax: Option<&[ActivationQuant]>,
+        minmax: Option<(&[ActivationQuant], bool)>,
     ) -> Result<Self, ImportError> {
         let mut params = params.to_vec();
         let readers = |id: usize| {
@@ -509,12 +515,12 @@ impl QuantizedGraph {
         // 16-bit values, their largest codes, and their scales on params.
         let mut is16 = vec![false; graph.shapes.len()];
         let mut limits = vec![i32::from(i16::MAX); graph.shapes.len()];
-        if let Some(minmax) = minmax {
+        if let Some((minmax, wide_output)) = minmax {
             let mut views: Vec<usize> = (0..graph.shapes.len()).collect();
             for node in graph.nodes.iter().filter(|n| matches!(n.op, Op::Reshape)) {
                 views[node.output] = views[node.inputs[0]];
             }
-            is16 = sixteen_bit_values(graph, &views);
+            is16 = sixteen_bit_values(graph, &views, wide_output);
             for value in (0..is16.len()).filter(|&v| is16[v]) {
                 limits[value] = code_limit(graph, &views, value);
                 let q = minmax[value];
@@ -1182,7 +1188,10 @@ impl QuantizedGraph {
         let header = PlanHeader {
             arena_size: u32::try_from(layout.size).map_err(|_| too_big("arena"))?,
             output_tensor: id(self.output)?,
-            output_len: u32::try_from(self.sizes[self.output]).map_err(|_| too_big("output"))?,
+            output_len: u32::try_from(
+                self.sizes[self.output] / if self.wide[self.output] { 2 } else { 1 },
+            )
+            .map_err(|_| too_big("output"))?,
             input_scale: input.scale,
             input_zero_point: i32::from(input.zero_point),
             output_scale: output.scale,

@@ -19,6 +19,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use kestrel_backend::Backend;
+use kestrel_ops::int16::Width;
 use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::program::{Op as PlanOp, Program};
 use kestrel_tests::{argmax, sorted_files, whole_image_input};
@@ -451,7 +452,7 @@ fn sixteen_bit_activations_bring_an_efficientnet_closer_to_float_on_every_execut
     // A small EfficientNet of torchvision's MBConv blocks (`tests/data/mbconv`), whose int8
     // output is far from float: by default the compiler tries 16-bit activations and keeps
     // them. Every tensor that only Convs, the Gemm, Adds, Muls, global pooling and the SiLU and
-    // Sigmoid tables write and read is 16-bit; the model's input and output stay int8.
+    // Sigmoid tables write and read is 16-bit, the logits too; the model's input stays int8.
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mbconv");
     let model = ZooModel::load(dir.to_str().unwrap()).unwrap();
     let compile_with = |int16_above| {
@@ -511,5 +512,37 @@ fn sixteen_bit_activations_bring_an_efficientnet_closer_to_float_on_every_execut
     assert_eq!(ops(&plan).len(), ops(&int8_plan).len());
     assert_eq!(convs + tables + muls + pools + adds, ops(&plan).len());
     assert!(adds > 0 && muls > 0 && pools > 0, "{:?}", kinds(&plan));
+    // The classifier writes 16-bit logits (int8 steps round near-tied classes together), and
+    // the output is their codes times the header's scale.
+    let owned = kestrel_plan::program::OwnedProgram::new(&plan).unwrap();
+    let program = owned.program();
+    assert_eq!(program.output_width(), Width::I16);
+    let int8_owned = kestrel_plan::program::OwnedProgram::new(&int8_plan).unwrap();
+    assert_eq!(int8_owned.program().output_width(), Width::I8);
+    assert_eq!(program.output_bytes(), 2 * program.output_len());
+    let header = program.header();
+    let input = &chips(&model)[3];
+    let mut arena = vec![0i8; program.arena_size()];
+    program.quantize_input(input, &mut arena).unwrap();
+    program
+        .run(&mut arena, &mut kestrel_ops::Reference)
+        .unwrap();
+    let bytes = &arena[program.tensor(header.output_tensor).unwrap()];
+    let expected: Vec<f32> = bytes
+        .chunks_exact(2)
+        .map(|pair| {
+            let code = i16::from_le_bytes([pair[0] as u8, pair[1] as u8]);
+            header.output_scale * (f32::from(code) - header.output_zero_point as f32)
+        })
+        .collect();
+    assert!(expected
+        .iter()
+        .any(|&v| v.abs() > 1000.0 * header.output_scale));
+    let mut output = vec![0.0; program.output_len()];
+    program.dequantize_output(&arena, &mut output).unwrap();
+    assert_eq!(output, expected);
+    let mut executor = Int8Cpu::from_bytes(&plan).unwrap();
+    executor.run(input, &mut output).unwrap();
+    assert_eq!(output, expected);
     assert_every_executor_runs_it_as_the_generic_one(&plan, &chips(&model));
 }

@@ -160,7 +160,7 @@ impl Session {
         // write-combined: the host reads outputs back from them.
         let pinned = |len: usize| unsafe { ctx.alloc_pinned_with_flags::<i8>(len.max(16), 0) };
         let input_staging = pinned(program.input_len() * batch).map_err(driver_error)?;
-        let output_staging = pinned(program.output_len() * batch).map_err(driver_error)?;
+        let output_staging = pinned(program.output_bytes() * batch).map_err(driver_error)?;
         // SAFETY: as above.
         let origins_staging =
             unsafe { ctx.alloc_pinned_with_flags::<i32>(2 * batch, 0) }.map_err(driver_error)?;

@@ -514,8 +514,8 @@ pub enum PlanningError {
         /// Step index.
         step: usize,
     },
-    /// The plan's output codes do not order as their values (a softmax output, or values
-    /// not finite and strictly increasing), so peaks cannot be found on codes.
+    /// The plan's output codes do not order as their values (a softmax output, 16-bit codes,
+    /// or values not finite and strictly increasing), so peaks cannot be found on int8 codes.
     UnorderedCodes,
     /// A detector head's shape does not match the plan's output tensor.
     HeadShape {

@@ -305,14 +305,20 @@ pub struct HeadCodes {
 
 impl HeadCodes {
     /// The output codes' values. An error when comparing codes would not decide as comparing
-    /// values does: a softmax output, or values not finite and strictly increasing.
+    /// values does: a softmax output, 16-bit codes, or values not finite and strictly
+    /// increasing.
     pub fn new(
         program: &kestrel_plan::program::Program<'_>,
     ) -> Result<Self, launch::PlanningError> {
         let values: [f32; 256] =
             core::array::from_fn(|i| program.dequantize_code((i as i32 - 128) as i8));
         let increasing = values.windows(2).all(|w| w[0] < w[1]);
-        if program.header().output_softmax || !increasing || !values.iter().all(|v| v.is_finite()) {
+        let int8 = program.output_width() == kestrel_ops::int16::Width::I8;
+        if program.header().output_softmax
+            || !int8
+            || !increasing
+            || !values.iter().all(|v| v.is_finite())
+        {
             return Err(launch::PlanningError::UnorderedCodes);
         }
         Ok(Self { values })
@@ -425,7 +431,7 @@ impl CudaBackend {
     }
 
     /// Run a batch of quantised inputs (`batch * input_len` codes) into output codes
-    /// (`batch * output_len`).
+    /// (`batch * output_bytes`: each output tensor's bytes, 16-bit codes as two).
     pub fn run_codes(&mut self, inputs: &[i8], outputs: &mut [i8]) -> Result<(), CudaError> {
         #[cfg(feature = "cuda")]
         return self.session.run_codes(inputs, outputs);
@@ -438,7 +444,7 @@ impl CudaBackend {
 
     /// Preprocess model-sized tiles of a u8 HWC frame on the GPU, at `origins` (x, y; pixels
     /// past the frame edge take the band mean), and run them as one batch into output codes
-    /// (`origins.len() * output_len`).
+    /// (`origins.len() * output_bytes`).
     pub fn run_tiles(
         &mut self,
         frame: &[u8],

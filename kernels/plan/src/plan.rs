@@ -22,10 +22,14 @@ use kestrel_backend::spec::{PreprocessSpec, ResizeRule, SpecError, MAX_BANDS};
 
 /// First bytes of every plan.
 pub const MAGIC: [u8; 8] = *b"KSTRLPLN";
-/// The format version this build reads and writes. 2: the header carries the detector's
-/// postprocessing ([`DetectorHeader`]); 3: which kind of head ([`HeadHeader`]). Older plans
-/// are refused by version.
-pub const FORMAT_VERSION: u16 = 3;
+/// The format version this build writes. 2: the header carries the detector's
+/// postprocessing ([`DetectorHeader`]); 3: which kind of head ([`HeadHeader`]); 4: the output
+/// tensor may hold 16-bit codes (the width its writing step writes), which a version-3 reader
+/// would read as int8. Versions from [`OLDEST_FORMAT_VERSION`] are read; older are refused.
+pub const FORMAT_VERSION: u16 = 4;
+/// The oldest format version this build reads: a version-3 plan is a version-4 one whose
+/// output is int8.
+pub const OLDEST_FORMAT_VERSION: u16 = 3;
 /// Payloads start on this boundary so weights can be read as aligned words.
 pub const SECTION_ALIGN: usize = 16;
 
@@ -103,7 +107,7 @@ impl core::fmt::Display for PlanError {
             Self::UnsupportedVersion { found, supported } => {
                 write!(
                     f,
-                    "plan format version {found}, this build reads version {supported}"
+                    "plan format version {found}, this build reads versions {OLDEST_FORMAT_VERSION} to {supported}"
                 )
             }
             Self::TableCorrupt => f.write_str("plan section table is corrupt (CRC mismatch)"),
@@ -158,9 +162,10 @@ pub struct PlanHeader<'a> {
     pub input_scale: f32,
     /// Zero point of the int8 input.
     pub input_zero_point: i32,
-    /// Scale of the int8 output.
+    /// Scale of the output codes (int8, or 16-bit where the step writing the output is a
+    /// 16-bit one: [`crate::program::Program::output_width`]).
     pub output_scale: f32,
-    /// Zero point of the int8 output.
+    /// Zero point of the output codes.
     pub output_zero_point: i32,
     /// The model ends in a Softmax, applied to the dequantised output.
     pub output_softmax: bool,
@@ -314,7 +319,7 @@ impl<'a> Plan<'a> {
             });
         }
         let version = u16_at(bytes, 8).ok_or(PlanError::Truncated)?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(PlanError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
@@ -574,8 +579,18 @@ mod tests {
         );
         assert_eq!(
             refused.to_string(),
-            "plan format version 1, this build reads version 3"
+            "plan format version 1, this build reads versions 3 to 4"
         );
+        // A version-3 plan (its output int8 by construction) is still read, a later one not
+        // (the preamble's CRC, which covers the version, left unchecked).
+        let mut bytes = sample_plan();
+        bytes[8] = 3;
+        assert!(Plan::parse_unchecked_crcs(&bytes).is_ok());
+        bytes[8] = 5;
+        assert!(matches!(
+            Plan::parse_unchecked_crcs(&bytes),
+            Err(PlanError::UnsupportedVersion { found: 5, .. })
+        ));
         assert_eq!(Plan::parse(b"KSTRL").unwrap_err(), PlanError::Truncated);
         assert_eq!(Plan::parse(&[]).unwrap_err(), PlanError::Truncated);
     }

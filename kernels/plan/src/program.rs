@@ -173,6 +173,18 @@ pub enum Op {
 }
 
 impl Op {
+    /// The width of the codes the op writes.
+    pub fn output_width(&self) -> Width {
+        match self {
+            Self::Conv16 { output, .. } => output.width,
+            Self::Add16(add) => add.output.width,
+            Self::Mul16(mul) => mul.output.width,
+            Self::GlobalAveragePool16(pool) => pool.output.width,
+            Self::Function16 { .. } => Width::I16,
+            _ => Width::I8,
+        }
+    }
+
     /// How many input tensors the op reads.
     pub fn arity(&self) -> usize {
         match self {
@@ -294,6 +306,8 @@ pub struct Program<'a> {
     ops: &'a [u8],
     weights: &'a [u8],
     tensors: &'a [u8],
+    /// The width of the output tensor's codes: what its last writer writes.
+    output_width: Width,
 }
 
 const TENSOR_RECORD: usize = 8;
@@ -323,13 +337,14 @@ impl<'a> Program<'a> {
             plan.section(kind)
                 .ok_or(ProgramError::Plan(PlanError::MissingSection(kind)))
         };
-        let program = Self {
+        let mut program = Self {
             ops: section(SectionKind::Ops)?,
             weights: plan.section(SectionKind::Weights).unwrap_or(&[]),
             tensors: section(SectionKind::Arena)?,
+            output_width: Width::I8,
             plan,
         };
-        program.validate()?;
+        program.output_width = program.validate()?;
         Ok(program)
     }
 
@@ -555,7 +570,8 @@ impl<'a> Program<'a> {
         Some([table(tables[0])?, table(tables[1])?])
     }
 
-    fn validate(&self) -> Result<(), ProgramError> {
+    /// Check every step; the width of the output tensor's codes.
+    fn validate(&self) -> Result<Width, ProgramError> {
         if self.tensor(0).is_none() {
             return Err(ProgramError::Tensor { step: 0, id: 0 });
         }
@@ -569,8 +585,12 @@ impl<'a> Program<'a> {
         if self.tensor(0).map(|r| r.len()) != Some(input_len) {
             return Err(ProgramError::Tensor { step: 0, id: 0 });
         }
+        let mut output_width = Width::I8;
         for (index, step) in self.steps().enumerate() {
             let step = step?;
+            if step.output == self.header().output_tensor {
+                output_width = step.op.output_width();
+            }
             let out = self.tensor(step.output).ok_or(ProgramError::Tensor {
                 step: index,
                 id: step.output,
@@ -615,7 +635,14 @@ impl<'a> Program<'a> {
                 return Err(ProgramError::Blob { step: index });
             }
         }
-        Ok(())
+        let output = self.output_tensor()?;
+        if !output.len().is_multiple_of(output_width.bytes()) {
+            return Err(ProgramError::Tensor {
+                step: usize::MAX,
+                id: self.header().output_tensor,
+            });
+        }
+        Ok(output_width)
     }
 
     /// Run every step over `arena`, whose input tensor the caller has filled
@@ -764,7 +791,18 @@ impl<'a> Program<'a> {
 
     /// Values in the float output.
     pub fn output_len(&self) -> usize {
+        self.output_bytes() / self.output_width.bytes()
+    }
+
+    /// Bytes of the output tensor's codes in the arena ([`Program::output_width`] each).
+    pub fn output_bytes(&self) -> usize {
         self.output_tensor().map_or(0, |r| r.len())
+    }
+
+    /// The width of the output's codes: 16 bits where the step writing it is a 16-bit one
+    /// (a classifier's logits, whose int8 steps can round near-tied classes together).
+    pub fn output_width(&self) -> Width {
+        self.output_width
     }
 
     /// Quantise a float input tensor into the arena's input tensor.
@@ -822,27 +860,44 @@ impl<'a> Program<'a> {
 
     /// The value of one output code, before any softmax.
     pub fn dequantize_code(&self, code: i8) -> f32 {
+        self.dequantize_wide_code(code.into())
+    }
+
+    /// The value of one output code of either width, before any softmax.
+    fn dequantize_wide_code(&self, code: i16) -> f32 {
         let h = self.header();
         h.output_scale * (f32::from(code) - h.output_zero_point as f32)
     }
 
-    /// Dequantise output codes fetched from elsewhere (a GPU's arena) into `output`, as
-    /// [`Program::dequantize_output`] does.
+    /// Dequantise the output tensor's bytes fetched from elsewhere (a GPU's arena,
+    /// [`Program::output_bytes`] of them) into `output`, as [`Program::dequantize_output`] does.
     pub fn dequantize_codes(&self, codes: &[i8], output: &mut [f32]) -> Result<(), ProgramError> {
-        if codes.len() != self.output_len() {
+        if codes.len() != self.output_bytes() {
             return Err(ProgramError::Length {
-                expected: self.output_len(),
+                expected: self.output_bytes(),
                 got: codes.len(),
             });
         }
-        if output.len() != codes.len() {
+        if output.len() != self.output_len() {
             return Err(ProgramError::Length {
-                expected: codes.len(),
+                expected: self.output_len(),
                 got: output.len(),
             });
         }
-        for (value, &code) in output.iter_mut().zip(codes) {
-            *value = self.dequantize_code(code);
+        match self.output_width {
+            Width::I8 => {
+                for (value, &code) in output.iter_mut().zip(codes) {
+                    *value = self.dequantize_code(code);
+                }
+            }
+            Width::I16 => {
+                for (value, pair) in output.iter_mut().zip(codes.chunks_exact(2)) {
+                    if let &[low, high] = pair {
+                        let code = i16::from_le_bytes([low as u8, high as u8]);
+                        *value = self.dequantize_wide_code(code);
+                    }
+                }
+            }
         }
         let h = self.header();
         if h.output_softmax {
