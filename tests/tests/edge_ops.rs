@@ -521,7 +521,8 @@ fn sixteen_bit_activations_bring_an_efficientnet_closer_to_float_on_every_execut
     assert_eq!(int8_owned.program().output_width(), Width::I8);
     assert_eq!(program.output_bytes(), 2 * program.output_len());
     let header = program.header();
-    let input = &chips(&model)[3];
+    let chips = chips(&model);
+    let input = &chips[3];
     let mut arena = vec![0i8; program.arena_size()];
     program.quantize_input(input, &mut arena).unwrap();
     program
@@ -544,5 +545,5 @@ fn sixteen_bit_activations_bring_an_efficientnet_closer_to_float_on_every_execut
     let mut executor = Int8Cpu::from_bytes(&plan).unwrap();
     executor.run(input, &mut output).unwrap();
     assert_eq!(output, expected);
-    assert_every_executor_runs_it_as_the_generic_one(&plan, &chips(&model));
+    assert_every_executor_runs_it_as_the_generic_one(&plan, &chips);
 }

@@ -18,7 +18,6 @@ use core::fmt::Write as _;
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hio};
 use kestrel_backend::Backend;
-use kestrel_ops::int16::Width;
 use kestrel_ops::Reference;
 use kestrel_plan::program::Program;
 use kestrel_plan::session::Session;
@@ -99,13 +98,8 @@ fn run(out: &mut impl core::fmt::Write) -> Result<(), &'static str> {
         .and_then(|range| session.arena().get(range))
         .ok_or("the output tensor is outside the arena")?;
     let _ = write!(out, "codes");
-    match program.output_width() {
-        Width::I8 => codes.iter().for_each(|code| {
-            let _ = write!(out, " {code}");
-        }),
-        Width::I16 => codes.chunks_exact(2).for_each(|pair| {
-            let _ = write!(out, " {}", i16::from_le_bytes([pair[0] as u8, pair[1] as u8]));
-        }),
+    for i in 0..program.output_len() {
+        let _ = write!(out, " {}", program.output_width().load(codes, i));
     }
     let _ = writeln!(out);
     Ok(())

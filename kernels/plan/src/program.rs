@@ -864,9 +864,9 @@ impl<'a> Program<'a> {
     }
 
     /// The value of one output code of either width, before any softmax.
-    fn dequantize_wide_code(&self, code: i16) -> f32 {
+    fn dequantize_wide_code(&self, code: i32) -> f32 {
         let h = self.header();
-        h.output_scale * (f32::from(code) - h.output_zero_point as f32)
+        h.output_scale * (code as f32 - h.output_zero_point as f32)
     }
 
     /// Dequantise the output tensor's bytes fetched from elsewhere (a GPU's arena,
@@ -884,20 +884,8 @@ impl<'a> Program<'a> {
                 got: output.len(),
             });
         }
-        match self.output_width {
-            Width::I8 => {
-                for (value, &code) in output.iter_mut().zip(codes) {
-                    *value = self.dequantize_code(code);
-                }
-            }
-            Width::I16 => {
-                for (value, pair) in output.iter_mut().zip(codes.chunks_exact(2)) {
-                    if let &[low, high] = pair {
-                        let code = i16::from_le_bytes([low as u8, high as u8]);
-                        *value = self.dequantize_wide_code(code);
-                    }
-                }
-            }
+        for (i, value) in output.iter_mut().enumerate() {
+            *value = self.dequantize_wide_code(self.output_width.load(codes, i));
         }
         let h = self.header();
         if h.output_softmax {
