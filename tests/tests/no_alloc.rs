@@ -1,6 +1,7 @@
 //! Zero heap allocations per inference after setup, proven with a counting global allocator:
-//! for the plan executor over a caller's arena, for the int8 CPU backend, and for the runtime's
-//! pipeline step (preprocess, model, postprocess) on a real chip, and for telemetry and commands.
+//! for the plan executor over a caller's arena, for the int8 CPU backend (a 16-bit plan too),
+//! and for the runtime's pipeline step (preprocess, model, postprocess) on a real chip, and for
+//! telemetry and commands.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -102,6 +103,34 @@ fn the_executor_allocates_nothing_per_inference() {
         backend.kernel_name()
     );
     assert_eq!(output, logits, "fast and generic kernels agree");
+}
+
+#[test]
+fn a_16_bit_plan_allocates_nothing_per_inference() {
+    // The small EfficientNet of MBConv blocks compiles to 16-bit activations by default (see
+    // edge_ops): the 16-bit convolutions' scratch is sized when the backend is made, not on
+    // its first inference.
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = ZooModel::load(here.join("data/mbconv").to_str().unwrap()).unwrap();
+    let options = models::compile::Options {
+        max_images: 100,
+        ..Default::default()
+    };
+    let sample = here.join("../sim/sample/eurosat-rgb");
+    let (plan, report) = models::compile::compile(&model, &sample, &options, &mut |_| {}).unwrap();
+    assert!(
+        report.int16.is_some_and(|trial| trial.kept),
+        "a 16-bit plan"
+    );
+    let input = model_input(&model);
+    let mut backend = Int8Cpu::from_bytes(&plan).unwrap();
+    let mut output = vec![0.0; backend.output_len()];
+    let count = allocations_during(|| {
+        for _ in 0..3 {
+            backend.run(&input, &mut output).unwrap();
+        }
+    });
+    assert_eq!(count, 0, "{} kernels", backend.kernel_name());
 }
 
 #[test]

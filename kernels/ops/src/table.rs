@@ -131,6 +131,18 @@ impl KernelTable {
             .iter()
             .map(|conv| conv.as_ref().map(Conv16::prepare))
             .collect();
+        // Size the 16-bit convolutions' scratch now, by a run of each on zeros (its buffers
+        // only grow, to sizes set by the geometry), so that no inference allocates.
+        for (step, conv) in convs16.iter().enumerate() {
+            if let Some(conv) = conv {
+                let (g, bytes) = (&conv.geometry, conv.output.width.bytes());
+                let input =
+                    std::vec![0; g.input.iter().product::<usize>() * conv.input_width.bytes()];
+                let mut output = std::vec![0; g.output.iter().product::<usize>() * bytes];
+                // A geometry the layer refuses fails again, and is reported, when it runs.
+                let _ = table.conv16(step, conv, &input, &mut output);
+            }
+        }
         table
     }
 
