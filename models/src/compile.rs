@@ -99,9 +99,9 @@ pub struct Options {
     pub min_error_reduction: f64,
     /// Verify plans whose biases are corrected for the mean error of the int8 weights and
     /// inputs ([`crate::quantize::bias_corrected`]; the inputs' means estimated, or measured on
-    /// the plan) and write the closest where it agrees with tract at least as often and is
-    /// closer than the uncorrected plan ([`BiasCorrectionTrial`]; a 16-bit plan takes the
-    /// weights' term only). `false`: the model's own biases.
+    /// the plan) and write the closest where it agrees with tract nearly as often
+    /// ([`AGREEMENT_SLACK`]) and is closer than the uncorrected plan ([`BiasCorrectionTrial`];
+    /// a 16-bit plan takes the weights' term only). `false`: the model's own biases.
     pub bias_correction: bool,
 }
 
@@ -157,6 +157,9 @@ pub struct Report {
     pub plan_bytes: usize,
     /// Bytes of activation arena the plan needs.
     pub arena_bytes: usize,
+    /// Bits of each output code: 16 for a classifier's logits where the layers writing them
+    /// have 16-bit kernels, else 8.
+    pub output_bits: usize,
     /// Classifiers: the fraction of images where the plan's top-1 equals tract's.
     pub top1_agreement: Option<f64>,
     /// Detectors: of the boxes tract's head gives on the calibration images (decoded at the
@@ -207,8 +210,9 @@ pub struct WideningTrial {
     pub agreement: [f64; 2],
     /// Output relative RMS error against tract: all-int8, then wider.
     pub output_rel_rms: [f64; 2],
-    /// Whether the wider plan is the one written: it agrees with tract at least as often and
-    /// its output's error is at least [`Options::min_error_reduction`] lower.
+    /// Whether the wider plan is the one written: it agrees with tract nearly as often
+    /// ([`AGREEMENT_SLACK`]) and its output's error is at least
+    /// [`Options::min_error_reduction`] lower.
     pub kept: bool,
 }
 
@@ -216,8 +220,9 @@ pub struct WideningTrial {
 /// ([`crate::quantize::bias_corrected`]), all with the chosen ranges, on the calibration
 /// images: the int8 inputs' channel means estimated (the float values rounded to their int8
 /// grids), or measured on the plan itself, layer by layer (`measured_bias_correction`).
-/// Of the corrected plans that agree with tract at least as often as the uncorrected one and
-/// are closer, the closest is written: correction costs nothing at run time.
+/// Of the corrected plans that agree with tract nearly as often as the uncorrected one
+/// ([`AGREEMENT_SLACK`]) and are closer, the closest is written: correction costs nothing at
+/// run time.
 #[derive(Clone, Debug, Serialize)]
 pub struct BiasCorrectionTrial {
     /// Top-1 (classifiers) or box (detectors) agreement with tract: the model's biases, then
@@ -237,8 +242,8 @@ pub struct BiasCorrectionTrial {
 pub const MEASURED_MEAN_IMAGES: usize = 200;
 
 /// The plan calibrated by one of [`RANGE_METHODS`], on the calibration images. The plan written
-/// is, of those that agree with tract at least as often as the first method's, the one whose
-/// output is closest to tract's.
+/// is, of those that agree with tract nearly as often as the first method's
+/// ([`AGREEMENT_SLACK`]), the one whose output is closest to tract's.
 #[derive(Clone, Debug, Serialize)]
 pub struct RangeTrial {
     /// The method.
@@ -269,6 +274,17 @@ pub struct Int16Trial {
     pub failed: Option<String>,
 }
 
+/// How many fewer calibration images (or boxes) a plan may agree with tract on than another
+/// and still be written for a lower output error. The error is measured on every value of every
+/// image; one image's top-1 flipping, of a few hundred, is noise. Measured on the fine-tuned
+/// MobileNetV2 with 16-bit logits and 200 calibration chips: mse's ranges agree on 197 against
+/// percentile's 198 (output error 0.0426 against 0.0457); with biases corrected by measured
+/// means, on 196 against the uncorrected plan's 197 (0.0379 against 0.0426; by estimated means
+/// 198, 0.0403). Without slack
+/// percentile's ranges and estimated means were written: 1,946 of 2,000 held-out training
+/// chips agreed with tract; with it, mse's and measured means: 1,966.
+pub const AGREEMENT_SLACK: usize = 1;
+
 /// A plan's outputs against tract's on the calibration images.
 struct Verification {
     agree: usize,
@@ -297,10 +313,25 @@ impl Verification {
         (self.error_squares / self.float_squares.max(f64::MIN_POSITIVE)).sqrt()
     }
 
-    /// Agrees with tract at least as often, and its output's error is at least `reduction`
-    /// (relative) lower.
+    /// Images (classifiers) or boxes (detectors) where the plan agrees with tract.
+    fn agreeing(&self) -> usize {
+        if self.detector {
+            self.boxes_matched
+        } else {
+            self.agree
+        }
+    }
+
+    /// Agrees with tract on at most [`AGREEMENT_SLACK`] fewer images (or boxes) than
+    /// `agreeing`, another plan's count.
+    fn agrees_nearly_as_often(&self, agreeing: usize) -> bool {
+        self.agreeing() + AGREEMENT_SLACK >= agreeing
+    }
+
+    /// Agrees with tract nearly as often ([`Verification::agrees_nearly_as_often`]), and its
+    /// output's error is at least `reduction` (relative) lower.
     fn closer_than(&self, other: &Self, reduction: f64) -> bool {
-        self.agreement() >= other.agreement()
+        self.agrees_nearly_as_often(other.agreeing())
             && self.output_rel_rms() < other.output_rel_rms()
             && self.output_rel_rms() <= (1.0 - reduction) * other.output_rel_rms()
     }
@@ -608,9 +639,17 @@ pub fn compile(
     for (input, _) in &inputs {
         calibrator.observe_histogram(&graph.run_f32(input));
     }
+    let detector = model.detector_config();
+    // Min-max ranges: of 16-bit values, and of a classifier's logits, which are 16-bit in
+    // every plan (a detector's head stays int8: the GPU's peak search reads its codes).
+    let minmax = calibrator.finish(Method::MinMax);
+    let logits = detector.is_none().then_some(minmax.as_slice());
+    let build = |graph: &Graph, params: &[ActivationQuant]| {
+        QuantizedGraph::build_widened(graph, params, &BTreeSet::new(), logits)
+    };
     let mut method = options.method.unwrap_or(RANGE_METHODS[0]);
     let mut params = calibrator.finish(method);
-    let mut program = QuantizedGraph::build(&graph, &params)?;
+    let mut program = build(&graph, &params)?;
     let mut plan = encode(model, &program)?;
 
     progress("verifying the plan against tract on the calibration images");
@@ -625,7 +664,6 @@ pub fn compile(
             .map_err(|e| CompileError::Reference(e.to_string()))?;
         float_outputs.push(out);
     }
-    let detector = model.detector_config();
     let verify = |plan: &[u8]| verify(plan, &inputs, &float_outputs, detector.as_ref());
     let mut verified = verify(&plan)?;
     let mut ranges = Vec::new();
@@ -637,7 +675,7 @@ pub fn compile(
             kept: true,
             failed: None,
         });
-        let baseline = verified.agreement();
+        let baseline = verified.agreeing();
         for other in RANGE_METHODS.into_iter().skip(1) {
             progress(&format!(
                 "verifying a plan calibrated by {} instead",
@@ -651,14 +689,14 @@ pub fn compile(
                 failed: None,
             };
             let other_params = calibrator.finish(other);
-            let built = QuantizedGraph::build(&graph, &other_params)
-                .and_then(|p| encode(model, &p).map(|plan| (p, plan)));
+            let built =
+                build(&graph, &other_params).and_then(|p| encode(model, &p).map(|plan| (p, plan)));
             match built {
                 Ok((other_program, other_plan)) => {
                     let v = verify(&other_plan)?;
                     (trial.agreement, trial.output_rel_rms) = (v.agreement(), v.output_rel_rms());
-                    trial.kept =
-                        v.agreement() >= baseline && v.output_rel_rms() < verified.output_rel_rms();
+                    trial.kept = v.agrees_nearly_as_often(baseline)
+                        && v.output_rel_rms() < verified.output_rel_rms();
                     if trial.kept {
                         ranges.iter_mut().for_each(|t| t.kept = false);
                         (method, params) = (other, other_params);
@@ -701,7 +739,7 @@ pub fn compile(
             measured_bias_correction(
                 model,
                 &graph,
-                &params,
+                |corrected| build(corrected, &params),
                 &images,
                 [subset_float, subset_estimated],
                 &mut *progress,
@@ -710,7 +748,7 @@ pub fn compile(
         let mut best = None;
         for (index, candidate) in candidates.into_iter().enumerate() {
             let built = candidate.and_then(|corrected| {
-                let program = QuantizedGraph::build(&corrected, &params)?;
+                let program = build(&corrected, &params)?;
                 let plan = encode(model, &program)?;
                 Ok((corrected, program, plan))
             });
@@ -723,7 +761,7 @@ pub fn compile(
             trial.agreement[index + 1] = v.agreement();
             trial.output_rel_rms[index + 1] = v.output_rel_rms();
             let closest = best.as_ref().map_or(&verified, |(_, _, _, b)| b);
-            if v.agreement() >= verified.agreement()
+            if v.agrees_nearly_as_often(verified.agreeing())
                 && v.output_rel_rms() < closest.output_rel_rms()
             {
                 trial.written = index + 1;
@@ -755,7 +793,7 @@ pub fn compile(
             .cloned()
             .collect();
         let names = candidates.iter().map(|l| l.node.clone()).collect();
-        let wide_program = QuantizedGraph::build_widened(&source, &params, &names)?;
+        let wide_program = QuantizedGraph::build_widened(&source, &params, &names, logits)?;
         // A table whose readers cannot take 16 bits is still a step of the program.
         let still_int8: BTreeSet<&str> =
             wide_program.steps.iter().map(|s| s.name.as_str()).collect();
@@ -791,7 +829,6 @@ pub fn compile(
             "the int8 output is {:.3} (relative RMS) from float, at least {threshold}: verifying a plan with 16-bit activations",
             verified.output_rel_rms()
         ));
-        let minmax = calibrator.finish(Method::MinMax);
         let mut trial = Int16Trial {
             tensors: 0,
             agreement: [verified.agreement(); 2],
@@ -831,6 +868,7 @@ pub fn compile(
     let v = &verified;
     let accuracy = |right: usize| (v.labelled > 0).then(|| right as f64 / v.labelled as f64);
     let (float_top1, int8_top1) = (accuracy(v.float_right), accuracy(v.int8_right));
+    let written = OwnedProgram::new(&plan)?;
     let report = Report {
         model: model.manifest.name.clone(),
         method: method_name(method),
@@ -840,7 +878,8 @@ pub fn compile(
         skipped,
         steps: program.steps.len(),
         plan_bytes: plan.len(),
-        arena_bytes: OwnedProgram::new(&plan)?.program().arena_size(),
+        arena_bytes: written.program().arena_size(),
+        output_bits: 8 * written.program().output_width().bytes(),
         top1_agreement: (!v.detector).then(|| v.agreement()),
         box_agreement: v.detector.then(|| v.agreement()),
         float_boxes: v.float_boxes,
@@ -881,11 +920,11 @@ fn channel_means(
 /// from the plan with every layer before it already corrected, so that a layer also takes up
 /// the mean its input drifted by through the rounding and clipping upstream. `[float,
 /// estimated]` are [`channel_means`] over the same images; the int8 means of inputs no step
-/// writes whole stay estimated.
+/// writes whole stay estimated. `build` quantises a corrected graph as the plan is.
 fn measured_bias_correction(
     model: &ZooModel,
     graph: &Graph,
-    params: &[ActivationQuant],
+    build: impl Fn(&Graph) -> Result<QuantizedGraph, ImportError>,
     images: &[&Vec<f32>],
     [float_means, estimated]: [&Vec<Vec<f64>>; 2],
     progress: &mut dyn FnMut(&str),
@@ -910,7 +949,7 @@ fn measured_bias_correction(
                 inputs.len()
             ));
         }
-        let program = QuantizedGraph::build(&corrected, params)?;
+        let program = build(&corrected)?;
         let plan = encode(model, &program)?;
         let means = plan_channel_means(graph, &program, &plan, images.iter().copied())?;
         if let Some(Some(mean)) = means.into_iter().nth(input) {
@@ -1114,8 +1153,9 @@ mod tests {
                 .collect::<Vec<f64>>()
         };
         let means = [&float, &estimated];
+        let build = |g: &Graph| QuantizedGraph::build(g, &params);
         let corrected =
-            measured_bias_correction(&model, &graph, &params, &images, means, &mut |_| {}).unwrap();
+            measured_bias_correction(&model, &graph, build, &images, means, &mut |_| {}).unwrap();
         let (before, after) = (mean_errors(&graph), mean_errors(&corrected));
         eprintln!("channel mean errors at the layers the plan holds: {before:.4?} -> {after:.4?}");
         assert!(before.len() >= 4, "{before:?}");

@@ -20,7 +20,8 @@ struct Cli {
 #[derive(Clone, Copy, ValueEnum)]
 enum CalibrationMethod {
     /// Calibrate by percentile, minmax and mse, verify the three plans against tract and keep,
-    /// of those that agree with tract at least as often as percentile's, the closest
+    /// of those that agree with tract on at most one image (or box) fewer than percentile's,
+    /// the closest
     Auto,
     /// Observed minimum and maximum.
     Minmax,
@@ -71,7 +72,7 @@ enum Command {
         /// at least this relative RMS error at 16 bits, where every reader is a Conv,
         /// GlobalAveragePool or Mul (they read the function's input through a 16-bit table;
         /// the CPU runs those layers on its generic kernels). The wider plan is written only
-        /// if it agrees with tract on the calibration images at least as often and its
+        /// if it agrees with tract on at most one calibration image (or box) fewer and its
         /// output's relative RMS error is lower by `--min-error-reduction`. `0`: try every
         /// table; `off`: every activation int8.
         #[arg(long, default_value_t = WidenAbove(Some(WIDEN_ABOVE)))]
@@ -80,7 +81,7 @@ enum Command {
         /// on the calibration images, try a plan with 16-bit activations (weights stay int8)
         /// wherever every layer around a tensor has a 16-bit kernel (Conv, Gemm, Add, Mul,
         /// GlobalAveragePool, Sigmoid/SiLU/HardSwish...): written only if it agrees with tract
-        /// at least as often and its output's relative RMS error is lower by
+        /// on at most one image (or box) fewer and its output's relative RMS error is lower by
         /// `--min-error-reduction`. 16-bit layers are slower than int8 ones
         /// (twice the bytes, half the products per instruction: EfficientNet-B0 at 64x64 about
         /// 1.7x its int8 plan's time on an AVX-512 VNNI CPU). `off`: never.
@@ -96,7 +97,8 @@ enum Command {
         /// Conv and Gemm biases are moved against the mean error that int8 weights and inputs
         /// add to each channel (the inputs' means estimated from the float values, or measured
         /// on the plan layer by layer: a plan build and run per layer), and writes the closer
-        /// where it agrees with tract at least as often and its output is closer.
+        /// where it agrees with tract on at most one image (or box) fewer and its output is
+        /// closer.
         #[arg(long)]
         no_bias_correction: bool,
     },
@@ -205,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         summary.steps
     );
     println!("arena       {} bytes", summary.arena_bytes);
+    println!("output      {}-bit codes", summary.output_bits);
     println!(
         "calibration {} images, {} ({} skipped)",
         summary.calibration_images,

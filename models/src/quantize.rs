@@ -234,34 +234,47 @@ impl Widened {
 /// `quantize_weights_per_channel` bounds by the same `2^30`).
 const ACCUMULATOR_HALF: f64 = (1u32 << 30) as f64;
 
+/// Which values a build makes 16-bit.
+#[derive(Clone, Copy)]
+enum Sixteen {
+    /// Every value that can be ([`sixteen_bit_values`]).
+    Activations { wide_output: bool },
+    /// The logits ([`logit_values`]).
+    Logits,
+}
+
+/// Nodes whose 16-bit kernel reads and writes one width.
+fn is_elementwise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Add
+            | Op::Mul
+            | Op::GlobalAveragePool
+            | Op::Sigmoid
+            | Op::HardSigmoid { .. }
+            | Op::HardSwish
+            | Op::Relu
+            | Op::Clip { .. }
+    )
+}
+
 /// Which values can be 16-bit tensors: those every producer and reader of which has a 16-bit
 /// kernel (Conv, Gemm, Add, Mul, GlobalAveragePool, element-wise functions; a Reshape passes
 /// its input's width on), and where the element-wise ones (which read and write one width)
-/// see only 16-bit neighbours. Never the graph's input; its output only where `wide_output`.
-/// `alias` resolves Reshapes.
+/// see only 16-bit neighbours. Never the graph's input; the plan's output ([`plan_output`])
+/// only where `wide_output`. `alias` resolves Reshapes.
 fn sixteen_bit_values(graph: &Graph, alias: &[usize], wide_output: bool) -> Vec<bool> {
-    let elementwise = |op: &Op| {
-        matches!(
-            op,
-            Op::Add
-                | Op::Mul
-                | Op::GlobalAveragePool
-                | Op::Sigmoid
-                | Op::HardSigmoid { .. }
-                | Op::HardSwish
-                | Op::Relu
-                | Op::Clip { .. }
-        )
-    };
-    let takes_16 = |op: &Op| elementwise(op) || matches!(op, Op::Conv { .. } | Op::Gemm { .. });
+    let takes_16 = |op: &Op| is_elementwise(op) || matches!(op, Op::Conv { .. } | Op::Gemm { .. });
     let mut wide = vec![true; graph.shapes.len()];
     wide[0] = false;
     if !wide_output {
-        wide[alias[graph.output]] = false;
+        wide[plan_output(graph, alias)] = false;
     }
     let mut produced = vec![false; graph.shapes.len()];
     for node in &graph.nodes {
-        if matches!(node.op, Op::Reshape) {
+        // A view; a final Softmax is applied to the dequantised output.
+        let softmax = matches!(node.op, Op::Softmax) && node.output == graph.output;
+        if matches!(node.op, Op::Reshape) || softmax {
             continue;
         }
         produced[node.output] = true;
@@ -274,26 +287,59 @@ fn sixteen_bit_values(graph: &Graph, alias: &[usize], wide_output: bool) -> Vec<
         wide[value] &= *made;
     }
     // An element-wise node reads and writes one width: any int8 neighbour makes all int8.
+    spread_over_elementwise(graph, alias, &mut wide, false);
+    wide
+}
+
+/// The value a plan outputs: the graph's output, or the input of a final Softmax (applied to
+/// the dequantised output), resolved through `alias`.
+fn plan_output(graph: &Graph, alias: &[usize]) -> usize {
+    let softmax = graph
+        .nodes
+        .iter()
+        .find(|n| n.output == graph.output && matches!(n.op, Op::Softmax));
+    alias[softmax.map_or(graph.output, |n| n.inputs[0])]
+}
+
+/// Makes every value of each element-wise node (which reads and writes one width) `width`
+/// where any of its values is, until no more change.
+fn spread_over_elementwise(graph: &Graph, alias: &[usize], wide: &mut [bool], width: bool) {
     loop {
         let mut changed = false;
-        for node in graph.nodes.iter().filter(|n| elementwise(&n.op)) {
+        for node in graph.nodes.iter().filter(|n| is_elementwise(&n.op)) {
             let values: Vec<usize> = node
                 .inputs
                 .iter()
                 .chain([&node.output])
                 .map(|&i| alias[i])
                 .collect();
-            if values.iter().any(|&v| !wide[v]) {
+            if values.iter().any(|&v| wide[v] == width) {
                 for v in values {
-                    changed |= wide[v];
-                    wide[v] = false;
+                    changed |= wide[v] != width;
+                    wide[v] = width;
                 }
             }
         }
         if !changed {
-            return wide;
+            return;
         }
     }
+}
+
+/// The values an int8 plan makes 16-bit for 16-bit logits: the plan's output, where a Conv or
+/// Gemm writes it (from int8 input), with the element-wise nodes between (a GlobalAveragePool
+/// after the last Conv, say), which read and write one width. None where some writer or reader
+/// of those values has no 16-bit kernel. `alias` resolves Reshapes.
+fn logit_values(graph: &Graph, alias: &[usize]) -> Vec<bool> {
+    let possible = sixteen_bit_values(graph, alias, true);
+    let mut wide = vec![false; possible.len()];
+    let output = plan_output(graph, alias);
+    if possible[output] {
+        wide[output] = true;
+        // `possible` holds each element-wise node's values together: the set stays within it.
+        spread_over_elementwise(graph, alias, &mut wide, true);
+    }
+    wide
 }
 
 /// The largest code a 16-bit value may take so that every reader's accumulator keeps within
@@ -441,9 +487,9 @@ fn tap_shares(
 }
 
 impl QuantizedGraph {
-    /// [`QuantizedGraph::build_widened`] with every function's output int8.
+    /// [`QuantizedGraph::build_widened`] with every function's output int8 and int8 logits.
     pub fn build(graph: &Graph, params: &[ActivationQuant]) -> Result<Self, ImportError> {
-        Self::build_widened(graph, params, &BTreeSet::new())
+        Self::build_widened(graph, params, &BTreeSet::new(), None)
     }
 
     /// Quantise `graph` with calibrated `params` (one per value id).
@@ -458,12 +504,23 @@ impl QuantizedGraph {
     /// - The function tables of the nodes named in `widen` whose every reader is a Conv, a
     ///   GlobalAveragePool or a Mul are not rounded to int8: each reader reads the function's
     ///   input codes through a 16-bit table of the function ([`WideTable`]). Others stay int8.
+    /// - With `logits` (min-max ranges, one per value id), the output (before a final Softmax)
+    ///   is 16-bit where a Conv or Gemm writes it, through any element-wise nodes after it (a
+    ///   GlobalAveragePool), on the finest grid its min-max range allows: an int8 output's
+    ///   steps round near-tied classes together. Otherwise, or where those nodes have no
+    ///   16-bit kernel, it is int8.
     pub fn build_widened(
         graph: &Graph,
         params: &[ActivationQuant],
         widen: &BTreeSet<String>,
+        logits: Option<&[ActivationQuant]>,
     ) -> Result<Self, ImportError> {
-        Self::build_all(graph, params, widen, None)
+        Self::build_all(
+            graph,
+            params,
+            widen,
+            logits.map(|minmax| (minmax, Sixteen::Logits)),
+        )
     }
 
     /// [`QuantizedGraph::build`] with 16-bit activations wherever every layer that writes and
@@ -480,14 +537,16 @@ impl QuantizedGraph {
         minmax: &[ActivationQuant],
         wide_output: bool,
     ) -> Result<Self, ImportError> {
-        Self::build_all(graph, params, &BTreeSet::new(), Some((minmax, wide_output)))
+        let which = Sixteen::Activations { wide_output };
+        Self::build_all(graph, params, &BTreeSet::new(), Some((minmax, which)))
     }
 
+    /// The build; `minmax` holds the ranges of the 16-bit values and says which those are.
     fn build_all(
         graph: &Graph,
         params: &[ActivationQuant],
         widen: &BTreeSet<String>,
-        minmax: Option<(&[ActivationQuant], bool)>,
+        minmax: Option<(&[ActivationQuant], Sixteen)>,
     ) -> Result<Self, ImportError> {
         let mut params = params.to_vec();
         let readers = |id: usize| {
@@ -515,12 +574,17 @@ impl QuantizedGraph {
         // 16-bit values, their largest codes, and their scales on params.
         let mut is16 = vec![false; graph.shapes.len()];
         let mut limits = vec![i32::from(i16::MAX); graph.shapes.len()];
-        if let Some((minmax, wide_output)) = minmax {
+        if let Some((minmax, which)) = minmax {
             let mut views: Vec<usize> = (0..graph.shapes.len()).collect();
             for node in graph.nodes.iter().filter(|n| matches!(n.op, Op::Reshape)) {
                 views[node.output] = views[node.inputs[0]];
             }
-            is16 = sixteen_bit_values(graph, &views, wide_output);
+            is16 = match which {
+                Sixteen::Activations { wide_output } => {
+                    sixteen_bit_values(graph, &views, wide_output)
+                }
+                Sixteen::Logits => logit_values(graph, &views),
+            };
             for value in (0..is16.len()).filter(|&v| is16[v]) {
                 limits[value] = code_limit(graph, &views, value);
                 let q = minmax[value];

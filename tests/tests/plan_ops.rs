@@ -15,7 +15,7 @@ use kestrel_plan::cpu::Int8Cpu;
 use kestrel_plan::program::Op as PlanOp;
 use kestrel_tests::{argmax, sorted_files, whole_image_input};
 use models::calibrate::{quantize_weights_per_channel, ChannelMeans, Method};
-use models::compile::{compile, Options, Report, RANGE_METHODS};
+use models::compile::{compile, Options, Report, AGREEMENT_SLACK, RANGE_METHODS};
 use models::graph::{Graph, Op};
 use models::quantize::bias_corrected;
 use models::ZooModel;
@@ -280,12 +280,14 @@ fn plan_holds_every_int8_op_and_its_header() {
     }
     // One Rescale per input of each Concat (3 + 2) but the dilated Conv's, which writes
     // straight into its part of the first Concat; the squeeze-excitation's two 1x1
-    // convolutions over one pixel are Gemm steps beside the model's Gemm and MatMul.
+    // convolutions over one pixel are Gemm steps beside the model's MatMul; its last Gemm,
+    // before the Softmax, writes 16-bit logits.
     let expected: BTreeMap<&str, usize> = [
         ("Add", 2),
         ("AveragePool", 2),
         ("Conv", 11),
-        ("Gemm", 4),
+        ("Conv16", 1),
+        ("Gemm", 3),
         ("GlobalAveragePool", 2),
         ("Lut", 3),
         ("MaxPool", 1),
@@ -387,31 +389,30 @@ fn relative_rms(pairs: impl Iterator<Item = (f32, f32)>) -> f64 {
     (error / signal).sqrt()
 }
 
+/// `graph` calibrated as `compile` does on `inputs` (ranges, then histograms).
+fn calibrated(graph: &Graph, inputs: &[&[f32]]) -> models::calibrate::Calibrator {
+    let mut calibrator = models::calibrate::Calibrator::new(graph.shapes.len());
+    let runs: Vec<_> = inputs.iter().map(|i| graph.run_f32(i)).collect();
+    runs.iter().for_each(|v| calibrator.observe_range(v));
+    runs.iter().for_each(|v| calibrator.observe_histogram(v));
+    calibrator
+}
+
+/// The chips `compile` calibrates on with `max_images: 40` (every 7th), and others to evaluate.
+fn calibration_and_evaluation_chips() -> (Vec<&'static [f32]>, Vec<&'static [f32]>) {
+    let calibration = chips().iter().step_by(7).take(40).map(|c| &c.1[..]);
+    let evaluation = chips().iter().skip(3).step_by(15).map(|c| &c.1[..]);
+    (calibration.collect(), evaluation.collect())
+}
+
 #[test]
 fn every_node_in_int8_tracks_the_float_interpreter() {
-    use models::calibrate::{Calibrator, Method};
     use models::quantize::QuantizedGraph;
 
     let model = load_model();
     let graph = Graph::from_onnx(model.onnx()).unwrap();
-    // Calibrate as `compile` does with `max_images: 40` (every 7th chip), evaluate on others.
-    let calibration: Vec<&[f32]> = chips()
-        .iter()
-        .step_by(7)
-        .take(40)
-        .map(|c| &c.1[..])
-        .collect();
-    let mut calibrator = Calibrator::new(graph.shapes.len());
-    let runs: Vec<_> = calibration.iter().map(|i| graph.run_f32(i)).collect();
-    runs.iter().for_each(|v| calibrator.observe_range(v));
-    runs.iter().for_each(|v| calibrator.observe_histogram(v));
-    let params = calibrator.finish(Method::Percentile(0.01));
-    let evaluation: Vec<&[f32]> = chips()
-        .iter()
-        .skip(3)
-        .step_by(15)
-        .map(|c| &c.1[..])
-        .collect();
+    let (calibration, evaluation) = calibration_and_evaluation_chips();
+    let params = calibrated(&graph, &calibration).finish(Method::Percentile(0.01));
     let floats: Vec<Vec<Vec<f32>>> = evaluation.iter().map(|i| graph.run_f32(i)).collect();
 
     // The graph cut after each node (that node's output made the graph output, so nothing is
@@ -466,7 +467,6 @@ fn every_node_in_int8_tracks_the_float_interpreter() {
 /// to be refused as outside the fixed-point range).
 #[test]
 fn near_dead_channels_keep_their_bias_and_compile() {
-    use models::calibrate::{Calibrator, Method};
     use models::quantize::QuantizedGraph;
 
     let model = load_model();
@@ -497,11 +497,7 @@ fn near_dead_channels_keep_their_bias_and_compile() {
     let channels = weight_shape[0];
 
     let inputs: Vec<&[f32]> = chips().iter().step_by(7).map(|c| &c.1[..]).collect();
-    let mut calibrator = Calibrator::new(graph.shapes.len());
-    let runs: Vec<_> = inputs.iter().map(|i| graph.run_f32(i)).collect();
-    runs.iter().for_each(|v| calibrator.observe_range(v));
-    runs.iter().for_each(|v| calibrator.observe_histogram(v));
-    let params = calibrator.finish(Method::Percentile(0.01));
+    let params = calibrated(&graph, &inputs).finish(Method::Percentile(0.01));
     let program = QuantizedGraph::build(&graph, &params).unwrap();
     let plan = models::compile::encode(&model, &program).unwrap();
     let mut int8 = Int8Cpu::generic(&plan).unwrap();
@@ -515,6 +511,105 @@ fn near_dead_channels_keep_their_bias_and_compile() {
         }
         assert!(out[plane..2 * plane].iter().all(|&v| v == dead));
     }
+}
+
+/// An int8 plan's logits are 16-bit where the layers writing them have 16-bit kernels: a Conv
+/// or Gemm reading int8, then any element-wise ones (an int8 output's steps round near-tied
+/// classes together). The ops model's last Gemm, before its Softmax, writes 16-bit codes; so
+/// does its head Conv (Relu fused) where a GlobalAveragePool of it is the output; an output
+/// that an AveragePool or a Concat writes stays int8. The 16-bit logits are the int8 ones'
+/// accumulators on a finer grid: within half an int8 step of them, and closer to float.
+#[test]
+fn int8_plans_write_16_bit_logits_where_their_last_layers_can() {
+    use kestrel_ops::int16::Width;
+    use models::quantize::QuantizedGraph;
+    use std::collections::BTreeSet;
+
+    let model = load_model();
+    let graph = Graph::from_onnx(model.onnx()).unwrap();
+    let (calibration, evaluation) = calibration_and_evaluation_chips();
+    let calibrator = calibrated(&graph, &calibration);
+    let params = calibrator.finish(Method::Percentile(0.01));
+    let minmax = calibrator.finish(Method::MinMax);
+    let plan_of = |g: &Graph, logits: bool| {
+        let logits = logits.then_some(minmax.as_slice());
+        let program = QuantizedGraph::build_widened(g, &params, &BTreeSet::new(), logits).unwrap();
+        models::compile::encode(&model, &program).unwrap()
+    };
+    // The graph ending at the node named `name`.
+    let cut = |name: &str| {
+        let mut g = graph.clone();
+        let end = g.nodes.iter().position(|n| n.name == name).unwrap();
+        g.nodes.truncate(end + 1);
+        g.output = g.nodes[end].output;
+        g
+    };
+    // Each 16-bit step's kind and input width; and the output's width.
+    let widths = |plan: &[u8]| {
+        let program = kestrel_plan::program::Program::new(plan).unwrap();
+        let wide: Vec<(&str, Width)> = program
+            .steps()
+            .map(|s| s.unwrap().op)
+            .filter(|op| op.output_width() == Width::I16)
+            .map(|op| match op {
+                PlanOp::Conv16 { input_width, .. } => ("Conv16", input_width),
+                PlanOp::GlobalAveragePool16(_) => ("GlobalAveragePool16", Width::I16),
+                other => panic!("unexpected 16-bit step {other:?}"),
+            })
+            .collect();
+        (wide, program.output_width())
+    };
+    assert_eq!(
+        widths(&plan_of(&graph, true)),
+        (vec![("Conv16", Width::I8)], Width::I16)
+    );
+    assert_eq!(
+        widths(&plan_of(&cut("/GlobalAveragePool_1"), true)),
+        (
+            vec![("Conv16", Width::I8), ("GlobalAveragePool16", Width::I16)],
+            Width::I16
+        )
+    );
+    for name in ["/head_pool/AveragePool", "/Concat_1"] {
+        assert_eq!(
+            widths(&plan_of(&cut(name), true)),
+            (vec![], Width::I8),
+            "{name}"
+        );
+    }
+    // Without `logits`, every plan's output is int8.
+    assert_eq!(widths(&plan_of(&graph, false)), (vec![], Width::I8));
+
+    // The logits before the Softmax, int8 and 16-bit, against float.
+    let logits = cut("/fc2/Gemm");
+    let [narrow, wide] =
+        [false, true].map(|wide| Int8Cpu::generic(&plan_of(&logits, wide)).unwrap());
+    let step = narrow.program().header().output_scale;
+    let (mut narrow, mut wide) = (narrow, wide);
+    let mut outputs = [vec![0.0; narrow.output_len()], vec![0.0; wide.output_len()]];
+    let (mut narrow_pairs, mut wide_pairs) = (Vec::new(), Vec::new());
+    for input in &evaluation {
+        let float = &logits.run_f32(input)[logits.output];
+        narrow.infer(input, &mut outputs[0]).unwrap();
+        wide.infer(input, &mut outputs[1]).unwrap();
+        for (&a, &b) in outputs[0].iter().zip(&outputs[1]) {
+            // int8 codes at the ends of their range may be clipped.
+            if (a / step).abs() < 127.0 {
+                assert!(
+                    (a - b).abs() <= 0.51 * step,
+                    "int8 {a}, 16-bit {b}, step {step}"
+                );
+            }
+        }
+        narrow_pairs.extend(outputs[0].iter().copied().zip(float.iter().copied()));
+        wide_pairs.extend(outputs[1].iter().copied().zip(float.iter().copied()));
+    }
+    let [narrow_error, wide_error] =
+        [narrow_pairs, wide_pairs].map(|p| relative_rms(p.into_iter()));
+    eprintln!(
+        "logits' relative RMS error against float: int8 {narrow_error:.4}, 16-bit {wide_error:.4}"
+    );
+    assert!(wide_error < narrow_error);
 }
 
 #[test]
@@ -544,13 +639,29 @@ fn by_default_the_plan_is_the_closest_of_the_range_methods() {
     );
 }
 
-/// Of the two corrected plans, the one written is the closer of those that agree with tract
-/// at least as often as the uncorrected plan and are closer than it; else the uncorrected one.
-/// The report's figures are the written plan's.
+/// Whether agreement `a` is on at most `AGREEMENT_SLACK` (one) image or box fewer than `b`,
+/// of `count`.
+fn nearly_as_often(a: f64, b: f64, count: usize) -> bool {
+    ((a - b) * count as f64).round() >= -(AGREEMENT_SLACK as f64)
+}
+
+/// What a report's agreement fractions count: calibration images, or tract's boxes.
+fn agreement_count(report: &Report) -> usize {
+    match report.box_agreement {
+        Some(_) => report.float_boxes,
+        None => report.calibration_images,
+    }
+}
+
+/// Of the two corrected plans, the one written is the closer of those that agree with tract on
+/// at most one image (or box) fewer than the uncorrected plan and are closer than it; else the
+/// uncorrected one. The report's figures are the written plan's.
 fn assert_written_bias_rule(report: &Report) {
     let bias = report.bias_correction.clone().expect("tried by default");
+    let count = agreement_count(report);
     let eligible = (1..3).filter(|&i| {
-        bias.agreement[i] >= bias.agreement[0] && bias.output_rel_rms[i] < bias.output_rel_rms[0]
+        nearly_as_often(bias.agreement[i], bias.agreement[0], count)
+            && bias.output_rel_rms[i] < bias.output_rel_rms[0]
     });
     let expected = eligible
         .min_by(|&a, &b| bias.output_rel_rms[a].total_cmp(&bias.output_rel_rms[b]))
@@ -564,8 +675,8 @@ fn assert_written_bias_rule(report: &Report) {
 }
 
 /// `model` compiled with no range method named (and no wider layers tried) is, byte for byte,
-/// its plan compiled with the method whose plan, of those agreeing with tract at least as often
-/// as percentile's, has the lowest output error; the report's trials hold each plan's numbers.
+/// its plan compiled with the method whose plan, of those agreeing with tract on at most one
+/// image (or box) fewer than percentile's, has the lowest output error; the report's trials hold each plan's numbers.
 /// Returns that method.
 fn closest_ranges(model: &ZooModel, calibration: &Path, max_images: usize) -> Method {
     let with = |method| {
@@ -598,7 +709,7 @@ fn closest_ranges(model: &ZooModel, calibration: &Path, max_images: usize) -> Me
     let baseline = agreement(&methods[0].1 .1);
     let (method, (expected_plan, expected)) = methods
         .iter()
-        .filter(|(_, (_, r))| agreement(r) >= baseline)
+        .filter(|(_, (_, r))| nearly_as_often(agreement(r), baseline, agreement_count(r)))
         .min_by(|a, b| error(&a.1 .1).total_cmp(&error(&b.1 .1)))
         .unwrap();
     assert_eq!(report.method, expected.method);

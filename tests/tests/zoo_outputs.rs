@@ -1,7 +1,8 @@
 //! The zoo plans' outputs on the committed samples, pinned by digest: a restructure of the
 //! compiler, the plan format or the executors must leave every output byte as it was.
 //!
-//! Each model's int8 output codes, concatenated in a fixed order, are hashed with SHA-256 and
+//! Each model's output codes (int8, or the classifier's 16-bit logits as little-endian byte
+//! pairs), concatenated in a fixed order, are hashed with SHA-256 and
 //! compared with `tests/data/zoo_outputs.json`:
 //! - `eurosat-rgb`: the 300 sample chips (class folders, then files, sorted);
 //! - `nwpu-vhr10`: every tile of the 7 sample scenes, cut as `DetectorStep` cuts them.

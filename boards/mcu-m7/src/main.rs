@@ -5,10 +5,10 @@
 //! ```text
 //! kestrel-board-m7: eurosat-rgb, arena 73728 bytes
 //! class 8 River
-//! codes -12 -50 ...
+//! codes -4293 -3142 ...
 //! ```
 //!
-//! `codes` are the plan's int8 output (the logits before dequantisation), which
+//! `codes` are the plan's output codes (its 16-bit logits before dequantisation), which
 //! `tests/tests/mcu.rs` checks byte for byte against the host executor on the same chip.
 #![no_std]
 #![no_main]
