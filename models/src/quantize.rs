@@ -597,7 +597,9 @@ impl QuantizedGraph {
                 };
             }
         }
-        // Whether a function's output at `value` can be widened: every reader takes a table.
+        // Whether a function's output at `value` can be widened: every reader takes a table,
+        // which the 16-bit kernels (a reader writing 16-bit logits) do not.
+        let writes_16 = is16.clone();
         let widenable = |value: usize| {
             value != graph.output
                 && readers(value) > 0
@@ -605,7 +607,10 @@ impl QuantizedGraph {
                     .nodes
                     .iter()
                     .filter(|n| n.inputs.contains(&value))
-                    .all(|n| matches!(n.op, Op::Conv { .. } | Op::GlobalAveragePool | Op::Mul))
+                    .all(|n| {
+                        matches!(n.op, Op::Conv { .. } | Op::GlobalAveragePool | Op::Mul)
+                            && !writes_16[n.output]
+                    })
         };
         for (index, node) in graph.nodes.iter().enumerate() {
             if skip[index] {

@@ -579,6 +579,26 @@ fn int8_plans_write_16_bit_logits_where_their_last_layers_can() {
     }
     // Without `logits`, every plan's output is int8.
     assert_eq!(widths(&plan_of(&graph, false)), (vec![], Width::I8));
+    // A function table read by the Conv writing the logits stays int8 (the 16-bit convolution
+    // reads no table) even where asked to widen it: `mix` reads the `gate` Sigmoid.
+    let mix = cut("/mix/Conv");
+    let gate = BTreeSet::from(["/Sigmoid_2".to_string()]);
+    let program = QuantizedGraph::build_widened(&mix, &params, &gate, Some(&minmax)).unwrap();
+    let plan = models::compile::encode(&model, &program).unwrap();
+    assert_eq!(widths(&plan), (vec![("Conv16", Width::I8)], Width::I16));
+    let mut int8 = Int8Cpu::generic(&plan).unwrap();
+    let mut out = vec![0.0; int8.output_len()];
+    let mut pairs = Vec::new();
+    for input in &evaluation {
+        int8.infer(input, &mut out).unwrap();
+        pairs.extend(
+            out.iter()
+                .copied()
+                .zip(mix.run_f32(input)[mix.output].iter().copied()),
+        );
+    }
+    let error = relative_rms(pairs.into_iter());
+    assert!(error < 0.1, "the gate's logits {error:.4} from float");
 
     // The logits before the Softmax, int8 and 16-bit, against float.
     let logits = cut("/fc2/Gemm");
